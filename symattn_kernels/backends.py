@@ -1,0 +1,120 @@
+"""Which backends exist, whether each is usable here, and which one ``backend="auto"`` picks.
+
+A backend is a module exposing ``attention_forward`` / ``attention_backward`` (and, when it
+implements LAMA, ``lowrank_forward`` / ``lowrank_backward``) with the signatures of
+``symattn_kernels.composite``. ``ops`` calls them; nothing here computes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+MIN_TRITON = (3, 2)
+
+# What "auto" tries, in order, for each device type.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+_BUILD_HINT = (
+    "build it from a source checkout with `pip install --no-build-isolation .` "
+    "(needs torch installed first{extra}; see README, 'Building the C++ kernels')"
+)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    usable: bool
+    reason: str
+    devices: tuple[str, ...]
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def _triton_status() -> BackendStatus:
+    interpreting = triton_interpreting()
+    devices = ("cuda", "cpu") if interpreting else ("cuda",)
+    try:
+        import triton
+    except ImportError:
+        return BackendStatus("triton", False, "triton is not installed (`pip install triton`)", devices)
+    if _version_tuple(triton.__version__) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return BackendStatus("triton", False, f"triton {triton.__version__} is older than {need}", devices)
+    if importlib.util.find_spec("symattn_kernels.triton.attention_fwd") is None:
+        return BackendStatus("triton", False, "this version ships no Triton attention kernels yet", devices)
+    if not interpreting and not torch.cuda.is_available():
+        return BackendStatus(
+            "triton", False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)", devices
+        )
+    note = "interpreter (TRITON_INTERPRET=1): CPU tensors, slow" if interpreting else "CUDA"
+    return BackendStatus("triton", True, note, devices)
+
+
+def _extension_status(name: str, module: str, device: str, extra: str) -> BackendStatus:
+    if importlib.util.find_spec(module) is None:
+        return BackendStatus(name, False, f"extension {module} is not built: " + _BUILD_HINT.format(extra=extra), (device,))
+    if device == "cuda" and not torch.cuda.is_available():
+        return BackendStatus(name, False, "built, but no CUDA device is visible", (device,))
+    return BackendStatus(name, True, f"compiled extension {module}", (device,))
+
+
+@lru_cache(maxsize=None)
+def _status_cached(name: str, interpreting: bool) -> BackendStatus:
+    del interpreting  # part of the cache key only
+    if name == "torch":
+        return BackendStatus("torch", True, "composite PyTorch, always available", ("cpu", "cuda"))
+    if name == "triton":
+        return _triton_status()
+    if name == "cpu":
+        return _extension_status("cpu", "symattn_kernels._C", "cpu", "")
+    return _extension_status("cuda", "symattn_kernels._C_cuda", "cuda", ", a CUDA toolkit and a CUDA build of torch")
+
+
+def status(name: str) -> BackendStatus:
+    return _status_cached(name, triton_interpreting())
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Turn the user's ``backend`` argument into a usable backend name, or raise ValueError."""
+    if backend == "auto":
+        backend = os.environ.get("SYMATTN_BACKEND", "auto") or "auto"
+        if backend == "auto":
+            order = _AUTO_ORDER.get(device.type, ("torch",))
+            return next(name for name in order if status(name).usable and device.type in status(name).devices)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    st = status(backend)
+    if not st.usable:
+        raise ValueError(f"backend={backend!r} is not available here: {st.reason}")
+    if device.type not in st.devices:
+        raise ValueError(
+            f"backend={backend!r} runs on {' or '.join(st.devices)} tensors, but the inputs are on {device.type}"
+        )
+    return backend
+
+
+def load(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (imported on first use)."""
+    return importlib.import_module(_MODULES[name], __package__)
+
+
+_MODULES = {
+    "torch": ".composite",
+    "triton": ".triton",
+    "cpu": "._C_backend",
+    "cuda": "._C_cuda_backend",
+}

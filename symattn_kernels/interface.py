@@ -1,0 +1,260 @@
+"""Public functions: defaults, validation, backend choice, docstrings; then one custom op."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, ops, validation
+
+
+def _unit_last_stride(x: Optional[Tensor]) -> Optional[Tensor]:
+    # Kernels take any strides as long as the innermost one is 1; copy only when it is not.
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _dropout_seed(dropout_p: float) -> Optional[Tensor]:
+    # Drawn from torch's default CPU generator, so torch.manual_seed fixes the mask.
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, key_padding_mask, dropout_p, exclude_self,
+               return_lse, deterministic, backend):
+    """Shared tail of the padded and varlen entry points, after their shape checks."""
+    validation.coef(coef, q.shape[-2], q.shape[-1], q)
+    scale = validation.options(scale, dropout_p, q.shape[-1])
+    name = backends.resolve(backend, q.device)
+    out, lse = ops.attention_fwd(
+        _unit_last_stride(q), _unit_last_stride(v), _unit_last_stride(coef), key_padding_mask, cu_seqlens,
+        _dropout_seed(dropout_p), scale, bool(causal), float(dropout_p), bool(exclude_self), int(max_seqlen),
+        bool(deterministic), name,
+    )
+    return (out, lse) if return_lse else out
+
+
+def symmetric_attention(
+    q: Tensor,
+    v: Optional[Tensor] = None,
+    *,
+    coef: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    exclude_self: bool = False,
+    return_lse: bool = False,
+    deterministic: bool = True,
+    backend: str = "auto",
+):
+    r"""Attention whose query and key are one projection ``q``: ``softmax(scale * (q M) q^T) v``.
+
+    Per batch and head, with Y = q[b, :, h] and M the identity, ``diag(coef[h])`` or ``coef[h]``,
+    the scores are ``scale * Y M Y^T``; keys not allowed by ``causal``, ``key_padding_mask`` or
+    ``exclude_self`` get zero weight; probabilities are dropped out with ``dropout_p`` (a
+    counter-based generator seeded from torch's default generator, so ``torch.manual_seed``
+    reproduces the mask); the output is ``P V`` with ``V = v``, or ``V = q`` when ``v`` is None
+    (shared-weight attention: one tensor is query, key and value). A query row with no allowed key
+    returns 0, its lse is ``-inf`` and its gradients are 0. The allowed keys for S = 4, 1 = allowed::
+
+        causal=True          exclude_self=True     causal=True, exclude_self=True
+        1 0 0 0              0 1 1 1               1 0 0 0   <- only itself: kept
+        1 1 0 0              1 0 1 1               1 0 0 0
+        1 1 1 0              1 1 0 1               1 1 0 0
+        1 1 1 1              1 1 1 0               1 1 1 0
+
+    Args:
+        q (torch.Tensor):
+            The shared query/key projection of shape ``[B, S, H, D]``, float16, bfloat16, float32
+            or float64 (float64 on the ``torch`` backend only). Any strides; the last must be 1 or
+            the tensor is copied.
+        v (torch.Tensor, Optional):
+            Values of shape ``[B, S, H, Dv]``, same dtype and device as ``q``. ``None`` uses ``q``.
+            Default: ``None``.
+        coef (torch.Tensor, Optional):
+            Pairwise coefficient: ``[H, D]`` (diagonal) or ``[H, D, D]`` (full, not symmetrised).
+            Default: ``None`` (identity).
+        scale (float, Optional):
+            Score scale. Default: ``D ** -0.5``.
+        causal (bool):
+            Query i sees keys j <= i. Default: ``False``.
+        key_padding_mask (torch.Tensor, Optional):
+            ``[B, S]`` bool, ``True`` = real token (Hugging Face's ``attention_mask == 1``).
+            Padded keys are never attended to; padded query rows are computed and can be ignored.
+            Default: ``None``.
+        dropout_p (float):
+            Dropout probability on the attention weights, in ``[0, 1)``. Pass 0 at evaluation.
+            Default: ``0.0``.
+        exclude_self (bool):
+            A token attends to itself only when no other key is allowed. Default: ``False``.
+        return_lse (bool):
+            Also return the natural-log log-sum-exp of the scores. Default: ``False``.
+        deterministic (bool):
+            ``False`` allows faster backward paths with atomics (run-to-run bit drift).
+            Default: ``True``.
+        backend (str):
+            ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``; ``"auto"`` (overridden
+            by the ``SYMATTN_BACKEND`` environment variable) picks triton on CUDA and the C++
+            kernels, else composite torch, on CPU. Default: ``"auto"``.
+
+    Returns:
+        out (torch.Tensor): ``[B, S, H, Dv]`` in the dtype of ``q``.
+        lse (torch.Tensor): ``[B, H, S]`` float32 (float64 for float64 inputs); only with
+        ``return_lse``.
+
+    Examples::
+        >>> B, S, H, D = 2, 128, 12, 64
+        >>> y = torch.randn(B, S, H, D)
+        >>> mask = torch.ones(B, S, dtype=torch.bool); mask[1, 100:] = False  # padded batch
+        >>> out = symmetric_attention(y, key_padding_mask=mask)
+        >>> cu_seqlens = torch.tensor([0, 128, 228], dtype=torch.int32)     # same, varlen
+        >>> packed = torch.cat([y[0], y[1, :100]])
+        >>> out_v = symmetric_attention_varlen(packed, None, cu_seqlens, max_seqlen=128)
+    """
+    validation.tensor("q", q, dims=("B", "S", "H", "D"))
+    validation.head_dim("q", q.shape[-1])
+    validation.values(v, q, tuple(q.shape[:-1]), ("B", "S", "H"))
+    batch, seqlen = q.shape[:2]
+    validation.bool_mask("key_padding_mask", key_padding_mask, (batch, seqlen), "B, S", q)
+    return _attention(q, v, None, seqlen, coef, scale, causal, key_padding_mask, dropout_p, exclude_self,
+                      return_lse, deterministic, backend)
+
+
+def shared_attention(
+    y: Tensor,
+    *,
+    coef: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    exclude_self: bool = False,
+    return_lse: bool = False,
+    deterministic: bool = True,
+    backend: str = "auto",
+):
+    """Shared-weight attention: same as ``symmetric_attention(y, None, ...)``, except that there is
+    no ``v`` argument; ``y`` ``[B, S, H, D]`` serves as query, key and value."""
+    return symmetric_attention(
+        y, None, coef=coef, scale=scale, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+        exclude_self=exclude_self, return_lse=return_lse, deterministic=deterministic, backend=backend,
+    )
+
+
+def symmetric_attention_varlen(
+    q: Tensor,
+    v: Optional[Tensor],
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    *,
+    coef: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    exclude_self: bool = False,
+    return_lse: bool = False,
+    deterministic: bool = True,
+    backend: str = "auto",
+):
+    """Same as ``symmetric_attention``, except that sequences are packed without padding.
+
+    Args:
+        q (torch.Tensor): ``[total, H, D]``; sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]``.
+        v (torch.Tensor, Optional): ``[total, H, Dv]`` or ``None`` (values are ``q``).
+        cu_seqlens (torch.Tensor): ``[B + 1]`` int32, non-decreasing, from 0 to ``total``.
+        max_seqlen (int): an upper bound on ``cu_seqlens[b+1] - cu_seqlens[b]``.
+
+    Other options as in ``symmetric_attention`` (there is no ``key_padding_mask``).
+
+    Returns:
+        out ``[total, H, Dv]``; with ``return_lse`` also lse ``[H, total]``.
+    """
+    validation.tensor("q", q, dims=("total", "H", "D"))
+    validation.head_dim("q", q.shape[-1])
+    validation.values(v, q, tuple(q.shape[:-1]), ("total", "H"))
+    validation.tensor("cu_seqlens", cu_seqlens, dims=("B + 1",), dtypes=(torch.int32,))
+    validation.same_device("cu_seqlens", cu_seqlens, "q", q)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold at least 2 offsets [0, ..., total], got {cu_seqlens.numel()}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    if cu_seqlens.device.type == "cpu":  # checking values on CUDA would synchronise
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0] or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]}, got {cu_seqlens.tolist()}")
+        if int(lengths.max()) > max_seqlen:
+            raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
+    return _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, None, dropout_p, exclude_self,
+                      return_lse, deterministic, backend)
+
+
+def lowrank_context_attention(
+    h: Tensor,
+    context: Tensor,
+    p: Tensor,
+    q: Tensor,
+    *,
+    u: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    head_norm: Optional[str] = "l2",
+    token_softmax: bool = True,
+    backend: str = "auto",
+):
+    r"""Low-rank multi-head context attention pooling (LAMA, Mehta et al. 2019).
+
+    Each of m heads weighs the tokens by ``f_t = normalize_over_heads(tanh((p^T c) * (q^T u_t)))``
+    and pools ``h`` with those weights: ``pooled = attn @ h``. With ``token_softmax`` the weights
+    of each head are a softmax over the real tokens; without it they are f itself, zero on padded
+    tokens. A sequence with no real token pools to 0.
+
+    Args:
+        h (torch.Tensor): token states ``[B, T, E]`` (e.g. BiGRU outputs).
+        context (torch.Tensor): global context vector ``[E]`` (shared) or ``[B, E]`` (per sequence,
+            e.g. the masked mean of ``h``).
+        p (torch.Tensor): context factor ``[E, m]``.
+        q (torch.Tensor): token-key factor ``[E, m]``.
+        u (torch.Tensor, Optional): token keys ``[B, T, E]`` (e.g. an MLP of ``h``).
+            Default: ``None`` (``h`` itself).
+        key_padding_mask (torch.Tensor, Optional): ``[B, T]`` bool, ``True`` = real token.
+            Default: ``None``.
+        head_norm (str, Optional): ``"l2"`` normalises f over the heads, ``None`` does not.
+            Default: ``"l2"``.
+        token_softmax (bool): softmax over tokens per head. Default: ``True``.
+        backend (str): as in ``symmetric_attention``. Default: ``"auto"``.
+
+    Returns:
+        pooled (torch.Tensor): ``[B, m, E]``.
+        attn (torch.Tensor): ``[B, m, T]`` token weights per head.
+    """
+    validation.tensor("h", h, dims=("B", "T", "E"))
+    batch, tokens, dim = h.shape
+    if u is not None:
+        validation.tensor("u", u, dims=("B", "T", "E"))
+        validation.shape("u", u, h.shape, "B, T, E")
+    per_sequence = isinstance(context, Tensor) and context.dim() == 2
+    validation.tensor("context", context, dims=("B", "E") if per_sequence else ("E",))
+    validation.shape("context", context, (dim,) if context.dim() == 1 else (batch, dim), "E] or [B, E")
+    validation.tensor("p", p, dims=("E", "m"))
+    validation.tensor("q", q, dims=("E", "m"))
+    heads = p.shape[1]
+    if heads == 0:
+        raise ValueError("p must have at least one head: shape [E, m] with m >= 1, got m = 0")
+    validation.shape("p", p, (dim, heads), "E, m")
+    validation.shape("q", q, (dim, heads), "E, m")
+    for name, x in (("u", u), ("context", context), ("p", p), ("q", q)):
+        validation.same_device(name, x, "h", h)
+        if x is not None and x.dtype != h.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but h has {h.dtype}; they must match")
+    validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
+    if head_norm not in ("l2", None):
+        raise ValueError(f"head_norm must be 'l2' or None, got {head_norm!r}")
+    name = backends.resolve(backend, h.device)
+    if not hasattr(backends.load(name), "lowrank_forward"):
+        raise ValueError(f"backend={name!r} has no lowrank_context_attention kernel yet; use backend='torch'")
+    return ops.lowrank_fwd(
+        _unit_last_stride(h), _unit_last_stride(context), _unit_last_stride(p), _unit_last_stride(q),
+        _unit_last_stride(u), key_padding_mask, head_norm or "none", bool(token_softmax), 1e-12, name,
+    )

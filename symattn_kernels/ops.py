@@ -1,0 +1,207 @@
+"""The ``symattn::*`` custom ops: one op per direction, their fake functions and autograd.
+
+The public functions in ``interface`` validate arguments, pick a backend and call the forward
+ops here; the ops only compute, by handing their arguments to the chosen backend module
+(``backends.load``). Backward ops write into gradient buffers allocated by the autograd
+formula and declare exactly those as mutated, so ``torch.compile(fullgraph=True)`` sees clean
+functional graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+
+def _seed(seed: Optional[Tensor]) -> Optional[int]:
+    return None if seed is None else int(seed.item())
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("symattn::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor,
+    v: Optional[Tensor],
+    coef: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    seed: Optional[Tensor],
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    exclude_self: bool,
+    max_seqlen: int,
+    deterministic: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return backends.load(backend).attention_forward(
+        q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), scale, causal, dropout_p, exclude_self, max_seqlen,
+        deterministic,
+    )
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self,
+                        max_seqlen, deterministic, backend):
+    out = q.new_empty((*q.shape[:-1], (q if v is None else v).shape[-1]))
+    if cu_seqlens is None:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # [B, H, S]
+    else:
+        lse_shape = (q.shape[1], q.shape[0])  # [H, total]
+    return out, q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("symattn::attention_bwd", mutates_args=("dq", "dv", "dcoef"))
+def attention_bwd(
+    dout: Tensor,
+    dlse: Optional[Tensor],
+    q: Tensor,
+    v: Optional[Tensor],
+    coef: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    seed: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    dq: Tensor,
+    dv: Optional[Tensor],
+    dcoef: Optional[Tensor],
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    exclude_self: bool,
+    max_seqlen: int,
+    deterministic: bool,
+    backend: str,
+) -> None:
+    backends.load(backend).attention_backward(
+        dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), out, lse, dq, dv, dcoef,
+        scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
+    )
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(*args) -> None:
+    return None
+
+
+def _unit_last_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, v, coef, key_padding_mask, cu_seqlens, seed, *options = inputs
+    ctx.save_for_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, *output)
+    ctx.options = options
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq = torch.empty_like(q)
+    dv = None if v is None else torch.empty_like(v)
+    dcoef = torch.empty_like(coef) if coef is not None and needs[2] else None
+    attention_bwd(
+        _unit_last_stride(dout), dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
+        *ctx.options,
+    )
+    return (dq if needs[0] else None, dv if needs[1] else None, dcoef) + (None,) * 10
+
+
+torch.library.register_autograd(
+    "symattn::attention_fwd", _attention_backward, setup_context=_attention_setup_context
+)
+
+
+@torch.library.custom_op("symattn::lowrank_fwd", mutates_args=())
+def lowrank_fwd(
+    h: Tensor,
+    context: Tensor,
+    p: Tensor,
+    q: Tensor,
+    u: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    head_norm: str,
+    token_softmax: bool,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return backends.load(backend).lowrank_forward(
+        h, context, p, q, u, key_padding_mask, _head_norm(head_norm), token_softmax, eps
+    )
+
+
+@lowrank_fwd.register_fake
+def _lowrank_fwd_fake(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, backend):
+    batch, tokens, dim = h.shape
+    heads = p.shape[1]
+    return h.new_empty((batch, heads, dim)), h.new_empty((batch, heads, tokens))
+
+
+def _head_norm(name: str) -> Optional[str]:
+    # Custom-op schemas have no Optional[str]; "none" stands for head_norm=None.
+    return None if name == "none" else name
+
+
+@torch.library.custom_op("symattn::lowrank_bwd", mutates_args=("dh", "dcontext", "dp", "dq", "du"))
+def lowrank_bwd(
+    dpooled: Tensor,
+    dattn: Optional[Tensor],
+    h: Tensor,
+    context: Tensor,
+    p: Tensor,
+    q: Tensor,
+    u: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    dh: Optional[Tensor],
+    dcontext: Optional[Tensor],
+    dp: Optional[Tensor],
+    dq: Optional[Tensor],
+    du: Optional[Tensor],
+    head_norm: str,
+    token_softmax: bool,
+    eps: float,
+    backend: str,
+) -> None:
+    backends.load(backend).lowrank_backward(
+        dpooled, dattn, h, context, p, q, u, key_padding_mask, _head_norm(head_norm), token_softmax, eps,
+        dh, dcontext, dp, dq, du,
+    )
+
+
+@lowrank_bwd.register_fake
+def _lowrank_bwd_fake(*args) -> None:
+    return None
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    h, context, p, q, u, key_padding_mask, *options = inputs
+    ctx.save_for_backward(h, context, p, q, u, key_padding_mask)
+    ctx.options = options
+    ctx.set_materialize_grads(False)
+
+
+def _lowrank_backward(ctx, dpooled, dattn):
+    h, context, p, q, u, key_padding_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if dpooled is None:
+        dpooled = h.new_zeros((h.shape[0], p.shape[1], h.shape[2]))
+    buffers = [
+        torch.empty_like(t) if t is not None and need else None
+        for t, need in zip((h, context, p, q, u), needs[:5])
+    ]
+    lowrank_bwd(_unit_last_stride(dpooled), dattn, h, context, p, q, u, key_padding_mask, *buffers, *ctx.options)
+    return (*buffers, None) + (None,) * 4
+
+
+torch.library.register_autograd("symattn::lowrank_fwd", _lowrank_backward, setup_context=_lowrank_setup_context)

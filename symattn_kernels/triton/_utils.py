@@ -1,0 +1,143 @@
+"""Helpers shared by the forward and backward attention kernels: Triton device functions for
+sequence bounds, key-padding statistics, the exclude-self rule and the dropout mask, and the
+host-side pieces every launcher needs (layout strides, head-dim padding, dot precision).
+
+exclude_self rule. Row i's allowed keys before the rule are
+A_i = {j < seqlen : (not causal or j <= i) and kpm[j]}. The diagonal is removed unless
+A_i is a subset of {i}, i.e. the diagonal stays allowed iff no *other* key is allowed:
+
+    has_other(i) = seqlen > 1                      no padding mask, not causal
+                 = i > 0                           no padding mask, causal (key 0 < i)
+                 = n_real - kpm[i] > 0             padding mask, not causal
+                 = first_real < i                  padding mask, causal
+
+with n_real = number of real keys of the sequence and first_real = index of its first real key
+(seqlen when there is none). Both are one scalar per sequence (``_kpm_stat``), so the rule costs
+one pass over the sequence's mask bytes per program and no per-row reduction.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# exp(x) == exp2(x * LOG2E): the kernels use exp2 (a native instruction) and fold LOG2E into the
+# score scale once.
+LOG2E: tl.constexpr = 1.4426950408889634
+# ln(x) == log2(x) * LN2: the forward keeps its running max in log2 units and stores lse in nats.
+LN2: tl.constexpr = 0.6931471805599453
+
+
+def is_interpret() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def padded_head_dim(dim: int) -> int:
+    """Register-tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision of the kernels' fp32 tl.dot calls.
+
+    fp32 inputs follow ``torch.backends.cuda.matmul.allow_tf32`` ("tf32" when allowed, else
+    "ieee"); the interpreter always uses "ieee". For fp16/bf16 inputs the only fp32 dots are the
+    backward's coefficient epilogues, whose operands are already rounded to 16-bit precision,
+    so "tf32" loses nothing measurable there.
+    """
+    if is_interpret():
+        return "ieee"
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
+
+
+def coef_mode(coef) -> int:
+    """COEF_MODE constexpr: 0 identity, 1 diagonal [H, D], 2 full [H, D, D]."""
+    return 0 if coef is None else coef.dim() - 1
+
+
+def coef_strides(coef) -> tuple[int, int, int]:
+    """(head, row, column) strides of coef; zeros where the mode has no such axis."""
+    if coef is None:
+        return 0, 0, 0
+    if coef.dim() == 2:
+        return coef.stride(0), coef.stride(1), 0
+    return coef.stride(0), coef.stride(1), coef.stride(2)
+
+
+def token_strides(t, is_varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a [B, S, H, X] or varlen [total, H, X] tensor."""
+    if is_varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def unit_last_stride(t):
+    """t itself when its last stride is 1 (the kernels need only that), else a contiguous copy."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """Keep iff (randint >> 1) >= threshold; same as ``reference.dropout_threshold``."""
+    return min(int(dropout_p * 2**31), 2**31 - 1)
+
+
+@triton.jit
+def _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN: tl.constexpr):
+    """(first token row, length) of sequence off_b: varlen reads cu_seqlens, padded uses S."""
+    if IS_VARLEN:
+        seq_start = tl.load(CuSeqlens + off_b)
+        seqlen = tl.load(CuSeqlens + off_b + 1) - seq_start
+    else:
+        seq_start = off_b * 0
+        seqlen = seqlen_padded + off_b * 0
+    return seq_start, seqlen
+
+
+@triton.jit
+def _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-sequence padding statistic for exclude_self: first real key (causal) or count of
+    real keys (not causal); Kpm points at the sequence's mask row."""
+    offs = tl.arange(0, BLOCK)
+    if IS_CAUSAL:
+        stat = seqlen
+    else:
+        stat = seqlen * 0
+    for start in range(0, seqlen, BLOCK):
+        idx = start + offs
+        real = tl.load(Kpm + idx.to(tl.int64) * stride_kpms, mask=idx < seqlen, other=0) != 0
+        if IS_CAUSAL:
+            stat = tl.minimum(stat, tl.min(tl.where(real, idx, seqlen), axis=0))
+        else:
+            stat += tl.sum(real.to(tl.int32), axis=0)
+    return stat
+
+
+@triton.jit
+def _has_other_key(offs, seqlen, kpm_stat, real, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    """For each row in offs: does it have an allowed key other than itself (module docstring)."""
+    if HAS_KPM:
+        if IS_CAUSAL:
+            has_other = kpm_stat < offs
+        else:
+            has_other = (kpm_stat - real.to(tl.int32)) > 0
+    else:
+        if IS_CAUSAL:
+            has_other = offs > 0
+        else:
+            has_other = (offs * 0 + seqlen) > 1
+    return has_other
+
+
+@triton.jit
+def _dropout_keep(seed, row_ctr, offs_key, key_stride, threshold):
+    """Keep-mask of reference.dropout_keep_mask: counter = row_ctr * key_stride + key, with
+    row_ctr = head * n_rows + global row id (int64); keep iff (philox >> 1) >= threshold."""
+    ctr = row_ctr * key_stride + offs_key.to(tl.int64)
+    rnd = tl.randint(seed, ctr)
+    return (rnd >> 1).to(tl.int32) >= threshold

@@ -1,0 +1,89 @@
+"""Argument checks shared by the public functions: each raises TypeError or ValueError naming
+the argument and what was expected, before anything reaches a custom op or a kernel."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def tensor(name: str, x, *, dims: Sequence[str], dtypes=FLOAT_DTYPES) -> Tensor:
+    """Check that ``x`` is a tensor with ``len(dims)`` dimensions and an allowed dtype."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [{', '.join(dims)}], got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(x.dtype).replace('torch.', '')}")
+    if x.dim() != len(dims):
+        raise ValueError(f"{name} must have shape [{', '.join(dims)}] ({len(dims)} dims), got {tuple(x.shape)}")
+    return x
+
+
+def same_device(name: str, x: Optional[Tensor], ref_name: str, ref: Tensor) -> None:
+    if x is not None and x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put both on one device")
+
+
+def shape(name: str, x: Tensor, expected: tuple, labels: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape [{labels}] = {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def head_dim(name: str, dim: int) -> None:
+    if not 1 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{name} has head dim {dim}; supported head dims are 1..{MAX_HEAD_DIM}")
+
+
+def bool_mask(name: str, mask: Optional[Tensor], expected: tuple, labels: str, ref: Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool tensor of shape [{labels}] (True = real token), got {got}")
+    shape(name, mask, expected, labels)
+    same_device(name, mask, "the inputs", ref)
+
+
+def coef(x: Optional[Tensor], num_heads: int, dim: int, ref: Tensor) -> None:
+    if x is None:
+        return
+    if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"coef must be a floating-point tensor of shape [H, D] or [H, D, D], got {got}")
+    if tuple(x.shape) not in ((num_heads, dim), (num_heads, dim, dim)):
+        raise ValueError(
+            f"coef must have shape [H, D] = {(num_heads, dim)} (diagonal) or [H, D, D] = {(num_heads, dim, dim)} "
+            f"(full), got {tuple(x.shape)}"
+        )
+    same_device("coef", x, "q", ref)
+
+
+def options(scale: Optional[float], dropout_p: float, head_dim_q: int) -> float:
+    """Check scale and dropout_p; return the scale to use."""
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if scale is None:
+        return head_dim_q**-0.5
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    return float(scale)
+
+
+def values(v: Optional[Tensor], q: Tensor, leading: tuple, labels: Sequence[str]) -> None:
+    """Check v against q: same leading dims (batch/seqlen/heads), dtype and device."""
+    if v is None:
+        return
+    tensor("v", v, dims=(*labels, "Dv"))
+    if tuple(v.shape[:-1]) != leading:
+        names = ", ".join(labels)
+        raise ValueError(f"v must have shape [{names}, Dv] with [{names}] = {leading} as in q, got {tuple(v.shape)}")
+    if v.dtype != q.dtype:
+        raise TypeError(f"v has dtype {v.dtype} but q has {q.dtype}; they must match")
+    same_device("v", v, "q", q)
+    head_dim("v", v.shape[-1])
