@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from types import ModuleType
 
 import torch
@@ -72,9 +71,7 @@ def _extension_status(name: str, module: str, device: str, extra: str) -> Backen
     return BackendStatus(name, True, f"compiled extension {module}", (device,))
 
 
-@lru_cache(maxsize=None)
-def _status_cached(name: str, interpreting: bool) -> BackendStatus:
-    del interpreting  # part of the cache key only
+def _probe(name: str) -> BackendStatus:
     if name == "torch":
         return BackendStatus("torch", True, "composite PyTorch, always available", ("cpu", "cuda"))
     if name == "triton":
@@ -84,8 +81,15 @@ def _status_cached(name: str, interpreting: bool) -> BackendStatus:
     return _extension_status("cuda", "symattn_kernels._C_cuda", "cuda", ", a CUDA toolkit and a CUDA build of torch")
 
 
+_STATUS_CACHE: dict = {}
+
+
 def status(name: str) -> BackendStatus:
-    return _status_cached(name, triton_interpreting())
+    """Availability of backend ``name``, probed once per interpreter setting."""
+    key = (name, triton_interpreting())
+    if key not in _STATUS_CACHE:
+        _STATUS_CACHE[key] = _probe(name)
+    return _STATUS_CACHE[key]
 
 
 def resolve(backend: str, device: torch.device) -> str:

@@ -54,7 +54,7 @@ class _Varlen:
         return self.pad(lse.transpose(0, 1)).transpose(1, 2)
 
     def unpad_lse(self, lse: Tensor) -> Tensor:  # [B, H, max_seqlen] -> [H, total]
-        return self.unpad(lse.transpose(1, 2)).transpose(0, 1)
+        return self.unpad(lse.transpose(1, 2)).transpose(0, 1).contiguous()
 
 
 def _query_operand(y: Tensor, coef: Optional[Tensor]) -> Tensor:
@@ -106,7 +106,7 @@ def _forward_padded(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p
     probs = unnormalised / row_sum.clamp_min(torch.finfo(row_sum.dtype).tiny)
     lse = (row_max + torch.log(row_sum)).squeeze(-1)  # log(0) = -inf for empty rows
     out = pb.dropped(probs) @ pb.values
-    return out.transpose(1, 2).to(q.dtype), lse
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,36 @@
+# The two commands of the README: `make test` and `make bench`. Each bootstraps .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.symattn-installed
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+
+.PHONY: test test-fast test-interpret bench info clean
+
+$(PY):
+	bash scripts/bootstrap_venv.sh $(VENV)
+
+# Editable install without build isolation, so csrc/ builds against the venv's torch.
+$(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PYTEST) -m "not interpret and not gpu" tests
+	$(MAKE) test-interpret
+
+# Triton's interpreter must be switched on before triton is imported: its own pytest process.
+# Exit code 5 means no interpreter tests were collected, which is not a failure.
+test-interpret: $(STAMP)
+	TRITON_INTERPRET=1 $(PYTEST) -m interpret tests || [ $$? -eq 5 ]
+
+test-fast: $(STAMP)
+	$(PYTEST) -x -m "not interpret and not gpu and not slow" tests
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+info: $(STAMP)
+	$(PY) -m symattn_kernels.info
+
+clean:
+	rm -rf $(VENV) build *.egg-info symattn_kernels/*.so bench/results

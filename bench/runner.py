@@ -1,0 +1,151 @@
+"""Loops over the registry: for every op, shape, dtype, mode and provider, a correctness gate
+against the op's fp32 reference, then timing and peak memory. Every case yields exactly one
+row, whatever happened to it (ok, skipped, mismatch, error), so nothing drops out silently.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from bench import environment, timing
+from bench.providers import Provider
+from bench.registry import OpSpec, Shape
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = ("fwd", "fwdbwd")
+# Max |error| against the fp32 reference, relative to max(1, max |reference|): rounding of
+# the output and gradients in each dtype, with room for a different summation order.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run: per op, its shapes; the same dtypes and modes for all."""
+
+    ops: list[tuple[OpSpec, list[Shape]]]
+    dtypes: list[str]
+    modes: list[str]
+    device: str
+    min_run_time: float
+    only_providers: list[str] | None = None
+
+    def providers(self, op: OpSpec) -> list[Provider]:
+        providers = op.providers(self.device)
+        if self.only_providers is None:
+            return providers
+        return [p if p.name in self.only_providers or p.bind is None
+                else Provider(p.name, None, "not selected (--providers)") for p in providers]
+
+
+def run(plan: Plan) -> tuple[list[dict], dict[tuple[str, str], str]]:
+    """Returns the rows and, per (op, provider) that cannot run at all here, the reason."""
+    context = {"device": environment.device_name(plan.device), **environment.versions(),
+               "commit": environment.git_commit()}
+    providers = {op.name: plan.providers(op) for op, _ in plan.ops}
+    unavailable = {(op, p.name): p.reason for op, ps in providers.items() for p in ps if p.bind is None}
+    total = sum(len(shapes) * len(providers[op.name]) for op, shapes in plan.ops) * len(plan.dtypes) * len(plan.modes)
+    rows: list[dict] = []
+    with tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True) as progress:
+        for op, shapes in plan.ops:
+            for shape in shapes:
+                for dtype_name in plan.dtypes:
+                    rows += _run_shape(plan, op, providers[op.name], shape, dtype_name, context, progress)
+    return rows, unavailable
+
+
+def _run_shape(plan, op, providers, shape, dtype_name, context, progress) -> list[dict]:
+    torch.manual_seed(0)
+    inputs, grad_out = op.make_inputs(shape, DTYPES[dtype_name], plan.device)
+    reference = op.reference(inputs, shape, grad_out if "fwdbwd" in plan.modes else None)
+    rows = []
+    for mode in plan.modes:
+        case_rows = []
+        for provider in providers:
+            progress.set_description(f"{op.name} {mode} {dtype_name} {shape.label} {provider.name}")
+            row = {"op": op.name, "provider": provider.name, "device": context["device"],
+                   "dtype": dtype_name, "B": shape.B, "S": shape.S, "H": shape.H, "D": shape.D,
+                   "causal": shape.causal, "mode": mode}
+            row.update(_measure(plan, op, provider, shape, dtype_name, mode, inputs, grad_out, reference))
+            row.update({key: value for key, value in context.items() if key != "device"})
+            row["timestamp"] = datetime.datetime.now().isoformat(timespec="seconds")
+            case_rows.append(row)
+            progress.update()
+        _add_speedups(case_rows, op.baseline)
+        rows += case_rows
+    return rows
+
+
+def _measure(plan, op, provider, shape, dtype_name, mode, inputs, grad_out, reference) -> dict:
+    if provider.bind is None:
+        return {"status": f"skipped: {provider.reason}"}
+    if provider.dtypes is not None and DTYPES[dtype_name] not in provider.dtypes:
+        return {"status": f"skipped: {dtype_name} not supported"}
+    try:
+        step = _bind_step(provider, shape, mode, inputs, grad_out)
+        error = _max_error(step, mode, inputs, reference)
+        tolerance = TOLERANCE[dtype_name]
+        if not error <= tolerance:
+            return {"max_err": error, "status": f"mismatch: max err {error:.2e} > tol {tolerance:.0e}"}
+        measured = timing.time_call(step, plan.device, plan.min_run_time)
+        for leaf in inputs.values():
+            leaf.grad = None  # so the peak counts the new gradient, not a swap with the old one
+        peak = timing.peak_memory_mib(step, plan.device)
+    except Exception as exc:  # one failing provider or shape must not end the run
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
+        message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        return {"status": f"error: {type(exc).__name__}: {message}"}
+    flops = op.flops(shape, mode)
+    return {"median_ms": measured.median_ms, "p20_ms": measured.p20_ms, "p80_ms": measured.p80_ms,
+            "tflops": flops / (measured.median_ms * 1e-3) / 1e12, "peak_mib": peak,
+            "max_err": error, "status": "ok"}
+
+
+def _bind_step(provider, shape, mode, inputs, grad_out) -> Callable[[], object]:
+    """The timed callable. fwd: forward on detached inputs (no autograd state saved). fwd+bwd:
+    clear the leaves' grads (so no accumulation add is timed), forward, backward with the
+    fixed grad_out."""
+    if mode == "fwd":
+        return provider.bind({name: t.detach() for name, t in inputs.items()}, shape)
+    forward = provider.bind(inputs, shape)
+    leaves = [t for t in inputs.values() if t.requires_grad]
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        out = forward()
+        out.backward(grad_out)
+        return out
+
+    return step
+
+
+def _max_error(step, mode, inputs, reference) -> float:
+    """Largest error of the output (and in fwd+bwd every input gradient), each relative to
+    max(1, max |reference|). A NaN anywhere makes it NaN, which fails the gate."""
+    ref_out, ref_grads = reference
+    pairs = [(step(), ref_out)]
+    if mode == "fwdbwd":
+        pairs += [(inputs[name].grad, ref) for name, ref in ref_grads.items()]
+    errors = []
+    for got, ref in pairs:
+        if got is None or got.shape != ref.shape:
+            raise ValueError(f"result of shape {None if got is None else tuple(got.shape)}, "
+                             f"expected {tuple(ref.shape)}")
+        errors.append((got.detach().float() - ref).abs().max().item() / max(1.0, ref.abs().max().item()))
+    return float("nan") if any(math.isnan(e) for e in errors) else max(errors)
+
+
+def _add_speedups(case_rows: list[dict], baseline: str) -> None:
+    """speedup = baseline median / provider median, both from this run and this case."""
+    base = next((r for r in case_rows if r["provider"] == baseline and r["status"] == "ok"), None)
+    for row in case_rows:
+        if base is not None and row["status"] == "ok":
+            row["speedup"] = base["median_ms"] / row["median_ms"]

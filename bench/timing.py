@@ -1,0 +1,110 @@
+"""Timing and peak memory of one zero-argument callable, on CPU or CUDA.
+
+CPU: `torch.utils.benchmark.Timer.blocked_autorange` with torch threads = cores; median and
+20th/80th percentiles of the per-call times of its blocks. CUDA: `triton.testing.do_bench`
+quantiles. Peak memory is measured on a separate call so the profiler never touches a timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils import benchmark
+
+MIB = 2.0**20
+# p20/p80 need a handful of samples; slow calls would otherwise give two or three.
+MIN_CPU_SAMPLES = 7
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def time_call(fn: Callable[[], object], device: str, min_run_time: float) -> Timing:
+    if device == "cuda":
+        return _time_cuda(fn)
+    return _time_cpu(fn, min_run_time)
+
+
+def _time_cpu(fn: Callable[[], object], min_run_time: float) -> Timing:
+    threads = os.cpu_count() or 1
+    start = time.perf_counter()
+    fn()
+    one_call = time.perf_counter() - start
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    measurement = timer.blocked_autorange(min_run_time=max(min_run_time, MIN_CPU_SAMPLES * one_call))
+    times_ms = np.asarray(measurement.times) * 1e3
+    p20, p50, p80 = np.percentile(times_ms, [20, 50, 80])
+    return Timing(float(p50), float(p20), float(p80))
+
+
+def _time_cuda(fn: Callable[[], object]) -> Timing:
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return Timing(median, p20, p80)
+
+
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float:
+    """Peak bytes allocated during one call, above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / MIB
+    return _cpu_peak_memory(fn) / MIB
+
+
+def _cpu_peak_memory(fn: Callable[[], object]) -> int:
+    """Replays the profiler's allocation (+) and free (−) events in time order; the running
+    sum's maximum is the peak. It sees allocations inside fused kernels too (workspaces), which
+    a dispatch-level tracker would miss."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _kineto_log_filtered(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((event.start_ns(), event.nbytes())
+                    for event in prof.profiler.kineto_results.events() if event.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+_KINETO_LOG_LINE = re.compile(rb"^(USDT|INFO|WARNING):[^\n]*\.cpp:\d+\][^\n]*\n?", re.MULTILINE)
+
+
+@contextlib.contextmanager
+def _kineto_log_filtered():
+    """Kineto writes start/stop log lines straight to fd 2 whatever its log level; they would
+    break the progress bar. Anything else written meanwhile is passed through."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            rest = _KINETO_LOG_LINE.sub(b"", captured.read())
+            if rest:
+                sys.stderr.buffer.write(rest)
+                sys.stderr.flush()

@@ -1,0 +1,451 @@
+"""Fused backward of shared-projection attention.
+
+With S = scale * (Y M) Y^T, P = softmax_rows(S), keep the dropout mask and Pd = P * keep / (1-p):
+
+    dP    = (dO V^T) * keep / (1 - p)
+    Delta = rowsum(dO * O) - dlse                                     (_symattn_bwd_preprocess)
+    G     = P * (dP - Delta)                                          dL/dS
+    dY    = scale * (G Y M^T + G^T Y M)   (+ Pd^T dO in shared mode)
+    dM    = scale * Y^T G Y               summed over batch; diagonal M keeps its diagonal
+    dV    = Pd^T dO
+
+Program j owns token block J of one (batch, head) and plays all of its roles in one loop over the
+sequence's blocks I: J as keys/values against queries I (accumulating G_IJ^T Y_I and Pd_IJ^T dO_I)
+and J as queries against keys I (accumulating G_JI Y_I). Each Y_I, dO_I tile is read once per
+program for both roles, all roles of J sum in registers and dY_J is written once: no dq/dk/dv
+buffers, no atomics, no extra sum kernel, so the result is deterministic. The coefficient is
+applied once per program: the key role uses Y_J M^T as its tile-side operand (S_IJ^T = (Y_J M^T)
+Y_I^T) and M multiplies the accumulators in the epilogue. For M = I or diagonal, S is symmetric,
+so one recomputed score tile serves both roles (S_JI = S_IJ^T): five matmuls per tile pair in
+shared mode instead of six. Causal: blocks I left of J only need the query role, blocks right of
+J only the key role, the diagonal blocks both with the causal mask. dM is Y_J^T (scale G_J Y)
+per program, written to a [B, blocks, H, ...] fp32 buffer and summed by torch (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    LOG2E,
+    _dropout_keep,
+    _has_other_key,
+    _kpm_stat,
+    _seq_bounds,
+    coef_mode,
+    coef_strides,
+    dot_precision,
+    dropout_threshold,
+    is_interpret,
+    padded_head_dim,
+    token_strides,
+    unit_last_stride,
+)
+
+__all__ = ["attention_backward"]
+
+
+@triton.jit
+def _symattn_bwd_preprocess(
+    Out, DO, DLse, Delta, CuSeqlens,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh,
+    num_heads, seqlen_padded, head_dim_v,
+    HEAD_DIM_V: tl.constexpr, HAS_DLSE: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
+    if start_m * BLOCK_M >= seqlen:
+        return
+    off_b64 = off_b.to(tl.int64)
+    off_h64 = off_h.to(tl.int64)
+    seq_start64 = seq_start.to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_mask = offs_m < seqlen
+    tile_mask = row_mask[:, None] & (offs_dv[None, :] < head_dim_v)
+    rows = (seq_start64 + offs_m.to(tl.int64))[:, None]
+    o = tl.load(Out + off_b64 * stride_ob + off_h64 * stride_oh + rows * stride_os + offs_dv[None, :],
+                mask=tile_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_V]
+    do = tl.load(DO + off_b64 * stride_dob + off_h64 * stride_doh + rows * stride_dos + offs_dv[None, :],
+                 mask=tile_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_V]
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    lse_offs = off_b64 * stride_lb + off_h64 * stride_lh + seq_start64 + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLse + lse_offs, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(Delta + lse_offs, delta, mask=row_mask)
+
+
+@triton.jit
+def _symattn_bwd_inner(
+    dq_acc, dk_acc, dv_acc,
+    kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+    Y, V, DO, Lse, Delta, Kpm,
+    stride_ys, stride_vs, stride_dos, stride_kpms,
+    offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+    qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
+    lo, hi,
+    KEY_ROLE: tl.constexpr, QUERY_ROLE: tl.constexpr, DIAGONAL: tl.constexpr,
+    SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    valid_j = offs_j < seqlen
+    for start_i in range(lo, hi, BLOCK_N):
+        start_i = tl.multiple_of(start_i, BLOCK_N)
+        offs_i = start_i + tl.arange(0, BLOCK_N)
+        offs_i64 = offs_i.to(tl.int64)
+        valid_i = offs_i < seqlen
+        y_i = tl.load(
+            Y + offs_i64[:, None] * stride_ys + offs_d[None, :],
+            mask=valid_i[:, None] & (offs_d[None, :] < head_dim), other=0.0,
+        )  # [BLOCK_N, HEAD_DIM]
+        real_i = valid_i
+        if HAS_KPM:
+            real_i = tl.load(Kpm + offs_i64 * stride_kpms, mask=valid_i, other=0) != 0
+        if KEY_ROLE:
+            # Block J as keys/values, block I as queries; tiles are [keys J, queries I].
+            do_i = tl.load(
+                DO + offs_i64[:, None] * stride_dos + offs_dv[None, :],
+                mask=valid_i[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0,
+            )  # [BLOCK_N, HEAD_DIM_V]
+            lse2_i = tl.load(Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
+            delta_i = tl.load(Delta + offs_i, mask=valid_i, other=0.0)
+            s_t = tl.dot(kq, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            allowed_t = valid_j[:, None] & valid_i[None, :]
+            if DIAGONAL:
+                allowed_t = allowed_t & (offs_j[:, None] <= offs_i[None, :])
+            if HAS_KPM:
+                allowed_t = allowed_t & real_j[:, None]
+            if EXCLUDE_SELF:
+                has_other_i = _has_other_key(offs_i, seqlen, kpm_stat, real_i, IS_CAUSAL, HAS_KPM)
+                allowed_t = allowed_t & ((offs_j[:, None] != offs_i[None, :]) | (has_other_i[None, :] == 0))
+            # Disallowed entries may overflow exp2 (lse = -inf rows); tl.where drops them.
+            p_t = tl.where(allowed_t, tl.math.exp2(s_t - lse2_i[None, :]), 0.0)
+            dp_t = tl.dot(v_j, tl.trans(do_i), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            if HAS_DROPOUT:
+                keep_t = _dropout_keep(seed, row_ctr_base + offs_i64[None, :], offs_j[:, None], key_stride, threshold)
+                pd_t = tl.where(keep_t, p_t * inv_keep, 0.0)
+                dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+            else:
+                pd_t = p_t
+            dv_acc += tl.dot(pd_t.to(do_i.dtype), do_i, input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta_i[None, :])
+            dk_acc += tl.dot(ds_t.to(y_i.dtype), y_i, input_precision=DOT_PRECISION)
+        if QUERY_ROLE:
+            # Block J as queries, block I as keys/values; tiles are [queries J, keys I].
+            if KEY_ROLE and COEF_MODE != 2:
+                s = s_t  # symmetric M: S_JI = S_IJ^T, one score tile serves both roles
+            else:
+                s = tl.dot(qm, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            if SHARED_V:
+                v_i = y_i
+            else:
+                v_i = tl.load(
+                    V + offs_i64[:, None] * stride_vs + offs_dv[None, :],
+                    mask=valid_i[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0,
+                )  # [BLOCK_N, HEAD_DIM_V]
+            allowed = valid_j[:, None] & real_i[None, :]
+            if DIAGONAL:
+                allowed = allowed & (offs_i[None, :] <= offs_j[:, None])
+            if EXCLUDE_SELF:
+                allowed = allowed & ((offs_j[:, None] != offs_i[None, :]) | (has_other_j[:, None] == 0))
+            p = tl.where(allowed, tl.math.exp2(s - lse2_j[:, None]), 0.0)
+            dp = tl.dot(do_j, tl.trans(v_i), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, row_ctr_j[:, None], offs_i[None, :], key_stride, threshold)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = p * (dp - delta_j[:, None])
+            dq_acc += tl.dot(ds.to(y_i.dtype), y_i, input_precision=DOT_PRECISION)
+    return dq_acc, dk_acc, dv_acc
+
+
+@triton.jit
+def _symattn_bwd_kernel(
+    Y, V, Coef, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DCoefPartial,
+    stride_yb, stride_ys, stride_yh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dyb, stride_dys, stride_dyh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_ch, stride_cd, stride_ce,
+    stride_kpmb, stride_kpms,
+    stride_lb, stride_lh,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
+    scale, seed, threshold, inv_keep,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_j = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
+    if start_j * BLOCK_M >= seqlen:
+        return
+    off_b64 = off_b.to(tl.int64)
+    off_h64 = off_h.to(tl.int64)
+    seq_start64 = seq_start.to(tl.int64)
+    Y += off_b64 * stride_yb + seq_start64 * stride_ys + off_h64 * stride_yh
+    V += off_b64 * stride_vb + seq_start64 * stride_vs + off_h64 * stride_vh
+    DO += off_b64 * stride_dob + seq_start64 * stride_dos + off_h64 * stride_doh
+    DY += off_b64 * stride_dyb + seq_start64 * stride_dys + off_h64 * stride_dyh
+    DV += off_b64 * stride_dvb + seq_start64 * stride_dvs + off_h64 * stride_dvh
+    Lse += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
+    Delta += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
+    Kpm += off_b64 * stride_kpmb
+
+    offs_j = start_j * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j64 = offs_j.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    valid_j = offs_j < seqlen
+    y_mask = valid_j[:, None] & (offs_d[None, :] < head_dim)
+    v_mask = valid_j[:, None] & (offs_dv[None, :] < head_dim_v)
+    y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
+    if SHARED_V:
+        v_j = y_j
+    else:
+        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+    lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
+    delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
+
+    # Query-side operand Y_J M and key-side operand Y_J M^T, once per program.
+    if COEF_MODE == 1:
+        c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        qm = (y_j.to(tl.float32) * c[None, :]).to(y_j.dtype)
+        kq = qm
+    elif COEF_MODE == 2:
+        c_ptrs = Coef + off_h64 * stride_ch + offs_d[:, None] * stride_cd + offs_d[None, :] * stride_ce
+        c_mask = (offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim)
+        c = tl.load(c_ptrs, mask=c_mask, other=0.0)  # [HEAD_DIM, HEAD_DIM]
+        qm = tl.dot(y_j, c.to(y_j.dtype), input_precision=DOT_PRECISION).to(y_j.dtype)
+        kq = tl.dot(y_j, tl.trans(c.to(y_j.dtype)), input_precision=DOT_PRECISION).to(y_j.dtype)
+    else:
+        qm = y_j
+        kq = y_j
+
+    real_j = valid_j
+    kpm_stat = seqlen
+    if HAS_KPM:
+        real_j = tl.load(Kpm + offs_j64 * stride_kpms, mask=valid_j, other=0) != 0
+        if EXCLUDE_SELF:
+            kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
+    has_other_j = valid_j
+    if EXCLUDE_SELF:
+        has_other_j = _has_other_key(offs_j, seqlen, kpm_stat, real_j, IS_CAUSAL, HAS_KPM)
+    if IS_VARLEN:
+        row_ctr_base = off_h64 * n_rows + seq_start64
+    else:
+        row_ctr_base = off_h64 * n_rows + off_b64 * seqlen_padded
+    row_ctr_j = row_ctr_base + offs_j64  # dropout counter rows of block J as queries
+
+    qk_scale = scale * LOG2E
+    dq_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dk_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dv_acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    if IS_CAUSAL:
+        dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+            dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+            Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+            offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+            qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
+            0, start_j * BLOCK_M,
+            False, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+            DOT_PRECISION, BLOCK_N,
+        )
+        dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+            dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+            Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+            offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+            qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
+            start_j * BLOCK_M, tl.minimum((start_j + 1) * BLOCK_M, seqlen),
+            True, True, True, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+            DOT_PRECISION, BLOCK_N,
+        )
+        dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+            dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+            Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+            offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+            qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
+            (start_j + 1) * BLOCK_M, seqlen,
+            True, False, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+            DOT_PRECISION, BLOCK_N,
+        )
+    else:
+        dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+            dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+            Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+            offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+            qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
+            0, seqlen,
+            True, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+            DOT_PRECISION, BLOCK_N,
+        )
+
+    # Epilogue: query role times M^T, key role times M, value role as is (shared mode).
+    if COEF_MODE == 1:
+        dy = (dq_acc + dk_acc) * (c[None, :] * scale)
+    elif COEF_MODE == 2:
+        c32 = c.to(tl.float32)
+        dy = tl.dot(dq_acc, tl.trans(c32), input_precision=DOT_PRECISION)
+        dy = tl.dot(dk_acc, c32, dy, input_precision=DOT_PRECISION) * scale
+    else:
+        dy = (dq_acc + dk_acc) * scale
+    if SHARED_V:
+        dy += dv_acc
+    else:
+        tl.store(DV + offs_j64[:, None] * stride_dvs + offs_dv[None, :], dv_acc.to(DV.dtype.element_ty), mask=v_mask)
+    tl.store(DY + offs_j64[:, None] * stride_dys + offs_d[None, :], dy.to(DY.dtype.element_ty), mask=y_mask)
+
+    if NEED_DCOEF:
+        # dM partial of this block: scale * Y_J^T (G_J. Y); rows past seqlen are zero in y_j.
+        slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
+        if COEF_MODE == 1:
+            dc = tl.sum(y_j.to(tl.float32) * dq_acc, axis=0) * scale  # [HEAD_DIM]
+            tl.store(DCoefPartial + slot * head_dim + offs_d, dc, mask=offs_d < head_dim)
+        else:
+            dc = tl.dot(tl.trans(y_j.to(tl.float32)), dq_acc, input_precision=DOT_PRECISION) * scale
+            dc_ptrs = DCoefPartial + slot * head_dim * head_dim + offs_d[:, None] * head_dim + offs_d[None, :]
+            tl.store(dc_ptrs, dc, mask=(offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim))
+
+
+def bwd_blocks(head_dim_pad: int, head_dim_v_pad: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the backward on GPU: the owned block keeps three fp32
+    accumulators plus its Y, dO (and V) tiles in registers, so wide heads get smaller blocks."""
+    width = max(head_dim_pad, head_dim_v_pad)
+    if width <= 64:
+        return 64, 64
+    if width <= 128:
+        return 64, 32
+    return 64, 16
+
+
+def _bwd_configs():
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (8, 2), (4, 3), (8, 3)]]
+
+
+_bwd_autotuned = triton.autotune(
+    configs=_bwd_configs(),
+    key=["seqlen_padded", "HEAD_DIM", "HEAD_DIM_V", "SHARED_V", "COEF_MODE", "IS_CAUSAL", "HAS_DROPOUT"],
+)(_symattn_bwd_kernel)
+
+# Under the interpreter (and in tests) one fixed config; BLOCK_M != BLOCK_N exercises the stages.
+INTERPRET_BWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+PREPROCESS_BLOCK_M = 32
+
+
+def attention_backward(
+    dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef, scale, causal,
+    dropout_p, exclude_self, max_seqlen, deterministic,
+):
+    """Fused attention backward; see the module docstring for the math.
+
+    Writes, overwriting fully, ``dq`` (like ``q``; in shared mode the sum of the query, key and
+    value roles), ``dv`` (like ``v``, or None) and ``dcoef`` (like ``coef``, or None when not
+    needed). ``dout`` is like ``out``; ``dlse`` (like ``lse``) is optional. The other arguments
+    are those of ``attention_forward`` plus its outputs ``out`` and ``lse``. ``deterministic``
+    is accepted for the contract: this backward never uses atomics, so it is always
+    deterministic.
+    """
+    is_varlen = cu_seqlens is not None
+    q, v, dout, out = (unit_last_stride(t) for t in (q, v, dout, out))
+    if is_varlen:
+        total, num_heads, head_dim = q.shape
+        batch = cu_seqlens.numel() - 1
+        seqlen_padded, n_rows, key_stride = int(max_seqlen), total, int(max_seqlen)
+        stride_lb, stride_lh = 0, lse.stride(0)
+    else:
+        batch, seqlen_padded, num_heads, head_dim = q.shape
+        n_rows, key_stride = batch * seqlen_padded, seqlen_padded
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+    head_dim_v = head_dim if v is None else v.shape[-1]
+    if q.numel() == 0 or seqlen_padded == 0 or (v is not None and v.numel() == 0):
+        for t in (dq, dv, dcoef):
+            if t is not None:
+                t.zero_()
+        return
+    lse = lse.contiguous()
+    if is_varlen:
+        stride_lb, stride_lh = 0, lse.stride(0)
+    else:
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+    dlse = None if dlse is None else dlse.contiguous()
+    # dq / dv may be any caller buffer with unit last stride; otherwise write a copy back.
+    dq_k = dq if dq.stride(-1) == 1 else torch.empty_like(dq, memory_format=torch.contiguous_format)
+    dv_k = dv if dv is None or dv.stride(-1) == 1 else torch.empty_like(dv, memory_format=torch.contiguous_format)
+
+    interpret = is_interpret()
+    hd_pad, hdv_pad = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
+    delta = torch.empty_like(lse)
+    _symattn_bwd_preprocess[(triton.cdiv(seqlen_padded, PREPROCESS_BLOCK_M), batch * num_heads)](
+        out, dout, lse if dlse is None else dlse, delta, cu_seqlens if is_varlen else lse,
+        *token_strides(out, is_varlen), *token_strides(dout, is_varlen), stride_lb, stride_lh,
+        num_heads, seqlen_padded, head_dim_v,
+        HEAD_DIM_V=hdv_pad, HAS_DLSE=dlse is not None, IS_VARLEN=is_varlen, BLOCK_M=PREPROCESS_BLOCK_M,
+    )
+
+    if interpret:
+        blocks = INTERPRET_BWD_CONFIG
+    else:
+        block_m, block_n = bwd_blocks(hd_pad, hdv_pad)
+        block_m = min(block_m, max(block_n, triton.next_power_of_2(seqlen_padded)))
+        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    n_blocks = triton.cdiv(seqlen_padded, blocks["BLOCK_M"])
+    mode = coef_mode(coef)
+    need_dcoef = dcoef is not None and mode != 0
+    dcoef_partial = None
+    if need_dcoef:
+        shape = (batch, n_blocks, num_heads) + ((head_dim,) if mode == 1 else (head_dim, head_dim))
+        dcoef_partial = torch.zeros(shape, dtype=torch.float32, device=q.device)
+
+    has_dropout = dropout_p > 0.0
+    kpm = key_padding_mask
+    if kpm is not None:
+        kpm = kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm
+    dummy = lse  # never dereferenced: its constexpr flag is off
+    args = [
+        q, q if v is None else v, dummy if coef is None else coef, dummy if kpm is None else kpm,
+        cu_seqlens if is_varlen else dummy, dout, lse, delta, dq_k, dummy if dv_k is None else dv_k,
+        dummy if dcoef_partial is None else dcoef_partial,
+        *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
+        *token_strides(dout, is_varlen), *token_strides(dq_k, is_varlen),
+        *((0, 0, 0) if dv_k is None else token_strides(dv_k, is_varlen)), *coef_strides(coef),
+        *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
+        stride_lb, stride_lh,
+        num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
+        float(scale), int(seed) if has_dropout else 0,
+        dropout_threshold(dropout_p) if has_dropout else 0,
+        1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
+    ]
+    constexprs = dict(
+        HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad, SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef,
+        IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None, IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout,
+        EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype), **blocks,
+    )
+    grid = (n_blocks, batch * num_heads)
+    if interpret:
+        _symattn_bwd_kernel[grid](*args, **constexprs)
+    else:
+        _bwd_autotuned[grid](*args, **constexprs)
+
+    if dq_k is not dq:
+        dq.copy_(dq_k)
+    if dv is not None and dv_k is not dv:
+        dv.copy_(dv_k)
+    if dcoef is not None:
+        if need_dcoef:
+            dcoef.copy_(dcoef_partial.sum(dim=(0, 1)).to(dcoef.dtype))
+        else:
+            dcoef.zero_()

@@ -1,0 +1,321 @@
+"""Fused forward of shared-projection attention (FlashAttention-2 structure).
+
+Per batch b and head h, with Y = q[b, :, h] ([S, D]) and M = I | diag(coef[h]) | coef[h]:
+
+    S   = scale * (Y M) Y^T + mask        P = softmax_rows(S)        lse = logsumexp_rows(S)
+    out = (P * keep / (1 - p)) V          V = v[b, :, h], or Y itself (shared mode)
+
+One program per (query block, batch * head). The coefficient is folded into the query tile once
+(Y_I M), so every key tile costs one tl.dot. The online softmax keeps a running max m_i and sum
+l_i in log2 units (exp2 with log2(e) folded into the scale) and fp32 accumulators; lse is stored
+in nats for the backward. In shared mode (v is None) the values are the keys, so one tile load
+per key block serves as key and value: the kernel reads one [S, D] tensor where standard
+attention reads three. Causal attention visits the blocks left of the diagonal without masks
+(STAGE 1) and masks only the diagonal blocks (STAGE 2); non-causal attention is one pass with a
+boundary mask (STAGE 3). A row with no allowed key keeps m_i = -inf and l_i = 0 and stores
+out = 0, lse = -inf. Dropout regenerates ``reference.dropout_keep_mask`` with tl.randint.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    LN2,
+    LOG2E,
+    _dropout_keep,
+    _has_other_key,
+    _kpm_stat,
+    _seq_bounds,
+    coef_mode,
+    coef_strides,
+    dot_precision,
+    dropout_threshold,
+    is_interpret,
+    padded_head_dim,
+    token_strides,
+    unit_last_stride,
+)
+
+__all__ = ["attention_forward"]
+
+
+@triton.jit
+def _symattn_fwd_inner(
+    acc, l_i, m_i, qm,
+    K, V, Kpm,
+    stride_ks, stride_vs, stride_kpms,
+    offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
+    has_other, row_ctr, qk_scale, seed, key_stride, threshold,
+    lo, hi,
+    STAGE: tl.constexpr, SHARED_V: tl.constexpr, HAS_KPM: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        k = tl.load(
+            K + offs_n64[:, None] * stride_ks + offs_d[None, :],
+            mask=(offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim), other=0.0,
+        )  # [BLOCK_N, HEAD_DIM]
+        qk = tl.dot(qm, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if STAGE != 1 or HAS_KPM or EXCLUDE_SELF:
+            # STAGE 1 keys lie left of the query block, hence inside the sequence.
+            allowed = offs_n[None, :] < seqlen
+            if STAGE == 2:
+                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_KPM:
+                real = tl.load(Kpm + offs_n64 * stride_kpms, mask=offs_n < seqlen, other=0) != 0
+                allowed = allowed & real[None, :]
+            if EXCLUDE_SELF:
+                allowed = allowed & ((offs_m[:, None] != offs_n[None, :]) | (has_other[:, None] == 0))
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        # A row with nothing allowed so far keeps m = -inf; subtract 0 there instead (no NaN).
+        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row_ctr[:, None], offs_n[None, :], key_stride, threshold)
+            p = tl.where(keep, p, 0.0)
+        if SHARED_V:
+            v = k
+        else:
+            v = tl.load(
+                V + offs_n64[:, None] * stride_vs + offs_dv[None, :],
+                mask=(offs_n[:, None] < seqlen) & (offs_dv[None, :] < head_dim_v), other=0.0,
+            )  # [BLOCK_N, HEAD_DIM_V]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _symattn_fwd_kernel(
+    Q, V, Coef, Kpm, CuSeqlens, Out, Lse,
+    stride_qb, stride_qs, stride_qh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_ch, stride_cd, stride_ce,
+    stride_kpmb, stride_kpms,
+    stride_lb, stride_lh,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
+    scale, seed, threshold, inv_keep,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
+    if start_m * BLOCK_M >= seqlen:
+        return
+    off_b64 = off_b.to(tl.int64)
+    off_h64 = off_h.to(tl.int64)
+    seq_start64 = seq_start.to(tl.int64)
+    Q += off_b64 * stride_qb + seq_start64 * stride_qs + off_h64 * stride_qh
+    V += off_b64 * stride_vb + seq_start64 * stride_vs + off_h64 * stride_vh
+    Out += off_b64 * stride_ob + seq_start64 * stride_os + off_h64 * stride_oh
+    Lse += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
+    Kpm += off_b64 * stride_kpmb
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_mask = offs_m < seqlen
+    q = tl.load(
+        Q + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
+        mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
+    )  # [BLOCK_M, HEAD_DIM]
+    # Fold the coefficient into the query tile once: scores = (Y_I M) Y_J^T for every key block.
+    if COEF_MODE == 1:
+        c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0)
+        qm = (q.to(tl.float32) * c.to(tl.float32)[None, :]).to(q.dtype)
+    elif COEF_MODE == 2:
+        c = tl.load(
+            Coef + off_h64 * stride_ch + offs_d[:, None] * stride_cd + offs_d[None, :] * stride_ce,
+            mask=(offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim), other=0.0,
+        )  # [HEAD_DIM, HEAD_DIM]
+        qm = tl.dot(q, c.to(q.dtype), input_precision=DOT_PRECISION).to(q.dtype)
+    else:
+        qm = q
+
+    has_other = row_mask
+    if EXCLUDE_SELF:
+        real_m = row_mask
+        kpm_stat = seqlen
+        if HAS_KPM:
+            kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
+            real_m = tl.load(Kpm + offs_m.to(tl.int64) * stride_kpms, mask=row_mask, other=0) != 0
+        has_other = _has_other_key(offs_m, seqlen, kpm_stat, real_m, IS_CAUSAL, HAS_KPM)
+    if IS_VARLEN:
+        row_start = seq_start64
+    else:
+        row_start = off_b64 * seqlen_padded
+    row_ctr = off_h64 * n_rows + row_start + offs_m.to(tl.int64)  # dropout counter rows
+
+    qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    if IS_CAUSAL:
+        acc, l_i, m_i = _symattn_fwd_inner(
+            acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
+            offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
+            has_other, row_ctr, qk_scale, seed, key_stride, threshold,
+            0, start_m * BLOCK_M,
+            1, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+        )
+        acc, l_i, m_i = _symattn_fwd_inner(
+            acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
+            offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
+            has_other, row_ctr, qk_scale, seed, key_stride, threshold,
+            start_m * BLOCK_M, tl.minimum((start_m + 1) * BLOCK_M, seqlen),
+            2, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+        )
+    else:
+        acc, l_i, m_i = _symattn_fwd_inner(
+            acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
+            offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
+            has_other, row_ctr, qk_scale, seed, key_stride, threshold,
+            0, seqlen,
+            3, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+        )
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * inv_keep
+    tl.store(Lse + offs_m, lse, mask=row_mask)
+    tl.store(
+        Out + offs_m.to(tl.int64)[:, None] * stride_os + offs_dv[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_mask[:, None] & (offs_dv[None, :] < head_dim_v),
+    )
+
+
+def _fwd_configs():
+    configs = []
+    for block_m, block_n, warps, stages in [
+        (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2),
+    ]:
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """Drop blocks much longer than the sequence and register-heavy tiles for wide heads."""
+    max_seqlen = named_args["seqlen_padded"] if "seqlen_padded" in named_args else kwargs["seqlen_padded"]
+    head_dim = max(kwargs.get("HEAD_DIM", 64), kwargs.get("HEAD_DIM_V", 64))
+    kept = []
+    for cfg in configs:
+        block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        if block_m > max(32, triton.next_power_of_2(max_seqlen)):
+            continue
+        if head_dim >= 256 and (block_m > 64 or block_n > 32):
+            continue
+        if head_dim >= 128 and block_m * block_n > 128 * 32 and cfg.num_warps < 8:
+            continue
+        kept.append(cfg)
+    return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+
+
+_fwd_autotuned = triton.autotune(
+    configs=_fwd_configs(),
+    key=["seqlen_padded", "HEAD_DIM", "HEAD_DIM_V", "SHARED_V", "COEF_MODE", "IS_CAUSAL", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_fwd_configs},
+)(_symattn_fwd_kernel)
+
+# Under the interpreter (and in tests) one fixed config; BLOCK_M != BLOCK_N exercises the stages.
+INTERPRET_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def attention_forward(
+    q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen,
+    deterministic,
+):
+    """Fused attention forward; see the module docstring for the math.
+
+    Args:
+        q (Tensor): [B, S, H, D], or [total, H, D] when ``cu_seqlens`` is given.
+        v (Tensor, Optional): [B, S, H, Dv] / [total, H, Dv]; None means the values are ``q``.
+        coef (Tensor, Optional): [H, D] diagonal or [H, D, D] full coefficient (any float dtype).
+        key_padding_mask (Tensor, Optional): [B, S] bool, True = real token (padded layout only).
+        cu_seqlens (Tensor, Optional): [B + 1] int32 sequence offsets (varlen layout).
+        seed (int, Optional): dropout seed; needed when ``dropout_p > 0``.
+        scale (float): score scale.
+        causal (bool): key j allowed only for j <= i.
+        dropout_p (float): dropout probability on P, in [0, 1).
+        exclude_self (bool): drop the diagonal unless it is a row's only allowed key.
+        max_seqlen (int, Optional): longest sequence (varlen layout).
+        deterministic (bool): unused by the forward (it never uses atomics).
+
+    Returns:
+        (out, lse): out like ``v`` (or ``q``) in q's dtype; lse float32 [B, H, S] or [H, total].
+    """
+    is_varlen = cu_seqlens is not None
+    q = unit_last_stride(q)
+    v = unit_last_stride(v)
+    if is_varlen:
+        total, num_heads, head_dim = q.shape
+        batch = cu_seqlens.numel() - 1
+        seqlen_padded, n_rows, key_stride = int(max_seqlen), total, int(max_seqlen)
+    else:
+        batch, seqlen_padded, num_heads, head_dim = q.shape
+        n_rows, key_stride = batch * seqlen_padded, seqlen_padded
+    head_dim_v = head_dim if v is None else v.shape[-1]
+    out = torch.empty(q.shape[:-1] + (head_dim_v,), dtype=q.dtype, device=q.device)
+    if is_varlen:
+        lse = torch.empty(num_heads, q.shape[0], dtype=torch.float32, device=q.device)
+        stride_lb, stride_lh = 0, lse.stride(0)
+    else:
+        lse = torch.empty(batch, num_heads, seqlen_padded, dtype=torch.float32, device=q.device)
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+    if out.numel() == 0 or seqlen_padded == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+
+    has_dropout = dropout_p > 0.0
+    kpm = key_padding_mask
+    if kpm is not None:
+        kpm = kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm
+    dummy = q  # never dereferenced: its constexpr flag is off
+    args = [
+        q, q if v is None else v, dummy if coef is None else coef, dummy if kpm is None else kpm,
+        cu_seqlens if is_varlen else dummy, out, lse,
+        *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
+        *token_strides(out, is_varlen), *coef_strides(coef),
+        *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
+        stride_lb, stride_lh,
+        num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
+        float(scale), int(seed) if has_dropout else 0,
+        dropout_threshold(dropout_p) if has_dropout else 0,
+        1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
+    ]
+    constexprs = dict(
+        HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v),
+        SHARED_V=v is None, COEF_MODE=coef_mode(coef), IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None,
+        IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self),
+        DOT_PRECISION=dot_precision(q.dtype),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(seqlen_padded, meta["BLOCK_M"]), batch * num_heads)
+
+    if is_interpret():
+        _symattn_fwd_kernel[grid](*args, **constexprs, **INTERPRET_FWD_CONFIG)
+    else:
+        _fwd_autotuned[grid](*args, **constexprs)
+    return out, lse
