@@ -1,6 +1,11 @@
-"""Benchmark harness: `python -m bench` times the package's backends against SDPA,
-flash-attn and FlexAttention on the device present, behind a correctness gate.
+"""Benchmark harness: `python -m bench` (`make bench`) times the package's backends against
+SDPA, flash-attn and FlexAttention on the device present, each number behind a correctness
+gate, and writes bench/results/<device>.csv, a PNG per op and a markdown table (printed last).
 
-Modules: registry (ops, inputs, references, shapes), providers (implementations and why one
+    python -m bench                                   # SPEC section 7 shapes (CPU) / sweep (GPU)
+    python -m bench --quick --out /tmp/bench          # one small shape: a smoke run, < 1 min
+    python -m bench --dtype fp32 --mode fwd --shapes 1x2048x12x64 8x512x12x64c
+
+Modules: registry (ops: inputs, references, shapes), providers (implementations, and why one
 cannot run), runner (gate, timing, one row per case), timing, environment, report.
 """

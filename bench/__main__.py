@@ -56,6 +56,10 @@ def _shapes(op: OpSpec, args: argparse.Namespace) -> list[Shape]:
     return shapes
 
 
+def _dtypes(op: OpSpec, args: argparse.Namespace) -> list[str]:
+    return args.dtype or op.dtypes[args.device][: 1 if args.quick else None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -63,12 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     ops = [REGISTRY[name] for name in args.ops]
-    dtypes = args.dtype or ops[0].dtypes[args.device][: 1 if args.quick else None]
     known = {p.name for op in ops for p in op.providers(args.device)}
     if args.providers and (unknown := set(args.providers) - known):
         raise SystemExit(f"--providers: unknown {sorted(unknown)}; known: {sorted(known)}")
     plan = runner.Plan(
-        ops=[(op, _shapes(op, args)) for op in ops], dtypes=dtypes, modes=args.mode,
+        ops=[(op, _shapes(op, args), _dtypes(op, args)) for op in ops], modes=args.mode,
         device=args.device, only_providers=args.providers,
         min_run_time=args.min_run_time or (0.05 if args.quick else 0.5))
 
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = args.out / f"{args.device}.csv"
     report.write_csv(rows, csv_path)
     plots = report.plot(rows, lambda op: args.out / f"{args.device}-{op}.png")
-    print(f"device: {rows[0]['device'] if rows else args.device}; commit {rows[0]['commit'] if rows else '?'}")
+    if rows:
+        print(f"device: {rows[0]['device']}; commit {rows[0]['commit']}")
     print(f"wrote {csv_path}" + "".join(f", {path}" for path in plots))
     print(f"wall time {time.perf_counter() - started:.0f} s")
     if unavailable:

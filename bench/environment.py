@@ -35,14 +35,23 @@ def _cpu_model() -> str:
 def _gpu_clocks() -> str:
     """Current and maximum SM clock and memory clock, from nvidia-smi if it is there."""
     query = "clocks.sm,clocks.max.sm,clocks.mem"
-    index = str(torch.cuda.current_device())
     try:
-        out = subprocess.run(["nvidia-smi", "-i", index, f"--query-gpu={query}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        command = ["nvidia-smi", "-i", _nvidia_smi_id(), f"--query-gpu={query}", "--format=csv,noheader"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         sm, sm_max, mem = (part.strip() for part in out.split(","))
     except (OSError, subprocess.SubprocessError, ValueError):
         return ""
     return f"SM {sm} of max {sm_max}, memory {mem}"
+
+
+def _nvidia_smi_id() -> str:
+    """The PCI address of torch's current GPU: torch's index differs from nvidia-smi's under
+    CUDA_VISIBLE_DEVICES."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    try:
+        return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    except AttributeError:
+        return str(torch.cuda.current_device())
 
 
 def versions() -> dict[str, str]:

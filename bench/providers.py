@@ -158,8 +158,10 @@ def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     # One compile per shape, dtype and grad mode: far more than dynamo's default recompile
-    # limit (8), past which it would silently fall back to the slow eager path.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
+    # limits, past which it would silently fall back to the slow eager path.
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 1024)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -36,9 +36,10 @@ class OpSpec:
 
     make_inputs(shape, dtype, device) -> ({name: tensor}, grad_out): every tensor that requires
     grad is a leaf whose gradient fwd+bwd mode checks; grad_out is the fixed cotangent that
-    mode backpropagates. reference(inputs, shape, grad_out) computes the
-    fp32 output (and, when grad_out is given, the fp32 input gradients) that gates every
-    provider. flops(shape, mode) follows flash-attn's convention. providers(device) lists
+    mode backpropagates. reference(inputs, shape, grad_out, dtype) computes the output (and,
+    when grad_out is given, the input gradients) in `dtype`, by default fp32: that result
+    gates every provider, and the same one in the benchmark dtype sets the tolerance.
+    flops(shape, mode) follows flash-attn's convention. providers(device) lists
     every provider, usable or not, with the reason when not. shape_sets names lists of shapes;
     default_shape_sets and dtypes pick among them per device type ("cpu" / "cuda").
     """
@@ -79,9 +80,9 @@ def shared_attention_inputs(shape: Shape, dtype: torch.dtype, device: str):
 _REFERENCE_CHUNK_ELEMENTS = 2**28
 
 
-def shared_attention_reference(inputs, shape: Shape, grad_out=None):
-    """SDPA math backend in fp32 on (y, y, y), chunked over batch and heads (independent)."""
-    y = inputs["y"].detach().float()
+def shared_attention_reference(inputs, shape: Shape, grad_out=None, dtype=torch.float32):
+    """SDPA math backend in `dtype` on (y, y, y), chunked over batch and heads (independent)."""
+    y = inputs["y"].detach().to(dtype)
     out = torch.empty_like(y)
     grad = torch.empty_like(y) if grad_out is not None else None
     scores_per_head = shape.S * shape.S
@@ -96,7 +97,7 @@ def shared_attention_reference(inputs, shape: Shape, grad_out=None):
                 o = F.scaled_dot_product_attention(q, q, q, is_causal=shape.causal)
             out[index] = o.transpose(1, 2).detach()
             if grad is not None:
-                o.backward(grad_out[index].float().transpose(1, 2))
+                o.backward(grad_out[index].to(dtype).transpose(1, 2))
                 grad[index] = chunk.grad
     return out, ({"y": grad} if grad is not None else {})
 

@@ -12,6 +12,10 @@ COLUMNS = ["op", "provider", "device", "dtype", "B", "S", "H", "D", "causal", "m
            "torch", "cuda", "triton", "flash_attn", "symattn_kernels", "commit", "timestamp"]
 
 
+# Past this many bars per panel (the GPU sweep) value labels overlap into noise.
+MAX_LABELLED_BARS = 48
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -46,8 +50,9 @@ def plot(rows: list[dict], path_for_op) -> list[Path]:
         shapes = list(dict.fromkeys(_shape_label(row) for row in ok))
         providers = list(dict.fromkeys(row["provider"] for row in ok))
         width = 0.8 / len(providers)
-        fig, axes = plt.subplots(len(panels), 1, squeeze=False,
-                                 figsize=(max(6.0, 0.35 * len(shapes) * len(providers) + 2), 3.2 * len(panels)))
+        bars_per_panel = len(shapes) * len(providers)
+        width_in = min(32.0, max(6.0, 0.35 * bars_per_panel + 2))
+        fig, axes = plt.subplots(len(panels), 1, squeeze=False, figsize=(width_in, 3.2 * len(panels)))
         for ax, (mode, dtype) in zip(axes[:, 0], panels):
             panel = [r for r in ok if r["mode"] == mode and r["dtype"] == dtype]
             for i, provider in enumerate(providers):
@@ -55,11 +60,13 @@ def plot(rows: list[dict], path_for_op) -> list[Path]:
                 xs = [j + (i - (len(providers) - 1) / 2) * width for j, s in enumerate(shapes) if s in mine]
                 bars = [mine[s] for s in shapes if s in mine]
                 medians = [r["median_ms"] for r in bars]
-                spread = [[r["median_ms"] - r["p20_ms"] for r in bars], [r["p80_ms"] - r["median_ms"] for r in bars]]
+                spread = [[r["median_ms"] - r["p20_ms"] for r in bars],
+                          [r["p80_ms"] - r["median_ms"] for r in bars]]
                 drawn = ax.bar(xs, medians, width, yerr=spread, capsize=2, label=provider)
-                ax.bar_label(drawn, fmt="%.3g", fontsize=6)
-            ax.set_title(f"{op}  {mode}  {dtype}  (bars: median, whiskers: p20–p80)")
-            ax.set_ylabel("ms (log scale)")
+                if bars_per_panel <= MAX_LABELLED_BARS:
+                    ax.bar_label(drawn, fmt="%.3g", fontsize=6)
+            ax.set_title(f"{op}  {mode}  {dtype}", fontsize=10)
+            ax.set_ylabel("median ms, p20–p80 (log)", fontsize=8)
             ax.set_yscale("log")
             # Log bars need a common floor, else their heights compare against an arbitrary one.
             ax.set_ylim(bottom=10 ** math.floor(math.log10(min(r["median_ms"] for r in panel))))
@@ -74,11 +81,12 @@ def plot(rows: list[dict], path_for_op) -> list[Path]:
 
 
 def unavailable_summary(unavailable: dict[tuple[str, str], str]) -> str:
-    lines = [f"skipped provider {provider} ({op}): {reason}" for (op, provider), reason in unavailable.items()]
-    return "\n".join(lines)
+    return "\n".join(f"skipped provider {provider} ({op}): {reason}"
+                     for (op, provider), reason in unavailable.items())
 
 
-def markdown_table(rows: list[dict], unavailable: dict[tuple[str, str], str], baselines: dict[str, str]) -> str:
+def markdown_table(rows: list[dict], unavailable: dict[tuple[str, str], str],
+                   baselines: dict[str, str]) -> str:
     """Rows of providers that can run here (the others are listed once by unavailable_summary)."""
     header = ["op", "mode", "dtype", "shape", "provider", "median ms", "p20–p80 ms",
               "speed-up", "TFLOP/s", "peak MiB", "status"]
