@@ -92,13 +92,29 @@ def status(name: str) -> BackendStatus:
     return _STATUS_CACHE[key]
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """Turn the user's ``backend`` argument into a usable backend name, or raise ValueError."""
+def _unsupported(name: str, op: str, dtype: torch.dtype) -> str:
+    """Why backend ``name`` cannot run ``op`` on ``dtype`` inputs ("" when it can)."""
+    if dtype == torch.float64 and name != "torch":
+        return "float64 inputs run on backend='torch' only"
+    if op not in _OPS[name]:
+        return f"backend={name!r} has no {op} kernel yet; backend='torch' has"
+    return ""
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "attention") -> str:
+    """Turn the user's ``backend`` argument into a backend that can run ``op`` on these inputs.
+
+    ``auto`` (or ``SYMATTN_BACKEND``) takes the first usable backend of the device's preference
+    order that supports the op and dtype; an explicit name that cannot raises ValueError/TypeError.
+    """
     if backend == "auto":
         backend = os.environ.get("SYMATTN_BACKEND", "auto") or "auto"
         if backend == "auto":
             order = _AUTO_ORDER.get(device.type, ("torch",))
-            return next(name for name in order if status(name).usable and device.type in status(name).devices)
+            return next(
+                name for name in order
+                if status(name).usable and device.type in status(name).devices and not _unsupported(name, op, dtype)
+            )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     st = status(backend)
@@ -108,6 +124,9 @@ def resolve(backend: str, device: torch.device) -> str:
         raise ValueError(
             f"backend={backend!r} runs on {' or '.join(st.devices)} tensors, but the inputs are on {device.type}"
         )
+    reason = _unsupported(backend, op, dtype)
+    if reason:
+        raise (TypeError if dtype == torch.float64 else ValueError)(reason)
     return backend
 
 
@@ -116,9 +135,18 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name], __package__)
 
 
+# Which ops each backend module implements (as ``<op>_forward`` / ``<op>_backward``). A table,
+# not a hasattr on the module, so that resolve() stays traceable by torch.compile.
+_OPS = {
+    "torch": ("attention", "lowrank"),
+    "triton": ("attention",),
+    "cpu": ("attention",),
+    "cuda": ("attention",),
+}
+
 _MODULES = {
     "torch": ".composite",
-    "triton": ".triton",
-    "cpu": "._C_backend",
+    "triton": ".triton_backend",
+    "cpu": ".cpu_backend",
     "cuda": "._C_cuda_backend",
 }

@@ -27,7 +27,7 @@ def _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, key_padding_ma
     """Shared tail of the padded and varlen entry points, after their shape checks."""
     validation.coef(coef, q.shape[-2], q.shape[-1], q)
     scale = validation.options(scale, dropout_p, q.shape[-1])
-    name = backends.resolve(backend, q.device)
+    name = backends.resolve(backend, q.device, q.dtype)
     out, lse = ops.attention_fwd(
         _unit_last_stride(q), _unit_last_stride(v), _unit_last_stride(coef), key_padding_mask, cu_seqlens,
         _dropout_seed(dropout_p), scale, bool(causal), float(dropout_p), bool(exclude_self), int(max_seqlen),
@@ -251,9 +251,7 @@ def lowrank_context_attention(
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
     if head_norm not in ("l2", None):
         raise ValueError(f"head_norm must be 'l2' or None, got {head_norm!r}")
-    name = backends.resolve(backend, h.device)
-    if not hasattr(backends.load(name), "lowrank_forward"):
-        raise ValueError(f"backend={name!r} has no lowrank_context_attention kernel yet; use backend='torch'")
+    name = backends.resolve(backend, h.device, h.dtype, op="lowrank")
     return ops.lowrank_fwd(
         _unit_last_stride(h), _unit_last_stride(context), _unit_last_stride(p), _unit_last_stride(q),
         _unit_last_stride(u), key_padding_mask, head_norm or "none", bool(token_softmax), 1e-12, name,

@@ -129,13 +129,16 @@ def test_environment_variable_overrides_auto(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         sk.shared_attention(Q)
     monkeypatch.setenv("SYMATTN_BACKEND", "torch")
-    assert backends.resolve("auto", Q.device) == "torch"
-    assert backends.resolve("torch", Q.device) == "torch"
+    assert backends.resolve("auto", Q.device, Q.dtype) == "torch"
+    assert backends.resolve("torch", Q.device, Q.dtype) == "torch"
 
 
 def test_auto_on_cpu_prefers_compiled_kernels_then_torch():
     expected = "cpu" if backends.status("cpu").usable else "torch"
-    assert backends.resolve("auto", torch.device("cpu")) == expected
+    assert backends.resolve("auto", torch.device("cpu"), torch.float32) == expected
+    assert backends.resolve("auto", torch.device("cpu"), torch.float64) == "torch"
+    lowrank = backends.resolve("auto", torch.device("cpu"), torch.float32, op="lowrank")
+    assert hasattr(backends.load(lowrank), "lowrank_forward")
 
 
 def test_info_lists_every_backend_with_a_reason():
@@ -152,3 +155,13 @@ def test_info_command_prints_the_table():
     for name in backends.BACKENDS:
         assert f"\n  {name} " in result.stdout
     assert "RuntimeWarning" not in result.stderr
+
+
+def test_op_table_matches_the_backend_modules():
+    for name in backends.BACKENDS:
+        if not backends.status(name).usable:
+            continue
+        module = backends.load(name)
+        for op in ("attention", "lowrank"):
+            implemented = hasattr(module, f"{op}_forward") and hasattr(module, f"{op}_backward")
+            assert implemented == (op in backends._OPS[name]), (name, op)

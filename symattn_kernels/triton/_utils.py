@@ -1,6 +1,7 @@
 """Helpers shared by the forward and backward attention kernels: Triton device functions for
-sequence bounds, key-padding statistics, the exclude-self rule and the dropout mask, and the
-host-side pieces every launcher needs (layout strides, head-dim padding, dot precision).
+sequence bounds, key-padding statistics, the exclude-self rule, the dropout mask and the
+full-coefficient fold, and the host-side pieces every launcher needs (layout strides, head-dim
+padding, dot precision).
 
 exclude_self rule. Row i's allowed keys before the rule are
 A_i = {j < seqlen : (not causal or j <= i) and kpm[j]}. The diagonal is removed unless
@@ -26,9 +27,9 @@ import triton.language as tl
 
 # exp(x) == exp2(x * LOG2E): the kernels use exp2 (a native instruction) and fold LOG2E into the
 # score scale once.
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 # ln(x) == log2(x) * LN2: the forward keeps its running max in log2 units and stores lse in nats.
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def is_interpret() -> bool:
@@ -42,12 +43,12 @@ def padded_head_dim(dim: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """input_precision of the kernels' fp32 tl.dot calls.
+    """input_precision of the kernels' tl.dot calls on fp32 operands.
 
-    fp32 inputs follow ``torch.backends.cuda.matmul.allow_tf32`` ("tf32" when allowed, else
-    "ieee"); the interpreter always uses "ieee". For fp16/bf16 inputs the only fp32 dots are the
-    backward's coefficient epilogues, whose operands are already rounded to 16-bit precision,
-    so "tf32" loses nothing measurable there.
+    Every tensor-core operand is in the input dtype (scores and gradients are rounded to it
+    before their matmuls, as in FlashAttention), so this matters only for fp32 inputs: "tf32"
+    when ``torch.backends.cuda.matmul.allow_tf32`` is set, else "ieee" (exact fp32 products, the
+    torch default). The interpreter always uses "ieee". For fp16/bf16 inputs it has no effect.
     """
     if is_interpret():
         return "ieee"
@@ -80,6 +81,14 @@ def token_strides(t, is_varlen: bool) -> tuple[int, int, int]:
 def unit_last_stride(t):
     """t itself when its last stride is 1 (the kernels need only that), else a contiguous copy."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def check_dropout(dropout_p: float, seed) -> None:
+    """The launchers' own guard: 1 / (1 - p) must exist and dropout needs a seed."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("dropout_p > 0 needs an integer seed, got None")
 
 
 def dropout_threshold(dropout_p: float) -> int:
@@ -141,3 +150,26 @@ def _dropout_keep(seed, row_ctr, offs_key, key_stride, threshold):
     ctr = row_ctr * key_stride + offs_key.to(tl.int64)
     rnd = tl.randint(seed, ctr)
     return (rnd >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _fold_full_coef(Yrows, row_mask, Coef, stride_cd, stride_ce, head_dim, dtype: tl.constexpr,
+                    TRANSPOSED: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Y M (or Y M^T when TRANSPOSED) for a row block, in dtype; Yrows points at the block's rows
+    ([BLOCK_ROWS] row pointers), Coef at this head's [D, D] matrix. The contraction runs in
+    chunks of at most 64 so that a wide head never stages a whole D x D tile in shared memory."""
+    BLOCK_K: tl.constexpr = 64 if HEAD_DIM > 64 else HEAD_DIM
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([BLOCK_ROWS, HEAD_DIM], dtype=tl.float32)
+    for k in tl.static_range(0, HEAD_DIM, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        y_k = tl.load(Yrows[:, None] + offs_k[None, :], mask=row_mask[:, None] & (offs_k[None, :] < head_dim),
+                      other=0.0)  # [BLOCK_ROWS, BLOCK_K]
+        c_mask = (offs_k[:, None] < head_dim) & (offs_d[None, :] < head_dim)
+        if TRANSPOSED:
+            c_k = tl.load(Coef + offs_d[None, :] * stride_cd + offs_k[:, None] * stride_ce, mask=c_mask, other=0.0)
+        else:
+            c_k = tl.load(Coef + offs_k[:, None] * stride_cd + offs_d[None, :] * stride_ce, mask=c_mask, other=0.0)
+        acc = tl.dot(y_k.to(dtype), c_k.to(dtype), acc, input_precision=DOT_PRECISION)  # c_k: [BLOCK_K, HEAD_DIM]
+    return acc.to(dtype)

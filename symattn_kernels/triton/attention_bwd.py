@@ -9,17 +9,24 @@ With S = scale * (Y M) Y^T, P = softmax_rows(S), keep the dropout mask and Pd = 
     dM    = scale * Y^T G Y               summed over batch; diagonal M keeps its diagonal
     dV    = Pd^T dO
 
-Program j owns token block J of one (batch, head) and plays all of its roles in one loop over the
-sequence's blocks I: J as keys/values against queries I (accumulating G_IJ^T Y_I and Pd_IJ^T dO_I)
-and J as queries against keys I (accumulating G_JI Y_I). Each Y_I, dO_I tile is read once per
-program for both roles, all roles of J sum in registers and dY_J is written once: no dq/dk/dv
-buffers, no atomics, no extra sum kernel, so the result is deterministic. The coefficient is
-applied once per program: the key role uses Y_J M^T as its tile-side operand (S_IJ^T = (Y_J M^T)
-Y_I^T) and M multiplies the accumulators in the epilogue. For M = I or diagonal, S is symmetric,
-so one recomputed score tile serves both roles (S_JI = S_IJ^T): five matmuls per tile pair in
-shared mode instead of six. Causal: blocks I left of J only need the query role, blocks right of
-J only the key role, the diagonal blocks both with the causal mask. dM is Y_J^T (scale G_J Y)
-per program, written to a [B, blocks, H, ...] fp32 buffer and summed by torch (deterministic).
+Program j owns token block J of one (batch, head) and plays all of its roles: J as keys/values
+against query blocks I (accumulating G_IJ^T Y_I and Pd_IJ^T dO_I) and J as queries against key
+blocks I (accumulating G_JI Y_I). All roles of J sum in registers and dY_J is written once: no
+dq/dk/dv buffers, no atomics, no extra sum kernel, so the result is deterministic. The
+coefficient is applied once per program: the key role uses Y_J M^T as its tile-side operand
+(S_IJ^T = (Y_J M^T) Y_I^T) and M multiplies the accumulators in the epilogue. In shared mode
+with M = I or diagonal, the key and value roles share one fp32 accumulator (scale * G^T Y_I M +
+Pd^T dO_I, Y_I M being a column scaling of the loaded tile), which saves a [BLOCK_M, D] tile of
+registers.
+
+Two schedules, one constexpr (FUSE_ROLES): fused, one loop over the blocks I serves both roles,
+so each Y_I / dO_I tile is read once per program and, for M = I or diagonal (S symmetric), one
+recomputed score tile serves both roles (S_JI = S_IJ^T): six matmuls per loop step instead of
+seven. Split, a key pass then a query pass, holds fewer registers (the key roles are folded into
+one fp32 tile before the query pass) and is used where the fused state would spill. Causal:
+blocks I left of J only need the query role, blocks right of J only the key role, the diagonal
+blocks both with the causal mask. dM is Y_J^T (scale G_J Y) per program, written to a
+[B, blocks, H, ...] fp32 buffer and summed by torch (deterministic).
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ import triton.language as tl
 from ._utils import (
     LOG2E,
     _dropout_keep,
+    _fold_full_coef,
     _has_other_key,
     _kpm_stat,
     _seq_bounds,
+    check_dropout,
     coef_mode,
     coef_strides,
     dot_precision,
@@ -89,7 +98,7 @@ def _symattn_bwd_inner(
     Y, V, DO, Lse, Delta, Kpm,
     stride_ys, stride_vs, stride_dos, stride_kpms,
     offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-    qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
+    qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
     lo, hi,
     KEY_ROLE: tl.constexpr, QUERY_ROLE: tl.constexpr, DIAGONAL: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -135,9 +144,21 @@ def _symattn_bwd_inner(
                 dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
             else:
                 pd_t = p_t
-            dv_acc += tl.dot(pd_t.to(do_i.dtype), do_i, input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta_i[None, :])
-            dk_acc += tl.dot(ds_t.to(y_i.dtype), y_i, input_precision=DOT_PRECISION)
+            if SHARED_V and COEF_MODE != 2:
+                # Values are Y and M is diagonal: the key and value roles share one accumulator,
+                # dY_J += scale * G^T (Y_I M) + Pd^T dO_I (Y_I M is a column scaling of the tile).
+                if COEF_MODE == 1:
+                    y_key = (y_i.to(tl.float32) * key_coef[None, :]).to(y_i.dtype)
+                    ds_key = ds_t
+                else:
+                    y_key = y_i
+                    ds_key = ds_t * key_coef
+                dk_acc = tl.dot(pd_t.to(do_i.dtype), do_i, dk_acc, input_precision=DOT_PRECISION)
+                dk_acc = tl.dot(ds_key.to(y_i.dtype), y_key, dk_acc, input_precision=DOT_PRECISION)
+            else:
+                dv_acc += tl.dot(pd_t.to(do_i.dtype), do_i, input_precision=DOT_PRECISION)
+                dk_acc += tl.dot(ds_t.to(y_i.dtype), y_i, input_precision=DOT_PRECISION)
         if QUERY_ROLE:
             # Block J as queries, block I as keys/values; tiles are [queries J, keys I].
             if KEY_ROLE and COEF_MODE != 2:
@@ -167,6 +188,43 @@ def _symattn_bwd_inner(
 
 
 @triton.jit
+def _coef_operand(y, y_ptrs, row_mask, Coef, stride_cd, stride_ce, offs_d, head_dim, TRANSPOSED: tl.constexpr,
+                  COEF_MODE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Y M (TRANSPOSED False) or Y M^T in y's dtype; Coef points at this head's coefficient and
+    y_ptrs at the rows of y (the full fold reads them again in chunks)."""
+    if COEF_MODE == 1:
+        c = tl.load(Coef + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        out = (y.to(tl.float32) * c[None, :]).to(y.dtype)
+    elif COEF_MODE == 2:
+        out = _fold_full_coef(y_ptrs, row_mask, Coef, stride_cd, stride_ce, head_dim, y.dtype, TRANSPOSED, BLOCK_M,
+                              HEAD_DIM, DOT_PRECISION)
+    else:
+        out = y
+    return out
+
+
+@triton.jit
+def _key_role_epilogue(dk_acc, dv_acc, c_ptrs, c_mask, Coef, stride_cd, offs_d, head_dim, scale, dtype: tl.constexpr,
+                       SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """scale * (G^T Y) M for the key role, plus Pd^T dO in shared mode (values are Y too)."""
+    if SHARED_V and COEF_MODE != 2:
+        return dk_acc  # already scale * G^T Y M + Pd^T dO (merged in the loop)
+    if COEF_MODE == 1:
+        c = tl.load(Coef + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        dy = dk_acc * (c[None, :] * scale)
+    elif COEF_MODE == 2:
+        # In the input dtype, like every other tensor-core operand (fp32 stays fp32).
+        cm = tl.load(c_ptrs, mask=c_mask, other=0.0).to(dtype)  # [HEAD_DIM, HEAD_DIM]
+        dy = tl.dot((dk_acc * scale).to(dtype), cm, input_precision=DOT_PRECISION)
+    else:
+        dy = dk_acc * scale
+    if SHARED_V:
+        dy += dv_acc
+    return dy
+
+
+@triton.jit
 def _symattn_bwd_kernel(
     Y, V, Coef, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DCoefPartial,
     stride_yb, stride_ys, stride_yh,
@@ -181,7 +239,7 @@ def _symattn_bwd_kernel(
     scale, seed, threshold, inv_keep,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FUSE_ROLES: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -212,30 +270,11 @@ def _symattn_bwd_kernel(
     valid_j = offs_j < seqlen
     y_mask = valid_j[:, None] & (offs_d[None, :] < head_dim)
     v_mask = valid_j[:, None] & (offs_dv[None, :] < head_dim_v)
-    y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
-    do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
-    if SHARED_V:
-        v_j = y_j
-    else:
-        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+    y_ptrs = Y + offs_j64[:, None] * stride_ys + offs_d[None, :]
+    c_ptrs = Coef + off_h64 * stride_ch + offs_d[:, None] * stride_cd + offs_d[None, :] * stride_ce
+    c_mask = (offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim)
     lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
     delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
-
-    # Query-side operand Y_J M and key-side operand Y_J M^T, once per program.
-    if COEF_MODE == 1:
-        c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
-        qm = (y_j.to(tl.float32) * c[None, :]).to(y_j.dtype)
-        kq = qm
-    elif COEF_MODE == 2:
-        c_ptrs = Coef + off_h64 * stride_ch + offs_d[:, None] * stride_cd + offs_d[None, :] * stride_ce
-        c_mask = (offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim)
-        c = tl.load(c_ptrs, mask=c_mask, other=0.0)  # [HEAD_DIM, HEAD_DIM]
-        qm = tl.dot(y_j, c.to(y_j.dtype), input_precision=DOT_PRECISION).to(y_j.dtype)
-        kq = tl.dot(y_j, tl.trans(c.to(y_j.dtype)), input_precision=DOT_PRECISION).to(y_j.dtype)
-    else:
-        qm = y_j
-        kq = y_j
-
     real_j = valid_j
     kpm_stat = seqlen
     if HAS_KPM:
@@ -250,96 +289,190 @@ def _symattn_bwd_kernel(
     else:
         row_ctr_base = off_h64 * n_rows + off_b64 * seqlen_padded
     row_ctr_j = row_ctr_base + offs_j64  # dropout counter rows of block J as queries
-
     qk_scale = scale * LOG2E
+    if SHARED_V and COEF_MODE == 1:
+        key_coef = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim,
+                           other=0.0).to(tl.float32) * scale  # [HEAD_DIM]
+    else:
+        key_coef = scale
+    diag_lo = start_j * BLOCK_M
+    diag_hi = tl.minimum((start_j + 1) * BLOCK_M, seqlen)
+
+    y_j = tl.load(y_ptrs, mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if SHARED_V:
+        v_j = y_j
+    else:
+        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+    # Key-side operand Y_J M^T (Y_J M for symmetric M), once per program.
+    kq = _coef_operand(y_j, Y + offs_j64 * stride_ys, valid_j, Coef + off_h64 * stride_ch, stride_cd, stride_ce,
+                       offs_d, head_dim, True, COEF_MODE, BLOCK_M, HEAD_DIM, DOT_PRECISION)
     dq_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dk_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    if IS_CAUSAL:
-        dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-            dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-            Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-            offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-            qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
-            0, start_j * BLOCK_M,
-            False, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-            DOT_PRECISION, BLOCK_N,
-        )
-        dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-            dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-            Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-            offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-            qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
-            start_j * BLOCK_M, tl.minimum((start_j + 1) * BLOCK_M, seqlen),
-            True, True, True, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-            DOT_PRECISION, BLOCK_N,
-        )
-        dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-            dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-            Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-            offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-            qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
-            (start_j + 1) * BLOCK_M, seqlen,
-            True, False, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-            DOT_PRECISION, BLOCK_N,
-        )
+    if FUSE_ROLES:
+        # One pass over the blocks I; both roles share every Y_I / dO_I tile load.
+        do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
+        qm = _coef_operand(y_j, Y + offs_j64 * stride_ys, valid_j, Coef + off_h64 * stride_ch, stride_cd,
+                           stride_ce, offs_d, head_dim, False, COEF_MODE, BLOCK_M, HEAD_DIM, DOT_PRECISION)
+        if IS_CAUSAL:
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                0, diag_lo,
+                False, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                diag_lo, diag_hi,
+                True, True, True, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                (start_j + 1) * BLOCK_M, seqlen,
+                True, False, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
+        else:
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                0, seqlen,
+                True, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
+        dy = _key_role_epilogue(dk_acc, dv_acc, c_ptrs, c_mask, Coef + off_h64 * stride_ch, stride_cd, offs_d,
+                                head_dim, scale, Y.dtype.element_ty, SHARED_V, COEF_MODE,
+                                DOT_PRECISION)
     else:
-        dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-            dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-            Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-            offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-            qk_scale, seed, row_ctr_base, key_stride, threshold, inv_keep,
-            0, seqlen,
-            True, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-            DOT_PRECISION, BLOCK_N,
-        )
+        # Two passes (fewer live registers): J as keys/values, then J as queries.
+        if IS_CAUSAL:
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, kq, kq, v_j, v_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                diag_lo, diag_hi,
+                True, False, True, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, kq, kq, v_j, v_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                (start_j + 1) * BLOCK_M, seqlen,
+                True, False, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
+        else:
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, kq, kq, v_j, v_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                0, seqlen,
+                True, False, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
+        dy = _key_role_epilogue(dk_acc, dv_acc, c_ptrs, c_mask, Coef + off_h64 * stride_ch, stride_cd, offs_d,
+                                head_dim, scale, Y.dtype.element_ty, SHARED_V, COEF_MODE,
+                                DOT_PRECISION)
+        if not SHARED_V:
+            tl.store(DV + offs_j64[:, None] * stride_dvs + offs_dv[None, :], dv_acc.to(DV.dtype.element_ty),
+                     mask=v_mask)
+        do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
+        y_j = tl.load(y_ptrs, mask=y_mask, other=0.0)  # reloaded: not kept live through the key pass
+        qm = _coef_operand(y_j, Y + offs_j64 * stride_ys, valid_j, Coef + off_h64 * stride_ch, stride_cd,
+                           stride_ce, offs_d, head_dim, False, COEF_MODE, BLOCK_M, HEAD_DIM, DOT_PRECISION)
+        if IS_CAUSAL:
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, qm, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                0, diag_lo,
+                False, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, qm, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                diag_lo, diag_hi,
+                False, True, True, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
+        else:
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, qm, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
+                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
+                0, seqlen,
+                False, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_N,
+            )
 
-    # Epilogue: query role times M^T, key role times M, value role as is (shared mode).
+    # Query role times M^T, added to the key (and value) roles: dY_J is written once.
     if COEF_MODE == 1:
-        dy = (dq_acc + dk_acc) * (c[None, :] * scale)
+        c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        dy += dq_acc * (c[None, :] * scale)
     elif COEF_MODE == 2:
-        c32 = c.to(tl.float32)
-        dy = tl.dot(dq_acc, tl.trans(c32), input_precision=DOT_PRECISION)
-        dy = tl.dot(dk_acc, c32, dy, input_precision=DOT_PRECISION) * scale
+        cm = tl.load(c_ptrs, mask=c_mask, other=0.0).to(Y.dtype.element_ty)  # [HEAD_DIM, HEAD_DIM]
+        dy = tl.dot((dq_acc * scale).to(cm.dtype), tl.trans(cm), dy, input_precision=DOT_PRECISION)
     else:
-        dy = (dq_acc + dk_acc) * scale
-    if SHARED_V:
-        dy += dv_acc
-    else:
+        dy += dq_acc * scale
+    if FUSE_ROLES and not SHARED_V:
         tl.store(DV + offs_j64[:, None] * stride_dvs + offs_dv[None, :], dv_acc.to(DV.dtype.element_ty), mask=v_mask)
     tl.store(DY + offs_j64[:, None] * stride_dys + offs_d[None, :], dy.to(DY.dtype.element_ty), mask=y_mask)
 
     if NEED_DCOEF:
         # dM partial of this block: scale * Y_J^T (G_J. Y); rows past seqlen are zero in y_j.
+        y_j = tl.load(y_ptrs, mask=y_mask, other=0.0)
         slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
         if COEF_MODE == 1:
             dc = tl.sum(y_j.to(tl.float32) * dq_acc, axis=0) * scale  # [HEAD_DIM]
             tl.store(DCoefPartial + slot * head_dim + offs_d, dc, mask=offs_d < head_dim)
         else:
-            dc = tl.dot(tl.trans(y_j.to(tl.float32)), dq_acc, input_precision=DOT_PRECISION) * scale
+            dq_in = (dq_acc * scale).to(y_j.dtype)
+            dc = tl.dot(tl.trans(y_j), dq_in, input_precision=DOT_PRECISION)  # [HEAD_DIM, HEAD_DIM]
             dc_ptrs = DCoefPartial + slot * head_dim * head_dim + offs_d[:, None] * head_dim + offs_d[None, :]
-            tl.store(dc_ptrs, dc, mask=(offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim))
+            tl.store(dc_ptrs, dc, mask=c_mask)
 
 
-def bwd_blocks(head_dim_pad: int, head_dim_v_pad: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the backward on GPU: the owned block keeps three fp32
-    accumulators plus its Y, dO (and V) tiles in registers, so wide heads get smaller blocks."""
-    width = max(head_dim_pad, head_dim_v_pad)
-    if width <= 64:
-        return 64, 64
-    if width <= 128:
-        return 64, 32
-    return 64, 16
+def bwd_fuse_roles(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: int, dropout: bool) -> bool:
+    """FUSE_ROLES: one pass for both roles (each tile read once, one score tile for both roles)
+    where its register state fits without spills on sm_80/sm_90 (bench.compile_report): shared
+    mode, symmetric M, no dropout, head dim <= 64. Otherwise two passes over the blocks."""
+    return shared_v and coef_mode != 2 and not dropout and max(head_dim_pad, head_dim_v_pad) <= 64
 
 
-def _bwd_configs():
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (8, 2), (4, 3), (8, 3)]]
+def bwd_config(head_dim_pad: int, head_dim_v_pad: int, fuse_roles: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward on sm_80 / sm_90.
 
+    A heuristic table, not autotuned: the dcoef partial buffer is laid out by BLOCK_M, and an
+    autotuner's trial runs would leave stale slots of other block sizes in it. The owned block
+    keeps its fp32 accumulators and operand tiles in registers through the loop, so it stays at
+    64 rows (the wgmma minimum) with 8 warps, and the iterated block shrinks when more state is
+    live; ``python -m bench.compile_report`` checks every entry for spills and HGMMA.
+    """
+    if fuse_roles:
+        return 64, 32, 8, 2
+    return 64, 16, 8, 2
 
-_bwd_autotuned = triton.autotune(
-    configs=_bwd_configs(),
-    key=["seqlen_padded", "HEAD_DIM", "HEAD_DIM_V", "SHARED_V", "COEF_MODE", "IS_CAUSAL", "HAS_DROPOUT"],
-)(_symattn_bwd_kernel)
 
 # Under the interpreter (and in tests) one fixed config; BLOCK_M != BLOCK_N exercises the stages.
 INTERPRET_BWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
@@ -359,6 +492,7 @@ def attention_backward(
     is accepted for the contract: this backward never uses atomics, so it is always
     deterministic.
     """
+    check_dropout(dropout_p, seed)
     is_varlen = cu_seqlens is not None
     q, v, dout, out = (unit_last_stride(t) for t in (q, v, dout, out))
     if is_varlen:
@@ -396,12 +530,12 @@ def attention_backward(
         HEAD_DIM_V=hdv_pad, HAS_DLSE=dlse is not None, IS_VARLEN=is_varlen, BLOCK_M=PREPROCESS_BLOCK_M,
     )
 
+    fuse_roles = bwd_fuse_roles(hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0)
     if interpret:
-        blocks = INTERPRET_BWD_CONFIG
+        blocks, launch = dict(INTERPRET_BWD_CONFIG), {}
     else:
-        block_m, block_n = bwd_blocks(hd_pad, hdv_pad)
-        block_m = min(block_m, max(block_n, triton.next_power_of_2(seqlen_padded)))
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        block_m, block_n, warps, stages = bwd_config(hd_pad, hdv_pad, fuse_roles)
+        blocks, launch = {"BLOCK_M": block_m, "BLOCK_N": block_n}, {"num_warps": warps, "num_stages": stages}
     n_blocks = triton.cdiv(seqlen_padded, blocks["BLOCK_M"])
     mode = coef_mode(coef)
     need_dcoef = dcoef is not None and mode != 0
@@ -431,14 +565,12 @@ def attention_backward(
     ]
     constexprs = dict(
         HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad, SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef,
-        IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None, IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout,
+        IS_CAUSAL=bool(causal), FUSE_ROLES=fuse_roles,
+        HAS_KPM=kpm is not None, IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout,
         EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype), **blocks,
     )
     grid = (n_blocks, batch * num_heads)
-    if interpret:
-        _symattn_bwd_kernel[grid](*args, **constexprs)
-    else:
-        _bwd_autotuned[grid](*args, **constexprs)
+    _symattn_bwd_kernel[grid](*args, **constexprs, **launch)
 
     if dq_k is not dq:
         dq.copy_(dq_k)

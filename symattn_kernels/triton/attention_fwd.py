@@ -9,8 +9,9 @@ One program per (query block, batch * head). The coefficient is folded into the 
 (Y_I M), so every key tile costs one tl.dot. The online softmax keeps a running max m_i and sum
 l_i in log2 units (exp2 with log2(e) folded into the scale) and fp32 accumulators; lse is stored
 in nats for the backward. In shared mode (v is None) the values are the keys, so one tile load
-per key block serves as key and value: the kernel reads one [S, D] tensor where standard
-attention reads three. Causal attention visits the blocks left of the diagonal without masks
+per key block serves as key and value, and the program's own query tile Y_I, already in
+registers, is its diagonal key/value tile (skipped in the key loop): the kernel reads one [S, D]
+tensor where standard attention reads three, and each program reads it once. Causal attention visits the blocks left of the diagonal without masks
 (STAGE 1) and masks only the diagonal blocks (STAGE 2); non-causal attention is one pass with a
 boundary mask (STAGE 3). A row with no allowed key keeps m_i = -inf and l_i = 0 and stores
 out = 0, lse = -inf. Dropout regenerates ``reference.dropout_keep_mask`` with tl.randint.
@@ -26,9 +27,11 @@ from ._utils import (
     LN2,
     LOG2E,
     _dropout_keep,
+    _fold_full_coef,
     _has_other_key,
     _kpm_stat,
     _seq_bounds,
+    check_dropout,
     coef_mode,
     coef_strides,
     dot_precision,
@@ -40,6 +43,39 @@ from ._utils import (
 )
 
 __all__ = ["attention_forward"]
+
+
+@triton.jit
+def _symattn_fwd_update(
+    acc, l_i, m_i, qk, v, offs_m, offs_n, Kpm, stride_kpms, seqlen,
+    has_other, row_ctr, seed, key_stride, threshold,
+    STAGE: tl.constexpr, HAS_KPM: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step: scaled scores qk [BLOCK_M, keys] (log2 units) against the key
+    rows offs_n, value tile v [keys, HEAD_DIM_V]."""
+    if STAGE != 1 or HAS_KPM or EXCLUDE_SELF:
+        # STAGE 1 keys lie left of the query block, hence inside the sequence.
+        allowed = offs_n[None, :] < seqlen
+        if STAGE == 2:
+            allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+        if HAS_KPM:
+            real = tl.load(Kpm + offs_n.to(tl.int64) * stride_kpms, mask=offs_n < seqlen, other=0) != 0
+            allowed = allowed & real[None, :]
+        if EXCLUDE_SELF:
+            allowed = allowed & ((offs_m[:, None] != offs_n[None, :]) | (has_other[:, None] == 0))
+        qk = tl.where(allowed, qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    # A row with nothing allowed so far keeps m = -inf; subtract 0 there instead (no NaN).
+    m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, row_ctr[:, None], offs_n[None, :], key_stride, threshold)
+        p = tl.where(keep, p, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_ij
 
 
 @triton.jit
@@ -63,26 +99,6 @@ def _symattn_fwd_inner(
             mask=(offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim), other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
         qk = tl.dot(qm, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        if STAGE != 1 or HAS_KPM or EXCLUDE_SELF:
-            # STAGE 1 keys lie left of the query block, hence inside the sequence.
-            allowed = offs_n[None, :] < seqlen
-            if STAGE == 2:
-                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
-            if HAS_KPM:
-                real = tl.load(Kpm + offs_n64 * stride_kpms, mask=offs_n < seqlen, other=0) != 0
-                allowed = allowed & real[None, :]
-            if EXCLUDE_SELF:
-                allowed = allowed & ((offs_m[:, None] != offs_n[None, :]) | (has_other[:, None] == 0))
-            qk = tl.where(allowed, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with nothing allowed so far keeps m = -inf; subtract 0 there instead (no NaN).
-        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, row_ctr[:, None], offs_n[None, :], key_stride, threshold)
-            p = tl.where(keep, p, 0.0)
         if SHARED_V:
             v = k
         else:
@@ -90,8 +106,11 @@ def _symattn_fwd_inner(
                 V + offs_n64[:, None] * stride_vs + offs_dv[None, :],
                 mask=(offs_n[:, None] < seqlen) & (offs_dv[None, :] < head_dim_v), other=0.0,
             )  # [BLOCK_N, HEAD_DIM_V]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_ij
+        acc, l_i, m_i = _symattn_fwd_update(
+            acc, l_i, m_i, qk, v, offs_m, offs_n, Kpm, stride_kpms, seqlen,
+            has_other, row_ctr, seed, key_stride, threshold,
+            STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
+        )
     return acc, l_i, m_i
 
 
@@ -142,11 +161,8 @@ def _symattn_fwd_kernel(
         c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0)
         qm = (q.to(tl.float32) * c.to(tl.float32)[None, :]).to(q.dtype)
     elif COEF_MODE == 2:
-        c = tl.load(
-            Coef + off_h64 * stride_ch + offs_d[:, None] * stride_cd + offs_d[None, :] * stride_ce,
-            mask=(offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim), other=0.0,
-        )  # [HEAD_DIM, HEAD_DIM]
-        qm = tl.dot(q, c.to(q.dtype), input_precision=DOT_PRECISION).to(q.dtype)
+        qm = _fold_full_coef(Q + offs_m.to(tl.int64) * stride_qs, row_mask, Coef + off_h64 * stride_ch, stride_cd,
+                             stride_ce, head_dim, Q.dtype.element_ty, False, BLOCK_M, HEAD_DIM, DOT_PRECISION)
     else:
         qm = q
 
@@ -168,7 +184,40 @@ def _symattn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    if IS_CAUSAL:
+    if SHARED_V:
+        # The program's own query tile is also a key/value tile: process the diagonal block from
+        # registers and skip it in the key loop (one load of Y_I serves as query, key and value).
+        diag_lo = start_m * BLOCK_M
+        if IS_CAUSAL:
+            acc, l_i, m_i = _symattn_fwd_inner(
+                acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
+                offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
+                has_other, row_ctr, qk_scale, seed, key_stride, threshold,
+                0, diag_lo,
+                1, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+            )
+        else:
+            acc, l_i, m_i = _symattn_fwd_inner(
+                acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
+                offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
+                has_other, row_ctr, qk_scale, seed, key_stride, threshold,
+                0, diag_lo,
+                3, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+            )
+            acc, l_i, m_i = _symattn_fwd_inner(
+                acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
+                offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
+                has_other, row_ctr, qk_scale, seed, key_stride, threshold,
+                diag_lo + BLOCK_M, seqlen,
+                3, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+            )
+        qk = tl.dot(qm, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_M]
+        acc, l_i, m_i = _symattn_fwd_update(
+            acc, l_i, m_i, qk, q, offs_m, offs_m, Kpm, stride_kpms, seqlen,
+            has_other, row_ctr, seed, key_stride, threshold,
+            2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
+        )
+    elif IS_CAUSAL:
         acc, l_i, m_i = _symattn_fwd_inner(
             acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
             offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
@@ -206,39 +255,52 @@ def _symattn_fwd_kernel(
     )
 
 
-def _fwd_configs():
-    configs = []
-    for block_m, block_n, warps, stages in [
-        (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on sm_80 / sm_90. BLOCK_M
+# stays >= 64, the rows of one sm_90 warpgroup MMA (wgmma).
+FWD_CONFIGS = [
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3),
+    (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2), (64, 32, 4, 2),
+]
+
+
+def fwd_configs_for(max_seqlen: int, head_dim_pad: int, head_dim_v_pad: int, dropout: bool = False) -> list:
+    """The FWD_CONFIGS worth trying for a shape: no block much longer than the sequence, and no
+    tile whose registers would spill (checked by ``python -m bench.compile_report``): wide heads
+    and dropout (Philox keeps four 32-bit words per score element) need more warps per tile."""
+    width = max(head_dim_pad, head_dim_v_pad)
+    kept = []
+    for block_m, block_n, warps, stages in FWD_CONFIGS:
+        scores_per_thread = block_m * block_n // (32 * warps)
+        if block_m > max(64, triton.next_power_of_2(max_seqlen)):
+            continue
+        if width >= 256 and (block_m > 64 or warps < 8):
+            continue
+        if width >= 128 and warps < 8 and block_m * block_n >= 128 * 32:
+            continue
+        if dropout and scores_per_thread > 8:
+            continue
+        kept.append((block_m, block_n, warps, stages))
+    return kept or [(64, 32, 8, 2)]
+
+
+def _as_triton_configs(configs):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
-    """Drop blocks much longer than the sequence and register-heavy tiles for wide heads."""
-    max_seqlen = named_args["seqlen_padded"] if "seqlen_padded" in named_args else kwargs["seqlen_padded"]
-    head_dim = max(kwargs.get("HEAD_DIM", 64), kwargs.get("HEAD_DIM_V", 64))
-    kept = []
-    for cfg in configs:
-        block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        if block_m > max(32, triton.next_power_of_2(max_seqlen)):
-            continue
-        if head_dim >= 256 and (block_m > 64 or block_n > 32):
-            continue
-        if head_dim >= 128 and block_m * block_n > 128 * 32 and cfg.num_warps < 8:
-            continue
-        kept.append(cfg)
-    return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    args = {**named_args, **kwargs}
+    wanted = set(fwd_configs_for(args["seqlen_padded"], args["HEAD_DIM"], args["HEAD_DIM_V"], args["HAS_DROPOUT"]))
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
 
 _fwd_autotuned = triton.autotune(
-    configs=_fwd_configs(),
+    configs=_as_triton_configs(FWD_CONFIGS),
     key=["seqlen_padded", "HEAD_DIM", "HEAD_DIM_V", "SHARED_V", "COEF_MODE", "IS_CAUSAL", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_fwd_configs},
 )(_symattn_fwd_kernel)
 
-# Under the interpreter (and in tests) one fixed config; BLOCK_M != BLOCK_N exercises the stages.
+# Under the interpreter (and in tests) one fixed config, small for speed; BLOCK_M != BLOCK_N
+# exercises the causal stages.
 INTERPRET_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
@@ -265,6 +327,7 @@ def attention_forward(
     Returns:
         (out, lse): out like ``v`` (or ``q``) in q's dtype; lse float32 [B, H, S] or [H, total].
     """
+    check_dropout(dropout_p, seed)
     is_varlen = cu_seqlens is not None
     q = unit_last_stride(q)
     v = unit_last_stride(v)

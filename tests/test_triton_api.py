@@ -1,0 +1,71 @@
+"""The Triton backend through the public API and the custom ops (interpreter, CPU tensors):
+autograd wiring, varlen, opcheck. The kernel grid itself is in test_triton_interpret.py."""
+
+import os
+
+import pytest
+import torch
+
+import symattn_kernels as sk
+from symattn_kernels import backends, ops
+from symattn_kernels import reference as R
+
+from .helpers import assert_flash_rule
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (make test-interpret)"),
+]
+
+
+def leaves(dtype, *shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def outputs_and_grads(fn, q, v, coef, dout_seed=1, **kw):
+    out, lse = fn(q, v, coef=coef, return_lse=True, **kw)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(dout_seed), dtype=torch.float64)
+    wrt = [t for t in (q, v, coef) if t is not None]
+    return [out, lse, *torch.autograd.grad(out, wrt, dout.to(out.dtype))]
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
+def test_public_api_matches_reference(dtype, atol, shared):
+    q, v, coef = leaves(dtype, (2, 37, 2, 40), (2, 37, 2, 24), (2, 40))
+    v = None if shared else v
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, 20:] = False
+    kw = dict(causal=True, key_padding_mask=mask, exclude_self=True)
+    got = outputs_and_grads(lambda *a, **k: sk.symmetric_attention(*a, backend="triton", **k), q, v, coef, **kw)
+    as64 = [None if t is None else t.detach().double().requires_grad_() for t in (q, v, coef)]
+    ref64 = outputs_and_grads(R.symmetric_attention, *as64, **kw)
+    ref_lowp = outputs_and_grads(R.symmetric_attention, q, v, coef, **kw)
+    for name, a, r64, rl in zip(["out", "lse", "dq", "dv/dcoef", "dcoef"], got, ref64, ref_lowp):
+        assert_flash_rule(name, a, r64, rl, atol)
+
+
+def test_varlen_through_public_api_matches_torch_backend():
+    (q,) = leaves(torch.float32, (23, 2, 16))
+    cu = torch.tensor([0, 4, 5, 16, 23], dtype=torch.int32)
+    got = sk.symmetric_attention_varlen(q, None, cu, 11, causal=True, backend="triton", return_lse=True)
+    want = sk.symmetric_attention_varlen(q, None, cu, 11, causal=True, backend="torch", return_lse=True)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    g1, = torch.autograd.grad(got[0].sum(), q)
+    g2, = torch.autograd.grad(want[0].sum(), q)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_with_triton_backend():
+    q, v = leaves(torch.float32, (1, 17, 2, 16), (1, 17, 2, 16))
+    args = (q, v, None, None, None, None, 0.25, True, 0.0, False, 17, True, "triton")
+    torch.library.opcheck(ops.attention_fwd, args, test_utils=("test_schema", "test_autograd_registration",
+                                                               "test_faketensor"))
+
+
+def test_auto_never_picks_the_interpreter_for_cpu_tensors():
+    assert backends.resolve("auto", torch.device("cpu"), torch.float32) in ("cpu", "torch")
+    with pytest.raises(TypeError, match="float64 inputs run on backend='torch' only"):
+        sk.shared_attention(torch.randn(1, 4, 1, 16, dtype=torch.float64), backend="triton")
