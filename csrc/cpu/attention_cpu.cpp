@@ -1,0 +1,290 @@
+// CPU implementations of the symattn::*_cpu kernel ops: argument checks, output allocation,
+// the pointer / stride bundle for the kernels, and the choice of instruction set at run time.
+// This translation unit also compiles the portable (DEFAULT) kernels.
+#include "isa.h"
+
+#include "attention_kernel.h"
+
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "attention_cpu.h"
+
+namespace symattn {
+namespace {
+
+using cpu::BackwardParams;
+using cpu::CoefMode;
+using cpu::DType;
+using cpu::ForwardParams;
+using cpu::Strided;
+
+struct Kernels {
+  void (*forward)(const ForwardParams&);
+  void (*backward)(const BackwardParams&);
+  const char* isa;
+};
+
+// The widest kernel set this CPU runs, as ATen judges it (ATEN_CPU_CAPABILITY can lower it).
+const Kernels& kernels() {
+  static const Kernels chosen = [] {
+#ifdef SYMATTN_X86_DISPATCH
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") {
+      return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward, "AVX512"};
+    }
+    if (capability == "AVX2") {
+      return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward, "AVX2"};
+    }
+#endif
+    return Kernels{cpu::DEFAULT::attention_forward, cpu::DEFAULT::attention_backward, "DEFAULT"};
+  }();
+  return chosen;
+}
+
+DType kernel_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "symattn CPU kernels: ", name, " must be float32, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t last_dim = -1) {
+  TORCH_CHECK(t.device().is_cpu(), "symattn CPU kernels: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == q.dim(), "symattn CPU kernels: ", name, " must have ", q.dim(), " dims, got ", t.sizes());
+  TORCH_CHECK(t.sizes().slice(0, q.dim() - 1) == q.sizes().slice(0, q.dim() - 1), "symattn CPU kernels: ", name,
+              " has shape ", t.sizes(), ", inconsistent with q ", q.sizes());
+  if (last_dim >= 0) TORCH_CHECK(t.size(-1) == last_dim, "symattn CPU kernels: ", name, " has shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "symattn CPU kernels: ", name, " must have q's dtype ",
+              q.scalar_type());
+  TORCH_CHECK(t.size(-1) == 0 || t.stride(-1) == 1, "symattn CPU kernels: ", name, " needs a unit last stride");
+}
+
+// [B, S, H, X] (padded) or [total, H, X] (varlen) rows.
+template <typename T>
+Strided<T> rows_of(const at::Tensor& t, bool varlen) {
+  Strided<T> s;
+  s.data = t.data_ptr();
+  s.batch = varlen ? 0 : t.stride(0);
+  s.token = varlen ? t.stride(0) : t.stride(1);
+  s.head = varlen ? t.stride(1) : t.stride(2);
+  return s;
+}
+
+// [B, H, S] (padded) or [H, total] (varlen) float32 log-sum-exp layouts.
+template <typename T>
+Strided<T> lse_of(const at::Tensor& t, bool varlen) {
+  Strided<T> s;
+  s.data = t.data_ptr<float>();
+  s.batch = varlen ? 0 : t.stride(0);
+  s.head = varlen ? t.stride(0) : t.stride(1);
+  s.token = varlen ? t.stride(1) : t.stride(2);
+  return s;
+}
+
+// Fills everything but the output pointers; returns the tensors the pointers refer to, which
+// must outlive the kernel call.
+std::vector<at::Tensor> fill_common(ForwardParams& p, const at::Tensor& q, const std::optional<at::Tensor>& v,
+                                    const std::optional<at::Tensor>& coef,
+                                    const std::optional<at::Tensor>& key_padding_mask,
+                                    const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> seed,
+                                    double scale, bool causal, double dropout_p, bool exclude_self,
+                                    int64_t max_seqlen) {
+  std::vector<at::Tensor> keep_alive;
+  const bool varlen = cu_seqlens.has_value();
+  TORCH_CHECK(q.device().is_cpu(), "symattn CPU kernels: q must be a CPU tensor");
+  TORCH_CHECK(q.dim() == (varlen ? 3 : 4), "symattn CPU kernels: q must be ", varlen ? "[total, H, D]" : "[B, S, H, D]",
+              ", got ", q.sizes());
+  TORCH_CHECK(q.size(-1) == 0 || q.stride(-1) == 1, "symattn CPU kernels: q needs a unit last stride");
+  p.dtype = kernel_dtype(q, "q");
+  p.heads = q.size(-2);
+  p.head_dim = q.size(-1);
+  p.q = rows_of<const void>(q, varlen);
+  if (v.has_value()) {
+    check_rows(*v, "v", q);
+    p.v = rows_of<const void>(*v, varlen);
+    p.value_dim = v->size(-1);
+  } else {
+    p.value_dim = p.head_dim;
+  }
+  if (varlen) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1 && cu.device().is_cpu(),
+                "symattn CPU kernels: cu_seqlens must be a 1-D int32 CPU tensor");
+    at::Tensor cu_c = cu.contiguous();
+    keep_alive.push_back(cu_c);
+    p.cu_seqlens = cu_c.data_ptr<int32_t>();
+    p.batch = cu_c.numel() - 1;
+    TORCH_CHECK(p.cu_seqlens[0] == 0 && p.cu_seqlens[p.batch] == q.size(0),
+                "symattn CPU kernels: cu_seqlens must run from 0 to total = ", q.size(0));
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int64_t len = p.cu_seqlens[b + 1] - p.cu_seqlens[b];
+      TORCH_CHECK(len >= 0 && len <= max_seqlen, "symattn CPU kernels: sequence ", b, " has length ", len,
+                  ", outside [0, max_seqlen = ", max_seqlen, "]");
+    }
+    p.seqlen = max_seqlen;
+    p.n_rows = q.size(0);
+    TORCH_CHECK(!key_padding_mask.has_value(), "symattn CPU kernels: key_padding_mask is not used with cu_seqlens");
+  } else {
+    p.batch = q.size(0);
+    p.seqlen = q.size(1);
+    p.n_rows = p.batch * p.seqlen;
+  }
+  if (coef.has_value()) {
+    const at::Tensor c32 = coef->to(at::kFloat).contiguous();
+    keep_alive.push_back(c32);
+    if (c32.dim() == 2) {
+      TORCH_CHECK(c32.size(0) == p.heads && c32.size(1) == p.head_dim, "symattn CPU kernels: coef must be [H, D]");
+      p.coef_mode = CoefMode::kDiag;
+    } else {
+      TORCH_CHECK(c32.dim() == 3 && c32.size(0) == p.heads && c32.size(1) == p.head_dim && c32.size(2) == p.head_dim,
+                  "symattn CPU kernels: coef must be [H, D] or [H, D, D]");
+      p.coef_mode = CoefMode::kFull;
+    }
+    p.coef = c32.data_ptr<float>();
+  }
+  if (key_padding_mask.has_value()) {
+    const at::Tensor m = key_padding_mask->contiguous();
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == p.batch && m.size(1) == p.seqlen,
+                "symattn CPU kernels: key_padding_mask must be bool [B, S]");
+    keep_alive.push_back(m);
+    p.key_padding_mask = m.data_ptr<bool>();
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "symattn CPU kernels: dropout_p must lie in [0, 1)");
+  TORCH_CHECK(dropout_p == 0.0 || seed.has_value(), "symattn CPU kernels: dropout needs a seed");
+  p.scale = scale;
+  p.causal = causal;
+  p.exclude_self = exclude_self;
+  p.dropout_p = dropout_p;
+  p.seed = static_cast<uint64_t>(seed.value_or(0));
+  return keep_alive;
+}
+
+std::vector<int64_t> lse_shape(const at::Tensor& q, bool varlen) {
+  if (varlen) return {q.size(1), q.size(0)};
+  return {q.size(0), q.size(2), q.size(1)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const std::optional<at::Tensor>& v,
+                                                     const std::optional<at::Tensor>& coef,
+                                                     const std::optional<at::Tensor>& key_padding_mask,
+                                                     const std::optional<at::Tensor>& cu_seqlens,
+                                                     std::optional<int64_t> seed, double scale, bool causal,
+                                                     double dropout_p, bool exclude_self, int64_t max_seqlen) {
+  ForwardParams p;
+  const auto keep_alive = fill_common(p, q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p,
+                                      exclude_self, max_seqlen);
+  const bool varlen = cu_seqlens.has_value();
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = p.value_dim;
+  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor lse = at::empty(lse_shape(q, varlen), q.options().dtype(at::kFloat));
+  p.out = rows_of<void>(out, varlen);
+  p.lse = lse_of<float>(lse, varlen);
+  kernels().forward(p);
+  return {out, lse};
+}
+
+void attention_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                       const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& coef,
+                       const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens,
+                       std::optional<int64_t> seed, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
+                       const std::optional<at::Tensor>& dv, const std::optional<at::Tensor>& dcoef, double scale,
+                       bool causal, double dropout_p, bool exclude_self, int64_t max_seqlen) {
+  BackwardParams p;
+  auto keep_alive = fill_common(p, q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p,
+                                exclude_self, max_seqlen);
+  const bool varlen = cu_seqlens.has_value();
+  check_rows(dout, "dout", q, p.value_dim);
+  check_rows(out, "out", q, p.value_dim);
+  TORCH_CHECK(v.has_value() == dv.has_value(), "symattn CPU kernels: dv must be given exactly when v is");
+  TORCH_CHECK(!dcoef.has_value() || coef.has_value(), "symattn CPU kernels: dcoef needs coef");
+  const auto expected_lse = lse_shape(q, varlen);
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(expected_lse) && lse.scalar_type() == at::kFloat,
+              "symattn CPU kernels: lse must be float32 ", at::IntArrayRef(expected_lse));
+  const at::Tensor lse_c = lse.contiguous();
+  keep_alive.push_back(lse_c);
+  p.out = rows_of<void>(out, varlen);
+  p.lse = lse_of<float>(lse_c, varlen);
+  p.dout = rows_of<const void>(dout, varlen);
+  if (dlse.has_value()) {
+    TORCH_CHECK(dlse->sizes() == at::IntArrayRef(expected_lse), "symattn CPU kernels: dlse must have lse's shape");
+    const at::Tensor dlse_c = dlse->to(at::kFloat).contiguous();
+    keep_alive.push_back(dlse_c);
+    const auto s = lse_of<float>(dlse_c, varlen);
+    p.dlse = Strided<const float>{s.data, s.batch, s.token, s.head};
+  }
+
+  // Gradients land in the caller's buffers, through a unit-last-stride stand-in if needed.
+  check_rows(dq, "dq", q, p.head_dim);
+  const at::Tensor dq_work = dq.stride(-1) == 1 ? dq : at::empty(dq.sizes(), dq.options());
+  p.dq = rows_of<void>(dq_work, varlen);
+  at::Tensor dv_work;
+  if (dv.has_value()) {
+    check_rows(*dv, "dv", q, p.value_dim);
+    dv_work = dv->stride(-1) == 1 ? *dv : at::empty(dv->sizes(), dv->options());
+    p.dv = rows_of<void>(dv_work, varlen);
+  }
+  at::Tensor partial;
+  if (dcoef.has_value()) {
+    TORCH_CHECK(dcoef->sizes() == coef->sizes(), "symattn CPU kernels: dcoef must have coef's shape");
+    const int64_t csize = coef->numel() / p.heads;
+    // Zeroed: a head of an empty varlen sequence contributes nothing and never touches its slot.
+    partial = at::zeros({p.batch, p.heads, csize}, q.options().dtype(at::kDouble));
+    p.dcoef_partial = partial.data_ptr<double>();
+  }
+
+  kernels().backward(p);
+
+  if (!dq_work.is_same(dq)) dq.copy_(dq_work);
+  if (dv.has_value() && !dv_work.is_same(*dv)) dv->copy_(dv_work);
+  if (dcoef.has_value()) {
+    // Sum the per-(b, h) partials over b in a fixed order.
+    at::Tensor total = at::empty({p.heads, partial.size(2)}, partial.options());
+    const double* src = partial.data_ptr<double>();
+    double* dst = total.data_ptr<double>();
+    const int64_t per_batch = total.numel();
+    for (int64_t e = 0; e < per_batch; ++e) dst[e] = 0.0;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t e = 0; e < per_batch; ++e) dst[e] += src[b * per_batch + e];
+    }
+    dcoef->copy_(total.view(coef->sizes()));
+  }
+}
+
+// First 32-bit Philox-4x32-10 word per int64 counter, as reference.philox_randint (for tests).
+at::Tensor philox_randint_cpu(const at::Tensor& offsets, int64_t seed) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.device().is_cpu(),
+              "philox_randint_cpu: offsets must be an int64 CPU tensor");
+  const at::Tensor in = offsets.contiguous();
+  at::Tensor result = at::empty(in.sizes(), in.options());
+  const int64_t* src = in.data_ptr<int64_t>();
+  int64_t* dst = result.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in.numel(); ++i) {
+    dst[i] = cpu::philox_randint(static_cast<uint64_t>(seed), static_cast<uint64_t>(src[i]));
+  }
+  return result;
+}
+
+std::string cpu_kernel_isa() { return kernels().isa; }
+
+TORCH_LIBRARY_IMPL(symattn, CPU, m) {
+  m.impl("attention_fwd_cpu", &attention_fwd_cpu);
+  m.impl("attention_bwd_cpu", &attention_bwd_cpu);
+  m.impl("philox_randint_cpu", &philox_randint_cpu);
+}
+
+}  // namespace symattn

@@ -1,0 +1,910 @@
+// Fused CPU forward and backward of symmetric / shared-weight attention (SPEC sections 2 and 5).
+//
+// Per sequence b and head h, with Y = q[b, :, h] ([L, D]) and M = I | diag(c_h) | C_h:
+//
+//   Qs = scale * Y M                S = Qs Y^T (+ mask)        P = softmax_rows(S)
+//   out = dropout(P) V              lse = logsumexp_rows(S)    V = Y (shared) or v[b, :, h]
+//   G  = P * (dP - delta),  dP = dout V^T * keep / (1 - p),    delta = rowsum(dout * out) - dlse
+//   dY = G (scale Y M^T) + G^T Qs  (+ Pd^T dout when V = Y)    dV = Pd^T dout
+//   dM = scale Y^T G Y             (its diagonal for a diagonal M)
+//
+// One task owns one (b, h): it reads Y once into fp32 panels (Y^T for the score products, Qs
+// for the query side; in shared mode the same panels serve as keys and values), walks its
+// query rows in blocks whose score rows [block, L] stay in cache, and accumulates every
+// gradient of the head in fp32 buffers that it writes once. Results are independent of the
+// thread count: each output element is produced by exactly one task, in a fixed order.
+//
+// For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
+// at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
+// triangle is multiplied and the rest mirrored, and the backward's two Y-gradient products
+// G (Y M) + G^T (Y M) collapse into one (G + G^T) Qs. That is 1.5 instead of 2 L^2 D products
+// forward, 3.5 instead of 5 backward. Other heads take query blocks against keys up to the last
+// real one, with causal blocks trimmed at micro-tile granularity.
+//
+// Every product is a register-tiled fp32 micro-kernel on at::vec (no BLAS call inside the
+// parallel region, so nothing depends on a BLAS library's threading); half-precision inputs
+// are widened when the panels are packed and accumulate in fp32.
+//
+// This header is compiled once per instruction set (attention_cpu.cpp for DEFAULT,
+// attention_cpu_avx2.cpp, attention_cpu_avx512.cpp), each time in its own CPU_CAPABILITY
+// namespace; everything but the two entry points has internal linkage.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "attention_params.h"
+#include "philox.h"
+
+namespace symattn::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+// Micro-tile: kMR rows x kNV vectors. AVX-512: 6 x 64 keeps 24 of 32 registers as accumulators;
+// AVX2: 6 x 16 keeps 12 of 16.
+constexpr int kMR = 6;
+constexpr int kNV = kVec >= 16 ? 4 : 2;
+constexpr int64_t kNR = kNV * kVec;
+// Heads up to this length keep their whole fp32 score matrix (1 MiB) in one task.
+constexpr int64_t kWholeHead = 512;
+// Longer heads take query blocks of about this many score floats.
+constexpr int64_t kBlockFloats = int64_t{1} << 17;
+// Square tile of the symmetric score product and of its mirror.
+constexpr int64_t kSymTile = 64;
+constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[m, n] (=|+=) alpha * op(A)[m, k] * B[k, n], all fp32, B and C row-major with unit inner
+// stride; op(A)(i, kk) = a[i * lda + kk], or a[kk * lda + i] when kTransA.
+//
+// Band describes what a causal mask makes zero or unneeded, per output row i: op(A)(i, kk) is
+// zero outside [i + k_lo, i + k_hi], and C(i, j) is not needed for j > i + n_hi. The driver
+// trims the k range of each micro row block and skips micro-tiles, at micro-tile granularity.
+struct Band {
+  int64_t k_lo = -kUnbounded;
+  int64_t k_hi = kUnbounded;
+  int64_t n_hi = kUnbounded;
+};
+
+template <int MR, int NV, bool kTransA, bool kTail>
+inline void micro_kernel(int64_t k0, int64_t k1, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         float* c, int64_t ldc, int64_t tail, float alpha, bool accumulate) {
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* brow = b + k * ldb;
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = (kTail && v == NV - 1) ? Vec::loadu(brow + v * kVec, tail) : Vec::loadu(brow + v * kVec);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const Vec av(kTransA ? a[k * lda + r] : a[r * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+    }
+  }
+  const Vec valpha(alpha);
+  for (int r = 0; r < MR; ++r) {
+    float* crow = c + r * ldc;
+    for (int v = 0; v < NV; ++v) {
+      const int64_t count = (kTail && v == NV - 1) ? tail : kVec;
+      Vec result = acc[r][v] * valpha;
+      if (accumulate) result = result + Vec::loadu(crow + v * kVec, count);
+      result.store(crow + v * kVec, count);
+    }
+  }
+}
+
+template <int MR, bool kTransA>
+void micro_cols(int64_t cols, int64_t k0, int64_t k1, const float* a, int64_t lda, const float* b, int64_t ldb,
+                float* c, int64_t ldc, float alpha, bool accumulate) {
+  if (cols == kNR) {
+    micro_kernel<MR, kNV, kTransA, false>(k0, k1, a, lda, b, ldb, c, ldc, kVec, alpha, accumulate);
+    return;
+  }
+  const int64_t nv = (cols + kVec - 1) / kVec;
+  const int64_t tail = cols - (nv - 1) * kVec;
+  switch (nv) {
+    case 1:
+      micro_kernel<MR, 1, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
+      break;
+    case 2:
+      micro_kernel<MR, 2, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
+      break;
+    case 3:
+      if constexpr (kNV >= 3) {
+        micro_kernel<MR, 3, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
+      }
+      break;
+    default:
+      if constexpr (kNV >= 4) {
+        micro_kernel<MR, 4, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
+      }
+      break;
+  }
+}
+
+template <bool kTransA>
+void micro_tile(int64_t rows, int64_t cols, int64_t k0, int64_t k1, const float* a, int64_t lda, const float* b,
+                int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
+  switch (rows) {
+    case 1: micro_cols<1, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    case 2: micro_cols<2, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    case 3: micro_cols<3, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    case 4: micro_cols<4, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    case 5: micro_cols<5, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    default: micro_cols<6, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+  }
+}
+
+template <bool kTransA>
+void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+          int64_t ldc, float alpha, bool accumulate, const Band& band = Band{}) {
+  // Column panels outside, rows inside: one [k, kNR] panel of B serves every row block.
+  for (int64_t n0 = 0; n0 < n; n0 += kNR) {
+    const int64_t cols = std::min(kNR, n - n0);
+    for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+      const int64_t rows = std::min<int64_t>(kMR, m - r0);
+      const int64_t last_row = r0 + rows - 1;
+      if (n0 > last_row + band.n_hi) continue;
+      const int64_t k0 = std::max<int64_t>(0, r0 + band.k_lo);
+      const int64_t k1 = std::min<int64_t>(k, last_row + band.k_hi + 1);
+      const float* ap = kTransA ? a + r0 : a + r0 * lda;
+      micro_tile<kTransA>(rows, cols, k0, std::max(k0, k1), ap, lda, b + n0, ldb, c + r0 * ldc + n0, ldc, alpha,
+                          accumulate);
+    }
+  }
+}
+
+// Row primitives on fp32, vectorised with masked tails so every element takes the same path.
+
+// exp(x) within 1.25 ulp (measured against double): Cody-Waite reduction x = n ln2 + r and
+// Cephes expf's polynomial, inlined. Half the cost of Sleef's 1-ulp call; at::vec's exp_u20
+// is cheaper still but its error fails flash-attn's rule on fp32 gradients. Inputs below -88
+// (masked scores are -inf) get n = -127, whose 2^n bit pattern is +0: exp(-inf) = 0 exactly,
+// and results under FLT_MIN flush to zero.
+Vec exp_vec(const Vec& x) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  const Vec xc = at::vec::clamp_max(at::vec::clamp_min(x, Vec(-88.f)), Vec(88.37626f));  // ln(FLT_MAX)
+  const Vec n = (xc * Vec(1.44269504088896341f)).round();  // log2(e)
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);        // ln 2, high part (exact product)
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);            // ln 2, low part
+  Vec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r + Vec(1.f));
+  const IVec biased = at::vec::convert_to_int_of_same_size(n) + IVec(127);
+  return p * at::vec::cast<float>(biased << IVec(23));
+}
+
+float row_max(const float* x, int64_t n) {
+  Vec acc(kNegInf);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) acc = at::vec::maximum(acc, Vec::loadu(x + j));
+  if (j < n) acc = at::vec::maximum(acc, Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
+  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, acc);
+}
+
+// x = exp(x - shift) in place; returns the sum.
+float exp_sum_inplace(float* x, int64_t n, float shift) {
+  const Vec vshift(shift);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    const Vec e = exp_vec(Vec::loadu(x + j) - vshift);
+    e.store(x + j);
+    acc = acc + e;
+  }
+  if (j < n) {
+    const Vec e = exp_vec(Vec::loadu(x + j, n - j) - vshift);
+    e.store(x + j, n - j);
+    acc = acc + Vec::set(Vec(0.f), e, n - j);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
+}
+
+// x = exp(x - shift) in place, no sum (the backward knows the normaliser: shift = lse).
+void exp_inplace(float* x, int64_t n, float shift) {
+  const Vec vshift(shift);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) exp_vec(Vec::loadu(x + j) - vshift).store(x + j);
+  if (j < n) exp_vec(Vec::loadu(x + j, n - j) - vshift).store(x + j, n - j);
+}
+
+void scale_inplace(float* x, int64_t n, float s) {
+  const Vec vs(s);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) * vs).store(x + j);
+  if (j < n) (Vec::loadu(x + j, n - j) * vs).store(x + j, n - j);
+}
+
+void add_inplace(float* x, const float* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) + Vec::loadu(y + j)).store(x + j);
+  if (j < n) (Vec::loadu(x + j, n - j) + Vec::loadu(y + j, n - j)).store(x + j, n - j);
+}
+
+void fill(float* x, int64_t n, float value) { std::fill(x, x + n, value); }
+
+// Asks for rows [0, rows) of a strided panel up front: a head's rows sit a whole token apart in
+// memory, and requesting them all at once overlaps the cache misses its first pass would
+// otherwise take one row at a time.
+void prefetch_rows(const void* data, int64_t row_stride_bytes, int64_t rows, int64_t row_bytes) {
+#if defined(__GNUC__)
+  const char* base = static_cast<const char*>(data);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t x = 0; x < row_bytes; x += 64) __builtin_prefetch(base + i * row_stride_bytes + x, 0, 3);
+  }
+#endif
+}
+
+template <typename T>
+void store_row(T* dst, const float* src, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+template <typename T>
+void load_row(float* dst, const T* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n: register-blocked where at::vec has
+// a transpose for this instruction set.
+void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t m, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int64_t kTile = 16;
+  for (int64_t i = 0; i < m; i += kTile) {
+    for (int64_t j = 0; j < n; j += kTile) {
+      at::vec::transpose_mxn<float>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
+                                    static_cast<int>(std::min(kTile, m - i)), static_cast<int>(std::min(kTile, n - j)));
+    }
+  }
+#else
+  constexpr int64_t kTile = 8;
+  for (int64_t i = 0; i < m; i += kTile) {
+    const int64_t rows = std::min(kTile, m - i);
+    int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    if (rows == kTile) {
+      for (; j + kTile <= n; j += kTile) {
+        at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      }
+    }
+#endif
+    for (; j < n; ++j) {
+      for (int64_t r = 0; r < rows; ++r) dst[j * ld_dst + i + r] = src[(i + r) * ld_src + j];
+    }
+  }
+#endif
+}
+
+// Lower tile triangle -> upper: a[j][i] = a[i][j] for tiles (I, J) with J < I.
+void mirror_lower_tiles(float* a, int64_t lda, int64_t n) {
+  for (int64_t t0 = kSymTile; t0 < n; t0 += kSymTile) {
+    transpose(a + t0 * lda, lda, a + t0, lda, std::min(kSymTile, n - t0), t0);
+  }
+}
+
+// a <- a + a^T over the full [n, n] square, in place; scratch holds kSymTile^2 floats.
+void symmetrize(float* a, int64_t lda, int64_t n, float* scratch) {
+  for (int64_t t0 = 0; t0 < n; t0 += kSymTile) {
+    const int64_t tr = std::min(kSymTile, n - t0);
+    for (int64_t u0 = 0; u0 <= t0; u0 += kSymTile) {
+      const int64_t ur = std::min(kSymTile, n - u0);
+      float* lower = a + t0 * lda + u0;  // tile (I, J), [tr, ur]
+      float* upper = a + u0 * lda + t0;  // tile (J, I), [ur, tr]
+      transpose(upper, lda, scratch, kSymTile, ur, tr);
+      for (int64_t i = 0; i < tr; ++i) add_inplace(lower + i * lda, scratch + i * kSymTile, ur);
+      if (u0 != t0) transpose(lower, lda, upper, lda, tr, ur);
+    }
+  }
+}
+
+
+// Bump allocator over one block from torch's CPU allocator (so profilers see it), per thread.
+class Workspace {
+ public:
+  explicit Workspace(size_t bytes) : data_(c10::GetCPUAllocator()->allocate(bytes)), size_(bytes) {}
+  void reset() { used_ = 0; }
+  template <typename T>
+  T* take(int64_t count) {
+    constexpr size_t kAlign = 64;
+    used_ = (used_ + kAlign - 1) / kAlign * kAlign;
+    T* out = reinterpret_cast<T*>(static_cast<char*>(data_.get()) + used_);
+    used_ += static_cast<size_t>(count) * sizeof(T);
+    TORCH_INTERNAL_ASSERT(used_ <= size_, "symattn: CPU workspace overflow");
+    return out;
+  }
+  static size_t bytes_for(int64_t floats) { return static_cast<size_t>(floats) * sizeof(float) + 64 * 32; }
+
+ private:
+  c10::DataPtr data_;
+  size_t size_;
+  size_t used_ = 0;
+};
+
+// Sizes shared by every head of one call.
+struct Geometry {
+  int64_t L = 0;      // longest sequence
+  int64_t ldk = 0;    // row stride of key-indexed fp32 panels (L rounded up to a vector)
+  int64_t block = 0;  // query rows per block
+  bool symmetric = false;  // whole heads with symmetric scores (see the file comment)
+
+  explicit Geometry(const ForwardParams& p) {
+    L = p.cu_seqlens != nullptr ? 0 : p.seqlen;
+    if (p.cu_seqlens != nullptr) {
+      for (int64_t b = 0; b < p.batch; ++b) L = std::max<int64_t>(L, p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
+    }
+    ldk = round_up(std::max<int64_t>(L, 1), kVec);
+    block = L <= kWholeHead ? std::max<int64_t>(L, 1) : std::max<int64_t>(kMR, kBlockFloats / ldk / kMR * kMR);
+    symmetric = L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
+  }
+};
+
+// Everything one task needs to know about its (b, h), and the per-head panels it packs.
+template <typename scalar_t>
+class Head {
+ public:
+  Head(const ForwardParams& p, const Geometry& g, Workspace& ws, int64_t b, int64_t h)
+      : p_(p), g_(g), ws_(ws), b_(b), h_(h) {
+    start_ = p.cu_seqlens != nullptr ? p.cu_seqlens[b] : 0;
+    L_ = p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - start_ : p.seqlen;
+    D_ = p.head_dim;
+    Dv_ = p.value_dim;
+    shared_ = p.v.data == nullptr;
+    if (p.dropout_p > 0.0) {
+      keep_threshold_ = dropout_threshold(p.dropout_p);
+      keep_scale_ = static_cast<float>(1.0 / (1.0 - p.dropout_p));
+      row_id0_ = p.cu_seqlens != nullptr ? start_ : b * p.seqlen;
+    }
+  }
+
+  int64_t length() const { return L_; }
+
+  // Row i of this (b, h) in a [B, S, H, X] or [total, H, X] tensor of scalar_t.
+  template <typename T>
+  auto row_ptr(const Strided<T>& t, int64_t i) const {
+    using Elem = std::conditional_t<std::is_const_v<T>, const scalar_t, scalar_t>;
+    return static_cast<Elem*>(t.data) + b_ * t.batch + (start_ + i) * t.token + h_ * t.head;
+  }
+  float* lse_ptr(int64_t i) const {
+    return p_.lse.data + b_ * p_.lse.batch + (start_ + i) * p_.lse.token + h_ * p_.lse.head;
+  }
+
+  // Workspace of setup_keys, pack_query_key and pack_values.
+  static int64_t panel_floats(const ForwardParams& p, const Geometry& g) {
+    const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
+    const bool half = !std::is_same_v<scalar_t, float>, shared = p.v.data == nullptr;
+    return (p.key_padding_mask != nullptr ? g.ldk + L + 1 : 0)  // key bias, prefix counts
+           + (half ? L * D : 0) + D * g.ldk + L * D             // Yf, Yt, Qs
+           + (half && !shared ? L * Dv : 0);                    // Vf
+  }
+
+  // Prefetches this head's rows of a [B, S, H, X] / [total, H, X] input.
+  template <typename T>
+  void prefetch(const Strided<T>& t, int64_t width) const {
+    if (t.data != nullptr) {
+      prefetch_rows(row_ptr(t, 0), t.token * int64_t{sizeof(scalar_t)}, L_, width * int64_t{sizeof(scalar_t)});
+    }
+  }
+
+  // Key-side masks: kbias_[j] in {0, -inf} over [0, L) (null when there is no padding),
+  // key_end_ = one past the last real key, prefix_[j] = real keys in [0, j).
+  void setup_keys() {
+    key_end_ = L_;
+    n_real_ = L_;
+    symmetric_ = g_.symmetric;
+    if (p_.key_padding_mask == nullptr) return;
+    const bool* real = p_.key_padding_mask + b_ * p_.seqlen;
+    kbias_ = ws_.take<float>(g_.ldk);
+    prefix_ = ws_.take<int32_t>(L_ + 1);
+    key_end_ = 0;
+    prefix_[0] = 0;
+    for (int64_t j = 0; j < L_; ++j) {
+      kbias_[j] = real[j] ? 0.f : kNegInf;
+      prefix_[j + 1] = prefix_[j] + (real[j] ? 1 : 0);
+      if (real[j]) key_end_ = j + 1;
+    }
+    n_real_ = prefix_[L_];
+    // The symmetric schedule multiplies all L^2 scores (1.5 L^2 D), the row schedule only the
+    // keys up to the last real one (2 L key_end D): keep it only for lightly padded heads.
+    symmetric_ = g_.symmetric && 4 * key_end_ > 3 * L_;
+  }
+
+  // Fp32 panels, from one read of Y: Yf = Y [L, D] (aliases q for fp32), Yt = Y^T [D, ldk],
+  // Qs = scale * Y M [L, D].
+  void pack_query_key() {
+    const scalar_t* y = row_ptr(p_.q, 0);
+    const int64_t ldq = p_.q.token;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      yf_ = y;
+      ldyf_ = ldq;
+    } else {
+      float* yf = ws_.take<float>(L_ * D_);
+      for (int64_t i = 0; i < L_; ++i) load_row(yf + i * D_, y + i * ldq, D_);
+      yf_ = yf;
+      ldyf_ = D_;
+    }
+    yt_ = ws_.take<float>(D_ * g_.ldk);
+    transpose(yf_, ldyf_, yt_, g_.ldk, L_, D_);
+    qs_ = ws_.take<float>(L_ * D_);
+    const float scale = static_cast<float>(p_.scale);
+    if (p_.coef_mode == CoefMode::kFull) {
+      gemm<false>(L_, D_, D_, yf_, ldyf_, p_.coef + h_ * D_ * D_, D_, qs_, D_, scale, false);
+      return;
+    }
+    const float* c = p_.coef_mode == CoefMode::kDiag ? p_.coef + h_ * D_ : nullptr;
+    for (int64_t i = 0; i < L_; ++i) {
+      const float* src = yf_ + i * ldyf_;
+      float* dst = qs_ + i * D_;
+      for (int64_t d = 0; d < D_; ++d) dst[d] = scale * (c != nullptr ? c[d] * src[d] : src[d]);
+    }
+  }
+
+  // Values as an fp32 row panel Vf [L, Dv] (aliases q / v for fp32 input).
+  void pack_values() {
+    if (shared_) {
+      vf_ = yf_;
+      ldvf_ = ldyf_;
+      return;
+    }
+    const scalar_t* v = row_ptr(p_.v, 0);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      vf_ = v;
+      ldvf_ = p_.v.token;
+    } else {
+      float* vf = ws_.take<float>(L_ * Dv_);
+      for (int64_t i = 0; i < L_; ++i) load_row(vf + i * Dv_, v + i * p_.v.token, Dv_);
+      vf_ = vf;
+      ldvf_ = Dv_;
+    }
+  }
+
+  // Scores of query rows [i0, i0 + rows) against keys [0, kend) into s (row stride g_.ldk).
+  void scores(float* s, int64_t i0, int64_t rows, int64_t kend) const {
+    if (symmetric_) {
+      // Whole head: the lower tile triangle, then its mirror image.
+      for (int64_t t0 = 0; t0 < L_; t0 += kSymTile) {
+        const int64_t tr = std::min(kSymTile, L_ - t0);
+        gemm<false>(tr, t0 + tr, D_, qs_ + t0 * D_, D_, yt_, g_.ldk, s + t0 * g_.ldk, g_.ldk, 1.f, false);
+      }
+      mirror_lower_tiles(s, g_.ldk, L_);
+      return;
+    }
+    Band band;
+    if (p_.causal) band.n_hi = i0;
+    gemm<false>(rows, kend, D_, qs_ + i0 * D_, D_, yt_, g_.ldk, s, g_.ldk, 1.f, false, band);
+  }
+
+  // Query block [i0, i0 + rows): the key range its products touch.
+  int64_t block_keys(int64_t i0, int64_t rows) const {
+    if (symmetric_) return L_;
+    return p_.causal ? std::min(key_end_, i0 + rows) : key_end_;
+  }
+  // Keys row i may attend to lie in [0, row_keys(i)).
+  int64_t row_keys(int64_t i) const {
+    if (symmetric_) return L_;
+    return p_.causal ? std::min(key_end_, i + 1) : key_end_;
+  }
+
+  // Padding bias and exclude_self on one score row.
+  void mask_row(float* s, int64_t i, int64_t n) const {
+    if (kbias_ != nullptr) add_inplace(s, kbias_, n);
+    if (p_.exclude_self && i < n) {
+      const int64_t self_real = prefix_ == nullptr ? 1 : prefix_[i + 1] - prefix_[i];
+      const int64_t others = p_.causal ? (prefix_ == nullptr ? i : prefix_[i]) : n_real_ - self_real;
+      if (others > 0) s[i] = kNegInf;
+    }
+  }
+
+  // keep[j] for j in [0, n) of query row i, as 0 / keep_scale multipliers.
+  void keep_row(float* keep, int64_t i, int64_t n) const {
+    const uint64_t base =
+        (static_cast<uint64_t>(h_ * p_.n_rows + row_id0_ + i)) * static_cast<uint64_t>(p_.seqlen);
+    uint32_t bits[kPhiloxLanes];
+    for (int64_t j0 = 0; j0 < n; j0 += kPhiloxLanes) {
+      philox_block(p_.seed, base + j0, bits);
+      const int64_t m = std::min<int64_t>(kPhiloxLanes, n - j0);
+      for (int64_t l = 0; l < m; ++l) keep[j0 + l] = (bits[l] >> 1) >= keep_threshold_ ? keep_scale_ : 0.f;
+    }
+  }
+
+  bool dropout() const { return keep_scale_ != 0.f; }
+
+ protected:
+  const ForwardParams& p_;
+  const Geometry& g_;
+  Workspace& ws_;
+  int64_t b_, h_;
+  int64_t start_ = 0, L_ = 0, D_ = 0, Dv_ = 0;
+  bool shared_ = true;
+
+  float* kbias_ = nullptr;
+  int32_t* prefix_ = nullptr;
+  int64_t key_end_ = 0, n_real_ = 0;
+  bool symmetric_ = false;  // this head takes the symmetric whole-head schedule
+
+  uint32_t keep_threshold_ = 0;
+  float keep_scale_ = 0.f;
+  int64_t row_id0_ = 0;
+
+  float* yt_ = nullptr;
+  float* qs_ = nullptr;
+  const float* yf_ = nullptr;
+  int64_t ldyf_ = 0;
+  const float* vf_ = nullptr;
+  int64_t ldvf_ = 0;
+};
+
+
+template <typename scalar_t>
+class ForwardHead : public Head<scalar_t> {
+  using Base = Head<scalar_t>;
+  using Base::D_, Base::Dv_, Base::L_, Base::g_, Base::p_, Base::ws_, Base::vf_, Base::ldvf_;
+
+ public:
+  using Base::Base;
+
+  // Exactly what run() takes from the workspace.
+  static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
+    const bool half = !std::is_same_v<scalar_t, float>;
+    return Base::panel_floats(p, g)
+           + g.block * g.ldk                     // score block
+           + (p.dropout_p > 0.0 ? g.ldk : 0)     // keep row
+           + (half ? g.block * p.value_dim : 0);  // output block
+  }
+
+  void prefetch_inputs() const {
+    this->prefetch(p_.q, D_);
+    this->prefetch(p_.v, Dv_);
+  }
+
+  void run() {
+    this->setup_keys();
+    this->pack_query_key();
+    this->pack_values();
+    float* s = ws_.template take<float>(g_.block * g_.ldk);
+    float* keep = this->dropout() ? ws_.template take<float>(g_.ldk) : nullptr;
+    float* o = std::is_same_v<scalar_t, float> ? nullptr : ws_.template take<float>(g_.block * Dv_);
+    const int64_t block = g_.block;  // >= L_ for symmetric heads
+    for (int64_t i0 = 0; i0 < L_; i0 += block) {
+      const int64_t rows = std::min(block, L_ - i0);
+      const int64_t kend = this->block_keys(i0, rows);
+      if (kend > 0) this->scores(s, i0, rows, kend);
+      for (int64_t r = 0; r < rows; ++r) softmax_row(s + r * g_.ldk, i0 + r, kend, keep);
+      // out = P V, written straight into the output for fp32.
+      Band band;
+      if (p_.causal) band.k_hi = i0;
+      scalar_t* out0 = this->row_ptr(p_.out, i0);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        gemm<false>(rows, Dv_, kend, s, g_.ldk, vf_, ldvf_, out0, p_.out.token, 1.f, false, band);
+      } else {
+        gemm<false>(rows, Dv_, kend, s, g_.ldk, vf_, ldvf_, o, Dv_, 1.f, false, band);
+        for (int64_t r = 0; r < rows; ++r) store_row(out0 + r * p_.out.token, o + r * Dv_, Dv_);
+      }
+    }
+  }
+
+ private:
+  // Score row -> probabilities (dropout applied), zero in [n, kend); writes lse.
+  void softmax_row(float* s, int64_t i, int64_t kend, float* keep) {
+    const int64_t n = this->row_keys(i);
+    this->mask_row(s, i, n);
+    const float m = n > 0 ? row_max(s, n) : kNegInf;
+    if (m == kNegInf) {  // no allowed key: P = 0, lse = -inf
+      fill(s, kend, 0.f);
+      *this->lse_ptr(i) = kNegInf;
+      return;
+    }
+    const float sum = exp_sum_inplace(s, n, m);
+    *this->lse_ptr(i) = m + std::log(sum);
+    scale_inplace(s, n, 1.f / sum);
+    if (keep != nullptr) {
+      this->keep_row(keep, i, n);
+      for (int64_t j = 0; j < n; ++j) s[j] *= keep[j];
+    }
+    fill(s + n, kend - n, 0.f);
+  }
+};
+
+
+template <typename scalar_t>
+class BackwardHead : public Head<scalar_t> {
+  using Base = Head<scalar_t>;
+  using Base::D_, Base::Dv_, Base::L_, Base::g_, Base::ws_, Base::shared_, Base::vf_, Base::ldvf_, Base::yf_,
+      Base::ldyf_, Base::qs_, Base::yt_, Base::h_, Base::b_;
+
+ public:
+  BackwardHead(const BackwardParams& p, const Geometry& g, Workspace& ws, int64_t b, int64_t h)
+      : Base(p, g, ws, b, h), bp_(p) {}
+
+  void prefetch_inputs() const {
+    this->prefetch(bp_.q, D_);
+    this->prefetch(bp_.v, Dv_);
+    this->prefetch(bp_.dout, Dv_);
+    this->prefetch(bp_.out, Dv_);
+  }
+
+  // Exactly what run() takes from the workspace.
+  static int64_t workspace_floats(const BackwardParams& p, const Geometry& g) {
+    const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
+    const bool half = !std::is_same_v<scalar_t, float>, shared = p.v.data == nullptr;
+    const bool full = p.coef_mode == CoefMode::kFull;
+    const bool want_dcoef = p.dcoef_partial != nullptr && p.coef_mode != CoefMode::kNone;
+    return Base::panel_floats(p, g)
+           + (shared ? 0 : Dv * g.ldk)                                     // Vt
+           + (half ? L * Dv : 0) + L                                       // dOf, delta
+           + 2 * g.block * g.ldk                                           // P / Pd and dP / G blocks
+           + (p.dropout_p > 0.0 ? g.ldk : 0)                               // keep row
+           + L * D + (shared ? 0 : L * Dv)                                 // dY, dV accumulators
+           + (g.symmetric ? kSymTile * kSymTile : 0)                       // symmetrize scratch
+           + (want_dcoef || full ? g.block * D : 0)                        // W block
+           + (full ? 2 * D * D : 0);                                       // scale C^T, a dC block
+  }
+
+  void run() {
+    const CoefMode mode = bp_.coef_mode;
+    const bool want_dcoef = bp_.dcoef_partial != nullptr && mode != CoefMode::kNone;
+    this->setup_keys();
+    this->pack_query_key();
+    this->pack_values();
+    pack_backward_inputs();
+
+    float* s = ws_.template take<float>(g_.block * g_.ldk);
+    float* dp = ws_.template take<float>(g_.block * g_.ldk);
+    float* keep = this->dropout() ? ws_.template take<float>(g_.ldk) : nullptr;
+    float* dy = ws_.template take<float>(L_ * D_);
+    float* dv = shared_ ? dy : ws_.template take<float>(L_ * Dv_);
+    fill(dy, L_ * D_, 0.f);
+    if (!shared_) fill(dv, L_ * Dv_, 0.f);
+    const int64_t csize = mode == CoefMode::kFull ? D_ * D_ : D_;
+    double* dcoef = want_dcoef ? bp_.dcoef_partial + (b_ * bp_.heads + h_) * csize : nullptr;
+
+    if (this->symmetric_) {
+      symmetric_head(s, dp, keep, dy, dv, dcoef);
+    } else {
+      float* w = (dcoef != nullptr || mode == CoefMode::kFull) ? ws_.template take<float>(g_.block * D_) : nullptr;
+      float* ct = mode == CoefMode::kFull ? ws_.template take<float>(2 * D_ * D_) : nullptr;
+      if (ct != nullptr) {  // ct[e][d] = scale * C[d][e], the B panel of W (scale C^T)
+        const float* c = bp_.coef + h_ * D_ * D_;
+        for (int64_t d = 0; d < D_; ++d) {
+          for (int64_t e = 0; e < D_; ++e) ct[e * D_ + d] = static_cast<float>(bp_.scale) * c[d * D_ + e];
+        }
+      }
+      for (int64_t i0 = 0; i0 < L_; i0 += g_.block) {
+        block_rows(i0, std::min(g_.block, L_ - i0), s, dp, keep, dy, dv, w, ct, dcoef);
+      }
+    }
+
+    for (int64_t i = 0; i < L_; ++i) store_row(this->row_ptr(bp_.dq, i), dy + i * D_, D_);
+    if (!shared_) {
+      for (int64_t i = 0; i < L_; ++i) store_row(this->row_ptr(bp_.dv, i), dv + i * Dv_, Dv_);
+    }
+  }
+
+ private:
+  // Vt = V^T [Dv, ldk] for dP = dO V^T, dOf = dout in fp32, delta = rowsum(dout * out) - dlse.
+  void pack_backward_inputs() {
+    if (shared_) {
+      vt_ = yt_;
+    } else {
+      float* vt = ws_.template take<float>(Dv_ * g_.ldk);
+      transpose(vf_, ldvf_, vt, g_.ldk, L_, Dv_);
+      vt_ = vt;
+    }
+    const scalar_t* dout = this->row_ptr(bp_.dout, 0);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      dof_ = dout;
+      lddo_ = bp_.dout.token;
+    } else {
+      float* dof = ws_.template take<float>(L_ * Dv_);
+      for (int64_t i = 0; i < L_; ++i) load_row(dof + i * Dv_, dout + i * bp_.dout.token, Dv_);
+      dof_ = dof;
+      lddo_ = Dv_;
+    }
+    delta_ = ws_.template take<float>(L_);
+    const scalar_t* out = this->row_ptr(bp_.out, 0);
+    for (int64_t i = 0; i < L_; ++i) {
+      const float* dorow = dof_ + i * lddo_;
+      const scalar_t* orow = out + i * bp_.out.token;
+      float acc = 0.f;
+      for (int64_t x = 0; x < Dv_; ++x) acc += dorow[x] * static_cast<float>(orow[x]);
+      if (bp_.dlse.data != nullptr) {
+        acc -= bp_.dlse.data[b_ * bp_.dlse.batch + (this->start_ + i) * bp_.dlse.token + h_ * bp_.dlse.head];
+      }
+      delta_[i] = acc;
+    }
+  }
+
+  // Row i: s holds scores, dp holds dO V^T over [0, kend). Leaves Pd = dropout(P) in s and
+  // G = P * (dP * keep - delta) in dp, both zero wherever row i attends to nothing.
+  void grad_row(float* s, float* dp, int64_t i, int64_t kend, float* keep) {
+    const int64_t n = this->row_keys(i);
+    const float lse = *this->lse_ptr(i);
+    if (n == 0 || lse == kNegInf) {
+      fill(s, kend, 0.f);
+      fill(dp, kend, 0.f);
+      return;
+    }
+    this->mask_row(s, i, n);
+    exp_inplace(s, n, lse);
+    const float delta = delta_[i];
+    if (keep != nullptr) {
+      this->keep_row(keep, i, n);
+      for (int64_t j = 0; j < n; ++j) {
+        dp[j] = s[j] * (dp[j] * keep[j] - delta);
+        s[j] *= keep[j];
+      }
+    } else {
+      const Vec vdelta(delta);
+      int64_t j = 0;
+      for (; j + kVec <= n; j += kVec) (Vec::loadu(s + j) * (Vec::loadu(dp + j) - vdelta)).store(dp + j);
+      if (j < n) (Vec::loadu(s + j, n - j) * (Vec::loadu(dp + j, n - j) - vdelta)).store(dp + j, n - j);
+    }
+    fill(s + n, kend - n, 0.f);
+    fill(dp + n, kend - n, 0.f);
+  }
+
+  // Diagonal coefficient: dcoef += weight * sum_i y_i * z_i over rows [i0, i0 + rows), summed in
+  // double because it adds up every row of every head.
+  void diag_dcoef(double* dcoef, const float* z, int64_t ldz, int64_t i0, int64_t rows, float weight) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* y = yf_ + (i0 + r) * ldyf_;
+      const float* zr = z + r * ldz;
+      for (int64_t d = 0; d < D_; ++d) dcoef[d] += static_cast<double>(weight) * y[d] * zr[d];
+    }
+  }
+
+  // Whole head, S symmetric: dY = (G + G^T) Qs (+ Pd^T dO), one product instead of two.
+  void symmetric_head(float* s, float* dp, float* keep, float* dy, float* dv, double* dcoef) {
+    const int64_t L = L_;
+    const float scale = static_cast<float>(bp_.scale);
+    this->scores(s, 0, L, L);
+    gemm<false>(L, L, Dv_, dof_, lddo_, vt_, g_.ldk, dp, g_.ldk, 1.f, false);
+    for (int64_t i = 0; i < L; ++i) grad_row(s + i * g_.ldk, dp + i * g_.ldk, i, L, keep);
+    symmetrize(dp, g_.ldk, L, ws_.template take<float>(kSymTile * kSymTile));
+    if (dcoef != nullptr) {
+      // Z = (G + G^T) Y; dc = scale/2 * sum_i y_i * z_i; dY = scale * Z * c.
+      gemm<false>(L, D_, L, dp, g_.ldk, yf_, ldyf_, dy, D_, 1.f, false);
+      diag_dcoef(dcoef, dy, D_, 0, L, 0.5f * scale);
+      const float* c = bp_.coef + h_ * D_;
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t d = 0; d < D_; ++d) dy[i * D_ + d] *= scale * c[d];
+      }
+    } else {
+      gemm<false>(L, D_, L, dp, g_.ldk, qs_, D_, dy, D_, 1.f, false);
+    }
+    gemm<true>(L, Dv_, L, s, g_.ldk, dof_, lddo_, dv, Dv_, 1.f, shared_);
+  }
+
+  // Query rows [i0, i0 + rows): their query-side gradient, and their contribution to the
+  // key / value side of every key they attend to.
+  void block_rows(int64_t i0, int64_t rows, float* s, float* dp, float* keep, float* dy, float* dv, float* w,
+                  float* ct, double* dcoef) {
+    const int64_t kend = this->block_keys(i0, rows);
+    if (kend == 0) return;
+    const CoefMode mode = bp_.coef_mode;
+    const float scale = static_cast<float>(bp_.scale);
+    Band out_band, k_upper, k_lower;
+    if (bp_.causal) {
+      out_band.n_hi = i0;
+      k_upper.k_hi = i0;
+      k_lower.k_lo = -i0;
+    }
+    this->scores(s, i0, rows, kend);
+    gemm<false>(rows, kend, Dv_, dof_ + i0 * lddo_, lddo_, vt_, g_.ldk, dp, g_.ldk, 1.f, false, out_band);
+    for (int64_t r = 0; r < rows; ++r) grad_row(s + r * g_.ldk, dp + r * g_.ldk, i0 + r, kend, keep);
+
+    // Query side: G (scale Y M^T).
+    float* dy_block = dy + i0 * D_;
+    if (w == nullptr) {  // M = I, or diagonal without dcoef: scale Y M^T = Qs
+      gemm<false>(rows, D_, kend, dp, g_.ldk, qs_, D_, dy_block, D_, 1.f, true, k_upper);
+    } else {
+      gemm<false>(rows, D_, kend, dp, g_.ldk, yf_, ldyf_, w, D_, 1.f, false, k_upper);  // W = G Y
+      if (mode == CoefMode::kFull) {
+        if (dcoef != nullptr) {  // scale Y_I^T W, added in double
+          float* block = ct + D_ * D_;
+          gemm<true>(D_, D_, rows, yf_ + i0 * ldyf_, ldyf_, w, D_, block, D_, scale, false);
+          for (int64_t e = 0; e < D_ * D_; ++e) dcoef[e] += block[e];
+        }
+        gemm<false>(rows, D_, D_, w, D_, ct, D_, dy_block, D_, 1.f, true);
+      } else {
+        diag_dcoef(dcoef, w, D_, i0, rows, scale);
+        const float* c = bp_.coef + h_ * D_;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t d = 0; d < D_; ++d) dy_block[r * D_ + d] += scale * c[d] * w[r * D_ + d];
+        }
+      }
+    }
+    // Key side G^T Qs, value side Pd^T dO, for keys [0, kend).
+    gemm<true>(kend, D_, rows, dp, g_.ldk, qs_ + i0 * D_, D_, dy, D_, 1.f, true, k_lower);
+    gemm<true>(kend, Dv_, rows, s, g_.ldk, dof_ + i0 * lddo_, lddo_, dv, Dv_, 1.f, true, k_lower);
+  }
+
+  const BackwardParams& bp_;
+  const float* vt_ = nullptr;
+  const float* dof_ = nullptr;
+  int64_t lddo_ = 0;
+  float* delta_ = nullptr;
+};
+
+
+// Runs Task(b, h).run() for every (b, h): a fixed pool of one worker per thread takes heads
+// from a shared counter, longest sequences first, and prefetches the inputs of the head it will
+// run next while it computes the current one. Which thread runs a head never changes what it
+// computes.
+template <typename Task, typename Params>
+void for_each_head(const Params& p) {
+  const Geometry g(p);
+  std::vector<int64_t> order(p.batch);
+  std::iota(order.begin(), order.end(), 0);
+  if (p.cu_seqlens != nullptr) {
+    const int32_t* cu = p.cu_seqlens;
+    std::stable_sort(order.begin(), order.end(),
+                     [cu](int64_t x, int64_t y) { return cu[x + 1] - cu[x] > cu[y + 1] - cu[y]; });
+  }
+  const int64_t tasks = p.batch * p.heads;
+  if (tasks == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
+    auto task = [&](int64_t t) { return Task(p, g, ws, order[t / p.heads], t % p.heads); };
+    int64_t t = next.fetch_add(1);
+    if (t < tasks) task(t).prefetch_inputs();
+    while (t < tasks) {
+      const int64_t t_next = next.fetch_add(1);
+      if (t_next < tasks) task(t_next).prefetch_inputs();
+      ws.reset();
+      Task head = task(t);
+      if (head.length() > 0) head.run();
+      t = t_next;
+    }
+  });
+}
+
+}  // namespace
+
+void attention_forward(const ForwardParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: for_each_head<ForwardHead<float>>(p); break;
+    case DType::kBFloat16: for_each_head<ForwardHead<c10::BFloat16>>(p); break;
+    case DType::kFloat16: for_each_head<ForwardHead<c10::Half>>(p); break;
+  }
+}
+
+void attention_backward(const BackwardParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: for_each_head<BackwardHead<float>>(p); break;
+    case DType::kBFloat16: for_each_head<BackwardHead<c10::BFloat16>>(p); break;
+    case DType::kFloat16: for_each_head<BackwardHead<c10::Half>>(p); break;
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace symattn::cpu

@@ -1,0 +1,71 @@
+// Arguments of the fused CPU attention kernels as plain pointers and element strides, so the
+// per-instruction-set kernel translation units need no tensor headers. Filled by attention_cpu.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace symattn::cpu {
+
+enum class DType : int { kFloat32, kBFloat16, kFloat16 };
+enum class CoefMode : int { kNone, kDiag, kFull };
+
+// A [B, S, H, X] (padded) or [total, H, X] (varlen) tensor: element (b, t, h, x) sits at
+// data + b * batch + (start_b + t) * token + h * head + x, where start_b = cu_seqlens[b] in the
+// varlen layout (batch = 0 there) and 0 in the padded one.
+template <typename T>
+struct Strided {
+  T* data = nullptr;
+  int64_t batch = 0;
+  int64_t token = 0;
+  int64_t head = 0;
+};
+
+struct ForwardParams {
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0;      // B, or number of sequences
+  int64_t heads = 0;      // H
+  int64_t head_dim = 0;   // D
+  int64_t value_dim = 0;  // Dv (= D in shared mode)
+  int64_t seqlen = 0;     // S, or max_seqlen (the dropout key stride) for varlen
+  int64_t n_rows = 0;     // B * S, or total tokens: the dropout row count
+  const int32_t* cu_seqlens = nullptr;  // [B + 1]; null for the padded layout
+
+  Strided<const void> q;
+  Strided<const void> v;  // data == null: the values are q itself
+  const float* coef = nullptr;  // float32 contiguous [H, D] or [H, D, D]
+  CoefMode coef_mode = CoefMode::kNone;
+  const bool* key_padding_mask = nullptr;  // [B, S] contiguous, True = real token
+
+  double scale = 1.0;
+  bool causal = false;
+  bool exclude_self = false;
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
+
+  Strided<void> out;  // forward: written; backward: the saved output, read
+  Strided<float> lse; // [B, H, S] or [H, total]: forward writes it, backward reads it
+};
+
+struct BackwardParams : ForwardParams {
+  Strided<const void> dout;
+  Strided<const float> dlse;  // data == null: no lse cotangent
+  Strided<void> dq;
+  Strided<void> dv;           // null in shared mode
+  double* dcoef_partial = nullptr;  // zeroed [B, H, D] or [B, H, D, D] per-(b, h) partial sums, or null
+};
+
+// One implementation per instruction set (namespace = ATen's CPU_CAPABILITY name).
+namespace DEFAULT {
+void attention_forward(const ForwardParams& p);
+void attention_backward(const BackwardParams& p);
+}  // namespace DEFAULT
+namespace AVX2 {
+void attention_forward(const ForwardParams& p);
+void attention_backward(const BackwardParams& p);
+}  // namespace AVX2
+namespace AVX512 {
+void attention_forward(const ForwardParams& p);
+void attention_backward(const BackwardParams& p);
+}  // namespace AVX512
+
+}  // namespace symattn::cpu

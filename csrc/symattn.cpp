@@ -1,0 +1,28 @@
+// The symattn_kernels._C extension: the schemas of the compiled kernel ops, each declared once.
+// CPU implementations register in csrc/cpu/attention_cpu.cpp. The public ops (symattn::attention_fwd
+// and friends, with their autograd and fake functions) are defined in Python; these *_cpu ops are
+// the kernels they call, and symattn_kernels/cpu_backend.py registers their fake functions.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "cpu/attention_cpu.h"
+
+// Importing symattn_kernels._C runs the registrations below; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+// A fragment: torch.library.custom_op defines Python ops in the same namespace.
+TORCH_LIBRARY_FRAGMENT(symattn, m) {
+  m.def(
+      "attention_fwd_cpu(Tensor q, Tensor? v, Tensor? coef, Tensor? key_padding_mask, Tensor? cu_seqlens, "
+      "int? seed, float scale, bool causal, float dropout_p, bool exclude_self, int max_seqlen) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd_cpu(Tensor dout, Tensor? dlse, Tensor q, Tensor? v, Tensor? coef, Tensor? key_padding_mask, "
+      "Tensor? cu_seqlens, int? seed, Tensor out, Tensor lse, Tensor(a!) dq, Tensor(b!)? dv, Tensor(c!)? dcoef, "
+      "float scale, bool causal, float dropout_p, bool exclude_self, int max_seqlen) -> ()");
+  m.def("philox_randint_cpu(Tensor offsets, int seed) -> Tensor");
+  m.def("cpu_kernel_isa() -> str", &symattn::cpu_kernel_isa);
+}

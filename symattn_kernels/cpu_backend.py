@@ -1,0 +1,63 @@
+"""The ``cpu`` backend: the fused C++ kernels of ``csrc/cpu`` (SPEC sections 4 and 5).
+
+Same attention functions, arguments and layouts as ``composite`` (the ``torch`` backend).
+Importing this module loads ``symattn_kernels._C``, which registers the kernel ops
+``symattn::attention_fwd_cpu`` and ``symattn::attention_bwd_cpu``; their fake functions are
+registered here. The kernels take float32, bfloat16 and float16 (fp32 accumulation) and are
+deterministic whatever the thread count, so ``deterministic`` changes nothing. float64 and LAMA
+stay on the ``torch`` backend (``backends.resolve`` routes them there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the extension: registers the symattn::*_cpu ops)
+
+__all__ = ["attention_forward", "attention_backward", "kernel_isa"]
+
+
+@torch.library.register_fake("symattn::attention_fwd_cpu")
+def _attention_fwd_cpu_fake(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self,
+                            max_seqlen):
+    out = q.new_empty((*q.shape[:-1], (q if v is None else v).shape[-1]))
+    if cu_seqlens is None:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # [B, H, S]
+    else:
+        lse_shape = (q.shape[1], q.shape[0])  # [H, total]
+    return out, q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("symattn::attention_bwd_cpu")
+def _attention_bwd_cpu_fake(*args) -> None:
+    return None
+
+
+@torch.library.register_fake("symattn::philox_randint_cpu")
+def _philox_randint_cpu_fake(offsets, seed):
+    return torch.empty_like(offsets)
+
+
+def kernel_isa() -> str:
+    """The instruction set the kernels run with here: "AVX512", "AVX2" or "DEFAULT"."""
+    return torch.ops.symattn.cpu_kernel_isa()
+
+
+def attention_forward(
+    q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen, deterministic
+):
+    del deterministic  # always deterministic
+    return torch.ops.symattn.attention_fwd_cpu(
+        q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen
+    )
+
+
+def attention_backward(
+    dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
+    scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
+):
+    del deterministic
+    torch.ops.symattn.attention_bwd_cpu(
+        dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
+        scale, causal, dropout_p, exclude_self, max_seqlen,
+    )
