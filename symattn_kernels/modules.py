@@ -1,0 +1,249 @@
+"""Drop-in self-attention layers: parameters plus one call to a public attention function.
+
+Every module maps hidden states ``[B, S, d_model]`` and an optional Hugging Face style attention
+mask to the attention output ``[B, S, d_model]`` before the output projection, the scope of
+Hugging Face's ``BertSelfAttention`` (the output projection stays with the caller, as in
+``BertSelfOutput``). SPEC section 2 gives the math; the attention itself runs in
+``symmetric_attention`` / ``shared_attention`` with ``backend="auto"``, never here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .interface import shared_attention, symmetric_attention
+
+__all__ = [
+    "SharedWeightSelfAttention",
+    "SymmetricSelfAttention",
+    "StandardSelfAttention",
+    "key_padding_mask",
+]
+
+PAIRWISE = (None, "diag", "full")
+PAIRWISE_INIT = ("normal", "identity")
+
+
+def key_padding_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int) -> Optional[Tensor]:
+    """Turn a Hugging Face attention mask into the ``[B, S]`` bool key padding mask of the kernels.
+
+    Accepted forms: ``None``; ``[B, S]`` with nonzero / True for real tokens (the tokenizer's
+    ``attention_mask``); a prepared ``[B, 1, S, S]`` mask, either bool (True = allowed) or additive
+    float (0 = allowed, as Hugging Face's eager and SDPA mask builders make). A 4D mask must be a
+    key padding pattern, possibly combined with a causal one: its last query row, which a causal
+    mask does not restrict, is taken as the key padding mask.
+
+    Args:
+        attention_mask (torch.Tensor, Optional):
+            The mask, in one of the forms above.
+        batch (int):
+            B, to check the mask's shape.
+        seqlen (int):
+            S, to check the mask's shape.
+
+    Returns:
+        ``[B, S]`` bool (True = real token), or ``None`` when ``attention_mask`` is ``None``.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[-1] != seqlen:
+            raise ValueError(
+                f"attention_mask must have shape [B, 1, S, S] = ({batch}, 1, {seqlen}, {seqlen}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        row = attention_mask[:, 0, -1, :].expand(batch, seqlen)
+        return row if row.dtype == torch.bool else row == 0
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seqlen):
+        raise ValueError(
+            f"attention_mask must have shape [B, S] = ({batch}, {seqlen}) or [B, 1, S, S], "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+
+
+def _head_dim(hidden_size: int, num_heads: int) -> int:
+    if hidden_size % num_heads != 0:
+        raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+    return hidden_size // num_heads
+
+
+def _dropout(dropout: float) -> float:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+class SymmetricSelfAttention(nn.Module):
+    """Symmetric self-attention (Courtois et al. 2024): one projection is query and key.
+
+    ``Y = X W + b`` split into heads is both query and key, ``V = X W_v + b_v``; the scores are
+    ``scale * Y M Y^T`` with ``M`` the identity, ``diag(coef[h])`` (``pairwise="diag"``) or
+    ``coef[h]`` (``pairwise="full"``, the released code's H x d x d matrix, not symmetrised).
+
+    Args:
+        hidden_size (int):
+            d_model.
+        num_heads (int):
+            H; ``hidden_size`` must be a multiple of it.
+        pairwise (str, Optional):
+            ``None``, ``"diag"`` (coef ``[H, D]``) or ``"full"`` (coef ``[H, D, D]``).
+            Default: ``None``.
+        pairwise_init (str):
+            ``"normal"`` draws coef from N(0, 1), as published; ``"identity"`` starts from M = I.
+            Default: ``"normal"``.
+        bias (bool):
+            Biases on both projections. Default: ``True``.
+        dropout (float):
+            Dropout on the attention weights in training mode. Default: ``0.0``.
+        causal (bool):
+            Token i attends to tokens j <= i. Default: ``False``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, pairwise: Optional[str] = None,
+                 pairwise_init: str = "normal", bias: bool = True, dropout: float = 0.0, causal: bool = False):
+        super().__init__()
+        if pairwise not in PAIRWISE:
+            raise ValueError(f"pairwise must be None, 'diag' or 'full', got {pairwise!r}")
+        if pairwise_init not in PAIRWISE_INIT:
+            raise ValueError(f"pairwise_init must be 'normal' or 'identity', got {pairwise_init!r}")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = _head_dim(hidden_size, num_heads)
+        self.pairwise, self.pairwise_init = pairwise, pairwise_init
+        self.dropout, self.causal = _dropout(dropout), bool(causal)
+        self.qk = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.value = nn.Linear(hidden_size, hidden_size, bias=bias)
+        shape = {"diag": (num_heads, self.head_dim), "full": (num_heads, self.head_dim, self.head_dim)}.get(pairwise)
+        self.coef = None if shape is None else nn.Parameter(torch.empty(shape))
+        self.reset_coef()
+
+    def reset_coef(self) -> None:
+        """Re-draw ``coef`` according to ``pairwise_init``."""
+        if self.coef is None:
+            return
+        with torch.no_grad():
+            if self.pairwise_init == "normal":
+                self.coef.normal_()
+            elif self.pairwise == "diag":
+                self.coef.fill_(1.0)
+            else:
+                self.coef.copy_(torch.eye(self.head_dim).expand_as(self.coef))
+
+    def project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The kernel's operands: ``y`` and ``v`` ``[B, S, H, D]`` and ``coef`` (or ``None``)."""
+        heads = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
+        return self.qk(hidden_states).view(heads), self.value(hidden_states).view(heads), self.coef
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Attend: ``[B, S, d_model]`` (and a mask as in ``key_padding_mask``) to ``[B, S, d_model]``."""
+        batch, seqlen, _ = hidden_states.shape
+        y, v, coef = self.project(hidden_states)
+        out = symmetric_attention(
+            y, v, coef=coef, causal=self.causal, key_padding_mask=key_padding_mask(attention_mask, batch, seqlen),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return out.reshape(batch, seqlen, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, pairwise={self.pairwise!r}, dropout={self.dropout}, causal={self.causal}"
+
+
+class SharedWeightSelfAttention(nn.Module):
+    """Shared-weight self-attention (Kowsher et al. 2025): one projection is query, key and value.
+
+    ``Y = X W_s + b_s``; with ``role_scales`` the roles are ``Y diag(d_q)``, ``Y diag(d_k)`` and
+    ``Y diag(d_v)`` (vectors of length d_model, initialised to 1), so the scores are
+    ``scale * Y diag(d_q * d_k) Y^T`` (the kernel's diagonal coef, per head) and the output is the
+    kernel's ``P Y`` times ``d_v`` per channel, which equals ``P (Y diag(d_v))``.
+
+    Args:
+        hidden_size (int):
+            d_model.
+        num_heads (int):
+            H; ``hidden_size`` must be a multiple of it.
+        bias (bool):
+            Bias on W_s. Default: ``True``.
+        role_scales (bool):
+            Learn d_q, d_k, d_v; without them the roles are Y itself. Default: ``True``.
+        dropout (float):
+            Dropout on the attention weights in training mode. Default: ``0.0``.
+        causal (bool):
+            Token i attends to tokens j <= i. Default: ``False``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, bias: bool = True, role_scales: bool = True,
+                 dropout: float = 0.0, causal: bool = False):
+        super().__init__()
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = _head_dim(hidden_size, num_heads)
+        self.dropout, self.causal = _dropout(dropout), bool(causal)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.role_scales = bool(role_scales)
+        for name in ("d_q", "d_k", "d_v"):
+            self.register_parameter(name, nn.Parameter(torch.ones(hidden_size)) if role_scales else None)
+
+    def project(self, hidden_states: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The kernel's operands: ``y`` ``[B, S, H, D]``, ``None`` (values are ``y``), coef ``[H, D]``."""
+        y = self.proj(hidden_states).view(*hidden_states.shape[:-1], self.num_heads, self.head_dim)
+        coef = (self.d_q * self.d_k).view(self.num_heads, self.head_dim) if self.role_scales else None
+        return y, None, coef
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Same as ``SymmetricSelfAttention.forward``."""
+        batch, seqlen, _ = hidden_states.shape
+        y, _, coef = self.project(hidden_states)
+        out = shared_attention(
+            y, coef=coef, causal=self.causal, key_padding_mask=key_padding_mask(attention_mask, batch, seqlen),
+            dropout_p=self.dropout if self.training else 0.0,
+        ).reshape(batch, seqlen, self.hidden_size)
+        return out * self.d_v if self.role_scales else out
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, dropout={self.dropout}, causal={self.causal}"
+
+
+class StandardSelfAttention(nn.Module):
+    """Standard multi-head self-attention (separate W_q, W_k, W_v) through PyTorch's SDPA.
+
+    The baseline for comparisons; same interface as ``SymmetricSelfAttention``, except that a
+    query row with no allowed key is whatever SDPA returns for it (NaN), not 0.
+
+    Args:
+        hidden_size (int): d_model.
+        num_heads (int): H.
+        bias (bool): Biases on the projections. Default: ``True``.
+        dropout (float): Dropout on the attention weights in training mode. Default: ``0.0``.
+        causal (bool): Token i attends to tokens j <= i. Default: ``False``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, bias: bool = True, dropout: float = 0.0,
+                 causal: bool = False):
+        super().__init__()
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = _head_dim(hidden_size, num_heads)
+        self.dropout, self.causal = _dropout(dropout), bool(causal)
+        self.query = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.key = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.value = nn.Linear(hidden_size, hidden_size, bias=bias)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Same as ``SymmetricSelfAttention.forward``."""
+        batch, seqlen, _ = hidden_states.shape
+        heads = (batch, seqlen, self.num_heads, self.head_dim)
+        q, k, v = (proj(hidden_states).view(heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        keys = key_padding_mask(attention_mask, batch, seqlen)
+        mask = None if keys is None else keys[:, None, None, :]
+        if mask is not None and self.causal:
+            mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=keys.device).tril()
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and mask is None,
+        )
+        return out.transpose(1, 2).reshape(batch, seqlen, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, dropout={self.dropout}, causal={self.causal}"
