@@ -1,0 +1,52 @@
+// Launchers of the CUDA attention backward (kernels and math: attention_bwd_kernel.cuh):
+// the delta preprocess, then the owner-block kernel. Torch-free.
+#include "attention_bwd_kernel.cuh"
+
+namespace symattn {
+namespace {
+
+template <typename T, int HD, bool SHARED>
+cudaError_t launch_bwd(const CudaBackwardParams& p, cudaStream_t stream) {
+  using C = dev::BwdConfig<HD>;
+  constexpr int kSmem = dev::BwdSmem<T, HD, SHARED>::kBytes;
+  if (p.batch * p.heads == 0 || p.seqlen == 0) return cudaSuccess;
+  const dim3 delta_grid(cdiv(p.seqlen, 4), p.batch * p.heads);
+  dev::attention_bwd_delta_kernel<T><<<delta_grid, 128, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  auto kernel = dev::attention_bwd_kernel<T, HD, SHARED>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(cdiv(p.seqlen, C::kBlock), p.batch * p.heads);
+  kernel<<<grid, C::kWarps * 32, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, bool SHARED>
+cudaError_t dispatch_dim(const CudaBackwardParams& p, cudaStream_t stream) {
+  const int d = p.head_dim > p.value_dim ? p.head_dim : p.value_dim;
+  if (d <= 32) return launch_bwd<T, 32, SHARED>(p, stream);
+  if (d <= 64) return launch_bwd<T, 64, SHARED>(p, stream);
+  if (d <= 128) return launch_bwd<T, 128, SHARED>(p, stream);
+  if (d <= kMaxHeadDim) return launch_bwd<T, 256, SHARED>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t dispatch_mode(const CudaBackwardParams& p, cudaStream_t stream) {
+  return p.v == nullptr ? dispatch_dim<T, true>(p, stream) : dispatch_dim<T, false>(p, stream);
+}
+
+}  // namespace
+
+int attention_bwd_block_cuda(int head_dim) {
+  if (head_dim <= 32) return dev::BwdConfig<32>::kBlock;
+  if (head_dim <= 128) return dev::BwdConfig<128>::kBlock;
+  return dev::BwdConfig<256>::kBlock;
+}
+
+cudaError_t attention_bwd_cuda(const CudaBackwardParams& p, cudaStream_t stream) {
+  return p.dtype == CudaDType::kBFloat16 ? dispatch_mode<__nv_bfloat16>(p, stream) : dispatch_mode<__half>(p, stream);
+}
+
+}  // namespace symattn

@@ -1,0 +1,71 @@
+// Arguments of the CUDA attention kernels as raw pointers, element strides and sizes (no torch
+// types), filled by binding.cpp. Layouts follow csrc/cpu/attention_params.h: q / v / out / dout /
+// dq / dv are [B, S, H, X] (padded) or [total, H, X] (varlen, batch stride 0); lse, delta and
+// dlse are float32 [B, H, S] or [H, total].
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "helpers.cuh"
+
+namespace symattn {
+
+enum class CudaDType : int { kFloat16 = 0, kBFloat16 = 1 };
+enum class CudaCoef : int { kNone = 0, kDiag = 1, kFull = 2 };
+
+struct CudaForwardParams {
+  CudaDType dtype = CudaDType::kFloat16;
+  int batch = 0;      // B, or number of sequences (varlen)
+  int heads = 0;      // H
+  int head_dim = 0;   // D
+  int value_dim = 0;  // Dv (= D in shared mode)
+  int seqlen = 0;     // S, or max_seqlen (varlen): also the dropout key stride
+  int64_t n_rows = 0; // B * S, or total tokens: the dropout row count
+  const int32_t* cu_seqlens = nullptr;  // [B + 1], or null for the padded layout
+
+  const void* q = nullptr;
+  RowStrides q_st{};
+  const void* v = nullptr;  // null: shared mode, the values are q itself
+  RowStrides v_st{};
+  const float* coef = nullptr;  // float32 contiguous [H, D] (diag) or [H, D, D] (full)
+  CudaCoef coef_mode = CudaCoef::kNone;
+  const bool* key_padding_mask = nullptr;  // [B, S] contiguous, true = real token (padded only)
+
+  float scale = 1.0f;
+  bool causal = false;
+  bool exclude_self = false;
+  float dropout_p = 0.0f;
+  uint64_t seed = 0;
+
+  void* out = nullptr;  // forward: written; backward: the saved output
+  RowStrides out_st{};
+  float* lse = nullptr;  // forward: written; backward: read
+  RowStrides lse_st{};   // batch, token, head strides of lse
+};
+
+struct CudaBackwardParams : CudaForwardParams {
+  const void* dout = nullptr;
+  RowStrides dout_st{};
+  const float* dlse = nullptr;  // null: no lse cotangent
+  RowStrides dlse_st{};
+  float* delta = nullptr;  // workspace, float32 contiguous [B, H, S] (S = seqlen, padded or max_seqlen)
+  void* dq = nullptr;      // dY: written once, every role summed
+  RowStrides dq_st{};
+  void* dv = nullptr;      // separate-V mode only
+  RowStrides dv_st{};
+  // Workspace for dcoef: float32 [B, H, n_blocks, D] (diag) or [B, H, n_blocks, D, D] (full),
+  // one partial per owner block, summed by the caller in a fixed order (no atomics).
+  float* dcoef_partial = nullptr;
+  int n_blocks = 0;  // cdiv(seqlen, attention_bwd_block_cuda(head dim))
+};
+
+// Kernel launchers (attention_fwd.cu / attention_bwd.cu). They return the launch error, if any.
+// Supported: fp16 / bf16, max(D, Dv) <= 256, any sequence length.
+cudaError_t attention_fwd_cuda(const CudaForwardParams& p, cudaStream_t stream);
+cudaError_t attention_bwd_cuda(const CudaBackwardParams& p, cudaStream_t stream);
+// Owner-block size of the backward for this max(D, Dv): sizes the dcoef workspace.
+int attention_bwd_block_cuda(int head_dim);
+constexpr int kMaxHeadDim = 256;
+
+}  // namespace symattn
