@@ -139,7 +139,7 @@ def load(name: str) -> ModuleType:
 # not a hasattr on the module, so that resolve() stays traceable by torch.compile.
 _OPS = {
     "torch": ("attention", "lowrank"),
-    "triton": ("attention",),
+    "triton": ("attention", "lowrank"),
     "cpu": ("attention",),
     "cuda": ("attention",),
 }
@@ -148,5 +148,5 @@ _MODULES = {
     "torch": ".composite",
     "triton": ".triton_backend",
     "cpu": ".cpu_backend",
-    "cuda": "._C_cuda_backend",
+    "cuda": ".cuda_backend",
 }

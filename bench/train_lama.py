@@ -1,0 +1,270 @@
+"""Compare pooling heads on one BiGRU text classifier, on two real datasets, offline.
+
+    python -m bench.train_lama            # the full comparison (`make train-lama`), <= 30 min on 2 cores
+    python -m bench.train_lama --quick    # a smoke run of a few steps, 1 seed
+
+Every variant is ``LAMAClassifier`` (embeddings -> BiGRU -> pooling -> MLP) built from the same
+seed, so embeddings, GRU, data order and dropout streams start alike; only the pooling differs:
+
+* ``lama``: low-rank multi-head context attention (Mehta et al. 2019), token MLP for the keys,
+  learned context, l2 head norm, token softmax (the ``symattn_kernels.lama`` defaults);
+* ``additive``: single-head additive attention, ``softmax_t(v^T tanh(W h_t + b))`` (Bahdanau /
+  Yang et al. 2016 style);
+* ``structured``: Lin et al. (2017) structured self-attention, ``A = softmax_t(W2 tanh(W1 H^T))``
+  with the same number of heads as LAMA and its penalty ``||A A^T - I||_F^2`` (coefficient
+  ``--penalty``);
+* ``mean``: masked mean pooling (no attention parameters).
+
+Datasets, split and tokenizer: ``bench/text_data.py`` (Rotten Tomatoes fresh/rotten, BBC News
+topics). Writes to ``bench/results/``: ``lama_runs.csv`` (one row per run: validation accuracy,
+pooling-stage parameter count, median seconds per training step), ``lama_accuracy.png`` and
+``lama_table.md`` (also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bench import text_data
+from bench.train_bert import _batches, _trimmed
+from symattn_kernels.lama import LAMAClassifier, masked_mean
+
+VARIANTS = ("lama", "additive", "structured", "mean")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Setup:
+    """Model and schedule: 4 variants x 2 datasets x 3 seeds, sized for <= 30 min on 2 cores."""
+
+    embed_dim: int = 64
+    hidden_size: int = 64  # per GRU direction: token states are 128 wide
+    heads: int = 4  # LAMA and structured self-attention
+    attention_size: int = 64  # hidden size of the additive / structured scorers
+    vocab_size: int = 8000
+    batch_size: int = 32
+    lr: float = 2e-3
+    steps: tuple = (("rotten_tomatoes", 300), ("bbc_news", 150))
+    max_len: tuple = (("rotten_tomatoes", 64), ("bbc_news", 128))
+
+
+class AdditivePooling(nn.Module):
+    """Single-head additive attention: weights softmax_t(v^T tanh(W h_t + b)) over real tokens."""
+
+    num_heads = 1
+
+    def __init__(self, input_size: int, attention_size: int):
+        super().__init__()
+        self.proj = nn.Linear(input_size, attention_size)
+        self.score = nn.Linear(attention_size, 1, bias=False)
+
+    def forward(self, h, key_padding_mask=None):
+        scores = self.score(torch.tanh(self.proj(h))).transpose(1, 2)  # [B, 1, T]
+        return _masked_softmax_pool(scores, h, key_padding_mask)
+
+
+class StructuredSelfAttention(nn.Module):
+    """Lin et al. (2017): A = softmax_t(W2 tanh(W1 H^T)) [B, r, T], pooled = A H; ``penalty`` is
+    the mean over the batch of ||A A^T - I||_F^2 from the last call."""
+
+    def __init__(self, input_size: int, attention_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.w1 = nn.Linear(input_size, attention_size, bias=False)
+        self.w2 = nn.Linear(attention_size, num_heads, bias=False)
+        self.penalty = None
+
+    def forward(self, h, key_padding_mask=None):
+        scores = self.w2(torch.tanh(self.w1(h))).transpose(1, 2)  # [B, r, T]
+        pooled, attn = _masked_softmax_pool(scores, h, key_padding_mask)
+        eye = torch.eye(self.num_heads, dtype=attn.dtype, device=attn.device)
+        self.penalty = (attn @ attn.transpose(1, 2) - eye).square().sum((1, 2)).mean()
+        return pooled, attn
+
+
+class MeanPooling(nn.Module):
+    num_heads = 1
+
+    def forward(self, h, key_padding_mask=None):
+        weights = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device)
+        if key_padding_mask is not None:
+            weights = weights * key_padding_mask
+        weights = weights / weights.sum(1, keepdim=True).clamp_min(1.0)
+        return masked_mean(h, key_padding_mask)[:, None], weights[:, None]
+
+
+def _masked_softmax_pool(scores, h, key_padding_mask):
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None], float("-inf"))
+    attn = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    return attn @ h, attn
+
+
+def build_model(setup: Setup, vocab_size: int, num_labels: int, variant: str, seed: int) -> LAMAClassifier:
+    torch.manual_seed(seed)
+    states = 2 * setup.hidden_size
+    pooler = {
+        "lama": lambda: None,
+        "additive": lambda: AdditivePooling(states, setup.attention_size),
+        "structured": lambda: StructuredSelfAttention(states, setup.attention_size, setup.heads),
+        "mean": MeanPooling,
+    }[variant]()
+    return LAMAClassifier(vocab_size, setup.embed_dim, setup.hidden_size, setup.heads, num_labels,
+                          pooler=pooler, dropout=0.2)
+
+
+@torch.no_grad()
+def accuracy(model, ids, mask, targets, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(ids), batch_size):
+        i, m = _trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
+        correct += int((model(i, m).argmax(-1) == targets[start : start + batch_size]).sum())
+    return correct / len(ids)
+
+
+def train_one(model, data, setup: Setup, steps: int, seed: int, penalty: float, progress) -> dict:
+    ids, mask, targets = data["train"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=setup.lr)
+    losses, times = [], []
+    model.train()
+    for batch in _batches(mask.sum(1), setup.batch_size, steps, seed):
+        i, m = _trimmed(ids[batch], mask[batch])
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(i, m), targets[batch])
+        extra = getattr(model.attention, "penalty", None)
+        if extra is not None and penalty:
+            loss = loss + penalty * extra
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    val_ids, val_mask, val_targets = data["val"]
+    return {"sec_per_step": statistics.median(times[min(5, steps - 1):]),
+            "final_loss": statistics.mean(losses[-20:]), "val_acc": accuracy(model, val_ids, val_mask, val_targets)}
+
+
+def prepare(name: str, setup: Setup) -> dict:
+    dataset = text_data.DATASETS[name]()
+    tokenizer = text_data.train_tokenizer(dataset.train_texts, setup.vocab_size)
+    max_len = dict(setup.max_len)[name]
+    out = {"name": name, "labels": dataset.labels, "vocab_size": tokenizer.get_vocab_size()}
+    for side, texts, targets in (("train", dataset.train_texts, dataset.train_targets),
+                                 ("val", dataset.val_texts, dataset.val_targets)):
+        ids, mask = text_data.encode(tokenizer, texts, max_len)
+        out[side] = (ids, mask, torch.tensor(targets))
+    return out
+
+
+def table(rows: list, seeds: int) -> str:
+    lines = [f"| dataset | pooling | heads | pooling params | model params | ms / step | val. accuracy (mean ± std, "
+             f"{seeds} seeds) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        for variant in VARIANTS:
+            runs = [r for r in rows if r["dataset"] == name and r["variant"] == variant]
+            if not runs:
+                continue
+            accs = [100 * r["val_acc"] for r in runs]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            ms = 1000 * statistics.median(r["sec_per_step"] for r in runs)
+            lines.append(f"| {name} | {variant} | {runs[0]['heads']} | {runs[0]['attention_params']:,} "
+                         f"| {runs[0]['params']:,} | {ms:.0f} | {statistics.mean(accs):.2f} ± {std:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        variants = [v for v in VARIANTS if any(r["dataset"] == name and r["variant"] == v for r in rows)]
+        accs = [[100 * r["val_acc"] for r in rows if r["dataset"] == name and r["variant"] == v] for v in variants]
+        means = [statistics.mean(a) for a in accs]
+        stds = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
+        ax.bar(variants, means, yerr=stds, capsize=4, color=["C0", "C1", "C2", "C7"][: len(variants)])
+        low = min(m - s for m, s in zip(means, stds))
+        ax.set(title=f"{name}: validation accuracy", ylabel="%", ylim=(max(0.0, low - 5), 100))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--datasets", nargs="+", default=list(text_data.DATASETS), choices=list(text_data.DATASETS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every dataset's step count")
+    parser.add_argument("--penalty", type=float, default=0.1, help="structured self-attention penalty coefficient")
+    parser.add_argument("--time-limit", type=float, default=30.0,
+                        help="minutes; no new seed round starts when the last round's duration would overrun it")
+    parser.add_argument("--quick", action="store_true", help="10 steps per run, 1 seed: a smoke run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    setup = Setup()
+    seeds = 1 if args.quick else args.seeds
+    steps = {name: 10 if args.quick else max(1, round(n * args.steps_scale)) for name, n in setup.steps}
+    args.out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    data = {name: prepare(name, setup) for name in args.datasets}
+    rows, done = [], 0
+    total = sum(steps[name] for name in args.datasets) * len(args.variants) * seeds
+    # Seeds outermost: should the time limit stop the run, every variant has the same seeds.
+    with tqdm(total=total, desc="training", unit="step") as progress:
+        for seed in range(seeds):
+            round_began = time.perf_counter()
+            for name, variant in ((n, v) for n in args.datasets for v in args.variants):
+                d = data[name]
+                progress.set_description(f"seed {seed} {name} {variant}")
+                model = build_model(setup, d["vocab_size"], len(d["labels"]), variant, seed)
+                result = train_one(model, d, setup, steps[name], seed, args.penalty, progress)
+                rows.append({"dataset": name, "variant": variant, "seed": seed, "heads": model.attention.num_heads,
+                             "attention_params": model.attention_parameters(),
+                             "params": sum(p.numel() for p in model.parameters()), "steps": steps[name], **result})
+            done += 1
+            _write(args.out, rows)
+            now = time.perf_counter()
+            if seed + 1 < seeds and (now - began) + (now - round_began) > 60 * args.time_limit:
+                tqdm.write(f"stopping after {done} of {seeds} seeds: another round would pass {args.time_limit} min")
+                break
+    s = setup
+    partial = "" if done == seeds else f" PARTIAL: {done} of {seeds} seeds (time limit)."
+    smoke = " SMOKE RUN (--quick): not a result." if args.quick else ""
+    text = "\n".join([
+        f"BiGRU classifier: embeddings {s.embed_dim}, GRU {s.hidden_size} per direction, {s.heads} heads "
+        f"(LAMA, structured), scorer size {s.attention_size}, WordPiece vocab {s.vocab_size} trained on the "
+        f"training split; Adam lr {s.lr}, batch {s.batch_size}, steps {steps}, max length {dict(s.max_len)}, "
+        f"structured penalty {args.penalty}; pooling params include LAMA's token MLP; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. Wall time {time.perf_counter() - began:.0f} s.{partial}{smoke}", "",
+        table(rows, done)])
+    (args.out / "lama_table.md").write_text(text + "\n")
+    print(text)
+
+
+def _write(out: Path, rows: list) -> None:
+    with open(out / "lama_runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out / "lama_accuracy.png")
+
+
+if __name__ == "__main__":
+    main()

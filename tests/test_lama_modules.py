@@ -1,0 +1,93 @@
+"""LAMA modules on CPU (backend "auto"): shapes, masks, gradients, the token-weights helper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from symattn_kernels.lama import LAMAClassifier, LowRankContextAttention, masked_mean
+
+
+@pytest.mark.parametrize("context", ["learned", "mean"])
+@pytest.mark.parametrize("head_norm,token_softmax", [("l2", True), (None, False)], ids=["l2-softmax", "raw"])
+def test_attention_shapes_masks_and_gradients(context, head_norm, token_softmax):
+    torch.manual_seed(0)
+    att = LowRankContextAttention(6, 3, context=context, head_norm=head_norm, token_softmax=token_softmax)
+    h = torch.randn(2, 5, 6, requires_grad=True)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    pooled, attn = att(h, mask)
+    assert pooled.shape == (2, 3, 6) and attn.shape == (2, 3, 5)
+    assert torch.all(attn[0, :, 3:] == 0)
+    if token_softmax:
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3))
+    # Changing padded tokens changes nothing.
+    h2 = h.detach().clone()
+    h2[0, 3:] = 100.0
+    pooled2, attn2 = att(h2, mask)
+    torch.testing.assert_close(pooled2, pooled.detach())
+    torch.testing.assert_close(attn2, attn.detach())
+    (pooled.square().sum() + attn.sum()).backward()
+    for name, p in att.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert (context == "mean") == (att.context is None)
+
+
+def test_masked_mean():
+    h = torch.arange(12.0).view(1, 4, 3)
+    mask = torch.tensor([[True, False, True, False]])
+    torch.testing.assert_close(masked_mean(h, mask), (h[0, 0] + h[0, 2])[None] / 2)
+    assert torch.all(masked_mean(h, torch.zeros(1, 4, dtype=torch.bool)) == 0)
+
+
+def test_rejects_bad_options():
+    with pytest.raises(ValueError, match="context"):
+        LowRankContextAttention(4, 2, context="max")
+    with pytest.raises(ValueError, match="num_heads"):
+        LowRankContextAttention(4, 0)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return LAMAClassifier(50, 8, 6, 3, 4, dropout=0.0, **kw)
+
+
+@pytest.mark.parametrize("context", ["learned", "mean"])
+def test_classifier_padding_does_not_change_real_tokens(context):
+    model = _model(context=context).eval()
+    ids = torch.randint(1, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    ids_padded = ids.clone()
+    ids_padded[0, 4:] = 0
+    logits = model(ids_padded, mask)
+    assert logits.shape == (2, 4)
+    alone = model(ids[:1, :4], mask[:1, :4])
+    torch.testing.assert_close(logits[:1], alone, atol=1e-5, rtol=1e-5)
+    other = ids_padded.clone()
+    other[0, 4:] = 7  # different padding ids
+    torch.testing.assert_close(model(other, mask), logits, atol=1e-6, rtol=1e-6)
+
+
+def test_classifier_gradients_reach_every_parameter():
+    model = _model()
+    ids = torch.randint(1, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    torch.nn.functional.cross_entropy(model(ids, mask), torch.tensor([0, 1, 3])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name != "embedding.weight":
+            assert p.grad.abs().sum() > 0, name
+    assert model.attention_parameters() == 12 * 12 + 12 + 2 * 12 * 3 + 12
+
+
+def test_token_weights_helper():
+    model = _model().train()
+    ids = torch.randint(1, 50, (5,))
+    w = model.token_weights(ids)
+    assert w.shape == (3, 5) and model.training
+    torch.testing.assert_close(w.sum(-1), torch.ones(3))
+    batch = model.token_weights(torch.stack([ids, ids]), torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]))
+    assert batch.shape == (2, 3, 5)
+    torch.testing.assert_close(batch[0], w)
+    assert torch.all(batch[1, :, 3:] == 0)
