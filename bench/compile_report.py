@@ -8,6 +8,12 @@ For each it reads registers, shared memory, stack and local bytes from Triton's 
 STACK:0 LOCAL:0 means no spill) and on sm_90 whether the SASS uses HGMMA. It prints one markdown
 row per compile and exits non-zero when any compile fails, spills, needs more shared memory than
 the architecture offers, or lacks HGMMA on sm_90.
+
+The configs come from the launchers' own tables (``fwd_configs_for``, ``bwd_plan``,
+``sym_bwd_config``), so the report checks exactly what the launchers can pick; a variant the
+launcher refuses with ValueError (routed to the torch backend) is listed as unsupported, not as
+a failure. ``--quick`` compiles only the default BERT shapes (head dim 64, the shared-weight
+variants) for CI.
 """
 
 from __future__ import annotations
@@ -39,13 +45,16 @@ FLAG_SETS = {
     "all-flags": dict(SHARED_V=False, COEF_MODE=2, IS_CAUSAL=True, HAS_KPM=True, IS_VARLEN=True, HAS_DROPOUT=True,
                       EXCLUDE_SELF=True),
 }
+# Integer arguments the launchers make 1 (contiguous coefficient and padding mask): Triton's JIT
+# specializes an integer argument equal to 1 into a constant, so the report does the same.
+UNIT_ARGS = ("stride_ce", "stride_kpms")
 _PTR_TYPES = {"Coef": "*fp32", "Kpm": "*u8", "CuSeqlens": "*i32", "Lse": "*fp32", "Delta": "*fp32",
               "DCoefPartial": "*fp32", "DLse": "*fp32"}
 
 
 @dataclass
 class Job:
-    kernel: str  # fwd | bwd
+    kernel: str  # fwd | bwd | bwd-sym
     arch: int
     dtype: str  # fp16 | bf16
     flags: str
@@ -69,21 +78,35 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def jobs(dtypes=("bf16",)) -> list[Job]:
-    """Every (kernel, arch, variant, shipped config) to compile."""
+# --quick: the default BERT shapes (head dim 64, shared weights; inference and training).
+QUICK_HEAD_DIMS = ((64, 64),)
+QUICK_FLAG_SETS = ("shared", "shared-train")
+
+
+def jobs(dtypes=("bf16",), quick: bool = False) -> list[Job]:
+    """Every (kernel, arch, variant, config the launcher can pick) to compile."""
     from symattn_kernels.triton._utils import padded_head_dim
-    from symattn_kernels.triton.attention_bwd import bwd_config, bwd_fuse_roles
+    from symattn_kernels.triton.attention_bwd import bwd_plan, sym_bwd_config
     from symattn_kernels.triton.attention_fwd import fwd_configs_for
 
     out = []
-    for arch, dtype, (flags, fl), (d, dv) in itertools.product(ARCHS, dtypes, FLAG_SETS.items(), HEAD_DIMS):
+    head_dims = QUICK_HEAD_DIMS if quick else HEAD_DIMS
+    flag_sets = {k: v for k, v in FLAG_SETS.items() if not quick or k in QUICK_FLAG_SETS}
+    for arch, dtype, (flags, fl), (d, dv) in itertools.product(ARCHS, dtypes, flag_sets.items(), head_dims):
         if fl["SHARED_V"] and d != dv:
             continue
         d_pad, dv_pad = padded_head_dim(d), padded_head_dim(dv)
-        for block_m, block_n, warps, stages in fwd_configs_for(1 << 16, d_pad, dv_pad, fl["HAS_DROPOUT"]):
+        for block_m, block_n, warps, stages in fwd_configs_for(1 << 16, d_pad, dv_pad, fl["HAS_DROPOUT"],
+                                                               fl["COEF_MODE"], fl["SHARED_V"]):
             out.append(Job("fwd", arch, dtype, flags, d_pad, dv_pad, block_m, block_n, warps, stages))
-        fuse = bwd_fuse_roles(d_pad, dv_pad, fl["SHARED_V"], fl["COEF_MODE"], fl["HAS_DROPOUT"])
-        out.append(Job("bwd", arch, dtype, flags, d_pad, dv_pad, *bwd_config(d_pad, dv_pad, fuse)))
+        try:
+            _, config = bwd_plan(d_pad, dv_pad, fl["SHARED_V"], fl["COEF_MODE"], fl["HAS_DROPOUT"], arch)
+            out.append(Job("bwd", arch, dtype, flags, d_pad, dv_pad, *config))
+        except ValueError as exc:  # the launcher refuses it: the ops layer uses the torch backend
+            out.append(Job("bwd", arch, dtype, flags, d_pad, dv_pad, 0, 0, 0, 0, {"unsupported": str(exc)}))
+        sym = sym_bwd_config(d_pad, dv_pad, arch)
+        if fl["COEF_MODE"] != 2 and sym is not None:  # deterministic=False, non-causal
+            out.append(Job("bwd-sym", arch, dtype, flags, d_pad, dv_pad, *sym))
     return out
 
 
@@ -92,16 +115,25 @@ def compile_job(job: Job) -> Job:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from symattn_kernels.triton.attention_bwd import _symattn_bwd_kernel, bwd_fuse_roles
-    from symattn_kernels.triton.attention_fwd import _symattn_fwd_kernel
+    from symattn_kernels.triton.attention_bwd import _symattn_bwd_kernel, _symattn_bwd_sym_kernel, bwd_plan
+    from symattn_kernels.triton.attention_fwd import _symattn_fwd_kernel, fwd_reuse_diag
 
-    fn = _symattn_fwd_kernel if job.kernel == "fwd" else _symattn_bwd_kernel
+    if "unsupported" in job.result:
+        return job
+    fn = {"fwd": _symattn_fwd_kernel, "bwd": _symattn_bwd_kernel, "bwd-sym": _symattn_bwd_sym_kernel}[job.kernel]
     constexprs = dict(FLAG_SETS[job.flags], HEAD_DIM=job.head_dim, HEAD_DIM_V=job.head_dim_v, DOT_PRECISION="tf32",
                       BLOCK_M=job.block_m, BLOCK_N=job.block_n)
+    if job.kernel == "fwd":
+        constexprs["REUSE_DIAG"] = fwd_reuse_diag(constexprs["SHARED_V"], job.head_dim, job.arch)
     if job.kernel == "bwd":
         constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] != 0
-        constexprs["FUSE_ROLES"] = bwd_fuse_roles(job.head_dim, job.head_dim_v, constexprs["SHARED_V"],
-                                                  constexprs["COEF_MODE"], constexprs["HAS_DROPOUT"])
+        constexprs["FUSE_ROLES"] = bwd_plan(job.head_dim, job.head_dim_v, constexprs["SHARED_V"],
+                                            constexprs["COEF_MODE"], constexprs["HAS_DROPOUT"], job.arch)[0]
+    elif job.kernel == "bwd-sym":  # non-causal only
+        constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] != 0
+        del constexprs["IS_CAUSAL"]
+    constexprs.update({name: 1 for name in UNIT_ARGS})
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -115,7 +147,8 @@ def compile_job(job: Job) -> Job:
             signature[name] = "i64"
         else:
             signature[name] = "i32"
-            if name.startswith("stride") and name not in ("stride_kpms", "stride_kpmb", "stride_cd", "stride_ce"):
+            # Row strides are multiples of 16 elements for the report's head dims (the JIT sees the same).
+            if name.startswith("stride") and name != "stride_kpmb":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     start = time.time()
     try:
@@ -148,6 +181,8 @@ def compile_job(job: Job) -> Job:
 
 def problems(job: Job) -> list[str]:
     r = job.result
+    if "unsupported" in r:
+        return []
     if "error" in r:
         return [r["error"]]
     found = []
@@ -164,27 +199,38 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["fp16", "bf16"])
     parser.add_argument("--kernels", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="parallel compiles")
+    parser.add_argument("--quick", action="store_true", help="only the default BERT shapes (CI)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
 
-    todo = [j for j in jobs(tuple(args.dtypes)) if j.kernel in args.kernels]
+    start = time.time()
+    todo = [j for j in jobs(tuple(args.dtypes), args.quick) if j.kernel.split("-")[0] in args.kernels]
+    # Longest compiles first (backward, wide heads), so that the pool's last jobs are short.
+    order = sorted(range(len(todo)), key=lambda i: (todo[i].kernel == "fwd", -todo[i].head_dim))
     print(f"# Triton static compile report (triton {triton.__version__}, {len(todo)} compiles)\n")
     print("| kernel | arch | dtype | variant | D/Dv | block | warps | stages | regs | smem | stack/local | HGMMA | status |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    failed = 0
+    failed = unsupported = 0
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for job in pool.map(compile_job, todo):
-            found = problems(job)
-            failed += bool(found)
-            r = job.result
+        done = dict(zip(order, pool.map(compile_job, [todo[i] for i in order])))
+    for job in (done[i] for i in range(len(todo))):
+        found = problems(job)
+        failed += bool(found)
+        r = job.result
+        if "unsupported" in r:
+            unsupported += 1
             print(f"| {job.kernel} | sm_{job.arch} | {job.dtype} | {job.flags} | {job.head_dim}/{job.head_dim_v} "
-                  f"| {job.block_m}x{job.block_n} | {job.num_warps} | {job.num_stages} | {r.get('reg', '-')} "
-                  f"| {r.get('shared', '-')} | {r.get('stack', '-')}/{r.get('local', '-')} | {r.get('hgmma', '-')} "
-                  f"| {'; '.join(found) or 'ok'} |", flush=True)
-    print(f"\n{len(todo) - failed} of {len(todo)} compiles clean")
+                  f"| - | - | - | - | - | - | - | unsupported: {r['unsupported']} |")
+            continue
+        print(f"| {job.kernel} | sm_{job.arch} | {job.dtype} | {job.flags} | {job.head_dim}/{job.head_dim_v} "
+              f"| {job.block_m}x{job.block_n} | {job.num_warps} | {job.num_stages} | {r.get('reg', '-')} "
+              f"| {r.get('shared', '-')} | {r.get('stack', '-')}/{r.get('local', '-')} | {r.get('hgmma', '-')} "
+              f"| {'; '.join(found) or 'ok'} |", flush=True)
+    print(f"\n{len(todo) - failed - unsupported} of {len(todo) - unsupported} compiles clean, {unsupported} variants "
+          f"unsupported (torch backend); {time.time() - start:.0f} s on {args.jobs} processes")
     return 1 if failed else 0
 
 

@@ -200,20 +200,31 @@ def main(argv=None) -> int:
 
     from symattn_kernels import backends
 
-    paths = [("shared (v = y)", True, True), ("separate v", False, True)]
+    paths = [("shared (v = y)", True, True), ("separate v", False, True),
+             ("shared, symmetric bwd (deterministic=False)", True, False)]
     if not backends.status("triton").usable:
         print(f"triton backend unusable: {backends.status('triton').reason}", file=sys.stderr)
         return 1
-    lines = []
+    lines, counted = [], {}
     cases = [(s, d, p) for s in args.seqlens for d in args.head_dims for p in paths]
     for seqlen, head_dim, (label, shared, deterministic) in tqdm(cases, desc="workcount", file=sys.stderr):
         fwd, bwd = count_kernels(seqlen, head_dim, shared, deterministic, args.block_m, args.block_n)
+        counted[seqlen, head_dim, label] = fwd, bwd
         lines.append(_row(label, seqlen, head_dim, fwd, bwd, fa2_forward(seqlen, head_dim),
                           fa2_backward(seqlen, head_dim)))
+    ratios = []
+    for seqlen in args.seqlens:
+        for head_dim in args.head_dims:
+            (sf, sb), (vf, vb) = counted[seqlen, head_dim, paths[0][0]], counted[seqlen, head_dim, paths[1][0]]
+            ratios.append(f"| {seqlen} | {head_dim} | {sf.bytes / vf.bytes:.2f} | {sb.bytes / vb.bytes:.2f} "
+                          f"| {(sf.bytes + sb.bytes) / (vf.bytes + vb.bytes):.2f} |")
     print(f"Executed work per sequence and head (B = H = 1, fp16, tiles {args.block_m}x{args.block_n}); "
           "times are H100 roofline models, not measurements.\n")
     print(HEADER)
     print("\n".join(lines))
+    print("\nGlobal-memory bytes, shared mode / separate-v mode (same kernels, same tiles):\n")
+    print("| S | D | fwd | bwd | fwd+bwd |\n|---|---|---|---|---|")
+    print("\n".join(ratios))
     return 0
 
 

@@ -117,7 +117,8 @@ def make_inputs(case: Case, seed: int = 0):
     return q, v, coef, kpm, cu_seqlens
 
 
-def run_kernels(case: Case, q, v, coef, kpm, cu_seqlens, dout, dlse, seed=1234, need=(True, True, True)):
+def run_kernels(case: Case, q, v, coef, kpm, cu_seqlens, dout, dlse, seed=1234, need=(True, True, True),
+                deterministic=True):
     """Forward then backward through the Triton kernels; returns out, lse, dq, dv, dcoef."""
     scale = case.head_dim**-0.5
     out, lse = attention_forward(
@@ -129,7 +130,8 @@ def run_kernels(case: Case, q, v, coef, kpm, cu_seqlens, dout, dlse, seed=1234, 
     dcoef = None if coef is None else torch.full_like(coef, float("nan"))
     attention_backward(
         dout.to(out.dtype), dlse, q, v, coef, kpm, cu_seqlens, seed, out, lse, dq, dv, dcoef, scale,
-        case.causal, case.dropout_p, case.exclude_self, case.seqlen if cu_seqlens is not None else None, True,
+        case.causal, case.dropout_p, case.exclude_self, case.seqlen if cu_seqlens is not None else None,
+        deterministic,
     )
     return out, lse, dq, dv, dcoef
 
@@ -155,7 +157,7 @@ def run_reference(case: Case, q, v, coef, kpm, cu_seqlens, dout, dlse, dtype, se
     return out.detach(), lse.detach(), dq, dv, dcoef
 
 
-def check_case(case: Case, input_seed: int = 0):
+def check_case(case: Case, input_seed: int = 0, deterministic: bool = True):
     q, v, coef, kpm, cu_seqlens = make_inputs(case, input_seed)
     gen = torch.Generator().manual_seed(input_seed + 1)
     out_shape = q.shape[:-1] + ((case.head_dim if v is None else v.shape[-1]),)
@@ -163,7 +165,7 @@ def check_case(case: Case, input_seed: int = 0):
     lse_shape = (case.batch, case.heads, case.seqlen) if cu_seqlens is None else (case.heads, q.shape[0])
     dlse = torch.randn(lse_shape, generator=gen, dtype=torch.float64)
 
-    got = run_kernels(case, q, v, coef, kpm, cu_seqlens, dout, dlse.float())
+    got = run_kernels(case, q, v, coef, kpm, cu_seqlens, dout, dlse.float(), deterministic=deterministic)
     ref64 = run_reference(case, q, v, coef, kpm, cu_seqlens, dout, dlse, torch.float64)
     ref_lo = run_reference(case, q, v, coef, kpm, cu_seqlens, dout, dlse, case.dtype)
     for name, actual, r64, rlo in zip(("out", "lse", "dq", "dv", "dcoef"), got, ref64, ref_lo):
@@ -205,6 +207,22 @@ def test_backward_role_passes(case, fuse_roles, monkeypatch):
 
     monkeypatch.setattr(attention_bwd, "bwd_fuse_roles", lambda *args: fuse_roles)
     check_case(case)
+
+
+SYMMETRIC_CASES = [c for c in CASES + ROLE_CASES if c.coef != "full" and not c.causal] + [
+    Case(70, 64, None, "diag", kpm=True, exclude_self=True, dropout_p=0.2, dtype=F16, batch=2),
+    Case(96, 40, 24, "none", dropout_p=0.1),
+]
+
+
+@pytest.mark.parametrize("case", SYMMETRIC_CASES, ids=[c.id for c in SYMMETRIC_CASES])
+def test_symmetric_backward_matches_reference(case):
+    """The opt-in symmetric backward (deterministic=False: one score tile per block pair,
+    atomics), same pass rule as the default path."""
+    from symattn_kernels.triton.attention_bwd import use_symmetric_bwd
+
+    assert use_symmetric_bwd(None if case.coef == "none" else torch.ones(1, 1), case.causal, False)
+    check_case(case, deterministic=False)
 
 
 def test_dropout_same_seed_same_result_other_seed_differs():
@@ -330,3 +348,24 @@ if given is not None:
         out, lse, dq, dv, dcoef = run_kernels(case, q, v, coef, kpm, cu, dout, dlse)
         assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
         assert torch.all(dq == 0) and torch.all(dv == 0) and torch.all(dcoef == 0)
+
+
+def test_backward_plan_refuses_full_coef_wide_head():
+    """D = 256 with a full coefficient does not fit sm_80/sm_90 shared memory: the launcher's
+    table raises ValueError (the ops layer then uses the torch backend)."""
+    from symattn_kernels.triton.attention_bwd import bwd_plan
+
+    with pytest.raises(ValueError, match="torch backend"):
+        bwd_plan(256, 256, False, 2, False)
+    assert bwd_plan(128, 128, False, 2, True)[1][0] >= 64
+    assert bwd_plan(256, 256, True, 1, False)[1][0] >= 64
+
+
+def test_symmetric_backward_only_where_scores_are_symmetric():
+    from symattn_kernels.triton.attention_bwd import use_symmetric_bwd
+
+    diag, full = torch.ones(1, 4), torch.ones(1, 4, 4)
+    assert use_symmetric_bwd(None, False, False) and use_symmetric_bwd(diag, False, False)
+    assert not use_symmetric_bwd(full, False, False)  # M not symmetric in general: default path
+    assert not use_symmetric_bwd(None, True, False)  # causal: nothing to share
+    assert not use_symmetric_bwd(None, False, True)  # deterministic: no atomics

@@ -57,6 +57,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def device_arch(device) -> int:
+    """80 or 90: the architecture whose row of the config tables a CUDA device uses (sm_8x -> 80,
+    sm_9x and later -> 90)."""
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
 def coef_mode(coef) -> int:
     """COEF_MODE constexpr: 0 identity, 1 diagonal [H, D], 2 full [H, D, D]."""
     return 0 if coef is None else coef.dim() - 1
@@ -159,7 +165,7 @@ def _fold_full_coef(Yrows, row_mask, Coef, stride_cd, stride_ce, head_dim, dtype
     """Y M (or Y M^T when TRANSPOSED) for a row block, in dtype; Yrows points at the block's rows
     ([BLOCK_ROWS] row pointers), Coef at this head's [D, D] matrix. The contraction runs in
     chunks of at most 64 so that a wide head never stages a whole D x D tile in shared memory."""
-    BLOCK_K: tl.constexpr = 64 if HEAD_DIM > 64 else HEAD_DIM
+    BLOCK_K: tl.constexpr = 32 if HEAD_DIM > 128 else (64 if HEAD_DIM > 64 else HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([BLOCK_ROWS, HEAD_DIM], dtype=tl.float32)
     for k in tl.static_range(0, HEAD_DIM, BLOCK_K):

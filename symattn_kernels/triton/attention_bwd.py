@@ -27,6 +27,14 @@ one fp32 tile before the query pass) and is used where the fused state would spi
 blocks I left of J only need the query role, blocks right of J only the key role, the diagonal
 blocks both with the causal mask. dM is Y_J^T (scale G_J Y) per program, written to a
 [B, blocks, H, ...] fp32 buffer and summed by torch (deterministic).
+
+Symmetric path (opt-in, ``deterministic=False``, non-causal, M = I or diagonal, head dim <= 64
+on a GPU): ``_symattn_bwd_sym_kernel`` recomputes each score tile once for the block pair
+{I, J} (S_IJ = S_JI^T; every row's lse is known), accumulates block J's gradient in registers
+and adds block I's by fp32 atomics: 7 matmuls per block pair instead of 10, i.e. about 0.7x
+the backward matmul work, at the price of fp32 read-modify-write traffic and an order of
+additions that varies from run to run. ``bwd_plan`` / ``sym_bwd_config`` are the config tables
+the launchers and ``python -m bench.compile_report`` share.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from ._utils import (
     check_dropout,
     coef_mode,
     coef_strides,
+    device_arch,
     dot_precision,
     dropout_threshold,
     is_interpret,
@@ -205,7 +214,15 @@ def _coef_operand(y, y_ptrs, row_mask, Coef, stride_cd, stride_ce, offs_d, head_
 
 
 @triton.jit
-def _key_role_epilogue(dk_acc, dv_acc, c_ptrs, c_mask, Coef, stride_cd, offs_d, head_dim, scale, dtype: tl.constexpr,
+def _load_coef_tile(Coef, stride_cd, stride_ce, offs_d, head_dim):
+    """This head's [HEAD_DIM, HEAD_DIM] coefficient, zero-padded. Built where it is used, so that
+    no [D, D] tile of 64-bit addresses stays live through the loops (it spilled at D >= 64)."""
+    mask = (offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim)
+    return tl.load(Coef + offs_d[:, None] * stride_cd + offs_d[None, :] * stride_ce, mask=mask, other=0.0)
+
+
+@triton.jit
+def _key_role_epilogue(dk_acc, dv_acc, Coef, stride_cd, stride_ce, offs_d, head_dim, scale, dtype: tl.constexpr,
                        SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """scale * (G^T Y) M for the key role, plus Pd^T dO in shared mode (values are Y too)."""
     if SHARED_V and COEF_MODE != 2:
@@ -215,7 +232,7 @@ def _key_role_epilogue(dk_acc, dv_acc, c_ptrs, c_mask, Coef, stride_cd, offs_d, 
         dy = dk_acc * (c[None, :] * scale)
     elif COEF_MODE == 2:
         # In the input dtype, like every other tensor-core operand (fp32 stays fp32).
-        cm = tl.load(c_ptrs, mask=c_mask, other=0.0).to(dtype)  # [HEAD_DIM, HEAD_DIM]
+        cm = _load_coef_tile(Coef, stride_cd, stride_ce, offs_d, head_dim).to(dtype)  # [HEAD_DIM, HEAD_DIM]
         dy = tl.dot((dk_acc * scale).to(dtype), cm, input_precision=DOT_PRECISION)
     else:
         dy = dk_acc * scale
@@ -270,9 +287,6 @@ def _symattn_bwd_kernel(
     valid_j = offs_j < seqlen
     y_mask = valid_j[:, None] & (offs_d[None, :] < head_dim)
     v_mask = valid_j[:, None] & (offs_dv[None, :] < head_dim_v)
-    y_ptrs = Y + offs_j64[:, None] * stride_ys + offs_d[None, :]
-    c_ptrs = Coef + off_h64 * stride_ch + offs_d[:, None] * stride_cd + offs_d[None, :] * stride_ce
-    c_mask = (offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim)
     lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
     delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
     real_j = valid_j
@@ -298,7 +312,7 @@ def _symattn_bwd_kernel(
     diag_lo = start_j * BLOCK_M
     diag_hi = tl.minimum((start_j + 1) * BLOCK_M, seqlen)
 
-    y_j = tl.load(y_ptrs, mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
     if SHARED_V:
         v_j = y_j
     else:
@@ -352,7 +366,7 @@ def _symattn_bwd_kernel(
                 True, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
                 DOT_PRECISION, BLOCK_N,
             )
-        dy = _key_role_epilogue(dk_acc, dv_acc, c_ptrs, c_mask, Coef + off_h64 * stride_ch, stride_cd, offs_d,
+        dy = _key_role_epilogue(dk_acc, dv_acc, Coef + off_h64 * stride_ch, stride_cd, stride_ce, offs_d,
                                 head_dim, scale, Y.dtype.element_ty, SHARED_V, COEF_MODE,
                                 DOT_PRECISION)
     else:
@@ -386,14 +400,14 @@ def _symattn_bwd_kernel(
                 True, False, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
                 DOT_PRECISION, BLOCK_N,
             )
-        dy = _key_role_epilogue(dk_acc, dv_acc, c_ptrs, c_mask, Coef + off_h64 * stride_ch, stride_cd, offs_d,
+        dy = _key_role_epilogue(dk_acc, dv_acc, Coef + off_h64 * stride_ch, stride_cd, stride_ce, offs_d,
                                 head_dim, scale, Y.dtype.element_ty, SHARED_V, COEF_MODE,
                                 DOT_PRECISION)
         if not SHARED_V:
             tl.store(DV + offs_j64[:, None] * stride_dvs + offs_dv[None, :], dv_acc.to(DV.dtype.element_ty),
                      mask=v_mask)
         do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
-        y_j = tl.load(y_ptrs, mask=y_mask, other=0.0)  # reloaded: not kept live through the key pass
+        y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # reloaded: not kept live through the key pass
         qm = _coef_operand(y_j, Y + offs_j64 * stride_ys, valid_j, Coef + off_h64 * stride_ch, stride_cd,
                            stride_ce, offs_d, head_dim, False, COEF_MODE, BLOCK_M, HEAD_DIM, DOT_PRECISION)
         if IS_CAUSAL:
@@ -431,7 +445,8 @@ def _symattn_bwd_kernel(
         c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
         dy += dq_acc * (c[None, :] * scale)
     elif COEF_MODE == 2:
-        cm = tl.load(c_ptrs, mask=c_mask, other=0.0).to(Y.dtype.element_ty)  # [HEAD_DIM, HEAD_DIM]
+        cm = _load_coef_tile(Coef + off_h64 * stride_ch, stride_cd, stride_ce, offs_d, head_dim).to(
+            Y.dtype.element_ty)  # [HEAD_DIM, HEAD_DIM]
         dy = tl.dot((dq_acc * scale).to(cm.dtype), tl.trans(cm), dy, input_precision=DOT_PRECISION)
     else:
         dy += dq_acc * scale
@@ -441,7 +456,7 @@ def _symattn_bwd_kernel(
 
     if NEED_DCOEF:
         # dM partial of this block: scale * Y_J^T (G_J. Y); rows past seqlen are zero in y_j.
-        y_j = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)
         slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
         if COEF_MODE == 1:
             dc = tl.sum(y_j.to(tl.float32) * dq_acc, axis=0) * scale  # [HEAD_DIM]
@@ -450,7 +465,171 @@ def _symattn_bwd_kernel(
             dq_in = (dq_acc * scale).to(y_j.dtype)
             dc = tl.dot(tl.trans(y_j), dq_in, input_precision=DOT_PRECISION)  # [HEAD_DIM, HEAD_DIM]
             dc_ptrs = DCoefPartial + slot * head_dim * head_dim + offs_d[:, None] * head_dim + offs_d[None, :]
-            tl.store(dc_ptrs, dc, mask=c_mask)
+            tl.store(dc_ptrs, dc, mask=(offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim))
+
+
+@triton.jit
+def _symattn_bwd_sym_kernel(
+    Y, V, Coef, Kpm, CuSeqlens, DO, Lse, Delta, DYAcc, DVAcc, DCoefPartial,
+    stride_yb, stride_ys, stride_yh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_ab, stride_as, stride_ah,
+    stride_avb, stride_avs, stride_avh,
+    stride_ch, stride_cd,
+    stride_kpmb, stride_kpms,
+    stride_lb, stride_lh,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
+    scale, seed, threshold, inv_keep,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr,
+    HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Symmetric backward (non-causal, M = I or diagonal, so S_IJ = S_JI^T): program j owns block
+    J and visits its diagonal tile, then the BLOCK_N-row blocks I right of J. One score tile S_JI serves both ordered pairs: with
+    G_sum = G_JI + G_IJ^T ([J, I], each from its own rows' lse and delta),
+    dY_J += scale (G_sum Y_I) M + Pd_IJ^T dO_I in registers and dY_I += scale (G_sum^T Y_J) M +
+    Pd_JI^T dO_J by fp32 atomics: 7 matmuls per block pair instead of 10 (not deterministic)."""
+    start_j = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
+    if start_j * BLOCK_M >= seqlen:
+        return
+    off_b64 = off_b.to(tl.int64)
+    off_h64 = off_h.to(tl.int64)
+    seq_start64 = seq_start.to(tl.int64)
+    Y += off_b64 * stride_yb + seq_start64 * stride_ys + off_h64 * stride_yh
+    V += off_b64 * stride_vb + seq_start64 * stride_vs + off_h64 * stride_vh
+    DO += off_b64 * stride_dob + seq_start64 * stride_dos + off_h64 * stride_doh
+    DYAcc += off_b64 * stride_ab + seq_start64 * stride_as + off_h64 * stride_ah
+    DVAcc += off_b64 * stride_avb + seq_start64 * stride_avs + off_h64 * stride_avh
+    Lse += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
+    Delta += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
+    Kpm += off_b64 * stride_kpmb
+
+    offs_j = start_j * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j64 = offs_j.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    valid_j = offs_j < seqlen
+    y_mask = valid_j[:, None] & (offs_d[None, :] < head_dim)
+    v_mask = valid_j[:, None] & (offs_dv[None, :] < head_dim_v)
+    y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if SHARED_V:
+        v_j = y_j
+    else:
+        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+    do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
+    lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
+    delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
+    real_j = valid_j
+    kpm_stat = seqlen
+    if HAS_KPM:
+        real_j = tl.load(Kpm + offs_j64 * stride_kpms, mask=valid_j, other=0) != 0
+        if EXCLUDE_SELF:
+            kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, False, BLOCK_M)
+    if IS_VARLEN:
+        row_ctr_base = off_h64 * n_rows + seq_start64
+    else:
+        row_ctr_base = off_h64 * n_rows + off_b64 * seqlen_padded
+    row_ctr_j = row_ctr_base + offs_j64
+    qk_scale = scale * LOG2E
+    if COEF_MODE == 1:
+        c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        qm_j = (y_j.to(tl.float32) * c[None, :]).to(y_j.dtype)
+        out_coef = c * scale  # [HEAD_DIM]
+    else:
+        qm_j = y_j
+        out_coef = tl.full([HEAD_DIM], 1.0, tl.float32) * scale
+
+    # Diagonal block (J, J): one tile [queries J, keys J]; dY_J += scale (G + G^T) Y_J M.
+    s_d = tl.dot(qm_j, tl.trans(y_j), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_M]
+    allowed = valid_j[:, None] & real_j[None, :]
+    if EXCLUDE_SELF:
+        has_other_j = _has_other_key(offs_j, seqlen, kpm_stat, real_j, False, HAS_KPM)
+        allowed = allowed & ((offs_j[:, None] != offs_j[None, :]) | (has_other_j[:, None] == 0))
+    p_d = tl.where(allowed, tl.math.exp2(s_d - lse2_j[:, None]), 0.0)
+    dp_d = tl.dot(do_j, tl.trans(v_j), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep_d = _dropout_keep(seed, row_ctr_j[:, None], offs_j[None, :], key_stride, threshold)
+        pd_d = tl.where(keep_d, p_d * inv_keep, 0.0)
+        dp_d = tl.where(keep_d, dp_d * inv_keep, 0.0)
+    else:
+        pd_d = p_d
+    g_d = p_d * (dp_d - delta_j[:, None])
+    a_acc = tl.dot((g_d + tl.trans(g_d)).to(y_j.dtype), y_j, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM]
+    dv_acc = tl.dot(tl.trans(pd_d).to(do_j.dtype), do_j, input_precision=DOT_PRECISION)  # [BLOCK_M, HEAD_DIM_V]
+    dc_acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    if NEED_DCOEF:
+        dc_acc += 0.5 * tl.sum(y_j.to(tl.float32) * a_acc, axis=0)
+
+    for start_i in range((start_j + 1) * BLOCK_M, seqlen, BLOCK_N):
+        start_i = tl.multiple_of(start_i, BLOCK_N)
+        offs_i = start_i + tl.arange(0, BLOCK_N)
+        offs_i64 = offs_i.to(tl.int64)
+        valid_i = offs_i < seqlen
+        yi_mask = valid_i[:, None] & (offs_d[None, :] < head_dim)
+        vi_mask = valid_i[:, None] & (offs_dv[None, :] < head_dim_v)
+        y_i = tl.load(Y + offs_i64[:, None] * stride_ys + offs_d[None, :], mask=yi_mask, other=0.0)
+        if SHARED_V:
+            v_i = y_i
+        else:
+            v_i = tl.load(V + offs_i64[:, None] * stride_vs + offs_dv[None, :], mask=vi_mask, other=0.0)
+        do_i = tl.load(DO + offs_i64[:, None] * stride_dos + offs_dv[None, :], mask=vi_mask, other=0.0)
+        lse2_i = tl.load(Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
+        delta_i = tl.load(Delta + offs_i, mask=valid_i, other=0.0)
+        real_i = valid_i
+        if HAS_KPM:
+            real_i = tl.load(Kpm + offs_i64 * stride_kpms, mask=valid_i, other=0) != 0
+        # One score tile [J, I]: S_JI, and S_IJ^T (the same numbers, M symmetric).
+        s = tl.dot(qm_j, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale
+        pair = valid_j[:, None] & valid_i[None, :]
+        p = tl.where(pair & real_i[None, :], tl.math.exp2(s - lse2_j[:, None]), 0.0)  # P_JI
+        p_t = tl.where(pair & real_j[:, None], tl.math.exp2(s - lse2_i[None, :]), 0.0)  # P_IJ^T
+        dp = tl.dot(do_j, tl.trans(v_i), input_precision=DOT_PRECISION)  # dP_JI
+        dp_t = tl.dot(v_j, tl.trans(do_i), input_precision=DOT_PRECISION)  # dP_IJ^T
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row_ctr_j[:, None], offs_i[None, :], key_stride, threshold)
+            keep_t = _dropout_keep(seed, row_ctr_base + offs_i64[None, :], offs_j[:, None], key_stride, threshold)
+            pd = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+            pd_t = tl.where(keep_t, p_t * inv_keep, 0.0)
+            dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+        else:
+            pd = p
+            pd_t = p_t
+        g_sum = (p * (dp - delta_j[:, None]) + p_t * (dp_t - delta_i[None, :])).to(y_j.dtype)  # G_JI + G_IJ^T
+        a_acc = tl.dot(g_sum, y_i, a_acc, input_precision=DOT_PRECISION)
+        dv_acc = tl.dot(pd_t.to(do_i.dtype), do_i, dv_acc, input_precision=DOT_PRECISION)
+        t_i = tl.dot(tl.trans(g_sum), y_j, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM]
+        dv_i = tl.dot(tl.trans(pd).to(do_j.dtype), do_j, input_precision=DOT_PRECISION)  # [BLOCK_N, HEAD_DIM_V]
+        if NEED_DCOEF:
+            dc_acc += tl.sum(y_i.to(tl.float32) * t_i, axis=0)
+        dy_i = t_i * out_coef[None, :]
+        if SHARED_V:
+            tl.atomic_add(DYAcc + offs_i64[:, None] * stride_as + offs_d[None, :], dy_i + dv_i, mask=yi_mask,
+                          sem="relaxed")
+        else:
+            tl.atomic_add(DYAcc + offs_i64[:, None] * stride_as + offs_d[None, :], dy_i, mask=yi_mask,
+                          sem="relaxed")
+            tl.atomic_add(DVAcc + offs_i64[:, None] * stride_avs + offs_dv[None, :], dv_i, mask=vi_mask,
+                          sem="relaxed")
+
+    dy_j = a_acc * out_coef[None, :]
+    if SHARED_V:
+        tl.atomic_add(DYAcc + offs_j64[:, None] * stride_as + offs_d[None, :], dy_j + dv_acc, mask=y_mask,
+                      sem="relaxed")
+    else:
+        tl.atomic_add(DYAcc + offs_j64[:, None] * stride_as + offs_d[None, :], dy_j, mask=y_mask, sem="relaxed")
+        tl.atomic_add(DVAcc + offs_j64[:, None] * stride_avs + offs_dv[None, :], dv_acc, mask=v_mask,
+                      sem="relaxed")
+    if NEED_DCOEF:
+        slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
+        tl.store(DCoefPartial + slot * head_dim + offs_d, dc_acc * scale, mask=offs_d < head_dim)
 
 
 def bwd_fuse_roles(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: int, dropout: bool) -> bool:
@@ -474,9 +653,107 @@ def bwd_config(head_dim_pad: int, head_dim_v_pad: int, fuse_roles: bool) -> tupl
     return 64, 16, 8, 2
 
 
+FULL_COEF_MAX_HEAD_DIM = 128  # D = 256 with a full coefficient needs 262 KB in the backward
+
+
+def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: int, dropout: bool, arch: int = 90):
+    """(FUSE_ROLES, (BLOCK_M, BLOCK_N, num_warps, num_stages)) of the default backward on a GPU:
+    the one table the launcher and ``python -m bench.compile_report`` both read.
+
+    Raises ValueError for a variant no config can run (the ops layer then uses the torch
+    backend): a full coefficient with head dim > 128, whose [D, D] operand tiles need about
+    262 KB of shared memory (sm_90 offers 227 KB)."""
+    if coef_mode == 2 and head_dim_pad > FULL_COEF_MAX_HEAD_DIM:
+        raise ValueError(
+            f"Triton backward: a full coefficient with head dim {head_dim_pad} > {FULL_COEF_MAX_HEAD_DIM} needs more "
+            "shared memory than sm_80/sm_90 offer; use the torch backend for this case")
+    fuse = bwd_fuse_roles(head_dim_pad, head_dim_v_pad, shared_v, coef_mode, dropout)
+    if arch < 90 and max(head_dim_pad, head_dim_v_pad) >= 256:
+        # sm_80 has no 64-row wgmma constraint: a 32-row owned block halves the three [rows, 256]
+        # fp32 accumulators, which spill at 64 rows.
+        return fuse, (32, 16, 8, 1)
+    return fuse, bwd_config(head_dim_pad, head_dim_v_pad, fuse)
+
+
 # Under the interpreter (and in tests) one fixed config; BLOCK_M != BLOCK_N exercises the stages.
 INTERPRET_BWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 PREPROCESS_BLOCK_M = 32
+
+
+def sym_bwd_config(head_dim_pad: int, head_dim_v_pad: int, arch: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the symmetric backward on sm_``arch`` (80 or
+    90), or None where its register state (two fp32 accumulators of the owned block, the pair's
+    five score-sized tiles and the other block's contributions) spills: head dims above 64 use
+    the default backward. sm_90 keeps 64 owned rows (one wgmma); sm_80 fits 32."""
+    if max(head_dim_pad, head_dim_v_pad) > 64:
+        return None
+    return (64, 16, 8, 2) if arch >= 90 else (32, 16, 8, 2)
+
+
+def use_symmetric_bwd(coef, causal: bool, deterministic: bool, head_dim_pad: int = 16,
+                      head_dim_v_pad: int = 16, arch: int = 90) -> bool:
+    """The symmetric backward (opt-in with deterministic=False) needs S symmetric (M = I or
+    diagonal) and gains nothing under a causal mask (the pair (J, I) of I > J is masked); on a
+    GPU also a config from ``sym_bwd_config``."""
+    if deterministic or causal or coef_mode(coef) == 2:
+        return False
+    return is_interpret() or sym_bwd_config(head_dim_pad, head_dim_v_pad, arch) is not None
+
+
+def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dv, dcoef, scale,
+                        dropout_p, exclude_self, is_varlen, batch, num_heads, seqlen_padded, head_dim, head_dim_v,
+                        n_rows, key_stride, stride_lb, stride_lh):
+    """Launch ``_symattn_bwd_sym_kernel`` into fp32 accumulators, then convert into dq / dv."""
+    if is_interpret():
+        block_m, block_n, launch = INTERPRET_BWD_CONFIG["BLOCK_M"], INTERPRET_BWD_CONFIG["BLOCK_N"], {}
+    else:
+        block_m, block_n, warps, stages = sym_bwd_config(padded_head_dim(q.shape[-1]),
+                                                         padded_head_dim(q.shape[-1] if v is None else v.shape[-1]),
+                                                         device_arch(q.device))
+        launch = {"num_warps": warps, "num_stages": stages}
+    mode = coef_mode(coef)
+    n_blocks = triton.cdiv(seqlen_padded, block_m)
+    need_dcoef = dcoef is not None and mode != 0
+    dy_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dv_acc = None if v is None else torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    dcoef_partial = None
+    if need_dcoef:
+        dcoef_partial = torch.zeros((batch, n_blocks, num_heads, head_dim), dtype=torch.float32, device=q.device)
+    has_dropout = dropout_p > 0.0
+    kpm = key_padding_mask
+    if kpm is not None:
+        # contiguous: a unit stride is specialized by the JIT, as bench.compile_report assumes
+        kpm = (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
+    dummy = lse  # never dereferenced: its constexpr flag is off
+    args = [
+        q, q if v is None else v, dummy if coef is None else coef, dummy if kpm is None else kpm,
+        cu_seqlens if is_varlen else dummy, dout, lse, delta, dy_acc, dummy if dv_acc is None else dv_acc,
+        dummy if dcoef_partial is None else dcoef_partial,
+        *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
+        *token_strides(dout, is_varlen), *token_strides(dy_acc, is_varlen),
+        *((0, 0, 0) if dv_acc is None else token_strides(dv_acc, is_varlen)), *coef_strides(coef)[:2],
+        *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
+        stride_lb, stride_lh,
+        num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
+        float(scale), int(seed) if has_dropout else 0,
+        dropout_threshold(dropout_p) if has_dropout else 0,
+        1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
+    ]
+    _symattn_bwd_sym_kernel[(n_blocks, batch * num_heads)](
+        *args, HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v), SHARED_V=v is None,
+        COEF_MODE=mode, NEED_DCOEF=need_dcoef, HAS_KPM=kpm is not None, IS_VARLEN=is_varlen,
+        HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, **launch,
+    )
+    dq.copy_(dy_acc)
+    if dv is not None:
+        dv.copy_(dv_acc)
+    if dcoef is not None:
+        if need_dcoef:
+            dcoef.copy_(dcoef_partial.sum(dim=(0, 1)).to(dcoef.dtype))
+        else:
+            dcoef.zero_()
+
 
 
 def attention_backward(
@@ -488,11 +765,13 @@ def attention_backward(
     Writes, overwriting fully, ``dq`` (like ``q``; in shared mode the sum of the query, key and
     value roles), ``dv`` (like ``v``, or None) and ``dcoef`` (like ``coef``, or None when not
     needed). ``dout`` is like ``out``; ``dlse`` (like ``lse``) is optional. The other arguments
-    are those of ``attention_forward`` plus its outputs ``out`` and ``lse``. ``deterministic``
-    is accepted for the contract: this backward never uses atomics, so it is always
-    deterministic.
+    are those of ``attention_forward`` plus its outputs ``out`` and ``lse``. With
+    ``deterministic=False``, non-causal attention and M = I or diagonal, the symmetric kernel
+    runs (one score tile per block pair, fp32 atomics; ``use_symmetric_bwd``); otherwise the
+    default kernel, which never uses atomics and is deterministic.
     """
     check_dropout(dropout_p, seed)
+    coef = None if coef is None else coef.contiguous()  # unit last stride (see kpm)
     is_varlen = cu_seqlens is not None
     q, v, dout, out = (unit_last_stride(t) for t in (q, v, dout, out))
     if is_varlen:
@@ -522,6 +801,15 @@ def attention_backward(
 
     interpret = is_interpret()
     hd_pad, hdv_pad = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
+    symmetric = use_symmetric_bwd(coef, causal, deterministic, hd_pad, hdv_pad,
+                                  90 if interpret else device_arch(q.device))
+    if interpret:
+        fuse_roles = bwd_fuse_roles(hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0)
+        blocks, launch = dict(INTERPRET_BWD_CONFIG), {}
+    elif not symmetric:  # raises ValueError for a variant no config runs, before any work
+        fuse_roles, (block_m, block_n, warps, stages) = bwd_plan(hd_pad, hdv_pad, v is None, coef_mode(coef),
+                                                                dropout_p > 0.0, device_arch(q.device))
+        blocks, launch = {"BLOCK_M": block_m, "BLOCK_N": block_n}, {"num_warps": warps, "num_stages": stages}
     delta = torch.empty_like(lse)
     _symattn_bwd_preprocess[(triton.cdiv(seqlen_padded, PREPROCESS_BLOCK_M), batch * num_heads)](
         out, dout, lse if dlse is None else dlse, delta, cu_seqlens if is_varlen else lse,
@@ -530,12 +818,12 @@ def attention_backward(
         HEAD_DIM_V=hdv_pad, HAS_DLSE=dlse is not None, IS_VARLEN=is_varlen, BLOCK_M=PREPROCESS_BLOCK_M,
     )
 
-    fuse_roles = bwd_fuse_roles(hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0)
-    if interpret:
-        blocks, launch = dict(INTERPRET_BWD_CONFIG), {}
-    else:
-        block_m, block_n, warps, stages = bwd_config(hd_pad, hdv_pad, fuse_roles)
-        blocks, launch = {"BLOCK_M": block_m, "BLOCK_N": block_n}, {"num_warps": warps, "num_stages": stages}
+    if symmetric:
+        _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dv, dcoef, scale,
+                            dropout_p, exclude_self, is_varlen, batch, num_heads, seqlen_padded, head_dim,
+                            head_dim_v, n_rows, key_stride, stride_lb, stride_lh)
+        return
+
     n_blocks = triton.cdiv(seqlen_padded, blocks["BLOCK_M"])
     mode = coef_mode(coef)
     need_dcoef = dcoef is not None and mode != 0
@@ -547,7 +835,8 @@ def attention_backward(
     has_dropout = dropout_p > 0.0
     kpm = key_padding_mask
     if kpm is not None:
-        kpm = kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm
+        # contiguous: a unit stride is specialized by the JIT, as bench.compile_report assumes
+        kpm = (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
     dummy = lse  # never dereferenced: its constexpr flag is off
     args = [
         q, q if v is None else v, dummy if coef is None else coef, dummy if kpm is None else kpm,

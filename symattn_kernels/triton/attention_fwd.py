@@ -34,6 +34,7 @@ from ._utils import (
     check_dropout,
     coef_mode,
     coef_strides,
+    device_arch,
     dot_precision,
     dropout_threshold,
     is_interpret,
@@ -128,7 +129,7 @@ def _symattn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr, REUSE_DIAG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
@@ -184,26 +185,25 @@ def _symattn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    if SHARED_V:
+    if SHARED_V and REUSE_DIAG:
         # The program's own query tile is also a key/value tile: process the diagonal block from
-        # registers and skip it in the key loop (one load of Y_I serves as query, key and value).
+        # registers first (q is then dead for the key loop) and skip it in the key loop, so one
+        # load of Y_I serves as query, key and value. Online softmax takes the blocks in any order.
         diag_lo = start_m * BLOCK_M
-        if IS_CAUSAL:
-            acc, l_i, m_i = _symattn_fwd_inner(
-                acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
-                offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-                has_other, row_ctr, qk_scale, seed, key_stride, threshold,
-                0, diag_lo,
-                1, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
-            )
-        else:
-            acc, l_i, m_i = _symattn_fwd_inner(
-                acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
-                offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-                has_other, row_ctr, qk_scale, seed, key_stride, threshold,
-                0, diag_lo,
-                3, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
-            )
+        qk = tl.dot(qm, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_M]
+        acc, l_i, m_i = _symattn_fwd_update(
+            acc, l_i, m_i, qk, q, offs_m, offs_m, Kpm, stride_kpms, seqlen,
+            has_other, row_ctr, seed, key_stride, threshold,
+            2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
+        )
+        acc, l_i, m_i = _symattn_fwd_inner(
+            acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
+            offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
+            has_other, row_ctr, qk_scale, seed, key_stride, threshold,
+            0, diag_lo,
+            1 if IS_CAUSAL else 3, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+        )
+        if not IS_CAUSAL:
             acc, l_i, m_i = _symattn_fwd_inner(
                 acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
                 offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
@@ -211,12 +211,6 @@ def _symattn_fwd_kernel(
                 diag_lo + BLOCK_M, seqlen,
                 3, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
             )
-        qk = tl.dot(qm, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_M]
-        acc, l_i, m_i = _symattn_fwd_update(
-            acc, l_i, m_i, qk, q, offs_m, offs_m, Kpm, stride_kpms, seqlen,
-            has_other, row_ctr, seed, key_stride, threshold,
-            2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
-        )
     elif IS_CAUSAL:
         acc, l_i, m_i = _symattn_fwd_inner(
             acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
@@ -255,18 +249,31 @@ def _symattn_fwd_kernel(
     )
 
 
+def fwd_reuse_diag(shared_v: bool, head_dim_pad: int, arch: int) -> bool:
+    """REUSE_DIAG: in shared mode, serve the diagonal key/value block from the query tile in
+    registers (no reload). Its [BLOCK_M, BLOCK_M] score step spills on wide heads
+    (``python -m bench.compile_report``): up to head dim 128 on sm_90, 64 on sm_80."""
+    return shared_v and head_dim_pad <= (128 if arch >= 90 else 64)
+
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on sm_80 / sm_90. BLOCK_M
 # stays >= 64, the rows of one sm_90 warpgroup MMA (wgmma).
 FWD_CONFIGS = [
     (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3),
     (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2), (64, 32, 4, 2),
+    (64, 16, 8, 1),  # only for a full coefficient on a wide head (fwd_configs_for)
 ]
 
 
-def fwd_configs_for(max_seqlen: int, head_dim_pad: int, head_dim_v_pad: int, dropout: bool = False) -> list:
+def fwd_configs_for(max_seqlen: int, head_dim_pad: int, head_dim_v_pad: int, dropout: bool = False,
+                    coef_mode: int = 0, shared_v: bool = False) -> list:
     """The FWD_CONFIGS worth trying for a shape: no block much longer than the sequence, and no
-    tile whose registers would spill (checked by ``python -m bench.compile_report``): wide heads
-    and dropout (Philox keeps four 32-bit words per score element) need more warps per tile."""
+    tile whose registers would spill (checked by ``python -m bench.compile_report``, which reads
+    this same function): wide heads and dropout (Philox keeps four 32-bit words per score
+    element) need more warps per tile, and a full coefficient on a wide head (its fold holds a
+    [64, D] fp32 tile next to the query tile) the narrowest key block, single-stage. In shared mode the
+    diagonal step holds a [BLOCK_M, BLOCK_M] score tile: 128-row blocks only with 8 warps and
+    32-key tiles."""
     width = max(head_dim_pad, head_dim_v_pad)
     kept = []
     for block_m, block_n, warps, stages in FWD_CONFIGS:
@@ -279,6 +286,10 @@ def fwd_configs_for(max_seqlen: int, head_dim_pad: int, head_dim_v_pad: int, dro
             continue
         if dropout and scores_per_thread > 8:
             continue
+        if (coef_mode == 2 and width >= 256) != (block_n == 16):
+            continue
+        if shared_v and block_m > 64 and (warps < 8 or block_n > 32):
+            continue
         kept.append((block_m, block_n, warps, stages))
     return kept or [(64, 32, 8, 2)]
 
@@ -289,7 +300,8 @@ def _as_triton_configs(configs):
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    wanted = set(fwd_configs_for(args["seqlen_padded"], args["HEAD_DIM"], args["HEAD_DIM_V"], args["HAS_DROPOUT"]))
+    wanted = set(fwd_configs_for(args["seqlen_padded"], args["HEAD_DIM"], args["HEAD_DIM_V"], args["HAS_DROPOUT"],
+                                 args["COEF_MODE"], args["SHARED_V"]))
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
 
@@ -328,6 +340,7 @@ def attention_forward(
         (out, lse): out like ``v`` (or ``q``) in q's dtype; lse float32 [B, H, S] or [H, total].
     """
     check_dropout(dropout_p, seed)
+    coef = None if coef is None else coef.contiguous()  # unit last stride (see kpm)
     is_varlen = cu_seqlens is not None
     q = unit_last_stride(q)
     v = unit_last_stride(v)
@@ -353,7 +366,8 @@ def attention_forward(
     has_dropout = dropout_p > 0.0
     kpm = key_padding_mask
     if kpm is not None:
-        kpm = kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm
+        # contiguous: a unit stride is specialized by the JIT, as bench.compile_report assumes
+        kpm = (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
     dummy = q  # never dereferenced: its constexpr flag is off
     args = [
         q, q if v is None else v, dummy if coef is None else coef, dummy if kpm is None else kpm,
@@ -372,6 +386,8 @@ def attention_forward(
         SHARED_V=v is None, COEF_MODE=coef_mode(coef), IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None,
         IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self),
         DOT_PRECISION=dot_precision(q.dtype),
+        REUSE_DIAG=fwd_reuse_diag(v is None, padded_head_dim(head_dim),
+                                  90 if is_interpret() else device_arch(q.device)),
     )
 
     def grid(meta):
