@@ -151,9 +151,7 @@ def count_kernels(seqlen: int, head_dim: int, shared: bool, deterministic: bool,
     attention_fwd.INTERPRET_FWD_CONFIG, attention_bwd.INTERPRET_BWD_CONFIG = blocks, blocks
     try:
         with counting() as fwd:
-            out, lse = attention_fwd.attention_forward(q, v, **{k: options[k] for k in (
-                "coef", "key_padding_mask", "cu_seqlens", "seed", "scale", "causal", "dropout_p", "exclude_self",
-                "max_seqlen", "deterministic")})
+            out, lse = attention_fwd.attention_forward(q, v, **options)
         dq = torch.empty_like(q)
         dv = None if v is None else torch.empty_like(v)
         with counting() as bwd:

@@ -16,7 +16,6 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-MIN_TRITON = (3, 2)
 
 # What "auto" tries, in order, for each device type.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
@@ -39,22 +38,13 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
-
-
 def _triton_status() -> BackendStatus:
     interpreting = triton_interpreting()
     devices = ("cuda", "cpu") if interpreting else ("cuda",)
     try:
-        import triton
-    except ImportError:
-        return BackendStatus("triton", False, "triton is not installed (`pip install triton`)", devices)
-    if _version_tuple(triton.__version__) < MIN_TRITON:
-        need = ".".join(map(str, MIN_TRITON))
-        return BackendStatus("triton", False, f"triton {triton.__version__} is older than {need}", devices)
-    if importlib.util.find_spec("symattn_kernels.triton.attention_fwd") is None:
-        return BackendStatus("triton", False, "this version ships no Triton attention kernels yet", devices)
+        importlib.import_module(".triton", __package__)  # raises when triton is missing or too old
+    except ImportError as err:
+        return BackendStatus("triton", False, f"{err} (`pip install 'triton>=3.2'`)", devices)
     if not interpreting and not torch.cuda.is_available():
         return BackendStatus(
             "triton", False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)", devices

@@ -24,7 +24,8 @@ from torch import Tensor
 from .reference import attention_mask, dropout_keep_mask
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the arithmetic and of lse: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -71,7 +72,7 @@ class _Problem:
 
     def __init__(self, q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self, row_ids, n_rows):
         batch, seqlen, num_heads, _ = q.shape
-        cd = _compute_dtype(q.dtype)
+        cd = accumulate_dtype(q.dtype)
         self.y = q.transpose(1, 2).to(cd)
         self.values = self.y if v is None else v.transpose(1, 2).to(cd)
         self.coef = None if coef is None else coef.to(cd)
@@ -109,23 +110,19 @@ def _forward_padded(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p
     return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def attention_forward(
     q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen, deterministic
 ):
     del deterministic  # every composite path is deterministic
     if cu_seqlens is None:
         out, lse = _forward_padded(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self)
-        return out, lse.to(_lse_dtype(q.dtype))
+        return out, lse.to(accumulate_dtype(q.dtype))
     vl = _Varlen(cu_seqlens, max_seqlen)
     out, lse = _forward_padded(
         vl.pad(q), None if v is None else vl.pad(v), coef, vl.real, seed, scale, causal, dropout_p, exclude_self,
         vl.row_ids, vl.total,
     )
-    return vl.unpad(out), vl.unpad_lse(lse).to(_lse_dtype(q.dtype))
+    return vl.unpad(out), vl.unpad_lse(lse).to(accumulate_dtype(q.dtype))
 
 
 def _backward_padded(
@@ -188,7 +185,7 @@ def attention_backward(
 
 def _lowrank_parts(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
     """Forward intermediates of LAMA in compute dtype; see reference.lowrank_context_attention."""
-    cd = _compute_dtype(h.dtype)
+    cd = accumulate_dtype(h.dtype)
     h, p, q = h.to(cd), p.to(cd), q.to(cd)
     u = h if u is None else u.to(cd)
     ctx = context.to(cd)

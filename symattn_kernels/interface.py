@@ -8,11 +8,7 @@ import torch
 from torch import Tensor
 
 from . import backends, ops, validation
-
-
-def _unit_last_stride(x: Optional[Tensor]) -> Optional[Tensor]:
-    # Kernels take any strides as long as the innermost one is 1; copy only when it is not.
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+from .ops import unit_last_stride as _unit_last_stride
 
 
 def _dropout_seed(dropout_p: float) -> Optional[Tensor]:

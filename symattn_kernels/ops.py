@@ -15,14 +15,11 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .composite import accumulate_dtype
 
 
 def _seed(seed: Optional[Tensor]) -> Optional[int]:
     return None if seed is None else int(seed.item())
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("symattn::attention_fwd", mutates_args=())
@@ -55,7 +52,7 @@ def _attention_fwd_fake(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, c
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # [B, H, S]
     else:
         lse_shape = (q.shape[1], q.shape[0])  # [H, total]
-    return out, q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+    return out, q.new_empty(lse_shape, dtype=accumulate_dtype(q.dtype))
 
 
 @torch.library.custom_op("symattn::attention_bwd", mutates_args=("dq", "dv", "dcoef"))
@@ -92,8 +89,9 @@ def _attention_bwd_fake(*args) -> None:
     return None
 
 
-def _unit_last_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def unit_last_stride(x: Optional[Tensor]) -> Optional[Tensor]:
+    # Kernels take any strides as long as the innermost one is 1; copy only when it is not.
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -112,7 +110,7 @@ def _attention_backward(ctx, dout, dlse):
     dv = None if v is None else torch.empty_like(v)
     dcoef = torch.empty_like(coef) if coef is not None and needs[2] else None
     attention_bwd(
-        _unit_last_stride(dout), dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
+        unit_last_stride(dout), dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
         *ctx.options,
     )
     return (dq if needs[0] else None, dv if needs[1] else None, dcoef) + (None,) * 10
@@ -200,7 +198,7 @@ def _lowrank_backward(ctx, dpooled, dattn):
         torch.empty_like(t) if t is not None and need else None
         for t, need in zip((h, context, p, q, u), needs[:5])
     ]
-    lowrank_bwd(_unit_last_stride(dpooled), dattn, h, context, p, q, u, key_padding_mask, *buffers, *ctx.options)
+    lowrank_bwd(unit_last_stride(dpooled), dattn, h, context, p, q, u, key_padding_mask, *buffers, *ctx.options)
     return (*buffers, None) + (None,) * 4
 
 
