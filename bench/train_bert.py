@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import text_data
+from bench import training
 
 VARIANTS = ("standard", "shared", "symmetric", "pairwise_diag", "pairwise_full")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -64,35 +63,12 @@ def build_model(setup: Setup, vocab_size: int, num_labels: int, max_len: int, va
     return model if variant == "standard" else convert_bert(model, variant, init="random")
 
 
-def _trimmed(ids: torch.Tensor, mask: torch.Tensor):
-    # Pad each batch only to its longest sequence: short reviews cost short attention.
-    length = int(mask.sum(1).max())
-    return ids[:, :length], mask[:, :length]
-
-
-def _batches(lengths: torch.Tensor, batch_size: int, steps: int, seed: int) -> list:
-    """``steps`` shuffled batches of similar lengths (sorted within pools of 50 batches), so that
-    short texts are not padded to long ones; epochs follow each other until ``steps`` is reached."""
-    generator = torch.Generator().manual_seed(seed)
-    pool = 50 * batch_size
-    batches = []
-    while len(batches) < steps:
-        order = torch.randperm(len(lengths), generator=generator)
-        epoch = []
-        for start in range(0, len(order) - batch_size + 1, pool):
-            chunk = order[start : start + pool]
-            chunk = chunk[lengths[chunk].argsort(stable=True)]
-            epoch += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
-        batches += [epoch[i] for i in torch.randperm(len(epoch), generator=generator).tolist()]
-    return batches[:steps]
-
-
 @torch.no_grad()
 def accuracy(model, ids, mask, targets, batch_size: int = 256) -> float:
     model.eval()
     correct = 0
     for start in range(0, len(ids), batch_size):
-        i, m = _trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
+        i, m = training.trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
         predicted = model(input_ids=i, attention_mask=m).logits.argmax(-1)
         correct += int((predicted == targets[start : start + batch_size]).sum())
     return correct / len(ids)
@@ -105,11 +81,11 @@ def train_one(model, data, setup: Setup, steps: int, seed: int, progress) -> dic
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
     )
-    batches = _batches(mask.sum(1), setup.batch_size, steps, seed)
+    batches = training.batches(mask.sum(1), setup.batch_size, steps, seed)
     losses, times = [], []
     model.train()
     for step, batch in enumerate(batches):
-        i, m = _trimmed(ids[batch], mask[batch])
+        i, m = training.trimmed(ids[batch], mask[batch])
         start = time.perf_counter()
         loss = model(input_ids=i, attention_mask=m, labels=targets[batch]).loss
         optimizer.zero_grad(set_to_none=True)
@@ -124,18 +100,6 @@ def train_one(model, data, setup: Setup, steps: int, seed: int, progress) -> dic
     val_ids, val_mask, val_targets = data["val"]
     return {"losses": losses, "sec_per_step": statistics.median(times[min(5, steps - 1):]),
             "val_acc": accuracy(model, val_ids, val_mask, val_targets)}
-
-
-def prepare(name: str, setup: Setup) -> dict:
-    dataset = text_data.DATASETS[name]()
-    tokenizer = text_data.train_tokenizer(dataset.train_texts, setup.vocab_size)
-    max_len = dict(setup.max_len)[name]
-    out = {"name": name, "labels": dataset.labels, "vocab_size": tokenizer.get_vocab_size(), "max_len": max_len}
-    for side, texts, targets in (("train", dataset.train_texts, dataset.train_targets),
-                                 ("val", dataset.val_texts, dataset.val_targets)):
-        ids, mask = text_data.encode(tokenizer, texts, max_len)
-        out[side] = (ids, mask, torch.tensor(targets))
-    return out
 
 
 def _parameters(model) -> tuple[int, int]:
@@ -195,7 +159,7 @@ def warm_start_check(data: dict, setup: Setup, steps: int) -> str:
     with tqdm(total=steps, desc=f"{data['name']} warm-start source", leave=False) as progress:
         trained = train_one(model, data, setup, steps, 0, progress)
     val_ids, val_mask, val_targets = data["val"]
-    sample = dict(zip(("input_ids", "attention_mask"), _trimmed(val_ids[:64], val_mask[:64])))
+    sample = dict(zip(("input_ids", "attention_mask"), training.trimmed(val_ids[:64], val_mask[:64])))
     lines = [f"#### {data['name']}: warm start from the trained standard model (seed 0, "
              f"val. accuracy {100 * trained['val_acc']:.2f} %), no fine-tuning", "",
              "| variant | init | rel. logit error per layer | last hidden: rel. error / cosine | val. accuracy |",
@@ -227,44 +191,26 @@ def _write(out: Path, rows: list, curves: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--datasets", nargs="+", default=list(text_data.DATASETS), choices=list(text_data.DATASETS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every dataset's step count")
-    parser.add_argument("--time-limit", type=float, default=30.0,
-                        help="minutes; no new seed round starts when the last round's duration would overrun it")
-    parser.add_argument("--quick", action="store_true", help="8 steps, 1 seed: a smoke run")
+    training.add_run_arguments(parser, VARIANTS, quick_steps=8)
     parser.add_argument("--warm-start", action="store_true", help="also run the warm-start check")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     setup = Setup()
-    seeds = 1 if args.quick else args.seeds
-    steps = {name: 8 if args.quick else max(1, round(n * args.steps_scale)) for name, n in setup.steps}
+    seeds, steps = training.schedule(args, setup.steps, quick_steps=8)
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    data = {name: prepare(name, setup) for name in args.datasets}
-    rows, curves, done = [], {}, 0
-    total = sum(steps[name] for name in args.datasets) * len(args.variants) * seeds
-    # Seeds outermost: should the time limit stop the run, every variant has the same seeds.
-    with tqdm(total=total, desc="training", unit="step") as progress:
-        for seed in range(seeds):
-            round_began = time.perf_counter()
-            for name, variant in ((n, v) for n in args.datasets for v in args.variants):
-                d = data[name]
-                progress.set_description(f"seed {seed} {name} {variant}")
-                model = build_model(setup, d["vocab_size"], len(d["labels"]), d["max_len"], variant, seed)
-                params, qkv = _parameters(model)
-                result = train_one(model, d, setup, steps[name], seed, progress)
-                curves.setdefault((name, variant), []).append(result.pop("losses"))
-                rows.append({"dataset": name, "variant": variant, "seed": seed, "params": params,
-                             "qkv_params": qkv, "steps": steps[name], **result,
-                             "final_loss": statistics.mean(curves[(name, variant)][-1][-20:])})
-            done += 1
-            _write(args.out, rows, curves)
-            now = time.perf_counter()
-            if seed + 1 < seeds and (now - began) + (now - round_began) > 60 * args.time_limit:
-                tqdm.write(f"stopping after {done} of {seeds} seeds: another round would pass {args.time_limit} min")
-                break
+    data = {name: training.prepare(name, setup.vocab_size, dict(setup.max_len)[name]) for name in args.datasets}
+    rows, curves = [], {}
+
+    def run(name, variant, seed, progress):
+        d = data[name]
+        model = build_model(setup, d["vocab_size"], len(d["labels"]), d["max_len"], variant, seed)
+        params, qkv = _parameters(model)
+        result = train_one(model, d, setup, steps[name], seed, progress)
+        curves.setdefault((name, variant), []).append(result.pop("losses"))
+        rows.append({"dataset": name, "variant": variant, "seed": seed, "params": params, "qkv_params": qkv,
+                     "steps": steps[name], **result, "final_loss": statistics.mean(curves[(name, variant)][-1][-20:])})
+
+    done = training.seed_rounds(args, seeds, steps, run, lambda: _write(args.out, rows, curves))
     s = setup
     partial = "" if done == seeds else f" PARTIAL: {done} of {seeds} seeds (time limit)."
     report = [f"Small BERT from scratch: {s.layers} layers, d_model {s.hidden_size}, {s.heads} heads, FFN "

@@ -32,14 +32,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from bench import text_data
-from bench.train_bert import _batches, _trimmed
+from bench import training
 from symattn_kernels.lama import LAMAClassifier, masked_mean
 
 VARIANTS = ("lama", "additive", "structured", "mean")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -127,7 +124,7 @@ def accuracy(model, ids, mask, targets, batch_size: int = 256) -> float:
     model.eval()
     correct = 0
     for start in range(0, len(ids), batch_size):
-        i, m = _trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
+        i, m = training.trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
         correct += int((model(i, m).argmax(-1) == targets[start : start + batch_size]).sum())
     return correct / len(ids)
 
@@ -137,8 +134,8 @@ def train_one(model, data, setup: Setup, steps: int, seed: int, penalty: float, 
     optimizer = torch.optim.Adam(model.parameters(), lr=setup.lr)
     losses, times = [], []
     model.train()
-    for batch in _batches(mask.sum(1), setup.batch_size, steps, seed):
-        i, m = _trimmed(ids[batch], mask[batch])
+    for batch in training.batches(mask.sum(1), setup.batch_size, steps, seed):
+        i, m = training.trimmed(ids[batch], mask[batch])
         start = time.perf_counter()
         loss = nn.functional.cross_entropy(model(i, m), targets[batch])
         extra = getattr(model.attention, "penalty", None)
@@ -155,18 +152,6 @@ def train_one(model, data, setup: Setup, steps: int, seed: int, penalty: float, 
     val_ids, val_mask, val_targets = data["val"]
     return {"sec_per_step": statistics.median(times[min(5, steps - 1):]),
             "final_loss": statistics.mean(losses[-20:]), "val_acc": accuracy(model, val_ids, val_mask, val_targets)}
-
-
-def prepare(name: str, setup: Setup) -> dict:
-    dataset = text_data.DATASETS[name]()
-    tokenizer = text_data.train_tokenizer(dataset.train_texts, setup.vocab_size)
-    max_len = dict(setup.max_len)[name]
-    out = {"name": name, "labels": dataset.labels, "vocab_size": tokenizer.get_vocab_size()}
-    for side, texts, targets in (("train", dataset.train_texts, dataset.train_targets),
-                                 ("val", dataset.val_texts, dataset.val_targets)):
-        ids, mask = text_data.encode(tokenizer, texts, max_len)
-        out[side] = (ids, mask, torch.tensor(targets))
-    return out
 
 
 def table(rows: list, seeds: int) -> str:
@@ -208,42 +193,25 @@ def plot(rows: list, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--datasets", nargs="+", default=list(text_data.DATASETS), choices=list(text_data.DATASETS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every dataset's step count")
+    training.add_run_arguments(parser, VARIANTS, quick_steps=10)
     parser.add_argument("--penalty", type=float, default=0.1, help="structured self-attention penalty coefficient")
-    parser.add_argument("--time-limit", type=float, default=30.0,
-                        help="minutes; no new seed round starts when the last round's duration would overrun it")
-    parser.add_argument("--quick", action="store_true", help="10 steps per run, 1 seed: a smoke run")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     setup = Setup()
-    seeds = 1 if args.quick else args.seeds
-    steps = {name: 10 if args.quick else max(1, round(n * args.steps_scale)) for name, n in setup.steps}
+    seeds, steps = training.schedule(args, setup.steps, quick_steps=10)
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    data = {name: prepare(name, setup) for name in args.datasets}
-    rows, done = [], 0
-    total = sum(steps[name] for name in args.datasets) * len(args.variants) * seeds
-    # Seeds outermost: should the time limit stop the run, every variant has the same seeds.
-    with tqdm(total=total, desc="training", unit="step") as progress:
-        for seed in range(seeds):
-            round_began = time.perf_counter()
-            for name, variant in ((n, v) for n in args.datasets for v in args.variants):
-                d = data[name]
-                progress.set_description(f"seed {seed} {name} {variant}")
-                model = build_model(setup, d["vocab_size"], len(d["labels"]), variant, seed)
-                result = train_one(model, d, setup, steps[name], seed, args.penalty, progress)
-                rows.append({"dataset": name, "variant": variant, "seed": seed, "heads": model.attention.num_heads,
-                             "attention_params": model.attention_parameters(),
-                             "params": sum(p.numel() for p in model.parameters()), "steps": steps[name], **result})
-            done += 1
-            _write(args.out, rows)
-            now = time.perf_counter()
-            if seed + 1 < seeds and (now - began) + (now - round_began) > 60 * args.time_limit:
-                tqdm.write(f"stopping after {done} of {seeds} seeds: another round would pass {args.time_limit} min")
-                break
+    data = {name: training.prepare(name, setup.vocab_size, dict(setup.max_len)[name]) for name in args.datasets}
+    rows = []
+
+    def run(name, variant, seed, progress):
+        d = data[name]
+        model = build_model(setup, d["vocab_size"], len(d["labels"]), variant, seed)
+        result = train_one(model, d, setup, steps[name], seed, args.penalty, progress)
+        rows.append({"dataset": name, "variant": variant, "seed": seed, "heads": model.attention.num_heads,
+                     "attention_params": model.attention_parameters(),
+                     "params": sum(p.numel() for p in model.parameters()), "steps": steps[name], **result})
+
+    done = training.seed_rounds(args, seeds, steps, run, lambda: _write(args.out, rows))
     s = setup
     partial = "" if done == seeds else f" PARTIAL: {done} of {seeds} seeds (time limit)."
     smoke = " SMOKE RUN (--quick): not a result." if args.quick else ""
