@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.symattn-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: test test-fast test-interpret bench info train train-lama clean
+.PHONY: test test-fast test-interpret bench info train train-lama check-cuda-build clean
 
 # Bootstrap (or update) the venv, then an editable install without build isolation, so csrc/
 # builds against the venv's torch.
@@ -41,6 +41,12 @@ train-lama: $(STAMP)
 
 info: $(STAMP)
 	$(PY) -m symattn_kernels.info
+
+# Opt-in, never part of `test` or CI: builds csrc/cuda against a CUDA build of torch (several GB,
+# installed into a throwaway venv under /tmp) in a copy of the tree, then checks linking, loading
+# and op registration without a GPU (scripts/check_cuda_build.sh; about 5-10 min on 2 cores).
+check-cuda-build:
+	bash scripts/check_cuda_build.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info symattn_kernels/*.so bench/results

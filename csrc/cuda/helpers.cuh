@@ -1,18 +1,17 @@
 // Torch-free __host__ __device__ helpers of the CUDA attention kernels: layout offsets (padded
 // and varlen), classification of a (query block, key block) tile under causal / key padding /
-// exclude_self, Philox-4x32-10 dropout, and the online-softmax step. Compiled as device code by
-// nvcc and as plain host C++ by tests/test_cuda_helpers.py, which checks them against
-// symattn_kernels.reference.
+// exclude_self, dropout keep decisions (Philox-4x32-10 from ../common/philox.h, shared with the
+// CPU kernels), and the online-softmax step. Compiled as device code by nvcc and as plain host
+// C++ by tests/test_cuda_helpers.py, which checks them against symattn_kernels.reference.
 #pragma once
 
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define SYMATTN_HD __host__ __device__ __forceinline__
-#else
-#define SYMATTN_HD inline
+#if !defined(__CUDACC__)
 #include <cmath>
 #endif
+
+#include "../common/philox.h"  // philox_randint, dropout_threshold and the SYMATTN_HD macro
 
 namespace symattn {
 
@@ -108,35 +107,6 @@ SYMATTN_HD int classify_tile(int m0, int bm, int n0, int bn, bool causal, bool e
 }
 
 // ---- dropout -------------------------------------------------------------------------------
-
-// Philox-4x32-10 (Salmon et al. 2011), bit-identical to triton.language.randint and
-// reference.philox_randint: counter (offset lo, offset hi, 0, 0), key (seed lo, seed hi).
-SYMATTN_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t prod_b = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint64_t prod_a = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint32_t next0 = static_cast<uint32_t>(prod_b >> 32) ^ c1 ^ k0;
-    const uint32_t next2 = static_cast<uint32_t>(prod_a >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(prod_b);
-    c3 = static_cast<uint32_t>(prod_a);
-    c0 = next0;
-    c2 = next2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
-
-// reference.dropout_threshold: floor(dropout_p * 2**31), capped at 2**31.
-SYMATTN_HD uint32_t dropout_threshold(double dropout_p) {
-  const double t = dropout_p * 2147483648.0;
-  return t >= 2147483648.0 ? 2147483648u : static_cast<uint32_t>(t);
-}
 
 // reference.dropout_keep_mask for element (h, row, key): counter (h * n_rows + row) * key_stride + key.
 SYMATTN_HD bool dropout_keep(uint64_t seed, uint32_t threshold, int h, int64_t n_rows, int64_t row,

@@ -1,0 +1,53 @@
+// Philox-4x32-10 (Salmon et al. 2011), bit-identical to triton.language.randint and to
+// symattn_kernels.reference.philox_randint: counter (offset low word, offset high word, 0, 0),
+// key (seed low word, seed high word), first output word; and reference.dropout_threshold.
+// Torch-free and shared by the CPU kernels (plain C++) and the CUDA kernels (host and device):
+// SYMATTN_HD marks functions as __host__ __device__ under nvcc, inline otherwise.
+#pragma once
+
+#include <stdint.h>
+
+#if !defined(SYMATTN_HD)
+#if defined(__CUDACC__)
+#define SYMATTN_HD __host__ __device__ __forceinline__
+#else
+#define SYMATTN_HD inline
+#endif
+#endif
+
+namespace symattn {
+
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr int kPhiloxRounds = 10;
+
+SYMATTN_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint64_t prod_b = static_cast<uint64_t>(kPhiloxRoundB) * c2;
+    const uint64_t prod_a = static_cast<uint64_t>(kPhiloxRoundA) * c0;
+    const uint32_t next0 = static_cast<uint32_t>(prod_b >> 32) ^ c1 ^ k0;
+    const uint32_t next2 = static_cast<uint32_t>(prod_a >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(prod_b);
+    c3 = static_cast<uint32_t>(prod_a);
+    c0 = next0;
+    c2 = next2;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return c0;
+}
+
+// reference.dropout_threshold: keep when (randint >> 1) >= floor(dropout_p * 2**31), capped at 2**31.
+SYMATTN_HD uint32_t dropout_threshold(double dropout_p) {
+  const double t = dropout_p * 2147483648.0;
+  return t >= 2147483648.0 ? 2147483648u : static_cast<uint32_t>(t);
+}
+
+}  // namespace symattn
