@@ -1,6 +1,7 @@
 """Focused CPU benchmark of the fused ``cpu`` backend (SPEC section 7, issue 4 targets).
 
     python -m bench.cpu_kernels [--quick] [--json PATH]
+    python -m bench.cpu_kernels --dtypes [--rounds N] [--json PATH]
 
 Side by side in one process, torch threads = cores, medians of
 ``torch.utils.benchmark.Timer.blocked_autorange`` (via ``bench.timing``):
@@ -10,6 +11,14 @@ Side by side in one process, torch threads = cores, medians of
   so SDPA computes and sums three gradients), fp32 and bf16, H=12, D=64 at (B, S) = (32, 128),
   (8, 512), (1, 2048); peak memory of forward+backward from the profiler's allocation events;
 * ``symmetric_attention(q, v, coef=diag)`` forward against ``SDPA(q * c, q, v)``.
+
+``--dtypes`` times only the ``cpu`` backend in fp32, bf16 and fp16 at (B, S) = (32, 128) and
+(8, 512), forward and forward+backward, in interleaved rounds (each round one
+``blocked_autorange`` median per dtype, back to back), and reports the median over rounds and
+the median of the per-round ratios to fp32: paired ratios stay meaningful when other work
+loads the machine. Issue 4's target is bf16 / fp32 <= 1 where the kernels run bf16 operands
+(``kernel_isa() == "AVX512_BF16"``); elsewhere bf16 is widened to fp32 and the ratio is only
+reported.
 
 Every timed shape first passes a correctness check against SDPA in fp32. The report starts
 with the load average: the numbers are only comparable on a quiet machine.
@@ -32,6 +41,8 @@ from bench.timing import peak_memory_mib, time_call
 
 HEADS, HEAD_DIM = 12, 64
 SHAPES = [(32, 128), (8, 512), (1, 2048)]
+DTYPE_SHAPES = [(32, 128), (8, 512)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGETS = {"fwd": 1.3, "fwd+bwd": 1.6, "diag fwd": 1.15, "peak memory": 0.6}
 
 
@@ -104,6 +115,53 @@ def run(quick: bool) -> dict:
     return dict(environment=_environment(), rows=rows)
 
 
+def run_dtypes(rounds: int, min_run_time: float = 0.2) -> dict:
+    """fp32 / bf16 / fp16 of the cpu backend, interleaved rounds (see the module docstring)."""
+    import statistics
+
+    torch.manual_seed(0)
+    rows = []
+    for batch, seqlen in DTYPE_SHAPES:
+        y32 = torch.randn(batch, seqlen, HEADS, HEAD_DIM)
+        err = _check(y32)
+        calls = {}
+        for name, dtype in DTYPES.items():
+            y = y32.to(dtype)
+            fn = _providers()["cpu"]
+            calls[name, "fwd"] = lambda fn=fn, y=y: fn(y)
+            calls[name, "fwd+bwd"] = _fwd_bwd(fn, y)
+        times = {key: [] for key in calls}
+        for _ in range(rounds):
+            for key, call in calls.items():
+                times[key].append(time_call(call, "cpu", min_run_time).median_ms)
+        for (name, mode), samples in times.items():
+            base = times["float32", mode]
+            rows.append(dict(B=batch, S=seqlen, dtype=name, mode=mode, median_ms=statistics.median(samples),
+                             min_ms=min(samples), ratio_to_fp32=statistics.median(a / b for a, b in zip(samples, base)),
+                             rounds=rounds, check_err=err))
+    return dict(environment=_environment(), dtype_rows=rows)
+
+
+def format_dtypes(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"CPU kernels by dtype: torch {env['torch']}, {env['torch_threads']} threads on {env['cores']} cores, "
+             f"kernels {env['kernel_isa']}, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}", "",
+             f"{'shape':<14} {'mode':<8} {'dtype':<9} {'median ms':>10} {'min ms':>8} {'/ fp32':>7}"]
+    for r in sorted(report["dtype_rows"], key=lambda r: (r["B"], r["S"], r["mode"])):
+        lines.append(f"B={r['B']:<3} S={r['S']:<5} {r['mode']:<8} {r['dtype']:<9} {r['median_ms']:10.2f} "
+                     f"{r['min_ms']:8.2f} {r['ratio_to_fp32']:7.3f}")
+    rounds = report["dtype_rows"][0]["rounds"] if report["dtype_rows"] else 0
+    lines += ["", f"median over {rounds} interleaved rounds; / fp32 = median of the per-round ratios",
+              _bf16_target_line(env)]
+    return "\n".join(lines)
+
+
+def _bf16_target_line(env: dict) -> str:
+    if env["kernel_isa"] == "AVX512_BF16":
+        return "target (issue 4): bf16 / fp32 <= 1.0 (bf16 operands on AVX512-BF16 here)"
+    return f"no AVX512-BF16 here (kernels {env['kernel_isa']}): bf16 is widened to fp32, ratio reported only"
+
+
 def _environment() -> dict:
     from symattn_kernels import cpu_backend
 
@@ -131,20 +189,33 @@ def format_report(report: dict) -> str:
             lines.append(f"{r['op']} B={r['B']} S={r['S']}: cpu {r['fwd_ms']:.2f} ms, SDPA(q*c, q, v) "
                          f"{r['baseline_ms']:.2f} ms, x{r['baseline_ms'] / r['fwd_ms']:.2f}")
     lines.append(f"targets (fp32): {', '.join(f'{k} {v}x' for k, v in TARGETS.items())}")
+    cpu_rows = {(r["B"], r["S"], r["dtype"]): r for r in rows if r["provider"] == "cpu"}
+    for (batch, seqlen, dtype), r in cpu_rows.items():
+        base = cpu_rows.get((batch, seqlen, "float32"))
+        if dtype == "bfloat16" and base is not None:
+            lines.append(f"cpu bf16 / fp32 B={batch} S={seqlen}: fwd {r['fwd_ms'] / base['fwd_ms']:.2f}, "
+                         f"fwd+bwd {r['fwdbwd_ms'] / base['fwdbwd_ms']:.2f}")
+    lines.append(_bf16_target_line(env))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="first shape only, short timings")
+    parser.add_argument("--dtypes", action="store_true", help="fp32 vs bf16 vs fp16 of the cpu backend only")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --dtypes")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args(argv)
     if sk.info()["backends"]["cpu"]["usable"] is False:
         print(f"cpu backend unavailable: {sk.info()['backends']['cpu']['reason']}", file=sys.stderr)
         return 1
     torch.set_num_threads(os.cpu_count() or 1)
-    report = run(args.quick)
-    print(format_report(report))
+    if args.dtypes:
+        report = run_dtypes(args.rounds)
+        print(format_dtypes(report))
+    else:
+        report = run(args.quick)
+        print(format_report(report))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)

@@ -3,7 +3,8 @@
 when it cannot run there, so the report shows what was left out and why.
 
 A provider's `bind(inputs, shape)` does the per-shape setup (imports, block masks, compiled
-wrappers) and returns a zero-argument callable producing the output in BSHD layout. The
+wrappers) and returns a zero-argument callable producing the output (attention: in BSHD layout;
+LAMA: pooled). The
 runner times exactly that callable (and the backward of its output in fwd+bwd mode).
 Nothing CUDA-specific is imported at module import: flash-attn and FlexAttention load lazily.
 """
@@ -42,6 +43,41 @@ def shared_attention_providers(device: str) -> list[Provider]:
     """Every provider for `shared_attention`, usable or not, ours first."""
     return [*_symattn_providers(device), *_sdpa_providers(device),
             *_flash_attn_providers(device), _flex_attention_provider(device)]
+
+
+def lowrank_providers(device: str) -> list[Provider]:
+    """Every provider for `lowrank_context_attention`: the package's backends (usable only where
+    they implement LAMA for this device) and the naive eager PyTorch a model runs without them."""
+    providers = []
+    for name in SYMATTN_BACKENDS:
+        reason = _lowrank_unusable(name, device)
+        providers.append(Provider(f"symattn-{name}", None if reason else functools.partial(_bind_lowrank, name),
+                                  reason))
+    return providers + [Provider("eager-reference", functools.partial(_bind_lowrank, None))]
+
+
+def _lowrank_unusable(backend: str, device: str) -> str:
+    """Why `backend` cannot run LAMA on `device` tensors ("" when it can), in resolve()'s words."""
+    try:
+        from symattn_kernels import backends
+
+        backends.resolve(backend, torch.device(device), torch.float32, op="lowrank")
+    except Exception as exc:  # ValueError from resolve, or a broken package
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _bind_lowrank(backend: str | None, inputs: dict, shape: Shape) -> Callable[[], torch.Tensor]:
+    """pooled of one LAMA call: backend None is symattn_kernels.reference (autograd, eager)."""
+    import symattn_kernels
+    from symattn_kernels import reference
+
+    h, context, p, q, u = (inputs[name] for name in ("h", "context", "p", "q", "u"))
+    mask = inputs["key_padding_mask"]
+    if backend is None:
+        return lambda: reference.lowrank_context_attention(h, context, p, q, u=u, key_padding_mask=mask)[0]
+    return lambda: symattn_kernels.lowrank_context_attention(h, context, p, q, u=u, key_padding_mask=mask,
+                                                             backend=backend)[0]
 
 
 def _symattn_providers(device: str) -> list[Provider]:

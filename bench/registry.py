@@ -133,3 +133,68 @@ register(OpSpec(
     quick_shape=Shape(B=2, S=128, **_BERT_HEADS),
     baseline="sdpa-flash",
 ))
+
+
+# LAMA (lowrank_context_attention) reuses Shape with S = tokens T, H = heads m, D = model size E.
+def lowrank_flops(shape: Shape, mode: str) -> float:
+    """Matmul FLOPs of LAMA with separate token keys u: forward 4·B·T·E·m (Q^T u and attn·h);
+    backward 2x forward (dattn = dpooled·h^T, dh, du and dQ)."""
+    forward = 4.0 * shape.B * shape.S * shape.D * shape.H
+    return forward * (3.0 if mode == "fwdbwd" else 1.0)
+
+
+def lowrank_inputs(shape: Shape, dtype: torch.dtype, device: str):
+    """LAMAClassifier's call: token states h, token keys u = tanh(MLP(h)), a learned context and
+    factors scaled so that tanh is not saturated, and ragged lengths in [T/2, T]."""
+    B, T, m, E = shape.B, shape.S, shape.H, shape.D
+    lengths = torch.randint(max(1, T // 2), T + 1, (B,), device=device)
+    inputs = {
+        "h": torch.randn(B, T, E, dtype=dtype, device=device),
+        "u": torch.tanh(torch.randn(B, T, E, device=device)).to(dtype),
+        "context": torch.randn(E, dtype=dtype, device=device),
+        "p": (torch.randn(E, m, device=device) * E**-0.5).to(dtype),
+        "q": (torch.randn(E, m, device=device) * E**-0.5).to(dtype),
+    }
+    for leaf in inputs.values():
+        leaf.requires_grad_()
+    inputs["key_padding_mask"] = torch.arange(T, device=device)[None, :] < lengths[:, None]
+    return inputs, torch.randn(B, m, E, dtype=dtype, device=device)
+
+
+_LOWRANK_LEAVES = ("h", "context", "p", "q", "u")
+
+
+def lowrank_reference(inputs, shape: Shape, grad_out=None, dtype=torch.float32):
+    """symattn_kernels.reference in `dtype` (autograd for the gradients); the output is pooled."""
+    from symattn_kernels import reference
+
+    leaves = [inputs[name].detach().to(dtype).requires_grad_(grad_out is not None) for name in _LOWRANK_LEAVES]
+    h, context, p, q, u = leaves
+    with torch.set_grad_enabled(grad_out is not None):
+        pooled, _ = reference.lowrank_context_attention(h, context, p, q, u=u,
+                                                        key_padding_mask=inputs["key_padding_mask"])
+    if grad_out is None:
+        return pooled.detach(), {}
+    grads = torch.autograd.grad(pooled, leaves, grad_out.to(dtype))
+    return pooled.detach(), dict(zip(_LOWRANK_LEAVES, grads))
+
+
+_LAMA_E = 256
+
+register(OpSpec(
+    name="lowrank_context_attention",
+    make_inputs=lowrank_inputs,
+    reference=lowrank_reference,
+    flops=lowrank_flops,
+    providers=providers.lowrank_providers,
+    shape_sets={
+        # A LAMAClassifier batch (BiGRU states of E = 256) at sentence lengths, and one long document.
+        "spec": [Shape(B=32, S=128, H=4, D=_LAMA_E), Shape(B=32, S=256, H=8, D=_LAMA_E),
+                 Shape(B=4, S=4096, H=8, D=_LAMA_E)],
+        "large": [Shape(B=256, S=512, H=8, D=512), Shape(B=64, S=4096, H=8, D=512)],
+    },
+    default_shape_sets={"cpu": ["spec"], "cuda": ["spec", "large"]},
+    dtypes={"cpu": ["fp32", "bf16"], "cuda": ["fp16", "bf16"]},
+    quick_shape=Shape(B=4, S=64, H=4, D=64),
+    baseline="symattn-torch",
+))

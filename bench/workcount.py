@@ -21,6 +21,16 @@ FlashAttention-2's row models standard attention (separate Q, K, V) from its pub
 structure: forward, one program per 128-row query block reading all of K and V; backward, one
 program per 128-column key block reading all of Q, dO, lse and delta, adding dQ with fp32
 atomics (a read-modify-write per block pair), plus the delta preprocess and the dQ conversion.
+
+LAMA (``lowrank_context_attention``) is counted per sequence (B = 1, fp16) for LAMAClassifier's
+call: separate token keys u, a padding mask, head_norm="l2", token softmax, a loss on pooled
+only. The Triton kernels are counted as above with the tiles the launcher picks on sm_90; the
+host's [E, m]-sized reductions (dQ, dP, dc over the batch) are left out. The torch composite is
+counted by an eager model (``EagerTraffic``): one GPU kernel per aten op that reads each tensor
+argument once and writes each result once, views free, no caching and no fusion; matmul FLOPs
+from the mm/bmm shapes; tanh as one exponential. The
+"compulsory" row is the floor any implementation pays: h and u (and dpooled) read once, the
+results written once. The FLOP term never binds for LAMA (about m/3 FLOP per byte).
 """
 
 from __future__ import annotations
@@ -163,6 +173,140 @@ def count_kernels(seqlen: int, head_dim: int, shared: bool, deterministic: bool,
     return fwd, bwd
 
 
+class EagerTraffic:
+    """Work of eager PyTorch as one kernel per aten op (module docstring), counted while active."""
+
+    _MATMULS = ("mm", "bmm", "addmm", "addmm_", "baddbmm", "baddbmm_")
+    _EXPONENTIALS = ("exp", "exp_", "tanh", "tanh_")
+    _FREE = ("empty", "empty_like", "empty_strided", "detach", "lift_fresh")
+    _WRITE_ONLY_SELF = ("copy_", "zero_", "fill_")  # in-place ops that do not read self
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter.add(func, args, kwargs or {}, out)
+                return out
+
+        self.work = Work()
+        self._mode = _Mode()
+
+    def __enter__(self) -> Work:
+        self._mode.__enter__()
+        return self.work
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    @staticmethod
+    def _bytes(t) -> float:
+        # Each distinct element once: a broadcast (stride-0) dimension is read once.
+        unique = math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0)
+        return float(unique * t.element_size())
+
+    def add(self, func, args, kwargs, out) -> None:
+        import torch
+        from torch.utils import _pytree as pytree
+
+        name = func.overloadpacket.__name__
+        if func.is_view or name in self._FREE:
+            return
+
+        def tensors(tree):
+            return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+        read = tensors(args[1:] if name in self._WRITE_ONLY_SELF else args)
+        read += tensors({key: value for key, value in kwargs.items() if key != "out"})
+        self.work.bytes += sum(self._bytes(t) for t in read + tensors(out))
+        if name in self._MATMULS:
+            a, b = args[-2:]
+            self.work.flops += 2.0 * a.numel() * b.shape[-1]
+        elif name in self._EXPONENTIALS:
+            self.work.exps += float(sum(t.numel() for t in tensors(out)))
+
+
+def lama_inputs(seqlen: int, dim: int, heads: int):
+    """One sequence of LAMAClassifier's call in fp16: (h, context, p, q, u, mask, dpooled)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    h, u = (torch.randn(1, seqlen, dim, generator=gen).half() for _ in range(2))
+    context = torch.randn(dim, generator=gen).half()
+    p, q = ((torch.randn(dim, heads, generator=gen) * dim**-0.5).half() for _ in range(2))
+    mask = torch.ones(1, seqlen, dtype=torch.bool)
+    return h, context, p, q, u, mask, torch.randn(1, heads, dim, generator=gen).half()
+
+
+def count_lama(module, seqlen: int, dim: int, heads: int, counter) -> tuple[Work, Work]:
+    """Work of a LAMA backend module's forward and backward at one shape, counted by `counter`."""
+    import torch
+
+    h, context, p, q, u, mask, dpooled = lama_inputs(seqlen, dim, heads)
+    with counter() as fwd:
+        module.lowrank_forward(h, context, p, q, u, mask, "l2", True, 1e-12)
+    grads = [torch.empty_like(t) for t in (h, context, p, q, u)]
+    with counter() as bwd:
+        module.lowrank_backward(dpooled, None, h, context, p, q, u, mask, "l2", True, 1e-12, *grads)
+    return fwd, bwd
+
+
+def count_lama_triton(seqlen: int, dim: int, heads: int) -> tuple[Work, Work]:
+    """The Triton LAMA kernels with the tiles the launcher picks on sm_90 (not the test tiles)."""
+    from symattn_kernels.triton import lowrank
+
+    saved, lowrank.INTERPRET_CONFIG = lowrank.INTERPRET_CONFIG, {}
+    try:
+        return count_lama(lowrank, seqlen, dim, heads, counting)
+    finally:
+        lowrank.INTERPRET_CONFIG = saved
+
+
+def lama_compulsory(seqlen: int, dim: int, heads: int) -> tuple[Work, Work]:
+    """Floor of any LAMA implementation (fp16): inputs read once, results written once."""
+    tokens = FP16 * seqlen * dim  # one of h, u, dh, du
+    factors = FP16 * 3 * dim * heads  # context, p, q (and their gradients)
+    token_flops, gate_flops = 4.0 * seqlen * dim * heads, 2.0 * dim * heads  # U Q and attn H; g = P^T c
+    fwd = Work(token_flops + gate_flops, 2 * tokens + seqlen + factors + FP16 * heads * (dim + seqlen),
+               2.0 * seqlen * heads)
+    bwd = Work(2 * (token_flops + gate_flops), 4 * tokens + seqlen + 2 * factors + FP16 * heads * dim,
+               2.0 * seqlen * heads)
+    return fwd, bwd
+
+
+LAMA_HEADER = (
+    "| LAMA path | T | E | m | fwd MFLOP | bwd MFLOP | fwd kB | bwd kB | fwd kexp | bwd kexp | fwd µs (model) "
+    "| fwd+bwd µs (model) | vs composite |\n" + "|---" * 13 + "|"
+)
+
+
+def _lama_row(label, seqlen, dim, heads, fwd: Work, bwd: Work, composite_total: Work) -> str:
+    total = fwd + bwd
+    cells = [label, str(seqlen), str(dim), str(heads), f"{fwd.flops / 1e6:.1f}", f"{bwd.flops / 1e6:.1f}",
+             f"{fwd.bytes / 1e3:.0f}", f"{bwd.bytes / 1e3:.0f}", f"{fwd.exps / 1e3:.1f}", f"{bwd.exps / 1e3:.1f}",
+             f"{fwd.modelled_us():.3f}", f"{total.modelled_us():.3f}",
+             f"{total.modelled_us() / composite_total.modelled_us():.2f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def lama_report(seqlens, dim: int, heads: int) -> str:
+    """The LAMA table: the Triton kernels, the torch composite and the floor, per sequence length."""
+    from symattn_kernels import composite
+
+    lines = []
+    for seqlen in seqlens:
+        composite_work = count_lama(composite, seqlen, dim, heads, EagerTraffic)
+        rows = [("triton kernels (MODELLED)", count_lama_triton(seqlen, dim, heads)),
+                ("torch composite, eager (MODELLED)", composite_work),
+                ("compulsory", lama_compulsory(seqlen, dim, heads))]
+        lines += [_lama_row(label, seqlen, dim, heads, *work, composite_work[0] + composite_work[1])
+                  for label, work in rows]
+    return "\n".join([LAMA_HEADER, *lines])
+
+
 def _row(label, seqlen, head_dim, fwd: Work, bwd: Work, fa_fwd: Work, fa_bwd: Work) -> str:
     total, fa_total = fwd + bwd, fa_fwd + fa_bwd
     cells = [
@@ -189,20 +333,35 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--block-m", type=int, default=128)
     parser.add_argument("--block-n", type=int, default=64)
+    parser.add_argument("--ops", nargs="+", choices=["attention", "lama"], default=["attention", "lama"])
+    parser.add_argument("--lama-seqlens", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--lama-dim", type=int, default=256, help="E (default: the benchmark's 256)")
+    parser.add_argument("--lama-heads", type=int, default=8, help="m (default 8)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         # The interpreter must be on before triton is imported: re-run this module with it.
         os.environ["TRITON_INTERPRET"] = "1"
         os.execv(sys.executable, [sys.executable, "-m", "bench.workcount", *(argv or sys.argv[1:])])
-    from tqdm import tqdm
-
     from symattn_kernels import backends
 
-    paths = [("shared (v = y)", True, True), ("separate v", False, True),
-             ("shared, symmetric bwd (deterministic=False)", True, False)]
     if not backends.status("triton").usable:
         print(f"triton backend unusable: {backends.status('triton').reason}", file=sys.stderr)
         return 1
+    if "attention" in args.ops:
+        attention_report(args)
+    if "lama" in args.ops:
+        print(f"\nLAMA, executed work per sequence (B = 1, fp16, E = {args.lama_dim}, m = {args.lama_heads}); "
+              "times are H100 roofline models (MODELLED), not measurements.\n")
+        print(lama_report(args.lama_seqlens, args.lama_dim, args.lama_heads))
+    return 0
+
+
+def attention_report(args) -> None:
+    """The attention tables: our kernels' counts against FlashAttention-2's model."""
+    from tqdm import tqdm
+
+    paths = [("shared (v = y)", True, True), ("separate v", False, True),
+             ("shared, symmetric bwd (deterministic=False)", True, False)]
     lines, counted = [], {}
     cases = [(s, d, p) for s in args.seqlens for d in args.head_dims for p in paths]
     for seqlen, head_dim, (label, shared, deterministic) in tqdm(cases, desc="workcount", file=sys.stderr):
@@ -223,7 +382,6 @@ def main(argv=None) -> int:
     print("\nGlobal-memory bytes, shared mode / separate-v mode (same kernels, same tiles):\n")
     print("| S | D | fwd | bwd | fwd+bwd |\n|---|---|---|---|---|")
     print("\n".join(ratios))
-    return 0
 
 
 if __name__ == "__main__":

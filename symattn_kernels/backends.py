@@ -84,11 +84,20 @@ def status(name: str) -> BackendStatus:
 
 def _unsupported(name: str, op: str, dtype: torch.dtype) -> str:
     """Why backend ``name`` cannot run ``op`` on ``dtype`` inputs ("" when it can)."""
-    if dtype == torch.float64 and name != "torch":
-        return "float64 inputs run on backend='torch' only"
+    if dtype == torch.float64 and op not in _FLOAT64_OPS.get(name, ()):
+        able = [other for other in BACKENDS if op in _FLOAT64_OPS.get(other, ())]
+        return f"float64 inputs run on backend={' or '.join(map(repr, able))} only"
     if op not in _OPS[name]:
         return f"backend={name!r} has no {op} kernel yet; backend='torch' has"
     return ""
+
+
+def _op_status(name: str, op: str) -> BackendStatus:
+    """status(name), except that an op the backend runs in plain PyTorch needs no extension."""
+    st = status(name)
+    if not st.usable and op in _WITHOUT_EXTENSION.get(name, ("", ()))[1]:
+        return BackendStatus(name, True, f"{op} in plain PyTorch (its extension is not needed)", st.devices)
+    return st
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "attention") -> str:
@@ -103,11 +112,12 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "a
             order = _AUTO_ORDER.get(device.type, ("torch",))
             return next(
                 name for name in order
-                if status(name).usable and device.type in status(name).devices and not _unsupported(name, op, dtype)
+                if _op_status(name, op).usable and device.type in status(name).devices
+                and not _unsupported(name, op, dtype)
             )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    st = status(backend)
+    st = _op_status(backend, op)
     if not st.usable:
         raise ValueError(f"backend={backend!r} is not available here: {st.reason}")
     if device.type not in st.devices:
@@ -121,7 +131,10 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "a
 
 
 def load(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (imported on first use)."""
+    """The module implementing backend ``name`` (imported on first use); where its extension is
+    missing, the module of the ops it runs without one (resolve() routes only those there)."""
+    if name in _WITHOUT_EXTENSION and not status(name).usable:
+        return importlib.import_module(_WITHOUT_EXTENSION[name][0], __package__)
     return importlib.import_module(_MODULES[name], __package__)
 
 
@@ -130,8 +143,20 @@ def load(name: str) -> ModuleType:
 _OPS = {
     "torch": ("attention", "lowrank"),
     "triton": ("attention", "lowrank"),
-    "cpu": ("attention",),
+    "cpu": ("attention", "lowrank"),
     "cuda": ("attention",),
+}
+
+# Ops each backend runs on float64 inputs.
+_FLOAT64_OPS = {
+    "torch": ("attention", "lowrank"),
+    "cpu": ("lowrank",),
+}
+
+# Ops a compiled backend implements in plain PyTorch, and the module holding them: they run even
+# where the extension is not built.
+_WITHOUT_EXTENSION = {
+    "cpu": (".lowrank_cpu", ("lowrank",)),
 }
 
 _MODULES = {

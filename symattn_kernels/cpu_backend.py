@@ -3,9 +3,12 @@
 Same attention functions, arguments and layouts as ``composite`` (the ``torch`` backend).
 Importing this module loads ``symattn_kernels._C``, which registers the kernel ops
 ``symattn::attention_fwd_cpu`` and ``symattn::attention_bwd_cpu``; their fake functions are
-registered here. The kernels take float32, bfloat16 and float16 (fp32 accumulation) and are
-deterministic whatever the thread count, so ``deterministic`` changes nothing. float64 and LAMA
-stay on the ``torch`` backend (``backends.resolve`` routes them there).
+registered here. The kernels take float32, bfloat16 and float16 (fp32 accumulation; bfloat16
+products on AVX512-BF16 where the CPU has it, see ``kernel_isa``) and are
+deterministic whatever the thread count, so ``deterministic`` changes nothing. float64 attention
+stays on the ``torch`` backend (``backends.resolve`` routes it there). LAMA (``lowrank_forward`` /
+``lowrank_backward``) is the memory-lean PyTorch path of ``lowrank_cpu``, float64 included; it
+needs no extension, so ``backends.load`` returns ``lowrank_cpu`` itself where ``_C`` is not built.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers the symattn::*_cpu ops)
+from .lowrank_cpu import lowrank_backward, lowrank_forward
 
-__all__ = ["attention_forward", "attention_backward", "kernel_isa"]
+__all__ = ["attention_forward", "attention_backward", "kernel_isa", "lowrank_forward", "lowrank_backward"]
 
 
 @torch.library.register_fake("symattn::attention_fwd_cpu")
@@ -39,7 +43,10 @@ def _philox_randint_cpu_fake(offsets, seed):
 
 
 def kernel_isa() -> str:
-    """The instruction set the kernels run with here: "AVX512", "AVX2" or "DEFAULT"."""
+    """The kernel set that runs here: "AVX512_BF16" (AVX-512, and bfloat16 inputs multiplied as
+    bf16 pairs with vdpbf16ps), "AVX512", "AVX2" or "DEFAULT" (bfloat16 widened to fp32 in all
+    three). The CPU decides; ``ATEN_CPU_CAPABILITY`` or ``SYMATTN_CPU_ISA=avx512|avx2|default``
+    (read once, at the first call) lowers it."""
     return torch.ops.symattn.cpu_kernel_isa()
 
 

@@ -1,6 +1,8 @@
-"""`python -m bench --quick` runs end to end: CSV, PNG and the markdown table last."""
+"""`python -m bench --quick` runs end to end for every registered op (shared attention and LAMA):
+CSV, PNG and the markdown table last."""
 
 import csv
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +19,13 @@ def test_bench_quick_writes_csv_png_and_table(tmp_path):
     csvs, pngs = list(tmp_path.glob("*.csv")), list(tmp_path.glob("*.png"))
     assert csvs and pngs
     rows = list(csv.DictReader(csvs[0].open()))
-    by_provider = {row["provider"]: row for row in rows}
-    assert by_provider["symattn-torch"]["status"] == "ok"
-    assert float(by_provider["symattn-torch"]["median_ms"]) > 0
+    by_case = {(row["op"], row["provider"], row["mode"]): row for row in rows}
+    measured = [("shared_attention", "symattn-torch"), ("lowrank_context_attention", "symattn-torch"),
+                ("lowrank_context_attention", "symattn-cpu")]
+    for (op, provider), mode in itertools.product(measured, ("fwd", "fwdbwd")):
+        row = by_case[op, provider, mode]
+        assert row["status"] == "ok", (op, provider, mode, row["status"])
+        assert float(row["median_ms"]) > 0 and float(row["peak_mib"]) >= 0
     assert any(row["status"].startswith("skipped") for row in rows), "unavailable providers must be reported"
     lines = result.stdout.rstrip().splitlines()
     last_row = max(i for i, line in enumerate(lines) if line.startswith("|"))

@@ -1,7 +1,7 @@
 """The fused C++ ``cpu`` backend against the fp64 reference: every mode and option, fully masked
 rows, ragged and non-contiguous inputs, varlen, fp32 / bf16 / fp16 under flash-attn's error rule,
 outputs, lse and every gradient; bit-equal dropout masks; identical results with 1 and 2
-threads; every instruction-set build; custom-op checks of the kernel ops."""
+threads (bf16 operands too); every instruction-set build; custom-op checks of the kernel ops."""
 
 import importlib.util
 import itertools
@@ -48,7 +48,7 @@ def check_against_reference(inputs, dtype, **kw):
 
 
 def test_kernel_isa_is_reported():
-    assert cpu_backend.kernel_isa() in ("AVX512", "AVX2", "DEFAULT")
+    assert cpu_backend.kernel_isa() in ("AVX512_BF16", "AVX512", "AVX2", "DEFAULT")
 
 
 GRID = list(itertools.product(COEF_MODES, [True, False], [False, True], ["none", "partial", "with-empty-row"],
@@ -92,6 +92,37 @@ def test_ragged_shapes_fp32(seqlen, head_dim, value_dim, coef_mode, causal):
 def test_half_precision_flash_rule(dtype, coef_mode, shared, causal):
     inputs = make_inputs(S=33, D=16, Dv=24, coef_mode=coef_mode, shared=shared)
     check_against_reference(inputs, dtype, causal=causal, key_padding_mask=padding_mask(2, 33, "partial"))
+
+
+# bf16 runs on bf16 operands (vdpbf16ps, P and G rounded to bf16) where the CPU has AVX512-BF16:
+# odd head dims and lengths exercise the pair padding, 600 the query-block path.
+@pytest.mark.parametrize("seqlen,head_dim,value_dim", SHAPES, ids=[f"S{s}-D{d}-Dv{dv}" for s, d, dv in SHAPES])
+@pytest.mark.parametrize("coef_mode", COEF_MODES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_ragged_shapes_half_precision(seqlen, head_dim, value_dim, coef_mode, causal, dtype):
+    shared = coef_mode != "diag"
+    batch = 2 if seqlen < 600 else 1
+    inputs = make_inputs(B=batch, S=seqlen, H=2, D=head_dim, Dv=value_dim, coef_mode=coef_mode, shared=shared)
+    mask = None
+    if seqlen > 1:
+        mask = torch.ones(batch, seqlen, dtype=torch.bool)
+        mask[-1, seqlen - seqlen // 5:] = False
+    check_against_reference(inputs, dtype, causal=causal, key_padding_mask=mask, exclude_self=not causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_dropout_flash_rule(dtype):
+    inputs = make_inputs(S=70, H=2, D=24, Dv=24, coef_mode="diag", shared=False)
+    kw = dict(dropout_p=0.3, causal=True)
+    torch.manual_seed(3)
+    got = run(cpu, *lowp(inputs, dtype), **kw)
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    ref64 = run(reference, *inputs, dropout_seed=seed, **kw)
+    ref_lowp = run(reference, *lowp(inputs, dtype), dropout_seed=seed, **kw)
+    for name, a, r64, rl in zip(NAMES, got, ref64, ref_lowp):
+        assert_flash_rule(name, a, r64, rl, ATOL[dtype])
 
 
 def test_fully_masked_rows_give_zeros_and_no_nan():
@@ -166,6 +197,29 @@ def test_varlen_matches_reference(causal, shared, dropout_p):
     for name, a, b in zip(["dq", "dv/dcoef", "dcoef"], torch.autograd.grad(out, leaves32, dout.float()),
                           torch.autograd.grad(ref, leaves64, dout)):
         assert_close(a, b, atol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
+def test_varlen_bf16_flash_rule(shared):
+    # one sequence longer than 512 takes the query-block path beside whole-head ones
+    gen = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 4, 5, 16, 16, 600], dtype=torch.int32)
+    q = torch.randn(600, 2, 19, generator=gen, dtype=F64)
+    v = None if shared else torch.randn(600, 2, 7, generator=gen, dtype=F64)
+    coef = torch.rand(2, 19, generator=gen, dtype=F64) + 0.5
+    dout = torch.randn(600, 2, 19 if shared else 7, generator=gen, dtype=F64)
+
+    def grads(fn, dtype, **kw):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, v, coef) if t is not None]
+        out = fn(leaves[0], None if shared else leaves[1], cu, 584, coef=leaves[-1], causal=True, exclude_self=True,
+                 **kw)
+        return [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
+
+    ref64 = grads(R.symmetric_attention_varlen, F64)
+    ref_bf16 = grads(R.symmetric_attention_varlen, torch.bfloat16)
+    got = grads(sk.symmetric_attention_varlen, torch.bfloat16, backend="cpu")
+    for name, a, r64, rl in zip(["out", "dq", "dv/dcoef", "dcoef"], got, ref64, ref_bf16):
+        assert_flash_rule(name, a, r64, rl, ATOL[torch.bfloat16])
 
 
 def test_philox_bit_equal_to_reference():
@@ -252,7 +306,8 @@ def _fwd_bwd(threads, fn):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("case", ["shared-diag-dropout", "v-full-causal", "long-noself", "varlen"])
+@pytest.mark.parametrize("case", ["shared-diag-dropout", "v-full-causal", "long-noself", "varlen",
+                                  "bf16-shared-dropout", "bf16-v-long-causal"])
 def test_identical_with_one_and_two_threads(case):
     if case == "varlen":
         cu, q, v, coef = _varlen_inputs(shared=False, seed=3)
@@ -268,8 +323,11 @@ def test_identical_with_one_and_two_threads(case):
             "shared-diag-dropout": (dict(coef_mode="diag", shared=True, S=70), dict(dropout_p=0.2)),
             "v-full-causal": (dict(coef_mode="full", shared=False, S=70), dict(causal=True)),
             "long-noself": (dict(coef_mode="diag", shared=True, S=530, B=1), dict(exclude_self=True)),
+            "bf16-shared-dropout": (dict(shared=True, S=70, dtype=torch.bfloat16), dict(dropout_p=0.2)),
+            "bf16-v-long-causal": (dict(coef_mode="diag", shared=False, S=530, B=1, dtype=torch.bfloat16),
+                                   dict(causal=True)),
         }[case]
-        q, v, coef = make_inputs(H=4, D=16, Dv=16, dtype=torch.float32, **opts[0])
+        q, v, coef = make_inputs(H=4, D=16, Dv=16, **{"dtype": torch.float32, **opts[0]})
 
         def fn():
             torch.manual_seed(0)
@@ -284,35 +342,51 @@ import torch, symattn_kernels as sk
 from symattn_kernels import cpu_backend, reference as R
 print(cpu_backend.kernel_isa())
 torch.manual_seed(0)
-worst = 0.0
+worst, worst_bf16 = 0.0, 0.0
 for coef_shape, v_dim, causal, S in [(None, None, False, 70), ((2, 24), 16, True, 70), ((2, 24, 24), None, False, 37),
                                     ((2, 24), None, False, 530)]:
     q = torch.randn(2, S, 2, 24, dtype=torch.float64, requires_grad=True)
     v = None if v_dim is None else torch.randn(2, S, 2, v_dim, dtype=torch.float64, requires_grad=True)
     c = None if coef_shape is None else (torch.rand(*coef_shape, dtype=torch.float64) + 0.5).requires_grad_()
     leaves = [t for t in (q, v, c) if t is not None]
-    low = [t.detach().float().requires_grad_() for t in leaves]
-    it = iter(low); lq = next(it); lv = None if v is None else next(it); lc = None if c is None else next(it)
-    out = sk.symmetric_attention(lq, lv, coef=lc, causal=causal, backend="cpu")
     ref = R.symmetric_attention(q, v, coef=c, causal=causal)
     g = torch.randn_like(ref)
-    for a, b in zip([out, *torch.autograd.grad(out, low, g.float())], [ref, *torch.autograd.grad(ref, leaves, g)]):
+    want = [ref, *torch.autograd.grad(ref, leaves, g)]
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, fn in (("cpu", sk.symmetric_attention), ("ref", R.symmetric_attention)):
+            low = [t.detach().to(dtype).requires_grad_() for t in leaves]
+            it = iter(low); lq = next(it); lv = None if v is None else next(it); lc = None if c is None else next(it)
+            out = fn(lq, lv, coef=lc, causal=causal, **({"backend": "cpu"} if name == "cpu" else {}))
+            results[dtype, name] = [out, *torch.autograd.grad(out, low, g.to(dtype))]
+    for a, b in zip(results[torch.float32, "cpu"], want):
         worst = max(worst, ((a.double() - b).abs() / (1 + b.abs())).max().item())
-print(worst)
+    # bf16: error over (2 x the bf16 reference's error + 1e-2), flash-attn's rule
+    for a, r, b in zip(results[torch.bfloat16, "cpu"], results[torch.bfloat16, "ref"], want):
+        err, ref_err = (a.double() - b).abs().max().item(), (r.double() - b).abs().max().item()
+        worst_bf16 = max(worst_bf16, err / (2 * ref_err + 1e-2))
+print(worst, worst_bf16)
 """
 
+# Instruction sets by width; a CPU that reports one runs every narrower one too.
+_ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
 
-@pytest.mark.parametrize("isa", ["default", "avx2"])
+
+@pytest.mark.parametrize("isa", _ISAS)
 def test_every_instruction_set_build(isa):
-    if isa == "avx2" and cpu_backend.kernel_isa() == "DEFAULT":
-        pytest.skip("this CPU has no AVX2")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    widest = cpu_backend.kernel_isa().lower()
+    if _ISAS.index(isa) > _ISAS.index(widest):
+        pytest.skip(f"this CPU runs {widest} kernels at most")
+    # ATEN_CPU_CAPABILITY lowers ATen's (and so our) choice; SYMATTN_CPU_ISA caps ours alone.
+    switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"
+    env = {**os.environ, switch: isa}
     result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=120)
+                            timeout=300)
     assert result.returncode == 0, result.stderr
-    used, worst = result.stdout.split()
+    used, worst, worst_bf16 = result.stdout.split()
     assert used == isa.upper()
     assert float(worst) < 5e-5
+    assert float(worst_bf16) <= 1.0
 
 
 def test_float64_stays_on_torch_backend():

@@ -7,7 +7,8 @@ Run in its own process, since the variable must be set before triton is imported
 Pass rule (flash-attn, tests/helpers.assert_flash_rule): max error against the fp64 reference is
 at most 2x the error of the reference run in the kernel's dtype, plus a floor of ATOL times the
 reference's magnitude; for pooled, attn and every gradient. bf16 is not tested: the
-interpreter's bf16 tl.dot is wrong (triton issue 11584).
+interpreter's bf16 tl.dot is wrong (triton issue 11584). The cases and the check are shared with
+the ``cpu`` backend's tests (tests/test_lama_cpu.py): ``check_case`` takes the backend module.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ pytestmark = [
 ]
 
 if os.environ.get("TRITON_INTERPRET") == "1":
+    from symattn_kernels.triton import lowrank as triton_lowrank
     from symattn_kernels.triton.lowrank import lowrank_backward, lowrank_forward
 
-F16, F32, F64 = torch.float16, torch.float32, torch.float64
-ATOL = {F32: 1e-5, F16: 1e-3}
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+ATOL = {F64: 1e-12, F32: 1e-5, F16: 1e-3, BF16: 1e-2}
 NAMES = ("pooled", "attn", "dh", "dcontext", "dp", "dq", "du")
 
 
@@ -93,12 +95,13 @@ def make_inputs(case: Case, seed: int = 0):
     return h, context, p, q, u, mask
 
 
-def run_kernels(case, h, context, p, q, u, mask, dpooled, dattn):
+def run_kernels(backend, case, h, context, p, q, u, mask, dpooled, dattn):
+    """Forward and backward of a backend module's lowrank_forward / lowrank_backward."""
     head_norm = None if case.head_norm == "none" else case.head_norm
-    pooled, attn = lowrank_forward(h, context, p, q, u, mask, head_norm, case.token_softmax, 1e-12)
+    pooled, attn = backend.lowrank_forward(h, context, p, q, u, mask, head_norm, case.token_softmax, 1e-12)
     grads = [None if t is None else torch.full_like(t, float("nan")) for t in (h, context, p, q, u)]
-    lowrank_backward(dpooled.to(h.dtype), dattn.to(h.dtype), h, context, p, q, u, mask, head_norm,
-                     case.token_softmax, 1e-12, *grads)
+    backend.lowrank_backward(dpooled.to(h.dtype), dattn.to(h.dtype), h, context, p, q, u, mask, head_norm,
+                             case.token_softmax, 1e-12, *grads)
     return [pooled, attn, *grads]
 
 
@@ -115,12 +118,13 @@ def run_reference(case, h, context, p, q, u, mask, dpooled, dattn, dtype):
     return [pooled.detach(), attn.detach(), *(None if t is None else next(grads) for t in leaves)]
 
 
-def check_case(case: Case):
+def check_case(case: Case, backend):
+    """Pooled, attn and every gradient of backend module ``backend`` against the fp64 reference."""
     h, context, p, q, u, mask = make_inputs(case)
     gen = torch.Generator().manual_seed(1)
     dpooled = torch.randn(case.batch, case.heads, case.dim, generator=gen, dtype=F64)
     dattn = torch.randn(case.batch, case.heads, case.seqlen, generator=gen, dtype=F64)
-    got = run_kernels(case, h, context, p, q, u, mask, dpooled, dattn)
+    got = run_kernels(backend, case, h, context, p, q, u, mask, dpooled, dattn)
     ref64 = run_reference(case, h, context, p, q, u, mask, dpooled, dattn, F64)
     ref_lo = run_reference(case, h, context, p, q, u, mask, dpooled, dattn, case.dtype)
     for name, actual, r64, rlo in zip(NAMES, got, ref64, ref_lo):
@@ -139,7 +143,7 @@ def check_case(case: Case):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_forward_backward_matches_reference(case):
-    check_case(case)
+    check_case(case, triton_lowrank)
 
 
 def test_only_requested_gradients_are_written():
@@ -186,3 +190,20 @@ def test_public_api_backend_triton(with_u):
         sk.lowrank_context_attention(h, context, p, q, u=u, backend="triton")[0].sum(), [h])
     (wh,) = torch.autograd.grad(sk.lowrank_context_attention(h, context, p, q, u=u, backend="torch")[0].sum(), [h])
     torch.testing.assert_close(gh, wh, atol=2e-5, rtol=1e-4)
+
+
+def test_workcount_lama_counts_are_consistent():
+    # bench.workcount's LAMA rows: the fused kernels never move less than the compulsory traffic
+    # nor more than the eager composite, and execute at least the 12·T·E·m matmul FLOPs.
+    from bench import workcount
+    from symattn_kernels import composite
+
+    seqlen, dim, heads = 40, 32, 4
+    triton_fwd, triton_bwd = workcount.count_lama_triton(seqlen, dim, heads)
+    eager_fwd, eager_bwd = workcount.count_lama(composite, seqlen, dim, heads, workcount.EagerTraffic)
+    floor_fwd, floor_bwd = workcount.lama_compulsory(seqlen, dim, heads)
+    for fused, eager, floor in ((triton_fwd, eager_fwd, floor_fwd), (triton_bwd, eager_bwd, floor_bwd)):
+        assert floor.bytes <= fused.bytes < eager.bytes
+        assert fused.flops >= floor.flops and eager.flops >= floor.flops
+        assert fused.exps > 0 and eager.exps > 0
+    assert eager_fwd.flops == floor_fwd.flops  # the composite runs exactly the two matmuls

@@ -11,6 +11,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -29,22 +32,63 @@ using cpu::Strided;
 struct Kernels {
   void (*forward)(const ForwardParams&);
   void (*backward)(const BackwardParams&);
+  void (*forward_bf16)(const ForwardParams&);  // bfloat16 inputs
+  void (*backward_bf16)(const BackwardParams&);
   const char* isa;
+
+  void run_forward(const ForwardParams& p) const { (p.dtype == DType::kBFloat16 ? forward_bf16 : forward)(p); }
+  void run_backward(const BackwardParams& p) const { (p.dtype == DType::kBFloat16 ? backward_bf16 : backward)(p); }
 };
 
-// The widest kernel set this CPU runs, as ATen judges it (ATEN_CPU_CAPABILITY can lower it).
+// Kernel sets from the portable one (0) up: AVX2 (1), AVX512 (2), AVX512 with bfloat16 products
+// on AVX512-BF16 (3; the other dtypes run the AVX512 kernels there).
+constexpr const char* kIsaNames[] = {"DEFAULT", "AVX2", "AVX512", "AVX512_BF16"};
+
+// SYMATTN_CPU_ISA=default|avx2|avx512|avx512_bf16 caps the choice (tests reach every build this
+// way); anything else is ignored with a warning.
+int isa_cap() {
+  const char* env = std::getenv("SYMATTN_CPU_ISA");
+  if (env == nullptr || *env == 0) return 3;
+  std::string name(env);
+  for (char& ch : name) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  for (int level = 0; level < 4; ++level) {
+    if (name == kIsaNames[level]) return level;
+  }
+  TORCH_WARN("symattn: ignoring SYMATTN_CPU_ISA=", env, " (expected default, avx2, avx512 or avx512_bf16)");
+  return 3;
+}
+
+// The widest kernel set this CPU runs: ATen's judgement of AVX2 / AVX-512 (ATEN_CPU_CAPABILITY
+// can lower it), cpuid for AVX512-BF16, capped by SYMATTN_CPU_ISA.
 const Kernels& kernels() {
   static const Kernels chosen = [] {
+    int level = 0;
 #ifdef SYMATTN_X86_DISPATCH
     const std::string capability = at::get_cpu_capability();
     if (capability == "AVX512") {
-      return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward, "AVX512"};
-    }
-    if (capability == "AVX2") {
-      return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward, "AVX2"};
+      __builtin_cpu_init();
+      level = __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+    } else if (capability == "AVX2") {
+      level = 1;
     }
 #endif
-    return Kernels{cpu::DEFAULT::attention_forward, cpu::DEFAULT::attention_backward, "DEFAULT"};
+    level = std::min(level, isa_cap());
+#ifdef SYMATTN_X86_DISPATCH
+    if (level == 3) {
+      return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward,
+                     cpu::AVX512_BF16::attention_forward, cpu::AVX512_BF16::attention_backward, kIsaNames[3]};
+    }
+    if (level == 2) {
+      return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward, cpu::AVX512::attention_forward,
+                     cpu::AVX512::attention_backward, kIsaNames[2]};
+    }
+    if (level == 1) {
+      return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward, cpu::AVX2::attention_forward,
+                     cpu::AVX2::attention_backward, kIsaNames[1]};
+    }
+#endif
+    return Kernels{cpu::DEFAULT::attention_forward, cpu::DEFAULT::attention_backward,
+                   cpu::DEFAULT::attention_forward, cpu::DEFAULT::attention_backward, kIsaNames[0]};
   }();
   return chosen;
 }
@@ -194,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   at::Tensor lse = at::empty(lse_shape(q, varlen), q.options().dtype(at::kFloat));
   p.out = rows_of<void>(out, varlen);
   p.lse = lse_of<float>(lse, varlen);
-  kernels().forward(p);
+  kernels().run_forward(p);
   return {out, lse};
 }
 
@@ -247,7 +291,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     p.dcoef_partial = partial.data_ptr<double>();
   }
 
-  kernels().backward(p);
+  kernels().run_backward(p);
 
   if (!dq_work.is_same(dq)) dq.copy_(dq_work);
   if (dv.has_value() && !dv_work.is_same(*dv)) dv->copy_(dv_work);

@@ -5,7 +5,8 @@
 
 namespace symattn {
 
-// Which instruction set the CPU kernels run with here: "AVX512", "AVX2" or "DEFAULT".
+// Which kernel set runs here: "AVX512_BF16" (AVX-512, bfloat16 products on AVX512-BF16),
+// "AVX512", "AVX2" or "DEFAULT".
 std::string cpu_kernel_isa();
 
 }  // namespace symattn

@@ -2,13 +2,13 @@
 //
 // Per sequence b and head h, with Y = q[b, :, h] ([L, D]) and M = I | diag(c_h) | C_h:
 //
-//   Qs = scale * Y M                S = Qs Y^T (+ mask)        P = softmax_rows(S)
+//   Qm = Y M                        S = scale Qm Y^T (+ mask)  P = softmax_rows(S)
 //   out = dropout(P) V              lse = logsumexp_rows(S)    V = Y (shared) or v[b, :, h]
 //   G  = P * (dP - delta),  dP = dout V^T * keep / (1 - p),    delta = rowsum(dout * out) - dlse
-//   dY = G (scale Y M^T) + G^T Qs  (+ Pd^T dout when V = Y)    dV = Pd^T dout
+//   dY = scale (G Y M^T + G^T Qm)  (+ Pd^T dout when V = Y)    dV = Pd^T dout
 //   dM = scale Y^T G Y             (its diagonal for a diagonal M)
 //
-// One task owns one (b, h): it reads Y once into fp32 panels (Y^T for the score products, Qs
+// One task owns one (b, h): it reads Y once into operand panels (Y^T for the score products, Qm
 // for the query side; in shared mode the same panels serve as keys and values), walks its
 // query rows in blocks whose score rows [block, L] stay in cache, and accumulates every
 // gradient of the head in fp32 buffers that it writes once. Results are independent of the
@@ -17,17 +17,20 @@
 // For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
 // triangle is multiplied and the rest mirrored, and the backward's two Y-gradient products
-// G (Y M) + G^T (Y M) collapse into one (G + G^T) Qs. That is 1.5 instead of 2 L^2 D products
+// G (Y M) + G^T (Y M) collapse into one (G + G^T) Y M. That is 1.5 instead of 2 L^2 D products
 // forward, 3.5 instead of 5 backward. Other heads take query blocks against keys up to the last
 // real one, with causal blocks trimmed at micro-tile granularity.
 //
-// Every product is a register-tiled fp32 micro-kernel on at::vec (no BLAS call inside the
-// parallel region, so nothing depends on a BLAS library's threading); half-precision inputs
-// are widened when the panels are packed and accumulate in fp32.
+// Every product is a register-tiled micro-kernel on at::vec (no BLAS call inside the parallel
+// region, so nothing depends on a BLAS library's threading), accumulating in fp32. Its operand
+// format is a template parameter (FloatDot, Bf16Dot below): fp32 operands with one FMA per
+// element, or, for bfloat16 inputs where the CPU has AVX512-BF16, bf16 pairs on vdpbf16ps with
+// P and G rounded to bf16 as flash-attn does on GPUs. fp16 inputs are widened to fp32.
 //
 // This header is compiled once per instruction set (attention_cpu.cpp for DEFAULT,
-// attention_cpu_avx2.cpp, attention_cpu_avx512.cpp), each time in its own CPU_CAPABILITY
-// namespace; everything but the two entry points has internal linkage.
+// attention_cpu_avx2.cpp, attention_cpu_avx512.cpp, and attention_cpu_avx512_bf16.cpp for
+// bfloat16 only), each time in its own CPU_CAPABILITY namespace; everything but the two entry
+// points has internal linkage.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -44,7 +47,12 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
+
+#if defined(SYMATTN_BF16_DOT)
+#include <immintrin.h>
+#endif
 
 #include "attention_params.h"
 #include "philox.h"
@@ -56,10 +64,11 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
 // Micro-tile: kMR rows x kNV vectors. AVX-512: 6 x 64 keeps 24 of 32 registers as accumulators;
-// AVX2: 6 x 16 keeps 12 of 16.
+// AVX2: 6 x 16 keeps 12 of 16. kMR is even so that query blocks start on a bf16 pair.
 constexpr int kMR = 6;
 constexpr int kNV = kVec >= 16 ? 4 : 2;
 constexpr int64_t kNR = kNV * kVec;
+static_assert(kMR % 2 == 0, "query blocks must start on an even row");
 // Heads up to this length keep their whole fp32 score matrix (1 MiB) in one task.
 constexpr int64_t kWholeHead = 512;
 // Longer heads take query blocks of about this many score floats.
@@ -71,9 +80,138 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// C[m, n] (=|+=) alpha * op(A)[m, k] * B[k, n], all fp32, B and C row-major with unit inner
-// stride; op(A)(i, kk) = a[i * lda + kk], or a[kk * lda + i] when kTransA.
-//
+// Operand formats of the products. A product C[m, n] (=|+=) alpha * op(A)[m, k] * B[k, n] reads
+// arrays of Words, each holding kPack consecutive k elements (k counts elements; an odd k is
+// padded with a zero element):
+//   A: op(A)(i, kk) in word a[i * lda + kk / kPack], or a[(kk / kPack) * lda + i] when kTransA;
+//   B: B(kk, j) in word b[(kk / kPack) * ldb + j].
+// So a panel in "A rows" form is the matrix row-major, and in "B rows" form (also the kTransA
+// form of A) it is pairs of its rows interleaved (the VNNI layout). For fp32 both are the plain
+// row-major matrix, so fp32 inputs need no copies.
+
+// One fp32 element per word, one FMA per element.
+struct FloatDot {
+  using Word = float;
+  using Reg = Vec;
+  static constexpr int64_t kPack = 1;
+  static Vec load(const float* p) { return Vec::loadu(p); }
+  static Vec load(const float* p, int64_t count) { return Vec::loadu(p, count); }
+  static Vec broadcast(const float* p) { return Vec(*p); }
+  static Vec fma(const Vec& a, const Vec& b, const Vec& acc) { return at::vec::fmadd(a, b, acc); }
+};
+
+// Elements of an A row written from fp32 lanes: [j, j + count) <- x, and zeros over [j0, j1)
+// (the bf16 overloads below also zero the pad element of an odd j1).
+void store_elems(float* row, int64_t j, const Vec& x, int64_t count) { x.store(row + j, count); }
+void zero_elems(float* row, int64_t j0, int64_t j1) { std::fill(row + j0, row + std::max(j0, j1), 0.f); }
+
+#if defined(SYMATTN_BF16_DOT)
+// A pair of bf16 per word (the even k in the low half); vdpbf16ps adds both exact products to
+// the fp32 accumulator: twice the multiply rate of FloatDot on half the operand bytes.
+struct Bf16Dot {
+  using Word = uint32_t;
+  using Reg = __m512i;
+  static constexpr int64_t kPack = 2;
+  static __mmask16 lanes(int64_t count) {
+    return static_cast<__mmask16>((1u << std::clamp<int64_t>(count, 0, 16)) - 1u);
+  }
+  static __m512i load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static __m512i load(const uint32_t* p, int64_t count) { return _mm512_maskz_loadu_epi32(lanes(count), p); }
+  static __m512i broadcast(const uint32_t* p) {
+    uint32_t word;
+    std::memcpy(&word, p, sizeof(word));
+    return _mm512_set1_epi32(static_cast<int>(word));
+  }
+  static Vec fma(const __m512i& a, const __m512i& b, const Vec& acc) {
+    return Vec(_mm512_dpbf16_ps(static_cast<__m512>(acc), (__m512bh)a, (__m512bh)b));
+  }
+};
+
+// Sixteen elements from p as bf16 bits, zero from count on (fp32 rounds to nearest even).
+// (Masked loads only for tails: unmasked ones overlap their cache misses better.)
+template <typename T>
+__m256i bf16x16(const T* p, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 x = count >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(Bf16Dot::lanes(count), p);
+    return (__m256i)_mm512_cvtneps_pbh(x);
+  } else {
+    static_assert(std::is_same_v<T, c10::BFloat16>);
+    return count >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                       : _mm256_maskz_loadu_epi16(Bf16Dot::lanes(count), p);
+  }
+}
+
+// Stores the bf16 bits of x to dst[0, count).
+inline void store_bf16x16(uint16_t* dst, const Vec& x, int64_t count) {
+  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(x);
+  if (count >= 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bits);
+  } else {
+    _mm256_mask_storeu_epi16(dst, Bf16Dot::lanes(count), bits);
+  }
+}
+
+void store_elems(uint32_t* row, int64_t j, const Vec& x, int64_t count) {
+  store_bf16x16(reinterpret_cast<uint16_t*>(row) + j, x, count);
+}
+void zero_elems(uint32_t* row, int64_t j0, int64_t j1) {
+  auto* elems = reinterpret_cast<uint16_t*>(row);
+  std::fill(elems + j0, elems + std::max(j0, round_up(j1, 2)), uint16_t{0});
+}
+
+// "A rows": dst [m, round_up(k, 2)] bf16 (row stride 2 ldd_words) <- src [m, k] (row stride ld).
+template <typename T>
+void pack_bf16_rows(const T* src, int64_t ld, int64_t m, int64_t k, uint32_t* dst, int64_t ldd_words) {
+  auto* out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < m; ++i) {
+    uint16_t* row = out + i * 2 * ldd_words;
+    const T* in = src + i * ld;
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t j = 0; j < k; j += 16) {
+        store_bf16x16(row + j, Vec::loadu(in + j, std::min<int64_t>(16, k - j)), k - j);
+      }
+    } else {
+      std::memcpy(row, in, k * sizeof(uint16_t));
+    }
+    if (k % 2 != 0) row[k] = 0;
+  }
+}
+
+// "B rows": dst [ceil(m / 2), n] words (row stride ldd) <- rows 2t and 2t + 1 of src [m, n].
+template <typename T>
+void pack_bf16_pairs(const T* src, int64_t ld, int64_t m, int64_t n, uint32_t* dst, int64_t ldd) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i index = _mm512_load_si512(kInterleave);
+  for (int64_t t = 0; 2 * t < m; ++t) {
+    const T* even = src + 2 * t * ld;
+    const bool has_odd = 2 * t + 1 < m;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m256i lo = bf16x16(even + j, n - j);
+      const __m256i hi = has_odd ? bf16x16(even + ld + j, n - j) : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      _mm512_mask_storeu_epi32(dst + t * ldd + j, Bf16Dot::lanes(n - j), _mm512_permutexvar_epi16(index, both));
+    }
+  }
+}
+#endif
+
+// The operand format for inputs of type scalar_t in this build.
+template <typename scalar_t>
+#if defined(SYMATTN_BF16_DOT)
+using DotFor = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, Bf16Dot, FloatDot>;
+#else
+using DotFor = FloatDot;
+#endif
+
+// A product operand in its Dot's word format.
+template <typename Word>
+struct Operand {
+  const Word* data = nullptr;
+  int64_t ld = 0;
+};
+
 // Band describes what a causal mask makes zero or unneeded, per output row i: op(A)(i, kk) is
 // zero outside [i + k_lo, i + k_hi], and C(i, j) is not needed for j > i + n_hi. The driver
 // trims the k range of each micro row block and skips micro-tiles, at micro-tile granularity.
@@ -83,22 +221,23 @@ struct Band {
   int64_t n_hi = kUnbounded;
 };
 
-template <int MR, int NV, bool kTransA, bool kTail>
-inline void micro_kernel(int64_t k0, int64_t k1, const float* a, int64_t lda, const float* b, int64_t ldb,
-                         float* c, int64_t ldc, int64_t tail, float alpha, bool accumulate) {
+template <typename Dot, int MR, int NV, bool kTransA, bool kTail>
+inline void micro_kernel(int64_t k0, int64_t k1, const typename Dot::Word* a, int64_t lda,
+                         const typename Dot::Word* b, int64_t ldb, float* c, int64_t ldc, int64_t tail, float alpha,
+                         bool accumulate) {
   Vec acc[MR][NV];
   for (int r = 0; r < MR; ++r) {
     for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
   }
   for (int64_t k = k0; k < k1; ++k) {
-    const float* brow = b + k * ldb;
-    Vec bv[NV];
+    const typename Dot::Word* brow = b + k * ldb;
+    typename Dot::Reg bv[NV];
     for (int v = 0; v < NV; ++v) {
-      bv[v] = (kTail && v == NV - 1) ? Vec::loadu(brow + v * kVec, tail) : Vec::loadu(brow + v * kVec);
+      bv[v] = (kTail && v == NV - 1) ? Dot::load(brow + v * kVec, tail) : Dot::load(brow + v * kVec);
     }
     for (int r = 0; r < MR; ++r) {
-      const Vec av(kTransA ? a[k * lda + r] : a[r * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+      const typename Dot::Reg av = Dot::broadcast(kTransA ? a + k * lda + r : a + r * lda + k);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Dot::fma(av, bv[v], acc[r][v]);
     }
   }
   const Vec valpha(alpha);
@@ -113,51 +252,53 @@ inline void micro_kernel(int64_t k0, int64_t k1, const float* a, int64_t lda, co
   }
 }
 
-template <int MR, bool kTransA>
-void micro_cols(int64_t cols, int64_t k0, int64_t k1, const float* a, int64_t lda, const float* b, int64_t ldb,
-                float* c, int64_t ldc, float alpha, bool accumulate) {
+template <typename Dot, int MR, bool kTransA>
+void micro_cols(int64_t cols, int64_t k0, int64_t k1, const typename Dot::Word* a, int64_t lda,
+                const typename Dot::Word* b, int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
   if (cols == kNR) {
-    micro_kernel<MR, kNV, kTransA, false>(k0, k1, a, lda, b, ldb, c, ldc, kVec, alpha, accumulate);
+    micro_kernel<Dot, MR, kNV, kTransA, false>(k0, k1, a, lda, b, ldb, c, ldc, kVec, alpha, accumulate);
     return;
   }
   const int64_t nv = (cols + kVec - 1) / kVec;
   const int64_t tail = cols - (nv - 1) * kVec;
   switch (nv) {
     case 1:
-      micro_kernel<MR, 1, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
+      micro_kernel<Dot, MR, 1, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
       break;
     case 2:
-      micro_kernel<MR, 2, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
+      micro_kernel<Dot, MR, 2, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
       break;
     case 3:
       if constexpr (kNV >= 3) {
-        micro_kernel<MR, 3, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
+        micro_kernel<Dot, MR, 3, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
       }
       break;
     default:
       if constexpr (kNV >= 4) {
-        micro_kernel<MR, 4, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
+        micro_kernel<Dot, MR, 4, kTransA, true>(k0, k1, a, lda, b, ldb, c, ldc, tail, alpha, accumulate);
       }
       break;
   }
 }
 
-template <bool kTransA>
-void micro_tile(int64_t rows, int64_t cols, int64_t k0, int64_t k1, const float* a, int64_t lda, const float* b,
-                int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
+template <typename Dot, bool kTransA>
+void micro_tile(int64_t rows, int64_t cols, int64_t k0, int64_t k1, const typename Dot::Word* a, int64_t lda,
+                const typename Dot::Word* b, int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
   switch (rows) {
-    case 1: micro_cols<1, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
-    case 2: micro_cols<2, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
-    case 3: micro_cols<3, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
-    case 4: micro_cols<4, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
-    case 5: micro_cols<5, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
-    default: micro_cols<6, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    case 1: micro_cols<Dot, 1, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    case 2: micro_cols<Dot, 2, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    case 3: micro_cols<Dot, 3, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    case 4: micro_cols<Dot, 4, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    case 5: micro_cols<Dot, 5, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
+    default: micro_cols<Dot, 6, kTransA>(cols, k0, k1, a, lda, b, ldb, c, ldc, alpha, accumulate); break;
   }
 }
 
-template <bool kTransA>
-void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-          int64_t ldc, float alpha, bool accumulate, const Band& band = Band{}) {
+// C[m, n] (=|+=) alpha * op(A)[m, k] * B[k, n] on operands in Dot's format; C fp32 row-major.
+template <typename Dot, bool kTransA>
+void gemm(int64_t m, int64_t n, int64_t k, const typename Dot::Word* a, int64_t lda, const typename Dot::Word* b,
+          int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate, const Band& band = Band{}) {
+  constexpr int64_t kPack = Dot::kPack;
   // Column panels outside, rows inside: one [k, kNR] panel of B serves every row block.
   for (int64_t n0 = 0; n0 < n; n0 += kNR) {
     const int64_t cols = std::min(kNR, n - n0);
@@ -165,13 +306,21 @@ void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const fl
       const int64_t rows = std::min<int64_t>(kMR, m - r0);
       const int64_t last_row = r0 + rows - 1;
       if (n0 > last_row + band.n_hi) continue;
-      const int64_t k0 = std::max<int64_t>(0, r0 + band.k_lo);
-      const int64_t k1 = std::min<int64_t>(k, last_row + band.k_hi + 1);
-      const float* ap = kTransA ? a + r0 : a + r0 * lda;
-      micro_tile<kTransA>(rows, cols, k0, std::max(k0, k1), ap, lda, b + n0, ldb, c + r0 * ldc + n0, ldc, alpha,
-                          accumulate);
+      // The band's element range, widened to whole words (the zeros outside it add nothing).
+      const int64_t k0 = std::max<int64_t>(0, r0 + band.k_lo) / kPack;
+      const int64_t k1 = (std::max<int64_t>(0, std::min<int64_t>(k, last_row + band.k_hi + 1)) + kPack - 1) / kPack;
+      const typename Dot::Word* ap = kTransA ? a + r0 : a + r0 * lda;
+      micro_tile<Dot, kTransA>(rows, cols, k0, std::max(k0, k1), ap, lda, b + n0, ldb, c + r0 * ldc + n0, ldc, alpha,
+                               accumulate);
     }
   }
+}
+
+template <typename Dot, bool kTransA>
+void gemm(int64_t m, int64_t n, int64_t k, const Operand<typename Dot::Word>& a,
+          const Operand<typename Dot::Word>& b, float* c, int64_t ldc, float alpha, bool accumulate,
+          const Band& band = Band{}) {
+  gemm<Dot, kTransA>(m, n, k, a.data, a.ld, b.data, b.ld, c, ldc, alpha, accumulate, band);
 }
 
 // Row primitives on fp32, vectorised with masked tails so every element takes the same path.
@@ -206,20 +355,24 @@ float row_max(const float* x, int64_t n) {
   return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, acc);
 }
 
-// x = exp(x - shift) in place; returns the sum.
-float exp_sum_inplace(float* x, int64_t n, float shift) {
+// dst[j] = exp(x[j] - shift) * keep[j] (1 without keep) for j < n, as fp32 (dst may be x) or
+// bf16; returns the sum of the exponentials.
+template <typename Word>
+float exp_sum_store(const float* x, int64_t n, float shift, const float* keep, Word* dst) {
   const Vec vshift(shift);
   Vec acc(0.f);
   int64_t j = 0;
   for (; j + kVec <= n; j += kVec) {
-    const Vec e = exp_vec(Vec::loadu(x + j) - vshift);
-    e.store(x + j);
+    Vec e = exp_vec(Vec::loadu(x + j) - vshift);
     acc = acc + e;
+    if (keep != nullptr) e = e * Vec::loadu(keep + j);
+    store_elems(dst, j, e, kVec);
   }
   if (j < n) {
-    const Vec e = exp_vec(Vec::loadu(x + j, n - j) - vshift);
-    e.store(x + j, n - j);
-    acc = acc + Vec::set(Vec(0.f), e, n - j);
+    Vec e = Vec::set(Vec(0.f), exp_vec(Vec::loadu(x + j, n - j) - vshift), n - j);
+    acc = acc + e;
+    if (keep != nullptr) e = e * Vec::loadu(keep + j, n - j);
+    store_elems(dst, j, e, n - j);
   }
   return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
 }
@@ -270,7 +423,45 @@ void store_row(T* dst, const float* src, int64_t n) {
 
 template <typename T>
 void load_row(float* dst, const T* src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    int64_t j = 0;
+    for (; j + kVec <= n; j += kVec) {
+      Vec x;
+      at::vec::load_to_float<T>(src + j, x);
+      x.store(dst + j);
+    }
+    for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  }
+}
+
+// kVec elements of src (count of them, zeros after) widened to fp32.
+template <typename T>
+Vec load_float(const T* src, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(src, count);
+  } else {
+    if (count >= kVec) {
+      Vec x;
+      at::vec::load_to_float<T>(src, x);
+      return x;
+    }
+    float tail[kVec] = {};
+    for (int64_t j = 0; j < count; ++j) tail[j] = static_cast<float>(src[j]);
+    return Vec::loadu(tail);
+  }
+}
+
+// sum_j a[j] * b[j] in fp32, vector lanes first (a fixed order).
+template <typename T>
+float dot_row(const T* a, const T* b, int64_t n) {
+  Vec acc(0.f);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const int64_t count = std::min(kVec, n - j);
+    acc = at::vec::fmadd(load_float(a + j, count), load_float(b + j, count), acc);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
 }
 
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n: register-blocked where at::vec has
@@ -340,7 +531,8 @@ class Workspace {
     TORCH_INTERNAL_ASSERT(used_ <= size_, "symattn: CPU workspace overflow");
     return out;
   }
-  static size_t bytes_for(int64_t floats) { return static_cast<size_t>(floats) * sizeof(float) + 64 * 32; }
+  // Room for the floats plus the alignment padding of up to 64 take() calls.
+  static size_t bytes_for(int64_t floats) { return static_cast<size_t>(floats) * sizeof(float) + 64 * 64; }
 
  private:
   c10::DataPtr data_;
@@ -370,6 +562,12 @@ struct Geometry {
 template <typename scalar_t>
 class Head {
  public:
+  using Dot = DotFor<scalar_t>;
+  using Word = typename Dot::Word;
+  using Panel = Operand<Word>;
+  static constexpr bool kPairs = Dot::kPack == 2;  // bf16 operands, else fp32 ones
+  static constexpr bool kHalf = !std::is_same_v<scalar_t, float>;
+
   Head(const ForwardParams& p, const Geometry& g, Workspace& ws, int64_t b, int64_t h)
       : p_(p), g_(g), ws_(ws), b_(b), h_(h) {
     start_ = p.cu_seqlens != nullptr ? p.cu_seqlens[b] : 0;
@@ -396,13 +594,22 @@ class Head {
     return p_.lse.data + b_ * p_.lse.batch + (start_ + i) * p_.lse.token + h_ * p_.lse.head;
   }
 
+  // Words that k elements take in Dot's format.
+  static int64_t words(int64_t k) { return (k + Dot::kPack - 1) / Dot::kPack; }
+
+  // fp32 rows of Y: the fp32 operands' source; bf16 operands need them only for M.
+  static bool needs_fp32_y(const ForwardParams& p) { return !kPairs || p.coef_mode != CoefMode::kNone; }
+
   // Workspace of setup_keys, pack_query_key and pack_values.
-  static int64_t panel_floats(const ForwardParams& p, const Geometry& g) {
+  static int64_t panel_floats(const ForwardParams& p, const Geometry& g, bool backward) {
     const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
-    const bool half = !std::is_same_v<scalar_t, float>, shared = p.v.data == nullptr;
-    return (p.key_padding_mask != nullptr ? g.ldk + L + 1 : 0)  // key bias, prefix counts
-           + (half ? L * D : 0) + D * g.ldk + L * D             // Yf, Yt, Qs
-           + (half && !shared ? L * Dv : 0);                    // Vf
+    const bool shared = p.v.data == nullptr, coef = p.coef_mode != CoefMode::kNone;
+    return (p.key_padding_mask != nullptr ? g.ldk + L + 1 : 0)            // key bias, prefix counts
+           + (needs_fp32_y(p) && kHalf ? L * D : 0)                       // Yf
+           + (kPairs ? L * words(D) : 0) + words(D) * g.ldk               // Ya, Yt
+           + (kPairs && (backward || shared) ? words(L) * D : 0)          // Yb
+           + (coef ? L * D + (kPairs ? L * words(D) : 0) : 0)             // Qm, Qa
+           + (shared ? 0 : (kPairs ? words(L) * Dv : (kHalf ? L * Dv : 0)));  // Vb
   }
 
   // Prefetches this head's rows of a [B, S, H, X] / [total, H, X] input.
@@ -436,69 +643,82 @@ class Head {
     symmetric_ = g_.symmetric && 4 * key_end_ > 3 * L_;
   }
 
-  // Fp32 panels, from one read of Y: Yf = Y [L, D] (aliases q for fp32), Yt = Y^T [D, ldk],
-  // Qs = scale * Y M [L, D].
-  void pack_query_key() {
+  // Operand panels, from one read of Y: Yf = Y in fp32 [L, D] (aliases q for fp32 input), and in
+  // Dot's format Ya = Y as A rows, Yt = Y^T as B (keys along n), Yb = Y as B rows (keys along k;
+  // when need_yb), Qa = Qm = Y M as A rows (Ya when M = I; Qm in fp32 is kept for the backward).
+  void pack_query_key(bool need_yb) {
     const scalar_t* y = row_ptr(p_.q, 0);
     const int64_t ldq = p_.q.token;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      yf_ = y;
-      ldyf_ = ldq;
-    } else {
-      float* yf = ws_.take<float>(L_ * D_);
-      for (int64_t i = 0; i < L_; ++i) load_row(yf + i * D_, y + i * ldq, D_);
-      yf_ = yf;
-      ldyf_ = D_;
+    if (needs_fp32_y(p_)) {
+      if constexpr (kHalf) {
+        float* yf = ws_.take<float>(L_ * D_);
+        for (int64_t i = 0; i < L_; ++i) load_row(yf + i * D_, y + i * ldq, D_);
+        yf_ = yf;
+        ldyf_ = D_;
+      } else {
+        yf_ = y;
+        ldyf_ = ldq;
+      }
     }
-    yt_ = ws_.take<float>(D_ * g_.ldk);
-    transpose(yf_, ldyf_, yt_, g_.ldk, L_, D_);
-    qs_ = ws_.take<float>(L_ * D_);
-    const float scale = static_cast<float>(p_.scale);
-    if (p_.coef_mode == CoefMode::kFull) {
-      gemm<false>(L_, D_, D_, yf_, ldyf_, p_.coef + h_ * D_ * D_, D_, qs_, D_, scale, false);
+    if constexpr (kPairs) {
+      ya_ = a_rows(y, ldq, L_, D_, ws_.take<Word>(L_ * words(D_)));
+      if (need_yb) yb_ = b_rows(y, ldq, L_, D_, ws_.take<Word>(words(L_) * D_), D_);
+    } else {
+      ya_ = {yf_, ldyf_};
+      yb_ = ya_;
+    }
+    yt_ = b_transposed(ya_, L_, D_, ws_.take<Word>(words(D_) * g_.ldk));
+    if (p_.coef_mode == CoefMode::kNone) {
+      qa_ = ya_;
       return;
     }
-    const float* c = p_.coef_mode == CoefMode::kDiag ? p_.coef + h_ * D_ : nullptr;
-    for (int64_t i = 0; i < L_; ++i) {
-      const float* src = yf_ + i * ldyf_;
-      float* dst = qs_ + i * D_;
-      for (int64_t d = 0; d < D_; ++d) dst[d] = scale * (c != nullptr ? c[d] * src[d] : src[d]);
+    float* qm = ws_.take<float>(L_ * D_);
+    if (p_.coef_mode == CoefMode::kFull) {
+      gemm<FloatDot, false>(L_, D_, D_, yf_, ldyf_, p_.coef + h_ * D_ * D_, D_, qm, D_, 1.f, false);
+    } else {
+      const float* c = p_.coef + h_ * D_;
+      for (int64_t i = 0; i < L_; ++i) {
+        for (int64_t d = 0; d < D_; ++d) qm[i * D_ + d] = c[d] * yf_[i * ldyf_ + d];
+      }
     }
+    qm_ = qm;
+    qa_ = a_rows(qm_, D_, L_, D_, kPairs ? ws_.take<Word>(L_ * words(D_)) : nullptr);
   }
 
-  // Values as an fp32 row panel Vf [L, Dv] (aliases q / v for fp32 input).
+  // Values as B rows: Vb (Yb in shared mode).
   void pack_values() {
     if (shared_) {
-      vf_ = yf_;
-      ldvf_ = ldyf_;
+      vb_ = yb_;
       return;
     }
     const scalar_t* v = row_ptr(p_.v, 0);
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      vf_ = v;
-      ldvf_ = p_.v.token;
-    } else {
+    const int64_t ldv = p_.v.token;
+    if constexpr (kPairs) {
+      vb_ = b_rows(v, ldv, L_, Dv_, ws_.take<Word>(words(L_) * Dv_), Dv_);
+    } else if constexpr (kHalf) {
       float* vf = ws_.take<float>(L_ * Dv_);
-      for (int64_t i = 0; i < L_; ++i) load_row(vf + i * Dv_, v + i * p_.v.token, Dv_);
-      vf_ = vf;
-      ldvf_ = Dv_;
+      for (int64_t i = 0; i < L_; ++i) load_row(vf + i * Dv_, v + i * ldv, Dv_);
+      vb_ = {vf, Dv_};
+    } else {
+      vb_ = {v, ldv};
     }
   }
 
   // Scores of query rows [i0, i0 + rows) against keys [0, kend) into s (row stride g_.ldk).
   void scores(float* s, int64_t i0, int64_t rows, int64_t kend) const {
+    const float scale = static_cast<float>(p_.scale);
     if (symmetric_) {
       // Whole head: the lower tile triangle, then its mirror image.
       for (int64_t t0 = 0; t0 < L_; t0 += kSymTile) {
         const int64_t tr = std::min(kSymTile, L_ - t0);
-        gemm<false>(tr, t0 + tr, D_, qs_ + t0 * D_, D_, yt_, g_.ldk, s + t0 * g_.ldk, g_.ldk, 1.f, false);
+        gemm<Dot, false>(tr, t0 + tr, D_, a_from(qa_, t0), yt_, s + t0 * g_.ldk, g_.ldk, scale, false);
       }
       mirror_lower_tiles(s, g_.ldk, L_);
       return;
     }
     Band band;
     if (p_.causal) band.n_hi = i0;
-    gemm<false>(rows, kend, D_, qs_ + i0 * D_, D_, yt_, g_.ldk, s, g_.ldk, 1.f, false, band);
+    gemm<Dot, false>(rows, kend, D_, a_from(qa_, i0), yt_, s, g_.ldk, scale, false, band);
   }
 
   // Query block [i0, i0 + rows): the key range its products touch.
@@ -537,6 +757,39 @@ class Head {
   bool dropout() const { return keep_scale_ != 0.f; }
 
  protected:
+  // src [m, k] (fp32, or scalar_t) as A rows; fp32 is its own A-rows form, bf16 is packed in buf
+  // ([m, words(k)]).
+  template <typename T>
+  static Panel a_rows(const T* src, int64_t ld, int64_t m, int64_t k, Word* buf) {
+    if constexpr (kPairs) {
+      pack_bf16_rows(src, ld, m, k, buf, words(k));
+      return {buf, words(k)};
+    } else {
+      static_assert(std::is_same_v<T, float>, "fp32 operands come from fp32 rows");
+      return {src, ld};
+    }
+  }
+  // src [m, n] as B rows (m along k), which is also the kTransA form of src^T as A; fp32 is its
+  // own form, bf16 row pairs are interleaved into buf ([words(m), ldd]).
+  template <typename T>
+  static Panel b_rows(const T* src, int64_t ld, int64_t m, int64_t n, Word* buf, int64_t ldd) {
+    if constexpr (kPairs) {
+      pack_bf16_pairs(src, ld, m, n, buf, ldd);
+      return {buf, ldd};
+    } else {
+      static_assert(std::is_same_v<T, float>, "fp32 operands come from fp32 rows");
+      return {src, ld};
+    }
+  }
+  // The transpose of A rows a ([m, k]) as B [k, ldk] (m along n), word by word into buf.
+  Panel b_transposed(const Panel& a, int64_t m, int64_t k, Word* buf) const {
+    transpose(reinterpret_cast<const float*>(a.data), a.ld, reinterpret_cast<float*>(buf), g_.ldk, m, words(k));
+    return {buf, g_.ldk};
+  }
+  // A rows from row i on; B rows (and kTransA A) from row i on, i even.
+  static Panel a_from(const Panel& a, int64_t i) { return {a.data + i * a.ld, a.ld}; }
+  static Panel b_from(const Panel& b, int64_t i) { return {b.data + i / Dot::kPack * b.ld, b.ld}; }
+
   const ForwardParams& p_;
   const Geometry& g_;
   Workspace& ws_;
@@ -553,30 +806,31 @@ class Head {
   float keep_scale_ = 0.f;
   int64_t row_id0_ = 0;
 
-  float* yt_ = nullptr;
-  float* qs_ = nullptr;
-  const float* yf_ = nullptr;
+  const float* yf_ = nullptr;  // fp32 Y, or null where no product needs it
   int64_t ldyf_ = 0;
-  const float* vf_ = nullptr;
-  int64_t ldvf_ = 0;
+  const float* qm_ = nullptr;  // fp32 Y M, or null for M = I
+  Panel ya_, yt_, yb_, qa_, vb_;
 };
 
 
 template <typename scalar_t>
 class ForwardHead : public Head<scalar_t> {
   using Base = Head<scalar_t>;
-  using Base::D_, Base::Dv_, Base::L_, Base::g_, Base::p_, Base::ws_, Base::vf_, Base::ldvf_;
+  using typename Base::Dot, typename Base::Word, typename Base::Panel;
+  using Base::kPairs, Base::kHalf, Base::D_, Base::Dv_, Base::L_, Base::g_, Base::p_, Base::ws_, Base::vb_,
+      Base::shared_;
 
  public:
   using Base::Base;
 
   // Exactly what run() takes from the workspace.
   static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
-    const bool half = !std::is_same_v<scalar_t, float>;
-    return Base::panel_floats(p, g)
-           + g.block * g.ldk                     // score block
-           + (p.dropout_p > 0.0 ? g.ldk : 0)     // keep row
-           + (half ? g.block * p.value_dim : 0);  // output block
+    return Base::panel_floats(p, g, false)
+           + g.block * g.ldk                      // score block
+           + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
+           + g.block                              // 1 / row sums
+           + (p.dropout_p > 0.0 ? g.ldk : 0)      // keep row
+           + (kHalf ? g.block * p.value_dim : 0);  // output block
   }
 
   void prefetch_inputs() const {
@@ -586,49 +840,64 @@ class ForwardHead : public Head<scalar_t> {
 
   void run() {
     this->setup_keys();
-    this->pack_query_key();
+    this->pack_query_key(shared_);
     this->pack_values();
     float* s = ws_.template take<float>(g_.block * g_.ldk);
+    // exp(S - rowmax) as A rows: bf16 beside the scores, or the fp32 scores themselves.
+    Word* probs = nullptr;
+    int64_t ldp = g_.ldk;
+    if constexpr (kPairs) {
+      ldp = g_.ldk / 2;
+      probs = ws_.template take<Word>(g_.block * ldp);
+    } else {
+      probs = s;
+    }
+    float* inv_sum = ws_.template take<float>(g_.block);
     float* keep = this->dropout() ? ws_.template take<float>(g_.ldk) : nullptr;
-    float* o = std::is_same_v<scalar_t, float> ? nullptr : ws_.template take<float>(g_.block * Dv_);
+    float* o = kHalf ? ws_.template take<float>(g_.block * Dv_) : nullptr;
     const int64_t block = g_.block;  // >= L_ for symmetric heads
     for (int64_t i0 = 0; i0 < L_; i0 += block) {
       const int64_t rows = std::min(block, L_ - i0);
       const int64_t kend = this->block_keys(i0, rows);
       if (kend > 0) this->scores(s, i0, rows, kend);
-      for (int64_t r = 0; r < rows; ++r) softmax_row(s + r * g_.ldk, i0 + r, kend, keep);
-      // out = P V, written straight into the output for fp32.
+      for (int64_t r = 0; r < rows; ++r) {
+        inv_sum[r] = softmax_row(s + r * g_.ldk, i0 + r, kend, keep, probs + r * ldp);
+      }
+      // out = P V / rowsum, written straight into the output for fp32.
       Band band;
       if (p_.causal) band.k_hi = i0;
       scalar_t* out0 = this->row_ptr(p_.out, i0);
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        gemm<false>(rows, Dv_, kend, s, g_.ldk, vf_, ldvf_, out0, p_.out.token, 1.f, false, band);
-      } else {
-        gemm<false>(rows, Dv_, kend, s, g_.ldk, vf_, ldvf_, o, Dv_, 1.f, false, band);
-        for (int64_t r = 0; r < rows; ++r) store_row(out0 + r * p_.out.token, o + r * Dv_, Dv_);
+      float* dst = o;
+      int64_t ld = Dv_;
+      if constexpr (!kHalf) {
+        dst = out0;
+        ld = p_.out.token;
+      }
+      gemm<Dot, false>(rows, Dv_, kend, Panel{probs, ldp}, vb_, dst, ld, 1.f, false, band);
+      for (int64_t r = 0; r < rows; ++r) {
+        scale_inplace(dst + r * ld, Dv_, inv_sum[r]);
+        if constexpr (kHalf) store_row(out0 + r * p_.out.token, dst + r * ld, Dv_);
       }
     }
   }
 
  private:
-  // Score row -> probabilities (dropout applied), zero in [n, kend); writes lse.
-  void softmax_row(float* s, int64_t i, int64_t kend, float* keep) {
+  // Score row -> exp(s - rowmax) (times the dropout multipliers) into prow, zero in [n, kend);
+  // writes lse and returns 1 / the row sum (0 for a row with no allowed key: P = 0).
+  float softmax_row(float* s, int64_t i, int64_t kend, float* keep, Word* prow) {
     const int64_t n = this->row_keys(i);
     this->mask_row(s, i, n);
     const float m = n > 0 ? row_max(s, n) : kNegInf;
-    if (m == kNegInf) {  // no allowed key: P = 0, lse = -inf
-      fill(s, kend, 0.f);
+    if (m == kNegInf) {
+      zero_elems(prow, 0, kend);
       *this->lse_ptr(i) = kNegInf;
-      return;
+      return 0.f;
     }
-    const float sum = exp_sum_inplace(s, n, m);
+    if (keep != nullptr) this->keep_row(keep, i, n);
+    const float sum = exp_sum_store(s, n, m, keep, prow);
     *this->lse_ptr(i) = m + std::log(sum);
-    scale_inplace(s, n, 1.f / sum);
-    if (keep != nullptr) {
-      this->keep_row(keep, i, n);
-      for (int64_t j = 0; j < n; ++j) s[j] *= keep[j];
-    }
-    fill(s + n, kend - n, 0.f);
+    zero_elems(prow, n, kend);
+    return 1.f / sum;
   }
 };
 
@@ -636,8 +905,10 @@ class ForwardHead : public Head<scalar_t> {
 template <typename scalar_t>
 class BackwardHead : public Head<scalar_t> {
   using Base = Head<scalar_t>;
-  using Base::D_, Base::Dv_, Base::L_, Base::g_, Base::ws_, Base::shared_, Base::vf_, Base::ldvf_, Base::yf_,
-      Base::ldyf_, Base::qs_, Base::yt_, Base::h_, Base::b_;
+  using typename Base::Dot, typename Base::Word, typename Base::Panel;
+  using Base::kPairs, Base::kHalf, Base::words, Base::a_from, Base::b_from, Base::D_, Base::Dv_, Base::L_, Base::g_,
+      Base::ws_, Base::shared_, Base::yf_, Base::ldyf_, Base::qm_, Base::yt_, Base::yb_, Base::qa_, Base::vb_,
+      Base::h_, Base::b_;
 
  public:
   BackwardHead(const BackwardParams& p, const Geometry& g, Workspace& ws, int64_t b, int64_t h)
@@ -653,30 +924,37 @@ class BackwardHead : public Head<scalar_t> {
   // Exactly what run() takes from the workspace.
   static int64_t workspace_floats(const BackwardParams& p, const Geometry& g) {
     const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
-    const bool half = !std::is_same_v<scalar_t, float>, shared = p.v.data == nullptr;
+    const bool shared = p.v.data == nullptr, coef = p.coef_mode != CoefMode::kNone;
     const bool full = p.coef_mode == CoefMode::kFull;
-    const bool want_dcoef = p.dcoef_partial != nullptr && p.coef_mode != CoefMode::kNone;
-    return Base::panel_floats(p, g)
-           + (shared ? 0 : Dv * g.ldk)                                     // Vt
-           + (half ? L * Dv : 0) + L                                       // dOf, delta
-           + 2 * g.block * g.ldk                                           // P / Pd and dP / G blocks
-           + (p.dropout_p > 0.0 ? g.ldk : 0)                               // keep row
-           + L * D + (shared ? 0 : L * Dv)                                 // dY, dV accumulators
-           + (g.symmetric ? kSymTile * kSymTile : 0)                       // symmetrize scratch
-           + (want_dcoef || full ? g.block * D : 0)                        // W block
-           + (full ? 2 * D * D : 0);                                       // scale C^T, a dC block
+    return Base::panel_floats(p, g, true)
+           + (kPairs && coef ? words(L) * D : 0)                                // Qb
+           + (shared ? 0 : (kPairs ? L * words(Dv) : 0) + words(Dv) * g.ldk)    // Va, Vt
+           + (kPairs ? L * words(Dv) + words(L) * Dv : (kHalf ? L * Dv : 0))   // dO as A rows, B rows
+           + L                                                                  // delta
+           + 2 * g.block * g.ldk                                  // P / Pd and dP / G blocks
+           + (kPairs ? g.block * g.ldk / 2 + 2 * words(g.block) * g.ldk : 0)  // bf16 G, G^T, Pd^T
+           + (p.dropout_p > 0.0 ? g.ldk : 0)                      // keep row
+           + L * D + (shared ? 0 : L * Dv)                        // dY, dV accumulators
+           + (g.symmetric ? kSymTile * kSymTile : 0)              // symmetrize scratch
+           + (coef ? g.block * D : 0)                             // W block
+           + (full ? 2 * D * D : 0);                              // scale C^T, a dC block
   }
 
   void run() {
     const CoefMode mode = bp_.coef_mode;
     const bool want_dcoef = bp_.dcoef_partial != nullptr && mode != CoefMode::kNone;
     this->setup_keys();
-    this->pack_query_key();
+    this->pack_query_key(true);
     this->pack_values();
     pack_backward_inputs();
 
     float* s = ws_.template take<float>(g_.block * g_.ldk);
     float* dp = ws_.template take<float>(g_.block * g_.ldk);
+    if constexpr (kPairs) {
+      g_rows_ = ws_.template take<Word>(g_.block * g_.ldk / 2);
+      g_cols_ = ws_.template take<Word>(words(g_.block) * g_.ldk);
+      p_cols_ = ws_.template take<Word>(words(g_.block) * g_.ldk);
+    }
     float* keep = this->dropout() ? ws_.template take<float>(g_.ldk) : nullptr;
     float* dy = ws_.template take<float>(L_ * D_);
     float* dv = shared_ ? dy : ws_.template take<float>(L_ * Dv_);
@@ -688,7 +966,12 @@ class BackwardHead : public Head<scalar_t> {
     if (this->symmetric_) {
       symmetric_head(s, dp, keep, dy, dv, dcoef);
     } else {
-      float* w = (dcoef != nullptr || mode == CoefMode::kFull) ? ws_.template take<float>(g_.block * D_) : nullptr;
+      // Qm as B rows, for the key side G^T Qm.
+      qb_ = yb_;
+      if (qm_ != nullptr) {
+        qb_ = Base::b_rows(qm_, D_, L_, D_, kPairs ? ws_.template take<Word>(words(L_) * D_) : nullptr, D_);
+      }
+      float* w = mode != CoefMode::kNone ? ws_.template take<float>(g_.block * D_) : nullptr;
       float* ct = mode == CoefMode::kFull ? ws_.template take<float>(2 * D_ * D_) : nullptr;
       if (ct != nullptr) {  // ct[e][d] = scale * C[d][e], the B panel of W (scale C^T)
         const float* c = bp_.coef + h_ * D_ * D_;
@@ -708,32 +991,34 @@ class BackwardHead : public Head<scalar_t> {
   }
 
  private:
-  // Vt = V^T [Dv, ldk] for dP = dO V^T, dOf = dout in fp32, delta = rowsum(dout * out) - dlse.
+  // Vt = V^T as B [Dv, ldk] for dP = dO V^T, dO as A rows and as B rows, and
+  // delta = rowsum(dout * out) - dlse.
   void pack_backward_inputs() {
     if (shared_) {
       vt_ = yt_;
+    } else if constexpr (kPairs) {
+      const Panel va = Base::a_rows(this->row_ptr(bp_.v, 0), bp_.v.token, L_, Dv_,
+                                    ws_.template take<Word>(L_ * words(Dv_)));
+      vt_ = this->b_transposed(va, L_, Dv_, ws_.template take<Word>(words(Dv_) * g_.ldk));
     } else {
-      float* vt = ws_.template take<float>(Dv_ * g_.ldk);
-      transpose(vf_, ldvf_, vt, g_.ldk, L_, Dv_);
-      vt_ = vt;
+      vt_ = this->b_transposed(vb_, L_, Dv_, ws_.template take<Word>(Dv_ * g_.ldk));
     }
     const scalar_t* dout = this->row_ptr(bp_.dout, 0);
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      dof_ = dout;
-      lddo_ = bp_.dout.token;
-    } else {
+    const int64_t ld = bp_.dout.token;
+    if constexpr (kPairs) {
+      do_rows_ = Base::a_rows(dout, ld, L_, Dv_, ws_.template take<Word>(L_ * words(Dv_)));
+      do_pairs_ = Base::b_rows(dout, ld, L_, Dv_, ws_.template take<Word>(words(L_) * Dv_), Dv_);
+    } else if constexpr (kHalf) {
       float* dof = ws_.template take<float>(L_ * Dv_);
-      for (int64_t i = 0; i < L_; ++i) load_row(dof + i * Dv_, dout + i * bp_.dout.token, Dv_);
-      dof_ = dof;
-      lddo_ = Dv_;
+      for (int64_t i = 0; i < L_; ++i) load_row(dof + i * Dv_, dout + i * ld, Dv_);
+      do_rows_ = do_pairs_ = {dof, Dv_};
+    } else {
+      do_rows_ = do_pairs_ = {dout, ld};
     }
     delta_ = ws_.template take<float>(L_);
     const scalar_t* out = this->row_ptr(bp_.out, 0);
     for (int64_t i = 0; i < L_; ++i) {
-      const float* dorow = dof_ + i * lddo_;
-      const scalar_t* orow = out + i * bp_.out.token;
-      float acc = 0.f;
-      for (int64_t x = 0; x < Dv_; ++x) acc += dorow[x] * static_cast<float>(orow[x]);
+      float acc = dot_row(dout + i * ld, out + i * bp_.out.token, Dv_);
       if (bp_.dlse.data != nullptr) {
         acc -= bp_.dlse.data[b_ * bp_.dlse.batch + (this->start_ + i) * bp_.dlse.token + h_ * bp_.dlse.head];
       }
@@ -780,26 +1065,28 @@ class BackwardHead : public Head<scalar_t> {
     }
   }
 
-  // Whole head, S symmetric: dY = (G + G^T) Qs (+ Pd^T dO), one product instead of two.
+  // Whole head, S symmetric: dY = scale (G + G^T) Y M (+ Pd^T dO), one product instead of two.
   void symmetric_head(float* s, float* dp, float* keep, float* dy, float* dv, double* dcoef) {
     const int64_t L = L_;
     const float scale = static_cast<float>(bp_.scale);
     this->scores(s, 0, L, L);
-    gemm<false>(L, L, Dv_, dof_, lddo_, vt_, g_.ldk, dp, g_.ldk, 1.f, false);
+    gemm<Dot, false>(L, L, Dv_, do_rows_, vt_, dp, g_.ldk, 1.f, false);
     for (int64_t i = 0; i < L; ++i) grad_row(s + i * g_.ldk, dp + i * g_.ldk, i, L, keep);
     symmetrize(dp, g_.ldk, L, ws_.template take<float>(kSymTile * kSymTile));
-    if (dcoef != nullptr) {
+    const Panel gs = Base::a_rows(static_cast<const float*>(dp), g_.ldk, L, L, g_rows_);
+    if (bp_.coef_mode == CoefMode::kDiag) {
       // Z = (G + G^T) Y; dc = scale/2 * sum_i y_i * z_i; dY = scale * Z * c.
-      gemm<false>(L, D_, L, dp, g_.ldk, yf_, ldyf_, dy, D_, 1.f, false);
-      diag_dcoef(dcoef, dy, D_, 0, L, 0.5f * scale);
+      gemm<Dot, false>(L, D_, L, gs, yb_, dy, D_, 1.f, false);
+      if (dcoef != nullptr) diag_dcoef(dcoef, dy, D_, 0, L, 0.5f * scale);
       const float* c = bp_.coef + h_ * D_;
       for (int64_t i = 0; i < L; ++i) {
         for (int64_t d = 0; d < D_; ++d) dy[i * D_ + d] *= scale * c[d];
       }
     } else {
-      gemm<false>(L, D_, L, dp, g_.ldk, qs_, D_, dy, D_, 1.f, false);
+      gemm<Dot, false>(L, D_, L, gs, yb_, dy, D_, scale, false);
     }
-    gemm<true>(L, Dv_, L, s, g_.ldk, dof_, lddo_, dv, Dv_, 1.f, shared_);
+    const Panel pd_t = Base::b_rows(static_cast<const float*>(s), g_.ldk, L, L, p_cols_, g_.ldk);
+    gemm<Dot, true>(L, Dv_, L, pd_t, do_pairs_, dv, Dv_, 1.f, shared_);
   }
 
   // Query rows [i0, i0 + rows): their query-side gradient, and their contribution to the
@@ -817,42 +1104,45 @@ class BackwardHead : public Head<scalar_t> {
       k_lower.k_lo = -i0;
     }
     this->scores(s, i0, rows, kend);
-    gemm<false>(rows, kend, Dv_, dof_ + i0 * lddo_, lddo_, vt_, g_.ldk, dp, g_.ldk, 1.f, false, out_band);
+    gemm<Dot, false>(rows, kend, Dv_, a_from(do_rows_, i0), vt_, dp, g_.ldk, 1.f, false, out_band);
     for (int64_t r = 0; r < rows; ++r) grad_row(s + r * g_.ldk, dp + r * g_.ldk, i0 + r, kend, keep);
 
-    // Query side: G (scale Y M^T).
+    // Query side: scale G Y M^T.
+    const Panel grad = Base::a_rows(static_cast<const float*>(dp), g_.ldk, rows, kend, g_rows_);
     float* dy_block = dy + i0 * D_;
-    if (w == nullptr) {  // M = I, or diagonal without dcoef: scale Y M^T = Qs
-      gemm<false>(rows, D_, kend, dp, g_.ldk, qs_, D_, dy_block, D_, 1.f, true, k_upper);
+    if (w == nullptr) {  // M = I
+      gemm<Dot, false>(rows, D_, kend, grad, yb_, dy_block, D_, scale, true, k_upper);
     } else {
-      gemm<false>(rows, D_, kend, dp, g_.ldk, yf_, ldyf_, w, D_, 1.f, false, k_upper);  // W = G Y
+      gemm<Dot, false>(rows, D_, kend, grad, yb_, w, D_, 1.f, false, k_upper);  // W = G Y
       if (mode == CoefMode::kFull) {
         if (dcoef != nullptr) {  // scale Y_I^T W, added in double
           float* block = ct + D_ * D_;
-          gemm<true>(D_, D_, rows, yf_ + i0 * ldyf_, ldyf_, w, D_, block, D_, scale, false);
+          gemm<FloatDot, true>(D_, D_, rows, yf_ + i0 * ldyf_, ldyf_, w, D_, block, D_, scale, false);
           for (int64_t e = 0; e < D_ * D_; ++e) dcoef[e] += block[e];
         }
-        gemm<false>(rows, D_, D_, w, D_, ct, D_, dy_block, D_, 1.f, true);
+        gemm<FloatDot, false>(rows, D_, D_, w, D_, ct, D_, dy_block, D_, 1.f, true);
       } else {
-        diag_dcoef(dcoef, w, D_, i0, rows, scale);
+        if (dcoef != nullptr) diag_dcoef(dcoef, w, D_, i0, rows, scale);
         const float* c = bp_.coef + h_ * D_;
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t d = 0; d < D_; ++d) dy_block[r * D_ + d] += scale * c[d] * w[r * D_ + d];
         }
       }
     }
-    // Key side G^T Qs, value side Pd^T dO, for keys [0, kend).
-    gemm<true>(kend, D_, rows, dp, g_.ldk, qs_ + i0 * D_, D_, dy, D_, 1.f, true, k_lower);
-    gemm<true>(kend, Dv_, rows, s, g_.ldk, dof_ + i0 * lddo_, lddo_, dv, Dv_, 1.f, true, k_lower);
+    // Key side scale G^T Qm, value side Pd^T dO, for keys [0, kend).
+    const Panel grad_t = Base::b_rows(static_cast<const float*>(dp), g_.ldk, rows, kend, g_cols_, g_.ldk);
+    gemm<Dot, true>(kend, D_, rows, grad_t, b_from(qb_, i0), dy, D_, scale, true, k_lower);
+    const Panel pd_t = Base::b_rows(static_cast<const float*>(s), g_.ldk, rows, kend, p_cols_, g_.ldk);
+    gemm<Dot, true>(kend, Dv_, rows, pd_t, b_from(do_pairs_, i0), dv, Dv_, 1.f, true, k_lower);
   }
 
   const BackwardParams& bp_;
-  const float* vt_ = nullptr;
-  const float* dof_ = nullptr;
-  int64_t lddo_ = 0;
+  Panel vt_, do_rows_, do_pairs_, qb_;
   float* delta_ = nullptr;
+  Word* g_rows_ = nullptr;  // bf16 G as A rows, G^T and Pd^T as kTransA A (null for fp32 operands)
+  Word* g_cols_ = nullptr;
+  Word* p_cols_ = nullptr;
 };
-
 
 // Runs Task(b, h).run() for every (b, h): a fixed pool of one worker per thread takes heads
 // from a shared counter, longest sequences first, and prefetches the inputs of the head it will
@@ -890,6 +1180,19 @@ void for_each_head(const Params& p) {
 
 }  // namespace
 
+#if defined(SYMATTN_BF16_DOT)
+// This build holds only the bfloat16 kernels (vdpbf16ps); attention_cpu.cpp sends the other
+// dtypes to the AVX512 build.
+void attention_forward(const ForwardParams& p) {
+  TORCH_INTERNAL_ASSERT(p.dtype == DType::kBFloat16, "symattn: the AVX512_BF16 kernels take bfloat16 only");
+  for_each_head<ForwardHead<c10::BFloat16>>(p);
+}
+
+void attention_backward(const BackwardParams& p) {
+  TORCH_INTERNAL_ASSERT(p.dtype == DType::kBFloat16, "symattn: the AVX512_BF16 kernels take bfloat16 only");
+  for_each_head<BackwardHead<c10::BFloat16>>(p);
+}
+#else
 void attention_forward(const ForwardParams& p) {
   switch (p.dtype) {
     case DType::kFloat32: for_each_head<ForwardHead<float>>(p); break;
@@ -905,6 +1208,7 @@ void attention_backward(const BackwardParams& p) {
     case DType::kFloat16: for_each_head<BackwardHead<c10::Half>>(p); break;
   }
 }
+#endif
 
 }  // namespace CPU_CAPABILITY
 }  // namespace symattn::cpu

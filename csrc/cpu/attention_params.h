@@ -67,5 +67,9 @@ namespace AVX512 {
 void attention_forward(const ForwardParams& p);
 void attention_backward(const BackwardParams& p);
 }  // namespace AVX512
+namespace AVX512_BF16 {  // bfloat16 only
+void attention_forward(const ForwardParams& p);
+void attention_backward(const BackwardParams& p);
+}  // namespace AVX512_BF16
 
 }  // namespace symattn::cpu

@@ -1,15 +1,16 @@
 // Instruction-set selection for one kernel translation unit. Include it first, after defining
-// SYMATTN_ISA_AVX2 or SYMATTN_ISA_AVX512 (or neither, for the portable DEFAULT build).
+// SYMATTN_ISA_AVX2, SYMATTN_ISA_AVX512 or SYMATTN_ISA_AVX512_BF16 (or none, for the portable
+// DEFAULT build).
 //
-// setup.py compiles every source with the same flags and no -march, so the AVX2 / AVX-512
-// translation units switch the instruction set themselves with `#pragma GCC target` and define
-// the feature macros that ATen's at::vec and Sleef headers test (the pragma changes code
-// generation only, not the predefined macros); attention_cpu.cpp calls them only when
-// at::get_cpu_capability() reports that ISA (ATEN_CPU_CAPABILITY=avx2 / default lowers it).
-// All kernel code has internal linkage in its own CPU_CAPABILITY namespace; the translation
-// unit compiled without extra ISA (attention_cpu.cpp) comes first in the link, so any inline
-// header function that several of them emit is taken from the portable one (checked with
-// objdump: no VEX instruction outside the AVX2 / AVX512 namespaces). Other compilers and
+// setup.py compiles every source with the same flags and no -march, so each ISA translation
+// unit switches the instruction set itself with `#pragma GCC target` (the same code generation
+// as -mavx2 ... / -mavx512bf16 for that file alone) and defines the feature macros that ATen's
+// at::vec and Sleef headers test; attention_cpu.cpp calls a build only when the CPU has its ISA
+// (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY=avx2 / default lowers; cpuid for
+// AVX512-BF16). All kernel code has internal linkage in its own CPU_CAPABILITY namespace; the
+// translation unit compiled without extra ISA (attention_cpu.cpp) comes first in the link, so any
+// inline header function that several of them emit is taken from the portable one (checked with
+// objdump: no VEX / EVEX instruction outside the ISA namespaces). Other compilers and
 // architectures build the portable kernels only.
 #pragma once
 
@@ -17,43 +18,59 @@
 #define SYMATTN_X86_DISPATCH 1
 #endif
 
-#if defined(SYMATTN_ISA_AVX512) && defined(SYMATTN_X86_DISPATCH)
+// SYMATTN_ISA_LEVEL: 0 portable, 1 AVX2 + FMA, 2 AVX-512 (F, BW, VL, DQ), 3 AVX-512 + BF16.
+#if defined(SYMATTN_ISA_AVX512_BF16) && defined(SYMATTN_X86_DISPATCH)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#define CPU_CAPABILITY AVX512_BF16
+#define SYMATTN_ISA_LEVEL 3
+#elif defined(SYMATTN_ISA_AVX512) && defined(SYMATTN_X86_DISPATCH)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 #define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
+#define SYMATTN_ISA_LEVEL 2
+#elif defined(SYMATTN_ISA_AVX2) && defined(SYMATTN_X86_DISPATCH)
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#define CPU_CAPABILITY AVX2
+#define SYMATTN_ISA_LEVEL 1
+#elif !defined(SYMATTN_ISA_AVX2) && !defined(SYMATTN_ISA_AVX512) && !defined(SYMATTN_ISA_AVX512_BF16)
+#define CPU_CAPABILITY DEFAULT
+#define SYMATTN_ISA_LEVEL 0
+#endif
+
+// The feature macros of each level, cumulatively (the pragma alone does not define them).
+#if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 1
+#ifndef __AVX2__
+#define __SSE3__ 1
+#define __SSSE3__ 1
+#define __SSE4_1__ 1
+#define __SSE4_2__ 1
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#endif
+#endif
+#if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 2
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #define __AVX512BW__ 1
 #define __AVX512VL__ 1
 #define __AVX512DQ__ 1
 #endif
-#ifndef __AVX2__
-#define __SSE3__ 1
-#define __SSSE3__ 1
-#define __SSE4_1__ 1
-#define __SSE4_2__ 1
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
 #endif
-#define SYMATTN_ISA_ENABLED 1
-#elif defined(SYMATTN_ISA_AVX2) && defined(SYMATTN_X86_DISPATCH)
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-#define CPU_CAPABILITY AVX2
+#if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 3
+#ifndef __AVX512BF16__
+#define __AVX512BF16__ 1
+#endif
+#define SYMATTN_BF16_DOT 1  // attention_kernel.h: bfloat16 products on vdpbf16ps
+#endif
+
+// at::vec's per-ISA code paths: the AVX-512 ones serve the BF16 build too.
+#if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 2
+#define CPU_CAPABILITY_AVX512
+#elif defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL == 1
 #define CPU_CAPABILITY_AVX2
-#ifndef __AVX2__
-#define __SSE3__ 1
-#define __SSSE3__ 1
-#define __SSE4_1__ 1
-#define __SSE4_2__ 1
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
 #endif
-#define SYMATTN_ISA_ENABLED 1
-#elif !defined(SYMATTN_ISA_AVX2) && !defined(SYMATTN_ISA_AVX512)
-#define CPU_CAPABILITY DEFAULT
+
+#ifdef SYMATTN_ISA_LEVEL
 #define SYMATTN_ISA_ENABLED 1
 #endif

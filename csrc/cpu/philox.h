@@ -1,37 +1,19 @@
-// Philox-4x32-10 (Salmon et al. 2011), bit-identical to triton.language.randint and to
-// symattn_kernels.reference.philox_randint: counter (offset low word, offset high word, 0, 0),
-// key (seed low word, seed high word), first output word. Torch-free.
+// philox_randint and dropout_threshold (bit-identical to triton.language.randint and to
+// symattn_kernels.reference) come from ../common/philox.h, shared with the CUDA kernels;
+// philox_block draws kPhiloxLanes consecutive counters at once. Torch-free.
 #pragma once
 
 #include <cstdint>
 
+#include "../common/philox.h"
+
 namespace symattn::cpu {
 
-constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
-constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
-constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
-constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
-constexpr int kPhiloxRounds = 10;
+using symattn::dropout_threshold;
+using symattn::philox_randint;
+
 // Counters drawn per call of philox_block; a multiple of every vector width in use.
 constexpr int kPhiloxLanes = 16;
-
-inline uint32_t philox_randint(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    const uint64_t prod_b = static_cast<uint64_t>(kPhiloxRoundB) * c2;
-    const uint64_t prod_a = static_cast<uint64_t>(kPhiloxRoundA) * c0;
-    const uint32_t next0 = static_cast<uint32_t>(prod_b >> 32) ^ c1 ^ k0;
-    const uint32_t next2 = static_cast<uint32_t>(prod_a >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(prod_b);
-    c3 = static_cast<uint32_t>(prod_a);
-    c0 = next0;
-    c2 = next2;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
-  return c0;
-}
 
 // philox_randint for the kPhiloxLanes consecutive offsets first, first + 1, ...; written as
 // independent lanes so the compiler vectorises each round across them (32x32->64 multiplies).
@@ -67,12 +49,6 @@ inline void philox_block(uint64_t seed, uint64_t first, uint32_t* out) {
     k1 += kPhiloxKeyB;
   }
   for (int l = 0; l < kPhiloxLanes; ++l) out[l] = c0[l];
-}
-
-// reference.dropout_threshold: keep when (randint >> 1) >= floor(dropout_p * 2**31).
-inline uint32_t dropout_threshold(double dropout_p) {
-  const double t = dropout_p * 2147483648.0;
-  return t >= 2147483648.0 ? 2147483648u : static_cast<uint32_t>(t);
 }
 
 }  // namespace symattn::cpu

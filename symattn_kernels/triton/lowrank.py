@@ -15,7 +15,9 @@ same registers when U = H) is loaded once. Every score lies in [-1, 1] (tanh, th
 vector), so the token softmax uses the fixed stabiliser 1 instead of a running max: this is
 flash attention's online softmax with m_i pinned at its upper bound, so no rescale of the
 accumulator is ever needed and exp never overflows or underflows (exp(f - 1) >= e^-2). The
-pooled accumulator acc [m, E] and the sums l [m] stay in fp32 registers. The attn output needs
+pooled accumulator and the sums l [m] stay in fp32 registers; the accumulator is kept transposed,
+[E, m], so that the token tile is the wide operand of the matmul (an sm_90 wgmma needs 64 rows
+and m is small). The attn output needs
 the final l: the tile loop stores p = exp(f - 1) (fp32 workspace [B, m, T]) and a second light
 kernel writes attn = p / l in h's dtype (one read and one write of [B, m, T], no recomputation
 of U Q). A sequence with no real token has l = 0 and gets attn = 0, pooled = 0.
@@ -30,10 +32,18 @@ Backward (closed form, as ``composite.lowrank_backward``), with dA = dpooled H^T
     dQ      = sum_{b,t} u_t dk_t^T,   dP = sum_b c dg^T,   dc = P dg
 
 One program per sequence, two passes over its tokens: the first recomputes l and
-sum_t p_t dA_t (needed by the softmax gradient), the second everything else; the second pass is
+sum_t p_t dA_t (needed by the softmax gradient), the second everything else; the first pass is
 skipped without the token softmax. dQ is reduced per sequence in registers and written as a
 [B, E, m] fp32 partial; the batch sums of dQ, dP and dc are small torch reductions on the host
-(deterministic, no atomics). All tiles are computed in fp32 (tl.dot on fp32 operands).
+(deterministic, no atomics).
+
+Precision: token tiles and factors stay in the inputs' dtype. Matmuls of inputs only (U Q,
+H dpooled^T) take them as they are (tensor cores for fp16/bf16, fp32 accumulation); the softmax
+weights and attn are rounded to that dtype for the pooled and dh matmuls, as FlashAttention
+rounds P. The key-gradient matmuls (dk Q^T, U^T dk) keep dk in fp32 and use DOT_PRECISION (tf32
+for half inputs, whose values tf32 holds exactly): dk can leave fp16's range (it scales with
+1 / ||a||), and rounding it to bf16 loses du where the head norm cancels. Everything elementwise
+is fp32.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ import triton.language as tl
 
 from ._utils import dot_precision, is_interpret, unit_last_stride
 
-__all__ = ["lowrank_forward", "lowrank_backward"]
+__all__ = ["lowrank_forward", "lowrank_backward", "lama_config", "NORMALISE_BLOCK_T"]
 
 # Scores are bounded by 1 (tanh, then a unit vector): the softmax's fixed stabiliser.
 SCORE_BOUND = tl.constexpr(1.0)
@@ -74,7 +84,7 @@ def _lama_tile_scores(
     u = tl.load(
         U + offs_t64[:, None] * stride_us + offs_e[None, :],
         mask=in_seq[:, None] & (offs_e[None, :] < dim), other=0.0,
-    ).to(tl.float32)  # [BLOCK_T, BLOCK_E]
+    )  # [BLOCK_T, BLOCK_E]
     keys = tl.dot(u, q, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
     act = _lama_tanh(keys * gate[None, :])
     if HEAD_NORM:
@@ -92,12 +102,12 @@ def _lama_tile_scores(
 def _lama_load_factors(
     Ctx, P, Q, b, stride_cb, stride_pe, stride_qe, offs_e, offs_m, dim, heads,
 ):
-    """gate = P^T c [BLOCK_M] and Q [BLOCK_E, BLOCK_M], both fp32, zero-padded."""
+    """gate = P^T c [BLOCK_M] in fp32 and Q [BLOCK_E, BLOCK_M] in its own dtype, zero-padded."""
     emask = offs_e < dim
     fmask = emask[:, None] & (offs_m[None, :] < heads)
     c = tl.load(Ctx + b.to(tl.int64) * stride_cb + offs_e, mask=emask, other=0.0).to(tl.float32)
     p = tl.load(P + offs_e[:, None] * stride_pe + offs_m[None, :], mask=fmask, other=0.0).to(tl.float32)
-    q = tl.load(Q + offs_e[:, None] * stride_qe + offs_m[None, :], mask=fmask, other=0.0).to(tl.float32)
+    q = tl.load(Q + offs_e[:, None] * stride_qe + offs_m[None, :], mask=fmask, other=0.0)
     gate = tl.sum(c[:, None] * p, 0)  # [BLOCK_M]
     return gate, q
 
@@ -119,7 +129,7 @@ def _lama_fwd_kernel(
     H += b64 * stride_hb
     U += b64 * stride_ub
     Kpm += b64 * stride_kpmb
-    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_E, BLOCK_M], dtype=tl.float32)  # pooled^T: the tile is the wide operand
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_t in range(0, seqlen, BLOCK_T):
         offs_t = start_t + tl.arange(0, BLOCK_T)
@@ -133,7 +143,7 @@ def _lama_fwd_kernel(
             hv = tl.load(
                 H + offs_t.to(tl.int64)[:, None] * stride_hs + offs_e[None, :],
                 mask=(offs_t[:, None] < seqlen) & (offs_e[None, :] < dim), other=0.0,
-            ).to(tl.float32)  # [BLOCK_T, BLOCK_E]
+            )  # [BLOCK_T, BLOCK_E]
         if TOKEN_SOFTMAX:
             w = tl.where(real[:, None], tl.exp(feats - SCORE_BOUND), 0.0)  # [BLOCK_T, BLOCK_M]
             l_i += tl.sum(w, 0)
@@ -143,18 +153,18 @@ def _lama_fwd_kernel(
             w = tl.where(real[:, None], feats, 0.0)
             dst = Attn + b64 * stride_ab
             dst_stride = stride_am
-        acc += tl.dot(tl.trans(w), hv, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_E]
+        acc += tl.dot(tl.trans(hv), w.to(hv.dtype), input_precision=DOT_PRECISION)  # [BLOCK_E, BLOCK_M]
         tl.store(
             dst + offs_m.to(tl.int64)[None, :] * dst_stride + offs_t[:, None],
             w.to(dst.dtype.element_ty), mask=(offs_t[:, None] < seqlen) & (offs_m[None, :] < heads),
         )
     if TOKEN_SOFTMAX:
         inv = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
-        acc = acc * inv[:, None]
+        acc = acc * inv[None, :]
         tl.store(L + b64 * heads + offs_m, l_i, mask=offs_m < heads)
     tl.store(
-        Pooled + b64 * stride_ob + offs_m.to(tl.int64)[:, None] * stride_om + offs_e[None, :],
-        acc.to(Pooled.dtype.element_ty), mask=(offs_m[:, None] < heads) & (offs_e[None, :] < dim),
+        Pooled + b64 * stride_ob + offs_m.to(tl.int64)[None, :] * stride_om + offs_e[:, None],
+        acc.to(Pooled.dtype.element_ty), mask=(offs_m[None, :] < heads) & (offs_e[:, None] < dim),
     )
 
 
@@ -200,7 +210,8 @@ def _lama_bwd_kernel(
     dpo = tl.load(
         DPooled + b64 * stride_dob + offs_m.to(tl.int64)[:, None] * stride_dom + offs_e[None, :],
         mask=mmask[:, None] & (offs_e[None, :] < dim), other=0.0,
-    ).to(tl.float32)  # [BLOCK_M, BLOCK_E]
+    )  # [BLOCK_M, BLOCK_E]
+    q32 = q.to(tl.float32)
 
     # Pass 1 (token softmax only): l = sum_t p_t and s = sum_t p_t dA_t, p_t = exp(f_t - 1).
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -218,7 +229,7 @@ def _lama_bwd_kernel(
                 hv = tl.load(
                     H + offs_t.to(tl.int64)[:, None] * stride_hs + offs_e[None, :],
                     mask=(offs_t[:, None] < seqlen) & (offs_e[None, :] < dim), other=0.0,
-                ).to(tl.float32)
+                )
             da = tl.dot(hv, tl.trans(dpo), input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
             if HAS_DATTN:
                 da += tl.load(
@@ -244,7 +255,7 @@ def _lama_bwd_kernel(
         if SHARED_U:
             hv = u
         else:
-            hv = tl.load(H + offs_t64[:, None] * stride_hs + offs_e[None, :], mask=tmask, other=0.0).to(tl.float32)
+            hv = tl.load(H + offs_t64[:, None] * stride_hs + offs_e[None, :], mask=tmask, other=0.0)
         da = tl.dot(hv, tl.trans(dpo), input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
         if HAS_DATTN:
             da += tl.load(
@@ -266,11 +277,11 @@ def _lama_bwd_kernel(
         dz = dact * (1.0 - act * act)
         dgate += tl.sum(dz * keys, 0)
         dkeys = dz * gate[None, :]  # [BLOCK_T, BLOCK_M]
-        grad_u = tl.dot(dkeys, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_E]
+        grad_u = tl.dot(dkeys, tl.trans(q32), input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_E]
         if WRITE_DQ:
-            dq_acc += tl.dot(tl.trans(u), dkeys, input_precision=DOT_PRECISION)  # [BLOCK_E, BLOCK_M]
+            dq_acc += tl.dot(tl.trans(u).to(tl.float32), dkeys, input_precision=DOT_PRECISION)  # [BLOCK_E, BLOCK_M]
         if WRITE_DH:
-            grad_h = tl.dot(attn, dpo, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_E]
+            grad_h = tl.dot(attn.to(dpo.dtype), dpo, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_E]
             if SHARED_U:
                 grad_h += grad_u
             tl.store(DH + offs_t64[:, None] * stride_dhs + offs_e[None, :], grad_h.to(DH.dtype.element_ty),
@@ -286,11 +297,38 @@ def _lama_bwd_kernel(
         )
 
 
-def _blocks(dim: int, heads: int, seqlen: int):
+# Elements of one [BLOCK_T, BLOCK_E] token tile a program may hold (the registers' main tenant):
+# the backward holds more tiles at once (h, u, dh, du) and [E, m] state (dQ, Q) besides.
+_TILE_ELEMENTS = {"fwd": 64 * 256, "bwd": 16 * 256}
+# Block of the attn normalisation kernel (no tl.dot, one row per program).
+NORMALISE_BLOCK_T = 256
+
+
+def lama_config(dim: int, heads: int, seqlen: int, direction: str = "fwd") -> dict:
+    """Blocks, warps and stages of the ``direction`` ("fwd" / "bwd") kernel, the same on sm_80
+    and sm_90; bench.compile_report compiles exactly these.
+
+    BLOCK_E and BLOCK_M cover E and m whole (tl.dot needs >= 16). BLOCK_T is 64, the M of the
+    token-side wgmma (sm_90's HGMMA needs 64 rows), unless the tile budget asks for fewer; 8 warps
+    from E = 128 on. python -m bench.compile_report: no sm_90 config spills up to E = 512, m = 32;
+    on sm_80 the backward spills from E = 512 or m = 32 on (tens to hundreds of bytes), where even
+    16 tokens of fp32 gradient tiles and the [E, m] state exceed the registers.
+    """
     block_e = max(16, triton.next_power_of_2(dim))
-    block_m = max(16, triton.next_power_of_2(heads))
-    block_t = 16 if is_interpret() else min(64, max(16, triton.next_power_of_2(seqlen)))
-    return block_t, block_e, block_m
+    block_t = max(16, min(64, _TILE_ELEMENTS[direction] // block_e, triton.next_power_of_2(seqlen)))
+    return dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_M=max(16, triton.next_power_of_2(heads)),
+                num_warps=8 if block_e >= 128 else 4, num_stages=3)
+
+
+# Under the interpreter (tests) small token tiles exercise the tile loop; bench.workcount clears
+# this to count the production tiles.
+INTERPRET_CONFIG = {"BLOCK_T": 16}
+
+
+def _launch_config(h, heads: int, direction: str) -> dict:
+    _, seqlen, dim = h.shape
+    config = lama_config(dim, heads, seqlen, direction)
+    return {**config, **INTERPRET_CONFIG} if is_interpret() else config
 
 
 def _common(h, context, p, q, u, key_padding_mask):
@@ -326,7 +364,6 @@ def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_soft
         lsum = torch.empty(batch, heads, dtype=torch.float32, device=h.device)
     else:
         work, lsum = attn, pooled  # never dereferenced without the token softmax
-    block_t, block_e, block_m = _blocks(dim, heads, seqlen)
     _lama_fwd_kernel[(batch,)](
         h, uu, context, p, q, h if kpm is None else kpm, pooled, attn, work, lsum,
         h.stride(0), h.stride(1), uu.stride(0), uu.stride(1), stride_cb, p.stride(0), q.stride(0),
@@ -334,12 +371,12 @@ def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_soft
         work.stride(0), work.stride(1),
         seqlen, dim, heads, float(eps),
         SHARED_U=shared, HAS_KPM=kpm is not None, HEAD_NORM=head_norm == "l2", TOKEN_SOFTMAX=bool(token_softmax),
-        DOT_PRECISION=dot_precision(torch.float32), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_M=block_m,
+        DOT_PRECISION=dot_precision(h.dtype), **_launch_config(h, heads, "fwd"),
     )
     if token_softmax:
         _lama_fwd_normalise[(batch, heads)](
             work, lsum, attn, work.stride(0), work.stride(1), attn.stride(0), attn.stride(1), seqlen, heads,
-            BLOCK_T=64 if is_interpret() else 256,
+            BLOCK_T=64 if is_interpret() else NORMALISE_BLOCK_T,
         )
     return pooled, attn
 
@@ -364,7 +401,6 @@ def lowrank_backward(
     dh_buf = dh if write_dh else h
     du_buf = du if write_du else h
     if batch > 0 and seqlen > 0:
-        block_t, block_e, block_m = _blocks(dim, heads, seqlen)
         _lama_bwd_kernel[(batch,)](
             h, uu, context, p, q, h if kpm is None else kpm, dpooled, dpooled if dattn is None else dattn,
             dh_buf, du_buf, dq_part, dgate,
@@ -375,8 +411,7 @@ def lowrank_backward(
             seqlen, dim, heads, float(eps),
             SHARED_U=shared, HAS_KPM=kpm is not None, HEAD_NORM=head_norm == "l2",
             TOKEN_SOFTMAX=bool(token_softmax), HAS_DATTN=dattn is not None, WRITE_DH=write_dh, WRITE_DU=write_du,
-            WRITE_DQ=write_dq, DOT_PRECISION=dot_precision(torch.float32),
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_M=block_m,
+            WRITE_DQ=write_dq, DOT_PRECISION=dot_precision(h.dtype), **_launch_config(h, heads, "bwd"),
         )
     elif write_dh:
         dh.zero_()

@@ -1,0 +1,247 @@
+"""LAMA for the ``cpu`` backend: plain PyTorch, lean in memory (no compiled extension needed).
+
+Same arguments, results and math as ``composite.lowrank_forward`` / ``lowrank_backward`` (the
+formulas are in ``triton/lowrank.py``), but at most one [B, m, T] intermediate exists at a time;
+the composite path holds about a dozen, plus float32 copies of all of h and u for half inputs.
+
+Forward: the keys Q^T u_t are written by a matmul straight into one [B, m, T] buffer, and tanh,
+the head norm, the padding mask and the token softmax run in place on it; for float32 and
+float64 inputs that buffer is the returned attn. Every score lies in [-1, 1] (tanh, then a unit
+vector), so the softmax uses the fixed stabiliser 1, as the Triton kernel does: exp(f - 1) never
+overflows, needs no max pass, and pooled = (sum_t exp(f_t - 1) h_t) / l can be normalised last.
+
+Backward: the score gradient multiplies two [B, m, T] matmul results elementwise (recomputed
+scores f and dA = dpooled H^T), so f gets the one [B, m, T] buffer and dA is computed a token
+slice at a time (``_CHUNKS`` slices, like the Triton kernel's token tiles). The first pass fills
+f and, with the token softmax, sums l = sum_t exp(f_t - 1) and sum_t exp(f_t - 1) dA_t; the
+second turns each slice of f into dz, writes dh and du for its tokens and accumulates
+W = dz U [B, m, E], from which the factor gradients follow without the keys:
+
+    dg[b, j] = sum_e Q[e, j] W[b, j, e]        (= sum_t dz[b, j, t] k[b, j, t])
+    dQ[e, j] = sum_b g[b, j] W[b, j, e]        (= sum_{b,t} u[b, t, e] dk[b, j, t])
+
+All arithmetic is float32 (float64 for float64 inputs). Half inputs are converted one token
+slice at a time (never all of h or u at once) and every result is rounded once: rounding the
+keys or dz to bf16 before a matmul, as the reference run in bf16 does, loses up to all digits of
+du where the head norm cancels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .composite import accumulate_dtype
+
+__all__ = ["lowrank_forward", "lowrank_backward"]
+
+# Token slices of the backward (and of the half-input forward): each pass holds two
+# [B, m, T / _CHUNKS] temporaries besides the [B, m, T] buffer, and four keep them at half of it.
+_CHUNKS = 4
+
+
+def _inverse(total: Tensor) -> Tensor:
+    """1 / l, and 0 where l = 0 (a sequence with no real token pools to 0)."""
+    return torch.where(total > 0, total.reciprocal(), 0.0)
+
+
+def _sum_over_heads(a: Tensor, b: Tensor) -> Tensor:
+    """sum_j a[:, j] * b[:, j] as [B, 1, Tc], head by head: one [B, 1, Tc] accumulator instead of
+    a [B, m, Tc] product (and linalg.vector_norm over the middle dim is ~100x slower on CPU)."""
+    total = a[:, :1] * b[:, :1]
+    for head in range(1, a.shape[1]):
+        total.addcmul_(a[:, head:head + 1], b[:, head:head + 1])
+    return total
+
+
+def _exp_scores(feats: Tensor, pad: Optional[Tensor]) -> Tensor:
+    """exp(f - 1), 0 on padded tokens, in place: the unnormalised token softmax."""
+    feats.sub_(1.0).exp_()
+    return feats if pad is None else feats.masked_fill_(pad, 0.0)
+
+
+@dataclass
+class _Lama:
+    """One call's inputs, with the per-slice pieces both directions recompute."""
+
+    h: Tensor
+    u: Optional[Tensor]  # None: the keys come from h
+    q: Tensor  # [E, m], compute dtype
+    gate: Tensor  # [B, m] = (P^T c)^T, compute dtype
+    key_padding_mask: Optional[Tensor]
+    head_norm: Optional[str]
+    eps: float
+
+    @classmethod
+    def build(cls, h, context, p, q, u, key_padding_mask, head_norm, eps) -> "_Lama":
+        cd = accumulate_dtype(h.dtype)
+        gate = context.to(cd) @ p.to(cd)
+        gate = gate if gate.dim() == 2 else gate.expand(h.shape[0], -1)
+        return cls(h, u, q.to(cd), gate, key_padding_mask, head_norm, eps)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.gate.dtype
+
+    def operands(self, tokens: slice, with_h: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        """(u, h) of a token slice in compute dtype (h None unless with_h): views for float32 and
+        float64 inputs, float32 copies of just this slice for half inputs."""
+        cd = self.compute_dtype
+        u = (self.h if self.u is None else self.u)[:, tokens].to(cd)
+        if not with_h:
+            return u, None
+        return u, (u if self.u is None else self.h[:, tokens].to(cd))
+
+    def keys(self, u: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Q^T u_t for a slice's u [B, Tc, E]: [B, m, Tc]."""
+        return torch.bmm(self.q.t().expand(u.shape[0], -1, -1), u.transpose(1, 2), out=out)
+
+    def activate(self, keys: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """f = normalize_over_heads(tanh(g * k)) in place; returns f and the clamped head norm
+        [B, 1, Tc] (None without head_norm)."""
+        keys.mul_(self.gate[:, :, None]).tanh_()
+        if self.head_norm != "l2":
+            return keys, None
+        norm = _sum_over_heads(keys, keys).sqrt_().clamp_min_(self.eps)
+        return keys.div_(norm), norm
+
+    def pad(self, tokens: slice) -> Optional[Tensor]:
+        """[B, 1, Tc] True on padded tokens, or None without a mask."""
+        return None if self.key_padding_mask is None else ~self.key_padding_mask[:, None, tokens]
+
+
+def _store_products(dst: Tensor, *pairs: tuple[Tensor, Tensor]) -> None:
+    """dst = sum of the batched products a @ b; computed in dst itself when it has the compute
+    dtype, else in one compute-dtype temporary rounded once into dst."""
+    (a, b), *rest = pairs
+    direct = dst.dtype == a.dtype
+    acc = torch.bmm(a, b, out=dst if direct else None)
+    for a, b in rest:
+        acc.baddbmm_(a, b)
+    if not direct:
+        dst.copy_(acc)
+
+
+def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
+    """Lean LAMA forward; arguments and results as ``composite.lowrank_forward``.
+
+    Half inputs go through in token slices (each converted to float32 once); float32 and
+    float64 inputs need no copies and take all tokens at once.
+    """
+    lama = _Lama.build(h, context, p, q, u, key_padding_mask, head_norm, eps)
+    batch, seqlen, dim = h.shape
+    cd = lama.compute_dtype
+    scores = torch.empty(batch, q.shape[1], seqlen, dtype=cd, device=h.device)  # [B, m, T]
+    pooled = torch.zeros(batch, q.shape[1], dim, dtype=cd, device=h.device)
+    total = 0.0
+    for tokens in [slice(0, seqlen)] if h.dtype == cd else _token_slices(seqlen):
+        u_slice, h_slice = lama.operands(tokens)
+        feats, _ = lama.activate(lama.keys(u_slice, out=scores[:, :, tokens]))
+        pad = lama.pad(tokens)
+        if token_softmax:
+            total = total + _exp_scores(feats, pad).sum(dim=-1, keepdim=True)
+        elif pad is not None:
+            feats.masked_fill_(pad, 0.0)
+        pooled.baddbmm_(feats, h_slice)
+    if token_softmax:  # the fixed stabiliser lets the normalisation come last
+        inv = _inverse(total)
+        scores.mul_(inv)
+        pooled.mul_(inv)
+    return pooled.to(h.dtype), scores.to(h.dtype)
+
+
+def _token_slices(seqlen: int) -> list[slice]:
+    step = max(1, math.ceil(seqlen / _CHUNKS))
+    return [slice(start, start + step) for start in range(0, seqlen, step)]
+
+
+def _dscores(dpooled: Tensor, dattn: Optional[Tensor], h_slice: Tensor, tokens: slice) -> Tensor:
+    """dA = dpooled H^T (+ dattn) for a token slice: [B, m, Tc]."""
+    grad = torch.bmm(dpooled, h_slice.transpose(1, 2))
+    return grad if dattn is None else grad.add_(dattn[:, :, tokens])
+
+
+def _features_and_statistics(lama: _Lama, dpooled, dattn, slices, token_softmax: bool):
+    """Pass 1: f [B, m, T] (the backward's one full-size buffer), the clamped head norm
+    [B, 1, T] (None without head_norm) and, with the token softmax, (1 / l, delta) [B, m, 1]:
+    l = sum_t exp(f_t - 1) over the real tokens, delta = sum_t attn_t dA_t (the softmax's row term)."""
+    batch, seqlen, _ = lama.h.shape
+    options = dict(dtype=lama.compute_dtype, device=lama.h.device)
+    feats = torch.empty(batch, lama.q.shape[1], seqlen, **options)
+    norm = torch.empty(batch, 1, seqlen, **options) if lama.head_norm == "l2" else None
+    total = weighted = 0.0
+    for tokens in slices:
+        u_slice, h_slice = lama.operands(tokens, with_h=token_softmax)
+        feats_slice, norm_slice = lama.activate(lama.keys(u_slice, out=feats[:, :, tokens]))
+        if norm is not None:
+            norm[:, :, tokens] = norm_slice
+        if token_softmax:
+            weights = _exp_scores(feats_slice.clone(), lama.pad(tokens))
+            total = total + weights.sum(dim=-1, keepdim=True)
+            weighted = weighted + _dscores(dpooled, dattn, h_slice, tokens).mul_(weights).sum(dim=-1, keepdim=True)
+    if not token_softmax:
+        return feats, norm, None
+    inv = _inverse(total)
+    return feats, norm, (inv, weighted * inv)
+
+
+def _slice_grads(feats, norm, dfeats, pad, softmax_stats, eps: float) -> tuple[Tensor, Tensor]:
+    """(attn, dz) [B, m, Tc] of a token slice from its f, head norm and dA (f and dA are
+    overwritten); dz = dL/d(g * k)."""
+    if softmax_stats is not None:
+        inv_total, delta = softmax_stats
+        attn = _exp_scores(feats.clone(), pad).mul_(inv_total)
+        dfeats.sub_(delta).mul_(attn)
+    else:
+        attn = feats.clone() if pad is None else feats.masked_fill(pad, 0.0)
+        if pad is not None:
+            dfeats.masked_fill_(pad, 0.0)
+    if norm is not None:
+        radial = _sum_over_heads(feats, dfeats)
+        radial.masked_fill_(norm <= eps, 0.0)  # F.normalize's clamp: the norm is a constant there
+        dfeats.addcmul_(feats, radial, value=-1.0).div_(norm)
+        feats.mul_(norm)  # back to a = tanh(g * k)
+    return attn, dfeats.mul_(feats.square_().neg_().add_(1.0))
+
+
+def lowrank_backward(
+    dpooled, dattn, h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, dh, dcontext, dp, dq, du
+):
+    """Lean closed-form LAMA gradients, written into dh, dcontext, dp, dq and du (when given);
+    arguments as ``composite.lowrank_backward``."""
+    lama = _Lama.build(h, context, p, q, u, key_padding_mask, head_norm, eps)
+    dpooled = dpooled.to(lama.compute_dtype)
+    slices = _token_slices(h.shape[1])
+    feats, norm, stats = _features_and_statistics(lama, dpooled, dattn, slices, token_softmax)
+    dkeys_to_u = lama.gate[:, :, None] * lama.q.t()  # [B, m, E]: du_t = dz_t^T (g * Q^T)
+    dz_u = torch.zeros_like(dpooled)  # W = dz U
+    for tokens in slices:
+        u_slice, h_slice = lama.operands(tokens)
+        attn, dz = _slice_grads(feats[:, :, tokens], None if norm is None else norm[:, :, tokens],
+                                _dscores(dpooled, dattn, h_slice, tokens), lama.pad(tokens), stats, eps)
+        dz_u.baddbmm_(dz, u_slice)
+        key_grad = (dz.transpose(1, 2), dkeys_to_u)
+        if dh is not None:  # with u = None the key gradient adds into dh
+            _store_products(dh[:, tokens], (attn.transpose(1, 2), dpooled), *([key_grad] if u is None else []))
+        if du is not None:
+            _store_products(du[:, tokens], key_grad)
+    _factor_grads(lama, context, p, dz_u, dcontext, dp, dq)
+
+
+def _factor_grads(lama: _Lama, context, p, dz_u, dcontext, dp, dq) -> None:
+    """dq, dp and dcontext from W = dz U [B, m, E] (module docstring)."""
+    cd = lama.compute_dtype
+    dgate = (dz_u * lama.q.t()).sum(dim=-1)  # [B, m]
+    if dq is not None:
+        dq.copy_((dz_u * lama.gate[:, :, None]).sum(dim=0).t())
+    if dp is not None:
+        ctx = context.to(cd)
+        ctx = ctx if ctx.dim() == 2 else ctx.expand(dgate.shape[0], -1)
+        dp.copy_(ctx.t() @ dgate)
+    if dcontext is not None:
+        grad_ctx = dgate @ p.to(cd).t()  # [B, E]
+        dcontext.copy_(grad_ctx if context.dim() == 2 else grad_ctx.sum(dim=0))
