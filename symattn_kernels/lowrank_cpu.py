@@ -97,8 +97,13 @@ class _Lama:
         return u, (u if self.u is None else self.h[:, tokens].to(cd))
 
     def keys(self, u: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """Q^T u_t for a slice's u [B, Tc, E]: [B, m, Tc]."""
-        return torch.bmm(self.q.t().expand(u.shape[0], -1, -1), u.transpose(1, 2), out=out)
+        """Q^T u_t for a slice's u [B, Tc, E]: [B, m, Tc], written into ``out`` when given."""
+        q_t = self.q.t().expand(u.shape[0], -1, -1)
+        if out is None or out.is_contiguous():
+            return torch.bmm(q_t, u.transpose(1, 2), out=out)
+        # bmm into a strided view (a token slice of the [B, m, T] buffer) takes a slow path, ~8x
+        # slower than into fresh memory on CPU: compute the slice, then copy it in.
+        return out.copy_(torch.bmm(q_t, u.transpose(1, 2)))
 
     def activate(self, keys: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """f = normalize_over_heads(tanh(g * k)) in place; returns f and the clamped head norm
@@ -115,10 +120,10 @@ class _Lama:
 
 
 def _store_products(dst: Tensor, *pairs: tuple[Tensor, Tensor]) -> None:
-    """dst = sum of the batched products a @ b; computed in dst itself when it has the compute
-    dtype, else in one compute-dtype temporary rounded once into dst."""
+    """dst = sum of the batched products a @ b; computed in dst itself when it is contiguous in
+    the compute dtype, else in one compute-dtype temporary copied (rounded once) into dst."""
     (a, b), *rest = pairs
-    direct = dst.dtype == a.dtype
+    direct = dst.dtype == a.dtype and dst.is_contiguous()  # bmm(out=strided view) is slow, see keys()
     acc = torch.bmm(a, b, out=dst if direct else None)
     for a, b in rest:
         acc.baddbmm_(a, b)
