@@ -9,11 +9,13 @@ STACK:0 LOCAL:0 means no spill) and on sm_90 whether the SASS uses HGMMA. It pri
 row per compile and exits non-zero when any compile fails, spills, needs more shared memory than
 the architecture offers, or lacks HGMMA on sm_90.
 
-The configs come from the launchers' own tables (``fwd_configs_for``, ``bwd_plan``,
-``sym_bwd_config``), so the report checks exactly what the launchers can pick; a variant the
-launcher refuses with ValueError (routed to the torch backend) is listed as unsupported, not as
+The configs come from the launchers' own tables (``fwd_configs_for``, ``fwd_split_d``,
+``bwd_plan``, ``sym_bwd_config``), so the report checks exactly what the launchers can pick
+(backward rows: ``bwd`` one launch for all roles, ``bwd-q`` / ``bwd-k`` the query then key
+launch; a block ``/2`` is SPLIT_D = 2 column groups); a variant the launcher refuses with
+ValueError (``backend="auto"`` routes it to the torch backend) is listed as unsupported, not as
 a failure. ``--quick`` compiles only the default BERT shapes (head dim 64, the shared-weight
-variants) for CI.
+variants) for CI; ``--only REGEX`` keeps the rows whose label matches (e.g. ``'bwd-k sm_90'``).
 """
 
 from __future__ import annotations
@@ -45,16 +47,40 @@ FLAG_SETS = {
     "all-flags": dict(SHARED_V=False, COEF_MODE=2, IS_CAUSAL=True, HAS_KPM=True, IS_VARLEN=True, HAS_DROPOUT=True,
                       EXCLUDE_SELF=True),
 }
-# Integer arguments the launchers make 1 (contiguous coefficient and padding mask): Triton's JIT
-# specializes an integer argument equal to 1 into a constant, so the report does the same.
-UNIT_ARGS = ("stride_ce", "stride_kpms")
+# ROLES of each attention backward launch (symattn_kernels.triton.attention_bwd.BWD_*).
+_BWD_ROLES = {"bwd": 0, "bwd-q": 1, "bwd-k": 2}
+# Integer arguments the launchers make 1 (contiguous padding mask): Triton's JIT specializes an
+# integer argument equal to 1 into a constant, so the report does the same.
+UNIT_ARGS = ("stride_kpms",)
 _PTR_TYPES = {"Coef": "*fp32", "Kpm": "*u8", "CuSeqlens": "*i32", "Lse": "*fp32", "Delta": "*fp32",
-              "DCoefPartial": "*fp32", "DLse": "*fp32"}
+              "DCoefPartial": "*fp32", "DLse": "*fp32", "Work": "*fp32", "L": "*fp32", "DQPart": "*fp32",
+              "DGate": "*fp32"}
+# Integer arguments that are not multiples of 16: the padding mask's batch stride (any length)
+# and LAMA's factor row strides (m heads).
+_UNALIGNED_STRIDES = ("stride_kpmb", "stride_pe", "stride_qe")
+
+# LAMA (symattn_kernels/triton/lowrank.py): forward, its attn normalisation (no tl.dot, so no
+# HGMMA expected) and backward, for LAMAClassifier's call (separate token keys, padding, head
+# norm, token softmax; pooled-only loss), the shared-keys call, and every other flag.
+_LAMA_KERNELS = {"lama-fwd": "_lama_fwd_kernel", "lama-norm": "_lama_fwd_normalise", "lama-bwd": "_lama_bwd_kernel"}
+NO_DOT_KERNELS = ("lama-norm",)
+LAMA_FLAG_SETS = {
+    "classifier": dict(SHARED_U=False, HAS_KPM=True, HEAD_NORM=True, TOKEN_SOFTMAX=True, HAS_DATTN=False,
+                       WRITE_DH=True, WRITE_DU=True, WRITE_DQ=True),
+    "shared-u": dict(SHARED_U=True, HAS_KPM=False, HEAD_NORM=True, TOKEN_SOFTMAX=True, HAS_DATTN=False,
+                     WRITE_DH=True, WRITE_DU=False, WRITE_DQ=True),
+    "raw-all": dict(SHARED_U=False, HAS_KPM=True, HEAD_NORM=False, TOKEN_SOFTMAX=False, HAS_DATTN=True,
+                    WRITE_DH=True, WRITE_DU=True, WRITE_DQ=True),
+}
+# (E, m): the benchmark's E = 256 with 4 to 8 heads, narrow and wide states, and many heads.
+LAMA_DIMS = ((64, 8), (256, 8), (512, 8), (256, 32))
+QUICK_LAMA_DIMS = ((256, 8),)
+QUICK_LAMA_FLAG_SETS = ("classifier",)
 
 
 @dataclass
 class Job:
-    kernel: str  # fwd | bwd | bwd-sym
+    kernel: str  # fwd | bwd | bwd-q | bwd-k | bwd-sym | lama-*
     arch: int
     dtype: str  # fp16 | bf16
     flags: str
@@ -65,11 +91,16 @@ class Job:
     num_warps: int
     num_stages: int
     result: dict = field(default_factory=dict)
+    split_d: int = 1  # output-column groups of the attention kernels (program_id(2))
+
+    @property
+    def block(self) -> str:
+        return f"{self.block_m}x{self.block_n}" + (f" /{self.split_d}" if self.split_d > 1 else "")
 
     @property
     def label(self) -> str:
         return (f"{self.kernel} sm_{self.arch} {self.dtype} {self.flags} D{self.head_dim}/{self.head_dim_v} "
-                f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}")
+                f"{self.block} w{self.num_warps} s{self.num_stages}")
 
 
 def _tool(name: str) -> str:
@@ -87,7 +118,7 @@ def jobs(dtypes=("bf16",), quick: bool = False) -> list[Job]:
     """Every (kernel, arch, variant, config the launcher can pick) to compile."""
     from symattn_kernels.triton._utils import padded_head_dim
     from symattn_kernels.triton.attention_bwd import bwd_plan, sym_bwd_config
-    from symattn_kernels.triton.attention_fwd import fwd_configs_for
+    from symattn_kernels.triton.attention_fwd import fwd_configs_for, fwd_split_d
 
     out = []
     head_dims = QUICK_HEAD_DIMS if quick else HEAD_DIMS
@@ -98,11 +129,13 @@ def jobs(dtypes=("bf16",), quick: bool = False) -> list[Job]:
         d_pad, dv_pad = padded_head_dim(d), padded_head_dim(dv)
         for block_m, block_n, warps, stages in fwd_configs_for(1 << 16, d_pad, dv_pad, fl["HAS_DROPOUT"],
                                                                fl["COEF_MODE"], fl["SHARED_V"]):
-            out.append(Job("fwd", arch, dtype, flags, d_pad, dv_pad, block_m, block_n, warps, stages))
+            out.append(Job("fwd", arch, dtype, flags, d_pad, dv_pad, block_m, block_n, warps, stages,
+                           split_d=fwd_split_d(dv_pad, fl["HAS_DROPOUT"], arch)))
         try:
-            _, config = bwd_plan(d_pad, dv_pad, fl["SHARED_V"], fl["COEF_MODE"], fl["HAS_DROPOUT"], arch)
-            out.append(Job("bwd", arch, dtype, flags, d_pad, dv_pad, *config))
-        except ValueError as exc:  # the launcher refuses it: the ops layer uses the torch backend
+            fuse, config, splits = bwd_plan(d_pad, dv_pad, fl["SHARED_V"], fl["COEF_MODE"], fl["HAS_DROPOUT"], arch)
+            for kernel, split_d in zip(("bwd",) if fuse else ("bwd-q", "bwd-k"), splits):  # one or two launches
+                out.append(Job(kernel, arch, dtype, flags, d_pad, dv_pad, *config, split_d=split_d))
+        except ValueError as exc:  # the launcher refuses it: backend="auto" uses the torch backend
             out.append(Job("bwd", arch, dtype, flags, d_pad, dv_pad, 0, 0, 0, 0, {"unsupported": str(exc)}))
         sym = sym_bwd_config(d_pad, dv_pad, arch)
         if fl["COEF_MODE"] != 2 and sym is not None:  # deterministic=False, non-causal
@@ -110,28 +143,72 @@ def jobs(dtypes=("bf16",), quick: bool = False) -> list[Job]:
     return out
 
 
+def lama_jobs(dtypes=("bf16",), quick: bool = False) -> list[Job]:
+    """Every LAMA kernel, arch and variant with the launcher's config (lama_config) for long
+    sequences. Rows reuse Job's fields: head_dim / head_dim_v = BLOCK_E / BLOCK_M and
+    block_m x block_n = BLOCK_T x BLOCK_E."""
+    from symattn_kernels.triton.lowrank import NORMALISE_BLOCK_T, backward_unsupported, lama_config
+
+    out = []
+    dims = QUICK_LAMA_DIMS if quick else LAMA_DIMS
+    flag_sets = QUICK_LAMA_FLAG_SETS if quick else tuple(LAMA_FLAG_SETS)
+    for arch, dtype, flags, (dim, heads), kernel in itertools.product(ARCHS, dtypes, flag_sets, dims, _LAMA_KERNELS):
+        if kernel == "lama-norm" and flags != flag_sets[0]:
+            continue  # it has no flags
+        cfg = lama_config(dim, heads, 1 << 16, "bwd" if kernel == "lama-bwd" else "fwd")
+        reason = backward_unsupported(dim, heads, arch) if kernel == "lama-bwd" else ""
+        if reason:  # the launcher refuses it: backend="auto" uses another backend
+            out.append(Job(kernel, arch, dtype, flags, cfg["BLOCK_E"], cfg["BLOCK_M"], 0, 0, 0, 0,
+                           {"unsupported": reason}))
+            continue
+        if kernel == "lama-norm":  # launched with its own block and Triton's default warps and stages
+            cfg.update(BLOCK_T=NORMALISE_BLOCK_T, num_warps=4, num_stages=3)
+        out.append(Job(kernel, arch, dtype, flags, cfg["BLOCK_E"], cfg["BLOCK_M"], cfg["BLOCK_T"], cfg["BLOCK_E"],
+                       cfg["num_warps"], cfg["num_stages"]))
+    return out
+
+
+def _lama_kernel(job: Job):
+    """(kernel function, constexprs) of a LAMA job."""
+    from symattn_kernels.triton import lowrank
+
+    # The launcher's precision for half inputs (their values are exact in tf32).
+    constexprs = dict(LAMA_FLAG_SETS[job.flags], DOT_PRECISION="tf32", BLOCK_E=job.head_dim,
+                      BLOCK_M=job.head_dim_v, BLOCK_T=job.block_m)
+    return getattr(lowrank, _LAMA_KERNELS[job.kernel]), constexprs
+
+
 def compile_job(job: Job) -> Job:
+    from symattn_kernels.triton.attention_bwd import _symattn_bwd_kernel, _symattn_bwd_sym_kernel
+    from symattn_kernels.triton.attention_fwd import _symattn_fwd_kernel, fwd_reuse_diag
+    from symattn_kernels.triton.features import warp_specialize_for
+
+    if "unsupported" in job.result:
+        return job
+    if job.kernel in _LAMA_KERNELS:
+        return _compile(job, *_lama_kernel(job))
+    fn = _symattn_bwd_sym_kernel if job.kernel == "bwd-sym" else (
+        _symattn_fwd_kernel if job.kernel == "fwd" else _symattn_bwd_kernel)
+    constexprs = dict(FLAG_SETS[job.flags], HEAD_DIM=job.head_dim, HEAD_DIM_V=job.head_dim_v, DOT_PRECISION="tf32",
+                      BLOCK_M=job.block_m, BLOCK_N=job.block_n, SPLIT_D=job.split_d)
+    if job.kernel == "fwd":  # as attention_forward sets them for this arch
+        constexprs["REUSE_DIAG"] = job.split_d == 1 and fwd_reuse_diag(constexprs["SHARED_V"], job.head_dim, job.arch)
+        constexprs["WARP_SPECIALIZE"] = warp_specialize_for(job.arch)
+    if job.kernel in _BWD_ROLES:
+        constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] == 1  # a full dM is reduced on the host
+        constexprs["ROLES"] = _BWD_ROLES[job.kernel]
+    elif job.kernel == "bwd-sym":  # non-causal only
+        constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] != 0
+        del constexprs["IS_CAUSAL"]
+    return _compile(job, fn, constexprs)
+
+
+def _compile(job: Job, fn, constexprs: dict) -> Job:
+    """Compile fn for the job's arch and record registers, shared memory, spills and HGMMA."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from symattn_kernels.triton.attention_bwd import _symattn_bwd_kernel, _symattn_bwd_sym_kernel, bwd_plan
-    from symattn_kernels.triton.attention_fwd import _symattn_fwd_kernel, fwd_reuse_diag
-
-    if "unsupported" in job.result:
-        return job
-    fn = {"fwd": _symattn_fwd_kernel, "bwd": _symattn_bwd_kernel, "bwd-sym": _symattn_bwd_sym_kernel}[job.kernel]
-    constexprs = dict(FLAG_SETS[job.flags], HEAD_DIM=job.head_dim, HEAD_DIM_V=job.head_dim_v, DOT_PRECISION="tf32",
-                      BLOCK_M=job.block_m, BLOCK_N=job.block_n)
-    if job.kernel == "fwd":
-        constexprs["REUSE_DIAG"] = fwd_reuse_diag(constexprs["SHARED_V"], job.head_dim, job.arch)
-    if job.kernel == "bwd":
-        constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] != 0
-        constexprs["FUSE_ROLES"] = bwd_plan(job.head_dim, job.head_dim_v, constexprs["SHARED_V"],
-                                            constexprs["COEF_MODE"], constexprs["HAS_DROPOUT"], job.arch)[0]
-    elif job.kernel == "bwd-sym":  # non-causal only
-        constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] != 0
-        del constexprs["IS_CAUSAL"]
     constexprs.update({name: 1 for name in UNIT_ARGS})
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
@@ -141,14 +218,14 @@ def compile_job(job: Job) -> Job:
         elif name[0].isupper():  # tensor pointers; the runtime sees 16-byte aligned allocations
             signature[name] = _PTR_TYPES.get(name, "*" + job.dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("scale", "inv_keep"):
+        elif name in ("scale", "inv_keep", "eps"):
             signature[name] = "fp32"
         elif name == "seed":
             signature[name] = "i64"
         else:
             signature[name] = "i32"
             # Row strides are multiples of 16 elements for the report's head dims (the JIT sees the same).
-            if name.startswith("stride") and name != "stride_kpmb":
+            if name.startswith("stride") and name not in _UNALIGNED_STRIDES:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     start = time.time()
     try:
@@ -190,7 +267,7 @@ def problems(job: Job) -> list[str]:
         found.append(f"spills: stack {r.get('stack')} / local {r.get('local')} bytes")
     if r.get("shared", 0) > SMEM_LIMIT[job.arch]:
         found.append(f"{r['shared']} bytes shared memory > {SMEM_LIMIT[job.arch]}")
-    if job.arch == 90 and not r.get("hgmma"):
+    if job.arch == 90 and not r.get("hgmma") and job.kernel not in NO_DOT_KERNELS:
         found.append("no HGMMA in sm_90 SASS")
     return found
 
@@ -198,16 +275,21 @@ def problems(job: Job) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["fp16", "bf16"])
-    parser.add_argument("--kernels", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    parser.add_argument("--kernels", nargs="+", default=["fwd", "bwd", "lama"], choices=["fwd", "bwd", "lama"])
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="parallel compiles")
     parser.add_argument("--quick", action="store_true", help="only the default BERT shapes (CI)")
+    parser.add_argument("--only", metavar="REGEX", default=None,
+                        help="only the compiles whose label matches, e.g. 'bwd sm_90 .* all-flags D128'")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
 
     start = time.time()
-    todo = [j for j in jobs(tuple(args.dtypes), args.quick) if j.kernel.split("-")[0] in args.kernels]
+    todo = [j for j in jobs(tuple(args.dtypes), args.quick) + lama_jobs(tuple(args.dtypes), args.quick)
+            if j.kernel.split("-")[0] in args.kernels]
+    if args.only:
+        todo = [j for j in todo if re.search(args.only, j.label)]
     # Longest compiles first (backward, wide heads), so that the pool's last jobs are short.
     order = sorted(range(len(todo)), key=lambda i: (todo[i].kernel == "fwd", -todo[i].head_dim))
     print(f"# Triton static compile report (triton {triton.__version__}, {len(todo)} compiles)\n")
@@ -226,9 +308,11 @@ def main(argv=None) -> int:
                   f"| - | - | - | - | - | - | - | unsupported: {r['unsupported']} |")
             continue
         print(f"| {job.kernel} | sm_{job.arch} | {job.dtype} | {job.flags} | {job.head_dim}/{job.head_dim_v} "
-              f"| {job.block_m}x{job.block_n} | {job.num_warps} | {job.num_stages} | {r.get('reg', '-')} "
+              f"| {job.block} | {job.num_warps} | {job.num_stages} | {r.get('reg', '-')} "
               f"| {r.get('shared', '-')} | {r.get('stack', '-')}/{r.get('local', '-')} | {r.get('hgmma', '-')} "
               f"| {'; '.join(found) or 'ok'} |", flush=True)
+    if any(job.kernel in _LAMA_KERNELS for job in todo):
+        print("\nlama-* rows: D/Dv = BLOCK_E/BLOCK_M (model size E and heads m, padded), block = BLOCK_T x BLOCK_E.")
     print(f"\n{len(todo) - failed - unsupported} of {len(todo) - unsupported} compiles clean, {unsupported} variants "
           f"unsupported (torch backend); {time.time() - start:.0f} s on {args.jobs} processes")
     return 1 if failed else 0

@@ -34,6 +34,33 @@ class BackendStatus:
     devices: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class AttentionCase:
+    """What a backend's attention limits depend on beyond device and dtype: the head dims of
+    ``q`` and ``v`` (``q``'s again in shared mode) and whether the call will need gradients.
+    ``resolve(..., case=...)`` routes ``auto`` around a backend that cannot run it."""
+    head_dim: int
+    head_dim_v: int
+    needs_grad: bool = True
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return self.head_dim, self.head_dim_v
+
+
+@dataclass(frozen=True)
+class LowrankCase:
+    """The same for LAMA: E (the width of h), m (the number of heads) and whether the call will
+    need gradients."""
+    dim: int
+    heads: int
+    needs_grad: bool = True
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return self.dim, self.heads
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -45,12 +72,14 @@ def _triton_status() -> BackendStatus:
         importlib.import_module(".triton", __package__)  # raises when triton is missing or too old
     except ImportError as err:
         return BackendStatus("triton", False, f"{err} (`pip install 'triton>=3.2'`)", devices)
+    features = importlib.import_module(".triton.features", __package__).describe()
     if not interpreting and not torch.cuda.is_available():
         return BackendStatus(
-            "triton", False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)", devices
+            "triton", False,
+            f"no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors); {features}", devices
         )
     note = "interpreter (TRITON_INTERPRET=1): CPU tensors, slow" if interpreting else "CUDA"
-    return BackendStatus("triton", True, note, devices)
+    return BackendStatus("triton", True, f"{note}; {features}", devices)
 
 
 def _extension_status(name: str, module: str, device: str, extra: str) -> BackendStatus:
@@ -82,13 +111,26 @@ def status(name: str) -> BackendStatus:
     return _STATUS_CACHE[key]
 
 
-def _unsupported(name: str, op: str, dtype: torch.dtype) -> str:
-    """Why backend ``name`` cannot run ``op`` on ``dtype`` inputs ("" when it can)."""
+_CUDA_ARCH: dict = {}
+
+
+def _cuda_arch(device: torch.device) -> int:
+    """80 or 90: the row of the Triton config tables a CUDA device uses (cached per device)."""
+    if device not in _CUDA_ARCH:
+        _CUDA_ARCH[device] = importlib.import_module(".triton._utils", __package__).device_arch(device)
+    return _CUDA_ARCH[device]
+
+
+def _unsupported(name: str, op: str, dtype: torch.dtype, device=None, case=None) -> str:
+    """Why backend ``name`` cannot run ``op`` on these inputs ("" when it can)."""
     if dtype == torch.float64 and op not in _FLOAT64_OPS.get(name, ()):
         able = [other for other in BACKENDS if op in _FLOAT64_OPS.get(other, ())]
         return f"float64 inputs run on backend={' or '.join(map(repr, able))} only"
     if op not in _OPS[name]:
         return f"backend={name!r} has no {op} kernel yet; backend='torch' has"
+    limits = _BACKWARD_LIMITS.get((name, op))
+    if limits and case is not None and case.needs_grad and device is not None and device.type == "cuda":
+        return importlib.import_module(limits, __package__).backward_unsupported(*case.sizes, _cuda_arch(device))
     return ""
 
 
@@ -100,11 +142,13 @@ def _op_status(name: str, op: str) -> BackendStatus:
     return st
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "attention") -> str:
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "attention",
+            case: AttentionCase | LowrankCase | None = None) -> str:
     """Turn the user's ``backend`` argument into a backend that can run ``op`` on these inputs.
 
     ``auto`` (or ``SYMATTN_BACKEND``) takes the first usable backend of the device's preference
-    order that supports the op and dtype; an explicit name that cannot raises ValueError/TypeError.
+    order that supports the op, dtype and ``case`` (sizes and gradients: ``AttentionCase``,
+    ``LowrankCase``); an explicit name that cannot raises ValueError/TypeError naming why.
     """
     if backend == "auto":
         backend = os.environ.get("SYMATTN_BACKEND", "auto") or "auto"
@@ -113,7 +157,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "a
             return next(
                 name for name in order
                 if _op_status(name, op).usable and device.type in status(name).devices
-                and not _unsupported(name, op, dtype)
+                and not _unsupported(name, op, dtype, device, case)
             )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
@@ -124,7 +168,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "a
         raise ValueError(
             f"backend={backend!r} runs on {' or '.join(st.devices)} tensors, but the inputs are on {device.type}"
         )
-    reason = _unsupported(backend, op, dtype)
+    reason = _unsupported(backend, op, dtype, device, case)
     if reason:
         raise (TypeError if dtype == torch.float64 else ValueError)(reason)
     return backend
@@ -145,6 +189,13 @@ _OPS = {
     "triton": ("attention", "lowrank"),
     "cpu": ("attention", "lowrank"),
     "cuda": ("attention",),
+}
+
+# Modules whose backward_unsupported(size, size, arch) names the shapes a backend's backward
+# has no spill-free kernel for (``AttentionCase`` / ``LowrankCase`` give the sizes).
+_BACKWARD_LIMITS = {
+    ("triton", "attention"): ".triton.attention_bwd",
+    ("triton", "lowrank"): ".triton.lowrank",
 }
 
 # Ops each backend runs on float64 inputs.

@@ -23,7 +23,9 @@ def _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, key_padding_ma
     """Shared tail of the padded and varlen entry points, after their shape checks."""
     validation.coef(coef, q.shape[-2], q.shape[-1], q)
     scale = validation.options(scale, dropout_p, q.shape[-1])
-    name = backends.resolve(backend, q.device, q.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, v, coef))
+    case = backends.AttentionCase(q.shape[-1], (q if v is None else v).shape[-1], needs_grad)
+    name = backends.resolve(backend, q.device, q.dtype, case=case)
     out, lse = ops.attention_fwd(
         _unit_last_stride(q), _unit_last_stride(v), _unit_last_stride(coef), key_padding_mask, cu_seqlens,
         _dropout_seed(dropout_p), scale, bool(causal), float(dropout_p), bool(exclude_self), int(max_seqlen),
@@ -247,7 +249,9 @@ def lowrank_context_attention(
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
     if head_norm not in ("l2", None):
         raise ValueError(f"head_norm must be 'l2' or None, got {head_norm!r}")
-    name = backends.resolve(backend, h.device, h.dtype, op="lowrank")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, context, p, q, u))
+    case = backends.LowrankCase(dim, heads, needs_grad)
+    name = backends.resolve(backend, h.device, h.dtype, op="lowrank", case=case)
     return ops.lowrank_fwd(
         _unit_last_stride(h), _unit_last_stride(context), _unit_last_stride(p), _unit_last_stride(q),
         _unit_last_stride(u), key_padding_mask, head_norm or "none", bool(token_softmax), 1e-12, name,

@@ -207,3 +207,32 @@ def test_workcount_lama_counts_are_consistent():
         assert fused.flops >= floor.flops and eager.flops >= floor.flops
         assert fused.exps > 0 and eager.exps > 0
     assert eager_fwd.flops == floor_fwd.flops  # the composite runs exactly the two matmuls
+
+
+def test_auto_routes_lama_without_a_triton_backward(monkeypatch):
+    """On sm_80 the LAMA backward has no spill-free kernel from E = 512 or m = 32 on: ``auto``
+    skips Triton for exactly those training calls, an explicit backend="triton" names why."""
+    from symattn_kernels import backends
+
+    cuda, case = torch.device("cuda"), backends.LowrankCase
+    monkeypatch.setattr(backends, "_cuda_arch", lambda device: 80)
+    assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(512, 8)) == "torch"
+    assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(256, 32)) == "torch"
+    assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(256, 16)) == "triton"
+    assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(512, 8, False)) == "triton"
+    with pytest.raises(ValueError, match=r"h has E = 256 and p has m = 32 heads: .*sm_80.*backend='torch'"):
+        backends.resolve("triton", cuda, torch.bfloat16, op="lowrank", case=case(256, 32))
+    monkeypatch.setattr(backends, "_cuda_arch", lambda device: 90)
+    assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(512, 32)) == "triton"
+
+
+def test_lama_launcher_refuses_an_unshipped_backward_before_any_work(monkeypatch):
+    monkeypatch.setattr(triton_lowrank, "is_interpret", lambda: False)
+    monkeypatch.setattr(triton_lowrank, "device_arch", lambda device: 80)
+    h = torch.randn(1, 5, 512)
+    p, q = torch.randn(512, 4), torch.randn(512, 4)
+    dh = torch.full_like(h, float("nan"))
+    with pytest.raises(ValueError, match="h has E = 512"):
+        lowrank_backward(torch.ones(1, 4, 512), None, h, h.mean(1), p, q, None, None, "l2", True, 1e-12,
+                         dh, None, None, None, None)
+    assert torch.isnan(dh).all()

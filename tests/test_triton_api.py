@@ -69,3 +69,52 @@ def test_auto_never_picks_the_interpreter_for_cpu_tensors():
     assert backends.resolve("auto", torch.device("cpu"), torch.float32) in ("cpu", "torch")
     with pytest.raises(TypeError, match="float64 inputs run on backend='torch' only"):
         sk.shared_attention(torch.randn(1, 4, 1, 16, dtype=torch.float64), backend="triton")
+
+
+WIDE = backends.AttentionCase(head_dim=256, head_dim_v=256)
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    """resolve() as on an sm_90 GPU: the Triton backend usable for CUDA tensors (it is, under the
+    interpreter) and the device's config row forced to 90."""
+    monkeypatch.setattr(backends, "_cuda_arch", lambda device: 90)
+    return torch.device("cuda")
+
+
+def test_auto_routes_cases_without_a_triton_backward_to_torch(sm90, monkeypatch):
+    assert backends.resolve("auto", sm90, torch.bfloat16, case=WIDE) == "torch"
+    assert backends.resolve("auto", sm90, torch.bfloat16, case=backends.AttentionCase(200, 64)) == "torch"
+    # exactly those: narrower heads, no gradients, or sm_80 keep the Triton backend
+    assert backends.resolve("auto", sm90, torch.bfloat16, case=backends.AttentionCase(128, 128)) == "triton"
+    assert backends.resolve("auto", sm90, torch.bfloat16, case=backends.AttentionCase(256, 256, False)) == "triton"
+    assert backends.resolve("auto", sm90, torch.bfloat16) == "triton"  # no case given: nothing to route on
+    monkeypatch.setattr(backends, "_cuda_arch", lambda device: 80)
+    assert backends.resolve("auto", sm90, torch.bfloat16, case=WIDE) == "triton"
+
+
+def test_explicit_triton_raises_naming_the_argument(sm90):
+    with pytest.raises(ValueError, match=r"q has head dim 256 and the values 256: .*sm_90.*backend='torch'"):
+        backends.resolve("triton", sm90, torch.bfloat16, case=WIDE)
+    assert backends.resolve("triton", sm90, torch.bfloat16, case=backends.AttentionCase(256, 256, False)) == "triton"
+
+
+def test_the_launcher_refuses_the_same_case_before_any_work(monkeypatch):
+    """A call that reaches the Triton backward anyway (ops called directly) gets the same
+    ValueError from the launcher, before a kernel runs, not a spilling kernel."""
+    from symattn_kernels.triton import attention_bwd
+
+    monkeypatch.setattr(attention_bwd, "is_interpret", lambda: False)
+    monkeypatch.setattr(attention_bwd, "device_arch", lambda device: 90)
+    q = torch.randn(1, 4, 1, 200)
+    dq = torch.full_like(q, float("nan"))
+    lse = torch.zeros(1, 1, 4)
+    with pytest.raises(ValueError, match="q has head dim 200"):
+        attention_bwd.attention_backward(torch.ones_like(q), None, q, None, None, None, None, None, q, lse, dq, None,
+                                         None, 0.1, False, 0.0, False, None, True)
+    assert torch.isnan(dq).all()
+
+
+def test_info_reports_the_detected_triton_features():
+    st = backends.status("triton")
+    assert st.usable and "warp_specialize" in st.reason and "tensor descriptors" in st.reason

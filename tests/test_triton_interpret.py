@@ -350,15 +350,31 @@ if given is not None:
         assert torch.all(dq == 0) and torch.all(dv == 0) and torch.all(dcoef == 0)
 
 
-def test_backward_plan_refuses_full_coef_wide_head():
-    """D = 256 with a full coefficient does not fit sm_80/sm_90 shared memory: the launcher's
-    table raises ValueError (the ops layer then uses the torch backend)."""
-    from symattn_kernels.triton.attention_bwd import bwd_plan
+def test_backward_plan_covers_every_case_but_wide_heads_on_sm90():
+    """bwd_plan (the table compile_report checks) has a config for every variant on sm_80, a full
+    coefficient at D = 256 included, and refuses head dims above 128 on sm_90 with the message
+    backends.resolve uses to route backend="auto" to torch."""
+    from symattn_kernels.triton.attention_bwd import backward_unsupported, bwd_plan
 
-    with pytest.raises(ValueError, match="torch backend"):
-        bwd_plan(256, 256, False, 2, False)
-    assert bwd_plan(128, 128, False, 2, True)[1][0] >= 64
-    assert bwd_plan(256, 256, True, 1, False)[1][0] >= 64
+    assert bwd_plan(256, 256, False, 2, True, 80)[1] == (32, 16, 8, 1)
+    with pytest.raises(ValueError, match="q has head dim 256 .*backend='torch'"):
+        bwd_plan(256, 256, False, 2, False, 90)
+    assert backward_unsupported(200, 64, 90) and not backward_unsupported(128, 128, 90)
+    fuse, (block_m, *_), splits = bwd_plan(128, 128, False, 2, True, 90)
+    assert not fuse and block_m >= 64 and splits == (1, 2)  # sm_90 wgmma rows; dK, dV in two halves
+    assert bwd_plan(64, 64, True, 1, False, 90)[0]  # shared, diagonal, no dropout: one launch
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[11], CASES[19], ROLE_CASES[0]],
+                         ids=lambda c: c.id)
+def test_value_column_groups(case, monkeypatch):
+    """SPLIT_D = 2 (each program owns half the output columns, scores recomputed per half), which
+    the launchers pick for wide heads on sm_90, in the forward and both backward launches."""
+    from symattn_kernels.triton import attention_bwd, attention_fwd
+
+    monkeypatch.setattr(attention_fwd, "INTERPRET_FWD_SPLIT_D", 2)
+    monkeypatch.setattr(attention_bwd, "INTERPRET_BWD_SPLIT_D", 2)
+    check_case(case)
 
 
 def test_symmetric_backward_only_where_scores_are_symmetric():

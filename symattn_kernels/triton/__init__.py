@@ -1,7 +1,8 @@
 """Triton kernels of symattn_kernels: fused attention forward and backward.
 
 Importing this package only checks the Triton version; it touches no GPU. The kernels live in
-``attention_fwd`` (``attention_forward``) and ``attention_bwd`` (``attention_backward``).
+``attention_fwd`` (``attention_forward``) and ``attention_bwd`` (``attention_backward``);
+``features`` detects what the installed Triton offers beyond the minimum version.
 """
 
 import triton

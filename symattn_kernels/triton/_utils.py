@@ -1,7 +1,7 @@
 """Helpers shared by the forward and backward attention kernels: Triton device functions for
-sequence bounds, key-padding statistics, the exclude-self rule, the dropout mask and the
-full-coefficient fold, and the host-side pieces every launcher needs (layout strides, head-dim
-padding, dot precision).
+sequence bounds, key-padding statistics, the exclude-self rule and the dropout mask, and the
+host-side pieces every launcher needs (layout strides, head-dim padding, dot precision, the
+full-coefficient products).
 
 exclude_self rule. Row i's allowed keys before the rule are
 A_i = {j < seqlen : (not causal or j <= i) and kpm[j]}. The diagonal is removed unless
@@ -68,13 +68,21 @@ def coef_mode(coef) -> int:
     return 0 if coef is None else coef.dim() - 1
 
 
-def coef_strides(coef) -> tuple[int, int, int]:
-    """(head, row, column) strides of coef; zeros where the mode has no such axis."""
-    if coef is None:
-        return 0, 0, 0
-    if coef.dim() == 2:
-        return coef.stride(0), coef.stride(1), 0
-    return coef.stride(0), coef.stride(1), coef.stride(2)
+def coef_strides(coef) -> tuple[int, int]:
+    """(head, element) strides of a diagonal coefficient [H, D]; zeros otherwise (a full one
+    reaches the kernels folded, see ``coef_product``)."""
+    if coef is None or coef.dim() != 2:
+        return 0, 0
+    return coef.stride(0), coef.stride(1)
+
+
+def coef_product(y, coef, transposed: bool = False):
+    """Y M (or Y M^T) per head for a full coefficient [H, D, D] and y [..., H, D], in y's dtype:
+    one batched matmul with fp32 accumulation, the same rounding as a tensor-core fold in a kernel
+    (and TF32 for fp32 inputs exactly when ``dot_precision`` says so). The kernels take this as
+    an operand instead of staging [D, D] tiles of M in registers."""
+    m = coef.to(y.dtype)
+    return torch.einsum("...hd,hed->...he" if transposed else "...hd,hde->...he", y, m)
 
 
 def token_strides(t, is_varlen: bool) -> tuple[int, int, int]:
@@ -156,26 +164,3 @@ def _dropout_keep(seed, row_ctr, offs_key, key_stride, threshold):
     ctr = row_ctr * key_stride + offs_key.to(tl.int64)
     rnd = tl.randint(seed, ctr)
     return (rnd >> 1).to(tl.int32) >= threshold
-
-
-@triton.jit
-def _fold_full_coef(Yrows, row_mask, Coef, stride_cd, stride_ce, head_dim, dtype: tl.constexpr,
-                    TRANSPOSED: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """Y M (or Y M^T when TRANSPOSED) for a row block, in dtype; Yrows points at the block's rows
-    ([BLOCK_ROWS] row pointers), Coef at this head's [D, D] matrix. The contraction runs in
-    chunks of at most 64 so that a wide head never stages a whole D x D tile in shared memory."""
-    BLOCK_K: tl.constexpr = 32 if HEAD_DIM > 128 else (64 if HEAD_DIM > 64 else HEAD_DIM)
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([BLOCK_ROWS, HEAD_DIM], dtype=tl.float32)
-    for k in tl.static_range(0, HEAD_DIM, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        y_k = tl.load(Yrows[:, None] + offs_k[None, :], mask=row_mask[:, None] & (offs_k[None, :] < head_dim),
-                      other=0.0)  # [BLOCK_ROWS, BLOCK_K]
-        c_mask = (offs_k[:, None] < head_dim) & (offs_d[None, :] < head_dim)
-        if TRANSPOSED:
-            c_k = tl.load(Coef + offs_d[None, :] * stride_cd + offs_k[:, None] * stride_ce, mask=c_mask, other=0.0)
-        else:
-            c_k = tl.load(Coef + offs_k[:, None] * stride_cd + offs_d[None, :] * stride_ce, mask=c_mask, other=0.0)
-        acc = tl.dot(y_k.to(dtype), c_k.to(dtype), acc, input_precision=DOT_PRECISION)  # c_k: [BLOCK_K, HEAD_DIM]
-    return acc.to(dtype)

@@ -9,24 +9,26 @@ With S = scale * (Y M) Y^T, P = softmax_rows(S), keep the dropout mask and Pd = 
     dM    = scale * Y^T G Y               summed over batch; diagonal M keeps its diagonal
     dV    = Pd^T dO
 
-Program j owns token block J of one (batch, head) and plays all of its roles: J as keys/values
-against query blocks I (accumulating G_IJ^T Y_I and Pd_IJ^T dO_I) and J as queries against key
-blocks I (accumulating G_JI Y_I). All roles of J sum in registers and dY_J is written once: no
-dq/dk/dv buffers, no atomics, no extra sum kernel, so the result is deterministic. The
-coefficient is applied once per program: the key role uses Y_J M^T as its tile-side operand
-(S_IJ^T = (Y_J M^T) Y_I^T) and M multiplies the accumulators in the epilogue. In shared mode
-with M = I or diagonal, the key and value roles share one fp32 accumulator (scale * G^T Y_I M +
-Pd^T dO_I, Y_I M being a column scaling of the loaded tile), which saves a [BLOCK_M, D] tile of
-registers.
+Program j owns token block J of one (batch, head) and plays its roles: J as keys/values against
+query blocks I (accumulating G_IJ^T Y_I and Pd_IJ^T dO_I) and J as queries against key blocks I
+(accumulating G_JI Y_I). The roles of J sum in registers and dY_J is written once: no atomics, no
+extra sum kernel, so the result is deterministic. A diagonal M scales the iterated tile (Y_I M),
+so J's own operands stay plain loads (shared memory operands on sm_90); a full M is applied on
+the host: the kernels take Y M and Y M^T as operands (one batched matmul each) and return
+scale G Y and scale G^T Y, and dY = (scale G^T Y) M + (scale G Y) M^T (+ Pd^T dO) is one more
+matmul, so no [D, D] tile is ever staged in the kernel. In shared mode with M = I or diagonal,
+the key and value roles share one fp32 accumulator (scale * G^T (Y_I M) + Pd^T dO_I).
 
-Two schedules, one constexpr (FUSE_ROLES): fused, one loop over the blocks I serves both roles,
-so each Y_I / dO_I tile is read once per program and, for M = I or diagonal (S symmetric), one
-recomputed score tile serves both roles (S_JI = S_IJ^T): six matmuls per loop step instead of
-seven. Split, a key pass then a query pass, holds fewer registers (the key roles are folded into
-one fp32 tile before the query pass) and is used where the fused state would spill. Causal:
-blocks I left of J only need the query role, blocks right of J only the key role, the diagonal
-blocks both with the causal mask. dM is Y_J^T (scale G_J Y) per program, written to a
-[B, blocks, H, ...] fp32 buffer and summed by torch (deterministic).
+Schedules (ROLES). All roles in one launch, one loop over the blocks I: each Y_I / dO_I tile is
+read once per program and, for M = I or diagonal (S symmetric), one recomputed score tile serves
+both roles (S_JI = S_IJ^T): six matmuls per loop step instead of seven. Where that state would
+spill (``bwd_fuse_roles``), a query launch and then a key launch, each holding only its own
+accumulators: the query launch writes its fp32 share of dY to a workspace that the key launch
+adds (or, for a full M, scale G Y for the host). SPLIT_D > 1 gives each program a group of the
+output columns (grid axis 2; the scores are recomputed per group). Causal: blocks I left of J
+need only the query role, blocks right of J only the key role, the diagonal blocks both with the
+causal mask. A diagonal dM is Y_J^T (scale G_J Y) per program, written to a [B, blocks, H, D]
+fp32 buffer and summed by torch (deterministic).
 
 Symmetric path (opt-in, ``deterministic=False``, non-causal, M = I or diagonal, head dim <= 64
 on a GPU): ``_symattn_bwd_sym_kernel`` recomputes each score tile once for the block pair
@@ -34,7 +36,8 @@ on a GPU): ``_symattn_bwd_sym_kernel`` recomputes each score tile once for the b
 and adds block I's by fp32 atomics: 7 matmuls per block pair instead of 10, i.e. about 0.7x
 the backward matmul work, at the price of fp32 read-modify-write traffic and an order of
 additions that varies from run to run. ``bwd_plan`` / ``sym_bwd_config`` are the config tables
-the launchers and ``python -m bench.compile_report`` share.
+the launchers and ``python -m bench.compile_report`` share; ``backward_unsupported`` names the
+cases without a spill-free config (``backends.resolve`` routes ``backend="auto"`` past them).
 """
 
 from __future__ import annotations
@@ -46,12 +49,12 @@ import triton.language as tl
 from ._utils import (
     LOG2E,
     _dropout_keep,
-    _fold_full_coef,
     _has_other_key,
     _kpm_stat,
     _seq_bounds,
     check_dropout,
     coef_mode,
+    coef_product,
     coef_strides,
     device_arch,
     dot_precision,
@@ -63,6 +66,12 @@ from ._utils import (
 )
 
 __all__ = ["attention_backward"]
+
+# ROLES of _symattn_bwd_kernel: every role of the owned block in one launch, or the query role
+# and then, in a second launch, the key and value roles.
+BWD_ALL_ROLES = tl.constexpr(0)
+BWD_QUERY_ROLE = tl.constexpr(1)
+BWD_KEY_ROLES = tl.constexpr(2)
 
 
 @triton.jit
@@ -102,19 +111,39 @@ def _symattn_bwd_preprocess(
 
 @triton.jit
 def _symattn_bwd_inner(
-    dq_acc, dk_acc, dv_acc,
-    kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-    Y, V, DO, Lse, Delta, Kpm,
-    stride_ys, stride_vs, stride_dos, stride_kpms,
-    offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-    qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-    lo, hi,
+    dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, offs_j, col0, colv0,
+    Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+    seqlen, head_dim, head_dim_v, kpm_stat, coef, coef_out, scale, seed, row_ctr_base, key_stride, threshold,
+    inv_keep, lo, hi,
     KEY_ROLE: tl.constexpr, QUERY_ROLE: tl.constexpr, DIAGONAL: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Blocks I in [lo, hi) against the owned block J in the roles KEY_ROLE / QUERY_ROLE select:
+    the one loop body of the backward, called once per causal stage. kq / qm are J's score
+    operands (Y_J M^T / Y_J M for a full M, Y_J otherwise: a diagonal M scales the iterated tile,
+    so that J's operand stays a plain load). The accumulators hold the output columns
+    [col0, col0 + D / SPLIT_D) (and [colv0, ...) of the values); coef_out is coef on them. J's
+    row statistics are loaded here, so that each lives only through the loops of its role."""
+    HEAD_DIM_OUT: tl.constexpr = HEAD_DIM // SPLIT_D
+    HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    offs_do = col0 + tl.arange(0, HEAD_DIM_OUT)
+    offs_dvo = colv0 + tl.arange(0, HEAD_DIM_V_OUT)
     valid_j = offs_j < seqlen
+    qk_scale = scale * LOG2E
+    real_j = valid_j
+    if HAS_KPM:
+        real_j = tl.load(Kpm + offs_j.to(tl.int64) * stride_kpms, mask=valid_j, other=0) != 0
+    if QUERY_ROLE:
+        lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
+        delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
+        row_ctr_j = row_ctr_base + offs_j.to(tl.int64)  # dropout counter rows of J as queries
+        has_other_j = valid_j
+        if EXCLUDE_SELF:
+            has_other_j = _has_other_key(offs_j, seqlen, kpm_stat, real_j, IS_CAUSAL, HAS_KPM)
     for start_i in range(lo, hi, BLOCK_N):
         start_i = tl.multiple_of(start_i, BLOCK_N)
         offs_i = start_i + tl.arange(0, BLOCK_N)
@@ -124,6 +153,17 @@ def _symattn_bwd_inner(
             Y + offs_i64[:, None] * stride_ys + offs_d[None, :],
             mask=valid_i[:, None] & (offs_d[None, :] < head_dim), other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
+        if SPLIT_D == 1:
+            y_o = y_i
+        else:  # the accumulators' columns of the tile
+            y_o = tl.load(
+                Y + offs_i64[:, None] * stride_ys + offs_do[None, :],
+                mask=valid_i[:, None] & (offs_do[None, :] < head_dim), other=0.0,
+            )  # [BLOCK_N, HEAD_DIM_OUT]
+        if COEF_MODE == 1:
+            y_m = (y_i.to(tl.float32) * coef[None, :]).to(y_i.dtype)  # Y_I M
+        else:
+            y_m = y_i
         real_i = valid_i
         if HAS_KPM:
             real_i = tl.load(Kpm + offs_i64 * stride_kpms, mask=valid_i, other=0) != 0
@@ -133,9 +173,16 @@ def _symattn_bwd_inner(
                 DO + offs_i64[:, None] * stride_dos + offs_dv[None, :],
                 mask=valid_i[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0,
             )  # [BLOCK_N, HEAD_DIM_V]
+            if SPLIT_D == 1:
+                do_o = do_i
+            else:
+                do_o = tl.load(
+                    DO + offs_i64[:, None] * stride_dos + offs_dvo[None, :],
+                    mask=valid_i[:, None] & (offs_dvo[None, :] < head_dim_v), other=0.0,
+                )  # [BLOCK_N, HEAD_DIM_V_OUT]
             lse2_i = tl.load(Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
             delta_i = tl.load(Delta + offs_i, mask=valid_i, other=0.0)
-            s_t = tl.dot(kq, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            s_t = tl.dot(kq, tl.trans(y_m), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             allowed_t = valid_j[:, None] & valid_i[None, :]
             if DIAGONAL:
                 allowed_t = allowed_t & (offs_j[:, None] <= offs_i[None, :])
@@ -154,26 +201,24 @@ def _symattn_bwd_inner(
             else:
                 pd_t = p_t
             ds_t = p_t * (dp_t - delta_i[None, :])
+            dv_acc = tl.dot(pd_t.to(do_i.dtype), do_o, dv_acc, input_precision=DOT_PRECISION)
             if SHARED_V and COEF_MODE != 2:
-                # Values are Y and M is diagonal: the key and value roles share one accumulator,
-                # dY_J += scale * G^T (Y_I M) + Pd^T dO_I (Y_I M is a column scaling of the tile).
-                if COEF_MODE == 1:
-                    y_key = (y_i.to(tl.float32) * key_coef[None, :]).to(y_i.dtype)
-                    ds_key = ds_t
+                # One accumulator for the key and value roles: dY_J += scale G^T (Y_I M) + Pd^T dO_I.
+                if COEF_MODE == 1 and SPLIT_D > 1:
+                    y_mo = (y_o.to(tl.float32) * coef_out[None, :]).to(y_i.dtype)
+                elif COEF_MODE == 1:
+                    y_mo = y_m
                 else:
-                    y_key = y_i
-                    ds_key = ds_t * key_coef
-                dk_acc = tl.dot(pd_t.to(do_i.dtype), do_i, dk_acc, input_precision=DOT_PRECISION)
-                dk_acc = tl.dot(ds_key.to(y_i.dtype), y_key, dk_acc, input_precision=DOT_PRECISION)
+                    y_mo = y_o
+                dv_acc = tl.dot((ds_t * scale).to(y_i.dtype), y_mo, dv_acc, input_precision=DOT_PRECISION)
             else:
-                dv_acc += tl.dot(pd_t.to(do_i.dtype), do_i, input_precision=DOT_PRECISION)
-                dk_acc += tl.dot(ds_t.to(y_i.dtype), y_i, input_precision=DOT_PRECISION)
+                dk_acc = tl.dot(ds_t.to(y_i.dtype), y_o, dk_acc, input_precision=DOT_PRECISION)
         if QUERY_ROLE:
             # Block J as queries, block I as keys/values; tiles are [queries J, keys I].
             if KEY_ROLE and COEF_MODE != 2:
                 s = s_t  # symmetric M: S_JI = S_IJ^T, one score tile serves both roles
             else:
-                s = tl.dot(qm, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+                s = tl.dot(qm, tl.trans(y_m), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             if SHARED_V:
                 v_i = y_i
             else:
@@ -192,77 +237,45 @@ def _symattn_bwd_inner(
                 keep = _dropout_keep(seed, row_ctr_j[:, None], offs_i[None, :], key_stride, threshold)
                 dp = tl.where(keep, dp * inv_keep, 0.0)
             ds = p * (dp - delta_j[:, None])
-            dq_acc += tl.dot(ds.to(y_i.dtype), y_i, input_precision=DOT_PRECISION)
+            dq_acc = tl.dot(ds.to(y_i.dtype), y_o, dq_acc, input_precision=DOT_PRECISION)
     return dq_acc, dk_acc, dv_acc
 
 
 @triton.jit
-def _coef_operand(y, y_ptrs, row_mask, Coef, stride_cd, stride_ce, offs_d, head_dim, TRANSPOSED: tl.constexpr,
-                  COEF_MODE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """Y M (TRANSPOSED False) or Y M^T in y's dtype; Coef points at this head's coefficient and
-    y_ptrs at the rows of y (the full fold reads them again in chunks)."""
-    if COEF_MODE == 1:
-        c = tl.load(Coef + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
-        out = (y.to(tl.float32) * c[None, :]).to(y.dtype)
-    elif COEF_MODE == 2:
-        out = _fold_full_coef(y_ptrs, row_mask, Coef, stride_cd, stride_ce, head_dim, y.dtype, TRANSPOSED, BLOCK_M,
-                              HEAD_DIM, DOT_PRECISION)
-    else:
-        out = y
-    return out
-
-
-@triton.jit
-def _load_coef_tile(Coef, stride_cd, stride_ce, offs_d, head_dim):
-    """This head's [HEAD_DIM, HEAD_DIM] coefficient, zero-padded. Built where it is used, so that
-    no [D, D] tile of 64-bit addresses stays live through the loops (it spilled at D >= 64)."""
-    mask = (offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim)
-    return tl.load(Coef + offs_d[:, None] * stride_cd + offs_d[None, :] * stride_ce, mask=mask, other=0.0)
-
-
-@triton.jit
-def _key_role_epilogue(dk_acc, dv_acc, Coef, stride_cd, stride_ce, offs_d, head_dim, scale, dtype: tl.constexpr,
-                       SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """scale * (G^T Y) M for the key role, plus Pd^T dO in shared mode (values are Y too)."""
-    if SHARED_V and COEF_MODE != 2:
-        return dk_acc  # already scale * G^T Y M + Pd^T dO (merged in the loop)
-    if COEF_MODE == 1:
-        c = tl.load(Coef + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
-        dy = dk_acc * (c[None, :] * scale)
-    elif COEF_MODE == 2:
-        # In the input dtype, like every other tensor-core operand (fp32 stays fp32).
-        cm = _load_coef_tile(Coef, stride_cd, stride_ce, offs_d, head_dim).to(dtype)  # [HEAD_DIM, HEAD_DIM]
-        dy = tl.dot((dk_acc * scale).to(dtype), cm, input_precision=DOT_PRECISION)
-    else:
-        dy = dk_acc * scale
-    if SHARED_V:
-        dy += dv_acc
-    return dy
-
-
-@triton.jit
 def _symattn_bwd_kernel(
-    Y, V, Coef, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DCoefPartial,
+    Y, V, Coef, QM, KM, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DQM, DKM, Work, DCoefPartial,
     stride_yb, stride_ys, stride_yh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dyb, stride_dys, stride_dyh,
     stride_dvb, stride_dvs, stride_dvh,
-    stride_ch, stride_cd, stride_ce,
+    stride_ch, stride_cd,
+    stride_mb, stride_ms, stride_mh,
     stride_kpmb, stride_kpms,
     stride_lb, stride_lh,
     num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
     scale, seed, threshold, inv_keep,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    FUSE_ROLES: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROLES: tl.constexpr, SPLIT_D: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Program (j, b * H + h, g) plays the roles ROLES selects (BWD_ALL_ROLES, or BWD_QUERY_ROLE
+    then, in a second launch, BWD_KEY_ROLES) of token block J for the output columns of group g
+    (SPLIT_D groups). QM / KM are Y M / Y M^T and DQM / DKM receive scale G Y / scale G^T Y for a
+    full M (the host applies M); Work carries the query launch's fp32 share of dY to the key
+    launch for M = I or diagonal; all of them share the strides stride_m*."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    tl.static_assert(HEAD_DIM % SPLIT_D == 0 and HEAD_DIM_V % SPLIT_D == 0)
+    HEAD_DIM_OUT: tl.constexpr = HEAD_DIM // SPLIT_D
+    HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
+    KEY: tl.constexpr = ROLES != BWD_QUERY_ROLE
+    QUERY: tl.constexpr = ROLES != BWD_KEY_ROLES
     start_j = tl.program_id(0)
     off_bh = tl.program_id(1)
+    col0 = tl.program_id(2) * HEAD_DIM_OUT
+    colv0 = tl.program_id(2) * HEAD_DIM_V_OUT
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
@@ -274,198 +287,136 @@ def _symattn_bwd_kernel(
     Y += off_b64 * stride_yb + seq_start64 * stride_ys + off_h64 * stride_yh
     V += off_b64 * stride_vb + seq_start64 * stride_vs + off_h64 * stride_vh
     DO += off_b64 * stride_dob + seq_start64 * stride_dos + off_h64 * stride_doh
-    DY += off_b64 * stride_dyb + seq_start64 * stride_dys + off_h64 * stride_dyh
-    DV += off_b64 * stride_dvb + seq_start64 * stride_dvs + off_h64 * stride_dvh
     Lse += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
     Delta += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
     Kpm += off_b64 * stride_kpmb
+    Coef += off_h64 * stride_ch
 
     offs_j = start_j * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j64 = offs_j.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
+    offs_do = col0 + tl.arange(0, HEAD_DIM_OUT)
+    offs_dvo = colv0 + tl.arange(0, HEAD_DIM_V_OUT)
     valid_j = offs_j < seqlen
     y_mask = valid_j[:, None] & (offs_d[None, :] < head_dim)
     v_mask = valid_j[:, None] & (offs_dv[None, :] < head_dim_v)
-    lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
-    delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
-    real_j = valid_j
+    out_mask = valid_j[:, None] & (offs_do[None, :] < head_dim)
     kpm_stat = seqlen
-    if HAS_KPM:
-        real_j = tl.load(Kpm + offs_j64 * stride_kpms, mask=valid_j, other=0) != 0
-        if EXCLUDE_SELF:
-            kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
-    has_other_j = valid_j
-    if EXCLUDE_SELF:
-        has_other_j = _has_other_key(offs_j, seqlen, kpm_stat, real_j, IS_CAUSAL, HAS_KPM)
+    if HAS_KPM and EXCLUDE_SELF:
+        kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
     if IS_VARLEN:
         row_ctr_base = off_h64 * n_rows + seq_start64
     else:
         row_ctr_base = off_h64 * n_rows + off_b64 * seqlen_padded
-    row_ctr_j = row_ctr_base + offs_j64  # dropout counter rows of block J as queries
-    qk_scale = scale * LOG2E
-    if SHARED_V and COEF_MODE == 1:
-        key_coef = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim,
-                           other=0.0).to(tl.float32) * scale  # [HEAD_DIM]
-    else:
-        key_coef = scale
-    diag_lo = start_j * BLOCK_M
-    diag_hi = tl.minimum((start_j + 1) * BLOCK_M, seqlen)
-
-    y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
-    if SHARED_V:
-        v_j = y_j
-    else:
-        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
-    # Key-side operand Y_J M^T (Y_J M for symmetric M), once per program.
-    kq = _coef_operand(y_j, Y + offs_j64 * stride_ys, valid_j, Coef + off_h64 * stride_ch, stride_cd, stride_ce,
-                       offs_d, head_dim, True, COEF_MODE, BLOCK_M, HEAD_DIM, DOT_PRECISION)
-    dq_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dk_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dv_acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    if FUSE_ROLES:
-        # One pass over the blocks I; both roles share every Y_I / dO_I tile load.
-        do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
-        qm = _coef_operand(y_j, Y + offs_j64 * stride_ys, valid_j, Coef + off_h64 * stride_ch, stride_cd,
-                           stride_ce, offs_d, head_dim, False, COEF_MODE, BLOCK_M, HEAD_DIM, DOT_PRECISION)
-        if IS_CAUSAL:
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                0, diag_lo,
-                False, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                diag_lo, diag_hi,
-                True, True, True, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                (start_j + 1) * BLOCK_M, seqlen,
-                True, False, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-        else:
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                0, seqlen,
-                True, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-        dy = _key_role_epilogue(dk_acc, dv_acc, Coef + off_h64 * stride_ch, stride_cd, stride_ce, offs_d,
-                                head_dim, scale, Y.dtype.element_ty, SHARED_V, COEF_MODE,
-                                DOT_PRECISION)
-    else:
-        # Two passes (fewer live registers): J as keys/values, then J as queries.
-        if IS_CAUSAL:
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, kq, kq, v_j, v_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                diag_lo, diag_hi,
-                True, False, True, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, kq, kq, v_j, v_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                (start_j + 1) * BLOCK_M, seqlen,
-                True, False, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-        else:
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, kq, kq, v_j, v_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                0, seqlen,
-                True, False, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-        dy = _key_role_epilogue(dk_acc, dv_acc, Coef + off_h64 * stride_ch, stride_cd, stride_ce, offs_d,
-                                head_dim, scale, Y.dtype.element_ty, SHARED_V, COEF_MODE,
-                                DOT_PRECISION)
-        if not SHARED_V:
-            tl.store(DV + offs_j64[:, None] * stride_dvs + offs_dv[None, :], dv_acc.to(DV.dtype.element_ty),
-                     mask=v_mask)
-        do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
-        y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # reloaded: not kept live through the key pass
-        qm = _coef_operand(y_j, Y + offs_j64 * stride_ys, valid_j, Coef + off_h64 * stride_ch, stride_cd,
-                           stride_ce, offs_d, head_dim, False, COEF_MODE, BLOCK_M, HEAD_DIM, DOT_PRECISION)
-        if IS_CAUSAL:
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, qm, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                0, diag_lo,
-                False, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, qm, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                diag_lo, diag_hi,
-                False, True, True, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-        else:
-            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, qm, qm, v_j, do_j, lse2_j, delta_j, real_j, has_other_j, row_ctr_j,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                offs_j, offs_d, offs_dv, seqlen, head_dim, head_dim_v, kpm_stat,
-                qk_scale, key_coef, seed, row_ctr_base, key_stride, threshold, inv_keep,
-                0, seqlen,
-                False, True, False, SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
-                DOT_PRECISION, BLOCK_N,
-            )
-
-    # Query role times M^T, added to the key (and value) roles: dY_J is written once.
     if COEF_MODE == 1:
-        c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
-        dy += dq_acc * (c[None, :] * scale)
-    elif COEF_MODE == 2:
-        cm = _load_coef_tile(Coef + off_h64 * stride_ch, stride_cd, stride_ce, offs_d, head_dim).to(
-            Y.dtype.element_ty)  # [HEAD_DIM, HEAD_DIM]
-        dy = tl.dot((dq_acc * scale).to(cm.dtype), tl.trans(cm), dy, input_precision=DOT_PRECISION)
+        coef = tl.load(Coef + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)  # [HEAD_DIM]
+        coef_out = tl.load(Coef + offs_do * stride_cd, mask=offs_do < head_dim, other=0.0).to(tl.float32)
     else:
-        dy += dq_acc * scale
-    if FUSE_ROLES and not SHARED_V:
-        tl.store(DV + offs_j64[:, None] * stride_dvs + offs_dv[None, :], dv_acc.to(DV.dtype.element_ty), mask=v_mask)
-    tl.store(DY + offs_j64[:, None] * stride_dys + offs_d[None, :], dy.to(DY.dtype.element_ty), mask=y_mask)
+        coef = scale  # unused
+        coef_out = scale
 
-    if NEED_DCOEF:
-        # dM partial of this block: scale * Y_J^T (G_J. Y); rows past seqlen are zero in y_j.
-        y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)
-        slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
-        if COEF_MODE == 1:
-            dc = tl.sum(y_j.to(tl.float32) * dq_acc, axis=0) * scale  # [HEAD_DIM]
-            tl.store(DCoefPartial + slot * head_dim + offs_d, dc, mask=offs_d < head_dim)
+    # J's operand tiles, each staged through registers once. On wide heads a barrier between the
+    # loads keeps ptxas from holding several [BLOCK_M, 256] tiles in flight at once (it spilled).
+    y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if QUERY:
+        if HEAD_DIM > 128:
+            tl.debug_barrier()
+        do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
+        if COEF_MODE == 2:  # Y_J M, folded on the host
+            qm = tl.load(QM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh)
+                         + offs_j64[:, None] * stride_ms + offs_d[None, :], mask=y_mask, other=0.0)
         else:
-            dq_in = (dq_acc * scale).to(y_j.dtype)
-            dc = tl.dot(tl.trans(y_j), dq_in, input_precision=DOT_PRECISION)  # [HEAD_DIM, HEAD_DIM]
-            dc_ptrs = DCoefPartial + slot * head_dim * head_dim + offs_d[:, None] * head_dim + offs_d[None, :]
-            tl.store(dc_ptrs, dc, mask=(offs_d[:, None] < head_dim) & (offs_d[None, :] < head_dim))
+            qm = y_j
+    else:
+        qm, do_j = y_j, y_j  # placeholders: the key roles do not read them
+    if KEY:
+        if SHARED_V:
+            v_j = y_j
+        else:
+            if HEAD_DIM > 128:
+                tl.debug_barrier()
+            v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+        if COEF_MODE == 2:  # Y_J M^T, folded on the host
+            if HEAD_DIM > 128:
+                tl.debug_barrier()
+            kq = tl.load(KM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh)
+                         + offs_j64[:, None] * stride_ms + offs_d[None, :], mask=y_mask, other=0.0)
+        else:
+            kq = y_j
+    else:
+        kq, v_j = y_j, y_j  # placeholders: the query role does not read them
+
+    dq_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
+    dk_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
+    dv_acc = tl.zeros([BLOCK_M, HEAD_DIM_V_OUT], dtype=tl.float32)
+    # Causal: blocks I left of J need only the query role, right of J only the key roles. The
+    # role flags stay inline: a constexpr assigned to a name in a loop becomes a tensor.
+    for stage in tl.static_range(3 if IS_CAUSAL else 1):
+        if not IS_CAUSAL:
+            lo, hi = 0, seqlen
+        elif stage == 0:
+            lo, hi = 0, start_j * BLOCK_M
+        elif stage == 1:
+            lo, hi = start_j * BLOCK_M, tl.minimum((start_j + 1) * BLOCK_M, seqlen)
+        else:
+            lo, hi = (start_j + 1) * BLOCK_M, seqlen
+        if (KEY and (not IS_CAUSAL or stage > 0)) or (QUERY and (not IS_CAUSAL or stage < 2)):
+            dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
+                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, offs_j, col0, colv0,
+                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
+                seqlen, head_dim, head_dim_v, kpm_stat, coef, coef_out, scale, seed, row_ctr_base, key_stride,
+                threshold, inv_keep, lo, hi,
+                KEY and (not IS_CAUSAL or stage > 0),  # KEY_ROLE
+                QUERY and (not IS_CAUSAL or stage < 2),  # QUERY_ROLE
+                IS_CAUSAL and stage == 1,  # DIAGONAL
+                SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
+                HEAD_DIM, HEAD_DIM_V, SPLIT_D, BLOCK_N,
+            )
+
+    # Outputs of J, each written once; row pointers are formed here, not kept live.
+    m_rows = (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh) + offs_j64[:, None] * stride_ms
+    if QUERY:
+        if NEED_DCOEF:  # diagonal dM share of the block: scale * sum_rows Y_J * (G_J. Y)
+            y_o = tl.load(Y + offs_j64[:, None] * stride_ys + offs_do[None, :], mask=out_mask, other=0.0)
+            slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
+            tl.store(DCoefPartial + slot * head_dim + offs_do, tl.sum(y_o.to(tl.float32) * dq_acc, axis=0) * scale,
+                     mask=offs_do < head_dim)
+        if COEF_MODE == 2:  # the host applies a full M: dY = DKM M + DQM M^T (+ dV, shared mode)
+            tl.store(DQM + m_rows + offs_do[None, :], (dq_acc * scale).to(DQM.dtype.element_ty), mask=out_mask)
+        else:
+            if SHARED_V or KEY:  # the query role's share of dY itself
+                if COEF_MODE == 1:
+                    dq_acc = dq_acc * (coef_out * scale)[None, :]
+                else:
+                    dq_acc = dq_acc * scale
+            if not KEY:  # to the key launch; without shared values it scales G^T Y + G Y at once
+                tl.store(Work + m_rows + offs_do[None, :], dq_acc, mask=out_mask)
+    if KEY:
+        if COEF_MODE == 2:
+            tl.store(DKM + m_rows + offs_do[None, :], (dk_acc * scale).to(DKM.dtype.element_ty), mask=out_mask)
+        else:
+            if ROLES == BWD_KEY_ROLES:  # the query launch's share (G Y unscaled without shared values)
+                share = tl.load(Work + m_rows + offs_do[None, :], mask=out_mask, other=0.0)
+                if SHARED_V:
+                    dv_acc += share
+                else:
+                    dk_acc += share
+            if SHARED_V:
+                dy = dv_acc
+            elif COEF_MODE == 1:
+                dy = dk_acc * (coef_out * scale)[None, :]
+            else:
+                dy = dk_acc * scale
+            if QUERY:  # one launch for all roles: the query role's share is added here
+                dy += dq_acc
+            DY += off_b64 * stride_dyb + seq_start64 * stride_dys + off_h64 * stride_dyh
+            tl.store(DY + offs_j64[:, None] * stride_dys + offs_do[None, :], dy.to(DY.dtype.element_ty),
+                     mask=out_mask)
+        if not SHARED_V or COEF_MODE == 2:  # shared mode, full M: the fp32 value-role share of dY
+            DV += off_b64 * stride_dvb + seq_start64 * stride_dvs + off_h64 * stride_dvh
+            tl.store(DV + offs_j64[:, None] * stride_dvs + offs_dvo[None, :], dv_acc.to(DV.dtype.element_ty),
+                     mask=valid_j[:, None] & (offs_dvo[None, :] < head_dim_v))
 
 
 @triton.jit
@@ -633,50 +584,57 @@ def _symattn_bwd_sym_kernel(
 
 
 def bwd_fuse_roles(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: int, dropout: bool) -> bool:
-    """FUSE_ROLES: one pass for both roles (each tile read once, one score tile for both roles)
-    where its register state fits without spills on sm_80/sm_90 (bench.compile_report): shared
-    mode, symmetric M, no dropout, head dim <= 64. Otherwise two passes over the blocks."""
+    """One launch for all roles (each tile read once, one score tile for both roles) where its
+    register state fits without spills on sm_80/sm_90 (bench.compile_report): shared mode,
+    symmetric M, no dropout, head dim <= 64. Otherwise a query launch, then a key launch."""
     return shared_v and coef_mode != 2 and not dropout and max(head_dim_pad, head_dim_v_pad) <= 64
 
 
-def bwd_config(head_dim_pad: int, head_dim_v_pad: int, fuse_roles: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward on sm_80 / sm_90.
-
-    A heuristic table, not autotuned: the dcoef partial buffer is laid out by BLOCK_M, and an
-    autotuner's trial runs would leave stale slots of other block sizes in it. The owned block
-    keeps its fp32 accumulators and operand tiles in registers through the loop, so it stays at
-    64 rows (the wgmma minimum) with 8 warps, and the iterated block shrinks when more state is
-    live; ``python -m bench.compile_report`` checks every entry for spills and HGMMA.
-    """
-    if fuse_roles:
-        return 64, 32, 8, 2
-    return 64, 16, 8, 2
+# Widest (padded) head dim the backward runs on sm_90: at 256 the [64, 256] operand and fp32
+# tiles leave too few registers for the rest, even with SPLIT_D (bench.compile_report).
+BWD_MAX_HEAD_DIM_SM90 = 128
 
 
-FULL_COEF_MAX_HEAD_DIM = 128  # D = 256 with a full coefficient needs 262 KB in the backward
+def backward_unsupported(head_dim: int, head_dim_v: int, arch: int) -> str:
+    """Why the Triton backward cannot run these head dims on sm_``arch`` ("" when it can): the
+    cases without a spill-free config. ``backends.resolve`` routes ``backend="auto"`` past them
+    and an explicit ``backend="triton"`` raises this message."""
+    widest = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
+    if arch >= 90 and widest > BWD_MAX_HEAD_DIM_SM90:
+        return (f"q has head dim {head_dim} and the values {head_dim_v}: the Triton backward has no spill-free "
+                f"sm_90 kernel for head dims above {BWD_MAX_HEAD_DIM_SM90} (python -m bench.compile_report); use "
+                "backend='torch' (or 'auto', which picks it), or call without gradients")
+    return ""
 
 
 def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: int, dropout: bool, arch: int = 90):
-    """(FUSE_ROLES, (BLOCK_M, BLOCK_N, num_warps, num_stages)) of the default backward on a GPU:
-    the one table the launcher and ``python -m bench.compile_report`` both read.
+    """(fuse_roles, (BLOCK_M, BLOCK_N, num_warps, num_stages), splits) of the default backward on
+    sm_``arch``: the one table the launcher and ``python -m bench.compile_report`` both read, each
+    entry checked there for spills (none) and, on sm_90, HGMMA. ``splits`` has one SPLIT_D per
+    launch (all roles, or query then key roles).
 
-    Raises ValueError for a variant no config can run (the ops layer then uses the torch
-    backend): a full coefficient with head dim > 128, whose [D, D] operand tiles need about
-    262 KB of shared memory (sm_90 offers 227 KB)."""
-    if coef_mode == 2 and head_dim_pad > FULL_COEF_MAX_HEAD_DIM:
-        raise ValueError(
-            f"Triton backward: a full coefficient with head dim {head_dim_pad} > {FULL_COEF_MAX_HEAD_DIM} needs more "
-            "shared memory than sm_80/sm_90 offer; use the torch backend for this case")
-    fuse = bwd_fuse_roles(head_dim_pad, head_dim_v_pad, shared_v, coef_mode, dropout)
-    if arch < 90 and max(head_dim_pad, head_dim_v_pad) >= 256:
-        # sm_80 has no 64-row wgmma constraint: a 32-row owned block halves the three [rows, 256]
-        # fp32 accumulators, which spill at 64 rows.
-        return fuse, (32, 16, 8, 1)
-    return fuse, bwd_config(head_dim_pad, head_dim_v_pad, fuse)
+    A table, not autotuned: the dcoef partial buffer is laid out by BLOCK_M, and an autotuner's
+    trial runs would leave stale slots of other block sizes in it. An fp32 [rows, D] accumulator
+    costs D/2 registers a thread whatever the rows and warps (chained dots put the warps along
+    the rows), so the table trims what else is live: sm_90 keeps 64 rows (one wgmma) on 4 warps
+    (8 warps would duplicate every tile), sm_80 takes 32 rows on 8 warps; on sm_90 the key launch
+    of separate values with D + Dv >= 256 holds dK and dV for half the columns at a time.
+
+    Raises ValueError where no config is spill-free (``backward_unsupported``)."""
+    reason = backward_unsupported(head_dim_pad, head_dim_v_pad, arch)
+    if reason:
+        raise ValueError(reason)
+    if bwd_fuse_roles(head_dim_pad, head_dim_v_pad, shared_v, coef_mode, dropout):
+        return True, (64, 32, 4, 2), (1,)
+    if arch < 90:
+        return False, (32, 16, 8, 1), (1, 1)
+    split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= 256 else 1
+    return False, (64, 16, 4, 1), (1, split_key)
 
 
 # Under the interpreter (and in tests) one fixed config; BLOCK_M != BLOCK_N exercises the stages.
 INTERPRET_BWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+INTERPRET_BWD_SPLIT_D = 1  # SPLIT_D of every launch (tests set 2)
 PREPROCESS_BLOCK_M = 32
 
 
@@ -731,7 +689,7 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
         dummy if dcoef_partial is None else dcoef_partial,
         *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
         *token_strides(dout, is_varlen), *token_strides(dy_acc, is_varlen),
-        *((0, 0, 0) if dv_acc is None else token_strides(dv_acc, is_varlen)), *coef_strides(coef)[:2],
+        *((0, 0, 0) if dv_acc is None else token_strides(dv_acc, is_varlen)), *coef_strides(coef),
         *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
         stride_lb, stride_lh,
         num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
@@ -805,10 +763,14 @@ def attention_backward(
                                   90 if interpret else device_arch(q.device))
     if interpret:
         fuse_roles = bwd_fuse_roles(hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0)
-        blocks, launch = dict(INTERPRET_BWD_CONFIG), {}
-    elif not symmetric:  # raises ValueError for a variant no config runs, before any work
-        fuse_roles, (block_m, block_n, warps, stages) = bwd_plan(hd_pad, hdv_pad, v is None, coef_mode(coef),
-                                                                dropout_p > 0.0, device_arch(q.device))
+        blocks, launch, splits = dict(INTERPRET_BWD_CONFIG), {}, (INTERPRET_BWD_SPLIT_D,) * (1 if fuse_roles else 2)
+    elif not symmetric:  # a variant without a config raises ValueError here, before any work
+        arch = device_arch(q.device)
+        reason = backward_unsupported(head_dim, head_dim_v, arch)
+        if reason:
+            raise ValueError(reason)
+        fuse_roles, (block_m, block_n, warps, stages), splits = bwd_plan(
+            hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0, arch)
         blocks, launch = {"BLOCK_M": block_m, "BLOCK_N": block_n}, {"num_warps": warps, "num_stages": stages}
     delta = torch.empty_like(lse)
     _symattn_bwd_preprocess[(triton.cdiv(seqlen_padded, PREPROCESS_BLOCK_M), batch * num_heads)](
@@ -826,11 +788,19 @@ def attention_backward(
 
     n_blocks = triton.cdiv(seqlen_padded, blocks["BLOCK_M"])
     mode = coef_mode(coef)
-    need_dcoef = dcoef is not None and mode != 0
+    need_dcoef = dcoef is not None and mode == 1
     dcoef_partial = None
     if need_dcoef:
-        shape = (batch, n_blocks, num_heads) + ((head_dim,) if mode == 1 else (head_dim, head_dim))
-        dcoef_partial = torch.zeros(shape, dtype=torch.float32, device=q.device)
+        dcoef_partial = torch.zeros((batch, n_blocks, num_heads, head_dim), dtype=torch.float32, device=q.device)
+    qm = km = dqm = dkm = work = None
+    if mode == 2:  # a full M enters as the folded operands Y M, Y M^T and leaves as G Y, G^T Y
+        qm, km = (coef_product(q, coef, t).contiguous() for t in (False, True))
+        dqm, dkm = torch.empty_like(qm), torch.empty_like(km)
+        if v is None:  # the value role's share of dY, added on the host in fp32
+            dv_k = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    elif not fuse_roles:  # the query launch's fp32 share of dY, for the key launch
+        work = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    m_like = qm if qm is not None else work  # QM, KM, DQM, DKM and Work share one contiguous layout
 
     has_dropout = dropout_p > 0.0
     kpm = key_padding_mask
@@ -839,12 +809,14 @@ def attention_backward(
         kpm = (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
     dummy = lse  # never dereferenced: its constexpr flag is off
     args = [
-        q, q if v is None else v, dummy if coef is None else coef, dummy if kpm is None else kpm,
-        cu_seqlens if is_varlen else dummy, dout, lse, delta, dq_k, dummy if dv_k is None else dv_k,
-        dummy if dcoef_partial is None else dcoef_partial,
+        q, q if v is None else v, coef if mode == 1 else dummy, dummy if qm is None else qm,
+        dummy if km is None else km, dummy if kpm is None else kpm, cu_seqlens if is_varlen else dummy, dout, lse,
+        delta, dq_k, dummy if dv_k is None else dv_k, dummy if dqm is None else dqm, dummy if dkm is None else dkm,
+        dummy if work is None else work, dummy if dcoef_partial is None else dcoef_partial,
         *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
         *token_strides(dout, is_varlen), *token_strides(dq_k, is_varlen),
         *((0, 0, 0) if dv_k is None else token_strides(dv_k, is_varlen)), *coef_strides(coef),
+        *((0, 0, 0) if m_like is None else token_strides(m_like, is_varlen)),
         *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
         stride_lb, stride_lh,
         num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
@@ -854,18 +826,29 @@ def attention_backward(
     ]
     constexprs = dict(
         HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad, SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef,
-        IS_CAUSAL=bool(causal), FUSE_ROLES=fuse_roles,
-        HAS_KPM=kpm is not None, IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout,
-        EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype), **blocks,
+        IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None, IS_VARLEN=is_varlen,
+        HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype), **blocks,
     )
-    grid = (n_blocks, batch * num_heads)
-    _symattn_bwd_kernel[grid](*args, **constexprs, **launch)
+    for roles, split_d in zip((BWD_ALL_ROLES,) if fuse_roles else (BWD_QUERY_ROLE, BWD_KEY_ROLES), splits):
+        _symattn_bwd_kernel[(n_blocks, batch * num_heads, split_d)](*args, ROLES=roles, SPLIT_D=split_d,
+                                                                     **constexprs, **launch)
 
+    if mode == 2:
+        # dY = (scale G^T Y) M + (scale G Y) M^T in one fp32-accumulated matmul, + Pd^T dO (shared);
+        # dM = Y^T (scale G Y), reduced over batch and tokens in fp32.
+        lhs = torch.cat((dkm, dqm), dim=-1).float()  # [..., H, 2D]
+        rhs = torch.cat((coef, coef.transpose(1, 2)), dim=1).float()  # [H, 2D, D]
+        dy = torch.einsum("...hk,hkd->...hd", lhs, rhs)
+        if v is None:
+            dy += dv_k
+        dq_k.copy_(dy)
+        if dcoef is not None:
+            dcoef.copy_(torch.einsum("...hd,...he->hde", q.float(), dqm.float()).to(dcoef.dtype))
     if dq_k is not dq:
         dq.copy_(dq_k)
     if dv is not None and dv_k is not dv:
         dv.copy_(dv_k)
-    if dcoef is not None:
+    if dcoef is not None and mode != 2:
         if need_dcoef:
             dcoef.copy_(dcoef_partial.sum(dim=(0, 1)).to(dcoef.dtype))
         else:

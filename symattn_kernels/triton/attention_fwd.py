@@ -5,15 +5,18 @@ Per batch b and head h, with Y = q[b, :, h] ([S, D]) and M = I | diag(coef[h]) |
     S   = scale * (Y M) Y^T + mask        P = softmax_rows(S)        lse = logsumexp_rows(S)
     out = (P * keep / (1 - p)) V          V = v[b, :, h], or Y itself (shared mode)
 
-One program per (query block, batch * head). The coefficient is folded into the query tile once
-(Y_I M), so every key tile costs one tl.dot. The online softmax keeps a running max m_i and sum
-l_i in log2 units (exp2 with log2(e) folded into the scale) and fp32 accumulators; lse is stored
-in nats for the backward. In shared mode (v is None) the values are the keys, so one tile load
-per key block serves as key and value, and the program's own query tile Y_I, already in
-registers, is its diagonal key/value tile (skipped in the key loop): the kernel reads one [S, D]
-tensor where standard attention reads three, and each program reads it once. Causal attention visits the blocks left of the diagonal without masks
-(STAGE 1) and masks only the diagonal blocks (STAGE 2); non-causal attention is one pass with a
-boundary mask (STAGE 3). A row with no allowed key keeps m_i = -inf and l_i = 0 and stores
+One program per (query block, batch * head, value-column group). The coefficient enters the
+query tile once (Y_I M: a diagonal M scales the loaded tile, a full one arrives as QM = Y M from
+one batched matmul on the host), so every key tile costs one tl.dot. The online softmax keeps a
+running max m_i and sum l_i in log2 units (exp2 with log2(e) folded into the scale) and fp32
+accumulators; lse is stored in nats for the backward. In shared mode (v is None) the values are
+the keys, so one tile load per key block serves as key and value, and the program's own query
+tile Y_I, already in registers, is its diagonal key/value tile (skipped in the key loop): the
+kernel reads one [S, D] tensor where standard attention reads three, and each program reads it
+once. Causal attention visits the blocks left of the diagonal without masks (STAGE 1) and masks
+only the diagonal blocks (STAGE 2); non-causal attention is one pass with a boundary mask
+(STAGE 3). SPLIT_D > 1 gives each program a group of the value columns (scores recomputed per
+group), for wide heads. A row with no allowed key keeps m_i = -inf and l_i = 0 and stores
 out = 0, lse = -inf. Dropout regenerates ``reference.dropout_keep_mask`` with tl.randint.
 """
 
@@ -27,12 +30,12 @@ from ._utils import (
     LN2,
     LOG2E,
     _dropout_keep,
-    _fold_full_coef,
     _has_other_key,
     _kpm_stat,
     _seq_bounds,
     check_dropout,
     coef_mode,
+    coef_product,
     coef_strides,
     device_arch,
     dot_precision,
@@ -42,6 +45,7 @@ from ._utils import (
     token_strides,
     unit_last_stride,
 )
+from .features import warp_specialize_for
 
 __all__ = ["attention_forward"]
 
@@ -80,6 +84,38 @@ def _symattn_fwd_update(
 
 
 @triton.jit
+def _symattn_fwd_block(
+    acc, l_i, m_i, qm, K, V, Kpm, stride_ks, stride_vs, stride_kpms,
+    offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
+    has_other, row_ctr, qk_scale, seed, key_stride, threshold, start_n,
+    STAGE: tl.constexpr, SHARED_V: tl.constexpr, HAS_KPM: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The key block at start_n: load it (and its values), then one online-softmax step."""
+    start_n = tl.multiple_of(start_n, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n64 = offs_n.to(tl.int64)
+    k = tl.load(
+        K + offs_n64[:, None] * stride_ks + offs_d[None, :],
+        mask=(offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim), other=0.0,
+    )  # [BLOCK_N, HEAD_DIM]
+    qk = tl.dot(qm, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if SHARED_V and offs_dv.shape[0] == offs_d.shape[0]:  # all of the values: the key tile itself
+        v = k
+    else:
+        v = tl.load(
+            V + offs_n64[:, None] * stride_vs + offs_dv[None, :],
+            mask=(offs_n[:, None] < seqlen) & (offs_dv[None, :] < head_dim_v), other=0.0,
+        )  # [BLOCK_N, HEAD_DIM_V / SPLIT_D]
+    return _symattn_fwd_update(
+        acc, l_i, m_i, qk, v, offs_m, offs_n, Kpm, stride_kpms, seqlen,
+        has_other, row_ctr, seed, key_stride, threshold,
+        STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
+    )
+
+
+@triton.jit
 def _symattn_fwd_inner(
     acc, l_i, m_i, qm,
     K, V, Kpm,
@@ -89,39 +125,36 @@ def _symattn_fwd_inner(
     lo, hi,
     STAGE: tl.constexpr, SHARED_V: tl.constexpr, HAS_KPM: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_n64 = offs_n.to(tl.int64)
-        k = tl.load(
-            K + offs_n64[:, None] * stride_ks + offs_d[None, :],
-            mask=(offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim), other=0.0,
-        )  # [BLOCK_N, HEAD_DIM]
-        qk = tl.dot(qm, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        if SHARED_V:
-            v = k
-        else:
-            v = tl.load(
-                V + offs_n64[:, None] * stride_vs + offs_dv[None, :],
-                mask=(offs_n[:, None] < seqlen) & (offs_dv[None, :] < head_dim_v), other=0.0,
-            )  # [BLOCK_N, HEAD_DIM_V]
-        acc, l_i, m_i = _symattn_fwd_update(
-            acc, l_i, m_i, qk, v, offs_m, offs_n, Kpm, stride_kpms, seqlen,
-            has_other, row_ctr, seed, key_stride, threshold,
-            STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
-        )
+    """Key blocks [lo, hi) of one causal STAGE; offs_dv are the value columns acc holds. The
+    warp-specialised loop is only reached where ``features.warp_specialize_for`` allows it (the
+    keyword does not exist before Triton 3.4)."""
+    if WARP_SPECIALIZE:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _symattn_fwd_block(
+                acc, l_i, m_i, qm, K, V, Kpm, stride_ks, stride_vs, stride_kpms, offs_m, offs_d, offs_dv, seqlen,
+                head_dim, head_dim_v, has_other, row_ctr, qk_scale, seed, key_stride, threshold, start_n,
+                STAGE, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+            )
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _symattn_fwd_block(
+                acc, l_i, m_i, qm, K, V, Kpm, stride_ks, stride_vs, stride_kpms, offs_m, offs_d, offs_dv, seqlen,
+                head_dim, head_dim_v, has_other, row_ctr, qk_scale, seed, key_stride, threshold, start_n,
+                STAGE, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+            )
     return acc, l_i, m_i
 
 
 @triton.jit
 def _symattn_fwd_kernel(
-    Q, V, Coef, Kpm, CuSeqlens, Out, Lse,
+    Q, V, Coef, QM, Kpm, CuSeqlens, Out, Lse,
     stride_qb, stride_qs, stride_qh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    stride_ch, stride_cd, stride_ce,
+    stride_ch, stride_cd,
+    stride_qmb, stride_qms, stride_qmh,
     stride_kpmb, stride_kpms,
     stride_lb, stride_lh,
     num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
@@ -130,9 +163,14 @@ def _symattn_fwd_kernel(
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr, REUSE_DIAG: tl.constexpr,
+    SPLIT_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Program (m, b * H + h, g): query block m of one head, value columns of group g of SPLIT_D
+    (each group recomputes the scores; the first stores lse)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    tl.static_assert(HEAD_DIM_V % SPLIT_D == 0 and (SPLIT_D == 1 or not REUSE_DIAG))
+    HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // num_heads
@@ -151,19 +189,23 @@ def _symattn_fwd_kernel(
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
+    offs_dv = tl.program_id(2) * HEAD_DIM_V_OUT + tl.arange(0, HEAD_DIM_V_OUT)
     row_mask = offs_m < seqlen
     q = tl.load(
         Q + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
         mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
     )  # [BLOCK_M, HEAD_DIM]
-    # Fold the coefficient into the query tile once: scores = (Y_I M) Y_J^T for every key block.
+    # The coefficient enters the query tile once: scores = (Y_I M) Y_J^T for every key block. A
+    # full M arrives folded (QM = Y M, one batched matmul on the host).
     if COEF_MODE == 1:
         c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0)
         qm = (q.to(tl.float32) * c.to(tl.float32)[None, :]).to(q.dtype)
     elif COEF_MODE == 2:
-        qm = _fold_full_coef(Q + offs_m.to(tl.int64) * stride_qs, row_mask, Coef + off_h64 * stride_ch, stride_cd,
-                             stride_ce, head_dim, Q.dtype.element_ty, False, BLOCK_M, HEAD_DIM, DOT_PRECISION)
+        QM += off_b64 * stride_qmb + seq_start64 * stride_qms + off_h64 * stride_qmh
+        qm = tl.load(
+            QM + offs_m.to(tl.int64)[:, None] * stride_qms + offs_d[None, :],
+            mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
+        )  # [BLOCK_M, HEAD_DIM]
     else:
         qm = q
 
@@ -184,55 +226,36 @@ def _symattn_fwd_kernel(
     qk_scale = scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_OUT], dtype=tl.float32)
+    diag_lo = start_m * BLOCK_M
     if SHARED_V and REUSE_DIAG:
         # The program's own query tile is also a key/value tile: process the diagonal block from
         # registers first (q is then dead for the key loop) and skip it in the key loop, so one
         # load of Y_I serves as query, key and value. Online softmax takes the blocks in any order.
-        diag_lo = start_m * BLOCK_M
         qk = tl.dot(qm, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_M]
         acc, l_i, m_i = _symattn_fwd_update(
             acc, l_i, m_i, qk, q, offs_m, offs_m, Kpm, stride_kpms, seqlen,
             has_other, row_ctr, seed, key_stride, threshold,
             2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
         )
+    # Key ranges: the blocks left of the query block (STAGE 1, unmasked when causal), then the
+    # diagonal block (STAGE 2, causal) or the blocks right of it (after the reused diagonal);
+    # without either, one range (STAGE 3). Stage values stay inline: a constexpr assigned to a
+    # name in a loop becomes a tensor.
+    for part in tl.static_range(2 if IS_CAUSAL != (SHARED_V and REUSE_DIAG) else 1):
+        if part == 0:
+            lo = 0
+            hi = diag_lo if IS_CAUSAL or (SHARED_V and REUSE_DIAG) else seqlen
+        elif IS_CAUSAL:
+            lo, hi = diag_lo, tl.minimum(diag_lo + BLOCK_M, seqlen)
+        else:
+            lo, hi = diag_lo + BLOCK_M, seqlen
         acc, l_i, m_i = _symattn_fwd_inner(
             acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
             offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-            has_other, row_ctr, qk_scale, seed, key_stride, threshold,
-            0, diag_lo,
-            1 if IS_CAUSAL else 3, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
-        )
-        if not IS_CAUSAL:
-            acc, l_i, m_i = _symattn_fwd_inner(
-                acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
-                offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-                has_other, row_ctr, qk_scale, seed, key_stride, threshold,
-                diag_lo + BLOCK_M, seqlen,
-                3, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
-            )
-    elif IS_CAUSAL:
-        acc, l_i, m_i = _symattn_fwd_inner(
-            acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
-            offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-            has_other, row_ctr, qk_scale, seed, key_stride, threshold,
-            0, start_m * BLOCK_M,
-            1, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
-        )
-        acc, l_i, m_i = _symattn_fwd_inner(
-            acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
-            offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-            has_other, row_ctr, qk_scale, seed, key_stride, threshold,
-            start_m * BLOCK_M, tl.minimum((start_m + 1) * BLOCK_M, seqlen),
-            2, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
-        )
-    else:
-        acc, l_i, m_i = _symattn_fwd_inner(
-            acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
-            offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-            has_other, row_ctr, qk_scale, seed, key_stride, threshold,
-            0, seqlen,
-            3, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
+            has_other, row_ctr, qk_scale, seed, key_stride, threshold, lo, hi,
+            (1 if part == 0 else 2) if IS_CAUSAL else 3,  # STAGE
+            SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, WARP_SPECIALIZE, BLOCK_N,
         )
 
     empty = l_i == 0.0
@@ -241,7 +264,8 @@ def _symattn_fwd_kernel(
     out = acc / l_safe[:, None]
     if HAS_DROPOUT:
         out = out * inv_keep
-    tl.store(Lse + offs_m, lse, mask=row_mask)
+    if tl.program_id(2) == 0:
+        tl.store(Lse + offs_m, lse, mask=row_mask)
     tl.store(
         Out + offs_m.to(tl.int64)[:, None] * stride_os + offs_dv[None, :],
         out.to(Out.dtype.element_ty),
@@ -256,12 +280,19 @@ def fwd_reuse_diag(shared_v: bool, head_dim_pad: int, arch: int) -> bool:
     return shared_v and head_dim_pad <= (128 if arch >= 90 else 64)
 
 
+def fwd_split_d(head_dim_v_pad: int, dropout: bool, arch: int) -> int:
+    """SPLIT_D: value-column groups of the forward, one program each (program_id(2); each group
+    recomputes the scores). 2 on sm_90 for a 256-wide value head with dropout, whose [64, 256]
+    fp32 accumulator (128 registers a thread) and Philox state spill together; 1 elsewhere."""
+    return 2 if arch >= 90 and head_dim_v_pad >= 256 and dropout else 1
+
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on sm_80 / sm_90. BLOCK_M
 # stays >= 64, the rows of one sm_90 warpgroup MMA (wgmma).
 FWD_CONFIGS = [
     (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3),
     (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2), (64, 32, 4, 2),
-    (64, 16, 8, 1),  # only for a full coefficient on a wide head (fwd_configs_for)
+    (64, 16, 8, 1),  # only for dropout on a wide head (fwd_configs_for)
 ]
 
 
@@ -270,10 +301,10 @@ def fwd_configs_for(max_seqlen: int, head_dim_pad: int, head_dim_v_pad: int, dro
     """The FWD_CONFIGS worth trying for a shape: no block much longer than the sequence, and no
     tile whose registers would spill (checked by ``python -m bench.compile_report``, which reads
     this same function): wide heads and dropout (Philox keeps four 32-bit words per score
-    element) need more warps per tile, and a full coefficient on a wide head (its fold holds a
-    [64, D] fp32 tile next to the query tile) the narrowest key block, single-stage. In shared mode the
-    diagonal step holds a [BLOCK_M, BLOCK_M] score tile: 128-row blocks only with 8 warps and
-    32-key tiles."""
+    element) need more warps per tile, and both at once the narrowest key block, single-stage.
+    In shared mode the diagonal step holds a [BLOCK_M, BLOCK_M] score tile: 128-row blocks only
+    with 8 warps and 32-key tiles. ``coef_mode`` is accepted for the callers' sake: a full
+    coefficient reaches the kernel folded (QM), so it costs what the identity costs."""
     width = max(head_dim_pad, head_dim_v_pad)
     kept = []
     for block_m, block_n, warps, stages in FWD_CONFIGS:
@@ -286,7 +317,7 @@ def fwd_configs_for(max_seqlen: int, head_dim_pad: int, head_dim_v_pad: int, dro
             continue
         if dropout and scores_per_thread > 8:
             continue
-        if (coef_mode == 2 and width >= 256) != (block_n == 16):
+        if (dropout and width >= 256) != (block_n == 16):
             continue
         if shared_v and block_m > 64 and (warps < 8 or block_n > 32):
             continue
@@ -314,6 +345,7 @@ _fwd_autotuned = triton.autotune(
 # Under the interpreter (and in tests) one fixed config, small for speed; BLOCK_M != BLOCK_N
 # exercises the causal stages.
 INTERPRET_FWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
+INTERPRET_FWD_SPLIT_D = 1  # tests set 2
 
 
 def attention_forward(
@@ -368,12 +400,16 @@ def attention_forward(
     if kpm is not None:
         # contiguous: a unit stride is specialized by the JIT, as bench.compile_report assumes
         kpm = (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
+    mode = coef_mode(coef)
+    arch = 90 if is_interpret() else device_arch(q.device)
+    qm = unit_last_stride(coef_product(q, coef)) if mode == 2 else None
     dummy = q  # never dereferenced: its constexpr flag is off
     args = [
-        q, q if v is None else v, dummy if coef is None else coef, dummy if kpm is None else kpm,
-        cu_seqlens if is_varlen else dummy, out, lse,
+        q, q if v is None else v, coef if mode == 1 else dummy, dummy if qm is None else qm,
+        dummy if kpm is None else kpm, cu_seqlens if is_varlen else dummy, out, lse,
         *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
         *token_strides(out, is_varlen), *coef_strides(coef),
+        *((0, 0, 0) if qm is None else token_strides(qm, is_varlen)),
         *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
         stride_lb, stride_lh,
         num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
@@ -381,17 +417,19 @@ def attention_forward(
         dropout_threshold(dropout_p) if has_dropout else 0,
         1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
     ]
+    hd_pad, hdv_pad = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
+    split_d = INTERPRET_FWD_SPLIT_D if is_interpret() else fwd_split_d(hdv_pad, has_dropout, arch)
     constexprs = dict(
-        HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v),
-        SHARED_V=v is None, COEF_MODE=coef_mode(coef), IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None,
+        HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad,
+        SHARED_V=v is None, COEF_MODE=mode, IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None,
         IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self),
-        DOT_PRECISION=dot_precision(q.dtype),
-        REUSE_DIAG=fwd_reuse_diag(v is None, padded_head_dim(head_dim),
-                                  90 if is_interpret() else device_arch(q.device)),
+        DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=warp_specialize_for(arch), SPLIT_D=split_d,
+        # The diagonal reuse serves all value columns from the query tile: one group only.
+        REUSE_DIAG=split_d == 1 and fwd_reuse_diag(v is None, hd_pad, arch),
     )
 
     def grid(meta):
-        return (triton.cdiv(seqlen_padded, meta["BLOCK_M"]), batch * num_heads)
+        return (triton.cdiv(seqlen_padded, meta["BLOCK_M"]), batch * num_heads, split_d)
 
     if is_interpret():
         _symattn_fwd_kernel[grid](*args, **constexprs, **INTERPRET_FWD_CONFIG)

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, is_interpret, unit_last_stride
+from ._utils import device_arch, dot_precision, is_interpret, unit_last_stride
 
 __all__ = ["lowrank_forward", "lowrank_backward", "lama_config", "NORMALISE_BLOCK_T"]
 
@@ -320,6 +320,19 @@ def lama_config(dim: int, heads: int, seqlen: int, direction: str = "fwd") -> di
                 num_warps=8 if block_e >= 128 else 4, num_stages=3)
 
 
+def backward_unsupported(dim: int, heads: int, arch: int) -> str:
+    """Why the Triton LAMA backward cannot run E = ``dim``, m = ``heads`` on sm_``arch`` ("" when
+    it can): on sm_80 the backward spills from E = 512 or m = 32 on (lama_config), so it is not
+    shipped there. ``backends.resolve`` routes ``backend="auto"`` past it; an explicit
+    ``backend="triton"`` raises this message."""
+    block_e, block_m = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(heads))
+    if arch < 90 and (block_e >= 512 or block_m >= 32):
+        return (f"h has E = {dim} and p has m = {heads} heads: the Triton LAMA backward has no spill-free sm_80 "
+                "kernel for E >= 512 or m >= 32 (python -m bench.compile_report); use backend='torch' "
+                "(or 'auto', which picks it), or call without gradients")
+    return ""
+
+
 # Under the interpreter (tests) small token tiles exercise the tile loop; bench.workcount clears
 # this to count the production tiles.
 INTERPRET_CONFIG = {"BLOCK_T": 16}
@@ -392,6 +405,9 @@ def lowrank_backward(
     h, context, p, q, uu, shared, kpm, stride_cb, kpm_strides = _common(h, context, p, q, u, key_padding_mask)
     batch, seqlen, dim = h.shape
     heads = p.shape[1]
+    reason = "" if is_interpret() else backward_unsupported(dim, heads, device_arch(h.device))
+    if reason:  # before any work
+        raise ValueError(reason)
     dpooled = unit_last_stride(dpooled)
     dattn = unit_last_stride(dattn)
     dgate = torch.zeros(batch, heads, dtype=torch.float32, device=h.device)
