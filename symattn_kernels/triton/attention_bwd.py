@@ -215,10 +215,12 @@ def _symattn_bwd_inner(
                 dk_acc = tl.dot(ds_t.to(y_i.dtype), y_o, dk_acc, input_precision=DOT_PRECISION)
         if QUERY_ROLE:
             # Block J as queries, block I as keys/values; tiles are [queries J, keys I].
-            if KEY_ROLE and COEF_MODE != 2:
-                s = s_t  # symmetric M: S_JI = S_IJ^T, one score tile serves both roles
+            if KEY_ROLE and COEF_MODE == 0:
+                s = s_t  # M = I: S_JI = S_IJ^T exactly, one score tile serves both roles
             else:
-                s = tl.dot(qm, tl.trans(y_m), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+                # The forward's rounding: M rides on the query-side tile (qm), so P matches its lse
+                # (a diagonal M on the key side gives other fp16/bf16 scores, off by up to |S| 2^-11).
+                s = tl.dot(qm, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             if SHARED_V:
                 v_i = y_i
             else:
@@ -326,6 +328,8 @@ def _symattn_bwd_kernel(
         if COEF_MODE == 2:  # Y_J M, folded on the host
             qm = tl.load(QM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh)
                          + offs_j64[:, None] * stride_ms + offs_d[None, :], mask=y_mask, other=0.0)
+        elif COEF_MODE == 1:  # Y_J M rounded once, exactly as the forward's query tile
+            qm = (y_j.to(tl.float32) * coef[None, :]).to(y_j.dtype)
         else:
             qm = y_j
     else:
