@@ -1,8 +1,15 @@
-"""Comparison helpers: flash-attn's error rule and mismatch messages that show where."""
+"""Comparison helpers (flash-attn's error rule, mismatch messages that show where) and the
+attention inputs, option grid and gradient runner the backend tests share."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
+
+from symattn_kernels import reference as R
+
+F64 = torch.float64
 
 
 def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor, limit: int = 5) -> str:
@@ -41,3 +48,53 @@ def assert_flash_rule(name: str, actual, ref64, ref_same_dtype, atol: float) -> 
     err = max_error(actual, ref64)
     bound = 2 * max_error(ref_same_dtype, ref64) + atol
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"
+
+
+# Shared inputs of the backend tests: fp64 leaves, every coefficient mode and mask kind.
+COEF_MODES = [None, "diag", "full"]
+
+
+def make_inputs(B=2, S=9, H=3, D=8, Dv=5, coef_mode=None, shared=True, dtype=F64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, H, D, generator=gen, dtype=F64).to(dtype).requires_grad_()
+    v = None if shared else torch.randn(B, S, H, Dv, generator=gen, dtype=F64).to(dtype).requires_grad_()
+    coef = {
+        None: None,
+        "diag": torch.rand(H, D, generator=gen, dtype=F64) + 0.5,
+        "full": torch.randn(H, D, D, generator=gen, dtype=F64) / D**0.5 + torch.eye(D, dtype=F64),
+    }[coef_mode]
+    coef = None if coef is None else coef.to(dtype).requires_grad_()
+    return q, v, coef
+
+
+def padding_mask(B, S, kind):
+    if kind == "none":
+        return None
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[0, S // 2:] = False
+    if kind == "with-empty-row":
+        mask[-1] = False
+    return mask
+
+
+def run(fn, q, v, coef, grad_seed=1, **kw):
+    """Output, lse and gradients of q, v, coef for random output and lse cotangents."""
+    out, lse = fn(q, v, coef=coef, return_lse=True, **kw)
+    gen = torch.Generator().manual_seed(grad_seed)
+    dout = torch.randn(out.shape, generator=gen, dtype=F64).to(out.dtype)
+    dlse = torch.randn(lse.shape, generator=gen, dtype=F64).to(lse.dtype)
+    finite = torch.isfinite(lse)
+    loss = (out * dout).sum() + (lse.where(finite, 0) * dlse).sum()
+    leaves = [t for t in (q, v, coef) if t is not None]
+    return [out, lse, *torch.autograd.grad(loss, leaves)]
+
+
+def reference(q, v, **kw):
+    return R.symmetric_attention(q, v, **kw)
+
+
+# Every mode x value mode x causal x padding kind x exclude_self, with readable ids.
+GRID = list(itertools.product(COEF_MODES, [True, False], [False, True], ["none", "partial", "with-empty-row"],
+                              [False, True]))
+GRID_IDS = [f"coef={c}-{'shared' if s else 'v'}-{'causal' if ca else 'full'}-pad={p}-{'noself' if e else 'self'}"
+            for c, s, ca, p, e in GRID]

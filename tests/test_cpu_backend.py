@@ -4,7 +4,6 @@ outputs, lse and every gradient; bit-equal dropout masks; identical results with
 threads (bf16 operands too); every instruction-set build; custom-op checks of the kernel ops."""
 
 import importlib.util
-import itertools
 import os
 import subprocess
 import sys
@@ -19,10 +18,10 @@ import symattn_kernels as sk
 from symattn_kernels import cpu_backend, ops
 from symattn_kernels import reference as R
 
-from .helpers import assert_close, assert_flash_rule
-from .test_torch_backend import COEF_MODES, make_inputs, padding_mask, reference, run
+from .helpers import (
+    COEF_MODES, F64, GRID, GRID_IDS, assert_close, assert_flash_rule, make_inputs, padding_mask, reference, run,
+)
 
-F64 = torch.float64
 # Error floor added to 2x the reference's own error (flash-attn's rule), per dtype.
 ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 NAMES = ["out", "lse", "dq", "dv/dcoef", "dcoef"]
@@ -51,16 +50,7 @@ def test_kernel_isa_is_reported():
     assert cpu_backend.kernel_isa() in ("AVX512_BF16", "AVX512", "AVX2", "DEFAULT")
 
 
-GRID = list(itertools.product(COEF_MODES, [True, False], [False, True], ["none", "partial", "with-empty-row"],
-                              [False, True]))
-
-
-@pytest.mark.parametrize(
-    "coef_mode,shared,causal,padding,exclude_self",
-    GRID,
-    ids=[f"coef={c}-{'shared' if s else 'v'}-{'causal' if ca else 'full'}-pad={p}-{'noself' if e else 'self'}"
-         for c, s, ca, p, e in GRID],
-)
+@pytest.mark.parametrize("coef_mode,shared,causal,padding,exclude_self", GRID, ids=GRID_IDS)
 def test_matches_reference_fp32(coef_mode, shared, causal, padding, exclude_self):
     inputs = make_inputs(coef_mode=coef_mode, shared=shared)
     check_against_reference(inputs, torch.float32, causal=causal, key_padding_mask=padding_mask(2, 9, padding),

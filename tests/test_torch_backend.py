@@ -10,65 +10,16 @@ import symattn_kernels as sk
 from symattn_kernels import ops
 from symattn_kernels import reference as R
 
-from .helpers import assert_close, assert_flash_rule
-
-F64 = torch.float64
-COEF_MODES = [None, "diag", "full"]
-
-
-def make_inputs(B=2, S=9, H=3, D=8, Dv=5, coef_mode=None, shared=True, dtype=F64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, S, H, D, generator=gen, dtype=F64).to(dtype).requires_grad_()
-    v = None if shared else torch.randn(B, S, H, Dv, generator=gen, dtype=F64).to(dtype).requires_grad_()
-    coef = {
-        None: None,
-        "diag": torch.rand(H, D, generator=gen, dtype=F64) + 0.5,
-        "full": torch.randn(H, D, D, generator=gen, dtype=F64) / D**0.5 + torch.eye(D, dtype=F64),
-    }[coef_mode]
-    coef = None if coef is None else coef.to(dtype).requires_grad_()
-    return q, v, coef
-
-
-def padding_mask(B, S, kind):
-    if kind == "none":
-        return None
-    mask = torch.ones(B, S, dtype=torch.bool)
-    mask[0, S // 2:] = False
-    if kind == "with-empty-row":
-        mask[-1] = False
-    return mask
-
-
-def run(fn, q, v, coef, grad_seed=1, **kw):
-    """Output, lse and gradients of q, v, coef for random output and lse cotangents."""
-    out, lse = fn(q, v, coef=coef, return_lse=True, **kw)
-    gen = torch.Generator().manual_seed(grad_seed)
-    dout = torch.randn(out.shape, generator=gen, dtype=F64).to(out.dtype)
-    dlse = torch.randn(lse.shape, generator=gen, dtype=F64).to(lse.dtype)
-    finite = torch.isfinite(lse)
-    loss = (out * dout).sum() + (lse.where(finite, 0) * dlse).sum()
-    leaves = [t for t in (q, v, coef) if t is not None]
-    return [out, lse, *torch.autograd.grad(loss, leaves)]
+from .helpers import (
+    COEF_MODES, F64, GRID, GRID_IDS, assert_close, assert_flash_rule, make_inputs, padding_mask, reference, run,
+)
 
 
 def torch_backend(q, v, **kw):
     return sk.symmetric_attention(q, v, backend="torch", **kw)
 
 
-def reference(q, v, **kw):
-    return R.symmetric_attention(q, v, **kw)
-
-
-GRID = list(itertools.product(COEF_MODES, [True, False], [False, True], ["none", "partial", "with-empty-row"],
-                              [False, True]))
-
-
-@pytest.mark.parametrize(
-    "coef_mode,shared,causal,padding,exclude_self",
-    GRID,
-    ids=[f"coef={c}-{'shared' if s else 'v'}-{'causal' if ca else 'full'}-pad={p}-{'noself' if e else 'self'}"
-         for c, s, ca, p, e in GRID],
-)
+@pytest.mark.parametrize("coef_mode,shared,causal,padding,exclude_self", GRID, ids=GRID_IDS)
 def test_matches_reference_fp64(coef_mode, shared, causal, padding, exclude_self):
     q, v, coef = make_inputs(coef_mode=coef_mode, shared=shared)
     kw = dict(causal=causal, key_padding_mask=padding_mask(2, 9, padding), exclude_self=exclude_self)
