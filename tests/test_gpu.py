@@ -64,3 +64,33 @@ def test_shared_matches_sdpa_at_bert_shape(backend):
     out = sk.shared_attention(y, backend=backend)
     t = y.transpose(1, 2)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(t, t, t).transpose(1, 2), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("head_norm,token_softmax", [("l2", True), (None, False)])
+@pytest.mark.parametrize("batch,seqlen,dim,heads", [(3, 1, 64, 4), (8, 300, 256, 8), (2, 4096, 128, 16)])
+def test_triton_lama_matches_reference(dtype, head_norm, token_softmax, batch, seqlen, dim, heads):
+    """The fused LAMA kernels (bf16 is only compiled elsewhere: the interpreter's bf16 tl.dot is
+    broken) against the fp64 reference: pooled, attn and the five gradients, ragged padding."""
+    _usable("triton")
+    h, u, context, p, q = _leaves(dtype, (batch, seqlen, dim), (batch, seqlen, dim), (batch, dim), (dim, heads),
+                                  (dim, heads))
+    mask = torch.ones(batch, seqlen, dtype=torch.bool, device="cuda")
+    mask[0, seqlen // 2 + 1:] = False
+
+    def run(fn, h, u, context, p, q):
+        pooled, attn = fn(h, context, p, q, u=u, key_padding_mask=mask, head_norm=head_norm,
+                          token_softmax=token_softmax)
+        gen = torch.Generator().manual_seed(1)
+        dpooled = torch.randn(pooled.shape, generator=gen, dtype=torch.float64).cuda().to(pooled.dtype)
+        dattn = torch.randn(attn.shape, generator=gen, dtype=torch.float64).cuda().to(attn.dtype)
+        loss = (pooled * dpooled).sum() + (attn * dattn).sum()
+        return [pooled, attn, *torch.autograd.grad(loss, (h, u, context, p, q))]
+
+    got = run(lambda *a, **k: sk.lowrank_context_attention(*a, backend="triton", **k), h, u, context, p, q)
+    ref64 = run(R.lowrank_context_attention, *(t.detach().double().requires_grad_() for t in (h, u, context, p, q)))
+    ref_lowp = run(R.lowrank_context_attention, h, u, context, p, q)
+    atol = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
+    for name, a, r64, rl in zip(["pooled", "attn", "dh", "du", "dcontext", "dp", "dq"], got, ref64, ref_lowp):
+        assert not a.isnan().any(), f"{name} has NaN"
+        assert_flash_rule(name, a, r64, rl, atol * max(1.0, r64.abs().max().item()))  # floor relative to size
