@@ -110,18 +110,11 @@ def _parameters(model) -> tuple[int, int]:
 def table(rows: list, seeds: int) -> str:
     lines = ["| dataset | variant | parameters | vs standard | Q/K/V params | ms / step | val. accuracy (mean ± std, "
              f"{seeds} seeds) |", "|---|---|---:|---:|---:|---:|---:|"]
-    for name in dict.fromkeys(r["dataset"] for r in rows):
+    for name, variant, runs, accuracy_text, ms in training.summaries(rows, VARIANTS):
         base = next(r["params"] for r in rows if r["dataset"] == name and r["variant"] == "standard")
-        for variant in VARIANTS:
-            runs = [r for r in rows if r["dataset"] == name and r["variant"] == variant]
-            if not runs:
-                continue
-            accs = [100 * r["val_acc"] for r in runs]
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            ms = 1000 * statistics.median(r["sec_per_step"] for r in runs)
-            change = 100 * (runs[0]["params"] - base) / base
-            lines.append(f"| {name} | {variant} | {runs[0]['params']:,} | {change:+.2f} % "
-                         f"| {runs[0]['qkv_params']:,} | {ms:.0f} | {statistics.mean(accs):.2f} ± {std:.2f} |")
+        change = 100 * (runs[0]["params"] - base) / base
+        lines.append(f"| {name} | {variant} | {runs[0]['params']:,} | {change:+.2f} % "
+                     f"| {runs[0]['qkv_params']:,} | {ms:.0f} | {accuracy_text} |")
     return "\n".join(lines)
 
 

@@ -157,16 +157,9 @@ def train_one(model, data, setup: Setup, steps: int, seed: int, penalty: float, 
 def table(rows: list, seeds: int) -> str:
     lines = [f"| dataset | pooling | heads | pooling params | model params | ms / step | val. accuracy (mean ± std, "
              f"{seeds} seeds) |", "|---|---|---:|---:|---:|---:|---:|"]
-    for name in dict.fromkeys(r["dataset"] for r in rows):
-        for variant in VARIANTS:
-            runs = [r for r in rows if r["dataset"] == name and r["variant"] == variant]
-            if not runs:
-                continue
-            accs = [100 * r["val_acc"] for r in runs]
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            ms = 1000 * statistics.median(r["sec_per_step"] for r in runs)
-            lines.append(f"| {name} | {variant} | {runs[0]['heads']} | {runs[0]['attention_params']:,} "
-                         f"| {runs[0]['params']:,} | {ms:.0f} | {statistics.mean(accs):.2f} ± {std:.2f} |")
+    for name, variant, runs, accuracy_text, ms in training.summaries(rows, VARIANTS):
+        lines.append(f"| {name} | {variant} | {runs[0]['heads']} | {runs[0]['attention_params']:,} "
+                     f"| {runs[0]['params']:,} | {ms:.0f} | {accuracy_text} |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ seed-round loop with its time limit (``bench/train_bert.py``, ``bench/train_lama
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -91,3 +92,17 @@ def seed_rounds(args: argparse.Namespace, seeds: int, steps: dict,
                 tqdm.write(f"stopping after {done} of {seeds} seeds: another round would pass {args.time_limit} min")
                 break
     return done
+
+
+def summaries(rows: list, variants: tuple):
+    """Per dataset and variant, in order: (dataset, variant, runs, "mean ± std" of validation
+    accuracy in %, median ms per step) over the runs (seeds) of ``rows``."""
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        for variant in variants:
+            runs = [r for r in rows if r["dataset"] == name and r["variant"] == variant]
+            if not runs:
+                continue
+            accs = [100 * r["val_acc"] for r in runs]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            ms = 1000 * statistics.median(r["sec_per_step"] for r in runs)
+            yield name, variant, runs, f"{statistics.mean(accs):.2f} ± {std:.2f}", ms

@@ -18,13 +18,17 @@ def _dropout_seed(dropout_p: float) -> Optional[Tensor]:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will ask this call for gradients (backends route on it)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, key_padding_mask, dropout_p, exclude_self,
                return_lse, deterministic, backend):
     """Shared tail of the padded and varlen entry points, after their shape checks."""
     validation.coef(coef, q.shape[-2], q.shape[-1], q)
     scale = validation.options(scale, dropout_p, q.shape[-1])
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, v, coef))
-    case = backends.AttentionCase(q.shape[-1], (q if v is None else v).shape[-1], needs_grad)
+    case = backends.AttentionCase(q.shape[-1], (q if v is None else v).shape[-1], _needs_grad(q, v, coef))
     name = backends.resolve(backend, q.device, q.dtype, case=case)
     out, lse = ops.attention_fwd(
         _unit_last_stride(q), _unit_last_stride(v), _unit_last_stride(coef), key_padding_mask, cu_seqlens,
@@ -249,8 +253,7 @@ def lowrank_context_attention(
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
     if head_norm not in ("l2", None):
         raise ValueError(f"head_norm must be 'l2' or None, got {head_norm!r}")
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, context, p, q, u))
-    case = backends.LowrankCase(dim, heads, needs_grad)
+    case = backends.LowrankCase(dim, heads, _needs_grad(h, context, p, q, u))
     name = backends.resolve(backend, h.device, h.dtype, op="lowrank", case=case)
     return ops.lowrank_fwd(
         _unit_last_stride(h), _unit_last_stride(context), _unit_last_stride(p), _unit_last_stride(q),
