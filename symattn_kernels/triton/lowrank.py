@@ -74,17 +74,23 @@ def _lama_tanh(z):
 
 
 @triton.jit
+def _lama_load_tokens(X, stride_xs, offs_t, offs_e, seqlen, dim):
+    """Rows ``offs_t`` of a sequence's [T, E] matrix, zero past T and E: [BLOCK_T, BLOCK_E]."""
+    return tl.load(
+        X + offs_t.to(tl.int64)[:, None] * stride_xs + offs_e[None, :],
+        mask=(offs_t[:, None] < seqlen) & (offs_e[None, :] < dim), other=0.0,
+    )
+
+
+@triton.jit
 def _lama_tile_scores(
-    U, Kpm, stride_us, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
-    HAS_KPM: tl.constexpr, HEAD_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
+    SHARED_U: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Scores of one token tile: returns (u, keys, act, norm, feats, real)."""
-    offs_t64 = offs_t.to(tl.int64)
+    """Scores of one token tile: returns (u, hv, keys, act, norm, feats, real); hv is the tile of
+    h (u itself when the keys come from h)."""
     in_seq = offs_t < seqlen
-    u = tl.load(
-        U + offs_t64[:, None] * stride_us + offs_e[None, :],
-        mask=in_seq[:, None] & (offs_e[None, :] < dim), other=0.0,
-    )  # [BLOCK_T, BLOCK_E]
+    u = _lama_load_tokens(U, stride_us, offs_t, offs_e, seqlen, dim)  # [BLOCK_T, BLOCK_E]
     keys = tl.dot(u, q, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
     act = _lama_tanh(keys * gate[None, :])
     if HEAD_NORM:
@@ -94,8 +100,26 @@ def _lama_tile_scores(
     feats = act / norm[:, None]
     real = in_seq
     if HAS_KPM:
-        real = real & (tl.load(Kpm + offs_t64 * stride_kpms, mask=in_seq, other=0) != 0)
-    return u, keys, act, norm, feats, real
+        real = real & (tl.load(Kpm + offs_t.to(tl.int64) * stride_kpms, mask=in_seq, other=0) != 0)
+    # h last: loaded before the scores it stays live through them and the forward spills at m = 32.
+    if SHARED_U:
+        hv = u
+    else:
+        hv = _lama_load_tokens(H, stride_hs, offs_t, offs_e, seqlen, dim)
+    return u, hv, keys, act, norm, feats, real
+
+
+@triton.jit
+def _lama_tile_dscores(hv, dpo, DAttn, stride_dam, offs_t, offs_m, mmask, seqlen,
+                       HAS_DATTN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dA = h dpooled^T (+ dattn) of one token tile: [BLOCK_T, BLOCK_M], fp32."""
+    da = tl.dot(hv, tl.trans(dpo), input_precision=DOT_PRECISION)
+    if HAS_DATTN:
+        da += tl.load(
+            DAttn + offs_m.to(tl.int64)[None, :] * stride_dam + offs_t[:, None],
+            mask=(offs_t[:, None] < seqlen) & mmask[None, :], other=0.0,
+        ).to(tl.float32)
+    return da
 
 
 @triton.jit
@@ -133,17 +157,10 @@ def _lama_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_t in range(0, seqlen, BLOCK_T):
         offs_t = start_t + tl.arange(0, BLOCK_T)
-        u, keys, act, norm, feats, real = _lama_tile_scores(
-            U, Kpm, stride_us, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
-            HAS_KPM, HEAD_NORM, DOT_PRECISION,
+        u, hv, keys, act, norm, feats, real = _lama_tile_scores(
+            U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
+            SHARED_U, HAS_KPM, HEAD_NORM, DOT_PRECISION,
         )
-        if SHARED_U:
-            hv = u
-        else:
-            hv = tl.load(
-                H + offs_t.to(tl.int64)[:, None] * stride_hs + offs_e[None, :],
-                mask=(offs_t[:, None] < seqlen) & (offs_e[None, :] < dim), other=0.0,
-            )  # [BLOCK_T, BLOCK_E]
         if TOKEN_SOFTMAX:
             w = tl.where(real[:, None], tl.exp(feats - SCORE_BOUND), 0.0)  # [BLOCK_T, BLOCK_M]
             l_i += tl.sum(w, 0)
@@ -219,23 +236,12 @@ def _lama_bwd_kernel(
     if TOKEN_SOFTMAX:
         for start_t in range(0, seqlen, BLOCK_T):
             offs_t = start_t + tl.arange(0, BLOCK_T)
-            u, keys, act, norm, feats, real = _lama_tile_scores(
-                U, Kpm, stride_us, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
-                HAS_KPM, HEAD_NORM, DOT_PRECISION,
+            u, hv, keys, act, norm, feats, real = _lama_tile_scores(
+                U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
+                SHARED_U, HAS_KPM, HEAD_NORM, DOT_PRECISION,
             )
-            if SHARED_U:
-                hv = u
-            else:
-                hv = tl.load(
-                    H + offs_t.to(tl.int64)[:, None] * stride_hs + offs_e[None, :],
-                    mask=(offs_t[:, None] < seqlen) & (offs_e[None, :] < dim), other=0.0,
-                )
-            da = tl.dot(hv, tl.trans(dpo), input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
-            if HAS_DATTN:
-                da += tl.load(
-                    DAttn + offs_m.to(tl.int64)[None, :] * stride_dam + offs_t[:, None],
-                    mask=(offs_t[:, None] < seqlen) & mmask[None, :], other=0.0,
-                ).to(tl.float32)
+            da = _lama_tile_dscores(hv, dpo, DAttn, stride_dam, offs_t, offs_m, mmask, seqlen,
+                                    HAS_DATTN, DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
             w = tl.where(real[:, None], tl.exp(feats - SCORE_BOUND), 0.0)
             l_i += tl.sum(w, 0)
             s_i += tl.sum(w * da, 0)
@@ -248,20 +254,12 @@ def _lama_bwd_kernel(
         offs_t = start_t + tl.arange(0, BLOCK_T)
         offs_t64 = offs_t.to(tl.int64)
         tmask = (offs_t[:, None] < seqlen) & (offs_e[None, :] < dim)
-        u, keys, act, norm, feats, real = _lama_tile_scores(
-            U, Kpm, stride_us, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
-            HAS_KPM, HEAD_NORM, DOT_PRECISION,
+        u, hv, keys, act, norm, feats, real = _lama_tile_scores(
+            U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
+            SHARED_U, HAS_KPM, HEAD_NORM, DOT_PRECISION,
         )
-        if SHARED_U:
-            hv = u
-        else:
-            hv = tl.load(H + offs_t64[:, None] * stride_hs + offs_e[None, :], mask=tmask, other=0.0)
-        da = tl.dot(hv, tl.trans(dpo), input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
-        if HAS_DATTN:
-            da += tl.load(
-                DAttn + offs_m.to(tl.int64)[None, :] * stride_dam + offs_t[:, None],
-                mask=(offs_t[:, None] < seqlen) & mmask[None, :], other=0.0,
-            ).to(tl.float32)
+        da = _lama_tile_dscores(hv, dpo, DAttn, stride_dam, offs_t, offs_m, mmask, seqlen,
+                                HAS_DATTN, DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
         if TOKEN_SOFTMAX:
             attn = tl.where(real[:, None], tl.exp(feats - SCORE_BOUND), 0.0) * inv[None, :]
             dfeats = attn * (da - delta[None, :])
