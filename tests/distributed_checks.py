@@ -4,27 +4,31 @@
 
 (gloo, CPU). Every rank builds the same small converted BERT (or LAMA classifier) from the same
 seed and trains on its half of each batch; the reference is one process training a copy on the
-whole batch. Checks:
+whole batch. Checks, each on the two CPU backends of the attention ops (``-cpu``, ``-torch``):
 
-* ``ddp-<variant>``, ``fsdp2-<variant>``: DistributedDataParallel and FSDP2 ``fully_shard``
+* ``ddp-<variant>-<backend>``, ``fsdp2-<variant>-<backend>``: DistributedDataParallel and FSDP2 ``fully_shard``
   match the reference (gradients of the first step, parameters after a few SGD steps), no
   padding, no dropout. FSDP2 must also really shard the attention parameters.
-* ``dropout-<variant>``: attention dropout on; each rank's loss is reproduced bit for bit by
+* ``dropout-<variant>-<backend>``: attention dropout on; each rank's loss is reproduced bit for bit by
   one process seeded like that rank, and the averaged gradients by the mean of those replays;
   another rank's seed gives another mask.
-* ``ddp-compile``: DDP over ``torch.compile(model)`` matches the eager reference.
-* ``lama-ddp``: ``LAMAClassifier`` (padded batches) under DDP matches the reference.
+* ``lama-ddp-<backend>``: ``LAMAClassifier`` (padded batches) under DDP matches the reference.
+* ``ddp-compile-cpu``: DDP over ``torch.compile(model)`` (``pairwise_full``) matches the eager
+  reference.
 
 Process start-up dominates the time, so all checks share one process group. Each check runs the
 same collectives on every rank and compares only at its end, so a failing check leaves the
-others running; rank 0 writes ``{check: {"rank r": {"passed", "detail", "seconds"}}}`` to OUT.json.
+others running; rank 0 writes ``{check: {"rank r": {"passed", "detail", "seconds"}}}`` to OUT.json (``passed`` is None
+when the backend is not usable here).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
+import os
 import sys
 import time
 import traceback
@@ -32,11 +36,13 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import BertConfig, BertForSequenceClassification
 
+from symattn_kernels import backends
 from symattn_kernels.integrations import hf
 from symattn_kernels.lama import LAMAClassifier
 
@@ -55,8 +61,10 @@ REL_TOL = 2e-5
 CONTROL_MIN = 1e-2
 DROPOUT_SEED = 1000
 
-CHECKS = ([f"ddp-{v}" for v in hf.VARIANTS] + [f"fsdp2-{v}" for v in hf.VARIANTS]
-          + [f"dropout-{v}" for v in hf.VARIANTS] + ["ddp-compile", "lama-ddp"])
+# The two CPU backends of the attention ops: the fused C++ kernels and the PyTorch composite.
+BACKENDS = ("cpu", "torch")
+CHECKS = ([f"{kind}-{v}-{b}" for b in BACKENDS for v in hf.VARIANTS for kind in ("ddp", "fsdp2", "dropout")]
+          + [f"lama-ddp-{b}" for b in BACKENDS] + ["ddp-compile-cpu"])
 
 
 def bert(variant: str, **overrides) -> torch.nn.Module:
@@ -201,21 +209,48 @@ def check_dropout(variant: str, rank: int) -> str:
     return f"loss equal to its replay; gradients vs mean of replays: relative error {error:.2g}"
 
 
-def run_checks(rank: int) -> dict:
-    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (WORLD,))
-    checks = {f"ddp-{v}": (lambda v=v: check_equal_to_one_process(bert(v), DDP, bert_loss, bert_batches(), rank))
-              for v in hf.VARIANTS}
-    checks.update({f"fsdp2-{v}": (lambda v=v: check_fsdp2(v, rank, mesh)) for v in hf.VARIANTS})
-    checks.update({f"dropout-{v}": (lambda v=v: check_dropout(v, rank)) for v in hf.VARIANTS})
-    checks["ddp-compile"] = lambda: check_equal_to_one_process(
+@contextlib.contextmanager
+def backend(name: str):
+    """``backend="auto"`` (the modules' choice) resolves to ``name`` inside the block."""
+    previous = os.environ.get("SYMATTN_BACKEND")
+    os.environ["SYMATTN_BACKEND"] = name
+    try:
+        yield
+    finally:
+        os.environ.pop("SYMATTN_BACKEND") if previous is None else os.environ.update(SYMATTN_BACKEND=previous)
+
+
+def all_checks(rank: int) -> dict:
+    """{name: (backend, check)} in the order of ``CHECKS``."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    checks = {}
+    for name in BACKENDS:
+        for v in hf.VARIANTS:
+            checks[f"ddp-{v}-{name}"] = name, lambda v=v: check_equal_to_one_process(
+                bert(v), DDP, bert_loss, bert_batches(), rank)
+            checks[f"fsdp2-{v}-{name}"] = name, lambda v=v: check_fsdp2(v, rank, mesh)
+            checks[f"dropout-{v}-{name}"] = name, lambda v=v: check_dropout(v, rank)
+    for name in BACKENDS:
+        checks[f"lama-ddp-{name}"] = name, lambda: check_equal_to_one_process(
+            lama(), DDP, lama_loss, lama_batches(), rank)
+    checks["ddp-compile-cpu"] = "cpu", lambda: check_equal_to_one_process(
         bert("pairwise_full"), lambda m: DDP(torch.compile(m)), bert_loss, bert_batches(), rank)
-    checks["lama-ddp"] = lambda: check_equal_to_one_process(lama(), DDP, lama_loss, lama_batches(), rank)
+    return checks
+
+
+def run_checks(rank: int) -> dict:
+    checks = all_checks(rank)
     assert list(checks) == CHECKS
     outcomes = {}
-    for name, check in checks.items():
+    for name, (backend_name, check) in checks.items():
         began = time.perf_counter()
+        available = backends.status(backend_name)
+        if not available.usable:  # the same answer on every rank: no collective is left waiting
+            outcomes[name] = dict(passed=None, detail=f"backend {backend_name!r} is not usable: {available.reason}")
+            continue
         try:
-            outcomes[name] = dict(passed=True, detail=check())
+            with backend(backend_name):
+                outcomes[name] = dict(passed=True, detail=check())
         except Exception as error:  # noqa: BLE001 - recorded per check, reported by the test
             trace = traceback.format_exc(limit=-3)
             outcomes[name] = dict(passed=False, detail=f"{type(error).__name__}: {error}\n{trace}")
