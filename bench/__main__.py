@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU seconds of timed calls per case (default 0.5, --quick 0.05)")
     parser.add_argument("--out", type=Path, default=environment.REPO_ROOT / "bench" / "results",
                         help="directory for the CSV and PNG files (default: bench/results/)")
+    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                        help="write a PNG per op beside the CSV (default: yes)")
     return parser.parse_args(argv)
 
 
@@ -75,22 +77,24 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, only_providers=args.providers,
         min_run_time=args.min_run_time or (0.05 if args.quick else 0.5))
 
-    rows, unavailable = runner.run(plan)
+    rows, unavailable, interrupted = runner.run(plan)
 
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / f"{args.device}.csv"
     report.write_csv(rows, csv_path)
-    plots = report.plot(rows, lambda op: args.out / f"{args.device}-{op}.png")
+    plots = report.plot(rows, lambda op: args.out / f"{args.device}-{op}.png") if args.plot else []
     if rows:
         print(f"device: {rows[0]['device']}; commit {rows[0]['commit']}")
     print(f"wrote {csv_path}" + "".join(f", {path}" for path in plots))
     print(f"wall time {time.perf_counter() - started:.0f} s")
+    if interrupted:
+        print(f"interrupted: {len(rows)} rows measured before the interrupt, the rest not run")
     if unavailable:
         print(report.unavailable_summary(unavailable))
     print()
     print(report.markdown_table(rows, unavailable, {op.name: op.baseline for op in ops}))
     sys.stdout.flush()
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -78,8 +78,10 @@ def _distribution_version(name: str) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's short revision; in a copy of the tree without .git (a machine the tree was
+    copied to), ``SYMATTN_GIT_COMMIT`` names it."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("SYMATTN_GIT_COMMIT") or "unknown"

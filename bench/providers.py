@@ -97,13 +97,24 @@ def _symattn_providers(device: str) -> list[Provider]:
             providers.append(Provider(f"symattn-{name}", None, f"runs on {devices}, this run is on {device}"))
         else:
             providers.append(Provider(f"symattn-{name}", functools.partial(_bind_symattn, name)))
+        if name in SEPARATE_V_BACKENDS:
+            separate = providers[-1]
+            providers.append(Provider(f"{separate.name}-sepv", separate.bind and functools.partial(
+                _bind_symattn, name, separate_v=True), separate.reason))
     return providers
 
 
-def _bind_symattn(backend: str, inputs: dict, shape: Shape) -> Callable[[], torch.Tensor]:
+# Backends also timed with y passed again as separate values (symmetric attention's kernel
+# path): what shared mode saves over it is the one-tensor read.
+SEPARATE_V_BACKENDS = ("triton",)
+
+
+def _bind_symattn(backend: str, inputs: dict, shape: Shape, separate_v: bool = False) -> Callable[[], torch.Tensor]:
     import symattn_kernels
 
     y = inputs["y"]
+    if separate_v:
+        return lambda: symattn_kernels.symmetric_attention(y, y, causal=shape.causal, backend=backend)
     return lambda: symattn_kernels.shared_attention(y, causal=shape.causal, backend=backend)
 
 

@@ -115,6 +115,16 @@ def _flash_attn_sweep() -> list[Shape]:
     ]
 
 
+def _gpu_check_sweep() -> list[Shape]:
+    """The one-shot GPU check's short sweep: 16k tokens, hidden 2048, BERT lengths first."""
+    return [
+        Shape(B=16384 // S, S=S, H=2048 // D, D=D, causal=causal)
+        for D in (64, 128)
+        for causal in (False, True)
+        for S in (128, 512, 2048, 8192)
+    ]
+
+
 register(OpSpec(
     name="shared_attention",
     make_inputs=shared_attention_inputs,
@@ -127,6 +137,7 @@ register(OpSpec(
                  Shape(B=1, S=2048, **_BERT_HEADS)],
         "bert": [Shape(B=4096 // S, S=S, **_BERT_HEADS) for S in (128, 256, 512)],
         "sweep": _flash_attn_sweep(),
+        "gpu-check": _gpu_check_sweep(),
     },
     default_shape_sets={"cpu": ["spec"], "cuda": ["bert", "sweep"]},
     dtypes={"cpu": ["fp32", "bf16"], "cuda": ["fp16", "bf16"]},

@@ -44,8 +44,10 @@ class Plan:
                 else Provider(p.name, None, "not selected (--providers)") for p in providers]
 
 
-def run(plan: Plan) -> tuple[list[dict], dict[tuple[str, str], str]]:
-    """Returns the rows and, per (op, provider) that cannot run at all here, the reason."""
+def run(plan: Plan) -> tuple[list[dict], dict[tuple[str, str], str], bool]:
+    """Returns the rows, per (op, provider) that cannot run at all here the reason, and whether
+    a KeyboardInterrupt (SIGINT, e.g. from a time cap) ended the run early: the rows of the
+    shapes finished before it are kept, so a capped run still reports what it measured."""
     context = {"device": environment.device_name(plan.device), **environment.versions(),
                "commit": environment.git_commit()}
     providers = {op.name: plan.providers(op) for op, _, _ in plan.ops}
@@ -54,11 +56,14 @@ def run(plan: Plan) -> tuple[list[dict], dict[tuple[str, str], str]]:
                                   for op, shapes, dtypes in plan.ops)
     rows: list[dict] = []
     with tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True) as progress:
-        for op, shapes, dtypes in plan.ops:
-            for shape in shapes:
-                for dtype_name in dtypes:
-                    rows += _run_shape(plan, op, providers[op.name], shape, dtype_name, context, progress)
-    return rows, unavailable
+        try:
+            for op, shapes, dtypes in plan.ops:
+                for shape in shapes:
+                    for dtype_name in dtypes:
+                        rows += _run_shape(plan, op, providers[op.name], shape, dtype_name, context, progress)
+        except KeyboardInterrupt:
+            return rows, unavailable, True
+    return rows, unavailable, False
 
 
 def _run_shape(plan, op, providers, shape, dtype_name, context, progress) -> list[dict]:
@@ -89,7 +94,7 @@ def _measure(plan, op, provider, shape, dtype_name, mode, inputs, grad_out, refe
     if provider.dtypes is not None and DTYPES[dtype_name] not in provider.dtypes:
         return {"status": f"skipped: {dtype_name} not supported"}
     try:
-        step = _bind_step(provider, shape, mode, inputs, grad_out)
+        step = bind_step(provider, shape, mode, inputs, grad_out)
         error, failure = _check(step, mode, inputs, reference)
         if failure:
             return {"max_err": error, "status": f"mismatch: {failure}"}
@@ -108,7 +113,7 @@ def _measure(plan, op, provider, shape, dtype_name, mode, inputs, grad_out, refe
             "max_err": error, "status": "ok"}
 
 
-def _bind_step(provider, shape, mode, inputs, grad_out) -> Callable[[], object]:
+def bind_step(provider, shape, mode, inputs, grad_out) -> Callable[[], object]:
     """The timed callable. fwd: forward on detached inputs (no autograd state saved). fwd+bwd:
     clear the leaves' grads (so no accumulation add is timed), forward, backward with the
     fixed grad_out."""
