@@ -1,0 +1,54 @@
+"""What the Triton forward launcher hands to Triton, checked without a GPU: the launches are
+recorded instead of run (the kernels themselves are tested under the interpreter and on CUDA)."""
+
+import pytest
+import torch
+
+from symattn_kernels.triton import attention_fwd
+
+
+class _Recorder:
+    """Stands in for a JIT or autotuned kernel: `kernel[grid](*args, **kwargs)` records kwargs."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(kwargs)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    plain, autotuned = _Recorder(), _Recorder()
+    monkeypatch.setattr(attention_fwd, "_symattn_fwd_kernel", plain)
+    monkeypatch.setattr(attention_fwd, "_fwd_autotuned", autotuned)
+    monkeypatch.setattr(attention_fwd, "is_interpret", lambda: False)
+    monkeypatch.setattr(attention_fwd, "device_arch", lambda device: 90)
+    return plain, autotuned
+
+
+def _forward(shared: bool):
+    q = torch.randn(2, 300, 4, 64)
+    v = None if shared else torch.randn(2, 300, 4, 64)
+    attention_fwd.attention_forward(q, v, None, None, None, None, 0.125, False, 0.0, False, None, True)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
+def test_forward_autotunes_by_default(recorded, monkeypatch, shared):
+    monkeypatch.delenv("SYMATTN_TRITON_AUTOTUNE", raising=False)
+    plain, autotuned = recorded
+    _forward(shared)
+    assert not plain.launches and len(autotuned.launches) == 1
+    assert "BLOCK_M" not in autotuned.launches[0]  # the autotuner picks the blocks
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
+def test_autotune_off_pins_the_first_shipped_config(recorded, monkeypatch, shared):
+    monkeypatch.setenv("SYMATTN_TRITON_AUTOTUNE", "0")
+    plain, autotuned = recorded
+    _forward(shared)
+    assert not autotuned.launches and len(plain.launches) == 1
+    launch = plain.launches[0]
+    expected = attention_fwd.fwd_configs_for(300, 64, 64, False, 0, shared)[0]
+    assert (launch["BLOCK_M"], launch["BLOCK_N"], launch["num_warps"], launch["num_stages"]) == expected
+    assert launch["SHARED_V"] is shared
