@@ -137,7 +137,7 @@ def jobs(dtypes=("bf16",), quick: bool = False) -> list[Job]:
                 out.append(Job(kernel, arch, dtype, flags, d_pad, dv_pad, *config, split_d=split_d))
         except ValueError as exc:  # the launcher refuses it: backend="auto" uses the torch backend
             out.append(Job("bwd", arch, dtype, flags, d_pad, dv_pad, 0, 0, 0, 0, {"unsupported": str(exc)}))
-        sym = sym_bwd_config(d_pad, dv_pad, arch)
+        sym = sym_bwd_config(d_pad, dv_pad, arch, fl["HAS_DROPOUT"])
         if fl["COEF_MODE"] != 2 and sym is not None:  # deterministic=False, non-causal
             out.append(Job("bwd-sym", arch, dtype, flags, d_pad, dv_pad, *sym))
     return out

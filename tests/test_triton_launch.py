@@ -52,3 +52,15 @@ def test_autotune_off_pins_the_first_shipped_config(recorded, monkeypatch, share
     expected = attention_fwd.fwd_configs_for(300, 64, 64, False, 0, shared)[0]
     assert (launch["BLOCK_M"], launch["BLOCK_N"], launch["num_warps"], launch["num_stages"]) == expected
     assert launch["SHARED_V"] is shared
+
+
+def test_sm90_symmetric_backward_with_dropout_waits_for_a_triton_that_keeps_it_in_registers(monkeypatch):
+    from symattn_kernels.triton import attention_bwd
+
+    monkeypatch.setattr(attention_bwd, "TRITON_VERSION", (3, 6))
+    assert attention_bwd.sym_bwd_config(64, 64, 90, dropout=True) is None
+    assert not attention_bwd.use_symmetric_bwd(None, False, False, 64, 64, 90, dropout=True)
+    assert attention_bwd.sym_bwd_config(64, 64, 90) == (64, 16, 8, 2)  # without dropout it fits
+    assert attention_bwd.sym_bwd_config(64, 64, 80, dropout=True) == (32, 16, 8, 1)
+    monkeypatch.setattr(attention_bwd, "TRITON_VERSION", (3, 9))
+    assert attention_bwd.sym_bwd_config(64, 64, 90, dropout=True) == (64, 16, 8, 2)

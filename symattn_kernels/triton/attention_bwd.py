@@ -64,6 +64,7 @@ from ._utils import (
     token_strides,
     unit_last_stride,
 )
+from .features import TRITON_VERSION
 
 __all__ = ["attention_backward"]
 
@@ -629,7 +630,8 @@ def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: 
     if reason:
         raise ValueError(reason)
     if bwd_fuse_roles(head_dim_pad, head_dim_v_pad, shared_v, coef_mode, dropout):
-        return True, (64, 32, 4, 2), (1,)
+        # sm_80 single-stage: two stages spill 32 bytes under Triton 3.6 (clean under 3.9).
+        return True, (64, 32, 4, 2 if arch >= 90 else 1), (1,)
     if arch < 90:
         return False, (32, 16, 8, 1), (1, 1)
     split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= 256 else 1
@@ -642,24 +644,34 @@ INTERPRET_BWD_SPLIT_D = 1  # SPLIT_D of every launch (tests set 2)
 PREPROCESS_BLOCK_M = 32
 
 
-def sym_bwd_config(head_dim_pad: int, head_dim_v_pad: int, arch: int):
+# Triton releases before this one spill the sm_90 symmetric backward with dropout (with a
+# padding mask and a diagonal coefficient, 56 bytes of stack under Triton 3.6, at every 64-row
+# config; 32 rows lose wgmma), so there that case takes the default backward.
+SYM_BWD_SM90_DROPOUT_MIN_TRITON = (3, 9)
+
+
+def sym_bwd_config(head_dim_pad: int, head_dim_v_pad: int, arch: int, dropout: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the symmetric backward on sm_``arch`` (80 or
     90), or None where its register state (two fp32 accumulators of the owned block, the pair's
     five score-sized tiles and the other block's contributions) spills: head dims above 64 use
-    the default backward. sm_90 keeps 64 owned rows (one wgmma); sm_80 fits 32."""
+    the default backward, and so does dropout on sm_90 under Triton older than
+    ``SYM_BWD_SM90_DROPOUT_MIN_TRITON``. sm_90 keeps 64 owned rows (one wgmma); sm_80 fits 32,
+    single-stage (two stages spill 16 bytes under Triton 3.6)."""
     if max(head_dim_pad, head_dim_v_pad) > 64:
         return None
-    return (64, 16, 8, 2) if arch >= 90 else (32, 16, 8, 2)
+    if arch >= 90:
+        return None if dropout and TRITON_VERSION < SYM_BWD_SM90_DROPOUT_MIN_TRITON else (64, 16, 8, 2)
+    return (32, 16, 8, 1)
 
 
 def use_symmetric_bwd(coef, causal: bool, deterministic: bool, head_dim_pad: int = 16,
-                      head_dim_v_pad: int = 16, arch: int = 90) -> bool:
+                      head_dim_v_pad: int = 16, arch: int = 90, dropout: bool = False) -> bool:
     """The symmetric backward (opt-in with deterministic=False) needs S symmetric (M = I or
     diagonal) and gains nothing under a causal mask (the pair (J, I) of I > J is masked); on a
     GPU also a config from ``sym_bwd_config``."""
     if deterministic or causal or coef_mode(coef) == 2:
         return False
-    return is_interpret() or sym_bwd_config(head_dim_pad, head_dim_v_pad, arch) is not None
+    return is_interpret() or sym_bwd_config(head_dim_pad, head_dim_v_pad, arch, dropout) is not None
 
 
 def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dv, dcoef, scale,
@@ -671,7 +683,7 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
     else:
         block_m, block_n, warps, stages = sym_bwd_config(padded_head_dim(q.shape[-1]),
                                                          padded_head_dim(q.shape[-1] if v is None else v.shape[-1]),
-                                                         device_arch(q.device))
+                                                         device_arch(q.device), dropout_p > 0.0)
         launch = {"num_warps": warps, "num_stages": stages}
     mode = coef_mode(coef)
     n_blocks = triton.cdiv(seqlen_padded, block_m)
@@ -764,7 +776,7 @@ def attention_backward(
     interpret = is_interpret()
     hd_pad, hdv_pad = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
     symmetric = use_symmetric_bwd(coef, causal, deterministic, hd_pad, hdv_pad,
-                                  90 if interpret else device_arch(q.device))
+                                  90 if interpret else device_arch(q.device), dropout_p > 0.0)
     if interpret:
         fuse_roles = bwd_fuse_roles(hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0)
         blocks, launch, splits = dict(INTERPRET_BWD_CONFIG), {}, (INTERPRET_BWD_SPLIT_D,) * (1 if fuse_roles else 2)
