@@ -53,5 +53,20 @@ info: $(STAMP)
 check-cuda-build:
 	bash scripts/check_cuda_build.sh
 
+# One-shot check on a machine with a CUDA GPU, with that machine's own python3 (no venv, nothing
+# fetched): versions, an editable install building the CUDA extension for sm_90a, `pytest -m gpu`,
+# a short bf16 benchmark sweep, and a summary printed last; <= 8 files into OUT, <= 7 minutes
+# (bench/gpu_check.py). In a copy of the tree without .git, SYMATTN_GIT_COMMIT names the revision.
+# gpu-check-dry rehearses the same steps here: no CUDA build, GPU tests skip, one small CPU bench.
+.PHONY: gpu-check gpu-check-dry
+OUT ?= gpu-check-out
+GPU_PYTHON ?= python3
+
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check --out $(OUT)
+
+gpu-check-dry: $(STAMP)
+	$(PY) -m bench.gpu_check --dry --out $(OUT)
+
 clean:
 	rm -rf $(VENV) build *.egg-info symattn_kernels/*.so bench/results

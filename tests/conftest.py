@@ -1,5 +1,7 @@
 """Test-wide settings. Importing this module never touches CUDA."""
 
+import os
+
 import pytest
 import torch
 
@@ -23,3 +25,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    _count_triton_compiles(os.environ.get("SYMATTN_TRITON_COMPILE_LOG"))
+
+
+def _count_triton_compiles(log_path):
+    """With SYMATTN_TRITON_COMPILE_LOG set, append one line per Triton JIT compilation (kernel
+    name, tab, cache key) to that file, from every process (pytest-xdist workers too): the GPU
+    check counts the distinct kernel variants the suite compiles, its main cost on a fresh
+    machine. Needs Triton's jit_post_compile_hook (Triton 3.4+); imports no CUDA."""
+    if not log_path:
+        return
+    try:
+        from triton import knobs
+    except ImportError:
+        return
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def record(*, key, fn, **kwargs):
+        with open(log_path, "a") as log:
+            log.write(f"{fn.name}\t{key}".replace("\n", " ") + "\n")
+        return previous(key=key, fn=fn, **kwargs) if previous else None
+
+    knobs.runtime.jit_post_compile_hook = record
