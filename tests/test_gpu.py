@@ -1,6 +1,16 @@
 """GPU backends against the fp64 reference and SDPA (`pytest -m gpu`; skipped without CUDA).
 
-Nothing here touches CUDA at import time."""
+Nothing here touches CUDA at import time. On a fresh machine compiling the Triton kernels, not
+running them, takes most of this suite's time, so the forward's config is pinned (one compile per
+kernel variant, not one per autotune candidate) and the grids are laid out by compiled variant:
+a variant is one set of constexprs (head dims, coefficient mode, shared values, causal, dtype)
+times the integer specialisation of the sizes (multiple of 16 or not), and the sequence lengths
+of one test share it. Counted by hand from this layout: about 40 variants for the option grid,
+60 for the flash-attn grid and 50 for LAMA; `make gpu-check` reports the number of distinct
+compilations the suite really triggers (conftest records them).
+"""
+
+import itertools
 
 import pytest
 import torch
@@ -13,6 +23,11 @@ from symattn_kernels import reference as R
 from .helpers import assert_flash_rule
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _pinned_triton_configs(monkeypatch):
+    monkeypatch.setenv("SYMATTN_TRITON_AUTOTUNE", "0")
 
 
 def _usable(name):
@@ -35,11 +50,19 @@ def _run(fn, q, v, coef, **kw):
     return [out, lse, *torch.autograd.grad(out, wrt, dout.to(out.dtype))]
 
 
+# Every (dtype, coefficient, values) combination once, each on one of three ragged shapes in
+# turn: every option meets every shape, without the cross product of compiled variants.
+_OPTION_SHAPES = [(113, 64), (1025, 128), (512, 40)]
+OPTION_CASES = [
+    pytest.param(dtype, coef_mode, shared, *_OPTION_SHAPES[i % len(_OPTION_SHAPES)],
+                 id=f"{dtype_id}-{coef_mode or 'none'}-{'shared' if shared else 'v'}-S{_OPTION_SHAPES[i % 3][0]}")
+    for i, ((dtype, dtype_id), coef_mode, shared) in enumerate(itertools.product(
+        [(torch.float16, "fp16"), (torch.bfloat16, "bf16")], [None, "diag", "full"], [True, False]))
+]
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("coef_mode", [None, "diag", "full"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
-@pytest.mark.parametrize("seqlen,head_dim", [(113, 64), (1025, 128), (512, 40)])
+@pytest.mark.parametrize("dtype,coef_mode,shared,seqlen,head_dim", OPTION_CASES)
 def test_backend_matches_reference(backend, dtype, coef_mode, shared, seqlen, head_dim):
     _usable(backend)
     q, v, diag, full = _leaves(dtype, (2, seqlen, 4, head_dim), (2, seqlen, 4, 72), (4, head_dim),
@@ -55,6 +78,52 @@ def test_backend_matches_reference(backend, dtype, coef_mode, shared, seqlen, he
     ref_lowp = _run(R.symmetric_attention, q, v, coef, **kw)
     for name, a, r64, rl in zip(["out", "lse", "dq", "dv/dcoef", "dcoef"], got, ref64, ref_lowp):
         assert_flash_rule(name, a, r64, rl, 1e-3 if dtype == torch.float16 else 1e-2)
+
+
+# flash-attn's test grid (tests/test_flash_attn.py) for self-attention: its head dims from 32 to
+# 256 with the ragged 59 and 111, and its sequence lengths, shared weights in bf16.
+FLASH_HEAD_DIMS = [32, 59, 64, 111, 128, 256]
+FLASH_SEQLENS = [113, 203, 1023, 2048]
+
+
+def _backward_unsupported(backend, head_dim):
+    """Why the backend refuses gradients at this head dim on this GPU ("" when it takes them)."""
+    if backend != "triton":
+        return ""
+    from symattn_kernels.triton._utils import device_arch
+    from symattn_kernels.triton.attention_bwd import backward_unsupported
+
+    return backward_unsupported(head_dim, head_dim, device_arch(torch.device("cuda")))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", FLASH_HEAD_DIMS, ids=[f"D{d}" for d in FLASH_HEAD_DIMS])
+def test_flash_attn_grid(backend, causal, head_dim):
+    """out, lse and dy against the fp64 reference with flash-attn's rule, at each of flash-attn's
+    sequence lengths; where the backend has no backward for the head dim (Triton on sm_90 above
+    128), the forward is checked and a gradient call must raise ValueError naming the head dim."""
+    _usable(backend)
+    refused = _backward_unsupported(backend, head_dim)
+    for seqlen in FLASH_SEQLENS:
+        (y,) = _leaves(torch.bfloat16, (2, seqlen, 4, head_dim))
+        mask = torch.ones(2, seqlen, dtype=torch.bool, device="cuda")
+        mask[1, seqlen // 2:] = False
+        kw = dict(causal=causal, key_padding_mask=mask)
+        y64 = y.detach().double().requires_grad_()
+        if refused:
+            with pytest.raises(ValueError, match="head dim"):
+                sk.symmetric_attention(y, None, backend=backend, **kw)
+            y, y64 = y.detach(), y64.detach()
+            got = list(sk.symmetric_attention(y, None, return_lse=True, backend=backend, **kw))
+            ref64 = list(R.symmetric_attention(y64, None, return_lse=True, **kw))
+            ref_lowp = list(R.symmetric_attention(y, None, return_lse=True, **kw))
+        else:
+            got = _run(lambda *a, **k: sk.symmetric_attention(*a, backend=backend, **k), y, None, None, **kw)
+            ref64 = _run(R.symmetric_attention, y64, None, None, **kw)
+            ref_lowp = _run(R.symmetric_attention, y, None, None, **kw)
+        for name, a, r64, rl in zip(["out", "lse", "dy"], got, ref64, ref_lowp):
+            assert_flash_rule(f"S={seqlen} {name}", a, r64, rl, 1e-2)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
