@@ -291,6 +291,7 @@ class Check:
             log.write_text("")
             code, seconds = run_capped(command, log, cap, build_env)
             status = "pass" if code == 0 else ("timeout" if code is None else "fail")
+        cause = _last_error(log) if status == "fail" else ""
         backends = _probe(self.env, log).get("backends", {})
         self.facts["backends"] = backends
         state = ", ".join(f"{name} {entry.split(':')[0]}" for name, entry in backends.items())
@@ -299,7 +300,8 @@ class Check:
         elif status == "skipped":
             detail = f"dry run: no CUDA build; from the source tree (PYTHONPATH): {state}"
         else:
-            detail = f"pip install {status} after {seconds:.0f} s (install.log); PYTHONPATH fallback: {state}"
+            detail = (f"pip install {status} after {seconds:.0f} s ({cause or 'install.log'}); "
+                      f"PYTHONPATH fallback: {state}")
         self.steps.append(Step("install", status, seconds, cap, detail))
 
     def start_warm(self) -> None:
@@ -367,6 +369,8 @@ class Check:
         rows = read_rows(self.out / f"{self.device}.csv")
         measured = sum(row["status"] == "ok" for row in rows)
         detail = f"{measured} of {len(rows)} cases measured"
+        if code not in (0, None, 130) and not rows:
+            detail += f" ({_last_error(log) or 'bench.log'})"
         if code is None or code == 130:
             status = "timeout"
         elif self.dry:
@@ -384,6 +388,14 @@ class Check:
                               self.out / "bench.log", self.dry, time.monotonic() - self.started)
         (self.out / "summary.md").write_text(text + "\n")
         return text
+
+
+def _last_error(log: Path) -> str:
+    """The last line of a step's log that names an error (what the summary quotes for a failed step)."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("[", "$"))]
+    errors = [line for line in lines if "Error:" in line] or lines
+    return errors[-1][:200] if errors else ""
 
 
 def junit_counts(path: Path) -> dict:

@@ -115,3 +115,12 @@ def test_interrupted_benchmark_keeps_the_finished_shapes(monkeypatch):
     plan = runner.Plan(ops=[(op, op.shape_sets["spec"], ["fp32"])], modes=["fwd"], device="cpu", min_run_time=0.01)
     rows, _, interrupted = runner.run(plan)
     assert interrupted and rows == [{"shape": op.shape_sets["spec"][0]}]
+
+
+def test_a_failed_step_is_summarised_by_its_last_error(tmp_path):
+    log = tmp_path / "install.log"
+    log.write_text("$ pip install -e .\n  OSError: CUDA_HOME is not set\nhint: See above for details.\n\n"
+                   "[exit 1 after 7.7 s, cap 120 s]\n")
+    assert gpu_check._last_error(log) == "OSError: CUDA_HOME is not set"
+    log.write_text("$ python -m bench --device cuda\n--device cuda: no CUDA device is visible to torch\n\n[exit 1]\n")
+    assert gpu_check._last_error(log) == "--device cuda: no CUDA device is visible to torch"
