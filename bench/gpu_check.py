@@ -336,7 +336,7 @@ class Check:
         junit = self.out / "junit-gpu.xml"
         cap = CAPS_S["tests"]
         command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider", "-q",
-                   "-rfE", f"--junitxml={junit}"]
+                   "-rfE", "--tb=short", f"--junitxml={junit}"]
         if self.facts.get("cuda available") and self.facts.get("pytest-xdist", "not installed") != "not installed":
             # Compiles, not kernels, take the suite's time: workers compile in parallel, on the
             # half of the cores that the warm step leaves.
