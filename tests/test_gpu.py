@@ -51,14 +51,23 @@ def _run(fn, q, v, coef, **kw):
 
 
 # Every (dtype, coefficient, values) combination once, each on one of three ragged shapes in
-# turn: every option meets every shape, without the cross product of compiled variants.
+# turn (shifted by one for bf16): every coefficient mode and values mode meets every shape,
+# without the cross product of compiled variants.
 _OPTION_SHAPES = [(113, 64), (1025, 128), (512, 40)]
-OPTION_CASES = [
-    pytest.param(dtype, coef_mode, shared, *_OPTION_SHAPES[i % len(_OPTION_SHAPES)],
-                 id=f"{dtype_id}-{coef_mode or 'none'}-{'shared' if shared else 'v'}-S{_OPTION_SHAPES[i % 3][0]}")
-    for i, ((dtype, dtype_id), coef_mode, shared) in enumerate(itertools.product(
-        [(torch.float16, "fp16"), (torch.bfloat16, "bf16")], [None, "diag", "full"], [True, False]))
-]
+
+
+def _option_cases():
+    cases = []
+    combos = itertools.product([(torch.float16, "fp16"), (torch.bfloat16, "bf16")], [None, "diag", "full"],
+                               [True, False])
+    for i, ((dtype, dtype_id), coef_mode, shared) in enumerate(combos):
+        seqlen, head_dim = _OPTION_SHAPES[(i + i // 6) % len(_OPTION_SHAPES)]
+        name = f"{dtype_id}-{coef_mode or 'none'}-{'shared' if shared else 'v'}-S{seqlen}-D{head_dim}"
+        cases.append(pytest.param(dtype, coef_mode, shared, seqlen, head_dim, id=name))
+    return cases
+
+
+OPTION_CASES = _option_cases()
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
