@@ -623,7 +623,8 @@ def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: 
     costs D/2 registers a thread whatever the rows and warps (chained dots put the warps along
     the rows), so the table trims what else is live: sm_90 keeps 64 rows (one wgmma) on 4 warps
     (8 warps would duplicate every tile), sm_80 takes 32 rows on 8 warps; on sm_90 the key launch
-    of separate values with D + Dv >= 256 holds dK and dV for half the columns at a time.
+    of separate values with D + Dv >= 256 (192 before Triton 3.9) holds dK and dV for half the
+    columns at a time.
 
     Raises ValueError where no config is spill-free (``backward_unsupported``)."""
     reason = backward_unsupported(head_dim_pad, head_dim_v_pad, arch)
@@ -634,8 +635,15 @@ def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: 
         return True, (64, 32, 4, 2 if arch >= 90 else 1), (1,)
     if arch < 90:
         return False, (32, 16, 8, 1), (1, 1)
-    split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= 256 else 1
+    split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= _sm90_split_key_width() else 1
     return False, (64, 16, 4, 1), (1, split_key)
+
+
+def _sm90_split_key_width() -> int:
+    """Narrowest D + Dv whose sm_90 key launch (separate values) splits its columns: 256, but
+    192 before Triton 3.9, whose allocation spills the all-options 64/128 key launch (32 bytes
+    under Triton 3.6, python -m bench.compile_report) unless split."""
+    return 256 if TRITON_VERSION >= (3, 9) else 192
 
 
 # Under the interpreter (and in tests) one fixed config; BLOCK_M != BLOCK_N exercises the stages.
