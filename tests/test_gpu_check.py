@@ -125,3 +125,14 @@ def test_a_failed_step_is_summarised_by_its_last_error(tmp_path):
     assert gpu_check._last_error(log) == "OSError: CUDA_HOME is not set"
     log.write_text("$ python -m bench --device cuda\n--device cuda: no CUDA device is visible to torch\n\n[exit 1]\n")
     assert gpu_check._last_error(log) == "--device cuda: no CUDA device is visible to torch"
+
+
+def test_warm_tasks_compile_each_variant_of_the_sweep_once():
+    sweep = REGISTRY["shared_attention"].shape_sets["gpu-check"]
+    tasks = gpu_check._warm_tasks()
+    ours = [(name, shape) for name, shape in tasks if name in gpu_check.WARM_PROVIDERS]
+    variants = {(s.H, s.D, s.causal) for s in sweep}
+    assert sorted((name, (s.H, s.D, s.causal)) for name, s in ours) == sorted(
+        (name, v) for name in gpu_check.WARM_PROVIDERS for v in variants)
+    assert {s.S for _, s in ours} == {min(s.S for s in sweep)}  # the autotuner keeps every candidate there
+    assert [shape for name, shape in tasks if name == "flex_attention"] == sweep  # compiled per shape
