@@ -16,7 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 import symattn_kernels as sk  # noqa: E402
 from symattn_kernels import reference as R  # noqa: E402
 from symattn_kernels.integrations import hf  # noqa: E402
-from symattn_kernels.lama import LowRankContextAttention  # noqa: E402
+from symattn_kernels.lama import LAMAClassifier, LowRankContextAttention  # noqa: E402
 
 from .helpers import assert_close  # noqa: E402
 
@@ -159,6 +159,18 @@ def test_lama_translation_matches_reference():
             name = f"context={case[0]} head_norm={case[1]} token_softmax={case[2]} u={i % 2 == 1} T={h.shape[1]}"
             assert_close(actual[2 * i], pooled, atol=ATOL, name=f"pooled {name}")
             assert_close(actual[2 * i + 1], attn, atol=ATOL, name=f"attn {name}")
+
+
+def test_lama_classifier_exports_at_fixed_length_without_mask():
+    # torch.export fixes nn.GRU's sequence length and cannot trace packed sequences (a mask).
+    torch.manual_seed(6)
+    model = LAMAClassifier(vocab_size=50, embed_dim=8, hidden_size=6, num_heads=3, num_classes=4).eval()
+    session = _export(model, (torch.randint(1, 50, (2, 7)),), dynamic_shapes=({0: Dim("batch")},))
+    for batch in (2, 5):
+        ids = torch.randint(1, 50, (batch, 7))
+        (logits,) = _run(session, ids)
+        with torch.no_grad():
+            assert_close(logits, model(ids), atol=ATOL, name=f"LAMAClassifier logits, batch {batch}")
 
 
 # Converted Hugging Face models: the export call of the README, outputs against PyTorch.
