@@ -72,7 +72,8 @@ def _attention_inputs(B, S, H=2, D=8, Dv=5, lengths=None, seed=0):
 def test_attention_translation_matches_reference(coef_mode):
     H, D = 2, 8
     gen = torch.Generator().manual_seed(1)
-    coef = {None: None, "diag": torch.randn(H, D, generator=gen), "full": torch.randn(H, D, D, generator=gen)}[coef_mode]
+    coefs = {None: None, "diag": torch.randn(H, D, generator=gen), "full": torch.randn(H, D, D, generator=gen)}
+    coef = coefs[coef_mode]
     scale = None if coef_mode is None else 0.3
     grid = _AttentionGrid(coef, scale).eval()
     # Sequence 1 is padded, sequence 2 has no real token (its rows must come out 0, lse -inf).
@@ -89,6 +90,36 @@ def test_attention_translation_matches_reference(coef_mode):
             name = f"{values} causal={causal} exclude_self={exclude_self} shape={tuple(q.shape)}"
             assert_close(actual[2 * i], out, atol=ATOL, name=f"out {name}")
             assert_close(actual[2 * i + 1], lse, atol=ATOL, name=f"lse {name}")
+
+
+class _OneOfEach(torch.nn.Module):
+    """One attention call (full coef, separate values, causal, padding) and one LAMA call."""
+
+    def forward(self, q, v, coef, h, context, p, key_padding_mask):
+        out, lse = sk.symmetric_attention(q, v, coef=coef, causal=True, key_padding_mask=key_padding_mask,
+                                          return_lse=True)
+        return (out, lse, *sk.lowrank_context_attention(h, context, p, p, key_padding_mask=key_padding_mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_translation_keeps_dtype(dtype):
+    half = dtype == torch.float16
+    # Half inputs are computed in float32 and rounded once at the end: within half an ulp. Their
+    # lse stays float32, as the op's.
+    tol = dict(atol=1e-4, rtol=1e-3) if half else dict(atol=1e-12)
+    lse_dtype, lse_tol = (torch.float32, dict(atol=ATOL)) if half else (dtype, tol)
+    gen = torch.Generator().manual_seed(7)
+    shapes = ((2, 5, 2, 8), (2, 5, 2, 8), (2, 8, 8), (2, 5, 6), (2, 6), (6, 3))
+    q, v, coef, h, context, p = (torch.randn(*shape, generator=gen).to(dtype) for shape in shapes)
+    mask = _padding([5, 2], 5)
+    inputs = (q, v, coef, h, context, p, mask)
+    actual = _run(_export(_OneOfEach().eval(), inputs), *inputs)
+    q, v, coef, h, context, p = (x.to(F64) for x in inputs[:-1])
+    expected = (*R.symmetric_attention(q, v, coef=coef, causal=True, key_padding_mask=mask, return_lse=True),
+                *R.lowrank_context_attention(h, context, p, p, key_padding_mask=mask))
+    assert [x.dtype for x in actual] == [dtype, lse_dtype, dtype, dtype]
+    for name, got, ref in zip(("out", "lse", "pooled", "attn"), actual, expected):
+        assert_close(got, ref, name=f"{name} {dtype}", **(lse_tol if name == "lse" else tol))
 
 
 class _VarlenOp(torch.nn.Module):

@@ -46,8 +46,8 @@ def onnx_translation_table() -> dict:
     (also when exporting a ``torch.export.ExportedProgram``). The exported graph computes what
     ``symattn_kernels.reference`` does: every coefficient mode, shared or separate values,
     ``scale``, ``causal``, ``exclude_self``, the key padding mask and packed (varlen) sequences; a
-    query row with no allowed key gives 0, a sequence with no real token pools to 0. Arithmetic runs in float32 (float64
-    for float64 models) and outputs come back in the model's dtype.
+    query row with no allowed key gives 0, a sequence with no real token pools to 0. Arithmetic
+    runs in float32 (float64 for float64 models); outputs come back in the model's dtype.
 
     Returns:
         dict: ``{torch.ops.symattn.attention_fwd.default: ..., torch.ops.symattn.lowrank_fwd.default: ...}``.
@@ -61,23 +61,33 @@ def onnx_translation_table() -> dict:
     }
 
 
-def _accumulate(x):
-    """Cast half-precision operands to float32, as the kernels accumulate; float32/64 stay."""
-    return x if x.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE) else op.Cast(x, to=ir.DataType.FLOAT)
+def _accumulate(x, dtype):
+    """``x`` in the arithmetic's dtype (float32, or float64 for float64 models), as the kernels."""
+    return x if x.dtype == dtype else op.Cast(x, to=dtype)
 
 
-def _masked_softmax(scores, allowed):
+def _accumulate_dtype(x):
+    return ir.DataType.DOUBLE if x.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+
+
+def _scalar(value: float, dtype):
+    # Made in its own dtype: a Python float would become a float32 constant first, which
+    # rounds a float64 model's scale.
+    return op.Constant(value=ir.tensor(value, dtype=dtype))
+
+
+def _masked_softmax(scores, allowed, dtype):
     """Softmax over the last axis where ``allowed`` (bool, broadcastable; None = all), and the
     natural log-sum-exp. A row with no allowed entry gives probabilities 0 and lse -inf, never NaN."""
     if allowed is not None:
-        scores = op.Where(allowed, scores, op.CastLike(-math.inf, scores))
+        scores = op.Where(allowed, scores, _scalar(-math.inf, dtype))
     row_max = op.ReduceMax(scores, _LAST, keepdims=1)
-    zero = op.CastLike(0.0, scores)
+    zero = _scalar(0.0, dtype)
     # An empty row's max is -inf, and -inf - (-inf) is NaN: shift such rows by 0 instead.
     row_max = op.Where(op.IsInf(row_max, detect_positive=0), zero, row_max)
     weights = op.Exp(op.Sub(scores, row_max))  # exp(-inf) = 0 on masked entries
     total = op.ReduceSum(weights, _LAST, keepdims=1)
-    probs = op.Div(weights, op.Where(op.Equal(total, zero), op.CastLike(1.0, total), total))
+    probs = op.Div(weights, op.Where(op.Equal(total, zero), _scalar(1.0, dtype), total))
     lse = op.Add(op.Log(total), row_max)  # log(0) = -inf on empty rows
     return probs, op.Squeeze(lse, _LAST)
 
@@ -92,11 +102,10 @@ def _allowed_pairs(q, key_padding_mask, cu_seqlens, causal: bool, exclude_self: 
         idx = op.Range(op.Constant(value_int=0), seqlen, op.Constant(value_int=1))
         query_idx, key_idx = op.Unsqueeze(idx, [1]), op.Unsqueeze(idx, [0])  # [S, 1], [1, S]
     if cu_seqlens is not None:
-        ends = op.Cast(op.Slice(cu_seqlens, op.Constant(value_ints=[1]), op.Constant(value_ints=[_INT64_MAX])),
-                       to=ir.DataType.INT64)
+        ends = op.Slice(cu_seqlens, op.Constant(value_ints=[1]), op.Constant(value_ints=[_INT64_MAX]))
+        ended = op.GreaterOrEqual(query_idx, op.Unsqueeze(op.Cast(ends, to=ir.DataType.INT64), [0]))  # [S, B]
         # Sequence number of each token: how many sequences end at or before it.
-        sequence = op.ReduceSum(op.Cast(op.GreaterOrEqual(query_idx, op.Unsqueeze(ends, [0])), to=ir.DataType.INT64),
-                                _LAST, keepdims=1)  # [S, 1]
+        sequence = op.ReduceSum(op.Cast(ended, to=ir.DataType.INT64), _LAST, keepdims=1)  # [S, 1]
         conditions.append(op.Equal(sequence, op.Transpose(sequence, perm=[1, 0])))  # [S, S]
     if causal:
         conditions.append(op.LessOrEqual(key_idx, query_idx))  # [S, S]
@@ -140,19 +149,20 @@ def attention_fwd(
     if packed:  # one batch row holding every sequence; the mask keeps them apart
         q = op.Unsqueeze(q, [0])
         v = None if v is None else op.Unsqueeze(v, [0])
-    y = op.Transpose(_accumulate(q), perm=_MOVE_HEADS)  # [B, H, S, D]
-    values = y if v is None else op.Transpose(_accumulate(v), perm=_MOVE_HEADS)
+    dtype = _accumulate_dtype(q)
+    y = op.Transpose(_accumulate(q, dtype), perm=_MOVE_HEADS)  # [B, H, S, D]
+    values = y if v is None else op.Transpose(_accumulate(v, dtype), perm=_MOVE_HEADS)
     query = y
     if coef is not None:
         diagonal = len(coef.shape) == 2
-        coef = op.CastLike(coef, y)
+        coef = _accumulate(coef, dtype)
         if diagonal:  # [H, D] -> [1, H, 1, D]
             query = op.Mul(y, op.Unsqueeze(coef, [0, 2]))
         else:  # [H, D, D] -> [1, H, D, D]
             query = op.MatMul(y, op.Unsqueeze(coef, [0]))
-    scores = op.Mul(op.MatMul(query, op.Transpose(y, perm=[0, 1, 3, 2])), op.CastLike(scale, y))
+    scores = op.Mul(op.MatMul(query, op.Transpose(y, perm=[0, 1, 3, 2])), _scalar(scale, dtype))
     allowed = _allowed_pairs(q, key_padding_mask, cu_seqlens, causal, exclude_self)
-    probs, lse = _masked_softmax(scores, allowed)
+    probs, lse = _masked_softmax(scores, allowed, dtype)
     out = op.CastLike(op.Transpose(op.MatMul(probs, values), perm=_MOVE_HEADS), q)
     if packed:
         return op.Squeeze(out, [0]), op.Squeeze(lse, [0])
@@ -172,22 +182,23 @@ def lowrank_fwd(
     backend: str = "auto",
 ):
     """``symattn::lowrank_fwd`` (LAMA pooling) in ONNX: (pooled [B, m, E], attn [B, m, T])."""
-    states = _accumulate(h)
-    keys = states if u is None else _accumulate(u)
+    dtype = _accumulate_dtype(h)
+    states = _accumulate(h, dtype)
+    keys = states if u is None else _accumulate(u, dtype)
     shared_context = len(context.shape) == 1
-    context = op.CastLike(context, states)
+    context = _accumulate(context, dtype)
     if shared_context:
         context = op.Unsqueeze(context, [0])  # one context for the batch: [1, E]
-    gate = op.Unsqueeze(op.MatMul(context, op.CastLike(p, states)), [1])  # [B, 1, m]
-    feats = op.Tanh(op.Mul(gate, op.MatMul(keys, op.CastLike(q, states))))  # [B, T, m]
+    gate = op.Unsqueeze(op.MatMul(context, _accumulate(p, dtype)), [1])  # [B, 1, m]
+    feats = op.Tanh(op.Mul(gate, op.MatMul(keys, _accumulate(q, dtype))))  # [B, T, m]
     if head_norm == "l2":
         norm = op.ReduceL2(feats, _LAST, keepdims=1)
-        feats = op.Div(feats, op.Max(norm, op.CastLike(eps, norm)))
+        feats = op.Div(feats, op.Max(norm, _scalar(eps, dtype)))
     scores = op.Transpose(feats, perm=[0, 2, 1])  # [B, m, T]
     real = None if key_padding_mask is None else op.Unsqueeze(key_padding_mask, [1])  # [B, 1, T]
     if token_softmax:
-        attn, _ = _masked_softmax(scores, real)
+        attn, _ = _masked_softmax(scores, real, dtype)
     else:
-        attn = scores if real is None else op.Where(real, scores, op.CastLike(0.0, scores))
+        attn = scores if real is None else op.Where(real, scores, _scalar(0.0, dtype))
     pooled = op.MatMul(attn, states)
     return op.CastLike(pooled, h), op.CastLike(attn, h)
