@@ -3,6 +3,7 @@ onnxruntime, converted BERT models and LAMA against PyTorch, dynamic batch and s
 the ``torch.export`` round trip, and the refusal of dropout."""
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -41,6 +42,18 @@ def _run(session, *inputs):
 
 def _padding(lengths, seqlen):
     return torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_translation_table_is_public_and_names_its_extra(monkeypatch):
+    table = sk.onnx_translation_table()
+    assert set(table) == {torch.ops.symattn.attention_fwd.default, torch.ops.symattn.lowrank_fwd.default}
+    with pytest.raises(AttributeError, match="no_such_name"):
+        sk.no_such_name  # noqa: B018
+    # Without onnxscript the table is out of reach, with the command that installs it.
+    monkeypatch.delitem(sys.modules, "symattn_kernels.integrations.onnx")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install symattn_kernels\[onnx\]"):
+        sk.onnx_translation_table()
 
 
 class _AttentionGrid(torch.nn.Module):
