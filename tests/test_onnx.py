@@ -148,18 +148,20 @@ class _VarlenOp(torch.nn.Module):
         )
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_varlen_translation_matches_reference(causal):
+@pytest.mark.parametrize("causal, dtype", [(False, F64), (True, torch.float32)], ids=["full-fp64", "causal-fp32"])
+def test_varlen_translation_matches_reference(causal, dtype):
     gen = torch.Generator().manual_seed(3)
-    q, v = torch.randn(12, 2, 8, generator=gen), torch.randn(12, 2, 5, generator=gen)
+    q, v = torch.randn(12, 2, 8, generator=gen).to(dtype), torch.randn(12, 2, 5, generator=gen).to(dtype)
     cu_seqlens = torch.tensor([0, 5, 5, 12, 12], dtype=torch.int32)  # lengths 5, 0, 7, 0
     session = _export(_VarlenOp(causal), (q, v, cu_seqlens))
     out, lse = _run(session, q, v, cu_seqlens)
     ref_out, ref_lse = R.symmetric_attention_varlen(
         q.to(F64), v.to(F64), cu_seqlens, 8, causal=causal, exclude_self=True, return_lse=True,
     )
-    assert_close(out, ref_out, atol=ATOL, name="varlen out")
-    assert_close(lse, ref_lse, atol=ATOL, name="varlen lse")
+    atol = 1e-12 if dtype == F64 else ATOL
+    assert out.dtype == lse.dtype == dtype
+    assert_close(out, ref_out, atol=atol, name=f"varlen out {dtype}")
+    assert_close(lse, ref_lse, atol=atol, name=f"varlen lse {dtype}")
 
 
 class _LamaGrid(torch.nn.Module):

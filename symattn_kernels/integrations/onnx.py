@@ -14,7 +14,8 @@ on each call and has no public hook that a package could extend at import.
 
 Inference only. Dropout has no ONNX counterpart here (the kernels draw their own Philox mask), so
 a graph that still carries ``dropout_p > 0`` (a model exported in training mode) is refused;
-``model.eval()`` first. Needs ``onnxscript`` (``pip install symattn_kernels[onnx]``, which also brings ``onnxruntime``).
+``model.eval()`` first. Needs ``onnxscript``: ``pip install symattn_kernels[onnx]``, which also
+brings ``onnxruntime``.
 """
 
 from __future__ import annotations
@@ -145,11 +146,11 @@ def attention_fwd(
             f"symattn::attention_fwd with dropout_p = {dropout_p} has no ONNX translation (inference "
             "only): call model.eval() before torch.onnx.export"
         )
+    dtype = _accumulate_dtype(q)
     packed = cu_seqlens is not None
     if packed:  # one batch row holding every sequence; the mask keeps them apart
         q = op.Unsqueeze(q, [0])
         v = None if v is None else op.Unsqueeze(v, [0])
-    dtype = _accumulate_dtype(q)
     y = op.Transpose(_accumulate(q, dtype), perm=_MOVE_HEADS)  # [B, H, S, D]
     values = y if v is None else op.Transpose(_accumulate(v, dtype), perm=_MOVE_HEADS)
     query = y
