@@ -17,3 +17,4 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q "triton>=3.2" numpy ninja "pytest>=8" "hypothesis>=6" "matplotlib>=3.7" "tqdm>=4.60" \
     "transformers>=5,<6"
+"$VENV/bin/pip" install -q "onnxscript>=0.5" "onnxruntime>=1.20"

@@ -20,3 +20,13 @@ __all__ = [
     "reference",
     "info",
 ]
+
+
+def __getattr__(name):
+    # onnx_translation_table loads on first use: it needs onnxscript, an optional dependency (so
+    # it stays out of __all__, where a star import would load it).
+    if name == "onnx_translation_table":
+        from .integrations.onnx import onnx_translation_table
+
+        return onnx_translation_table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

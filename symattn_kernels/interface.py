@@ -30,9 +30,11 @@ def _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, key_padding_ma
     scale = validation.options(scale, dropout_p, q.shape[-1])
     case = backends.AttentionCase(q.shape[-1], (q if v is None else v).shape[-1], _needs_grad(q, v, coef))
     name = backends.resolve(backend, q.device, q.dtype, case=case)
+    # max_seqlen is the padded S, a SymInt under torch.export: int() would fix the exported
+    # sequence axis to the example's length.
     out, lse = ops.attention_fwd(
         _unit_last_stride(q), _unit_last_stride(v), _unit_last_stride(coef), key_padding_mask, cu_seqlens,
-        _dropout_seed(dropout_p), scale, bool(causal), float(dropout_p), bool(exclude_self), int(max_seqlen),
+        _dropout_seed(dropout_p), scale, bool(causal), float(dropout_p), bool(exclude_self), max_seqlen,
         bool(deterministic), name,
     )
     return (out, lse) if return_lse else out
