@@ -4,12 +4,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.symattn-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: test test-fast test-interpret bench info train train-lama train-distributed check-cuda-build clean
+.PHONY: test test-fast test-interpret test-latest bench info train train-lama train-distributed check-cuda-build clean
 
-# Bootstrap (or update) the venv, then an editable install without build isolation, so csrc/
-# builds against the venv's torch.
-$(STAMP): scripts/bootstrap_venv.sh setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
-	bash scripts/bootstrap_venv.sh $(VENV)
+# Bootstrap (or update) the venv with the versions pinned in constraints.txt, then an editable
+# install without build isolation, so csrc/ builds against the venv's torch.
+$(STAMP): scripts/bootstrap_venv.sh constraints.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+	bash scripts/bootstrap_venv.sh $(VENV) pinned
 	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
@@ -24,6 +24,14 @@ test-interpret: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PYTEST) -x -m "not interpret and not gpu and not slow" tests
+
+# The suite against the newest versions the requirement ranges allow (torch stays pinned), in its
+# own venv, so upstream drift shows up as a named failure here rather than in `make test`.
+test-latest:
+	bash scripts/bootstrap_venv.sh .venv-latest latest
+	.venv-latest/bin/pip install -q --no-build-isolation --no-deps -e .
+	.venv-latest/bin/python -c "import transformers; print('test-latest: transformers', transformers.__version__)"
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider -m "not interpret and not gpu" tests
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -69,4 +77,4 @@ gpu-check-dry: $(STAMP)
 	$(PY) -m bench.gpu_check --dry --out $(OUT)
 
 clean:
-	rm -rf $(VENV) build *.egg-info symattn_kernels/*.so bench/results
+	rm -rf $(VENV) .venv-latest build *.egg-info symattn_kernels/*.so bench/results
