@@ -86,7 +86,8 @@ def symmetric_attention(
         causal (bool):
             Query i sees keys j <= i. Default: ``False``.
         key_padding_mask (torch.Tensor, Optional):
-            ``[B, S]`` bool, ``True`` = real token (Hugging Face's ``attention_mask == 1``).
+            ``[B, S]`` bool, ``True`` = real token, or integer, nonzero = real token (Hugging
+            Face's ``attention_mask``); float masks are refused (0/1 and additive read differently).
             Padded keys are never attended to; padded query rows are computed and can be ignored.
             Default: ``None``.
         dropout_p (float):
@@ -122,6 +123,9 @@ def symmetric_attention(
     validation.head_dim("q", q.shape[-1])
     validation.values(v, q, tuple(q.shape[:-1]), ("B", "S", "H"))
     batch, seqlen = q.shape[:2]
+    if isinstance(key_padding_mask, Tensor) and not (key_padding_mask.is_floating_point() or key_padding_mask.dtype
+                                                     == torch.bool):
+        key_padding_mask = key_padding_mask != 0  # the tokenizer's int64 attention_mask, as the modules take it
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, seqlen), "B, S", q)
     return _attention(q, v, None, seqlen, coef, scale, causal, key_padding_mask, dropout_p, exclude_self,
                       return_lse, deterministic, backend)

@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .interface import shared_attention, symmetric_attention
+from .interface import symmetric_attention, symmetric_attention_varlen
+from .masks import MaskPlan, allowed_4d, key_padding_mask, plan_mask
 
 __all__ = [
     "SharedWeightSelfAttention",
     "SymmetricSelfAttention",
     "StandardSelfAttention",
+    "attend",
     "key_padding_mask",
 ]
 
@@ -28,42 +30,25 @@ PAIRWISE = (None, "diag", "full")
 PAIRWISE_INIT = ("normal", "identity")
 
 
-def key_padding_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int) -> Optional[Tensor]:
-    """Turn a Hugging Face attention mask into the ``[B, S]`` bool key padding mask of the kernels.
+def attend(y: Tensor, v: Optional[Tensor], coef: Optional[Tensor], plan: MaskPlan, *, scale: Optional[float] = None,
+           dropout_p: float = 0.0) -> Tensor:
+    """Attention of ``y`` / ``v`` ``[B, S, H, D]`` under a ``MaskPlan``: one padded call, or one
+    varlen call over the packed tokens whose outputs are scattered back (other tokens get 0)."""
+    if not plan.packed:
+        return symmetric_attention(y, v, coef=coef, scale=scale, causal=plan.causal,
+                                   key_padding_mask=plan.key_padding_mask, dropout_p=dropout_p)
+    batch, seqlen, heads = y.shape[:3]
+    out_dim = (y if v is None else v).shape[-1]
+    out = (y if v is None else v).new_zeros(batch * seqlen, heads, out_dim)
+    if plan.index.numel():
+        def tokens(x):
+            return x.reshape(batch * seqlen, heads, x.shape[-1])[plan.index]
 
-    Accepted forms: ``None``; ``[B, S]`` with nonzero / True for real tokens (the tokenizer's
-    ``attention_mask``); a prepared ``[B, 1, S, S]`` mask, either bool (True = allowed) or additive
-    float (0 = allowed, as Hugging Face's eager and SDPA mask builders make). A 4D mask must be a
-    key padding pattern, possibly combined with a causal one: its last query row, which a causal
-    mask does not restrict, is taken as the key padding mask.
-
-    Args:
-        attention_mask (torch.Tensor, Optional):
-            The mask, in one of the forms above.
-        batch (int):
-            B, to check the mask's shape.
-        seqlen (int):
-            S, to check the mask's shape.
-
-    Returns:
-        ``[B, S]`` bool (True = real token), or ``None`` when ``attention_mask`` is ``None``.
-    """
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() == 4:
-        if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[-1] != seqlen:
-            raise ValueError(
-                f"attention_mask must have shape [B, 1, S, S] = ({batch}, 1, {seqlen}, {seqlen}), "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        row = attention_mask[:, 0, -1, :].expand(batch, seqlen)
-        return row if row.dtype == torch.bool else row == 0
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seqlen):
-        raise ValueError(
-            f"attention_mask must have shape [B, S] = ({batch}, {seqlen}) or [B, 1, S, S], "
-            f"got {tuple(attention_mask.shape)}"
-        )
-    return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+        packed = symmetric_attention_varlen(tokens(y), None if v is None else tokens(v), plan.cu_seqlens,
+                                            plan.max_seqlen, coef=coef, scale=scale, causal=plan.causal,
+                                            dropout_p=dropout_p)
+        out = out.index_copy(0, plan.index, packed)
+    return out.view(batch, seqlen, heads, out_dim)
 
 
 def _head_dim(hidden_size: int, num_heads: int) -> int:
@@ -139,13 +124,17 @@ class SymmetricSelfAttention(nn.Module):
         return self.qk(hidden_states).view(heads), self.value(hidden_states).view(heads), self.coef
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-        """Attend: ``[B, S, d_model]`` (and a mask as in ``key_padding_mask``) to ``[B, S, d_model]``."""
+        """Attend: ``[B, S, d_model]`` to ``[B, S, d_model]``.
+
+        ``attention_mask`` is ``[B, S]`` (bool / integer: nonzero = real token; float: 0/1 or additive)
+        or ``[B or 1, 1 or H, S, S]`` (bool, True = may attend, or additive float), combined with
+        ``causal``. A 4D mask must be key padding or block-diagonal (packed sequences), which run
+        exactly through the padded or the varlen kernel; any other pattern raises ValueError
+        (``symattn_kernels.masks``)."""
         batch, seqlen, _ = hidden_states.shape
         y, v, coef = self.project(hidden_states)
-        out = symmetric_attention(
-            y, v, coef=coef, causal=self.causal, key_padding_mask=key_padding_mask(attention_mask, batch, seqlen),
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        plan = plan_mask(attention_mask, batch, seqlen, self.causal)
+        out = attend(y, v, coef, plan, dropout_p=self.dropout if self.training else 0.0)
         return out.reshape(batch, seqlen, self.hidden_size)
 
     def extra_repr(self) -> str:
@@ -196,10 +185,9 @@ class SharedWeightSelfAttention(nn.Module):
         """Same as ``SymmetricSelfAttention.forward``."""
         batch, seqlen, _ = hidden_states.shape
         y, _, coef = self.project(hidden_states)
-        out = shared_attention(
-            y, coef=coef, causal=self.causal, key_padding_mask=key_padding_mask(attention_mask, batch, seqlen),
-            dropout_p=self.dropout if self.training else 0.0,
-        ).reshape(batch, seqlen, self.hidden_size)
+        plan = plan_mask(attention_mask, batch, seqlen, self.causal)
+        out = attend(y, None, coef, plan, dropout_p=self.dropout if self.training else 0.0)
+        out = out.reshape(batch, seqlen, self.hidden_size)
         return out * self.d_v if self.role_scales else out
 
     def extra_repr(self) -> str:
@@ -235,8 +223,11 @@ class StandardSelfAttention(nn.Module):
         batch, seqlen, _ = hidden_states.shape
         heads = (batch, seqlen, self.num_heads, self.head_dim)
         q, k, v = (proj(hidden_states).view(heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
-        keys = key_padding_mask(attention_mask, batch, seqlen)
-        mask = None if keys is None else keys[:, None, None, :]
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = allowed_4d(attention_mask, batch, seqlen)[:, None]
+        else:
+            keys = key_padding_mask(attention_mask, batch, seqlen)
+            mask = None if keys is None else keys[:, None, None, :]
         if mask is not None and self.causal:
             mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=keys.device).tril()
         out = F.scaled_dot_product_attention(

@@ -46,14 +46,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+import warnings
 
-from ..interface import symmetric_attention
-from ..modules import SharedWeightSelfAttention, SymmetricSelfAttention, key_padding_mask
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface, AutoConfig, DynamicCache, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, find_packed_sequence_indices
+
+from ..masks import allowed_4d, key_padding_mask, packed_plan, plan_mask
+from ..modules import SharedWeightSelfAttention, SymmetricSelfAttention, attend
 
 __all__ = [
     "VARIANTS",
@@ -82,45 +84,104 @@ def symattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
     return attention_mask[:, -kv_length:].bool()
 
 
-def _sdpa_mask(attention_mask: Optional[Tensor], query: Tensor, key: Tensor, causal: bool) -> Optional[Tensor]:
-    if attention_mask is None or attention_mask.dim() == 4:
-        return attention_mask
-    mask = attention_mask.bool()[:, None, None, :]
-    if causal:  # with a mask present SDPA ignores is_causal, so causality joins the mask
-        q_len, kv_len = query.shape[2], key.shape[2]
-        mask = mask & torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+def _packed_sequence_ids(attention_mask: Optional[Tensor], kwargs: dict, batch: int, seqlen: int) -> Optional[Tensor]:
+    """``[B, S]`` sequence labels of packed sequences in transformers' convention (no mask, and
+    ``cu_seq_lens_q`` or ``position_ids`` restarting at 0, as ``DataCollatorWithFlattening``
+    makes), or None when the batch is not packed."""
+    if attention_mask is not None:
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None:
+        if cu_k is not None and not torch.equal(cu_q, cu_k):
+            raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: packed self-attention needs equal offsets")
+        if int(cu_q[-1]) != batch * seqlen:
+            raise ValueError(f"cu_seq_lens_q must end at the {batch * seqlen} packed tokens, got {cu_q.tolist()}")
+        tokens = torch.arange(batch * seqlen, device=cu_q.device)
+        return torch.searchsorted(cu_q[1:].to(tokens.dtype), tokens, right=True).view(batch, seqlen)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        return None
+    return find_packed_sequence_indices(position_ids.expand(batch, -1))
+
+
+def _fold_coef(query: Tensor, coef: Optional[Tensor]) -> Tensor:
+    """``[B, H, S, D]`` query rows times the pairwise coefficient: ``Y M``."""
+    if coef is None:
+        return query
+    if coef.dim() == 2:
+        return query * coef[None, :, None, :]
+    return torch.einsum("bhsd,hde->bhse", query, coef)
+
+
+def _rectangular_mask(attention_mask: Optional[Tensor], sequence_ids: Optional[Tensor], q_len: int, kv_len: int,
+                      causal: bool, device) -> Optional[Tensor]:
+    """``[B or 1, 1, Q, K]`` bool mask for SDPA: a 4D mask as given (transformers' convention: it
+    already holds causality), else padding, packing and causality with the queries the last Q keys."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return allowed_4d(attention_mask, attention_mask.shape[0], q_len, kv_len)[:, None]
+    mask = None
+    if attention_mask is not None:
+        mask = key_padding_mask(attention_mask, attention_mask.shape[0], kv_len)[:, None, None, :]
+    if sequence_ids is not None:
+        same = (sequence_ids[:, :, None] == sequence_ids[:, None, :])[:, None]
+        mask = same if mask is None else mask & same
+    if causal:
+        tril = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+        mask = tril if mask is None else mask & tril
     return mask
 
 
 def symattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                               attention_mask: Optional[Tensor], scaling: Optional[float] = None,
-                              dropout: float = 0.0, is_causal: Optional[bool] = None, **kwargs):
-    """Hugging Face attention function: the symmetric kernel when ``key is query``, SDPA otherwise.
+                              dropout: float = 0.0, is_causal: Optional[bool] = None, coef: Optional[Tensor] = None,
+                              **kwargs):
+    """Hugging Face attention function of ``attn_implementation="symattn"``.
+
+    When ``key is query`` (a converted layer's shared projection Y) the symmetric kernel runs:
+    padded, or varlen for packed sequences (a block-diagonal 4D mask, or transformers' packing
+    metadata ``cu_seq_lens_q`` / ``position_ids`` with no mask), with ``value is query`` meaning
+    shared-weight attention. Otherwise (a cached decoding step, whose keys are the cached Y rows
+    followed by the new ones, or a stock model's separate query and key) the query rows, times
+    ``coef``, attend through PyTorch's SDPA under the same masks, causality aligned to the last
+    keys. Rows with no allowed key give 0 on both routes.
 
     Args:
         module (nn.Module): the calling attention module; its ``is_causal`` is read when
             ``is_causal`` is ``None``.
-        query, key, value (torch.Tensor): ``[B, H, S, D]``, as Hugging Face passes them.
-        attention_mask (torch.Tensor, Optional): ``[B, S]`` bool (from ``symattn_mask``) or a 4D mask.
+        query, key, value (torch.Tensor): ``[B, H, Q, D]``, ``[B, H, K, D]``, ``[B, H, K, Dv]``.
+        attention_mask (torch.Tensor, Optional): ``[B, K]`` padding mask (``symattn_mask``) or a
+            4D mask as in ``symattn_kernels.masks``, used as given (it already holds causality).
         scaling (float, Optional): score scale. Default: ``D ** -0.5``.
         dropout (float): attention dropout probability. Default: ``0.0``.
         is_causal (bool, Optional): overrides ``module.is_causal``. Default: ``None``.
+        coef (torch.Tensor, Optional): pairwise coefficient ``[H, D]`` or ``[H, D, D]``.
+            Default: ``None``.
+        **kwargs: transformers' extra attention arguments; ``cu_seq_lens_q`` / ``cu_seq_lens_k``
+            and ``position_ids`` are read for packing, the rest is ignored.
 
     Returns:
-        ``(out [B, S, H, D], None)``: attention weights are never materialised.
+        ``(out [B, Q, H, Dv], None)``: attention weights are never materialised.
     """
     causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    mask_4d = attention_mask is not None and attention_mask.dim() == 4
+    sequence_ids = _packed_sequence_ids(attention_mask, kwargs, batch, q_len) if q_len == kv_len else None
     if key is query:
-        batch, _, seqlen, _ = query.shape
-        out = symmetric_attention(
-            query.transpose(1, 2), None if value is query else value.transpose(1, 2), scale=scaling, causal=causal,
-            key_padding_mask=key_padding_mask(attention_mask, batch, seqlen), dropout_p=dropout,
-        )
+        if sequence_ids is not None:
+            plan = packed_plan(sequence_ids)
+            plan = type(plan)(None, causal, plan.index, plan.cu_seqlens, plan.max_seqlen)
+        else:
+            plan = plan_mask(attention_mask, batch, q_len, causal and not mask_4d)
+        out = attend(query.transpose(1, 2), None if value is query else value.transpose(1, 2), coef, plan,
+                     scale=scaling, dropout_p=dropout)
         return out, None
-    return sdpa_attention_forward(
-        module, query, key, value, _sdpa_mask(attention_mask, query, key, causal), dropout=dropout, scaling=scaling,
-        is_causal=causal, **kwargs,
-    )
+    mask = _rectangular_mask(attention_mask, sequence_ids, q_len, kv_len, causal and not mask_4d, query.device)
+    out = F.scaled_dot_product_attention(_fold_coef(query, coef), key, value, attn_mask=mask, dropout_p=dropout,
+                                         scale=scaling)
+    if mask is not None:
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return out.transpose(1, 2), None
 
 
 def register_attention() -> str:
@@ -139,18 +200,56 @@ def register_attention() -> str:
 
 
 class _HFSelfAttention:
-    """Hugging Face's self-attention call convention over a ``symattn_kernels.modules`` layer."""
+    """Hugging Face's self-attention call convention over a ``symattn_kernels.modules`` layer.
+
+    The layer projects, updates a ``DynamicCache`` (Y and V; for shared-weight attention Y only,
+    with empty values, since the values are Y) and dispatches through
+    ``symattn_attention_forward`` with everything transformers passes (masks, packing metadata).
+    """
 
     original_class: type = None
     layer_idx: Optional[int] = None
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, past_key_values=None,
-                encoder_hidden_states: Optional[Tensor] = None, **kwargs):
+                encoder_hidden_states: Optional[Tensor] = None, cache=None, **kwargs):
+        # transformers < 5.25 names the cache past_key_values, later versions cache: take either.
+        cache = cache if cache is not None else past_key_values
         if encoder_hidden_states is not None:
             raise ValueError("a converted self-attention layer cannot attend to encoder_hidden_states")
-        if past_key_values is not None:
-            raise NotImplementedError("converted layers keep no KV cache; call the model with use_cache=False")
-        return super().forward(hidden_states, attention_mask), None
+        if kwargs.get("output_attentions"):
+            raise NotImplementedError(_NO_ATTENTIONS)
+        batch, seqlen, _ = hidden_states.shape
+        y, v, coef = self.project(hidden_states)
+        query = y.transpose(1, 2)
+        key, value = query, (query if v is None else v.transpose(1, 2))
+        if cache is not None:
+            key, value = self._update_cache(cache, query, value if v is not None else None)
+            kwargs = {k: a for k, a in kwargs.items() if k not in _PACKING_KWARGS}  # packing is for training
+        out, _ = symattn_attention_forward(self, query, key, value, attention_mask,
+                                           dropout=self.dropout if self.training else 0.0, is_causal=self.causal,
+                                           coef=coef, **kwargs)
+        out = out.reshape(batch, seqlen, self.hidden_size)
+        if isinstance(self, SharedWeightSelfAttention) and self.role_scales:
+            out = out * self.d_v
+        return out, None
+
+    def _update_cache(self, cache, query: Tensor, value: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        layers = getattr(cache, "self_attention_cache", cache)
+        if not isinstance(layers, DynamicCache) or type(layers).__name__ != "DynamicCache":
+            raise NotImplementedError(f"converted layers support transformers' DynamicCache only, got "
+                                      f"{type(layers).__name__}")
+        if self.layer_idx is None:
+            raise ValueError("a converted layer without layer_idx cannot use a KV cache")
+        stored_values = query[..., :0] if value is None else value  # shared: the values are Y itself
+        keys, values = layers.update(query, stored_values, self.layer_idx)
+        if keys.shape[2] == query.shape[2]:  # nothing cached before: a self-attention call
+            return query, query if value is None else value
+        return keys, keys if value is None else values
+
+
+_NO_ATTENTIONS = ("converted symattn layers never materialise attention probabilities: output_attentions=True is "
+                  "not supported (revert_bert gives a model that returns them)")
+_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
 
 
 class BertSymmetricSelfAttention(_HFSelfAttention, SymmetricSelfAttention):
@@ -271,10 +370,34 @@ def _random_init(new: nn.Module, std: float) -> None:
         new.reset_coef()
 
 
-def _set_attn_implementation(model: nn.Module, name: str) -> None:
-    # Plain nn.Modules wrapping a Hugging Face model keep its mask; the layers accept 4D masks too.
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
+def _hf_roots(model: nn.Module) -> list[PreTrainedModel]:
+    """The outermost Hugging Face models in ``model`` (``model`` itself if it is one)."""
+    roots = []
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and not any(name.startswith(r + ".") or r == "" for r, _ in roots):
+            roots.append((name, module))
+    return [m for _, m in roots]
+
+
+def _refuse_attention_weights(module: nn.Module, args, kwargs) -> None:
+    requested = kwargs.get("output_attentions")
+    if requested is None:
+        requested = getattr(module.config, "output_attentions", False)
+    if requested:
+        raise NotImplementedError(_NO_ATTENTIONS)
+
+
+def _hook_models(root: PreTrainedModel) -> None:
+    """Refuse ``output_attentions`` on ``root`` and every Hugging Face model inside it: transformers
+    records weights from its own attention classes only, so it would return an empty tuple."""
+    root._symattn_hooks = [m.register_forward_pre_hook(_refuse_attention_weights, with_kwargs=True)
+                           for m in root.modules() if isinstance(m, PreTrainedModel)]
+
+
+def _unhook_models(root: PreTrainedModel) -> None:
+    for handle in getattr(root, "_symattn_hooks", []):
+        handle.remove()
+    root._symattn_hooks = []
 
 
 def convert_bert(model: nn.Module, variant: str, init: str = "pretrained", *, pairwise_init: str = "normal"):
@@ -302,25 +425,27 @@ def convert_bert(model: nn.Module, variant: str, init: str = "pretrained", *, pa
     if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
     if _find(model, lambda m: isinstance(m, _HFSelfAttention)):
-        current = getattr(model.config, CONFIG_KEY, "?")
-        raise ValueError(f"model is already converted ({current}); call revert_bert first")
-    targets = _find(model, _is_original)
-    if not targets:
-        raise ValueError(f"found no BERT-family self-attention (query/key/value Linears) in {type(model).__name__}")
-    std = getattr(model.config, "initializer_range", 0.02)
-    for name, old in targets:
-        new = _new_layer(old, variant, pairwise_init)
-        if init == "random":
-            _random_init(new, std)
-        elif variant == "shared":
-            _warm_start_shared(new, old)
-        else:
-            _warm_start_symmetric(new, old)
-        _replace(model, name, new)
-    setattr(model.config, CONFIG_KEY, variant)
-    model._symattn_previous_attn_implementation = getattr(model.config, "_attn_implementation", None)
+        raise ValueError("model is already converted; call revert_bert first")
+    roots = [r for r in _hf_roots(model) if _find(r, _is_original)]
+    if not roots:
+        raise ValueError(f"found no Hugging Face BERT-family self-attention (query/key/value Linears) in "
+                         f"{type(model).__name__}")
     register_attention()
-    _set_attn_implementation(model, ATTN_IMPLEMENTATION)
+    for root in roots:
+        std = getattr(root.config, "initializer_range", 0.02)
+        for name, old in _find(root, _is_original):
+            new = _new_layer(old, variant, pairwise_init)
+            if init == "random":
+                _random_init(new, std)
+            elif variant == "shared":
+                _warm_start_shared(new, old)
+            else:
+                _warm_start_symmetric(new, old)
+            _replace(root, name, new)
+        setattr(root.config, CONFIG_KEY, variant)
+        root._symattn_previous_attn_implementation = getattr(root.config, "_attn_implementation", None)
+        root.set_attn_implementation(ATTN_IMPLEMENTATION)
+        _hook_models(root)
     return model
 
 
@@ -376,52 +501,80 @@ def revert_bert(model: nn.Module):
         ``model``, with ``symattn_variant`` removed from its config and its previous attention
         implementation (default ``"sdpa"``) restored.
     """
-    layers = _find(model, lambda m: isinstance(m, _HFSelfAttention))
-    if not layers:
+    roots = [r for r in _hf_roots(model) if _find(r, lambda m: isinstance(m, _HFSelfAttention))]
+    if not roots:
         raise ValueError(f"{type(model).__name__} has no converted self-attention layers")
-    for name, layer in layers:
-        _replace(model, name, _revert_layer(layer, model.config))
-    if hasattr(model.config, CONFIG_KEY):
-        delattr(model.config, CONFIG_KEY)
-    previous = getattr(model, "_symattn_previous_attn_implementation", None)
-    _set_attn_implementation(model, previous if previous not in (None, ATTN_IMPLEMENTATION) else "sdpa")
+    for root in roots:
+        for name, layer in _find(root, lambda m: isinstance(m, _HFSelfAttention)):
+            _replace(root, name, _revert_layer(layer, root.config))
+        if hasattr(root.config, CONFIG_KEY):
+            delattr(root.config, CONFIG_KEY)
+        previous = getattr(root, "_symattn_previous_attn_implementation", None)
+        root.set_attn_implementation(previous if previous not in (None, ATTN_IMPLEMENTATION) else "sdpa")
+        _unhook_models(root)
     return model
+
+
+def _match_prefix(state: dict, model: PreTrainedModel) -> dict:
+    """Checkpoint keys renamed to ``model``'s as ``from_pretrained`` does: a base-model checkpoint
+    into a model with a head gains the ``base_model_prefix``; a head checkpoint into a base model
+    loses it (and its head)."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix == "." or not hasattr(model, prefix[:-1]):
+        has_prefix = any(k.startswith(prefix) for k in state)
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if has_prefix else state
+    if any(k.startswith(prefix) for k in state):
+        return state
+    return {prefix + k: v for k, v in state.items()}
 
 
 def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, device=None):
     """Load a model that ``save_pretrained`` wrote after ``convert_bert``.
 
     Builds ``model_class`` from the saved config, converts it to the recorded
-    ``config.symattn_variant`` and loads the saved weights strictly. A checkpoint without a
-    recorded variant is loaded with ``model_class.from_pretrained``.
+    ``config.symattn_variant`` and loads the saved weights. As with ``from_pretrained``, the class
+    may be an ``AutoModel*`` class, and a class with a head may load a base-model checkpoint: the
+    head keeps its fresh initialisation, with a warning. A checkpoint without a recorded variant is
+    loaded with ``model_class.from_pretrained``. (``from_pretrained`` alone would build standard
+    attention and initialise its query / key weights randomly.)
 
     Args:
-        model_class (type): e.g. ``BertForSequenceClassification``.
+        model_class (type): e.g. ``BertForSequenceClassification`` or ``AutoModelForMaskedLM``.
         path (str or os.PathLike): the ``save_pretrained`` directory.
         dtype (torch.dtype, Optional): cast to this dtype. Default: ``None`` (as saved, float32 build).
         device (torch.device, Optional): move to this device. Default: ``None`` (CPU).
 
     Returns:
         The converted model in eval mode, like ``from_pretrained``.
+
+    Raises:
+        ValueError: the checkpoint lacks weights of the base model, or has weights it cannot place.
     """
     from safetensors.torch import load_file
 
-    config = model_class.config_class.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
     variant = getattr(config, CONFIG_KEY, None)
     if variant is None:
         return model_class.from_pretrained(path, dtype=dtype, device_map=device)
-    model = convert_bert(model_class(config), variant, init="random")
+    is_auto = not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel))
+    model = model_class.from_config(config) if is_auto else model_class(config)
+    convert_bert(model, variant, init="random")
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    state = {k: v for f in files for k, v in load_file(str(f)).items()}
+    state = _match_prefix({k: v for f in files for k, v in load_file(str(f)).items()}, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()  # save_pretrained drops tied copies (e.g. an MLM decoder): re-tie them
     loaded = {t.data_ptr() for k, t in model.state_dict().items() if k not in missing}
     untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
-    if untied or unexpected:
-        raise ValueError(f"checkpoint {path} does not match a {variant} {model_class.__name__}: "
-                         f"missing {untied[:5]}, unexpected {unexpected[:5]}")
+    prefix = model.base_model_prefix + "."
+    head = [k for k in untied if hasattr(model, model.base_model_prefix) and not k.startswith(prefix)]
+    base = [k for k in untied if k not in head]
+    if base or unexpected:
+        raise ValueError(f"checkpoint {path} does not match a {variant} {type(model).__name__}: "
+                         f"missing {base[:5]}, unexpected {unexpected[:5]}")
+    if head:
+        warnings.warn(f"{type(model).__name__} weights not in {path}, newly initialised: {head}", stacklevel=2)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -1,0 +1,175 @@
+"""What a Hugging Face style attention mask asks for, in the terms the kernels take.
+
+The kernels take a key padding mask, a causal flag and packed sequences (``cu_seqlens``). A mask
+that a model or a user hands to a module is reduced to exactly those, or refused:
+
+* ``[B, S]``: bool or integer (nonzero = real token, the tokenizer's ``attention_mask``), or
+  float: 0/1 values as the integer form, or additive (0 = real, ``-inf`` or a large negative
+  value = padding; any negative entry or an all-zero mask marks the additive form).
+* ``[B or 1, 1 or H, S, S]``: bool (True = may attend) or additive float (0 = may attend,
+  ``-inf`` or below half the dtype's minimum = blocked), as transformers builds for eager / SDPA.
+  It is honoured exactly when it is a key padding mask (optionally causal) or block-diagonal
+  (packed sequences, optionally causal and padded); any other pattern raises ``ValueError``.
+
+Rows with no allowed key give 0, as everywhere in the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["MaskPlan", "allowed_4d", "key_padding_mask", "packed_plan", "plan_mask"]
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """A mask as kernel arguments: either ``key_padding_mask`` [B, S] (or None) with ``causal``, or
+    packed sequences: ``index`` (flat ``b * S + s`` positions of the tokens that attend, in order),
+    ``cu_seqlens`` (int32 offsets into them) and ``max_seqlen``."""
+
+    key_padding_mask: Optional[Tensor] = None
+    causal: bool = False
+    index: Optional[Tensor] = None
+    cu_seqlens: Optional[Tensor] = None
+    max_seqlen: int = 0
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+def _float_2d(mask: Tensor) -> Tensor:
+    if bool((mask < 0).any()) or not bool(mask.any()):
+        return _additive_allowed(mask, "attention_mask")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("a float [B, S] attention_mask must hold 0/1 (1 = real token) or be additive "
+                         "(0 = real token, -inf or a large negative value = padding)")
+    return mask != 0
+
+
+def _additive_allowed(mask: Tensor, name: str) -> Tensor:
+    allowed = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((allowed | blocked).all()):
+        raise ValueError(f"an additive float {name} may hold only 0 (attend) and -inf or a large negative value "
+                         "(blocked); additive score biases are not supported")
+    return allowed
+
+
+def key_padding_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int) -> Optional[Tensor]:
+    """A ``[B, S]`` mask (module docstring) as the kernels' bool key padding mask, True = real token.
+
+    Args:
+        attention_mask (torch.Tensor, Optional): ``[B, S]``, bool, integer or float.
+        batch (int): B, to check the shape.
+        seqlen (int): S, to check the shape.
+
+    Returns:
+        ``[B, S]`` bool, or ``None`` when ``attention_mask`` is ``None``.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seqlen):
+        raise ValueError(f"attention_mask must have shape [B, S] = ({batch}, {seqlen}) or [B or 1, 1 or H, S, S], "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if attention_mask.is_floating_point():
+        return _float_2d(attention_mask)
+    return attention_mask != 0
+
+
+def allowed_4d(mask: Tensor, batch: int, seqlen: int, kv_len: Optional[int] = None) -> Tensor:
+    """``[B, S, K]`` bool (True = may attend) from a 4D mask ``[B or 1, 1 or H, S, K]`` whose heads
+    agree; ``K = kv_len``, default ``S``."""
+    kv_len = seqlen if kv_len is None else kv_len
+    if mask.shape[0] not in (1, batch) or tuple(mask.shape[-2:]) != (seqlen, kv_len):
+        raise ValueError(f"attention_mask must have shape [B or 1, 1 or H, S, S] with B = {batch}, S = {seqlen}"
+                         f"{'' if kv_len == seqlen else f' (keys: {kv_len})'}, got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        allowed = _additive_allowed(mask, "attention_mask")
+    else:
+        raise TypeError(f"a 4D attention_mask must be bool (True = may attend) or additive float, got {mask.dtype}")
+    if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
+        raise ValueError("a 4D attention_mask that differs between heads is not supported")
+    return allowed[:, 0].expand(batch, seqlen, kv_len)
+
+
+def _packed_from_labels(labels: Tensor, attends: Tensor) -> Optional[MaskPlan]:
+    """Packed plan from per-token sequence labels ``[B, S]`` (tokens with ``attends`` False are
+    left out), or None when a label's tokens are not one contiguous run."""
+    seqlen = labels.shape[1]
+    flat = (labels + torch.arange(labels.shape[0], device=labels.device)[:, None] * (seqlen + 1)).flatten()
+    index = attends.flatten().nonzero().flatten()
+    runs, lengths = torch.unique_consecutive(flat[index], return_counts=True)
+    if runs.numel() != torch.unique(runs).numel():
+        return None
+    cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=labels.device)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    return MaskPlan(index=index, cu_seqlens=cu_seqlens, max_seqlen=max(int(lengths.max()), 1) if lengths.numel() else 1)
+
+
+def _block_diagonal(allowed: Tensor, causal: bool) -> Optional[MaskPlan]:
+    attends = allowed.any(-1)  # [B, S]
+    first = allowed.to(torch.uint8).argmax(-1)  # each row's first allowed key: its sequence's start
+    labels = torch.where(attends, first, -1)
+    expected = (labels[:, :, None] == labels[:, None, :]) & attends[:, :, None] & attends[:, None, :]
+    if causal:
+        expected = expected.tril()
+    if not torch.equal(expected, allowed):
+        return None
+    plan = _packed_from_labels(labels, attends)
+    return None if plan is None else MaskPlan(plan.key_padding_mask, causal, plan.index, plan.cu_seqlens,
+                                              plan.max_seqlen)
+
+
+def plan_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int, causal: bool = False) -> MaskPlan:
+    """Reduce a mask of the forms in the module docstring to kernel arguments, exactly or not at all.
+
+    Args:
+        attention_mask (torch.Tensor, Optional): ``None``, ``[B, S]`` or ``[B or 1, 1 or H, S, S]``.
+        batch (int): B.
+        seqlen (int): S.
+        causal (bool): the layer is causal: the mask is combined with a causal one.
+            Default: ``False``.
+
+    Returns:
+        MaskPlan.
+
+    Raises:
+        ValueError: a 4D mask that is neither key padding (optionally causal) nor block-diagonal.
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        return MaskPlan(key_padding_mask(attention_mask, batch, seqlen), causal)
+    allowed = allowed_4d(attention_mask, batch, seqlen)
+    tril = torch.ones(seqlen, seqlen, dtype=torch.bool, device=allowed.device).tril()
+    if causal:
+        allowed = allowed & tril
+    keys = allowed[:, -1, :]  # the last query row sees every allowed key, causal or not
+    for is_causal in ((True,) if causal else (False, True)):
+        expected = keys[:, None, :] & tril if is_causal else keys[:, None, :].expand_as(allowed)
+        if torch.equal(expected, allowed):
+            return MaskPlan(None if bool(keys.all()) else keys.contiguous(), is_causal)
+    for is_causal in ((True,) if causal else (False, True)):
+        plan = _block_diagonal(allowed, is_causal)
+        if plan is not None:
+            return plan
+    raise ValueError(
+        f"attention_mask of shape {tuple(attention_mask.shape)} is neither a key padding mask (optionally causal) "
+        "nor a block-diagonal mask of packed sequences; the kernels support only those patterns"
+    )
+
+
+def packed_plan(sequence_ids: Tensor) -> MaskPlan:
+    """Packed plan from ``[B, S]`` labels where equal neighbours are one sequence (as transformers'
+    ``find_packed_sequence_indices`` returns for packed ``position_ids``); every token attends."""
+    plan = _packed_from_labels(sequence_ids, torch.ones_like(sequence_ids, dtype=torch.bool))
+    if plan is None:
+        raise ValueError("packed sequence labels must form contiguous runs")
+    return plan
