@@ -247,8 +247,8 @@ def test_without_the_mask_interface_padding_is_dropped(monkeypatch):
 @pytest.mark.parametrize("shared_values", [False, True], ids=["separate_v", "v_is_q"])
 def test_attention_function_uses_the_kernel_when_key_is_query(shared_values, monkeypatch):
     calls = []
-    kernel = hf.symmetric_attention
-    monkeypatch.setattr(hf, "symmetric_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = hf.attend
+    monkeypatch.setattr(hf, "attend", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     torch.manual_seed(3)
     q = torch.randn(2, 3, 5, 16)  # [B, H, S, D], Hugging Face's layout
     v = q if shared_values else torch.randn(2, 3, 5, 16)

@@ -10,6 +10,7 @@ from symattn_kernels.modules import (
     SymmetricSelfAttention,
     key_padding_mask,
 )
+from symattn_kernels.masks import plan_mask
 
 from .helpers import assert_close
 
@@ -91,7 +92,8 @@ def test_every_mask_form_is_the_same_key_padding():
     forms = {"bool": mask, "long": mask.long(), "float": mask.float(), "4d bool": mask[:, None, None, :].expand(
         batch, 1, seqlen, seqlen), "4d additive": additive}
     for name, form in forms.items():
-        assert torch.equal(key_padding_mask(form, batch, seqlen), mask), name
+        plan = plan_mask(form, batch, seqlen)
+        assert torch.equal(plan.key_padding_mask, mask) and not plan.causal and not plan.packed, name
     assert key_padding_mask(None, batch, seqlen) is None
     with pytest.raises(ValueError, match=r"\[B, S\]"):
         key_padding_mask(mask[:, :-1], batch, seqlen)

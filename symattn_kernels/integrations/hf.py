@@ -35,8 +35,11 @@ rebuilds the model from that config, converts it and loads the weights (``cls.fr
 alone would build the original attention and ignore the converted weights).
 
 ``register_attention()`` adds ``attn_implementation="symattn"``; ``convert_bert`` selects it, so
-converted models receive the ``[B, S]`` padding mask instead of a materialised ``[B, 1, S, S]`` one.
-Not supported by converted layers: KV caches (``use_cache=True`` on decoders), ``output_attentions``.
+converted models receive the ``[B, S]`` padding mask instead of a materialised ``[B, 1, S, S]`` one,
+and the converted layers dispatch through ``symattn_attention_forward`` with transformers' kwargs
+(packing metadata). Decoders cache Y and V (shared-weight: Y only) in a ``DynamicCache``.
+Not supported by converted layers: other cache classes, cross-attention, ``output_attentions``
+(each raises).
 """
 
 from __future__ import annotations
@@ -428,8 +431,8 @@ def convert_bert(model: nn.Module, variant: str, init: str = "pretrained", *, pa
         raise ValueError("model is already converted; call revert_bert first")
     roots = [r for r in _hf_roots(model) if _find(r, _is_original)]
     if not roots:
-        raise ValueError(f"found no Hugging Face BERT-family self-attention (query/key/value Linears) in "
-                         f"{type(model).__name__}")
+        raise ValueError(f"found no BERT-family self-attention (query/key/value Linears) in a Hugging Face model "
+                         f"in {type(model).__name__}")
     register_attention()
     for root in roots:
         std = getattr(root.config, "initializer_range", 0.02)
@@ -548,7 +551,7 @@ def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, de
         The converted model in eval mode, like ``from_pretrained``.
 
     Raises:
-        ValueError: the checkpoint lacks weights of the base model, or has weights it cannot place.
+        ValueError: the checkpoint lacks weights of the base model (unused weights only warn).
     """
     from safetensors.torch import load_file
 
@@ -570,11 +573,13 @@ def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, de
     prefix = model.base_model_prefix + "."
     head = [k for k in untied if hasattr(model, model.base_model_prefix) and not k.startswith(prefix)]
     base = [k for k in untied if k not in head]
-    if base or unexpected:
+    if base:
         raise ValueError(f"checkpoint {path} does not match a {variant} {type(model).__name__}: "
                          f"missing {base[:5]}, unexpected {unexpected[:5]}")
     if head:
         warnings.warn(f"{type(model).__name__} weights not in {path}, newly initialised: {head}", stacklevel=2)
+    if unexpected:
+        warnings.warn(f"weights in {path} that {type(model).__name__} does not use: {unexpected}", stacklevel=2)
     return model.to(device=device, dtype=dtype).eval()
 
 

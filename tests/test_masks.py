@@ -1,0 +1,71 @@
+"""4D masks through the modules against an fp64 softmax under the very same mask: key padding,
+causal, and packed (block-diagonal, optionally causal and padded) patterns run exactly through the
+padded or the varlen kernel; anything else is refused."""
+
+import pytest
+import torch
+
+from symattn_kernels.masks import plan_mask
+from symattn_kernels.modules import SharedWeightSelfAttention, SymmetricSelfAttention
+
+from .helpers import assert_close
+
+B, S, WIDTH, HEADS = 2, 11, 32, 2
+
+
+def _expected(layer, hidden, allowed):
+    """softmax(scale * Y M Y^T) over the allowed keys in float64, 0 for a row with none."""
+    y, v, coef = (t.double() if t is not None else None for t in layer.project(hidden))
+    y, v = y.transpose(1, 2), (y if v is None else v).transpose(1, 2)
+    query = y if coef is None else (y * coef[None, :, None] if coef.dim() == 2 else y @ coef)
+    scores = (query @ y.transpose(-1, -2) * y.shape[-1] ** -0.5).masked_fill(~allowed[:, None], float("-inf"))
+    out = torch.nan_to_num(scores.softmax(-1)) @ v
+    out = out.transpose(1, 2).reshape(hidden.shape)
+    return out * layer.d_v.double() if isinstance(layer, SharedWeightSelfAttention) else out
+
+
+def _packed(causal, padded):
+    labels = torch.tensor([[0] * 4 + [1] * 5 + [2] * 2, [0] * 7 + [1] * 4])
+    allowed = labels[:, :, None] == labels[:, None, :]
+    if padded:  # the last two tokens of row 1 are padding: no row sees them, their own rows are empty
+        real = torch.arange(S) < torch.tensor([[S], [S - 2]])
+        allowed &= real[:, None, :] & real[:, :, None]
+    return allowed.tril() if causal else allowed
+
+
+@pytest.mark.parametrize("layer_class", [SymmetricSelfAttention, SharedWeightSelfAttention])
+@pytest.mark.parametrize("pattern", ["packed", "packed_causal", "packed_padded", "causal_padding"])
+def test_4d_masks_honoured_exactly(layer_class, pattern):
+    torch.manual_seed(0)
+    layer = layer_class(WIDTH, HEADS)
+    hidden = torch.randn(B, S, WIDTH)
+    if pattern == "causal_padding":
+        real = torch.arange(S) < torch.tensor([[S], [6]])
+        allowed = real[:, None, :] & torch.ones(S, S, dtype=torch.bool).tril()
+    else:
+        allowed = _packed("causal" in pattern, "padded" in pattern)
+    plan = plan_mask(allowed[:, None], B, S)
+    assert plan.packed == pattern.startswith("packed") and plan.causal == ("causal" in pattern)
+    for mask in (allowed[:, None], torch.zeros(B, 1, S, S).masked_fill(~allowed[:, None], float("-inf"))):
+        assert_close(layer(hidden, mask), _expected(layer, hidden, allowed), atol=1e-5, name=pattern)
+
+
+def test_causal_layer_combines_its_causality_with_a_4d_mask():
+    torch.manual_seed(0)
+    layer = SymmetricSelfAttention(WIDTH, HEADS, causal=True)
+    hidden = torch.randn(B, S, WIDTH)
+    allowed = _packed(causal=False, padded=False)
+    assert_close(layer(hidden, allowed[:, None]), _expected(layer, hidden, allowed.tril()), atol=1e-5,
+                 name="causal layer, block-diagonal mask")
+
+
+def test_patterns_the_kernels_cannot_run_are_refused():
+    labels = torch.tensor([0, 0, 1, 1, 0, 0])  # sequence 0 is split in two runs
+    with pytest.raises(ValueError, match="neither a key padding mask"):
+        plan_mask((labels[:, None] == labels[None, :])[None, None], 1, 6)
+    heads = torch.ones(1, 2, 6, 6, dtype=torch.bool)
+    heads[0, 1, 0, 1] = False
+    with pytest.raises(ValueError, match="differs between heads"):
+        plan_mask(heads, 1, 6)
+    with pytest.raises(TypeError, match="must be bool"):
+        plan_mask(torch.ones(1, 1, 6, 6, dtype=torch.int64), 1, 6)
