@@ -16,6 +16,7 @@ Rows with no allowed key give 0, as everywhere in the package.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -125,8 +126,7 @@ def _block_diagonal(allowed: Tensor, causal: bool) -> Optional[MaskPlan]:
     if not torch.equal(expected, allowed):
         return None
     plan = _packed_from_labels(labels, attends)
-    return None if plan is None else MaskPlan(plan.key_padding_mask, causal, plan.index, plan.cu_seqlens,
-                                              plan.max_seqlen)
+    return None if plan is None else dataclasses.replace(plan, causal=causal)
 
 
 def plan_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int, causal: bool = False) -> MaskPlan:

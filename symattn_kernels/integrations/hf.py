@@ -44,12 +44,12 @@ Not supported by converted layers: other cache classes, cross-attention, ``outpu
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -172,8 +172,7 @@ def symattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     sequence_ids = _packed_sequence_ids(attention_mask, kwargs, batch, q_len) if q_len == kv_len else None
     if key is query:
         if sequence_ids is not None:
-            plan = packed_plan(sequence_ids)
-            plan = type(plan)(None, causal, plan.index, plan.cu_seqlens, plan.max_seqlen)
+            plan = dataclasses.replace(packed_plan(sequence_ids), causal=causal)
         else:
             plan = plan_mask(attention_mask, batch, q_len, causal and not mask_4d)
         out = attend(query.transpose(1, 2), None if value is query else value.transpose(1, 2), coef, plan,
