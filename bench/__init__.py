@@ -6,6 +6,7 @@ gate, and writes bench/results/<device>.csv, a PNG per op and a markdown table (
     python -m bench --quick --out /tmp/bench          # one small shape: a smoke run, < 1 min
     python -m bench --dtype fp32 --mode fwd --shapes 1x2048x12x64 8x512x12x64c
 
-Modules: registry (ops: inputs, references, shapes), providers (implementations, and why one
-cannot run), runner (gate, timing, one row per case), timing, environment, report.
+Modules, each importing only those after it: runner (gate, timing, one row per case), registry
+(ops: inputs, references, shapes), providers (implementations, and why one cannot run), shape
+(the problem size), timing, environment, report.
 """

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from bench import environment, report, runner
-from bench.registry import REGISTRY, OpSpec, Shape
+from bench.registry import REGISTRY, OpSpec
+from bench.shape import Shape
 
 _SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)x(\d+)(c?)$")
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-if TYPE_CHECKING:
-    from bench.registry import Shape
+from bench.shape import Shape
 
-Bind = Callable[[dict, "Shape"], Callable[[], torch.Tensor]]
+Bind = Callable[[dict, Shape], Callable[[], torch.Tensor]]
 
 SYMATTN_BACKENDS = ("triton", "cuda", "cpu", "torch")
 HALF_DTYPES = (torch.float16, torch.bfloat16)

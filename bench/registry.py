@@ -13,21 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import providers
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One problem size. Ops whose dimensions are named differently map them onto these."""
-
-    B: int
-    S: int
-    H: int
-    D: int
-    causal: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"B{self.B} S{self.S} H{self.H} D{self.D}" + (" causal" if self.causal else "")
+from bench.shape import Shape
 
 
 @dataclass(frozen=True)

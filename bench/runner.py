@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from bench import environment, timing
 from bench.providers import Provider
-from bench.registry import OpSpec, Shape
+from bench.registry import OpSpec
+from bench.shape import Shape
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwdbwd")

@@ -1,7 +1,7 @@
 """Helpers shared by the forward and backward attention kernels: Triton device functions for
-sequence bounds, key-padding statistics, the exclude-self rule and the dropout mask, and the
-host-side pieces every launcher needs (layout strides, head-dim padding, dot precision, the
-full-coefficient products).
+a program's sequence, key-padding statistics, the exclude-self rule and the dropout mask, the
+named tuples the kernels hand their loops (``Dropout``), and the host-side pieces every
+launcher needs (layout strides, head-dim padding, dot precision, the full-coefficient products).
 
 exclude_self rule. Row i's allowed keys before the rule are
 A_i = {j < seqlen : (not causal or j <= i) and kpm[j]}. The diagonal is removed unless
@@ -20,6 +20,7 @@ one pass over the sequence's mask bytes per program and no per-row reduction.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -85,6 +86,40 @@ def coef_product(y, coef, transposed: bool = False):
     return torch.einsum("...hd,hed->...he" if transposed else "...hd,hde->...he", y, m)
 
 
+class Layout(NamedTuple):
+    """The sizes of one attention call as its launchers and kernels use them."""
+
+    batch: int
+    seqlen_padded: int  # S, or max_seqlen in the varlen layout
+    num_heads: int
+    head_dim: int
+    head_dim_v: int
+    n_rows: int  # token rows of one head: B * S, or total
+    key_stride: int  # dropout counter step from one query row to the next
+    is_varlen: bool
+
+    def kernel_sizes(self) -> tuple[int, ...]:
+        """The kernels' (num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride)."""
+        return self.num_heads, self.seqlen_padded, self.head_dim, self.head_dim_v, self.n_rows, self.key_stride
+
+
+def attention_layout(q, v, cu_seqlens, max_seqlen) -> Layout:
+    """``Layout`` of q [B, S, H, D] (or varlen [total, H, D] with cu_seqlens and max_seqlen) and
+    v like q with Dv columns, or None (shared mode)."""
+    head_dim_v = q.shape[-1] if v is None else v.shape[-1]
+    if cu_seqlens is not None:
+        total, num_heads, head_dim = q.shape
+        return Layout(cu_seqlens.numel() - 1, int(max_seqlen), num_heads, head_dim, head_dim_v, total,
+                      int(max_seqlen), True)
+    batch, seqlen, num_heads, head_dim = q.shape
+    return Layout(batch, seqlen, num_heads, head_dim, head_dim_v, batch * seqlen, seqlen, False)
+
+
+def lse_strides(lse, is_varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of lse [B, H, S], or (0, head) of varlen [H, total]."""
+    return (0, lse.stride(0)) if is_varlen else (lse.stride(0), lse.stride(1))
+
+
 def token_strides(t, is_varlen: bool) -> tuple[int, int, int]:
     """(batch, token, head) strides of a [B, S, H, X] or varlen [total, H, X] tensor."""
     if is_varlen:
@@ -108,6 +143,43 @@ def check_dropout(dropout_p: float, seed) -> None:
 def dropout_threshold(dropout_p: float) -> int:
     """Keep iff (randint >> 1) >= threshold; same as ``reference.dropout_threshold``."""
     return min(int(dropout_p * 2**31), 2**31 - 1)
+
+
+class Dropout(NamedTuple):
+    """A program's dropout constants, built once in a kernel and handed to its loops (Triton
+    passes a named tuple of scalars as its fields; a call then names what it passes)."""
+
+    seed: int  # Philox seed
+    key_stride: int  # counter step from one query row to the next (the padded sequence length)
+    threshold: int  # keep iff (randint >> 1) >= threshold, ``dropout_threshold``
+    inv_keep: float  # 1 / (1 - p)
+
+
+def kpm_operand(key_padding_mask):
+    """The padding mask as the kernels read it: one byte per token, contiguous (a unit token
+    stride is specialized by the JIT, as ``bench.compile_report`` assumes), or None."""
+    if key_padding_mask is None:
+        return None
+    kpm = key_padding_mask
+    return (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
+
+
+def dropout_args(dropout_p: float, seed) -> tuple[int, int, float]:
+    """The kernels' (seed, threshold, inv_keep) arguments: ``Dropout`` without key_stride; zeros
+    and 1 when dropout is off (HAS_DROPOUT keeps them unread)."""
+    if dropout_p <= 0.0:
+        return 0, 0, 1.0
+    return int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+@triton.jit
+def _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN: tl.constexpr):
+    """(batch, head, first token row, length) of the sequence of program axis 1 (= b * H + h)."""
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
+    return off_b, off_h, seq_start, seqlen
 
 
 @triton.jit
@@ -158,9 +230,9 @@ def _has_other_key(offs, seqlen, kpm_stat, real, IS_CAUSAL: tl.constexpr, HAS_KP
 
 
 @triton.jit
-def _dropout_keep(seed, row_ctr, offs_key, key_stride, threshold):
+def _dropout_keep(dropout, row_ctr, offs_key):
     """Keep-mask of reference.dropout_keep_mask: counter = row_ctr * key_stride + key, with
     row_ctr = head * n_rows + global row id (int64); keep iff (philox >> 1) >= threshold."""
-    ctr = row_ctr * key_stride + offs_key.to(tl.int64)
-    rnd = tl.randint(seed, ctr)
-    return (rnd >> 1).to(tl.int32) >= threshold
+    ctr = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
+    rnd = tl.randint(dropout.seed, ctr)
+    return (rnd >> 1).to(tl.int32) >= dropout.threshold

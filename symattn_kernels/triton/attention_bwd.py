@@ -42,24 +42,31 @@ cases without a spill-free config (``backends.resolve`` routes ``backend="auto"`
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (
     LOG2E,
+    Dropout,
     _dropout_keep,
     _has_other_key,
     _kpm_stat,
+    _program_sequence,
     _seq_bounds,
+    attention_layout,
     check_dropout,
     coef_mode,
     coef_product,
     coef_strides,
     device_arch,
     dot_precision,
-    dropout_threshold,
+    dropout_args,
     is_interpret,
+    kpm_operand,
+    lse_strides,
     padded_head_dim,
     token_strides,
     unit_last_stride,
@@ -73,6 +80,45 @@ __all__ = ["attention_backward"]
 BWD_ALL_ROLES = tl.constexpr(0)
 BWD_QUERY_ROLE = tl.constexpr(1)
 BWD_KEY_ROLES = tl.constexpr(2)
+
+
+class BwdSequence(NamedTuple):
+    """What ``_symattn_bwd_inner`` reads of the blocks I of one (batch, head): pointers at the
+    sequence's token 0 with their row strides, and its sizes."""
+
+    Y: object
+    V: object
+    DO: object
+    Lse: object
+    Delta: object
+    Kpm: object
+    stride_ys: int
+    stride_vs: int
+    stride_dos: int
+    stride_kpms: int
+    seqlen: int
+    head_dim: int
+    head_dim_v: int
+    kpm_stat: int  # ``_kpm_stat`` of the sequence (exclude_self with a padding mask)
+    row_ctr0: int  # dropout counter row of token 0
+
+
+class OwnedBlock(NamedTuple):
+    """The owned block J in registers: its token rows, score operands (kq = Y_J M^T, qm = Y_J M
+    for a full M, Y_J otherwise: a diagonal M scales the iterated tile, so J's operand stays a
+    plain load), value and output-gradient tiles, the first output columns of the accumulators
+    ([col0, col0 + D / SPLIT_D), [colv0, ...) of the values) and a diagonal M on all columns
+    (coef) and on the output ones (coef_out)."""
+
+    offs_j: object
+    kq: object
+    qm: object
+    v_j: object
+    do_j: object
+    col0: int
+    colv0: int
+    coef: object
+    coef_out: object
 
 
 @triton.jit
@@ -112,93 +158,89 @@ def _symattn_bwd_preprocess(
 
 @triton.jit
 def _symattn_bwd_inner(
-    dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, offs_j, col0, colv0,
-    Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-    seqlen, head_dim, head_dim_v, kpm_stat, coef, coef_out, scale, seed, row_ctr_base, key_stride, threshold,
-    inv_keep, lo, hi,
-    KEY_ROLE: tl.constexpr, QUERY_ROLE: tl.constexpr, DIAGONAL: tl.constexpr,
+    dq_acc, dk_acc, dv_acc, owned, seq, scale, dropout, lo, hi,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_ROLE: tl.constexpr, QUERY_ROLE: tl.constexpr, DIAGONAL: tl.constexpr,
 ):
-    """Blocks I in [lo, hi) against the owned block J in the roles KEY_ROLE / QUERY_ROLE select:
-    the one loop body of the backward, called once per causal stage. kq / qm are J's score
-    operands (Y_J M^T / Y_J M for a full M, Y_J otherwise: a diagonal M scales the iterated tile,
-    so that J's operand stays a plain load). The accumulators hold the output columns
-    [col0, col0 + D / SPLIT_D) (and [colv0, ...) of the values); coef_out is coef on them. J's
-    row statistics are loaded here, so that each lives only through the loops of its role."""
+    """Blocks I in [lo, hi) against the owned block J (``OwnedBlock``) in the roles KEY_ROLE /
+    QUERY_ROLE select: the one loop body of the backward, called once per causal stage; ``seq``
+    (``BwdSequence``) is what it reads of the blocks I. J's row statistics are loaded here, so
+    that each lives only through the loops of its role."""
     HEAD_DIM_OUT: tl.constexpr = HEAD_DIM // SPLIT_D
     HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
+    offs_j, seqlen = owned.offs_j, seq.seqlen
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    offs_do = col0 + tl.arange(0, HEAD_DIM_OUT)
-    offs_dvo = colv0 + tl.arange(0, HEAD_DIM_V_OUT)
+    offs_do = owned.col0 + tl.arange(0, HEAD_DIM_OUT)
+    offs_dvo = owned.colv0 + tl.arange(0, HEAD_DIM_V_OUT)
     valid_j = offs_j < seqlen
     qk_scale = scale * LOG2E
     real_j = valid_j
     if HAS_KPM:
-        real_j = tl.load(Kpm + offs_j.to(tl.int64) * stride_kpms, mask=valid_j, other=0) != 0
+        real_j = tl.load(seq.Kpm + offs_j.to(tl.int64) * seq.stride_kpms, mask=valid_j, other=0) != 0
     if QUERY_ROLE:
-        lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
-        delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
-        row_ctr_j = row_ctr_base + offs_j.to(tl.int64)  # dropout counter rows of J as queries
+        lse2_j = tl.load(seq.Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
+        delta_j = tl.load(seq.Delta + offs_j, mask=valid_j, other=0.0)
+        row_ctr_j = seq.row_ctr0 + offs_j.to(tl.int64)  # dropout counter rows of J as queries
         has_other_j = valid_j
         if EXCLUDE_SELF:
-            has_other_j = _has_other_key(offs_j, seqlen, kpm_stat, real_j, IS_CAUSAL, HAS_KPM)
+            has_other_j = _has_other_key(offs_j, seqlen, seq.kpm_stat, real_j, IS_CAUSAL, HAS_KPM)
     for start_i in range(lo, hi, BLOCK_N):
         start_i = tl.multiple_of(start_i, BLOCK_N)
         offs_i = start_i + tl.arange(0, BLOCK_N)
         offs_i64 = offs_i.to(tl.int64)
         valid_i = offs_i < seqlen
         y_i = tl.load(
-            Y + offs_i64[:, None] * stride_ys + offs_d[None, :],
-            mask=valid_i[:, None] & (offs_d[None, :] < head_dim), other=0.0,
+            seq.Y + offs_i64[:, None] * seq.stride_ys + offs_d[None, :],
+            mask=valid_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
         if SPLIT_D == 1:
             y_o = y_i
         else:  # the accumulators' columns of the tile
             y_o = tl.load(
-                Y + offs_i64[:, None] * stride_ys + offs_do[None, :],
-                mask=valid_i[:, None] & (offs_do[None, :] < head_dim), other=0.0,
+                seq.Y + offs_i64[:, None] * seq.stride_ys + offs_do[None, :],
+                mask=valid_i[:, None] & (offs_do[None, :] < seq.head_dim), other=0.0,
             )  # [BLOCK_N, HEAD_DIM_OUT]
         if COEF_MODE == 1:
-            y_m = (y_i.to(tl.float32) * coef[None, :]).to(y_i.dtype)  # Y_I M
+            y_m = (y_i.to(tl.float32) * owned.coef[None, :]).to(y_i.dtype)  # Y_I M
         else:
             y_m = y_i
         real_i = valid_i
         if HAS_KPM:
-            real_i = tl.load(Kpm + offs_i64 * stride_kpms, mask=valid_i, other=0) != 0
+            real_i = tl.load(seq.Kpm + offs_i64 * seq.stride_kpms, mask=valid_i, other=0) != 0
         if KEY_ROLE:
             # Block J as keys/values, block I as queries; tiles are [keys J, queries I].
             do_i = tl.load(
-                DO + offs_i64[:, None] * stride_dos + offs_dv[None, :],
-                mask=valid_i[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0,
+                seq.DO + offs_i64[:, None] * seq.stride_dos + offs_dv[None, :],
+                mask=valid_i[:, None] & (offs_dv[None, :] < seq.head_dim_v), other=0.0,
             )  # [BLOCK_N, HEAD_DIM_V]
             if SPLIT_D == 1:
                 do_o = do_i
             else:
                 do_o = tl.load(
-                    DO + offs_i64[:, None] * stride_dos + offs_dvo[None, :],
-                    mask=valid_i[:, None] & (offs_dvo[None, :] < head_dim_v), other=0.0,
+                    seq.DO + offs_i64[:, None] * seq.stride_dos + offs_dvo[None, :],
+                    mask=valid_i[:, None] & (offs_dvo[None, :] < seq.head_dim_v), other=0.0,
                 )  # [BLOCK_N, HEAD_DIM_V_OUT]
-            lse2_i = tl.load(Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
-            delta_i = tl.load(Delta + offs_i, mask=valid_i, other=0.0)
-            s_t = tl.dot(kq, tl.trans(y_m), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            lse2_i = tl.load(seq.Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
+            delta_i = tl.load(seq.Delta + offs_i, mask=valid_i, other=0.0)
+            s_t = tl.dot(owned.kq, tl.trans(y_m), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             allowed_t = valid_j[:, None] & valid_i[None, :]
             if DIAGONAL:
                 allowed_t = allowed_t & (offs_j[:, None] <= offs_i[None, :])
             if HAS_KPM:
                 allowed_t = allowed_t & real_j[:, None]
             if EXCLUDE_SELF:
-                has_other_i = _has_other_key(offs_i, seqlen, kpm_stat, real_i, IS_CAUSAL, HAS_KPM)
+                has_other_i = _has_other_key(offs_i, seqlen, seq.kpm_stat, real_i, IS_CAUSAL, HAS_KPM)
                 allowed_t = allowed_t & ((offs_j[:, None] != offs_i[None, :]) | (has_other_i[None, :] == 0))
             # Disallowed entries may overflow exp2 (lse = -inf rows); tl.where drops them.
             p_t = tl.where(allowed_t, tl.math.exp2(s_t - lse2_i[None, :]), 0.0)
-            dp_t = tl.dot(v_j, tl.trans(do_i), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            dp_t = tl.dot(owned.v_j, tl.trans(do_i), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             if HAS_DROPOUT:
-                keep_t = _dropout_keep(seed, row_ctr_base + offs_i64[None, :], offs_j[:, None], key_stride, threshold)
-                pd_t = tl.where(keep_t, p_t * inv_keep, 0.0)
-                dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+                keep_t = _dropout_keep(dropout, seq.row_ctr0 + offs_i64[None, :], offs_j[:, None])
+                pd_t = tl.where(keep_t, p_t * dropout.inv_keep, 0.0)
+                dp_t = tl.where(keep_t, dp_t * dropout.inv_keep, 0.0)
             else:
                 pd_t = p_t
             ds_t = p_t * (dp_t - delta_i[None, :])
@@ -206,7 +248,7 @@ def _symattn_bwd_inner(
             if SHARED_V and COEF_MODE != 2:
                 # One accumulator for the key and value roles: dY_J += scale G^T (Y_I M) + Pd^T dO_I.
                 if COEF_MODE == 1 and SPLIT_D > 1:
-                    y_mo = (y_o.to(tl.float32) * coef_out[None, :]).to(y_i.dtype)
+                    y_mo = (y_o.to(tl.float32) * owned.coef_out[None, :]).to(y_i.dtype)
                 elif COEF_MODE == 1:
                     y_mo = y_m
                 else:
@@ -221,13 +263,13 @@ def _symattn_bwd_inner(
             else:
                 # The forward's rounding: M rides on the query-side tile (qm), so P matches its lse
                 # (a diagonal M on the key side gives other fp16/bf16 scores, off by up to |S| 2^-11).
-                s = tl.dot(qm, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+                s = tl.dot(owned.qm, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             if SHARED_V:
                 v_i = y_i
             else:
                 v_i = tl.load(
-                    V + offs_i64[:, None] * stride_vs + offs_dv[None, :],
-                    mask=valid_i[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0,
+                    seq.V + offs_i64[:, None] * seq.stride_vs + offs_dv[None, :],
+                    mask=valid_i[:, None] & (offs_dv[None, :] < seq.head_dim_v), other=0.0,
                 )  # [BLOCK_N, HEAD_DIM_V]
             allowed = valid_j[:, None] & real_i[None, :]
             if DIAGONAL:
@@ -235,10 +277,10 @@ def _symattn_bwd_inner(
             if EXCLUDE_SELF:
                 allowed = allowed & ((offs_j[:, None] != offs_i[None, :]) | (has_other_j[:, None] == 0))
             p = tl.where(allowed, tl.math.exp2(s - lse2_j[:, None]), 0.0)
-            dp = tl.dot(do_j, tl.trans(v_i), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            dp = tl.dot(owned.do_j, tl.trans(v_i), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed, row_ctr_j[:, None], offs_i[None, :], key_stride, threshold)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
+                keep = _dropout_keep(dropout, row_ctr_j[:, None], offs_i[None, :])
+                dp = tl.where(keep, dp * dropout.inv_keep, 0.0)
             ds = p * (dp - delta_j[:, None])
             dq_acc = tl.dot(ds.to(y_i.dtype), y_o, dq_acc, input_precision=DOT_PRECISION)
     return dq_acc, dk_acc, dv_acc
@@ -276,12 +318,9 @@ def _symattn_bwd_kernel(
     KEY: tl.constexpr = ROLES != BWD_QUERY_ROLE
     QUERY: tl.constexpr = ROLES != BWD_KEY_ROLES
     start_j = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    off_b, off_h, seq_start, seqlen = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
     col0 = tl.program_id(2) * HEAD_DIM_OUT
     colv0 = tl.program_id(2) * HEAD_DIM_V_OUT
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
     if start_j * BLOCK_M >= seqlen:
         return
     off_b64 = off_b.to(tl.int64)
@@ -309,9 +348,9 @@ def _symattn_bwd_kernel(
     if HAS_KPM and EXCLUDE_SELF:
         kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
     if IS_VARLEN:
-        row_ctr_base = off_h64 * n_rows + seq_start64
+        row_ctr0 = off_h64 * n_rows + seq_start64
     else:
-        row_ctr_base = off_h64 * n_rows + off_b64 * seqlen_padded
+        row_ctr0 = off_h64 * n_rows + off_b64 * seqlen_padded
     if COEF_MODE == 1:
         coef = tl.load(Coef + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)  # [HEAD_DIM]
         coef_out = tl.load(Coef + offs_do * stride_cd, mask=offs_do < head_dim, other=0.0).to(tl.float32)
@@ -352,6 +391,10 @@ def _symattn_bwd_kernel(
     else:
         kq, v_j = y_j, y_j  # placeholders: the query role does not read them
 
+    owned = OwnedBlock(offs_j, kq, qm, v_j, do_j, col0, colv0, coef, coef_out)
+    seq = BwdSequence(Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms, seqlen, head_dim,
+                      head_dim_v, kpm_stat, row_ctr0)
+    dropout = Dropout(seed, key_stride, threshold, inv_keep)
     dq_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
     dk_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_M, HEAD_DIM_V_OUT], dtype=tl.float32)
@@ -368,15 +411,12 @@ def _symattn_bwd_kernel(
             lo, hi = (start_j + 1) * BLOCK_M, seqlen
         if (KEY and (not IS_CAUSAL or stage > 0)) or (QUERY and (not IS_CAUSAL or stage < 2)):
             dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
-                dq_acc, dk_acc, dv_acc, kq, qm, v_j, do_j, offs_j, col0, colv0,
-                Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms,
-                seqlen, head_dim, head_dim_v, kpm_stat, coef, coef_out, scale, seed, row_ctr_base, key_stride,
-                threshold, inv_keep, lo, hi,
-                KEY and (not IS_CAUSAL or stage > 0),  # KEY_ROLE
-                QUERY and (not IS_CAUSAL or stage < 2),  # QUERY_ROLE
-                IS_CAUSAL and stage == 1,  # DIAGONAL
+                dq_acc, dk_acc, dv_acc, owned, seq, scale, dropout, lo, hi,
                 SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
                 HEAD_DIM, HEAD_DIM_V, SPLIT_D, BLOCK_N,
+                KEY_ROLE=KEY and (not IS_CAUSAL or stage > 0),
+                QUERY_ROLE=QUERY and (not IS_CAUSAL or stage < 2),
+                DIAGONAL=IS_CAUSAL and stage == 1,
             )
 
     # Outputs of J, each written once; row pointers are formed here, not kept live.
@@ -449,10 +489,7 @@ def _symattn_bwd_sym_kernel(
     dY_J += scale (G_sum Y_I) M + Pd_IJ^T dO_I in registers and dY_I += scale (G_sum^T Y_J) M +
     Pd_JI^T dO_J by fp32 atomics: 7 matmuls per block pair instead of 10 (not deterministic)."""
     start_j = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
+    off_b, off_h, seq_start, seqlen = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
     if start_j * BLOCK_M >= seqlen:
         return
     off_b64 = off_b.to(tl.int64)
@@ -493,6 +530,7 @@ def _symattn_bwd_sym_kernel(
     else:
         row_ctr_base = off_h64 * n_rows + off_b64 * seqlen_padded
     row_ctr_j = row_ctr_base + offs_j64
+    dropout = Dropout(seed, key_stride, threshold, inv_keep)
     qk_scale = scale * LOG2E
     if COEF_MODE == 1:
         c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
@@ -511,7 +549,7 @@ def _symattn_bwd_sym_kernel(
     p_d = tl.where(allowed, tl.math.exp2(s_d - lse2_j[:, None]), 0.0)
     dp_d = tl.dot(do_j, tl.trans(v_j), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep_d = _dropout_keep(seed, row_ctr_j[:, None], offs_j[None, :], key_stride, threshold)
+        keep_d = _dropout_keep(dropout, row_ctr_j[:, None], offs_j[None, :])
         pd_d = tl.where(keep_d, p_d * inv_keep, 0.0)
         dp_d = tl.where(keep_d, dp_d * inv_keep, 0.0)
     else:
@@ -549,8 +587,8 @@ def _symattn_bwd_sym_kernel(
         dp = tl.dot(do_j, tl.trans(v_i), input_precision=DOT_PRECISION)  # dP_JI
         dp_t = tl.dot(v_j, tl.trans(do_i), input_precision=DOT_PRECISION)  # dP_IJ^T
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, row_ctr_j[:, None], offs_i[None, :], key_stride, threshold)
-            keep_t = _dropout_keep(seed, row_ctr_base + offs_i64[None, :], offs_j[:, None], key_stride, threshold)
+            keep = _dropout_keep(dropout, row_ctr_j[:, None], offs_i[None, :])
+            keep_t = _dropout_keep(dropout, row_ctr_base + offs_i64[None, :], offs_j[:, None])
             pd = tl.where(keep, p * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
             pd_t = tl.where(keep_t, p_t * inv_keep, 0.0)
@@ -683,9 +721,10 @@ def use_symmetric_bwd(coef, causal: bool, deterministic: bool, head_dim_pad: int
 
 
 def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dv, dcoef, scale,
-                        dropout_p, exclude_self, is_varlen, batch, num_heads, seqlen_padded, head_dim, head_dim_v,
-                        n_rows, key_stride, stride_lb, stride_lh):
+                        dropout_p, exclude_self, layout):
     """Launch ``_symattn_bwd_sym_kernel`` into fp32 accumulators, then convert into dq / dv."""
+    batch, seqlen_padded, num_heads, head_dim, head_dim_v = layout[:5]
+    is_varlen = layout.is_varlen
     if is_interpret():
         block_m, block_n, launch = INTERPRET_BWD_CONFIG["BLOCK_M"], INTERPRET_BWD_CONFIG["BLOCK_N"], {}
     else:
@@ -702,10 +741,7 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
     if need_dcoef:
         dcoef_partial = torch.zeros((batch, n_blocks, num_heads, head_dim), dtype=torch.float32, device=q.device)
     has_dropout = dropout_p > 0.0
-    kpm = key_padding_mask
-    if kpm is not None:
-        # contiguous: a unit stride is specialized by the JIT, as bench.compile_report assumes
-        kpm = (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
+    kpm = kpm_operand(key_padding_mask)
     dummy = lse  # never dereferenced: its constexpr flag is off
     args = [
         q, q if v is None else v, dummy if coef is None else coef, dummy if kpm is None else kpm,
@@ -715,11 +751,7 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
         *token_strides(dout, is_varlen), *token_strides(dy_acc, is_varlen),
         *((0, 0, 0) if dv_acc is None else token_strides(dv_acc, is_varlen)), *coef_strides(coef),
         *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
-        stride_lb, stride_lh,
-        num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
-        float(scale), int(seed) if has_dropout else 0,
-        dropout_threshold(dropout_p) if has_dropout else 0,
-        1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
+        *lse_strides(lse, is_varlen), *layout.kernel_sizes(), float(scale), *dropout_args(dropout_p, seed),
     ]
     _symattn_bwd_sym_kernel[(n_blocks, batch * num_heads)](
         *args, HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v), SHARED_V=v is None,
@@ -756,26 +788,15 @@ def attention_backward(
     coef = None if coef is None else coef.contiguous()  # unit last stride (see kpm)
     is_varlen = cu_seqlens is not None
     q, v, dout, out = (unit_last_stride(t) for t in (q, v, dout, out))
-    if is_varlen:
-        total, num_heads, head_dim = q.shape
-        batch = cu_seqlens.numel() - 1
-        seqlen_padded, n_rows, key_stride = int(max_seqlen), total, int(max_seqlen)
-        stride_lb, stride_lh = 0, lse.stride(0)
-    else:
-        batch, seqlen_padded, num_heads, head_dim = q.shape
-        n_rows, key_stride = batch * seqlen_padded, seqlen_padded
-        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
-    head_dim_v = head_dim if v is None else v.shape[-1]
+    layout = attention_layout(q, v, cu_seqlens, max_seqlen)
+    batch, seqlen_padded, num_heads, head_dim, head_dim_v = layout[:5]
     if q.numel() == 0 or seqlen_padded == 0 or (v is not None and v.numel() == 0):
         for t in (dq, dv, dcoef):
             if t is not None:
                 t.zero_()
         return
     lse = lse.contiguous()
-    if is_varlen:
-        stride_lb, stride_lh = 0, lse.stride(0)
-    else:
-        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+    stride_lb, stride_lh = lse_strides(lse, is_varlen)
     dlse = None if dlse is None else dlse.contiguous()
     # dq / dv may be any caller buffer with unit last stride; otherwise write a copy back.
     dq_k = dq if dq.stride(-1) == 1 else torch.empty_like(dq, memory_format=torch.contiguous_format)
@@ -806,8 +827,7 @@ def attention_backward(
 
     if symmetric:
         _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dv, dcoef, scale,
-                            dropout_p, exclude_self, is_varlen, batch, num_heads, seqlen_padded, head_dim,
-                            head_dim_v, n_rows, key_stride, stride_lb, stride_lh)
+                            dropout_p, exclude_self, layout)
         return
 
     n_blocks = triton.cdiv(seqlen_padded, blocks["BLOCK_M"])
@@ -827,10 +847,7 @@ def attention_backward(
     m_like = qm if qm is not None else work  # QM, KM, DQM, DKM and Work share one contiguous layout
 
     has_dropout = dropout_p > 0.0
-    kpm = key_padding_mask
-    if kpm is not None:
-        # contiguous: a unit stride is specialized by the JIT, as bench.compile_report assumes
-        kpm = (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
+    kpm = kpm_operand(key_padding_mask)
     dummy = lse  # never dereferenced: its constexpr flag is off
     args = [
         q, q if v is None else v, coef if mode == 1 else dummy, dummy if qm is None else qm,
@@ -842,11 +859,7 @@ def attention_backward(
         *((0, 0, 0) if dv_k is None else token_strides(dv_k, is_varlen)), *coef_strides(coef),
         *((0, 0, 0) if m_like is None else token_strides(m_like, is_varlen)),
         *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
-        stride_lb, stride_lh,
-        num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
-        float(scale), int(seed) if has_dropout else 0,
-        dropout_threshold(dropout_p) if has_dropout else 0,
-        1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
+        *lse_strides(lse, is_varlen), *layout.kernel_sizes(), float(scale), *dropout_args(dropout_p, seed),
     ]
     constexprs = dict(
         HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad, SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef,

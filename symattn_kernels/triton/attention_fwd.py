@@ -23,6 +23,7 @@ out = 0, lse = -inf. Dropout regenerates ``reference.dropout_keep_mask`` with tl
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,18 +32,22 @@ import triton.language as tl
 from ._utils import (
     LN2,
     LOG2E,
+    Dropout,
     _dropout_keep,
     _has_other_key,
     _kpm_stat,
-    _seq_bounds,
+    _program_sequence,
+    attention_layout,
     check_dropout,
     coef_mode,
     coef_product,
     coef_strides,
     device_arch,
     dot_precision,
-    dropout_threshold,
+    dropout_args,
     is_interpret,
+    kpm_operand,
+    lse_strides,
     padded_head_dim,
     token_strides,
     unit_last_stride,
@@ -52,25 +57,55 @@ from .features import warp_specialize_for
 __all__ = ["attention_forward"]
 
 
+class FwdQueries(NamedTuple):
+    """The program's query block as the key loop uses it: its token rows, Y_I M (the query
+    tile), the score scale in log2 units, whether each row has an allowed key other than itself
+    (exclude_self) and its dropout counter rows."""
+
+    offs_m: object
+    qm: object
+    qk_scale: float
+    has_other: object
+    row_ctr: object
+
+
+class FwdKeys(NamedTuple):
+    """What the key loop reads of one (batch, head): key and value pointers at the sequence's
+    token 0 (Kpm at its mask byte) with their row strides, its sizes, and the key columns
+    (offs_d) and value columns (offs_dv, those the accumulator holds) of a tile."""
+
+    K: object
+    V: object
+    Kpm: object
+    stride_ks: int
+    stride_vs: int
+    stride_kpms: int
+    seqlen: int
+    head_dim: int
+    head_dim_v: int
+    offs_d: object
+    offs_dv: object
+
+
 @triton.jit
 def _symattn_fwd_update(
-    acc, l_i, m_i, qk, v, offs_m, offs_n, Kpm, stride_kpms, seqlen,
-    has_other, row_ctr, seed, key_stride, threshold,
+    acc, l_i, m_i, qk, v, offs_n, queries, keys, dropout,
     STAGE: tl.constexpr, HAS_KPM: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step: scaled scores qk [BLOCK_M, keys] (log2 units) against the key
     rows offs_n, value tile v [keys, HEAD_DIM_V]."""
+    offs_m = queries.offs_m
     if STAGE != 1 or HAS_KPM or EXCLUDE_SELF:
         # STAGE 1 keys lie left of the query block, hence inside the sequence.
-        allowed = offs_n[None, :] < seqlen
+        allowed = offs_n[None, :] < keys.seqlen
         if STAGE == 2:
             allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
         if HAS_KPM:
-            real = tl.load(Kpm + offs_n.to(tl.int64) * stride_kpms, mask=offs_n < seqlen, other=0) != 0
+            real = tl.load(keys.Kpm + offs_n.to(tl.int64) * keys.stride_kpms, mask=offs_n < keys.seqlen, other=0) != 0
             allowed = allowed & real[None, :]
         if EXCLUDE_SELF:
-            allowed = allowed & ((offs_m[:, None] != offs_n[None, :]) | (has_other[:, None] == 0))
+            allowed = allowed & ((offs_m[:, None] != offs_n[None, :]) | (queries.has_other[:, None] == 0))
         qk = tl.where(allowed, qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1))
     # A row with nothing allowed so far keeps m = -inf; subtract 0 there instead (no NaN).
@@ -79,7 +114,7 @@ def _symattn_fwd_update(
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, row_ctr[:, None], offs_n[None, :], key_stride, threshold)
+        keep = _dropout_keep(dropout, queries.row_ctr[:, None], offs_n[None, :])
         p = tl.where(keep, p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_ij
@@ -87,65 +122,49 @@ def _symattn_fwd_update(
 
 @triton.jit
 def _symattn_fwd_block(
-    acc, l_i, m_i, qm, K, V, Kpm, stride_ks, stride_vs, stride_kpms,
-    offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-    has_other, row_ctr, qk_scale, seed, key_stride, threshold, start_n,
+    acc, l_i, m_i, start_n, queries, keys, dropout,
     STAGE: tl.constexpr, SHARED_V: tl.constexpr, HAS_KPM: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """The key block at start_n: load it (and its values), then one online-softmax step."""
+    offs_d, offs_dv = keys.offs_d, keys.offs_dv
     start_n = tl.multiple_of(start_n, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_n64 = offs_n.to(tl.int64)
     k = tl.load(
-        K + offs_n64[:, None] * stride_ks + offs_d[None, :],
-        mask=(offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim), other=0.0,
+        keys.K + offs_n64[:, None] * keys.stride_ks + offs_d[None, :],
+        mask=(offs_n[:, None] < keys.seqlen) & (offs_d[None, :] < keys.head_dim), other=0.0,
     )  # [BLOCK_N, HEAD_DIM]
-    qk = tl.dot(qm, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    qk = tl.dot(queries.qm, tl.trans(k), input_precision=DOT_PRECISION) * queries.qk_scale  # [BLOCK_M, BLOCK_N]
     if SHARED_V and offs_dv.shape[0] == offs_d.shape[0]:  # all of the values: the key tile itself
         v = k
     else:
         v = tl.load(
-            V + offs_n64[:, None] * stride_vs + offs_dv[None, :],
-            mask=(offs_n[:, None] < seqlen) & (offs_dv[None, :] < head_dim_v), other=0.0,
+            keys.V + offs_n64[:, None] * keys.stride_vs + offs_dv[None, :],
+            mask=(offs_n[:, None] < keys.seqlen) & (offs_dv[None, :] < keys.head_dim_v), other=0.0,
         )  # [BLOCK_N, HEAD_DIM_V / SPLIT_D]
-    return _symattn_fwd_update(
-        acc, l_i, m_i, qk, v, offs_m, offs_n, Kpm, stride_kpms, seqlen,
-        has_other, row_ctr, seed, key_stride, threshold,
-        STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
-    )
+    return _symattn_fwd_update(acc, l_i, m_i, qk, v, offs_n, queries, keys, dropout,
+                               STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION)
 
 
 @triton.jit
 def _symattn_fwd_inner(
-    acc, l_i, m_i, qm,
-    K, V, Kpm,
-    stride_ks, stride_vs, stride_kpms,
-    offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-    has_other, row_ctr, qk_scale, seed, key_stride, threshold,
-    lo, hi,
+    acc, l_i, m_i, lo, hi, queries, keys, dropout,
     STAGE: tl.constexpr, SHARED_V: tl.constexpr, HAS_KPM: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Key blocks [lo, hi) of one causal STAGE; offs_dv are the value columns acc holds. The
-    warp-specialised loop is only reached where ``features.warp_specialize_for`` allows it (the
-    keyword does not exist before Triton 3.4)."""
+    """Key blocks [lo, hi) of one causal STAGE. The warp-specialised loop is only reached where
+    ``features.warp_specialize_for`` allows it (the keyword does not exist before Triton 3.4)."""
     if WARP_SPECIALIZE:
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
-            acc, l_i, m_i = _symattn_fwd_block(
-                acc, l_i, m_i, qm, K, V, Kpm, stride_ks, stride_vs, stride_kpms, offs_m, offs_d, offs_dv, seqlen,
-                head_dim, head_dim_v, has_other, row_ctr, qk_scale, seed, key_stride, threshold, start_n,
-                STAGE, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
-            )
+            acc, l_i, m_i = _symattn_fwd_block(acc, l_i, m_i, start_n, queries, keys, dropout, STAGE, SHARED_V,
+                                               HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
     else:
         for start_n in range(lo, hi, BLOCK_N):
-            acc, l_i, m_i = _symattn_fwd_block(
-                acc, l_i, m_i, qm, K, V, Kpm, stride_ks, stride_vs, stride_kpms, offs_m, offs_d, offs_dv, seqlen,
-                head_dim, head_dim_v, has_other, row_ctr, qk_scale, seed, key_stride, threshold, start_n,
-                STAGE, SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N,
-            )
+            acc, l_i, m_i = _symattn_fwd_block(acc, l_i, m_i, start_n, queries, keys, dropout, STAGE, SHARED_V,
+                                               HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
     return acc, l_i, m_i
 
 
@@ -174,10 +193,7 @@ def _symattn_fwd_kernel(
     tl.static_assert(HEAD_DIM_V % SPLIT_D == 0 and (SPLIT_D == 1 or not REUSE_DIAG))
     HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
+    off_b, off_h, seq_start, seqlen = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
     if start_m * BLOCK_M >= seqlen:
         return
     off_b64 = off_b.to(tl.int64)
@@ -225,7 +241,9 @@ def _symattn_fwd_kernel(
         row_start = off_b64 * seqlen_padded
     row_ctr = off_h64 * n_rows + row_start + offs_m.to(tl.int64)  # dropout counter rows
 
-    qk_scale = scale * LOG2E
+    queries = FwdQueries(offs_m, qm, scale * LOG2E, has_other, row_ctr)
+    keys = FwdKeys(Q, V, Kpm, stride_qs, stride_vs, stride_kpms, seqlen, head_dim, head_dim_v, offs_d, offs_dv)
+    dropout = Dropout(seed, key_stride, threshold, inv_keep)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_OUT], dtype=tl.float32)
@@ -234,12 +252,9 @@ def _symattn_fwd_kernel(
         # The program's own query tile is also a key/value tile: process the diagonal block from
         # registers first (q is then dead for the key loop) and skip it in the key loop, so one
         # load of Y_I serves as query, key and value. Online softmax takes the blocks in any order.
-        qk = tl.dot(qm, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_M]
-        acc, l_i, m_i = _symattn_fwd_update(
-            acc, l_i, m_i, qk, q, offs_m, offs_m, Kpm, stride_kpms, seqlen,
-            has_other, row_ctr, seed, key_stride, threshold,
-            2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
-        )
+        qk = tl.dot(qm, tl.trans(q), input_precision=DOT_PRECISION) * queries.qk_scale  # [BLOCK_M, BLOCK_M]
+        acc, l_i, m_i = _symattn_fwd_update(acc, l_i, m_i, qk, q, offs_m, queries, keys, dropout,
+                                            2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION)
     # Key ranges: the blocks left of the query block (STAGE 1, unmasked when causal), then the
     # diagonal block (STAGE 2, causal) or the blocks right of it (after the reused diagonal);
     # without either, one range (STAGE 3). Stage values stay inline: a constexpr assigned to a
@@ -253,11 +268,10 @@ def _symattn_fwd_kernel(
         else:
             lo, hi = diag_lo + BLOCK_M, seqlen
         acc, l_i, m_i = _symattn_fwd_inner(
-            acc, l_i, m_i, qm, Q, V, Kpm, stride_qs, stride_vs, stride_kpms,
-            offs_m, offs_d, offs_dv, seqlen, head_dim, head_dim_v,
-            has_other, row_ctr, qk_scale, seed, key_stride, threshold, lo, hi,
-            (1 if part == 0 else 2) if IS_CAUSAL else 3,  # STAGE
-            SHARED_V, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, WARP_SPECIALIZE, BLOCK_N,
+            acc, l_i, m_i, lo, hi, queries, keys, dropout,
+            SHARED_V=SHARED_V, HAS_KPM=HAS_KPM, EXCLUDE_SELF=EXCLUDE_SELF, HAS_DROPOUT=HAS_DROPOUT,
+            DOT_PRECISION=DOT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE, BLOCK_N=BLOCK_N,
+            STAGE=(1 if part == 0 else 2) if IS_CAUSAL else 3,
         )
 
     empty = l_i == 0.0
@@ -386,30 +400,19 @@ def attention_forward(
     is_varlen = cu_seqlens is not None
     q = unit_last_stride(q)
     v = unit_last_stride(v)
-    if is_varlen:
-        total, num_heads, head_dim = q.shape
-        batch = cu_seqlens.numel() - 1
-        seqlen_padded, n_rows, key_stride = int(max_seqlen), total, int(max_seqlen)
-    else:
-        batch, seqlen_padded, num_heads, head_dim = q.shape
-        n_rows, key_stride = batch * seqlen_padded, seqlen_padded
-    head_dim_v = head_dim if v is None else v.shape[-1]
+    layout = attention_layout(q, v, cu_seqlens, max_seqlen)
+    batch, seqlen_padded, num_heads, head_dim, head_dim_v = layout[:5]
     out = torch.empty(q.shape[:-1] + (head_dim_v,), dtype=q.dtype, device=q.device)
     if is_varlen:
         lse = torch.empty(num_heads, q.shape[0], dtype=torch.float32, device=q.device)
-        stride_lb, stride_lh = 0, lse.stride(0)
     else:
         lse = torch.empty(batch, num_heads, seqlen_padded, dtype=torch.float32, device=q.device)
-        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
     if out.numel() == 0 or seqlen_padded == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
 
     has_dropout = dropout_p > 0.0
-    kpm = key_padding_mask
-    if kpm is not None:
-        # contiguous: a unit stride is specialized by the JIT, as bench.compile_report assumes
-        kpm = (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
+    kpm = kpm_operand(key_padding_mask)
     mode = coef_mode(coef)
     arch = 90 if is_interpret() else device_arch(q.device)
     qm = unit_last_stride(coef_product(q, coef)) if mode == 2 else None
@@ -421,11 +424,7 @@ def attention_forward(
         *token_strides(out, is_varlen), *coef_strides(coef),
         *((0, 0, 0) if qm is None else token_strides(qm, is_varlen)),
         *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
-        stride_lb, stride_lh,
-        num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
-        float(scale), int(seed) if has_dropout else 0,
-        dropout_threshold(dropout_p) if has_dropout else 0,
-        1.0 / (1.0 - dropout_p) if has_dropout else 1.0,
+        *lse_strides(lse, is_varlen), *layout.kernel_sizes(), float(scale), *dropout_args(dropout_p, seed),
     ]
     hd_pad, hdv_pad = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
     split_d = INTERPRET_FWD_SPLIT_D if is_interpret() else fwd_split_d(hdv_pad, has_dropout, arch)
