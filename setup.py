@@ -7,6 +7,9 @@
   never the criterion). ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0". The toolkit root is
   ``CUDA_HOME`` / ``CUDA_PATH`` if set, else found from ``nvcc`` or /usr/local/cuda (torch's own
   guess, the parent of nvcc's folder, is wrong when nvcc is a wrapper such as /usr/local/bin/nvcc).
+* The sources of both, all of csrc/, also ship inside the package as ``symattn_kernels/csrc``
+  (package data): where no extension was built (an isolated build has no torch), the first use
+  of a backend compiles them just in time (symattn_kernels/extensions.py).
 * ``SYMATTN_BUILD_CPP=0`` skips all extensions. Builds use ninja; ``MAX_JOBS`` limits its jobs.
   The C++ standard is the one torch's BuildExtension picks (torch >= 2.13 headers need C++20).
 """
@@ -15,7 +18,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,5 +71,15 @@ def _extensions():
     return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+# csrc/ stays at the top of the checkout and is mapped into the package as data, so the wheel
+# carries the sources the just-in-time build compiles.
+_SOURCE_DATA = ["*.cpp", "*/*.cpp", "*/*.h", "*/*.cu", "*/*.cuh"]
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=find_packages(include=["symattn_kernels*"]) + ["symattn_kernels.csrc"],
+    package_dir={"symattn_kernels.csrc": "csrc"},
+    package_data={"symattn_kernels.csrc": _SOURCE_DATA},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,4 +1,4 @@
-"""Static compile report of the Triton attention kernels, without a GPU (SPEC section 6.2).
+"""Static compile report of the Triton attention kernels, without a GPU (docs/design.md, "How each backend is verified").
 
 `python -m bench.compile_report` compiles every shipped kernel config (the forward's autotune
 configs after its shape pruning, the backward's blocks and warps/stages) for a set of kernel

@@ -1,4 +1,4 @@
-"""Focused CPU benchmark of the fused ``cpu`` backend (SPEC section 7, issue 4 targets).
+"""Focused CPU benchmark of the fused ``cpu`` backend (docs/design.md, "Performance targets").
 
     python -m bench.cpu_kernels [--quick] [--json PATH]
     python -m bench.cpu_kernels --dtypes [--rounds N] [--json PATH]
@@ -158,7 +158,7 @@ def format_dtypes(report: dict) -> str:
 
 def _bf16_target_line(env: dict) -> str:
     if env["kernel_isa"] == "AVX512_BF16":
-        return "target (issue 4): bf16 / fp32 <= 1.0 (bf16 operands on AVX512-BF16 here)"
+        return "target: bf16 / fp32 <= 1.0 (bf16 operands on AVX512-BF16 here)"
     return f"no AVX512-BF16 here (kernels {env['kernel_isa']}): bf16 is widened to fp32, ratio reported only"
 
 

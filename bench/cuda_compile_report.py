@@ -11,6 +11,7 @@ memory above the per-block limit of the architecture, or on a compile error.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import re
@@ -105,7 +106,11 @@ def _dynamic_smem(nvcc: str) -> dict:
     return table
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cuda_compile_report", description=__doc__.split("\n\n")[0],
+                                     epilog="Exit status: 0 clean, 1 a spill, shared memory over the limit or a "
+                                            "compile error, 2 no nvcc.")
+    parser.parse_args(argv)
     start = time.perf_counter()
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -119,6 +124,7 @@ def main() -> int:
     failed = False
     print("| file | arch | kernel | regs | static smem B | dynamic smem B | spill st/ld B |")
     print("|---|---|---|---:|---:|---:|---:|")
+    kernels = 0
     for src, arch, rc, log in results:
         if rc != 0:
             failed = True
@@ -126,6 +132,7 @@ def main() -> int:
             print(log, file=sys.stderr)
             continue
         rows = _parse(log)
+        kernels += len(rows)
         names = _demangle([r["mangled"] for r in rows])
         for r in rows:
             pretty = names[r["mangled"]]
@@ -140,7 +147,8 @@ def main() -> int:
                 failed, flag = True, flag + " **SMEM>limit**"
             print(f"| {os.path.basename(src)} | {arch} | `{short}`{flag} | {r['regs']} | {r['smem']} | {dynamic} | "
                   f"{r['spill_st']}/{r['spill_ld']} |")
-    print(f"\nwall time: {time.perf_counter() - start:.1f} s ({len(jobs)} nvcc compiles)")
+    print(f"\n{kernels} kernel builds ({len(sources)} files x {len(ARCHS)} architectures), "
+          f"{'failures above' if failed else 'zero spill bytes'}; wall time {time.perf_counter() - start:.1f} s")
     return 1 if failed else 0
 
 

@@ -118,7 +118,7 @@ register(OpSpec(
     flops=attention_flops,
     providers=providers.shared_attention_providers,
     shape_sets={
-        # SPEC section 7, CPU: BERT-base heads at B·S = 4096, plus one long sequence.
+        # docs/design.md, "Performance targets", CPU: BERT-base heads at B·S = 4096, plus one long sequence.
         "spec": [Shape(B=32, S=128, **_BERT_HEADS), Shape(B=8, S=512, **_BERT_HEADS),
                  Shape(B=1, S=2048, **_BERT_HEADS)],
         "bert": [Shape(B=4096 // S, S=S, **_BERT_HEADS) for S in (128, 256, 512)],

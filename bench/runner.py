@@ -22,7 +22,7 @@ from bench.shape import Shape
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwdbwd")
 # Errors are max |result - fp32 reference| / max(1, max |reference|). flash-attn's rule
-# (SPEC section 6): a result passes within 2x the error of the same reference computed in the
+# (docs/design.md, "How each backend is verified"): a result passes within 2x the error of the same reference computed in the
 # benchmark dtype, plus this floor for rounding noise and a different summation order.
 ERROR_FLOOR = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2}
 

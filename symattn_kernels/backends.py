@@ -15,16 +15,12 @@ from types import ModuleType
 
 import torch
 
+from . import extensions
+
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
 # What "auto" tries, in order, for each device type.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
-
-_BUILD_HINT = (
-    "build it from a source checkout with `pip install --no-build-isolation .` "
-    "(needs torch installed first{extra}; see README, 'Building the C++ kernels')"
-)
-
 
 @dataclass(frozen=True)
 class BackendStatus:
@@ -82,33 +78,42 @@ def _triton_status() -> BackendStatus:
     return BackendStatus("triton", True, f"{note}; {features}", devices)
 
 
-def _extension_status(name: str, module: str, device: str, extra: str) -> BackendStatus:
-    if importlib.util.find_spec(module) is None:
-        return BackendStatus(name, False, f"extension {module} is not built: " + _BUILD_HINT.format(extra=extra), (device,))
+def _extension_status(name: str, device: str, build: bool) -> BackendStatus:
+    """The compiled backend ``name``: prebuilt, just in time (compiled here when ``build``) or
+    absent (extensions.py)."""
+    ext = extensions.load(name) if build else extensions.state(name)
+    if ext.how == extensions.ABSENT:
+        return BackendStatus(name, False, ext.detail, (device,))
     if device == "cuda" and not torch.cuda.is_available():
-        return BackendStatus(name, False, "built, but no CUDA device is visible", (device,))
-    return BackendStatus(name, True, f"compiled extension {module}", (device,))
+        return BackendStatus(name, False, f"{ext.detail}, but no CUDA device is visible", (device,))
+    if name == "cpu" and ext.loaded:
+        return BackendStatus(name, True, f"{ext.detail}; kernel set {torch.ops.symattn.cpu_kernel_isa()}", (device,))
+    return BackendStatus(name, True, ext.detail, (device,))
 
 
-def _probe(name: str) -> BackendStatus:
+def _probe(name: str, build: bool = True) -> BackendStatus:
     if name == "torch":
         return BackendStatus("torch", True, "composite PyTorch, always available", ("cpu", "cuda"))
     if name == "triton":
         return _triton_status()
-    if name == "cpu":
-        return _extension_status("cpu", "symattn_kernels._C", "cpu", "")
-    return _extension_status("cuda", "symattn_kernels._C_cuda", "cuda", ", a CUDA toolkit and a CUDA build of torch")
+    return _extension_status(name, name, build)
 
 
 _STATUS_CACHE: dict = {}
 
 
 def status(name: str) -> BackendStatus:
-    """Availability of backend ``name``, probed once per interpreter setting."""
+    """Availability of backend ``name``, probed once per interpreter setting. The first probe of
+    a compiled backend loads its extension, compiling it just in time where that is the way."""
     key = (name, triton_interpreting())
     if key not in _STATUS_CACHE:
         _STATUS_CACHE[key] = _probe(name)
     return _STATUS_CACHE[key]
+
+
+def peek(name: str) -> BackendStatus:
+    """``status(name)`` without compiling anything: what ``info()`` reports."""
+    return _STATUS_CACHE.get((name, triton_interpreting())) or _probe(name, build=False)
 
 
 _CUDA_ARCH: dict = {}
@@ -152,6 +157,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "a
     """
     if backend == "auto":
         backend = os.environ.get("SYMATTN_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS and backend != "auto":
+            raise ValueError(f"the environment variable SYMATTN_BACKEND must be one of 'auto', "
+                             f"{', '.join(map(repr, BACKENDS))} (or unset); got {backend!r}")
         if backend == "auto":
             order = _AUTO_ORDER.get(device.type, ("torch",))
             return next(

@@ -2,7 +2,7 @@
 
 It runs anywhere PyTorch does and is the float64 path. Unlike ``reference`` it does not lean on
 autograd: the backward recomputes the probabilities from the saved log-sum-exp and applies the
-closed-form gradients of SPEC section 2, the same data flow the fused kernels follow:
+closed-form gradients of docs/design.md ("Gradients"), the same data flow the fused kernels follow:
 
     P  = exp(S - lse)                    recomputed, 0 where masked
     dP = (dO V^T) * keep / (1 - p)

@@ -1,7 +1,8 @@
-"""The ``cpu`` backend: the fused C++ kernels of ``csrc/cpu`` (SPEC sections 4 and 5).
+"""The ``cpu`` backend: the fused C++ kernels of ``csrc/cpu`` (docs/design.md, "Backends").
 
 Same attention functions, arguments and layouts as ``composite`` (the ``torch`` backend).
-Importing this module loads ``symattn_kernels._C``, which registers the kernel ops
+Importing this module loads the extension (``symattn_kernels._C``, or its just-in-time build:
+``extensions``), which registers the kernel ops
 ``symattn::attention_fwd_cpu`` and ``symattn::attention_bwd_cpu``; their fake functions are
 registered here. The kernels take float32, bfloat16 and float16 (fp32 accumulation; bfloat16
 products on AVX512-BF16 where the CPU has it, see ``kernel_isa``) and are
@@ -13,12 +14,29 @@ needs no extension, so ``backends.load`` returns ``lowrank_cpu`` itself where ``
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from . import _C  # noqa: F401  (loads the extension: registers the symattn::*_cpu ops)
+from . import extensions
 from .lowrank_cpu import lowrank_backward, lowrank_forward
 
 __all__ = ["attention_forward", "attention_backward", "kernel_isa", "lowrank_forward", "lowrank_backward"]
+
+ISA_CHOICES = ("default", "avx2", "avx512", "avx512_bf16")
+
+
+def _check_isa_variable() -> None:
+    # The kernels read SYMATTN_CPU_ISA once, at their first call; a typo must not silently run
+    # the widest kernel set.
+    value = os.environ.get("SYMATTN_CPU_ISA", "")
+    if value and value.lower() not in ISA_CHOICES:
+        raise ValueError(f"SYMATTN_CPU_ISA={value!r} is not a kernel set: expected one of {', '.join(ISA_CHOICES)} "
+                         "(or unset for the widest this CPU runs)")
+
+
+_check_isa_variable()
+extensions.require("cpu")  # registers the symattn::*_cpu ops before their fake functions below
 
 
 @torch.library.register_fake("symattn::attention_fwd_cpu")

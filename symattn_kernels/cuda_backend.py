@@ -1,7 +1,8 @@
-"""The ``cuda`` backend: the hand-written CUDA C++ kernels of ``csrc/cuda`` (SPEC sections 4, 5).
+"""The ``cuda`` backend: the hand-written CUDA C++ kernels of ``csrc/cuda`` (docs/design.md, "Backends").
 
 Same attention functions, arguments and layouts as ``composite`` (the ``torch`` backend).
-Importing this module loads ``symattn_kernels._C_cuda``, which registers the kernel ops
+Importing this module loads the extension (``symattn_kernels._C_cuda``, or its just-in-time
+build: ``extensions``), which registers the kernel ops
 ``symattn::attention_fwd_cuda`` and ``symattn::attention_bwd_cuda``; their fake functions are
 registered here. The kernels take float16 and bfloat16 (fp32 accumulation, head dims up to 256)
 and use no atomics, so ``deterministic`` changes nothing. float32 inputs are rejected with a
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _C_cuda  # noqa: F401  (loads the extension: registers the symattn::*_cuda ops)
+from . import extensions
+
+extensions.require("cuda")  # registers the symattn::*_cuda ops before their fake functions below
 
 __all__ = ["attention_forward", "attention_backward"]
 

@@ -1,11 +1,11 @@
 """LAMA modules: low-rank multi-head context attention pooling and a BiGRU text classifier.
 
-``LowRankContextAttention`` holds the parameters of LAMA (Mehta et al., arXiv 1912.00835; SPEC
-section 2) and makes one call to ``lowrank_context_attention``; ``LAMAClassifier`` is the
+``LowRankContextAttention`` holds the parameters of LAMA (Mehta et al., arXiv 1912.00835;
+docs/design.md, "LAMA") and makes one call to ``lowrank_context_attention``; ``LAMAClassifier`` is the
 paper's text classifier (embeddings -> BiGRU -> token MLP -> LAMA -> MLP) with a helper that
 returns the per-head token weights of a sentence.
 
-Defaults the sources leave open (SPEC section 2): the context vector c is a learned parameter
+Defaults the sources leave open (docs/design.md, "LAMA"): the context vector c is a learned parameter
 (``context="learned"``; ``"mean"`` uses the masked mean of the token states instead, so no
 parameter), the head features are l2-normalised over the heads (``head_norm="l2"``), and each
 head's weights are a softmax over the real tokens (``token_softmax=True``).

@@ -3,7 +3,7 @@
 Every module maps hidden states ``[B, S, d_model]`` and an optional Hugging Face style attention
 mask to the attention output ``[B, S, d_model]`` before the output projection, the scope of
 Hugging Face's ``BertSelfAttention`` (the output projection stays with the caller, as in
-``BertSelfOutput``). SPEC section 2 gives the math; the attention itself runs in
+``BertSelfOutput``). docs/design.md gives the math; the attention itself runs in
 ``symmetric_attention`` / ``shared_attention`` with ``backend="auto"``, never here.
 """
 

@@ -9,6 +9,8 @@ converted modules themselves. Needs ``transformers``.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 __all__ = ["BERT_BASE", "BERT_SMALL", "count_parameters", "parameter_table"]
@@ -56,7 +58,10 @@ def parameter_table(name: str, config_kwargs: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m symattn_kernels.params",
+                            description="Parameter counts of BERT-base and BERT-small for every attention variant "
+                                        "(markdown tables).").parse_args(argv)
     print(parameter_table("BERT-base", BERT_BASE))
     print()
     print(parameter_table("BERT-small", BERT_SMALL))

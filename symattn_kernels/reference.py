@@ -4,7 +4,7 @@ Everything else in the package (the torch, Triton, CPU and CUDA backends) is tes
 these functions run in float64. They favour clarity over speed: scores are materialised as
 full [B, H, S, S] tensors and gradients come from autograd.
 
-Math (SPEC section 2), per batch b and head h, with Y = q[b, :, h] of shape [S, D]:
+Math (docs/design.md, "Variants"), per batch b and head h, with Y = q[b, :, h] of shape [S, D]:
 
     scores  S = scale * (Y M) Y^T + mask      M = I | diag(coef[h]) | coef[h]
     P       = softmax_rows(S)                 a row with no allowed key gives P = 0

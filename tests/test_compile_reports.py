@@ -1,4 +1,4 @@
-"""Static compile checks of SPEC section 6 (no GPU needed): every shipped CUDA C++ kernel builds
+"""Static compile checks of docs/design.md, "How each backend is verified" (no GPU needed): every shipped CUDA C++ kernel builds
 for sm_80 and sm_90a without spills."""
 
 import shutil

@@ -7,7 +7,7 @@ Run in its own process, since the variable must be set before triton is imported
 Pass rule (flash-attn, tests/helpers.assert_flash_rule): max error against the fp64 reference is
 at most 2x the error of the reference run in the kernel's dtype, plus a floor of ATOL times the
 reference's magnitude; for pooled, attn and every gradient. bf16 is not tested: the
-interpreter's bf16 tl.dot is wrong (triton issue 11584). The cases and the check are shared with
+interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584). The cases and the check are shared with
 the ``cpu`` backend's tests (tests/test_lama_cpu.py): ``check_case`` takes the backend module.
 """
 

@@ -8,7 +8,7 @@ The kernels are called directly (``attention_forward`` / ``attention_backward``)
 do not depend on the ops layer. Pass rule (flash-attn): max error against the fp64 reference is
 at most 2x the error of the reference run in the kernel's dtype, plus a floor of ATOL times the
 reference's magnitude, for out, lse and every gradient. bf16 is not tested: the interpreter's
-bf16 tl.dot is wrong (triton issue 11584).
+bf16 tl.dot is wrong (triton-lang/triton#11584).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 a ``*SelfAttention`` module) for a ``symattn_kernels.modules`` layer, in place; everything else
 stays. ``revert_bert`` swaps the original classes back with weights that compute the same function.
 
-Variants (SPEC section 2): ``"symmetric"`` (key = query projection), ``"pairwise_diag"`` and
+Variants (docs/design.md, "Variants"): ``"symmetric"`` (key = query projection), ``"pairwise_diag"`` and
 ``"pairwise_full"`` (plus a coefficient ``[H, D]`` / ``[H, D, D]``), ``"shared"`` (one projection
 for query, key and value, with role vectors d_q, d_k, d_v).
 
@@ -54,8 +54,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AttentionInterface, AutoConfig, DynamicCache, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, find_packed_sequence_indices
+try:
+    from transformers import AttentionInterface, AutoConfig, DynamicCache, PreTrainedModel
+    from transformers.masking_utils import AttentionMaskInterface, find_packed_sequence_indices
+except ImportError as err:
+    raise ImportError(
+        f"symattn_kernels.integrations.hf needs transformers 5.x ({err}): pip install 'symattn_kernels[hf]'"
+    ) from err
 
 from ..masks import allowed_4d, key_padding_mask, packed_plan, plan_mask
 from ..modules import SharedWeightSelfAttention, SymmetricSelfAttention, attend
