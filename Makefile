@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.symattn-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: test test-fast test-interpret test-latest bench info train train-lama train-distributed check-cuda-build clean
+.PHONY: test test-fast test-interpret test-latest dist-check bench info train train-lama train-distributed check-cuda-build check-cuda-sdist clean
 
 # Bootstrap (or update) the venv with the versions pinned in constraints.txt, then an editable
 # install without build isolation, so csrc/ builds against the venv's torch.
@@ -13,9 +13,14 @@ $(STAMP): scripts/bootstrap_venv.sh constraints.txt setup.py pyproject.toml $(wi
 	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
+# Every stage runs even after one fails; the last lines say which failed, and then the target fails.
 test: $(STAMP)
-	$(PYTEST) -m "not interpret and not gpu" tests
-	$(MAKE) test-interpret
+	@failed=""; \
+	$(PYTEST) -m "not interpret and not gpu" tests || failed="$$failed tests"; \
+	$(MAKE) --no-print-directory test-interpret || failed="$$failed test-interpret"; \
+	$(MAKE) --no-print-directory dist-check || failed="$$failed dist-check"; \
+	if [ -n "$$failed" ]; then echo "make test: FAILED stages:$$failed"; exit 1; fi; \
+	echo "make test: every stage passed (tests, test-interpret, dist-check)"
 
 # Triton's interpreter must be switched on before triton is imported: its own pytest process.
 # Exit code 5 means no interpreter tests were collected, which is not a failure.
@@ -32,6 +37,11 @@ test-latest:
 	.venv-latest/bin/pip install -q --no-build-isolation --no-deps -e .
 	.venv-latest/bin/python -c "import transformers; print('test-latest: transformers', transformers.__version__)"
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider -m "not interpret and not gpu" tests
+
+# The release path: sdist -> wheel built from it -> fresh venv -> info and smoke tests from outside
+# the checkout (scripts/dist_check.sh).
+dist-check: $(STAMP)
+	bash scripts/dist_check.sh
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -57,7 +67,8 @@ info: $(STAMP)
 
 # Opt-in, never part of `test` or CI: builds csrc/cuda against a CUDA build of torch (several GB,
 # installed into a throwaway venv under /tmp) in a copy of the tree, then checks linking, loading
-# and op registration without a GPU (scripts/check_cuda_build.sh; about 5-10 min on 2 cores).
+# and op registration without a GPU (scripts/check_cuda_build.sh). check-cuda-sdist does the same
+# from the sdist that dist-check builds, so a release is known to carry every CUDA source.
 check-cuda-build:
 	bash scripts/check_cuda_build.sh
 
@@ -75,6 +86,9 @@ gpu-check:
 
 gpu-check-dry: $(STAMP)
 	$(PY) -m bench.gpu_check --dry --out $(OUT)
+
+check-cuda-sdist: $(STAMP)
+	CUDA_SDIST=1 bash scripts/dist_check.sh
 
 clean:
 	rm -rf $(VENV) .venv-latest build *.egg-info symattn_kernels/*.so bench/results

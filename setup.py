@@ -4,7 +4,8 @@
   importable at build time (``pip install --no-build-isolation .``, or ``make``).
 * CUDA extension ``symattn_kernels._C_cuda``: built when csrc/cuda has sources and nvcc plus a
   CUDA build of torch are present, or when ``SYMATTN_BUILD_CUDA=1`` forces it (a visible GPU is
-  never the criterion). ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0". The toolkit root is
+  never the criterion). ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0a"
+  (A100, and H100/H200 with their arch-specific instructions). The toolkit root is
   ``CUDA_HOME`` / ``CUDA_PATH`` if set, else found from ``nvcc`` or /usr/local/cuda (torch's own
   guess, the parent of nvcc's folder, is wrong when nvcc is a wrapper such as /usr/local/bin/nvcc).
 * The sources of both, all of csrc/, also ship inside the package as ``symattn_kernels/csrc``
@@ -65,7 +66,7 @@ def _extensions():
         if torch.version.cuda and shutil.which("nvcc") and not cuda_home:
             print("symattn_kernels: nvcc found but no CUDA toolkit root; set CUDA_HOME to build _C_cuda")
     if want_cuda == "1" and cuda_sources:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         cuda_flags = dict(flags, nvcc=["-O3", "--use_fast_math", "-lineinfo"])
         extensions.append(CUDAExtension("symattn_kernels._C_cuda", cuda_sources, extra_compile_args=cuda_flags))
     return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}

