@@ -113,7 +113,7 @@ if grep -qE "^\s+cpu extension\s+prebuilt" <<< "$info" && grep -qE "^\s+cpu\s+ye
 else
     record info FAIL "python -m symattn_kernels.info does not show the cpu backend through the prebuilt extension"
 fi
-SMOKE="philox_bit_equal or opcheck_kernel_ops or auto_picks_cpu or (matches_reference_fp32 and shared and full and none and not noself)"
+SMOKE="test_extensions or philox_bit_equal or opcheck_kernel_ops or auto_picks_cpu or (matches_reference_fp32 and shared and full and none and not noself)"
 if "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_cpu_backend.py -k "$SMOKE" \
         tests/test_extensions.py -m "not slow" 2>&1 | tail -3 | tee "$WORK/smoke.log" | grep -qE "passed" \
         && ! grep -qE "failed|error" "$WORK/smoke.log"; then
