@@ -166,7 +166,7 @@ fi
 info=$("$PY" -m symattn_kernels.info 2>&1)
 echo "$info" | grep -v "No CUDA runtime is found"
 backend_line=$(grep -E "^\s+cuda\s+(yes|no)\s" <<< "$info" | sed 's/^ *//' | tr -s ' ')
-if grep -qE "^cuda (yes|no) cuda (built|compiled extension)" <<< "$backend_line"; then
+if grep -qE "^cuda (yes|no) cuda prebuilt extension symattn_kernels._C_cuda" <<< "$backend_line"; then
     record info PASS "backend line: $backend_line"
 else
     record info FAIL "symattn_kernels.info does not report the cuda backend as built"
