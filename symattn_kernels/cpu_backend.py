@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: the fused C++ kernels of ``csrc/cpu`` (SPEC sections 4 and 5).
+"""The ``cpu`` backend: the fused C++ kernels of ``csrc/cpu``.
 
 Same attention functions, arguments and layouts as ``composite`` (the ``torch`` backend).
 Importing this module loads ``symattn_kernels._C``, which registers the kernel ops
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers the symattn::*_cpu ops)
+from .composite import finite_padding
 from .lowrank_cpu import lowrank_backward, lowrank_forward
 
 __all__ = ["attention_forward", "attention_backward", "kernel_isa", "lowrank_forward", "lowrank_backward"]
@@ -54,6 +55,7 @@ def attention_forward(
     q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen, deterministic
 ):
     del deterministic  # always deterministic
+    q, v = finite_padding(q, key_padding_mask), finite_padding(v, key_padding_mask)
     return torch.ops.symattn.attention_fwd_cpu(
         q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen
     )
@@ -64,6 +66,7 @@ def attention_backward(
     scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
 ):
     del deterministic
+    q, v = finite_padding(q, key_padding_mask), finite_padding(v, key_padding_mask)
     torch.ops.symattn.attention_bwd_cpu(
         dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
         scale, causal, dropout_p, exclude_self, max_seqlen,

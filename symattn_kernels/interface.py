@@ -27,15 +27,17 @@ def _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, key_padding_ma
                return_lse, deterministic, backend):
     """Shared tail of the padded and varlen entry points, after their shape checks."""
     validation.coef(coef, q.shape[-2], q.shape[-1], q)
-    scale = validation.options(scale, dropout_p, q.shape[-1])
+    scale = validation.options(scale, dropout_p, q.shape[-1], q.dtype)
+    for name, value in (("causal", causal), ("exclude_self", exclude_self), ("return_lse", return_lse),
+                        ("deterministic", deterministic)):
+        validation.flag(name, value)
     case = backends.AttentionCase(q.shape[-1], (q if v is None else v).shape[-1], _needs_grad(q, v, coef))
     name = backends.resolve(backend, q.device, q.dtype, case=case)
     # max_seqlen is the padded S, a SymInt under torch.export: int() would fix the exported
     # sequence axis to the example's length.
     out, lse = ops.attention_fwd(
         _unit_last_stride(q), _unit_last_stride(v), _unit_last_stride(coef), key_padding_mask, cu_seqlens,
-        _dropout_seed(dropout_p), scale, bool(causal), float(dropout_p), bool(exclude_self), max_seqlen,
-        bool(deterministic), name,
+        _dropout_seed(dropout_p), scale, causal, float(dropout_p), exclude_self, max_seqlen, deterministic, name,
     )
     return (out, lse) if return_lse else out
 
@@ -195,8 +197,10 @@ def symmetric_attention_varlen(
             raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]}, got {cu_seqlens.tolist()}")
         if int(lengths.max()) > max_seqlen:
             raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
-    return _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, None, dropout_p, exclude_self,
-                      return_lse, deterministic, backend)
+    # No sequence is longer than all tokens together: grids and buffers sized by the bound never
+    # exceed the real work, however loose the bound.
+    return _attention(q, v, cu_seqlens, torch.sym_min(max_seqlen, q.shape[0]), coef, scale, causal, None, dropout_p,
+                      exclude_self, return_lse, deterministic, backend)
 
 
 def lowrank_context_attention(
@@ -259,6 +263,7 @@ def lowrank_context_attention(
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
     if head_norm not in ("l2", None):
         raise ValueError(f"head_norm must be 'l2' or None, got {head_norm!r}")
+    validation.flag("token_softmax", token_softmax)
     case = backends.LowrankCase(dim, heads, _needs_grad(h, context, p, q, u))
     name = backends.resolve(backend, h.device, h.dtype, op="lowrank", case=case)
     return ops.lowrank_fwd(
