@@ -64,7 +64,10 @@ def symmetric_attention(
     counter-based generator seeded from torch's default generator, so ``torch.manual_seed``
     reproduces the mask); the output is ``P V`` with ``V = v``, or ``V = q`` when ``v`` is None
     (shared-weight attention: one tensor is query, key and value). A query row with no allowed key
-    returns 0, its lse is ``-inf`` and its gradients are 0. The allowed keys for S = 4, 1 = allowed::
+    returns 0, its lse is ``-inf`` and its gradients are 0. NaN in a real token propagates; a
+    padded token is never read into real rows, whatever it holds. Second-order gradients
+    (``create_graph=True``) need ``backend="torch"``; the kernel backends raise instead of
+    returning a detached gradient. The allowed keys for S = 4, 1 = allowed::
 
         causal=True          exclude_self=True     causal=True, exclude_self=True
         1 0 0 0              0 1 1 1               1 0 0 0   <- only itself: kept
@@ -175,7 +178,8 @@ def symmetric_attention_varlen(
         q (torch.Tensor): ``[total, H, D]``; sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]``.
         v (torch.Tensor, Optional): ``[total, H, Dv]`` or ``None`` (values are ``q``).
         cu_seqlens (torch.Tensor): ``[B + 1]`` int32, non-decreasing, from 0 to ``total``.
-        max_seqlen (int): an upper bound on ``cu_seqlens[b+1] - cu_seqlens[b]``.
+        max_seqlen (int): an upper bound on ``cu_seqlens[b+1] - cu_seqlens[b]``; memory, time
+            and the dropout mask follow the real lengths, however loose the bound.
 
     Other options as in ``symmetric_attention`` (there is no ``key_padding_mask``).
 
