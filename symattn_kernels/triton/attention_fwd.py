@@ -104,7 +104,6 @@ def _symattn_fwd_update(
         if HAS_KPM:
             real = tl.load(keys.Kpm + offs_n.to(tl.int64) * keys.stride_kpms, mask=offs_n < keys.seqlen, other=0) != 0
             allowed = allowed & real[None, :]
-            v = tl.where(real[:, None], v, 0.0)  # 0 * NaN stored in padding is NaN: never read it
         if EXCLUDE_SELF:
             allowed = allowed & ((offs_m[:, None] != offs_n[None, :]) | (queries.has_other[:, None] == 0))
         qk = tl.where(allowed, qk, float("-inf"))
