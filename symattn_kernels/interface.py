@@ -64,8 +64,8 @@ def symmetric_attention(
     counter-based generator seeded from torch's default generator, so ``torch.manual_seed``
     reproduces the mask); the output is ``P V`` with ``V = v``, or ``V = q`` when ``v`` is None
     (shared-weight attention: one tensor is query, key and value). A query row with no allowed key
-    returns 0, its lse is ``-inf`` and its gradients are 0. NaN in a real token propagates; a
-    padded token is never read into real rows, whatever it holds. Second-order gradients
+    returns 0, its lse is ``-inf`` and its gradients are 0. NaN in a real token propagates; on
+    the torch and cpu backends a padded token never reaches real rows, whatever it holds. Second-order gradients
     (``create_graph=True``) need ``backend="torch"``; the kernel backends raise instead of
     returning a detached gradient. The allowed keys for S = 4, 1 = allowed::
 
