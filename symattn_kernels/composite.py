@@ -1,17 +1,18 @@
 """The ``torch`` backend: composite PyTorch forward and backward of every op.
 
 It runs anywhere PyTorch does and is the float64 path. Unlike ``reference`` it does not lean on
-autograd: the backward recomputes the probabilities from the saved log-sum-exp and applies the
-closed-form gradients of docs/design.md ("Gradients"), the same data flow the fused kernels follow:
+autograd: the backward recomputes the probabilities and applies the closed-form gradients of
+docs/design.md ("Gradients"), the same data flow the fused kernels follow:
 
-    P  = exp(S - lse)                    recomputed, 0 where masked
+    P  = softmax(S)                      recomputed, 0 where masked
     dP = (dO V^T) * keep / (1 - p)
-    G  = P * (dP - delta),               delta = rowsum(dO * O) - dlse
+    G  = P * (dP - delta),               delta = rowsum(P * dP) - dlse  (= rowsum(dO * O) - dlse)
     dY = scale * (G Y M^T + G^T Y M)     (+ Pd^T dO when V = Y)
     dM = scale * Y^T G Y  (summed over batch; its diagonal for a diagonal M)
 
-Half-precision inputs are computed in float32, float64 in float64. The varlen layout is padded
-to [B, max_seqlen] and unpadded again, keeping the dropout counters of the varlen layout.
+Half-precision inputs are computed in float32, float64 in float64. Varlen sequences are
+gathered into groups of equal length, so memory and time follow the real lengths; they keep the
+dropout counters of the varlen layout.
 """
 
 from __future__ import annotations
@@ -29,33 +30,35 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _Varlen:
-    """Index maps between the varlen layout [total, ...] and a padded [B, max_seqlen, ...] one."""
+def finite_padding(x: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``x`` [B, S, ...], with its padded tokens read as zeros when any of them holds NaN or Inf.
 
-    def __init__(self, cu_seqlens: Tensor, max_seqlen: int):
+    Padded tokens are never attended to, but a kernel multiplies their zero weights with their
+    stored values (0 * NaN = NaN): this keeps garbage in padding out of the real rows. Finite
+    padding is left alone (no copy), so padded rows are computed from their own values then.
+    """
+    if x is None or key_padding_mask is None:
+        return x
+    pad = ~key_padding_mask
+    if bool(torch.isfinite(x[pad]).all()):
+        return x
+    return x.masked_fill(pad.view(*pad.shape, *([1] * (x.dim() - 2))), 0.0)
+
+
+class _Varlen:
+    """The sequences of a varlen call grouped by length, so that work and memory follow the real
+    lengths (sum of L^2), never ``max_seqlen``: group ``g`` is ``index[g]`` [n_g, L_g], the token
+    rows of its n_g sequences of length L_g."""
+
+    def __init__(self, cu_seqlens: Tensor):
         cu = cu_seqlens.to(torch.int64)
         lengths = cu[1:] - cu[:-1]
         self.total = int(cu[-1])
-        self.batch = lengths.numel()
-        self.max_seqlen = max_seqlen
-        positions = torch.arange(max_seqlen, device=cu.device)
-        self.real = positions[None, :] < lengths[:, None]  # [B, max_seqlen]
-        self.batch_idx, self.pos_idx = self.real.nonzero(as_tuple=True)
-        self.row_ids = cu[:-1, None] + positions[None, :]
-
-    def pad(self, x: Tensor) -> Tensor:
-        padded = x.new_zeros(self.batch, self.max_seqlen, *x.shape[1:])
-        padded[self.batch_idx, self.pos_idx] = x
-        return padded
-
-    def unpad(self, x: Tensor) -> Tensor:
-        return x[self.batch_idx, self.pos_idx]
-
-    def pad_lse(self, lse: Tensor) -> Tensor:  # [H, total] -> [B, H, max_seqlen]
-        return self.pad(lse.transpose(0, 1)).transpose(1, 2)
-
-    def unpad_lse(self, lse: Tensor) -> Tensor:  # [B, H, max_seqlen] -> [H, total]
-        return self.unpad(lse.transpose(1, 2)).transpose(0, 1).contiguous()
+        self.groups = []
+        for length in sorted(set(lengths.tolist())):
+            if length > 0:
+                starts = cu[:-1][lengths == length]
+                self.groups.append(starts[:, None] + torch.arange(length, device=cu.device))
 
 
 def _query_operand(y: Tensor, coef: Optional[Tensor]) -> Tensor:
@@ -68,11 +71,15 @@ def _query_operand(y: Tensor, coef: Optional[Tensor]) -> Tensor:
 
 
 class _Problem:
-    """Inputs of one padded attention call in [B, H, S, D] compute-dtype layout."""
+    """Inputs of one padded attention call in [B, H, S, D] compute-dtype layout. ``row_ids``
+    [B, S] number the query tokens for the dropout counters (``b * S + i`` when None),
+    ``n_rows`` and ``key_stride`` are the counter strides (see ``reference.dropout_keep_mask``)."""
 
-    def __init__(self, q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self, row_ids, n_rows):
+    def __init__(self, q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self,
+                 row_ids=None, n_rows=0, key_stride=0):
         batch, seqlen, num_heads, _ = q.shape
         cd = accumulate_dtype(q.dtype)
+        q, v = finite_padding(q, key_padding_mask), finite_padding(v, key_padding_mask)
         self.y = q.transpose(1, 2).to(cd)
         self.values = self.y if v is None else v.transpose(1, 2).to(cd)
         self.coef = None if coef is None else coef.to(cd)
@@ -85,8 +92,8 @@ class _Problem:
         if dropout_p > 0.0:
             if row_ids is None:
                 row_ids = torch.arange(batch * seqlen, device=q.device).view(batch, seqlen)
-                n_rows = batch * seqlen
-            keep = dropout_keep_mask(seed, dropout_p, row_ids, n_rows, num_heads, seqlen, seqlen)
+                n_rows, key_stride = batch * seqlen, seqlen
+            keep = dropout_keep_mask(seed, dropout_p, row_ids, n_rows, num_heads, key_stride, seqlen)
             self.keep_scale = keep.to(cd) / (1.0 - dropout_p)
 
     def scores(self) -> Tensor:
@@ -97,8 +104,8 @@ class _Problem:
         return probs if self.keep_scale is None else probs * self.keep_scale
 
 
-def _forward_padded(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self, row_ids=None, n_rows=0):
-    pb = _Problem(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self, row_ids, n_rows)
+def _forward_padded(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self, *counters):
+    pb = _Problem(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self, *counters)
     scores = pb.scores()
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)  # rows with no allowed key
@@ -110,37 +117,58 @@ def _forward_padded(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p
     return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
+def _empty_result(q, v, cu_seqlens):
+    out = q.new_zeros((*q.shape[:-1], (q if v is None else v).shape[-1]))
+    if cu_seqlens is None:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    else:
+        lse_shape = (q.shape[1], q.shape[0])
+    return out, q.new_full(lse_shape, float("-inf"), dtype=accumulate_dtype(q.dtype))
+
+
 def attention_forward(
     q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen, deterministic
 ):
-    del deterministic  # every composite path is deterministic
+    del deterministic, max_seqlen  # every composite path is deterministic; lengths come from cu_seqlens
     if cu_seqlens is None:
+        if q.numel() == 0:
+            return _empty_result(q, v, None)
         out, lse = _forward_padded(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self)
         return out, lse.to(accumulate_dtype(q.dtype))
-    vl = _Varlen(cu_seqlens, max_seqlen)
-    out, lse = _forward_padded(
-        vl.pad(q), None if v is None else vl.pad(v), coef, vl.real, seed, scale, causal, dropout_p, exclude_self,
-        vl.row_ids, vl.total,
-    )
-    return vl.unpad(out), vl.unpad_lse(lse).to(accumulate_dtype(q.dtype))
+    out, lse = _empty_result(q, v, cu_seqlens)
+    vl = _Varlen(cu_seqlens)
+    for index in vl.groups:
+        out_g, lse_g = _forward_padded(
+            q[index], None if v is None else v[index], coef, None, seed, scale, causal, dropout_p, exclude_self,
+            index, vl.total, vl.total,
+        )
+        out[index] = out_g
+        lse[:, index] = lse_g.transpose(0, 1).to(lse.dtype)
+    return out, lse
 
 
-def _backward_padded(
-    dout, dlse, q, v, coef, key_padding_mask, seed, out, lse, scale, causal, dropout_p, exclude_self,
-    row_ids=None, n_rows=0,
-):
-    """Returns (dy [B, S, H, D], dv [B, S, H, Dv] or None, dcoef or None) in compute dtype."""
-    pb = _Problem(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self, row_ids, n_rows)
+def _backward_padded(dout, dlse, q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self,
+                     *counters):
+    """Returns (dy [B, S, H, D], dv [B, S, H, Dv] or None, dcoef or None) in compute dtype.
+
+    Probabilities come back from a fresh softmax in the compute dtype, and delta = rowsum(P * dP)
+    from them: equal to rowsum(dO * O) in exact arithmetic, but free of the rounding of O to
+    the input dtype, which dominates G where one key (the token itself, as q = k) takes most
+    of a row's weight.
+    """
+    pb = _Problem(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self, *counters)
     cd = pb.y.dtype
-    lse = lse.to(cd)[..., None]
-    live = pb.allowed & torch.isfinite(lse)
-    probs = torch.exp(pb.scores() - lse.masked_fill(~torch.isfinite(lse), 0.0)).masked_fill(~live, 0.0)
+    scores = pb.scores()
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)
+    unnormalised = torch.exp(scores - row_max)
+    probs = unnormalised / unnormalised.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
     dout = dout.transpose(1, 2).to(cd)
-    delta = (dout * out.transpose(1, 2).to(cd)).sum(dim=-1, keepdim=True)
-    if dlse is not None:
-        delta = delta - dlse.to(cd)[..., None]
     dvalues = pb.dropped(probs).transpose(-1, -2) @ dout
     dprobs = pb.dropped(dout @ pb.values.transpose(-1, -2))
+    delta = (probs * dprobs).sum(dim=-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.to(cd)[..., None]
     grad_scores = probs * (dprobs - delta)
     dquery = pb.scale * (grad_scores @ pb.y)  # gradient of the query-side operand Y M
     dy = pb.scale * (grad_scores.transpose(-1, -2) @ pb.query)
@@ -162,20 +190,30 @@ def attention_backward(
     dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
     scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
 ):
-    del deterministic
+    del deterministic, max_seqlen, out, lse  # the softmax is recomputed (see _backward_padded)
     if cu_seqlens is None:
-        dy, dvalues, dc = _backward_padded(
-            dout, dlse, q, v, coef, key_padding_mask, seed, out, lse, scale, causal, dropout_p, exclude_self
-        )
+        if q.numel() == 0:
+            dy, dvalues, dc = torch.zeros_like(q), None if v is None else torch.zeros_like(v), None
+            dc = None if coef is None else torch.zeros_like(coef)
+        else:
+            dy, dvalues, dc = _backward_padded(
+                dout, dlse, q, v, coef, key_padding_mask, seed, scale, causal, dropout_p, exclude_self
+            )
     else:
-        vl = _Varlen(cu_seqlens, max_seqlen)
-        dy, dvalues, dc = _backward_padded(
-            vl.pad(dout), None if dlse is None else vl.pad_lse(dlse), vl.pad(q), None if v is None else vl.pad(v),
-            coef, vl.real, seed, vl.pad(out), vl.pad_lse(lse), scale, causal, dropout_p, exclude_self,
-            vl.row_ids, vl.total,
-        )
-        dy = vl.unpad(dy)
-        dvalues = None if dvalues is None else vl.unpad(dvalues)
+        dy, dvalues = torch.zeros_like(q), None if v is None else torch.zeros_like(v)
+        dc = None if coef is None else torch.zeros_like(coef, dtype=accumulate_dtype(q.dtype))
+        vl = _Varlen(cu_seqlens)
+        for index in vl.groups:
+            dy_g, dv_g, dc_g = _backward_padded(
+                dout[index], None if dlse is None else dlse[:, index].transpose(0, 1), q[index],
+                None if v is None else v[index], coef, None, seed, scale, causal, dropout_p, exclude_self,
+                index, vl.total, vl.total,
+            )
+            dy[index] = dy_g.to(dy.dtype)
+            if dvalues is not None:
+                dvalues[index] = dv_g.to(dvalues.dtype)
+            if dc is not None:
+                dc += dc_g
     dq.copy_(dy)
     if dv is not None:
         dv.copy_(dvalues)
@@ -186,6 +224,7 @@ def attention_backward(
 def _lowrank_parts(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
     """Forward intermediates of LAMA in compute dtype; see reference.lowrank_context_attention."""
     cd = accumulate_dtype(h.dtype)
+    h, u = finite_padding(h, key_padding_mask), finite_padding(u, key_padding_mask)
     h, p, q = h.to(cd), p.to(cd), q.to(cd)
     u = h if u is None else u.to(cd)
     ctx = context.to(cd)
@@ -200,9 +239,9 @@ def _lowrank_parts(h, context, p, q, u, key_padding_mask, head_norm, token_softm
     if token_softmax:
         if real is not None:
             scores = scores.masked_fill(~real, float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = row_max.masked_fill(torch.isneginf(row_max), 0.0)
-        unnormalised = torch.exp(scores - row_max)
+        # Every score lies in [-1, 1] (tanh, then a unit-norm vector's entry): 1 is a fixed
+        # stabiliser, with no max pass to trip over T = 0, and a NaN score stays NaN.
+        unnormalised = torch.exp(scores - 1.0)
         attn = unnormalised / unnormalised.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
     else:
         attn = scores if real is None else scores.masked_fill(~real, 0.0)

@@ -19,6 +19,7 @@ import os
 import torch
 
 from . import extensions
+from .composite import finite_padding
 from .lowrank_cpu import lowrank_backward, lowrank_forward
 
 __all__ = ["attention_forward", "attention_backward", "kernel_isa", "lowrank_forward", "lowrank_backward"]
@@ -72,6 +73,7 @@ def attention_forward(
     q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen, deterministic
 ):
     del deterministic  # always deterministic
+    q, v = finite_padding(q, key_padding_mask), finite_padding(v, key_padding_mask)
     return torch.ops.symattn.attention_fwd_cpu(
         q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen
     )
@@ -82,6 +84,7 @@ def attention_backward(
     scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
 ):
     del deterministic
+    q, v = finite_padding(q, key_padding_mask), finite_padding(v, key_padding_mask)
     torch.ops.symattn.attention_bwd_cpu(
         dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
         scale, causal, dropout_p, exclude_self, max_seqlen,

@@ -27,15 +27,17 @@ def _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, key_padding_ma
                return_lse, deterministic, backend):
     """Shared tail of the padded and varlen entry points, after their shape checks."""
     validation.coef(coef, q.shape[-2], q.shape[-1], q)
-    scale = validation.options(scale, dropout_p, q.shape[-1])
+    scale = validation.options(scale, dropout_p, q.shape[-1], q.dtype)
+    for name, value in (("causal", causal), ("exclude_self", exclude_self), ("return_lse", return_lse),
+                        ("deterministic", deterministic)):
+        validation.flag(name, value)
     case = backends.AttentionCase(q.shape[-1], (q if v is None else v).shape[-1], _needs_grad(q, v, coef))
     name = backends.resolve(backend, q.device, q.dtype, case=case)
     # max_seqlen is the padded S, a SymInt under torch.export: int() would fix the exported
     # sequence axis to the example's length.
     out, lse = ops.attention_fwd(
         _unit_last_stride(q), _unit_last_stride(v), _unit_last_stride(coef), key_padding_mask, cu_seqlens,
-        _dropout_seed(dropout_p), scale, bool(causal), float(dropout_p), bool(exclude_self), max_seqlen,
-        bool(deterministic), name,
+        _dropout_seed(dropout_p), scale, causal, float(dropout_p), exclude_self, max_seqlen, deterministic, name,
     )
     return (out, lse) if return_lse else out
 
@@ -62,7 +64,10 @@ def symmetric_attention(
     counter-based generator seeded from torch's default generator, so ``torch.manual_seed``
     reproduces the mask); the output is ``P V`` with ``V = v``, or ``V = q`` when ``v`` is None
     (shared-weight attention: one tensor is query, key and value). A query row with no allowed key
-    returns 0, its lse is ``-inf`` and its gradients are 0. The allowed keys for S = 4, 1 = allowed::
+    returns 0, its lse is ``-inf`` and its gradients are 0. NaN in a real token propagates; on
+    the torch and cpu backends a padded token never reaches real rows, whatever it holds. Second-order gradients
+    (``create_graph=True``) need ``backend="torch"``; the kernel backends raise instead of
+    returning a detached gradient. The allowed keys for S = 4, 1 = allowed::
 
         causal=True          exclude_self=True     causal=True, exclude_self=True
         1 0 0 0              0 1 1 1               1 0 0 0   <- only itself: kept
@@ -173,7 +178,8 @@ def symmetric_attention_varlen(
         q (torch.Tensor): ``[total, H, D]``; sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]``.
         v (torch.Tensor, Optional): ``[total, H, Dv]`` or ``None`` (values are ``q``).
         cu_seqlens (torch.Tensor): ``[B + 1]`` int32, non-decreasing, from 0 to ``total``.
-        max_seqlen (int): an upper bound on ``cu_seqlens[b+1] - cu_seqlens[b]``.
+        max_seqlen (int): an upper bound on ``cu_seqlens[b+1] - cu_seqlens[b]``; memory, time
+            and the dropout mask follow the real lengths, however loose the bound.
 
     Other options as in ``symmetric_attention`` (there is no ``key_padding_mask``).
 
@@ -195,8 +201,10 @@ def symmetric_attention_varlen(
             raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]}, got {cu_seqlens.tolist()}")
         if int(lengths.max()) > max_seqlen:
             raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
-    return _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, None, dropout_p, exclude_self,
-                      return_lse, deterministic, backend)
+    # No sequence is longer than all tokens together: grids and buffers sized by the bound never
+    # exceed the real work, however loose the bound.
+    return _attention(q, v, cu_seqlens, torch.sym_min(max_seqlen, q.shape[0]), coef, scale, causal, None, dropout_p,
+                      exclude_self, return_lse, deterministic, backend)
 
 
 def lowrank_context_attention(
@@ -259,6 +267,7 @@ def lowrank_context_attention(
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
     if head_norm not in ("l2", None):
         raise ValueError(f"head_norm must be 'l2' or None, got {head_norm!r}")
+    validation.flag("token_softmax", token_softmax)
     case = backends.LowrankCase(dim, heads, _needs_grad(h, context, p, q, u))
     name = backends.resolve(backend, h.device, h.dtype, op="lowrank", case=case)
     return ops.lowrank_fwd(

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .interface import lowrank_context_attention
+from .validation import flag, positive_int
 
 __all__ = ["LowRankContextAttention", "LAMAClassifier", "masked_mean"]
 
@@ -55,10 +56,10 @@ class LowRankContextAttention(nn.Module):
         super().__init__()
         if context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-        self.input_size, self.num_heads = input_size, num_heads
-        self.context_mode, self.head_norm, self.token_softmax, self.backend = context, head_norm, token_softmax, backend
+        self.input_size = positive_int("input_size", input_size)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.context_mode, self.head_norm, self.backend = context, head_norm, backend
+        self.token_softmax = flag("token_softmax", token_softmax)
         self.p = nn.Parameter(torch.empty(input_size, num_heads))
         self.q = nn.Parameter(torch.empty(input_size, num_heads))
         self.context = nn.Parameter(torch.empty(input_size)) if context == "learned" else None

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .composite import accumulate_dtype
+from .composite import accumulate_dtype, finite_padding
 
 __all__ = ["lowrank_forward", "lowrank_backward"]
 
@@ -45,8 +45,8 @@ _CHUNKS = 4
 
 
 def _inverse(total: Tensor) -> Tensor:
-    """1 / l, and 0 where l = 0 (a sequence with no real token pools to 0)."""
-    return torch.where(total > 0, total.reciprocal(), 0.0)
+    """1 / l, and 0 where l = 0 (a sequence with no real token pools to 0); NaN stays NaN."""
+    return torch.where(total == 0, 0.0, total.reciprocal())
 
 
 def _sum_over_heads(a: Tensor, b: Tensor) -> Tensor:
@@ -81,6 +81,7 @@ class _Lama:
         cd = accumulate_dtype(h.dtype)
         gate = context.to(cd) @ p.to(cd)
         gate = gate if gate.dim() == 2 else gate.expand(h.shape[0], -1)
+        h, u = finite_padding(h, key_padding_mask), finite_padding(u, key_padding_mask)
         return cls(h, u, q.to(cd), gate, key_padding_mask, head_norm, eps)
 
     @property
@@ -142,7 +143,7 @@ def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_soft
     cd = lama.compute_dtype
     scores = torch.empty(batch, q.shape[1], seqlen, dtype=cd, device=h.device)  # [B, m, T]
     pooled = torch.zeros(batch, q.shape[1], dim, dtype=cd, device=h.device)
-    total = 0.0
+    total = pooled.new_zeros(batch, q.shape[1], 1)
     for tokens in [slice(0, seqlen)] if h.dtype == cd else _token_slices(seqlen):
         u_slice, h_slice = lama.operands(tokens)
         feats, _ = lama.activate(lama.keys(u_slice, out=scores[:, :, tokens]))
@@ -178,7 +179,8 @@ def _features_and_statistics(lama: _Lama, dpooled, dattn, slices, token_softmax:
     options = dict(dtype=lama.compute_dtype, device=lama.h.device)
     feats = torch.empty(batch, lama.q.shape[1], seqlen, **options)
     norm = torch.empty(batch, 1, seqlen, **options) if lama.head_norm == "l2" else None
-    total = weighted = 0.0
+    total = torch.zeros(batch, lama.q.shape[1], 1, **options)
+    weighted = torch.zeros_like(total)
     for tokens in slices:
         u_slice, h_slice = lama.operands(tokens, with_h=token_softmax)
         feats_slice, norm_slice = lama.activate(lama.keys(u_slice, out=feats[:, :, tokens]))

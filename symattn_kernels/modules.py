@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .interface import symmetric_attention, symmetric_attention_varlen
 from .masks import MaskPlan, allowed_4d, key_padding_mask, plan_mask
+from .validation import flag, positive_int
 
 __all__ = [
     "SharedWeightSelfAttention",
@@ -52,9 +53,20 @@ def attend(y: Tensor, v: Optional[Tensor], coef: Optional[Tensor], plan: MaskPla
 
 
 def _head_dim(hidden_size: int, num_heads: int) -> int:
+    positive_int("hidden_size", hidden_size)
+    positive_int("num_heads", num_heads)
     if hidden_size % num_heads != 0:
         raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
     return hidden_size // num_heads
+
+
+def _states(module: nn.Module, hidden_states: Tensor) -> tuple[int, int]:
+    """(B, S) of ``hidden_states``, checked to be ``[B, S, hidden_size]``."""
+    if not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3 or hidden_states.shape[-1] != module.hidden_size:
+        got = tuple(hidden_states.shape) if isinstance(hidden_states, Tensor) else type(hidden_states).__name__
+        raise ValueError(f"hidden_states must have shape [B, S, hidden_size] with hidden_size = {module.hidden_size}, "
+                         f"got {got}")
+    return hidden_states.shape[0], hidden_states.shape[1]
 
 
 def _dropout(dropout: float) -> float:
@@ -99,7 +111,7 @@ class SymmetricSelfAttention(nn.Module):
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = _head_dim(hidden_size, num_heads)
         self.pairwise, self.pairwise_init = pairwise, pairwise_init
-        self.dropout, self.causal = _dropout(dropout), bool(causal)
+        self.dropout, self.causal = _dropout(dropout), flag("causal", causal)
         self.qk = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.value = nn.Linear(hidden_size, hidden_size, bias=bias)
         shape = {"diag": (num_heads, self.head_dim), "full": (num_heads, self.head_dim, self.head_dim)}.get(pairwise)
@@ -131,7 +143,7 @@ class SymmetricSelfAttention(nn.Module):
         ``causal``. A 4D mask must be key padding or block-diagonal (packed sequences), which run
         exactly through the padded or the varlen kernel; any other pattern raises ValueError
         (``symattn_kernels.masks``)."""
-        batch, seqlen, _ = hidden_states.shape
+        batch, seqlen = _states(self, hidden_states)
         y, v, coef = self.project(hidden_states)
         plan = plan_mask(attention_mask, batch, seqlen, self.causal)
         out = attend(y, v, coef, plan, dropout_p=self.dropout if self.training else 0.0)
@@ -169,7 +181,7 @@ class SharedWeightSelfAttention(nn.Module):
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = _head_dim(hidden_size, num_heads)
-        self.dropout, self.causal = _dropout(dropout), bool(causal)
+        self.dropout, self.causal = _dropout(dropout), flag("causal", causal)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.role_scales = bool(role_scales)
         for name in ("d_q", "d_k", "d_v"):
@@ -183,7 +195,7 @@ class SharedWeightSelfAttention(nn.Module):
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """Same as ``SymmetricSelfAttention.forward``."""
-        batch, seqlen, _ = hidden_states.shape
+        batch, seqlen = _states(self, hidden_states)
         y, _, coef = self.project(hidden_states)
         plan = plan_mask(attention_mask, batch, seqlen, self.causal)
         out = attend(y, None, coef, plan, dropout_p=self.dropout if self.training else 0.0)
@@ -213,14 +225,14 @@ class StandardSelfAttention(nn.Module):
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = _head_dim(hidden_size, num_heads)
-        self.dropout, self.causal = _dropout(dropout), bool(causal)
+        self.dropout, self.causal = _dropout(dropout), flag("causal", causal)
         self.query = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.key = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.value = nn.Linear(hidden_size, hidden_size, bias=bias)
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """Same as ``SymmetricSelfAttention.forward``."""
-        batch, seqlen, _ = hidden_states.shape
+        batch, seqlen = _states(self, hidden_states)
         heads = (batch, seqlen, self.num_heads, self.head_dim)
         q, k, v = (proj(hidden_states).view(heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
         if attention_mask is not None and attention_mask.dim() == 4:

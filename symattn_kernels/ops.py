@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, composite
 from .composite import accumulate_dtype
 
 
@@ -90,8 +90,9 @@ def _attention_bwd_fake(*args) -> None:
 
 
 def unit_last_stride(x: Optional[Tensor]) -> Optional[Tensor]:
-    # Kernels take any strides as long as the innermost one is 1; copy only when it is not.
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+    # Kernels take any strides as long as the innermost one is 1 (or the last dim has one element,
+    # where its stride is never used); copy only when it is not.
+    return x if x is None or x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -101,9 +102,43 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _second_order(backend: str, op: str, *tensors) -> bool:
+    """Whether this backward must itself be differentiable (``create_graph=True`` with a
+    gradient that depends on something requiring grad). Only the composite ``torch`` backend is
+    differentiable; the fused kernels' backward is not, and a silently detached gradient would
+    drop a gradient penalty without a word, so they refuse."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if backend != "torch":
+        raise RuntimeError(
+            f"symattn: second-order gradients (create_graph=True) through {op} are not supported by "
+            f"backend={backend!r}, whose backward is a fused kernel; call with backend='torch', which "
+            "differentiates its composite implementation"
+        )
+    return True
+
+
+def _differentiate(forward, inputs, outputs_grads) -> list:
+    """Gradients of ``forward()`` (pure torch ops) w.r.t. ``inputs``, with a graph."""
+    wanted = [x for x in inputs if x is not None and x.requires_grad]
+    with torch.enable_grad():
+        outputs = forward()
+        pairs = [(o, g) for o, g in zip(outputs, outputs_grads) if g is not None]
+        grads = iter(torch.autograd.grad(
+            [o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True, allow_unused=True
+        ))
+    return [next(grads) if x is not None and x.requires_grad else None for x in inputs]
+
+
 def _attention_backward(ctx, dout, dlse):
     q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if _second_order(ctx.options[-1], "symmetric_attention", q, v, coef, dout, dlse):
+        def forward():
+            return composite.attention_forward(q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), *ctx.options[:-1])
+
+        grads = _differentiate(forward, (q, v, coef), (dout, dlse))
+        return tuple(g if need else None for g, need in zip(grads, needs[:3])) + (None,) * 10
     if dout is None:
         dout = torch.zeros_like(out)
     dq = torch.empty_like(q)
@@ -192,6 +227,14 @@ def _lowrank_setup_context(ctx, inputs, output):
 def _lowrank_backward(ctx, dpooled, dattn):
     h, context, p, q, u, key_padding_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if _second_order(ctx.options[-1], "lowrank_context_attention", h, context, p, q, u, dpooled, dattn):
+        head_norm, token_softmax, eps = ctx.options[:-1]
+        grads = _differentiate(
+            lambda: composite.lowrank_forward(h, context, p, q, u, key_padding_mask, _head_norm(head_norm),
+                                              token_softmax, eps),
+            (h, context, p, q, u), (dpooled, dattn),
+        )
+        return tuple(g if need else None for g, need in zip(grads, needs[:5])) + (None,) * 5
     if dpooled is None:
         dpooled = h.new_zeros((h.shape[0], p.shape[1], h.shape[2]))
     buffers = [

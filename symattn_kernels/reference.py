@@ -85,7 +85,8 @@ def dropout_keep_mask(
     Element (b, h, i, j) uses the counter ``(h * n_rows + row_ids[b, i]) * key_stride + j``, where
     ``row_ids`` numbers the query tokens globally: ``b * S + i`` in the padded layout,
     ``cu_seqlens[b] + i`` in the varlen layout (``n_rows`` = B * S or total tokens,
-    ``key_stride`` = S or max_seqlen). An element is kept when
+    ``key_stride`` = S or total tokens: never ``max_seqlen``, so the mask depends on the real
+    positions only). An element is kept when
     ``philox_randint(seed, counter) >> 1 >= floor(dropout_p * 2**31)``, so ``dropout_p = 0``
     keeps everything exactly.
     """
@@ -152,6 +153,8 @@ def _attend(
     """Core of every mode in [B, H, S, D] layout: returns out [B, H, S, Dv] and lse [B, H, S]."""
     scores = scale * (_apply_coef(y, coef) @ y.transpose(-1, -2))
     scores = scores.masked_fill(~allowed, float("-inf"))
+    # A key no row may attend to is never read: its stored values (even NaN) contribute nothing.
+    v = v.masked_fill(~allowed.any(dim=-2)[..., None], 0.0)
     lse = torch.logsumexp(scores, dim=-1)
     empty_row = torch.isneginf(lse)[..., None]
     # A row with no allowed key: exp(-inf - (-inf)) is NaN, so force P = 0 there.
@@ -241,7 +244,7 @@ def symmetric_attention_varlen(
             if dropout_seed is None:
                 raise ValueError("reference dropout needs dropout_seed")
             row_ids = torch.arange(start, end, device=q.device)[None]
-            mask = dropout_keep_mask(dropout_seed, dropout_p, row_ids, total, num_heads, max_seqlen, end - start)
+            mask = dropout_keep_mask(dropout_seed, dropout_p, row_ids, total, num_heads, total, end - start)
         out, lse = symmetric_attention(
             q[None, start:end],
             None if v is None else v[None, start:end],
@@ -295,8 +298,10 @@ def lowrank_context_attention(
         if real is not None:
             scores = scores.masked_fill(~real, float("-inf"))
         attn = torch.softmax(scores, dim=-1)
-        attn = torch.nan_to_num(attn, nan=0.0)  # rows with no real token
+        if real is not None:  # rows with no real token: 0, not the 0/0 of the softmax
+            attn = attn.masked_fill(~real.any(dim=-1, keepdim=True), 0.0)
     else:
         attn = scores if real is None else scores.masked_fill(~real, 0.0)
+    if real is not None:  # padded tokens are never read, whatever they hold
+        h = h.masked_fill(~real.transpose(1, 2), 0.0)
     return attn @ h, attn
-

@@ -64,15 +64,37 @@ def coef(x: Optional[Tensor], num_heads: int, dim: int, ref: Tensor) -> None:
     same_device("coef", x, "q", ref)
 
 
-def options(scale: Optional[float], dropout_p: float, head_dim_q: int) -> float:
-    """Check scale and dropout_p; return the scale to use."""
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+def positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def flag(name: str, value) -> bool:
+    """A bool option; ``"False"`` or a tensor must not pass for one by truthiness."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return value
+
+
+def options(scale: Optional[float], dropout_p: float, head_dim_q: int, dtype: torch.dtype = torch.float32) -> float:
+    """Check scale and dropout_p; return the scale to use. ``dtype`` is the inputs' dtype: the
+    scale (times log2(e), as the kernels fold it into exp2) must be finite in the dtype the
+    scores are computed in (float32, or float64 for float64 inputs)."""
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if scale is None:
         return head_dim_q**-0.5
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if abs(scale) * _LOG2E > torch.finfo(compute).max:
+        raise ValueError(f"scale = {scale!r} overflows {str(compute).replace('torch.', '')}, the dtype the scores "
+                         f"are computed in; it must be at most {torch.finfo(compute).max / _LOG2E:.3g} in magnitude")
     return float(scale)
+
+
+_LOG2E = 1.4426950408889634  # log2(e): the kernels compute exp(x) as exp2(x * log2(e))
 
 
 def values(v: Optional[Tensor], q: Tensor, leading: tuple, labels: Sequence[str]) -> None:

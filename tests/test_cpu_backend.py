@@ -262,7 +262,7 @@ def test_varlen_dropout_mask_bit_equal_to_reference():
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         if end == start:
             continue
-        want = R.dropout_keep_mask(seed, p, torch.arange(start, end)[None], 33, H, max_seqlen, end - start)[0]
+        want = R.dropout_keep_mask(seed, p, torch.arange(start, end)[None], 33, H, 33, end - start)[0]
         got = mask[start:end, :, : end - start].permute(1, 0, 2)  # [H, L, L]
         assert torch.equal(got, want), f"sequence {start}:{end}"
 

@@ -104,6 +104,10 @@ DType kernel_dtype(const at::Tensor& t, const char* name) {
   }
 }
 
+// The kernels step along the last dim with stride 1; a last dim of at most one element, or an
+// empty tensor, never takes that step, whatever torch recorded as its stride.
+bool unit_last_stride(const at::Tensor& t) { return t.size(-1) <= 1 || t.numel() == 0 || t.stride(-1) == 1; }
+
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t last_dim = -1) {
   TORCH_CHECK(t.device().is_cpu(), "symattn CPU kernels: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == q.dim(), "symattn CPU kernels: ", name, " must have ", q.dim(), " dims, got ", t.sizes());
@@ -112,7 +116,7 @@ void check_rows(const at::Tensor& t, const char* name, const at::Tensor& q, int6
   if (last_dim >= 0) TORCH_CHECK(t.size(-1) == last_dim, "symattn CPU kernels: ", name, " has shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "symattn CPU kernels: ", name, " must have q's dtype ",
               q.scalar_type());
-  TORCH_CHECK(t.size(-1) == 0 || t.stride(-1) == 1, "symattn CPU kernels: ", name, " needs a unit last stride");
+  TORCH_CHECK(unit_last_stride(t), "symattn CPU kernels: ", name, " needs a unit last stride");
 }
 
 // [B, S, H, X] (padded) or [total, H, X] (varlen) rows.
@@ -150,7 +154,7 @@ std::vector<at::Tensor> fill_common(ForwardParams& p, const at::Tensor& q, const
   TORCH_CHECK(q.device().is_cpu(), "symattn CPU kernels: q must be a CPU tensor");
   TORCH_CHECK(q.dim() == (varlen ? 3 : 4), "symattn CPU kernels: q must be ", varlen ? "[total, H, D]" : "[B, S, H, D]",
               ", got ", q.sizes());
-  TORCH_CHECK(q.size(-1) == 0 || q.stride(-1) == 1, "symattn CPU kernels: q needs a unit last stride");
+  TORCH_CHECK(unit_last_stride(q), "symattn CPU kernels: q needs a unit last stride");
   p.dtype = kernel_dtype(q, "q");
   p.heads = q.size(-2);
   p.head_dim = q.size(-1);
@@ -177,7 +181,9 @@ std::vector<at::Tensor> fill_common(ForwardParams& p, const at::Tensor& q, const
       TORCH_CHECK(len >= 0 && len <= max_seqlen, "symattn CPU kernels: sequence ", b, " has length ", len,
                   ", outside [0, max_seqlen = ", max_seqlen, "]");
     }
-    p.seqlen = max_seqlen;
+    // The dropout key stride: total tokens, never the bound, so the mask depends on the real
+    // positions only (the kernels size their work by the real lengths).
+    p.seqlen = q.size(0);
     p.n_rows = q.size(0);
     TORCH_CHECK(!key_padding_mask.has_value(), "symattn CPU kernels: key_padding_mask is not used with cu_seqlens");
   } else {
@@ -274,12 +280,12 @@ void attention_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
 
   // Gradients land in the caller's buffers, through a unit-last-stride stand-in if needed.
   check_rows(dq, "dq", q, p.head_dim);
-  const at::Tensor dq_work = dq.stride(-1) == 1 ? dq : at::empty(dq.sizes(), dq.options());
+  const at::Tensor dq_work = unit_last_stride(dq) ? dq : at::empty(dq.sizes(), dq.options());
   p.dq = rows_of<void>(dq_work, varlen);
   at::Tensor dv_work;
   if (dv.has_value()) {
     check_rows(*dv, "dv", q, p.value_dim);
-    dv_work = dv->stride(-1) == 1 ? *dv : at::empty(dv->sizes(), dv->options());
+    dv_work = unit_last_stride(*dv) ? *dv : at::empty(dv->sizes(), dv->options());
     p.dv = rows_of<void>(dv_work, varlen);
   }
   at::Tensor partial;

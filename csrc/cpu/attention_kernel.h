@@ -1,10 +1,10 @@
-// Fused CPU forward and backward of symmetric / shared-weight attention (SPEC sections 2 and 5).
+// Fused CPU forward and backward of symmetric / shared-weight attention.
 //
 // Per sequence b and head h, with Y = q[b, :, h] ([L, D]) and M = I | diag(c_h) | C_h:
 //
 //   Qm = Y M                        S = scale Qm Y^T (+ mask)  P = softmax_rows(S)
 //   out = dropout(P) V              lse = logsumexp_rows(S)    V = Y (shared) or v[b, :, h]
-//   G  = P * (dP - delta),  dP = dout V^T * keep / (1 - p),    delta = rowsum(dout * out) - dlse
+//   G  = P * (dP - delta),  dP = dout V^T * keep / (1 - p),    delta = rowsum(P * dP) - dlse
 //   dY = scale (G Y M^T + G^T Qm)  (+ Pd^T dout when V = Y)    dV = Pd^T dout
 //   dM = scale Y^T G Y             (its diagonal for a diagonal M)
 //
@@ -930,7 +930,7 @@ class BackwardHead : public Head<scalar_t> {
            + (kPairs && coef ? words(L) * D : 0)                                // Qb
            + (shared ? 0 : (kPairs ? L * words(Dv) : 0) + words(Dv) * g.ldk)    // Va, Vt
            + (kPairs ? L * words(Dv) + words(L) * Dv : (kHalf ? L * Dv : 0))   // dO as A rows, B rows
-           + L                                                                  // delta
+           + L                                                                  // dlse
            + 2 * g.block * g.ldk                                  // P / Pd and dP / G blocks
            + (kPairs ? g.block * g.ldk / 2 + 2 * words(g.block) * g.ldk : 0)  // bf16 G, G^T, Pd^T
            + (p.dropout_p > 0.0 ? g.ldk : 0)                      // keep row
@@ -991,8 +991,7 @@ class BackwardHead : public Head<scalar_t> {
   }
 
  private:
-  // Vt = V^T as B [Dv, ldk] for dP = dO V^T, dO as A rows and as B rows, and
-  // delta = rowsum(dout * out) - dlse.
+  // Vt = V^T as B [Dv, ldk] for dP = dO V^T, dO as A rows and as B rows, and dlse by row.
   void pack_backward_inputs() {
     if (shared_) {
       vt_ = yt_;
@@ -1015,14 +1014,11 @@ class BackwardHead : public Head<scalar_t> {
     } else {
       do_rows_ = do_pairs_ = {dout, ld};
     }
-    delta_ = ws_.template take<float>(L_);
-    const scalar_t* out = this->row_ptr(bp_.out, 0);
+    dlse_ = ws_.template take<float>(L_);
     for (int64_t i = 0; i < L_; ++i) {
-      float acc = dot_row(dout + i * ld, out + i * bp_.out.token, Dv_);
-      if (bp_.dlse.data != nullptr) {
-        acc -= bp_.dlse.data[b_ * bp_.dlse.batch + (this->start_ + i) * bp_.dlse.token + h_ * bp_.dlse.head];
-      }
-      delta_[i] = acc;
+      dlse_[i] = bp_.dlse.data == nullptr
+                     ? 0.f
+                     : bp_.dlse.data[b_ * bp_.dlse.batch + (this->start_ + i) * bp_.dlse.token + h_ * bp_.dlse.head];
     }
   }
 
@@ -1038,11 +1034,17 @@ class BackwardHead : public Head<scalar_t> {
     }
     this->mask_row(s, i, n);
     exp_inplace(s, n, lse);
-    const float delta = delta_[i];
+    // delta = rowsum(Pd * dP) - dlse from the fp32 P and dP of the whole row: it equals
+    // rowsum(dO * O) - dlse, without the rounding of O to the input dtype, which dominates G
+    // where one key (the token itself, as q = k) takes most of the row's weight.
     if (keep != nullptr) {
       this->keep_row(keep, i, n);
+      for (int64_t j = 0; j < n; ++j) dp[j] *= keep[j];
+    }
+    const float delta = dot_row(s, dp, n) - dlse_[i];
+    if (keep != nullptr) {
       for (int64_t j = 0; j < n; ++j) {
-        dp[j] = s[j] * (dp[j] * keep[j] - delta);
+        dp[j] = s[j] * (dp[j] - delta);
         s[j] *= keep[j];
       }
     } else {
@@ -1138,7 +1140,7 @@ class BackwardHead : public Head<scalar_t> {
 
   const BackwardParams& bp_;
   Panel vt_, do_rows_, do_pairs_, qb_;
-  float* delta_ = nullptr;
+  float* dlse_ = nullptr;
   Word* g_rows_ = nullptr;  // bf16 G as A rows, G^T and Pd^T as kTransA A (null for fp32 operands)
   Word* g_cols_ = nullptr;
   Word* p_cols_ = nullptr;

@@ -26,7 +26,7 @@ struct ForwardParams {
   int64_t heads = 0;      // H
   int64_t head_dim = 0;   // D
   int64_t value_dim = 0;  // Dv (= D in shared mode)
-  int64_t seqlen = 0;     // S, or max_seqlen (the dropout key stride) for varlen
+  int64_t seqlen = 0;     // S, or total tokens (the dropout key stride) for varlen
   int64_t n_rows = 0;     // B * S, or total tokens: the dropout row count
   const int32_t* cu_seqlens = nullptr;  // [B + 1]; null for the padded layout
 

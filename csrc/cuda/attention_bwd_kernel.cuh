@@ -85,7 +85,7 @@ __device__ __forceinline__ void grad_tile(const CudaBackwardParams& p, int cls, 
       prob = fast_exp2(sS[r * PS + c] * score_scale - row_lse2[r]);
       float ks = keep_scale;
       if (dropout &&
-          !dropout_keep(p.seed, threshold, h, p.n_rows, global_row(p.cu_seqlens, b, p.seqlen, i), p.seqlen, j)) {
+          !dropout_keep(p.seed, threshold, h, p.n_rows, global_row(p.cu_seqlens, b, p.seqlen, i), p.key_stride, j)) {
         ks = 0.0f;
       }
       pd = prob * ks;

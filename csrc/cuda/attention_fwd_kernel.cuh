@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(FwdConfig<HD>::kWarps * 32, 1)
         float kept = e;
         if (dropout) {
           const int64_t row_id = global_row(p.cu_seqlens, b, p.seqlen, i);
-          kept = dropout_keep(p.seed, threshold, h, p.n_rows, row_id, p.seqlen, n0 + col) ? e * keep_scale : 0.0f;
+          kept = dropout_keep(p.seed, threshold, h, p.n_rows, row_id, p.key_stride, n0 + col) ? e * keep_scale : 0.0f;
         }
         sP[r * PP + col] = from_float<T>(kept);
       }

@@ -20,8 +20,9 @@ struct CudaForwardParams {
   int heads = 0;      // H
   int head_dim = 0;   // D
   int value_dim = 0;  // Dv (= D in shared mode)
-  int seqlen = 0;     // S, or max_seqlen (varlen): also the dropout key stride
+  int seqlen = 0;     // S, or max_seqlen (varlen): the grid's rows
   int64_t n_rows = 0; // B * S, or total tokens: the dropout row count
+  int64_t key_stride = 0;  // S, or total tokens (varlen, never the bound): the dropout key stride
   const int32_t* cu_seqlens = nullptr;  // [B + 1], or null for the padded layout
 
   const void* q = nullptr;

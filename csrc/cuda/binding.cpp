@@ -63,10 +63,12 @@ std::vector<at::Tensor> fill(CudaForwardParams& p, const at::Tensor& q, const st
     p.batch = cu.numel() - 1;
     p.seqlen = max_seqlen;
     p.n_rows = q.size(0);
+    p.key_stride = q.size(0);
   } else {
     p.batch = q.size(0);
     p.seqlen = q.size(1);
     p.n_rows = static_cast<int64_t>(p.batch) * p.seqlen;
+    p.key_stride = p.seqlen;
   }
   if (coef.has_value()) {
     const at::Tensor c = coef->to(at::kFloat).contiguous();

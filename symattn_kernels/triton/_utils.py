@@ -95,7 +95,7 @@ class Layout(NamedTuple):
     head_dim: int
     head_dim_v: int
     n_rows: int  # token rows of one head: B * S, or total
-    key_stride: int  # dropout counter step from one query row to the next
+    key_stride: int  # dropout counter step from one query row to the next: S, or total
     is_varlen: bool
 
     def kernel_sizes(self) -> tuple[int, ...]:
@@ -109,8 +109,8 @@ def attention_layout(q, v, cu_seqlens, max_seqlen) -> Layout:
     head_dim_v = q.shape[-1] if v is None else v.shape[-1]
     if cu_seqlens is not None:
         total, num_heads, head_dim = q.shape
-        return Layout(cu_seqlens.numel() - 1, int(max_seqlen), num_heads, head_dim, head_dim_v, total,
-                      int(max_seqlen), True)
+        # Key stride = total tokens, never the bound: the dropout mask follows the real positions.
+        return Layout(cu_seqlens.numel() - 1, int(max_seqlen), num_heads, head_dim, head_dim_v, total, total, True)
     batch, seqlen, num_heads, head_dim = q.shape
     return Layout(batch, seqlen, num_heads, head_dim, head_dim_v, batch * seqlen, seqlen, False)
 

@@ -176,7 +176,7 @@ def _lama_fwd_kernel(
             w.to(dst.dtype.element_ty), mask=(offs_t[:, None] < seqlen) & (offs_m[None, :] < heads),
         )
     if TOKEN_SOFTMAX:
-        inv = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+        inv = tl.where(l_i == 0.0, 0.0, 1.0 / l_i)
         acc = acc * inv[None, :]
         tl.store(L + b64 * heads + offs_m, l_i, mask=offs_m < heads)
     tl.store(
@@ -193,7 +193,7 @@ def _lama_fwd_normalise(
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     l_i = tl.load(L + b * heads + h)
-    inv = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+    inv = tl.where(l_i == 0.0, 0.0, 1.0 / l_i)
     for start_t in range(0, seqlen, BLOCK_T):
         offs_t = start_t + tl.arange(0, BLOCK_T)
         w = tl.load(Work + b * stride_wb + h * stride_wm + offs_t, mask=offs_t < seqlen, other=0.0)
@@ -245,7 +245,7 @@ def _lama_bwd_kernel(
             w = tl.where(real[:, None], tl.exp(feats - SCORE_BOUND), 0.0)
             l_i += tl.sum(w, 0)
             s_i += tl.sum(w * da, 0)
-    inv = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+    inv = tl.where(l_i == 0.0, 0.0, 1.0 / l_i)
     delta = s_i * inv  # sum_t attn_t dA_t
 
     dgate = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -1,0 +1,24 @@
+"""The fuzz campaign's reference check on the Triton backend, under the interpreter (own process:
+``TRITON_INTERPRET=1 pytest -m interpret``): fp32 and fp16 (the interpreter's bf16 tl.dot is
+wrong). The interpreter runs a kernel in about a second, so CI draws 150 examples; the ``long``
+profile 20 times as many."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+
+from tests.fuzzing import SCALE, attention_cases, check_against_reference
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (own process)"),
+]
+
+
+@settings(max_examples=150 * SCALE)
+@given(case=attention_cases("triton"))
+def test_fuzz_against_reference(case):
+    check_against_reference(case)

@@ -1,0 +1,266 @@
+"""Hostile-input behaviour every backend shares: varlen cost and dropout independent of the
+``max_seqlen`` bound, second-order gradients correct or refused, every valid layout, NaN
+propagated but never leaked out of padding, empty sizes, and clear errors from the modules."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+
+import symattn_kernels as sk
+from symattn_kernels import backends
+from symattn_kernels import reference as R
+from symattn_kernels.lama import LowRankContextAttention
+from symattn_kernels.modules import SharedWeightSelfAttention, StandardSelfAttention, SymmetricSelfAttention
+from tests.helpers import F64, assert_close
+
+BACKENDS = [name for name in ("torch", "cpu") if backends.status(name).usable]
+TOL = {torch.float32: 2e-5, F64: 1e-10}
+
+
+def _dtype(backend):
+    return F64 if backend == "torch" else torch.float32
+
+
+# Varlen: the bound is only a bound.
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_loose_bound_costs_nothing(backend):
+    q = torch.randn(7, 2, 16, requires_grad=True)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = sk.symmetric_attention_varlen(q, None, cu, 100_000, backend=backend)
+    out.sum().backward()
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 64, f"peak memory grew by {grown_mib:.0f} MiB for 7 tokens"
+    ref = R.symmetric_attention_varlen(q.detach().double(), None, cu, 7)
+    assert_close(out, ref, atol=1e-5, name="out")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_cost_follows_real_lengths(backend):
+    # One long sequence among many short ones: padding every sequence to the longest would
+    # take 200 * 2048^2 * 4 bytes of scores (3 GiB); the real work is about 2048^2.
+    lengths = [2048] + [1] * 199
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), 1, 8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = sk.symmetric_attention_varlen(q, None, cu, 2048, backend=backend)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 400, f"peak memory grew by {grown_mib:.0f} MiB"
+    assert_close(out[2048:], q[2048:], atol=1e-6, name="length-1 sequences attend to themselves")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_dropout_mask_ignores_the_bound(backend):
+    q = torch.randn(9, 2, 8, dtype=_dtype(backend))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    outs = []
+    for bound in (5, 9, 64):
+        torch.manual_seed(3)
+        outs.append(sk.symmetric_attention_varlen(q, None, cu, bound, dropout_p=0.3, backend=backend))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    ref = R.symmetric_attention_varlen(q.double(), None, cu, 5, dropout_p=0.3, dropout_seed=seed)
+    assert_close(outs[0], ref, atol=TOL[q.dtype], name="dropout out")
+
+
+# Second-order gradients.
+
+def _gradient_penalty(backend, dtype, varlen=False):
+    torch.manual_seed(0)
+    q = torch.randn(2, 5, 2, 4, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 5, 2, 3, dtype=dtype, requires_grad=True)
+    coef = torch.randn(2, 4, dtype=dtype, requires_grad=True)
+
+    def penalty(fn):
+        if varlen:
+            cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+            out = fn.symmetric_attention_varlen(q.flatten(0, 1), v.flatten(0, 1), cu, 6, coef=coef,
+                                                causal=True, **({} if fn is R else {"backend": backend}))
+        else:
+            mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+            out = fn.symmetric_attention(q, v, coef=coef, key_padding_mask=mask,
+                                         **({} if fn is R else {"backend": backend}))
+        grads = torch.autograd.grad((out * out.detach().roll(1, 0)).sum(), (q, v, coef), create_graph=True)
+        loss = sum((g * g).sum() for g in grads)
+        return torch.autograd.grad(loss, (q, v, coef))
+
+    return penalty(sk), penalty(R)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_torch_backend_double_backward_matches_autograd(varlen):
+    got, expected = _gradient_penalty("torch", F64, varlen)
+    for name, a, b in zip(("q", "v", "coef"), got, expected):
+        assert_close(a, b, atol=1e-9, name=f"second-order d{name}")
+
+
+def test_torch_backend_gradgradcheck():
+    q = torch.randn(1, 4, 1, 3, dtype=F64, requires_grad=True)
+    v = torch.randn(1, 4, 1, 2, dtype=F64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda a, b: sk.symmetric_attention(a, b, causal=True, backend="torch"), (q, v))
+    h = torch.randn(2, 3, 4, dtype=F64, requires_grad=True)
+    ctx, p, qq = (torch.randn(*s, dtype=F64, requires_grad=True) for s in ((4,), (4, 2), (4, 2)))
+    torch.autograd.gradgradcheck(
+        lambda *a: sk.lowrank_context_attention(*a, backend="torch"), (h, ctx, p, qq)
+    )
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_kernel_backends_refuse_double_backward(backend):
+    with pytest.raises(RuntimeError, match="second-order gradients.*backend='torch'"):
+        _gradient_penalty(backend, torch.float32)
+    h = torch.randn(2, 3, 4, requires_grad=True)
+    pooled, _ = sk.lowrank_context_attention(h, torch.randn(4), torch.randn(4, 2), torch.randn(4, 2), backend=backend)
+    (g,) = torch.autograd.grad(pooled.sum(), h, create_graph=False)  # first order still fine
+    assert g.grad_fn is None
+    pooled, _ = sk.lowrank_context_attention(h, torch.randn(4), torch.randn(4, 2), torch.randn(4, 2), backend=backend)
+    with pytest.raises(RuntimeError, match="second-order gradients"):
+        torch.autograd.grad(pooled.sum(), h, create_graph=True)
+
+
+# Layouts.
+
+LAYOUTS = {
+    "D=1": lambda: (torch.randn(2, 5, 2, 1), None),
+    "Dv=1": lambda: (torch.randn(2, 5, 2, 4), torch.randn(2, 5, 2, 1)),
+    "transposed-size-1-last": lambda: (torch.randn(2, 5, 1, 2).transpose(2, 3), None),
+    "transposed-v": lambda: (torch.randn(2, 5, 2, 4), torch.randn(2, 5, 1, 2).transpose(2, 3)),
+    "B=0": lambda: (torch.randn(0, 5, 2, 4), None),
+    "S=0": lambda: (torch.randn(2, 0, 2, 4), None),
+    "H=0": lambda: (torch.randn(2, 5, 0, 4), None),
+    "S=0-transposed": lambda: (torch.randn(2, 2, 0, 4).transpose(1, 2), torch.randn(2, 0, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_valid_layout(backend, layout):
+    q, v = LAYOUTS[layout]()
+    q.requires_grad_()
+    if v is not None:
+        v.requires_grad_()
+    out, lse = sk.symmetric_attention(q, v, causal=True, return_lse=True, backend=backend)
+    ref_out, ref_lse = R.symmetric_attention(q.detach().double(), None if v is None else v.detach().double(),
+                                             causal=True, return_lse=True)
+    assert_close(out, ref_out, atol=1e-5, name="out")
+    assert_close(lse, ref_lse, atol=1e-5, name="lse")
+    grads = torch.autograd.grad(out.sum(), [t for t in (q, v) if t is not None])
+    for g, t in zip(grads, (q, v)):
+        assert g.shape == t.shape and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_varlen_and_lama(backend):
+    cu = torch.tensor([0, 0, 0], dtype=torch.int32)
+    q = torch.randn(0, 2, 4, requires_grad=True)
+    out, lse = sk.symmetric_attention_varlen(q, None, cu, 1, return_lse=True, backend=backend)
+    assert out.shape == (0, 2, 4) and lse.shape == (2, 0)
+    h = torch.randn(2, 0, 4, requires_grad=True)
+    context = torch.randn(4, requires_grad=True)
+    pooled, attn = sk.lowrank_context_attention(h, context, torch.randn(4, 3), torch.randn(4, 3), backend=backend)
+    assert_close(pooled, torch.zeros(2, 3, 4), atol=0, name="pooled of no tokens")
+    assert attn.shape == (2, 3, 0)
+    (dcontext,) = torch.autograd.grad(pooled.sum(), context)
+    assert_close(dcontext, torch.zeros(4), atol=0, name="dcontext")
+
+
+# NaN: propagated like the reference, never leaked out of padding.
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["context", "p"])
+def test_lama_nan_normaliser_propagates(backend, where):
+    h = torch.randn(2, 6, 4)
+    args = dict(context=torch.randn(4), p=torch.randn(4, 3))
+    args[where][0] = float("nan")
+    pooled, attn = sk.lowrank_context_attention(h, args["context"], args["p"], torch.randn(4, 3), backend=backend)
+    ref_pooled, ref_attn = R.lowrank_context_attention(h, args["context"], args["p"], torch.randn(4, 3))
+    assert torch.isnan(ref_attn).any()
+    assert torch.equal(torch.isnan(attn), torch.isnan(ref_attn))
+    assert torch.equal(torch.isnan(pooled), torch.isnan(ref_pooled))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
+@pytest.mark.parametrize("padded", [1, 4], ids=["one-padded", "most-padded"])
+def test_padded_garbage_never_reaches_real_rows(backend, poison, shared, padded):
+    torch.manual_seed(0)
+    B, S, H, D = 2, 6, 2, 4
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, S - padded:] = False
+    clean_q, clean_v = torch.randn(B, S, H, D), torch.randn(B, S, H, 3)
+    q, v = clean_q.clone(), clean_v.clone()
+    q[1, S - 1] = poison
+    v[1, S - 1] = poison
+    q.requires_grad_()
+    v = None if shared else v.requires_grad_()
+    out = sk.symmetric_attention(q, v, key_padding_mask=mask, backend=backend)
+    expected = R.symmetric_attention(clean_q.double(), None if shared else clean_v.double(), key_padding_mask=mask)
+    assert_close(out[mask], expected[mask], atol=1e-5, name="real rows")
+    grads = torch.autograd.grad((out * mask[..., None, None]).sum(), [t for t in (q, v) if t is not None])
+    for g in grads:
+        assert torch.isfinite(g[mask]).all(), "padding garbage reached the gradients of real tokens"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lama_padded_garbage_never_reaches_real_rows(backend):
+    h, u = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    factors = torch.randn(4), torch.randn(4, 3), torch.randn(4, 3)
+    expected = R.lowrank_context_attention(h, *factors, u=u, key_padding_mask=mask)
+    h[1, 3], u[1, 4] = float("nan"), float("inf")
+    pooled, attn = sk.lowrank_context_attention(h, *factors, u=u, key_padding_mask=mask, backend=backend)
+    assert_close(pooled, expected[0], atol=1e-5, name="pooled")
+    assert_close(attn, expected[1], atol=1e-6, name="attn")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_real_token_propagates(backend):
+    q = torch.randn(1, 4, 1, 8)
+    q[0, 2] = float("nan")
+    q[0, 0] = float("inf")
+    out, lse = sk.symmetric_attention(q, causal=True, backend=backend, return_lse=True)
+    ref_out, ref_lse = R.symmetric_attention(q.double(), causal=True, return_lse=True)
+    # Every row sees token 0 (an Inf score: NaN, not a confident number); rows 2 and 3 see token 2.
+    assert torch.isnan(ref_out).all() and torch.isnan(out).all()
+    assert not torch.isfinite(lse).any() and not torch.isfinite(ref_lse).any()
+
+
+# Bad options and module arguments.
+
+@pytest.mark.parametrize("option", ["causal", "exclude_self", "return_lse", "deterministic"])
+def test_non_bool_flags_are_refused(option):
+    with pytest.raises(TypeError, match=f"{option} must be a bool"):
+        sk.symmetric_attention(torch.randn(1, 3, 1, 4), **{option: "False"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, F64])
+def test_overflowing_scale_is_refused(dtype):
+    big = 1.5e308 if dtype == F64 else 3e38
+    with pytest.raises(ValueError, match="scale .* overflows"):
+        sk.symmetric_attention(torch.randn(1, 3, 1, 4, dtype=dtype), scale=big, backend="torch")
+
+
+@pytest.mark.parametrize("module", [SymmetricSelfAttention, SharedWeightSelfAttention, StandardSelfAttention])
+def test_module_arguments(module):
+    for heads in (0, -2):
+        with pytest.raises(ValueError, match="num_heads must be a positive int"):
+            module(8, heads)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        module(8, 2, causal="False")
+    layer = module(8, 2)
+    with pytest.raises(ValueError, match=r"hidden_states must have shape \[B, S, hidden_size\]"):
+        layer(torch.randn(5, 8))
+
+
+def test_lama_module_arguments():
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        LowRankContextAttention(4, 0)
+    with pytest.raises(TypeError, match="token_softmax must be a bool"):
+        LowRankContextAttention(4, 2, token_softmax="no")
