@@ -163,7 +163,7 @@ def _bf16_target_line(env: dict) -> str:
 
 
 def _environment() -> dict:
-    from symattn_kernels import cpu_backend
+    from symattn_kernels.backends import cpu as cpu_backend
 
     return dict(load_average=os.getloadavg(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),

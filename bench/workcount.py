@@ -294,11 +294,11 @@ def _lama_row(label, seqlen, dim, heads, fwd: Work, bwd: Work, composite_total: 
 
 def lama_report(seqlens, dim: int, heads: int) -> str:
     """The LAMA table: the Triton kernels, the torch composite and the floor, per sequence length."""
-    from symattn_kernels import composite
+    from symattn_kernels.backends import torch as torch_backend
 
     lines = []
     for seqlen in seqlens:
-        composite_work = count_lama(composite, seqlen, dim, heads, EagerTraffic)
+        composite_work = count_lama(torch_backend, seqlen, dim, heads, EagerTraffic)
         rows = [("triton kernels (MODELLED)", count_lama_triton(seqlen, dim, heads)),
                 ("torch composite, eager (MODELLED)", composite_work),
                 ("compulsory", lama_compulsory(seqlen, dim, heads))]

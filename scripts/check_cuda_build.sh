@@ -140,7 +140,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import symattn_kernels
-from symattn_kernels import cuda_backend  # noqa: F401  (loads _C_cuda)
+from symattn_kernels.backends import cuda  # noqa: F401  (loads _C_cuda)
 
 print(f"symattn_kernels from {symattn_kernels.__file__}, torch {torch.__version__}")
 ok = True

@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, composite
-from .composite import accumulate_dtype
+from . import backends
+from .backends import torch as torch_backend
+from .backends.torch import accumulate_dtype
 
 
 def _seed(seed: Optional[Tensor]) -> Optional[int]:
@@ -135,7 +136,7 @@ def _attention_backward(ctx, dout, dlse):
     needs = ctx.needs_input_grad
     if _second_order(ctx.options[-1], "symmetric_attention", q, v, coef, dout, dlse):
         def forward():
-            return composite.attention_forward(q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), *ctx.options[:-1])
+            return torch_backend.attention_forward(q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), *ctx.options[:-1])
 
         grads = _differentiate(forward, (q, v, coef), (dout, dlse))
         return tuple(g if need else None for g, need in zip(grads, needs[:3])) + (None,) * 10
@@ -230,7 +231,7 @@ def _lowrank_backward(ctx, dpooled, dattn):
     if _second_order(ctx.options[-1], "lowrank_context_attention", h, context, p, q, u, dpooled, dattn):
         head_norm, token_softmax, eps = ctx.options[:-1]
         grads = _differentiate(
-            lambda: composite.lowrank_forward(h, context, p, q, u, key_padding_mask, _head_norm(head_norm),
+            lambda: torch_backend.lowrank_forward(h, context, p, q, u, key_padding_mask, _head_norm(head_norm),
                                               token_softmax, eps),
             (h, context, p, q, u), (dpooled, dattn),
         )

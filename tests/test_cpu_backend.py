@@ -17,7 +17,8 @@ if extensions.state("cpu").how == extensions.ABSENT:
     pytest.skip(f"the cpu backend is absent here: {extensions.state('cpu').detail}", allow_module_level=True)
 
 import symattn_kernels as sk
-from symattn_kernels import cpu_backend, ops
+from symattn_kernels import ops
+from symattn_kernels.backends import cpu as cpu_backend
 from symattn_kernels import reference as R
 
 from .helpers import (
@@ -331,7 +332,8 @@ def test_identical_with_one_and_two_threads(case):
 
 _ISA_SCRIPT = """
 import torch, symattn_kernels as sk
-from symattn_kernels import cpu_backend, reference as R
+from symattn_kernels import reference as R
+from symattn_kernels.backends import cpu as cpu_backend
 print(cpu_backend.kernel_isa())
 torch.manual_seed(0)
 worst, worst_bf16 = 0.0, 0.0

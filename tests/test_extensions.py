@@ -21,6 +21,7 @@ import torch
 
 import symattn_kernels as sk
 from symattn_kernels import backends, extensions
+from symattn_kernels.backends import registry
 from symattn_kernels import reference as R
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ def fresh(monkeypatch):
     """Forget every probe, so the test's simulated environment is what the package sees."""
     monkeypatch.setattr(extensions, "_STATES", {})
     monkeypatch.setattr(extensions, "_WARNED", set())
-    monkeypatch.setattr(backends, "_STATUS_CACHE", {})
+    monkeypatch.setattr(registry, "_STATUS_CACHE", {})
 
 
 def _break_prebuilt(monkeypatch, module="symattn_kernels._C"):

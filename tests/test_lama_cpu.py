@@ -1,4 +1,4 @@
-"""The ``cpu`` backend's LAMA path (``symattn_kernels.lowrank_cpu``) against the fp64 reference.
+"""The ``cpu`` backend's LAMA path (``symattn_kernels.backends.cpu_lowrank``) against the fp64 reference.
 
 Same cases and pass rule as the Triton kernels (tests/test_lama_triton.py: flash-attn's rule
 for pooled, attn and every gradient), plus bf16 and fp64, gradcheck through the public
@@ -17,7 +17,9 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import symattn_kernels as sk
-from symattn_kernels import backends, composite, lowrank_cpu, ops
+from symattn_kernels import backends, ops
+from symattn_kernels.backends import cpu_lowrank, registry
+from symattn_kernels.backends import torch as torch_backend
 from symattn_kernels import reference as R
 from tests.test_lama_triton import BF16, CASES, F32, F64, Case, check_case, make_inputs
 
@@ -30,7 +32,7 @@ CPU_CASES = CASES + [dataclasses.replace(c, dtype=BF16) for c in FLAG_CASES] + [
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c.id for c in CPU_CASES])
 def test_forward_backward_matches_reference(case):
-    check_case(case, lowrank_cpu)
+    check_case(case, cpu_lowrank)
 
 
 @pytest.mark.parametrize("head_norm,token_softmax", list(itertools.product(["l2", None], [True, False])))
@@ -66,7 +68,7 @@ def test_public_api_matches_torch_backend(dtype):
 def test_auto_routes_lowrank_to_the_cpu_path():
     for dtype in (F32, BF16, F64):
         assert backends.resolve("auto", torch.device("cpu"), dtype, op="lowrank") == "cpu"
-    assert backends.load("cpu").lowrank_forward is lowrank_cpu.lowrank_forward
+    assert backends.load("cpu").lowrank_forward is cpu_lowrank.lowrank_forward
     with pytest.raises(TypeError, match="float64 inputs run on backend='torch' only"):
         backends.resolve("cpu", torch.device("cpu"), F64, op="attention")
 
@@ -74,12 +76,12 @@ def test_auto_routes_lowrank_to_the_cpu_path():
 def test_cpu_lowrank_needs_no_extension(monkeypatch):
     # Where _C is not built the cpu backend is unusable for attention, yet LAMA still runs there.
     missing = backends.BackendStatus("cpu", False, "extension symattn_kernels._C is not built", ("cpu",))
-    monkeypatch.setitem(backends._STATUS_CACHE, ("cpu", backends.triton_interpreting()), missing)
+    monkeypatch.setitem(registry._STATUS_CACHE, ("cpu", backends.triton_interpreting()), missing)
     assert backends.resolve("auto", torch.device("cpu"), F32, op="lowrank") == "cpu"
     assert backends.resolve("auto", torch.device("cpu"), F32) == "torch"
     with pytest.raises(ValueError, match="not built"):
         backends.resolve("cpu", torch.device("cpu"), F32)
-    assert backends.load("cpu") is lowrank_cpu
+    assert backends.load("cpu") is cpu_lowrank
     h, context, p, q, u, mask = make_inputs(Case(3, 7, 8, 4, padded=True))
     got = sk.lowrank_context_attention(h, context, p, q, key_padding_mask=mask, backend="cpu")
     want = sk.lowrank_context_attention(h, context, p, q, key_padding_mask=mask, backend="torch")
@@ -136,20 +138,20 @@ def _full_size_intermediates(backend, case, token_softmax):
 def test_at_most_one_full_size_intermediate(dtype, token_softmax):
     # B*m*T = 2*4*64 is no other tensor's size here (E = 24): every [B, m, T] / [B, T, m] tensor counts.
     case = Case(2, 64, 24, 4, padded=True, with_u=True, dtype=dtype)
-    forward, backward = _full_size_intermediates(lowrank_cpu, case, token_softmax)
+    forward, backward = _full_size_intermediates(cpu_lowrank, case, token_softmax)
     # fp32: the scores are computed in the returned attn itself; bf16: in one fp32 buffer.
     assert forward == (0 if dtype == F32 else 1)
     assert backward == 1  # f; dA is computed a token slice at a time
     # The count is a real bound: the composite path materialises many.
-    composite_forward, composite_backward = _full_size_intermediates(composite, case, token_softmax)
+    composite_forward, composite_backward = _full_size_intermediates(torch_backend, case, token_softmax)
     assert composite_forward > 1 and composite_backward > 1
 
 
 def test_backward_token_slices_cover_every_token():
     for seqlen in (1, 2, 3, 4, 5, 7, 40, 41):
-        slices = lowrank_cpu._token_slices(seqlen)
+        slices = cpu_lowrank._token_slices(seqlen)
         covered = torch.cat([torch.arange(seqlen)[s] for s in slices])
-        assert torch.equal(covered, torch.arange(seqlen)) and len(slices) <= lowrank_cpu._CHUNKS
+        assert torch.equal(covered, torch.arange(seqlen)) and len(slices) <= cpu_lowrank._CHUNKS
 
 
 def test_fully_padded_batch_gives_zeros_not_nan():

@@ -215,11 +215,11 @@ def test_workcount_lama_counts_are_consistent():
     # bench.workcount's LAMA rows: the fused kernels never move less than the compulsory traffic
     # nor more than the eager composite, and execute at least the 12·T·E·m matmul FLOPs.
     from bench import workcount
-    from symattn_kernels import composite
+    from symattn_kernels.backends import torch as torch_backend
 
     seqlen, dim, heads = 40, 32, 4
     triton_fwd, triton_bwd = workcount.count_lama_triton(seqlen, dim, heads)
-    eager_fwd, eager_bwd = workcount.count_lama(composite, seqlen, dim, heads, workcount.EagerTraffic)
+    eager_fwd, eager_bwd = workcount.count_lama(torch_backend, seqlen, dim, heads, workcount.EagerTraffic)
     floor_fwd, floor_bwd = workcount.lama_compulsory(seqlen, dim, heads)
     for fused, eager, floor in ((triton_fwd, eager_fwd, floor_fwd), (triton_bwd, eager_bwd, floor_bwd)):
         assert floor.bytes <= fused.bytes < eager.bytes
@@ -232,16 +232,17 @@ def test_auto_routes_lama_without_a_triton_backward(monkeypatch):
     """On sm_80 the LAMA backward has no spill-free kernel from E = 512 or m = 32 on: ``auto``
     skips Triton for exactly those training calls, an explicit backend="triton" names why."""
     from symattn_kernels import backends
+    from symattn_kernels.backends import registry
 
     cuda, case = torch.device("cuda"), backends.LowrankCase
-    monkeypatch.setattr(backends, "_cuda_arch", lambda device: 80)
+    monkeypatch.setattr(registry, "_cuda_arch", lambda device: 80)
     assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(512, 8)) == "torch"
     assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(256, 32)) == "torch"
     assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(256, 16)) == "triton"
     assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(512, 8, False)) == "triton"
     with pytest.raises(ValueError, match=r"h has E = 256 and p has m = 32 heads: .*sm_80.*backend='torch'"):
         backends.resolve("triton", cuda, torch.bfloat16, op="lowrank", case=case(256, 32))
-    monkeypatch.setattr(backends, "_cuda_arch", lambda device: 90)
+    monkeypatch.setattr(registry, "_cuda_arch", lambda device: 90)
     assert backends.resolve("auto", cuda, torch.bfloat16, op="lowrank", case=case(512, 32)) == "triton"
 
 

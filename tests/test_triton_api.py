@@ -8,6 +8,7 @@ import torch
 
 import symattn_kernels as sk
 from symattn_kernels import backends, ops
+from symattn_kernels.backends import registry
 from symattn_kernels import reference as R
 
 from .helpers import assert_flash_rule
@@ -78,7 +79,7 @@ WIDE = backends.AttentionCase(head_dim=256, head_dim_v=256)
 def sm90(monkeypatch):
     """resolve() as on an sm_90 GPU: the Triton backend usable for CUDA tensors (it is, under the
     interpreter) and the device's config row forced to 90."""
-    monkeypatch.setattr(backends, "_cuda_arch", lambda device: 90)
+    monkeypatch.setattr(registry, "_cuda_arch", lambda device: 90)
     return torch.device("cuda")
 
 
@@ -89,7 +90,7 @@ def test_auto_routes_cases_without_a_triton_backward_to_torch(sm90, monkeypatch)
     assert backends.resolve("auto", sm90, torch.bfloat16, case=backends.AttentionCase(128, 128)) == "triton"
     assert backends.resolve("auto", sm90, torch.bfloat16, case=backends.AttentionCase(256, 256, False)) == "triton"
     assert backends.resolve("auto", sm90, torch.bfloat16) == "triton"  # no case given: nothing to route on
-    monkeypatch.setattr(backends, "_cuda_arch", lambda device: 80)
+    monkeypatch.setattr(registry, "_cuda_arch", lambda device: 80)
     assert backends.resolve("auto", sm90, torch.bfloat16, case=WIDE) == "triton"
 
 

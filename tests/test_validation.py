@@ -8,6 +8,7 @@ import torch
 
 import symattn_kernels as sk
 from symattn_kernels import backends
+from symattn_kernels.backends import registry
 
 
 def q_(*shape, dtype=torch.float32):
@@ -163,4 +164,4 @@ def test_op_table_matches_the_backend_modules():
         module = backends.load(name)
         for op in ("attention", "lowrank"):
             implemented = hasattr(module, f"{op}_forward") and hasattr(module, f"{op}_backward")
-            assert implemented == (op in backends._OPS[name]), (name, op)
+            assert implemented == (op in registry._OPS[name]), (name, op)

@@ -22,7 +22,7 @@ the final l: the tile loop stores p = exp(f - 1) (fp32 workspace [B, m, T]) and 
 kernel writes attn = p / l in h's dtype (one read and one write of [B, m, T], no recomputation
 of U Q). A sequence with no real token has l = 0 and gets attn = 0, pooled = 0.
 
-Backward (closed form, as ``composite.lowrank_backward``), with dA = dpooled H^T + dattn:
+Backward (closed form, as ``backends.torch.lowrank_backward``), with dA = dpooled H^T + dattn:
 
     dscores = attn * (dA - sum_t attn dA)            (token softmax; else dA, 0 on padding)
     da      = (df - f <f, df>) / ||a||               (l2; the clamped case ||a|| <= eps: df / eps)
@@ -357,7 +357,7 @@ def _common(h, context, p, q, u, key_padding_mask):
 def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
     """Fused LAMA forward; see the module docstring for the math.
 
-    Args as ``composite.lowrank_forward``: h, u [B, T, E], context [E] or [B, E], p, q [E, m],
+    Args as ``backends.torch.lowrank_forward``: h, u [B, T, E], context [E] or [B, E], p, q [E, m],
     key_padding_mask [B, T] bool or None, head_norm "l2" or None, token_softmax, eps.
 
     Returns:
@@ -397,7 +397,7 @@ def lowrank_backward(
 ):
     """Closed-form LAMA gradients (module docstring), written into the given buffers.
 
-    Same arguments as ``composite.lowrank_backward``: dpooled [B, m, E], dattn [B, m, T] or None;
+    Same arguments as ``backends.torch.lowrank_backward``: dpooled [B, m, E], dattn [B, m, T] or None;
     dh, dcontext, dp, dq, du are caller-allocated (None = not needed).
     """
     h, context, p, q, uu, shared, kpm, stride_cb, kpm_strides = _common(h, context, p, q, u, key_padding_mask)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import attention_mask, dropout_keep_mask
+from ..reference import attention_mask, dropout_keep_mask
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,6 @@
 """LAMA for the ``cpu`` backend: plain PyTorch, lean in memory (no compiled extension needed).
 
-Same arguments, results and math as ``composite.lowrank_forward`` / ``lowrank_backward`` (the
+Same arguments, results and math as ``backends.torch.lowrank_forward`` / ``lowrank_backward`` (the
 formulas are in ``triton/lowrank.py``), but at most one [B, m, T] intermediate exists at a time;
 the composite path holds about a dozen, plus float32 copies of all of h and u for half inputs.
 
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .composite import accumulate_dtype, finite_padding
+from .torch import accumulate_dtype, finite_padding
 
 __all__ = ["lowrank_forward", "lowrank_backward"]
 
@@ -133,7 +133,7 @@ def _store_products(dst: Tensor, *pairs: tuple[Tensor, Tensor]) -> None:
 
 
 def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
-    """Lean LAMA forward; arguments and results as ``composite.lowrank_forward``.
+    """Lean LAMA forward; arguments and results as ``backends.torch.lowrank_forward``.
 
     Half inputs go through in token slices (each converted to float32 once); float32 and
     float64 inputs need no copies and take all tokens at once.
@@ -219,7 +219,7 @@ def lowrank_backward(
     dpooled, dattn, h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, dh, dcontext, dp, dq, du
 ):
     """Lean closed-form LAMA gradients, written into dh, dcontext, dp, dq and du (when given);
-    arguments as ``composite.lowrank_backward``."""
+    arguments as ``backends.torch.lowrank_backward``."""
     lama = _Lama.build(h, context, p, q, u, key_padding_mask, head_norm, eps)
     dpooled = dpooled.to(lama.compute_dtype)
     slices = _token_slices(h.shape[1])

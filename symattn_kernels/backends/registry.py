@@ -1,8 +1,7 @@
 """Which backends exist, whether each is usable here, and which one ``backend="auto"`` picks.
 
-A backend is a module exposing ``attention_forward`` / ``attention_backward`` (and, when it
-implements LAMA, ``lowrank_forward`` / ``lowrank_backward``) with the signatures of
-``symattn_kernels.composite``. ``ops`` calls them; nothing here computes.
+The backend modules sit beside this one (``backends/__init__.py`` lists them); ``load`` imports
+them on first use. Nothing here computes.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from . import extensions
+from .. import extensions
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
@@ -65,10 +64,10 @@ def _triton_status() -> BackendStatus:
     interpreting = triton_interpreting()
     devices = ("cuda", "cpu") if interpreting else ("cuda",)
     try:
-        importlib.import_module(".triton", __package__)  # raises when triton is missing or too old
+        importlib.import_module("..triton", __package__)  # raises when triton is missing or too old
     except ImportError as err:
         return BackendStatus("triton", False, f"{err} (`pip install 'triton>=3.2'`)", devices)
-    features = importlib.import_module(".triton.features", __package__).describe()
+    features = importlib.import_module("..triton.features", __package__).describe()
     if not interpreting and not torch.cuda.is_available():
         return BackendStatus(
             "triton", False,
@@ -122,7 +121,7 @@ _CUDA_ARCH: dict = {}
 def _cuda_arch(device: torch.device) -> int:
     """80 or 90: the row of the Triton config tables a CUDA device uses (cached per device)."""
     if device not in _CUDA_ARCH:
-        _CUDA_ARCH[device] = importlib.import_module(".triton._utils", __package__).device_arch(device)
+        _CUDA_ARCH[device] = importlib.import_module("..triton._utils", __package__).device_arch(device)
     return _CUDA_ARCH[device]
 
 
@@ -202,8 +201,8 @@ _OPS = {
 # Modules whose backward_unsupported(size, size, arch) names the shapes a backend's backward
 # has no spill-free kernel for (``AttentionCase`` / ``LowrankCase`` give the sizes).
 _BACKWARD_LIMITS = {
-    ("triton", "attention"): ".triton.attention_bwd",
-    ("triton", "lowrank"): ".triton.lowrank",
+    ("triton", "attention"): "..triton.attention_bwd",
+    ("triton", "lowrank"): "..triton.lowrank",
 }
 
 # Ops each backend runs on float64 inputs.
@@ -215,12 +214,12 @@ _FLOAT64_OPS = {
 # Ops a compiled backend implements in plain PyTorch, and the module holding them: they run even
 # where the extension is not built.
 _WITHOUT_EXTENSION = {
-    "cpu": (".lowrank_cpu", ("lowrank",)),
+    "cpu": (".cpu_lowrank", ("lowrank",)),
 }
 
 _MODULES = {
-    "torch": ".composite",
-    "triton": ".triton_backend",
-    "cpu": ".cpu_backend",
-    "cuda": ".cuda_backend",
+    "torch": ".torch",
+    "triton": ".triton",
+    "cpu": ".cpu",
+    "cuda": ".cuda",
 }

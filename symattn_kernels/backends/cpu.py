@@ -1,6 +1,6 @@
 """The ``cpu`` backend: the fused C++ kernels of ``csrc/cpu`` (docs/design.md, "Backends").
 
-Same attention functions, arguments and layouts as ``composite`` (the ``torch`` backend).
+Same attention functions, arguments and layouts as ``backends.torch``.
 Importing this module loads the extension (``symattn_kernels._C``, or its just-in-time build:
 ``extensions``), which registers the kernel ops
 ``symattn::attention_fwd_cpu`` and ``symattn::attention_bwd_cpu``; their fake functions are
@@ -8,8 +8,8 @@ registered here. The kernels take float32, bfloat16 and float16 (fp32 accumulati
 products on AVX512-BF16 where the CPU has it, see ``kernel_isa``) and are
 deterministic whatever the thread count, so ``deterministic`` changes nothing. float64 attention
 stays on the ``torch`` backend (``backends.resolve`` routes it there). LAMA (``lowrank_forward`` /
-``lowrank_backward``) is the memory-lean PyTorch path of ``lowrank_cpu``, float64 included; it
-needs no extension, so ``backends.load`` returns ``lowrank_cpu`` itself where ``_C`` is not built.
+``lowrank_backward``) is the memory-lean PyTorch path of ``cpu_lowrank``, float64 included; it
+needs no extension, so ``backends.load`` returns ``cpu_lowrank`` itself where ``_C`` is not built.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import os
 
 import torch
 
-from . import extensions
-from .composite import finite_padding
-from .lowrank_cpu import lowrank_backward, lowrank_forward
+from .. import extensions
+from .torch import finite_padding
+from .cpu_lowrank import lowrank_backward, lowrank_forward
 
 __all__ = ["attention_forward", "attention_backward", "kernel_isa", "lowrank_forward", "lowrank_backward"]
 

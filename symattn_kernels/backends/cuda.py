@@ -1,6 +1,6 @@
 """The ``cuda`` backend: the hand-written CUDA C++ kernels of ``csrc/cuda`` (docs/design.md, "Backends").
 
-Same attention functions, arguments and layouts as ``composite`` (the ``torch`` backend).
+Same attention functions, arguments and layouts as ``backends.torch``.
 Importing this module loads the extension (``symattn_kernels._C_cuda``, or its just-in-time
 build: ``extensions``), which registers the kernel ops
 ``symattn::attention_fwd_cuda`` and ``symattn::attention_bwd_cuda``; their fake functions are
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import extensions
+from .. import extensions
 
 extensions.require("cuda")  # registers the symattn::*_cuda ops before their fake functions below
 
