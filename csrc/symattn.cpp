@@ -25,4 +25,5 @@ TORCH_LIBRARY_FRAGMENT(symattn, m) {
       "float scale, bool causal, float dropout_p, bool exclude_self, int max_seqlen) -> ()");
   m.def("philox_randint_cpu(Tensor offsets, int seed) -> Tensor");
   m.def("cpu_kernel_isa() -> str", &symattn::cpu_kernel_isa);
+  m.def("cpu_last_schedule(bool backward) -> Tensor", &symattn::cpu_last_schedule);
 }

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -91,6 +92,23 @@ const Kernels& kernels() {
                    cpu::DEFAULT::attention_forward, cpu::DEFAULT::attention_backward, kIsaNames[0]};
   }();
   return chosen;
+}
+
+// What each worker ran in the latest forward and backward call, for cpu_last_schedule.
+struct LastSchedules {
+  std::mutex mutex;
+  cpu::ScheduleStats forward, backward;
+};
+
+LastSchedules& last_schedules() {
+  static LastSchedules last;
+  return last;
+}
+
+void keep_schedule(cpu::ScheduleStats&& stats, bool backward) {
+  LastSchedules& last = last_schedules();
+  const std::lock_guard<std::mutex> lock(last.mutex);
+  (backward ? last.backward : last.forward) = std::move(stats);
 }
 
 DType kernel_dtype(const at::Tensor& t, const char* name) {
@@ -244,7 +262,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   at::Tensor lse = at::empty(lse_shape(q, varlen), q.options().dtype(at::kFloat));
   p.out = rows_of<void>(out, varlen);
   p.lse = lse_of<float>(lse, varlen);
+  cpu::ScheduleStats schedule;
+  p.schedule = &schedule;
   kernels().run_forward(p);
+  keep_schedule(std::move(schedule), false);
   return {out, lse};
 }
 
@@ -297,7 +318,10 @@ void attention_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     p.dcoef_partial = partial.data_ptr<double>();
   }
 
+  cpu::ScheduleStats schedule;
+  p.schedule = &schedule;
   kernels().run_backward(p);
+  keep_schedule(std::move(schedule), true);
 
   if (!dq_work.is_same(dq)) dq.copy_(dq_work);
   if (dv.has_value() && !dv_work.is_same(*dv)) dv->copy_(dv_work);
@@ -330,6 +354,20 @@ at::Tensor philox_randint_cpu(const at::Tensor& offsets, int64_t seed) {
 }
 
 std::string cpu_kernel_isa() { return kernels().isa; }
+
+at::Tensor cpu_last_schedule(bool backward) {
+  LastSchedules& last = last_schedules();
+  const std::lock_guard<std::mutex> lock(last.mutex);
+  const cpu::ScheduleStats& stats = backward ? last.backward : last.forward;
+  const int64_t workers = static_cast<int64_t>(stats.tasks.size());
+  at::Tensor result = at::empty({workers, 2}, at::TensorOptions().dtype(at::kLong));
+  int64_t* dst = result.data_ptr<int64_t>();
+  for (int64_t w = 0; w < workers; ++w) {
+    dst[2 * w] = stats.tasks[w];
+    dst[2 * w + 1] = stats.rows[w];
+  }
+  return result;
+}
 
 TORCH_LIBRARY_IMPL(symattn, CPU, m) {
   m.impl("attention_fwd_cpu", &attention_fwd_cpu);

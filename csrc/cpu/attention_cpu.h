@@ -1,6 +1,8 @@
 // Host entry points of the CPU kernels that csrc/symattn.cpp refers to directly.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <string>
 
 namespace symattn {
@@ -8,5 +10,9 @@ namespace symattn {
 // Which kernel set runs here: "AVX512_BF16" (AVX-512, bfloat16 products on AVX512-BF16),
 // "AVX512", "AVX2" or "DEFAULT".
 std::string cpu_kernel_isa();
+
+// What each worker ran in this process's latest CPU forward (backward = false) or backward call:
+// int64 [workers, 2] of (tasks, query rows). A diagnostic for tests of the work distribution.
+at::Tensor cpu_last_schedule(bool backward);
 
 }  // namespace symattn

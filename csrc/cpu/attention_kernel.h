@@ -8,11 +8,14 @@
 //   dY = scale (G Y M^T + G^T Qm)  (+ Pd^T dout when V = Y)    dV = Pd^T dout
 //   dM = scale Y^T G Y             (its diagonal for a diagonal M)
 //
-// One task owns one (b, h): it reads Y once into operand panels (Y^T for the score products, Qm
-// for the query side; in shared mode the same panels serve as keys and values), walks its
-// query rows in blocks whose score rows [block, L] stay in cache, and accumulates every
-// gradient of the head in fp32 buffers that it writes once. Results are independent of the
-// thread count: each output element is produced by exactly one task, in a fixed order.
+// A task reads its (b, h)'s Y once into operand panels (Y^T for the score products, Qm for the
+// query side; in shared mode the same panels serve as keys and values) and walks query rows in
+// blocks whose score rows [block, L] stay in cache. A forward task owns a fixed slice of a
+// head's query rows (a whole head up to a few hundred tokens), so one long head runs on many
+// cores; a backward task owns a whole head and accumulates every gradient of it in fp32
+// buffers that it writes once. Results are independent of the thread count: the tasks are cut
+// without regard to it, and each output element is produced by exactly one task, in a fixed
+// order. The tasks are dealt to the workers before any runs (for_each_head).
 //
 // For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
@@ -73,6 +76,10 @@ static_assert(kMR % 2 == 0, "query blocks must start on an even row");
 constexpr int64_t kWholeHead = 512;
 // Longer heads take query blocks of about this many score floats.
 constexpr int64_t kBlockFloats = int64_t{1} << 17;
+// A forward task owns at least this many query rows of a longer head (whole query blocks): enough
+// rows that repacking the head's keys per task costs little, few enough that one head of a few
+// thousand tokens feeds a dozen or more cores.
+constexpr int64_t kTaskRows = 128;
 // Square tile of the symmetric score product and of its mirror.
 constexpr int64_t kSymTile = 64;
 constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
@@ -545,6 +552,7 @@ struct Geometry {
   int64_t L = 0;      // longest sequence
   int64_t ldk = 0;    // row stride of key-indexed fp32 panels (L rounded up to a vector)
   int64_t block = 0;  // query rows per block
+  int64_t task_rows = 0;  // query rows per forward task: whole blocks, never depends on threads
   bool symmetric = false;  // whole heads with symmetric scores (see the file comment)
 
   explicit Geometry(const ForwardParams& p) {
@@ -554,6 +562,7 @@ struct Geometry {
     }
     ldk = round_up(std::max<int64_t>(L, 1), kVec);
     block = L <= kWholeHead ? std::max<int64_t>(L, 1) : std::max<int64_t>(kMR, kBlockFloats / ldk / kMR * kMR);
+    task_rows = round_up(kTaskRows, block);  // >= L for heads of at most kWholeHead tokens
     symmetric = L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
   }
 };
@@ -646,7 +655,9 @@ class Head {
   // Operand panels, from one read of Y: Yf = Y in fp32 [L, D] (aliases q for fp32 input), and in
   // Dot's format Ya = Y as A rows, Yt = Y^T as B (keys along n), Yb = Y as B rows (keys along k;
   // when need_yb), Qa = Qm = Y M as A rows (Ya when M = I; Qm in fp32 is kept for the backward).
-  void pack_query_key(bool need_yb) {
+  // Qm and Qa hold query rows [q0, q1) only (at their own row index), so a task that owns a slice
+  // of the head's queries pays M for that slice alone; q1 < 0 means every row.
+  void pack_query_key(bool need_yb, int64_t q0 = 0, int64_t q1 = -1) {
     const scalar_t* y = row_ptr(p_.q, 0);
     const int64_t ldq = p_.q.token;
     if (needs_fp32_y(p_)) {
@@ -672,17 +683,21 @@ class Head {
       qa_ = ya_;
       return;
     }
+    if (q1 < 0) q1 = L_;
+    const int64_t n = q1 - q0;
     float* qm = ws_.take<float>(L_ * D_);
     if (p_.coef_mode == CoefMode::kFull) {
-      gemm<FloatDot, false>(L_, D_, D_, yf_, ldyf_, p_.coef + h_ * D_ * D_, D_, qm, D_, 1.f, false);
+      gemm<FloatDot, false>(n, D_, D_, yf_ + q0 * ldyf_, ldyf_, p_.coef + h_ * D_ * D_, D_, qm + q0 * D_, D_, 1.f,
+                            false);
     } else {
       const float* c = p_.coef + h_ * D_;
-      for (int64_t i = 0; i < L_; ++i) {
+      for (int64_t i = q0; i < q1; ++i) {
         for (int64_t d = 0; d < D_; ++d) qm[i * D_ + d] = c[d] * yf_[i * ldyf_ + d];
       }
     }
     qm_ = qm;
-    qa_ = a_rows(qm_, D_, L_, D_, kPairs ? ws_.take<Word>(L_ * words(D_)) : nullptr);
+    Word* qa_buf = kPairs ? ws_.take<Word>(L_ * words(D_)) : nullptr;
+    qa_ = a_from(a_rows(qm_ + q0 * D_, D_, n, D_, kPairs ? qa_buf + q0 * words(D_) : nullptr), -q0);
   }
 
   // Values as B rows: Vb (Yb in shared mode).
@@ -838,9 +853,11 @@ class ForwardHead : public Head<scalar_t> {
     this->prefetch(p_.v, Dv_);
   }
 
-  void run() {
+  // Query rows [r0, r1) of the head: r0 is a multiple of the query block (so even), and a head
+  // on the symmetric schedule is only ever run whole.
+  void run(int64_t r0, int64_t r1) {
     this->setup_keys();
-    this->pack_query_key(shared_);
+    this->pack_query_key(shared_, r0, r1);
     this->pack_values();
     float* s = ws_.template take<float>(g_.block * g_.ldk);
     // exp(S - rowmax) as A rows: bf16 beside the scores, or the fp32 scores themselves.
@@ -856,8 +873,8 @@ class ForwardHead : public Head<scalar_t> {
     float* keep = this->dropout() ? ws_.template take<float>(g_.ldk) : nullptr;
     float* o = kHalf ? ws_.template take<float>(g_.block * Dv_) : nullptr;
     const int64_t block = g_.block;  // >= L_ for symmetric heads
-    for (int64_t i0 = 0; i0 < L_; i0 += block) {
-      const int64_t rows = std::min(block, L_ - i0);
+    for (int64_t i0 = r0; i0 < r1; i0 += block) {
+      const int64_t rows = std::min(block, r1 - i0);
       const int64_t kend = this->block_keys(i0, rows);
       if (kend > 0) this->scores(s, i0, rows, kend);
       for (int64_t r = 0; r < rows; ++r) {
@@ -1146,36 +1163,98 @@ class BackwardHead : public Head<scalar_t> {
   Word* p_cols_ = nullptr;
 };
 
-// Runs Task(b, h).run() for every (b, h): a fixed pool of one worker per thread takes heads
-// from a shared counter, longest sequences first, and prefetches the inputs of the head it will
-// run next while it computes the current one. Which thread runs a head never changes what it
-// computes.
-template <typename Task, typename Params>
-void for_each_head(const Params& p) {
-  const Geometry g(p);
+// One task: query rows [r0, r1) of head h of sequence b, with its estimated cost (score
+// products it multiplies).
+struct Piece {
+  int64_t b, h, r0, r1;
+  double cost;
+};
+
+// The tasks of one call, longest sequences first (stable, so equal lengths keep batch order),
+// then by head, then by query rows. The forward cuts heads longer than g.task_rows into tasks of
+// g.task_rows rows; the backward, which accumulates key-side gradients over all queries, keeps
+// whole heads. Nothing here depends on the thread count, so neither does any result.
+template <typename Params>
+std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool split_rows) {
   std::vector<int64_t> order(p.batch);
   std::iota(order.begin(), order.end(), 0);
+  auto length = [&p](int64_t b) -> int64_t {
+    return p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
+  };
   if (p.cu_seqlens != nullptr) {
-    const int32_t* cu = p.cu_seqlens;
-    std::stable_sort(order.begin(), order.end(),
-                     [cu](int64_t x, int64_t y) { return cu[x + 1] - cu[x] > cu[y + 1] - cu[y]; });
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return length(x) > length(y); });
   }
-  const int64_t tasks = p.batch * p.heads;
-  if (tasks == 0) return;
-  std::atomic<int64_t> next{0};
+  std::vector<Piece> pieces;
+  for (const int64_t b : order) {
+    const int64_t L = length(b);
+    if (L == 0) continue;
+    const int64_t step = split_rows ? g.task_rows : L;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      for (int64_t r0 = 0; r0 < L; r0 += step) {
+        const int64_t r1 = std::min(L, r0 + step);
+        // Causal rows see keys [0, i]: the block's mean row sees about (r0 + r1) / 2 of them.
+        const double keys = p.causal ? 0.5 * static_cast<double>(r0 + r1) : static_cast<double>(L);
+        pieces.push_back({b, h, r0, r1, static_cast<double>(r1 - r0) * keys});
+      }
+    }
+  }
+  return pieces;
+}
+
+// Deals the tasks, in plan order, each to the worker with the least estimated work so far
+// (lowest index on ties): longest-processing-time-first for varlen, round-robin for equal
+// tasks. Each worker owns its list before any runs, so none ever holds work it will not run
+// next. Returns per worker the indices of its tasks.
+std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, int64_t workers) {
+  std::vector<std::vector<int64_t>> lists(workers);
+  std::vector<double> load(workers, 0.0);
+  for (int64_t t = 0; t < static_cast<int64_t>(pieces.size()); ++t) {
+    const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
+    lists[w].push_back(t);
+    load[w] += pieces[t].cost;
+  }
+  return lists;
+}
+
+// Runs every task of the call: one worker per thread (never more than tasks) runs its dealt
+// list in order, prefetching the inputs of its next task while it computes the current one.
+// Which worker runs a task never changes what the task computes. When p.schedule is set, it
+// receives the tasks and query rows each worker ran.
+template <typename Task, typename Params>
+void for_each_head(const Params& p) {
+  constexpr bool kSplitRows = std::is_same_v<Params, ForwardParams>;
+  const Geometry g(p);
+  const std::vector<Piece> pieces = plan_tasks(p, g, kSplitRows);
+  const int64_t tasks = static_cast<int64_t>(pieces.size());
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  const auto lists = deal_tasks(pieces, workers);
+  if (p.schedule != nullptr) {
+    p.schedule->tasks.assign(workers, 0);
+    p.schedule->rows.assign(workers, 0);
+  }
+  if (tasks == 0) return;
+  // Inside another parallel region at::parallel_for runs the whole range on one thread.
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
-    auto task = [&](int64_t t) { return Task(p, g, ws, order[t / p.heads], t % p.heads); };
-    int64_t t = next.fetch_add(1);
-    if (t < tasks) task(t).prefetch_inputs();
-    while (t < tasks) {
-      const int64_t t_next = next.fetch_add(1);
-      if (t_next < tasks) task(t_next).prefetch_inputs();
-      ws.reset();
-      Task head = task(t);
-      if (head.length() > 0) head.run();
-      t = t_next;
+    for (int64_t w = w0; w < w1; ++w) {
+      const std::vector<int64_t>& list = lists[w];
+      auto task = [&](int64_t t) { return Task(p, g, ws, pieces[t].b, pieces[t].h); };
+      if (!list.empty()) task(list[0]).prefetch_inputs();
+      for (size_t k = 0; k < list.size(); ++k) {
+        if (k + 1 < list.size()) task(list[k + 1]).prefetch_inputs();
+        ws.reset();
+        const Piece& piece = pieces[list[k]];
+        Task head = task(list[k]);
+        if constexpr (kSplitRows) {
+          head.run(piece.r0, piece.r1);
+        } else {
+          head.run();
+        }
+        if (p.schedule != nullptr) {
+          p.schedule->tasks[w] += 1;
+          p.schedule->rows[w] += piece.r1 - piece.r0;
+        }
+      }
     }
   });
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace symattn::cpu {
 
@@ -18,6 +19,12 @@ struct Strided {
   int64_t batch = 0;
   int64_t token = 0;
   int64_t head = 0;
+};
+
+// What each worker of one kernel call ran: tasks and query rows (a diagnostic for tests).
+struct ScheduleStats {
+  std::vector<int64_t> tasks;
+  std::vector<int64_t> rows;
 };
 
 struct ForwardParams {
@@ -44,6 +51,8 @@ struct ForwardParams {
 
   Strided<void> out;  // forward: written; backward: the saved output, read
   Strided<float> lse; // [B, H, S] or [H, total]: forward writes it, backward reads it
+
+  ScheduleStats* schedule = nullptr;  // filled by the kernel when set
 };
 
 struct BackwardParams : ForwardParams {

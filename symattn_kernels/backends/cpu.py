@@ -69,6 +69,13 @@ def kernel_isa() -> str:
     return torch.ops.symattn.cpu_kernel_isa()
 
 
+def last_schedule(backward: bool = False) -> torch.Tensor:
+    """What each worker thread ran in this process's latest fused CPU forward (or backward) call:
+    int64 ``[workers, 2]`` of (tasks, query rows). A diagnostic of how a call spreads over
+    threads; the deal is fixed before the call runs, so it does not depend on timing."""
+    return torch.ops.symattn.cpu_last_schedule(backward)
+
+
 def attention_forward(
     q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen, deterministic
 ):

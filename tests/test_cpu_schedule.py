@@ -1,0 +1,105 @@
+"""How the fused CPU kernels spread a call over threads: every worker gets a fair share at any
+batch x heads (one head splits into query-row tasks in the forward), and no result depends on
+the thread count. Thread counts above this machine's core count are deliberate: the deal of
+tasks to workers is fixed before any runs, so it can be checked on any machine."""
+import pytest
+import torch
+
+import symattn_kernels as sk
+from symattn_kernels import cpu_backend
+
+from .helpers import make_inputs, run
+
+# A forward task holds 128 query rows rounded up to whole query blocks; at S = 1024 a block is
+# 126 rows, so no task holds more than 256 rows.
+S_SPLIT = 1024
+TASK_ROWS_MAX = 256
+
+
+def cpu(q, v, **kw):
+    return sk.symmetric_attention(q, v, backend="cpu", **kw)
+
+
+def with_threads(threads, fn):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [2, 8, 16])
+@pytest.mark.parametrize("batch,heads", [(1, 1), (1, 2), (1, 12), (4, 12)], ids=["BH1", "BH2", "BH12", "BH48"])
+def test_every_worker_gets_a_fair_share(batch, heads, threads):
+    q, _, _ = make_inputs(B=batch, S=S_SPLIT, H=heads, D=16, dtype=torch.float32)
+    q = q.detach().requires_grad_()
+
+    def fwd_bwd():
+        out = cpu(q, None)
+        forward = cpu_backend.last_schedule(False)
+        out.backward(torch.ones_like(out))
+        return forward, cpu_backend.last_schedule(True)
+
+    forward, backward = with_threads(threads, fwd_bwd)
+    # Forward: query-row tasks; every row run once, every worker busy, loads within one task.
+    tasks, rows = forward[:, 0], forward[:, 1]
+    assert rows.sum().item() == batch * heads * S_SPLIT
+    assert tasks.sum().item() >= batch * heads * S_SPLIT // TASK_ROWS_MAX  # heads were split
+    assert len(forward) == min(threads, tasks.sum().item())
+    assert (tasks > 0).all()
+    mean = rows.double().mean().item()
+    assert (rows.double() - mean).abs().max().item() <= TASK_ROWS_MAX
+    # Backward: whole heads, dealt round-robin.
+    assert len(backward) == min(threads, batch * heads)
+    assert backward[:, 0].sum().item() == batch * heads
+    assert backward[:, 0].max() - backward[:, 0].min() <= 1
+    assert (backward[:, 1] == backward[:, 0] * S_SPLIT).all()
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_two_heads_on_two_threads_use_both(backward):
+    """A worker never takes a second head while another worker has none."""
+    q, _, _ = make_inputs(B=1, S=64, H=2, D=16, dtype=torch.float32)
+    q = q.detach().requires_grad_()
+
+    def call():
+        out = cpu(q, None)
+        out.backward(torch.ones_like(out))
+        return cpu_backend.last_schedule(backward)
+
+    assert with_threads(2, call).tolist() == [[1, 64], [1, 64]]
+
+
+def test_varlen_deals_longest_first():
+    """Whole-head tasks, longest sequence first, each to the least-loaded worker."""
+    lengths = [40, 200, 10, 120]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), 1, 16)
+    with_threads(2, lambda: sk.symmetric_attention_varlen(q, None, cu, max(lengths), backend="cpu"))
+    # 200 -> worker 0, 120 -> 1, 40 -> 1 (120 < 200), 10 -> 1 (160 < 200).
+    assert cpu_backend.last_schedule(False).tolist() == [[1, 200], [3, 170]]
+
+
+CASES = {
+    "fp32-shared": (dict(B=1, S=S_SPLIT, H=2, shared=True), dict()),
+    "fp32-full-causal-dropout": (dict(B=1, S=S_SPLIT, H=1, shared=False, coef_mode="full"),
+                                 dict(causal=True, dropout_p=0.2)),
+    "bf16-diag-padding": (dict(B=2, S=700, H=1, shared=True, coef_mode="diag", dtype=torch.bfloat16),
+                          dict(key_padding_mask=torch.arange(700).expand(2, 700) < torch.tensor([[700], [500]]))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bit_equal_across_thread_counts(case):
+    shape, kw = CASES[case]
+    q, v, coef = make_inputs(D=16, Dv=16, **{"dtype": torch.float32, **shape})
+
+    def fn():
+        torch.manual_seed(0)
+        return run(cpu, q, v, coef, **kw)
+
+    results = {threads: with_threads(threads, fn) for threads in (1, 2, 8, 16)}
+    for threads in (2, 8, 16):
+        for a, b in zip(results[1], results[threads]):
+            assert torch.equal(a, b), threads
