@@ -98,3 +98,13 @@ GRID = list(itertools.product(COEF_MODES, [True, False], [False, True], ["none",
                               [False, True]))
 GRID_IDS = [f"coef={c}-{'shared' if s else 'v'}-{'causal' if ca else 'full'}-pad={p}-{'noself' if e else 'self'}"
             for c, s, ca, p, e in GRID]
+
+
+def with_threads(threads, fn):
+    """fn() with torch's intra-op thread count set to threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)

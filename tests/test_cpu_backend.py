@@ -23,6 +23,7 @@ from symattn_kernels import reference as R
 
 from .helpers import (
     COEF_MODES, F64, GRID, GRID_IDS, assert_close, assert_flash_rule, make_inputs, padding_mask, reference, run,
+    with_threads,
 )
 
 # Error floor added to 2x the reference's own error (flash-attn's rule), per dtype.
@@ -290,15 +291,6 @@ def test_dropout_zero_is_exact():
     assert torch.equal(cpu(q, v, dropout_p=0.0), cpu(q, v))
 
 
-def _fwd_bwd(threads, fn):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("case", ["shared-diag-dropout", "v-full-causal", "long-noself", "varlen",
                                   "bf16-shared-dropout", "bf16-v-long-causal"])
 def test_identical_with_one_and_two_threads(case):
@@ -325,7 +317,7 @@ def test_identical_with_one_and_two_threads(case):
         def fn():
             torch.manual_seed(0)
             return run(cpu, q, v, coef, **opts[1])
-    one, two = _fwd_bwd(1, fn), _fwd_bwd(2, fn)
+    one, two = with_threads(1, fn), with_threads(2, fn)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
 

@@ -8,7 +8,7 @@ import torch
 import symattn_kernels as sk
 from symattn_kernels import cpu_backend
 
-from .helpers import make_inputs, run
+from .helpers import make_inputs, run, with_threads
 
 # A forward task holds 128 query rows rounded up to whole query blocks; at S = 1024 a block is
 # 126 rows, so no task holds more than 256 rows.
@@ -18,15 +18,6 @@ TASK_ROWS_MAX = 256
 
 def cpu(q, v, **kw):
     return sk.symmetric_attention(q, v, backend="cpu", **kw)
-
-
-def with_threads(threads, fn):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("threads", [2, 8, 16])
