@@ -1,5 +1,5 @@
 """How the fused CPU kernels spread a call over threads: every worker gets a fair share at any
-batch x heads (one head splits into query-row tasks in the forward), and no result depends on
+batch x heads (one head splits into query-row tasks), and no result depends on
 the thread count. Thread counts above this machine's core count are deliberate: the deal of
 tasks to workers is fixed before any runs, so it can be checked on any machine."""
 import pytest
@@ -8,12 +8,14 @@ import torch
 import symattn_kernels as sk
 from symattn_kernels import cpu_backend
 
-from .helpers import make_inputs, run, with_threads
+from .helpers import assert_flash_rule, make_inputs, reference, run, with_threads
 
 # A forward task holds 128 query rows rounded up to whole query blocks; at S = 1024 a block is
 # 126 rows, so no task holds more than 256 rows.
 S_SPLIT = 1024
 TASK_ROWS_MAX = 256
+# A backward slice holds whole blocks too; at S = 1024 and B*H >= 1 at most three of them.
+BWD_TASK_ROWS_MAX = 3 * 126
 
 
 def cpu(q, v, **kw):
@@ -33,19 +35,26 @@ def test_every_worker_gets_a_fair_share(batch, heads, threads):
         return forward, cpu_backend.last_schedule(True)
 
     forward, backward = with_threads(threads, fwd_bwd)
-    # Forward: query-row tasks; every row run once, every worker busy, loads within one task.
-    tasks, rows = forward[:, 0], forward[:, 1]
-    assert rows.sum().item() == batch * heads * S_SPLIT
-    assert tasks.sum().item() >= batch * heads * S_SPLIT // TASK_ROWS_MAX  # heads were split
-    assert len(forward) == min(threads, tasks.sum().item())
+    # Forward: query-row tasks of at most TASK_ROWS_MAX rows.
+    assert forward[:, 0].sum().item() >= batch * heads * S_SPLIT // TASK_ROWS_MAX  # heads were split
+    assert_fair(forward, batch * heads, threads, TASK_ROWS_MAX)
+    # Backward: heads cut into slices until there are about 32 tasks (whole heads from B*H = 32).
+    bwd_tasks = backward[:, 0].sum().item()
+    if batch * heads >= 32:
+        assert bwd_tasks == batch * heads
+    else:
+        assert bwd_tasks > batch * heads
+    assert_fair(backward, batch * heads, threads, S_SPLIT if bwd_tasks == batch * heads else BWD_TASK_ROWS_MAX)
+
+
+def assert_fair(schedule, n_heads, threads, task_rows_max):
+    """Every query row run once, every worker busy, each worker's rows within one task of the mean."""
+    tasks, rows = schedule[:, 0], schedule[:, 1]
+    assert rows.sum().item() == n_heads * S_SPLIT
+    assert len(schedule) == min(threads, tasks.sum().item())
     assert (tasks > 0).all()
     mean = rows.double().mean().item()
-    assert (rows.double() - mean).abs().max().item() <= TASK_ROWS_MAX
-    # Backward: whole heads, dealt round-robin.
-    assert len(backward) == min(threads, batch * heads)
-    assert backward[:, 0].sum().item() == batch * heads
-    assert backward[:, 0].max() - backward[:, 0].min() <= 1
-    assert (backward[:, 1] == backward[:, 0] * S_SPLIT).all()
+    assert (rows.double() - mean).abs().max().item() <= task_rows_max
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
@@ -60,6 +69,18 @@ def test_two_heads_on_two_threads_use_both(backward):
         return cpu_backend.last_schedule(backward)
 
     assert with_threads(2, call).tolist() == [[1, 64], [1, 64]]
+
+
+def test_backward_slices_sum_to_the_whole_head():
+    """One long head's backward in slices on several workers against fp64 autograd."""
+    inputs = make_inputs(B=1, S=S_SPLIT, H=1, D=16, Dv=16, coef_mode="full", shared=False)
+    kw = dict(causal=True, key_padding_mask=torch.arange(S_SPLIT)[None] < 1000)
+    fp32 = [t.detach().float().requires_grad_() for t in inputs]
+    want, want_fp32 = run(reference, *inputs, **kw), run(reference, *fp32, **kw)
+    got = with_threads(4, lambda: run(cpu, *fp32, **kw))
+    assert cpu_backend.last_schedule(True)[:, 0].sum().item() > 1
+    for name, a, r64, r32 in zip(["out", "lse", "dq", "dv", "dcoef"], got, want, want_fp32):
+        assert_flash_rule(name, a, r64, r32, 2e-6)
 
 
 def test_varlen_deals_longest_first():

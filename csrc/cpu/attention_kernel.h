@@ -12,10 +12,11 @@
 // query side; in shared mode the same panels serve as keys and values) and walks query rows in
 // blocks whose score rows [block, L] stay in cache. A forward task owns a fixed slice of a
 // head's query rows (a whole head up to a few hundred tokens), so one long head runs on many
-// cores; a backward task owns a whole head and accumulates every gradient of it in fp32
-// buffers that it writes once. Results are independent of the thread count: the tasks are cut
-// without regard to it, and each output element is produced by exactly one task, in a fixed
-// order. The tasks are dealt to the workers before any runs (for_each_head).
+// cores. A backward task owns a whole head, or, when a call has few heads, a slice of a long
+// head's query rows; it accumulates its gradients in fp32 buffers, and a head's slices are summed
+// in slice order afterwards. Results are independent of the thread count: the tasks are cut
+// without regard to it, and each output element is produced by one task, or one fixed-order sum
+// of tasks. The tasks are dealt to the workers before any runs (for_each_head).
 //
 // For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
@@ -79,6 +80,8 @@ constexpr int64_t kBlockFloats = int64_t{1} << 17;
 // rows that repacking the head's keys per task costs little, few enough that one head of a few
 // thousand tokens feeds a dozen or more cores.
 constexpr int64_t kTaskRows = 128;
+// The backward cuts long heads into slices until a call has about this many tasks.
+constexpr int64_t kBackwardTasks = 32;
 // Square tile of the symmetric score product and of its mirror.
 constexpr int64_t kSymTile = 64;
 constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
@@ -918,6 +921,14 @@ class ForwardHead : public Head<scalar_t> {
 };
 
 
+// One backward task's gradient contributions to its head: dY [L, D], dV [L, Dv] (dY itself in
+// shared mode) and the dcoef partial ([D] or [D, D]).
+struct BackwardSlice {
+  float* dy = nullptr;
+  float* dv = nullptr;
+  double* dcoef = nullptr;
+};
+
 template <typename scalar_t>
 class BackwardHead : public Head<scalar_t> {
   using Base = Head<scalar_t>;
@@ -956,7 +967,10 @@ class BackwardHead : public Head<scalar_t> {
            + (full ? 2 * D * D : 0);                              // scale C^T, a dC block
   }
 
-  void run() {
+  // Query rows [r0, r1) of a head off the symmetric schedule: their gradient contributions into
+  // slice, which this zeroes first and the caller sums over the head's slices (reduce). With
+  // slice == null: the whole head (r0 = 0, r1 = L), written to dq / dv / dcoef_partial.
+  void run(int64_t r0, int64_t r1, const BackwardSlice* slice) {
     const CoefMode mode = bp_.coef_mode;
     const bool want_dcoef = bp_.dcoef_partial != nullptr && mode != CoefMode::kNone;
     this->setup_keys();
@@ -972,12 +986,16 @@ class BackwardHead : public Head<scalar_t> {
       p_cols_ = ws_.template take<Word>(words(g_.block) * g_.ldk);
     }
     float* keep = this->dropout() ? ws_.template take<float>(g_.ldk) : nullptr;
-    float* dy = ws_.template take<float>(L_ * D_);
-    float* dv = shared_ ? dy : ws_.template take<float>(L_ * Dv_);
+    float* dy = slice != nullptr ? slice->dy : ws_.template take<float>(L_ * D_);
+    float* dv = shared_ ? dy : (slice != nullptr ? slice->dv : ws_.template take<float>(L_ * Dv_));
     fill(dy, L_ * D_, 0.f);
     if (!shared_) fill(dv, L_ * Dv_, 0.f);
     const int64_t csize = mode == CoefMode::kFull ? D_ * D_ : D_;
     double* dcoef = want_dcoef ? bp_.dcoef_partial + (b_ * bp_.heads + h_) * csize : nullptr;
+    if (slice != nullptr) {
+      dcoef = want_dcoef ? slice->dcoef : nullptr;
+      if (dcoef != nullptr) std::fill(dcoef, dcoef + csize, 0.0);
+    }
 
     if (this->symmetric_) {
       symmetric_head(s, dp, keep, dy, dv, dcoef);
@@ -995,18 +1013,37 @@ class BackwardHead : public Head<scalar_t> {
           for (int64_t e = 0; e < D_; ++e) ct[e * D_ + d] = static_cast<float>(bp_.scale) * c[d * D_ + e];
         }
       }
-      for (int64_t i0 = 0; i0 < L_; i0 += g_.block) {
-        block_rows(i0, std::min(g_.block, L_ - i0), s, dp, keep, dy, dv, w, ct, dcoef);
+      for (int64_t i0 = r0; i0 < r1; i0 += g_.block) {
+        block_rows(i0, std::min(g_.block, r1 - i0), s, dp, keep, dy, dv, w, ct, dcoef);
       }
     }
+    if (slice == nullptr) store(dy, dv);
+  }
 
+  // The sum of a head's slices in slice order, written to dq / dv / dcoef_partial.
+  void reduce(const BackwardSlice* slices, int64_t count) {
+    const int64_t csize = bp_.coef_mode == CoefMode::kFull ? D_ * D_ : D_;
+    if (bp_.dcoef_partial != nullptr && bp_.coef_mode != CoefMode::kNone) {
+      double* dcoef = bp_.dcoef_partial + (b_ * bp_.heads + h_) * csize;
+      for (int64_t k = 0; k < count; ++k) {
+        for (int64_t e = 0; e < csize; ++e) dcoef[e] += slices[k].dcoef[e];
+      }
+    }
+    for (int64_t k = 1; k < count; ++k) {
+      add_inplace(slices[0].dy, slices[k].dy, L_ * D_);
+      if (!shared_) add_inplace(slices[0].dv, slices[k].dv, L_ * Dv_);
+    }
+    store(slices[0].dy, slices[0].dv);
+  }
+
+ private:
+  void store(const float* dy, const float* dv) {
     for (int64_t i = 0; i < L_; ++i) store_row(this->row_ptr(bp_.dq, i), dy + i * D_, D_);
     if (!shared_) {
       for (int64_t i = 0; i < L_; ++i) store_row(this->row_ptr(bp_.dv, i), dv + i * Dv_, Dv_);
     }
   }
 
- private:
   // Vt = V^T as B [Dv, ldk] for dP = dO V^T, dO as A rows and as B rows, and dlse by row.
   void pack_backward_inputs() {
     if (shared_) {
@@ -1171,10 +1208,11 @@ struct Piece {
 
 // The tasks of one call, longest sequences first (stable, so equal lengths keep batch order),
 // then by head, then by query rows. The forward cuts heads longer than g.task_rows into tasks of
-// g.task_rows rows; the backward, which accumulates key-side gradients over all queries, keeps
-// whole heads. Nothing here depends on the thread count, so neither does any result.
+// g.task_rows rows. The backward, whose tasks each hold a head-sized gradient accumulator, cuts
+// heads only as far as needed for about kBackwardTasks tasks in all. Nothing here depends on
+// the thread count, so neither does any result.
 template <typename Params>
-std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool split_rows) {
+std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward) {
   std::vector<int64_t> order(p.batch);
   std::iota(order.begin(), order.end(), 0);
   auto length = [&p](int64_t b) -> int64_t {
@@ -1187,7 +1225,12 @@ std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool split_row
   for (const int64_t b : order) {
     const int64_t L = length(b);
     if (L == 0) continue;
-    const int64_t step = split_rows ? g.task_rows : L;
+    int64_t step = g.task_rows;
+    if (backward && L > g.task_rows) {
+      const int64_t wanted = (kBackwardTasks + p.batch * p.heads - 1) / (p.batch * p.heads);
+      const int64_t slices = std::min((L + g.task_rows - 1) / g.task_rows, wanted);
+      step = round_up((L + slices - 1) / slices, g.block);
+    }
     for (int64_t h = 0; h < p.heads; ++h) {
       for (int64_t r0 = 0; r0 < L; r0 += step) {
         const int64_t r1 = std::min(L, r0 + step);
@@ -1199,6 +1242,62 @@ std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool split_row
   }
   return pieces;
 }
+
+// The gradient accumulators of backward tasks that share their head with others, and which
+// heads to sum them for (each in slice order, so the sum never depends on the thread count).
+class SliceBuffers {
+ public:
+  struct Group {
+    int64_t b, h, first, count;
+  };
+
+  SliceBuffers() = default;
+  SliceBuffers(const BackwardParams& p, const std::vector<Piece>& pieces) : index_(pieces.size(), -1) {
+    const int64_t D = p.head_dim, Dv = p.value_dim;
+    const int64_t csize = p.coef_mode == CoefMode::kFull ? D * D : D;
+    std::vector<int64_t> lengths;
+    for (size_t t = 0; t < pieces.size();) {
+      size_t e = t + 1;
+      while (e < pieces.size() && pieces[e].b == pieces[t].b && pieces[e].h == pieces[t].h) ++e;
+      if (e - t > 1) {
+        const int64_t first = static_cast<int64_t>(lengths.size());
+        groups_.push_back({pieces[t].b, pieces[t].h, first, static_cast<int64_t>(e - t)});
+        for (size_t k = t; k < e; ++k) {
+          index_[k] = static_cast<int64_t>(lengths.size());
+          lengths.push_back(pieces[e - 1].r1);
+        }
+      }
+      t = e;
+    }
+    const bool shared = p.v.data == nullptr;
+    auto floats = [&](int64_t L) { return round_up(L * D + (shared ? 0 : L * Dv), 16); };
+    int64_t total = 0;
+    for (const int64_t L : lengths) total += floats(L);
+    const int64_t total_coef = static_cast<int64_t>(lengths.size()) * csize;
+    floats_ = c10::GetCPUAllocator()->allocate(static_cast<size_t>(total) * sizeof(float));
+    coefs_ = c10::GetCPUAllocator()->allocate(static_cast<size_t>(total_coef) * sizeof(double));
+    float* next = static_cast<float*>(floats_.get());
+    for (size_t k = 0; k < lengths.size(); ++k) {
+      BackwardSlice slice;
+      slice.dy = next;
+      slice.dv = shared ? next : next + lengths[k] * D;
+      slice.dcoef = static_cast<double*>(coefs_.get()) + k * csize;
+      slices_.push_back(slice);
+      next += floats(lengths[k]);
+    }
+  }
+
+  // Task t's accumulator, or null for a task that owns its whole head.
+  const BackwardSlice* of(int64_t t) const { return index_.empty() || index_[t] < 0 ? nullptr : &slices_[index_[t]]; }
+  const std::vector<Group>& groups() const { return groups_; }
+  const BackwardSlice* first(const Group& group) const { return &slices_[group.first]; }
+
+ private:
+  std::vector<int64_t> index_;
+  std::vector<Group> groups_;
+  std::vector<BackwardSlice> slices_;
+  c10::DataPtr floats_, coefs_;
+};
 
 // Deals the tasks, in plan order, each to the worker with the least estimated work so far
 // (lowest index on ties): longest-processing-time-first for varlen, round-robin for equal
@@ -1221,9 +1320,9 @@ std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, i
 // receives the tasks and query rows each worker ran.
 template <typename Task, typename Params>
 void for_each_head(const Params& p) {
-  constexpr bool kSplitRows = std::is_same_v<Params, ForwardParams>;
+  constexpr bool kBackward = std::is_same_v<Params, BackwardParams>;
   const Geometry g(p);
-  const std::vector<Piece> pieces = plan_tasks(p, g, kSplitRows);
+  const std::vector<Piece> pieces = plan_tasks(p, g, kBackward);
   const int64_t tasks = static_cast<int64_t>(pieces.size());
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   const auto lists = deal_tasks(pieces, workers);
@@ -1232,6 +1331,8 @@ void for_each_head(const Params& p) {
     p.schedule->rows.assign(workers, 0);
   }
   if (tasks == 0) return;
+  SliceBuffers slices;
+  if constexpr (kBackward) slices = SliceBuffers(p, pieces);
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
@@ -1244,10 +1345,10 @@ void for_each_head(const Params& p) {
         ws.reset();
         const Piece& piece = pieces[list[k]];
         Task head = task(list[k]);
-        if constexpr (kSplitRows) {
-          head.run(piece.r0, piece.r1);
+        if constexpr (kBackward) {
+          head.run(piece.r0, piece.r1, slices.of(list[k]));
         } else {
-          head.run();
+          head.run(piece.r0, piece.r1);
         }
         if (p.schedule != nullptr) {
           p.schedule->tasks[w] += 1;
@@ -1256,6 +1357,15 @@ void for_each_head(const Params& p) {
       }
     }
   });
+  if constexpr (kBackward) {
+    const auto& groups = slices.groups();
+    at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t k0, int64_t k1) {
+      Workspace ws(Workspace::bytes_for(0));
+      for (int64_t k = k0; k < k1; ++k) {
+        Task(p, g, ws, groups[k].b, groups[k].h).reduce(slices.first(groups[k]), groups[k].count);
+      }
+    });
+  }
 }
 
 }  // namespace
