@@ -5,8 +5,13 @@ tasks to workers is fixed before any runs, so it can be checked on any machine."
 import pytest
 import torch
 
+from symattn_kernels import extensions
+
+if extensions.state("cpu").how == extensions.ABSENT:
+    pytest.skip(f"the cpu backend is absent here: {extensions.state('cpu').detail}", allow_module_level=True)
+
 import symattn_kernels as sk
-from symattn_kernels import cpu_backend
+from symattn_kernels.backends import cpu as cpu_backend
 
 from .helpers import assert_flash_rule, make_inputs, reference, run, with_threads
 
