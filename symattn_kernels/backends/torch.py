@@ -61,8 +61,8 @@ class _Varlen:
                 self.groups.append(starts[:, None] + torch.arange(length, device=cu.device))
 
 
-def _query_operand(y: Tensor, coef: Optional[Tensor]) -> Tensor:
-    """Y M for y [B, H, S, D]."""
+def query_operand(y: Tensor, coef: Optional[Tensor]) -> Tensor:
+    """Y M for y [B, H, S, D] (coef None, [H, D] diagonal or [H, D, D] full)."""
     if coef is None:
         return y
     if coef.dim() == 2:
@@ -83,7 +83,7 @@ class _Problem:
         self.y = q.transpose(1, 2).to(cd)
         self.values = self.y if v is None else v.transpose(1, 2).to(cd)
         self.coef = None if coef is None else coef.to(cd)
-        self.query = _query_operand(self.y, self.coef)
+        self.query = query_operand(self.y, self.coef)
         self.scale = scale
         self.allowed = attention_mask(
             batch, seqlen, causal=causal, key_padding_mask=key_padding_mask, exclude_self=exclude_self, device=q.device

@@ -62,6 +62,7 @@ except ImportError as err:
         f"symattn_kernels.integrations.hf needs transformers 5.x ({err}): pip install 'symattn_kernels[hf]'"
     ) from err
 
+from ..backends.torch import query_operand
 from ..masks import allowed_4d, key_padding_mask, packed_plan, plan_mask
 from ..modules import SharedWeightSelfAttention, SymmetricSelfAttention, attend
 
@@ -110,15 +111,6 @@ def _packed_sequence_ids(attention_mask: Optional[Tensor], kwargs: dict, batch: 
     if position_ids is None:
         return None
     return find_packed_sequence_indices(position_ids.expand(batch, -1))
-
-
-def _fold_coef(query: Tensor, coef: Optional[Tensor]) -> Tensor:
-    """``[B, H, S, D]`` query rows times the pairwise coefficient: ``Y M``."""
-    if coef is None:
-        return query
-    if coef.dim() == 2:
-        return query * coef[None, :, None, :]
-    return torch.einsum("bhsd,hde->bhse", query, coef)
 
 
 def _rectangular_mask(attention_mask: Optional[Tensor], sequence_ids: Optional[Tensor], q_len: int, kv_len: int,
@@ -184,7 +176,7 @@ def symattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
                      scale=scaling, dropout_p=dropout)
         return out, None
     mask = _rectangular_mask(attention_mask, sequence_ids, q_len, kv_len, causal and not mask_4d, query.device)
-    out = F.scaled_dot_product_attention(_fold_coef(query, coef), key, value, attn_mask=mask, dropout_p=dropout,
+    out = F.scaled_dot_product_attention(query_operand(query, coef), key, value, attn_mask=mask, dropout_p=dropout,
                                          scale=scaling)
     if mask is not None:
         out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
