@@ -2,6 +2,7 @@
 
     python -m bench.cpu_kernels [--quick] [--json PATH]
     python -m bench.cpu_kernels --dtypes [--rounds N] [--json PATH]
+    python -m bench.cpu_kernels --dropout [--rounds N] [--json PATH]
 
 Side by side in one process, torch threads = cores, medians of
 ``torch.utils.benchmark.Timer.blocked_autorange`` (via ``bench.timing``):
@@ -19,6 +20,13 @@ the median of the per-round ratios to fp32: paired ratios stay meaningful when o
 loads the machine. Issue 4's target is bf16 / fp32 <= 1 where the kernels run bf16 operands
 (``kernel_isa() == "AVX512_BF16"``); elsewhere bf16 is widened to fp32 and the ratio is only
 reported.
+
+``--dropout`` (also the last table of the default run) times ``shared_attention(y)`` of the
+``cpu`` backend with ``dropout_p = 0.1`` next to the same call without dropout, fp32 and bf16 at
+the ``--dtypes`` shapes, forward and forward+backward, in interleaved rounds as ``--dtypes``
+(each round times the two calls back to back) and reports the median of the per-round ratios;
+the target is a forward ratio of at most 1.3. Its correctness check compares the dropout output
+and gradient with the ``torch`` backend under the same seed (the same mask).
 
 Every timed shape first passes a correctness check against SDPA in fp32. The report starts
 with the load average: the numbers are only comparable on a quiet machine.
@@ -44,6 +52,8 @@ SHAPES = [(32, 128), (8, 512), (1, 2048)]
 DTYPE_SHAPES = [(32, 128), (8, 512)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGETS = {"fwd": 1.3, "fwd+bwd": 1.6, "diag fwd": 1.15, "peak memory": 0.6}
+DROPOUT_P = 0.1
+DROPOUT_FWD_TARGET = 1.3  # dropout / no-dropout forward time
 
 
 def _sdpa(q, k, v):
@@ -142,6 +152,66 @@ def run_dtypes(rounds: int, min_run_time: float = 0.2) -> dict:
     return dict(environment=_environment(), dtype_rows=rows)
 
 
+def _check_dropout(y: torch.Tensor) -> float:
+    """Max |cpu - torch backend| of the fp32 dropout forward and gradient under one seed (one
+    mask); raises when not close."""
+    results = []
+    for backend in ("cpu", "torch"):
+        leaf = y.float().clone().requires_grad_()
+        torch.manual_seed(5)
+        out = sk.shared_attention(leaf, dropout_p=DROPOUT_P, backend=backend)
+        results.append((out, torch.autograd.grad(out, leaf, torch.ones_like(out))[0]))
+    err = max((a - b).abs().max().item() for a, b in zip(*results))
+    if err > 1e-3:
+        raise AssertionError(f"cpu dropout disagrees with the torch backend by {err:.3g}: no timings")
+    return err
+
+
+def run_dropout(rounds: int, min_run_time: float = 0.2, shapes=DTYPE_SHAPES) -> list:
+    """Dropout against no dropout on the cpu backend, paired per round (see the module docstring)."""
+    import statistics
+
+    torch.manual_seed(0)
+    rows = []
+    for batch, seqlen in shapes:
+        y32 = torch.randn(batch, seqlen, HEADS, HEAD_DIM)
+        err = _check_dropout(y32)
+        calls = {}
+        for name in ("float32", "bfloat16"):
+            y = y32.to(DTYPES[name])
+            for p in (0.0, DROPOUT_P):
+                def fn(t, p=p):
+                    return sk.shared_attention(t, dropout_p=p, backend="cpu")
+                calls[name, "fwd", p] = lambda fn=fn, y=y: fn(y)
+                calls[name, "fwd+bwd", p] = _fwd_bwd(fn, y)
+        times = {key: [] for key in calls}
+        for _ in range(rounds):
+            for key, call in calls.items():
+                times[key].append(time_call(call, "cpu", min_run_time).median_ms)
+        for name in ("float32", "bfloat16"):
+            for mode in ("fwd", "fwd+bwd"):
+                base, drop = times[name, mode, 0.0], times[name, mode, DROPOUT_P]
+                rows.append(dict(B=batch, S=seqlen, dtype=name, mode=mode, nodrop_ms=statistics.median(base),
+                                 dropout_ms=statistics.median(drop),
+                                 ratio=statistics.median(d / b for d, b in zip(drop, base)), rounds=rounds,
+                                 dropout_p=DROPOUT_P, check_err=err))
+    return rows
+
+
+def format_dropout(rows: list, env: dict) -> str:
+    lines = [f"CPU kernels, dropout_p={DROPOUT_P} against none: torch {env['torch']}, {env['torch_threads']} "
+             f"threads on {env['cores']} cores, kernels {env['kernel_isa']}, load average "
+             f"{', '.join(f'{x:.2f}' for x in env['load_average'])}", "",
+             f"{'shape':<14} {'dtype':<9} {'mode':<8} {'no-drop ms':>10} {'dropout ms':>10} {'ratio':>6}"]
+    for r in rows:
+        lines.append(f"B={r['B']:<3} S={r['S']:<5} {r['dtype']:<9} {r['mode']:<8} {r['nodrop_ms']:10.2f} "
+                     f"{r['dropout_ms']:10.2f} {r['ratio']:6.2f}")
+    rounds = rows[0]["rounds"] if rows else 0
+    lines += ["", f"median over {rounds} interleaved rounds; ratio = median of the per-round dropout / no-dropout "
+              f"times; target: forward ratio <= {DROPOUT_FWD_TARGET}"]
+    return "\n".join(lines)
+
+
 def format_dtypes(report: dict) -> str:
     env = report["environment"]
     lines = [f"CPU kernels by dtype: torch {env['torch']}, {env['torch_threads']} threads on {env['cores']} cores, "
@@ -203,7 +273,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="first shape only, short timings")
     parser.add_argument("--dtypes", action="store_true", help="fp32 vs bf16 vs fp16 of the cpu backend only")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --dtypes")
+    parser.add_argument("--dropout", action="store_true", help="dropout against no dropout of the cpu backend only")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --dtypes and --dropout")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args(argv)
     if sk.info()["backends"]["cpu"]["usable"] is False:
@@ -213,9 +284,15 @@ def main(argv=None) -> int:
     if args.dtypes:
         report = run_dtypes(args.rounds)
         print(format_dtypes(report))
+    elif args.dropout:
+        report = dict(environment=_environment(), dropout_rows=run_dropout(args.rounds))
+        print(format_dropout(report["dropout_rows"], report["environment"]))
     else:
         report = run(args.quick)
         print(format_report(report))
+        report["dropout_rows"] = (run_dropout(1, 0.1, DTYPE_SHAPES[:1]) if args.quick else run_dropout(3))
+        print()
+        print(format_dropout(report["dropout_rows"], _environment()))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)

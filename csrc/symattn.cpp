@@ -24,6 +24,7 @@ TORCH_LIBRARY_FRAGMENT(symattn, m) {
       "Tensor? cu_seqlens, int? seed, Tensor out, Tensor lse, Tensor(a!) dq, Tensor(b!)? dv, Tensor(c!)? dcoef, "
       "float scale, bool causal, float dropout_p, bool exclude_self, int max_seqlen) -> ()");
   m.def("philox_randint_cpu(Tensor offsets, int seed) -> Tensor");
+  m.def("dropout_keep_cpu(int seed, float dropout_p, int first, int n) -> Tensor");
   m.def("cpu_kernel_isa() -> str", &symattn::cpu_kernel_isa);
   m.def("cpu_last_schedule(bool backward) -> Tensor", &symattn::cpu_last_schedule);
 }

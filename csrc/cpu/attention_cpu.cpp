@@ -35,6 +35,7 @@ struct Kernels {
   void (*backward)(const BackwardParams&);
   void (*forward_bf16)(const ForwardParams&);  // bfloat16 inputs
   void (*backward_bf16)(const BackwardParams&);
+  void (*dropout_keep)(uint64_t, double, uint64_t, int64_t, float*);  // the bf16 kernels' generator
   const char* isa;
 
   void run_forward(const ForwardParams& p) const { (p.dtype == DType::kBFloat16 ? forward_bf16 : forward)(p); }
@@ -77,19 +78,21 @@ const Kernels& kernels() {
 #ifdef SYMATTN_X86_DISPATCH
     if (level == 3) {
       return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward,
-                     cpu::AVX512_BF16::attention_forward, cpu::AVX512_BF16::attention_backward, kIsaNames[3]};
+                     cpu::AVX512_BF16::attention_forward, cpu::AVX512_BF16::attention_backward,
+                     cpu::AVX512_BF16::dropout_keep, kIsaNames[3]};
     }
     if (level == 2) {
       return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward, cpu::AVX512::attention_forward,
-                     cpu::AVX512::attention_backward, kIsaNames[2]};
+                     cpu::AVX512::attention_backward, cpu::AVX512::dropout_keep, kIsaNames[2]};
     }
     if (level == 1) {
       return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward, cpu::AVX2::attention_forward,
-                     cpu::AVX2::attention_backward, kIsaNames[1]};
+                     cpu::AVX2::attention_backward, cpu::AVX2::dropout_keep, kIsaNames[1]};
     }
 #endif
     return Kernels{cpu::DEFAULT::attention_forward, cpu::DEFAULT::attention_backward,
-                   cpu::DEFAULT::attention_forward, cpu::DEFAULT::attention_backward, kIsaNames[0]};
+                   cpu::DEFAULT::attention_forward, cpu::DEFAULT::attention_backward, cpu::DEFAULT::dropout_keep,
+                   kIsaNames[0]};
   }();
   return chosen;
 }
@@ -353,6 +356,17 @@ at::Tensor philox_randint_cpu(const at::Tensor& offsets, int64_t seed) {
   return result;
 }
 
+// The dropout multipliers (0 or 1 / (1 - dropout_p)) of the n counters first, first + 1, ... as
+// the selected kernel build draws them (for tests).
+at::Tensor dropout_keep_cpu(int64_t seed, double dropout_p, int64_t first, int64_t n) {
+  TORCH_CHECK(n >= 0, "dropout_keep_cpu: n must be >= 0, got ", n);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_keep_cpu: dropout_p must be in [0, 1), got ", dropout_p);
+  at::Tensor keep = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  kernels().dropout_keep(static_cast<uint64_t>(seed), dropout_p, static_cast<uint64_t>(first), n,
+                         keep.data_ptr<float>());
+  return keep;
+}
+
 std::string cpu_kernel_isa() { return kernels().isa; }
 
 at::Tensor cpu_last_schedule(bool backward) {
@@ -373,6 +387,11 @@ TORCH_LIBRARY_IMPL(symattn, CPU, m) {
   m.impl("attention_fwd_cpu", &attention_fwd_cpu);
   m.impl("attention_bwd_cpu", &attention_bwd_cpu);
   m.impl("philox_randint_cpu", &philox_randint_cpu);
+}
+
+// No tensor argument to dispatch on: one kernel for every key.
+TORCH_LIBRARY_IMPL(symattn, CompositeExplicitAutograd, m) {
+  m.impl("dropout_keep_cpu", &dropout_keep_cpu);
 }
 
 }  // namespace symattn

@@ -58,7 +58,7 @@
 #endif
 
 #include "attention_params.h"
-#include "philox.h"
+#include "philox_vec.h"
 
 namespace symattn::cpu {
 namespace CPU_CAPABILITY {
@@ -587,8 +587,7 @@ class Head {
     Dv_ = p.value_dim;
     shared_ = p.v.data == nullptr;
     if (p.dropout_p > 0.0) {
-      keep_threshold_ = dropout_threshold(p.dropout_p);
-      keep_scale_ = static_cast<float>(1.0 / (1.0 - p.dropout_p));
+      keep_rule_ = KeepRule(p.seed, dropout_threshold(p.dropout_p), static_cast<float>(1.0 / (1.0 - p.dropout_p)));
       row_id0_ = p.cu_seqlens != nullptr ? start_ : b * p.seqlen;
     }
   }
@@ -763,15 +762,10 @@ class Head {
   void keep_row(float* keep, int64_t i, int64_t n) const {
     const uint64_t base =
         (static_cast<uint64_t>(h_ * p_.n_rows + row_id0_ + i)) * static_cast<uint64_t>(p_.seqlen);
-    uint32_t bits[kPhiloxLanes];
-    for (int64_t j0 = 0; j0 < n; j0 += kPhiloxLanes) {
-      philox_block(p_.seed, base + j0, bits);
-      const int64_t m = std::min<int64_t>(kPhiloxLanes, n - j0);
-      for (int64_t l = 0; l < m; ++l) keep[j0 + l] = (bits[l] >> 1) >= keep_threshold_ ? keep_scale_ : 0.f;
-    }
+    draw_keep(keep_rule_, base, n, keep);
   }
 
-  bool dropout() const { return keep_scale_ != 0.f; }
+  bool dropout() const { return keep_rule_.scale != 0.f; }
 
  protected:
   // src [m, k] (fp32, or scalar_t) as A rows; fp32 is its own A-rows form, bf16 is packed in buf
@@ -819,8 +813,7 @@ class Head {
   int64_t key_end_ = 0, n_real_ = 0;
   bool symmetric_ = false;  // this head takes the symmetric whole-head schedule
 
-  uint32_t keep_threshold_ = 0;
-  float keep_scale_ = 0.f;
+  KeepRule keep_rule_{0, 0, 0.f};  // scale 0: no dropout
   int64_t row_id0_ = 0;
 
   const float* yf_ = nullptr;  // fp32 Y, or null where no product needs it

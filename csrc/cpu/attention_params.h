@@ -67,18 +67,22 @@ struct BackwardParams : ForwardParams {
 namespace DEFAULT {
 void attention_forward(const ForwardParams& p);
 void attention_backward(const BackwardParams& p);
+void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
 }  // namespace DEFAULT
 namespace AVX2 {
 void attention_forward(const ForwardParams& p);
 void attention_backward(const BackwardParams& p);
+void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
 }  // namespace AVX2
 namespace AVX512 {
 void attention_forward(const ForwardParams& p);
 void attention_backward(const BackwardParams& p);
+void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
 }  // namespace AVX512
 namespace AVX512_BF16 {  // bfloat16 only
 void attention_forward(const ForwardParams& p);
 void attention_backward(const BackwardParams& p);
+void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
 }  // namespace AVX512_BF16
 
 }  // namespace symattn::cpu

@@ -61,6 +61,11 @@ def _philox_randint_cpu_fake(offsets, seed):
     return torch.empty_like(offsets)
 
 
+@torch.library.register_fake("symattn::dropout_keep_cpu")
+def _dropout_keep_cpu_fake(seed, dropout_p, first, n):
+    return torch.empty(n, dtype=torch.float32)
+
+
 def kernel_isa() -> str:
     """The kernel set that runs here: "AVX512_BF16" (AVX-512, and bfloat16 inputs multiplied as
     bf16 pairs with vdpbf16ps), "AVX512", "AVX2" or "DEFAULT" (bfloat16 widened to fp32 in all

@@ -1,0 +1,159 @@
+"""Dropout of the fused C++ ``cpu`` backend: the vectorised Philox generator against the scalar
+one over many counters (runs crossing 2^32, every tail length), the kernels' masks bit-equal
+to the reference at odd key counts, causal, key padding and varlen, forward and gradients
+against the fp64 reference under dropout, and all of it again on every instruction-set build."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from symattn_kernels import extensions
+
+if extensions.state("cpu").how == extensions.ABSENT:
+    pytest.skip(f"the cpu backend is absent here: {extensions.state('cpu').detail}", allow_module_level=True)
+
+import symattn_kernels as sk
+from symattn_kernels import reference as R
+from symattn_kernels.backends import cpu as cpu_backend
+
+from .helpers import assert_close, describe_mismatch, make_inputs, reference, run
+
+# Run lengths around every vector width and step (8, 16, 32 counters) and past them.
+LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 111, 128, 129, 1025]
+FIRSTS = [0, 5, 2**32 - 20, 2**32 - 1, 2**33 - 7, 2**40 + 3, 2**62 - 2000]
+
+
+def _keep_values(seed, p, first, n, randint):
+    """The multipliers the kernels should draw: 1 / (1 - p) in fp32 where kept, else 0."""
+    bits = randint(first + torch.arange(n, dtype=torch.int64), seed)
+    kept = (bits >> 1) >= R.dropout_threshold(p)
+    return torch.where(kept, torch.tensor(1.0 / (1.0 - p), dtype=torch.float32), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_vector_generator_bit_equal_to_scalar_philox(p):
+    gen = torch.Generator().manual_seed(3)
+    firsts = FIRSTS + torch.randint(0, 2**62, (8,), generator=gen).tolist()
+    longest = max(LENGTHS)
+    for seed in (0, 3, 2**32 + 7, 2**62 - 5):
+        for first in firsts:
+            scalar = _keep_values(seed, p, first, longest, torch.ops.symattn.philox_randint_cpu)
+            assert torch.equal(scalar, _keep_values(seed, p, first, longest, lambda o, s: R.philox_randint(s, o)))
+            for n in LENGTHS:
+                got = torch.ops.symattn.dropout_keep_cpu(seed, p, first, n)
+                bad = got != scalar[:n]
+                assert not bad.any(), f"seed {seed} first {first} n {n}: {describe_mismatch(got, scalar[:n], bad)}"
+
+
+def _kernel_mask(B, S, H, p, seed_state, **kw):
+    """The kernel's keep mask where attention is allowed, read off its output: q = 0 makes P
+    uniform over the allowed keys, v = columns of the identity makes out[b, i, h, j] =
+    P_ij * keep_ij / (1 - p) (a call per 256 keys, the widest value, under one seed)."""
+    q = torch.zeros(B, S, H, 8)
+    eye = torch.eye(S)
+    columns = []
+    for k0 in range(0, S, 256):
+        v = eye[None, :, None, k0:k0 + 256].expand(B, S, H, -1).contiguous()
+        torch.manual_seed(seed_state)
+        columns.append(sk.symmetric_attention(q, v, dropout_p=p, backend="cpu", **kw))
+    return torch.cat(columns, dim=-1).permute(0, 2, 1, 3) != 0  # [B, H, S_q, S_k]
+
+
+def _seed(seed_state):
+    torch.manual_seed(seed_state)
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def _padding(B, S, kind):
+    if kind == "none":
+        return None
+    mask = torch.ones(B, S, dtype=torch.bool)
+    if kind == "tail":  # a few trailing keys: the symmetric whole-head schedule
+        mask[0, S - S // 8:] = False
+    elif kind == "heavy":  # most keys: query blocks against the real keys only
+        mask[0, S // 3:] = False
+    else:  # holes inside the sequence
+        mask[:, 1::3] = False
+    return mask
+
+
+# Odd key counts, past 128 keys, and long heads on the blocked row schedule.
+MASK_CASES = [(S, causal, padding) for S in (1, 37, 130) for causal in (False, True)
+              for padding in ("none", "tail", "heavy", "holes")] + [(530, False, "none"), (530, True, "holes")]
+
+
+@pytest.mark.parametrize("S,causal,padding", MASK_CASES,
+                         ids=[f"S{S}-{'causal' if c else 'full'}-{pad}" for S, c, pad in MASK_CASES])
+def test_kernel_mask_bit_equal_to_reference(S, causal, padding):
+    B, H, p = 2, 2 if S < 512 else 1, 0.3
+    key_padding_mask = _padding(B, S, padding)
+    got = _kernel_mask(B, S, H, p, seed_state=S, causal=causal, key_padding_mask=key_padding_mask)
+    want = R.dropout_keep_mask(_seed(S), p, torch.arange(B * S).view(B, S), B * S, H, S, S)
+    allowed = R.attention_mask(B, S, causal=causal, key_padding_mask=key_padding_mask)  # [B, 1 or H, S, S]
+    want = want & allowed
+    bad = got != want
+    assert not bad.any(), describe_mismatch(got.int(), want.int(), bad)
+    if S > 1:
+        assert want.any() and (allowed & ~want).any()
+
+
+def test_varlen_kernel_mask_bit_equal_to_reference():
+    cu = torch.tensor([0, 1, 18, 18, 51, 84, 213], dtype=torch.int32)
+    total, H, p, max_seqlen = int(cu[-1]), 3, 0.4, 200  # max_seqlen only bounds the lengths
+    torch.manual_seed(8)
+    starts = cu[:-1].repeat_interleave(cu.diff())
+    pos = torch.arange(total) - starts
+    v = torch.nn.functional.one_hot(pos, max_seqlen).float()[:, None, :].expand(total, H, max_seqlen).contiguous()
+    got = sk.symmetric_attention_varlen(torch.zeros(total, H, 8), v, cu, max_seqlen, dropout_p=p,
+                                        backend="cpu") != 0  # [total, H, max_seqlen]
+    seed = _seed(8)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if end == start:
+            continue
+        want = R.dropout_keep_mask(seed, p, torch.arange(start, end)[None], total, H, total, end - start)[0]
+        mask = got[start:end, :, : end - start].permute(1, 0, 2)  # [H, L, L]
+        assert torch.equal(mask, want), f"sequence {start}:{end}: {describe_mismatch(mask.int(), want.int(), mask != want)}"
+        assert not got[start:end, :, end - start:].any()
+
+
+# The backward regenerates the forward's mask: gradients match the reference under one seed.
+@pytest.mark.parametrize("S,causal,padding", [(37, False, "none"), (37, True, "holes"), (130, False, "tail"),
+                                              (130, True, "heavy"), (530, False, "none")])
+def test_forward_and_gradients_match_reference_under_dropout(S, causal, padding):
+    q, v, coef = make_inputs(B=2, S=S, H=2, D=16, Dv=8, coef_mode="diag", shared=False)
+    kw = dict(dropout_p=0.2, causal=causal, key_padding_mask=_padding(2, S, padding))
+    leaves = [t.detach().float().requires_grad_() for t in (q, v, coef)]
+    torch.manual_seed(S)
+    got = run(lambda *a, **k: sk.symmetric_attention(*a, backend="cpu", **k), *leaves, **kw)
+    want = run(reference, q, v, coef, dropout_seed=_seed(S), **kw)
+    for name, a, b in zip(["out", "lse", "dq", "dv", "dcoef"], got, want):
+        assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)
+
+
+_ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
+# The dropout tests of the cpu backend (but the long heads, whose rows draw as any other), re-run
+# in a process capped at one kernel build.
+_ISA_RUN = """
+import sys, pytest
+from symattn_kernels.backends import cpu
+print(cpu.kernel_isa(), flush=True)
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_cpu_dropout.py", "tests/test_cpu_backend.py",
+                      "-k", "(dropout or philox) and not instruction_set and not 530"]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", _ISAS)
+def test_dropout_on_every_instruction_set_build(isa):
+    widest = cpu_backend.kernel_isa().lower()
+    if _ISAS.index(isa) > _ISAS.index(widest):
+        pytest.skip(f"this CPU runs {widest} kernels at most")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "SYMATTN_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", _ISA_RUN], env=env, capture_output=True, text=True, cwd=root,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.stdout.split()[0] == isa.upper()
