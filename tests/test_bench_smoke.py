@@ -1,11 +1,13 @@
 """`python -m bench --quick` runs end to end for every registered op (shared attention and LAMA):
-CSV, PNG and the markdown table last."""
+CSV, PNG and the markdown table last; `bench.cpu_kernels` pairs dropout with no-dropout calls."""
 
 import csv
 import itertools
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,3 +33,20 @@ def test_bench_quick_writes_csv_png_and_table(tmp_path):
     last_row = max(i for i, line in enumerate(lines) if line.startswith("|"))
     assert len(lines) - last_row <= 3, "the table (and its legend) must come last"
     assert any(line.startswith("|") and "symattn-torch" in line for line in lines)
+
+
+def test_cpu_kernels_dropout_rows_pair_both_calls():
+    from symattn_kernels import extensions
+
+    if extensions.state("cpu").how == extensions.ABSENT:
+        pytest.skip("the cpu backend is absent here")
+    from bench import cpu_kernels
+
+    rows = cpu_kernels.run_dropout(1, 0.01, [(2, 40)])
+    assert {(r["dtype"], r["mode"]) for r in rows} == {(d, m) for d in ("float32", "bfloat16")
+                                                       for m in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert r["nodrop_ms"] > 0 and r["dropout_ms"] > 0 and r["ratio"] > 0
+        assert r["check_err"] <= 1e-3
+    table = cpu_kernels.format_dropout(rows, cpu_kernels._environment())
+    assert "B=2   S=40    float32   fwd" in table and "target: forward ratio <= 1.3" in table
