@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 
 import torch
@@ -125,10 +126,17 @@ def run(quick: bool) -> dict:
     return dict(environment=_environment(), rows=rows)
 
 
+def _interleaved(calls: dict, rounds: int, min_run_time: float) -> dict:
+    """Per call, its median time (ms) in each round; a round times every call once, back to back."""
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            times[key].append(time_call(call, "cpu", min_run_time).median_ms)
+    return times
+
+
 def run_dtypes(rounds: int, min_run_time: float = 0.2) -> dict:
     """fp32 / bf16 / fp16 of the cpu backend, interleaved rounds (see the module docstring)."""
-    import statistics
-
     torch.manual_seed(0)
     rows = []
     for batch, seqlen in DTYPE_SHAPES:
@@ -140,10 +148,7 @@ def run_dtypes(rounds: int, min_run_time: float = 0.2) -> dict:
             fn = _providers()["cpu"]
             calls[name, "fwd"] = lambda fn=fn, y=y: fn(y)
             calls[name, "fwd+bwd"] = _fwd_bwd(fn, y)
-        times = {key: [] for key in calls}
-        for _ in range(rounds):
-            for key, call in calls.items():
-                times[key].append(time_call(call, "cpu", min_run_time).median_ms)
+        times = _interleaved(calls, rounds, min_run_time)
         for (name, mode), samples in times.items():
             base = times["float32", mode]
             rows.append(dict(B=batch, S=seqlen, dtype=name, mode=mode, median_ms=statistics.median(samples),
@@ -169,8 +174,6 @@ def _check_dropout(y: torch.Tensor) -> float:
 
 def run_dropout(rounds: int, min_run_time: float = 0.2, shapes=DTYPE_SHAPES) -> list:
     """Dropout against no dropout on the cpu backend, paired per round (see the module docstring)."""
-    import statistics
-
     torch.manual_seed(0)
     rows = []
     for batch, seqlen in shapes:
@@ -184,10 +187,7 @@ def run_dropout(rounds: int, min_run_time: float = 0.2, shapes=DTYPE_SHAPES) -> 
                     return sk.shared_attention(t, dropout_p=p, backend="cpu")
                 calls[name, "fwd", p] = lambda fn=fn, y=y: fn(y)
                 calls[name, "fwd+bwd", p] = _fwd_bwd(fn, y)
-        times = {key: [] for key in calls}
-        for _ in range(rounds):
-            for key, call in calls.items():
-                times[key].append(time_call(call, "cpu", min_run_time).median_ms)
+        times = _interleaved(calls, rounds, min_run_time)
         for name in ("float32", "bfloat16"):
             for mode in ("fwd", "fwd+bwd"):
                 base, drop = times[name, mode, 0.0], times[name, mode, DROPOUT_P]
