@@ -47,6 +47,10 @@ struct KeepRule {
   }
 };
 
+// GCC's AVX-512 intrinsics start from _mm512_undefined_epi32 (a self-initialised variable), which
+// -Wall reports as maybe-uninitialized at every inlined use.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 2
 using PhiloxReg = __m512i;
 constexpr int kLanes64 = 8;
@@ -55,7 +59,10 @@ inline PhiloxReg lanes64_from(uint64_t first) {
 }
 inline PhiloxReg high_words(const PhiloxReg& x) { return _mm512_srli_epi64(x, 32); }
 inline PhiloxReg mul_wide(const PhiloxReg& x, uint32_t m) { return _mm512_mul_epu32(x, _mm512_set1_epi64(m)); }
-inline PhiloxReg xor2(const PhiloxReg& a, uint32_t k) { return _mm512_xor_si512(a, _mm512_set1_epi32(static_cast<int>(k))); }
+inline PhiloxReg xor2(const PhiloxReg& a, uint32_t k) {
+  return _mm512_xor_si512(a, _mm512_set1_epi32(static_cast<int>(k)));
+}
+// a ^ b ^ k in one vpternlogd.
 inline PhiloxReg xor3(const PhiloxReg& a, const PhiloxReg& b, uint32_t k) {
   return _mm512_ternarylogic_epi32(a, b, _mm512_set1_epi32(static_cast<int>(k)), 0x96);
 }
@@ -67,7 +74,9 @@ inline PhiloxReg lanes64_from(uint64_t first) {
 }
 inline PhiloxReg high_words(const PhiloxReg& x) { return _mm256_srli_epi64(x, 32); }
 inline PhiloxReg mul_wide(const PhiloxReg& x, uint32_t m) { return _mm256_mul_epu32(x, _mm256_set1_epi64x(m)); }
-inline PhiloxReg xor2(const PhiloxReg& a, uint32_t k) { return _mm256_xor_si256(a, _mm256_set1_epi32(static_cast<int>(k))); }
+inline PhiloxReg xor2(const PhiloxReg& a, uint32_t k) {
+  return _mm256_xor_si256(a, _mm256_set1_epi32(static_cast<int>(k)));
+}
 inline PhiloxReg xor3(const PhiloxReg& a, const PhiloxReg& b, uint32_t k) {
   return _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_set1_epi32(static_cast<int>(k)));
 }
@@ -180,9 +189,13 @@ inline void draw_keep(const KeepRule& rule, uint64_t first, int64_t n, float* ke
 #else
 // The same, one counter at a time.
 inline void draw_keep(const KeepRule& rule, uint64_t first, int64_t n, float* keep) {
-  for (int64_t j = 0; j < n; ++j) keep[j] = (philox_randint(rule.seed, first + j) >> 1) >= rule.threshold ? rule.scale : 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    keep[j] = (philox_randint(rule.seed, first + j) >> 1) >= rule.threshold ? rule.scale : 0.f;
+  }
 }
 #endif
+
+#pragma GCC diagnostic pop
 
 }  // namespace
 
