@@ -1,7 +1,8 @@
 // The symattn_kernels._C extension: the schemas of the compiled kernel ops, each declared once.
-// CPU implementations register in csrc/cpu/attention_cpu.cpp. The public ops (symattn::attention_fwd
-// and friends, with their autograd and fake functions) are defined in Python; these *_cpu ops are
-// the kernels they call, and symattn_kernels/cpu_backend.py registers their fake functions.
+// CPU implementations register in csrc/cpu/attention_cpu.cpp and csrc/cpu/lama_cpu.cpp. The public
+// ops (symattn::attention_fwd and friends, with their autograd and fake functions) are defined in
+// Python; these *_cpu ops are the kernels they call, and symattn_kernels/backends/cpu.py registers
+// their fake functions.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -23,6 +24,13 @@ TORCH_LIBRARY_FRAGMENT(symattn, m) {
       "attention_bwd_cpu(Tensor dout, Tensor? dlse, Tensor q, Tensor? v, Tensor? coef, Tensor? key_padding_mask, "
       "Tensor? cu_seqlens, int? seed, Tensor out, Tensor lse, Tensor(a!) dq, Tensor(b!)? dv, Tensor(c!)? dcoef, "
       "float scale, bool causal, float dropout_p, bool exclude_self, int max_seqlen) -> ()");
+  m.def(
+      "lowrank_fwd_cpu(Tensor h, Tensor context, Tensor p, Tensor q, Tensor? u, Tensor? key_padding_mask, "
+      "bool head_norm, bool token_softmax, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "lowrank_bwd_cpu(Tensor dpooled, Tensor? dattn, Tensor h, Tensor context, Tensor p, Tensor q, Tensor? u, "
+      "Tensor? key_padding_mask, Tensor pooled, Tensor attn, Tensor(a!)? dh, Tensor(b!)? dcontext, "
+      "Tensor(c!)? dp, Tensor(d!)? dq, Tensor(e!)? du, bool head_norm, bool token_softmax, float eps) -> ()");
   m.def("philox_randint_cpu(Tensor offsets, int seed) -> Tensor");
   m.def("dropout_keep_cpu(int seed, float dropout_p, int first, int n) -> Tensor");
   m.def("cpu_kernel_isa() -> str", &symattn::cpu_kernel_isa);

@@ -82,7 +82,9 @@ def source_root() -> Path | None:
 
 
 def _sources(spec: _Spec, root: Path) -> list[str]:
-    return sorted(str(p) for pattern in spec.sources for p in root.glob(pattern))
+    # Portable units first, the per-instruction-set ones (*_avx*) last, as setup.py links them.
+    paths = (p for pattern in spec.sources for p in root.glob(pattern))
+    return [str(p) for p in sorted(paths, key=lambda p: ("_avx" in p.name, str(p)))]
 
 
 def jit_name(kind: str) -> str:

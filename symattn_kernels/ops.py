@@ -202,6 +202,8 @@ def lowrank_bwd(
     dp: Optional[Tensor],
     dq: Optional[Tensor],
     du: Optional[Tensor],
+    pooled: Tensor,
+    attn: Tensor,
     head_norm: str,
     token_softmax: bool,
     eps: float,
@@ -209,7 +211,7 @@ def lowrank_bwd(
 ) -> None:
     backends.load(backend).lowrank_backward(
         dpooled, dattn, h, context, p, q, u, key_padding_mask, _head_norm(head_norm), token_softmax, eps,
-        dh, dcontext, dp, dq, du,
+        dh, dcontext, dp, dq, du, pooled=pooled, attn=attn,
     )
 
 
@@ -220,13 +222,15 @@ def _lowrank_bwd_fake(*args) -> None:
 
 def _lowrank_setup_context(ctx, inputs, output):
     h, context, p, q, u, key_padding_mask, *options = inputs
-    ctx.save_for_backward(h, context, p, q, u, key_padding_mask)
+    # pooled and attn too: with them a backend can take the softmax's row term from the forward
+    # (sum_t attn_t dA_t = <dpooled, pooled> + sum_t attn_t dattn_t) instead of a pass over the tokens.
+    ctx.save_for_backward(h, context, p, q, u, key_padding_mask, *output)
     ctx.options = options
     ctx.set_materialize_grads(False)
 
 
 def _lowrank_backward(ctx, dpooled, dattn):
-    h, context, p, q, u, key_padding_mask = ctx.saved_tensors
+    h, context, p, q, u, key_padding_mask, pooled, attn = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if _second_order(ctx.options[-1], "lowrank_context_attention", h, context, p, q, u, dpooled, dattn):
         head_norm, token_softmax, eps = ctx.options[:-1]
@@ -242,7 +246,8 @@ def _lowrank_backward(ctx, dpooled, dattn):
         torch.empty_like(t) if t is not None and need else None
         for t, need in zip((h, context, p, q, u), needs[:5])
     ]
-    lowrank_bwd(unit_last_stride(dpooled), dattn, h, context, p, q, u, key_padding_mask, *buffers, *ctx.options)
+    lowrank_bwd(unit_last_stride(dpooled), dattn, h, context, p, q, u, key_padding_mask, *buffers, pooled, attn,
+                *ctx.options)
     return (*buffers, None) + (None,) * 4
 
 

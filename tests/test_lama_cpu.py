@@ -1,15 +1,24 @@
-"""The ``cpu`` backend's LAMA path (``symattn_kernels.backends.cpu_lowrank``) against the fp64 reference.
+"""The ``cpu`` backend's LAMA paths against the fp64 reference: the fused C++ kernels
+(``symattn_kernels.backends.cpu``, csrc/cpu/lama_kernel.h) and the plain PyTorch path taken where
+the extension is not built (``symattn_kernels.backends.cpu_lowrank``).
 
 Same cases and pass rule as the Triton kernels (tests/test_lama_triton.py: flash-attn's rule
 for pooled, attn and every gradient), plus bf16 and fp64, gradcheck through the public
-function, the routing of ``backend="cpu"`` / ``"auto"`` with and without the compiled extension,
-and the memory bound the path exists for: at most one [B, m, T]-sized intermediate.
+function, every instruction-set build, results bit-equal across thread counts, NaN like the
+reference, the routing of ``backend="cpu"`` / ``"auto"`` with and without the compiled
+extension, and memory: peak of forward+backward at most the eager reference's, and at most one
+[B, m, T]-sized intermediate in the PyTorch path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,11 +26,17 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import symattn_kernels as sk
-from symattn_kernels import backends, ops
+from symattn_kernels import backends, extensions, ops
 from symattn_kernels.backends import cpu_lowrank, registry
 from symattn_kernels.backends import torch as torch_backend
 from symattn_kernels import reference as R
-from tests.test_lama_triton import BF16, CASES, F32, F64, Case, check_case, make_inputs
+from tests.helpers import with_threads
+from tests.test_lama_triton import BF16, CASES, F16, F32, F64, Case, check_case, make_inputs
+
+# The fused kernels: prebuilt, or compiled just in time on first use; absent only where neither can happen.
+FUSED = None if extensions.state("cpu").how == extensions.ABSENT else importlib.import_module(
+    "symattn_kernels.backends.cpu")
+needs_fused = pytest.mark.skipif(FUSED is None, reason=f"the cpu extension is absent: {extensions.state('cpu').detail}")
 
 FLAG_CASES = CASES[: len(CASES) - 3]  # every flag combination once, fp32
 CPU_CASES = CASES + [dataclasses.replace(c, dtype=BF16) for c in FLAG_CASES] + [
@@ -30,9 +45,131 @@ CPU_CASES = CASES + [dataclasses.replace(c, dtype=BF16) for c in FLAG_CASES] + [
 ]
 
 
+@needs_fused
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c.id for c in CPU_CASES])
-def test_forward_backward_matches_reference(case):
+def test_fused_forward_backward_matches_reference(case):
+    check_case(case, FUSED)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=[c.id for c in CPU_CASES])
+def test_lean_forward_backward_matches_reference(case):
     check_case(case, cpu_lowrank)
+
+
+# Sizes the small cases miss: E past a few vectors with a ragged tail (odd for the bf16 pairs),
+# m past 8 and not a power of two, T past a token tile.
+WIDE_CASES = [
+    Case(3, 70, 259, 12, padded=True, with_u=True),
+    Case(2, 33, 96, 5, padded=True, per_sequence=True),
+    Case(2, 70, 259, 12, "none", padded=True, dtype=BF16),
+    Case(2, 45, 64, 8, padded=True, with_u=True, dtype=BF16),
+    Case(2, 45, 64, 3, padded=True, dtype=F16),
+    Case(2, 45, 37, 16, padded=True, with_u=True, dtype=F64),
+]
+
+
+@needs_fused
+@pytest.mark.parametrize("case", WIDE_CASES, ids=[c.id for c in WIDE_CASES])
+def test_fused_wide_shapes_match_reference(case):
+    check_case(case, FUSED)
+
+
+def _public_step(case, backend="cpu", seed=2):
+    """pooled, attn and the five gradients of one public call (backend's results, detached)."""
+    h, context, p, q, u, mask = make_inputs(case)
+    leaves = [t.detach().clone().requires_grad_() for t in (h, context, p, q, u) if t is not None]
+    it = iter(leaves)
+    h, context, p, q = (next(it) for _ in range(4))
+    u = next(it) if case.with_u else None
+    pooled, attn = sk.lowrank_context_attention(h, context, p, q, u=u, key_padding_mask=mask,
+                                                head_norm=None if case.head_norm == "none" else "l2",
+                                                token_softmax=case.token_softmax, backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in (pooled, attn)]
+    grads = torch.autograd.grad((pooled * weights[0]).sum() + (attn * weights[1]).sum(), leaves)
+    return [pooled.detach(), attn.detach(), *grads]
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_u", [False, True], ids=["u=h", "u"])
+def test_fused_bit_equal_across_thread_counts(dtype, with_u):
+    case = Case(5, 70, 40, 4, padded=True, with_u=with_u, per_sequence=True, dtype=dtype)
+    runs = [with_threads(threads, lambda: _public_step(case)) for threads in (1, 2, 3)]
+    for got in runs[1:]:
+        for a, b in zip(runs[0], got):
+            assert torch.equal(a, b)
+
+
+def _grads_of(fn, h, context, p, q, u, mask, norm, token_softmax, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    leaves = [t.detach().clone().requires_grad_() for t in (h, context, p, q, u)]
+    pooled, attn = fn(*leaves[:4], u=leaves[4], key_padding_mask=mask, head_norm=norm, token_softmax=token_softmax)
+    dpooled, dattn = torch.randn(pooled.shape, generator=gen), torch.randn(attn.shape, generator=gen)
+    return [pooled, attn, *torch.autograd.grad((pooled * dpooled).sum() + (attn * dattn).sum(), leaves)]
+
+
+@needs_fused
+@pytest.mark.parametrize("head_norm", ["l2", None], ids=["l2", "none"])
+@pytest.mark.parametrize("token_softmax", [True, False], ids=["softmax", "raw"])
+@pytest.mark.parametrize("where", ["h", "u"])
+def test_fused_nan_like_the_reference(head_norm, token_softmax, where):
+    # NaN in a real token reaches exactly the results it reaches in the reference.
+    case = Case(3, 9, 8, 4, padded=True, with_u=True)
+    h, context, p, q, u, mask = make_inputs(case)
+    (h if where == "h" else u)[0, 0, 3] = float("nan")
+    fused = functools.partial(sk.lowrank_context_attention, backend="cpu")
+    got = _grads_of(fused, h, context, p, q, u, mask, head_norm, token_softmax)
+    want = _grads_of(R.lowrank_context_attention, h, context, p, q, u, mask, head_norm, token_softmax)
+    for name, a, b in zip(("pooled", "attn", "dh", "dcontext", "dp", "dq", "du"), got, want):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        finite = ~torch.isnan(b)
+        torch.testing.assert_close(a[finite], b[finite], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.isnan(got[0]).any()
+
+
+@needs_fused
+@pytest.mark.parametrize("token_softmax", [True, False], ids=["softmax", "raw"])
+def test_fused_padding_values_never_reach_results(token_softmax):
+    # NaN and Inf stored in padded tokens of h and u change nothing, bit for bit.
+    h, context, p, q, u, mask = make_inputs(Case(3, 40, 8, 4, padded=True, with_u=True))
+    fused = functools.partial(sk.lowrank_context_attention, backend="cpu")
+    clean = _grads_of(fused, h.masked_fill(~mask[..., None], 0), context, p, q, u.masked_fill(~mask[..., None], 0),
+                      mask, "l2", token_softmax)
+    dirty = _grads_of(fused, h.masked_fill(~mask[..., None], float("inf")), context, p, q,
+                      u.masked_fill(~mask[..., None], float("nan")), mask, "l2", token_softmax)
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a, b)
+
+
+# Each build (SYMATTN_CPU_ISA / ATEN_CPU_CAPABILITY are read once per process, so one process
+# each): fp32, bf16 and fp16 cases against the fp64 reference, by the same rule.
+_ISA_SCRIPT = """
+import dataclasses
+from symattn_kernels.backends import cpu
+from tests.test_lama_triton import BF16, F16, Case, check_case
+print(cpu.kernel_isa())
+for case in [Case(3, 70, 259, 12, padded=True, with_u=True), Case(3, 40, 64, 8, padded=True),
+             Case(2, 45, 64, 8, padded=True, with_u=True, per_sequence=True, dtype=BF16),
+             Case(2, 45, 37, 4, "none", padded=True, dtype=BF16), Case(2, 33, 40, 3, padded=True, dtype=F16)]:
+    check_case(case, cpu)
+print("ok")
+"""
+_ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
+
+
+@needs_fused
+@pytest.mark.parametrize("isa", _ISAS)
+def test_fused_every_instruction_set_build(isa):
+    widest = FUSED.kernel_isa().lower()
+    if _ISAS.index(isa) > _ISAS.index(widest):
+        pytest.skip(f"this CPU runs {widest} kernels at most")
+    switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env={**os.environ, switch: isa}, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [isa.upper(), "ok"]
 
 
 @pytest.mark.parametrize("head_norm,token_softmax", list(itertools.product(["l2", None], [True, False])))
@@ -65,10 +202,11 @@ def test_public_api_matches_torch_backend(dtype):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_auto_routes_lowrank_to_the_cpu_path():
-    for dtype in (F32, BF16, F64):
+@needs_fused
+def test_auto_routes_lowrank_to_the_fused_kernels():
+    for dtype in (F32, BF16, F16, F64):
         assert backends.resolve("auto", torch.device("cpu"), dtype, op="lowrank") == "cpu"
-    assert backends.load("cpu").lowrank_forward is cpu_lowrank.lowrank_forward
+    assert backends.load("cpu") is FUSED
     with pytest.raises(TypeError, match="float64 inputs run on backend='torch' only"):
         backends.resolve("cpu", torch.device("cpu"), F64, op="attention")
 
@@ -94,6 +232,19 @@ def test_opcheck():
     for t in (h, context, p, q, u):
         t.requires_grad_()
     torch.library.opcheck(ops.lowrank_fwd, (h, context, p, q, u, mask, "l2", True, 1e-12, "cpu"))
+
+
+@needs_fused
+@pytest.mark.parametrize("with_u", [False, True], ids=["u=h", "u"])
+def test_opcheck_kernel_ops(with_u):
+    h, context, p, q, u, mask = make_inputs(Case(2, 7, 6, 3, padded=True, with_u=with_u, per_sequence=True))
+    args = (h, context, p, q, u, mask, True, True, 1e-12)
+    torch.library.opcheck(torch.ops.symattn.lowrank_fwd_cpu.default, args)
+    pooled, attn = torch.ops.symattn.lowrank_fwd_cpu(*args)
+    grads = [None if t is None else torch.empty_like(t) for t in (h, context, p, q, u)]
+    bwd_args = (torch.randn_like(pooled), torch.randn_like(attn), h, context, p, q, u, mask, pooled, attn, *grads,
+                True, True, 1e-12)
+    torch.library.opcheck(torch.ops.symattn.lowrank_bwd_cpu.default, bwd_args)
 
 
 class _FullSizeAllocations(TorchDispatchMode):
@@ -145,6 +296,31 @@ def test_at_most_one_full_size_intermediate(dtype, token_softmax):
     # The count is a real bound: the composite path materialises many.
     composite_forward, composite_backward = _full_size_intermediates(torch_backend, case, token_softmax)
     assert composite_forward > 1 and composite_backward > 1
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_u", [False, True], ids=["u=h", "u"])
+def test_fused_peak_memory_at_most_the_eager_reference(dtype, with_u):
+    # Forward+backward as a training step runs it, with every allocation counted (the kernels'
+    # workspaces come from torch's allocator too).
+    from bench.timing import peak_memory_mib
+
+    h, context, p, q, u, mask = make_inputs(Case(4, 512, 64, 8, padded=True, with_u=with_u, dtype=dtype))
+    leaves = [t for t in (h, context, p, q, u) if t is not None]
+    for t in leaves:
+        t.requires_grad_()
+    dpooled = torch.randn(4, 8, 64).to(dtype)
+
+    def step(fn):
+        def run():
+            pooled, _ = fn(h, context, p, q, u=u, key_padding_mask=mask)
+            return torch.autograd.grad(pooled, leaves, dpooled)
+        return run
+
+    fused = peak_memory_mib(step(functools.partial(sk.lowrank_context_attention, backend="cpu")), "cpu")
+    eager = peak_memory_mib(step(R.lowrank_context_attention), "cpu")
+    assert 0 < fused <= eager
 
 
 def test_backward_token_slices_cover_every_token():

@@ -60,21 +60,32 @@ int isa_cap() {
   return 3;
 }
 
+}  // namespace
+
 // The widest kernel set this CPU runs: ATen's judgement of AVX2 / AVX-512 (ATEN_CPU_CAPABILITY
 // can lower it), cpuid for AVX512-BF16, capped by SYMATTN_CPU_ISA.
-const Kernels& kernels() {
-  static const Kernels chosen = [] {
-    int level = 0;
+int cpu_isa_level() {
+  static const int level = [] {
+    int widest = 0;
 #ifdef SYMATTN_X86_DISPATCH
     const std::string capability = at::get_cpu_capability();
     if (capability == "AVX512") {
       __builtin_cpu_init();
-      level = __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+      widest = __builtin_cpu_supports("avx512bf16") ? 3 : 2;
     } else if (capability == "AVX2") {
-      level = 1;
+      widest = 1;
     }
 #endif
-    level = std::min(level, isa_cap());
+    return std::min(widest, isa_cap());
+  }();
+  return level;
+}
+
+namespace {
+
+const Kernels& kernels() {
+  static const Kernels chosen = [] {
+    const int level = cpu_isa_level();
 #ifdef SYMATTN_X86_DISPATCH
     if (level == 3) {
       return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward,

@@ -11,6 +11,10 @@ namespace symattn {
 // "AVX512", "AVX2" or "DEFAULT".
 std::string cpu_kernel_isa();
 
+// The kernel set's level, the same for every kernel family: 0 DEFAULT, 1 AVX2, 2 AVX512,
+// 3 AVX512_BF16 (chosen once per process; see attention_cpu.cpp).
+int cpu_isa_level();
+
 // What each worker ran in this process's latest CPU forward (backward = false) or backward call:
 // int64 [workers, 2] of (tasks, query rows). A diagnostic for tests of the work distribution.
 at::Tensor cpu_last_schedule(bool backward);

@@ -7,9 +7,12 @@ Importing this module loads the extension (``symattn_kernels._C``, or its just-i
 registered here. The kernels take float32, bfloat16 and float16 (fp32 accumulation; bfloat16
 products on AVX512-BF16 where the CPU has it, see ``kernel_isa``) and are
 deterministic whatever the thread count, so ``deterministic`` changes nothing. float64 attention
-stays on the ``torch`` backend (``backends.resolve`` routes it there). LAMA (``lowrank_forward`` /
-``lowrank_backward``) is the memory-lean PyTorch path of ``cpu_lowrank``, float64 included; it
-needs no extension, so ``backends.load`` returns ``cpu_lowrank`` itself where ``_C`` is not built.
+stays on the ``torch`` backend (``backends.resolve`` routes it there).
+
+LAMA (``lowrank_forward`` / ``lowrank_backward``) runs the fused kernels of ``csrc/cpu/lama_kernel.h``
+(ops ``symattn::lowrank_fwd_cpu`` / ``lowrank_bwd_cpu``): one pass over each sequence's tokens
+in either direction, float64 included, the same instruction sets. Where ``_C`` is not built,
+``backends.load`` returns ``cpu_lowrank`` (lean plain PyTorch) instead.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import torch
 
 from .. import extensions
 from .torch import finite_padding
-from .cpu_lowrank import lowrank_backward, lowrank_forward
 
 __all__ = ["attention_forward", "attention_backward", "kernel_isa", "lowrank_forward", "lowrank_backward"]
 
@@ -53,6 +55,18 @@ def _attention_fwd_cpu_fake(q, v, coef, key_padding_mask, cu_seqlens, seed, scal
 
 @torch.library.register_fake("symattn::attention_bwd_cpu")
 def _attention_bwd_cpu_fake(*args) -> None:
+    return None
+
+
+@torch.library.register_fake("symattn::lowrank_fwd_cpu")
+def _lowrank_fwd_cpu_fake(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
+    batch, tokens, dim = h.shape
+    heads = q.shape[-1]
+    return h.new_empty((batch, heads, dim)), h.new_empty((batch, heads, tokens))
+
+
+@torch.library.register_fake("symattn::lowrank_bwd_cpu")
+def _lowrank_bwd_cpu_fake(*args) -> None:
     return None
 
 
@@ -101,3 +115,22 @@ def attention_backward(
         dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
         scale, causal, dropout_p, exclude_self, max_seqlen,
     )
+
+
+def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
+    """Fused LAMA forward; arguments and results as ``backends.torch.lowrank_forward``."""
+    return torch.ops.symattn.lowrank_fwd_cpu(h, context, p, q, u, key_padding_mask, head_norm == "l2",
+                                             token_softmax, eps)
+
+
+def lowrank_backward(
+    dpooled, dattn, h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, dh, dcontext, dp, dq, du,
+    pooled=None, attn=None,
+):
+    """Fused LAMA gradients, written into dh, dcontext, dp, dq and du (when given); arguments as
+    ``backends.torch.lowrank_backward``. pooled and attn are the forward's results (recomputed
+    when not given): the token softmax's gradient takes its row term from them."""
+    if pooled is None or attn is None:
+        pooled, attn = lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps)
+    torch.ops.symattn.lowrank_bwd_cpu(dpooled, dattn, h, context, p, q, u, key_padding_mask, pooled, attn,
+                                      dh, dcontext, dp, dq, du, head_norm == "l2", token_softmax, eps)

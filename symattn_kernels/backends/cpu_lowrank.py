@@ -216,10 +216,12 @@ def _slice_grads(feats, norm, dfeats, pad, softmax_stats, eps: float) -> tuple[T
 
 
 def lowrank_backward(
-    dpooled, dattn, h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, dh, dcontext, dp, dq, du
+    dpooled, dattn, h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, dh, dcontext, dp, dq, du,
+    pooled=None, attn=None,
 ):
     """Lean closed-form LAMA gradients, written into dh, dcontext, dp, dq and du (when given);
     arguments as ``backends.torch.lowrank_backward``."""
+    del pooled, attn  # the forward's results (ops saves them for backends that use them): recomputed here
     lama = _Lama.build(h, context, p, q, u, key_padding_mask, head_norm, eps)
     dpooled = dpooled.to(lama.compute_dtype)
     slices = _token_slices(h.shape[1])

@@ -255,9 +255,11 @@ def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_soft
 
 
 def lowrank_backward(
-    dpooled, dattn, h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, dh, dcontext, dp, dq, du
+    dpooled, dattn, h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, dh, dcontext, dp, dq, du,
+    pooled=None, attn=None,
 ):
     """Closed-form LAMA gradients, written into dh, dcontext, dp, dq and du (when given)."""
+    del pooled, attn  # the forward's results (ops saves them for backends that use them): recomputed here
     parts = _lowrank_parts(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps)
     cd = parts["h"].dtype
     attn = parts["attn"]

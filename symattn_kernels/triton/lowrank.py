@@ -393,13 +393,15 @@ def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_soft
 
 
 def lowrank_backward(
-    dpooled, dattn, h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, dh, dcontext, dp, dq, du
+    dpooled, dattn, h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps, dh, dcontext, dp, dq, du,
+    pooled=None, attn=None,
 ):
     """Closed-form LAMA gradients (module docstring), written into the given buffers.
 
     Same arguments as ``backends.torch.lowrank_backward``: dpooled [B, m, E], dattn [B, m, T] or None;
     dh, dcontext, dp, dq, du are caller-allocated (None = not needed).
     """
+    del pooled, attn  # the forward's results (ops saves them for backends that use them): recomputed here
     h, context, p, q, uu, shared, kpm, stride_cb, kpm_strides = _common(h, context, p, q, u, key_padding_mask)
     batch, seqlen, dim = h.shape
     heads = p.shape[1]

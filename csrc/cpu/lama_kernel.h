@@ -1,0 +1,798 @@
+// Fused CPU forward and backward of LAMA pooling (low-rank multi-head context attention).
+//
+// Per sequence b, with token states H [T, E], token keys U [T, E] (U = H without u), context c,
+// factors P, Q [E, m]:
+//
+//   g = P^T c [m]     k_t = Q^T u_t     a_t = tanh(g * k_t)     f_t = a_t / max(||a_t||, eps)
+//   w_t = exp(f_t - 1) on real tokens (0 on padded ones)        l = sum_t w_t
+//   attn_t = w_t / l  (token softmax; else attn_t = f_t, 0 on padded tokens)
+//   pooled = sum_t attn_t h_t [m, E]
+//
+// Every score lies in [-1, 1], so the softmax's stabiliser is the fixed bound 1 and the
+// normalisation by l comes last: the forward walks each sequence's tokens once, in tiles of
+// kTile; a tile's rows of U and H are read once (once in all when U = H), its keys are m dot
+// products per token and its pooled contribution a rank-kTile update of an [m, E] accumulator.
+//
+// Backward, with dA_t = dpooled h_t + dattn_t [m]:
+//
+//   df_t = attn_t * (dA_t - delta),  delta = sum_t attn_t dA_t = <dpooled, pooled> + sum_t attn_t dattn_t
+//   da_t = (df_t - f_t <f_t, df_t>) / ||a_t||   (head_norm; df_t / eps where ||a_t|| <= eps)
+//   dz_t = da_t * (1 - a_t^2)
+//   dh_t = dpooled^T attn_t (+ du_t when U = H)      du_t = (g * Q) dz_t
+//   dg = sum_t dz_t * k_t    W = sum_t dz_t u_t^T [m, E]
+//   dQ = sum_b g_b * W_b    dP = sum_b c_b dg_b^T    dc_b = P dg_b
+//
+// delta comes from the forward's pooled and attn (the softmax identity), so the backward too is
+// one pass over the tokens, recomputing each tile's keys; without the token softmax it needs
+// neither. The [B, m, T] attn is the only T-sized array either direction touches besides the
+// inputs and gradients.
+//
+// One task per sequence: each result element is produced by one task, or by a fixed-order sum
+// over sequences after the parallel loop (dQ, dP, dc), so results do not depend on the thread
+// count. Arithmetic is fp32 (fp64 for fp64 inputs); half inputs are widened a tile row at a time
+// and every result is rounded once. With AVX512-BF16 (SYMATTN_BF16_DOT) the dot products of
+// bfloat16 rows take bf16 pairs on vdpbf16ps, exact products with fp32 sums.
+//
+// This header is compiled once per instruction set (lama_cpu.cpp for DEFAULT, lama_cpu_avx2.cpp,
+// lama_cpu_avx512.cpp, lama_cpu_avx512_bf16.cpp for bfloat16 only), each time in its own
+// CPU_CAPABILITY namespace; everything but the two entry points has internal linkage.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(SYMATTN_BF16_DOT)
+#include <immintrin.h>
+#endif
+
+#include "lama_params.h"
+
+namespace symattn::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Tokens per tile: the tile's widened rows (kTile x E) stay in L1/L2 between its keys and its
+// pooled update.
+constexpr int64_t kTile = 32;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename acc_t>
+struct Ops {
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int64_t kL = Vec::size();
+  // Accumulator registers of a micro-kernel: 16 of AVX-512's 32, 8 of AVX2's 16.
+  static constexpr int kAcc = (kL * sizeof(acc_t) >= 64) ? 16 : 8;
+
+  // Lane i of the result = sum of v[i]'s lanes, for kAcc vectors (AVX-512 fp32: a transpose
+  // tree of 45 instructions instead of 16 horizontal sums).
+  static void hsums(const Vec* v, acc_t* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float> && kAcc == 16) {
+      __m512 t[8];
+      for (int i = 0; i < 8; ++i) {
+        const __m512 a = v[2 * i], b = v[2 * i + 1];
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+      }
+      __m512 s[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+        s[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+      }
+      const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], 0x88), _mm512_shuffle_f32x4(s[0], s[1], 0xDD));
+      const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(s[2], s[3], 0x88), _mm512_shuffle_f32x4(s[2], s[3], 0xDD));
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD)));
+      return;
+    }
+#endif
+    for (int i = 0; i < kAcc; ++i) out[i] = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, v[i]);
+  }
+
+  // out[j * ldo + t] = <x[t], r[j * ldr + .]> over E elements, t < NT, j < MB (NT * MB = kAcc).
+  template <int NT, int MB>
+  static void dot_block(const acc_t* const* x, const acc_t* r, int64_t ldr, int64_t E, acc_t* out, int64_t ldo,
+                        int64_t nt) {
+    static_assert(NT * MB == kAcc);
+    Vec acc[kAcc];
+    for (auto& a : acc) a = Vec(acc_t(0));
+    int64_t e = 0;
+    for (; e + kL <= E; e += kL) {
+      Vec xv[NT];
+      for (int t = 0; t < NT; ++t) xv[t] = Vec::loadu(x[t] + e);
+      for (int j = 0; j < MB; ++j) {
+        const Vec rv = Vec::loadu(r + j * ldr + e);
+        for (int t = 0; t < NT; ++t) acc[t * MB + j] = at::vec::fmadd(xv[t], rv, acc[t * MB + j]);
+      }
+    }
+    if (e < E) {
+      const int64_t n = E - e;
+      Vec xv[NT];
+      for (int t = 0; t < NT; ++t) xv[t] = Vec::loadu(x[t] + e, n);
+      for (int j = 0; j < MB; ++j) {
+        const Vec rv = Vec::loadu(r + j * ldr + e, n);
+        for (int t = 0; t < NT; ++t) acc[t * MB + j] = at::vec::fmadd(xv[t], rv, acc[t * MB + j]);
+      }
+    }
+    acc_t sums[kAcc];
+    hsums(acc, sums);
+    for (int t = 0; t < NT && t < nt; ++t) {
+      for (int j = 0; j < MB; ++j) out[j * ldo + t] = sums[t * MB + j];
+    }
+  }
+
+  template <int MB>
+  static void dot_heads(const acc_t* const* x, int64_t n, const acc_t* r, int64_t ldr, int64_t E, acc_t* out,
+                        int64_t ldo) {
+    constexpr int NT = kAcc / MB;
+    for (int64_t t = 0; t < n; t += NT) {
+      const acc_t* rows[NT];
+      for (int i = 0; i < NT; ++i) rows[i] = x[std::min(t + i, n - 1)];  // a short group repeats its last row
+      dot_block<NT, MB>(rows, r, ldr, E, out + t, ldo, n - t);
+    }
+  }
+
+  // out[k * ldo + t] = <x[t], r[k]> for t < n tokens, k < K rows of r: head blocks of 16, 8, 4, 2, 1.
+  static void dots(const acc_t* const* x, int64_t n, const acc_t* r, int64_t ldr, int64_t K, int64_t E, acc_t* out,
+                   int64_t ldo) {
+    int64_t k = 0;
+    if constexpr (kAcc >= 16) {
+      for (; K - k >= 16; k += 16) dot_heads<16>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+    }
+    for (; K - k >= 8; k += 8) dot_heads<8>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+    if (K - k >= 4) { dot_heads<4>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 4; }
+    if (K - k >= 2) { dot_heads<2>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 2; }
+    if (K - k >= 1) dot_heads<1>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+  }
+
+  // a[k * lda + e] += sum_t c[k * ldc + t] x[t][e] over e in [e0, e0 + NV kL) (the last vector
+  // holding `last` elements), k < KB.
+  template <int KB, int NV>
+  static void update_block(const acc_t* const* x, int64_t n, const acc_t* c, int64_t ldc, acc_t* a, int64_t lda,
+                           int64_t e0, int64_t last) {
+    Vec acc[KB][NV];
+    for (int k = 0; k < KB; ++k) {
+      for (int v = 0; v < NV; ++v) acc[k][v] = Vec::loadu(a + k * lda + e0 + v * kL, v == NV - 1 ? last : kL);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      Vec xv[NV];
+      for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(x[t] + e0 + v * kL, v == NV - 1 ? last : kL);
+      for (int k = 0; k < KB; ++k) {
+        const Vec ck(c[k * ldc + t]);
+        for (int v = 0; v < NV; ++v) acc[k][v] = at::vec::fmadd(ck, xv[v], acc[k][v]);
+      }
+    }
+    for (int k = 0; k < KB; ++k) {
+      for (int v = 0; v < NV; ++v) acc[k][v].store(a + k * lda + e0 + v * kL, v == NV - 1 ? last : kL);
+    }
+  }
+
+  template <int KB>
+  static void update_heads(const acc_t* const* x, int64_t n, const acc_t* c, int64_t ldc, acc_t* a, int64_t lda,
+                           int64_t E) {
+    constexpr int NV = std::min(4, kAcc / KB);
+    int64_t e = 0;
+    for (; e + NV * kL <= E; e += NV * kL) update_block<KB, NV>(x, n, c, ldc, a, lda, e, kL);
+    for (; e < E; e += kL) update_block<KB, 1>(x, n, c, ldc, a, lda, e, std::min(kL, E - e));
+  }
+
+  // a[k, :] += sum_t c[k * ldc + t] x[t] for k < K (a: K rows of E, row stride lda).
+  static void update(const acc_t* const* x, int64_t n, const acc_t* c, int64_t ldc, int64_t K, acc_t* a, int64_t lda,
+                     int64_t E) {
+    int64_t k = 0;
+    for (; K - k >= 8; k += 8) update_heads<8>(x, n, c + k * ldc, ldc, a + k * lda, lda, E);
+    if (K - k >= 4) { update_heads<4>(x, n, c + k * ldc, ldc, a + k * lda, lda, E); k += 4; }
+    if (K - k >= 2) { update_heads<2>(x, n, c + k * ldc, ldc, a + k * lda, lda, E); k += 2; }
+    if (K - k >= 1) update_heads<1>(x, n, c + k * ldc, ldc, a + k * lda, lda, E);
+  }
+
+  // y[t][e] = sum_k c[k * ldc + t] r[k * ldr + e] for TB tokens from t0, e in [e0, e0 + NV kL).
+  template <int TB, int NV>
+  static void combine_block(acc_t* const* y, int64_t t0, const acc_t* c, int64_t ldc, int64_t K, const acc_t* r,
+                            int64_t ldr, int64_t e0, int64_t last) {
+    Vec acc[TB][NV];
+    for (auto& row : acc) {
+      for (auto& v : row) v = Vec(acc_t(0));
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      Vec rv[NV];
+      for (int v = 0; v < NV; ++v) rv[v] = Vec::loadu(r + k * ldr + e0 + v * kL, v == NV - 1 ? last : kL);
+      for (int t = 0; t < TB; ++t) {
+        const Vec ct(c[k * ldc + t0 + t]);
+        for (int v = 0; v < NV; ++v) acc[t][v] = at::vec::fmadd(ct, rv[v], acc[t][v]);
+      }
+    }
+    for (int t = 0; t < TB; ++t) {
+      for (int v = 0; v < NV; ++v) acc[t][v].store(y[t0 + t] + e0 + v * kL, v == NV - 1 ? last : kL);
+    }
+  }
+
+  template <int TB>
+  static void combine_tokens(acc_t* const* y, int64_t t0, const acc_t* c, int64_t ldc, int64_t K, const acc_t* r,
+                             int64_t ldr, int64_t E) {
+    constexpr int NV = kAcc / 4;
+    int64_t e = 0;
+    for (; e + NV * kL <= E; e += NV * kL) combine_block<TB, NV>(y, t0, c, ldc, K, r, ldr, e, kL);
+    for (; e < E; e += kL) combine_block<TB, 1>(y, t0, c, ldc, K, r, ldr, e, std::min(kL, E - e));
+  }
+
+  // y[t] = sum_k c[k * ldc + t] r[k] for t < n (r: K rows of E, row stride ldr).
+  static void combine(acc_t* const* y, int64_t n, const acc_t* c, int64_t ldc, int64_t K, const acc_t* r, int64_t ldr,
+                      int64_t E) {
+    int64_t t = 0;
+    for (; n - t >= 4; t += 4) combine_tokens<4>(y, t, c, ldc, K, r, ldr, E);
+    for (; t < n; ++t) combine_tokens<1>(y, t, c, ldc, K, r, ldr, E);
+  }
+};
+
+#if defined(SYMATTN_BF16_DOT)
+// out[j * ldo + t] = <x[t], r[j]> for bfloat16 rows of even length E: bf16 pairs on vdpbf16ps.
+struct Bf16Dots {
+  static constexpr int kAcc = 16;
+
+  template <int NT, int MB>
+  static void dot_block(const c10::BFloat16* const* x, const c10::BFloat16* r, int64_t ldr, int64_t E, float* out,
+                        int64_t ldo, int64_t nt) {
+    __m512 acc[kAcc];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    for (int64_t e = 0; e < E; e += 32) {
+      const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, (E - e) / 2)) - 1u);
+      __m512i xv[NT];
+      for (int t = 0; t < NT; ++t) xv[t] = _mm512_maskz_loadu_epi32(lanes, x[t] + e);
+      for (int j = 0; j < MB; ++j) {
+        const __m512i rv = _mm512_maskz_loadu_epi32(lanes, r + j * ldr + e);
+        for (int t = 0; t < NT; ++t) {
+          acc[t * MB + j] = _mm512_dpbf16_ps(acc[t * MB + j], (__m512bh)xv[t], (__m512bh)rv);
+        }
+      }
+    }
+    at::vec::Vectorized<float> vacc[kAcc];
+    for (int i = 0; i < kAcc; ++i) vacc[i] = acc[i];
+    float sums[kAcc];
+    Ops<float>::hsums(vacc, sums);
+    for (int t = 0; t < NT && t < nt; ++t) {
+      for (int j = 0; j < MB; ++j) out[j * ldo + t] = sums[t * MB + j];
+    }
+  }
+
+  template <int MB>
+  static void dot_heads(const c10::BFloat16* const* x, int64_t n, const c10::BFloat16* r, int64_t ldr, int64_t E,
+                        float* out, int64_t ldo) {
+    constexpr int NT = kAcc / MB;
+    for (int64_t t = 0; t < n; t += NT) {
+      const c10::BFloat16* rows[NT];
+      for (int i = 0; i < NT; ++i) rows[i] = x[std::min(t + i, n - 1)];
+      dot_block<NT, MB>(rows, r, ldr, E, out + t, ldo, n - t);
+    }
+  }
+
+  static void dots(const c10::BFloat16* const* x, int64_t n, const c10::BFloat16* r, int64_t ldr, int64_t K,
+                   int64_t E, float* out, int64_t ldo) {
+    int64_t k = 0;
+    for (; K - k >= 16; k += 16) dot_heads<16>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+    if (K - k >= 8) { dot_heads<8>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 8; }
+    if (K - k >= 4) { dot_heads<4>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 4; }
+    if (K - k >= 2) { dot_heads<2>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 2; }
+    if (K - k >= 1) dot_heads<1>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+  }
+};
+#endif
+
+template <typename T, typename acc_t>
+void widen(const T* src, acc_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+template <typename T, typename acc_t>
+void narrow(const acc_t* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// Zeroed working memory from torch's CPU allocator (so profilers count it), at least one element.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : bytes_(static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)),
+                                mem_(c10::GetCPUAllocator()->allocate(bytes_)) {
+    std::memset(mem_.get(), 0, bytes_);
+  }
+  T* data() const { return static_cast<T*>(mem_.get()); }
+  T* begin() const { return data(); }
+  T* end() const { return data() + bytes_ / sizeof(T); }
+  T& operator[](int64_t i) const { return data()[i]; }
+
+ private:
+  size_t bytes_;
+  c10::DataPtr mem_;
+};
+
+template <typename T>
+Scratch<T> scratch(int64_t n) {
+  return Scratch<T>(n);
+}
+
+// One call's shared inputs in the accumulation type: Q^T, the gates, and row access.
+template <typename scalar_t>
+class Lama {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  using O = Ops<acc_t>;
+  using Vec = typename O::Vec;
+  static constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+#if defined(SYMATTN_BF16_DOT)
+  static constexpr bool kPairs = std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+  static constexpr bool kPairs = false;
+#endif
+
+  explicit Lama(const LamaParams& p) : p_(p), B_(p.batch), T_(p.seqlen), E_(p.dim), m_(p.heads) {
+    const auto* q = static_cast<const scalar_t*>(p.q);
+    const auto* pf = static_cast<const scalar_t*>(p.p);
+    const auto* c = static_cast<const scalar_t*>(p.context);
+    qt_.assign(m_ * E_, acc_t(0));
+    for (int64_t e = 0; e < E_; ++e) {
+      for (int64_t j = 0; j < m_; ++j) qt_[j * E_ + e] = static_cast<acc_t>(q[e * m_ + j]);
+    }
+    if constexpr (kPairs) {
+      qt_raw_.resize(m_ * E_);
+      for (int64_t e = 0; e < E_; ++e) {
+        for (int64_t j = 0; j < m_; ++j) qt_raw_[j * E_ + e] = q[e * m_ + j];
+      }
+    }
+    // g_b = P^T c_b, summed over e in order.
+    gate_.assign(B_ * m_, acc_t(0));
+    const int64_t contexts = p.context_batched ? B_ : std::min<int64_t>(B_, 1);
+    for (int64_t b = 0; b < contexts; ++b) {
+      for (int64_t e = 0; e < E_; ++e) {
+        const acc_t ce = static_cast<acc_t>(c[b * E_ + e]);
+        for (int64_t j = 0; j < m_; ++j) gate_[b * m_ + j] += ce * static_cast<acc_t>(pf[e * m_ + j]);
+      }
+    }
+    for (int64_t b = contexts; b < B_; ++b) std::copy_n(gate_.begin(), m_, gate_.begin() + b * m_);
+  }
+
+  // Pairs serve whole pairs only: with an odd E a row's last pair would reach past the row.
+  bool use_pairs() const { return kPairs && E_ % 2 == 0; }
+
+  const scalar_t* h_row(int64_t b, int64_t t) const {
+    return static_cast<const scalar_t*>(p_.h.data) + b * p_.h.batch + t * p_.h.token;
+  }
+  const scalar_t* u_row(int64_t b, int64_t t) const {
+    if (p_.u.data == nullptr) return h_row(b, t);
+    return static_cast<const scalar_t*>(p_.u.data) + b * p_.u.batch + t * p_.u.token;
+  }
+  bool real(int64_t b, int64_t t) const { return p_.key_padding_mask == nullptr || p_.key_padding_mask[b * T_ + t]; }
+
+  // The real tokens of [t0, t1) in sequence b into tok; returns their count.
+  int64_t real_tokens(int64_t b, int64_t t0, int64_t t1, int64_t* tok) const {
+    int64_t n = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      if (real(b, t)) tok[n++] = t;
+    }
+    return n;
+  }
+
+  // The tile's rows: raw (the input's) and in acc_t (the same pointers for fp32 / fp64, else
+  // widened into buf).
+  template <bool kKeys>
+  void tile_rows(int64_t b, const int64_t* tok, int64_t n, acc_t* buf, const scalar_t** raw, const acc_t** rows) const {
+    for (int64_t i = 0; i < n; ++i) {
+      raw[i] = kKeys ? u_row(b, tok[i]) : h_row(b, tok[i]);
+      if constexpr (kWiden) {
+        widen(raw[i], buf + i * E_, E_);
+        rows[i] = buf + i * E_;
+      } else {
+        rows[i] = raw[i];
+      }
+    }
+  }
+
+  // out[k * kTile + i] = <row i, r[k]> for K rows r (r_raw: the same rows in scalar_t, for pairs).
+  void dots(const scalar_t* const* raw, const acc_t* const* rows, int64_t n, const acc_t* r, const scalar_t* r_raw,
+            int64_t K, acc_t* out) const {
+#if defined(SYMATTN_BF16_DOT)
+    if constexpr (kPairs) {
+      if (use_pairs()) return Bf16Dots::dots(raw, n, r_raw, E_, K, E_, out, kTile);
+    }
+#endif
+    (void)raw;
+    (void)r_raw;
+    O::dots(rows, n, r, E_, K, E_, out, kTile);
+  }
+
+  // From keys k [m, kTile]: a = tanh(g * k), norm = max(||a||, eps) per token (1 without
+  // head_norm) and f = a / norm, over the first n tokens rounded up to whole vectors.
+  void activate(int64_t b, const acc_t* k, acc_t* a, acc_t* f, acc_t* norm, int64_t n) const {
+    const acc_t* g = gate_.data() + b * m_;
+    const int64_t nv = (n + O::kL - 1) / O::kL * O::kL;
+    for (int64_t j = 0; j < m_; ++j) {
+      const Vec gj(g[j]);
+      for (int64_t t = 0; t < nv; t += O::kL) (gj * Vec::loadu(k + j * kTile + t)).tanh().store(a + j * kTile + t);
+    }
+    if (!p_.head_norm) {
+      std::copy_n(a, m_ * kTile, f);
+      std::fill_n(norm, kTile, acc_t(1));
+      return;
+    }
+    const Vec eps(static_cast<acc_t>(p_.eps));
+    for (int64_t t = 0; t < nv; t += O::kL) {
+      Vec ss(acc_t(0));
+      for (int64_t j = 0; j < m_; ++j) {
+        const Vec x = Vec::loadu(a + j * kTile + t);
+        ss = at::vec::fmadd(x, x, ss);
+      }
+      const Vec nrm = at::vec::maximum(ss.sqrt(), eps);
+      nrm.store(norm + t);
+      for (int64_t j = 0; j < m_; ++j) (Vec::loadu(a + j * kTile + t) / nrm).store(f + j * kTile + t);
+    }
+  }
+
+  // dst[j * kTile + i] = src[j * T + tok[i]] (one sequence's [m, T] slice), widened.
+  void gather(const scalar_t* src, const int64_t* tok, int64_t n, acc_t* dst) const {
+    const bool run = tok[n - 1] - tok[0] == n - 1;
+    for (int64_t j = 0; j < m_; ++j) {
+      if (run) {
+        widen(src + j * T_ + tok[0], dst + j * kTile, n);
+      } else {
+        for (int64_t i = 0; i < n; ++i) dst[j * kTile + i] = static_cast<acc_t>(src[j * T_ + tok[i]]);
+      }
+    }
+  }
+
+  const LamaParams& p_;
+  const int64_t B_, T_, E_, m_;
+  std::vector<acc_t> qt_;        // Q^T [m, E]
+  std::vector<scalar_t> qt_raw_; // Q^T [m, E] in bfloat16, for the pair products
+  std::vector<acc_t> gate_;      // [B, m]
+};
+
+template <typename acc_t>
+acc_t sum_first(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec s(acc_t(0));
+  for (int64_t t = 0; t < n; t += Vec::size()) s = s + Vec::loadu(x + t, std::min<int64_t>(Vec::size(), n - t));
+  return at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, s);
+}
+
+template <typename scalar_t>
+void forward(const LamaParams& p) {
+  using L = Lama<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  constexpr int64_t kL = L::O::kL;
+  const L lama(p);
+  const int64_t T = p.seqlen, E = p.dim, m = p.heads;
+  const bool shared = p.u.data == nullptr;
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    auto tok = scratch<int64_t>(kTile);
+    auto hbuf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
+    auto ubuf = scratch<acc_t>(L::kWiden && !shared ? kTile * E : 0);
+    std::vector<const acc_t*> hrows(kTile), urows(kTile);
+    std::vector<const scalar_t*> hraw(kTile), uraw(kTile);
+    auto k = scratch<acc_t>(m * kTile), a = scratch<acc_t>(m * kTile), w = scratch<acc_t>(m * kTile);
+    auto norm = scratch<acc_t>(kTile);
+    auto pooled = scratch<acc_t>(m * E);
+    // Unnormalised weights [m, T]: attn itself when it holds acc_t, else one sequence's worth.
+    auto weights_buf = scratch<acc_t>(L::kWiden ? m * T : 0);
+    std::vector<acc_t> total(m);
+    for (int64_t b = begin; b < end; ++b) {
+      acc_t* weights = weights_buf.data();
+      if constexpr (!L::kWiden) weights = static_cast<acc_t*>(p.attn) + b * m * T;
+      std::fill(pooled.begin(), pooled.end(), acc_t(0));
+      std::fill(total.begin(), total.end(), acc_t(0));
+      for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+        const int64_t t1 = std::min(T, t0 + kTile);
+        for (int64_t j = 0; j < m; ++j) std::fill(weights + j * T + t0, weights + j * T + t1, acc_t(0));
+        const int64_t n = lama.real_tokens(b, t0, t1, tok.data());
+        if (n == 0) continue;
+        lama.template tile_rows<false>(b, tok.data(), n, hbuf.data(), hraw.data(), hrows.data());
+        if (shared) {
+          lama.dots(hraw.data(), hrows.data(), n, lama.qt_.data(), lama.qt_raw_.data(), m, k.data());
+        } else {
+          lama.template tile_rows<true>(b, tok.data(), n, ubuf.data(), uraw.data(), urows.data());
+          lama.dots(uraw.data(), urows.data(), n, lama.qt_.data(), lama.qt_raw_.data(), m, k.data());
+        }
+        lama.activate(b, k.data(), a.data(), w.data(), norm.data(), n);
+        if (p.token_softmax) {
+          const Vec one(acc_t(1));
+          for (int64_t j = 0; j < m; ++j) {
+            acc_t* wj = w.data() + j * kTile;
+            for (int64_t t = 0; t < n; t += kL) {
+              const int64_t cnt = std::min<int64_t>(kL, n - t);
+              (Vec::loadu(wj + t, cnt) - one).exp().store(wj + t, cnt);
+            }
+            total[j] += sum_first(wj, n);
+          }
+        }
+        L::O::update(hrows.data(), n, w.data(), kTile, m, pooled.data(), E, E);
+        for (int64_t j = 0; j < m; ++j) {
+          for (int64_t i = 0; i < n; ++i) weights[j * T + tok[i]] = w[j * kTile + i];
+        }
+      }
+      // 1 / l, and 0 for a sequence without real tokens (l = 0); NaN stays NaN.
+      for (int64_t j = 0; j < m; ++j) {
+        const acc_t inv = !p.token_softmax ? acc_t(1) : total[j] == acc_t(0) ? acc_t(0) : acc_t(1) / total[j];
+        acc_t* pj = pooled.data() + j * E;
+        acc_t* wj = weights + j * T;
+        if (p.token_softmax) {
+          for (int64_t e = 0; e < E; ++e) pj[e] *= inv;
+          for (int64_t t = 0; t < T; ++t) wj[t] *= inv;
+        }
+        narrow(pj, static_cast<scalar_t*>(p.pooled) + (b * m + j) * E, E);
+        if constexpr (L::kWiden) narrow(wj, static_cast<scalar_t*>(p.attn) + (b * m + j) * T, T);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void zero_rows(const Rows<void>& rows, int64_t b, int64_t t, int64_t E) {
+  if (rows.data == nullptr) return;
+  std::fill_n(static_cast<scalar_t*>(rows.data) + b * rows.batch + t * rows.token, E, scalar_t(0));
+}
+
+// dQ, dP and dc from the per-sequence W [B, m, E] and dg [B, m], summed over sequences in order.
+template <typename scalar_t, typename acc_t>
+void factor_grads(const LamaBackwardParams& p, const std::vector<acc_t>& gate, const acc_t* w, const acc_t* dg) {
+  const int64_t B = p.batch, E = p.dim, m = p.heads;
+  if (p.dq != nullptr) {
+    auto* dq = static_cast<scalar_t*>(p.dq);
+    std::vector<acc_t> sum(m * E, acc_t(0));
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t e = 0; e < E; ++e) sum[j * E + e] += gate[b * m + j] * w[(b * m + j) * E + e];
+      }
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t j = 0; j < m; ++j) dq[e * m + j] = static_cast<scalar_t>(sum[j * E + e]);
+    }
+  }
+  const auto* ctx = static_cast<const scalar_t*>(p.context);
+  if (p.dp != nullptr) {
+    auto* dp = static_cast<scalar_t*>(p.dp);
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t j = 0; j < m; ++j) {
+        acc_t s = 0;
+        for (int64_t b = 0; b < B; ++b) s += static_cast<acc_t>(ctx[(p.context_batched ? b : 0) * E + e]) * dg[b * m + j];
+        dp[e * m + j] = static_cast<scalar_t>(s);
+      }
+    }
+  }
+  if (p.dcontext != nullptr) {
+    const auto* pf = static_cast<const scalar_t*>(p.p);
+    auto* dc = static_cast<scalar_t*>(p.dcontext);
+    std::vector<acc_t> dg_sum(m, acc_t(0));
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j = 0; j < m; ++j) dg_sum[j] += dg[b * m + j];
+    }
+    for (int64_t b = 0; b < (p.context_batched ? B : 1); ++b) {
+      const acc_t* dgb = p.context_batched ? dg + b * m : dg_sum.data();
+      for (int64_t e = 0; e < E; ++e) {
+        acc_t s = 0;
+        for (int64_t j = 0; j < m; ++j) s += static_cast<acc_t>(pf[e * m + j]) * dgb[j];
+        dc[b * E + e] = static_cast<scalar_t>(s);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward(const LamaBackwardParams& p) {
+  using L = Lama<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  constexpr int64_t kL = L::O::kL;
+  const L lama(p);
+  const int64_t B = p.batch, T = p.seqlen, E = p.dim, m = p.heads;
+  const bool shared = p.u.data == nullptr;  // the keys are h: one row serves keys, dA and dh
+  const bool want_w = p.dq != nullptr;
+  auto w_all = scratch<acc_t>(want_w ? B * m * E : 0);
+  auto dg_all = scratch<acc_t>(B * m);
+  const auto* attn_in = static_cast<const scalar_t*>(p.attn);
+  const auto* dattn = static_cast<const scalar_t*>(p.dattn);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    auto tok = scratch<int64_t>(kTile);
+    auto hbuf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
+    auto ubuf = scratch<acc_t>(L::kWiden && !shared ? kTile * E : 0);
+    auto dh_buf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
+    auto du_buf = scratch<acc_t>(L::kWiden && !shared ? kTile * E : 0);
+    std::vector<const acc_t*> hrows(kTile), urows(kTile);
+    std::vector<const scalar_t*> hraw(kTile), uraw(kTile);
+    std::vector<acc_t*> dh_rows(kTile), du_rows(kTile);
+    // Rows [Q^T; dpooled; g * Q^T] [3m, E]: keys and dA are dots with the first 2m, dh (when
+    // U = H) combines the last 2m: dh_t = dpooled^T attn_t + (g Q^T)^T dz_t.
+    auto stack = scratch<acc_t>(3 * m * E);
+    auto stack_raw = scratch<scalar_t>(L::kPairs ? 2 * m * E : 0);
+    auto kd = scratch<acc_t>(2 * m * kTile);  // [keys; dA]
+    auto a = scratch<acc_t>(m * kTile), f = scratch<acc_t>(m * kTile), norm = scratch<acc_t>(kTile);
+    auto coef = scratch<acc_t>(2 * m * kTile);  // [attn; dz]
+    auto w_local = scratch<acc_t>(want_w ? 0 : m * E);
+    std::vector<acc_t> delta(m, acc_t(0));
+    acc_t* qt = stack.data();
+    acc_t* dpooled = stack.data() + m * E;
+    acc_t* gq = stack.data() + 2 * m * E;
+    std::copy(lama.qt_.begin(), lama.qt_.end(), qt);
+    if constexpr (L::kPairs) std::copy(lama.qt_raw_.begin(), lama.qt_raw_.end(), stack_raw.begin());
+    for (int64_t b = begin; b < end; ++b) {
+      const acc_t* g = lama.gate_.data() + b * m;
+      const scalar_t* dpooled_b = static_cast<const scalar_t*>(p.dpooled) + b * m * E;
+      widen(dpooled_b, dpooled, m * E);
+      if constexpr (L::kPairs) std::copy_n(dpooled_b, m * E, stack_raw.begin() + m * E);
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t e = 0; e < E; ++e) gq[j * E + e] = g[j] * qt[j * E + e];
+      }
+      if (p.token_softmax) {  // delta = <dpooled, pooled> + sum_t attn_t dattn_t over the real tokens
+        const scalar_t* pooled = static_cast<const scalar_t*>(p.pooled) + b * m * E;
+        for (int64_t j = 0; j < m; ++j) {
+          acc_t s = 0;
+          for (int64_t e = 0; e < E; ++e) s += dpooled[j * E + e] * static_cast<acc_t>(pooled[j * E + e]);
+          if (dattn != nullptr) {
+            const scalar_t* aj = attn_in + (b * m + j) * T;
+            const scalar_t* dj = dattn + (b * m + j) * T;
+            for (int64_t t = 0; t < T; ++t) {
+              if (lama.real(b, t)) s += static_cast<acc_t>(aj[t]) * static_cast<acc_t>(dj[t]);
+            }
+          }
+          delta[j] = s;
+        }
+      }
+      acc_t* w = want_w ? w_all.data() + b * m * E : w_local.data();
+      std::fill_n(w, m * E, acc_t(0));
+      acc_t* dg = dg_all.data() + b * m;
+      for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+        const int64_t t1 = std::min(T, t0 + kTile);
+        const int64_t n = lama.real_tokens(b, t0, t1, tok.data());
+        for (int64_t t = t0; t < t1; ++t) {
+          if (!lama.real(b, t)) {
+            zero_rows<scalar_t>(p.dh, b, t, E);
+            zero_rows<scalar_t>(p.du, b, t, E);
+          }
+        }
+        if (n == 0) continue;
+        lama.template tile_rows<false>(b, tok.data(), n, hbuf.data(), hraw.data(), hrows.data());
+        const acc_t* const* krows = hrows.data();
+        if (shared) {
+          lama.dots(hraw.data(), hrows.data(), n, qt, stack_raw.data(), 2 * m, kd.data());
+        } else {
+          lama.template tile_rows<true>(b, tok.data(), n, ubuf.data(), uraw.data(), urows.data());
+          krows = urows.data();
+          lama.dots(uraw.data(), urows.data(), n, qt, stack_raw.data(), m, kd.data());
+          lama.dots(hraw.data(), hrows.data(), n, dpooled, stack_raw.data() + m * E, m, kd.data() + m * kTile);
+        }
+        const acc_t* keys = kd.data();
+        acc_t* dfeat = kd.data() + m * kTile;  // dA, then df
+        if (dattn != nullptr) {
+          lama.gather(dattn + b * m * T, tok.data(), n, coef.data());
+          for (int64_t j = 0; j < m; ++j) {
+            for (int64_t i = 0; i < n; ++i) dfeat[j * kTile + i] += coef[j * kTile + i];
+          }
+        }
+        lama.activate(b, keys, a.data(), f.data(), norm.data(), n);
+        acc_t* att = coef.data();
+        acc_t* dz = coef.data() + m * kTile;
+        const int64_t nv = (n + kL - 1) / kL * kL;
+        if (p.token_softmax) {
+          lama.gather(attn_in + b * m * T, tok.data(), n, att);
+          for (int64_t j = 0; j < m; ++j) {
+            const Vec dj(delta[j]);
+            for (int64_t t = 0; t < nv; t += kL) {
+              const int64_t o = j * kTile + t;
+              (Vec::loadu(att + o) * (Vec::loadu(dfeat + o) - dj)).store(dfeat + o);
+            }
+          }
+        } else {
+          std::copy_n(f.data(), m * kTile, att);
+        }
+        const Vec eps(static_cast<acc_t>(p.eps)), one(acc_t(1)), zero(acc_t(0));
+        for (int64_t t = 0; t < nv; t += kL) {
+          // F.normalize's clamp: where ||a|| <= eps the norm is the constant eps, no radial term.
+          Vec radial = zero;
+          const Vec nrm = Vec::loadu(norm.data() + t);
+          if (p.head_norm) {
+            for (int64_t j = 0; j < m; ++j) {
+              radial = at::vec::fmadd(Vec::loadu(f.data() + j * kTile + t), Vec::loadu(dfeat + j * kTile + t), radial);
+            }
+            radial = Vec::blendv(radial, zero, nrm <= eps);
+          }
+          for (int64_t j = 0; j < m; ++j) {
+            const int64_t o = j * kTile + t;
+            const Vec act = Vec::loadu(a.data() + o);
+            const Vec da = (Vec::loadu(dfeat + o) - Vec::loadu(f.data() + o) * radial) / nrm;
+            (da * (one - act * act)).store(dz + o);
+          }
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          Vec s = zero;
+          for (int64_t t = 0; t < n; t += kL) {
+            const int64_t cnt = std::min<int64_t>(kL, n - t);
+            s = at::vec::fmadd(Vec::loadu(dz + j * kTile + t, cnt), Vec::loadu(keys + j * kTile + t, cnt), s);
+          }
+          dg[j] += at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, s);
+        }
+        if (want_w) L::O::update(krows, n, dz, kTile, m, w, E, E);
+        if (p.dh.data != nullptr) {
+          for (int64_t i = 0; i < n; ++i) {
+            auto* row = static_cast<scalar_t*>(p.dh.data) + b * p.dh.batch + tok[i] * p.dh.token;
+            if constexpr (L::kWiden) {
+              dh_rows[i] = dh_buf.data() + i * E;
+            } else {
+              dh_rows[i] = row;
+            }
+          }
+          // U = H: dh_t = [dpooled; g Q^T]^T [attn_t; dz_t]; else dpooled^T attn_t.
+          L::O::combine(dh_rows.data(), n, coef.data(), kTile, shared ? 2 * m : m, dpooled, E, E);
+          if constexpr (L::kWiden) {
+            for (int64_t i = 0; i < n; ++i) {
+              narrow(dh_rows[i], static_cast<scalar_t*>(p.dh.data) + b * p.dh.batch + tok[i] * p.dh.token, E);
+            }
+          }
+        }
+        if (p.du.data != nullptr) {
+          for (int64_t i = 0; i < n; ++i) {
+            auto* row = static_cast<scalar_t*>(p.du.data) + b * p.du.batch + tok[i] * p.du.token;
+            if constexpr (L::kWiden) {
+              du_rows[i] = du_buf.data() + i * E;
+            } else {
+              du_rows[i] = row;
+            }
+          }
+          L::O::combine(du_rows.data(), n, dz, kTile, m, gq, E, E);
+          if constexpr (L::kWiden) {
+            for (int64_t i = 0; i < n; ++i) {
+              narrow(du_rows[i], static_cast<scalar_t*>(p.du.data) + b * p.du.batch + tok[i] * p.du.token, E);
+            }
+          }
+        }
+      }
+    }
+  });
+  factor_grads<scalar_t>(p, lama.gate_, w_all.data(), dg_all.data());
+}
+
+}  // namespace
+
+#if SYMATTN_ISA_LEVEL == 3
+// The AVX512-BF16 build serves bfloat16 only (the other dtypes gain nothing from it).
+void lama_forward(const LamaParams& p) { forward<c10::BFloat16>(p); }
+void lama_backward(const LamaBackwardParams& p) { backward<c10::BFloat16>(p); }
+#else
+void lama_forward(const LamaParams& p) {
+  switch (p.dtype) {
+    case LamaDType::kFloat32: return forward<float>(p);
+    case LamaDType::kFloat64: return forward<double>(p);
+    case LamaDType::kBFloat16: return forward<c10::BFloat16>(p);
+    case LamaDType::kFloat16: return forward<c10::Half>(p);
+  }
+}
+
+void lama_backward(const LamaBackwardParams& p) {
+  switch (p.dtype) {
+    case LamaDType::kFloat32: return backward<float>(p);
+    case LamaDType::kFloat64: return backward<double>(p);
+    case LamaDType::kBFloat16: return backward<c10::BFloat16>(p);
+    case LamaDType::kFloat16: return backward<c10::Half>(p);
+  }
+}
+#endif
+
+}  // namespace CPU_CAPABILITY
+}  // namespace symattn::cpu
