@@ -3,6 +3,7 @@
     python -m bench.cpu_kernels [--quick] [--json PATH]
     python -m bench.cpu_kernels --dtypes [--rounds N] [--json PATH]
     python -m bench.cpu_kernels --dropout [--rounds N] [--json PATH]
+    python -m bench.cpu_kernels --lama [--rounds N] [--quick] [--json PATH]
 
 Side by side in one process, torch threads = cores, medians of
 ``torch.utils.benchmark.Timer.blocked_autorange`` (via ``bench.timing``):
@@ -28,8 +29,16 @@ the ``--dtypes`` shapes, forward and forward+backward, in interleaved rounds as 
 the target is a forward ratio of at most 1.3. Its correctness check compares the dropout output
 and gradient with the ``torch`` backend under the same seed (the same mask).
 
-Every timed shape first passes a correctness check against SDPA in fp32. The report starts
-with the load average: the numbers are only comparable on a quiet machine.
+``--lama`` times LAMA (``lowrank_context_attention``) at the registry's CPU shapes (B, T, m, E) =
+(32, 128, 4, 256), (32, 256, 8, 256), (4, 4096, 8, 256), fp32 and bf16, forward and
+forward+backward: the fused ``cpu`` kernels against the eager reference (autograd through
+``symattn_kernels.reference``) and the ``torch`` composite, in interleaved rounds like
+``--dtypes``; each row gives the median per provider, the median per-round ratio of the faster
+peer to ours (target >= 1.5) and the peak memory of one call (ours <= the eager reference's).
+
+Every timed shape first passes a correctness check (attention: against SDPA in fp32; LAMA: the
+``python -m bench`` gate against the fp32 reference). The report starts with the load average:
+the numbers are only comparable on a quiet machine.
 """
 
 from __future__ import annotations
@@ -232,6 +241,72 @@ def _bf16_target_line(env: dict) -> str:
     return f"no AVX512-BF16 here (kernels {env['kernel_isa']}): bf16 is widened to fp32, ratio reported only"
 
 
+# LAMA: the fused cpu kernels against the two paths a user has without them.
+LAMA_PROVIDERS = {"symattn-cpu": "ours", "eager-reference": "eager", "symattn-torch": "composite"}
+LAMA_TARGETS = {"speed-up": 1.5, "peak memory": 1.0}
+
+
+def run_lama(rounds: int, quick: bool = False, min_run_time: float = 0.2) -> dict:
+    """LAMA rows: per shape, dtype and mode, interleaved rounds of the three providers (see the
+    module docstring); a mismatch against the reference leaves the row untimed."""
+    import statistics
+
+    from bench import runner
+    from bench.providers import lowrank_providers
+    from bench.registry import REGISTRY
+
+    op = REGISTRY["lowrank_context_attention"]
+    providers = [p for p in lowrank_providers("cpu") if p.name in LAMA_PROVIDERS]
+    missing = [p.name for p in providers if p.bind is None]
+    if missing:
+        raise SystemExit(f"LAMA providers unavailable: {missing}")
+    shapes = [op.quick_shape] if quick else op.shape_sets["spec"]
+    rows = []
+    for shape in shapes:
+        for dtype_name in op.dtypes["cpu"][: 1 if quick else None]:
+            torch.manual_seed(0)
+            inputs, grad_out = op.make_inputs(shape, runner.DTYPES[dtype_name], "cpu")
+            reference = runner._reference(op, shape, dtype_name, inputs, grad_out)
+            for mode in runner.MODES:
+                steps, peaks, errors = {}, {}, {}
+                for provider in providers:
+                    step = runner.bind_step(provider, shape, mode, inputs, grad_out)
+                    errors[provider.name], failure = runner._check(step, mode, inputs, reference)
+                    if failure:
+                        raise AssertionError(f"LAMA {provider.name} {shape.label} {dtype_name} {mode}: {failure}")
+                    for leaf in inputs.values():
+                        leaf.grad = None
+                    peaks[provider.name] = peak_memory_mib(step, "cpu")
+                    steps[provider.name] = step
+                times = _interleaved(steps, rounds, min_run_time)
+                ours = times["symattn-cpu"]
+                peer = [min(e, c) for e, c in zip(times["eager-reference"], times["symattn-torch"])]
+                rows.append(dict(B=shape.B, T=shape.S, m=shape.H, E=shape.D, dtype=dtype_name, mode=mode,
+                                 rounds=rounds, **{f"{LAMA_PROVIDERS[n]}_ms": statistics.median(t)
+                                                   for n, t in times.items()},
+                                 **{f"{LAMA_PROVIDERS[n]}_mib": peaks[n] for n in peaks},
+                                 speedup=statistics.median(p / o for p, o in zip(peer, ours)),
+                                 max_err=max(errors.values())))
+    return dict(environment=_environment(), lama_rows=rows)
+
+
+def format_lama(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"LAMA on CPU: torch {env['torch']}, {env['torch_threads']} threads on {env['cores']} cores, "
+             f"kernels {env['kernel_isa']}, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}", "",
+             f"{'B':>3} {'T':>5} {'m':>2} {'E':>4} {'dtype':<5} {'mode':<7} {'ours ms':>8} {'eager ms':>9} "
+             f"{'compos. ms':>10} {'x peer':>7} {'ours MiB':>9} {'eager MiB':>10} {'compos. MiB':>11}"]
+    for r in report["lama_rows"]:
+        lines.append(f"{r['B']:>3} {r['T']:>5} {r['m']:>2} {r['E']:>4} {r['dtype']:<5} {r['mode']:<7} "
+                     f"{r['ours_ms']:8.3f} {r['eager_ms']:9.3f} {r['composite_ms']:10.3f} {r['speedup']:7.2f} "
+                     f"{r['ours_mib']:9.1f} {r['eager_mib']:10.1f} {r['composite_mib']:11.1f}")
+    rounds = report["lama_rows"][0]["rounds"] if report["lama_rows"] else 0
+    lines += ["", f"ms: median over {rounds} interleaved rounds; x peer = median per-round ratio of the faster of "
+              "eager and composite to ours; MiB: peak of one call",
+              f"targets: x peer >= {LAMA_TARGETS['speed-up']}, ours MiB <= eager MiB"]
+    return "\n".join(lines)
+
+
 def _environment() -> dict:
     from symattn_kernels.backends import cpu as cpu_backend
 
@@ -274,14 +349,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="first shape only, short timings")
     parser.add_argument("--dtypes", action="store_true", help="fp32 vs bf16 vs fp16 of the cpu backend only")
     parser.add_argument("--dropout", action="store_true", help="dropout against no dropout of the cpu backend only")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --dtypes and --dropout")
+    parser.add_argument("--lama", action="store_true", help="LAMA: fused cpu vs eager reference vs torch composite")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --dtypes, --dropout and --lama")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args(argv)
     if sk.info()["backends"]["cpu"]["usable"] is False:
         print(f"cpu backend unavailable: {sk.info()['backends']['cpu']['reason']}", file=sys.stderr)
         return 1
     torch.set_num_threads(os.cpu_count() or 1)
-    if args.dtypes:
+    if args.lama:
+        report = run_lama(args.rounds, args.quick)
+        print(format_lama(report))
+    elif args.dtypes:
         report = run_dtypes(args.rounds)
         print(format_dtypes(report))
     elif args.dropout:
