@@ -613,11 +613,10 @@ void backward(const LamaBackwardParams& p) {
     auto tok = scratch<int64_t>(kTile);
     auto hbuf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
     auto ubuf = scratch<acc_t>(L::kWiden && !shared ? kTile * E : 0);
-    auto dh_buf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
-    auto du_buf = scratch<acc_t>(L::kWiden && !shared ? kTile * E : 0);
+    auto out_buf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
     std::vector<const acc_t*> hrows(kTile), urows(kTile);
     std::vector<const scalar_t*> hraw(kTile), uraw(kTile);
-    std::vector<acc_t*> dh_rows(kTile), du_rows(kTile);
+    std::vector<acc_t*> out_rows(kTile);
     // Rows [Q^T; dpooled; g * Q^T] [3m, E]: keys and dA are dots with the first 2m, dh (when
     // U = H) combines the last 2m: dh_t = dpooled^T attn_t + (g Q^T)^T dz_t.
     auto stack = scratch<acc_t>(3 * m * E);
@@ -729,39 +728,27 @@ void backward(const LamaBackwardParams& p) {
           dg[j] += at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, s);
         }
         if (want_w) L::O::update(krows, n, dz, kTile, m, w, E, E);
-        if (p.dh.data != nullptr) {
+        // The tile's gradient rows out = c^T r (K coefficient rows c, K rows r): straight into
+        // the output for fp32 / fp64, else through out_buf, rounded once.
+        auto write_rows = [&](const Rows<void>& out, const acc_t* c, int64_t K, const acc_t* r) {
           for (int64_t i = 0; i < n; ++i) {
-            auto* row = static_cast<scalar_t*>(p.dh.data) + b * p.dh.batch + tok[i] * p.dh.token;
+            auto* row = static_cast<scalar_t*>(out.data) + b * out.batch + tok[i] * out.token;
             if constexpr (L::kWiden) {
-              dh_rows[i] = dh_buf.data() + i * E;
+              out_rows[i] = out_buf.data() + i * E;
             } else {
-              dh_rows[i] = row;
+              out_rows[i] = row;
             }
           }
-          // U = H: dh_t = [dpooled; g Q^T]^T [attn_t; dz_t]; else dpooled^T attn_t.
-          L::O::combine(dh_rows.data(), n, coef.data(), kTile, shared ? 2 * m : m, dpooled, E, E);
+          L::O::combine(out_rows.data(), n, c, kTile, K, r, E, E);
           if constexpr (L::kWiden) {
             for (int64_t i = 0; i < n; ++i) {
-              narrow(dh_rows[i], static_cast<scalar_t*>(p.dh.data) + b * p.dh.batch + tok[i] * p.dh.token, E);
+              narrow(out_rows[i], static_cast<scalar_t*>(out.data) + b * out.batch + tok[i] * out.token, E);
             }
           }
-        }
-        if (p.du.data != nullptr) {
-          for (int64_t i = 0; i < n; ++i) {
-            auto* row = static_cast<scalar_t*>(p.du.data) + b * p.du.batch + tok[i] * p.du.token;
-            if constexpr (L::kWiden) {
-              du_rows[i] = du_buf.data() + i * E;
-            } else {
-              du_rows[i] = row;
-            }
-          }
-          L::O::combine(du_rows.data(), n, dz, kTile, m, gq, E, E);
-          if constexpr (L::kWiden) {
-            for (int64_t i = 0; i < n; ++i) {
-              narrow(du_rows[i], static_cast<scalar_t*>(p.du.data) + b * p.du.batch + tok[i] * p.du.token, E);
-            }
-          }
-        }
+        };
+        // U = H: dh_t = [dpooled; g Q^T]^T [attn_t; dz_t]; else dpooled^T attn_t, and du_t = (g Q^T)^T dz_t.
+        if (p.dh.data != nullptr) write_rows(p.dh, coef.data(), shared ? 2 * m : m, dpooled);
+        if (p.du.data != nullptr) write_rows(p.du, dz, m, gq);
       }
     }
   });
