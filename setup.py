@@ -28,12 +28,6 @@ def _sources(pattern: str) -> list:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
-def _portable_first(sources: list) -> list:
-    # The per-instruction-set units (*_avx*.cpp) link last, so an inline function that several
-    # units emit is taken from a portable one (csrc/cpu/isa.h).
-    return sorted(sources, key=lambda p: ("_avx" in os.path.basename(p), p))
-
-
 def _cuda_home():
     """The CUDA toolkit root (holding bin/nvcc and include/cuda_runtime.h), or None."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
@@ -48,7 +42,7 @@ def _cuda_home():
 
 
 def _extensions():
-    cpu_sources = _portable_first(_sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp"))
+    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
     if os.environ.get("SYMATTN_BUILD_CPP", "1") == "0" or not (cpu_sources or cuda_sources):
         return [], {}

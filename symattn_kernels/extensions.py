@@ -82,9 +82,7 @@ def source_root() -> Path | None:
 
 
 def _sources(spec: _Spec, root: Path) -> list[str]:
-    # Portable units first, the per-instruction-set ones (*_avx*) last, as setup.py links them.
-    paths = (p for pattern in spec.sources for p in root.glob(pattern))
-    return [str(p) for p in sorted(paths, key=lambda p: ("_avx" in p.name, str(p)))]
+    return sorted(str(p) for pattern in spec.sources for p in root.glob(pattern))
 
 
 def jit_name(kind: str) -> str:

@@ -8,10 +8,10 @@
 // at::vec and Sleef headers test; attention_cpu.cpp calls a build only when the CPU has its ISA
 // (at::get_cpu_capability(), which ATEN_CPU_CAPABILITY=avx2 / default lowers; cpuid for
 // AVX512-BF16). All kernel code has internal linkage in its own CPU_CAPABILITY namespace; the
-// translation units compiled without extra ISA (attention_cpu.cpp, lama_cpu.cpp) come first in
-// the link (setup.py orders them so), so any inline header function that several of them emit is
-// taken from a portable one (checked with objdump: no VEX / EVEX instruction outside the ISA
-// namespaces). Other compilers and architectures build the portable kernels only.
+// translation unit compiled without extra ISA (attention_cpu.cpp) comes first in the link, so any
+// inline header function that several of them emit is taken from the portable one (checked with
+// objdump: no VEX / EVEX instruction outside the ISA namespaces). Other compilers and
+// architectures build the portable kernels only.
 #pragma once
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
