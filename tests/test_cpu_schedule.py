@@ -19,8 +19,8 @@ from .helpers import assert_flash_rule, make_inputs, reference, run, with_thread
 # symmetric fp32 scores); at S = 1024 that is 8 tasks per head.
 S_SPLIT = 1024
 TASK_ROWS_MAX = 128
-# The other backward (here: with a coefficient) cuts heads into slices of whole query blocks, which at
-# S = 1024 are 126 rows; at B*H >= 1 a slice holds at most three of them.
+# The other backward (here: with a full coefficient) cuts heads into slices of whole query
+# blocks, which at S = 1024 are 126 rows; at B*H >= 1 a slice holds at most three of them.
 BWD_SLICE_ROWS_MAX = 3 * 126
 
 
@@ -28,7 +28,7 @@ def cpu(q, v, **kw):
     return sk.symmetric_attention(q, v, backend="cpu", **kw)
 
 
-@pytest.mark.parametrize("coef_mode", [None, "diag"], ids=["tiled", "sliced"])
+@pytest.mark.parametrize("coef_mode", [None, "full"], ids=["tiled", "sliced"])
 @pytest.mark.parametrize("threads", [2, 8, 16])
 @pytest.mark.parametrize("batch,heads", [(1, 1), (1, 2), (1, 12), (4, 12)], ids=["BH1", "BH2", "BH12", "BH48"])
 def test_every_worker_gets_a_fair_share(batch, heads, threads, coef_mode):

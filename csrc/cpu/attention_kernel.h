@@ -15,7 +15,7 @@
 // score rows [block, L] in cache; longer ones (without dropout) run flash-style: a query block
 // meets the keys one tile at a time, its row max and sum updated online and its output block
 // rescaled, so the working set stays in L2 at any length. Their backward, where the scores are
-// symmetric (fp32, M = I, not causal), takes the same tiles: a task gathers every gradient of its
+// symmetric (fp32, M none or diagonal, not causal), takes the same tiles: a task gathers every gradient of its
 // own query rows from one score tile per key tile (S_IJ read both ways, see run_tiled), so it
 // writes no other task's rows. Other backward tasks own a whole head, or, when a call has few
 // heads, a slice of a long head's query rows; they accumulate their gradients in fp32 buffers,
@@ -97,7 +97,7 @@ constexpr int64_t kSymTile = 64;
 // Longer heads without dropout run the forward flash-style: query blocks of kQueryTile rows
 // against key tiles of kKeyTile keys, the row max and sum updated online, so that a task's
 // scores, output block and current key/value tile stay in a core's L2 at any length. Their
-// backward takes the same tiles where the scores are symmetric (see BackwardHead::run_tiled).
+// backward takes the same tiles where the scores are symmetric and fp32 (see run_tiled).
 constexpr int64_t kQueryTile = 128;
 constexpr int64_t kKeyTile = 256;
 constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
@@ -584,7 +584,7 @@ struct Geometry {
     // row stride of a multiple of 1 KiB would map those rows onto a few L1 sets.
     if (L > kWholeHead && ldk % 256 == 0) ldk += kVec;
     tiled = L > kWholeHead && p.dropout_p == 0.0 &&
-            (!backward || (!p.causal && p.coef_mode == CoefMode::kNone && p.dtype == DType::kFloat32));
+            (!backward || (!p.causal && p.coef_mode != CoefMode::kFull && p.dtype == DType::kFloat32));
     block = L <= kWholeHead ? std::max<int64_t>(L, 1)
             : tiled         ? kQueryTile
                             : std::max<int64_t>(kMR, kBlockFloats / ldk / kMR * kMR);
@@ -1063,8 +1063,9 @@ class BackwardHead : public Head<scalar_t> {
     const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
     const bool shared = p.v.data == nullptr, coef = p.coef_mode != CoefMode::kNone;
     const bool full = p.coef_mode == CoefMode::kFull;
-    if (g.tiled) {  // fp32 operands, M = I
+    if (g.tiled) {  // fp32 operands, M none or diagonal
       return Base::panel_floats(p, g, true)
+             + (coef ? g.block * D : 0)           // (G + G^T) Y of the query block
              + (shared ? 0 : Dv * g.ldk)          // Vt
              + L                                  // dlse
              + Dv * g.ldk + 2 * L                 // dO^T, delta, column lse
@@ -1091,7 +1092,7 @@ class BackwardHead : public Head<scalar_t> {
   void run(int64_t r0, int64_t r1, const BackwardSlice* slice) {
     if constexpr (std::is_same_v<scalar_t, float>) {  // the only dtype Geometry tiles here
       if (g_.tiled) {
-        run_tiled(r0, r1);
+        run_tiled(r0, r1, slice != nullptr ? slice->dcoef : nullptr);
         return;
       }
     }
@@ -1161,13 +1162,16 @@ class BackwardHead : public Head<scalar_t> {
   }
 
  private:
-  // Heads on the tiled schedule (fp32, M = I, not causal, no dropout): query rows [r0, r1) gather
-  // every gradient of their own rows, key tile by key tile. S is symmetric, so one score tile
-  // S_IJ gives both P_IJ (rows I attending keys J, with lse_I) and P_JI^T (rows J attending keys
-  // I, with lse_J): dY_I = scale (G_IJ + G_JI^T) Y_J (+ P_JI^T dO_J when V = Y), dV_I = P_JI^T dO_J.
-  // No task writes another's rows, so a head splits into any number of tasks without gradient
-  // accumulators to sum. delta = rowsum(dO * O) - dlse comes from the fp32 output.
-  void run_tiled(int64_t r0, int64_t r1) {
+  // Heads on the tiled schedule (fp32, M none or diagonal, not causal, no dropout): query rows
+  // [r0, r1) gather every gradient of their own rows, key tile by key tile. S is symmetric, so one
+  // score tile S_IJ gives both P_IJ (rows I attending keys J, with lse_I) and P_JI^T (rows J
+  // attending keys I, with lse_J): with Z_I = (G_IJ + G_JI^T) Y_J summed over J,
+  // dY_I = scale Z_I M (+ P_JI^T dO_J when V = Y), dV_I = P_JI^T dO_J, and for a diagonal M
+  // dc = scale / 2 sum_i y_i * z_i, of which this task's rows add their share to dcoef (zeroed by
+  // the caller, summed over a head's tasks in task order). No task writes another's rows, so a
+  // head splits into any number of tasks without gradient accumulators to sum.
+  // delta = rowsum(dO * O) - dlse comes from the fp32 output.
+  void run_tiled(int64_t r0, int64_t r1, double* dcoef) {
     this->setup_keys();
     this->pack_query_key(true);
     this->pack_values();
@@ -1185,13 +1189,16 @@ class BackwardHead : public Head<scalar_t> {
     float* dp = ws_.template take<float>(g_.block * kBk);
     float* pt = ws_.template take<float>(g_.block * kBk);
     float* dpt = ws_.template take<float>(g_.block * kBk);
+    const bool diag = bp_.coef_mode == CoefMode::kDiag;
     float* dy = ws_.template take<float>(g_.block * D_);
+    float* z = diag ? ws_.template take<float>(g_.block * D_) : dy;  // M = I: scale Z straight into dY
     float* dv = shared_ ? dy : ws_.template take<float>(g_.block * Dv_);
     const float scale = static_cast<float>(bp_.scale);
-    const Panel v_rows = shared_ ? qa_ : vb_;  // V as A rows (fp32: row-major)
+    const Panel v_rows = shared_ ? this->ya_ : vb_;  // V as A rows (fp32: row-major)
     for (int64_t i0 = r0; i0 < r1; i0 += g_.block) {
       const int64_t rows = std::min(g_.block, r1 - i0);
       fill(dy, rows * D_, 0.f);
+      if (diag) fill(z, rows * D_, 0.f);
       if (!shared_) fill(dv, rows * Dv_, 0.f);
       for (int64_t j0 = 0; j0 < L_; j0 += kBk) {
         const int64_t cols = std::min(kBk, L_ - j0);
@@ -1202,8 +1209,15 @@ class BackwardHead : public Head<scalar_t> {
           const int64_t o = r * kBk;
           pair_row(s + o, dp + o, pt + o, dpt + o, i0 + r, j0, cols, delta, lse_col);
         }
-        gemm<Dot, false>(rows, D_, cols, Panel{dp, kBk}, b_from(yb_, j0), dy, D_, scale, true);
+        gemm<Dot, false>(rows, D_, cols, Panel{dp, kBk}, b_from(yb_, j0), z, D_, diag ? 1.f : scale, true);
         gemm<Dot, false>(rows, Dv_, cols, Panel{pt, kBk}, b_from(do_pairs_, j0), dv, Dv_, 1.f, true);
+      }
+      if (diag) {
+        if (dcoef != nullptr) diag_dcoef(dcoef, z, D_, i0, rows, 0.5f * scale);
+        const float* c = bp_.coef + h_ * D_;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t d = 0; d < D_; ++d) dy[r * D_ + d] += scale * c[d] * z[r * D_ + d];
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
         store_row(this->row_ptr(bp_.dq, i0 + r), dy + r * D_, D_);
@@ -1543,8 +1557,18 @@ void for_each_head(const Params& p) {
   }
   if (tasks == 0) return;
   SliceBuffers slices;
+  // Tiled backward tasks with a diagonal coefficient: each task's dcoef share, summed per head in
+  // task order after the run.
+  std::vector<double> task_dcoef;
+  std::vector<BackwardSlice> task_slices;
   if constexpr (kBackward) {
-    if (!g.tiled) slices = SliceBuffers(p, pieces);
+    if (!g.tiled) {
+      slices = SliceBuffers(p, pieces);
+    } else if (p.dcoef_partial != nullptr && p.coef_mode == CoefMode::kDiag) {
+      task_dcoef.assign(static_cast<size_t>(tasks * p.head_dim), 0.0);
+      task_slices.resize(tasks);
+      for (int64_t t = 0; t < tasks; ++t) task_slices[t].dcoef = task_dcoef.data() + t * p.head_dim;
+    }
   }
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
@@ -1559,7 +1583,7 @@ void for_each_head(const Params& p) {
         const Piece& piece = pieces[list[k]];
         Task head = task(list[k]);
         if constexpr (kBackward) {
-          head.run(piece.r0, piece.r1, slices.of(list[k]));
+          head.run(piece.r0, piece.r1, task_slices.empty() ? slices.of(list[k]) : &task_slices[list[k]]);
         } else {
           head.run(piece.r0, piece.r1);
         }
@@ -1571,6 +1595,10 @@ void for_each_head(const Params& p) {
     }
   });
   if constexpr (kBackward) {
+    for (int64_t t = 0; t < static_cast<int64_t>(task_slices.size()); ++t) {
+      double* dst = p.dcoef_partial + (pieces[t].b * p.heads + pieces[t].h) * p.head_dim;
+      for (int64_t e = 0; e < p.head_dim; ++e) dst[e] += task_slices[t].dcoef[e];
+    }
     const auto& groups = slices.groups();
     at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t k0, int64_t k1) {
       Workspace ws(Workspace::bytes_for(0));
