@@ -31,3 +31,29 @@ def test_bench_quick_writes_csv_png_and_table(tmp_path):
     last_row = max(i for i, line in enumerate(lines) if line.startswith("|"))
     assert len(lines) - last_row <= 3, "the table (and its legend) must come last"
     assert any(line.startswith("|") and "symattn-torch" in line for line in lines)
+
+
+def test_cpu_long_section_reports_scaling_and_plots(tmp_path):
+    """The long-sequence section of bench.cpu_kernels on one small long head: ratios to the
+    fastest peer, the second thread's speed-up for ours and SDPA, GFLOP/s, and the plot."""
+    import pytest
+
+    from symattn_kernels import extensions
+
+    if extensions.state("cpu").how == extensions.ABSENT:
+        pytest.skip("the cpu backend is absent here")
+    import torch
+
+    from bench import cpu_kernels
+
+    report = cpu_kernels.run_long([(1, 600, 1, True, 1, True)], dtypes=(torch.float32,), seconds=0.01)
+    rows = report["long_rows"]
+    assert {(r["mode"], r["threads"]) for r in rows} == {(m, t) for m in ("fwd", "fwd+bwd") for t in (1, 2)}
+    two = [r for r in rows if r["threads"] == 2]
+    assert all(r["cpu_2nd_thread"] > 0 and r["sdpa_2nd_thread"] > 0 and r["vs_peer"] > 0 for r in two)
+    assert {r["peer"] for r in rows} <= {"sdpa-flash", "sdpa-math"}
+    assert report["sgemm_gflops_1thread"] > 0
+    text = cpu_kernels.format_long(report)
+    assert "GF/s exec" in text and "600" in text
+    cpu_kernels.plot_long(report, tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").stat().st_size > 0
