@@ -15,13 +15,14 @@
 // score rows [block, L] in cache; longer ones (without dropout) run flash-style: a query block
 // meets the keys one tile at a time, its row max and sum updated online and its output block
 // rescaled, so the working set stays in L2 at any length. Their backward, where the scores are
-// symmetric (fp32, M none or diagonal, not causal), takes the same tiles: a task gathers every gradient of its
-// own query rows from one score tile per key tile (S_IJ read both ways, see run_tiled), so it
-// writes no other task's rows. Other backward tasks own a whole head, or, when a call has few
-// heads, a slice of a long head's query rows; they accumulate their gradients in fp32 buffers,
-// and a head's slices are summed in slice order afterwards. Results are independent of the thread count: the tasks are cut
-// without regard to it, and each output element is produced by one task, or one fixed-order sum
-// of tasks. The tasks are dealt to the workers before any runs (for_each_head).
+// symmetric (fp32, M none or diagonal, not causal), takes the same tiles: a task gathers every
+// gradient of its own query rows from one score tile per key tile (S_IJ read both ways, see
+// run_tiled), so it writes no other task's rows. Other backward tasks own a whole head, or, when
+// a call has few heads, a slice of a long head's query rows; they accumulate their gradients in
+// fp32 buffers, and a head's slices are summed in slice order afterwards. Results are
+// independent of the thread count: the tasks are cut without regard to it, and each output
+// element is produced by one task, or one fixed-order sum of tasks. The tasks are dealt to the
+// workers before any runs (for_each_head).
 //
 // For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
@@ -589,7 +590,9 @@ struct Geometry {
             : tiled         ? kQueryTile
                             : std::max<int64_t>(kMR, kBlockFloats / ldk / kMR * kMR);
     task_rows = round_up(kTaskRows, block);  // >= L for heads of at most kWholeHead tokens
-    if (tiled) task_rows = std::clamp(round_up((L + kTasksPerHead - 1) / kTasksPerHead, block), task_rows, kMaxTaskRows);
+    if (tiled) {
+      task_rows = std::clamp(round_up((L + kTasksPerHead - 1) / kTasksPerHead, block), task_rows, kMaxTaskRows);
+    }
     symmetric = L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
   }
 };
