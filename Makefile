@@ -45,6 +45,8 @@ dist-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+	mkdir -p bench/results
+	$(PY) -m bench.cpu_kernels --long --plot bench/results/cpu-thread-scaling.png --json bench/results/cpu-long.json
 
 # Real-text training comparison of the attention variants (bench/train_bert.py, <= 30 min on
 # 2 cores). The datasets ship inside these two wheels; nothing is downloaded at run time.

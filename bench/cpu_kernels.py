@@ -4,6 +4,7 @@
     python -m bench.cpu_kernels --dtypes [--rounds N] [--json PATH]
     python -m bench.cpu_kernels --dropout [--rounds N] [--json PATH]
     python -m bench.cpu_kernels --lama [--rounds N] [--quick] [--json PATH]
+    python -m bench.cpu_kernels --long [--quick] [--plot PNG] [--json PATH]
 
 Side by side in one process, torch threads = cores, medians of
 ``torch.utils.benchmark.Timer.blocked_autorange`` (via ``bench.timing``):
@@ -35,6 +36,12 @@ forward+backward: the fused ``cpu`` kernels against the eager reference (autogra
 ``symattn_kernels.reference``) and the ``torch`` composite, in interleaved rounds like
 ``--dtypes``; each row gives the median per provider, the median per-round ratio of the faster
 peer to ours (target >= 1.5) and the peak memory of one call (ours <= the eager reference's).
+
+``--long`` times heads of 2k-16k tokens at B = 1 (the shapes in ``LONG_SHAPES``, causal too)
+against the fastest CPU peer at 1 and at 2 threads (or all cores) in interleaved rounds: the
+speed-up of the second thread for ours and for SDPA, ours / peer, and effective GFLOP/s by
+flash-attn's count and by the work the kernels execute, beside a measured one-thread fp32
+sgemm ceiling (``bench.fma_peak``); ``--plot`` draws the thread scaling.
 
 Every timed shape first passes a correctness check (attention: against SDPA in fp32; LAMA: the
 ``python -m bench`` gate against the fp32 reference). The report starts with the load average:
@@ -344,6 +351,199 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+
+# Long sequences and thread scaling: heads of 2k-16k tokens at B = 1, ours against the fastest
+# CPU peer, each timed at 1 and at 2 threads in interleaved rounds, so that the speed-up of the
+# second thread and the ratio to the peer are paired per round (both survive a loaded machine
+# better than absolute times), with effective GFLOP/s against a measured fp32 sgemm ceiling.
+
+# (B, S, H, causal, rounds, one_thread): the largest shapes take seconds per call, so fewer rounds
+# (and the 12-head 16k shape only at all threads); bf16 up to LONG_HALF_MAX_S tokens. About four
+# minutes on two idle cores.
+LONG_SHAPES = [
+    (1, 4096, 1, False, 3, True), (1, 4096, 2, False, 3, True), (1, 4096, 3, False, 3, True),
+    (1, 2048, 12, False, 2, True), (1, 2048, 12, True, 2, True),
+    (1, 4096, 12, False, 1, True), (1, 4096, 12, True, 1, True),
+    (1, 16384, 2, False, 1, True), (1, 16384, 12, False, 1, False),
+]
+LONG_QUICK = [(1, 4096, 1, False, 1, True)]
+LONG_HALF_MAX_S = 4096
+LONG_TARGETS = {"2nd thread": 1.8, "fwd": 1.9, "fwd+bwd": 2.0}
+# SDPA's math kernel materialises [B, H, S, S] scores and their gradients; above this many
+# score elements it is a memory test, not a peer.
+MATH_MAX_SCORES = 64 * 2**20
+# Query rows per forward block and micro-tile width of the long-head kernels (csrc/cpu): the
+# causal work they execute past the diagonal.
+_CAUSAL_OVERSHOOT = 64
+
+
+def _long_providers(y: torch.Tensor, causal: bool) -> dict:
+    def sdpa(backend):
+        def call(t):
+            with sdpa_kernel(backend):
+                q = t.transpose(1, 2)
+                return F.scaled_dot_product_attention(q, q, q, is_causal=causal).transpose(1, 2)
+        return call
+
+    providers = {"cpu": lambda t: sk.shared_attention(t, causal=causal, backend="cpu"),
+                 "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION)}
+    B, S, H, _ = y.shape
+    if B * H * S * S <= MATH_MAX_SCORES:
+        providers["sdpa-math"] = sdpa(SDPBackend.MATH)
+    return providers
+
+
+def _median_call_ms(fn, threads: int, seconds: float) -> float:
+    import statistics
+    import time
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    fn()
+    one = time.perf_counter() - start
+    if one >= seconds:  # calls of seconds: the first is the sample
+        return one * 1e3
+    samples = []
+    for _ in range(max(1, min(7, int(seconds / max(one, 1e-6))))):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def long_flops(B: int, S: int, H: int, D: int, causal: bool) -> dict:
+    """Forward and forward+backward FLOPs: flash-attn's convention (4 B H S^2 D forward, 2.5x that
+    backward, halved for causal) and the products the fused kernels execute (two per score
+    forward, five backward; the mirrored path for short non-causal heads: 1.5 and 3.5; causal
+    rows see their keys plus the micro-tile past the diagonal)."""
+    conv_fwd = 4.0 * B * H * S * S * D / (2 if causal else 1)
+    keys = (S * (S + 1) / 2 + S * _CAUSAL_OVERSHOOT / 2) if causal else float(S * S)
+    mirrored = not causal and S <= 512
+    fwd = 2.0 * B * H * D * keys * (1.5 if mirrored else 2.0)
+    bwd = 2.0 * B * H * D * keys * (3.5 if mirrored else 5.0)
+    return dict(conv_fwd=conv_fwd, conv_fwdbwd=3.5 * conv_fwd, exec_fwd=fwd, exec_fwdbwd=fwd + bwd)
+
+
+def _check_long(y: torch.Tensor, causal: bool) -> float:
+    """fp32 forward and gradient of one head against SDPA-flash; raises when not close."""
+    head = y[:, :, :1].float().contiguous()
+    leaves = [head.clone().requires_grad_() for _ in range(2)]
+    calls = _long_providers(head, causal)
+    outs = [calls["cpu"](leaves[0]), calls["sdpa-flash"](leaves[1])]
+    grad_out = torch.randn_like(head)
+    grads = [torch.autograd.grad(o, leaf, grad_out)[0] for o, leaf in zip(outs, leaves)]
+    err = max((outs[0] - outs[1]).abs().max().item(), (grads[0] - grads[1]).abs().max().item())
+    if err > 1e-3:
+        raise AssertionError(f"cpu backend disagrees with SDPA by {err:.3g}: no timings without a passing check")
+    return err
+
+
+def run_long(shapes=LONG_SHAPES, dtypes=(torch.float32, torch.bfloat16), threads: int = 2,
+             seconds: float = 0.3) -> dict:
+    """Times every shape of `shapes` as described above; rows carry per-round medians."""
+    import statistics
+
+    from bench.fma_peak import sgemm_gflops
+
+    torch.manual_seed(0)
+    peak = sgemm_gflops()
+    rows = []
+    for B, S, H, causal, rounds, one_thread in shapes:
+        y32 = torch.randn(B, S, H, HEAD_DIM)
+        err = _check_long(y32, causal)
+        counts = (1, threads) if one_thread and threads > 1 else (threads,)
+        for dtype in dtypes:
+            if dtype != torch.float32 and S > LONG_HALF_MAX_S:
+                continue
+            y = y32.to(dtype)
+            calls = {}
+            for name, fn in _long_providers(y, causal).items():
+                calls[name, "fwd"] = lambda fn=fn: fn(y)
+                calls[name, "fwd+bwd"] = _fwd_bwd(fn, y)
+            times = {(n, m, t): [] for (n, m) in calls for t in counts}
+            for r in range(rounds):
+                for t in counts if r % 2 == 0 else counts[::-1]:
+                    for (name, mode), call in calls.items():
+                        times[name, mode, t].append(_median_call_ms(call, t, seconds))
+            torch.set_num_threads(threads)
+            peak_mib = peak_memory_mib(calls["cpu", "fwd+bwd"], "cpu") if S <= 4096 else float("nan")
+            peers = sorted({n for (n, _, _) in times} - {"cpu"})
+            for mode in ("fwd", "fwd+bwd"):
+                for t in counts:
+                    ours = times["cpu", mode, t]
+                    best = [min(times[p, mode, t][r] for p in peers) for r in range(rounds)]
+                    fastest = min(peers, key=lambda p: statistics.median(times[p, mode, t]))
+                    row = dict(B=B, S=S, H=H, causal=causal, dtype=str(dtype).replace("torch.", ""), mode=mode,
+                               threads=t, rounds=rounds, cpu_ms=statistics.median(ours),
+                               peer=fastest, peer_ms=statistics.median(times[fastest, mode, t]),
+                               vs_peer=statistics.median(b / o for b, o in zip(best, ours)),
+                               peers={p: statistics.median(times[p, mode, t]) for p in peers},
+                               check_err=err, peak_mib=peak_mib if mode == "fwd+bwd" else None)
+                    if t != counts[0]:
+                        row["cpu_2nd_thread"] = statistics.median(
+                            a / b for a, b in zip(times["cpu", mode, counts[0]], ours))
+                        row["sdpa_2nd_thread"] = statistics.median(
+                            a / b for a, b in zip(times["sdpa-flash", mode, counts[0]], times["sdpa-flash", mode, t]))
+                    rows.append(row)
+    return dict(environment=_environment(), sgemm_gflops_1thread=peak, long_rows=rows)
+
+
+def format_long(report: dict) -> str:
+    env, peak = report["environment"], report["sgemm_gflops_1thread"]
+    lines = [f"CPU long sequences: torch {env['torch']}, kernels {env['kernel_isa']}, {env['cores']} cores, "
+             f"load average {', '.join(f'{x:.2f}' for x in env['load_average'])}",
+             f"measured fp32 ceiling: one-thread torch.mm 256^3 = {peak:.1f} GFLOP/s per thread", "",
+             f"{'B,S,H':<12} {'causal':<6} {'dtype':<9} {'mode':<8} {'thr':>3} {'ours ms':>9} {'peer':<11} "
+             f"{'peer ms':>9} {'x peer':>6} {'2nd thr ours':>12} {'2nd thr sdpa':>12} "
+             f"{'GF/s conv':>9} {'GF/s exec':>9} {'% peak':>6}"]
+    for r in report["long_rows"]:
+        flops = long_flops(r["B"], r["S"], r["H"], HEAD_DIM, r["causal"])
+        key = "fwd" if r["mode"] == "fwd" else "fwdbwd"
+        conv = flops[f"conv_{key}"] / r["cpu_ms"] / 1e6
+        done = flops[f"exec_{key}"] / r["cpu_ms"] / 1e6
+        scaling = (f"{r['cpu_2nd_thread']:12.2f} {r['sdpa_2nd_thread']:12.2f}" if "cpu_2nd_thread" in r
+                   else f"{'':>12} {'':>12}")
+        lines.append(f"{r['B']},{r['S']},{r['H']:<5} {str(r['causal']):<6} {r['dtype']:<9} {r['mode']:<8} "
+                     f"{r['threads']:3d} {r['cpu_ms']:9.1f} {r['peer']:<11} {r['peer_ms']:9.1f} "
+                     f"{r['vs_peer']:6.2f} {scaling} {conv:9.1f} {done:9.1f} "
+                     f"{100 * done / (peak * r['threads']):6.1f}")
+    lines += ["", "x peer = median over rounds of (fastest peer's time / ours), same thread count; 2nd thr = "
+              "time at 1 thread / time at 2 threads, paired per round; GF/s conv = 4 B H S^2 D (x3.5 with "
+              "backward, halved for causal) / time, GF/s exec = the products the kernels run / time; "
+              "% peak = GF/s exec / (ceiling x threads)",
+              f"targets (fp32, 2 threads): {', '.join(f'{k} >= {v}x' for k, v in LONG_TARGETS.items())}"]
+    return "\n".join(lines)
+
+
+def plot_long(report: dict, path) -> None:
+    """Speed-up of the second thread per shape, ours and SDPA-flash, forward and forward+backward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["long_rows"] if "cpu_2nd_thread" in r]
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        labels = sorted({(r["S"], r["H"], r["causal"]) for r in mine})
+        width = 0.2
+        for k, (who, mode) in enumerate([("cpu", "fwd"), ("cpu", "fwd+bwd"), ("sdpa", "fwd"), ("sdpa", "fwd+bwd")]):
+            values = [next(r[f"{who}_2nd_thread"] for r in mine if (r["S"], r["H"], r["causal"]) == label
+                           and r["mode"] == mode) for label in labels]
+            ax.bar([i + (k - 1.5) * width for i in range(len(labels))], values, width,
+                   label=f"{'ours' if who == 'cpu' else 'SDPA-flash'} {mode}")
+        ax.axhline(LONG_TARGETS["2nd thread"], color="k", linestyle="--", linewidth=0.8)
+        ax.set_xticks(range(len(labels)), [f"S{s} H{h}{' c' if c else ''}" for s, h, c in labels], rotation=30)
+        ax.set_ylabel("time at 1 thread / time at 2 threads")
+        ax.set_title(f"{dtype}: speed-up of the second thread")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="first shape only, short timings")
@@ -351,6 +551,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dropout", action="store_true", help="dropout against no dropout of the cpu backend only")
     parser.add_argument("--lama", action="store_true", help="LAMA: fused cpu vs eager reference vs torch composite")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --dtypes, --dropout and --lama")
+    parser.add_argument("--long", action="store_true",
+                        help="long sequences at 1 and 2 threads against the fastest peer, with a scaling plot")
+    parser.add_argument("--plot", help="with --long: write the thread-scaling PNG here")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args(argv)
     if sk.info()["backends"]["cpu"]["usable"] is False:
@@ -360,6 +563,11 @@ def main(argv=None) -> int:
     if args.lama:
         report = run_lama(args.rounds, args.quick)
         print(format_lama(report))
+    elif args.long:
+        report = run_long(LONG_QUICK if args.quick else LONG_SHAPES, threads=max(2, torch.get_num_threads()))
+        print(format_long(report))
+        if args.plot:
+            plot_long(report, args.plot)
     elif args.dtypes:
         report = run_dtypes(args.rounds)
         print(format_dtypes(report))

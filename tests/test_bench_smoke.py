@@ -50,3 +50,27 @@ def test_cpu_kernels_dropout_rows_pair_both_calls():
         assert r["check_err"] <= 1e-3
     table = cpu_kernels.format_dropout(rows, cpu_kernels._environment())
     assert "B=2   S=40    float32   fwd" in table and "target: forward ratio <= 1.3" in table
+
+
+def test_cpu_long_section_reports_scaling_and_plots(tmp_path):
+    """The long-sequence section of bench.cpu_kernels on one small long head: ratios to the
+    fastest peer, the second thread's speed-up for ours and SDPA, GFLOP/s, and the plot."""
+    from symattn_kernels import extensions
+
+    if extensions.state("cpu").how == extensions.ABSENT:
+        pytest.skip("the cpu backend is absent here")
+    import torch
+
+    from bench import cpu_kernels
+
+    report = cpu_kernels.run_long([(1, 600, 1, True, 1, True)], dtypes=(torch.float32,), seconds=0.01)
+    rows = report["long_rows"]
+    assert {(r["mode"], r["threads"]) for r in rows} == {(m, t) for m in ("fwd", "fwd+bwd") for t in (1, 2)}
+    two = [r for r in rows if r["threads"] == 2]
+    assert all(r["cpu_2nd_thread"] > 0 and r["sdpa_2nd_thread"] > 0 and r["vs_peer"] > 0 for r in two)
+    assert {r["peer"] for r in rows} <= {"sdpa-flash", "sdpa-math"}
+    assert report["sgemm_gflops_1thread"] > 0
+    text = cpu_kernels.format_long(report)
+    assert "GF/s exec" in text and "600" in text
+    cpu_kernels.plot_long(report, tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").stat().st_size > 0

@@ -15,41 +15,48 @@ from symattn_kernels.backends import cpu as cpu_backend
 
 from .helpers import assert_flash_rule, make_inputs, reference, run, with_threads
 
-# A forward task holds 128 query rows rounded up to whole query blocks; at S = 1024 a block is
-# 126 rows, so no task holds more than 256 rows.
+# Heads longer than 512 tokens run in tasks of 128 query rows (forward, and the backward of
+# symmetric fp32 scores); at S = 1024 that is 8 tasks per head.
 S_SPLIT = 1024
-TASK_ROWS_MAX = 256
-# A backward slice holds whole blocks too; at S = 1024 and B*H >= 1 at most three of them.
-BWD_TASK_ROWS_MAX = 3 * 126
+TASK_ROWS_MAX = 128
+# The other backward (here: with a full coefficient) cuts heads into slices of whole query
+# blocks, which at S = 1024 are 126 rows; at B*H >= 1 a slice holds at most three of them.
+BWD_SLICE_ROWS_MAX = 3 * 126
 
 
 def cpu(q, v, **kw):
     return sk.symmetric_attention(q, v, backend="cpu", **kw)
 
 
+@pytest.mark.parametrize("coef_mode", [None, "full"], ids=["tiled", "sliced"])
 @pytest.mark.parametrize("threads", [2, 8, 16])
 @pytest.mark.parametrize("batch,heads", [(1, 1), (1, 2), (1, 12), (4, 12)], ids=["BH1", "BH2", "BH12", "BH48"])
-def test_every_worker_gets_a_fair_share(batch, heads, threads):
-    q, _, _ = make_inputs(B=batch, S=S_SPLIT, H=heads, D=16, dtype=torch.float32)
+def test_every_worker_gets_a_fair_share(batch, heads, threads, coef_mode):
+    q, _, coef = make_inputs(B=batch, S=S_SPLIT, H=heads, D=16, coef_mode=coef_mode, dtype=torch.float32)
     q = q.detach().requires_grad_()
+    coef = None if coef is None else coef.detach().float()
 
     def fwd_bwd():
-        out = cpu(q, None)
+        out = cpu(q, None, coef=coef)
         forward = cpu_backend.last_schedule(False)
         out.backward(torch.ones_like(out))
         return forward, cpu_backend.last_schedule(True)
 
     forward, backward = with_threads(threads, fwd_bwd)
-    # Forward: query-row tasks of at most TASK_ROWS_MAX rows.
-    assert forward[:, 0].sum().item() >= batch * heads * S_SPLIT // TASK_ROWS_MAX  # heads were split
+    # Forward: query-row tasks of TASK_ROWS_MAX rows.
+    assert forward[:, 0].sum().item() == batch * heads * S_SPLIT // TASK_ROWS_MAX
     assert_fair(forward, batch * heads, threads, TASK_ROWS_MAX)
-    # Backward: heads cut into slices until there are about 32 tasks (whole heads from B*H = 32).
     bwd_tasks = backward[:, 0].sum().item()
+    if coef_mode is None:  # the same tasks as the forward
+        assert bwd_tasks == batch * heads * S_SPLIT // TASK_ROWS_MAX
+        assert_fair(backward, batch * heads, threads, TASK_ROWS_MAX)
+        return
+    # Sliced: heads cut into slices until there are about 32 tasks (whole heads from B*H = 32).
     if batch * heads >= 32:
         assert bwd_tasks == batch * heads
     else:
         assert bwd_tasks > batch * heads
-    assert_fair(backward, batch * heads, threads, S_SPLIT if bwd_tasks == batch * heads else BWD_TASK_ROWS_MAX)
+    assert_fair(backward, batch * heads, threads, S_SPLIT if bwd_tasks == batch * heads else BWD_SLICE_ROWS_MAX)
 
 
 def assert_fair(schedule, n_heads, threads, task_rows_max):
@@ -100,6 +107,9 @@ def test_varlen_deals_longest_first():
 
 CASES = {
     "fp32-shared": (dict(B=1, S=S_SPLIT, H=2, shared=True), dict()),
+    "fp32-v-padding-noself": (dict(B=2, S=1100, H=1, shared=False),
+                              dict(exclude_self=True,
+                                   key_padding_mask=torch.arange(1100).expand(2, 1100) < torch.tensor([[1100], [900]]))),
     "fp32-full-causal-dropout": (dict(B=1, S=S_SPLIT, H=1, shared=False, coef_mode="full"),
                                  dict(causal=True, dropout_p=0.2)),
     "bf16-diag-padding": (dict(B=2, S=700, H=1, shared=True, coef_mode="diag", dtype=torch.bfloat16),

@@ -10,13 +10,19 @@
 //
 // A task reads its (b, h)'s Y once into operand panels (Y^T for the score products, Qm for the
 // query side; in shared mode the same panels serve as keys and values) and walks query rows in
-// blocks whose score rows [block, L] stay in cache. A forward task owns a fixed slice of a
-// head's query rows (a whole head up to a few hundred tokens), so one long head runs on many
-// cores. A backward task owns a whole head, or, when a call has few heads, a slice of a long
-// head's query rows; it accumulates its gradients in fp32 buffers, and a head's slices are summed
-// in slice order afterwards. Results are independent of the thread count: the tasks are cut
-// without regard to it, and each output element is produced by one task, or one fixed-order sum
-// of tasks. The tasks are dealt to the workers before any runs (for_each_head).
+// blocks. A forward task owns a fixed slice of a head's query rows (a whole head up to a few
+// hundred tokens), so one long head runs on many cores. Heads up to kWholeHead tokens keep whole
+// score rows [block, L] in cache; longer ones (without dropout) run flash-style: a query block
+// meets the keys one tile at a time, its row max and sum updated online and its output block
+// rescaled, so the working set stays in L2 at any length. Their backward, where the scores are
+// symmetric (fp32, M none or diagonal, not causal), takes the same tiles: a task gathers every
+// gradient of its own query rows from one score tile per key tile (S_IJ read both ways, see
+// run_tiled), so it writes no other task's rows. Other backward tasks own a whole head, or, when
+// a call has few heads, a slice of a long head's query rows; they accumulate their gradients in
+// fp32 buffers, and a head's slices are summed in slice order afterwards. Results are
+// independent of the thread count: the tasks are cut without regard to it, and each output
+// element is produced by one task, or one fixed-order sum of tasks. The tasks are dealt to the
+// workers before any runs (for_each_head).
 //
 // For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
@@ -80,10 +86,21 @@ constexpr int64_t kBlockFloats = int64_t{1} << 17;
 // rows that repacking the head's keys per task costs little, few enough that one head of a few
 // thousand tokens feeds a dozen or more cores.
 constexpr int64_t kTaskRows = 128;
+// Tiled heads of more than kTaskRows * kTasksPerHead tokens take proportionally longer tasks (up
+// to kMaxTaskRows rows), so that the L·D keys each task repacks stay a small share of its
+// 4·rows·L·D multiply-adds while a head still feeds kTasksPerHead cores.
+constexpr int64_t kTasksPerHead = 32;
+constexpr int64_t kMaxTaskRows = 512;
 // The backward cuts long heads into slices until a call has about this many tasks.
 constexpr int64_t kBackwardTasks = 32;
 // Square tile of the symmetric score product and of its mirror.
 constexpr int64_t kSymTile = 64;
+// Longer heads without dropout run the forward flash-style: query blocks of kQueryTile rows
+// against key tiles of kKeyTile keys, the row max and sum updated online, so that a task's
+// scores, output block and current key/value tile stay in a core's L2 at any length. Their
+// backward takes the same tiles where the scores are symmetric and fp32 (see run_tiled).
+constexpr int64_t kQueryTile = 128;
+constexpr int64_t kKeyTile = 256;
 constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -552,19 +569,30 @@ class Workspace {
 // Sizes shared by every head of one call.
 struct Geometry {
   int64_t L = 0;      // longest sequence
-  int64_t ldk = 0;    // row stride of key-indexed fp32 panels (L rounded up to a vector)
+  int64_t ldk = 0;    // row stride of key-indexed fp32 panels (L rounded up to a vector, or past it)
   int64_t block = 0;  // query rows per block
   int64_t task_rows = 0;  // query rows per forward task: whole blocks, never depends on threads
   bool symmetric = false;  // whole heads with symmetric scores (see the file comment)
+  bool tiled = false;      // query blocks against key tiles (kQueryTile, kKeyTile)
 
-  explicit Geometry(const ForwardParams& p) {
+  Geometry(const ForwardParams& p, bool backward) {
     L = p.cu_seqlens != nullptr ? 0 : p.seqlen;
     if (p.cu_seqlens != nullptr) {
       for (int64_t b = 0; b < p.batch; ++b) L = std::max<int64_t>(L, p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
     }
     ldk = round_up(std::max<int64_t>(L, 1), kVec);
-    block = L <= kWholeHead ? std::max<int64_t>(L, 1) : std::max<int64_t>(kMR, kBlockFloats / ldk / kMR * kMR);
+    // A long head's key-indexed panels are read down their columns (a micro-tile's B rows): a
+    // row stride of a multiple of 1 KiB would map those rows onto a few L1 sets.
+    if (L > kWholeHead && ldk % 256 == 0) ldk += kVec;
+    tiled = L > kWholeHead && p.dropout_p == 0.0 &&
+            (!backward || (!p.causal && p.coef_mode != CoefMode::kFull && p.dtype == DType::kFloat32));
+    block = L <= kWholeHead ? std::max<int64_t>(L, 1)
+            : tiled         ? kQueryTile
+                            : std::max<int64_t>(kMR, kBlockFloats / ldk / kMR * kMR);
     task_rows = round_up(kTaskRows, block);  // >= L for heads of at most kWholeHead tokens
+    if (tiled) {
+      task_rows = std::clamp(round_up((L + kTasksPerHead - 1) / kTasksPerHead, block), task_rows, kMaxTaskRows);
+    }
     symmetric = L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
   }
 };
@@ -748,14 +776,18 @@ class Head {
     return p_.causal ? std::min(key_end_, i + 1) : key_end_;
   }
 
-  // Padding bias and exclude_self on one score row.
-  void mask_row(float* s, int64_t i, int64_t n) const {
-    if (kbias_ != nullptr) add_inplace(s, kbias_, n);
-    if (p_.exclude_self && i < n) {
-      const int64_t self_real = prefix_ == nullptr ? 1 : prefix_[i + 1] - prefix_[i];
-      const int64_t others = p_.causal ? (prefix_ == nullptr ? i : prefix_[i]) : n_real_ - self_real;
-      if (others > 0) s[i] = kNegInf;
-    }
+  // Padding bias and exclude_self on keys [j0, n) of score row i; s points at key j0.
+  void mask_row(float* s, int64_t i, int64_t n, int64_t j0 = 0) const {
+    if (kbias_ != nullptr) add_inplace(s, kbias_ + j0, n - j0);
+    if (i >= j0 && i < n && excludes_self(i)) s[i - j0] = kNegInf;
+  }
+
+  // Whether exclude_self masks row i's own key (only when the row may attend to another).
+  bool excludes_self(int64_t i) const {
+    if (!p_.exclude_self) return false;
+    const int64_t self_real = prefix_ == nullptr ? 1 : prefix_[i + 1] - prefix_[i];
+    const int64_t others = p_.causal ? (prefix_ == nullptr ? i : prefix_[i]) : n_real_ - self_real;
+    return others > 0;
   }
 
   // keep[j] for j in [0, n) of query row i, as 0 / keep_scale multipliers.
@@ -835,6 +867,13 @@ class ForwardHead : public Head<scalar_t> {
 
   // Exactly what run() takes from the workspace.
   static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
+    if (g.tiled) {
+      return Base::panel_floats(p, g, false)
+             + g.block * kKeyTile                      // score tile
+             + (kPairs ? g.block * kKeyTile / 2 : 0)   // P tile as bf16 A rows
+             + g.block * p.value_dim                   // output block
+             + 2 * g.block;                            // running row max and sum
+    }
     return Base::panel_floats(p, g, false)
            + g.block * g.ldk                      // score block
            + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
@@ -851,6 +890,10 @@ class ForwardHead : public Head<scalar_t> {
   // Query rows [r0, r1) of the head: r0 is a multiple of the query block (so even), and a head
   // on the symmetric schedule is only ever run whole.
   void run(int64_t r0, int64_t r1) {
+    if (g_.tiled) {
+      run_tiled(r0, r1);
+      return;
+    }
     this->setup_keys();
     this->pack_query_key(shared_, r0, r1);
     this->pack_values();
@@ -894,6 +937,76 @@ class ForwardHead : public Head<scalar_t> {
   }
 
  private:
+  // Query blocks against key tiles: each tile's scores update the rows' running max m and sum l,
+  // the output block is rescaled by exp(m_old - m_new) where a row's max grows, then gains P V.
+  void run_tiled(int64_t r0, int64_t r1) {
+    this->setup_keys();
+    this->pack_query_key(shared_, r0, r1);
+    this->pack_values();
+    float* s = ws_.template take<float>(g_.block * kKeyTile);
+    Word* probs = nullptr;
+    int64_t ldp = kKeyTile;
+    if constexpr (kPairs) {
+      ldp = kKeyTile / 2;
+      probs = ws_.template take<Word>(g_.block * ldp);
+    } else {
+      probs = s;
+    }
+    float* o = ws_.template take<float>(g_.block * Dv_);
+    float* m = ws_.template take<float>(g_.block);
+    float* l = ws_.template take<float>(g_.block);
+    const float scale = static_cast<float>(p_.scale);
+    for (int64_t i0 = r0; i0 < r1; i0 += g_.block) {
+      const int64_t rows = std::min(g_.block, r1 - i0);
+      const int64_t kend = this->block_keys(i0, rows);
+      fill(o, rows * Dv_, 0.f);
+      fill(m, rows, kNegInf);
+      fill(l, rows, 0.f);
+      for (int64_t j0 = 0; j0 < kend; j0 += kKeyTile) {
+        const int64_t cols = std::min(kKeyTile, kend - j0);
+        Band score_band, pv_band;
+        if (p_.causal) {
+          score_band.n_hi = i0 - j0;
+          pv_band.k_hi = i0 - j0;
+        }
+        gemm<Dot, false>(rows, cols, D_, Base::a_from(this->qa_, i0), Panel{this->yt_.data + j0, this->yt_.ld}, s,
+                         kKeyTile, scale, false, score_band);
+        for (int64_t r = 0; r < rows; ++r) {
+          online_row(s + r * kKeyTile, i0 + r, j0, cols, m[r], l[r], o + r * Dv_, probs + r * ldp);
+        }
+        gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), o, Dv_, 1.f, true, pv_band);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = m[r] == kNegInf;
+        *this->lse_ptr(i0 + r) = empty ? kNegInf : m[r] + std::log(l[r]);
+        scale_inplace(o + r * Dv_, Dv_, empty ? 0.f : 1.f / l[r]);
+        store_row(this->row_ptr(p_.out, i0 + r), o + r * Dv_, Dv_);
+      }
+    }
+  }
+
+  // Score row i over keys [j0, j0 + cols) into the row's running max m, sum l and output row o;
+  // leaves exp(s - m) in prow, zero past the row's last key.
+  void online_row(float* s, int64_t i, int64_t j0, int64_t cols, float& m, float& l, float* o, Word* prow) {
+    const int64_t n = std::clamp<int64_t>(this->row_keys(i) - j0, 0, cols);
+    if (n > 0) {
+      this->mask_row(s, i, j0 + n, j0);
+      const float m_new = std::max(m, row_max(s, n));
+      if (m_new != kNegInf) {
+        if (m_new > m && m != kNegInf) {
+          const float shrink = std::exp(m - m_new);
+          l *= shrink;
+          scale_inplace(o, Dv_, shrink);
+        }
+        m = m_new;
+        l += exp_sum_store(s, n, m, static_cast<const float*>(nullptr), prow);
+        zero_elems(prow, n, cols);
+        return;
+      }
+    }
+    zero_elems(prow, 0, cols);
+  }
+
   // Score row -> exp(s - rowmax) (times the dropout multipliers) into prow, zero in [n, kend);
   // writes lse and returns 1 / the row sum (0 for a row with no allowed key: P = 0).
   float softmax_row(float* s, int64_t i, int64_t kend, float* keep, Word* prow) {
@@ -928,7 +1041,7 @@ class BackwardHead : public Head<scalar_t> {
   using typename Base::Dot, typename Base::Word, typename Base::Panel;
   using Base::kPairs, Base::kHalf, Base::words, Base::a_from, Base::b_from, Base::D_, Base::Dv_, Base::L_, Base::g_,
       Base::ws_, Base::shared_, Base::yf_, Base::ldyf_, Base::qm_, Base::yt_, Base::yb_, Base::qa_, Base::vb_,
-      Base::h_, Base::b_;
+      Base::h_, Base::b_, Base::kbias_;
 
  public:
   BackwardHead(const BackwardParams& p, const Geometry& g, Workspace& ws, int64_t b, int64_t h)
@@ -946,6 +1059,15 @@ class BackwardHead : public Head<scalar_t> {
     const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
     const bool shared = p.v.data == nullptr, coef = p.coef_mode != CoefMode::kNone;
     const bool full = p.coef_mode == CoefMode::kFull;
+    if (g.tiled) {  // fp32 operands, M none or diagonal
+      return Base::panel_floats(p, g, true)
+             + (coef ? g.block * D : 0)           // (G + G^T) Y of the query block
+             + (shared ? 0 : Dv * g.ldk)          // Vt
+             + L                                  // dlse
+             + Dv * g.ldk + 2 * L                 // dO^T, delta, column lse
+             + 4 * g.block * kKeyTile             // S / P, dP / G, P^T, dP^T / G^T tiles
+             + g.block * D + (shared ? 0 : g.block * Dv);  // dY, dV of the query block
+    }
     return Base::panel_floats(p, g, true)
            + (kPairs && coef ? words(L) * D : 0)                                // Qb
            + (shared ? 0 : (kPairs ? L * words(Dv) : 0) + words(Dv) * g.ldk)    // Va, Vt
@@ -964,6 +1086,12 @@ class BackwardHead : public Head<scalar_t> {
   // slice, which this zeroes first and the caller sums over the head's slices (reduce). With
   // slice == null: the whole head (r0 = 0, r1 = L), written to dq / dv / dcoef_partial.
   void run(int64_t r0, int64_t r1, const BackwardSlice* slice) {
+    if constexpr (std::is_same_v<scalar_t, float>) {  // the only dtype Geometry tiles here
+      if (g_.tiled) {
+        run_tiled(r0, r1, slice != nullptr ? slice->dcoef : nullptr);
+        return;
+      }
+    }
     const CoefMode mode = bp_.coef_mode;
     const bool want_dcoef = bp_.dcoef_partial != nullptr && mode != CoefMode::kNone;
     this->setup_keys();
@@ -1030,6 +1158,105 @@ class BackwardHead : public Head<scalar_t> {
   }
 
  private:
+  // Heads on the tiled schedule (fp32, M none or diagonal, not causal, no dropout): query rows
+  // [r0, r1) gather every gradient of their own rows, key tile by key tile. S is symmetric, so one
+  // score tile S_IJ gives both P_IJ (rows I attending keys J, with lse_I) and P_JI^T (rows J
+  // attending keys I, with lse_J): with Z_I = (G_IJ + G_JI^T) Y_J summed over J,
+  // dY_I = scale Z_I M (+ P_JI^T dO_J when V = Y), dV_I = P_JI^T dO_J, and for a diagonal M
+  // dc = scale / 2 sum_i y_i * z_i, of which this task's rows add their share to dcoef (zeroed by
+  // the caller, summed over a head's tasks in task order). No task writes another's rows, so a
+  // head splits into any number of tasks without gradient accumulators to sum.
+  // delta = rowsum(dO * O) - dlse comes from the fp32 output.
+  void run_tiled(int64_t r0, int64_t r1, double* dcoef) {
+    this->setup_keys();
+    this->pack_query_key(true);
+    this->pack_values();
+    pack_backward_inputs();
+    const Panel dot = this->b_transposed(do_rows_, L_, Dv_, ws_.template take<Word>(Dv_ * g_.ldk));  // dO^T
+    float* delta = ws_.template take<float>(L_);
+    float* lse_col = ws_.template take<float>(L_);
+    for (int64_t i = 0; i < L_; ++i) {
+      const float lse = *this->lse_ptr(i);
+      lse_col[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;  // exp(S - lse) = 0
+      delta[i] = dot_row(this->row_ptr(bp_.out, i), this->row_ptr(bp_.dout, i), Dv_) - dlse_[i];
+    }
+    constexpr int64_t kBk = kKeyTile;
+    float* s = ws_.template take<float>(g_.block * kBk);
+    float* dp = ws_.template take<float>(g_.block * kBk);
+    float* pt = ws_.template take<float>(g_.block * kBk);
+    float* dpt = ws_.template take<float>(g_.block * kBk);
+    const bool diag = bp_.coef_mode == CoefMode::kDiag;
+    float* dy = ws_.template take<float>(g_.block * D_);
+    float* z = diag ? ws_.template take<float>(g_.block * D_) : dy;  // M = I: scale Z straight into dY
+    float* dv = shared_ ? dy : ws_.template take<float>(g_.block * Dv_);
+    const float scale = static_cast<float>(bp_.scale);
+    const Panel v_rows = shared_ ? this->ya_ : vb_;  // V as A rows (fp32: row-major)
+    for (int64_t i0 = r0; i0 < r1; i0 += g_.block) {
+      const int64_t rows = std::min(g_.block, r1 - i0);
+      fill(dy, rows * D_, 0.f);
+      if (diag) fill(z, rows * D_, 0.f);
+      if (!shared_) fill(dv, rows * Dv_, 0.f);
+      for (int64_t j0 = 0; j0 < L_; j0 += kBk) {
+        const int64_t cols = std::min(kBk, L_ - j0);
+        gemm<Dot, false>(rows, cols, D_, a_from(qa_, i0), Panel{yt_.data + j0, yt_.ld}, s, kBk, scale, false);
+        gemm<Dot, false>(rows, cols, Dv_, a_from(do_rows_, i0), Panel{vt_.data + j0, vt_.ld}, dp, kBk, 1.f, false);
+        gemm<Dot, false>(rows, cols, Dv_, a_from(v_rows, i0), Panel{dot.data + j0, dot.ld}, dpt, kBk, 1.f, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t o = r * kBk;
+          pair_row(s + o, dp + o, pt + o, dpt + o, i0 + r, j0, cols, delta, lse_col);
+        }
+        gemm<Dot, false>(rows, D_, cols, Panel{dp, kBk}, b_from(yb_, j0), z, D_, diag ? 1.f : scale, true);
+        gemm<Dot, false>(rows, Dv_, cols, Panel{pt, kBk}, b_from(do_pairs_, j0), dv, Dv_, 1.f, true);
+      }
+      if (diag) {
+        if (dcoef != nullptr) diag_dcoef(dcoef, z, D_, i0, rows, 0.5f * scale);
+        const float* c = bp_.coef + h_ * D_;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t d = 0; d < D_; ++d) dy[r * D_ + d] += scale * c[d] * z[r * D_ + d];
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        store_row(this->row_ptr(bp_.dq, i0 + r), dy + r * D_, D_);
+        if (!shared_) store_row(this->row_ptr(bp_.dv, i0 + r), dv + r * Dv_, Dv_);
+      }
+    }
+  }
+
+  // Row i of a tile over keys [j0, j0 + cols): s holds S_IJ, dp dO_i V_J^T, dpt V_i dO_J^T. Leaves
+  // in pt the row of P_JI^T (rows J attending key i) and in dp that of G_IJ + G_JI^T.
+  void pair_row(float* s, float* dp, float* pt, float* dpt, int64_t i, int64_t j0, int64_t cols,
+                const float* delta, const float* lse_col) {
+    // Rows J on key i: zero if key i is padding; its own row's exclude_self on the diagonal.
+    if (kbias_ != nullptr && kbias_[i] == kNegInf) {
+      fill(pt, cols, 0.f);
+      fill(dpt, cols, 0.f);
+    } else {
+      for (int64_t c = 0; c < cols; c += kVec) {
+        const int64_t count = std::min(kVec, cols - c);
+        const Vec p = exp_vec(Vec::loadu(s + c, count) - Vec::loadu(lse_col + j0 + c, count));
+        p.store(pt + c, count);
+        (p * (Vec::loadu(dpt + c, count) - Vec::loadu(delta + j0 + c, count))).store(dpt + c, count);
+      }
+      if (i >= j0 && i < j0 + cols && this->excludes_self(i)) pt[i - j0] = dpt[i - j0] = 0.f;
+    }
+    // Row i on keys J.
+    const int64_t n = std::clamp<int64_t>(this->row_keys(i) - j0, 0, cols);
+    const float lse = *this->lse_ptr(i);
+    if (n == 0 || lse == kNegInf) {
+      std::memcpy(dp, dpt, cols * sizeof(float));
+      return;
+    }
+    this->mask_row(s, i, j0 + n, j0);
+    exp_inplace(s, n, lse);
+    const Vec vdelta(delta[i]);
+    for (int64_t c = 0; c < cols; c += kVec) {
+      const int64_t count = std::min(kVec, cols - c);
+      const Vec g = c < n ? Vec::loadu(s + c, count) * (Vec::loadu(dp + c, count) - vdelta) : Vec(0.f);
+      const Vec keep_g = c + count <= n ? g : Vec::set(Vec(0.f), g, std::max<int64_t>(0, n - c));
+      (keep_g + Vec::loadu(dpt + c, count)).store(dp + c, count);
+    }
+  }
+
   void store(const float* dy, const float* dv) {
     for (int64_t i = 0; i < L_; ++i) store_row(this->row_ptr(bp_.dq, i), dy + i * D_, D_);
     if (!shared_) {
@@ -1200,9 +1427,10 @@ struct Piece {
 };
 
 // The tasks of one call, longest sequences first (stable, so equal lengths keep batch order),
-// then by head, then by query rows. The forward cuts heads longer than g.task_rows into tasks of
-// g.task_rows rows. The backward, whose tasks each hold a head-sized gradient accumulator, cuts
-// heads only as far as needed for about kBackwardTasks tasks in all. Nothing here depends on
+// then by head, then by query rows. The forward, and the backward on the tiled schedule, cut
+// heads longer than g.task_rows into tasks of g.task_rows rows. The other backward, whose tasks
+// each hold a head-sized gradient accumulator, cuts heads only as far as needed for about
+// kBackwardTasks tasks in all. Nothing here depends on
 // the thread count, so neither does any result.
 template <typename Params>
 std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward) {
@@ -1219,7 +1447,7 @@ std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward)
     const int64_t L = length(b);
     if (L == 0) continue;
     int64_t step = g.task_rows;
-    if (backward && L > g.task_rows) {
+    if (backward && !g.tiled && L > g.task_rows) {
       const int64_t wanted = (kBackwardTasks + p.batch * p.heads - 1) / (p.batch * p.heads);
       const int64_t slices = std::min((L + g.task_rows - 1) / g.task_rows, wanted);
       step = round_up((L + slices - 1) / slices, g.block);
@@ -1314,7 +1542,7 @@ std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, i
 template <typename Task, typename Params>
 void for_each_head(const Params& p) {
   constexpr bool kBackward = std::is_same_v<Params, BackwardParams>;
-  const Geometry g(p);
+  const Geometry g(p, kBackward);
   const std::vector<Piece> pieces = plan_tasks(p, g, kBackward);
   const int64_t tasks = static_cast<int64_t>(pieces.size());
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
@@ -1325,7 +1553,19 @@ void for_each_head(const Params& p) {
   }
   if (tasks == 0) return;
   SliceBuffers slices;
-  if constexpr (kBackward) slices = SliceBuffers(p, pieces);
+  // Tiled backward tasks with a diagonal coefficient: each task's dcoef share, summed per head in
+  // task order after the run.
+  std::vector<double> task_dcoef;
+  std::vector<BackwardSlice> task_slices;
+  if constexpr (kBackward) {
+    if (!g.tiled) {
+      slices = SliceBuffers(p, pieces);
+    } else if (p.dcoef_partial != nullptr && p.coef_mode == CoefMode::kDiag) {
+      task_dcoef.assign(static_cast<size_t>(tasks * p.head_dim), 0.0);
+      task_slices.resize(tasks);
+      for (int64_t t = 0; t < tasks; ++t) task_slices[t].dcoef = task_dcoef.data() + t * p.head_dim;
+    }
+  }
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
@@ -1339,7 +1579,7 @@ void for_each_head(const Params& p) {
         const Piece& piece = pieces[list[k]];
         Task head = task(list[k]);
         if constexpr (kBackward) {
-          head.run(piece.r0, piece.r1, slices.of(list[k]));
+          head.run(piece.r0, piece.r1, task_slices.empty() ? slices.of(list[k]) : &task_slices[list[k]]);
         } else {
           head.run(piece.r0, piece.r1);
         }
@@ -1351,6 +1591,10 @@ void for_each_head(const Params& p) {
     }
   });
   if constexpr (kBackward) {
+    for (int64_t t = 0; t < static_cast<int64_t>(task_slices.size()); ++t) {
+      double* dst = p.dcoef_partial + (pieces[t].b * p.heads + pieces[t].h) * p.head_dim;
+      for (int64_t e = 0; e < p.head_dim; ++e) dst[e] += task_slices[t].dcoef[e];
+    }
     const auto& groups = slices.groups();
     at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t k0, int64_t k1) {
       Workspace ws(Workspace::bytes_for(0));
