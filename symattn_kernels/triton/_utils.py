@@ -236,3 +236,17 @@ def _dropout_keep(dropout, row_ctr, offs_key):
     ctr = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
     rnd = tl.randint(dropout.seed, ctr)
     return (rnd >> 1).to(tl.int32) >= dropout.threshold
+
+
+@triton.jit
+def _real_tokens(Kpm, stride_kpms, offs, seqlen):
+    """Whether each token row in offs is real (inside the sequence and unmasked)."""
+    return tl.load(Kpm + offs.to(tl.int64) * stride_kpms, mask=offs < seqlen, other=0) != 0
+
+
+@triton.jit
+def _padding_finite(x, real):
+    """Tile x [rows, cols] with the NaN/Inf entries of padded rows (real == 0) read as 0. Padded
+    keys get zero weights, but 0 * NaN = NaN in a product, and a padded query's row feeds the
+    key-side gradients; finite padding is read as stored."""
+    return tl.where(real[:, None] | (tl.abs(x) < float("inf")), x, 0.0).to(x.dtype)

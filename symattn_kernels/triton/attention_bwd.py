@@ -3,7 +3,7 @@
 With S = scale * (Y M) Y^T, P = softmax_rows(S), keep the dropout mask and Pd = P * keep / (1-p):
 
     dP    = (dO V^T) * keep / (1 - p)
-    Delta = rowsum(dO * O) - dlse                                     (_symattn_bwd_preprocess)
+    Delta = rowsum(dO * O) - dlse       (_symattn_bwd_preprocess; O unrounded: fp32, recomputed)
     G     = P * (dP - Delta)                                          dL/dS
     dY    = scale * (G Y M^T + G^T Y M)   (+ Pd^T dO in shared mode)
     dM    = scale * Y^T G Y               summed over batch; diagonal M keeps its diagonal
@@ -54,7 +54,9 @@ from ._utils import (
     _dropout_keep,
     _has_other_key,
     _kpm_stat,
+    _padding_finite,
     _program_sequence,
+    _real_tokens,
     _seq_bounds,
     attention_layout,
     check_dropout,
@@ -71,6 +73,7 @@ from ._utils import (
     token_strides,
     unit_last_stride,
 )
+from .attention_fwd import attention_forward
 from .features import TRITON_VERSION
 
 __all__ = ["attention_backward"]
@@ -192,10 +195,15 @@ def _symattn_bwd_inner(
         offs_i = start_i + tl.arange(0, BLOCK_N)
         offs_i64 = offs_i.to(tl.int64)
         valid_i = offs_i < seqlen
+        real_i = valid_i
+        if HAS_KPM:
+            real_i = _real_tokens(seq.Kpm, seq.stride_kpms, offs_i, seqlen)
         y_i = tl.load(
             seq.Y + offs_i64[:, None] * seq.stride_ys + offs_d[None, :],
             mask=valid_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
+        if HAS_KPM:  # padded rows: NaN/Inf read as 0 (they meet zero weights, or feed J's gradients)
+            y_i = _padding_finite(y_i, real_i)
         if SPLIT_D == 1:
             y_o = y_i
         else:  # the accumulators' columns of the tile
@@ -203,13 +211,12 @@ def _symattn_bwd_inner(
                 seq.Y + offs_i64[:, None] * seq.stride_ys + offs_do[None, :],
                 mask=valid_i[:, None] & (offs_do[None, :] < seq.head_dim), other=0.0,
             )  # [BLOCK_N, HEAD_DIM_OUT]
+            if HAS_KPM:
+                y_o = _padding_finite(y_o, real_i)
         if COEF_MODE == 1:
             y_m = (y_i.to(tl.float32) * owned.coef[None, :]).to(y_i.dtype)  # Y_I M
         else:
             y_m = y_i
-        real_i = valid_i
-        if HAS_KPM:
-            real_i = tl.load(seq.Kpm + offs_i64 * seq.stride_kpms, mask=valid_i, other=0) != 0
         if KEY_ROLE:
             # Block J as keys/values, block I as queries; tiles are [keys J, queries I].
             do_i = tl.load(
@@ -269,7 +276,7 @@ def _symattn_bwd_inner(
             else:
                 v_i = tl.load(
                     seq.V + offs_i64[:, None] * seq.stride_vs + offs_dv[None, :],
-                    mask=valid_i[:, None] & (offs_dv[None, :] < seq.head_dim_v), other=0.0,
+                    mask=real_i[:, None] & (offs_dv[None, :] < seq.head_dim_v), other=0.0,
                 )  # [BLOCK_N, HEAD_DIM_V]
             allowed = valid_j[:, None] & real_i[None, :]
             if DIAGONAL:
@@ -361,6 +368,10 @@ def _symattn_bwd_kernel(
     # J's operand tiles, each staged through registers once. On wide heads a barrier between the
     # loads keeps ptxas from holding several [BLOCK_M, 256] tiles in flight at once (it spilled).
     y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    real_j = valid_j
+    if HAS_KPM:  # padded rows: NaN/Inf read as 0, values as 0 (see _symattn_bwd_inner)
+        real_j = _real_tokens(Kpm, stride_kpms, offs_j, seqlen)
+        y_j = _padding_finite(y_j, real_j)
     if QUERY:
         if HEAD_DIM > 128:
             tl.debug_barrier()
@@ -368,6 +379,8 @@ def _symattn_bwd_kernel(
         if COEF_MODE == 2:  # Y_J M, folded on the host
             qm = tl.load(QM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh)
                          + offs_j64[:, None] * stride_ms + offs_d[None, :], mask=y_mask, other=0.0)
+            if HAS_KPM:
+                qm = _padding_finite(qm, real_j)
         elif COEF_MODE == 1:  # Y_J M rounded once, exactly as the forward's query tile
             qm = (y_j.to(tl.float32) * coef[None, :]).to(y_j.dtype)
         else:
@@ -380,12 +393,15 @@ def _symattn_bwd_kernel(
         else:
             if HEAD_DIM > 128:
                 tl.debug_barrier()
-            v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+            v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :],
+                          mask=real_j[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         if COEF_MODE == 2:  # Y_J M^T, folded on the host
             if HEAD_DIM > 128:
                 tl.debug_barrier()
             kq = tl.load(KM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh)
                          + offs_j64[:, None] * stride_ms + offs_d[None, :], mask=y_mask, other=0.0)
+            if HAS_KPM:
+                kq = _padding_finite(kq, real_j)
         else:
             kq = y_j
     else:
@@ -424,6 +440,8 @@ def _symattn_bwd_kernel(
     if QUERY:
         if NEED_DCOEF:  # diagonal dM share of the block: scale * sum_rows Y_J * (G_J. Y)
             y_o = tl.load(Y + offs_j64[:, None] * stride_ys + offs_do[None, :], mask=out_mask, other=0.0)
+            if HAS_KPM:
+                y_o = _padding_finite(y_o, real_j)
             slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
             tl.store(DCoefPartial + slot * head_dim + offs_do, tl.sum(y_o.to(tl.float32) * dq_acc, axis=0) * scale,
                      mask=offs_do < head_dim)
@@ -511,18 +529,22 @@ def _symattn_bwd_sym_kernel(
     valid_j = offs_j < seqlen
     y_mask = valid_j[:, None] & (offs_d[None, :] < head_dim)
     v_mask = valid_j[:, None] & (offs_dv[None, :] < head_dim_v)
+    real_j = valid_j
+    if HAS_KPM:
+        real_j = _real_tokens(Kpm, stride_kpms, offs_j, seqlen)
     y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if HAS_KPM:  # padded rows: NaN/Inf read as 0, values as 0 (see _symattn_bwd_inner)
+        y_j = _padding_finite(y_j, real_j)
     if SHARED_V:
         v_j = y_j
     else:
-        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :],
+                      mask=real_j[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
     do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
     lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
     delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
-    real_j = valid_j
     kpm_stat = seqlen
     if HAS_KPM:
-        real_j = tl.load(Kpm + offs_j64 * stride_kpms, mask=valid_j, other=0) != 0
         if EXCLUDE_SELF:
             kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, False, BLOCK_M)
     if IS_VARLEN:
@@ -568,17 +590,20 @@ def _symattn_bwd_sym_kernel(
         valid_i = offs_i < seqlen
         yi_mask = valid_i[:, None] & (offs_d[None, :] < head_dim)
         vi_mask = valid_i[:, None] & (offs_dv[None, :] < head_dim_v)
+        real_i = valid_i
+        if HAS_KPM:
+            real_i = _real_tokens(Kpm, stride_kpms, offs_i, seqlen)
         y_i = tl.load(Y + offs_i64[:, None] * stride_ys + offs_d[None, :], mask=yi_mask, other=0.0)
+        if HAS_KPM:
+            y_i = _padding_finite(y_i, real_i)
         if SHARED_V:
             v_i = y_i
         else:
-            v_i = tl.load(V + offs_i64[:, None] * stride_vs + offs_dv[None, :], mask=vi_mask, other=0.0)
+            v_i = tl.load(V + offs_i64[:, None] * stride_vs + offs_dv[None, :],
+                          mask=real_i[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         do_i = tl.load(DO + offs_i64[:, None] * stride_dos + offs_dv[None, :], mask=vi_mask, other=0.0)
         lse2_i = tl.load(Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
         delta_i = tl.load(Delta + offs_i, mask=valid_i, other=0.0)
-        real_i = valid_i
-        if HAS_KPM:
-            real_i = tl.load(Kpm + offs_i64 * stride_kpms, mask=valid_i, other=0) != 0
         # One score tile [J, I]: S_JI, and S_IJ^T (the same numbers, M symmetric).
         s = tl.dot(qm_j, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale
         pair = valid_j[:, None] & valid_i[None, :]
@@ -817,6 +842,12 @@ def attention_backward(
         fuse_roles, (block_m, block_n, warps, stages), splits = bwd_plan(
             hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0, arch)
         blocks, launch = {"BLOCK_M": block_m, "BLOCK_N": block_n}, {"num_warps": warps, "num_stages": stages}
+    if out.dtype in (torch.float16, torch.bfloat16):
+        # Delta = rowsum(dO * O) from the float32 O, recomputed: with q = k a token's self-score
+        # dominates its row, and Delta - dP_ii, the largest term of dS, cancels the rounding of
+        # a half-precision O into the gradients (flash-attn's error rule fails from head dim 224).
+        out = attention_forward(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p,
+                                exclude_self, max_seqlen, deterministic, out_dtype=torch.float32)[0]
     delta = torch.empty_like(lse)
     _symattn_bwd_preprocess[(triton.cdiv(seqlen_padded, PREPROCESS_BLOCK_M), batch * num_heads)](
         out, dout, lse if dlse is None else dlse, delta, cu_seqlens if is_varlen else lse,
@@ -880,7 +911,10 @@ def attention_backward(
             dy += dv_k
         dq_k.copy_(dy)
         if dcoef is not None:
-            dcoef.copy_(torch.einsum("...hd,...he->hde", q.float(), dqm.float()).to(dcoef.dtype))
+            y = q.float()
+            if key_padding_mask is not None:  # padding as the kernels read it (_padding_finite)
+                y = y.masked_fill(~key_padding_mask[:, :, None, None] & ~torch.isfinite(y), 0.0)
+            dcoef.copy_(torch.einsum("...hd,...he->hde", y, dqm.float()).to(dcoef.dtype))
     if dq_k is not dq:
         dq.copy_(dq_k)
     if dv is not None and dv_k is not dv:

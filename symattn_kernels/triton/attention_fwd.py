@@ -36,7 +36,9 @@ from ._utils import (
     _dropout_keep,
     _has_other_key,
     _kpm_stat,
+    _padding_finite,
     _program_sequence,
+    _real_tokens,
     attention_layout,
     check_dropout,
     coef_mode,
@@ -132,9 +134,12 @@ def _symattn_fwd_block(
     start_n = tl.multiple_of(start_n, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_n64 = offs_n.to(tl.int64)
+    rows_n = offs_n < keys.seqlen
+    if HAS_KPM:  # padded keys read as 0: their zero weights must not meet NaN/Inf stored there
+        rows_n = _real_tokens(keys.Kpm, keys.stride_kpms, offs_n, keys.seqlen)
     k = tl.load(
         keys.K + offs_n64[:, None] * keys.stride_ks + offs_d[None, :],
-        mask=(offs_n[:, None] < keys.seqlen) & (offs_d[None, :] < keys.head_dim), other=0.0,
+        mask=rows_n[:, None] & (offs_d[None, :] < keys.head_dim), other=0.0,
     )  # [BLOCK_N, HEAD_DIM]
     qk = tl.dot(queries.qm, tl.trans(k), input_precision=DOT_PRECISION) * queries.qk_scale  # [BLOCK_M, BLOCK_N]
     if SHARED_V and offs_dv.shape[0] == offs_d.shape[0]:  # all of the values: the key tile itself
@@ -142,7 +147,7 @@ def _symattn_fwd_block(
     else:
         v = tl.load(
             keys.V + offs_n64[:, None] * keys.stride_vs + offs_dv[None, :],
-            mask=(offs_n[:, None] < keys.seqlen) & (offs_dv[None, :] < keys.head_dim_v), other=0.0,
+            mask=rows_n[:, None] & (offs_dv[None, :] < keys.head_dim_v), other=0.0,
         )  # [BLOCK_N, HEAD_DIM_V / SPLIT_D]
     return _symattn_fwd_update(acc, l_i, m_i, qk, v, offs_n, queries, keys, dropout,
                                STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION)
@@ -213,6 +218,10 @@ def _symattn_fwd_kernel(
         Q + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
         mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
     )  # [BLOCK_M, HEAD_DIM]
+    real_m = row_mask
+    if HAS_KPM:  # a padded query row is computed from its finite entries: it feeds the key gradients
+        real_m = _real_tokens(Kpm, stride_kpms, offs_m, seqlen)
+        q = _padding_finite(q, real_m)
     # The coefficient enters the query tile once: scores = (Y_I M) Y_J^T for every key block. A
     # full M arrives folded (QM = Y M, one batched matmul on the host).
     if COEF_MODE == 1:
@@ -224,16 +233,16 @@ def _symattn_fwd_kernel(
             QM + offs_m.to(tl.int64)[:, None] * stride_qms + offs_d[None, :],
             mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
         )  # [BLOCK_M, HEAD_DIM]
+        if HAS_KPM:
+            qm = _padding_finite(qm, real_m)
     else:
         qm = q
 
     has_other = row_mask
     if EXCLUDE_SELF:
-        real_m = row_mask
         kpm_stat = seqlen
         if HAS_KPM:
             kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
-            real_m = tl.load(Kpm + offs_m.to(tl.int64) * stride_kpms, mask=row_mask, other=0) != 0
         has_other = _has_other_key(offs_m, seqlen, kpm_stat, real_m, IS_CAUSAL, HAS_KPM)
     if IS_VARLEN:
         row_start = seq_start64
@@ -374,7 +383,7 @@ INTERPRET_FWD_SPLIT_D = 1  # tests set 2
 
 def attention_forward(
     q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen,
-    deterministic,
+    deterministic, out_dtype=None,
 ):
     """Fused attention forward; see the module docstring for the math.
 
@@ -391,9 +400,11 @@ def attention_forward(
         exclude_self (bool): drop the diagonal unless it is a row's only allowed key.
         max_seqlen (int, Optional): longest sequence (varlen layout).
         deterministic (bool): unused by the forward (it never uses atomics).
+        out_dtype (torch.dtype, Optional): dtype of out (the backward asks for the unrounded float32
+            output of a half-precision call). Default: q's dtype.
 
     Returns:
-        (out, lse): out like ``v`` (or ``q``) in q's dtype; lse float32 [B, H, S] or [H, total].
+        (out, lse): out like ``v`` (or ``q``) in ``out_dtype``; lse float32 [B, H, S] or [H, total].
     """
     check_dropout(dropout_p, seed)
     coef = None if coef is None else coef.contiguous()  # unit last stride (see kpm)
@@ -402,7 +413,7 @@ def attention_forward(
     v = unit_last_stride(v)
     layout = attention_layout(q, v, cu_seqlens, max_seqlen)
     batch, seqlen_padded, num_heads, head_dim, head_dim_v = layout[:5]
-    out = torch.empty(q.shape[:-1] + (head_dim_v,), dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape[:-1] + (head_dim_v,), dtype=out_dtype or q.dtype, device=q.device)
     if is_varlen:
         lse = torch.empty(num_heads, q.shape[0], dtype=torch.float32, device=q.device)
     else:
