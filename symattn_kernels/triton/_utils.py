@@ -249,4 +249,4 @@ def _padding_finite(x, real):
     """Tile x [rows, cols] with the NaN/Inf entries of padded rows (real == 0) read as 0. Padded
     keys get zero weights, but 0 * NaN = NaN in a product, and a padded query's row feeds the
     key-side gradients; finite padding is read as stored."""
-    return tl.where(real[:, None] | (tl.abs(x) < float("inf")), x, 0.0).to(x.dtype)
+    return tl.where(real[:, None] | (x - x == 0), x, tl.zeros_like(x))  # x - x is 0 iff x is finite

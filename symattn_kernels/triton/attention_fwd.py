@@ -91,7 +91,7 @@ class FwdKeys(NamedTuple):
 
 @triton.jit
 def _symattn_fwd_update(
-    acc, l_i, m_i, qk, v, offs_n, queries, keys, dropout,
+    acc, l_i, m_i, qk, v, offs_n, real_n, queries, keys, dropout,
     STAGE: tl.constexpr, HAS_KPM: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -104,8 +104,7 @@ def _symattn_fwd_update(
         if STAGE == 2:
             allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
         if HAS_KPM:
-            real = tl.load(keys.Kpm + offs_n.to(tl.int64) * keys.stride_kpms, mask=offs_n < keys.seqlen, other=0) != 0
-            allowed = allowed & real[None, :]
+            allowed = allowed & real_n[None, :]
         if EXCLUDE_SELF:
             allowed = allowed & ((offs_m[:, None] != offs_n[None, :]) | (queries.has_other[:, None] == 0))
         qk = tl.where(allowed, qk, float("-inf"))
@@ -149,7 +148,7 @@ def _symattn_fwd_block(
             keys.V + offs_n64[:, None] * keys.stride_vs + offs_dv[None, :],
             mask=rows_n[:, None] & (offs_dv[None, :] < keys.head_dim_v), other=0.0,
         )  # [BLOCK_N, HEAD_DIM_V / SPLIT_D]
-    return _symattn_fwd_update(acc, l_i, m_i, qk, v, offs_n, queries, keys, dropout,
+    return _symattn_fwd_update(acc, l_i, m_i, qk, v, offs_n, rows_n, queries, keys, dropout,
                                STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION)
 
 
@@ -262,7 +261,7 @@ def _symattn_fwd_kernel(
         # registers first (q is then dead for the key loop) and skip it in the key loop, so one
         # load of Y_I serves as query, key and value. Online softmax takes the blocks in any order.
         qk = tl.dot(qm, tl.trans(q), input_precision=DOT_PRECISION) * queries.qk_scale  # [BLOCK_M, BLOCK_M]
-        acc, l_i, m_i = _symattn_fwd_update(acc, l_i, m_i, qk, q, offs_m, queries, keys, dropout,
+        acc, l_i, m_i = _symattn_fwd_update(acc, l_i, m_i, qk, q, offs_m, real_m, queries, keys, dropout,
                                             2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION)
     # Key ranges: the blocks left of the query block (STAGE 1, unmasked when causal), then the
     # diagonal block (STAGE 2, causal) or the blocks right of it (after the reused diagonal);
@@ -298,11 +297,13 @@ def _symattn_fwd_kernel(
     )
 
 
-def fwd_reuse_diag(shared_v: bool, head_dim_pad: int, arch: int) -> bool:
+def fwd_reuse_diag(shared_v: bool, head_dim_pad: int, arch: int, has_kpm: bool = False) -> bool:
     """REUSE_DIAG: in shared mode, serve the diagonal key/value block from the query tile in
     registers (no reload). Its [BLOCK_M, BLOCK_M] score step spills on wide heads
-    (``python -m bench.compile_report``): up to head dim 128 on sm_90, 64 on sm_80."""
-    return shared_v and head_dim_pad <= (128 if arch >= 90 else 64)
+    (``python -m bench.compile_report``): up to head dim 128 on sm_90, 64 on sm_80; and with a
+    padding mask, whose padded rows the query tile reads NaN/Inf-free but the values as zeros
+    (two tiles; 440 bytes of stack on sm_80 at head dim 64), the diagonal block is reloaded."""
+    return shared_v and not has_kpm and head_dim_pad <= (128 if arch >= 90 else 64)
 
 
 def fwd_split_d(head_dim_v_pad: int, dropout: bool, arch: int) -> int:
@@ -445,7 +446,7 @@ def attention_forward(
         IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self),
         DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=warp_specialize_for(arch), SPLIT_D=split_d,
         # The diagonal reuse serves all value columns from the query tile: one group only.
-        REUSE_DIAG=split_d == 1 and fwd_reuse_diag(v is None, hd_pad, arch),
+        REUSE_DIAG=split_d == 1 and fwd_reuse_diag(v is None, hd_pad, arch, kpm is not None),
     )
 
     def grid(meta):
