@@ -77,13 +77,13 @@ def coef_strides(coef) -> tuple[int, int]:
     return coef.stride(0), coef.stride(1)
 
 
-def coef_product(y, coef, transposed: bool = False):
-    """Y M (or Y M^T) per head for a full coefficient [H, D, D] and y [..., H, D], in y's dtype:
+def coef_product(y, coef):
+    """Y M per head for a full coefficient [H, D, D] and y [..., H, D], in y's dtype:
     one batched matmul with fp32 accumulation, the same rounding as a tensor-core fold in a kernel
     (and TF32 for fp32 inputs exactly when ``dot_precision`` says so). The kernels take this as
     an operand instead of staging [D, D] tiles of M in registers."""
     m = coef.to(y.dtype)
-    return torch.einsum("...hd,hed->...he" if transposed else "...hd,hde->...he", y, m)
+    return torch.einsum("...hd,hde->...he", y, m)
 
 
 class Layout(NamedTuple):

@@ -14,8 +14,8 @@ query blocks I (accumulating G_IJ^T Y_I and Pd_IJ^T dO_I) and J as queries again
 (accumulating G_JI Y_I). The roles of J sum in registers and dY_J is written once: no atomics, no
 extra sum kernel, so the result is deterministic. A diagonal M scales the iterated tile (Y_I M),
 so J's own operands stay plain loads (shared memory operands on sm_90); a full M is applied on
-the host: the kernels take Y M and Y M^T as operands (one batched matmul each) and return
-scale G Y and scale G^T Y, and dY = (scale G^T Y) M + (scale G Y) M^T (+ Pd^T dO) is one more
+the host: the kernels take Y M as operand (one batched matmul; both roles multiply Y M of the
+query rows with plain Y of the keys, the forward's rounding) and return scale G Y and scale G^T Y, and dY = (scale G^T Y) M + (scale G Y) M^T (+ Pd^T dO) is one more
 matmul, so no [D, D] tile is ever staged in the kernel. In shared mode with M = I or diagonal,
 the key and value roles share one fp32 accumulator (scale * G^T (Y_I M) + Pd^T dO_I).
 
@@ -104,12 +104,14 @@ class BwdSequence(NamedTuple):
     head_dim_v: int
     kpm_stat: int  # ``_kpm_stat`` of the sequence (exclude_self with a padding mask)
     row_ctr0: int  # dropout counter row of token 0
+    QM: object  # Y M at token 0 (a full M), with its row stride
+    stride_ms: int
 
 
 class OwnedBlock(NamedTuple):
-    """The owned block J in registers: its token rows, score operands (kq = Y_J M^T, qm = Y_J M
-    for a full M, Y_J otherwise: a diagonal M scales the iterated tile, so J's operand stays a
-    plain load), value and output-gradient tiles, the first output columns of the accumulators
+    """The owned block J in registers: its token rows, score operands (kq = Y_J; qm = Y_J M
+    for a full M, Y_J otherwise: M rides on the query side, for a diagonal one on the iterated
+    tile, so J's operand stays a plain load), value and output-gradient tiles, the first output columns of the accumulators
     ([col0, col0 + D / SPLIT_D), [colv0, ...) of the values) and a diagonal M on all columns
     (coef) and on the output ones (coef_out)."""
 
@@ -232,6 +234,13 @@ def _symattn_bwd_inner(
                 )  # [BLOCK_N, HEAD_DIM_V_OUT]
             lse2_i = tl.load(seq.Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
             delta_i = tl.load(seq.Delta + offs_i, mask=valid_i, other=0.0)
+            if COEF_MODE == 2:  # the forward's operands, Y_J and Y_I M, so that P matches its lse
+                y_m = tl.load(
+                    seq.QM + offs_i64[:, None] * seq.stride_ms + offs_d[None, :],
+                    mask=valid_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
+                )  # [BLOCK_N, HEAD_DIM]
+                if HAS_KPM:
+                    y_m = _padding_finite(y_m, real_i)
             s_t = tl.dot(owned.kq, tl.trans(y_m), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             allowed_t = valid_j[:, None] & valid_i[None, :]
             if DIAGONAL:
@@ -295,7 +304,7 @@ def _symattn_bwd_inner(
 
 @triton.jit
 def _symattn_bwd_kernel(
-    Y, V, Coef, QM, KM, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DQM, DKM, Work, DCoefPartial,
+    Y, V, Coef, QM, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DQM, DKM, Work, DCoefPartial,
     stride_yb, stride_ys, stride_yh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
@@ -315,7 +324,7 @@ def _symattn_bwd_kernel(
 ):
     """Program (j, b * H + h, g) plays the roles ROLES selects (BWD_ALL_ROLES, or BWD_QUERY_ROLE
     then, in a second launch, BWD_KEY_ROLES) of token block J for the output columns of group g
-    (SPLIT_D groups). QM / KM are Y M / Y M^T and DQM / DKM receive scale G Y / scale G^T Y for a
+    (SPLIT_D groups). QM is Y M and DQM / DKM receive scale G Y / scale G^T Y for a
     full M (the host applies M); Work carries the query launch's fp32 share of dY to the key
     launch for M = I or diagonal; all of them share the strides stride_m*."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
@@ -395,21 +404,14 @@ def _symattn_bwd_kernel(
                 tl.debug_barrier()
             v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :],
                           mask=real_j[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-        if COEF_MODE == 2:  # Y_J M^T, folded on the host
-            if HEAD_DIM > 128:
-                tl.debug_barrier()
-            kq = tl.load(KM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh)
-                         + offs_j64[:, None] * stride_ms + offs_d[None, :], mask=y_mask, other=0.0)
-            if HAS_KPM:
-                kq = _padding_finite(kq, real_j)
-        else:
-            kq = y_j
+        kq = y_j
     else:
         kq, v_j = y_j, y_j  # placeholders: the query role does not read them
 
     owned = OwnedBlock(offs_j, kq, qm, v_j, do_j, col0, colv0, coef, coef_out)
     seq = BwdSequence(Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms, seqlen, head_dim,
-                      head_dim_v, kpm_stat, row_ctr0)
+                      head_dim_v, kpm_stat, row_ctr0,
+                      QM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh), stride_ms)
     dropout = Dropout(seed, key_stride, threshold, inv_keep)
     dq_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
     dk_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
@@ -867,22 +869,22 @@ def attention_backward(
     dcoef_partial = None
     if need_dcoef:
         dcoef_partial = torch.zeros((batch, n_blocks, num_heads, head_dim), dtype=torch.float32, device=q.device)
-    qm = km = dqm = dkm = work = None
-    if mode == 2:  # a full M enters as the folded operands Y M, Y M^T and leaves as G Y, G^T Y
-        qm, km = (coef_product(q, coef, t).contiguous() for t in (False, True))
-        dqm, dkm = torch.empty_like(qm), torch.empty_like(km)
+    qm = dqm = dkm = work = None
+    if mode == 2:  # a full M enters as the folded operand Y M and leaves as G Y, G^T Y
+        qm = coef_product(q, coef).contiguous()
+        dqm, dkm = torch.empty_like(qm), torch.empty_like(qm)
         if v is None:  # the value role's share of dY, added on the host in fp32
             dv_k = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     elif not fuse_roles:  # the query launch's fp32 share of dY, for the key launch
         work = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    m_like = qm if qm is not None else work  # QM, KM, DQM, DKM and Work share one contiguous layout
+    m_like = qm if qm is not None else work  # QM, DQM, DKM and Work share one contiguous layout
 
     has_dropout = dropout_p > 0.0
     kpm = kpm_operand(key_padding_mask)
     dummy = lse  # never dereferenced: its constexpr flag is off
     args = [
         q, q if v is None else v, coef if mode == 1 else dummy, dummy if qm is None else qm,
-        dummy if km is None else km, dummy if kpm is None else kpm, cu_seqlens if is_varlen else dummy, dout, lse,
+        dummy if kpm is None else kpm, cu_seqlens if is_varlen else dummy, dout, lse,
         delta, dq_k, dummy if dv_k is None else dv_k, dummy if dqm is None else dqm, dummy if dkm is None else dkm,
         dummy if work is None else work, dummy if dcoef_partial is None else dcoef_partial,
         *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
