@@ -3,7 +3,7 @@
 With S = scale * (Y M) Y^T, P = softmax_rows(S), keep the dropout mask and Pd = P * keep / (1-p):
 
     dP    = (dO V^T) * keep / (1 - p)
-    Delta = rowsum(dO * O) - dlse       (_symattn_bwd_preprocess; O unrounded: fp32, recomputed)
+    Delta = rowsum(dO * O) - dlse       (_symattn_bwd_preprocess; ROUNDED_DELTA_MAX_HEAD_DIM)
     G     = P * (dP - Delta)                                          dL/dS
     dY    = scale * (G Y M^T + G^T Y M)   (+ Pd^T dO in shared mode)
     dM    = scale * Y^T G Y               summed over batch; diagonal M keeps its diagonal
@@ -200,20 +200,23 @@ def _symattn_bwd_inner(
         real_i = valid_i
         if HAS_KPM:
             real_i = _real_tokens(seq.Kpm, seq.stride_kpms, offs_i, seqlen)
+        # Padded rows of I: as keys only (the query role) they read as 0; as queries of J's key
+        # role their NaN/Inf reads as 0 and the rest as stored (they feed J's gradients).
+        rows_i = valid_i if KEY_ROLE else real_i
         y_i = tl.load(
             seq.Y + offs_i64[:, None] * seq.stride_ys + offs_d[None, :],
-            mask=valid_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
+            mask=rows_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
-        if HAS_KPM:  # padded rows: NaN/Inf read as 0 (they meet zero weights, or feed J's gradients)
+        if HAS_KPM and KEY_ROLE:
             y_i = _padding_finite(y_i, real_i)
         if SPLIT_D == 1:
             y_o = y_i
         else:  # the accumulators' columns of the tile
             y_o = tl.load(
                 seq.Y + offs_i64[:, None] * seq.stride_ys + offs_do[None, :],
-                mask=valid_i[:, None] & (offs_do[None, :] < seq.head_dim), other=0.0,
+                mask=rows_i[:, None] & (offs_do[None, :] < seq.head_dim), other=0.0,
             )  # [BLOCK_N, HEAD_DIM_OUT]
-            if HAS_KPM:
+            if HAS_KPM and KEY_ROLE:
                 y_o = _padding_finite(y_o, real_i)
         if COEF_MODE == 1:
             y_m = (y_i.to(tl.float32) * owned.coef[None, :]).to(y_i.dtype)  # Y_I M
@@ -700,21 +703,27 @@ def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: 
         return True, (64, 32, 4, 2 if arch >= 90 else 1), (1,)
     if arch < 90:
         return False, (32, 16, 8, 1), (1, 1)
-    split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= _sm90_split_key_width() else 1
+    split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= _sm90_split_key_width(coef_mode) else 1
     return False, (64, 16, 4, 1), (1, split_key)
 
 
-def _sm90_split_key_width() -> int:
+def _sm90_split_key_width(coef_mode: int = 0) -> int:
     """Narrowest D + Dv whose sm_90 key launch (separate values) splits its columns: 256, but
-    192 before Triton 3.9, whose allocation spills the all-options 64/128 key launch (32 bytes
-    under Triton 3.6, python -m bench.compile_report) unless split."""
-    return 256 if TRITON_VERSION >= (3, 9) else 192
+    192 for a full coefficient (its key role also loads the Y_I M tile: 48 bytes of stack at
+    64/128 under Triton 3.9) and before Triton 3.9, whose allocation spills the all-options
+    64/128 key launch (32 bytes under Triton 3.6, python -m bench.compile_report) unless split."""
+    return 256 if TRITON_VERSION >= (3, 9) and coef_mode != 2 else 192
 
 
 # Under the interpreter (and in tests) one fixed config; BLOCK_M != BLOCK_N exercises the stages.
 INTERPRET_BWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 INTERPRET_BWD_SPLIT_D = 1  # SPLIT_D of every launch (tests set 2)
 PREPROCESS_BLOCK_M = 32
+# Widest (padded) head of a half-precision call whose Delta = rowsum(dO * O) reads the rounded O.
+# With q = k a token's self-score dominates its row, and dS_ii = P_ii (dP_ii - Delta_i) cancels
+# the rounding of O into the gradients; flash-attn's error rule fails from head dim 224 in bf16.
+# Wider heads take O in fp32 from one more forward pass (the unrounded O, recomputed).
+ROUNDED_DELTA_MAX_HEAD_DIM = 128
 
 
 # Triton releases before this one spill the sm_90 symmetric backward with dropout (with a
@@ -844,10 +853,7 @@ def attention_backward(
         fuse_roles, (block_m, block_n, warps, stages), splits = bwd_plan(
             hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0, arch)
         blocks, launch = {"BLOCK_M": block_m, "BLOCK_N": block_n}, {"num_warps": warps, "num_stages": stages}
-    if out.dtype in (torch.float16, torch.bfloat16):
-        # Delta = rowsum(dO * O) from the float32 O, recomputed: with q = k a token's self-score
-        # dominates its row, and Delta - dP_ii, the largest term of dS, cancels the rounding of
-        # a half-precision O into the gradients (flash-attn's error rule fails from head dim 224).
+    if out.dtype in (torch.float16, torch.bfloat16) and max(hd_pad, hdv_pad) > ROUNDED_DELTA_MAX_HEAD_DIM:
         out = attention_forward(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p,
                                 exclude_self, max_seqlen, deterministic, out_dtype=torch.float32)[0]
     delta = torch.empty_like(lse)
