@@ -86,6 +86,15 @@ def coef_product(y, coef):
     return torch.einsum("...hd,hde->...he", y, m)
 
 
+def padding_finite(x, key_padding_mask):
+    """x [B, S, H, X] with the NaN/Inf entries of padded tokens read as 0, as the kernels read
+    them (``_padding_finite``): for the operands folded on the host."""
+    if key_padding_mask is None:
+        return x
+    pad = ~key_padding_mask.bool()[:, :, None, None]
+    return x.masked_fill(pad & ~torch.isfinite(x), 0.0)
+
+
 class Layout(NamedTuple):
     """The sizes of one attention call as its launchers and kernels use them."""
 

@@ -70,6 +70,7 @@ from ._utils import (
     kpm_operand,
     lse_strides,
     padded_head_dim,
+    padding_finite,
     token_strides,
     unit_last_stride,
 )
@@ -242,8 +243,6 @@ def _symattn_bwd_inner(
                     seq.QM + offs_i64[:, None] * seq.stride_ms + offs_d[None, :],
                     mask=valid_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
                 )  # [BLOCK_N, HEAD_DIM]
-                if HAS_KPM:
-                    y_m = _padding_finite(y_m, real_i)
             s_t = tl.dot(owned.kq, tl.trans(y_m), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             allowed_t = valid_j[:, None] & valid_i[None, :]
             if DIAGONAL:
@@ -391,8 +390,6 @@ def _symattn_bwd_kernel(
         if COEF_MODE == 2:  # Y_J M, folded on the host
             qm = tl.load(QM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh)
                          + offs_j64[:, None] * stride_ms + offs_d[None, :], mask=y_mask, other=0.0)
-            if HAS_KPM:
-                qm = _padding_finite(qm, real_j)
         elif COEF_MODE == 1:  # Y_J M rounded once, exactly as the forward's query tile
             qm = (y_j.to(tl.float32) * coef[None, :]).to(y_j.dtype)
         else:
@@ -877,7 +874,7 @@ def attention_backward(
         dcoef_partial = torch.zeros((batch, n_blocks, num_heads, head_dim), dtype=torch.float32, device=q.device)
     qm = dqm = dkm = work = None
     if mode == 2:  # a full M enters as the folded operand Y M and leaves as G Y, G^T Y
-        qm = coef_product(q, coef).contiguous()
+        qm = padding_finite(coef_product(q, coef), key_padding_mask).contiguous()  # as the kernel reads Y
         dqm, dkm = torch.empty_like(qm), torch.empty_like(qm)
         if v is None:  # the value role's share of dY, added on the host in fp32
             dv_k = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -919,9 +916,7 @@ def attention_backward(
             dy += dv_k
         dq_k.copy_(dy)
         if dcoef is not None:
-            y = q.float()
-            if key_padding_mask is not None:  # padding as the kernels read it (_padding_finite)
-                y = y.masked_fill(~key_padding_mask[:, :, None, None] & ~torch.isfinite(y), 0.0)
+            y = padding_finite(q.float(), key_padding_mask)
             dcoef.copy_(torch.einsum("...hd,...he->hde", y, dqm.float()).to(dcoef.dtype))
     if dq_k is not dq:
         dq.copy_(dq_k)

@@ -51,6 +51,7 @@ from ._utils import (
     kpm_operand,
     lse_strides,
     padded_head_dim,
+    padding_finite,
     token_strides,
     unit_last_stride,
 )
@@ -232,8 +233,6 @@ def _symattn_fwd_kernel(
             QM + offs_m.to(tl.int64)[:, None] * stride_qms + offs_d[None, :],
             mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
         )  # [BLOCK_M, HEAD_DIM]
-        if HAS_KPM:
-            qm = _padding_finite(qm, real_m)
     else:
         qm = q
 
@@ -427,7 +426,7 @@ def attention_forward(
     kpm = kpm_operand(key_padding_mask)
     mode = coef_mode(coef)
     arch = 90 if is_interpret() else device_arch(q.device)
-    qm = unit_last_stride(coef_product(q, coef)) if mode == 2 else None
+    qm = unit_last_stride(padding_finite(coef_product(q, coef), key_padding_mask)) if mode == 2 else None
     dummy = q  # never dereferenced: its constexpr flag is off
     args = [
         q, q if v is None else v, coef if mode == 1 else dummy, dummy if qm is None else qm,
