@@ -199,26 +199,25 @@ def _symattn_bwd_inner(
         offs_i64 = offs_i.to(tl.int64)
         valid_i = offs_i < seqlen
         real_i = valid_i
-        if HAS_KPM:
+        if HAS_KPM and not KEY_ROLE:
             real_i = _real_tokens(seq.Kpm, seq.stride_kpms, offs_i, seqlen)
         # Padded rows of I: as keys only (the query role) they read as 0; as queries of J's key
         # role their NaN/Inf reads as 0 and the rest as stored (they feed J's gradients).
-        rows_i = valid_i if KEY_ROLE else real_i
         y_i = tl.load(
             seq.Y + offs_i64[:, None] * seq.stride_ys + offs_d[None, :],
-            mask=rows_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
+            mask=real_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
-        if HAS_KPM and KEY_ROLE:
-            y_i = _padding_finite(y_i, real_i)
         if SPLIT_D == 1:
             y_o = y_i
         else:  # the accumulators' columns of the tile
             y_o = tl.load(
                 seq.Y + offs_i64[:, None] * seq.stride_ys + offs_do[None, :],
-                mask=rows_i[:, None] & (offs_do[None, :] < seq.head_dim), other=0.0,
+                mask=real_i[:, None] & (offs_do[None, :] < seq.head_dim), other=0.0,
             )  # [BLOCK_N, HEAD_DIM_OUT]
-            if HAS_KPM and KEY_ROLE:
-                y_o = _padding_finite(y_o, real_i)
+        if HAS_KPM and KEY_ROLE:
+            real_i = _real_tokens(seq.Kpm, seq.stride_kpms, offs_i, seqlen)
+            y_i = _padding_finite(y_i, real_i)
+            y_o = y_i if SPLIT_D == 1 else _padding_finite(y_o, real_i)
         if COEF_MODE == 1:
             y_m = (y_i.to(tl.float32) * owned.coef[None, :]).to(y_i.dtype)  # Y_I M
         else:
@@ -688,8 +687,8 @@ def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: 
     costs D/2 registers a thread whatever the rows and warps (chained dots put the warps along
     the rows), so the table trims what else is live: sm_90 keeps 64 rows (one wgmma) on 4 warps
     (8 warps would duplicate every tile), sm_80 takes 32 rows on 8 warps; on sm_90 the key launch
-    of separate values with D + Dv >= 256 (192 before Triton 3.9) holds dK and dV for half the
-    columns at a time.
+    of separate values with D + Dv >= 256 (192 before Triton 3.9 or with a full M) holds dK and
+    dV for half the columns at a time, and so does sm_80's with a full M at 256/256.
 
     Raises ValueError where no config is spill-free (``backward_unsupported``)."""
     reason = backward_unsupported(head_dim_pad, head_dim_v_pad, arch)
@@ -698,8 +697,9 @@ def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: 
     if bwd_fuse_roles(head_dim_pad, head_dim_v_pad, shared_v, coef_mode, dropout):
         # sm_80 single-stage: two stages spill 32 bytes under Triton 3.6 (clean under 3.9).
         return True, (64, 32, 4, 2 if arch >= 90 else 1), (1,)
-    if arch < 90:
-        return False, (32, 16, 8, 1), (1, 1)
+    if arch < 90:  # a full M's key launch at 256/256 also holds the Y_I M tile: half the columns
+        split_key = 2 if not shared_v and coef_mode == 2 and head_dim_pad + head_dim_v_pad >= 512 else 1
+        return False, (32, 16, 8, 1), (1, split_key)
     split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= _sm90_split_key_width(coef_mode) else 1
     return False, (64, 16, 4, 1), (1, split_key)
 

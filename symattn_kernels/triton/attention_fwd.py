@@ -139,8 +139,8 @@ def _symattn_fwd_block(
         rows_n = _real_tokens(keys.Kpm, keys.stride_kpms, offs_n, keys.seqlen)
     k = tl.load(
         keys.K + offs_n64[:, None] * keys.stride_ks + offs_d[None, :],
-        mask=rows_n[:, None] & (offs_d[None, :] < keys.head_dim), other=0.0,
-    )  # [BLOCK_N, HEAD_DIM]
+        mask=((rows_n if SHARED_V else offs_n < keys.seqlen)[:, None]) & (offs_d[None, :] < keys.head_dim), other=0.0,
+    )  # [BLOCK_N, HEAD_DIM]; separate values: padded keys meet -inf scores
     qk = tl.dot(queries.qm, tl.trans(k), input_precision=DOT_PRECISION) * queries.qk_scale  # [BLOCK_M, BLOCK_N]
     if SHARED_V and offs_dv.shape[0] == offs_d.shape[0]:  # all of the values: the key tile itself
         v = k
