@@ -192,7 +192,8 @@ def compile_job(job: Job) -> Job:
     constexprs = dict(FLAG_SETS[job.flags], HEAD_DIM=job.head_dim, HEAD_DIM_V=job.head_dim_v, DOT_PRECISION="tf32",
                       BLOCK_M=job.block_m, BLOCK_N=job.block_n, SPLIT_D=job.split_d)
     if job.kernel == "fwd":  # as attention_forward sets them for this arch
-        constexprs["REUSE_DIAG"] = job.split_d == 1 and fwd_reuse_diag(constexprs["SHARED_V"], job.head_dim, job.arch)
+        constexprs["REUSE_DIAG"] = job.split_d == 1 and fwd_reuse_diag(constexprs["SHARED_V"], job.head_dim, job.arch,
+                                                                       constexprs["HAS_KPM"])
         constexprs["WARP_SPECIALIZE"] = warp_specialize_for(job.arch)
     if job.kernel in _BWD_ROLES:
         constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] == 1  # a full dM is reduced on the host

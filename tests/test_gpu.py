@@ -144,6 +144,30 @@ def test_shared_matches_sdpa_at_bert_shape(backend):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(t, t, t).transpose(1, 2), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
+def test_padded_garbage_never_reaches_real_rows(backend, shared):
+    _usable(backend)
+    B, S, H, D = 2, 200, 2, 64
+    q, v = _leaves(torch.float16, (B, S, H, D), (B, S, H, D))
+    mask = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    mask[1, 7] = False
+    mask[1, 150:] = False
+    clean_q, clean_v = q.detach().double(), v.detach().double()
+    with torch.no_grad():
+        q[1, 7, 0, 3] = float("nan")
+        q[1, 160:] = float("inf")
+        v[1, 7], v[1, 170, :, 0] = float("nan"), float("-inf")
+    v = None if shared else v
+    out = sk.symmetric_attention(q, v, key_padding_mask=mask, backend=backend)
+    ref = R.symmetric_attention(clean_q, None if shared else clean_v, key_padding_mask=mask)
+    assert torch.isfinite(out[mask]).all()
+    torch.testing.assert_close(out[mask].double(), ref[mask], atol=5e-3, rtol=0)
+    grads = torch.autograd.grad((out * mask[..., None, None]).sum(), [t for t in (q, v) if t is not None])
+    for g in grads:
+        assert torch.isfinite(g[mask]).all(), "padding garbage reached the gradients of real tokens"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("head_norm,token_softmax", [("l2", True), (None, False)])
 @pytest.mark.parametrize("batch,seqlen,dim,heads", [(3, 1, 64, 4), (8, 300, 256, 8), (2, 4096, 128, 16)])

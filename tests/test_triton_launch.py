@@ -73,5 +73,6 @@ def test_sm90_key_launch_splits_its_columns_earlier_before_triton_3_9(monkeypatc
     assert attention_bwd.bwd_plan(64, 128, False, 2, True, 90)[2] == (1, 2)
     assert attention_bwd.bwd_plan(64, 64, False, 2, True, 90)[2] == (1, 1)
     monkeypatch.setattr(attention_bwd, "TRITON_VERSION", (3, 9))
-    assert attention_bwd.bwd_plan(64, 128, False, 2, True, 90)[2] == (1, 1)
+    assert attention_bwd.bwd_plan(64, 128, False, 0, True, 90)[2] == (1, 1)
+    assert attention_bwd.bwd_plan(64, 128, False, 2, True, 90)[2] == (1, 2)  # a full M also loads Y_I M
     assert attention_bwd.bwd_plan(128, 128, False, 2, True, 90)[2] == (1, 2)

@@ -144,10 +144,10 @@ __global__ void __launch_bounds__(BwdConfig<HD>::kWarps * 32, 1)
     }
   };
   auto load_block = [&](int t0, T* sy, T* sq, T* sdo, T* sv, float* scratch) {
-    load_tile<T, B, HD>(sy, q, p.q_st, b, seq, h, t0, p.head_dim);
-    load_tile<T, B, HD>(sq, q, p.q_st, b, seq, h, t0, p.head_dim);
+    load_tile<T, B, HD>(sy, q, p.q_st, b, seq, h, t0, p.head_dim, p.key_padding_mask, p.seqlen);
+    load_tile<T, B, HD>(sq, q, p.q_st, b, seq, h, t0, p.head_dim, p.key_padding_mask, p.seqlen);
     load_tile<T, B, HD>(sdo, dout, p.dout_st, b, seq, h, t0, dv);
-    if (!SHARED) load_tile<T, B, HD>(sv, v, p.v_st, b, seq, h, t0, p.value_dim);
+    if (!SHARED) load_tile<T, B, HD>(sv, v, p.v_st, b, seq, h, t0, p.value_dim, p.key_padding_mask, p.seqlen);
     __syncthreads();
     apply_coef<T, B, HD>(sq, scratch, p.coef, p.coef_mode, h, p.head_dim);
   };

@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(FwdConfig<HD>::kWarps * 32, 1)
   const int dv = SHARED ? p.head_dim : p.value_dim;
 
   const T* q = static_cast<const T*>(p.q);
-  load_tile<T, BM, HD>(sQ, q, p.q_st, b, seq, h, m0, p.head_dim);
+  load_tile<T, BM, HD>(sQ, q, p.q_st, b, seq, h, m0, p.head_dim, p.key_padding_mask, p.seqlen);
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
     const int i = m0 + r;
     sRealQ[r] = i < seq.len && (p.key_padding_mask == nullptr || p.key_padding_mask[static_cast<int64_t>(b) * p.seqlen + i]);
@@ -100,8 +100,11 @@ __global__ void __launch_bounds__(FwdConfig<HD>::kWarps * 32, 1)
     const bool any_real = __syncthreads_or(in_tile && real_j);
     const int cls = classify_tile(m0, BM, n0, BN, p.causal, p.exclude_self, seq.len, all_real, !any_real);
     if (cls == kTileMasked) continue;
-    load_tile<T, BN, HD>(sK, q, p.q_st, b, seq, h, n0, p.head_dim);
-    if (!SHARED) load_tile<T, BN, HD>(sV, static_cast<const T*>(p.v), p.v_st, b, seq, h, n0, p.value_dim);
+    load_tile<T, BN, HD>(sK, q, p.q_st, b, seq, h, n0, p.head_dim, p.key_padding_mask, p.seqlen);
+    if (!SHARED) {
+      load_tile<T, BN, HD>(sV, static_cast<const T*>(p.v), p.v_st, b, seq, h, n0, p.value_dim, p.key_padding_mask,
+                           p.seqlen);
+    }
     __syncthreads();
     mma_tile<T, BM, BN, HD, false, true, false>(sS, PS, sQ, PH, sK, PH);  // [BM, BN] = (Y_I M) Y_J^T
     __syncthreads();

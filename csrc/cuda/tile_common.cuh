@@ -35,16 +35,23 @@ __host__ __device__ constexpr int pitch_h(int cols) { return cols + 8; }
 __host__ __device__ constexpr int pitch_f(int cols) { return cols + 4; }
 
 // Rows [t0, t0 + ROWS) of one (sequence, head) into dst[ROWS][pitch]: elements outside
-// t < len or c < cols are zero, so padded rows and columns add nothing to any product.
+// t < len or c < cols are zero, so padded rows and columns add nothing to any product. With a
+// key padding mask kpm ([B, seqlen]), NaN/Inf stored in a masked token reads as zero: its zero
+// weights would still multiply it (0 * NaN = NaN), and a padded query row feeds key gradients.
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, const RowStrides& st, int b, const SeqInfo& s,
-                                          int h, int t0, int cols) {
+                                          int h, int t0, int cols, const bool* kpm = nullptr, int seqlen = 0) {
   constexpr int P = pitch_h<T>(COLS);
   for (int idx = threadIdx.x; idx < ROWS * COLS; idx += blockDim.x) {
     const int r = idx / COLS, c = idx % COLS;
     const int t = t0 + r;
     T val = from_float<T>(0.0f);
-    if (t < s.len && c < cols) val = src[row_offset(st, b, s, t, h) + c];
+    if (t < s.len && c < cols) {
+      val = src[row_offset(st, b, s, t, h) + c];
+      if (kpm != nullptr && !kpm[static_cast<int64_t>(b) * seqlen + t] && !isfinite(to_float(val))) {
+        val = from_float<T>(0.0f);
+      }
+    }
     dst[r * P + c] = val;
   }
 }

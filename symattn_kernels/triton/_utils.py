@@ -77,13 +77,22 @@ def coef_strides(coef) -> tuple[int, int]:
     return coef.stride(0), coef.stride(1)
 
 
-def coef_product(y, coef, transposed: bool = False):
-    """Y M (or Y M^T) per head for a full coefficient [H, D, D] and y [..., H, D], in y's dtype:
+def coef_product(y, coef):
+    """Y M per head for a full coefficient [H, D, D] and y [..., H, D], in y's dtype:
     one batched matmul with fp32 accumulation, the same rounding as a tensor-core fold in a kernel
     (and TF32 for fp32 inputs exactly when ``dot_precision`` says so). The kernels take this as
     an operand instead of staging [D, D] tiles of M in registers."""
     m = coef.to(y.dtype)
-    return torch.einsum("...hd,hed->...he" if transposed else "...hd,hde->...he", y, m)
+    return torch.einsum("...hd,hde->...he", y, m)
+
+
+def padding_finite(x, key_padding_mask):
+    """x [B, S, H, X] with the NaN/Inf entries of padded tokens read as 0, as the kernels read
+    them (``_padding_finite``): for the operands folded on the host."""
+    if key_padding_mask is None:
+        return x
+    pad = ~key_padding_mask.bool()[:, :, None, None]
+    return x.masked_fill(pad & ~torch.isfinite(x), 0.0)
 
 
 class Layout(NamedTuple):
@@ -236,3 +245,17 @@ def _dropout_keep(dropout, row_ctr, offs_key):
     ctr = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
     rnd = tl.randint(dropout.seed, ctr)
     return (rnd >> 1).to(tl.int32) >= dropout.threshold
+
+
+@triton.jit
+def _real_tokens(Kpm, stride_kpms, offs, seqlen):
+    """Whether each token row in offs is real (inside the sequence and unmasked)."""
+    return tl.load(Kpm + offs.to(tl.int64) * stride_kpms, mask=offs < seqlen, other=0) != 0
+
+
+@triton.jit
+def _padding_finite(x, real):
+    """Tile x [rows, cols] with the NaN/Inf entries of padded rows (real == 0) read as 0. Padded
+    keys get zero weights, but 0 * NaN = NaN in a product, and a padded query's row feeds the
+    key-side gradients; finite padding is read as stored."""
+    return tl.where(real[:, None] | (x - x == 0), x, tl.zeros_like(x))  # x - x is 0 iff x is finite

@@ -3,7 +3,7 @@
 With S = scale * (Y M) Y^T, P = softmax_rows(S), keep the dropout mask and Pd = P * keep / (1-p):
 
     dP    = (dO V^T) * keep / (1 - p)
-    Delta = rowsum(dO * O) - dlse                                     (_symattn_bwd_preprocess)
+    Delta = rowsum(dO * O) - dlse       (_symattn_bwd_preprocess; ROUNDED_DELTA_MAX_HEAD_DIM)
     G     = P * (dP - Delta)                                          dL/dS
     dY    = scale * (G Y M^T + G^T Y M)   (+ Pd^T dO in shared mode)
     dM    = scale * Y^T G Y               summed over batch; diagonal M keeps its diagonal
@@ -14,8 +14,8 @@ query blocks I (accumulating G_IJ^T Y_I and Pd_IJ^T dO_I) and J as queries again
 (accumulating G_JI Y_I). The roles of J sum in registers and dY_J is written once: no atomics, no
 extra sum kernel, so the result is deterministic. A diagonal M scales the iterated tile (Y_I M),
 so J's own operands stay plain loads (shared memory operands on sm_90); a full M is applied on
-the host: the kernels take Y M and Y M^T as operands (one batched matmul each) and return
-scale G Y and scale G^T Y, and dY = (scale G^T Y) M + (scale G Y) M^T (+ Pd^T dO) is one more
+the host: the kernels take Y M as operand (one batched matmul; both roles multiply Y M of the
+query rows with plain Y of the keys, the forward's rounding) and return scale G Y and scale G^T Y, and dY = (scale G^T Y) M + (scale G Y) M^T (+ Pd^T dO) is one more
 matmul, so no [D, D] tile is ever staged in the kernel. In shared mode with M = I or diagonal,
 the key and value roles share one fp32 accumulator (scale * G^T (Y_I M) + Pd^T dO_I).
 
@@ -54,7 +54,9 @@ from ._utils import (
     _dropout_keep,
     _has_other_key,
     _kpm_stat,
+    _padding_finite,
     _program_sequence,
+    _real_tokens,
     _seq_bounds,
     attention_layout,
     check_dropout,
@@ -68,9 +70,11 @@ from ._utils import (
     kpm_operand,
     lse_strides,
     padded_head_dim,
+    padding_finite,
     token_strides,
     unit_last_stride,
 )
+from .attention_fwd import attention_forward
 from .features import TRITON_VERSION
 
 __all__ = ["attention_backward"]
@@ -101,12 +105,14 @@ class BwdSequence(NamedTuple):
     head_dim_v: int
     kpm_stat: int  # ``_kpm_stat`` of the sequence (exclude_self with a padding mask)
     row_ctr0: int  # dropout counter row of token 0
+    QM: object  # Y M at token 0 (a full M), with its row stride
+    stride_ms: int
 
 
 class OwnedBlock(NamedTuple):
-    """The owned block J in registers: its token rows, score operands (kq = Y_J M^T, qm = Y_J M
-    for a full M, Y_J otherwise: a diagonal M scales the iterated tile, so J's operand stays a
-    plain load), value and output-gradient tiles, the first output columns of the accumulators
+    """The owned block J in registers: its token rows, score operands (kq = Y_J; qm = Y_J M
+    for a full M, Y_J otherwise: M rides on the query side, for a diagonal one on the iterated
+    tile, so J's operand stays a plain load), value and output-gradient tiles, the first output columns of the accumulators
     ([col0, col0 + D / SPLIT_D), [colv0, ...) of the values) and a diagonal M on all columns
     (coef) and on the output ones (coef_out)."""
 
@@ -192,24 +198,30 @@ def _symattn_bwd_inner(
         offs_i = start_i + tl.arange(0, BLOCK_N)
         offs_i64 = offs_i.to(tl.int64)
         valid_i = offs_i < seqlen
+        real_i = valid_i
+        if HAS_KPM and not KEY_ROLE:
+            real_i = _real_tokens(seq.Kpm, seq.stride_kpms, offs_i, seqlen)
+        # Padded rows of I: as keys only (the query role) they read as 0; as queries of J's key
+        # role their NaN/Inf reads as 0 and the rest as stored (they feed J's gradients).
         y_i = tl.load(
             seq.Y + offs_i64[:, None] * seq.stride_ys + offs_d[None, :],
-            mask=valid_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
+            mask=real_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
         if SPLIT_D == 1:
             y_o = y_i
         else:  # the accumulators' columns of the tile
             y_o = tl.load(
                 seq.Y + offs_i64[:, None] * seq.stride_ys + offs_do[None, :],
-                mask=valid_i[:, None] & (offs_do[None, :] < seq.head_dim), other=0.0,
+                mask=real_i[:, None] & (offs_do[None, :] < seq.head_dim), other=0.0,
             )  # [BLOCK_N, HEAD_DIM_OUT]
+        if HAS_KPM and KEY_ROLE:
+            real_i = _real_tokens(seq.Kpm, seq.stride_kpms, offs_i, seqlen)
+            y_i = _padding_finite(y_i, real_i)
+            y_o = y_i if SPLIT_D == 1 else _padding_finite(y_o, real_i)
         if COEF_MODE == 1:
             y_m = (y_i.to(tl.float32) * owned.coef[None, :]).to(y_i.dtype)  # Y_I M
         else:
             y_m = y_i
-        real_i = valid_i
-        if HAS_KPM:
-            real_i = tl.load(seq.Kpm + offs_i64 * seq.stride_kpms, mask=valid_i, other=0) != 0
         if KEY_ROLE:
             # Block J as keys/values, block I as queries; tiles are [keys J, queries I].
             do_i = tl.load(
@@ -225,6 +237,11 @@ def _symattn_bwd_inner(
                 )  # [BLOCK_N, HEAD_DIM_V_OUT]
             lse2_i = tl.load(seq.Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
             delta_i = tl.load(seq.Delta + offs_i, mask=valid_i, other=0.0)
+            if COEF_MODE == 2:  # the forward's operands, Y_J and Y_I M, so that P matches its lse
+                y_m = tl.load(
+                    seq.QM + offs_i64[:, None] * seq.stride_ms + offs_d[None, :],
+                    mask=valid_i[:, None] & (offs_d[None, :] < seq.head_dim), other=0.0,
+                )  # [BLOCK_N, HEAD_DIM]
             s_t = tl.dot(owned.kq, tl.trans(y_m), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             allowed_t = valid_j[:, None] & valid_i[None, :]
             if DIAGONAL:
@@ -269,7 +286,7 @@ def _symattn_bwd_inner(
             else:
                 v_i = tl.load(
                     seq.V + offs_i64[:, None] * seq.stride_vs + offs_dv[None, :],
-                    mask=valid_i[:, None] & (offs_dv[None, :] < seq.head_dim_v), other=0.0,
+                    mask=real_i[:, None] & (offs_dv[None, :] < seq.head_dim_v), other=0.0,
                 )  # [BLOCK_N, HEAD_DIM_V]
             allowed = valid_j[:, None] & real_i[None, :]
             if DIAGONAL:
@@ -288,7 +305,7 @@ def _symattn_bwd_inner(
 
 @triton.jit
 def _symattn_bwd_kernel(
-    Y, V, Coef, QM, KM, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DQM, DKM, Work, DCoefPartial,
+    Y, V, Coef, QM, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DQM, DKM, Work, DCoefPartial,
     stride_yb, stride_ys, stride_yh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
@@ -308,7 +325,7 @@ def _symattn_bwd_kernel(
 ):
     """Program (j, b * H + h, g) plays the roles ROLES selects (BWD_ALL_ROLES, or BWD_QUERY_ROLE
     then, in a second launch, BWD_KEY_ROLES) of token block J for the output columns of group g
-    (SPLIT_D groups). QM / KM are Y M / Y M^T and DQM / DKM receive scale G Y / scale G^T Y for a
+    (SPLIT_D groups). QM is Y M and DQM / DKM receive scale G Y / scale G^T Y for a
     full M (the host applies M); Work carries the query launch's fp32 share of dY to the key
     launch for M = I or diagonal; all of them share the strides stride_m*."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
@@ -361,6 +378,10 @@ def _symattn_bwd_kernel(
     # J's operand tiles, each staged through registers once. On wide heads a barrier between the
     # loads keeps ptxas from holding several [BLOCK_M, 256] tiles in flight at once (it spilled).
     y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    real_j = valid_j
+    if HAS_KPM:  # padded rows: NaN/Inf read as 0, values as 0 (see _symattn_bwd_inner)
+        real_j = _real_tokens(Kpm, stride_kpms, offs_j, seqlen)
+        y_j = _padding_finite(y_j, real_j)
     if QUERY:
         if HEAD_DIM > 128:
             tl.debug_barrier()
@@ -380,20 +401,16 @@ def _symattn_bwd_kernel(
         else:
             if HEAD_DIM > 128:
                 tl.debug_barrier()
-            v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
-        if COEF_MODE == 2:  # Y_J M^T, folded on the host
-            if HEAD_DIM > 128:
-                tl.debug_barrier()
-            kq = tl.load(KM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh)
-                         + offs_j64[:, None] * stride_ms + offs_d[None, :], mask=y_mask, other=0.0)
-        else:
-            kq = y_j
+            v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :],
+                          mask=real_j[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+        kq = y_j
     else:
         kq, v_j = y_j, y_j  # placeholders: the query role does not read them
 
     owned = OwnedBlock(offs_j, kq, qm, v_j, do_j, col0, colv0, coef, coef_out)
     seq = BwdSequence(Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms, seqlen, head_dim,
-                      head_dim_v, kpm_stat, row_ctr0)
+                      head_dim_v, kpm_stat, row_ctr0,
+                      QM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh), stride_ms)
     dropout = Dropout(seed, key_stride, threshold, inv_keep)
     dq_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
     dk_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
@@ -424,6 +441,8 @@ def _symattn_bwd_kernel(
     if QUERY:
         if NEED_DCOEF:  # diagonal dM share of the block: scale * sum_rows Y_J * (G_J. Y)
             y_o = tl.load(Y + offs_j64[:, None] * stride_ys + offs_do[None, :], mask=out_mask, other=0.0)
+            if HAS_KPM:
+                y_o = _padding_finite(y_o, real_j)
             slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
             tl.store(DCoefPartial + slot * head_dim + offs_do, tl.sum(y_o.to(tl.float32) * dq_acc, axis=0) * scale,
                      mask=offs_do < head_dim)
@@ -511,18 +530,22 @@ def _symattn_bwd_sym_kernel(
     valid_j = offs_j < seqlen
     y_mask = valid_j[:, None] & (offs_d[None, :] < head_dim)
     v_mask = valid_j[:, None] & (offs_dv[None, :] < head_dim_v)
+    real_j = valid_j
+    if HAS_KPM:
+        real_j = _real_tokens(Kpm, stride_kpms, offs_j, seqlen)
     y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if HAS_KPM:  # padded rows: NaN/Inf read as 0, values as 0 (see _symattn_bwd_inner)
+        y_j = _padding_finite(y_j, real_j)
     if SHARED_V:
         v_j = y_j
     else:
-        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :],
+                      mask=real_j[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
     do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
     lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
     delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
-    real_j = valid_j
     kpm_stat = seqlen
     if HAS_KPM:
-        real_j = tl.load(Kpm + offs_j64 * stride_kpms, mask=valid_j, other=0) != 0
         if EXCLUDE_SELF:
             kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, False, BLOCK_M)
     if IS_VARLEN:
@@ -568,17 +591,20 @@ def _symattn_bwd_sym_kernel(
         valid_i = offs_i < seqlen
         yi_mask = valid_i[:, None] & (offs_d[None, :] < head_dim)
         vi_mask = valid_i[:, None] & (offs_dv[None, :] < head_dim_v)
+        real_i = valid_i
+        if HAS_KPM:
+            real_i = _real_tokens(Kpm, stride_kpms, offs_i, seqlen)
         y_i = tl.load(Y + offs_i64[:, None] * stride_ys + offs_d[None, :], mask=yi_mask, other=0.0)
+        if HAS_KPM:
+            y_i = _padding_finite(y_i, real_i)
         if SHARED_V:
             v_i = y_i
         else:
-            v_i = tl.load(V + offs_i64[:, None] * stride_vs + offs_dv[None, :], mask=vi_mask, other=0.0)
+            v_i = tl.load(V + offs_i64[:, None] * stride_vs + offs_dv[None, :],
+                          mask=real_i[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         do_i = tl.load(DO + offs_i64[:, None] * stride_dos + offs_dv[None, :], mask=vi_mask, other=0.0)
         lse2_i = tl.load(Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
         delta_i = tl.load(Delta + offs_i, mask=valid_i, other=0.0)
-        real_i = valid_i
-        if HAS_KPM:
-            real_i = tl.load(Kpm + offs_i64 * stride_kpms, mask=valid_i, other=0) != 0
         # One score tile [J, I]: S_JI, and S_IJ^T (the same numbers, M symmetric).
         s = tl.dot(qm_j, tl.trans(y_i), input_precision=DOT_PRECISION) * qk_scale
         pair = valid_j[:, None] & valid_i[None, :]
@@ -661,8 +687,8 @@ def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: 
     costs D/2 registers a thread whatever the rows and warps (chained dots put the warps along
     the rows), so the table trims what else is live: sm_90 keeps 64 rows (one wgmma) on 4 warps
     (8 warps would duplicate every tile), sm_80 takes 32 rows on 8 warps; on sm_90 the key launch
-    of separate values with D + Dv >= 256 (192 before Triton 3.9) holds dK and dV for half the
-    columns at a time.
+    of separate values with D + Dv >= 256 (192 before Triton 3.9 or with a full M) holds dK and
+    dV for half the columns at a time, and so does sm_80's with a full M at 256/256.
 
     Raises ValueError where no config is spill-free (``backward_unsupported``)."""
     reason = backward_unsupported(head_dim_pad, head_dim_v_pad, arch)
@@ -671,23 +697,30 @@ def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: 
     if bwd_fuse_roles(head_dim_pad, head_dim_v_pad, shared_v, coef_mode, dropout):
         # sm_80 single-stage: two stages spill 32 bytes under Triton 3.6 (clean under 3.9).
         return True, (64, 32, 4, 2 if arch >= 90 else 1), (1,)
-    if arch < 90:
-        return False, (32, 16, 8, 1), (1, 1)
-    split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= _sm90_split_key_width() else 1
+    if arch < 90:  # a full M's key launch at 256/256 also holds the Y_I M tile: half the columns
+        split_key = 2 if not shared_v and coef_mode == 2 and head_dim_pad + head_dim_v_pad >= 512 else 1
+        return False, (32, 16, 8, 1), (1, split_key)
+    split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= _sm90_split_key_width(coef_mode) else 1
     return False, (64, 16, 4, 1), (1, split_key)
 
 
-def _sm90_split_key_width() -> int:
+def _sm90_split_key_width(coef_mode: int = 0) -> int:
     """Narrowest D + Dv whose sm_90 key launch (separate values) splits its columns: 256, but
-    192 before Triton 3.9, whose allocation spills the all-options 64/128 key launch (32 bytes
-    under Triton 3.6, python -m bench.compile_report) unless split."""
-    return 256 if TRITON_VERSION >= (3, 9) else 192
+    192 for a full coefficient (its key role also loads the Y_I M tile: 48 bytes of stack at
+    64/128 under Triton 3.9) and before Triton 3.9, whose allocation spills the all-options
+    64/128 key launch (32 bytes under Triton 3.6, python -m bench.compile_report) unless split."""
+    return 256 if TRITON_VERSION >= (3, 9) and coef_mode != 2 else 192
 
 
 # Under the interpreter (and in tests) one fixed config; BLOCK_M != BLOCK_N exercises the stages.
 INTERPRET_BWD_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 INTERPRET_BWD_SPLIT_D = 1  # SPLIT_D of every launch (tests set 2)
 PREPROCESS_BLOCK_M = 32
+# Widest (padded) head of a half-precision call whose Delta = rowsum(dO * O) reads the rounded O.
+# With q = k a token's self-score dominates its row, and dS_ii = P_ii (dP_ii - Delta_i) cancels
+# the rounding of O into the gradients; flash-attn's error rule fails from head dim 224 in bf16.
+# Wider heads take O in fp32 from one more forward pass (the unrounded O, recomputed).
+ROUNDED_DELTA_MAX_HEAD_DIM = 128
 
 
 # Triton releases before this one spill the sm_90 symmetric backward with dropout (with a
@@ -817,6 +850,9 @@ def attention_backward(
         fuse_roles, (block_m, block_n, warps, stages), splits = bwd_plan(
             hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0, arch)
         blocks, launch = {"BLOCK_M": block_m, "BLOCK_N": block_n}, {"num_warps": warps, "num_stages": stages}
+    if out.dtype in (torch.float16, torch.bfloat16) and max(hd_pad, hdv_pad) > ROUNDED_DELTA_MAX_HEAD_DIM:
+        out = attention_forward(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p,
+                                exclude_self, max_seqlen, deterministic, out_dtype=torch.float32)[0]
     delta = torch.empty_like(lse)
     _symattn_bwd_preprocess[(triton.cdiv(seqlen_padded, PREPROCESS_BLOCK_M), batch * num_heads)](
         out, dout, lse if dlse is None else dlse, delta, cu_seqlens if is_varlen else lse,
@@ -836,22 +872,22 @@ def attention_backward(
     dcoef_partial = None
     if need_dcoef:
         dcoef_partial = torch.zeros((batch, n_blocks, num_heads, head_dim), dtype=torch.float32, device=q.device)
-    qm = km = dqm = dkm = work = None
-    if mode == 2:  # a full M enters as the folded operands Y M, Y M^T and leaves as G Y, G^T Y
-        qm, km = (coef_product(q, coef, t).contiguous() for t in (False, True))
-        dqm, dkm = torch.empty_like(qm), torch.empty_like(km)
+    qm = dqm = dkm = work = None
+    if mode == 2:  # a full M enters as the folded operand Y M and leaves as G Y, G^T Y
+        qm = padding_finite(coef_product(q, coef), key_padding_mask).contiguous()  # as the kernel reads Y
+        dqm, dkm = torch.empty_like(qm), torch.empty_like(qm)
         if v is None:  # the value role's share of dY, added on the host in fp32
             dv_k = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     elif not fuse_roles:  # the query launch's fp32 share of dY, for the key launch
         work = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    m_like = qm if qm is not None else work  # QM, KM, DQM, DKM and Work share one contiguous layout
+    m_like = qm if qm is not None else work  # QM, DQM, DKM and Work share one contiguous layout
 
     has_dropout = dropout_p > 0.0
     kpm = kpm_operand(key_padding_mask)
     dummy = lse  # never dereferenced: its constexpr flag is off
     args = [
         q, q if v is None else v, coef if mode == 1 else dummy, dummy if qm is None else qm,
-        dummy if km is None else km, dummy if kpm is None else kpm, cu_seqlens if is_varlen else dummy, dout, lse,
+        dummy if kpm is None else kpm, cu_seqlens if is_varlen else dummy, dout, lse,
         delta, dq_k, dummy if dv_k is None else dv_k, dummy if dqm is None else dqm, dummy if dkm is None else dkm,
         dummy if work is None else work, dummy if dcoef_partial is None else dcoef_partial,
         *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
@@ -880,7 +916,8 @@ def attention_backward(
             dy += dv_k
         dq_k.copy_(dy)
         if dcoef is not None:
-            dcoef.copy_(torch.einsum("...hd,...he->hde", q.float(), dqm.float()).to(dcoef.dtype))
+            y = padding_finite(q.float(), key_padding_mask)
+            dcoef.copy_(torch.einsum("...hd,...he->hde", y, dqm.float()).to(dcoef.dtype))
     if dq_k is not dq:
         dq.copy_(dq_k)
     if dv is not None and dv_k is not dv:

@@ -36,7 +36,9 @@ from ._utils import (
     _dropout_keep,
     _has_other_key,
     _kpm_stat,
+    _padding_finite,
     _program_sequence,
+    _real_tokens,
     attention_layout,
     check_dropout,
     coef_mode,
@@ -49,6 +51,7 @@ from ._utils import (
     kpm_operand,
     lse_strides,
     padded_head_dim,
+    padding_finite,
     token_strides,
     unit_last_stride,
 )
@@ -89,7 +92,7 @@ class FwdKeys(NamedTuple):
 
 @triton.jit
 def _symattn_fwd_update(
-    acc, l_i, m_i, qk, v, offs_n, queries, keys, dropout,
+    acc, l_i, m_i, qk, v, offs_n, real_n, queries, keys, dropout,
     STAGE: tl.constexpr, HAS_KPM: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -102,8 +105,7 @@ def _symattn_fwd_update(
         if STAGE == 2:
             allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
         if HAS_KPM:
-            real = tl.load(keys.Kpm + offs_n.to(tl.int64) * keys.stride_kpms, mask=offs_n < keys.seqlen, other=0) != 0
-            allowed = allowed & real[None, :]
+            allowed = allowed & real_n[None, :]
         if EXCLUDE_SELF:
             allowed = allowed & ((offs_m[:, None] != offs_n[None, :]) | (queries.has_other[:, None] == 0))
         qk = tl.where(allowed, qk, float("-inf"))
@@ -132,19 +134,22 @@ def _symattn_fwd_block(
     start_n = tl.multiple_of(start_n, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_n64 = offs_n.to(tl.int64)
+    rows_n = offs_n < keys.seqlen
+    if HAS_KPM:  # padded keys read as 0: their zero weights must not meet NaN/Inf stored there
+        rows_n = _real_tokens(keys.Kpm, keys.stride_kpms, offs_n, keys.seqlen)
     k = tl.load(
         keys.K + offs_n64[:, None] * keys.stride_ks + offs_d[None, :],
-        mask=(offs_n[:, None] < keys.seqlen) & (offs_d[None, :] < keys.head_dim), other=0.0,
-    )  # [BLOCK_N, HEAD_DIM]
+        mask=((rows_n if SHARED_V else offs_n < keys.seqlen)[:, None]) & (offs_d[None, :] < keys.head_dim), other=0.0,
+    )  # [BLOCK_N, HEAD_DIM]; separate values: padded keys meet -inf scores
     qk = tl.dot(queries.qm, tl.trans(k), input_precision=DOT_PRECISION) * queries.qk_scale  # [BLOCK_M, BLOCK_N]
     if SHARED_V and offs_dv.shape[0] == offs_d.shape[0]:  # all of the values: the key tile itself
         v = k
     else:
         v = tl.load(
             keys.V + offs_n64[:, None] * keys.stride_vs + offs_dv[None, :],
-            mask=(offs_n[:, None] < keys.seqlen) & (offs_dv[None, :] < keys.head_dim_v), other=0.0,
+            mask=rows_n[:, None] & (offs_dv[None, :] < keys.head_dim_v), other=0.0,
         )  # [BLOCK_N, HEAD_DIM_V / SPLIT_D]
-    return _symattn_fwd_update(acc, l_i, m_i, qk, v, offs_n, queries, keys, dropout,
+    return _symattn_fwd_update(acc, l_i, m_i, qk, v, offs_n, rows_n, queries, keys, dropout,
                                STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION)
 
 
@@ -213,6 +218,10 @@ def _symattn_fwd_kernel(
         Q + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
         mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
     )  # [BLOCK_M, HEAD_DIM]
+    real_m = row_mask
+    if HAS_KPM:  # a padded query row is computed from its finite entries: it feeds the key gradients
+        real_m = _real_tokens(Kpm, stride_kpms, offs_m, seqlen)
+        q = _padding_finite(q, real_m)
     # The coefficient enters the query tile once: scores = (Y_I M) Y_J^T for every key block. A
     # full M arrives folded (QM = Y M, one batched matmul on the host).
     if COEF_MODE == 1:
@@ -229,11 +238,9 @@ def _symattn_fwd_kernel(
 
     has_other = row_mask
     if EXCLUDE_SELF:
-        real_m = row_mask
         kpm_stat = seqlen
         if HAS_KPM:
             kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
-            real_m = tl.load(Kpm + offs_m.to(tl.int64) * stride_kpms, mask=row_mask, other=0) != 0
         has_other = _has_other_key(offs_m, seqlen, kpm_stat, real_m, IS_CAUSAL, HAS_KPM)
     if IS_VARLEN:
         row_start = seq_start64
@@ -253,7 +260,7 @@ def _symattn_fwd_kernel(
         # registers first (q is then dead for the key loop) and skip it in the key loop, so one
         # load of Y_I serves as query, key and value. Online softmax takes the blocks in any order.
         qk = tl.dot(qm, tl.trans(q), input_precision=DOT_PRECISION) * queries.qk_scale  # [BLOCK_M, BLOCK_M]
-        acc, l_i, m_i = _symattn_fwd_update(acc, l_i, m_i, qk, q, offs_m, queries, keys, dropout,
+        acc, l_i, m_i = _symattn_fwd_update(acc, l_i, m_i, qk, q, offs_m, real_m, queries, keys, dropout,
                                             2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION)
     # Key ranges: the blocks left of the query block (STAGE 1, unmasked when causal), then the
     # diagonal block (STAGE 2, causal) or the blocks right of it (after the reused diagonal);
@@ -289,11 +296,13 @@ def _symattn_fwd_kernel(
     )
 
 
-def fwd_reuse_diag(shared_v: bool, head_dim_pad: int, arch: int) -> bool:
+def fwd_reuse_diag(shared_v: bool, head_dim_pad: int, arch: int, has_kpm: bool = False) -> bool:
     """REUSE_DIAG: in shared mode, serve the diagonal key/value block from the query tile in
     registers (no reload). Its [BLOCK_M, BLOCK_M] score step spills on wide heads
-    (``python -m bench.compile_report``): up to head dim 128 on sm_90, 64 on sm_80."""
-    return shared_v and head_dim_pad <= (128 if arch >= 90 else 64)
+    (``python -m bench.compile_report``): up to head dim 128 on sm_90, 64 on sm_80; and with a
+    padding mask, whose padded rows the query tile reads NaN/Inf-free but the values as zeros
+    (two tiles; 440 bytes of stack on sm_80 at head dim 64), the diagonal block is reloaded."""
+    return shared_v and not has_kpm and head_dim_pad <= (128 if arch >= 90 else 64)
 
 
 def fwd_split_d(head_dim_v_pad: int, dropout: bool, arch: int) -> int:
@@ -374,7 +383,7 @@ INTERPRET_FWD_SPLIT_D = 1  # tests set 2
 
 def attention_forward(
     q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen,
-    deterministic,
+    deterministic, out_dtype=None,
 ):
     """Fused attention forward; see the module docstring for the math.
 
@@ -391,9 +400,11 @@ def attention_forward(
         exclude_self (bool): drop the diagonal unless it is a row's only allowed key.
         max_seqlen (int, Optional): longest sequence (varlen layout).
         deterministic (bool): unused by the forward (it never uses atomics).
+        out_dtype (torch.dtype, Optional): dtype of out (the backward asks for the unrounded float32
+            output of a half-precision call). Default: q's dtype.
 
     Returns:
-        (out, lse): out like ``v`` (or ``q``) in q's dtype; lse float32 [B, H, S] or [H, total].
+        (out, lse): out like ``v`` (or ``q``) in ``out_dtype``; lse float32 [B, H, S] or [H, total].
     """
     check_dropout(dropout_p, seed)
     coef = None if coef is None else coef.contiguous()  # unit last stride (see kpm)
@@ -402,7 +413,7 @@ def attention_forward(
     v = unit_last_stride(v)
     layout = attention_layout(q, v, cu_seqlens, max_seqlen)
     batch, seqlen_padded, num_heads, head_dim, head_dim_v = layout[:5]
-    out = torch.empty(q.shape[:-1] + (head_dim_v,), dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape[:-1] + (head_dim_v,), dtype=out_dtype or q.dtype, device=q.device)
     if is_varlen:
         lse = torch.empty(num_heads, q.shape[0], dtype=torch.float32, device=q.device)
     else:
@@ -415,7 +426,7 @@ def attention_forward(
     kpm = kpm_operand(key_padding_mask)
     mode = coef_mode(coef)
     arch = 90 if is_interpret() else device_arch(q.device)
-    qm = unit_last_stride(coef_product(q, coef)) if mode == 2 else None
+    qm = unit_last_stride(padding_finite(coef_product(q, coef), key_padding_mask)) if mode == 2 else None
     dummy = q  # never dereferenced: its constexpr flag is off
     args = [
         q, q if v is None else v, coef if mode == 1 else dummy, dummy if qm is None else qm,
@@ -434,7 +445,7 @@ def attention_forward(
         IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self),
         DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=warp_specialize_for(arch), SPLIT_D=split_d,
         # The diagonal reuse serves all value columns from the query tile: one group only.
-        REUSE_DIAG=split_d == 1 and fwd_reuse_diag(v is None, hd_pad, arch),
+        REUSE_DIAG=split_d == 1 and fwd_reuse_diag(v is None, hd_pad, arch, kpm is not None),
     )
 
     def grid(meta):
