@@ -155,6 +155,25 @@ class Dropout(NamedTuple):
     inv_keep: float  # 1 / (1 - p)
 
 
+def prepare_call(q, v, coef, cu_seqlens, max_seqlen, dropout_p: float, seed):
+    """What every attention launcher does first: the dropout guard (``check_dropout``), unit last
+    strides of q, v (``unit_last_stride``) and of a coefficient (all the kernels need), and the
+    call's ``Layout``. Returns (q, v, coef, layout)."""
+    check_dropout(dropout_p, seed)
+    coef = None if coef is None else coef.contiguous()
+    q, v = unit_last_stride(q), unit_last_stride(v)
+    return q, v, coef, attention_layout(q, v, cu_seqlens, max_seqlen)
+
+
+def tail_args(kpm, lse, layout: Layout, scale: float, dropout_p: float, seed) -> list:
+    """The arguments every attention kernel's runtime list ends with, in its order: the padding
+    mask's (batch, token) strides (zeros without one), lse's (``lse_strides``),
+    ``Layout.kernel_sizes``, the score scale and ``dropout_args``."""
+    kpm_strides = (0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))
+    return [*kpm_strides, *lse_strides(lse, layout.is_varlen), *layout.kernel_sizes(), float(scale),
+            *dropout_args(dropout_p, seed)]
+
+
 def kpm_operand(key_padding_mask):
     """The padding mask as the kernels read it: one byte per token, contiguous (a unit token
     stride is specialized by the JIT, as ``bench.compile_report`` assumes), or None."""
@@ -172,14 +191,41 @@ def dropout_args(dropout_p: float, seed) -> tuple[int, int, float]:
     return int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
+class ProgramSequence(NamedTuple):
+    """The (batch, head) sequence of a program (``_program_sequence``): batch, head and first
+    token row in int64 (address arithmetic), the sequence length, and the dropout counter row of
+    its token 0 (``_dropout_keep``)."""
+
+    b: object
+    h: object
+    start: object
+    seqlen: object
+    row_ctr0: object
+
+
 @triton.jit
-def _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN: tl.constexpr):
-    """(batch, head, first token row, length) of the sequence of program axis 1 (= b * H + h)."""
+def _program_sequence(CuSeqlens, num_heads, seqlen_padded, n_rows, IS_VARLEN: tl.constexpr):
+    """``ProgramSequence`` of program axis 1 (= b * H + h)."""
     off_bh = tl.program_id(1)
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
-    return off_b, off_h, seq_start, seqlen
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    start64 = seq_start.to(tl.int64)
+    # Dropout counters follow the real token rows: the varlen start, or b * S when padded.
+    if IS_VARLEN:
+        row_ctr0 = h64 * n_rows + start64
+    else:
+        row_ctr0 = h64 * n_rows + b64 * seqlen_padded
+    return ProgramSequence(b64, h64, start64, seqlen, row_ctr0)
+
+
+@triton.jit
+def _token0(seq, stride_b, stride_s, stride_h):
+    """Element offset of token 0 of the program's sequence ``seq`` (``ProgramSequence``) in its
+    head, in a tensor of those batch, token and head strides."""
+    return seq.b * stride_b + seq.start * stride_s + seq.h * stride_h
 
 
 @triton.jit
