@@ -30,10 +30,12 @@ import triton
 import triton.language as tl
 
 # Device side: constants, the named tuples and @triton.jit helpers the kernels share.
-from ._utils import LN2, LOG2E, Dropout, _dropout_keep, _has_other_key, _kpm_stat, _program_sequence, _token0
+from .attention_common import (LN2, LOG2E, Dropout, _dropout_keep, _has_other_key, _kpm_stat, _program_sequence,
+                               _token0)
 # Host side: the launch pieces the launchers share.
-from ._utils import (coef_mode, coef_product, coef_strides, device_arch, dot_precision, is_interpret, kpm_operand,
-                     padded_head_dim, prepare_call, tail_args, token_strides, unit_last_stride)
+from .attention_common import (coef_mode, coef_product, coef_strides, device_arch, dot_precision, is_interpret,
+                               kpm_operand, padded_head_dim, prepare_call, tail_args, token_strides,
+                               unit_last_stride)
 from .features import warp_specialize_for
 
 __all__ = ["attention_forward"]

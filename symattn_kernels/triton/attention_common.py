@@ -1,7 +1,8 @@
-"""Helpers shared by the forward and backward attention kernels: Triton device functions for
-a program's sequence, key-padding statistics, the exclude-self rule and the dropout mask, the
-named tuples the kernels hand their loops (``Dropout``), and the host-side pieces every
-launcher needs (layout strides, head-dim padding, dot precision, the full-coefficient products).
+"""What the forward and backward attention kernels share: Triton device functions for a
+program's sequence (``ProgramSequence``, ``_token0``), key-padding statistics, the exclude-self
+rule and the dropout mask, the named tuples the kernels hand their loops (``Dropout``), and the
+host-side pieces every launcher needs (``prepare_call``, ``tail_args``, layout strides, head-dim
+padding, dot precision, the full-coefficient products; the LAMA launcher takes the generic ones).
 
 exclude_self rule. Row i's allowed keys before the rule are
 A_i = {j < seqlen : (not causal or j <= i) and kpm[j]}. The diagonal is removed unless
