@@ -157,9 +157,9 @@ class Dropout(NamedTuple):
 
 
 def prepare_call(q, v, coef, cu_seqlens, max_seqlen, dropout_p: float, seed):
-    """What every attention launcher does first: the dropout guard (``check_dropout``), unit last
-    strides of q, v (``unit_last_stride``) and of a coefficient (all the kernels need), and the
-    call's ``Layout``. Returns (q, v, coef, layout)."""
+    """What every attention launcher does first: the dropout guard (``check_dropout``), q and v
+    with a unit last stride (``unit_last_stride``, all the kernels need), a contiguous coefficient,
+    and the call's ``Layout``. Returns (q, v, coef, layout)."""
     check_dropout(dropout_p, seed)
     coef = None if coef is None else coef.contiguous()
     q, v = unit_last_stride(q), unit_last_stride(v)
