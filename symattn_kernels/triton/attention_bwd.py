@@ -50,7 +50,7 @@ import triton.language as tl
 
 # Device side: constants, the named tuples and @triton.jit helpers the kernels share.
 from .attention_common import (LOG2E, Dropout, _dropout_keep, _has_other_key, _kpm_stat, _program_sequence,
-                               _seq_bounds, _token0)
+                               _in_int64, _row_ctr0, _seq_bounds, _token0)
 # Host side: the launch pieces the launchers share.
 from .attention_common import (coef_mode, coef_product, coef_strides, device_arch, dot_precision, is_interpret,
                                kpm_operand, lse_strides, padded_head_dim, prepare_call, tail_args, token_strides,
@@ -302,12 +302,13 @@ def _symattn_bwd_kernel(
     KEY: tl.constexpr = ROLES != BWD_QUERY_ROLE
     QUERY: tl.constexpr = ROLES != BWD_KEY_ROLES
     start_j = tl.program_id(0)
-    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, n_rows, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
     seqlen = prog.seqlen
     col0 = tl.program_id(2) * HEAD_DIM_OUT
     colv0 = tl.program_id(2) * HEAD_DIM_V_OUT
     if start_j * BLOCK_M >= seqlen:
         return
+    prog = _in_int64(prog)
     Y += _token0(prog, stride_yb, stride_ys, stride_yh)
     V += _token0(prog, stride_vb, stride_vs, stride_vh)
     DO += _token0(prog, stride_dob, stride_dos, stride_doh)
@@ -329,6 +330,7 @@ def _symattn_bwd_kernel(
     kpm_stat = seqlen
     if HAS_KPM and EXCLUDE_SELF:
         kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
+    row_ctr0 = _row_ctr0(prog, n_rows, seqlen_padded, IS_VARLEN)
     if COEF_MODE == 1:
         coef = tl.load(Coef + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)  # [HEAD_DIM]
         coef_out = tl.load(Coef + offs_do * stride_cd, mask=offs_do < head_dim, other=0.0).to(tl.float32)
@@ -371,7 +373,7 @@ def _symattn_bwd_kernel(
 
     owned = OwnedBlock(offs_j, kq, qm, v_j, do_j, col0, colv0, coef, coef_out)
     seq = BwdSequence(Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms, seqlen, head_dim,
-                      head_dim_v, kpm_stat, prog.row_ctr0)
+                      head_dim_v, kpm_stat, row_ctr0)
     dropout = Dropout(seed, key_stride, threshold, inv_keep)
     dq_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
     dk_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
@@ -467,10 +469,11 @@ def _symattn_bwd_sym_kernel(
     dY_J += scale (G_sum Y_I) M + Pd_IJ^T dO_I in registers and dY_I += scale (G_sum^T Y_J) M +
     Pd_JI^T dO_J by fp32 atomics: 7 matmuls per block pair instead of 10 (not deterministic)."""
     start_j = tl.program_id(0)
-    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, n_rows, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
     seqlen = prog.seqlen
     if start_j * BLOCK_M >= seqlen:
         return
+    prog = _in_int64(prog)
     Y += _token0(prog, stride_yb, stride_ys, stride_yh)
     V += _token0(prog, stride_vb, stride_vs, stride_vh)
     DO += _token0(prog, stride_dob, stride_dos, stride_doh)
@@ -501,7 +504,7 @@ def _symattn_bwd_sym_kernel(
         real_j = tl.load(Kpm + offs_j64 * stride_kpms, mask=valid_j, other=0) != 0
         if EXCLUDE_SELF:
             kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, False, BLOCK_M)
-    row_ctr_base = prog.row_ctr0
+    row_ctr_base = _row_ctr0(prog, n_rows, seqlen_padded, IS_VARLEN)
     row_ctr_j = row_ctr_base + offs_j64
     dropout = Dropout(seed, key_stride, threshold, inv_keep)
     qk_scale = scale * LOG2E

@@ -193,33 +193,44 @@ def dropout_args(dropout_p: float, seed) -> tuple[int, int, float]:
 
 
 class ProgramSequence(NamedTuple):
-    """The (batch, head) sequence of a program (``_program_sequence``): batch, head and first
-    token row in int64 (address arithmetic), the sequence length, and the dropout counter row of
-    its token 0 (``_dropout_keep``)."""
+    """The (batch, head) sequence of a program (``_program_sequence``): batch, head, first token
+    row and length (int32; ``_in_int64`` converts the first three for address arithmetic)."""
 
     b: object
     h: object
     start: object
     seqlen: object
-    row_ctr0: object
 
 
 @triton.jit
-def _program_sequence(CuSeqlens, num_heads, seqlen_padded, n_rows, IS_VARLEN: tl.constexpr):
+def _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN: tl.constexpr):
     """``ProgramSequence`` of program axis 1 (= b * H + h)."""
     off_bh = tl.program_id(1)
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
-    b64 = off_b.to(tl.int64)
-    h64 = off_h.to(tl.int64)
-    start64 = seq_start.to(tl.int64)
-    # Dropout counters follow the real token rows: the varlen start, or b * S when padded.
+    return ProgramSequence(off_b, off_h, seq_start, seqlen)
+
+
+@triton.jit
+def _in_int64(seq):
+    """``seq`` with batch, head and first token row in int64, for address arithmetic. A kernel
+    converts after its early exit: converted before it, the sm_80 query launch of head dim 128
+    spilled 8 bytes (``python -m bench.compile_report``)."""
+    return ProgramSequence(seq.b.to(tl.int64), seq.h.to(tl.int64), seq.start.to(tl.int64), seq.seqlen)
+
+
+@triton.jit
+def _row_ctr0(seq, n_rows, seqlen_padded, IS_VARLEN: tl.constexpr):
+    """Dropout counter row (``_dropout_keep``) of token 0 of the program's sequence ``seq``: the
+    counters follow the real token rows, the varlen start or b * S when padded. Computed where a
+    kernel needs it, not in ``_program_sequence``: held from the prologue, it spilled the sm_80
+    query launch of head dim 128 (8 bytes, ``python -m bench.compile_report``)."""
     if IS_VARLEN:
-        row_ctr0 = h64 * n_rows + start64
+        row_ctr0 = seq.h * n_rows + seq.start
     else:
-        row_ctr0 = h64 * n_rows + b64 * seqlen_padded
-    return ProgramSequence(b64, h64, start64, seqlen, row_ctr0)
+        row_ctr0 = seq.h * n_rows + seq.b * seqlen_padded
+    return row_ctr0
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import triton.language as tl
 
 # Device side: constants, the named tuples and @triton.jit helpers the kernels share.
 from .attention_common import (LN2, LOG2E, Dropout, _dropout_keep, _has_other_key, _kpm_stat, _program_sequence,
-                               _token0)
+                               _in_int64, _row_ctr0, _token0)
 # Host side: the launch pieces the launchers share.
 from .attention_common import (coef_mode, coef_product, coef_strides, device_arch, dot_precision, is_interpret,
                                kpm_operand, padded_head_dim, prepare_call, tail_args, token_strides,
@@ -177,10 +177,11 @@ def _symattn_fwd_kernel(
     tl.static_assert(HEAD_DIM_V % SPLIT_D == 0 and (SPLIT_D == 1 or not REUSE_DIAG))
     HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
     start_m = tl.program_id(0)
-    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, n_rows, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
     seqlen = prog.seqlen
     if start_m * BLOCK_M >= seqlen:
         return
+    prog = _in_int64(prog)
     Q += _token0(prog, stride_qb, stride_qs, stride_qh)
     V += _token0(prog, stride_vb, stride_vs, stride_vh)
     Out += _token0(prog, stride_ob, stride_os, stride_oh)
@@ -217,7 +218,7 @@ def _symattn_fwd_kernel(
             kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
             real_m = tl.load(Kpm + offs_m.to(tl.int64) * stride_kpms, mask=row_mask, other=0) != 0
         has_other = _has_other_key(offs_m, seqlen, kpm_stat, real_m, IS_CAUSAL, HAS_KPM)
-    row_ctr = prog.row_ctr0 + offs_m.to(tl.int64)  # dropout counter rows
+    row_ctr = _row_ctr0(prog, n_rows, seqlen_padded, IS_VARLEN) + offs_m.to(tl.int64)  # dropout counter rows
 
     queries = FwdQueries(offs_m, qm, scale * LOG2E, has_other, row_ctr)
     keys = FwdKeys(Q, V, Kpm, stride_qs, stride_vs, stride_kpms, seqlen, head_dim, head_dim_v, offs_d, offs_dv)
