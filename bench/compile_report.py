@@ -116,7 +116,7 @@ QUICK_FLAG_SETS = ("shared", "shared-train")
 
 def jobs(dtypes=("bf16",), quick: bool = False) -> list[Job]:
     """Every (kernel, arch, variant, config the launcher can pick) to compile."""
-    from symattn_kernels.triton._utils import padded_head_dim
+    from symattn_kernels.triton.attention_common import padded_head_dim
     from symattn_kernels.triton.attention_bwd import bwd_plan, sym_bwd_config
     from symattn_kernels.triton.attention_fwd import fwd_configs_for, fwd_split_d
 

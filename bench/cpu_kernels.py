@@ -19,7 +19,7 @@ Side by side in one process, torch threads = cores, medians of
 (8, 512), forward and forward+backward, in interleaved rounds (each round one
 ``blocked_autorange`` median per dtype, back to back), and reports the median over rounds and
 the median of the per-round ratios to fp32: paired ratios stay meaningful when other work
-loads the machine. Issue 4's target is bf16 / fp32 <= 1 where the kernels run bf16 operands
+loads the machine. The target (docs/design.md) is bf16 / fp32 <= 1 where the kernels run bf16 operands
 (``kernel_isa() == "AVX512_BF16"``); elsewhere bf16 is widened to fp32 and the ratio is only
 reported.
 

@@ -63,40 +63,19 @@ def build_model(setup: Setup, vocab_size: int, num_labels: int, max_len: int, va
     return model if variant == "standard" else convert_bert(model, variant, init="random")
 
 
-@torch.no_grad()
-def accuracy(model, ids, mask, targets, batch_size: int = 256) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(ids), batch_size):
-        i, m = training.trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
-        predicted = model(input_ids=i, attention_mask=m).logits.argmax(-1)
-        correct += int((predicted == targets[start : start + batch_size]).sum())
-    return correct / len(ids)
+def accuracy(model, ids, mask, targets) -> float:
+    return training.accuracy(model, lambda i, m: model(input_ids=i, attention_mask=m).logits, ids, mask, targets)
 
 
 def train_one(model, data, setup: Setup, steps: int, seed: int, progress) -> dict:
-    ids, mask, targets = data["train"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.01)
     warmup = max(1, int(setup.warmup * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
     )
-    batches = training.batches(mask.sum(1), setup.batch_size, steps, seed)
-    losses, times = [], []
-    model.train()
-    for step, batch in enumerate(batches):
-        i, m = training.trimmed(ids[batch], mask[batch])
-        start = time.perf_counter()
-        loss = model(input_ids=i, attention_mask=m, labels=targets[batch]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    losses, times = training.train_steps(
+        model, data, setup.batch_size, steps, seed, optimizer,
+        lambda i, m, t: model(input_ids=i, attention_mask=m, labels=t).loss, 1.0, progress, schedule)
     val_ids, val_mask, val_targets = data["val"]
     return {"losses": losses, "sec_per_step": statistics.median(times[min(5, steps - 1):]),
             "val_acc": accuracy(model, val_ids, val_mask, val_targets)}

@@ -119,39 +119,16 @@ def build_model(setup: Setup, vocab_size: int, num_labels: int, variant: str, se
                           pooler=pooler, dropout=0.2)
 
 
-@torch.no_grad()
-def accuracy(model, ids, mask, targets, batch_size: int = 256) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(ids), batch_size):
-        i, m = training.trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
-        correct += int((model(i, m).argmax(-1) == targets[start : start + batch_size]).sum())
-    return correct / len(ids)
-
-
 def train_one(model, data, setup: Setup, steps: int, seed: int, penalty: float, progress) -> dict:
-    ids, mask, targets = data["train"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=setup.lr)
-    losses, times = [], []
-    model.train()
-    for batch in training.batches(mask.sum(1), setup.batch_size, steps, seed):
-        i, m = training.trimmed(ids[batch], mask[batch])
-        start = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(i, m), targets[batch])
+    def loss_of(i, m, t):
+        loss = nn.functional.cross_entropy(model(i, m), t)
         extra = getattr(model.attention, "penalty", None)
-        if extra is not None and penalty:
-            loss = loss + penalty * extra
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
-    val_ids, val_mask, val_targets = data["val"]
-    return {"sec_per_step": statistics.median(times[min(5, steps - 1):]),
-            "final_loss": statistics.mean(losses[-20:]), "val_acc": accuracy(model, val_ids, val_mask, val_targets)}
+        return loss + penalty * extra if extra is not None and penalty else loss
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=setup.lr)
+    losses, times = training.train_steps(model, data, setup.batch_size, steps, seed, optimizer, loss_of, 5.0, progress)
+    return {"sec_per_step": statistics.median(times[min(5, steps - 1):]), "final_loss": statistics.mean(losses[-20:]),
+            "val_acc": training.accuracy(model, model, *data["val"])}
 
 
 def table(rows: list, seeds: int) -> str:

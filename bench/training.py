@@ -1,5 +1,6 @@
-"""What the two offline training comparisons share: arguments, data preparation, batching and the
-seed-round loop with its time limit (``bench/train_bert.py``, ``bench/train_lama.py``)."""
+"""What the two offline training comparisons share: arguments, data preparation, batching, the
+timed training loop, validation accuracy and the seed-round loop with its time limit
+(``bench/train_bert.py``, ``bench/train_lama.py``)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,43 @@ def batches(lengths: torch.Tensor, batch_size: int, steps: int, seed: int) -> li
             epoch += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
         out += [epoch[i] for i in torch.randperm(len(epoch), generator=generator).tolist()]
     return out[:steps]
+
+
+def train_steps(model, data: dict, batch_size: int, steps: int, seed: int, optimizer, loss_of: Callable,
+                clip_norm: float, progress: tqdm, schedule=None) -> tuple[list, list]:
+    """``steps`` training steps on ``data["train"]`` in ``batches``, each trimmed to its longest text:
+    ``loss_of(ids, mask, targets)``, backward, gradient norm clipped to ``clip_norm``, the optimizer
+    (and learning-rate schedule) step. Returns the losses and the seconds of each step."""
+    ids, mask, targets = data["train"]
+    losses, times = [], []
+    model.train()
+    for batch in batches(mask.sum(1), batch_size, steps, seed):
+        i, m = trimmed(ids[batch], mask[batch])
+        start = time.perf_counter()
+        loss = loss_of(i, m, targets[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses, times
+
+
+@torch.no_grad()
+def accuracy(model, logits_of: Callable, ids, mask, targets, batch_size: int = 256) -> float:
+    """Share of rows whose ``logits_of(ids, mask)`` argmax is the target, with ``model`` in eval
+    mode, in trimmed batches of ``batch_size``."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(ids), batch_size):
+        i, m = trimmed(ids[start : start + batch_size], mask[start : start + batch_size])
+        correct += int((logits_of(i, m).argmax(-1) == targets[start : start + batch_size]).sum())
+    return correct / len(ids)
 
 
 def seed_rounds(args: argparse.Namespace, seeds: int, steps: dict,

@@ -99,7 +99,7 @@ def _backward_unsupported(backend, head_dim):
     """Why the backend refuses gradients at this head dim on this GPU ("" when it takes them)."""
     if backend != "triton":
         return ""
-    from symattn_kernels.triton._utils import device_arch
+    from symattn_kernels.triton.attention_common import device_arch
     from symattn_kernels.triton.attention_bwd import backward_unsupported
 
     return backward_unsupported(head_dim, head_dim, device_arch(torch.device("cuda")))

@@ -8,8 +8,8 @@
 //
 // One CTA per (query block, b * H + h). The query operand Y_I M is formed once per CTA. In
 // shared mode the key tile Y_J loaded for S also serves as the value tile: one read of Y per
-// key block instead of two. Tiles are classified (helpers.cuh) so that fully masked key blocks
-// are skipped and only partially masked ones are masked per element.
+// key block instead of two. Tiles are classified (attention_rules.cuh) so that fully masked key
+// blocks are skipped and only partially masked ones are masked per element.
 #pragma once
 
 #include "tile_common.cuh"

@@ -7,7 +7,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "helpers.cuh"
+#include "attention_rules.cuh"
 
 namespace symattn {
 

@@ -1,6 +1,6 @@
 // The symattn_kernels._C_cuda extension: thin torch binding of the torch-free CUDA kernels
 // (attention_fwd.cu / attention_bwd.cu). Declares and registers symattn::attention_fwd_cuda and
-// symattn::attention_bwd_cuda (CUDA key); fake functions live in symattn_kernels/cuda_backend.py.
+// symattn::attention_bwd_cuda (CUDA key); fake functions live in symattn_kernels/backends/cuda.py.
 // Inputs: float16 / bfloat16, unit last stride, max(D, Dv) <= 256.
 #include <Python.h>
 

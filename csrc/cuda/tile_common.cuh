@@ -56,7 +56,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, const RowStrides
   }
 }
 
-// Number of real keys and the first real key of sequence b (KeyInfo, see helpers.cuh).
+// Number of real keys and the first real key of sequence b (KeyInfo, see attention_rules.cuh).
 // Every thread of the block must call it; counts use shared-memory integer atomics
 // (order-independent results).
 __device__ __forceinline__ KeyInfo key_info(const bool* kpm, int b, int seqlen, int len, int* scratch) {

@@ -121,7 +121,7 @@ _CUDA_ARCH: dict = {}
 def _cuda_arch(device: torch.device) -> int:
     """80 or 90: the row of the Triton config tables a CUDA device uses (cached per device)."""
     if device not in _CUDA_ARCH:
-        _CUDA_ARCH[device] = importlib.import_module("..triton._utils", __package__).device_arch(device)
+        _CUDA_ARCH[device] = importlib.import_module("..triton.attention_common", __package__).device_arch(device)
     return _CUDA_ARCH[device]
 
 

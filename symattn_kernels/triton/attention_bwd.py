@@ -48,32 +48,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    LOG2E,
-    Dropout,
-    _dropout_keep,
-    _has_other_key,
-    _kpm_stat,
-    _padding_finite,
-    _program_sequence,
-    _real_tokens,
-    _seq_bounds,
-    attention_layout,
-    check_dropout,
-    coef_mode,
-    coef_product,
-    coef_strides,
-    device_arch,
-    dot_precision,
-    dropout_args,
-    is_interpret,
-    kpm_operand,
-    lse_strides,
-    padded_head_dim,
-    padding_finite,
-    token_strides,
-    unit_last_stride,
-)
+# Device side: constants, the named tuples and @triton.jit helpers the kernels share.
+from .attention_common import (LOG2E, Dropout, _dropout_keep, _has_other_key, _kpm_stat, _padding_finite,
+                               _program_sequence, _real_tokens, _in_int64, _row_ctr0, _seq_bounds,
+                               _token0)
+# Host side: the launch pieces the launchers share.
+from .attention_common import (coef_mode, coef_product, coef_strides, device_arch, dot_precision, is_interpret,
+                               kpm_operand, lse_strides, padded_head_dim, padding_finite, prepare_call, tail_args, token_strides,
+                               unit_last_stride)
 from .attention_fwd import attention_forward
 from .features import TRITON_VERSION
 
@@ -335,21 +317,20 @@ def _symattn_bwd_kernel(
     KEY: tl.constexpr = ROLES != BWD_QUERY_ROLE
     QUERY: tl.constexpr = ROLES != BWD_KEY_ROLES
     start_j = tl.program_id(0)
-    off_b, off_h, seq_start, seqlen = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
+    seqlen = prog.seqlen
     col0 = tl.program_id(2) * HEAD_DIM_OUT
     colv0 = tl.program_id(2) * HEAD_DIM_V_OUT
     if start_j * BLOCK_M >= seqlen:
         return
-    off_b64 = off_b.to(tl.int64)
-    off_h64 = off_h.to(tl.int64)
-    seq_start64 = seq_start.to(tl.int64)
-    Y += off_b64 * stride_yb + seq_start64 * stride_ys + off_h64 * stride_yh
-    V += off_b64 * stride_vb + seq_start64 * stride_vs + off_h64 * stride_vh
-    DO += off_b64 * stride_dob + seq_start64 * stride_dos + off_h64 * stride_doh
-    Lse += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
-    Delta += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
-    Kpm += off_b64 * stride_kpmb
-    Coef += off_h64 * stride_ch
+    prog = _in_int64(prog)
+    Y += _token0(prog, stride_yb, stride_ys, stride_yh)
+    V += _token0(prog, stride_vb, stride_vs, stride_vh)
+    DO += _token0(prog, stride_dob, stride_dos, stride_doh)
+    Lse += _token0(prog, stride_lb, 1, stride_lh)
+    Delta += _token0(prog, stride_lb, 1, stride_lh)
+    Kpm += prog.b * stride_kpmb
+    Coef += prog.h * stride_ch
 
     offs_j = start_j * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j64 = offs_j.to(tl.int64)
@@ -364,10 +345,7 @@ def _symattn_bwd_kernel(
     kpm_stat = seqlen
     if HAS_KPM and EXCLUDE_SELF:
         kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
-    if IS_VARLEN:
-        row_ctr0 = off_h64 * n_rows + seq_start64
-    else:
-        row_ctr0 = off_h64 * n_rows + off_b64 * seqlen_padded
+    row_ctr0 = _row_ctr0(prog, n_rows, seqlen_padded, IS_VARLEN)
     if COEF_MODE == 1:
         coef = tl.load(Coef + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)  # [HEAD_DIM]
         coef_out = tl.load(Coef + offs_do * stride_cd, mask=offs_do < head_dim, other=0.0).to(tl.float32)
@@ -387,8 +365,8 @@ def _symattn_bwd_kernel(
             tl.debug_barrier()
         do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
         if COEF_MODE == 2:  # Y_J M, folded on the host
-            qm = tl.load(QM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh)
-                         + offs_j64[:, None] * stride_ms + offs_d[None, :], mask=y_mask, other=0.0)
+            qm = tl.load(QM + _token0(prog, stride_mb, stride_ms, stride_mh) + offs_j64[:, None] * stride_ms
+                         + offs_d[None, :], mask=y_mask, other=0.0)
         elif COEF_MODE == 1:  # Y_J M rounded once, exactly as the forward's query tile
             qm = (y_j.to(tl.float32) * coef[None, :]).to(y_j.dtype)
         else:
@@ -410,7 +388,7 @@ def _symattn_bwd_kernel(
     owned = OwnedBlock(offs_j, kq, qm, v_j, do_j, col0, colv0, coef, coef_out)
     seq = BwdSequence(Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms, seqlen, head_dim,
                       head_dim_v, kpm_stat, row_ctr0,
-                      QM + (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh), stride_ms)
+                      QM + _token0(prog, stride_mb, stride_ms, stride_mh), stride_ms)
     dropout = Dropout(seed, key_stride, threshold, inv_keep)
     dq_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
     dk_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
@@ -437,13 +415,13 @@ def _symattn_bwd_kernel(
             )
 
     # Outputs of J, each written once; row pointers are formed here, not kept live.
-    m_rows = (off_b64 * stride_mb + seq_start64 * stride_ms + off_h64 * stride_mh) + offs_j64[:, None] * stride_ms
+    m_rows = _token0(prog, stride_mb, stride_ms, stride_mh) + offs_j64[:, None] * stride_ms
     if QUERY:
         if NEED_DCOEF:  # diagonal dM share of the block: scale * sum_rows Y_J * (G_J. Y)
             y_o = tl.load(Y + offs_j64[:, None] * stride_ys + offs_do[None, :], mask=out_mask, other=0.0)
             if HAS_KPM:
                 y_o = _padding_finite(y_o, real_j)
-            slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
+            slot = (prog.b * tl.num_programs(0) + start_j) * num_heads + prog.h
             tl.store(DCoefPartial + slot * head_dim + offs_do, tl.sum(y_o.to(tl.float32) * dq_acc, axis=0) * scale,
                      mask=offs_do < head_dim)
         if COEF_MODE == 2:  # the host applies a full M: dY = DKM M + DQM M^T (+ dV, shared mode)
@@ -474,11 +452,11 @@ def _symattn_bwd_kernel(
                 dy = dk_acc * scale
             if QUERY:  # one launch for all roles: the query role's share is added here
                 dy += dq_acc
-            DY += off_b64 * stride_dyb + seq_start64 * stride_dys + off_h64 * stride_dyh
+            DY += _token0(prog, stride_dyb, stride_dys, stride_dyh)
             tl.store(DY + offs_j64[:, None] * stride_dys + offs_do[None, :], dy.to(DY.dtype.element_ty),
                      mask=out_mask)
         if not SHARED_V or COEF_MODE == 2:  # shared mode, full M: the fp32 value-role share of dY
-            DV += off_b64 * stride_dvb + seq_start64 * stride_dvs + off_h64 * stride_dvh
+            DV += _token0(prog, stride_dvb, stride_dvs, stride_dvh)
             tl.store(DV + offs_j64[:, None] * stride_dvs + offs_dvo[None, :], dv_acc.to(DV.dtype.element_ty),
                      mask=valid_j[:, None] & (offs_dvo[None, :] < head_dim_v))
 
@@ -508,20 +486,19 @@ def _symattn_bwd_sym_kernel(
     dY_J += scale (G_sum Y_I) M + Pd_IJ^T dO_I in registers and dY_I += scale (G_sum^T Y_J) M +
     Pd_JI^T dO_J by fp32 atomics: 7 matmuls per block pair instead of 10 (not deterministic)."""
     start_j = tl.program_id(0)
-    off_b, off_h, seq_start, seqlen = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
+    seqlen = prog.seqlen
     if start_j * BLOCK_M >= seqlen:
         return
-    off_b64 = off_b.to(tl.int64)
-    off_h64 = off_h.to(tl.int64)
-    seq_start64 = seq_start.to(tl.int64)
-    Y += off_b64 * stride_yb + seq_start64 * stride_ys + off_h64 * stride_yh
-    V += off_b64 * stride_vb + seq_start64 * stride_vs + off_h64 * stride_vh
-    DO += off_b64 * stride_dob + seq_start64 * stride_dos + off_h64 * stride_doh
-    DYAcc += off_b64 * stride_ab + seq_start64 * stride_as + off_h64 * stride_ah
-    DVAcc += off_b64 * stride_avb + seq_start64 * stride_avs + off_h64 * stride_avh
-    Lse += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
-    Delta += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
-    Kpm += off_b64 * stride_kpmb
+    prog = _in_int64(prog)
+    Y += _token0(prog, stride_yb, stride_ys, stride_yh)
+    V += _token0(prog, stride_vb, stride_vs, stride_vh)
+    DO += _token0(prog, stride_dob, stride_dos, stride_doh)
+    DYAcc += _token0(prog, stride_ab, stride_as, stride_ah)
+    DVAcc += _token0(prog, stride_avb, stride_avs, stride_avh)
+    Lse += _token0(prog, stride_lb, 1, stride_lh)
+    Delta += _token0(prog, stride_lb, 1, stride_lh)
+    Kpm += prog.b * stride_kpmb
 
     offs_j = start_j * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j64 = offs_j.to(tl.int64)
@@ -548,15 +525,12 @@ def _symattn_bwd_sym_kernel(
     if HAS_KPM:
         if EXCLUDE_SELF:
             kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, False, BLOCK_M)
-    if IS_VARLEN:
-        row_ctr_base = off_h64 * n_rows + seq_start64
-    else:
-        row_ctr_base = off_h64 * n_rows + off_b64 * seqlen_padded
+    row_ctr_base = _row_ctr0(prog, n_rows, seqlen_padded, IS_VARLEN)
     row_ctr_j = row_ctr_base + offs_j64
     dropout = Dropout(seed, key_stride, threshold, inv_keep)
     qk_scale = scale * LOG2E
     if COEF_MODE == 1:
-        c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        c = tl.load(Coef + prog.h * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
         qm_j = (y_j.to(tl.float32) * c[None, :]).to(y_j.dtype)
         out_coef = c * scale  # [HEAD_DIM]
     else:
@@ -648,7 +622,7 @@ def _symattn_bwd_sym_kernel(
         tl.atomic_add(DVAcc + offs_j64[:, None] * stride_avs + offs_dv[None, :], dv_acc, mask=v_mask,
                       sem="relaxed")
     if NEED_DCOEF:
-        slot = (off_b64 * tl.num_programs(0) + start_j) * num_heads + off_h64
+        slot = (prog.b * tl.num_programs(0) + start_j) * num_heads + prog.h
         tl.store(DCoefPartial + slot * head_dim + offs_d, dc_acc * scale, mask=offs_d < head_dim)
 
 
@@ -787,8 +761,7 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
         *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
         *token_strides(dout, is_varlen), *token_strides(dy_acc, is_varlen),
         *((0, 0, 0) if dv_acc is None else token_strides(dv_acc, is_varlen)), *coef_strides(coef),
-        *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
-        *lse_strides(lse, is_varlen), *layout.kernel_sizes(), float(scale), *dropout_args(dropout_p, seed),
+        *tail_args(kpm, lse, layout, scale, dropout_p, seed),
     ]
     _symattn_bwd_sym_kernel[(n_blocks, batch * num_heads)](
         *args, HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v), SHARED_V=v is None,
@@ -821,11 +794,9 @@ def attention_backward(
     runs (one score tile per block pair, fp32 atomics; ``use_symmetric_bwd``); otherwise the
     default kernel, which never uses atomics and is deterministic.
     """
-    check_dropout(dropout_p, seed)
-    coef = None if coef is None else coef.contiguous()  # unit last stride (see kpm)
-    is_varlen = cu_seqlens is not None
-    q, v, dout, out = (unit_last_stride(t) for t in (q, v, dout, out))
-    layout = attention_layout(q, v, cu_seqlens, max_seqlen)
+    q, v, coef, layout = prepare_call(q, v, coef, cu_seqlens, max_seqlen, dropout_p, seed)
+    is_varlen = layout.is_varlen
+    dout, out = unit_last_stride(dout), unit_last_stride(out)
     batch, seqlen_padded, num_heads, head_dim, head_dim_v = layout[:5]
     if q.numel() == 0 or seqlen_padded == 0 or (v is not None and v.numel() == 0):
         for t in (dq, dv, dcoef):
@@ -898,8 +869,7 @@ def attention_backward(
         *token_strides(dout, is_varlen), *token_strides(dq_k, is_varlen),
         *((0, 0, 0) if dv_k is None else token_strides(dv_k, is_varlen)), *coef_strides(coef),
         *((0, 0, 0) if m_like is None else token_strides(m_like, is_varlen)),
-        *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
-        *lse_strides(lse, is_varlen), *layout.kernel_sizes(), float(scale), *dropout_args(dropout_p, seed),
+        *tail_args(kpm, lse, layout, scale, dropout_p, seed),
     ]
     constexprs = dict(
         HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad, SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef,

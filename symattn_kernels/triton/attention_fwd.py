@@ -29,32 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    LN2,
-    LOG2E,
-    Dropout,
-    _dropout_keep,
-    _has_other_key,
-    _kpm_stat,
-    _padding_finite,
-    _program_sequence,
-    _real_tokens,
-    attention_layout,
-    check_dropout,
-    coef_mode,
-    coef_product,
-    coef_strides,
-    device_arch,
-    dot_precision,
-    dropout_args,
-    is_interpret,
-    kpm_operand,
-    lse_strides,
-    padded_head_dim,
-    padding_finite,
-    token_strides,
-    unit_last_stride,
-)
+# Device side: constants, the named tuples and @triton.jit helpers the kernels share.
+from .attention_common import (LN2, LOG2E, Dropout, _dropout_keep, _has_other_key, _kpm_stat, _padding_finite,
+                               _program_sequence, _real_tokens, _in_int64, _row_ctr0, _token0)
+# Host side: the launch pieces the launchers share.
+from .attention_common import (coef_mode, coef_product, coef_strides, device_arch, dot_precision, is_interpret,
+                               kpm_operand, padded_head_dim, padding_finite, prepare_call, tail_args, token_strides,
+                               unit_last_stride)
 from .features import warp_specialize_for
 
 __all__ = ["attention_forward"]
@@ -198,17 +179,16 @@ def _symattn_fwd_kernel(
     tl.static_assert(HEAD_DIM_V % SPLIT_D == 0 and (SPLIT_D == 1 or not REUSE_DIAG))
     HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
     start_m = tl.program_id(0)
-    off_b, off_h, seq_start, seqlen = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
+    seqlen = prog.seqlen
     if start_m * BLOCK_M >= seqlen:
         return
-    off_b64 = off_b.to(tl.int64)
-    off_h64 = off_h.to(tl.int64)
-    seq_start64 = seq_start.to(tl.int64)
-    Q += off_b64 * stride_qb + seq_start64 * stride_qs + off_h64 * stride_qh
-    V += off_b64 * stride_vb + seq_start64 * stride_vs + off_h64 * stride_vh
-    Out += off_b64 * stride_ob + seq_start64 * stride_os + off_h64 * stride_oh
-    Lse += off_b64 * stride_lb + off_h64 * stride_lh + seq_start64
-    Kpm += off_b64 * stride_kpmb
+    prog = _in_int64(prog)
+    Q += _token0(prog, stride_qb, stride_qs, stride_qh)
+    V += _token0(prog, stride_vb, stride_vs, stride_vh)
+    Out += _token0(prog, stride_ob, stride_os, stride_oh)
+    Lse += _token0(prog, stride_lb, 1, stride_lh)
+    Kpm += prog.b * stride_kpmb
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -225,10 +205,10 @@ def _symattn_fwd_kernel(
     # The coefficient enters the query tile once: scores = (Y_I M) Y_J^T for every key block. A
     # full M arrives folded (QM = Y M, one batched matmul on the host).
     if COEF_MODE == 1:
-        c = tl.load(Coef + off_h64 * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0)
+        c = tl.load(Coef + prog.h * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0)
         qm = (q.to(tl.float32) * c.to(tl.float32)[None, :]).to(q.dtype)
     elif COEF_MODE == 2:
-        QM += off_b64 * stride_qmb + seq_start64 * stride_qms + off_h64 * stride_qmh
+        QM += _token0(prog, stride_qmb, stride_qms, stride_qmh)
         qm = tl.load(
             QM + offs_m.to(tl.int64)[:, None] * stride_qms + offs_d[None, :],
             mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
@@ -242,11 +222,7 @@ def _symattn_fwd_kernel(
         if HAS_KPM:
             kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
         has_other = _has_other_key(offs_m, seqlen, kpm_stat, real_m, IS_CAUSAL, HAS_KPM)
-    if IS_VARLEN:
-        row_start = seq_start64
-    else:
-        row_start = off_b64 * seqlen_padded
-    row_ctr = off_h64 * n_rows + row_start + offs_m.to(tl.int64)  # dropout counter rows
+    row_ctr = _row_ctr0(prog, n_rows, seqlen_padded, IS_VARLEN) + offs_m.to(tl.int64)  # dropout counter rows
 
     queries = FwdQueries(offs_m, qm, scale * LOG2E, has_other, row_ctr)
     keys = FwdKeys(Q, V, Kpm, stride_qs, stride_vs, stride_kpms, seqlen, head_dim, head_dim_v, offs_d, offs_dv)
@@ -406,12 +382,8 @@ def attention_forward(
     Returns:
         (out, lse): out like ``v`` (or ``q``) in ``out_dtype``; lse float32 [B, H, S] or [H, total].
     """
-    check_dropout(dropout_p, seed)
-    coef = None if coef is None else coef.contiguous()  # unit last stride (see kpm)
-    is_varlen = cu_seqlens is not None
-    q = unit_last_stride(q)
-    v = unit_last_stride(v)
-    layout = attention_layout(q, v, cu_seqlens, max_seqlen)
+    q, v, coef, layout = prepare_call(q, v, coef, cu_seqlens, max_seqlen, dropout_p, seed)
+    is_varlen = layout.is_varlen
     batch, seqlen_padded, num_heads, head_dim, head_dim_v = layout[:5]
     out = torch.empty(q.shape[:-1] + (head_dim_v,), dtype=out_dtype or q.dtype, device=q.device)
     if is_varlen:
@@ -434,8 +406,7 @@ def attention_forward(
         *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
         *token_strides(out, is_varlen), *coef_strides(coef),
         *((0, 0, 0) if qm is None else token_strides(qm, is_varlen)),
-        *((0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))),
-        *lse_strides(lse, is_varlen), *layout.kernel_sizes(), float(scale), *dropout_args(dropout_p, seed),
+        *tail_args(kpm, lse, layout, scale, dropout_p, seed),
     ]
     hd_pad, hdv_pad = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
     split_d = INTERPRET_FWD_SPLIT_D if is_interpret() else fwd_split_d(hdv_pad, has_dropout, arch)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _version_tuple
-from ._utils import is_interpret
+from .attention_common import is_interpret
 
 # (major, minor) of the installed Triton: config tables that differ between releases key on it.
 TRITON_VERSION = _version_tuple(triton.__version__)

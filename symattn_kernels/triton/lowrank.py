@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_arch, dot_precision, is_interpret, unit_last_stride
+from .attention_common import device_arch, dot_precision, is_interpret, unit_last_stride
 
 __all__ = ["lowrank_forward", "lowrank_backward", "lama_config", "NORMALISE_BLOCK_T"]
 

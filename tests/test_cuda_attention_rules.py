@@ -1,4 +1,4 @@
-"""CPU unit tests of the __host__ __device__ helpers of csrc/cuda/helpers.cuh.
+"""CPU unit tests of the __host__ __device__ helpers of csrc/cuda/attention_rules.cuh.
 
 A small driver (below) includes the header as plain host C++ (no nvcc, no GPU) and is built
 with g++; it reads cases on stdin and prints results, which are compared with
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER_DIR = os.path.join(ROOT, "csrc", "cuda")
 
 DRIVER = r"""
-#include "helpers.cuh"
+#include "attention_rules.cuh"
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -88,7 +88,7 @@ int main() {
 def driver(tmp_path_factory):
     gxx = shutil.which("g++")
     if gxx is None:
-        pytest.skip("g++ is not installed: cannot build the host test driver of csrc/cuda/helpers.cuh")
+        pytest.skip("g++ is not installed: cannot build the host test driver of csrc/cuda/attention_rules.cuh")
     d = tmp_path_factory.mktemp("cuda_helpers")
     src, exe = d / "driver.cpp", d / "driver"
     src.write_text(DRIVER)

@@ -1,8 +1,8 @@
-// Torch-free __host__ __device__ helpers of the CUDA attention kernels: layout offsets (padded
+// Torch-free __host__ __device__ rules of the CUDA attention kernels: layout offsets (padded
 // and varlen), classification of a (query block, key block) tile under causal / key padding /
 // exclude_self, dropout keep decisions (Philox-4x32-10 from ../common/philox.h, shared with the
 // CPU kernels), and the online-softmax step. Compiled as device code by nvcc and as plain host
-// C++ by tests/test_cuda_helpers.py, which checks them against symattn_kernels.reference.
+// C++ by tests/test_cuda_attention_rules.py, which checks them against symattn_kernels.reference.
 #pragma once
 
 #include <stdint.h>

@@ -1,7 +1,8 @@
-"""Helpers shared by the forward and backward attention kernels: Triton device functions for
-a program's sequence, key-padding statistics, the exclude-self rule and the dropout mask, the
-named tuples the kernels hand their loops (``Dropout``), and the host-side pieces every
-launcher needs (layout strides, head-dim padding, dot precision, the full-coefficient products).
+"""What the forward and backward attention kernels share: Triton device functions for a
+program's sequence (``ProgramSequence``, ``_token0``), key-padding statistics, the exclude-self
+rule and the dropout mask, the named tuples the kernels hand their loops (``Dropout``), and the
+host-side pieces every launcher needs (``prepare_call``, ``tail_args``, layout strides, head-dim
+padding, dot precision, the full-coefficient products; the LAMA launcher takes the generic ones).
 
 exclude_self rule. Row i's allowed keys before the rule are
 A_i = {j < seqlen : (not causal or j <= i) and kpm[j]}. The diagonal is removed unless
@@ -164,6 +165,25 @@ class Dropout(NamedTuple):
     inv_keep: float  # 1 / (1 - p)
 
 
+def prepare_call(q, v, coef, cu_seqlens, max_seqlen, dropout_p: float, seed):
+    """What every attention launcher does first: the dropout guard (``check_dropout``), q and v
+    with a unit last stride (``unit_last_stride``, all the kernels need), a contiguous coefficient,
+    and the call's ``Layout``. Returns (q, v, coef, layout)."""
+    check_dropout(dropout_p, seed)
+    coef = None if coef is None else coef.contiguous()
+    q, v = unit_last_stride(q), unit_last_stride(v)
+    return q, v, coef, attention_layout(q, v, cu_seqlens, max_seqlen)
+
+
+def tail_args(kpm, lse, layout: Layout, scale: float, dropout_p: float, seed) -> list:
+    """The arguments every attention kernel's runtime list ends with, in its order: the padding
+    mask's (batch, token) strides (zeros without one), lse's (``lse_strides``),
+    ``Layout.kernel_sizes``, the score scale and ``dropout_args``."""
+    kpm_strides = (0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))
+    return [*kpm_strides, *lse_strides(lse, layout.is_varlen), *layout.kernel_sizes(), float(scale),
+            *dropout_args(dropout_p, seed)]
+
+
 def kpm_operand(key_padding_mask):
     """The padding mask as the kernels read it: one byte per token, contiguous (a unit token
     stride is specialized by the JIT, as ``bench.compile_report`` assumes), or None."""
@@ -181,14 +201,52 @@ def dropout_args(dropout_p: float, seed) -> tuple[int, int, float]:
     return int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
+class ProgramSequence(NamedTuple):
+    """The (batch, head) sequence of a program (``_program_sequence``): batch, head, first token
+    row and length (int32; ``_in_int64`` converts the first three for address arithmetic)."""
+
+    b: object
+    h: object
+    start: object
+    seqlen: object
+
+
 @triton.jit
 def _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN: tl.constexpr):
-    """(batch, head, first token row, length) of the sequence of program axis 1 (= b * H + h)."""
+    """``ProgramSequence`` of program axis 1 (= b * H + h)."""
     off_bh = tl.program_id(1)
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
-    return off_b, off_h, seq_start, seqlen
+    return ProgramSequence(off_b, off_h, seq_start, seqlen)
+
+
+@triton.jit
+def _in_int64(seq):
+    """``seq`` with batch, head and first token row in int64, for address arithmetic. A kernel
+    converts after its early exit: converted before it, the sm_80 query launch of head dim 128
+    spilled 8 bytes (``python -m bench.compile_report``)."""
+    return ProgramSequence(seq.b.to(tl.int64), seq.h.to(tl.int64), seq.start.to(tl.int64), seq.seqlen)
+
+
+@triton.jit
+def _row_ctr0(seq, n_rows, seqlen_padded, IS_VARLEN: tl.constexpr):
+    """Dropout counter row (``_dropout_keep``) of token 0 of the program's sequence ``seq``: the
+    counters follow the real token rows, the varlen start or b * S when padded. Computed where a
+    kernel needs it, not in ``_program_sequence``: held from the prologue, it spilled the sm_80
+    query launch of head dim 128 (8 bytes, ``python -m bench.compile_report``)."""
+    if IS_VARLEN:
+        row_ctr0 = seq.h * n_rows + seq.start
+    else:
+        row_ctr0 = seq.h * n_rows + seq.b * seqlen_padded
+    return row_ctr0
+
+
+@triton.jit
+def _token0(seq, stride_b, stride_s, stride_h):
+    """Element offset of token 0 of the program's sequence ``seq`` (``ProgramSequence``) in its
+    head, in a tensor of those batch, token and head strides."""
+    return seq.b * stride_b + seq.start * stride_s + seq.h * stride_h
 
 
 @triton.jit
