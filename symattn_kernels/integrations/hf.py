@@ -29,10 +29,15 @@ Initialisation with ``init="pretrained"``; values and everything outside attenti
   ``sum_k c_k w_k w_k^T`` to the symmetric part of B (w_k the value rows), with
   ``d_q = sign(c) sqrt|c|`` and ``d_k = sqrt|c|``.
 
-``warm_start_report`` measures how good that start is. Converted models save with
-``save_pretrained``; the config records ``symattn_variant``, and ``load_converted(cls, path)``
-rebuilds the model from that config, converts it and loads the weights (``cls.from_pretrained``
-alone would build the original attention and ignore the converted weights).
+``warm_start_report`` measures how good that start is. A converted layer's state dict is that of
+a standard self-attention computing the same function (``key`` = its projection W, ``query`` = W
+times the coefficient or ``d_q * d_k``, ``value`` = its value projection or W times ``d_v``) plus
+its coefficient or role vectors, so a converted checkpoint (``save_pretrained``, which also
+records ``symattn_variant`` in the config) is a standard one: ``cls.from_pretrained`` or
+``load_state_dict`` into an unconverted model gives the converted model's outputs through
+standard attention, and reports the extra tensors as unused; ``load_converted(cls, path)``
+rebuilds the converted layers and reads their own weights back exactly. Loading weights without
+the variant's structure into a converted model raises.
 
 ``register_attention()`` adds ``attn_implementation="symattn"``; ``convert_bert`` selects it, so
 converted models receive the ``[B, S]`` padding mask instead of a materialised ``[B, 1, S, S]`` one,
@@ -209,6 +214,11 @@ class _HFSelfAttention:
     original_class: type = None
     layer_idx: Optional[int] = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_state_dict_post_hook(_write_standard_projections)
+        self.register_load_state_dict_pre_hook(_read_standard_projections)
+
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, past_key_values=None,
                 encoder_hidden_states: Optional[Tensor] = None, cache=None, **kwargs):
         # transformers < 5.25 names the cache past_key_values, later versions cache: take either.
@@ -249,6 +259,110 @@ class _HFSelfAttention:
 _NO_ATTENTIONS = ("converted symattn layers never materialise attention probabilities: output_attentions=True is "
                   "not supported (revert_bert gives a model that returns them)")
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
+
+
+def _projection_names(layer: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """State-dict names of ``layer``: its own projections (which the standard entries replace), the
+    standard ``query`` / ``key`` / ``value`` entries, and its other tensors (coef, role vectors)."""
+    linears = ("qk", "value") if isinstance(layer, SymmetricSelfAttention) else ("proj",)
+    kinds = ("weight", "bias") if getattr(layer, linears[0]).bias is not None else ("weight",)
+    own = tuple(f"{linear}.{kind}" for linear in linears for kind in kinds)
+    standard = tuple(f"{role}.{kind}" for role in ("query", "key", "value") for kind in kinds)
+    extras = tuple(name for name, p in layer.named_parameters(recurse=False) if p is not None)
+    return own, standard, extras
+
+
+def _standard_projections(layer: nn.Module, own: dict) -> dict:
+    """Standard ``query`` / ``key`` / ``value`` Linear weights and biases computing the same
+    function as ``layer`` with the parameters ``own`` (keyed by the layer's state-dict names).
+
+    ``key`` is the converted projection W itself, so it reads back exactly; ``query`` is W times
+    the coefficient (pairwise: the row ``y M``) or ``d_q * d_k`` (shared), ``value`` the value
+    projection or W times ``d_v``: ``q_i . k_j`` is the converted score and the values are the same.
+    """
+    if isinstance(layer, SharedWeightSelfAttention):
+        weight, bias = own["proj.weight"], own.get("proj.bias")
+        scales = (own["d_q"] * own["d_k"], None, own["d_v"]) if layer.role_scales else (None, None, None)
+        state = {}
+        for role, scale in zip(("query", "key", "value"), scales):
+            state[f"{role}.weight"] = weight if scale is None else scale[:, None] * weight
+            state[f"{role}.bias"] = bias if scale is None or bias is None else scale * bias
+    else:
+        weight, bias, coef = own["qk.weight"], own.get("qk.bias"), own.get("coef")
+        heads = (layer.num_heads, layer.head_dim)
+        # Each input unit's column of W is a row of Y: fold M in as the kernels fold it into Y.
+        columns = weight.view(*heads, -1).transpose(1, 2)[None]
+        query = query_operand(columns, coef)[0].transpose(1, 2).reshape(weight.shape)
+        query_bias = None if bias is None else query_operand(bias.view(1, heads[0], 1, -1), coef).flatten()
+        state = {"query.weight": query, "query.bias": query_bias, "key.weight": weight, "key.bias": bias,
+                 "value.weight": own["value.weight"], "value.bias": own.get("value.bias")}
+    # Safetensors refuses two names for one storage: an unscaled query (or value) gets its own copy.
+    seen = {t.untyped_storage().data_ptr() for t in (weight, bias) if t is not None}
+    for name, tensor in state.items():
+        if tensor is not None and not name.startswith("key."):
+            storage = tensor.untyped_storage().data_ptr()
+            state[name] = tensor.clone() if storage in seen else tensor
+            seen.add(storage)
+    return {name: tensor for name, tensor in state.items() if tensor is not None}
+
+
+@torch.no_grad()
+def _write_standard_projections(layer: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: a converted layer saves as a standard self-attention (query, key,
+    value) computing the same function, plus its coefficient or role vectors. A converted
+    checkpoint is thus a standard one: plain ``from_pretrained`` / ``load_state_dict`` into an
+    unconverted model gives the converted model's outputs (through standard attention) and
+    reports the extra tensors as unused; ``load_converted`` reads the converted layers back exactly."""
+    own_names, _, extras = _projection_names(layer)
+    own = {name: state.pop(prefix + name) for name in own_names}
+    own.update({name: state[prefix + name] for name in extras})
+    for name, tensor in _standard_projections(layer, own).items():
+        state[prefix + name] = tensor
+
+
+def _matches(saved: Tensor, expected: Tensor) -> bool:
+    """``saved`` equals ``expected`` up to the rounding of ``saved``'s dtype (a coefficient folded
+    on another device or in another order changes the last bits, another matrix everything)."""
+    if saved.shape != expected.shape:
+        return False
+    tol = torch.finfo(saved.dtype).eps ** 0.5
+    saved, expected = saved.double(), expected.to(saved.device).double()
+    return bool(((saved - expected).abs() <= tol * expected.abs().max().clamp_min(1e-30)).all())
+
+
+@torch.no_grad()
+def _read_standard_projections(layer: nn.Module, state: dict, prefix: str, local_metadata, strict, missing,
+                               unexpected, error_msgs) -> None:
+    """Load-state-dict pre-hook, the inverse of ``_write_standard_projections``: the standard
+    query / key / value entries become the layer's own (``key`` is the converted projection).
+    Entries without the layer's structure (the weights of an unconverted model, or of another
+    variant) are refused with an error rather than approximated. A state dict in the layer's own
+    names, or without all three projections, is left to the default loading."""
+    own_names, standard, extras = _projection_names(layer)
+    in_own_names = any(prefix + name in state for name in own_names if name not in standard)
+    if in_own_names or not all(prefix + name in state for name in standard):
+        return
+    source = "qk." if isinstance(layer, SymmetricSelfAttention) else "proj."
+    own = {name: state[prefix + name.replace(source, "key.")] if name.startswith(source) else state[prefix + name]
+           for name in own_names}
+    own.update({name: state.get(prefix + name, getattr(layer, name)) for name in extras})
+    expected = _standard_projections(layer, own)
+    wrong = [name for name in standard if not _matches(state[prefix + name], expected[name])]
+    if wrong:
+        error_msgs.append(f"{prefix}query/key/value do not have the structure of a converted {_variant_of(layer)} "
+                          f"layer ({wrong} "
+                          f"differ from what its converted weights give): they are the weights of an unconverted "
+                          f"model or of another variant; use convert_bert on that model instead")
+        return
+    for name in standard:
+        del state[prefix + name]
+    state.update({prefix + name: own[name] for name in own_names})
+
+
+def _variant_of(layer: nn.Module) -> str:
+    if isinstance(layer, SharedWeightSelfAttention):
+        return "shared"
+    return next(variant for variant, pairwise in _PAIRWISE.items() if pairwise == layer.pairwise)
 
 
 class BertSymmetricSelfAttention(_HFSelfAttention, SymmetricSelfAttention):
@@ -454,44 +568,26 @@ def _construct_original(layer: _HFSelfAttention, config) -> nn.Module:
     return layer.original_class(config, **{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def _fill(linear: nn.Linear, weight: Tensor, bias: Optional[Tensor]) -> None:
-    linear.weight.copy_(weight.reshape(linear.weight.shape))
-    if linear.bias is not None:
-        linear.bias.copy_(torch.zeros_like(linear.bias) if bias is None else bias.reshape(linear.bias.shape))
-
-
 @torch.no_grad()
 def _revert_layer(layer: _HFSelfAttention, config) -> nn.Module:
     """The original layer with weights computing the same function (exact up to rounding)."""
-    weight = layer.qk.weight if isinstance(layer, SymmetricSelfAttention) else layer.proj.weight
-    bias = layer.qk.bias if isinstance(layer, SymmetricSelfAttention) else layer.proj.bias
-    old = _construct_original(layer, config).to(device=weight.device, dtype=weight.dtype)
-    heads = (layer.num_heads, layer.head_dim)
-    w3, b2 = weight.view(*heads, -1), None if bias is None else bias.view(heads)
-    if isinstance(layer, SharedWeightSelfAttention):
-        for linear, scale in ((old.query, layer.d_q), (old.key, layer.d_k), (old.value, layer.d_v)):
-            s = torch.ones_like(weight[:, 0]) if scale is None else scale
-            _fill(linear, s[:, None] * weight, None if bias is None else s * bias)
-    else:
-        # Query side of scale * (Y M) Y^T: row y_i M is the projection C^T W x_i + C^T b.
-        wq, bq = w3, b2
-        if layer.pairwise == "diag":
-            wq, bq = layer.coef[..., None] * w3, None if b2 is None else layer.coef * b2
-        elif layer.pairwise == "full":
-            wq = torch.einsum("hed,hek->hdk", layer.coef, w3)
-            bq = None if b2 is None else torch.einsum("hed,he->hd", layer.coef, b2)
-        _fill(old.query, wq, bq)
-        _fill(old.key, weight, bias)
-        _fill(old.value, layer.value.weight, layer.value.bias)
+    weights = _standard_projections(layer, dict(layer.named_parameters()))
+    old = _construct_original(layer, config).to(device=weights["key.weight"].device, dtype=weights["key.weight"].dtype)
+    for role in ("query", "key", "value"):
+        linear = getattr(old, role)
+        linear.weight.copy_(weights[f"{role}.weight"])
+        if linear.bias is not None:
+            linear.bias.copy_(weights.get(f"{role}.bias", torch.zeros_like(linear.bias)))
     return old.train(layer.training)
 
 
 def revert_bert(model: nn.Module):
     """Undo ``convert_bert``: the original self-attention classes come back, in place.
 
-    Their weights compute the same function as the converted layers (query = the converted
-    projection times coef or d_q, key = the projection times d_k, value = the value projection or
-    the shared one times d_v), so a converted-and-trained model becomes a plain Hugging Face model.
+    Their weights compute the same function as the converted layers (key = the converted
+    projection W, query = W times coef or ``d_q * d_k``, value = the value projection or W times
+    d_v; the same weights a converted model saves), so a converted-and-trained model becomes a
+    plain Hugging Face model.
 
     Args:
         model (nn.Module): a model converted by ``convert_bert``.
@@ -534,8 +630,9 @@ def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, de
     ``config.symattn_variant`` and loads the saved weights. As with ``from_pretrained``, the class
     may be an ``AutoModel*`` class, and a class with a head may load a base-model checkpoint: the
     head keeps its fresh initialisation, with a warning. A checkpoint without a recorded variant is
-    loaded with ``model_class.from_pretrained``. (``from_pretrained`` alone would build standard
-    attention and initialise its query / key weights randomly.)
+    loaded with ``model_class.from_pretrained``. (``from_pretrained`` alone gives the same outputs
+    through standard attention: a converted checkpoint also holds the equivalent standard query /
+    key / value weights.)
 
     Args:
         model_class (type): e.g. ``BertForSequenceClassification`` or ``AutoModelForMaskedLM``.
@@ -562,10 +659,14 @@ def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, de
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     state = _match_prefix({k: v for f in files for k, v in load_file(str(f)).items()}, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # weights without the recorded variant's structure
+        raise ValueError(f"checkpoint {path} does not match a {variant} {type(model).__name__}: {err}") from err
     model.tie_weights()  # save_pretrained drops tied copies (e.g. an MLM decoder): re-tie them
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k not in missing}
-    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    loaded = {t.data_ptr() for k, t in tensors.items() if k not in missing}
+    untied = [k for k in missing if k not in tensors or tensors[k].data_ptr() not in loaded]
     prefix = model.base_model_prefix + "."
     head = [k for k in untied if hasattr(model, model.base_model_prefix) and not k.startswith(prefix)]
     base = [k for k in untied if k not in head]
