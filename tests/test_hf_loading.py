@@ -65,7 +65,7 @@ def test_round_trip_through_auto_classes(original, inputs, variant, tmp_path):
 def test_head_class_over_a_base_checkpoint_warns_about_the_head_only(original, inputs, tmp_path):
     model = hf.convert_bert(copy.deepcopy(original), "symmetric")
     model.save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=r"newly initialised: \['classifier.weight', 'classifier.bias'\]"):
+    with pytest.warns(UserWarning, match=r"newly initialised: \['classifier.bias', 'classifier.weight'\]"):
         classifier = hf.load_converted(BertForSequenceClassification, tmp_path)
     assert_close(_hidden(classifier.bert, inputs), _hidden(model, inputs), atol=0.0, name="classifier's encoder")
     classifier.save_pretrained(tmp_path / "head")

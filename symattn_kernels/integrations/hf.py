@@ -88,11 +88,13 @@ CONFIG_KEY = "symattn_variant"
 _PAIRWISE = {"symmetric": None, "pairwise_diag": "diag", "pairwise_full": "full"}
 
 
-def symattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                 mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
+def symattn_mask(batch_size: int, *, kv_length: int, attention_mask: Optional[Tensor] = None,
+                 **kwargs) -> Optional[Tensor]:
     """Mask builder for ``attn_implementation="symattn"``: the ``[B, kv_length]`` bool padding mask
     as is (True = real token), never a materialised ``[B, 1, Q, K]`` one; causality comes from the
-    attention module. Same signature as Hugging Face's ``flash_attention_mask``."""
+    attention module. Called like Hugging Face's ``flash_attention_mask``, by keyword: the query
+    positions arrive as ``q_length`` / ``q_offset`` (transformers 5.25 on) or ``cache_position``
+    (before), the mask pattern as ``mask_function``, all unused here."""
     if attention_mask is None:
         return None
     return attention_mask[:, -kv_length:].bool()
@@ -345,7 +347,8 @@ def _read_standard_projections(layer: nn.Module, state: dict, prefix: str, local
     source = "qk." if isinstance(layer, SymmetricSelfAttention) else "proj."
     own = {name: state[prefix + name.replace(source, "key.")] if name.startswith(source) else state[prefix + name]
            for name in own_names}
-    own.update({name: state.get(prefix + name, getattr(layer, name)) for name in extras})
+    device = own[own_names[0]].device
+    own.update({name: state.get(prefix + name, getattr(layer, name)).to(device) for name in extras})
     expected = _standard_projections(layer, own)
     wrong = [name for name in standard if not _matches(state[prefix + name], expected[name])]
     if wrong:
@@ -623,16 +626,35 @@ def _match_prefix(state: dict, model: PreTrainedModel) -> dict:
     return {prefix + k: v for k, v in state.items()}
 
 
+def _saved_extras(path) -> dict:
+    """The converted layers' own tensors (coef, role vectors) in a ``save_pretrained`` directory,
+    under their checkpoint names; ``from_pretrained`` drops them as unused."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    extras = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            extras.update({k: weights.get_tensor(k) for k in weights.keys() if k.rsplit(".", 1)[-1] in _EXTRA_NAMES})
+    return extras
+
+
+_EXTRA_NAMES = ("coef", "d_q", "d_k", "d_v")
+
+
 def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, device=None):
     """Load a model that ``save_pretrained`` wrote after ``convert_bert``.
 
-    Builds ``model_class`` from the saved config, converts it to the recorded
-    ``config.symattn_variant`` and loads the saved weights. As with ``from_pretrained``, the class
-    may be an ``AutoModel*`` class, and a class with a head may load a base-model checkpoint: the
-    head keeps its fresh initialisation, with a warning. A checkpoint without a recorded variant is
-    loaded with ``model_class.from_pretrained``. (``from_pretrained`` alone gives the same outputs
-    through standard attention: a converted checkpoint also holds the equivalent standard query /
-    key / value weights.)
+    ``model_class.from_pretrained`` loads the checkpoint as the standard model it also is (so
+    every convention of ``from_pretrained`` holds: ``AutoModel*`` classes, a head class over a
+    base checkpoint, whose head keeps its fresh initialisation with a warning, renamed or tied
+    weights), then the model is converted to the recorded ``config.symattn_variant`` and each
+    converted layer reads its own weights back exactly from the standard ones and its saved
+    coefficient or role vectors. A checkpoint without a recorded variant is returned as
+    ``model_class.from_pretrained`` loads it. (``from_pretrained`` alone gives the same outputs
+    through standard attention.)
 
     Args:
         model_class (type): e.g. ``BertForSequenceClassification`` or ``AutoModelForMaskedLM``.
@@ -644,39 +666,42 @@ def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, de
         The converted model in eval mode, like ``from_pretrained``.
 
     Raises:
-        ValueError: the checkpoint lacks weights of the base model (unused weights only warn).
+        ValueError: the checkpoint lacks weights of the base model, or its attention weights do not
+            have the recorded variant's structure (unused weights only warn).
     """
-    from safetensors.torch import load_file
+    from transformers.utils import logging as hf_logging
 
-    config = AutoConfig.from_pretrained(path)
-    variant = getattr(config, CONFIG_KEY, None)
+    variant = getattr(AutoConfig.from_pretrained(path), CONFIG_KEY, None)
     if variant is None:
         return model_class.from_pretrained(path, dtype=dtype, device_map=device)
-    is_auto = not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel))
-    model = model_class.from_config(config) if is_auto else model_class(config)
-    convert_bert(model, variant, init="random")
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    state = _match_prefix({k: v for f in files for k, v in load_file(str(f)).items()}, model)
+    saved_extras = _saved_extras(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report would list the coefficients as unused: ours follows
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # weights without the recorded variant's structure
-        raise ValueError(f"checkpoint {path} does not match a {variant} {type(model).__name__}: {err}") from err
-    model.tie_weights()  # save_pretrained drops tied copies (e.g. an MLM decoder): re-tie them
-    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
-    loaded = {t.data_ptr() for k, t in tensors.items() if k not in missing}
-    untied = [k for k in missing if k not in tensors or tensors[k].data_ptr() not in loaded]
+        model, info = model_class.from_pretrained(path, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    standard = {name: layer.state_dict() for name, layer in _find(model, _is_original)}
+    convert_bert(model, variant, init="random")
+    extras = _match_prefix(saved_extras, model)
+    for name, layer in _find(model, lambda m: isinstance(m, _HFSelfAttention)):
+        own = {e: extras[f"{name}.{e}"] for e in _projection_names(layer)[2] if f"{name}.{e}" in extras}
+        try:
+            layer.load_state_dict({**standard[name], **own})
+        except RuntimeError as err:  # weights without the recorded variant's structure, or no coefficient
+            raise ValueError(f"checkpoint {path} does not match a {variant} {type(model).__name__}: {err}") from err
     prefix = model.base_model_prefix + "."
-    head = [k for k in untied if hasattr(model, model.base_model_prefix) and not k.startswith(prefix)]
-    base = [k for k in untied if k not in head]
+    head = [k for k in info["missing_keys"] if hasattr(model, model.base_model_prefix) and not k.startswith(prefix)]
+    base = [k for k in info["missing_keys"] if k not in head]
+    saved_names = {k.removeprefix(prefix) for k in saved_extras}
+    unexpected = [k for k in info["unexpected_keys"] if k.removeprefix(prefix) not in saved_names]
     if base:
-        raise ValueError(f"checkpoint {path} does not match a {variant} {type(model).__name__}: "
-                         f"missing {base[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"checkpoint {path} lacks weights of a {type(model).__name__}: {sorted(base)[:5]}")
     if head:
-        warnings.warn(f"{type(model).__name__} weights not in {path}, newly initialised: {head}", stacklevel=2)
+        warnings.warn(f"{type(model).__name__} weights not in {path}, newly initialised: {sorted(head)}", stacklevel=2)
     if unexpected:
-        warnings.warn(f"weights in {path} that {type(model).__name__} does not use: {unexpected}", stacklevel=2)
+        warnings.warn(f"weights in {path} that {type(model).__name__} does not use: {sorted(unexpected)}",
+                      stacklevel=2)
     return model.to(device=device, dtype=dtype).eval()
 
 
