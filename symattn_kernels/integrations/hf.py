@@ -29,10 +29,15 @@ Initialisation with ``init="pretrained"``; values and everything outside attenti
   ``sum_k c_k w_k w_k^T`` to the symmetric part of B (w_k the value rows), with
   ``d_q = sign(c) sqrt|c|`` and ``d_k = sqrt|c|``.
 
-``warm_start_report`` measures how good that start is. Converted models save with
-``save_pretrained``; the config records ``symattn_variant``, and ``load_converted(cls, path)``
-rebuilds the model from that config, converts it and loads the weights (``cls.from_pretrained``
-alone would build the original attention and ignore the converted weights).
+``warm_start_report`` measures how good that start is. A converted layer's state dict is that of
+a standard self-attention computing the same function (``key`` = its projection W, ``query`` = W
+times the coefficient or ``d_q * d_k``, ``value`` = its value projection or W times ``d_v``) plus
+its coefficient or role vectors, so a converted checkpoint (``save_pretrained``, which also
+records ``symattn_variant`` in the config) is a standard one: ``cls.from_pretrained`` or
+``load_state_dict`` into an unconverted model gives the converted model's outputs through
+standard attention, and reports the extra tensors as unused; ``load_converted(cls, path)``
+rebuilds the converted layers and reads their own weights back exactly. Loading weights without
+the variant's structure into a converted model raises.
 
 ``register_attention()`` adds ``attn_implementation="symattn"``; ``convert_bert`` selects it, so
 converted models receive the ``[B, S]`` padding mask instead of a materialised ``[B, 1, S, S]`` one,
@@ -83,11 +88,13 @@ CONFIG_KEY = "symattn_variant"
 _PAIRWISE = {"symmetric": None, "pairwise_diag": "diag", "pairwise_full": "full"}
 
 
-def symattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                 mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
+def symattn_mask(batch_size: int, *, kv_length: int, attention_mask: Optional[Tensor] = None,
+                 **kwargs) -> Optional[Tensor]:
     """Mask builder for ``attn_implementation="symattn"``: the ``[B, kv_length]`` bool padding mask
     as is (True = real token), never a materialised ``[B, 1, Q, K]`` one; causality comes from the
-    attention module. Same signature as Hugging Face's ``flash_attention_mask``."""
+    attention module. Called like Hugging Face's ``flash_attention_mask``, by keyword: the query
+    positions arrive as ``q_length`` / ``q_offset`` (transformers 5.25 on) or ``cache_position``
+    (before), the mask pattern as ``mask_function``, all unused here."""
     if attention_mask is None:
         return None
     return attention_mask[:, -kv_length:].bool()
@@ -209,6 +216,11 @@ class _HFSelfAttention:
     original_class: type = None
     layer_idx: Optional[int] = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_state_dict_post_hook(_write_standard_projections)
+        self.register_load_state_dict_pre_hook(_read_standard_projections)
+
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, past_key_values=None,
                 encoder_hidden_states: Optional[Tensor] = None, cache=None, **kwargs):
         # transformers < 5.25 names the cache past_key_values, later versions cache: take either.
@@ -249,6 +261,111 @@ class _HFSelfAttention:
 _NO_ATTENTIONS = ("converted symattn layers never materialise attention probabilities: output_attentions=True is "
                   "not supported (revert_bert gives a model that returns them)")
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
+
+
+def _projection_names(layer: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """State-dict names of ``layer``: its own projections (which the standard entries replace), the
+    standard ``query`` / ``key`` / ``value`` entries, and its other tensors (coef, role vectors)."""
+    linears = ("qk", "value") if isinstance(layer, SymmetricSelfAttention) else ("proj",)
+    kinds = ("weight", "bias") if getattr(layer, linears[0]).bias is not None else ("weight",)
+    own = tuple(f"{linear}.{kind}" for linear in linears for kind in kinds)
+    standard = tuple(f"{role}.{kind}" for role in ("query", "key", "value") for kind in kinds)
+    extras = tuple(name for name, p in layer.named_parameters(recurse=False) if p is not None)
+    return own, standard, extras
+
+
+def _standard_projections(layer: nn.Module, own: dict) -> dict:
+    """Standard ``query`` / ``key`` / ``value`` Linear weights and biases computing the same
+    function as ``layer`` with the parameters ``own`` (keyed by the layer's state-dict names).
+
+    ``key`` is the converted projection W itself, so it reads back exactly; ``query`` is W times
+    the coefficient (pairwise: the row ``y M``) or ``d_q * d_k`` (shared), ``value`` the value
+    projection or W times ``d_v``: ``q_i . k_j`` is the converted score and the values are the same.
+    """
+    if isinstance(layer, SharedWeightSelfAttention):
+        weight, bias = own["proj.weight"], own.get("proj.bias")
+        scales = (own["d_q"] * own["d_k"], None, own["d_v"]) if layer.role_scales else (None, None, None)
+        state = {}
+        for role, scale in zip(("query", "key", "value"), scales):
+            state[f"{role}.weight"] = weight if scale is None else scale[:, None] * weight
+            state[f"{role}.bias"] = bias if scale is None or bias is None else scale * bias
+    else:
+        weight, bias, coef = own["qk.weight"], own.get("qk.bias"), own.get("coef")
+        heads = (layer.num_heads, layer.head_dim)
+        # Each input unit's column of W is a row of Y: fold M in as the kernels fold it into Y.
+        columns = weight.view(*heads, -1).transpose(1, 2)[None]
+        query = query_operand(columns, coef)[0].transpose(1, 2).reshape(weight.shape)
+        query_bias = None if bias is None else query_operand(bias.view(1, heads[0], 1, -1), coef).flatten()
+        state = {"query.weight": query, "query.bias": query_bias, "key.weight": weight, "key.bias": bias,
+                 "value.weight": own["value.weight"], "value.bias": own.get("value.bias")}
+    # Safetensors refuses two names for one storage: an unscaled query (or value) gets its own copy.
+    seen = {t.untyped_storage().data_ptr() for t in (weight, bias) if t is not None}
+    for name, tensor in state.items():
+        if tensor is not None and not name.startswith("key."):
+            storage = tensor.untyped_storage().data_ptr()
+            state[name] = tensor.clone() if storage in seen else tensor
+            seen.add(storage)
+    return {name: tensor for name, tensor in state.items() if tensor is not None}
+
+
+@torch.no_grad()
+def _write_standard_projections(layer: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: a converted layer saves as a standard self-attention (query, key,
+    value) computing the same function, plus its coefficient or role vectors. A converted
+    checkpoint is thus a standard one: plain ``from_pretrained`` / ``load_state_dict`` into an
+    unconverted model gives the converted model's outputs (through standard attention) and
+    reports the extra tensors as unused; ``load_converted`` reads the converted layers back exactly."""
+    own_names, _, extras = _projection_names(layer)
+    own = {name: state.pop(prefix + name) for name in own_names}
+    own.update({name: state[prefix + name] for name in extras})
+    for name, tensor in _standard_projections(layer, own).items():
+        state[prefix + name] = tensor
+
+
+def _matches(saved: Tensor, expected: Tensor) -> bool:
+    """``saved`` equals ``expected`` up to the rounding of ``saved``'s dtype (a coefficient folded
+    on another device or in another order changes the last bits, another matrix everything)."""
+    if saved.shape != expected.shape:
+        return False
+    tol = torch.finfo(saved.dtype).eps ** 0.5
+    saved, expected = saved.double(), expected.to(saved.device).double()
+    return bool(((saved - expected).abs() <= tol * expected.abs().max().clamp_min(1e-30)).all())
+
+
+@torch.no_grad()
+def _read_standard_projections(layer: nn.Module, state: dict, prefix: str, local_metadata, strict, missing,
+                               unexpected, error_msgs) -> None:
+    """Load-state-dict pre-hook, the inverse of ``_write_standard_projections``: the standard
+    query / key / value entries become the layer's own (``key`` is the converted projection).
+    Entries without the layer's structure (the weights of an unconverted model, or of another
+    variant) are refused with an error rather than approximated. A state dict in the layer's own
+    names, or without all three projections, is left to the default loading."""
+    own_names, standard, extras = _projection_names(layer)
+    in_own_names = any(prefix + name in state for name in own_names if name not in standard)
+    if in_own_names or not all(prefix + name in state for name in standard):
+        return
+    source = "qk." if isinstance(layer, SymmetricSelfAttention) else "proj."
+    own = {name: state[prefix + name.replace(source, "key.")] if name.startswith(source) else state[prefix + name]
+           for name in own_names}
+    device = own[own_names[0]].device
+    own.update({name: state.get(prefix + name, getattr(layer, name)).to(device) for name in extras})
+    expected = _standard_projections(layer, own)
+    wrong = [name for name in standard if not _matches(state[prefix + name], expected[name])]
+    if wrong:
+        error_msgs.append(f"{prefix}query/key/value do not have the structure of a converted {_variant_of(layer)} "
+                          f"layer ({wrong} "
+                          f"differ from what its converted weights give): they are the weights of an unconverted "
+                          f"model or of another variant; use convert_bert on that model instead")
+        return
+    for name in standard:
+        del state[prefix + name]
+    state.update({prefix + name: own[name] for name in own_names})
+
+
+def _variant_of(layer: nn.Module) -> str:
+    if isinstance(layer, SharedWeightSelfAttention):
+        return "shared"
+    return next(variant for variant, pairwise in _PAIRWISE.items() if pairwise == layer.pairwise)
 
 
 class BertSymmetricSelfAttention(_HFSelfAttention, SymmetricSelfAttention):
@@ -454,44 +571,26 @@ def _construct_original(layer: _HFSelfAttention, config) -> nn.Module:
     return layer.original_class(config, **{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def _fill(linear: nn.Linear, weight: Tensor, bias: Optional[Tensor]) -> None:
-    linear.weight.copy_(weight.reshape(linear.weight.shape))
-    if linear.bias is not None:
-        linear.bias.copy_(torch.zeros_like(linear.bias) if bias is None else bias.reshape(linear.bias.shape))
-
-
 @torch.no_grad()
 def _revert_layer(layer: _HFSelfAttention, config) -> nn.Module:
     """The original layer with weights computing the same function (exact up to rounding)."""
-    weight = layer.qk.weight if isinstance(layer, SymmetricSelfAttention) else layer.proj.weight
-    bias = layer.qk.bias if isinstance(layer, SymmetricSelfAttention) else layer.proj.bias
-    old = _construct_original(layer, config).to(device=weight.device, dtype=weight.dtype)
-    heads = (layer.num_heads, layer.head_dim)
-    w3, b2 = weight.view(*heads, -1), None if bias is None else bias.view(heads)
-    if isinstance(layer, SharedWeightSelfAttention):
-        for linear, scale in ((old.query, layer.d_q), (old.key, layer.d_k), (old.value, layer.d_v)):
-            s = torch.ones_like(weight[:, 0]) if scale is None else scale
-            _fill(linear, s[:, None] * weight, None if bias is None else s * bias)
-    else:
-        # Query side of scale * (Y M) Y^T: row y_i M is the projection C^T W x_i + C^T b.
-        wq, bq = w3, b2
-        if layer.pairwise == "diag":
-            wq, bq = layer.coef[..., None] * w3, None if b2 is None else layer.coef * b2
-        elif layer.pairwise == "full":
-            wq = torch.einsum("hed,hek->hdk", layer.coef, w3)
-            bq = None if b2 is None else torch.einsum("hed,he->hd", layer.coef, b2)
-        _fill(old.query, wq, bq)
-        _fill(old.key, weight, bias)
-        _fill(old.value, layer.value.weight, layer.value.bias)
+    weights = _standard_projections(layer, dict(layer.named_parameters()))
+    old = _construct_original(layer, config).to(device=weights["key.weight"].device, dtype=weights["key.weight"].dtype)
+    for role in ("query", "key", "value"):
+        linear = getattr(old, role)
+        linear.weight.copy_(weights[f"{role}.weight"])
+        if linear.bias is not None:
+            linear.bias.copy_(weights.get(f"{role}.bias", torch.zeros_like(linear.bias)))
     return old.train(layer.training)
 
 
 def revert_bert(model: nn.Module):
     """Undo ``convert_bert``: the original self-attention classes come back, in place.
 
-    Their weights compute the same function as the converted layers (query = the converted
-    projection times coef or d_q, key = the projection times d_k, value = the value projection or
-    the shared one times d_v), so a converted-and-trained model becomes a plain Hugging Face model.
+    Their weights compute the same function as the converted layers (key = the converted
+    projection W, query = W times coef or ``d_q * d_k``, value = the value projection or W times
+    d_v; the same weights a converted model saves), so a converted-and-trained model becomes a
+    plain Hugging Face model.
 
     Args:
         model (nn.Module): a model converted by ``convert_bert``.
@@ -527,15 +626,35 @@ def _match_prefix(state: dict, model: PreTrainedModel) -> dict:
     return {prefix + k: v for k, v in state.items()}
 
 
+def _saved_extras(path) -> dict:
+    """The converted layers' own tensors (coef, role vectors) in a ``save_pretrained`` directory,
+    under their checkpoint names; ``from_pretrained`` drops them as unused."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    extras = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            extras.update({k: weights.get_tensor(k) for k in weights.keys() if k.rsplit(".", 1)[-1] in _EXTRA_NAMES})
+    return extras
+
+
+_EXTRA_NAMES = ("coef", "d_q", "d_k", "d_v")
+
+
 def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, device=None):
     """Load a model that ``save_pretrained`` wrote after ``convert_bert``.
 
-    Builds ``model_class`` from the saved config, converts it to the recorded
-    ``config.symattn_variant`` and loads the saved weights. As with ``from_pretrained``, the class
-    may be an ``AutoModel*`` class, and a class with a head may load a base-model checkpoint: the
-    head keeps its fresh initialisation, with a warning. A checkpoint without a recorded variant is
-    loaded with ``model_class.from_pretrained``. (``from_pretrained`` alone would build standard
-    attention and initialise its query / key weights randomly.)
+    ``model_class.from_pretrained`` loads the checkpoint as the standard model it also is (so
+    every convention of ``from_pretrained`` holds: ``AutoModel*`` classes, a head class over a
+    base checkpoint, whose head keeps its fresh initialisation with a warning, renamed or tied
+    weights), then the model is converted to the recorded ``config.symattn_variant`` and each
+    converted layer reads its own weights back exactly from the standard ones and its saved
+    coefficient or role vectors. A checkpoint without a recorded variant is returned as
+    ``model_class.from_pretrained`` loads it. (``from_pretrained`` alone gives the same outputs
+    through standard attention.)
 
     Args:
         model_class (type): e.g. ``BertForSequenceClassification`` or ``AutoModelForMaskedLM``.
@@ -547,35 +666,42 @@ def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, de
         The converted model in eval mode, like ``from_pretrained``.
 
     Raises:
-        ValueError: the checkpoint lacks weights of the base model (unused weights only warn).
+        ValueError: the checkpoint lacks weights of the base model, or its attention weights do not
+            have the recorded variant's structure (unused weights only warn).
     """
-    from safetensors.torch import load_file
+    from transformers.utils import logging as hf_logging
 
-    config = AutoConfig.from_pretrained(path)
-    variant = getattr(config, CONFIG_KEY, None)
+    variant = getattr(AutoConfig.from_pretrained(path), CONFIG_KEY, None)
     if variant is None:
         return model_class.from_pretrained(path, dtype=dtype, device_map=device)
-    is_auto = not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel))
-    model = model_class.from_config(config) if is_auto else model_class(config)
+    saved_extras = _saved_extras(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report would list the coefficients as unused: ours follows
+    try:
+        model, info = model_class.from_pretrained(path, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    standard = {name: layer.state_dict() for name, layer in _find(model, _is_original)}
     convert_bert(model, variant, init="random")
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    state = _match_prefix({k: v for f in files for k, v in load_file(str(f)).items()}, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()  # save_pretrained drops tied copies (e.g. an MLM decoder): re-tie them
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k not in missing}
-    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    extras = _match_prefix(saved_extras, model)
+    for name, layer in _find(model, lambda m: isinstance(m, _HFSelfAttention)):
+        own = {e: extras[f"{name}.{e}"] for e in _projection_names(layer)[2] if f"{name}.{e}" in extras}
+        try:
+            layer.load_state_dict({**standard[name], **own})
+        except RuntimeError as err:  # weights without the recorded variant's structure, or no coefficient
+            raise ValueError(f"checkpoint {path} does not match a {variant} {type(model).__name__}: {err}") from err
     prefix = model.base_model_prefix + "."
-    head = [k for k in untied if hasattr(model, model.base_model_prefix) and not k.startswith(prefix)]
-    base = [k for k in untied if k not in head]
+    head = [k for k in info["missing_keys"] if hasattr(model, model.base_model_prefix) and not k.startswith(prefix)]
+    base = [k for k in info["missing_keys"] if k not in head]
+    saved_names = {k.removeprefix(prefix) for k in saved_extras}
+    unexpected = [k for k in info["unexpected_keys"] if k.removeprefix(prefix) not in saved_names]
     if base:
-        raise ValueError(f"checkpoint {path} does not match a {variant} {type(model).__name__}: "
-                         f"missing {base[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"checkpoint {path} lacks weights of a {type(model).__name__}: {sorted(base)[:5]}")
     if head:
-        warnings.warn(f"{type(model).__name__} weights not in {path}, newly initialised: {head}", stacklevel=2)
+        warnings.warn(f"{type(model).__name__} weights not in {path}, newly initialised: {sorted(head)}", stacklevel=2)
     if unexpected:
-        warnings.warn(f"weights in {path} that {type(model).__name__} does not use: {unexpected}", stacklevel=2)
+        warnings.warn(f"weights in {path} that {type(model).__name__} does not use: {sorted(unexpected)}",
+                      stacklevel=2)
     return model.to(device=device, dtype=dtype).eval()
 
 
