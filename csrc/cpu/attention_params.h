@@ -80,5 +80,9 @@ namespace AVX512_BF16 {  // bfloat16 only
 void attention_forward(const ForwardParams& p);
 void attention_backward(const BackwardParams& p);
 }  // namespace AVX512_BF16
+namespace AVX512_AMX {  // bfloat16 only
+void attention_forward(const ForwardParams& p);
+void attention_backward(const BackwardParams& p);
+}  // namespace AVX512_AMX
 
 }  // namespace symattn::cpu
