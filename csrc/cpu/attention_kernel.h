@@ -78,14 +78,20 @@ constexpr int64_t kNR = kNV * kVec;
 static_assert(kMR % 2 == 0, "query blocks must start on an even row");
 // Heads up to this length keep their whole fp32 score matrix (1 MiB) in one task.
 constexpr int64_t kWholeHead = 512;
-// Longer heads take query blocks of about this many score floats, in whole steps of
-// kBlockRowStep rows: the micro-tile height, or the 16 rows of a tile where the products run on
-// AMX (whose tiles a 6-row multiple would leave part empty).
-constexpr int64_t kBlockFloats = int64_t{1} << 17;
+// Longer heads take query blocks of about kBlockFloats score floats, in whole steps of
+// kBlockRowStep rows: the micro-tile height, or the 32 rows of an AMX block where the products run
+// on tiles (a 6-row multiple leaves tiles part empty, and the backward's key-side products take
+// the block's rows as k, 32 to a tile). On AMX tiles the symmetric schedule
+// (see the file comment) is off: the products it halves cost less than the transposes it adds;
+// so short heads take query blocks too, and smaller ones, whose score passes stay in L2.
 #if defined(SYMATTN_AMX_DOT)
-constexpr int64_t kBlockRowStep = 16;
+constexpr int64_t kBlockFloats = int64_t{1} << 15;
+constexpr int64_t kBlockRowStep = 32;
+constexpr bool kSymmetricSchedule = false;
 #else
+constexpr int64_t kBlockFloats = int64_t{1} << 17;
 constexpr int64_t kBlockRowStep = kMR;
+constexpr bool kSymmetricSchedule = true;
 #endif
 // A forward task owns at least this many query rows of a longer head (whole query blocks): enough
 // rows that repacking the head's keys per task costs little, few enough that one head of a few
@@ -582,10 +588,12 @@ struct Geometry {
       for (int64_t b = 0; b < p.batch; ++b) L = std::max<int64_t>(L, p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
     }
     ldk = round_up(std::max<int64_t>(L, 1), kVec);
-    block = L <= kWholeHead ? std::max<int64_t>(L, 1)
-                            : std::max<int64_t>(kBlockRowStep, kBlockFloats / ldk / kBlockRowStep * kBlockRowStep);
-    task_rows = round_up(kTaskRows, block);  // >= L for heads of at most kWholeHead tokens
-    symmetric = L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
+    block = L <= kWholeHead && kSymmetricSchedule
+                ? std::max<int64_t>(L, 1)
+                : std::clamp<int64_t>(kBlockFloats / ldk / kBlockRowStep * kBlockRowStep, kBlockRowStep,
+                                      std::max<int64_t>(L, kBlockRowStep));
+    task_rows = round_up(kTaskRows, block);  // >= L for heads of at most kWholeHead tokens, but on AMX
+    symmetric = kSymmetricSchedule && L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
   }
 };
 
