@@ -10,6 +10,8 @@
 // into zero-padded per-thread scratch: the kTransA form of A (word-transposed), and operands whose
 // row or column count or k is not a multiple of the tile (ragged lengths, head dims below 32).
 // The accumulators go through a small scratch block to apply alpha and the accumulate flag.
+// (torch's at::native::cpublas::brgemm, which SDPA-flash uses, was measured no faster at these
+// product sizes, and takes B only repacked into blocks of at most 64 columns.)
 //
 // Results do not depend on the thread count: every C block is one fixed sequence of tile
 // products. The tile configuration is loaded at the start of each product and released at its
@@ -68,6 +70,19 @@ AmxScratch& amx_scratch() {
 }
 
 int64_t round_up_tile(int64_t x) { return (x + kTileWords - 1) / kTileWords * kTileWords; }
+
+// src [rows, cols] words (row stride ld) into buf as [rows_pad, cols_pad], zeros around it.
+const uint32_t* copy_padded(const uint32_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t rows_pad,
+                            int64_t cols_pad, std::vector<uint32_t>& buf) {
+  if (static_cast<int64_t>(buf.size()) < rows_pad * cols_pad) buf.resize(rows_pad * cols_pad);
+  uint32_t* dst = buf.data();
+  for (int64_t i = 0; i < rows; ++i) {
+    std::memcpy(dst + i * cols_pad, src + i * ld, cols * sizeof(uint32_t));
+    std::fill(dst + i * cols_pad + cols, dst + (i + 1) * cols_pad, 0u);
+  }
+  std::fill(dst + rows * cols_pad, dst + rows_pad * cols_pad, 0u);
+  return dst;
+}
 
 // MT x NT tiles of C (MT, NT in {1, 2}) over word rows [kw0, kw1) of k (a multiple of 16 apart)
 // into c (row stride kAmxBlock floats). a: A rows at word kw0 = 0, row stride lda words; b: B at
@@ -132,9 +147,9 @@ void amx_gemm(int64_t m, int64_t n, int64_t k, const uint32_t* a, int64_t lda, c
   // A into whole tiles: [round_up(m, 16), kw_pad] words, zero-padded.
   if (kTransA || m % kTileRows != 0 || kw % kTileWords != 0) {
     const int64_t m_pad = round_up_tile(m);
-    if (static_cast<int64_t>(scratch.a.size()) < m_pad * kw_pad) scratch.a.resize(m_pad * kw_pad);
-    uint32_t* dst = scratch.a.data();
     if constexpr (kTransA) {
+      if (static_cast<int64_t>(scratch.a.size()) < m_pad * kw_pad) scratch.a.resize(m_pad * kw_pad);
+      uint32_t* dst = scratch.a.data();
       std::fill(dst, dst + m_pad * kw_pad, 0u);
       // kTransA: word w of row i sits at a[w * lda + i]; transpose 16 x 16 word blocks.
       for (int64_t w0 = 0; w0 < kw; w0 += kTileWords) {
@@ -145,27 +160,16 @@ void amx_gemm(int64_t m, int64_t n, int64_t k, const uint32_t* a, int64_t lda, c
                                         static_cast<int>(std::min(kTileRows, m - i0)));
         }
       }
+      a = dst;
     } else {
-      for (int64_t i = 0; i < m; ++i) {
-        std::memcpy(dst + i * kw_pad, a + i * lda, kw * sizeof(uint32_t));
-        std::fill(dst + i * kw_pad + kw, dst + (i + 1) * kw_pad, 0u);
-      }
-      std::fill(dst + m * kw_pad, dst + m_pad * kw_pad, 0u);
+      a = copy_padded(a, lda, m, kw, m_pad, kw_pad, scratch.a);
     }
-    a = dst;
     lda = kw_pad;
   }
   // B into whole tiles: [kw_pad, round_up(n, 16)] words, zero-padded.
   if (n % kTileWords != 0 || kw % kTileWords != 0) {
     const int64_t n_pad = round_up_tile(n);
-    if (static_cast<int64_t>(scratch.b.size()) < kw_pad * n_pad) scratch.b.resize(kw_pad * n_pad);
-    uint32_t* dst = scratch.b.data();
-    for (int64_t w = 0; w < kw; ++w) {
-      std::memcpy(dst + w * n_pad, b + w * ldb, n * sizeof(uint32_t));
-      std::fill(dst + w * n_pad + n, dst + (w + 1) * n_pad, 0u);
-    }
-    std::fill(dst + kw * n_pad, dst + kw_pad * n_pad, 0u);
-    b = dst;
+    b = copy_padded(b, ldb, kw, n, kw_pad, n_pad, scratch.b);
     ldb = n_pad;
   }
 
