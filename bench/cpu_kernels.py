@@ -20,7 +20,7 @@ Side by side in one process, torch threads = cores, medians of
 ``blocked_autorange`` median per dtype, back to back), and reports the median over rounds and
 the median of the per-round ratios to fp32: paired ratios stay meaningful when other work
 loads the machine. The target (docs/design.md) is bf16 / fp32 <= 1 where the kernels run bf16 operands
-(``kernel_isa() == "AVX512_BF16"``); elsewhere bf16 is widened to fp32 and the ratio is only
+(``kernel_isa()`` is ``"AVX512_BF16"`` or ``"AVX512_AMX"``); elsewhere bf16 is widened to fp32 and the ratio is only
 reported.
 
 ``--dropout`` (also the last table of the default run) times ``shared_attention(y)`` of the
@@ -243,8 +243,8 @@ def format_dtypes(report: dict) -> str:
 
 
 def _bf16_target_line(env: dict) -> str:
-    if env["kernel_isa"] == "AVX512_BF16":
-        return "target: bf16 / fp32 <= 1.0 (bf16 operands on AVX512-BF16 here)"
+    if env["kernel_isa"] in ("AVX512_BF16", "AVX512_AMX"):
+        return f"target: bf16 / fp32 <= 1.0 (bf16 operands here, kernels {env['kernel_isa']})"
     return f"no AVX512-BF16 here (kernels {env['kernel_isa']}): bf16 is widened to fp32, ratio reported only"
 
 

@@ -51,7 +51,7 @@ def check_against_reference(inputs, dtype, **kw):
 
 
 def test_kernel_isa_is_reported():
-    assert cpu_backend.kernel_isa() in ("AVX512_BF16", "AVX512", "AVX2", "DEFAULT")
+    assert cpu_backend.kernel_isa() in ("AVX512_AMX", "AVX512_BF16", "AVX512", "AVX2", "DEFAULT")
 
 
 @pytest.mark.parametrize("coef_mode,shared,causal,padding,exclude_self", GRID, ids=GRID_IDS)
@@ -355,7 +355,7 @@ print(worst, worst_bf16)
 """
 
 # Instruction sets by width; a CPU that reports one runs every narrower one too.
-_ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
+_ISAS = ["default", "avx2", "avx512", "avx512_bf16", "avx512_amx"]
 
 
 @pytest.mark.parametrize("isa", _ISAS)

@@ -225,7 +225,7 @@ def test_info_prints_as_a_table_with_the_cpu_kernel_set():
     for name in backends.BACKENDS:
         assert f"\n  {name} " in text
     if extensions.state("cpu").loaded:
-        assert report["versions"]["cpu kernel set"] in ("AVX512_BF16", "AVX512", "AVX2", "DEFAULT")
+        assert report["versions"]["cpu kernel set"] in ("AVX512_AMX", "AVX512_BF16", "AVX512", "AVX2", "DEFAULT")
 
 
 def test_hf_integration_without_transformers_names_the_extra():

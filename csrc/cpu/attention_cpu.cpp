@@ -11,6 +11,14 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#ifdef SYMATTN_X86_DISPATCH
+#include <cpuid.h>
+#endif
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
@@ -43,40 +51,64 @@ struct Kernels {
 };
 
 // Kernel sets from the portable one (0) up: AVX2 (1), AVX512 (2), AVX512 with bfloat16 products
-// on AVX512-BF16 (3; the other dtypes run the AVX512 kernels there).
-constexpr const char* kIsaNames[] = {"DEFAULT", "AVX2", "AVX512", "AVX512_BF16"};
+// on AVX512-BF16 (3; the other dtypes run the AVX512 kernels there), and the same with the
+// bfloat16 products on AMX tiles (4).
+constexpr const char* kIsaNames[] = {"DEFAULT", "AVX2", "AVX512", "AVX512_BF16", "AVX512_AMX"};
+constexpr int kWidestIsa = 4;
 
-// SYMATTN_CPU_ISA=default|avx2|avx512|avx512_bf16 caps the choice (tests reach every build this
-// way); anything else is ignored with a warning.
+// SYMATTN_CPU_ISA=default|avx2|avx512|avx512_bf16|avx512_amx caps the choice (tests reach every
+// build this way); anything else is ignored with a warning.
 int isa_cap() {
   const char* env = std::getenv("SYMATTN_CPU_ISA");
-  if (env == nullptr || *env == 0) return 3;
+  if (env == nullptr || *env == 0) return kWidestIsa;
   std::string name(env);
   for (char& ch : name) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
-  for (int level = 0; level < 4; ++level) {
+  for (int level = 0; level <= kWidestIsa; ++level) {
     if (name == kIsaNames[level]) return level;
   }
-  TORCH_WARN("symattn: ignoring SYMATTN_CPU_ISA=", env, " (expected default, avx2, avx512 or avx512_bf16)");
-  return 3;
+  TORCH_WARN("symattn: ignoring SYMATTN_CPU_ISA=", env,
+             " (expected default, avx2, avx512, avx512_bf16 or avx512_amx)");
+  return kWidestIsa;
 }
+
+#ifdef SYMATTN_X86_DISPATCH
+// AMX tiles with bfloat16 products, usable by this process: cpuid (leaf 7: AMX-BF16 is EDX bit
+// 22, AMX-TILE bit 24), and on Linux the kernel's permission for the tile state, which a process
+// must request before its first tile instruction (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA).
+bool amx_usable() {
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  if ((edx & (1u << 22)) == 0 || (edx & (1u << 24)) == 0) return false;
+#ifdef __linux__
+  constexpr int kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+#endif
 
 }  // namespace
 
 // The widest kernel set this CPU runs: ATen's judgement of AVX2 / AVX-512 (ATEN_CPU_CAPABILITY
-// can lower it), cpuid for AVX512-BF16, capped by SYMATTN_CPU_ISA.
+// can lower it), cpuid for AVX512-BF16 and AMX, capped by SYMATTN_CPU_ISA (asked first, so that a
+// cap below AMX never requests the tile state).
 int cpu_isa_level() {
   static const int level = [] {
+    const int cap = isa_cap();
     int widest = 0;
 #ifdef SYMATTN_X86_DISPATCH
     const std::string capability = at::get_cpu_capability();
     if (capability == "AVX512") {
       __builtin_cpu_init();
-      widest = __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+      widest = __builtin_cpu_supports("avx512bf16") ? (cap >= 4 && amx_usable() ? 4 : 3) : 2;
     } else if (capability == "AVX2") {
       widest = 1;
     }
 #endif
-    return std::min(widest, isa_cap());
+    return std::min(widest, cap);
   }();
   return level;
 }
@@ -87,6 +119,11 @@ const Kernels& kernels() {
   static const Kernels chosen = [] {
     const int level = cpu_isa_level();
 #ifdef SYMATTN_X86_DISPATCH
+    if (level == 4) {
+      return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward,
+                     cpu::AVX512_AMX::attention_forward, cpu::AVX512_AMX::attention_backward,
+                     cpu::AVX512_AMX::dropout_keep, kIsaNames[4]};
+    }
     if (level == 3) {
       return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward,
                      cpu::AVX512_BF16::attention_forward, cpu::AVX512_BF16::attention_backward,

@@ -35,12 +35,13 @@
 // region, so nothing depends on a BLAS library's threading), accumulating in fp32. Its operand
 // format is a template parameter (FloatDot, Bf16Dot below): fp32 operands with one FMA per
 // element, or, for bfloat16 inputs where the CPU has AVX512-BF16, bf16 pairs on vdpbf16ps with
-// P and G rounded to bf16 as flash-attn does on GPUs. fp16 inputs are widened to fp32.
+// P and G rounded to bf16 as flash-attn does on GPUs. fp16 inputs are widened to fp32. Where the
+// CPU has AMX-BF16, the AVX512_AMX build runs the same bf16 products on AMX tiles (amx_gemm.h).
 //
 // This header is compiled once per instruction set (attention_cpu.cpp for DEFAULT,
-// attention_cpu_avx2.cpp, attention_cpu_avx512.cpp, and attention_cpu_avx512_bf16.cpp for
-// bfloat16 only), each time in its own CPU_CAPABILITY namespace; everything but the two entry
-// points has internal linkage.
+// attention_cpu_avx2.cpp, attention_cpu_avx512.cpp, and attention_cpu_avx512_bf16.cpp and
+// attention_cpu_avx512_amx.cpp for bfloat16 only), each time in its own CPU_CAPABILITY
+// namespace; everything but the two entry points has internal linkage.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -62,6 +63,9 @@
 #if defined(SYMATTN_BF16_DOT)
 #include <immintrin.h>
 #endif
+#if defined(SYMATTN_AMX_DOT)
+#include "amx_gemm.h"
+#endif
 
 #include "attention_params.h"
 #include "philox_vec.h"
@@ -80,8 +84,21 @@ constexpr int64_t kNR = kNV * kVec;
 static_assert(kMR % 2 == 0, "query blocks must start on an even row");
 // Heads up to this length keep their whole fp32 score matrix (1 MiB) in one task.
 constexpr int64_t kWholeHead = 512;
-// Longer heads take query blocks of about this many score floats.
+// Longer heads take query blocks of about kBlockFloats score floats, in whole steps of
+// kBlockRowStep rows: the micro-tile height, or the 32 rows of an AMX block where the products run
+// on tiles (a 6-row multiple leaves tiles part empty, and the backward's key-side products take
+// the block's rows as k, 32 to a tile). On AMX tiles the symmetric schedule
+// (see the file comment) is off: the products it halves cost less than the transposes it adds;
+// so short heads take query blocks too, and smaller ones, whose score passes stay in L2.
+#if defined(SYMATTN_AMX_DOT)
+constexpr int64_t kBlockFloats = int64_t{1} << 15;
+constexpr int64_t kBlockRowStep = 32;
+constexpr bool kSymmetricSchedule = false;
+#else
 constexpr int64_t kBlockFloats = int64_t{1} << 17;
+constexpr int64_t kBlockRowStep = kMR;
+constexpr bool kSymmetricSchedule = true;
+#endif
 // A forward task owns at least this many query rows of a longer head (whole query blocks): enough
 // rows that repacking the head's keys per task costs little, few enough that one head of a few
 // thousand tokens feeds a dozen or more cores.
@@ -324,6 +341,14 @@ void micro_tile(int64_t rows, int64_t cols, int64_t k0, int64_t k1, const typena
 template <typename Dot, bool kTransA>
 void gemm(int64_t m, int64_t n, int64_t k, const typename Dot::Word* a, int64_t lda, const typename Dot::Word* b,
           int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate, const Band& band = Band{}) {
+#if defined(SYMATTN_AMX_DOT)
+  if constexpr (std::is_same_v<Dot, Bf16Dot>) {
+    if (amx_worthwhile(m, n, (k + 1) / 2)) {
+      amx_gemm<kTransA>(m, n, k, a, lda, b, ldb, c, ldc, alpha, accumulate, band.k_lo, band.k_hi, band.n_hi);
+      return;
+    }
+  }
+#endif
   constexpr int64_t kPack = Dot::kPack;
   // Column panels outside, rows inside: one [k, kNR] panel of B serves every row block.
   for (int64_t n0 = 0; n0 < n; n0 += kNR) {
@@ -586,14 +611,16 @@ struct Geometry {
     if (L > kWholeHead && ldk % 256 == 0) ldk += kVec;
     tiled = L > kWholeHead && p.dropout_p == 0.0 &&
             (!backward || (!p.causal && p.coef_mode != CoefMode::kFull && p.dtype == DType::kFloat32));
-    block = L <= kWholeHead ? std::max<int64_t>(L, 1)
-            : tiled         ? kQueryTile
-                            : std::max<int64_t>(kMR, kBlockFloats / ldk / kMR * kMR);
-    task_rows = round_up(kTaskRows, block);  // >= L for heads of at most kWholeHead tokens
+    block = L <= kWholeHead && kSymmetricSchedule
+                ? std::max<int64_t>(L, 1)
+            : tiled ? kQueryTile
+                    : std::clamp<int64_t>(kBlockFloats / ldk / kBlockRowStep * kBlockRowStep, kBlockRowStep,
+                                          std::max<int64_t>(L, kBlockRowStep));
+    task_rows = round_up(kTaskRows, block);  // >= L for heads of at most kWholeHead tokens, but on AMX
     if (tiled) {
       task_rows = std::clamp(round_up((L + kTasksPerHead - 1) / kTasksPerHead, block), task_rows, kMaxTaskRows);
     }
-    symmetric = L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
+    symmetric = kSymmetricSchedule && L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
   }
 };
 

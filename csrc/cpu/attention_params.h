@@ -84,5 +84,10 @@ void attention_forward(const ForwardParams& p);
 void attention_backward(const BackwardParams& p);
 void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
 }  // namespace AVX512_BF16
+namespace AVX512_AMX {  // bfloat16 only
+void attention_forward(const ForwardParams& p);
+void attention_backward(const BackwardParams& p);
+void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
+}  // namespace AVX512_AMX
 
 }  // namespace symattn::cpu

@@ -1,6 +1,6 @@
 // Instruction-set selection for one kernel translation unit. Include it first, after defining
-// SYMATTN_ISA_AVX2, SYMATTN_ISA_AVX512 or SYMATTN_ISA_AVX512_BF16 (or none, for the portable
-// DEFAULT build).
+// SYMATTN_ISA_AVX2, SYMATTN_ISA_AVX512, SYMATTN_ISA_AVX512_BF16 or SYMATTN_ISA_AVX512_AMX (or
+// none, for the portable DEFAULT build).
 //
 // setup.py compiles every source with the same flags and no -march, so each ISA translation
 // unit switches the instruction set itself with `#pragma GCC target` (the same code generation
@@ -18,8 +18,13 @@
 #define SYMATTN_X86_DISPATCH 1
 #endif
 
-// SYMATTN_ISA_LEVEL: 0 portable, 1 AVX2 + FMA, 2 AVX-512 (F, BW, VL, DQ), 3 AVX-512 + BF16.
-#if defined(SYMATTN_ISA_AVX512_BF16) && defined(SYMATTN_X86_DISPATCH)
+// SYMATTN_ISA_LEVEL: 0 portable, 1 AVX2 + FMA, 2 AVX-512 (F, BW, VL, DQ), 3 AVX-512 + BF16,
+// 4 AVX-512 + BF16 + AMX (tile unit with AMX-BF16).
+#if defined(SYMATTN_ISA_AVX512_AMX) && defined(SYMATTN_X86_DISPATCH)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#define CPU_CAPABILITY AVX512_AMX
+#define SYMATTN_ISA_LEVEL 4
+#elif defined(SYMATTN_ISA_AVX512_BF16) && defined(SYMATTN_X86_DISPATCH)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 #define CPU_CAPABILITY AVX512_BF16
 #define SYMATTN_ISA_LEVEL 3
@@ -31,7 +36,8 @@
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 #define CPU_CAPABILITY AVX2
 #define SYMATTN_ISA_LEVEL 1
-#elif !defined(SYMATTN_ISA_AVX2) && !defined(SYMATTN_ISA_AVX512) && !defined(SYMATTN_ISA_AVX512_BF16)
+#elif !defined(SYMATTN_ISA_AVX2) && !defined(SYMATTN_ISA_AVX512) && !defined(SYMATTN_ISA_AVX512_BF16) && \
+    !defined(SYMATTN_ISA_AVX512_AMX)
 #define CPU_CAPABILITY DEFAULT
 #define SYMATTN_ISA_LEVEL 0
 #endif
@@ -62,6 +68,9 @@
 #define __AVX512BF16__ 1
 #endif
 #define SYMATTN_BF16_DOT 1  // attention_kernel.h: bfloat16 products on vdpbf16ps
+#endif
+#if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 4
+#define SYMATTN_AMX_DOT 1  // attention_kernel.h: the bfloat16 products on AMX tiles (amx_gemm.h)
 #endif
 
 // at::vec's per-ISA code paths: the AVX-512 ones serve the BF16 build too.

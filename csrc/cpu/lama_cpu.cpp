@@ -89,10 +89,12 @@ std::vector<at::Tensor> fill_inputs(LamaParams& p, const at::Tensor& h, const at
   return keep;
 }
 
-// The build for this CPU (cpu_isa_level); bfloat16 takes the AVX512-BF16 one where it runs.
+// The build for this CPU (cpu_isa_level); bfloat16 takes the AVX512-BF16 one where it runs
+// (also on AMX CPUs: LAMA's products are matrix-vector, too narrow for tiles).
 void (*forward_kernel(LamaDType dtype))(const LamaParams&) {
 #ifdef SYMATTN_X86_DISPATCH
   switch (cpu_isa_level()) {
+    case 4:
     case 3: if (dtype == LamaDType::kBFloat16) return cpu::AVX512_BF16::lama_forward; [[fallthrough]];
     case 2: return cpu::AVX512::lama_forward;
     case 1: return cpu::AVX2::lama_forward;
@@ -106,6 +108,7 @@ void (*forward_kernel(LamaDType dtype))(const LamaParams&) {
 void (*backward_kernel(LamaDType dtype))(const LamaBackwardParams&) {
 #ifdef SYMATTN_X86_DISPATCH
   switch (cpu_isa_level()) {
+    case 4:
     case 3: if (dtype == LamaDType::kBFloat16) return cpu::AVX512_BF16::lama_backward; [[fallthrough]];
     case 2: return cpu::AVX512::lama_backward;
     case 1: return cpu::AVX2::lama_backward;

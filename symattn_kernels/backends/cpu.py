@@ -5,7 +5,7 @@ Importing this module loads the extension (``symattn_kernels._C``, or its just-i
 ``extensions``), which registers the kernel ops
 ``symattn::attention_fwd_cpu`` and ``symattn::attention_bwd_cpu``; their fake functions are
 registered here. The kernels take float32, bfloat16 and float16 (fp32 accumulation; bfloat16
-products on AVX512-BF16 where the CPU has it, see ``kernel_isa``) and are
+products on AMX tiles or AVX512-BF16 where the CPU has them, see ``kernel_isa``) and are
 deterministic whatever the thread count, so ``deterministic`` changes nothing. float64 attention
 stays on the ``torch`` backend (``backends.resolve`` routes it there).
 
@@ -26,7 +26,7 @@ from .torch import finite_padding
 
 __all__ = ["attention_forward", "attention_backward", "kernel_isa", "lowrank_forward", "lowrank_backward"]
 
-ISA_CHOICES = ("default", "avx2", "avx512", "avx512_bf16")
+ISA_CHOICES = ("default", "avx2", "avx512", "avx512_bf16", "avx512_amx")
 
 
 def _check_isa_variable() -> None:
@@ -81,10 +81,11 @@ def _dropout_keep_cpu_fake(seed, dropout_p, first, n):
 
 
 def kernel_isa() -> str:
-    """The kernel set that runs here: "AVX512_BF16" (AVX-512, and bfloat16 inputs multiplied as
-    bf16 pairs with vdpbf16ps), "AVX512", "AVX2" or "DEFAULT" (bfloat16 widened to fp32 in all
-    three). The CPU decides; ``ATEN_CPU_CAPABILITY`` or ``SYMATTN_CPU_ISA=avx512|avx2|default``
-    (read once, at the first call) lowers it."""
+    """The kernel set that runs here: "AVX512_AMX" (AVX-512, and bfloat16 products on AMX tiles),
+    "AVX512_BF16" (AVX-512, and bfloat16 inputs multiplied as bf16 pairs with vdpbf16ps),
+    "AVX512", "AVX2" or "DEFAULT" (bfloat16 widened to fp32 in all three). Both bfloat16 paths
+    round P and G to bf16 and accumulate in fp32. The CPU decides; ``ATEN_CPU_CAPABILITY`` or
+    ``SYMATTN_CPU_ISA=avx512_bf16|avx512|avx2|default`` (read once, at the first call) lowers it."""
     return torch.ops.symattn.cpu_kernel_isa()
 
 
