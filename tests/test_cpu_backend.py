@@ -355,7 +355,7 @@ print(worst, worst_bf16)
 """
 
 # Instruction sets by width; a CPU that reports one runs every narrower one too.
-_ISAS = ["default", "avx2", "avx512", "avx512_bf16", "avx512_amx"]
+_ISAS = list(cpu_backend.ISA_CHOICES)
 
 
 @pytest.mark.parametrize("isa", _ISAS)

@@ -134,7 +134,7 @@ def test_forward_and_gradients_match_reference_under_dropout(S, causal, padding)
         assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)
 
 
-_ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
+_ISAS = list(cpu_backend.ISA_CHOICES)
 # The dropout tests of the cpu backend (but the long heads, whose rows draw as any other), re-run
 # in a process capped at one kernel build.
 _ISA_RUN = """

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import symattn_kernels as sk
 from symattn_kernels import backends, extensions, ops
 from symattn_kernels.backends import cpu_lowrank, registry
+from symattn_kernels.backends.cpu import ISA_CHOICES
 from symattn_kernels.backends import torch as torch_backend
 from symattn_kernels import reference as R
 from tests.helpers import with_threads
@@ -155,7 +156,7 @@ for case in [Case(3, 70, 259, 12, padded=True, with_u=True), Case(3, 40, 64, 8, 
     check_case(case, cpu)
 print("ok")
 """
-_ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
+_ISAS = list(ISA_CHOICES)
 
 
 @needs_fused
