@@ -8,8 +8,8 @@ takes the generic ones).
 
 Triton passes a named tuple of scalars to a kernel as its fields and specializes each field as
 it would a separate argument (a stride of 1 becomes a constant, a multiple of 16 an alignment
-hint), so a bundle costs no registers that the flat argument list did not
-(``python -m bench.compile_report``).
+hint): bundling changes no specialization, and ``python -m bench.compile_report`` checks that
+the kernels still do not spill.
 
 exclude_self rule. Row i's allowed keys before the rule are
 A_i = {j < seqlen : (not causal or j <= i) and kpm[j]}. The diagonal is removed unless
