@@ -49,15 +49,16 @@ FLAG_SETS = {
 }
 # ROLES of each attention backward launch (symattn_kernels.triton.attention_bwd.BWD_*).
 _BWD_ROLES = {"bwd": 0, "bwd-q": 1, "bwd-k": 2}
-# Integer arguments the launchers make 1 (contiguous padding mask): Triton's JIT specializes an
-# integer argument equal to 1 into a constant, so the report does the same.
-UNIT_ARGS = ("stride_kpms",)
+# Integer arguments the launchers make 1 (contiguous padding masks, lse's adjacent tokens; a
+# named-tuple field as "argument.field"): Triton's JIT specializes an integer argument equal to 1
+# into a constant, so the report does the same.
+UNIT_ARGS = ("kpm_strides.token", "lse_strides.token", "stride_kpms")
 _PTR_TYPES = {"Coef": "*fp32", "Kpm": "*u8", "CuSeqlens": "*i32", "Lse": "*fp32", "Delta": "*fp32",
               "DCoefPartial": "*fp32", "DLse": "*fp32", "Work": "*fp32", "L": "*fp32", "DQPart": "*fp32",
               "DGate": "*fp32"}
 # Integer arguments that are not multiples of 16: the padding mask's batch stride (any length)
 # and LAMA's factor row strides (m heads).
-_UNALIGNED_STRIDES = ("stride_kpmb", "stride_pe", "stride_qe")
+_UNALIGNED_STRIDES = ("kpm_strides.batch", "stride_kpmb", "stride_pe", "stride_qe")
 
 # LAMA (symattn_kernels/triton/lowrank.py): forward, its attn normalisation (no tl.dot, so no
 # HGMMA expected) and backward, for LAMAClassifier's call (separate token keys, padding, head
@@ -204,13 +205,32 @@ def compile_job(job: Job) -> Job:
     return _compile(job, fn, constexprs)
 
 
+# Named-tuple arguments of the attention kernels (symattn_kernels.triton.attention_common) other
+# than TokenStrides, which every other ``*_strides`` argument is.
+_TUPLE_ARGS = {"coef_strides": "CoefStrides", "kpm_strides": "MaskStrides", "dropout": "Dropout"}
+
+
+def _scalar_type(name: str, is_stride: bool):
+    """(signature type, attributes or None) of a scalar argument or named-tuple field, as Triton's
+    JIT specializes what the launchers pass: 1 becomes a constant, row strides are multiples of
+    16 elements for the report's head dims, the seed may exceed 32 bits."""
+    if name in UNIT_ARGS:
+        return "constexpr", None
+    if name in ("scale", "eps") or name.endswith("inv_keep"):
+        return "fp32", None
+    if name.endswith("seed"):
+        return "i64", None
+    return "i32", ([["tt.divisibility", 16]] if is_stride and name not in _UNALIGNED_STRIDES else None)
+
+
 def _compile(job: Job, fn, constexprs: dict) -> Job:
     """Compile fn for the job's arch and record registers, shared memory, spills and HGMMA."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs.update({name: 1 for name in UNIT_ARGS})
+    from symattn_kernels.triton import attention_common
+
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -219,15 +239,24 @@ def _compile(job: Job, fn, constexprs: dict) -> Job:
         elif name[0].isupper():  # tensor pointers; the runtime sees 16-byte aligned allocations
             signature[name] = _PTR_TYPES.get(name, "*" + job.dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("scale", "inv_keep", "eps"):
-            signature[name] = "fp32"
-        elif name == "seed":
-            signature[name] = "i64"
+        elif name in _TUPLE_ARGS or name.endswith("_strides"):  # a named tuple: typed field by field
+            bundle = _TUPLE_ARGS.get(name, "TokenStrides")
+            fields = getattr(attention_common, bundle)._fields
+            types = []
+            for j, field in enumerate(fields):
+                kind, attr = _scalar_type(f"{name}.{field}", name.endswith("_strides"))
+                types.append(kind)
+                if kind == "constexpr":
+                    constexprs[(i, j)] = 1
+                elif attr:
+                    attrs[(i, j)] = attr
+            signature[name] = getattr(attention_common, bundle)(*types)
         else:
-            signature[name] = "i32"
-            # Row strides are multiples of 16 elements for the report's head dims (the JIT sees the same).
-            if name.startswith("stride") and name not in _UNALIGNED_STRIDES:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+            signature[name], attr = _scalar_type(name, name.startswith("stride"))
+            if signature[name] == "constexpr":
+                constexprs[name] = 1
+            elif attr:
+                attrs[(i,)] = attr
     start = time.time()
     try:
         kernel = triton.compile(

@@ -46,7 +46,7 @@ from symattn_kernels import backends
 from symattn_kernels.integrations import hf
 from symattn_kernels.lama import LAMAClassifier
 
-from .helpers import describe_mismatch
+from .attention_checks import describe_mismatch
 
 WORLD = 2
 PER_RANK, SEQLEN, STEPS, VOCAB, CLASSES = 2, 12, 3, 64, 3

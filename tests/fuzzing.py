@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import symattn_kernels as sk
 from symattn_kernels import reference as R
-from tests.helpers import F64, max_error
+from tests.attention_checks import F64, max_error
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])

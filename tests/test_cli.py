@@ -26,7 +26,8 @@ COMMANDS = _commands()
 
 
 def test_every_command_is_found():
-    assert {"bench", "bench.cuda_compile_report", "symattn_kernels.info", "symattn_kernels.params"} <= set(COMMANDS)
+    assert {"bench", "bench.cuda_compile_report", "symattn_kernels.info", "symattn_kernels.parameter_counts",
+            "symattn_kernels.params"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("module", COMMANDS)

@@ -21,7 +21,7 @@ from symattn_kernels import ops
 from symattn_kernels.backends import cpu as cpu_backend
 from symattn_kernels import reference as R
 
-from .helpers import (
+from .attention_checks import (
     COEF_MODES, F64, GRID, GRID_IDS, assert_close, assert_flash_rule, make_inputs, padding_mask, reference, run,
     with_threads,
 )

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, sys.argv[1])
 import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
-from tests.helpers import make_inputs, max_error, padding_mask, reference, run, with_threads
+from tests.attention_checks import make_inputs, max_error, padding_mask, reference, run, with_threads
 
 def cpu(q, v, **kw):
     return sk.symmetric_attention(q, v, backend="cpu", **kw)

@@ -19,7 +19,7 @@ import symattn_kernels as sk
 from symattn_kernels import reference as R
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .helpers import assert_close, describe_mismatch, make_inputs, reference, run
+from .attention_checks import assert_close, describe_mismatch, make_inputs, reference, run
 
 # Run lengths around every vector width and step (8, 16, 32 counters) and past them.
 LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 111, 128, 129, 1025]

@@ -13,7 +13,7 @@ if extensions.state("cpu").how == extensions.ABSENT:
 
 import symattn_kernels as sk
 
-from .helpers import F64, assert_flash_rule, make_inputs, reference, run
+from .attention_checks import F64, assert_flash_rule, make_inputs, reference, run
 
 ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 NAMES = ["out", "lse", "dq", "dv/dcoef", "dcoef"]

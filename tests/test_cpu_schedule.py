@@ -13,7 +13,7 @@ if extensions.state("cpu").how == extensions.ABSENT:
 import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .helpers import assert_flash_rule, make_inputs, reference, run, with_threads
+from .attention_checks import assert_flash_rule, make_inputs, reference, run, with_threads
 
 # Heads longer than 512 tokens run in tasks of 128 query rows (forward, and the backward of
 # symmetric fp32 scores); at S = 1024 that is 8 tasks per head.

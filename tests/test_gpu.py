@@ -20,7 +20,7 @@ import symattn_kernels as sk
 from symattn_kernels import backends
 from symattn_kernels import reference as R
 
-from .helpers import assert_flash_rule
+from .attention_checks import assert_flash_rule
 
 pytestmark = pytest.mark.gpu
 

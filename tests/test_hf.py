@@ -18,9 +18,9 @@ from transformers import (  # noqa: E402
 
 from symattn_kernels import reference  # noqa: E402
 from symattn_kernels.integrations import hf  # noqa: E402
-from symattn_kernels.params import BERT_BASE, count_parameters  # noqa: E402
+from symattn_kernels.parameter_counts import BERT_BASE, count_parameters  # noqa: E402
 
-from .helpers import assert_close  # noqa: E402
+from .attention_checks import assert_close  # noqa: E402
 
 VARIANTS = hf.VARIANTS
 VOCAB, LENGTHS = 100, (9, 4, 6)

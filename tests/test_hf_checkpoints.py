@@ -20,7 +20,7 @@ from transformers import (  # noqa: E402
 
 from symattn_kernels.integrations import hf  # noqa: E402
 
-from .helpers import assert_close  # noqa: E402
+from .attention_checks import assert_close  # noqa: E402
 
 SMALL = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
              initializer_range=0.15, num_labels=3)

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertLMHeadModel, DynamicCache, StaticCache 
 
 from symattn_kernels.integrations import hf  # noqa: E402
 
-from .helpers import assert_close  # noqa: E402
+from .attention_checks import assert_close  # noqa: E402
 
 VOCAB = 50
 DECODER = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,

@@ -22,7 +22,7 @@ from transformers import (  # noqa: E402
 
 from symattn_kernels.integrations import hf  # noqa: E402
 
-from .helpers import assert_close  # noqa: E402
+from .attention_checks import assert_close  # noqa: E402
 
 TEXT = ["Symmetric attention shares one projection.", "Short one."]
 

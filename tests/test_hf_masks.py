@@ -18,7 +18,7 @@ from symattn_kernels import symmetric_attention  # noqa: E402
 from symattn_kernels.integrations import hf  # noqa: E402
 from symattn_kernels.modules import SharedWeightSelfAttention, SymmetricSelfAttention  # noqa: E402
 
-from .helpers import assert_close  # noqa: E402
+from .attention_checks import assert_close  # noqa: E402
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.",
              "Attention with shared weights.",

@@ -31,7 +31,7 @@ from symattn_kernels.backends import cpu_lowrank, registry
 from symattn_kernels.backends.cpu import ISA_CHOICES
 from symattn_kernels.backends import torch as torch_backend
 from symattn_kernels import reference as R
-from tests.helpers import with_threads
+from tests.attention_checks import with_threads
 from tests.test_lama_triton import BF16, CASES, F16, F32, F64, Case, check_case, make_inputs
 
 # The fused kernels: prebuilt, or compiled just in time on first use; absent only where neither can happen.

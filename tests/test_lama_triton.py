@@ -4,7 +4,7 @@ Run in its own process, since the variable must be set before triton is imported
 
     TRITON_INTERPRET=1 pytest -m interpret tests/test_lama_triton.py
 
-Pass rule (flash-attn, tests/helpers.assert_flash_rule): max error against the fp64 reference is
+Pass rule (flash-attn, tests/attention_checks.assert_flash_rule): max error against the fp64 reference is
 at most 2x the error of the reference run in the kernel's dtype, plus a floor of ATOL times the
 reference's magnitude; for pooled, attn and every gradient. bf16 is not tested: the
 interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584). The cases and the check are shared with
@@ -22,7 +22,7 @@ import torch
 
 import symattn_kernels as sk
 from symattn_kernels import reference
-from tests.helpers import assert_flash_rule, max_error
+from tests.attention_checks import assert_flash_rule, max_error
 
 pytestmark = [
     pytest.mark.interpret,

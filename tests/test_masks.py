@@ -8,7 +8,7 @@ import torch
 from symattn_kernels.masks import plan_mask
 from symattn_kernels.modules import SharedWeightSelfAttention, SymmetricSelfAttention
 
-from .helpers import assert_close
+from .attention_checks import assert_close
 
 B, S, WIDTH, HEADS = 2, 11, 32, 2
 

@@ -12,7 +12,7 @@ from symattn_kernels.modules import (
 )
 from symattn_kernels.masks import plan_mask
 
-from .helpers import assert_close
+from .attention_checks import assert_close
 
 HIDDEN, HEADS = 48, 3
 LENGTHS = (7, 3, 5)

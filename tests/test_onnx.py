@@ -19,7 +19,7 @@ from symattn_kernels import reference as R  # noqa: E402
 from symattn_kernels.integrations import hf  # noqa: E402
 from symattn_kernels.lama import LAMAClassifier, LowRankContextAttention  # noqa: E402
 
-from .helpers import assert_close  # noqa: E402
+from .attention_checks import assert_close  # noqa: E402
 
 F64 = torch.float64
 ATOL = 1e-5  # fp32 graph vs fp64 reference / fp32 PyTorch

@@ -24,7 +24,7 @@ import torch
 import symattn_kernels as sk
 from symattn_kernels import backends
 from symattn_kernels import reference as R
-from tests.helpers import F64, max_error
+from tests.attention_checks import F64, max_error
 
 BACKENDS = [name for name in ("torch", "cpu") if backends.status(name).usable]
 HEAD_DIMS = [32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from symattn_kernels import reference as R
 
-from .helpers import assert_close
+from .attention_checks import assert_close
 
 F64 = torch.float64
 

@@ -14,7 +14,7 @@ from symattn_kernels import backends
 from symattn_kernels import reference as R
 from symattn_kernels.lama import LowRankContextAttention
 from symattn_kernels.modules import SharedWeightSelfAttention, StandardSelfAttention, SymmetricSelfAttention
-from tests.helpers import F64, assert_close
+from tests.attention_checks import F64, assert_close
 
 BACKENDS = [name for name in ("torch", "cpu") if backends.status(name).usable]
 TOL = {torch.float32: 2e-5, F64: 1e-10}

@@ -10,7 +10,7 @@ import torch
 
 import symattn_kernels as sk
 from symattn_kernels import reference as R
-from tests.helpers import assert_close
+from tests.attention_checks import assert_close
 
 pytestmark = [
     pytest.mark.interpret,

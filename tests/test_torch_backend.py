@@ -10,7 +10,7 @@ import symattn_kernels as sk
 from symattn_kernels import ops
 from symattn_kernels import reference as R
 
-from .helpers import (
+from .attention_checks import (
     COEF_MODES, F64, GRID, GRID_IDS, assert_close, assert_flash_rule, make_inputs, padding_mask, reference, run,
 )
 

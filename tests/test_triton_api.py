@@ -11,7 +11,7 @@ from symattn_kernels import backends, ops
 from symattn_kernels.backends import registry
 from symattn_kernels import reference as R
 
-from .helpers import assert_flash_rule
+from .attention_checks import assert_flash_rule
 
 pytestmark = [
     pytest.mark.interpret,

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from symattn_kernels import reference
-from tests.helpers import max_error
+from tests.attention_checks import max_error
 
 pytestmark = [
     pytest.mark.interpret,

@@ -48,14 +48,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Device side: constants, the named tuples and @triton.jit helpers the kernels share.
-from .attention_common import (LOG2E, Dropout, _dropout_keep, _has_other_key, _kpm_stat, _padding_finite,
+# Device side: constants and the @triton.jit helpers the kernels share.
+from .attention_common import (LOG2E, _dropout_keep, _has_other_key, _kpm_stat, _padding_finite,
                                _program_sequence, _real_tokens, _in_int64, _row_ctr0, _seq_bounds,
                                _token0)
-# Host side: the launch pieces the launchers share.
-from .attention_common import (coef_mode, coef_product, coef_strides, device_arch, dot_precision, is_interpret,
-                               kpm_operand, lse_strides, padded_head_dim, padding_finite, prepare_call, tail_args, token_strides,
-                               unit_last_stride)
+# Host side: the launch pieces and argument bundles the launchers share.
+from .attention_common import (TokenStrides, coef_mode, coef_product, coef_strides, device_arch, dot_precision,
+                               is_interpret, kpm_operand, lse_strides, mask_strides, padded_head_dim, padding_finite,
+                               prepare_call, tail_args, token_strides, unit_last_stride)
 from .attention_fwd import attention_forward
 from .features import TRITON_VERSION
 
@@ -111,10 +111,7 @@ class OwnedBlock(NamedTuple):
 
 @triton.jit
 def _symattn_bwd_preprocess(
-    Out, DO, DLse, Delta, CuSeqlens,
-    stride_ob, stride_os, stride_oh,
-    stride_dob, stride_dos, stride_doh,
-    stride_lb, stride_lh,
+    Out, DO, DLse, Delta, CuSeqlens, out_strides, do_strides, lse_strides,
     num_heads, seqlen_padded, head_dim_v,
     HEAD_DIM_V: tl.constexpr, HAS_DLSE: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -133,12 +130,12 @@ def _symattn_bwd_preprocess(
     row_mask = offs_m < seqlen
     tile_mask = row_mask[:, None] & (offs_dv[None, :] < head_dim_v)
     rows = (seq_start64 + offs_m.to(tl.int64))[:, None]
-    o = tl.load(Out + off_b64 * stride_ob + off_h64 * stride_oh + rows * stride_os + offs_dv[None, :],
-                mask=tile_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_V]
-    do = tl.load(DO + off_b64 * stride_dob + off_h64 * stride_doh + rows * stride_dos + offs_dv[None, :],
-                 mask=tile_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_V]
+    o = tl.load(Out + off_b64 * out_strides.batch + off_h64 * out_strides.head + rows * out_strides.token
+                + offs_dv[None, :], mask=tile_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_V]
+    do = tl.load(DO + off_b64 * do_strides.batch + off_h64 * do_strides.head + rows * do_strides.token
+                 + offs_dv[None, :], mask=tile_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_V]
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    lse_offs = off_b64 * stride_lb + off_h64 * stride_lh + seq_start64 + offs_m
+    lse_offs = off_b64 * lse_strides.batch + off_h64 * lse_strides.head + seq_start64 + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLse + lse_offs, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(Delta + lse_offs, delta, mask=row_mask)
@@ -288,17 +285,8 @@ def _symattn_bwd_inner(
 @triton.jit
 def _symattn_bwd_kernel(
     Y, V, Coef, QM, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DQM, DKM, Work, DCoefPartial,
-    stride_yb, stride_ys, stride_yh,
-    stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh,
-    stride_dyb, stride_dys, stride_dyh,
-    stride_dvb, stride_dvs, stride_dvh,
-    stride_ch, stride_cd,
-    stride_mb, stride_ms, stride_mh,
-    stride_kpmb, stride_kpms,
-    stride_lb, stride_lh,
-    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
-    scale, seed, threshold, inv_keep,
+    y_strides, v_strides, do_strides, dy_strides, dv_strides, m_strides, lse_strides, coef_strides, kpm_strides,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr, IS_CAUSAL: tl.constexpr,
     ROLES: tl.constexpr, SPLIT_D: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -309,7 +297,7 @@ def _symattn_bwd_kernel(
     then, in a second launch, BWD_KEY_ROLES) of token block J for the output columns of group g
     (SPLIT_D groups). QM is Y M and DQM / DKM receive scale G Y / scale G^T Y for a
     full M (the host applies M); Work carries the query launch's fp32 share of dY to the key
-    launch for M = I or diagonal; all of them share the strides stride_m*."""
+    launch for M = I or diagonal; all of them share m_strides. Lse and Delta share lse_strides."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     tl.static_assert(HEAD_DIM % SPLIT_D == 0 and HEAD_DIM_V % SPLIT_D == 0)
     HEAD_DIM_OUT: tl.constexpr = HEAD_DIM // SPLIT_D
@@ -324,13 +312,13 @@ def _symattn_bwd_kernel(
     if start_j * BLOCK_M >= seqlen:
         return
     prog = _in_int64(prog)
-    Y += _token0(prog, stride_yb, stride_ys, stride_yh)
-    V += _token0(prog, stride_vb, stride_vs, stride_vh)
-    DO += _token0(prog, stride_dob, stride_dos, stride_doh)
-    Lse += _token0(prog, stride_lb, 1, stride_lh)
-    Delta += _token0(prog, stride_lb, 1, stride_lh)
-    Kpm += prog.b * stride_kpmb
-    Coef += prog.h * stride_ch
+    Y += _token0(prog, y_strides)
+    V += _token0(prog, v_strides)
+    DO += _token0(prog, do_strides)
+    Lse += _token0(prog, lse_strides)
+    Delta += _token0(prog, lse_strides)
+    Kpm += prog.b * kpm_strides.batch
+    Coef += prog.h * coef_strides.head
 
     offs_j = start_j * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j64 = offs_j.to(tl.int64)
@@ -344,28 +332,30 @@ def _symattn_bwd_kernel(
     out_mask = valid_j[:, None] & (offs_do[None, :] < head_dim)
     kpm_stat = seqlen
     if HAS_KPM and EXCLUDE_SELF:
-        kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
+        kpm_stat = _kpm_stat(Kpm, kpm_strides.token, seqlen, IS_CAUSAL, BLOCK_M)
     row_ctr0 = _row_ctr0(prog, n_rows, seqlen_padded, IS_VARLEN)
     if COEF_MODE == 1:
-        coef = tl.load(Coef + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)  # [HEAD_DIM]
-        coef_out = tl.load(Coef + offs_do * stride_cd, mask=offs_do < head_dim, other=0.0).to(tl.float32)
+        coef = tl.load(Coef + offs_d * coef_strides.column, mask=offs_d < head_dim,
+                       other=0.0).to(tl.float32)  # [HEAD_DIM]
+        coef_out = tl.load(Coef + offs_do * coef_strides.column, mask=offs_do < head_dim, other=0.0).to(tl.float32)
     else:
         coef = scale  # unused
         coef_out = scale
 
     # J's operand tiles, each staged through registers once. On wide heads a barrier between the
     # loads keeps ptxas from holding several [BLOCK_M, 256] tiles in flight at once (it spilled).
-    y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+    y_j = tl.load(Y + offs_j64[:, None] * y_strides.token + offs_d[None, :], mask=y_mask,
+                  other=0.0)  # [BLOCK_M, HEAD_DIM]
     real_j = valid_j
     if HAS_KPM:  # padded rows: NaN/Inf read as 0, values as 0 (see _symattn_bwd_inner)
-        real_j = _real_tokens(Kpm, stride_kpms, offs_j, seqlen)
+        real_j = _real_tokens(Kpm, kpm_strides.token, offs_j, seqlen)
         y_j = _padding_finite(y_j, real_j)
     if QUERY:
         if HEAD_DIM > 128:
             tl.debug_barrier()
-        do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
+        do_j = tl.load(DO + offs_j64[:, None] * do_strides.token + offs_dv[None, :], mask=v_mask, other=0.0)
         if COEF_MODE == 2:  # Y_J M, folded on the host
-            qm = tl.load(QM + _token0(prog, stride_mb, stride_ms, stride_mh) + offs_j64[:, None] * stride_ms
+            qm = tl.load(QM + _token0(prog, m_strides) + offs_j64[:, None] * m_strides.token
                          + offs_d[None, :], mask=y_mask, other=0.0)
         elif COEF_MODE == 1:  # Y_J M rounded once, exactly as the forward's query tile
             qm = (y_j.to(tl.float32) * coef[None, :]).to(y_j.dtype)
@@ -379,17 +369,16 @@ def _symattn_bwd_kernel(
         else:
             if HEAD_DIM > 128:
                 tl.debug_barrier()
-            v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :],
+            v_j = tl.load(V + offs_j64[:, None] * v_strides.token + offs_dv[None, :],
                           mask=real_j[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         kq = y_j
     else:
         kq, v_j = y_j, y_j  # placeholders: the query role does not read them
 
     owned = OwnedBlock(offs_j, kq, qm, v_j, do_j, col0, colv0, coef, coef_out)
-    seq = BwdSequence(Y, V, DO, Lse, Delta, Kpm, stride_ys, stride_vs, stride_dos, stride_kpms, seqlen, head_dim,
-                      head_dim_v, kpm_stat, row_ctr0,
-                      QM + _token0(prog, stride_mb, stride_ms, stride_mh), stride_ms)
-    dropout = Dropout(seed, key_stride, threshold, inv_keep)
+    seq = BwdSequence(Y, V, DO, Lse, Delta, Kpm, y_strides.token, v_strides.token, do_strides.token,
+                      kpm_strides.token, seqlen, head_dim, head_dim_v, kpm_stat, row_ctr0,
+                      QM + _token0(prog, m_strides), m_strides.token)
     dq_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
     dk_acc = tl.zeros([BLOCK_M, HEAD_DIM_OUT], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_M, HEAD_DIM_V_OUT], dtype=tl.float32)
@@ -415,10 +404,10 @@ def _symattn_bwd_kernel(
             )
 
     # Outputs of J, each written once; row pointers are formed here, not kept live.
-    m_rows = _token0(prog, stride_mb, stride_ms, stride_mh) + offs_j64[:, None] * stride_ms
+    m_rows = _token0(prog, m_strides) + offs_j64[:, None] * m_strides.token
     if QUERY:
         if NEED_DCOEF:  # diagonal dM share of the block: scale * sum_rows Y_J * (G_J. Y)
-            y_o = tl.load(Y + offs_j64[:, None] * stride_ys + offs_do[None, :], mask=out_mask, other=0.0)
+            y_o = tl.load(Y + offs_j64[:, None] * y_strides.token + offs_do[None, :], mask=out_mask, other=0.0)
             if HAS_KPM:
                 y_o = _padding_finite(y_o, real_j)
             slot = (prog.b * tl.num_programs(0) + start_j) * num_heads + prog.h
@@ -452,28 +441,20 @@ def _symattn_bwd_kernel(
                 dy = dk_acc * scale
             if QUERY:  # one launch for all roles: the query role's share is added here
                 dy += dq_acc
-            DY += _token0(prog, stride_dyb, stride_dys, stride_dyh)
-            tl.store(DY + offs_j64[:, None] * stride_dys + offs_do[None, :], dy.to(DY.dtype.element_ty),
+            DY += _token0(prog, dy_strides)
+            tl.store(DY + offs_j64[:, None] * dy_strides.token + offs_do[None, :], dy.to(DY.dtype.element_ty),
                      mask=out_mask)
         if not SHARED_V or COEF_MODE == 2:  # shared mode, full M: the fp32 value-role share of dY
-            DV += _token0(prog, stride_dvb, stride_dvs, stride_dvh)
-            tl.store(DV + offs_j64[:, None] * stride_dvs + offs_dvo[None, :], dv_acc.to(DV.dtype.element_ty),
+            DV += _token0(prog, dv_strides)
+            tl.store(DV + offs_j64[:, None] * dv_strides.token + offs_dvo[None, :], dv_acc.to(DV.dtype.element_ty),
                      mask=valid_j[:, None] & (offs_dvo[None, :] < head_dim_v))
 
 
 @triton.jit
 def _symattn_bwd_sym_kernel(
     Y, V, Coef, Kpm, CuSeqlens, DO, Lse, Delta, DYAcc, DVAcc, DCoefPartial,
-    stride_yb, stride_ys, stride_yh,
-    stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh,
-    stride_ab, stride_as, stride_ah,
-    stride_avb, stride_avs, stride_avh,
-    stride_ch, stride_cd,
-    stride_kpmb, stride_kpms,
-    stride_lb, stride_lh,
-    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
-    scale, seed, threshold, inv_keep,
+    y_strides, v_strides, do_strides, dy_acc_strides, dv_acc_strides, lse_strides, coef_strides, kpm_strides,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr,
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -491,14 +472,14 @@ def _symattn_bwd_sym_kernel(
     if start_j * BLOCK_M >= seqlen:
         return
     prog = _in_int64(prog)
-    Y += _token0(prog, stride_yb, stride_ys, stride_yh)
-    V += _token0(prog, stride_vb, stride_vs, stride_vh)
-    DO += _token0(prog, stride_dob, stride_dos, stride_doh)
-    DYAcc += _token0(prog, stride_ab, stride_as, stride_ah)
-    DVAcc += _token0(prog, stride_avb, stride_avs, stride_avh)
-    Lse += _token0(prog, stride_lb, 1, stride_lh)
-    Delta += _token0(prog, stride_lb, 1, stride_lh)
-    Kpm += prog.b * stride_kpmb
+    Y += _token0(prog, y_strides)
+    V += _token0(prog, v_strides)
+    DO += _token0(prog, do_strides)
+    DYAcc += _token0(prog, dy_acc_strides)
+    DVAcc += _token0(prog, dv_acc_strides)
+    Lse += _token0(prog, lse_strides)
+    Delta += _token0(prog, lse_strides)
+    Kpm += prog.b * kpm_strides.batch
 
     offs_j = start_j * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j64 = offs_j.to(tl.int64)
@@ -509,28 +490,29 @@ def _symattn_bwd_sym_kernel(
     v_mask = valid_j[:, None] & (offs_dv[None, :] < head_dim_v)
     real_j = valid_j
     if HAS_KPM:
-        real_j = _real_tokens(Kpm, stride_kpms, offs_j, seqlen)
-    y_j = tl.load(Y + offs_j64[:, None] * stride_ys + offs_d[None, :], mask=y_mask, other=0.0)  # [BLOCK_M, HEAD_DIM]
+        real_j = _real_tokens(Kpm, kpm_strides.token, offs_j, seqlen)
+    y_j = tl.load(Y + offs_j64[:, None] * y_strides.token + offs_d[None, :], mask=y_mask,
+                  other=0.0)  # [BLOCK_M, HEAD_DIM]
     if HAS_KPM:  # padded rows: NaN/Inf read as 0, values as 0 (see _symattn_bwd_inner)
         y_j = _padding_finite(y_j, real_j)
     if SHARED_V:
         v_j = y_j
     else:
-        v_j = tl.load(V + offs_j64[:, None] * stride_vs + offs_dv[None, :],
+        v_j = tl.load(V + offs_j64[:, None] * v_strides.token + offs_dv[None, :],
                       mask=real_j[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-    do_j = tl.load(DO + offs_j64[:, None] * stride_dos + offs_dv[None, :], mask=v_mask, other=0.0)
+    do_j = tl.load(DO + offs_j64[:, None] * do_strides.token + offs_dv[None, :], mask=v_mask, other=0.0)
     lse2_j = tl.load(Lse + offs_j, mask=valid_j, other=0.0) * LOG2E
     delta_j = tl.load(Delta + offs_j, mask=valid_j, other=0.0)
     kpm_stat = seqlen
     if HAS_KPM:
         if EXCLUDE_SELF:
-            kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, False, BLOCK_M)
+            kpm_stat = _kpm_stat(Kpm, kpm_strides.token, seqlen, False, BLOCK_M)
     row_ctr_base = _row_ctr0(prog, n_rows, seqlen_padded, IS_VARLEN)
     row_ctr_j = row_ctr_base + offs_j64
-    dropout = Dropout(seed, key_stride, threshold, inv_keep)
     qk_scale = scale * LOG2E
     if COEF_MODE == 1:
-        c = tl.load(Coef + prog.h * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        c = tl.load(Coef + prog.h * coef_strides.head + offs_d * coef_strides.column, mask=offs_d < head_dim,
+                    other=0.0).to(tl.float32)
         qm_j = (y_j.to(tl.float32) * c[None, :]).to(y_j.dtype)
         out_coef = c * scale  # [HEAD_DIM]
     else:
@@ -547,8 +529,8 @@ def _symattn_bwd_sym_kernel(
     dp_d = tl.dot(do_j, tl.trans(v_j), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         keep_d = _dropout_keep(dropout, row_ctr_j[:, None], offs_j[None, :])
-        pd_d = tl.where(keep_d, p_d * inv_keep, 0.0)
-        dp_d = tl.where(keep_d, dp_d * inv_keep, 0.0)
+        pd_d = tl.where(keep_d, p_d * dropout.inv_keep, 0.0)
+        dp_d = tl.where(keep_d, dp_d * dropout.inv_keep, 0.0)
     else:
         pd_d = p_d
     g_d = p_d * (dp_d - delta_j[:, None])
@@ -567,16 +549,16 @@ def _symattn_bwd_sym_kernel(
         vi_mask = valid_i[:, None] & (offs_dv[None, :] < head_dim_v)
         real_i = valid_i
         if HAS_KPM:
-            real_i = _real_tokens(Kpm, stride_kpms, offs_i, seqlen)
-        y_i = tl.load(Y + offs_i64[:, None] * stride_ys + offs_d[None, :], mask=yi_mask, other=0.0)
+            real_i = _real_tokens(Kpm, kpm_strides.token, offs_i, seqlen)
+        y_i = tl.load(Y + offs_i64[:, None] * y_strides.token + offs_d[None, :], mask=yi_mask, other=0.0)
         if HAS_KPM:
             y_i = _padding_finite(y_i, real_i)
         if SHARED_V:
             v_i = y_i
         else:
-            v_i = tl.load(V + offs_i64[:, None] * stride_vs + offs_dv[None, :],
+            v_i = tl.load(V + offs_i64[:, None] * v_strides.token + offs_dv[None, :],
                           mask=real_i[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-        do_i = tl.load(DO + offs_i64[:, None] * stride_dos + offs_dv[None, :], mask=vi_mask, other=0.0)
+        do_i = tl.load(DO + offs_i64[:, None] * do_strides.token + offs_dv[None, :], mask=vi_mask, other=0.0)
         lse2_i = tl.load(Lse + offs_i, mask=valid_i, other=0.0) * LOG2E
         delta_i = tl.load(Delta + offs_i, mask=valid_i, other=0.0)
         # One score tile [J, I]: S_JI, and S_IJ^T (the same numbers, M symmetric).
@@ -589,10 +571,10 @@ def _symattn_bwd_sym_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(dropout, row_ctr_j[:, None], offs_i[None, :])
             keep_t = _dropout_keep(dropout, row_ctr_base + offs_i64[None, :], offs_j[:, None])
-            pd = tl.where(keep, p * inv_keep, 0.0)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-            pd_t = tl.where(keep_t, p_t * inv_keep, 0.0)
-            dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+            pd = tl.where(keep, p * dropout.inv_keep, 0.0)
+            dp = tl.where(keep, dp * dropout.inv_keep, 0.0)
+            pd_t = tl.where(keep_t, p_t * dropout.inv_keep, 0.0)
+            dp_t = tl.where(keep_t, dp_t * dropout.inv_keep, 0.0)
         else:
             pd = p
             pd_t = p_t
@@ -605,21 +587,22 @@ def _symattn_bwd_sym_kernel(
             dc_acc += tl.sum(y_i.to(tl.float32) * t_i, axis=0)
         dy_i = t_i * out_coef[None, :]
         if SHARED_V:
-            tl.atomic_add(DYAcc + offs_i64[:, None] * stride_as + offs_d[None, :], dy_i + dv_i, mask=yi_mask,
+            tl.atomic_add(DYAcc + offs_i64[:, None] * dy_acc_strides.token + offs_d[None, :], dy_i + dv_i, mask=yi_mask,
                           sem="relaxed")
         else:
-            tl.atomic_add(DYAcc + offs_i64[:, None] * stride_as + offs_d[None, :], dy_i, mask=yi_mask,
+            tl.atomic_add(DYAcc + offs_i64[:, None] * dy_acc_strides.token + offs_d[None, :], dy_i, mask=yi_mask,
                           sem="relaxed")
-            tl.atomic_add(DVAcc + offs_i64[:, None] * stride_avs + offs_dv[None, :], dv_i, mask=vi_mask,
+            tl.atomic_add(DVAcc + offs_i64[:, None] * dv_acc_strides.token + offs_dv[None, :], dv_i, mask=vi_mask,
                           sem="relaxed")
 
     dy_j = a_acc * out_coef[None, :]
     if SHARED_V:
-        tl.atomic_add(DYAcc + offs_j64[:, None] * stride_as + offs_d[None, :], dy_j + dv_acc, mask=y_mask,
+        tl.atomic_add(DYAcc + offs_j64[:, None] * dy_acc_strides.token + offs_d[None, :], dy_j + dv_acc, mask=y_mask,
                       sem="relaxed")
     else:
-        tl.atomic_add(DYAcc + offs_j64[:, None] * stride_as + offs_d[None, :], dy_j, mask=y_mask, sem="relaxed")
-        tl.atomic_add(DVAcc + offs_j64[:, None] * stride_avs + offs_dv[None, :], dv_acc, mask=v_mask,
+        tl.atomic_add(DYAcc + offs_j64[:, None] * dy_acc_strides.token + offs_d[None, :], dy_j, mask=y_mask,
+                      sem="relaxed")
+        tl.atomic_add(DVAcc + offs_j64[:, None] * dv_acc_strides.token + offs_dv[None, :], dv_acc, mask=v_mask,
                       sem="relaxed")
     if NEED_DCOEF:
         slot = (prog.b * tl.num_programs(0) + start_j) * num_heads + prog.h
@@ -758,10 +741,9 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
         q, q if v is None else v, dummy if coef is None else coef, dummy if kpm is None else kpm,
         cu_seqlens if is_varlen else dummy, dout, lse, delta, dy_acc, dummy if dv_acc is None else dv_acc,
         dummy if dcoef_partial is None else dcoef_partial,
-        *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
-        *token_strides(dout, is_varlen), *token_strides(dy_acc, is_varlen),
-        *((0, 0, 0) if dv_acc is None else token_strides(dv_acc, is_varlen)), *coef_strides(coef),
-        *tail_args(kpm, lse, layout, scale, dropout_p, seed),
+        token_strides(q, is_varlen), token_strides(q if v is None else v, is_varlen), token_strides(dout, is_varlen),
+        token_strides(dy_acc, is_varlen), TokenStrides(0, 0, 0) if dv_acc is None else token_strides(dv_acc, is_varlen),
+        lse_strides(lse, is_varlen), coef_strides(coef), mask_strides(kpm), *tail_args(layout, scale, dropout_p, seed),
     ]
     _symattn_bwd_sym_kernel[(n_blocks, batch * num_heads)](
         *args, HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v), SHARED_V=v is None,
@@ -804,7 +786,6 @@ def attention_backward(
                 t.zero_()
         return
     lse = lse.contiguous()
-    stride_lb, stride_lh = lse_strides(lse, is_varlen)
     dlse = None if dlse is None else dlse.contiguous()
     # dq / dv may be any caller buffer with unit last stride; otherwise write a copy back.
     dq_k = dq if dq.stride(-1) == 1 else torch.empty_like(dq, memory_format=torch.contiguous_format)
@@ -831,7 +812,7 @@ def attention_backward(
     delta = torch.empty_like(lse)
     _symattn_bwd_preprocess[(triton.cdiv(seqlen_padded, PREPROCESS_BLOCK_M), batch * num_heads)](
         out, dout, lse if dlse is None else dlse, delta, cu_seqlens if is_varlen else lse,
-        *token_strides(out, is_varlen), *token_strides(dout, is_varlen), stride_lb, stride_lh,
+        token_strides(out, is_varlen), token_strides(dout, is_varlen), lse_strides(lse, is_varlen),
         num_heads, seqlen_padded, head_dim_v,
         HEAD_DIM_V=hdv_pad, HAS_DLSE=dlse is not None, IS_VARLEN=is_varlen, BLOCK_M=PREPROCESS_BLOCK_M,
     )
@@ -865,11 +846,10 @@ def attention_backward(
         dummy if kpm is None else kpm, cu_seqlens if is_varlen else dummy, dout, lse,
         delta, dq_k, dummy if dv_k is None else dv_k, dummy if dqm is None else dqm, dummy if dkm is None else dkm,
         dummy if work is None else work, dummy if dcoef_partial is None else dcoef_partial,
-        *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
-        *token_strides(dout, is_varlen), *token_strides(dq_k, is_varlen),
-        *((0, 0, 0) if dv_k is None else token_strides(dv_k, is_varlen)), *coef_strides(coef),
-        *((0, 0, 0) if m_like is None else token_strides(m_like, is_varlen)),
-        *tail_args(kpm, lse, layout, scale, dropout_p, seed),
+        token_strides(q, is_varlen), token_strides(q if v is None else v, is_varlen), token_strides(dout, is_varlen),
+        token_strides(dq_k, is_varlen), TokenStrides(0, 0, 0) if dv_k is None else token_strides(dv_k, is_varlen),
+        TokenStrides(0, 0, 0) if m_like is None else token_strides(m_like, is_varlen), lse_strides(lse, is_varlen),
+        coef_strides(coef), mask_strides(kpm), *tail_args(layout, scale, dropout_p, seed),
     ]
     constexprs = dict(
         HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad, SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef,

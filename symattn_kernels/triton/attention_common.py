@@ -1,8 +1,15 @@
 """What the forward and backward attention kernels share: Triton device functions for a
 program's sequence (``ProgramSequence``, ``_token0``), key-padding statistics, the exclude-self
-rule and the dropout mask, the named tuples the kernels hand their loops (``Dropout``), and the
-host-side pieces every launcher needs (``prepare_call``, ``tail_args``, layout strides, head-dim
-padding, dot precision, the full-coefficient products; the LAMA launcher takes the generic ones).
+rule and the dropout mask; the named tuples the kernels take as arguments (``TokenStrides``,
+``MaskStrides``, ``CoefStrides``, ``Dropout``: one argument per tensor's strides, so that a
+launch names what it passes); and the host-side pieces every launcher needs (``prepare_call``,
+``tail_args``, head-dim padding, dot precision, the full-coefficient products; the LAMA launcher
+takes the generic ones).
+
+Triton passes a named tuple of scalars to a kernel as its fields and specializes each field as
+it would a separate argument (a stride of 1 becomes a constant, a multiple of 16 an alignment
+hint): bundling changes no specialization, and ``python -m bench.compile_report`` checks that
+the kernels still do not spill.
 
 exclude_self rule. Row i's allowed keys before the rule are
 A_i = {j < seqlen : (not causal or j <= i) and kpm[j]}. The diagonal is removed unless
@@ -70,12 +77,19 @@ def coef_mode(coef) -> int:
     return 0 if coef is None else coef.dim() - 1
 
 
-def coef_strides(coef) -> tuple[int, int]:
-    """(head, element) strides of a diagonal coefficient [H, D]; zeros otherwise (a full one
-    reaches the kernels folded, see ``coef_product``)."""
+class CoefStrides(NamedTuple):
+    """Element strides of a diagonal coefficient [H, D]."""
+
+    head: int
+    column: int
+
+
+def coef_strides(coef) -> CoefStrides:
+    """``CoefStrides`` of a diagonal coefficient [H, D]; zeros otherwise (a full one reaches the
+    kernels folded, see ``coef_product``)."""
     if coef is None or coef.dim() != 2:
-        return 0, 0
-    return coef.stride(0), coef.stride(1)
+        return CoefStrides(0, 0)
+    return CoefStrides(coef.stride(0), coef.stride(1))
 
 
 def coef_product(y, coef):
@@ -109,8 +123,9 @@ class Layout(NamedTuple):
     is_varlen: bool
 
     def kernel_sizes(self) -> tuple[int, ...]:
-        """The kernels' (num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride)."""
-        return self.num_heads, self.seqlen_padded, self.head_dim, self.head_dim_v, self.n_rows, self.key_stride
+        """The kernels' (num_heads, seqlen_padded, head_dim, head_dim_v, n_rows); key_stride
+        reaches them in ``Dropout``."""
+        return self.num_heads, self.seqlen_padded, self.head_dim, self.head_dim_v, self.n_rows
 
 
 def attention_layout(q, v, cu_seqlens, max_seqlen) -> Layout:
@@ -125,16 +140,40 @@ def attention_layout(q, v, cu_seqlens, max_seqlen) -> Layout:
     return Layout(batch, seqlen, num_heads, head_dim, head_dim_v, batch * seqlen, seqlen, False)
 
 
-def lse_strides(lse, is_varlen: bool) -> tuple[int, int]:
-    """(batch, head) strides of lse [B, H, S], or (0, head) of varlen [H, total]."""
-    return (0, lse.stride(0)) if is_varlen else (lse.stride(0), lse.stride(1))
+class TokenStrides(NamedTuple):
+    """Element strides of a tensor of per-token rows, [B, S, H, X] or varlen [total, H, X]
+    (batch stride 0), as one kernel argument; ``_token0`` reads it."""
+
+    batch: int
+    token: int
+    head: int
 
 
-def token_strides(t, is_varlen: bool) -> tuple[int, int, int]:
-    """(batch, token, head) strides of a [B, S, H, X] or varlen [total, H, X] tensor."""
+class MaskStrides(NamedTuple):
+    """Element strides of a key padding mask [B, S] (one byte per token, ``kpm_operand``)."""
+
+    batch: int
+    token: int
+
+
+def lse_strides(lse, is_varlen: bool) -> TokenStrides:
+    """``TokenStrides`` of a contiguous lse [B, H, S], or of varlen [H, total] (batch 0): its
+    tokens are adjacent (token stride 1, a constant once the JIT specializes it)."""
     if is_varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+        return TokenStrides(0, 1, lse.stride(0))
+    return TokenStrides(lse.stride(0), 1, lse.stride(1))
+
+
+def token_strides(t, is_varlen: bool) -> TokenStrides:
+    """``TokenStrides`` of a [B, S, H, X] or varlen [total, H, X] tensor."""
+    if is_varlen:
+        return TokenStrides(0, t.stride(0), t.stride(1))
+    return TokenStrides(t.stride(0), t.stride(1), t.stride(2))
+
+
+def mask_strides(kpm) -> MaskStrides:
+    """``MaskStrides`` of the padding mask operand, or zeros without one."""
+    return MaskStrides(0, 0) if kpm is None else MaskStrides(kpm.stride(0), kpm.stride(1))
 
 
 def unit_last_stride(t):
@@ -156,8 +195,8 @@ def dropout_threshold(dropout_p: float) -> int:
 
 
 class Dropout(NamedTuple):
-    """A program's dropout constants, built once in a kernel and handed to its loops (Triton
-    passes a named tuple of scalars as its fields; a call then names what it passes)."""
+    """A call's dropout constants (``dropout_args``), one kernel argument that the kernels hand
+    on to their loops."""
 
     seed: int  # Philox seed
     key_stride: int  # counter step from one query row to the next (the padded sequence length)
@@ -175,13 +214,10 @@ def prepare_call(q, v, coef, cu_seqlens, max_seqlen, dropout_p: float, seed):
     return q, v, coef, attention_layout(q, v, cu_seqlens, max_seqlen)
 
 
-def tail_args(kpm, lse, layout: Layout, scale: float, dropout_p: float, seed) -> list:
-    """The arguments every attention kernel's runtime list ends with, in its order: the padding
-    mask's (batch, token) strides (zeros without one), lse's (``lse_strides``),
-    ``Layout.kernel_sizes``, the score scale and ``dropout_args``."""
-    kpm_strides = (0, 0) if kpm is None else (kpm.stride(0), kpm.stride(1))
-    return [*kpm_strides, *lse_strides(lse, layout.is_varlen), *layout.kernel_sizes(), float(scale),
-            *dropout_args(dropout_p, seed)]
+def tail_args(layout: Layout, scale: float, dropout_p: float, seed) -> list:
+    """The arguments every attention kernel's runtime list ends with, in its order:
+    ``Layout.kernel_sizes``, the score scale and the ``Dropout`` bundle."""
+    return [*layout.kernel_sizes(), float(scale), dropout_args(dropout_p, seed, layout.key_stride)]
 
 
 def kpm_operand(key_padding_mask):
@@ -193,12 +229,12 @@ def kpm_operand(key_padding_mask):
     return (kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm).contiguous()
 
 
-def dropout_args(dropout_p: float, seed) -> tuple[int, int, float]:
-    """The kernels' (seed, threshold, inv_keep) arguments: ``Dropout`` without key_stride; zeros
-    and 1 when dropout is off (HAS_DROPOUT keeps them unread)."""
+def dropout_args(dropout_p: float, seed, key_stride: int) -> Dropout:
+    """The kernels' ``Dropout`` argument; seed and threshold 0 and inv_keep 1 when dropout is off
+    (HAS_DROPOUT keeps them unread)."""
     if dropout_p <= 0.0:
-        return 0, 0, 1.0
-    return int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+        return Dropout(0, key_stride, 0, 1.0)
+    return Dropout(int(seed), key_stride, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
 
 
 class ProgramSequence(NamedTuple):
@@ -243,10 +279,10 @@ def _row_ctr0(seq, n_rows, seqlen_padded, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _token0(seq, stride_b, stride_s, stride_h):
+def _token0(seq, strides):
     """Element offset of token 0 of the program's sequence ``seq`` (``ProgramSequence``) in its
-    head, in a tensor of those batch, token and head strides."""
-    return seq.b * stride_b + seq.start * stride_s + seq.h * stride_h
+    head, in a tensor of those ``TokenStrides``."""
+    return seq.b * strides.batch + seq.start * strides.token + seq.h * strides.head
 
 
 @triton.jit

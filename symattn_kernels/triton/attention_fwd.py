@@ -29,13 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Device side: constants, the named tuples and @triton.jit helpers the kernels share.
-from .attention_common import (LN2, LOG2E, Dropout, _dropout_keep, _has_other_key, _kpm_stat, _padding_finite,
+# Device side: constants and the @triton.jit helpers the kernels share.
+from .attention_common import (LN2, LOG2E, _dropout_keep, _has_other_key, _kpm_stat, _padding_finite,
                                _program_sequence, _real_tokens, _in_int64, _row_ctr0, _token0)
-# Host side: the launch pieces the launchers share.
-from .attention_common import (coef_mode, coef_product, coef_strides, device_arch, dot_precision, is_interpret,
-                               kpm_operand, padded_head_dim, padding_finite, prepare_call, tail_args, token_strides,
-                               unit_last_stride)
+# Host side: the launch pieces and argument bundles the launchers share.
+from .attention_common import (TokenStrides, coef_mode, coef_product, coef_strides, device_arch, dot_precision,
+                               is_interpret, kpm_operand, lse_strides, mask_strides, padded_head_dim, padding_finite,
+                               prepare_call, tail_args, token_strides, unit_last_stride)
 from .features import warp_specialize_for
 
 __all__ = ["attention_forward"]
@@ -157,15 +157,8 @@ def _symattn_fwd_inner(
 @triton.jit
 def _symattn_fwd_kernel(
     Q, V, Coef, QM, Kpm, CuSeqlens, Out, Lse,
-    stride_qb, stride_qs, stride_qh,
-    stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh,
-    stride_ch, stride_cd,
-    stride_qmb, stride_qms, stride_qmh,
-    stride_kpmb, stride_kpms,
-    stride_lb, stride_lh,
-    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, key_stride,
-    scale, seed, threshold, inv_keep,
+    q_strides, v_strides, out_strides, qm_strides, lse_strides, coef_strides, kpm_strides,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -174,7 +167,8 @@ def _symattn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (m, b * H + h, g): query block m of one head, value columns of group g of SPLIT_D
-    (each group recomputes the scores; the first stores lse)."""
+    (each group recomputes the scores; the first stores lse). Strides come per tensor
+    (``TokenStrides``, ``CoefStrides``, ``MaskStrides``), dropout constants as ``Dropout``."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     tl.static_assert(HEAD_DIM_V % SPLIT_D == 0 and (SPLIT_D == 1 or not REUSE_DIAG))
     HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
@@ -184,33 +178,34 @@ def _symattn_fwd_kernel(
     if start_m * BLOCK_M >= seqlen:
         return
     prog = _in_int64(prog)
-    Q += _token0(prog, stride_qb, stride_qs, stride_qh)
-    V += _token0(prog, stride_vb, stride_vs, stride_vh)
-    Out += _token0(prog, stride_ob, stride_os, stride_oh)
-    Lse += _token0(prog, stride_lb, 1, stride_lh)
-    Kpm += prog.b * stride_kpmb
+    Q += _token0(prog, q_strides)
+    V += _token0(prog, v_strides)
+    Out += _token0(prog, out_strides)
+    Lse += _token0(prog, lse_strides)
+    Kpm += prog.b * kpm_strides.batch
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.program_id(2) * HEAD_DIM_V_OUT + tl.arange(0, HEAD_DIM_V_OUT)
     row_mask = offs_m < seqlen
     q = tl.load(
-        Q + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
+        Q + offs_m.to(tl.int64)[:, None] * q_strides.token + offs_d[None, :],
         mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
     )  # [BLOCK_M, HEAD_DIM]
     real_m = row_mask
     if HAS_KPM:  # a padded query row is computed from its finite entries: it feeds the key gradients
-        real_m = _real_tokens(Kpm, stride_kpms, offs_m, seqlen)
+        real_m = _real_tokens(Kpm, kpm_strides.token, offs_m, seqlen)
         q = _padding_finite(q, real_m)
     # The coefficient enters the query tile once: scores = (Y_I M) Y_J^T for every key block. A
     # full M arrives folded (QM = Y M, one batched matmul on the host).
     if COEF_MODE == 1:
-        c = tl.load(Coef + prog.h * stride_ch + offs_d * stride_cd, mask=offs_d < head_dim, other=0.0)
+        c = tl.load(Coef + prog.h * coef_strides.head + offs_d * coef_strides.column, mask=offs_d < head_dim,
+                    other=0.0)
         qm = (q.to(tl.float32) * c.to(tl.float32)[None, :]).to(q.dtype)
     elif COEF_MODE == 2:
-        QM += _token0(prog, stride_qmb, stride_qms, stride_qmh)
+        QM += _token0(prog, qm_strides)
         qm = tl.load(
-            QM + offs_m.to(tl.int64)[:, None] * stride_qms + offs_d[None, :],
+            QM + offs_m.to(tl.int64)[:, None] * qm_strides.token + offs_d[None, :],
             mask=row_mask[:, None] & (offs_d[None, :] < head_dim), other=0.0,
         )  # [BLOCK_M, HEAD_DIM]
     else:
@@ -220,13 +215,13 @@ def _symattn_fwd_kernel(
     if EXCLUDE_SELF:
         kpm_stat = seqlen
         if HAS_KPM:
-            kpm_stat = _kpm_stat(Kpm, stride_kpms, seqlen, IS_CAUSAL, BLOCK_M)
+            kpm_stat = _kpm_stat(Kpm, kpm_strides.token, seqlen, IS_CAUSAL, BLOCK_M)
         has_other = _has_other_key(offs_m, seqlen, kpm_stat, real_m, IS_CAUSAL, HAS_KPM)
     row_ctr = _row_ctr0(prog, n_rows, seqlen_padded, IS_VARLEN) + offs_m.to(tl.int64)  # dropout counter rows
 
     queries = FwdQueries(offs_m, qm, scale * LOG2E, has_other, row_ctr)
-    keys = FwdKeys(Q, V, Kpm, stride_qs, stride_vs, stride_kpms, seqlen, head_dim, head_dim_v, offs_d, offs_dv)
-    dropout = Dropout(seed, key_stride, threshold, inv_keep)
+    keys = FwdKeys(Q, V, Kpm, q_strides.token, v_strides.token, kpm_strides.token, seqlen, head_dim, head_dim_v,
+                   offs_d, offs_dv)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_OUT], dtype=tl.float32)
@@ -262,11 +257,11 @@ def _symattn_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     out = acc / l_safe[:, None]
     if HAS_DROPOUT:
-        out = out * inv_keep
+        out = out * dropout.inv_keep
     if tl.program_id(2) == 0:
         tl.store(Lse + offs_m, lse, mask=row_mask)
     tl.store(
-        Out + offs_m.to(tl.int64)[:, None] * stride_os + offs_dv[None, :],
+        Out + offs_m.to(tl.int64)[:, None] * out_strides.token + offs_dv[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_mask[:, None] & (offs_dv[None, :] < head_dim_v),
     )
@@ -403,10 +398,9 @@ def attention_forward(
     args = [
         q, q if v is None else v, coef if mode == 1 else dummy, dummy if qm is None else qm,
         dummy if kpm is None else kpm, cu_seqlens if is_varlen else dummy, out, lse,
-        *token_strides(q, is_varlen), *token_strides(q if v is None else v, is_varlen),
-        *token_strides(out, is_varlen), *coef_strides(coef),
-        *((0, 0, 0) if qm is None else token_strides(qm, is_varlen)),
-        *tail_args(kpm, lse, layout, scale, dropout_p, seed),
+        token_strides(q, is_varlen), token_strides(q if v is None else v, is_varlen), token_strides(out, is_varlen),
+        TokenStrides(0, 0, 0) if qm is None else token_strides(qm, is_varlen), lse_strides(lse, is_varlen),
+        coef_strides(coef), mask_strides(kpm), *tail_args(layout, scale, dropout_p, seed),
     ]
     hd_pad, hdv_pad = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
     split_d = INTERPRET_FWD_SPLIT_D if is_interpret() else fwd_split_d(hdv_pad, has_dropout, arch)
