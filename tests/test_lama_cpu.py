@@ -102,6 +102,31 @@ def test_fused_bit_equal_across_thread_counts(dtype, with_u):
             assert torch.equal(a, b)
 
 
+# Few long sequences: each is cut into chunks of at least 256 tokens (1, 600 -> 2 chunks;
+# 2, 1100 -> 4; 3, 700 -> 2), whose partial sums are combined in chunk order.
+SPLIT_CASES = [
+    Case(1, 600, 40, 4, padded=True, with_u=True),
+    Case(2, 1100, 24, 8, padded=True, per_sequence=True, dtype=BF16),
+    Case(3, 700, 16, 3, "none", False, padded=True, with_u=True),
+    Case(1, 530, 9, 5, token_softmax=False, dtype=F64),
+]
+
+
+@needs_fused
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c.id for c in SPLIT_CASES])
+def test_fused_split_sequences_match_reference(case):
+    check_case(case, FUSED)
+
+
+@needs_fused
+@pytest.mark.parametrize("case", SPLIT_CASES[:3], ids=[c.id for c in SPLIT_CASES[:3]])
+def test_fused_split_sequences_bit_equal_across_thread_counts(case):
+    runs = [with_threads(threads, lambda: _public_step(case)) for threads in (1, 2, 3)]
+    for got in runs[1:]:
+        for a, b in zip(runs[0], got):
+            assert torch.equal(a, b)
+
+
 def _grads_of(fn, h, context, p, q, u, mask, norm, token_softmax, seed=4):
     gen = torch.Generator().manual_seed(seed)
     leaves = [t.detach().clone().requires_grad_() for t in (h, context, p, q, u)]
