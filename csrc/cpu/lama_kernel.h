@@ -25,7 +25,8 @@
 // delta comes from the forward's pooled and attn (the softmax identity), so the backward too is
 // one pass over the tokens, recomputing each tile's keys; without the token softmax it needs
 // neither. The [B, m, T] attn is the only T-sized array either direction touches besides the
-// inputs and gradients.
+// inputs and gradients (for half inputs the forward keeps its unnormalised weights in an fp32
+// [B, m, T] buffer until every chunk's share of the softmax sum is known).
 //
 // A task is a chunk of one sequence's tokens (Tasks below: one chunk per sequence when the call
 // has enough sequences, up to kTasks / B chunks of at least kMinChunk tokens when it has few).
