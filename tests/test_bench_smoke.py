@@ -48,8 +48,38 @@ def test_cpu_kernels_dropout_rows_pair_both_calls():
     for r in rows:
         assert r["nodrop_ms"] > 0 and r["dropout_ms"] > 0 and r["ratio"] > 0
         assert r["check_err"] <= 1e-3
-    table = cpu_kernels.format_dropout(rows, cpu_kernels._environment())
+    table = cpu_kernels.format_dropout(rows, cpu_kernels._environment(), 100.0)
     assert "B=2   S=40    float32   fwd" in table and "target: forward ratio <= 1.3" in table
+    assert "% peak" in table and "GF/s exec" in table
+
+
+def test_attention_flops_follow_the_conventions():
+    from bench import cpu_kernels
+
+    full = cpu_kernels.attention_flops(2, 128, 12, 64)
+    assert full["conv_fwd"] == full["exec_fwd"] == 4 * 2 * 12 * 128**2 * 64
+    assert full["conv_fwdbwd"] == full["exec_fwdbwd"] == 3.5 * full["conv_fwd"]
+    half = cpu_kernels.attention_flops(2, 128, 12, 64, mirrored=True)
+    assert half["exec_fwd"] == 0.75 * full["exec_fwd"] and half["exec_fwdbwd"] == 2.5 * full["exec_fwd"]
+    assert cpu_kernels.mirrored_schedule(512, False) and not cpu_kernels.mirrored_schedule(513, False)
+    assert not cpu_kernels.mirrored_schedule(128, True)
+    assert not cpu_kernels.mirrored_schedule(128, False, "bfloat16", "AVX512_AMX")
+
+
+def test_cpu_lama_section_reports_gflops_and_plots(tmp_path):
+    from symattn_kernels import extensions
+
+    if extensions.state("cpu").how == extensions.ABSENT:
+        pytest.skip("the cpu backend is absent here")
+    from bench import cpu_kernels
+
+    report = cpu_kernels.run_lama(1, quick=True, min_run_time=0.01)
+    assert {r["mode"] for r in report["lama_rows"]} == {"fwd", "fwdbwd"}
+    assert all(r["speedup"] > 0 and r["ours_ms"] > 0 for r in report["lama_rows"])
+    text = cpu_kernels.format_lama(report)
+    assert "ours GF/s" in text and "% peak" in text
+    cpu_kernels.plot_lama(report, tmp_path / "lama.png")
+    assert (tmp_path / "lama.png").stat().st_size > 0
 
 
 def test_cpu_long_section_reports_scaling_and_plots(tmp_path):

@@ -102,6 +102,31 @@ def test_fused_bit_equal_across_thread_counts(dtype, with_u):
             assert torch.equal(a, b)
 
 
+# Few long sequences: each is cut into chunks of at least 256 tokens (1, 600 -> 2 chunks;
+# 2, 1100 -> 4; 3, 700 -> 2), whose partial sums are combined in chunk order.
+SPLIT_CASES = [
+    Case(1, 600, 40, 4, padded=True, with_u=True),
+    Case(2, 1100, 24, 8, padded=True, per_sequence=True, dtype=BF16),
+    Case(3, 700, 16, 3, "none", False, padded=True, with_u=True),
+    Case(1, 530, 9, 5, token_softmax=False, dtype=F64),
+]
+
+
+@needs_fused
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c.id for c in SPLIT_CASES])
+def test_fused_split_sequences_match_reference(case):
+    check_case(case, FUSED)
+
+
+@needs_fused
+@pytest.mark.parametrize("case", SPLIT_CASES[:3], ids=[c.id for c in SPLIT_CASES[:3]])
+def test_fused_split_sequences_bit_equal_across_thread_counts(case):
+    runs = [with_threads(threads, lambda: _public_step(case)) for threads in (1, 2, 3)]
+    for got in runs[1:]:
+        for a, b in zip(runs[0], got):
+            assert torch.equal(a, b)
+
+
 def _grads_of(fn, h, context, p, q, u, mask, norm, token_softmax, seed=4):
     gen = torch.Generator().manual_seed(seed)
     leaves = [t.detach().clone().requires_grad_() for t in (h, context, p, q, u)]
@@ -297,6 +322,44 @@ def test_at_most_one_full_size_intermediate(dtype, token_softmax):
     # The count is a real bound: the composite path materialises many.
     composite_forward, composite_backward = _full_size_intermediates(torch_backend, case, token_softmax)
     assert composite_forward > 1 and composite_backward > 1
+
+
+def _huge_pages_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            setting = fh.read()
+    except OSError:
+        return False
+    return "[always]" in setting or "[madvise]" in setting
+
+
+@needs_fused
+def test_large_gradient_buffers_fault_in_by_huge_pages():
+    import resource
+
+    like = torch.empty(4, 1024, 1024)  # 16 MiB: 4096 faults on 4 KiB pages
+    buf = FUSED.empty_gradient(like)
+    assert buf.shape == like.shape and buf.dtype == like.dtype and buf.is_contiguous()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buf.fill_(1.0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert torch.all(buf == 1.0)
+    if _huge_pages_available():
+        assert buf.data_ptr() % (2 << 20) == 0
+        assert faults < 256, f"{faults} page faults writing a fresh 16 MiB gradient buffer"
+    # Small or strided buffers come from torch's allocator, laid out as torch.empty_like does.
+    assert FUSED.empty_gradient(torch.empty(3, 5)).shape == (3, 5)
+    strided = torch.empty(8, 6).t()
+    assert FUSED.empty_gradient(strided).stride() == torch.empty_like(strided).stride()
+
+
+@needs_fused
+def test_public_step_with_huge_page_gradients_matches_torch_backend():
+    # dh and du of 2.25 MiB each: the huge-page buffers, written by the kernels through autograd.
+    case = Case(2, 1152, 256, 4, padded=True, with_u=True)
+    got, want = _public_step(case, "cpu"), _public_step(case, "torch")
+    for name, a, b in zip(("pooled", "attn", "dh", "dcontext", "dp", "dq", "du"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @needs_fused

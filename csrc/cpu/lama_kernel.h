@@ -25,11 +25,14 @@
 // delta comes from the forward's pooled and attn (the softmax identity), so the backward too is
 // one pass over the tokens, recomputing each tile's keys; without the token softmax it needs
 // neither. The [B, m, T] attn is the only T-sized array either direction touches besides the
-// inputs and gradients.
+// inputs and gradients (for half inputs the forward keeps its unnormalised weights in an fp32
+// [B, m, T] buffer until every chunk's share of the softmax sum is known).
 //
-// One task per sequence: each result element is produced by one task, or by a fixed-order sum
-// over sequences after the parallel loop (dQ, dP, dc), so results do not depend on the thread
-// count. Arithmetic is fp32 (fp64 for fp64 inputs); half inputs are widened a tile row at a time
+// A task is a chunk of one sequence's tokens (Tasks below: one chunk per sequence when the call
+// has enough sequences, up to kTasks / B chunks of at least kMinChunk tokens when it has few).
+// Each result element is produced by one task, or by a fixed-order sum over chunks and sequences
+// after the parallel loop (pooled, l, W, dg; then dQ, dP, dc), and the cut depends on B and T
+// only, so results do not depend on the thread count. Arithmetic is fp32 (fp64 for fp64 inputs); half inputs are widened a tile row at a time
 // and every result is rounded once. With AVX512-BF16 (SYMATTN_BF16_DOT) the dot products of
 // bfloat16 rows take bf16 pairs on vdpbf16ps, exact products with fp32 sums.
 //
@@ -46,9 +49,11 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -465,6 +470,56 @@ class Lama {
   std::vector<acc_t> gate_;      // [B, m]
 };
 
+// A call's tasks: chunks of one sequence's tokens (whole tiles), as many per sequence as bring the
+// call to about kTasks tasks, each at least kMinChunk tokens long. The cut depends on B and T
+// only, never on the thread count; partial results of a sequence's chunks are summed in chunk
+// order, so results do not depend on the thread count either.
+constexpr int64_t kTasks = 32;
+constexpr int64_t kMinChunk = 256;
+
+struct Tasks {
+  int64_t chunk = 1;    // tokens per chunk, a multiple of kTile
+  int64_t chunks = 1;   // chunks per sequence
+  std::vector<int64_t> order;  // task ids (b * chunks + c), most real tokens first
+
+  Tasks(int64_t B, int64_t T, const bool* key_padding_mask) {
+    const int64_t want = std::max<int64_t>(1, (kTasks + B - 1) / std::max<int64_t>(B, 1));
+    chunks = std::max<int64_t>(1, std::min(want, T / kMinChunk));
+    chunk = std::max<int64_t>(kTile, ((T + chunks - 1) / chunks + kTile - 1) / kTile * kTile);
+    chunks = std::max<int64_t>(1, (T + chunk - 1) / chunk);
+    std::vector<int64_t> work(B * chunks, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk);
+        int64_t n = t1 - t0;
+        if (key_padding_mask != nullptr) n = std::count(key_padding_mask + b * T + t0, key_padding_mask + b * T + t1, true);
+        work[b * chunks + c] = n;
+      }
+    }
+    order.resize(B * chunks);
+    std::iota(order.begin(), order.end(), int64_t{0});
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return work[x] > work[y]; });
+  }
+  int64_t count() const { return static_cast<int64_t>(order.size()); }
+};
+
+// Runs worker(next) on every thread, where next() hands out the tasks of `tasks` in their order
+// (-1 when none is left): a worker sets up its scratch once and takes tasks until none remain, so
+// a worker slowed by other load takes fewer. Each task writes only its own results.
+template <typename Worker>
+void for_each_task(const Tasks& tasks, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(tasks.count(), at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      worker([&]() -> int64_t {
+        const int64_t i = next.fetch_add(1);
+        return i < tasks.count() ? tasks.order[i] : -1;
+      });
+    }
+  });
+}
+
 template <typename acc_t>
 acc_t sum_first(const acc_t* x, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -482,7 +537,14 @@ void forward(const LamaParams& p) {
   const L lama(p);
   const int64_t T = p.seqlen, E = p.dim, m = p.heads;
   const bool shared = p.u.data == nullptr;
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+  const Tasks tasks(p.batch, T, p.key_padding_mask);
+  // Per task: its chunk's share of pooled [m, E] and of l [m]; the unnormalised weights [B, m, T]
+  // go to attn itself when it holds acc_t.
+  auto part_pooled = scratch<acc_t>(tasks.count() * m * E);
+  auto part_total = scratch<acc_t>(tasks.count() * m);
+  auto weights_buf = scratch<acc_t>(L::kWiden ? p.batch * m * T : 0);
+  acc_t* weights_all = L::kWiden ? weights_buf.data() : static_cast<acc_t*>(p.attn);
+  for_each_task(tasks, [&](const auto& next) {
     auto tok = scratch<int64_t>(kTile);
     auto hbuf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
     auto ubuf = scratch<acc_t>(L::kWiden && !shared ? kTile * E : 0);
@@ -490,16 +552,12 @@ void forward(const LamaParams& p) {
     std::vector<const scalar_t*> hraw(kTile), uraw(kTile);
     auto k = scratch<acc_t>(m * kTile), a = scratch<acc_t>(m * kTile), w = scratch<acc_t>(m * kTile);
     auto norm = scratch<acc_t>(kTile);
-    auto pooled = scratch<acc_t>(m * E);
-    // Unnormalised weights [m, T]: attn itself when it holds acc_t, else one sequence's worth.
-    auto weights_buf = scratch<acc_t>(L::kWiden ? m * T : 0);
-    std::vector<acc_t> total(m);
-    for (int64_t b = begin; b < end; ++b) {
-      acc_t* weights = weights_buf.data();
-      if constexpr (!L::kWiden) weights = static_cast<acc_t*>(p.attn) + b * m * T;
-      std::fill(pooled.begin(), pooled.end(), acc_t(0));
-      std::fill(total.begin(), total.end(), acc_t(0));
-      for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+    for (int64_t task; (task = next()) >= 0;) {
+      const int64_t b = task / tasks.chunks, c = task % tasks.chunks;
+      acc_t* weights = weights_all + b * m * T;
+      acc_t* pooled = part_pooled.data() + task * m * E;
+      acc_t* total = part_total.data() + task * m;
+      for (int64_t t0 = c * tasks.chunk; t0 < std::min(T, (c + 1) * tasks.chunk); t0 += kTile) {
         const int64_t t1 = std::min(T, t0 + kTile);
         for (int64_t j = 0; j < m; ++j) std::fill(weights + j * T + t0, weights + j * T + t1, acc_t(0));
         const int64_t n = lama.real_tokens(b, t0, t1, tok.data());
@@ -523,22 +581,46 @@ void forward(const LamaParams& p) {
             total[j] += sum_first(wj, n);
           }
         }
-        L::O::update(hrows.data(), n, w.data(), kTile, m, pooled.data(), E, E);
+        L::O::update(hrows.data(), n, w.data(), kTile, m, pooled, E, E);
         for (int64_t j = 0; j < m; ++j) {
           for (int64_t i = 0; i < n; ++i) weights[j * T + tok[i]] = w[j * kTile + i];
         }
       }
-      // 1 / l, and 0 for a sequence without real tokens (l = 0); NaN stays NaN.
+    }
+  });
+  // Each task normalises its own chunk of the weights; a sequence's first chunk also sums and
+  // writes its pooled rows. l and pooled are summed over the chunks in chunk order.
+  for_each_task(tasks, [&](const auto& next) {
+    std::vector<acc_t> inv(m), sum(E);
+    for (int64_t task; (task = next()) >= 0;) {
+      const int64_t b = task / tasks.chunks, c = task % tasks.chunks;
+      const int64_t first = b * tasks.chunks;
       for (int64_t j = 0; j < m; ++j) {
-        const acc_t inv = !p.token_softmax ? acc_t(1) : total[j] == acc_t(0) ? acc_t(0) : acc_t(1) / total[j];
-        acc_t* pj = pooled.data() + j * E;
-        acc_t* wj = weights + j * T;
+        acc_t total = part_total[first * m + j];
+        for (int64_t i = 1; i < tasks.chunks; ++i) total += part_total[(first + i) * m + j];
+        // 1 / l, and 0 for a sequence without real tokens (l = 0); NaN stays NaN.
+        inv[j] = !p.token_softmax ? acc_t(1) : total == acc_t(0) ? acc_t(0) : acc_t(1) / total;
+      }
+      const int64_t t0 = c * tasks.chunk, t1 = std::min(T, t0 + tasks.chunk);
+      for (int64_t j = 0; j < m; ++j) {
+        acc_t* wj = weights_all + (b * m + j) * T;
         if (p.token_softmax) {
-          for (int64_t e = 0; e < E; ++e) pj[e] *= inv;
-          for (int64_t t = 0; t < T; ++t) wj[t] *= inv;
+          for (int64_t t = t0; t < t1; ++t) wj[t] *= inv[j];
         }
-        narrow(pj, static_cast<scalar_t*>(p.pooled) + (b * m + j) * E, E);
-        if constexpr (L::kWiden) narrow(wj, static_cast<scalar_t*>(p.attn) + (b * m + j) * T, T);
+        if constexpr (L::kWiden) narrow(wj + t0, static_cast<scalar_t*>(p.attn) + (b * m + j) * T + t0, t1 - t0);
+      }
+      if (c != 0) continue;
+      for (int64_t j = 0; j < m; ++j) {
+        const acc_t* part = part_pooled.data() + (first * m + j) * E;
+        std::copy_n(part, E, sum.data());
+        for (int64_t i = 1; i < tasks.chunks; ++i) {
+          part += m * E;
+          for (int64_t e = 0; e < E; ++e) sum[e] += part[e];
+        }
+        if (p.token_softmax) {
+          for (int64_t e = 0; e < E; ++e) sum[e] *= inv[j];
+        }
+        narrow(sum.data(), static_cast<scalar_t*>(p.pooled) + (b * m + j) * E, E);
       }
     }
   });
@@ -605,11 +687,13 @@ void backward(const LamaBackwardParams& p) {
   const int64_t B = p.batch, T = p.seqlen, E = p.dim, m = p.heads;
   const bool shared = p.u.data == nullptr;  // the keys are h: one row serves keys, dA and dh
   const bool want_w = p.dq != nullptr;
-  auto w_all = scratch<acc_t>(want_w ? B * m * E : 0);
-  auto dg_all = scratch<acc_t>(B * m);
+  const Tasks tasks(B, T, p.key_padding_mask);
+  // Per task: its chunk's share of W [m, E] and dg [m], summed over a sequence's chunks in order.
+  auto w_all = scratch<acc_t>(want_w ? tasks.count() * m * E : 0);
+  auto dg_all = scratch<acc_t>(tasks.count() * m);
   const auto* attn_in = static_cast<const scalar_t*>(p.attn);
   const auto* dattn = static_cast<const scalar_t*>(p.dattn);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  for_each_task(tasks, [&](const auto& next) {
     auto tok = scratch<int64_t>(kTile);
     auto hbuf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
     auto ubuf = scratch<acc_t>(L::kWiden && !shared ? kTile * E : 0);
@@ -631,7 +715,8 @@ void backward(const LamaBackwardParams& p) {
     acc_t* gq = stack.data() + 2 * m * E;
     std::copy(lama.qt_.begin(), lama.qt_.end(), qt);
     if constexpr (L::kPairs) std::copy(lama.qt_raw_.begin(), lama.qt_raw_.end(), stack_raw.begin());
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t task; (task = next()) >= 0;) {
+      const int64_t b = task / tasks.chunks, c = task % tasks.chunks;
       const acc_t* g = lama.gate_.data() + b * m;
       const scalar_t* dpooled_b = static_cast<const scalar_t*>(p.dpooled) + b * m * E;
       widen(dpooled_b, dpooled, m * E);
@@ -654,10 +739,10 @@ void backward(const LamaBackwardParams& p) {
           delta[j] = s;
         }
       }
-      acc_t* w = want_w ? w_all.data() + b * m * E : w_local.data();
+      acc_t* w = want_w ? w_all.data() + task * m * E : w_local.data();
       std::fill_n(w, m * E, acc_t(0));
-      acc_t* dg = dg_all.data() + b * m;
-      for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+      acc_t* dg = dg_all.data() + task * m;
+      for (int64_t t0 = c * tasks.chunk; t0 < std::min(T, (c + 1) * tasks.chunk); t0 += kTile) {
         const int64_t t1 = std::min(T, t0 + kTile);
         const int64_t n = lama.real_tokens(b, t0, t1, tok.data());
         for (int64_t t = t0; t < t1; ++t) {
@@ -752,6 +837,23 @@ void backward(const LamaBackwardParams& p) {
       }
     }
   });
+  // A sequence's chunks summed in chunk order into its first chunk's slots, then [B, m, E] / [B, m].
+  if (tasks.chunks > 1) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t first = b * tasks.chunks;
+      for (int64_t i = 1; i < tasks.chunks; ++i) {
+        if (want_w) {
+          const acc_t* part = w_all.data() + (first + i) * m * E;
+          acc_t* sum = w_all.data() + first * m * E;
+          for (int64_t x = 0; x < m * E; ++x) sum[x] += part[x];
+        }
+        for (int64_t j = 0; j < m; ++j) dg_all[first * m + j] += dg_all[(first + i) * m + j];
+      }
+      if (b == 0) continue;  // slot b < first, and every sequence before b has been summed already
+      if (want_w) std::copy_n(w_all.data() + first * m * E, m * E, w_all.data() + b * m * E);
+      std::copy_n(dg_all.data() + first * m, m, dg_all.data() + b * m);
+    }
+  }
   factor_grads<scalar_t>(p, lama.gate_, w_all.data(), dg_all.data());
 }
 
