@@ -70,9 +70,9 @@ def _lowrank_bwd_cpu_fake(*args) -> None:
     return None
 
 
-@torch.library.register_fake("symattn::philox_randint_cpu")
-def _philox_randint_cpu_fake(offsets, seed):
-    return torch.empty_like(offsets)
+@torch.library.register_fake("symattn::philox4x_cpu")
+def _philox4x_cpu_fake(offsets, seed):
+    return offsets.new_empty((*offsets.shape, 4))
 
 
 @torch.library.register_fake("symattn::dropout_keep_cpu")

@@ -151,7 +151,7 @@ def check_dropout(dropout_p: float, seed) -> None:
 
 
 def dropout_threshold(dropout_p: float) -> int:
-    """Keep iff (randint >> 1) >= threshold; same as ``reference.dropout_threshold``."""
+    """Keep iff (word >> 1) >= threshold; same as ``reference.dropout_threshold``."""
     return min(int(dropout_p * 2**31), 2**31 - 1)
 
 
@@ -161,7 +161,7 @@ class Dropout(NamedTuple):
 
     seed: int  # Philox seed
     key_stride: int  # counter step from one query row to the next (the padded sequence length)
-    threshold: int  # keep iff (randint >> 1) >= threshold, ``dropout_threshold``
+    threshold: int  # keep iff (word >> 1) >= threshold, ``dropout_threshold``
     inv_keep: float  # 1 / (1 - p)
 
 
@@ -298,10 +298,13 @@ def _has_other_key(offs, seqlen, kpm_stat, real, IS_CAUSAL: tl.constexpr, HAS_KP
 
 @triton.jit
 def _dropout_keep(dropout, row_ctr, offs_key):
-    """Keep-mask of reference.dropout_keep_mask: counter = row_ctr * key_stride + key, with
-    row_ctr = head * n_rows + global row id (int64); keep iff (philox >> 1) >= threshold."""
-    ctr = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
-    rnd = tl.randint(dropout.seed, ctr)
+    """Keep-mask of reference.dropout_keep_mask: element offset e = row_ctr * key_stride + key,
+    with row_ctr = head * n_rows + global row id (int64); its word is output e % 4 of Philox at
+    counter e // 4; keep iff (word >> 1) >= threshold."""
+    elem = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
+    w0, w1, w2, w3 = tl.randint4x(dropout.seed, elem >> 2)
+    word_id = elem & 3
+    rnd = tl.where(word_id < 2, tl.where(word_id == 0, w0, w1), tl.where(word_id == 2, w2, w3))
     return (rnd >> 1).to(tl.int32) >= dropout.threshold
 
 
