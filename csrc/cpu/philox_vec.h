@@ -149,7 +149,8 @@ inline void store_keep(const KeepRule& rule, const PhiloxReg& words, float* keep
   const bool whole = lo == 0 && hi == kPacked;
   float* dst = whole ? keep + d : tmp;
 #if SYMATTN_ISA_LEVEL >= 2
-  const __mmask16 kept = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(words, 1), _mm512_set1_epi32(rule.threshold));
+  // (words >> 1) >= threshold as words >= 2 threshold, which fits: threshold < 2^31 for p < 1.
+  const __mmask16 kept = _mm512_cmpge_epu32_mask(words, _mm512_set1_epi32(2 * rule.threshold));
   _mm512_storeu_ps(dst, _mm512_maskz_mov_ps(kept, _mm512_set1_ps(rule.scale)));
 #else
   // (words >> 1) < 2^31, so a signed compare serves.
