@@ -324,9 +324,10 @@ def _dropout_keep(dropout, row_ctr, offs_key):
     word = (elem & 3).to(tl.int32)
     first_pair = word < 2
     x = tl.where(first_pair, c2, c0)
-    m = tl.where(first_pair, zero + PHILOX_ROUND_B, zero + PHILOX_ROUND_A)
     rest = tl.where(first_pair, c1 ^ last_k0, c3 ^ last_k1)
-    rnd = tl.where((word & 1) == 0, tl.math.umulhi(m, x) ^ rest, m * x)
+    if_b = tl.where((word & 1) == 0, tl.math.umulhi(x, PHILOX_ROUND_B) ^ rest, x * PHILOX_ROUND_B)
+    if_a = tl.where((word & 1) == 0, tl.math.umulhi(x, PHILOX_ROUND_A) ^ rest, x * PHILOX_ROUND_A)
+    rnd = tl.where(first_pair, if_b, if_a)
     return (rnd >> 1).to(tl.int32) >= dropout.threshold
 
 
