@@ -12,8 +12,9 @@ Math (docs/design.md, "Variants"), per batch b and head h, with Y = q[b, :, h] o
     lse     = logsumexp_rows(S)               -inf for a row with no allowed key
 
 Dropout draws its keep-mask from a counter-based generator (Philox-4x32-10, the generator of
-``triton.language.randint``) keyed by one 64-bit seed, so every backend regenerates the same
-mask from the same seed: see ``dropout_keep_mask``.
+``triton.language.randint4x``) keyed by one 64-bit seed, so every backend regenerates the same
+mask from the same seed; each Philox call gives the keep decisions of four consecutive elements
+(its four 32-bit output words): see ``dropout_keep_mask``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ __all__ = [
     "attention_mask",
     "dropout_keep_mask",
     "philox_randint",
+    "philox_randint4x",
+    "dropout_random_words",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -50,10 +53,10 @@ def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return (prod >> 32) & _MASK32, prod & _MASK32
 
 
-def philox_randint(seed: int, offsets: Tensor) -> Tensor:
-    """First 32-bit output of Philox-4x32-10 for each int64 counter in ``offsets``.
+def philox_randint4x(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four 32-bit outputs of Philox-4x32-10 for each int64 counter in ``offsets``.
 
-    Bit-identical to ``triton.language.randint(seed, offsets)``: the counter is
+    Bit-identical to ``triton.language.randint4x(seed, offsets)``: the counter is
     (offset low word, offset high word, 0, 0) and the key is (seed low word, seed high word).
     Returned as int64 values in [0, 2**32).
     """
@@ -69,7 +72,22 @@ def philox_randint(seed: int, offsets: Tensor) -> Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_randint(seed: int, offsets: Tensor) -> Tensor:
+    """First 32-bit output of Philox-4x32-10 for each int64 counter in ``offsets``: the first word
+    of ``philox_randint4x``, bit-identical to ``triton.language.randint(seed, offsets)``."""
+    return philox_randint4x(seed, offsets)[0]
+
+
+def dropout_random_words(seed: int, elements: Tensor) -> Tensor:
+    """The random 32-bit word of each int64 element offset (values in [0, 2**32)): output word
+    ``element % 4`` of Philox-4x32-10 at counter ``element // 4``, so one Philox call serves four
+    consecutive elements."""
+    elements = elements.to(torch.int64)
+    words = torch.stack(philox_randint4x(seed, elements >> 2), dim=-1)
+    return torch.gather(words, -1, (elements & 3)[..., None])[..., 0]
 
 
 def dropout_threshold(dropout_p: float) -> int:
@@ -82,19 +100,20 @@ def dropout_keep_mask(
 ) -> Tensor:
     """Keep-mask [B, H, S_q, S_k] (bool) for dropout on the attention probabilities.
 
-    Element (b, h, i, j) uses the counter ``(h * n_rows + row_ids[b, i]) * key_stride + j``, where
-    ``row_ids`` numbers the query tokens globally: ``b * S + i`` in the padded layout,
+    Element (b, h, i, j) has the offset ``e = (h * n_rows + row_ids[b, i]) * key_stride + j``,
+    where ``row_ids`` numbers the query tokens globally: ``b * S + i`` in the padded layout,
     ``cu_seqlens[b] + i`` in the varlen layout (``n_rows`` = B * S or total tokens,
     ``key_stride`` = S or total tokens: never ``max_seqlen``, so the mask depends on the real
-    positions only). An element is kept when
-    ``philox_randint(seed, counter) >> 1 >= floor(dropout_p * 2**31)``, so ``dropout_p = 0``
-    keeps everything exactly.
+    positions only). Its random word is output word ``e % 4`` of Philox-4x32-10 at counter
+    ``e // 4`` (``dropout_random_words``): one Philox call serves four consecutive offsets, which
+    may straddle two rows when ``key_stride`` is not a multiple of 4. An element is kept when
+    ``word >> 1 >= floor(dropout_p * 2**31)``, so ``dropout_p = 0`` keeps everything exactly.
     """
     heads = torch.arange(num_heads, device=row_ids.device, dtype=torch.int64)
     keys = torch.arange(seqlen_k, device=row_ids.device, dtype=torch.int64)
     rows = heads[None, :, None] * n_rows + row_ids.to(torch.int64)[:, None, :]  # [B, H, S_q]
-    counters = rows[..., None] * key_stride + keys  # [B, H, S_q, S_k]
-    return (philox_randint(seed, counters) >> 1) >= dropout_threshold(dropout_p)
+    elements = rows[..., None] * key_stride + keys  # [B, H, S_q, S_k]
+    return (dropout_random_words(seed, elements) >> 1) >= dropout_threshold(dropout_p)
 
 
 def attention_mask(

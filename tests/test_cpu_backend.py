@@ -221,8 +221,8 @@ def test_philox_bit_equal_to_reference():
     offsets = torch.cat([torch.arange(70), torch.randint(0, 2**62, (500,), generator=gen),
                          torch.tensor([2**32 - 1, 2**32, 2**40 + 3, 2**62 - 1])])
     for seed in (0, 1, 2**32 + 7, 2**62 - 5):
-        got = torch.ops.symattn.philox_randint_cpu(offsets, seed)
-        assert torch.equal(got, R.philox_randint(seed, offsets)), f"seed {seed}"
+        got = torch.ops.symattn.philox4x_cpu(offsets, seed)
+        assert torch.equal(got, torch.stack(R.philox_randint4x(seed, offsets), dim=-1)), f"seed {seed}"
 
 
 def _kernel_keep_mask(q_shape, p, seed_state, cu=None, max_seqlen=0):
@@ -416,7 +416,7 @@ def test_opcheck_kernel_ops(varlen):
 
 
 def test_opcheck_philox():
-    torch.library.opcheck(torch.ops.symattn.philox_randint_cpu.default, (torch.arange(10), 3))
+    torch.library.opcheck(torch.ops.symattn.philox4x_cpu.default, (torch.arange(10), 3))
 
 
 def test_opcheck_public_op_on_cpu_backend():

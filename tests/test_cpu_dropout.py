@@ -1,7 +1,9 @@
-"""Dropout of the fused C++ ``cpu`` backend: the vectorised Philox generator against the scalar
-one over many counters (runs crossing 2^32, every tail length), the kernels' masks bit-equal
-to the reference at odd key counts, causal, key padding and varlen, forward and gradients
-against the fp64 reference under dropout, and all of it again on every instruction-set build."""
+"""Dropout of the fused C++ ``cpu`` backend: the vectorised Philox generator against the
+reference's words and the scalar C++ Philox over many element offsets (every offset modulo 4,
+counters crossing 2^32, every tail length), its keep rate per output word, the kernels' masks
+bit-equal to the reference at odd key counts, causal, key padding and varlen, forward and
+gradients against the fp64 reference under dropout, and all of it again on every
+instruction-set build."""
 
 import os
 import subprocess
@@ -21,31 +23,57 @@ from symattn_kernels.backends import cpu as cpu_backend
 
 from .attention_checks import assert_close, describe_mismatch, make_inputs, reference, run
 
-# Run lengths around every vector width and step (8, 16, 32 counters) and past them.
-LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 111, 128, 129, 1025]
-FIRSTS = [0, 5, 2**32 - 20, 2**32 - 1, 2**33 - 7, 2**40 + 3, 2**62 - 2000]
+# Run lengths around every vector width and step of the generator (4 counters = 16 elements per
+# AVX2 register, 8 = 32 per AVX-512 register, steps of 32 and 128 elements) and past them.
+LENGTHS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 111, 127, 128, 129, 130, 131,
+           255, 256, 257, 1025]
+# First element offsets of every residue modulo 4, and runs whose counters (offset / 4) cross a
+# multiple of 2^32 (offsets 2^34, 2^35) or start just past one.
+FIRSTS = [0, 5, 6, 2**32 - 1, 2**34 - 20, 2**34 - 3, 2**34 - 2, 2**34 + 1, 2**35 - 130, 2**40 + 3, 2**62 - 2000]
 
 
-def _keep_values(seed, p, first, n, randint):
+def _keep_values(seed, p, first, n, words):
     """The multipliers the kernels should draw: 1 / (1 - p) in fp32 where kept, else 0."""
-    bits = randint(first + torch.arange(n, dtype=torch.int64), seed)
-    kept = (bits >> 1) >= R.dropout_threshold(p)
+    kept = (words >> 1) >= R.dropout_threshold(p)
     return torch.where(kept, torch.tensor(1.0 / (1.0 - p), dtype=torch.float32), torch.tensor(0.0))
 
 
+def _scalar_words(seed, first, n):
+    """Word e % 4 of the counter e / 4, from the C++ scalar Philox (its four words per counter)."""
+    elements = first + torch.arange(n, dtype=torch.int64)
+    words = torch.ops.symattn.philox4x_cpu(elements >> 2, seed)
+    return words.gather(-1, (elements & 3)[:, None])[:, 0]
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_vector_generator_bit_equal_to_scalar_philox(p):
+def test_vector_generator_bit_equal_to_reference_words(p):
     gen = torch.Generator().manual_seed(3)
     firsts = FIRSTS + torch.randint(0, 2**62, (8,), generator=gen).tolist()
     longest = max(LENGTHS)
     for seed in (0, 3, 2**32 + 7, 2**62 - 5):
         for first in firsts:
-            scalar = _keep_values(seed, p, first, longest, torch.ops.symattn.philox_randint_cpu)
-            assert torch.equal(scalar, _keep_values(seed, p, first, longest, lambda o, s: R.philox_randint(s, o)))
+            words = R.dropout_random_words(seed, first + torch.arange(longest, dtype=torch.int64))
+            assert torch.equal(_scalar_words(seed, first, longest), words)
+            want = _keep_values(seed, p, first, longest, words)
             for n in LENGTHS:
                 got = torch.ops.symattn.dropout_keep_cpu(seed, p, first, n)
-                bad = got != scalar[:n]
-                assert not bad.any(), f"seed {seed} first {first} n {n}: {describe_mismatch(got, scalar[:n], bad)}"
+                bad = got != want[:n]
+                assert not bad.any(), f"seed {seed} first {first} n {n}: {describe_mismatch(got, want[:n], bad)}"
+
+
+def test_vector_generator_keep_rate_per_word():
+    """All four words of a counter are used and each is a fair draw: the keep rate at every offset
+    residue modulo 4 is 1 - p, and two words of one counter are kept together at rate (1 - p)^2,
+    within 5 standard deviations over 2^18 counters."""
+    p, counters = 0.3, 2**18
+    keep = torch.ops.symattn.dropout_keep_cpu(77, p, 4 * 12345, 4 * counters).view(counters, 4) != 0
+    sigma = (p * (1 - p) / counters) ** 0.5
+    for word in range(4):
+        assert abs(keep[:, word].float().mean().item() - (1 - p)) < 5 * sigma, f"word {word}"
+    for a, b in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+        both = (keep[:, a] & keep[:, b]).float().mean().item()
+        q = (1 - p) ** 2
+        assert abs(both - q) < 5 * (q * (1 - q) / counters) ** 0.5, f"words {a}, {b}"
 
 
 def _kernel_mask(B, S, H, p, seed_state, **kw):
@@ -80,7 +108,8 @@ def _padding(B, S, kind):
     return mask
 
 
-# Odd key counts, past 128 keys, and long heads on the blocked row schedule.
+# Odd key counts (rows starting at every offset residue modulo 4), past 128 keys, and long heads
+# on the blocked row schedule.
 MASK_CASES = [(S, causal, padding) for S in (1, 37, 130) for causal in (False, True)
               for padding in ("none", "tail", "heavy", "holes")] + [(530, False, "none"), (530, True, "holes")]
 

@@ -2,9 +2,10 @@
 
 A small driver (below) includes the header as plain host C++ (no nvcc, no GPU) and is built
 with g++; it reads cases on stdin and prints results, which are compared with
-symattn_kernels.reference: Philox bit-equality and dropout keep decisions, per-element masks
-and tile classification against reference.attention_mask, the online-softmax step against
-torch.logsumexp, and the padded / varlen row offsets.
+symattn_kernels.reference: Philox bit-equality (all four words, and the dropout word of an
+element offset) and dropout keep decisions, per-element masks and tile classification against
+reference.attention_mask, the online-softmax step against torch.logsumexp, and the padded /
+varlen row offsets.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ int main() {
     if (!std::strcmp(cmd, "philox")) {
       unsigned long long seed, off; double p; int h; long long n_rows, row, ks; int key;
       std::scanf("%llu %llu %lf %d %lld %lld %lld %d", &seed, &off, &p, &h, &n_rows, &row, &ks, &key);
-      std::printf("%u %d\n", philox_randint(seed, off),
+      uint32_t w[4];
+      philox4x(seed, off, w);
+      std::printf("%u %u %u %u %u %u %d\n", w[0], w[1], w[2], w[3], dropout_word(seed, off),
+                  (unsigned)philox_randint(seed, off),
                   (int)dropout_keep(seed, dropout_threshold(p), h, n_rows, row, ks, key));
     } else if (!std::strcmp(cmd, "mask")) {
       int S, causal, excl, bm, bn; std::scanf("%d %d %d %d %d", &S, &causal, &excl, &bm, &bn);
@@ -115,10 +119,12 @@ def test_philox_and_dropout_keep_match_reference(driver):
         cases.append((seed, off, p, h, n_rows, row, ks, key))
     lines = driver("".join("philox %d %d %r %d %d %d %d %d\n" % c for c in cases))
     for (seed, off, p, h, n_rows, row, ks, key), line in zip(cases, lines):
-        got_rand, got_keep = map(int, line.split())
+        *got_words, got_word, got_first, got_keep = map(int, line.split())
         # int64 offsets: the reference takes signed int64 counters.
-        want = int(reference.philox_randint(seed, torch.tensor([off], dtype=torch.int64))[0])
-        assert got_rand == want
+        offset = torch.tensor([off], dtype=torch.int64)
+        assert got_words == [int(w[0]) for w in reference.philox_randint4x(seed, offset)]
+        assert got_first == got_words[0]
+        assert got_word == int(reference.dropout_random_words(seed, offset)[0])
         keep = reference.dropout_keep_mask(seed, p, torch.tensor([[row]]), n_rows, h + 1, ks, key + 1)
         assert got_keep == int(keep[0, h, 0, key])
 

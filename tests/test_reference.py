@@ -108,6 +108,66 @@ def test_gradcheck(coef_mode, shared, causal, exclude_self):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+def _philox4x32_10(seed, counter):
+    """Philox-4x32-10 on Python ints, step by step as Salmon et al. (2011) write it."""
+    c = [counter & 0xFFFFFFFF, counter >> 32, 0, 0]
+    k = [seed & 0xFFFFFFFF, seed >> 32]
+    for _ in range(10):
+        pa, pb = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(pb >> 32) ^ c[1] ^ k[0], pb & 0xFFFFFFFF, (pa >> 32) ^ c[3] ^ k[1], pa & 0xFFFFFFFF]
+        k = [(k[0] + 0x9E3779B9) & 0xFFFFFFFF, (k[1] + 0xBB67AE85) & 0xFFFFFFFF]
+    return c
+
+
+def test_philox_known_answer_and_scalar_twin():
+    # Random123's known-answer vector for philox4x32-10 with counter and key all zero.
+    words = R.philox_randint4x(0, torch.zeros(1, dtype=torch.int64))
+    assert [int(w[0]) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    gen = torch.Generator().manual_seed(1)
+    counters = torch.cat([torch.arange(5), torch.tensor([2**32 - 1, 2**32, 2**62 - 1]),
+                          torch.randint(0, 2**62, (40,), generator=gen)])
+    for seed in (0, 7, 2**32 + 5, 2**62 - 3):
+        got = torch.stack(R.philox_randint4x(seed, counters), dim=-1).tolist()
+        assert got == [_philox4x32_10(seed, c) for c in counters.tolist()], f"seed {seed}"
+        assert torch.equal(R.philox_randint(seed, counters), torch.tensor([w[0] for w in got]))
+
+
+def test_dropout_words_take_four_elements_per_philox_call():
+    """Element offset e draws word e % 4 of the counter e // 4, whatever the mask's shape: a row
+    of an odd key stride starts in the middle of a counter, and offsets cross 2^34 (the counters'
+    high word changes)."""
+    seed = 2**40 + 9
+    for first in (0, 3, 2**34 - 5, 2**62 - 10):
+        elements = first + torch.arange(11, dtype=torch.int64)
+        want = [_philox4x32_10(seed, e // 4)[e % 4] for e in elements.tolist()]
+        assert R.dropout_random_words(seed, elements).tolist() == want
+    # keep mask element (b, h, i, j) at offset (h * n_rows + row_ids[b, i]) * key_stride + j
+    rows, key_stride, n_rows, p = torch.tensor([[2, 5, 6]]), 7, 9, 0.4
+    keep = R.dropout_keep_mask(seed, p, rows, n_rows, 2, key_stride, 6)  # [1, 2, 3, 6]
+    for h in range(2):
+        for i, row in enumerate(rows[0].tolist()):
+            for j in range(6):
+                e = (h * n_rows + row) * key_stride + j
+                word = _philox4x32_10(seed, e // 4)[e % 4]
+                assert bool(keep[0, h, i, j]) == ((word >> 1) >= int(p * 2**31)), (h, i, j)
+
+
+def test_dropout_keep_rate_per_word():
+    """Each of the four words of a counter is a fair draw, and two of them are independent: keep
+    rate 1 - p at every offset residue modulo 4 and (1 - p)^2 for two words of one counter, within
+    5 standard deviations over 2^17 counters."""
+    p, counters = 0.3, 2**17
+    words = R.dropout_random_words(5, 4 * 999 + torch.arange(4 * counters, dtype=torch.int64))
+    keep = ((words >> 1) >= R.dropout_threshold(p)).view(counters, 4)
+    sigma = (p * (1 - p) / counters) ** 0.5
+    for word in range(4):
+        assert abs(keep[:, word].float().mean().item() - (1 - p)) < 5 * sigma, f"word {word}"
+    q = (1 - p) ** 2
+    for a, b in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+        both = (keep[:, a] & keep[:, b]).float().mean().item()
+        assert abs(both - q) < 5 * (q * (1 - q) / counters) ** 0.5, f"words {a}, {b}"
+
+
 def test_dropout_mask_rate_and_zero_probability():
     rows = torch.arange(64).view(1, 64)
     keep = R.dropout_keep_mask(1234, 0.3, rows, 64, 4, 64, 64)

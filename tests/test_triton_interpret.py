@@ -29,8 +29,22 @@ pytestmark = [
 ]
 
 if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton
+    import triton.language as tl
+
     from symattn_kernels.triton.attention_bwd import attention_backward
+    from symattn_kernels.triton.attention_common import Dropout, _dropout_keep, dropout_threshold
     from symattn_kernels.triton.attention_fwd import attention_forward
+
+    @triton.jit
+    def _keep_grid_kernel(Out, seed, row_ctr0, key_stride, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The kernels' keep decisions of rows row_ctr0 + [0, BLOCK_R) x keys [0, BLOCK_K)."""
+        dropout = Dropout(seed, key_stride, threshold, 1.0)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ctr = row_ctr0.to(tl.int64) + offs_r.to(tl.int64)
+        keep = _dropout_keep(dropout, row_ctr[:, None], offs_k[None, :])
+        tl.store(Out + offs_r[:, None] * BLOCK_K + offs_k[None, :], keep.to(tl.int8))
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3}
 
@@ -237,6 +251,21 @@ def test_dropout_same_seed_same_result_other_seed_differs():
         assert (a is None and b is None) or torch.equal(a, b)
     assert not torch.equal(first[0], other[0])
     assert torch.equal(first[1], other[1])  # lse does not see dropout
+
+
+@pytest.mark.parametrize("key_stride,first_row", [(37, 0), (32, 5), (37, (2**34 - 200) // 37), (130, 2**50 // 130)],
+                         ids=["odd", "multiple-of-4", "odd-across-2^34", "large"])
+def test_dropout_keep_bit_equal_to_reference(key_stride, first_row):
+    """tl.randint4x's word e % 4 at counter e // 4, as reference.dropout_keep_mask draws it: rows
+    of an odd key stride start inside a counter, and offsets cross 2^34 (the counter's high word)."""
+    rows, keys, p = 16, 32, 0.4
+    for seed in (3, 2**40 + 12345):
+        out = torch.empty(rows, keys, dtype=torch.int8)
+        _keep_grid_kernel[(1,)](out, seed, first_row, key_stride, dropout_threshold(p), BLOCK_R=rows, BLOCK_K=keys)
+        row_ids = first_row + torch.arange(rows)[None]
+        want = reference.dropout_keep_mask(seed, p, row_ids, 1, 1, key_stride, keys)[0, 0]
+        assert torch.equal(out.bool(), want), f"seed {seed}"
+        assert 0 < int(want.sum()) < rows * keys
 
 
 def test_dropout_large_seed_matches_reference():

@@ -1,6 +1,7 @@
-// Philox-4x32-10 (Salmon et al. 2011), bit-identical to triton.language.randint and to
-// symattn_kernels.reference.philox_randint: counter (offset low word, offset high word, 0, 0),
-// key (seed low word, seed high word), first output word; and reference.dropout_threshold.
+// Philox-4x32-10 (Salmon et al. 2011), bit-identical to triton.language.randint4x and to
+// symattn_kernels.reference.philox_randint4x: counter (offset low word, offset high word, 0, 0),
+// key (seed low word, seed high word); the dropout word of an element offset (word offset % 4 at
+// counter offset / 4, reference.dropout_random_words); and reference.dropout_threshold.
 // Torch-free and shared by the CPU kernels (plain C++) and the CUDA kernels (host and device):
 // SYMATTN_HD marks functions as __host__ __device__ under nvcc, inline otherwise.
 #pragma once
@@ -23,7 +24,8 @@ constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
 constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
 constexpr int kPhiloxRounds = 10;
 
-SYMATTN_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
+// The four output words of one counter into out[0..3].
+SYMATTN_HD void philox4x(uint64_t seed, uint64_t offset, uint32_t out[4]) {
   uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDA_ARCH__)
@@ -41,7 +43,26 @@ SYMATTN_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// The first output word (triton.language.randint).
+SYMATTN_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
+  uint32_t words[4];
+  philox4x(seed, offset, words);
+  return words[0];
+}
+
+// The dropout word of element offset e: word e % 4 of the counter e / 4 (selected, not indexed,
+// so that the words stay in registers on a GPU).
+SYMATTN_HD uint32_t dropout_word(uint64_t seed, uint64_t element) {
+  uint32_t w[4];
+  philox4x(seed, element >> 2, w);
+  const uint32_t i = static_cast<uint32_t>(element & 3);
+  return i < 2 ? (i == 0 ? w[0] : w[1]) : (i == 2 ? w[2] : w[3]);
 }
 
 // reference.dropout_threshold: keep when (randint >> 1) >= floor(dropout_p * 2**31), capped at 2**31.

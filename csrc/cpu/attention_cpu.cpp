@@ -390,21 +390,26 @@ void attention_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   }
 }
 
-// First 32-bit Philox-4x32-10 word per int64 counter, as reference.philox_randint (for tests).
-at::Tensor philox_randint_cpu(const at::Tensor& offsets, int64_t seed) {
+// The four 32-bit Philox-4x32-10 words of each int64 counter, as reference.philox_randint4x
+// stacked on a last axis of 4 (for tests).
+at::Tensor philox4x_cpu(const at::Tensor& offsets, int64_t seed) {
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.device().is_cpu(),
-              "philox_randint_cpu: offsets must be an int64 CPU tensor");
+              "philox4x_cpu: offsets must be an int64 CPU tensor");
   const at::Tensor in = offsets.contiguous();
-  at::Tensor result = at::empty(in.sizes(), in.options());
+  std::vector<int64_t> sizes = in.sizes().vec();
+  sizes.push_back(4);
+  at::Tensor result = at::empty(sizes, in.options());
   const int64_t* src = in.data_ptr<int64_t>();
   int64_t* dst = result.data_ptr<int64_t>();
   for (int64_t i = 0; i < in.numel(); ++i) {
-    dst[i] = cpu::philox_randint(static_cast<uint64_t>(seed), static_cast<uint64_t>(src[i]));
+    uint32_t words[4];
+    cpu::philox4x(static_cast<uint64_t>(seed), static_cast<uint64_t>(src[i]), words);
+    for (int w = 0; w < 4; ++w) dst[4 * i + w] = words[w];
   }
   return result;
 }
 
-// The dropout multipliers (0 or 1 / (1 - dropout_p)) of the n counters first, first + 1, ... as
+// The dropout multipliers (0 or 1 / (1 - dropout_p)) of the n element offsets first, first + 1, ... as
 // the selected kernel build draws them (for tests).
 at::Tensor dropout_keep_cpu(int64_t seed, double dropout_p, int64_t first, int64_t n) {
   TORCH_CHECK(n >= 0, "dropout_keep_cpu: n must be >= 0, got ", n);
@@ -434,7 +439,7 @@ at::Tensor cpu_last_schedule(bool backward) {
 TORCH_LIBRARY_IMPL(symattn, CPU, m) {
   m.impl("attention_fwd_cpu", &attention_fwd_cpu);
   m.impl("attention_bwd_cpu", &attention_bwd_cpu);
-  m.impl("philox_randint_cpu", &philox_randint_cpu);
+  m.impl("philox4x_cpu", &philox4x_cpu);
 }
 
 // No tensor argument to dispatch on: one kernel for every key.

@@ -1,14 +1,15 @@
 // Dropout keep multipliers from Philox-4x32-10 drawn many counters per instruction, bit-equal
-// to philox_randint (../common/philox.h, shared with the CUDA kernels) and so to
-// symattn_kernels.reference.dropout_keep_mask.
+// to dropout_word (../common/philox.h, shared with the CUDA kernels) and so to
+// symattn_kernels.reference.dropout_keep_mask: element offset e takes output word e % 4 of the
+// counter e / 4, so every Philox call serves four consecutive elements.
 //
 // Each counter sits in a 64-bit lane (AVX-512: 8 per register, AVX2: 4): _mm*_mul_epu32
 // multiplies the low words into full 64-bit products, so one instruction gives both the high
 // word (the next round's XOR input, after a shift) and the low word (the product kept as the
 // lane itself). The upper half of every lane carries garbage that only XORs into other upper
-// halves, which mul_epu32 ignores and the final pack drops. The offset's high word starts as
-// the second counter word, so a run of counters may cross a multiple of 2^32. The DEFAULT build
-// draws with the scalar philox_randint, one counter at a time.
+// halves, which mul_epu32 ignores and the final interleave drops. The counter's high word starts
+// as the second counter word, so a run of counters may cross a multiple of 2^32. The DEFAULT
+// build draws with the scalar philox4x, one counter (four elements) at a time.
 //
 // Compiled once per instruction set inside its CPU_CAPABILITY namespace (see isa.h), with
 // internal linkage but for the dropout_keep entry point.
@@ -26,7 +27,7 @@
 namespace symattn::cpu {
 
 using symattn::dropout_threshold;
-using symattn::philox_randint;
+using symattn::philox4x;
 
 namespace CPU_CAPABILITY {
 namespace {
@@ -34,7 +35,7 @@ namespace {
 // One call's constants: the keep rule and the seed's 10 round keys.
 struct KeepRule {
   uint64_t seed;
-  uint32_t threshold;  // keep where (randint >> 1) >= threshold
+  uint32_t threshold;  // keep where (word >> 1) >= threshold
   float scale;         // the kept elements' multiplier, 1 / (1 - dropout_p)
   uint32_t k0[kPhiloxRounds], k1[kPhiloxRounds];
 
@@ -66,6 +67,15 @@ inline PhiloxReg xor2(const PhiloxReg& a, uint32_t k) {
 inline PhiloxReg xor3(const PhiloxReg& a, const PhiloxReg& b, uint32_t k) {
   return _mm512_ternarylogic_epi32(a, b, _mm512_set1_epi32(static_cast<int>(k)), 0x96);
 }
+// Per lane: low word of x, then low word of y (the lane's two 32-bit halves).
+inline PhiloxReg pair_low_words(const PhiloxReg& x, const PhiloxReg& y) {
+  return _mm512_mask_blend_epi32(0xAAAA, x, _mm512_slli_epi64(y, 32));
+}
+// The 64-bit lanes of a and b interleaved: a0 b0 a1 b1 ... from lane `from` on (0 or 4).
+inline PhiloxReg interleave_lanes(const PhiloxReg& a, const PhiloxReg& b, int from) {
+  const __m512i idx = from == 0 ? _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0) : _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+  return _mm512_permutex2var_epi64(a, idx, b);
+}
 #elif defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL == 1
 using PhiloxReg = __m256i;
 constexpr int kLanes64 = 4;
@@ -80,24 +90,28 @@ inline PhiloxReg xor2(const PhiloxReg& a, uint32_t k) {
 inline PhiloxReg xor3(const PhiloxReg& a, const PhiloxReg& b, uint32_t k) {
   return _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_set1_epi32(static_cast<int>(k)));
 }
+inline PhiloxReg pair_low_words(const PhiloxReg& x, const PhiloxReg& y) {
+  return _mm256_blend_epi32(x, _mm256_slli_epi64(y, 32), 0xAA);
+}
+inline PhiloxReg interleave_lanes(const PhiloxReg& a, const PhiloxReg& b, int from) {
+  const __m256i lo = _mm256_unpacklo_epi64(a, b), hi = _mm256_unpackhi_epi64(a, b);  // lanes 0, 2 / 1, 3
+  return from == 0 ? _mm256_permute2x128_si256(lo, hi, 0x20) : _mm256_permute2x128_si256(lo, hi, 0x31);
+}
 #endif
 
 #if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 1
 // Registers of counters drawn together: independent chains that hide the multiply latency.
 constexpr int kChains = kLanes64 == 8 ? 4 : 2;
-// Counters per step of draw_keep (kChains registers, packed into 32-bit words two registers at a
-// time) and per packed register.
-constexpr int64_t kStep = kChains * kLanes64;
+// 32-bit words (elements) of one register; one register of counters yields four of them.
 constexpr int64_t kPacked = 2 * kLanes64;
 
-// c0[v] holds kLanes64 counters (64-bit offsets); leaves their first output words in the low
-// halves of the lanes. Rounds 0 to 2 use that c2 = c3 = 0 at the start, and kSameHigh that every
-// offset's high word is `high` (the common case: no multiple of 2^32 among them), which makes
-// round 0's c0 and so round 1's A product one number for all lanes. Round 8 skips c0, which the
-// last round, computing c0 alone, does not read.
+// The four output words of the counters in c[v] (kLanes64 each, 64-bit lanes), left in the low
+// halves of the lanes of c[v], c1[v], c2[v], c3[v]. Rounds 0 to 2 use that c2 = c3 = 0 at the
+// start, and kSameHigh that every counter's high word is `high` (the common case: no multiple of
+// 2^32 among them), which makes round 0's c0 and so round 1's A product one number for all lanes.
 template <int N, bool kSameHigh>
-inline void philox_rounds(const KeepRule& rule, PhiloxReg* c0, uint32_t high) {
-  PhiloxReg c1[N], c2[N], c3[N];
+inline void philox_rounds(const KeepRule& rule, PhiloxReg* c0, PhiloxReg* c1, PhiloxReg* c2, PhiloxReg* c3,
+                          uint32_t high) {
   for (int v = 0; v < N; ++v) {
     c3[v] = mul_wide(c0[v], kPhiloxRoundA);
     c2[v] = xor2(high_words(c3[v]), rule.k1[0]);
@@ -116,81 +130,88 @@ inline void philox_rounds(const KeepRule& rule, PhiloxReg* c0, uint32_t high) {
     c0[v] = xor2(high_words(prod_b), rule.k0[1]);
     c1[v] = prod_b;
   }
-  for (int r = 2; r + 1 < kPhiloxRounds; ++r) {
+  for (int r = 2; r < kPhiloxRounds; ++r) {
     for (int v = 0; v < N; ++v) {
       const PhiloxReg prod_b = mul_wide(c2[v], kPhiloxRoundB), prod_a = mul_wide(c0[v], kPhiloxRoundA);
-      if (r + 2 < kPhiloxRounds) c0[v] = xor3(high_words(prod_b), c1[v], rule.k0[r]);
+      c0[v] = xor3(high_words(prod_b), c1[v], rule.k0[r]);
       c2[v] = kSameHigh && r == 2 ? xor2(high_words(prod_a), static_cast<uint32_t>(prod_a1) ^ rule.k1[r])
                                   : xor3(high_words(prod_a), c3[v], rule.k1[r]);
       c1[v] = prod_b;
       c3[v] = prod_a;
     }
   }
-  for (int v = 0; v < N; ++v) {
-    c0[v] = xor3(high_words(mul_wide(c2[v], kPhiloxRoundB)), c1[v], rule.k0[kPhiloxRounds - 1]);
-  }
 }
 
-// keep[0, count) from the low words of a and b (kPacked counters), count <= kPacked.
-inline void store_keep(const KeepRule& rule, const PhiloxReg& a, const PhiloxReg& b, float* keep, int64_t count) {
+// Multipliers of kPacked consecutive elements from their words: element i goes to keep[d + i],
+// for i in [lo, hi) only (0 <= lo < hi <= kPacked; d may be negative).
+inline void store_keep(const KeepRule& rule, const PhiloxReg& words, float* keep, int64_t d, int64_t lo, int64_t hi) {
+  alignas(64) float tmp[kPacked];
+  const bool whole = lo == 0 && hi == kPacked;
+  float* dst = whole ? keep + d : tmp;
 #if SYMATTN_ISA_LEVEL >= 2
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i bits = _mm512_permutex2var_epi32(a, even, b);
-  const __mmask16 kept = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(bits, 1), _mm512_set1_epi32(rule.threshold));
-  const __m512 x = _mm512_maskz_mov_ps(kept, _mm512_set1_ps(rule.scale));
-  if (count == kPacked) {
-    _mm512_storeu_ps(keep, x);
-  } else {
-    _mm512_mask_storeu_ps(keep, static_cast<__mmask16>((1u << count) - 1), x);
-  }
+  // (words >> 1) >= threshold as words >= 2 threshold, which fits: threshold < 2^31 for p < 1.
+  const __mmask16 kept = _mm512_cmpge_epu32_mask(words, _mm512_set1_epi32(2 * rule.threshold));
+  _mm512_storeu_ps(dst, _mm512_maskz_mov_ps(kept, _mm512_set1_ps(rule.scale)));
 #else
-  // Low words of a then b, in counter order; (bits >> 1) < 2^31, so a signed compare serves.
-  const __m256 words = _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), 0x88);
-  const __m256i bits = _mm256_permute4x64_epi64(_mm256_castps_si256(words), 0xD8);
-  const __m256i kept = _mm256_cmpgt_epi32(_mm256_srli_epi32(bits, 1),
+  // (words >> 1) < 2^31, so a signed compare serves.
+  const __m256i kept = _mm256_cmpgt_epi32(_mm256_srli_epi32(words, 1),
                                           _mm256_set1_epi32(static_cast<int>(rule.threshold - 1)));
-  const __m256 x = _mm256_and_ps(_mm256_castsi256_ps(kept), _mm256_set1_ps(rule.scale));
-  if (count == kPacked) {
-    _mm256_storeu_ps(keep, x);
-  } else {
-    alignas(32) float tmp[kPacked];
-    _mm256_store_ps(tmp, x);
-    std::copy(tmp, tmp + count, keep);
-  }
+  _mm256_storeu_ps(dst, _mm256_and_ps(_mm256_castsi256_ps(kept), _mm256_set1_ps(rule.scale)));
 #endif
+  if (!whole) std::copy(tmp + lo, tmp + hi, keep + (d + lo));
+}
+
+// Counters ctr0 + ctr + [0, N * kLanes64), elements 4 * ctr + [0, 4 * N * kLanes64) of the
+// stream that starts at element offset 4 * ctr0: stream element t goes to keep[t - lead] where
+// that lies in [0, n).
+template <int N, bool kSameHigh>
+inline void draw_counters(const KeepRule& rule, uint64_t ctr0, int64_t ctr, int64_t lead, int64_t n, float* keep) {
+  PhiloxReg c0[N], c1[N], c2[N], c3[N];
+  for (int v = 0; v < N; ++v) c0[v] = lanes64_from(ctr0 + ctr + v * kLanes64);
+  philox_rounds<N, kSameHigh>(rule, c0, c1, c2, c3, static_cast<uint32_t>(ctr0 >> 32));
+  for (int v = 0; v < N; ++v) {
+    const PhiloxReg w01 = pair_low_words(c0[v], c1[v]), w23 = pair_low_words(c2[v], c3[v]);
+    for (int half = 0; half < 2; ++half) {
+      const int64_t d = 4 * (ctr + v * kLanes64) + half * kPacked - lead;
+      const int64_t lo = std::max<int64_t>(0, -d), hi = std::min<int64_t>(kPacked, n - d);
+      if (lo < hi) store_keep(rule, interleave_lanes(w01, w23, half * kLanes64 / 2), keep, d, lo, hi);
+    }
+  }
 }
 
 template <bool kSameHigh>
 inline void draw_keep_run(const KeepRule& rule, uint64_t first, int64_t n, float* keep) {
-  const uint32_t high = static_cast<uint32_t>(first >> 32);
-  int64_t j = 0;
-  for (; j + kStep <= n; j += kStep) {
-    PhiloxReg c[kChains];
-    for (int v = 0; v < kChains; ++v) c[v] = lanes64_from(first + j + v * kLanes64);
-    philox_rounds<kChains, kSameHigh>(rule, c, high);
-    for (int v = 0; v < kChains; v += 2) store_keep(rule, c[v], c[v + 1], keep + j + v * kLanes64, kPacked);
-  }
-  for (; j < n; j += kPacked) {
-    PhiloxReg c[2] = {lanes64_from(first + j), lanes64_from(first + j + kLanes64)};
-    philox_rounds<2, kSameHigh>(rule, c, high);
-    store_keep(rule, c[0], c[1], keep + j, std::min(kPacked, n - j));
-  }
+  const uint64_t ctr0 = first >> 2;
+  const int64_t lead = static_cast<int64_t>(first & 3);
+  const int64_t counters = (lead + n + 3) / 4;
+  constexpr int64_t kStep = kChains * kLanes64;
+  int64_t ctr = 0;
+  for (; ctr + kStep <= counters; ctr += kStep) draw_counters<kChains, kSameHigh>(rule, ctr0, ctr, lead, n, keep);
+  for (; ctr < counters; ctr += kLanes64) draw_counters<1, kSameHigh>(rule, ctr0, ctr, lead, n, keep);
 }
 
-// Dropout multipliers keep[j] in {0, rule.scale} of the counters first + j, j in [0, n): one
-// query row's keys (row r of a head starts at counter (h * rows + r) * key_stride).
+// Dropout multipliers keep[j] in {0, rule.scale} of the element offsets first + j, j in [0, n):
+// one query row's keys (row r of a head starts at offset (h * rows + r) * key_stride).
 inline void draw_keep(const KeepRule& rule, uint64_t first, int64_t n, float* keep) {
-  if (n > 0 && (first >> 32) == ((first + n - 1) >> 32)) {
+  if (n <= 0) return;
+  // Lanes are independent, so the words of counters past the last one (drawn and dropped) do not
+  // matter here.
+  if ((first >> 34) == ((first + n - 1) >> 34)) {
     draw_keep_run<true>(rule, first, n, keep);
   } else {
     draw_keep_run<false>(rule, first, n, keep);
   }
 }
 #else
-// The same, one counter at a time.
+// The same, one counter (four elements) at a time.
 inline void draw_keep(const KeepRule& rule, uint64_t first, int64_t n, float* keep) {
-  for (int64_t j = 0; j < n; ++j) {
-    keep[j] = (philox_randint(rule.seed, first + j) >> 1) >= rule.threshold ? rule.scale : 0.f;
+  for (int64_t j = 0; j < n;) {
+    const uint64_t element = first + static_cast<uint64_t>(j);
+    uint32_t words[4];
+    philox4x(rule.seed, element >> 2, words);
+    for (uint64_t w = element & 3; w < 4 && j < n; ++w, ++j) {
+      keep[j] = (words[w] >> 1) >= rule.threshold ? rule.scale : 0.f;
+    }
   }
 }
 #endif

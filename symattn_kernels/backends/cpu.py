@@ -76,9 +76,9 @@ def _gradient_buffer_cpu_fake(like):
     return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("symattn::philox_randint_cpu")
-def _philox_randint_cpu_fake(offsets, seed):
-    return torch.empty_like(offsets)
+@torch.library.register_fake("symattn::philox4x_cpu")
+def _philox4x_cpu_fake(offsets, seed):
+    return offsets.new_empty((*offsets.shape, 4))
 
 
 @torch.library.register_fake("symattn::dropout_keep_cpu")

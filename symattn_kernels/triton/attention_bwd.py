@@ -658,8 +658,9 @@ def bwd_plan(head_dim_pad: int, head_dim_v_pad: int, shared_v: bool, coef_mode: 
         split_key = 2 if not shared_v and coef_mode == 2 and head_dim_pad + head_dim_v_pad >= 512 else 1
         if shared_v and dropout and head_dim_pad >= 256:
             # The shared key launch with dropout at 256 spills 16 bytes at 32 rows (split or not);
-            # 16 rows on 8 warps is clean (bench.compile_report).
-            return False, (16, 16, 8, 1), (1, 1)
+            # 16 rows on 8 warps is clean, and the query launch with its columns halved
+            # (bench.compile_report).
+            return False, (16, 16, 8, 1), (2, 1)
         return False, (32, 16, 8, 1), (1, split_key)
     split_key = 2 if not shared_v and head_dim_pad + head_dim_v_pad >= _sm90_split_key_width(coef_mode) else 1
     return False, (64, 16, 4, 1), (1, split_key)
@@ -695,12 +696,13 @@ def sym_bwd_config(head_dim_pad: int, head_dim_v_pad: int, arch: int, dropout: b
     90), or None where its register state (two fp32 accumulators of the owned block, the pair's
     five score-sized tiles and the other block's contributions) spills: head dims above 64 use
     the default backward, and so does dropout on sm_90 under Triton older than
-    ``SYM_BWD_SM90_DROPOUT_MIN_TRITON``. sm_90 keeps 64 owned rows (one wgmma); sm_80 fits 32,
-    single-stage (two stages spill 16 bytes under Triton 3.6)."""
+    ``SYM_BWD_SM90_DROPOUT_MIN_TRITON``. sm_90 keeps 64 owned rows (one wgmma), single-stage with
+    dropout (two stages spill the Philox state); sm_80 fits 32, single-stage (two stages spill
+    16 bytes under Triton 3.6)."""
     if max(head_dim_pad, head_dim_v_pad) > 64:
         return None
     if arch >= 90:
-        return None if dropout and TRITON_VERSION < SYM_BWD_SM90_DROPOUT_MIN_TRITON else (64, 16, 8, 2)
+        return None if dropout and TRITON_VERSION < SYM_BWD_SM90_DROPOUT_MIN_TRITON else (64, 16, 8, 1 if dropout else 2)
     return (32, 16, 8, 1)
 
 

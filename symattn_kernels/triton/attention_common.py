@@ -39,6 +39,12 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 # ln(x) == log2(x) * LN2: the forward keeps its running max in log2 units and stores lse in nats.
 LN2 = tl.constexpr(0.6931471805599453)
+# Philox-4x32-10 (Salmon et al. 2011), the constants of triton.language.random.
+PHILOX_ROUNDS = tl.constexpr(10)
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 
 
 def is_interpret() -> bool:
@@ -190,7 +196,7 @@ def check_dropout(dropout_p: float, seed) -> None:
 
 
 def dropout_threshold(dropout_p: float) -> int:
-    """Keep iff (randint >> 1) >= threshold; same as ``reference.dropout_threshold``."""
+    """Keep iff (word >> 1) >= threshold; same as ``reference.dropout_threshold``."""
     return min(int(dropout_p * 2**31), 2**31 - 1)
 
 
@@ -200,7 +206,7 @@ class Dropout(NamedTuple):
 
     seed: int  # Philox seed
     key_stride: int  # counter step from one query row to the next (the padded sequence length)
-    threshold: int  # keep iff (randint >> 1) >= threshold, ``dropout_threshold``
+    threshold: int  # keep iff (word >> 1) >= threshold, ``dropout_threshold``
     inv_keep: float  # 1 / (1 - p)
 
 
@@ -334,10 +340,30 @@ def _has_other_key(offs, seqlen, kpm_stat, real, IS_CAUSAL: tl.constexpr, HAS_KP
 
 @triton.jit
 def _dropout_keep(dropout, row_ctr, offs_key):
-    """Keep-mask of reference.dropout_keep_mask: counter = row_ctr * key_stride + key, with
-    row_ctr = head * n_rows + global row id (int64); keep iff (philox >> 1) >= threshold."""
-    ctr = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
-    rnd = tl.randint(dropout.seed, ctr)
+    """Keep-mask of reference.dropout_keep_mask: element offset e = row_ctr * key_stride + key,
+    with row_ctr = head * n_rows + global row id (int64); its word is output e % 4 of
+    Philox-4x32-10 (tl.randint4x) at counter e // 4; keep iff (word >> 1) >= threshold. The
+    last round computes only the element's word (one product, not two): fewer live registers
+    than the four words of tl.randint4x."""
+    elem = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
+    ctr = elem >> 2
+    seed = tl.to_tensor(dropout.seed).to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = ctr.to(tl.uint32)
+    zero = c0 * 0
+    c0, c1, c2, c3 = tl.philox_impl(c0, (ctr >> 32).to(tl.uint32), zero, zero, k0, k1, PHILOX_ROUNDS - 1)
+    last_k0 = k0 + (((PHILOX_ROUNDS - 1) * PHILOX_KEY_A) & 0xFFFFFFFF)  # the last round's key (mod 2^32)
+    last_k1 = k1 + (((PHILOX_ROUNDS - 1) * PHILOX_KEY_B) & 0xFFFFFFFF)
+    # Last round: words 0, 1 are the high / low halves of ROUND_B * c2 (word 0 also ^ c1 ^ k0),
+    # words 2, 3 those of ROUND_A * c0 (word 2 also ^ c3 ^ k1).
+    word = (elem & 3).to(tl.int32)
+    first_pair = word < 2
+    x = tl.where(first_pair, c2, c0)
+    rest = tl.where(first_pair, c1 ^ last_k0, c3 ^ last_k1)
+    if_b = tl.where((word & 1) == 0, tl.math.umulhi(x, PHILOX_ROUND_B) ^ rest, x * PHILOX_ROUND_B)
+    if_a = tl.where((word & 1) == 0, tl.math.umulhi(x, PHILOX_ROUND_A) ^ rest, x * PHILOX_ROUND_A)
+    rnd = tl.where(first_pair, if_b, if_a)
     return (rnd >> 1).to(tl.int32) >= dropout.threshold
 
 

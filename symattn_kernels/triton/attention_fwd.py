@@ -17,7 +17,7 @@ once. Causal attention visits the blocks left of the diagonal without masks (STA
 only the diagonal blocks (STAGE 2); non-causal attention is one pass with a boundary mask
 (STAGE 3). SPLIT_D > 1 gives each program a group of the value columns (scores recomputed per
 group), for wide heads. A row with no allowed key keeps m_i = -inf and l_i = 0 and stores
-out = 0, lse = -inf. Dropout regenerates ``reference.dropout_keep_mask`` with tl.randint.
+out = 0, lse = -inf. Dropout regenerates ``reference.dropout_keep_mask`` with tl.randint4x.
 """
 
 from __future__ import annotations
