@@ -108,3 +108,16 @@ def with_threads(threads, fn):
         return fn()
     finally:
         torch.set_num_threads(previous)
+
+
+def mirrored_groups(S, batch_heads):
+    """(groups, rows per group) of a head of S > 512 tokens on the CPU kernels' mirrored forward:
+    whole 128-row query blocks, as many groups (up to 8) as make about 32 group-pair tasks in a
+    call of batch_heads heads."""
+    blocks = -(-S // 128)
+    groups = 1
+    while groups < min(8, blocks) and groups * (groups + 1) // 2 * batch_heads < 32:
+        groups += 1
+    per_group = -(-S // groups)
+    rows = -(-per_group // 128) * 128
+    return -(-S // rows), rows
