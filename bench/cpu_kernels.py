@@ -413,14 +413,14 @@ def _median_call_ms(fn, threads: int, seconds: float) -> float:
 
 def long_flops(B: int, S: int, H: int, D: int, causal: bool) -> dict:
     """Forward and forward+backward FLOPs: flash-attn's convention (4 B H S^2 D forward, 2.5x that
-    backward, halved for causal) and the products the fused kernels execute (two per score
-    forward, five backward; the mirrored path for short non-causal heads: 1.5 and 3.5; causal
-    rows see their keys plus the micro-tile past the diagonal)."""
+    backward, halved for causal) and the products the fused fp32 kernels execute (two per score
+    forward, five backward; mirrored, for non-causal heads: 1.5 forward at any length, 3.5
+    backward up to 512 tokens; causal rows see their keys plus the micro-tile past the diagonal).
+    bf16 on AMX tiles runs unmirrored."""
     conv_fwd = 4.0 * B * H * S * S * D / (2 if causal else 1)
     keys = (S * (S + 1) / 2 + S * _CAUSAL_OVERSHOOT / 2) if causal else float(S * S)
-    mirrored = not causal and S <= 512
-    fwd = 2.0 * B * H * D * keys * (1.5 if mirrored else 2.0)
-    bwd = 2.0 * B * H * D * keys * (3.5 if mirrored else 5.0)
+    fwd = 2.0 * B * H * D * keys * (2.0 if causal else 1.5)
+    bwd = 2.0 * B * H * D * keys * (3.5 if not causal and S <= 512 else 5.0)
     return dict(conv_fwd=conv_fwd, conv_fwdbwd=3.5 * conv_fwd, exec_fwd=fwd, exec_fwdbwd=fwd + bwd)
 
 

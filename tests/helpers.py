@@ -121,3 +121,9 @@ def mirrored_groups(S, batch_heads):
     per_group = -(-S // groups)
     rows = -(-per_group // 128) * 128
     return -(-S // rows), rows
+
+
+def kernel_dropout_seed(seed_state):
+    """The dropout seed a kernel call draws after torch.manual_seed(seed_state)."""
+    torch.manual_seed(seed_state)
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))

@@ -19,7 +19,7 @@ import symattn_kernels as sk
 from symattn_kernels import reference as R
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .helpers import assert_close, describe_mismatch, make_inputs, reference, run
+from .helpers import assert_close, describe_mismatch, kernel_dropout_seed, make_inputs, reference, run
 
 # Run lengths around every vector width and step (8, 16, 32 counters) and past them.
 LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 111, 128, 129, 1025]
@@ -62,11 +62,6 @@ def _kernel_mask(B, S, H, p, seed_state, **kw):
     return torch.cat(columns, dim=-1).permute(0, 2, 1, 3) != 0  # [B, H, S_q, S_k]
 
 
-def _seed(seed_state):
-    torch.manual_seed(seed_state)
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-
-
 def _padding(B, S, kind):
     if kind == "none":
         return None
@@ -91,7 +86,7 @@ def test_kernel_mask_bit_equal_to_reference(S, causal, padding):
     B, H, p = 2, 2 if S < 512 else 1, 0.3
     key_padding_mask = _padding(B, S, padding)
     got = _kernel_mask(B, S, H, p, seed_state=S, causal=causal, key_padding_mask=key_padding_mask)
-    want = R.dropout_keep_mask(_seed(S), p, torch.arange(B * S).view(B, S), B * S, H, S, S)
+    want = R.dropout_keep_mask(kernel_dropout_seed(S), p, torch.arange(B * S).view(B, S), B * S, H, S, S)
     allowed = R.attention_mask(B, S, causal=causal, key_padding_mask=key_padding_mask)  # [B, 1 or H, S, S]
     want = want & allowed
     bad = got != want
@@ -109,7 +104,7 @@ def test_varlen_kernel_mask_bit_equal_to_reference():
     v = torch.nn.functional.one_hot(pos, max_seqlen).float()[:, None, :].expand(total, H, max_seqlen).contiguous()
     got = sk.symmetric_attention_varlen(torch.zeros(total, H, 8), v, cu, max_seqlen, dropout_p=p,
                                         backend="cpu") != 0  # [total, H, max_seqlen]
-    seed = _seed(8)
+    seed = kernel_dropout_seed(8)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         if end == start:
             continue
@@ -129,7 +124,7 @@ def test_forward_and_gradients_match_reference_under_dropout(S, causal, padding)
     leaves = [t.detach().float().requires_grad_() for t in (q, v, coef)]
     torch.manual_seed(S)
     got = run(lambda *a, **k: sk.symmetric_attention(*a, backend="cpu", **k), *leaves, **kw)
-    want = run(reference, q, v, coef, dropout_seed=_seed(S), **kw)
+    want = run(reference, q, v, coef, dropout_seed=kernel_dropout_seed(S), **kw)
     for name, a, b in zip(["out", "lse", "dq", "dv", "dcoef"], got, want):
         assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)
 

@@ -19,7 +19,8 @@ if extensions.state("cpu").how == extensions.ABSENT:
 import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .helpers import F64, assert_close, assert_flash_rule, make_inputs, mirrored_groups, reference, run, with_threads
+from .helpers import (F64, assert_close, assert_flash_rule, kernel_dropout_seed, make_inputs, mirrored_groups,
+                      reference, run, with_threads)
 
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
 LENGTHS = [513, 1025, 2049]
@@ -120,11 +121,6 @@ def test_symmetric_heads_take_the_mirrored_tasks(S, H):
 
 # Dropout: the tiled forward draws each tile's part of a row's mask; the result equals the
 # reference's under the same seed.
-def _seed(seed_state):
-    torch.manual_seed(seed_state)
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-
-
 @pytest.mark.parametrize("S,causal,kind", [(513, False, None), (1025, True, "tail"), (1025, False, "heavy")])
 def test_long_forward_dropout_matches_reference(S, causal, kind):
     q, v, coef = make_inputs(B=2, S=S, H=2, D=16, Dv=8, coef_mode="diag", shared=False)
@@ -132,7 +128,7 @@ def test_long_forward_dropout_matches_reference(S, causal, kind):
     leaves = [t.detach().float().requires_grad_() for t in (q, v, coef)]
     torch.manual_seed(S)
     got = run(cpu, *leaves, **kw)
-    want = run(reference, q, v, coef, dropout_seed=_seed(S), **kw)
+    want = run(reference, q, v, coef, dropout_seed=kernel_dropout_seed(S), **kw)
     assert cpu_backend.last_schedule(False)[:, 0].sum().item() == 2 * 2 * -(-S // 128)  # tiled: 128-row tasks
     for name, a, b in zip(["out", "lse", "dq", "dv", "dcoef"], got, want):
         assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)

@@ -57,10 +57,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -757,8 +759,9 @@ class Head {
   // Dot's format Ya = Y as A rows, Yt = Y^T as B (keys along n), Yb = Y as B rows (keys along k;
   // when need_yb), Qa = Qm = Y M as A rows (Ya when M = I; Qm in fp32 is kept for the backward).
   // Qm and Qa hold query rows [q0, q1) only (at their own row index), so a task that owns a slice
-  // of the head's queries pays M for that slice alone; q1 < 0 means every row.
-  void pack_query_key(bool need_yb, int64_t q0 = 0, int64_t q1 = -1) {
+  // of the head's queries pays M for that slice alone; q1 < 0 means every row. Likewise Yt holds
+  // keys [k0, k1) only (at their own column index) when k1 >= 0.
+  void pack_query_key(bool need_yb, int64_t q0 = 0, int64_t q1 = -1, int64_t k0 = 0, int64_t k1 = -1) {
     const scalar_t* y = row_ptr(p_.q, 0);
     const int64_t ldq = p_.q.token;
     if (needs_fp32_y(p_)) {
@@ -779,7 +782,10 @@ class Head {
       ya_ = {yf_, ldyf_};
       yb_ = ya_;
     }
-    yt_ = b_transposed(ya_, L_, D_, ws_.take<Word>(words(D_) * g_.ldk));
+    if (k1 < 0) k1 = L_;
+    Word* yt = ws_.take<Word>(words(D_) * g_.ldk);
+    b_transposed(a_from(ya_, k0), k1 - k0, D_, yt + k0);
+    yt_ = {yt, g_.ldk};
     if (p_.coef_mode == CoefMode::kNone) {
       qa_ = ya_;
       return;
@@ -1076,7 +1082,7 @@ class ForwardHead : public Head<scalar_t> {
     constexpr int64_t T = kMirrorTile;
     const bool one_group = r0 == c0;
     this->setup_keys();
-    this->pack_query_key(shared_, r0, r1);
+    this->pack_query_key(shared_, r0, r1, c0, c1);  // the tiles' keys are rows [c0, c1)
     this->pack_values();
     start_states(side_a, r1 - r0);
     if (!one_group) start_states(side_b, c1 - c0);
@@ -1645,6 +1651,7 @@ struct Piece {
   // of the call's running states the two groups' rows keep (one state for a group with itself).
   int64_t c0 = 0, c1 = 0;
   int64_t state_a = -1, state_b = -1;
+  int64_t merge_a = -1, merge_b = -1;  // the merges those states go to
 };
 
 // Rows [r0, r1) of head (b, h) on the mirrored schedule, whose running states are states
@@ -1675,6 +1682,7 @@ void plan_mirrored(int64_t b, int64_t h, int64_t L, int64_t heads, std::vector<P
   const int64_t groups = mirror_groups(L, heads);
   const int64_t rows = mirror_group_rows(L, groups);
   const int64_t first = static_cast<int64_t>(state_rows.size());
+  const int64_t merge0 = static_cast<int64_t>(merges.size());
   auto lo = [&](int64_t a) { return a * rows; };
   auto hi = [&](int64_t a) { return std::min(L, (a + 1) * rows); };
   for (int64_t a = 0; a < groups; ++a) {
@@ -1684,12 +1692,14 @@ void plan_mirrored(int64_t b, int64_t h, int64_t L, int64_t heads, std::vector<P
   for (int64_t a = 0; a < groups; ++a) {
     for (int64_t c = a + 1; c < groups; ++c) {
       const double work = 1.5 * static_cast<double>((hi(a) - lo(a)) * (hi(c) - lo(c)));
-      pieces.push_back({b, h, lo(a), hi(a), work, lo(c), hi(c), first + a * groups + c, first + c * groups + a});
+      pieces.push_back({b, h, lo(a), hi(a), work, lo(c), hi(c), first + a * groups + c, first + c * groups + a,
+                        merge0 + a, merge0 + c});
     }
   }
   for (int64_t a = 0; a < groups; ++a) {
     const double n = static_cast<double>(hi(a) - lo(a));
-    pieces.push_back({b, h, lo(a), hi(a), 0.75 * n * n, lo(a), hi(a), first + a * groups + a, first + a * groups + a});
+    pieces.push_back({b, h, lo(a), hi(a), 0.75 * n * n, lo(a), hi(a), first + a * groups + a, first + a * groups + a,
+                      merge0 + a, merge0 + a});
   }
 }
 
@@ -1744,7 +1754,7 @@ std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward,
         const int64_t r1 = std::min(L, r0 + step);
         // Causal rows see keys [0, i]: the block's mean row sees about (r0 + r1) / 2 of them.
         const double keys = p.causal ? 0.5 * static_cast<double>(r0 + r1) : static_cast<double>(L);
-        pieces.push_back({b, h, r0, r1, static_cast<double>(r1 - r0) * keys, 0, 0, -1, -1});
+        pieces.push_back({b, h, r0, r1, static_cast<double>(r1 - r0) * keys, 0, 0, -1, -1, -1, -1});
       }
     }
   }
@@ -1807,14 +1817,17 @@ class SliceBuffers {
   c10::DataPtr floats_, coefs_;
 };
 
-// Deals the tasks, in plan order, each to the worker with the least estimated work so far
-// (lowest index on ties): longest-processing-time-first for varlen, round-robin for equal
-// tasks. Each worker owns its list before any runs, so none ever holds work it will not run
-// next. Returns per worker the indices of its tasks.
+// Deals the tasks, costliest first (plan order among equals), each to the worker with the least
+// estimated work so far (lowest index on ties): longest-processing-time-first, round-robin for
+// equal tasks. Each worker owns its list before any runs, so none ever holds work it will not
+// run next. Returns per worker the indices of its tasks.
 std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, int64_t workers) {
   std::vector<std::vector<int64_t>> lists(workers);
   std::vector<double> load(workers, 0.0);
-  for (int64_t t = 0; t < static_cast<int64_t>(pieces.size()); ++t) {
+  std::vector<int64_t> order(pieces.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return pieces[x].cost > pieces[y].cost; });
+  for (const int64_t t : order) {
     const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
     lists[w].push_back(t);
     load[w] += pieces[t].cost;
@@ -1869,6 +1882,18 @@ void for_each_head(const Params& p) {
       next += rows * (Dv + 2);
     }
   }
+  // Tasks still to write each merge's states: the worker that finishes the last one merges them,
+  // inside the same parallel region (whichever worker it is, the merge order is fixed).
+  std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[merges.size()]);
+  for (size_t k = 0; k < merges.size(); ++k) pending[k].store(merges[k].count, std::memory_order_relaxed);
+  auto finish = [&](Workspace& ws, int64_t k) {
+    if constexpr (!kBackward) {
+      if (pending[k].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      ws.reset();
+      const MirrorMerge& m = merges[k];
+      Task(p, g, ws, m.b, m.h).merge(m.r0, m.r1, states.data() + m.first, m.count);
+    }
+  };
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
@@ -1885,6 +1910,8 @@ void for_each_head(const Params& p) {
           head.run(piece.r0, piece.r1, task_slices.empty() ? slices.of(list[k]) : &task_slices[list[k]]);
         } else if (piece.c1 > 0) {
           head.run_mirrored(piece.r0, piece.r1, piece.c0, piece.c1, states[piece.state_a], states[piece.state_b]);
+          finish(ws, piece.merge_a);
+          if (piece.merge_b != piece.merge_a) finish(ws, piece.merge_b);
         } else {
           head.run(piece.r0, piece.r1);
         }
@@ -1895,16 +1922,6 @@ void for_each_head(const Params& p) {
       }
     }
   });
-  if constexpr (!kBackward) {
-    at::parallel_for(0, static_cast<int64_t>(merges.size()), 1, [&](int64_t k0, int64_t k1) {
-      Workspace ws(Workspace::bytes_for(p.value_dim));
-      for (int64_t k = k0; k < k1; ++k) {
-        ws.reset();
-        const MirrorMerge& m = merges[k];
-        Task(p, g, ws, m.b, m.h).merge(m.r0, m.r1, states.data() + m.first, m.count);
-      }
-    });
-  }
   if constexpr (kBackward) {
     for (int64_t t = 0; t < static_cast<int64_t>(task_slices.size()); ++t) {
       double* dst = p.dcoef_partial + (pieces[t].b * p.heads + pieces[t].h) * p.head_dim;
