@@ -4,7 +4,11 @@ attention inputs, option grid and gradient runner the backend tests share."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from symattn_kernels import reference as R
@@ -127,3 +131,23 @@ def kernel_dropout_seed(seed_state):
     """The dropout seed a kernel call draws after torch.manual_seed(seed_state)."""
     torch.manual_seed(seed_state)
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def pytest_on_kernel_build(isa, args, timeout):
+    """Runs pytest with args in a process whose fused CPU kernels are capped at build isa (one of
+    backends.cpu.ISA_CHOICES; skipped where this CPU lacks it), and fails with its output when a
+    test there fails."""
+    from symattn_kernels.backends import cpu as cpu_backend
+
+    isas = list(cpu_backend.ISA_CHOICES)
+    widest = cpu_backend.kernel_isa().lower()
+    if isas.index(isa) > isas.index(widest):
+        pytest.skip(f"this CPU runs {widest} kernels at most")
+    script = ("import sys, pytest\nfrom symattn_kernels.backends import cpu\nprint(cpu.kernel_isa(), flush=True)\n"
+              f"sys.exit(pytest.main({['-q', '-p', 'no:cacheprovider', *args]!r}))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "SYMATTN_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.stdout.split()[0] == isa.upper()

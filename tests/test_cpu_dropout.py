@@ -3,10 +3,6 @@ one over many counters (runs crossing 2^32, every tail length), the kernels' mas
 to the reference at odd key counts, causal, key padding and varlen, forward and gradients
 against the fp64 reference under dropout, and all of it again on every instruction-set build."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -19,7 +15,8 @@ import symattn_kernels as sk
 from symattn_kernels import reference as R
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .helpers import assert_close, describe_mismatch, kernel_dropout_seed, make_inputs, reference, run
+from .helpers import (assert_close, describe_mismatch, kernel_dropout_seed, make_inputs, pytest_on_kernel_build,
+                      reference, run)
 
 # Run lengths around every vector width and step (8, 16, 32 counters) and past them.
 LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 111, 128, 129, 1025]
@@ -129,27 +126,10 @@ def test_forward_and_gradients_match_reference_under_dropout(S, causal, padding)
         assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)
 
 
-_ISAS = list(cpu_backend.ISA_CHOICES)
 # The dropout tests of the cpu backend (but the long heads, whose rows draw as any other), re-run
 # in a process capped at one kernel build.
-_ISA_RUN = """
-import sys, pytest
-from symattn_kernels.backends import cpu
-print(cpu.kernel_isa(), flush=True)
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_cpu_dropout.py", "tests/test_cpu_backend.py",
-                      "-k", "(dropout or philox) and not instruction_set and not 530"]))
-"""
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", cpu_backend.ISA_CHOICES)
 def test_dropout_on_every_instruction_set_build(isa):
-    widest = cpu_backend.kernel_isa().lower()
-    if _ISAS.index(isa) > _ISAS.index(widest):
-        pytest.skip(f"this CPU runs {widest} kernels at most")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "SYMATTN_CPU_ISA": isa}
-    result = subprocess.run([sys.executable, "-c", _ISA_RUN], env=env, capture_output=True, text=True, cwd=root,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.stdout.split()[0] == isa.upper()
+    pytest_on_kernel_build(isa, ["tests/test_cpu_dropout.py", "tests/test_cpu_backend.py", "-k",
+                                 "(dropout or philox) and not instruction_set and not 530"], timeout=600)

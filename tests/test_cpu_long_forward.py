@@ -4,10 +4,6 @@ running softmax states of a head's row groups merged afterwards; with dropout, t
 drawn tile by tile. Checked against the fp64 reference under flash-attn's rule at odd lengths,
 with padding, exclude_self and row maxima that grow from tile to tile; masks equal to the
 reference's; results bit-equal at 1, 2 and 3 threads; and all of it again in each kernel build."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,7 +16,7 @@ import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
 
 from .helpers import (F64, assert_close, assert_flash_rule, kernel_dropout_seed, make_inputs, mirrored_groups,
-                      reference, run, with_threads)
+                      pytest_on_kernel_build, reference, run, with_threads)
 
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
 LENGTHS = [513, 1025, 2049]
@@ -157,26 +153,9 @@ def test_long_forward_bit_equal_across_thread_counts(case):
             assert torch.equal(a, b), threads
 
 
-_ISAS = list(cpu_backend.ISA_CHOICES)
-_ISA_RUN = """
-import sys, pytest
-from symattn_kernels.backends import cpu
-print(cpu.kernel_isa(), flush=True)
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_cpu_long_forward.py",
-                      "-k", "not instruction_set and not 2049 and not 4096"]))
-"""
-
-
+# All of the above (but the longest heads) in a process capped at each kernel build.
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", cpu_backend.ISA_CHOICES)
 def test_long_forward_on_every_instruction_set_build(isa):
-    widest = cpu_backend.kernel_isa().lower()
-    if _ISAS.index(isa) > _ISAS.index(widest):
-        pytest.skip(f"this CPU runs {widest} kernels at most")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"
-    env = {**os.environ, switch: isa}
-    result = subprocess.run([sys.executable, "-c", _ISA_RUN], env=env, capture_output=True, text=True, cwd=root,
-                            timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.stdout.split()[0] == isa.upper()
+    pytest_on_kernel_build(isa, ["tests/test_cpu_long_forward.py", "-k",
+                                 "not instruction_set and not 2049 and not 4096"], timeout=900)
