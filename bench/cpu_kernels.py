@@ -62,6 +62,7 @@ import os
 import platform
 import statistics
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -279,8 +280,9 @@ def _bf16_target_line(env: dict) -> str:
 def _row_flops(row: dict, env: dict) -> dict:
     """attention_flops of a shared_attention row at H = 12, D = 64: the executed work is ours for
     the cpu provider (mirrored where its schedule is) and the full products for the peers."""
-    mirrored = row["provider"] == "cpu" and mirrored_schedule(row["S"], False, row["dtype"], env["kernel_isa"])
-    return attention_flops(row["B"], row["S"], HEADS, HEAD_DIM, mirrored=mirrored)
+    if row["provider"] != "cpu":
+        return attention_flops(row["B"], row["S"], HEADS, HEAD_DIM)
+    return schedule_flops(row["B"], row["S"], HEADS, HEAD_DIM, False, row["dtype"], env["kernel_isa"])
 
 
 def _gflops_cells(flops: dict, fwd_ms: float, fwdbwd_ms: float, peak: float) -> str:
@@ -434,7 +436,7 @@ def format_report(report: dict) -> str:
               ""]
     for r in report["rows"]:
         if r["op"] != "shared_attention":
-            flops = attention_flops(r["B"], r["S"], HEADS, HEAD_DIM, mirrored=mirrored_schedule(r["S"], False))
+            flops = schedule_flops(r["B"], r["S"], HEADS, HEAD_DIM, False)
             lines.append(f"{r['op']} B={r['B']} S={r['S']}: cpu {r['fwd_ms']:.2f} ms, SDPA(q*c, q, v) "
                          f"{r['baseline_ms']:.2f} ms, x{r['baseline_ms'] / r['fwd_ms']:.2f}; cpu "
                          f"{_gflops(flops['conv_fwd'], r['fwd_ms']):.1f} GF/s conv, "
@@ -511,27 +513,36 @@ def _median_call_ms(fn, threads: int, seconds: float) -> float:
     return statistics.median(samples)
 
 
-def mirrored_schedule(S: int, causal: bool, dtype: str = "float32", kernel_isa: str = "") -> bool:
+def mirrored_schedule(S: int, causal: bool, dtype: str = "float32", kernel_isa: str = "",
+                      backward: bool = False) -> bool:
     """Whether the fused kernels take the mirrored half-score schedule for a head of S tokens
-    without a full coefficient: non-causal heads of at most 512 tokens, except bf16 on AMX tiles."""
-    return not causal and S <= 512 and not (dtype == "bfloat16" and kernel_isa == "AVX512_AMX")
+    without a full coefficient or dropout: non-causal heads, except bf16 on AMX tiles; the
+    backward only up to 512 tokens."""
+    if causal or (dtype == "bfloat16" and kernel_isa == "AVX512_AMX"):
+        return False
+    return not backward or S <= 512
 
 
-def attention_flops(B: int, S: int, H: int, D: int, causal: bool = False, mirrored: bool = False) -> dict:
+def attention_flops(B: int, S: int, H: int, D: int, causal: bool = False, mirrored: bool = False,
+                    mirrored_backward: Optional[bool] = None) -> dict:
     """Forward and forward+backward FLOPs: flash-attn's convention (4 B H S^2 D forward, 2.5x that
     backward, halved for causal) and the products the fused kernels execute (two per score
-    forward, five backward; the mirrored schedule 1.5 and 3.5; causal rows see their keys plus
-    the micro-tile past the diagonal)."""
+    forward, five backward; the mirrored schedule 1.5 forward and 3.5 backward, ``mirrored`` and
+    ``mirrored_backward``, which defaults to ``mirrored``; causal rows see their keys plus the
+    micro-tile past the diagonal)."""
+    if mirrored_backward is None:
+        mirrored_backward = mirrored
     conv_fwd = 4.0 * B * H * S * S * D / (2 if causal else 1)
     keys = (S * (S + 1) / 2 + S * _CAUSAL_OVERSHOOT / 2) if causal else float(S * S)
     fwd = 2.0 * B * H * D * keys * (1.5 if mirrored else 2.0)
-    bwd = 2.0 * B * H * D * keys * (3.5 if mirrored else 5.0)
+    bwd = 2.0 * B * H * D * keys * (3.5 if mirrored_backward else 5.0)
     return dict(conv_fwd=conv_fwd, conv_fwdbwd=3.5 * conv_fwd, exec_fwd=fwd, exec_fwdbwd=fwd + bwd)
 
 
-def long_flops(B: int, S: int, H: int, D: int, causal: bool, dtype: str = "float32", kernel_isa: str = "") -> dict:
-    """attention_flops of a head as the long-sequence rows run it."""
-    return attention_flops(B, S, H, D, causal, mirrored_schedule(S, causal, dtype, kernel_isa))
+def schedule_flops(B: int, S: int, H: int, D: int, causal: bool, dtype: str = "float32", kernel_isa: str = "") -> dict:
+    """attention_flops of heads as the fused kernels schedule them (mirrored_schedule)."""
+    return attention_flops(B, S, H, D, causal, mirrored_schedule(S, causal, dtype, kernel_isa),
+                           mirrored_schedule(S, causal, dtype, kernel_isa, backward=True))
 
 
 def _gflops(flops: float, ms: float) -> float:
@@ -616,7 +627,7 @@ def format_long(report: dict) -> str:
              f"{'peer ms':>9} {'x peer':>6} {'2nd thr ours':>12} {'2nd thr sdpa':>12} "
              f"{'GF/s conv':>9} {'GF/s exec':>9} {'% peak':>6}"]
     for r in report["long_rows"]:
-        flops = long_flops(r["B"], r["S"], r["H"], HEAD_DIM, r["causal"], r["dtype"], env["kernel_isa"])
+        flops = schedule_flops(r["B"], r["S"], r["H"], HEAD_DIM, r["causal"], r["dtype"], env["kernel_isa"])
         key = "fwd" if r["mode"] == "fwd" else "fwdbwd"
         conv = flops[f"conv_{key}"] / r["cpu_ms"] / 1e6
         done = flops[f"exec_{key}"] / r["cpu_ms"] / 1e6

@@ -4,7 +4,11 @@ attention inputs, option grid and gradient runner the backend tests share."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from symattn_kernels import reference as R
@@ -108,3 +112,42 @@ def with_threads(threads, fn):
         return fn()
     finally:
         torch.set_num_threads(previous)
+
+
+def mirrored_groups(S, batch_heads):
+    """(groups, rows per group) of a head of S > 512 tokens on the CPU kernels' mirrored forward:
+    whole 128-row query blocks, as many groups (up to 8) as make about 32 group-pair tasks in a
+    call of batch_heads heads."""
+    blocks = -(-S // 128)
+    groups = 1
+    while groups < min(8, blocks) and groups * (groups + 1) // 2 * batch_heads < 32:
+        groups += 1
+    per_group = -(-S // groups)
+    rows = -(-per_group // 128) * 128
+    return -(-S // rows), rows
+
+
+def kernel_dropout_seed(seed_state):
+    """The dropout seed a kernel call draws after torch.manual_seed(seed_state)."""
+    torch.manual_seed(seed_state)
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def pytest_on_kernel_build(isa, args, timeout):
+    """Runs pytest with args in a process whose fused CPU kernels are capped at build isa (one of
+    backends.cpu.ISA_CHOICES; skipped where this CPU lacks it), and fails with its output when a
+    test there fails."""
+    from symattn_kernels.backends import cpu as cpu_backend
+
+    isas = list(cpu_backend.ISA_CHOICES)
+    widest = cpu_backend.kernel_isa().lower()
+    if isas.index(isa) > isas.index(widest):
+        pytest.skip(f"this CPU runs {widest} kernels at most")
+    script = ("import sys, pytest\nfrom symattn_kernels.backends import cpu\nprint(cpu.kernel_isa(), flush=True)\n"
+              f"sys.exit(pytest.main({['-q', '-p', 'no:cacheprovider', *args]!r}))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "SYMATTN_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.stdout.split()[0] == isa.upper()

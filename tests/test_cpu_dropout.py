@@ -5,10 +5,6 @@ bit-equal to the reference at odd key counts, causal, key padding and varlen, fo
 gradients against the fp64 reference under dropout, and all of it again on every
 instruction-set build."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -21,7 +17,8 @@ import symattn_kernels as sk
 from symattn_kernels import reference as R
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .attention_checks import assert_close, describe_mismatch, make_inputs, reference, run
+from .attention_checks import (assert_close, describe_mismatch, kernel_dropout_seed, make_inputs,
+                               pytest_on_kernel_build, reference, run)
 
 # Run lengths around every vector width and step of the generator (4 counters = 16 elements per
 # AVX2 register, 8 = 32 per AVX-512 register, steps of 32 and 128 elements) and past them.
@@ -90,11 +87,6 @@ def _kernel_mask(B, S, H, p, seed_state, **kw):
     return torch.cat(columns, dim=-1).permute(0, 2, 1, 3) != 0  # [B, H, S_q, S_k]
 
 
-def _seed(seed_state):
-    torch.manual_seed(seed_state)
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-
-
 def _padding(B, S, kind):
     if kind == "none":
         return None
@@ -120,7 +112,7 @@ def test_kernel_mask_bit_equal_to_reference(S, causal, padding):
     B, H, p = 2, 2 if S < 512 else 1, 0.3
     key_padding_mask = _padding(B, S, padding)
     got = _kernel_mask(B, S, H, p, seed_state=S, causal=causal, key_padding_mask=key_padding_mask)
-    want = R.dropout_keep_mask(_seed(S), p, torch.arange(B * S).view(B, S), B * S, H, S, S)
+    want = R.dropout_keep_mask(kernel_dropout_seed(S), p, torch.arange(B * S).view(B, S), B * S, H, S, S)
     allowed = R.attention_mask(B, S, causal=causal, key_padding_mask=key_padding_mask)  # [B, 1 or H, S, S]
     want = want & allowed
     bad = got != want
@@ -138,7 +130,7 @@ def test_varlen_kernel_mask_bit_equal_to_reference():
     v = torch.nn.functional.one_hot(pos, max_seqlen).float()[:, None, :].expand(total, H, max_seqlen).contiguous()
     got = sk.symmetric_attention_varlen(torch.zeros(total, H, 8), v, cu, max_seqlen, dropout_p=p,
                                         backend="cpu") != 0  # [total, H, max_seqlen]
-    seed = _seed(8)
+    seed = kernel_dropout_seed(8)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         if end == start:
             continue
@@ -158,32 +150,15 @@ def test_forward_and_gradients_match_reference_under_dropout(S, causal, padding)
     leaves = [t.detach().float().requires_grad_() for t in (q, v, coef)]
     torch.manual_seed(S)
     got = run(lambda *a, **k: sk.symmetric_attention(*a, backend="cpu", **k), *leaves, **kw)
-    want = run(reference, q, v, coef, dropout_seed=_seed(S), **kw)
+    want = run(reference, q, v, coef, dropout_seed=kernel_dropout_seed(S), **kw)
     for name, a, b in zip(["out", "lse", "dq", "dv", "dcoef"], got, want):
         assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)
 
 
-_ISAS = list(cpu_backend.ISA_CHOICES)
 # The dropout tests of the cpu backend (but the long heads, whose rows draw as any other), re-run
 # in a process capped at one kernel build.
-_ISA_RUN = """
-import sys, pytest
-from symattn_kernels.backends import cpu
-print(cpu.kernel_isa(), flush=True)
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_cpu_dropout.py", "tests/test_cpu_backend.py",
-                      "-k", "(dropout or philox) and not instruction_set and not 530"]))
-"""
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", cpu_backend.ISA_CHOICES)
 def test_dropout_on_every_instruction_set_build(isa):
-    widest = cpu_backend.kernel_isa().lower()
-    if _ISAS.index(isa) > _ISAS.index(widest):
-        pytest.skip(f"this CPU runs {widest} kernels at most")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "SYMATTN_CPU_ISA": isa}
-    result = subprocess.run([sys.executable, "-c", _ISA_RUN], env=env, capture_output=True, text=True, cwd=root,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.stdout.split()[0] == isa.upper()
+    pytest_on_kernel_build(isa, ["tests/test_cpu_dropout.py", "tests/test_cpu_backend.py", "-k",
+                                 "(dropout or philox) and not instruction_set and not 530"], timeout=600)

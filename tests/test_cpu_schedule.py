@@ -13,10 +13,10 @@ if extensions.state("cpu").how == extensions.ABSENT:
 import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .attention_checks import assert_flash_rule, make_inputs, reference, run, with_threads
+from .attention_checks import assert_flash_rule, make_inputs, mirrored_groups, reference, run, with_threads
 
-# Heads longer than 512 tokens run in tasks of 128 query rows (forward, and the backward of
-# symmetric fp32 scores); at S = 1024 that is 8 tasks per head.
+# Heads longer than 512 tokens run in tasks of 128 query rows (the backward of symmetric fp32
+# scores, and the forward of other scores); at S = 1024 that is 8 tasks per head.
 S_SPLIT = 1024
 TASK_ROWS_MAX = 128
 # The other backward (here: with a full coefficient) cuts heads into slices of whole query
@@ -43,9 +43,17 @@ def test_every_worker_gets_a_fair_share(batch, heads, threads, coef_mode):
         return forward, cpu_backend.last_schedule(True)
 
     forward, backward = with_threads(threads, fwd_bwd)
-    # Forward: query-row tasks of TASK_ROWS_MAX rows.
-    assert forward[:, 0].sum().item() == batch * heads * S_SPLIT // TASK_ROWS_MAX
-    assert_fair(forward, batch * heads, threads, TASK_ROWS_MAX)
+    if coef_mode is None:
+        # Forward, scores symmetric: a task per pair of a head's row groups. A task counts the
+        # rows of both its groups (of one, for a group with itself), which is in proportion to its
+        # work, so each head's rows are counted once per group.
+        groups, rows = mirrored_groups(S_SPLIT, batch * heads)
+        assert forward[:, 0].sum().item() == batch * heads * groups * (groups + 1) // 2
+        assert_fair(forward, batch * heads * groups, threads, 2 * rows)
+    else:
+        # Forward: query-row tasks of TASK_ROWS_MAX rows.
+        assert forward[:, 0].sum().item() == batch * heads * S_SPLIT // TASK_ROWS_MAX
+        assert_fair(forward, batch * heads, threads, TASK_ROWS_MAX)
     bwd_tasks = backward[:, 0].sum().item()
     if coef_mode is None:  # the same tasks as the forward
         assert bwd_tasks == batch * heads * S_SPLIT // TASK_ROWS_MAX

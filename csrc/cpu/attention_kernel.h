@@ -12,9 +12,13 @@
 // query side; in shared mode the same panels serve as keys and values) and walks query rows in
 // blocks. A forward task owns a fixed slice of a head's query rows (a whole head up to a few
 // hundred tokens), so one long head runs on many cores. Heads up to kWholeHead tokens keep whole
-// score rows [block, L] in cache; longer ones (without dropout) run flash-style: a query block
-// meets the keys one tile at a time, its row max and sum updated online and its output block
-// rescaled, so the working set stays in L2 at any length. Their backward, where the scores are
+// score rows [block, L] in cache; longer ones run flash-style: a query block meets the keys one
+// tile at a time (dropout drawn per tile), its row max and sum updated online and its output
+// block rescaled, so the working set stays in L2 at any length. Where their scores are
+// symmetric, the forward is mirrored instead: a task owns a pair of row groups of the head and
+// multiplies each score tile between them once, for the rows of both groups (one read across,
+// one down its columns); each group's running states from its tasks are merged in task order
+// (run_mirrored, plan_mirrored). Their backward, where the scores are
 // symmetric (fp32, M none or diagonal, not causal), takes the same tiles: a task gathers every
 // gradient of its own query rows from one score tile per key tile (S_IJ read both ways, see
 // run_tiled), so it writes no other task's rows. Other backward tasks own a whole head, or, when
@@ -28,8 +32,9 @@
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
 // triangle is multiplied and the rest mirrored, and the backward's two Y-gradient products
 // G (Y M) + G^T (Y M) collapse into one (G + G^T) Y M. That is 1.5 instead of 2 L^2 D products
-// forward, 3.5 instead of 5 backward. Other heads take query blocks against keys up to the last
-// real one, with causal blocks trimmed at micro-tile granularity.
+// forward, 3.5 instead of 5 backward; the mirrored forward of longer heads does the same 1.5.
+// Other heads take query blocks against keys up to the last real one, with causal blocks (and
+// the diagonal tiles of causal heads) trimmed at micro-tile granularity.
 //
 // Every product is a register-tiled micro-kernel on at::vec (no BLAS call inside the parallel
 // region, so nothing depends on a BLAS library's threading), accumulating in fp32. Its operand
@@ -52,10 +57,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -112,12 +119,24 @@ constexpr int64_t kMaxTaskRows = 512;
 constexpr int64_t kBackwardTasks = 32;
 // Square tile of the symmetric score product and of its mirror.
 constexpr int64_t kSymTile = 64;
-// Longer heads without dropout run the forward flash-style: query blocks of kQueryTile rows
+// Longer heads run the forward flash-style: query blocks of kQueryTile rows
 // against key tiles of kKeyTile keys, the row max and sum updated online, so that a task's
 // scores, output block and current key/value tile stay in a core's L2 at any length. Their
 // backward takes the same tiles where the scores are symmetric and fp32 (see run_tiled).
 constexpr int64_t kQueryTile = 128;
 constexpr int64_t kKeyTile = 256;
+// Where their scores are symmetric (M none or diagonal, not causal, no dropout; not on AMX
+// tiles) the forward is mirrored: a head is cut into groups of whole kQueryTile blocks, walked
+// in square score tiles of up to kMirrorTile, and a task takes one pair of groups, so each
+// off-diagonal score tile is multiplied once for both of its query blocks (see run_mirrored).
+// The head takes as many groups (at most kMirrorGroups) as make about kMirrorTasks tasks in the
+// call; each group's running states (kept per task until they are merged) cost
+// groups * L * (Dv + 2) floats per head, and a call whose states would pass kMirrorStateBytes
+// runs unmirrored.
+constexpr int64_t kMirrorTile = 256;
+constexpr int64_t kMirrorGroups = 8;
+constexpr int64_t kMirrorTasks = 32;
+constexpr int64_t kMirrorStateBytes = int64_t{128} << 20;
 constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -599,6 +618,7 @@ struct Geometry {
   int64_t task_rows = 0;  // query rows per forward task: whole blocks, never depends on threads
   bool symmetric = false;  // whole heads with symmetric scores (see the file comment)
   bool tiled = false;      // query blocks against key tiles (kQueryTile, kKeyTile)
+  bool mirrored = false;   // tiled forward whose heads can take the mirrored schedule
 
   Geometry(const ForwardParams& p, bool backward) {
     L = p.cu_seqlens != nullptr ? 0 : p.seqlen;
@@ -609,8 +629,9 @@ struct Geometry {
     // A long head's key-indexed panels are read down their columns (a micro-tile's B rows): a
     // row stride of a multiple of 1 KiB would map those rows onto a few L1 sets.
     if (L > kWholeHead && ldk % 256 == 0) ldk += kVec;
-    tiled = L > kWholeHead && p.dropout_p == 0.0 &&
-            (!backward || (!p.causal && p.coef_mode != CoefMode::kFull && p.dtype == DType::kFloat32));
+    tiled = L > kWholeHead &&
+            (!backward || (p.dropout_p == 0.0 && !p.causal && p.coef_mode != CoefMode::kFull &&
+                           p.dtype == DType::kFloat32));
     block = L <= kWholeHead && kSymmetricSchedule
                 ? std::max<int64_t>(L, 1)
             : tiled ? kQueryTile
@@ -621,7 +642,33 @@ struct Geometry {
       task_rows = std::clamp(round_up((L + kTasksPerHead - 1) / kTasksPerHead, block), task_rows, kMaxTaskRows);
     }
     symmetric = kSymmetricSchedule && L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
+    mirrored = kSymmetricSchedule && tiled && !backward && !p.causal && p.coef_mode != CoefMode::kFull &&
+               p.dropout_p == 0.0;
   }
+};
+
+// Rows per group of a mirrored head of L tokens cut into `groups`: whole query blocks.
+int64_t mirror_group_rows(int64_t L, int64_t groups) {
+  return round_up((L + groups - 1) / groups, kQueryTile);
+}
+
+// Groups of a mirrored head of L tokens in a call of `heads` (b, h) pairs: enough for about
+// kMirrorTasks group-pair tasks in the call, at most kMirrorGroups, whole query blocks each (so
+// the rounding may leave fewer; mirror_group_rows gives the same rows for either count).
+int64_t mirror_groups(int64_t L, int64_t heads) {
+  const int64_t blocks = (L + kQueryTile - 1) / kQueryTile;
+  int64_t groups = 1;
+  while (groups < std::min(kMirrorGroups, blocks) && groups * (groups + 1) / 2 * heads < kMirrorTasks) ++groups;
+  return (L + mirror_group_rows(L, groups) - 1) / mirror_group_rows(L, groups);
+}
+
+// A query row's running softmax state over the keys seen so far: unnormalised output o [Dv],
+// max m and sum l; rows of one block at o + r * Dv, m + r, l + r.
+struct RowState {
+  float* o = nullptr;
+  float* m = nullptr;
+  float* l = nullptr;
+  RowState from(int64_t r, int64_t Dv) const { return {o + r * Dv, m + r, l + r}; }
 };
 
 // Everything one task needs to know about its (b, h), and the per-head panels it packs.
@@ -712,8 +759,9 @@ class Head {
   // Dot's format Ya = Y as A rows, Yt = Y^T as B (keys along n), Yb = Y as B rows (keys along k;
   // when need_yb), Qa = Qm = Y M as A rows (Ya when M = I; Qm in fp32 is kept for the backward).
   // Qm and Qa hold query rows [q0, q1) only (at their own row index), so a task that owns a slice
-  // of the head's queries pays M for that slice alone; q1 < 0 means every row.
-  void pack_query_key(bool need_yb, int64_t q0 = 0, int64_t q1 = -1) {
+  // of the head's queries pays M for that slice alone; q1 < 0 means every row. Likewise Yt holds
+  // keys [k0, k1) only (at their own column index) when k1 >= 0.
+  void pack_query_key(bool need_yb, int64_t q0 = 0, int64_t q1 = -1, int64_t k0 = 0, int64_t k1 = -1) {
     const scalar_t* y = row_ptr(p_.q, 0);
     const int64_t ldq = p_.q.token;
     if (needs_fp32_y(p_)) {
@@ -734,7 +782,10 @@ class Head {
       ya_ = {yf_, ldyf_};
       yb_ = ya_;
     }
-    yt_ = b_transposed(ya_, L_, D_, ws_.take<Word>(words(D_) * g_.ldk));
+    if (k1 < 0) k1 = L_;
+    Word* yt = ws_.take<Word>(words(D_) * g_.ldk);
+    b_transposed(a_from(ya_, k0), k1 - k0, D_, yt + k0);
+    yt_ = {yt, g_.ldk};
     if (p_.coef_mode == CoefMode::kNone) {
       qa_ = ya_;
       return;
@@ -817,11 +868,11 @@ class Head {
     return others > 0;
   }
 
-  // keep[j] for j in [0, n) of query row i, as 0 / keep_scale multipliers.
-  void keep_row(float* keep, int64_t i, int64_t n) const {
+  // keep[j] for keys [j0, j0 + n) of query row i, as 0 / keep_scale multipliers.
+  void keep_row(float* keep, int64_t i, int64_t n, int64_t j0 = 0) const {
     const uint64_t base =
         (static_cast<uint64_t>(h_ * p_.n_rows + row_id0_ + i)) * static_cast<uint64_t>(p_.seqlen);
-    draw_keep(keep_rule_, base, n, keep);
+    draw_keep(keep_rule_, base + static_cast<uint64_t>(j0), n, keep);
   }
 
   bool dropout() const { return keep_rule_.scale != 0.f; }
@@ -894,12 +945,19 @@ class ForwardHead : public Head<scalar_t> {
 
   // Exactly what run() takes from the workspace.
   static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
+    constexpr int64_t T = kMirrorTile;
+    const int64_t mirrored = !g.mirrored ? 0
+                             : Base::panel_floats(p, g, false)
+                                   + 2 * T * T                              // S / P, column P tiles
+                                   + (kPairs ? T * T / 2 + T * T / 2 : 0)   // bf16 P, column P pairs
+                                   + 2 * T;                                 // column max and sum
     if (g.tiled) {
-      return Base::panel_floats(p, g, false)
+      return std::max(mirrored, Base::panel_floats(p, g, false)
              + g.block * kKeyTile                      // score tile
              + (kPairs ? g.block * kKeyTile / 2 : 0)   // P tile as bf16 A rows
              + g.block * p.value_dim                   // output block
-             + 2 * g.block;                            // running row max and sum
+             + 2 * g.block                             // running row max and sum
+             + (p.dropout_p > 0.0 ? kKeyTile : 0));    // keep row of a tile
     }
     return Base::panel_floats(p, g, false)
            + g.block * g.ldk                      // score block
@@ -982,6 +1040,7 @@ class ForwardHead : public Head<scalar_t> {
     float* o = ws_.template take<float>(g_.block * Dv_);
     float* m = ws_.template take<float>(g_.block);
     float* l = ws_.template take<float>(g_.block);
+    float* keep = this->dropout() ? ws_.template take<float>(kKeyTile) : nullptr;
     const float scale = static_cast<float>(p_.scale);
     for (int64_t i0 = r0; i0 < r1; i0 += g_.block) {
       const int64_t rows = std::min(g_.block, r1 - i0);
@@ -999,7 +1058,7 @@ class ForwardHead : public Head<scalar_t> {
         gemm<Dot, false>(rows, cols, D_, Base::a_from(this->qa_, i0), Panel{this->yt_.data + j0, this->yt_.ld}, s,
                          kKeyTile, scale, false, score_band);
         for (int64_t r = 0; r < rows; ++r) {
-          online_row(s + r * kKeyTile, i0 + r, j0, cols, m[r], l[r], o + r * Dv_, probs + r * ldp);
+          online_row(s + r * kKeyTile, i0 + r, j0, cols, m[r], l[r], o + r * Dv_, probs + r * ldp, keep);
         }
         gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), o, Dv_, 1.f, true, pv_band);
       }
@@ -1012,9 +1071,145 @@ class ForwardHead : public Head<scalar_t> {
     }
   }
 
+ public:
+  // Mirrored schedule, one task: query rows [r0, r1) against keys [c0, c1), and when these are
+  // other rows, also rows [c0, c1) against keys [r0, r1), from the same score tiles: S is
+  // symmetric, so the tile S_IJ (rows I, keys J) read down its columns is S_JI. A group with
+  // itself takes its tile triangle: tiles below the diagonal both ways, diagonal tiles one way.
+  // Rows I keep their running state in side_a, rows J in side_b (side_a again for one group);
+  // no other task writes either, and merge() joins a group's states in a fixed order.
+  void run_mirrored(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const RowState& side_a, const RowState& side_b) {
+    constexpr int64_t T = kMirrorTile;
+    const bool one_group = r0 == c0;
+    this->setup_keys();
+    this->pack_query_key(shared_, r0, r1, c0, c1);  // the tiles' keys are rows [c0, c1)
+    this->pack_values();
+    start_states(side_a, r1 - r0);
+    if (!one_group) start_states(side_b, c1 - c0);
+    float* s = ws_.template take<float>(T * T);
+    Word* probs = nullptr;
+    int64_t ldp = T;
+    if constexpr (kPairs) {
+      ldp = T / 2;
+      probs = ws_.template take<Word>(T * ldp);
+    } else {
+      probs = s;
+    }
+    float* pt = ws_.template take<float>(T * T);
+    Word* pt_words = kPairs ? ws_.template take<Word>(T * T / 2) : nullptr;
+    float* cmax = ws_.template take<float>(T);
+    float* csum = ws_.template take<float>(T);
+    const float scale = static_cast<float>(p_.scale);
+    for (int64_t j0 = c0; j0 < c1; j0 += T) {
+      const int64_t cols = std::min(T, c1 - j0);
+      for (int64_t i0 = r0; i0 < (one_group ? j0 + 1 : r1); i0 += T) {
+        const int64_t rows = std::min(T, r1 - i0);
+        gemm<Dot, false>(rows, cols, D_, Base::a_from(this->qa_, i0), Panel{this->yt_.data + j0, this->yt_.ld}, s,
+                         T, scale, false);
+        if (i0 != j0) {
+          // Rows J against keys I, before the row pass below masks and exponentiates s in place.
+          const RowState b = (one_group ? side_a : side_b).from(j0 - (one_group ? r0 : c0), Dv_);
+          if (column_pass(s, i0, rows, cols, b, pt, cmax, csum)) {
+            Panel p_cols{reinterpret_cast<const Word*>(pt), T};
+            if constexpr (kPairs) {
+              pack_bf16_pairs(static_cast<const float*>(pt), T, rows, cols, pt_words, T);
+              p_cols = Panel{pt_words, T};
+            }
+            gemm<Dot, true>(cols, Dv_, rows, p_cols, Base::b_from(vb_, i0), b.o, Dv_, 1.f, true);
+          }
+        }
+        const RowState a = side_a.from(i0 - r0, Dv_);
+        for (int64_t r = 0; r < rows; ++r) {
+          online_row(s + r * T, i0 + r, j0, cols, a.m[r], a.l[r], a.o + r * Dv_, probs + r * ldp, nullptr);
+        }
+        gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), a.o, Dv_, 1.f, true);
+      }
+    }
+  }
+
+  // Rows [r0, r1): joins the running states of count tasks in their order, and writes out and lse.
+  void merge(int64_t r0, int64_t r1, const RowState* parts, int64_t count) {
+    float* o = ws_.template take<float>(Dv_);
+    for (int64_t r = 0; r < r1 - r0; ++r) {
+      float m = kNegInf;
+      for (int64_t k = 0; k < count; ++k) m = std::max(m, parts[k].m[r]);
+      float l = 0.f;
+      fill(o, Dv_, 0.f);
+      if (m != kNegInf) {
+        for (int64_t k = 0; k < count; ++k) {
+          const float w = std::exp(parts[k].m[r] - m);
+          l += w * parts[k].l[r];
+          const Vec vw(w);
+          const float* src = parts[k].o + r * Dv_;
+          for (int64_t d = 0; d < Dv_; d += kVec) {
+            const int64_t n = std::min(kVec, Dv_ - d);
+            at::vec::fmadd(vw, Vec::loadu(src + d, n), Vec::loadu(o + d, n)).store(o + d, n);
+          }
+        }
+        scale_inplace(o, Dv_, 1.f / l);
+      }
+      *this->lse_ptr(r0 + r) = m == kNegInf ? kNegInf : m + std::log(l);
+      store_row(this->row_ptr(p_.out, r0 + r), o, Dv_);
+    }
+  }
+
+ private:
+  void start_states(const RowState& x, int64_t rows) {
+    fill(x.o, rows * Dv_, 0.f);
+    fill(x.m, rows, kNegInf);
+    fill(x.l, rows, 0.f);
+  }
+
+  // The tile's rows i0 + r as keys of its columns' query rows (state b): their running max and sum
+  // updated, outputs rescaled where a max grows, and pt[r][c] = exp(s[r][c] - m[c]) (0 on padded
+  // keys). Returns false when every key of the tile is padding (nothing to add).
+  bool column_pass(const float* s, int64_t i0, int64_t rows, int64_t cols, const RowState& b, float* pt,
+                   float* cmax, float* csum) {
+    constexpr int64_t T = kMirrorTile;
+    auto real = [&](int64_t r) { return this->kbias_ == nullptr || this->kbias_[i0 + r] == 0.f; };
+    fill(cmax, cols, kNegInf);
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!real(r)) continue;
+      any = true;
+      for (int64_t c = 0; c < cols; c += kVec) {
+        const int64_t n = std::min(kVec, cols - c);
+        at::vec::maximum(Vec::loadu(cmax + c, n), Vec::loadu(s + r * T + c, n)).store(cmax + c, n);
+      }
+    }
+    if (!any) return false;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float m_new = std::max(b.m[c], cmax[c]);
+      if (m_new > b.m[c] && b.m[c] != kNegInf) {
+        const float shrink = std::exp(b.m[c] - m_new);
+        b.l[c] *= shrink;
+        scale_inplace(b.o + c * Dv_, Dv_, shrink);
+      }
+      b.m[c] = m_new;
+    }
+    fill(csum, cols, 0.f);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* prow = pt + r * T;
+      if (!real(r)) {
+        fill(prow, cols, 0.f);
+        continue;
+      }
+      for (int64_t c = 0; c < cols; c += kVec) {
+        const int64_t n = std::min(kVec, cols - c);
+        const Vec e = exp_vec(Vec::loadu(s + r * T + c, n) - Vec::loadu(b.m + c, n));
+        e.store(prow + c, n);
+        (Vec::loadu(csum + c, n) + e).store(csum + c, n);
+      }
+    }
+    add_inplace(b.l, csum, cols);
+    return true;
+  }
+
   // Score row i over keys [j0, j0 + cols) into the row's running max m, sum l and output row o;
-  // leaves exp(s - m) in prow, zero past the row's last key.
-  void online_row(float* s, int64_t i, int64_t j0, int64_t cols, float& m, float& l, float* o, Word* prow) {
+  // leaves exp(s - m) in prow (times the tile's dropout multipliers, drawn into keep when it is
+  // set), zero past the row's last key. The sum l takes the exponentials before dropout.
+  void online_row(float* s, int64_t i, int64_t j0, int64_t cols, float& m, float& l, float* o, Word* prow,
+                  float* keep) {
     const int64_t n = std::clamp<int64_t>(this->row_keys(i) - j0, 0, cols);
     if (n > 0) {
       this->mask_row(s, i, j0 + n, j0);
@@ -1026,7 +1221,8 @@ class ForwardHead : public Head<scalar_t> {
           scale_inplace(o, Dv_, shrink);
         }
         m = m_new;
-        l += exp_sum_store(s, n, m, static_cast<const float*>(nullptr), prow);
+        if (keep != nullptr) this->keep_row(keep, i, n, j0);
+        l += exp_sum_store(s, n, m, static_cast<const float*>(keep), prow);
         zero_elems(prow, n, cols);
         return;
       }
@@ -1451,7 +1647,73 @@ class BackwardHead : public Head<scalar_t> {
 struct Piece {
   int64_t b, h, r0, r1;
   double cost;
+  // Mirrored forward tasks: the other group's rows [c0, c1) (c1 = 0 for other tasks), and which
+  // of the call's running states the two groups' rows keep (one state for a group with itself).
+  int64_t c0 = 0, c1 = 0;
+  int64_t state_a = -1, state_b = -1;
+  int64_t merge_a = -1, merge_b = -1;  // the merges those states go to
 };
+
+// Rows [r0, r1) of head (b, h) on the mirrored schedule, whose running states are states
+// [first, first + count) of the call, one per task that meets the rows, merged in that order.
+struct MirrorMerge {
+  int64_t b, h, r0, r1, first, count;
+};
+
+// Whether sequence b (L tokens) takes the mirrored forward: like the whole-head symmetric
+// schedule, only when at most a quarter of its keys are trailing padding (the mirrored tiles
+// cover every key; the row schedule stops at the last real one).
+template <typename Params>
+bool mirrors(const Params& p, const Geometry& g, int64_t b, int64_t L) {
+  if (!g.mirrored || L <= kWholeHead) return false;
+  if (p.key_padding_mask == nullptr) return true;
+  const bool* real = p.key_padding_mask + b * p.seqlen;
+  int64_t key_end = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    if (real[j]) key_end = j + 1;
+  }
+  return 4 * key_end > 3 * L;
+}
+
+// Pieces of one mirrored head: a task per pair of groups (the larger, two-group ones first), and
+// each group's merge of the states its tasks write; state_rows gets each new state's row count.
+void plan_mirrored(int64_t b, int64_t h, int64_t L, int64_t heads, std::vector<Piece>& pieces,
+                   std::vector<MirrorMerge>& merges, std::vector<int64_t>& state_rows) {
+  const int64_t groups = mirror_groups(L, heads);
+  const int64_t rows = mirror_group_rows(L, groups);
+  const int64_t first = static_cast<int64_t>(state_rows.size());
+  const int64_t merge0 = static_cast<int64_t>(merges.size());
+  auto lo = [&](int64_t a) { return a * rows; };
+  auto hi = [&](int64_t a) { return std::min(L, (a + 1) * rows); };
+  for (int64_t a = 0; a < groups; ++a) {
+    merges.push_back({b, h, lo(a), hi(a), first + a * groups, groups});
+    for (int64_t k = 0; k < groups; ++k) state_rows.push_back(hi(a) - lo(a));
+  }
+  for (int64_t a = 0; a < groups; ++a) {
+    for (int64_t c = a + 1; c < groups; ++c) {
+      const double work = 1.5 * static_cast<double>((hi(a) - lo(a)) * (hi(c) - lo(c)));
+      pieces.push_back({b, h, lo(a), hi(a), work, lo(c), hi(c), first + a * groups + c, first + c * groups + a,
+                        merge0 + a, merge0 + c});
+    }
+  }
+  for (int64_t a = 0; a < groups; ++a) {
+    const double n = static_cast<double>(hi(a) - lo(a));
+    pieces.push_back({b, h, lo(a), hi(a), 0.75 * n * n, lo(a), hi(a), first + a * groups + a, first + a * groups + a,
+                      merge0 + a, merge0 + a});
+  }
+}
+
+// Floats that the running states of a call's mirrored heads take.
+template <typename Params>
+int64_t mirror_state_floats(const Params& p, const Geometry& g) {
+  int64_t total = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t L = p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
+    if (!mirrors(p, g, b, L)) continue;
+    total += p.heads * mirror_groups(L, p.batch * p.heads) * L * (p.value_dim + 2);
+  }
+  return total;
+}
 
 // The tasks of one call, longest sequences first (stable, so equal lengths keep batch order),
 // then by head, then by query rows. The forward, and the backward on the tiled schedule, cut
@@ -1460,7 +1722,10 @@ struct Piece {
 // kBackwardTasks tasks in all. Nothing here depends on
 // the thread count, so neither does any result.
 template <typename Params>
-std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward) {
+std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward,
+                              std::vector<MirrorMerge>* merges = nullptr, std::vector<int64_t>* state_rows = nullptr) {
+  const bool mirror = merges != nullptr && g.mirrored &&
+                      mirror_state_floats(p, g) * int64_t{sizeof(float)} <= kMirrorStateBytes;
   std::vector<int64_t> order(p.batch);
   std::iota(order.begin(), order.end(), 0);
   auto length = [&p](int64_t b) -> int64_t {
@@ -1479,12 +1744,17 @@ std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward)
       const int64_t slices = std::min((L + g.task_rows - 1) / g.task_rows, wanted);
       step = round_up((L + slices - 1) / slices, g.block);
     }
+    const bool mirrored = mirror && mirrors(p, g, b, L);
     for (int64_t h = 0; h < p.heads; ++h) {
+      if (mirrored) {
+        plan_mirrored(b, h, L, p.batch * p.heads, pieces, *merges, *state_rows);
+        continue;
+      }
       for (int64_t r0 = 0; r0 < L; r0 += step) {
         const int64_t r1 = std::min(L, r0 + step);
         // Causal rows see keys [0, i]: the block's mean row sees about (r0 + r1) / 2 of them.
         const double keys = p.causal ? 0.5 * static_cast<double>(r0 + r1) : static_cast<double>(L);
-        pieces.push_back({b, h, r0, r1, static_cast<double>(r1 - r0) * keys});
+        pieces.push_back({b, h, r0, r1, static_cast<double>(r1 - r0) * keys, 0, 0, -1, -1, -1, -1});
       }
     }
   }
@@ -1547,14 +1817,17 @@ class SliceBuffers {
   c10::DataPtr floats_, coefs_;
 };
 
-// Deals the tasks, in plan order, each to the worker with the least estimated work so far
-// (lowest index on ties): longest-processing-time-first for varlen, round-robin for equal
-// tasks. Each worker owns its list before any runs, so none ever holds work it will not run
-// next. Returns per worker the indices of its tasks.
+// Deals the tasks, costliest first (plan order among equals), each to the worker with the least
+// estimated work so far (lowest index on ties): longest-processing-time-first, round-robin for
+// equal tasks. Each worker owns its list before any runs, so none ever holds work it will not
+// run next. Returns per worker the indices of its tasks.
 std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, int64_t workers) {
   std::vector<std::vector<int64_t>> lists(workers);
   std::vector<double> load(workers, 0.0);
-  for (int64_t t = 0; t < static_cast<int64_t>(pieces.size()); ++t) {
+  std::vector<int64_t> order(pieces.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return pieces[x].cost > pieces[y].cost; });
+  for (const int64_t t : order) {
     const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
     lists[w].push_back(t);
     load[w] += pieces[t].cost;
@@ -1570,7 +1843,9 @@ template <typename Task, typename Params>
 void for_each_head(const Params& p) {
   constexpr bool kBackward = std::is_same_v<Params, BackwardParams>;
   const Geometry g(p, kBackward);
-  const std::vector<Piece> pieces = plan_tasks(p, g, kBackward);
+  std::vector<MirrorMerge> merges;
+  std::vector<int64_t> state_rows;
+  const std::vector<Piece> pieces = plan_tasks(p, g, kBackward, &merges, &state_rows);
   const int64_t tasks = static_cast<int64_t>(pieces.size());
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   const auto lists = deal_tasks(pieces, workers);
@@ -1593,6 +1868,32 @@ void for_each_head(const Params& p) {
       for (int64_t t = 0; t < tasks; ++t) task_slices[t].dcoef = task_dcoef.data() + t * p.head_dim;
     }
   }
+  // Running states of mirrored forward heads: o [rows, Dv], m [rows], l [rows] each.
+  c10::DataPtr state_data;
+  std::vector<RowState> states;
+  if (!state_rows.empty()) {
+    const int64_t Dv = p.value_dim;
+    int64_t total = 0;
+    for (const int64_t rows : state_rows) total += rows * (Dv + 2);
+    state_data = c10::GetCPUAllocator()->allocate(static_cast<size_t>(total) * sizeof(float));
+    float* next = static_cast<float*>(state_data.get());
+    for (const int64_t rows : state_rows) {
+      states.push_back({next, next + rows * Dv, next + rows * (Dv + 1)});
+      next += rows * (Dv + 2);
+    }
+  }
+  // Tasks still to write each merge's states: the worker that finishes the last one merges them,
+  // inside the same parallel region (whichever worker it is, the merge order is fixed).
+  std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[merges.size()]);
+  for (size_t k = 0; k < merges.size(); ++k) pending[k].store(merges[k].count, std::memory_order_relaxed);
+  auto finish = [&](Workspace& ws, int64_t k) {
+    if constexpr (!kBackward) {
+      if (pending[k].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      ws.reset();
+      const MirrorMerge& m = merges[k];
+      Task(p, g, ws, m.b, m.h).merge(m.r0, m.r1, states.data() + m.first, m.count);
+    }
+  };
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
@@ -1607,12 +1908,16 @@ void for_each_head(const Params& p) {
         Task head = task(list[k]);
         if constexpr (kBackward) {
           head.run(piece.r0, piece.r1, task_slices.empty() ? slices.of(list[k]) : &task_slices[list[k]]);
+        } else if (piece.c1 > 0) {
+          head.run_mirrored(piece.r0, piece.r1, piece.c0, piece.c1, states[piece.state_a], states[piece.state_b]);
+          finish(ws, piece.merge_a);
+          if (piece.merge_b != piece.merge_a) finish(ws, piece.merge_b);
         } else {
           head.run(piece.r0, piece.r1);
         }
         if (p.schedule != nullptr) {
           p.schedule->tasks[w] += 1;
-          p.schedule->rows[w] += piece.r1 - piece.r0;
+          p.schedule->rows[w] += piece.r1 - piece.r0 + (piece.c0 != piece.r0 ? piece.c1 - piece.c0 : 0);
         }
       }
     }

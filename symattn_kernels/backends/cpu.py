@@ -97,8 +97,9 @@ def kernel_isa() -> str:
 
 def last_schedule(backward: bool = False) -> torch.Tensor:
     """What each worker thread ran in this process's latest fused CPU forward (or backward) call:
-    int64 ``[workers, 2]`` of (tasks, query rows). A diagnostic of how a call spreads over
-    threads; the deal is fixed before the call runs, so it does not depend on timing."""
+    int64 ``[workers, 2]`` of (tasks, query rows; a forward task on a pair of row groups counts the
+    rows of both). A diagnostic of how a call spreads over threads; the deal is fixed before the
+    call runs, so it does not depend on timing."""
     return torch.ops.symattn.cpu_last_schedule(backward)
 
 

@@ -1,0 +1,161 @@
+"""The forward of heads longer than 512 tokens on the fused CPU kernels: where the scores are
+symmetric, score tiles serve two query blocks (one read across, one read down), with the
+running softmax states of a head's row groups merged afterwards; with dropout, the keep mask is
+drawn tile by tile. Checked against the fp64 reference under flash-attn's rule at odd lengths,
+with padding, exclude_self and row maxima that grow from tile to tile; masks equal to the
+reference's; results bit-equal at 1, 2 and 3 threads; and all of it again in each kernel build."""
+import pytest
+import torch
+
+from symattn_kernels import extensions
+
+if extensions.state("cpu").how == extensions.ABSENT:
+    pytest.skip(f"the cpu backend is absent here: {extensions.state('cpu').detail}", allow_module_level=True)
+
+import symattn_kernels as sk
+from symattn_kernels.backends import cpu as cpu_backend
+
+from .helpers import (F64, assert_close, assert_flash_rule, kernel_dropout_seed, make_inputs, mirrored_groups,
+                      pytest_on_kernel_build, reference, run, with_threads)
+
+ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+LENGTHS = [513, 1025, 2049]
+
+
+def cpu(q, v, **kw):
+    return sk.symmetric_attention(q, v, backend="cpu", **kw)
+
+
+def growing(inputs, S):
+    """Scales token t by 1 + 3 t / S: a row's largest score lies in a later tile than its first,
+    and in a later tile than the first one that reads it down the columns."""
+    ramp = (1 + 3 * torch.arange(S, dtype=F64) / S)[None, :, None, None]
+    q, v, coef = inputs
+    return q * ramp, None if v is None else v * ramp, coef
+
+
+def padding(S, kind):
+    if kind is None:
+        return None
+    lengths = {"tail": [S, S - S // 8], "empty": [S, 0], "heavy": [S, S // 3]}[kind]
+    mask = torch.arange(S).expand(2, S) < torch.tensor(lengths)[:, None]
+    if kind == "tail":
+        mask[0, S // 2] = False  # a hole: a padded key inside the tiles read both ways
+    return mask
+
+
+def forward(fn, inputs, dtype, **kw):
+    """out and lse of fn, with q and v in dtype and the coefficient in fp32 (fp64 for fp64)."""
+    coef_dtype = F64 if dtype == F64 else torch.float32
+    q, v, coef = (None if t is None else t.detach().to(dtype if t.dim() == 4 else coef_dtype) for t in inputs)
+    return fn(q, v, coef=coef, return_lse=True, **kw)
+
+
+def check_forward(inputs, dtype, **kw):
+    want = forward(reference, inputs, F64, **kw)
+    want_lowp = forward(reference, inputs, dtype, **kw)
+    got = forward(cpu, inputs, dtype, **kw)
+    for name, a, r64, rl in zip(["out", "lse"], got, want, want_lowp):
+        assert not a.isnan().any(), f"{name} has NaN"
+        assert_flash_rule(name, a, r64, rl, ATOL[dtype])
+
+
+CASES = {
+    # name: (make_inputs arguments, padding kind, call options)
+    "shared": (dict(), None, dict()),
+    "shared-tail-noself": (dict(), "tail", dict(exclude_self=True)),
+    "shared-empty-sequence": (dict(), "empty", dict()),
+    "diag-v-tail": (dict(coef_mode="diag", shared=False), "tail", dict()),
+    "v-heavy-padding": (dict(shared=False), "heavy", dict()),  # rows against the real keys instead
+    "diag-noself": (dict(coef_mode="diag"), None, dict(exclude_self=True)),
+}
+
+
+@pytest.mark.parametrize("S", LENGTHS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_long_forward_fp32(case, S):
+    shape, kind, kw = CASES[case]
+    inputs = growing(make_inputs(B=2, S=S, H=1, D=24, Dv=20, **shape), S)
+    check_forward(inputs, torch.float32, key_padding_mask=padding(S, kind), **kw)
+
+
+@pytest.mark.parametrize("case", ["shared-tail-noself", "diag-v-tail"])
+def test_long_forward_bf16(case):
+    shape, kind, kw = CASES[case]
+    S = 1025
+    inputs = growing(make_inputs(B=2, S=S, H=1, D=24, Dv=20, **shape), S)
+    check_forward(inputs, torch.bfloat16, key_padding_mask=padding(S, kind), **kw)
+
+
+def test_mirrored_gradients_fp32():
+    """Forward and every gradient of a mirrored head (the backward reads the merged lse)."""
+    S = 1025
+    inputs = make_inputs(B=2, S=S, H=1, D=16, Dv=8, coef_mode="diag", shared=False)
+    kw = dict(key_padding_mask=padding(S, "tail"), exclude_self=True)
+    fp32 = [t.detach().float().requires_grad_() for t in inputs]
+    want, want_fp32 = run(reference, *inputs, **kw), run(reference, *fp32, **kw)
+    got = run(cpu, *fp32, **kw)
+    for name, a, r64, r32 in zip(["out", "lse", "dq", "dv", "dcoef"], got, want, want_fp32):
+        assert_flash_rule(name, a, r64, r32, 2e-6)
+
+
+def mirrored_tasks(S, batch_heads):
+    """Tasks of one mirrored head: one per pair of its row groups."""
+    groups, _ = mirrored_groups(S, batch_heads)
+    return groups * (groups + 1) // 2
+
+
+@pytest.mark.parametrize("S,H", [(1025, 1), (2049, 1), (4096, 2)])
+def test_symmetric_heads_take_the_mirrored_tasks(S, H):
+    """Non-causal symmetric heads run as group pairs; causal ones as query-row tasks."""
+    q = torch.randn(1, S, H, 16)
+    cpu(q, None)
+    assert cpu_backend.last_schedule(False)[:, 0].sum().item() == H * mirrored_tasks(S, H)
+    cpu(q, None, causal=True)
+    assert cpu_backend.last_schedule(False)[:, 1].sum().item() == H * S
+
+
+# Dropout: the tiled forward draws each tile's part of a row's mask; the result equals the
+# reference's under the same seed.
+@pytest.mark.parametrize("S,causal,kind", [(513, False, None), (1025, True, "tail"), (1025, False, "heavy")])
+def test_long_forward_dropout_matches_reference(S, causal, kind):
+    q, v, coef = make_inputs(B=2, S=S, H=2, D=16, Dv=8, coef_mode="diag", shared=False)
+    kw = dict(dropout_p=0.2, causal=causal, key_padding_mask=padding(S, kind))
+    leaves = [t.detach().float().requires_grad_() for t in (q, v, coef)]
+    torch.manual_seed(S)
+    got = run(cpu, *leaves, **kw)
+    want = run(reference, q, v, coef, dropout_seed=kernel_dropout_seed(S), **kw)
+    assert cpu_backend.last_schedule(False)[:, 0].sum().item() == 2 * 2 * -(-S // 128)  # tiled: 128-row tasks
+    for name, a, b in zip(["out", "lse", "dq", "dv", "dcoef"], got, want):
+        assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)
+
+
+BIT_EQUAL = {
+    "fp32-shared-tail": (dict(shared=True), dict(key_padding_mask=padding(1500, "tail"))),
+    "fp32-diag-v": (dict(shared=False, coef_mode="diag"), dict(exclude_self=True)),
+    "bf16-shared": (dict(shared=True, dtype=torch.bfloat16), dict()),
+    "fp32-dropout": (dict(shared=False), dict(dropout_p=0.3)),
+}
+
+
+@pytest.mark.parametrize("case", list(BIT_EQUAL))
+def test_long_forward_bit_equal_across_thread_counts(case):
+    shape, kw = BIT_EQUAL[case]
+    q, v, coef = make_inputs(B=2, S=1500, H=2, D=16, Dv=16, **{"dtype": torch.float32, **shape})
+
+    def fn():
+        torch.manual_seed(0)
+        return cpu(q, v, coef=coef, return_lse=True, **kw)
+
+    results = {threads: with_threads(threads, fn) for threads in (1, 2, 3)}
+    for threads in (2, 3):
+        for a, b in zip(results[1], results[threads]):
+            assert torch.equal(a, b), threads
+
+
+# All of the above (but the longest heads) in a process capped at each kernel build.
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", cpu_backend.ISA_CHOICES)
+def test_long_forward_on_every_instruction_set_build(isa):
+    pytest_on_kernel_build(isa, ["tests/test_cpu_long_forward.py", "-k",
+                                 "not instruction_set and not 2049 and not 4096"], timeout=900)
