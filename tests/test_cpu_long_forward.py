@@ -15,7 +15,7 @@ if extensions.state("cpu").how == extensions.ABSENT:
 import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .helpers import (F64, assert_close, assert_flash_rule, kernel_dropout_seed, make_inputs, mirrored_groups,
+from .attention_checks import (F64, assert_close, assert_flash_rule, kernel_dropout_seed, make_inputs, mirrored_groups,
                       pytest_on_kernel_build, reference, run, with_threads)
 
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
