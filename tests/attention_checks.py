@@ -4,7 +4,11 @@ attention inputs, option grid and gradient runner the backend tests share."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from symattn_kernels import reference as R
@@ -108,3 +112,22 @@ def with_threads(threads, fn):
         return fn()
     finally:
         torch.set_num_threads(previous)
+
+
+def run_on_instruction_set(isa: str, script: str) -> str:
+    """stdout of ``python -c script``, run from the repository root with the fused CPU kernels
+    set to ``isa`` (one of ``backends.cpu.ISA_CHOICES``; a process reads it once, at its first
+    call). Skips where this CPU does not run that set; fails on a non-zero exit."""
+    from symattn_kernels.backends import cpu
+
+    choices = list(cpu.ISA_CHOICES)
+    widest = cpu.kernel_isa().lower()
+    if choices.index(isa) > choices.index(widest):
+        pytest.skip(f"this CPU runs {widest} kernels at most")
+    # ATEN_CPU_CAPABILITY lowers ATen's (and so our) choice; SYMATTN_CPU_ISA caps ours alone.
+    switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, switch: isa}, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout

@@ -3,10 +3,6 @@ as zero, so every result (output, lse, every gradient, padded rows included) is 
 of the same call with zeros stored there. Checked on every instruction-set build, on short heads
 (symmetric and row schedules), long tiled heads, causal, dropout, every coefficient mode, shared
 and separate values, in every dtype; and the backend makes no host-side copy of its inputs."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -18,7 +14,7 @@ if extensions.state("cpu").how == extensions.ABSENT:
 import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .helpers import make_inputs, run
+from .attention_checks import make_inputs, run, run_on_instruction_set
 
 NAMES = ["out", "lse", "dq", "dv/dcoef", "dcoef"]
 POISONS = (float("nan"), float("inf"), float("-inf"))
@@ -96,21 +92,9 @@ print(cpu.kernel_isa())
 print("\\n".join(mismatches()))
 """
 
-# Instruction sets by width; a CPU that reports one runs every narrower one too.
-_ISAS = list(cpu_backend.ISA_CHOICES)
-
-
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", cpu_backend.ISA_CHOICES)
 def test_padded_nan_and_inf_are_read_as_zero_on_every_build(isa):
-    widest = cpu_backend.kernel_isa().lower()
-    if _ISAS.index(isa) > _ISAS.index(widest):
-        pytest.skip(f"this CPU runs {widest} kernels at most")
-    switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env={**os.environ, switch: isa}, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    used, *failures = result.stdout.strip().split("\n")
+    used, *failures = run_on_instruction_set(isa, _ISA_SCRIPT).strip().split("\n")
     assert used == isa.upper()
     assert not [line for line in failures if line], "\n".join(failures)
 
