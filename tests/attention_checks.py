@@ -133,21 +133,29 @@ def kernel_dropout_seed(seed_state):
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
-def pytest_on_kernel_build(isa, args, timeout):
-    """Runs pytest with args in a process whose fused CPU kernels are capped at build isa (one of
-    backends.cpu.ISA_CHOICES; skipped where this CPU lacks it), and fails with its output when a
-    test there fails."""
-    from symattn_kernels.backends import cpu as cpu_backend
+def run_on_instruction_set(isa: str, script: str, timeout: float = 600) -> str:
+    """stdout of ``python -c script``, run from the repository root with the fused CPU kernels
+    set to ``isa`` (one of ``backends.cpu.ISA_CHOICES``; a process reads it once, at its first
+    call). Skips where this CPU does not run that set; fails on a non-zero exit."""
+    from symattn_kernels.backends import cpu
 
-    isas = list(cpu_backend.ISA_CHOICES)
-    widest = cpu_backend.kernel_isa().lower()
-    if isas.index(isa) > isas.index(widest):
+    choices = list(cpu.ISA_CHOICES)
+    widest = cpu.kernel_isa().lower()
+    if choices.index(isa) > choices.index(widest):
         pytest.skip(f"this CPU runs {widest} kernels at most")
+    # ATEN_CPU_CAPABILITY lowers ATen's (and so our) choice; SYMATTN_CPU_ISA caps ours alone.
+    switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, switch: isa}, cwd=root,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def pytest_on_kernel_build(isa, args, timeout):
+    """Runs pytest with args under the fused CPU kernel set isa (``run_on_instruction_set``) and
+    fails with its output when a test there fails."""
     script = ("import sys, pytest\nfrom symattn_kernels.backends import cpu\nprint(cpu.kernel_isa(), flush=True)\n"
               f"sys.exit(pytest.main({['-q', '-p', 'no:cacheprovider', *args]!r}))\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "SYMATTN_CPU_ISA": isa}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.stdout.split()[0] == isa.upper()
+    out = run_on_instruction_set(isa, script, timeout)
+    assert out.split()[0] == isa.upper()

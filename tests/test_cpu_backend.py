@@ -3,9 +3,6 @@ rows, ragged and non-contiguous inputs, varlen, fp32 / bf16 / fp16 under flash-a
 outputs, lse and every gradient; bit-equal dropout masks; identical results with 1 and 2
 threads (bf16 operands too); every instruction-set build; custom-op checks of the kernel ops."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +20,7 @@ from symattn_kernels import reference as R
 
 from .attention_checks import (
     COEF_MODES, F64, GRID, GRID_IDS, assert_close, assert_flash_rule, make_inputs, padding_mask, reference, run,
-    with_threads,
+    run_on_instruction_set, with_threads,
 )
 
 # Error floor added to 2x the reference's own error (flash-attn's rule), per dtype.
@@ -354,22 +351,9 @@ for coef_shape, v_dim, causal, S in [(None, None, False, 70), ((2, 24), 16, True
 print(worst, worst_bf16)
 """
 
-# Instruction sets by width; a CPU that reports one runs every narrower one too.
-_ISAS = list(cpu_backend.ISA_CHOICES)
-
-
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", cpu_backend.ISA_CHOICES)
 def test_every_instruction_set_build(isa):
-    widest = cpu_backend.kernel_isa().lower()
-    if _ISAS.index(isa) > _ISAS.index(widest):
-        pytest.skip(f"this CPU runs {widest} kernels at most")
-    # ATEN_CPU_CAPABILITY lowers ATen's (and so our) choice; SYMATTN_CPU_ISA caps ours alone.
-    switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"
-    env = {**os.environ, switch: isa}
-    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    used, worst, worst_bf16 = result.stdout.split()
+    used, worst, worst_bf16 = run_on_instruction_set(isa, _ISA_SCRIPT).split()
     assert used == isa.upper()
     assert float(worst) < 5e-5
     assert float(worst_bf16) <= 1.0

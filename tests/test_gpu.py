@@ -135,6 +135,47 @@ def test_flash_attn_grid(backend, causal, head_dim):
             assert_flash_rule(f"S={seqlen} {name}", a, r64, rl, 1e-2)
 
 
+# The hard corner of flash-attn's grid for q = k: half precision at head dims 224 and 256,
+# dropout 0.17, separate values, padding. A token's self-score dominates its row, so the backward's
+# row term rowsum(dO * O) must come from the fp32 O: from the output rounded to bf16 the dq error
+# exceeds flash-attn's gradient bound (3x the low-precision reference's error + 1e-5).
+WIDE_HEAD_CASES = [(torch.bfloat16, 224, 203), (torch.bfloat16, 256, 203), (torch.float16, 256, 113)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype,head_dim,seqlen", WIDE_HEAD_CASES,
+                         ids=[f"{'bf16' if d == torch.bfloat16 else 'fp16'}-D{h}-S{s}" for d, h, s in WIDE_HEAD_CASES])
+def test_wide_head_backward_within_flash_rule(backend, dtype, head_dim, seqlen):
+    _usable(backend)
+    if _backward_unsupported(backend, head_dim):
+        pytest.skip(f"{backend} has no backward at head dim {head_dim} on this GPU")
+    gen = torch.Generator().manual_seed(head_dim * 10_000 + seqlen)
+    q64, v64, dout64 = (torch.randn(2, seqlen, 2, head_dim, generator=gen, dtype=torch.float64).cuda()
+                        for _ in range(3))
+    mask = torch.arange(seqlen, device="cuda")[None, :] < torch.tensor([[seqlen - 7], [seqlen - 19]], device="cuda")
+    torch.manual_seed(1)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    kw = dict(key_padding_mask=mask, dropout_p=0.17)
+
+    def grads(dt, fn):
+        q, v = q64.to(dt).requires_grad_(), v64.to(dt).requires_grad_()
+        out = fn(q, v)
+        return [out, *torch.autograd.grad((out * (dout64 * mask[..., None, None]).to(dt)).sum(), (q, v))]
+
+    def kernel(q, v):
+        torch.manual_seed(1)
+        return sk.symmetric_attention(q, v, backend=backend, **kw)
+
+    def reference(q, v):
+        return R.symmetric_attention(q, v, dropout_seed=seed, **kw)
+
+    got, ref64, ref_low = grads(dtype, kernel), grads(torch.float64, reference), grads(dtype, reference)
+    for name, factor, a, r64, rl in zip(["out", "dq", "dv"], [2, 3, 3], got, ref64, ref_low):
+        err = (a[mask].double() - r64[mask]).abs().max().item()
+        bound = factor * (rl[mask].double() - r64[mask]).abs().max().item() + 1e-5
+        assert err <= bound, f"{name}: max error {err:.3g} > {factor} x low-precision error + 1e-5 = {bound:.3g}"
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_shared_matches_sdpa_at_bert_shape(backend):
     _usable(backend)

@@ -16,9 +16,6 @@ import dataclasses
 import functools
 import importlib
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,7 +28,7 @@ from symattn_kernels.backends import cpu_lowrank, registry
 from symattn_kernels.backends.cpu import ISA_CHOICES
 from symattn_kernels.backends import torch as torch_backend
 from symattn_kernels import reference as R
-from tests.attention_checks import with_threads
+from tests.attention_checks import run_on_instruction_set, with_threads
 from tests.test_lama_triton import BF16, CASES, F16, F32, F64, Case, check_case, make_inputs
 
 # The fused kernels: prebuilt, or compiled just in time on first use; absent only where neither can happen.
@@ -181,21 +178,10 @@ for case in [Case(3, 70, 259, 12, padded=True, with_u=True), Case(3, 40, 64, 8, 
     check_case(case, cpu)
 print("ok")
 """
-_ISAS = list(ISA_CHOICES)
-
-
 @needs_fused
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", ISA_CHOICES)
 def test_fused_every_instruction_set_build(isa):
-    widest = FUSED.kernel_isa().lower()
-    if _ISAS.index(isa) > _ISAS.index(widest):
-        pytest.skip(f"this CPU runs {widest} kernels at most")
-    switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env={**os.environ, switch: isa}, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [isa.upper(), "ok"]
+    assert run_on_instruction_set(isa, _ISA_SCRIPT).split() == [isa.upper(), "ok"]
 
 
 @pytest.mark.parametrize("head_norm,token_softmax", list(itertools.product(["l2", None], [True, False])))

@@ -534,6 +534,14 @@ float dot_row(const T* a, const T* b, int64_t n) {
   return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
 }
 
+// Whether x[0, n) holds neither NaN nor Inf (x * 0 is NaN exactly for those).
+template <typename T>
+bool finite_row(const T* x, int64_t n) {
+  Vec acc(0.f);
+  for (int64_t j = 0; j < n; j += kVec) acc = at::vec::fmadd(load_float(x + j, std::min(kVec, n - j)), Vec(0.f), acc);
+  return !std::isnan(at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc));
+}
+
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n: register-blocked where at::vec has
 // a transpose for this instruction set.
 void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t m, int64_t n) {
@@ -692,6 +700,8 @@ class Head {
       keep_rule_ = KeepRule(p.seed, dropout_threshold(p.dropout_p), static_cast<float>(1.0 / (1.0 - p.dropout_p)));
       row_id0_ = p.cu_seqlens != nullptr ? start_ : b * p.seqlen;
     }
+    y_rows_ = {row_ptr(p.q, 0), p.q.token};
+    if (!shared_) v_rows_ = {row_ptr(p.v, 0), p.v.token};
   }
 
   int64_t length() const { return L_; }
@@ -753,6 +763,39 @@ class Head {
     // The symmetric schedule multiplies all L^2 scores (1.5 L^2 D), the row schedule only the
     // keys up to the last real one (2 L key_end D): keep it only for lightly padded heads.
     symmetric_ = g_.symmetric && 4 * key_end_ > 3 * L_;
+    read_padding_as_finite(real);
+  }
+
+  // Padded keys get zero weight, but the products still multiply those zeros with the keys' and
+  // values' stored elements (0 * NaN = NaN), and the symmetric schedule mirrors padded rows'
+  // scores into real ones. So where a padded token of this head holds NaN or Inf, Y (or V) is
+  // read from a copy of the head's rows with those elements zeroed; finite padding is read in
+  // place (no copy), and a padded token keeps its own values as a query.
+  void read_padding_as_finite(const bool* real) {
+    auto finite = [&](const Rows& rows, int64_t width) {
+      for (int64_t j = 0; j < L_; ++j) {
+        if (!real[j] && !finite_row(rows.data + j * rows.ld, width)) return false;
+      }
+      return true;
+    };
+    const bool copy_y = !finite(y_rows_, D_);
+    const bool copy_v = !shared_ && !finite(v_rows_, Dv_);
+    if (!copy_y && !copy_v) return;
+    clean_ = c10::GetCPUAllocator()->allocate(((copy_y ? D_ : 0) + (copy_v ? Dv_ : 0)) * L_ * sizeof(scalar_t));
+    scalar_t* buf = static_cast<scalar_t*>(clean_.get());
+    auto copy = [&](Rows& rows, int64_t width) {
+      for (int64_t j = 0; j < L_; ++j) {
+        const scalar_t* src = rows.data + j * rows.ld;
+        scalar_t* dst = buf + j * width;
+        for (int64_t d = 0; d < width; ++d) {
+          dst[d] = real[j] || std::isfinite(static_cast<float>(src[d])) ? src[d] : scalar_t(0);
+        }
+      }
+      rows = {buf, width};
+      buf += L_ * width;
+    };
+    if (copy_y) copy(y_rows_, D_);
+    if (copy_v) copy(v_rows_, Dv_);
   }
 
   // Operand panels, from one read of Y: Yf = Y in fp32 [L, D] (aliases q for fp32 input), and in
@@ -762,8 +805,8 @@ class Head {
   // of the head's queries pays M for that slice alone; q1 < 0 means every row. Likewise Yt holds
   // keys [k0, k1) only (at their own column index) when k1 >= 0.
   void pack_query_key(bool need_yb, int64_t q0 = 0, int64_t q1 = -1, int64_t k0 = 0, int64_t k1 = -1) {
-    const scalar_t* y = row_ptr(p_.q, 0);
-    const int64_t ldq = p_.q.token;
+    const scalar_t* y = y_rows_.data;
+    const int64_t ldq = y_rows_.ld;
     if (needs_fp32_y(p_)) {
       if constexpr (kHalf) {
         float* yf = ws_.take<float>(L_ * D_);
@@ -813,8 +856,8 @@ class Head {
       vb_ = yb_;
       return;
     }
-    const scalar_t* v = row_ptr(p_.v, 0);
-    const int64_t ldv = p_.v.token;
+    const scalar_t* v = v_rows_.data;
+    const int64_t ldv = v_rows_.ld;
     if constexpr (kPairs) {
       vb_ = b_rows(v, ldv, L_, Dv_, ws_.take<Word>(words(L_) * Dv_), Dv_);
     } else if constexpr (kHalf) {
@@ -925,6 +968,15 @@ class Head {
 
   KeepRule keep_rule_{0, 0, 0.f};  // scale 0: no dropout
   int64_t row_id0_ = 0;
+
+  // Where the products read Y and V (null in shared mode): the inputs, or the copy in clean_
+  // (see read_padding_as_finite).
+  struct Rows {
+    const scalar_t* data = nullptr;
+    int64_t ld = 0;
+  };
+  Rows y_rows_, v_rows_;
+  c10::DataPtr clean_;
 
   const float* yf_ = nullptr;  // fp32 Y, or null where no product needs it
   int64_t ldyf_ = 0;
@@ -1492,7 +1544,7 @@ class BackwardHead : public Head<scalar_t> {
     if (shared_) {
       vt_ = yt_;
     } else if constexpr (kPairs) {
-      const Panel va = Base::a_rows(this->row_ptr(bp_.v, 0), bp_.v.token, L_, Dv_,
+      const Panel va = Base::a_rows(this->v_rows_.data, this->v_rows_.ld, L_, Dv_,
                                     ws_.template take<Word>(L_ * words(Dv_)));
       vt_ = this->b_transposed(va, L_, Dv_, ws_.template take<Word>(words(Dv_) * g_.ldk));
     } else {

@@ -1,18 +1,39 @@
 // Launchers of the CUDA attention backward (kernels and math: attention_bwd_kernel.cuh):
 // the delta preprocess, then the owner-block kernel. Torch-free.
 #include "attention_bwd_kernel.cuh"
+#include "attention_fwd_kernel.cuh"
 
 namespace symattn {
 namespace {
+
+// Widest head dim whose delta reads the saved O, rounded to the input dtype. With q = k a token's
+// self-score dominates its row, and G_ii = P_ii (dP_ii - delta_i) carries the rounding of O into
+// the gradients: from head dim 224 in bf16 that fails flash-attn's error rule. Wider heads
+// recompute the forward and take delta from its fp32 O (one more pass over the scores).
+constexpr int kRoundedDeltaMaxHeadDim = 128;
+
+template <typename T, int HD, bool SHARED>
+cudaError_t launch_delta(const CudaBackwardParams& p, cudaStream_t stream) {
+  if constexpr (HD > kRoundedDeltaMaxHeadDim) {
+    using C = dev::FwdConfig<HD>;
+    constexpr int kSmem = dev::FwdSmem<T, HD, SHARED>::kBytes;
+    auto kernel = dev::attention_fwd_kernel<T, HD, SHARED>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    // p.delta is set, so the forward writes delta, not out and lse.
+    kernel<<<dim3(cdiv(p.seqlen, C::kBlockM), p.batch * p.heads), C::kWarps * 32, kSmem, stream>>>(p);
+  } else {
+    dev::attention_bwd_delta_kernel<T><<<dim3(cdiv(p.seqlen, 4), p.batch * p.heads), 128, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
 
 template <typename T, int HD, bool SHARED>
 cudaError_t launch_bwd(const CudaBackwardParams& p, cudaStream_t stream) {
   using C = dev::BwdConfig<HD>;
   constexpr int kSmem = dev::BwdSmem<T, HD, SHARED>::kBytes;
   if (p.batch * p.heads == 0 || p.seqlen == 0) return cudaSuccess;
-  const dim3 delta_grid(cdiv(p.seqlen, 4), p.batch * p.heads);
-  dev::attention_bwd_delta_kernel<T><<<delta_grid, 128, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_delta<T, HD, SHARED>(p, stream);
   if (err != cudaSuccess) return err;
   auto kernel = dev::attention_bwd_kernel<T, HD, SHARED>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);

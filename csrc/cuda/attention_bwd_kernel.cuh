@@ -54,12 +54,7 @@ __global__ void attention_bwd_delta_kernel(const CudaBackwardParams p) {
   const int dv = p.v == nullptr ? p.head_dim : p.value_dim;
   float acc = 0.0f;
   for (int c = lane; c < dv; c += 32) acc += to_float(dout[c]) * to_float(out[c]);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) {
-    if (p.dlse != nullptr) acc -= p.dlse[row_offset(p.dlse_st, b, seq, i, h)];
-    p.delta[static_cast<int64_t>(bh) * p.seqlen + i] = acc;
-  }
+  write_delta(p, acc, bh, b, seq, i, h);
 }
 
 // Per-element pass of one tile (rows r0.., keys c0..): sS = scores, sDP = dO V^T in, writes

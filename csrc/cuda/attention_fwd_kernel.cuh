@@ -155,11 +155,19 @@ __global__ void __launch_bounds__(FwdConfig<HD>::kWarps * 32, 1)
   __syncthreads();
 
   T* out = static_cast<T*>(p.out);
+  const T* dout = static_cast<const T*>(p.dout);
 #pragma unroll
   for (int k = 0; k < ROWS_PER_WARP; ++k) {
     const int r = warp + k * NW, i = m0 + r;
     if (i >= seq.len) continue;
     const float inv = softmax_inv_sum(rows[k]);
+    if (p.delta != nullptr) {  // the backward's recompute: delta from the unrounded O
+      const int64_t base = row_offset(p.dout_st, b, seq, i, h);
+      float acc = 0.0f;
+      for (int c = lane; c < dv; c += 32) acc += to_float(dout[base + c]) * (sO[r * PO + c] * inv);
+      write_delta(p, acc, bh, b, seq, i, h);
+      continue;
+    }
     const int64_t base = row_offset(p.out_st, b, seq, i, h);
     for (int c = lane; c < dv; c += 32) out[base + c] = from_float<T>(sO[r * PO + c] * inv);
     if (lane == 0) p.lse[row_offset(p.lse_st, b, seq, i, h)] = softmax_lse(rows[k]);

@@ -43,14 +43,17 @@ struct CudaForwardParams {
   RowStrides out_st{};
   float* lse = nullptr;  // forward: written; backward: read
   RowStrides lse_st{};   // batch, token, head strides of lse
-};
 
-struct CudaBackwardParams : CudaForwardParams {
+  // The backward's inputs of delta = rowsum(dO * O) - dlse. A forward launched with delta set
+  // (the backward's recompute for wide heads) writes delta from its fp32 O instead of out / lse.
   const void* dout = nullptr;
   RowStrides dout_st{};
   const float* dlse = nullptr;  // null: no lse cotangent
   RowStrides dlse_st{};
   float* delta = nullptr;  // workspace, float32 contiguous [B, H, S] (S = seqlen, padded or max_seqlen)
+};
+
+struct CudaBackwardParams : CudaForwardParams {
   void* dq = nullptr;      // dY: written once, every role summed
   RowStrides dq_st{};
   void* dv = nullptr;      // separate-V mode only

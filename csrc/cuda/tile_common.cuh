@@ -28,6 +28,18 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// Row i's delta = rowsum(dO * O) - dlse from one warp's partial sums acc (each lane's share of
+// the row), into the backward's [B, H, S] workspace.
+__device__ __forceinline__ void write_delta(const CudaForwardParams& p, float acc, int bh, int b, const SeqInfo& seq,
+                                            int i, int h) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (threadIdx.x % 32 == 0) {
+    if (p.dlse != nullptr) acc -= p.dlse[row_offset(p.dlse_st, b, seq, i, h)];
+    p.delta[static_cast<int64_t>(bh) * p.seqlen + i] = acc;
+  }
+}
+
 // Shared-memory row pitches (elements): WMMA wants ldm a multiple of 16 bytes; the padding
 // also staggers banks.
 template <typename T>

@@ -7,7 +7,8 @@ Importing this module loads the extension (``symattn_kernels._C``, or its just-i
 registered here. The kernels take float32, bfloat16 and float16 (fp32 accumulation; bfloat16
 products on AMX tiles or AVX512-BF16 where the CPU has them, see ``kernel_isa``) and are
 deterministic whatever the thread count, so ``deterministic`` changes nothing. float64 attention
-stays on the ``torch`` backend (``backends.resolve`` routes it there).
+stays on the ``torch`` backend (``backends.resolve`` routes it there). NaN or Inf stored in a
+padded token is read as zero inside the kernels, so the inputs reach them uncopied.
 
 LAMA (``lowrank_forward`` / ``lowrank_backward``) runs the fused kernels of ``csrc/cpu/lama_kernel.h``
 (ops ``symattn::lowrank_fwd_cpu`` / ``lowrank_bwd_cpu``): one pass over each sequence's tokens
@@ -22,7 +23,6 @@ import os
 import torch
 
 from .. import extensions
-from .torch import finite_padding
 
 __all__ = ["attention_forward", "attention_backward", "empty_gradient", "kernel_isa", "lowrank_forward",
            "lowrank_backward"]
@@ -107,7 +107,6 @@ def attention_forward(
     q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen, deterministic
 ):
     del deterministic  # always deterministic
-    q, v = finite_padding(q, key_padding_mask), finite_padding(v, key_padding_mask)
     return torch.ops.symattn.attention_fwd_cpu(
         q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen
     )
@@ -118,7 +117,6 @@ def attention_backward(
     scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
 ):
     del deterministic
-    q, v = finite_padding(q, key_padding_mask), finite_padding(v, key_padding_mask)
     torch.ops.symattn.attention_bwd_cpu(
         dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
         scale, causal, dropout_p, exclude_self, max_seqlen,
