@@ -64,7 +64,7 @@ def seeded(fn, inputs, kw, reference):
 
 CU = torch.tensor([0, 700, 710, 1223], dtype=torch.int32)
 CASES = {
-    "S513-shared": (dict(B=1, S=513, H=2, D=32), {}),
+    "S513-shared": (dict(B=1, S=513, H=2, D=64), {}),
     "S1025-diag-v-padding-noself": (dict(B=2, S=1025, H=1, D=24, Dv=20, coef_mode="diag", shared=False),
                                     dict(padding="partial", exclude_self=True)),
     "S1025-causal-noself": (dict(B=1, S=1025, H=1, D=32), dict(causal=True, exclude_self=True)),

@@ -14,15 +14,17 @@
 // hundred tokens), so one long head runs on many cores. Heads up to kWholeHead tokens keep whole
 // score rows [block, L] in cache; longer ones (without dropout) run flash-style: a query block
 // meets the keys one tile at a time, its row max and sum updated online and its output block
-// rescaled, so the working set stays in L2 at any length. Their backward, where the scores are
-// symmetric (fp32, M none or diagonal, not causal), takes the same tiles: a task gathers every
-// gradient of its own query rows from one score tile per key tile (S_IJ read both ways, see
-// run_tiled), so it writes no other task's rows. Other backward tasks own a whole head, or, when
-// a call has few heads, a slice of a long head's query rows; they accumulate their gradients in
-// fp32 buffers, and a head's slices are summed in slice order afterwards. Results are
-// independent of the thread count: the tasks are cut without regard to it, and each output
-// element is produced by one task, or one fixed-order sum of tasks. The tasks are dealt to the
-// workers before any runs (for_each_head).
+// rescaled, so the working set stays in L2 at any length. Their backward, wherever M is symmetric
+// (none or diagonal; any dtype, causal or not, with or without dropout), cuts a head into row
+// blocks and computes each score tile S_IJ (I >= J) once, in one task that takes both of its roles:
+// S_JI = S_IJ^T, so the tile gives the gradients of rows I and of rows J (pair_tile). Such a task
+// writes two blocks' accumulators, so the tasks run in rounds in which no block meets two of them
+// (tiled_backward), and every block takes its tiles in round order. Other backward tasks (a full
+// M) own a whole head, or, when a call has few heads, a slice of a long head's query rows; they
+// accumulate their gradients in fp32 buffers, and a head's slices are summed in slice order
+// afterwards. Results are independent of the thread count: the tasks are cut without regard to
+// it, and each output element is produced by one task, or one fixed-order sum of tasks. The tasks
+// are dealt to the workers before any runs (for_each_head, tiled_backward).
 //
 // For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
@@ -52,12 +54,14 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -115,8 +119,7 @@ constexpr int64_t kBackwardTasks = 32;
 constexpr int64_t kSymTile = 64;
 // Longer heads without dropout run the forward flash-style: query blocks of kQueryTile rows
 // against key tiles of kKeyTile keys, the row max and sum updated online, so that a task's
-// scores, output block and current key/value tile stay in a core's L2 at any length. Their
-// backward takes the same tiles where the scores are symmetric and fp32 (see run_tiled).
+// scores, output block and current key/value tile stay in a core's L2 at any length.
 constexpr int64_t kQueryTile = 128;
 constexpr int64_t kKeyTile = 256;
 // The tiled backward cuts a head into blocks of kPairTile rows, or of kPairTileMin rows for heads
@@ -1696,12 +1699,32 @@ void round_tasks(int64_t head, int64_t nb, int64_t r, bool causal, std::vector<T
   for (int64_t k = 1; k < n / 2; ++k) add((r + k) % (n - 1), (r - k + n - 1) % (n - 1));
 }
 
+// A step of the tiled backward: a head's prepare_tiled, a task of tiles of one round, or a head's
+// finish_tiled.
+struct TiledJob {
+  enum Kind { kPrepare, kTiles, kFinish } kind;
+  int64_t head, round;
+  TileTask tiles;
+};
+
+// Spins, then yields, until ready(): a worker waits for the tiles its task depends on, which run
+// on another worker (or, when that worker lost its core, for it to get one back).
+template <typename Ready>
+void wait_until(const Ready& ready) {
+  for (int spins = 0; !ready(); ++spins) {
+    if (spins >= 64) std::this_thread::yield();
+  }
+}
+
 // The backward of tiled heads (see BackwardHead::pair_tile). Heads go in waves, longest first,
-// each wave just large enough that a round has about two tasks per thread; per wave: every head
-// packs its panels (prepare_tiled), then the rounds of tiles run, then every head writes its
-// gradients (finish_tiled). Within a round no two tasks touch the same block, so tasks never
-// share an accumulator, and every block's accumulator takes its tiles in round order: the
-// results do not depend on the thread count, which only sets the wave size and the deal.
+// each wave just large enough that a round has about two tasks per thread. In a wave every head
+// packs its panels (prepare_tiled), the rounds of tiles run, and every head writes its gradients
+// (finish_tiled), all in one parallel region: each worker runs a list dealt before any runs, and
+// a task waits only for its own two blocks to have finished the previous round (per-block
+// counters), never for a barrier across all workers, so one descheduled thread delays only the
+// tasks that need its tiles. Within a round no two tasks touch the same block, so tasks never
+// share an accumulator, and every block's accumulator takes its tiles in round order: the results
+// do not depend on the thread count, which only sets the wave size and the deal.
 template <typename Task>
 void tiled_backward(const BackwardParams& p, const Geometry& g) {
   struct HeadRef {
@@ -1717,11 +1740,11 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
   for (const int64_t b : order) {
     for (int64_t h = 0; h < p.heads && length(b) > 0; ++h) heads.push_back({b, h, (length(b) + g.tile - 1) / g.tile});
   }
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Inside another parallel region at::parallel_for runs the whole range on one thread.
+  const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> ran(threads, 0), tiles(threads, 0);
   std::vector<std::unique_ptr<Workspace>> scratch(threads);
-  const int64_t scratch_bytes = Workspace::bytes_for(Task::tiled_scratch_floats(p, g));
-  std::vector<TileTask> tasks;
+  const int64_t scratch_floats = Task::tiled_scratch_floats(p, g);
   for (size_t first = 0; first < heads.size();) {
     size_t last = first;
     int64_t per_round = 0;
@@ -1732,53 +1755,96 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
     const int64_t n = static_cast<int64_t>(last - first);
     std::vector<std::unique_ptr<Workspace>> head_ws;
     std::vector<std::unique_ptr<Task>> wave;
+    std::vector<int64_t> block0(n + 1, 0);  // the wave's heads' blocks, numbered one after another
     int64_t rounds = 0;
-    for (size_t k = first; k < last; ++k) {
+    for (int64_t k = 0; k < n; ++k) {
+      const HeadRef& head = heads[first + k];
       head_ws.push_back(std::make_unique<Workspace>(Workspace::bytes_for(Task::tiled_head_floats(p, g))));
-      wave.push_back(std::make_unique<Task>(p, g, *head_ws.back(), heads[k].b, heads[k].h));
-      rounds = std::max(rounds, tile_rounds(heads[k].blocks));
+      wave.push_back(std::make_unique<Task>(p, g, *head_ws.back(), head.b, head.h));
+      rounds = std::max(rounds, tile_rounds(head.blocks));
+      block0[k + 1] = block0[k] + head.blocks;
     }
-    at::parallel_for(0, n, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) wave[k]->prepare_tiled();
-    });
+    // The jobs in an order that puts every job after those it waits for.
+    std::vector<TiledJob> jobs;
+    std::vector<TileTask> round;
+    for (int64_t k = 0; k < n; ++k) jobs.push_back({TiledJob::kPrepare, k, 0, {}});
+    const int64_t first_tiles = static_cast<int64_t>(jobs.size());
+    std::vector<int64_t> tiles_left(n, 0);
     for (int64_t r = 0; r < rounds; ++r) {
-      tasks.clear();
+      round.clear();
       for (int64_t k = 0; k < n; ++k) {
-        if (r < tile_rounds(heads[first + k].blocks)) round_tasks(k, heads[first + k].blocks, r, p.causal, tasks);
+        if (r < tile_rounds(heads[first + k].blocks)) round_tasks(k, heads[first + k].blocks, r, p.causal, round);
       }
-      // Each task to the worker with the least work in this round, then in the call so far.
-      const int64_t workers = std::min<int64_t>(threads, static_cast<int64_t>(tasks.size()));
-      std::vector<std::vector<int64_t>> lists(workers);
-      std::vector<double> load(workers, 0.0);
-      for (int64_t t = 0; t < static_cast<int64_t>(tasks.size()); ++t) {
-        int64_t w = 0;
-        for (int64_t x = 1; x < workers; ++x) {
-          if (load[x] < load[w] || (load[x] == load[w] && tiles[x] < tiles[w])) w = x;
-        }
-        lists[w].push_back(t);
-        load[w] += tasks[t].cost;
-        ran[w] += 1;
-        tiles[w] += tasks[t].diagonals ? 3 : 1;
+      for (const TileTask& task : round) {
+        jobs.push_back({TiledJob::kTiles, task.head, r, task});
+        tiles_left[task.head] += 1;
       }
-      at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-        for (int64_t w = w0; w < w1; ++w) {
-          if (scratch[w] == nullptr) scratch[w] = std::make_unique<Workspace>(scratch_bytes);
-          for (const int64_t t : lists[w]) {
-            const TileTask& task = tasks[t];
-            scratch[w]->reset();
-            float* tile = scratch[w]->take<float>(Task::tiled_scratch_floats(p, g));
-            Task& head = *wave[task.head];
-            head.pair_tile(task.bi, task.bj, tile);
-            if (task.diagonals) {
-              head.pair_tile(task.bi, task.bi, tile);
-              head.pair_tile(task.bj, task.bj, tile);
-            }
-          }
-        }
-      });
     }
-    at::parallel_for(0, n, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) wave[k]->finish_tiled();
+    const int64_t first_finish = static_cast<int64_t>(jobs.size());
+    for (int64_t k = 0; k < n; ++k) jobs.push_back({TiledJob::kFinish, k, 0, {}});
+    // The deal: heads' prepare and finish in turn; each round's tasks to the worker with the least
+    // work in that round, then in the call so far.
+    const int64_t workers = std::min<int64_t>(threads, std::max<int64_t>(n, per_round));
+    std::vector<std::vector<int64_t>> lists(workers);
+    for (int64_t j = 0; j < first_tiles; ++j) lists[j % workers].push_back(j);
+    std::vector<double> load(workers, 0.0);
+    for (int64_t j = first_tiles; j < first_finish; ++j) {
+      if (j == first_tiles || jobs[j].round != jobs[j - 1].round) std::fill(load.begin(), load.end(), 0.0);
+      int64_t w = 0;
+      for (int64_t x = 1; x < workers; ++x) {
+        if (load[x] < load[w] || (load[x] == load[w] && tiles[x] < tiles[w])) w = x;
+      }
+      lists[w].push_back(j);
+      load[w] += jobs[j].tiles.cost;
+      ran[w] += 1;
+      tiles[w] += jobs[j].tiles.diagonals ? 3 : 1;
+    }
+    for (int64_t j = first_finish; j < static_cast<int64_t>(jobs.size()); ++j) {
+      lists[(j - first_finish) % workers].push_back(j);
+    }
+
+    std::vector<std::atomic<int64_t>> rounds_done(block0[n]);  // per block, zero-initialised
+    std::vector<std::atomic<int64_t>> pending(n);              // per head: prepare, then its tile tasks
+    for (int64_t k = 0; k < n; ++k) pending[k].store(1 + tiles_left[k], std::memory_order_relaxed);
+    for (auto& x : rounds_done) x.store(0, std::memory_order_relaxed);
+    auto run_job = [&](const TiledJob& job, float* tile) {
+      Task& head = *wave[job.head];
+      std::atomic<int64_t>& left = pending[job.head];
+      if (job.kind == TiledJob::kPrepare) {
+        head.prepare_tiled();
+        left.fetch_sub(1, std::memory_order_release);
+        return;
+      }
+      if (job.kind == TiledJob::kFinish) {
+        wait_until([&] { return left.load(std::memory_order_acquire) == 0; });
+        head.finish_tiled();
+        return;
+      }
+      const TileTask& task = job.tiles;
+      std::atomic<int64_t>& done_i = rounds_done[block0[job.head] + task.bi];
+      std::atomic<int64_t>& done_j = rounds_done[block0[job.head] + task.bj];
+      wait_until([&] {
+        return left.load(std::memory_order_acquire) <= tiles_left[job.head] &&
+               done_i.load(std::memory_order_acquire) == job.round && done_j.load(std::memory_order_acquire) == job.round;
+      });
+      head.pair_tile(task.bi, task.bj, tile);
+      if (task.diagonals) {
+        head.pair_tile(task.bi, task.bi, tile);
+        head.pair_tile(task.bj, task.bj, tile);
+      }
+      done_i.store(job.round + 1, std::memory_order_release);
+      if (task.bj != task.bi) done_j.store(job.round + 1, std::memory_order_release);
+      left.fetch_sub(1, std::memory_order_release);
+    };
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      // A thread given several workers' lists runs their jobs merged in job order.
+      std::vector<int64_t> mine;
+      for (int64_t w = w0; w < w1; ++w) mine.insert(mine.end(), lists[w].begin(), lists[w].end());
+      std::sort(mine.begin(), mine.end());
+      if (scratch[w0] == nullptr) scratch[w0] = std::make_unique<Workspace>(Workspace::bytes_for(scratch_floats));
+      scratch[w0]->reset();
+      float* tile = scratch[w0]->take<float>(scratch_floats);
+      for (const int64_t j : mine) run_job(jobs[j], tile);
     });
     first = last;
   }
