@@ -22,6 +22,8 @@ if extensions.state("cpu").how == extensions.ABSENT:
 import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
 
+from .attention_checks import peak_allocated_bytes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Runs in a child process (the kernel set is chosen once per process); prints a JSON report.
@@ -32,7 +34,7 @@ sys.path.insert(0, sys.argv[1])
 import symattn_kernels as sk
 from symattn_kernels import reference as R
 from symattn_kernels.backends import cpu as cpu_backend
-from tests.helpers import make_inputs, max_error, padding_mask, run, with_threads
+from tests.attention_checks import make_inputs, max_error, padding_mask, run, with_threads
 
 # flash-attn's rule: error <= FACTOR x the same math in the kernel's dtype + ATOL (out and lse,
 # whose low-precision reference is rounded once, keep the looser floor of the other CPU tests).
@@ -129,24 +131,10 @@ def test_tiled_backward_matches_reference_on_every_build(isa):
 
 
 def _backward_peak_bytes(y):
-    from torch.profiler import ProfilerActivity, profile
-
     y = y.requires_grad_()
     out = sk.symmetric_attention(y, None, backend="cpu")
     grad_out = torch.randn_like(out)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            torch.autograd.grad(out, y, grad_out)
-    finally:
-        torch.set_num_threads(previous)
-    running = peak = 0
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
+    return peak_allocated_bytes(lambda: torch.autograd.grad(out, y, grad_out))
 
 
 def test_bf16_backward_peak_memory_as_fp32():
