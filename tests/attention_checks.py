@@ -114,6 +114,25 @@ def with_threads(threads, fn):
         torch.set_num_threads(previous)
 
 
+def peak_allocated_bytes(fn, threads=2) -> int:
+    """Peak of the CPU memory fn() allocates beyond what it started with (the profiler's allocation
+    events in time order), run with torch's intra-op thread count set to threads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def profiled():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return prof
+
+    prof = with_threads(threads, profiled)
+    running = peak = 0
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
 def mirrored_groups(S, batch_heads):
     """(groups, rows per group) of a head of S > 512 tokens on the CPU kernels' mirrored forward:
     whole 128-row query blocks, as many groups (up to 8) as make about 32 group-pair tasks in a

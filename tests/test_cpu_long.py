@@ -1,6 +1,6 @@
 """Heads longer than 512 tokens on the fused CPU kernels: the forward meets the keys one tile at
-a time with an online softmax, and the backward of symmetric fp32 scores gathers each task's
-own rows from score tiles read both ways. Checked against the fp64 reference under flash-attn's
+a time with an online softmax, and the backward (no or a diagonal coefficient) computes each
+score tile once for both of its roles, in rounds of block pairs. Checked against the fp64 reference under flash-attn's
 rule, with lengths that leave a ragged last tile, row maxima that grow from tile to tile, every
 mask kind, and a backward that allocates no per-task copies of the head's gradient."""
 import pytest
@@ -13,7 +13,7 @@ if extensions.state("cpu").how == extensions.ABSENT:
 
 import symattn_kernels as sk
 
-from .attention_checks import F64, assert_flash_rule, make_inputs, reference, run
+from .attention_checks import F64, assert_flash_rule, make_inputs, peak_allocated_bytes, reference, run
 
 ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 NAMES = ["out", "lse", "dq", "dv/dcoef", "dcoef"]
@@ -82,24 +82,11 @@ def test_long_heads_half_precision(case, dtype):
 
 
 def test_tiled_backward_allocates_no_head_sized_accumulators():
-    """One 4096-token head on 2 threads: the backward's allocations (the gradient, and per worker
-    two transposed panels and a few tiles) stay within 12 copies of the input; per-task fp32 copies
-    of the head's gradient, summed afterwards, would take 32."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """One 4096-token head on 2 threads: the backward's allocations (the gradient, the head's two
+    transposed panels and fp32 accumulator, per worker a few tiles) stay within 12 copies of the
+    input; per-task fp32 copies of the head's gradient, summed afterwards, would take 32."""
     y = torch.randn(1, 4096, 1, 64, requires_grad=True)
     grad_out = torch.randn_like(y)
     out = cpu(y, None)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            torch.autograd.grad(out, y, grad_out)
-    finally:
-        torch.set_num_threads(previous)
-    running = peak = 0
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
+    peak = peak_allocated_bytes(lambda: torch.autograd.grad(out, y, grad_out))
     assert peak <= 12 * y.numel() * 4, f"backward peak {peak / 2**20:.2f} MiB"

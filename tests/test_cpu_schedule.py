@@ -15,10 +15,15 @@ from symattn_kernels.backends import cpu as cpu_backend
 
 from .attention_checks import assert_flash_rule, make_inputs, mirrored_groups, reference, run, with_threads
 
-# Heads longer than 512 tokens run in tasks of 128 query rows (the backward of symmetric fp32
-# scores, and the forward of other scores); at S = 1024 that is 8 tasks per head.
+# Heads longer than 512 tokens whose forward is not mirrored run it in tasks of 128 query rows; at
+# S = 1024 that is 8 tasks per head.
 S_SPLIT = 1024
 TASK_ROWS_MAX = 128
+# Their backward (M none or diagonal) runs score tiles of 64-row blocks in rounds of block pairs:
+# at S = 1024, 16 blocks, 15 rounds of 8 tasks, 16 * 17 / 2 tiles per head; a task of the first
+# round also takes its two blocks' diagonal tiles.
+BLOCKS = 16
+TILES_PER_TASK_MAX = 3
 # The other backward (here: with a full coefficient) cuts heads into slices of whole query
 # blocks, which at S = 1024 are 126 rows; at B*H >= 1 a slice holds at most three of them.
 BWD_SLICE_ROWS_MAX = 3 * 126
@@ -55,9 +60,8 @@ def test_every_worker_gets_a_fair_share(batch, heads, threads, coef_mode):
         assert forward[:, 0].sum().item() == batch * heads * S_SPLIT // TASK_ROWS_MAX
         assert_fair(forward, batch * heads, threads, TASK_ROWS_MAX)
     bwd_tasks = backward[:, 0].sum().item()
-    if coef_mode is None:  # the same tasks as the forward
-        assert bwd_tasks == batch * heads * S_SPLIT // TASK_ROWS_MAX
-        assert_fair(backward, batch * heads, threads, TASK_ROWS_MAX)
+    if coef_mode is None:
+        assert_fair_tiles(backward, batch * heads, threads)
         return
     # Sliced: heads cut into slices until there are about 32 tasks (whole heads from B*H = 32).
     if batch * heads >= 32:
@@ -65,6 +69,18 @@ def test_every_worker_gets_a_fair_share(batch, heads, threads, coef_mode):
     else:
         assert bwd_tasks > batch * heads
     assert_fair(backward, batch * heads, threads, S_SPLIT if bwd_tasks == batch * heads else BWD_SLICE_ROWS_MAX)
+
+
+def assert_fair_tiles(schedule, n_heads, threads):
+    """Every tile run once, as many workers busy as a round has tasks, each worker's tiles
+    within one task of the mean."""
+    tasks, tiles = schedule[:, 0], schedule[:, 1]
+    assert tasks.sum().item() == n_heads * (BLOCKS - 1) * BLOCKS // 2
+    assert tiles.sum().item() == n_heads * BLOCKS * (BLOCKS + 1) // 2
+    assert len(schedule) == min(threads, n_heads * BLOCKS // 2)
+    assert (tasks > 0).all()
+    mean = tiles.double().mean().item()
+    assert (tiles.double() - mean).abs().max().item() <= TILES_PER_TASK_MAX
 
 
 def assert_fair(schedule, n_heads, threads, task_rows_max):

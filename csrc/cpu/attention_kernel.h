@@ -18,15 +18,17 @@
 // symmetric, the forward is mirrored instead: a task owns a pair of row groups of the head and
 // multiplies each score tile between them once, for the rows of both groups (one read across,
 // one down its columns); each group's running states from its tasks are merged in task order
-// (run_mirrored, plan_mirrored). Their backward, where the scores are
-// symmetric (fp32, M none or diagonal, not causal), takes the same tiles: a task gathers every
-// gradient of its own query rows from one score tile per key tile (S_IJ read both ways, see
-// run_tiled), so it writes no other task's rows. Other backward tasks own a whole head, or, when
-// a call has few heads, a slice of a long head's query rows; they accumulate their gradients in
-// fp32 buffers, and a head's slices are summed in slice order afterwards. Results are
-// independent of the thread count: the tasks are cut without regard to it, and each output
-// element is produced by one task, or one fixed-order sum of tasks. The tasks are dealt to the
-// workers before any runs (for_each_head).
+// (run_mirrored, plan_mirrored). Their backward, wherever M is symmetric (none or diagonal; any
+// dtype, causal or not, with or without dropout), cuts a head into row blocks and computes each
+// score tile S_IJ (I >= J) once, in one task that takes both of its roles: S_JI = S_IJ^T, so the
+// tile gives the gradients of rows I and of rows J (pair_tile). Such a task writes two blocks'
+// accumulators, so the tasks run in rounds in which no block meets two of them (tiled_backward),
+// and every block takes its tiles in round order. Other backward tasks (a full M) own a whole
+// head, or, when a call has few heads, a slice of a long head's query rows; they accumulate
+// their gradients in fp32 buffers, and a head's slices are summed in slice order afterwards.
+// Results are independent of the thread count: the tasks are cut without regard to it, and each
+// output element is produced by one task, or one fixed-order sum of tasks. The tasks are dealt
+// to the workers before any runs (for_each_head, tiled_backward).
 //
 // For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
@@ -64,6 +66,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -121,8 +124,7 @@ constexpr int64_t kBackwardTasks = 32;
 constexpr int64_t kSymTile = 64;
 // Longer heads run the forward flash-style: query blocks of kQueryTile rows
 // against key tiles of kKeyTile keys, the row max and sum updated online, so that a task's
-// scores, output block and current key/value tile stay in a core's L2 at any length. Their
-// backward takes the same tiles where the scores are symmetric and fp32 (see run_tiled).
+// scores, output block and current key/value tile stay in a core's L2 at any length.
 constexpr int64_t kQueryTile = 128;
 constexpr int64_t kKeyTile = 256;
 // Where their scores are symmetric (M none or diagonal, not causal, no dropout; not on AMX
@@ -137,6 +139,12 @@ constexpr int64_t kMirrorTile = 256;
 constexpr int64_t kMirrorGroups = 8;
 constexpr int64_t kMirrorTasks = 32;
 constexpr int64_t kMirrorStateBytes = int64_t{128} << 20;
+// The tiled backward cuts a head into blocks of kPairTile rows, or of kPairTileMin rows for heads
+// under kPairBlocks * kPairTile tokens: a round of tiles (see tiled_backward) then still holds
+// kPairBlocks / 2 tasks per head. Block sizes depend on the length alone, never on threads.
+constexpr int64_t kPairTile = 128;
+constexpr int64_t kPairTileMin = 64;
+constexpr int64_t kPairBlocks = 16;
 constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max() / 4;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -627,6 +635,7 @@ struct Geometry {
   bool symmetric = false;  // whole heads with symmetric scores (see the file comment)
   bool tiled = false;      // query blocks against key tiles (kQueryTile, kKeyTile)
   bool mirrored = false;   // tiled forward whose heads can take the mirrored schedule
+  int64_t tile = 0;        // rows per block of the tiled backward (pair_tile)
 
   Geometry(const ForwardParams& p, bool backward) {
     L = p.cu_seqlens != nullptr ? 0 : p.seqlen;
@@ -637,9 +646,8 @@ struct Geometry {
     // A long head's key-indexed panels are read down their columns (a micro-tile's B rows): a
     // row stride of a multiple of 1 KiB would map those rows onto a few L1 sets.
     if (L > kWholeHead && ldk % 256 == 0) ldk += kVec;
-    tiled = L > kWholeHead &&
-            (!backward || (p.dropout_p == 0.0 && !p.causal && p.coef_mode != CoefMode::kFull &&
-                           p.dtype == DType::kFloat32));
+    tiled = L > kWholeHead && (!backward || p.coef_mode != CoefMode::kFull);
+    tile = L >= kPairBlocks * kPairTile ? kPairTile : kPairTileMin;
     block = L <= kWholeHead && kSymmetricSchedule
                 ? std::max<int64_t>(L, 1)
             : tiled ? kQueryTile
@@ -912,7 +920,10 @@ class Head {
   }
 
   // keep[j] for keys [j0, j0 + n) of query row i, as 0 / keep_scale multipliers.
-  void keep_row(float* keep, int64_t i, int64_t n, int64_t j0 = 0) const {
+  void keep_row(float* keep, int64_t i, int64_t n, int64_t j0 = 0) const { keep_run(keep, i, j0, n); }
+
+  // keep[j] = the multiplier of query row i on key j0 + j, for j in [0, n).
+  void keep_run(float* keep, int64_t i, int64_t j0, int64_t n) const {
     const uint64_t base =
         (static_cast<uint64_t>(h_ * p_.n_rows + row_id0_ + i)) * static_cast<uint64_t>(p_.seqlen);
     draw_keep(keep_rule_, base + static_cast<uint64_t>(j0), n, keep);
@@ -1334,15 +1345,6 @@ class BackwardHead : public Head<scalar_t> {
     const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
     const bool shared = p.v.data == nullptr, coef = p.coef_mode != CoefMode::kNone;
     const bool full = p.coef_mode == CoefMode::kFull;
-    if (g.tiled) {  // fp32 operands, M none or diagonal
-      return Base::panel_floats(p, g, true)
-             + (coef ? g.block * D : 0)           // (G + G^T) Y of the query block
-             + (shared ? 0 : Dv * g.ldk)          // Vt
-             + L                                  // dlse
-             + Dv * g.ldk + 2 * L                 // dO^T, delta, column lse
-             + 4 * g.block * kKeyTile             // S / P, dP / G, P^T, dP^T / G^T tiles
-             + g.block * D + (shared ? 0 : g.block * Dv);  // dY, dV of the query block
-    }
     return Base::panel_floats(p, g, true)
            + (kPairs && coef ? words(L) * D : 0)                                // Qb
            + (shared ? 0 : (kPairs ? L * words(Dv) : 0) + words(Dv) * g.ldk)    // Va, Vt
@@ -1361,12 +1363,6 @@ class BackwardHead : public Head<scalar_t> {
   // slice, which this zeroes first and the caller sums over the head's slices (reduce). With
   // slice == null: the whole head (r0 = 0, r1 = L), written to dq / dv / dcoef_partial.
   void run(int64_t r0, int64_t r1, const BackwardSlice* slice) {
-    if constexpr (std::is_same_v<scalar_t, float>) {  // the only dtype Geometry tiles here
-      if (g_.tiled) {
-        run_tiled(r0, r1, slice != nullptr ? slice->dcoef : nullptr);
-        return;
-      }
-    }
     const CoefMode mode = bp_.coef_mode;
     const bool want_dcoef = bp_.dcoef_partial != nullptr && mode != CoefMode::kNone;
     this->setup_keys();
@@ -1432,106 +1428,212 @@ class BackwardHead : public Head<scalar_t> {
     store(slices[0].dy, slices[0].dv);
   }
 
- private:
-  // Heads on the tiled schedule (fp32, M none or diagonal, not causal, no dropout): query rows
-  // [r0, r1) gather every gradient of their own rows, key tile by key tile. S is symmetric, so one
-  // score tile S_IJ gives both P_IJ (rows I attending keys J, with lse_I) and P_JI^T (rows J
-  // attending keys I, with lse_J): with Z_I = (G_IJ + G_JI^T) Y_J summed over J,
-  // dY_I = scale Z_I M (+ P_JI^T dO_J when V = Y), dV_I = P_JI^T dO_J, and for a diagonal M
-  // dc = scale / 2 sum_i y_i * z_i, of which this task's rows add their share to dcoef (zeroed by
-  // the caller, summed over a head's tasks in task order). No task writes another's rows, so a
-  // head splits into any number of tasks without gradient accumulators to sum.
-  // delta = rowsum(dO * O) - dlse comes from the fp32 output.
-  void run_tiled(int64_t r0, int64_t r1, double* dcoef) {
+  // The tiled backward (heads longer than kWholeHead, M none or diagonal): a head is cut into
+  // blocks of g.tile rows, and every score tile S_IJ (I >= J) is computed once, by one task that
+  // takes both of its roles. M is symmetric, so S_JI = S_IJ^T: the tile gives P_IJ (rows I on keys
+  // J, with lse_I) and, read down its columns, P_JI^T (rows J on keys I, with lse_J), and with
+  // dP_IJ = dO_I V_J^T and dP_JI^T = V_I dO_J^T it gives Gs = G_IJ + G_JI^T. Then
+  //   Z_I += Gs Y_J,   Z_J += Gs^T Y_I,   dV_I += Pd_JI^T dO_J,   dV_J += Pd_IJ^T dO_I,
+  // with Z = (G + G^T) Y, dY = scale Z M (+ dV when V = Y), dM = scale / 2 diag(Y^T Z). That is
+  // 7 tile products per pair of blocks, 3.5 L^2 D in all (5 L^2 D when each block's task gathers
+  // its own rows from every tile). Causal heads take only the tiles I > J, where rows J see no
+  // key of I: 5 products each (2.5 L^2 D). A tile's task writes the accumulators of blocks I and
+  // J, so the driver (tiled_backward) runs the pairs in rounds in which no block meets two tiles.
+  //
+  // delta = rowsum(dO * O) - dlse comes from the saved output.
+
+  // Per-head workspace of prepare_tiled, which lives from the first round to the last.
+  static int64_t tiled_head_floats(const BackwardParams& p, const Geometry& g) {
+    const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
+    const bool shared = p.v.data == nullptr;
+    return Base::panel_floats(p, g, true)
+           + (shared ? 0 : (kPairs ? L * words(Dv) : 0) + words(Dv) * g.ldk)  // Va, Vt
+           + (kPairs ? L * words(Dv) + words(L) * Dv : (kHalf ? L * Dv : 0))   // dO as A rows, B rows
+           + words(Dv) * g.ldk                                                 // dO^T
+           + 3 * L                                                             // dlse, delta, column lse
+           + L * D + (separate_dv(p) ? L * Dv : 0);                           // Z, dV accumulators
+  }
+
+  // Per-worker workspace of pair_tile.
+  static int64_t tiled_scratch_floats(const BackwardParams& p, const Geometry& g) {
+    const int64_t tile = g.tile * g.tile;
+    return (4 + (p.dropout_p > 0.0 ? 3 : 0)) * tile  // S / Pd, dP / Gs, dPt / Gt, Pdt; keep tiles
+           + (kPairs ? 4 * words(g.tile) * g.tile : 0);  // bf16 Gs, Gs^T, Pd^T, Pdt
+  }
+
+  int64_t tiled_blocks() const { return (L_ + g_.tile - 1) / g_.tile; }
+
+  // Panels, delta and zeroed accumulators for every round of this head.
+  void prepare_tiled() {
     this->setup_keys();
     this->pack_query_key(true);
     this->pack_values();
     pack_backward_inputs();
-    const Panel dot = this->b_transposed(do_rows_, L_, Dv_, ws_.template take<Word>(Dv_ * g_.ldk));  // dO^T
-    float* delta = ws_.template take<float>(L_);
-    float* lse_col = ws_.template take<float>(L_);
+    dot_ = this->b_transposed(do_rows_, L_, Dv_, ws_.template take<Word>(words(Dv_) * g_.ldk));
+    delta_ = ws_.template take<float>(L_);
+    lse_col_ = ws_.template take<float>(L_);
     for (int64_t i = 0; i < L_; ++i) {
       const float lse = *this->lse_ptr(i);
-      lse_col[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;  // exp(S - lse) = 0
-      delta[i] = dot_row(this->row_ptr(bp_.out, i), this->row_ptr(bp_.dout, i), Dv_) - dlse_[i];
+      lse_col_[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;  // exp(S - lse) = 0
+      delta_[i] = dot_row(this->row_ptr(bp_.out, i), this->row_ptr(bp_.dout, i), Dv_) - dlse_[i];
     }
-    constexpr int64_t kBk = kKeyTile;
-    float* s = ws_.template take<float>(g_.block * kBk);
-    float* dp = ws_.template take<float>(g_.block * kBk);
-    float* pt = ws_.template take<float>(g_.block * kBk);
-    float* dpt = ws_.template take<float>(g_.block * kBk);
-    const bool diag = bp_.coef_mode == CoefMode::kDiag;
-    float* dy = ws_.template take<float>(g_.block * D_);
-    float* z = diag ? ws_.template take<float>(g_.block * D_) : dy;  // M = I: scale Z straight into dY
-    float* dv = shared_ ? dy : ws_.template take<float>(g_.block * Dv_);
-    const float scale = static_cast<float>(bp_.scale);
-    const Panel v_rows = shared_ ? this->ya_ : vb_;  // V as A rows (fp32: row-major)
-    for (int64_t i0 = r0; i0 < r1; i0 += g_.block) {
-      const int64_t rows = std::min(g_.block, r1 - i0);
-      fill(dy, rows * D_, 0.f);
-      if (diag) fill(z, rows * D_, 0.f);
-      if (!shared_) fill(dv, rows * Dv_, 0.f);
-      for (int64_t j0 = 0; j0 < L_; j0 += kBk) {
-        const int64_t cols = std::min(kBk, L_ - j0);
-        gemm<Dot, false>(rows, cols, D_, a_from(qa_, i0), Panel{yt_.data + j0, yt_.ld}, s, kBk, scale, false);
-        gemm<Dot, false>(rows, cols, Dv_, a_from(do_rows_, i0), Panel{vt_.data + j0, vt_.ld}, dp, kBk, 1.f, false);
-        gemm<Dot, false>(rows, cols, Dv_, a_from(v_rows, i0), Panel{dot.data + j0, dot.ld}, dpt, kBk, 1.f, false);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t o = r * kBk;
-          pair_row(s + o, dp + o, pt + o, dpt + o, i0 + r, j0, cols, delta, lse_col);
-        }
-        gemm<Dot, false>(rows, D_, cols, Panel{dp, kBk}, b_from(yb_, j0), z, D_, diag ? 1.f : scale, true);
-        gemm<Dot, false>(rows, Dv_, cols, Panel{pt, kBk}, b_from(do_pairs_, j0), dv, Dv_, 1.f, true);
-      }
-      if (diag) {
-        if (dcoef != nullptr) diag_dcoef(dcoef, z, D_, i0, rows, 0.5f * scale);
-        const float* c = bp_.coef + h_ * D_;
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t d = 0; d < D_; ++d) dy[r * D_ + d] += scale * c[d] * z[r * D_ + d];
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        store_row(this->row_ptr(bp_.dq, i0 + r), dy + r * D_, D_);
-        if (!shared_) store_row(this->row_ptr(bp_.dv, i0 + r), dv + r * Dv_, Dv_);
-      }
+    zacc_ = ws_.template take<float>(L_ * D_);
+    fill(zacc_, L_ * D_, 0.f);
+    dvacc_ = zacc_;
+    if (separate_dv(bp_)) {
+      dvacc_ = ws_.template take<float>(L_ * Dv_);
+      fill(dvacc_, L_ * Dv_, 0.f);
     }
   }
 
-  // Row i of a tile over keys [j0, j0 + cols): s holds S_IJ, dp dO_i V_J^T, dpt V_i dO_J^T. Leaves
-  // in pt the row of P_JI^T (rows J attending key i) and in dp that of G_IJ + G_JI^T.
-  void pair_row(float* s, float* dp, float* pt, float* dpt, int64_t i, int64_t j0, int64_t cols,
-                const float* delta, const float* lse_col) {
-    // Rows J on key i: zero if key i is padding; its own row's exclude_self on the diagonal.
-    if (kbias_ != nullptr && kbias_[i] == kNegInf) {
-      fill(pt, cols, 0.f);
-      fill(dpt, cols, 0.f);
-    } else {
-      for (int64_t c = 0; c < cols; c += kVec) {
-        const int64_t count = std::min(kVec, cols - c);
-        const Vec p = exp_vec(Vec::loadu(s + c, count) - Vec::loadu(lse_col + j0 + c, count));
-        p.store(pt + c, count);
-        (p * (Vec::loadu(dpt + c, count) - Vec::loadu(delta + j0 + c, count))).store(dpt + c, count);
-      }
-      if (i >= j0 && i < j0 + cols && this->excludes_self(i)) pt[i - j0] = dpt[i - j0] = 0.f;
+  // Score tile (bi, bj), bi >= bj, in both roles (see above); scratch holds tiled_scratch_floats.
+  void pair_tile(int64_t bi, int64_t bj, float* scratch) {
+    const int64_t T = g_.tile;
+    const int64_t i0 = bi * T, rows = std::min(T, L_ - i0), j0 = bj * T, cols = std::min(T, L_ - j0);
+    const bool same = bi == bj;
+    const bool mirror = !bp_.causal || same;  // rows J attend keys I
+    float* s = scratch;
+    float* dp = s + T * T;
+    float* dpt = dp + T * T;
+    float* pdt = dpt + T * T;
+    float* keep = this->dropout() ? pdt + T * T : nullptr;
+    float* keep_t = keep != nullptr ? keep + T * T : nullptr;
+    const float scale = static_cast<float>(bp_.scale);
+    gemm<Dot, false>(rows, cols, D_, a_from(qa_, i0), Panel{yt_.data + j0, yt_.ld}, s, T, scale, false);
+    gemm<Dot, false>(rows, cols, Dv_, a_from(do_rows_, i0), Panel{vt_.data + j0, vt_.ld}, dp, T, 1.f, false);
+    if (mirror) {
+      gemm<Dot, false>(rows, cols, Dv_, a_from(va_, i0), Panel{dot_.data + j0, dot_.ld}, dpt, T, 1.f, false);
     }
-    // Row i on keys J.
+    if (keep != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) this->keep_run(keep + r * T, i0 + r, j0, cols);
+      if (mirror) {  // rows J on keys I, drawn by row, then laid out as the tile
+        float* by_row = keep_t + T * T;
+        for (int64_t c = 0; c < cols; ++c) this->keep_run(by_row + c * T, j0 + c, i0, rows);
+        transpose(by_row, T, keep_t, T, cols, rows);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * T;
+      if (mirror) {
+        column_side(s + o, dpt + o, pdt + o, keep_t != nullptr ? keep_t + o : nullptr, i0 + r, j0, cols,
+                    same && bp_.causal ? r : 0);
+      }
+      row_side(s + o, dp + o, mirror ? dpt + o : nullptr, keep != nullptr ? keep + o : nullptr, i0 + r, j0, cols);
+    }
+    // s: Pd_IJ, dp: Gs, pdt: Pd_JI^T.
+    const float zalpha = bp_.coef_mode == CoefMode::kDiag ? 1.f : scale;
+    Word* packs = reinterpret_cast<Word*>(keep != nullptr ? keep_t + 2 * T * T : pdt + T * T);
+    const int64_t pack_words = words(T) * T;
+    const Panel gs = Base::a_rows(static_cast<const float*>(dp), T, rows, cols, packs);
+    gemm<Dot, false>(rows, D_, cols, gs, b_from(yb_, j0), zacc_ + i0 * D_, D_, zalpha, true);
+    if (mirror) {
+      const Panel pt = Base::a_rows(static_cast<const float*>(pdt), T, rows, cols, packs + pack_words);
+      gemm<Dot, false>(rows, Dv_, cols, pt, b_from(do_pairs_, j0), dvacc_ + i0 * Dv_, Dv_, 1.f, true);
+    }
+    if (!same) {
+      const Panel gs_t = Base::b_rows(static_cast<const float*>(dp), T, rows, cols, packs + 2 * pack_words, T);
+      gemm<Dot, true>(cols, D_, rows, gs_t, b_from(yb_, i0), zacc_ + j0 * D_, D_, zalpha, true);
+      const Panel pd_t = Base::b_rows(static_cast<const float*>(s), T, rows, cols, packs + 3 * pack_words, T);
+      gemm<Dot, true>(cols, Dv_, rows, pd_t, b_from(do_pairs_, i0), dvacc_ + j0 * Dv_, Dv_, 1.f, true);
+    }
+  }
+
+  // dY = scale Z M (+ dV when V = Y) and dV to dq / dv; the diagonal coefficient's
+  // scale / 2 sum_i y_i * z_i, row by row, added to dcoef_partial.
+  void finish_tiled() {
+    const bool diag = bp_.coef_mode == CoefMode::kDiag;
+    const float scale = static_cast<float>(bp_.scale);
+    double* dcoef = diag && bp_.dcoef_partial != nullptr ? bp_.dcoef_partial + (b_ * bp_.heads + h_) * D_ : nullptr;
+    if (dcoef != nullptr) diag_dcoef(dcoef, zacc_, D_, 0, L_, 0.5f * scale);
+    for (int64_t i = 0; i < L_; ++i) {
+      float* z = zacc_ + i * D_;
+      if (diag) {
+        const float* c = bp_.coef + h_ * D_;
+        for (int64_t d = 0; d < D_; ++d) z[d] *= scale * c[d];
+        if (shared_) add_inplace(z, dvacc_ + i * D_, D_);
+      }
+      store_row(this->row_ptr(bp_.dq, i), z, D_);
+      if (!shared_) store_row(this->row_ptr(bp_.dv, i), dvacc_ + i * Dv_, Dv_);
+    }
+  }
+
+ private:
+  // Whether dV needs its own accumulator: separate values, or Z scaled by a diagonal M.
+  static bool separate_dv(const BackwardParams& p) {
+    return p.v.data != nullptr || p.coef_mode == CoefMode::kDiag;
+  }
+
+  // Row i of a tile over keys [j0, j0 + cols), read as rows J on key i: s holds S_IJ (unmasked),
+  // dpt V_i dO_J^T. Leaves G_JI^T in dpt and Pd_JI^T in pdt; first > 0 zeroes the columns before
+  // it (a causal diagonal tile: row j sees key i only when i <= j).
+  void column_side(const float* s, float* dpt, float* pdt, const float* keep, int64_t i, int64_t j0, int64_t cols,
+                   int64_t first) const {
+    if (kbias_ != nullptr && kbias_[i] == kNegInf) {  // key i is padding
+      fill(pdt, cols, 0.f);
+      fill(dpt, cols, 0.f);
+      return;
+    }
+    for (int64_t c = 0; c < cols; c += kVec) {
+      const int64_t count = std::min(kVec, cols - c);
+      const Vec p = exp_vec(Vec::loadu(s + c, count) - Vec::loadu(lse_col_ + j0 + c, count));
+      Vec dpv = Vec::loadu(dpt + c, count);
+      Vec pd = p;
+      if (keep != nullptr) {
+        const Vec k = Vec::loadu(keep + c, count);
+        dpv = dpv * k;
+        pd = p * k;
+      }
+      pd.store(pdt + c, count);
+      (p * (dpv - Vec::loadu(delta_ + j0 + c, count))).store(dpt + c, count);
+    }
+    const int64_t zero_to = std::min(first, cols);
+    fill(pdt, zero_to, 0.f);
+    fill(dpt, zero_to, 0.f);
+    if (i >= j0 && i < j0 + cols && this->excludes_self(i)) pdt[i - j0] = dpt[i - j0] = 0.f;
+  }
+
+  // Row i of a tile over keys [j0, j0 + cols), read as row i on keys J: s holds S_IJ, dp
+  // dO_i V_J^T, gt (when the tile has the other role too) G_JI^T. Leaves Pd_IJ in s and
+  // G_IJ (+ G_JI^T) in dp.
+  void row_side(float* s, float* dp, const float* gt, const float* keep, int64_t i, int64_t j0, int64_t cols) {
     const int64_t n = std::clamp<int64_t>(this->row_keys(i) - j0, 0, cols);
     const float lse = *this->lse_ptr(i);
     if (n == 0 || lse == kNegInf) {
-      std::memcpy(dp, dpt, cols * sizeof(float));
+      fill(s, cols, 0.f);
+      if (gt != nullptr) {
+        std::memcpy(dp, gt, cols * sizeof(float));
+      } else {
+        fill(dp, cols, 0.f);
+      }
       return;
     }
     this->mask_row(s, i, j0 + n, j0);
-    exp_inplace(s, n, lse);
-    const Vec vdelta(delta[i]);
+    const Vec vdelta(delta_[i]), vlse(lse);
     for (int64_t c = 0; c < cols; c += kVec) {
       const int64_t count = std::min(kVec, cols - c);
-      const Vec g = c < n ? Vec::loadu(s + c, count) * (Vec::loadu(dp + c, count) - vdelta) : Vec(0.f);
-      const Vec keep_g = c + count <= n ? g : Vec::set(Vec(0.f), g, std::max<int64_t>(0, n - c));
-      (keep_g + Vec::loadu(dpt + c, count)).store(dp + c, count);
+      Vec p = exp_vec(Vec::loadu(s + c, count) - vlse);
+      if (c + count > n) p = Vec::set(Vec(0.f), p, std::max<int64_t>(0, n - c));
+      Vec dpv = Vec::loadu(dp + c, count);
+      if (keep != nullptr) {
+        const Vec k = Vec::loadu(keep + c, count);
+        dpv = dpv * k;
+        (p * k).store(s + c, count);
+      } else {
+        p.store(s + c, count);
+      }
+      Vec g = p * (dpv - vdelta);
+      if (gt != nullptr) g = g + Vec::loadu(gt + c, count);
+      g.store(dp + c, count);
     }
   }
 
+  Panel va_, dot_;
+  float* delta_ = nullptr;
+  float* lse_col_ = nullptr;
+  float* zacc_ = nullptr;
+  float* dvacc_ = nullptr;
+
+ private:
   void store(const float* dy, const float* dv) {
     for (int64_t i = 0; i < L_; ++i) store_row(this->row_ptr(bp_.dq, i), dy + i * D_, D_);
     if (!shared_) {
@@ -1543,11 +1645,12 @@ class BackwardHead : public Head<scalar_t> {
   void pack_backward_inputs() {
     if (shared_) {
       vt_ = yt_;
+      va_ = this->ya_;
     } else if constexpr (kPairs) {
-      const Panel va = Base::a_rows(this->v_rows_.data, this->v_rows_.ld, L_, Dv_,
-                                    ws_.template take<Word>(L_ * words(Dv_)));
-      vt_ = this->b_transposed(va, L_, Dv_, ws_.template take<Word>(words(Dv_) * g_.ldk));
+      va_ = Base::a_rows(this->v_rows_.data, this->v_rows_.ld, L_, Dv_, ws_.template take<Word>(L_ * words(Dv_)));
+      vt_ = this->b_transposed(va_, L_, Dv_, ws_.template take<Word>(words(Dv_) * g_.ldk));
     } else {
+      va_ = vb_;  // fp32 rows: the same array as A rows
       vt_ = this->b_transposed(vb_, L_, Dv_, ws_.template take<Word>(Dv_ * g_.ldk));
     }
     const scalar_t* dout = this->row_ptr(bp_.dout, 0);
@@ -1887,6 +1990,193 @@ std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, i
   return lists;
 }
 
+// One task of a round of the tiled backward: tile (bi, bj) of the wave's head `head`, and with
+// `diagonals` the tiles (bi, bi) and (bj, bj) after it; bi == bj is a diagonal tile alone.
+struct TileTask {
+  int64_t head, bi, bj;
+  bool diagonals;
+  double cost;  // tile products
+};
+
+// Rounds of the tiles of a head of nb blocks (the circle method over nb rounded up to even).
+int64_t tile_rounds(int64_t nb) { return nb + nb % 2 - 1; }
+
+// Round r's tasks of a head of nb blocks: each block sits in exactly one of them, each pair of
+// blocks meets in exactly one round, and each diagonal tile is taken once (by the block paired
+// with the extra one when nb is odd, by round 0's tasks when nb is even).
+void round_tasks(int64_t head, int64_t nb, int64_t r, bool causal, std::vector<TileTask>& out) {
+  const int64_t n = nb + nb % 2;
+  const double pair = causal ? 5.0 : 7.0, diagonal = 5.0;
+  auto add = [&](int64_t a, int64_t b) {
+    if (a == nb || b == nb) {
+      const int64_t x = a == nb ? b : a;
+      out.push_back({head, x, x, false, diagonal});
+      return;
+    }
+    const bool diagonals = nb % 2 == 0 && r == 0;
+    out.push_back({head, std::max(a, b), std::min(a, b), diagonals, pair + (diagonals ? 2 * diagonal : 0.0)});
+  };
+  add(n - 1, r);
+  for (int64_t k = 1; k < n / 2; ++k) add((r + k) % (n - 1), (r - k + n - 1) % (n - 1));
+}
+
+// A step of the tiled backward: a head's prepare_tiled, a task of tiles of one round, or a head's
+// finish_tiled.
+struct TiledJob {
+  enum Kind { kPrepare, kTiles, kFinish } kind;
+  int64_t head, round;
+  TileTask tiles;
+};
+
+// Spins, then yields, until ready(): a worker waits for the tiles its task depends on, which run
+// on another worker (or, when that worker lost its core, for it to get one back).
+template <typename Ready>
+void wait_until(const Ready& ready) {
+  for (int spins = 0; !ready(); ++spins) {
+    if (spins >= 64) std::this_thread::yield();
+  }
+}
+
+// The backward of tiled heads (see BackwardHead::pair_tile). Heads go in waves, longest first,
+// each wave just large enough that a round has about two tasks per thread. In a wave every head
+// packs its panels (prepare_tiled), the rounds of tiles run, and every head writes its gradients
+// (finish_tiled), all in one parallel region: each worker runs a list dealt before any runs, and
+// a task waits only for its own two blocks to have finished the previous round (per-block
+// counters), never for a barrier across all workers, so one descheduled thread delays only the
+// tasks that need its tiles. Within a round no two tasks touch the same block, so tasks never
+// share an accumulator, and every block's accumulator takes its tiles in round order: the results
+// do not depend on the thread count, which only sets the wave size and the deal.
+template <typename Task>
+void tiled_backward(const BackwardParams& p, const Geometry& g) {
+  struct HeadRef {
+    int64_t b, h, blocks;
+  };
+  std::vector<int64_t> order(p.batch);
+  std::iota(order.begin(), order.end(), 0);
+  auto length = [&p](int64_t b) -> int64_t {
+    return p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
+  };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return length(x) > length(y); });
+  std::vector<HeadRef> heads;
+  for (const int64_t b : order) {
+    for (int64_t h = 0; h < p.heads && length(b) > 0; ++h) heads.push_back({b, h, (length(b) + g.tile - 1) / g.tile});
+  }
+  // Inside another parallel region at::parallel_for runs the whole range on one thread.
+  const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  std::vector<int64_t> ran(threads, 0), tiles(threads, 0);
+  std::vector<std::unique_ptr<Workspace>> scratch(threads);
+  const int64_t scratch_floats = Task::tiled_scratch_floats(p, g);
+  for (size_t first = 0; first < heads.size();) {
+    size_t last = first;
+    int64_t per_round = 0;
+    while (last < heads.size() && (last == first || per_round < 2 * threads)) {
+      per_round += std::max<int64_t>(1, heads[last].blocks / 2);
+      ++last;
+    }
+    const int64_t n = static_cast<int64_t>(last - first);
+    std::vector<std::unique_ptr<Workspace>> head_ws;
+    std::vector<std::unique_ptr<Task>> wave;
+    std::vector<int64_t> block0(n + 1, 0);  // the wave's heads' blocks, numbered one after another
+    int64_t rounds = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const HeadRef& head = heads[first + k];
+      head_ws.push_back(std::make_unique<Workspace>(Workspace::bytes_for(Task::tiled_head_floats(p, g))));
+      wave.push_back(std::make_unique<Task>(p, g, *head_ws.back(), head.b, head.h));
+      rounds = std::max(rounds, tile_rounds(head.blocks));
+      block0[k + 1] = block0[k] + head.blocks;
+    }
+    // The jobs in an order that puts every job after those it waits for.
+    std::vector<TiledJob> jobs;
+    std::vector<TileTask> round;
+    for (int64_t k = 0; k < n; ++k) jobs.push_back({TiledJob::kPrepare, k, 0, {}});
+    const int64_t first_tiles = static_cast<int64_t>(jobs.size());
+    std::vector<int64_t> tiles_left(n, 0);
+    for (int64_t r = 0; r < rounds; ++r) {
+      round.clear();
+      for (int64_t k = 0; k < n; ++k) {
+        if (r < tile_rounds(heads[first + k].blocks)) round_tasks(k, heads[first + k].blocks, r, p.causal, round);
+      }
+      for (const TileTask& task : round) {
+        jobs.push_back({TiledJob::kTiles, task.head, r, task});
+        tiles_left[task.head] += 1;
+      }
+    }
+    const int64_t first_finish = static_cast<int64_t>(jobs.size());
+    for (int64_t k = 0; k < n; ++k) jobs.push_back({TiledJob::kFinish, k, 0, {}});
+    // The deal: heads' prepare and finish in turn; each round's tasks to the worker with the least
+    // work in that round, then in the call so far.
+    const int64_t workers = std::min<int64_t>(threads, std::max<int64_t>(n, per_round));
+    std::vector<std::vector<int64_t>> lists(workers);
+    for (int64_t j = 0; j < first_tiles; ++j) lists[j % workers].push_back(j);
+    std::vector<double> load(workers, 0.0);
+    for (int64_t j = first_tiles; j < first_finish; ++j) {
+      if (j == first_tiles || jobs[j].round != jobs[j - 1].round) std::fill(load.begin(), load.end(), 0.0);
+      int64_t w = 0;
+      for (int64_t x = 1; x < workers; ++x) {
+        if (load[x] < load[w] || (load[x] == load[w] && tiles[x] < tiles[w])) w = x;
+      }
+      lists[w].push_back(j);
+      load[w] += jobs[j].tiles.cost;
+      ran[w] += 1;
+      tiles[w] += jobs[j].tiles.diagonals ? 3 : 1;
+    }
+    for (int64_t j = first_finish; j < static_cast<int64_t>(jobs.size()); ++j) {
+      lists[(j - first_finish) % workers].push_back(j);
+    }
+
+    std::vector<std::atomic<int64_t>> rounds_done(block0[n]);  // per block, zero-initialised
+    std::vector<std::atomic<int64_t>> pending(n);              // per head: prepare, then its tile tasks
+    for (int64_t k = 0; k < n; ++k) pending[k].store(1 + tiles_left[k], std::memory_order_relaxed);
+    for (auto& x : rounds_done) x.store(0, std::memory_order_relaxed);
+    auto run_job = [&](const TiledJob& job, float* tile) {
+      Task& head = *wave[job.head];
+      std::atomic<int64_t>& left = pending[job.head];
+      if (job.kind == TiledJob::kPrepare) {
+        head.prepare_tiled();
+        left.fetch_sub(1, std::memory_order_release);
+        return;
+      }
+      if (job.kind == TiledJob::kFinish) {
+        wait_until([&] { return left.load(std::memory_order_acquire) == 0; });
+        head.finish_tiled();
+        return;
+      }
+      const TileTask& task = job.tiles;
+      std::atomic<int64_t>& done_i = rounds_done[block0[job.head] + task.bi];
+      std::atomic<int64_t>& done_j = rounds_done[block0[job.head] + task.bj];
+      wait_until([&] {
+        return left.load(std::memory_order_acquire) <= tiles_left[job.head] &&
+               done_i.load(std::memory_order_acquire) == job.round && done_j.load(std::memory_order_acquire) == job.round;
+      });
+      head.pair_tile(task.bi, task.bj, tile);
+      if (task.diagonals) {
+        head.pair_tile(task.bi, task.bi, tile);
+        head.pair_tile(task.bj, task.bj, tile);
+      }
+      done_i.store(job.round + 1, std::memory_order_release);
+      if (task.bj != task.bi) done_j.store(job.round + 1, std::memory_order_release);
+      left.fetch_sub(1, std::memory_order_release);
+    };
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      // A thread given several workers' lists runs their jobs merged in job order.
+      std::vector<int64_t> mine;
+      for (int64_t w = w0; w < w1; ++w) mine.insert(mine.end(), lists[w].begin(), lists[w].end());
+      std::sort(mine.begin(), mine.end());
+      if (scratch[w0] == nullptr) scratch[w0] = std::make_unique<Workspace>(Workspace::bytes_for(scratch_floats));
+      scratch[w0]->reset();
+      float* tile = scratch[w0]->take<float>(scratch_floats);
+      for (const int64_t j : mine) run_job(jobs[j], tile);
+    });
+    first = last;
+  }
+  if (p.schedule != nullptr) {
+    int64_t used = threads;
+    while (used > 1 && ran[used - 1] == 0) --used;
+    p.schedule->tasks.assign(ran.begin(), ran.begin() + used);
+    p.schedule->rows.assign(tiles.begin(), tiles.begin() + used);
+  }
+}
+
 // Runs every task of the call: one worker per thread (never more than tasks) runs its dealt
 // list in order, prefetching the inputs of its next task while it computes the current one.
 // Which worker runs a task never changes what the task computes. When p.schedule is set, it
@@ -1895,6 +2185,12 @@ template <typename Task, typename Params>
 void for_each_head(const Params& p) {
   constexpr bool kBackward = std::is_same_v<Params, BackwardParams>;
   const Geometry g(p, kBackward);
+  if constexpr (kBackward) {
+    if (g.tiled) {
+      tiled_backward<Task>(p, g);
+      return;
+    }
+  }
   std::vector<MirrorMerge> merges;
   std::vector<int64_t> state_rows;
   const std::vector<Piece> pieces = plan_tasks(p, g, kBackward, &merges, &state_rows);
@@ -1907,19 +2203,7 @@ void for_each_head(const Params& p) {
   }
   if (tasks == 0) return;
   SliceBuffers slices;
-  // Tiled backward tasks with a diagonal coefficient: each task's dcoef share, summed per head in
-  // task order after the run.
-  std::vector<double> task_dcoef;
-  std::vector<BackwardSlice> task_slices;
-  if constexpr (kBackward) {
-    if (!g.tiled) {
-      slices = SliceBuffers(p, pieces);
-    } else if (p.dcoef_partial != nullptr && p.coef_mode == CoefMode::kDiag) {
-      task_dcoef.assign(static_cast<size_t>(tasks * p.head_dim), 0.0);
-      task_slices.resize(tasks);
-      for (int64_t t = 0; t < tasks; ++t) task_slices[t].dcoef = task_dcoef.data() + t * p.head_dim;
-    }
-  }
+  if constexpr (kBackward) slices = SliceBuffers(p, pieces);
   // Running states of mirrored forward heads: o [rows, Dv], m [rows], l [rows] each.
   c10::DataPtr state_data;
   std::vector<RowState> states;
@@ -1959,7 +2243,7 @@ void for_each_head(const Params& p) {
         const Piece& piece = pieces[list[k]];
         Task head = task(list[k]);
         if constexpr (kBackward) {
-          head.run(piece.r0, piece.r1, task_slices.empty() ? slices.of(list[k]) : &task_slices[list[k]]);
+          head.run(piece.r0, piece.r1, slices.of(list[k]));
         } else if (piece.c1 > 0) {
           head.run_mirrored(piece.r0, piece.r1, piece.c0, piece.c1, states[piece.state_a], states[piece.state_b]);
           finish(ws, piece.merge_a);
@@ -1975,10 +2259,6 @@ void for_each_head(const Params& p) {
     }
   });
   if constexpr (kBackward) {
-    for (int64_t t = 0; t < static_cast<int64_t>(task_slices.size()); ++t) {
-      double* dst = p.dcoef_partial + (pieces[t].b * p.heads + pieces[t].h) * p.head_dim;
-      for (int64_t e = 0; e < p.head_dim; ++e) dst[e] += task_slices[t].dcoef[e];
-    }
     const auto& groups = slices.groups();
     at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t k0, int64_t k1) {
       Workspace ws(Workspace::bytes_for(0));
