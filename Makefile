@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(PY) -m bench
 	mkdir -p bench/results
 	$(PY) -m bench.cpu_kernels --long --plot bench/results/cpu-thread-scaling.png --json bench/results/cpu-long.json
+	cp bench/results/cpu-thread-scaling.png docs/cpu_thread_scaling.png
+	$(PY) -m bench.cpu_kernels --dropout --json bench/results/cpu-dropout.json
 	$(PY) -m bench.cpu_kernels --lama --plot bench/results/cpu-lama.png --json bench/results/cpu-lama.json
 	cp bench/results/cpu-lama.png docs/cpu_lama.png
 
