@@ -31,7 +31,6 @@ TORCH_LIBRARY_FRAGMENT(symattn, m) {
       "lowrank_bwd_cpu(Tensor dpooled, Tensor? dattn, Tensor h, Tensor context, Tensor p, Tensor q, Tensor? u, "
       "Tensor? key_padding_mask, Tensor pooled, Tensor attn, Tensor(a!)? dh, Tensor(b!)? dcontext, "
       "Tensor(c!)? dp, Tensor(d!)? dq, Tensor(e!)? du, bool head_norm, bool token_softmax, float eps) -> ()");
-  m.def("gradient_buffer_cpu(Tensor like) -> Tensor");
   m.def("philox4x_cpu(Tensor offsets, int seed) -> Tensor");
   m.def("dropout_keep_cpu(int seed, float dropout_p, int first, int n) -> Tensor");
   m.def("cpu_kernel_isa() -> str", &symattn::cpu_kernel_isa);

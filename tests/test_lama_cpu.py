@@ -310,44 +310,6 @@ def test_at_most_one_full_size_intermediate(dtype, token_softmax):
     assert composite_forward > 1 and composite_backward > 1
 
 
-def _huge_pages_available() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
-            setting = fh.read()
-    except OSError:
-        return False
-    return "[always]" in setting or "[madvise]" in setting
-
-
-@needs_fused
-def test_large_gradient_buffers_fault_in_by_huge_pages():
-    import resource
-
-    like = torch.empty(4, 1024, 1024)  # 16 MiB: 4096 faults on 4 KiB pages
-    buf = FUSED.empty_gradient(like)
-    assert buf.shape == like.shape and buf.dtype == like.dtype and buf.is_contiguous()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    buf.fill_(1.0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert torch.all(buf == 1.0)
-    if _huge_pages_available():
-        assert buf.data_ptr() % (2 << 20) == 0
-        assert faults < 256, f"{faults} page faults writing a fresh 16 MiB gradient buffer"
-    # Small or strided buffers come from torch's allocator, laid out as torch.empty_like does.
-    assert FUSED.empty_gradient(torch.empty(3, 5)).shape == (3, 5)
-    strided = torch.empty(8, 6).t()
-    assert FUSED.empty_gradient(strided).stride() == torch.empty_like(strided).stride()
-
-
-@needs_fused
-def test_public_step_with_huge_page_gradients_matches_torch_backend():
-    # dh and du of 2.25 MiB each: the huge-page buffers, written by the kernels through autograd.
-    case = Case(2, 1152, 256, 4, padded=True, with_u=True)
-    got, want = _public_step(case, "cpu"), _public_step(case, "torch")
-    for name, a, b in zip(("pooled", "attn", "dh", "dcontext", "dp", "dq", "du"), got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-
-
 @needs_fused
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_u", [False, True], ids=["u=h", "u"])

@@ -24,8 +24,7 @@ import torch
 
 from .. import extensions
 
-__all__ = ["attention_forward", "attention_backward", "empty_gradient", "kernel_isa", "lowrank_forward",
-           "lowrank_backward"]
+__all__ = ["attention_forward", "attention_backward", "kernel_isa", "lowrank_forward", "lowrank_backward"]
 
 ISA_CHOICES = ("default", "avx2", "avx512", "avx512_bf16", "avx512_amx")
 
@@ -69,11 +68,6 @@ def _lowrank_fwd_cpu_fake(h, context, p, q, u, key_padding_mask, head_norm, toke
 @torch.library.register_fake("symattn::lowrank_bwd_cpu")
 def _lowrank_bwd_cpu_fake(*args) -> None:
     return None
-
-
-@torch.library.register_fake("symattn::gradient_buffer_cpu")
-def _gradient_buffer_cpu_fake(like):
-    return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("symattn::philox4x_cpu")
@@ -121,16 +115,6 @@ def attention_backward(
         dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
         scale, causal, dropout_p, exclude_self, max_seqlen,
     )
-
-
-def empty_gradient(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised buffer for ``like``'s gradient, as ``torch.empty_like``; contiguous ones of
-    2 MiB or more are mapped on transparent huge pages where the system allows them
-    (csrc/cpu/huge_pages.h): a fresh buffer then faults in 2 MiB at a time instead of 4 KiB (2048
-    faults per 8 MiB, milliseconds per call, more than the LAMA backward's own work)."""
-    if not like.is_contiguous():
-        return torch.empty_like(like)
-    return torch.ops.symattn.gradient_buffer_cpu(like)
 
 
 def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
