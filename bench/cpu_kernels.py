@@ -515,12 +515,13 @@ def _median_call_ms(fn, threads: int, seconds: float) -> float:
 
 def mirrored_schedule(S: int, causal: bool, dtype: str = "float32", kernel_isa: str = "",
                       backward: bool = False) -> bool:
-    """Whether the fused kernels take the mirrored half-score schedule for a head of S tokens
-    without a full coefficient or dropout: non-causal heads, except bf16 on AMX tiles; the
-    backward only up to 512 tokens."""
-    if causal or (dtype == "bfloat16" and kernel_isa == "AVX512_AMX"):
-        return False
-    return not backward or S <= 512
+    """Whether the fused kernels run the mirrored half-score work for a head of S tokens without
+    a full coefficient or dropout: the backward of heads over 512 tokens always (each score tile
+    serves both of its blocks, causal heads too); otherwise non-causal heads, except bf16 on AMX
+    tiles."""
+    if backward and S > 512:
+        return True
+    return not causal and not (dtype == "bfloat16" and kernel_isa == "AVX512_AMX")
 
 
 def attention_flops(B: int, S: int, H: int, D: int, causal: bool = False, mirrored: bool = False,

@@ -62,7 +62,7 @@ def test_attention_flops_follow_the_conventions():
     half = cpu_kernels.attention_flops(2, 128, 12, 64, mirrored=True)
     assert half["exec_fwd"] == 0.75 * full["exec_fwd"] and half["exec_fwdbwd"] == 2.5 * full["exec_fwd"]
     assert cpu_kernels.mirrored_schedule(513, False) and cpu_kernels.mirrored_schedule(512, False, backward=True)
-    assert not cpu_kernels.mirrored_schedule(513, False, backward=True)
+    assert cpu_kernels.mirrored_schedule(513, True, backward=True) and not cpu_kernels.mirrored_schedule(512, True)
     assert not cpu_kernels.mirrored_schedule(128, True)
     assert not cpu_kernels.mirrored_schedule(128, False, "bfloat16", "AVX512_AMX")
 
