@@ -152,8 +152,8 @@ def kernel_dropout_seed(seed_state):
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
-def run_on_instruction_set(isa: str, script: str, timeout: float = 600) -> str:
-    """stdout of ``python -c script``, run from the repository root with the fused CPU kernels
+def run_on_instruction_set(isa: str, script: str, timeout: float = 600, args: tuple = ()) -> str:
+    """stdout of ``python -c script *args``, run from the repository root with the fused CPU kernels
     set to ``isa`` (one of ``backends.cpu.ISA_CHOICES``; a process reads it once, at its first
     call). Skips where this CPU does not run that set; fails on a non-zero exit."""
     from symattn_kernels.backends import cpu
@@ -165,7 +165,7 @@ def run_on_instruction_set(isa: str, script: str, timeout: float = 600) -> str:
     # ATEN_CPU_CAPABILITY lowers ATen's (and so our) choice; SYMATTN_CPU_ISA caps ours alone.
     switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, switch: isa}, cwd=root,
+    result = subprocess.run([sys.executable, "-c", script, *args], env={**os.environ, switch: isa}, cwd=root,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result.stdout

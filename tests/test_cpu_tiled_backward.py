@@ -6,10 +6,7 @@ block, padding, varlen, causal heads and dropout (the reference drawing the same
 bit-equal results at 1, 2 and 3 threads; and the backward's peak memory in bf16 as in fp32."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +19,7 @@ if extensions.state("cpu").how == extensions.ABSENT:
 import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
 
-from .attention_checks import peak_allocated_bytes
+from .attention_checks import peak_allocated_bytes, run_on_instruction_set
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -111,19 +108,11 @@ for name, (shape, opts) in CASES.items():
 print(json.dumps(report))
 """
 
-_ISAS = list(cpu_backend.ISA_CHOICES)
 
-
-@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("isa", cpu_backend.ISA_CHOICES)
 def test_tiled_backward_matches_reference_on_every_build(isa):
-    widest = cpu_backend.kernel_isa().lower()
-    if _ISAS.index(isa) > _ISAS.index(widest):
-        pytest.skip(f"this CPU runs {widest} kernels at most")
-    env = {**os.environ, "SYMATTN_CPU_ISA": isa}
-    result = subprocess.run([sys.executable, "-c", _SCRIPT, str(ROOT)], env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout = run_on_instruction_set(isa, _SCRIPT, timeout=900, args=(str(ROOT),))
+    report = json.loads(stdout.strip().splitlines()[-1])
     assert report["isa"] == isa.upper()
     assert report["checked"] > 0
     assert not report["errors"], report["errors"]
