@@ -5,10 +5,6 @@ copies, causal bands, long heads in row blocks, padding, dropout), and give bit-
 with 1, 2 and 3 threads."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -17,15 +13,12 @@ from symattn_kernels import extensions
 if extensions.state("cpu").how == extensions.ABSENT:
     pytest.skip(f"the cpu backend is absent here: {extensions.state('cpu').detail}", allow_module_level=True)
 
-from symattn_kernels.backends import cpu as cpu_backend
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.attention_checks import run_on_instruction_set
 
 # Runs in a child process (the kernel set is chosen once per process); prints a JSON report.
 _SCRIPT = """
-import json, sys
+import json
 import torch
-sys.path.insert(0, sys.argv[1])
 import symattn_kernels as sk
 from symattn_kernels.backends import cpu as cpu_backend
 from tests.attention_checks import make_inputs, max_error, padding_mask, reference, run, with_threads
@@ -82,14 +75,7 @@ _PATHS = ["avx512_amx", "avx512_bf16"]
 
 @pytest.mark.parametrize("isa", _PATHS)
 def test_bf16_path_matches_reference_and_is_thread_independent(isa):
-    widest = cpu_backend.kernel_isa().lower()
-    if widest not in _PATHS or _PATHS.index(isa) < _PATHS.index(widest):
-        pytest.skip(f"this CPU runs {widest} kernels at most")
-    env = {**os.environ, "SYMATTN_CPU_ISA": isa}
-    result = subprocess.run([sys.executable, "-c", _SCRIPT, str(ROOT)], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(run_on_instruction_set(isa, _SCRIPT).strip().splitlines()[-1])
     assert report["isa"] == isa.upper()
     assert not report["errors"], report["errors"]
     assert not report["thread_mismatch"], report["thread_mismatch"]
