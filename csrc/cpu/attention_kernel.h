@@ -120,6 +120,10 @@ constexpr int64_t kTasksPerHead = 32;
 constexpr int64_t kMaxTaskRows = 512;
 // The backward cuts long heads into slices until a call has about this many tasks.
 constexpr int64_t kBackwardTasks = 32;
+// The forward of long causal heads takes slices of whole query blocks, as few as give the call
+// about this many tasks (whole blocks when it has fewer heads): each task packs the keys up to
+// its last row once for all its blocks, so longer slices pack fewer keys over the head.
+constexpr int64_t kCausalTasks = 64;
 // Square tile of the symmetric score product and of its mirror.
 constexpr int64_t kSymTile = 64;
 // Longer heads run the forward flash-style: query blocks of kQueryTile rows
@@ -811,14 +815,18 @@ class Head {
   // when need_yb), Qa = Qm = Y M as A rows (Ya when M = I; Qm in fp32 is kept for the backward).
   // Qm and Qa hold query rows [q0, q1) only (at their own row index), so a task that owns a slice
   // of the head's queries pays M for that slice alone; q1 < 0 means every row. Likewise Yt holds
-  // keys [k0, k1) only (at their own column index) when k1 >= 0.
+  // keys [k0, k1) only (at their own column index) when k1 >= 0, and then Yf, Ya, Yb (and
+  // pack_values' Vb) hold only the rows [0, max(q1, k1)) the task reads: a causal task's rows and
+  // keys end at its last query row.
   void pack_query_key(bool need_yb, int64_t q0 = 0, int64_t q1 = -1, int64_t k0 = 0, int64_t k1 = -1) {
     const scalar_t* y = y_rows_.data;
     const int64_t ldq = y_rows_.ld;
+    const int64_t n_rows = q1 < 0 || k1 < 0 ? L_ : std::max(q1, k1);
+    packed_rows_ = n_rows;
     if (needs_fp32_y(p_)) {
       if constexpr (kHalf) {
         float* yf = ws_.take<float>(L_ * D_);
-        for (int64_t i = 0; i < L_; ++i) load_row(yf + i * D_, y + i * ldq, D_);
+        for (int64_t i = 0; i < n_rows; ++i) load_row(yf + i * D_, y + i * ldq, D_);
         yf_ = yf;
         ldyf_ = D_;
       } else {
@@ -827,8 +835,8 @@ class Head {
       }
     }
     if constexpr (kPairs) {
-      ya_ = a_rows(y, ldq, L_, D_, ws_.take<Word>(L_ * words(D_)));
-      if (need_yb) yb_ = b_rows(y, ldq, L_, D_, ws_.take<Word>(words(L_) * D_), D_);
+      ya_ = a_rows(y, ldq, n_rows, D_, ws_.take<Word>(L_ * words(D_)));
+      if (need_yb) yb_ = b_rows(y, ldq, n_rows, D_, ws_.take<Word>(words(L_) * D_), D_);
     } else {
       ya_ = {yf_, ldyf_};
       yb_ = ya_;
@@ -858,7 +866,7 @@ class Head {
     qa_ = a_from(a_rows(qm_ + q0 * D_, D_, n, D_, kPairs ? qa_buf + q0 * words(D_) : nullptr), -q0);
   }
 
-  // Values as B rows: Vb (Yb in shared mode).
+  // Values as B rows: Vb (Yb in shared mode), rows [0, packed_rows_).
   void pack_values() {
     if (shared_) {
       vb_ = yb_;
@@ -867,10 +875,10 @@ class Head {
     const scalar_t* v = v_rows_.data;
     const int64_t ldv = v_rows_.ld;
     if constexpr (kPairs) {
-      vb_ = b_rows(v, ldv, L_, Dv_, ws_.take<Word>(words(L_) * Dv_), Dv_);
+      vb_ = b_rows(v, ldv, packed_rows_, Dv_, ws_.take<Word>(words(L_) * Dv_), Dv_);
     } else if constexpr (kHalf) {
       float* vf = ws_.take<float>(L_ * Dv_);
-      for (int64_t i = 0; i < L_; ++i) load_row(vf + i * Dv_, v + i * ldv, Dv_);
+      for (int64_t i = 0; i < packed_rows_; ++i) load_row(vf + i * Dv_, v + i * ldv, Dv_);
       vb_ = {vf, Dv_};
     } else {
       vb_ = {v, ldv};
@@ -993,6 +1001,7 @@ class Head {
   int64_t ldyf_ = 0;
   const float* qm_ = nullptr;  // fp32 Y M, or null for M = I
   Panel ya_, yt_, yb_, qa_, vb_;
+  int64_t packed_rows_ = 0;  // rows [0, packed_rows_) of Y (and V) in the panels
 };
 
 
@@ -1089,7 +1098,8 @@ class ForwardHead : public Head<scalar_t> {
   // the output block is rescaled by exp(m_old - m_new) where a row's max grows, then gains P V.
   void run_tiled(int64_t r0, int64_t r1) {
     this->setup_keys();
-    this->pack_query_key(shared_, r0, r1);
+    // Keys up to the last one any of the rows attends (a causal task's stop at its last row).
+    this->pack_query_key(shared_, r0, r1, 0, this->block_keys(r0, r1 - r0));
     this->pack_values();
     float* s = ws_.template take<float>(g_.block * kKeyTile);
     Word* probs = nullptr;
@@ -1872,7 +1882,8 @@ int64_t mirror_state_floats(const Params& p, const Geometry& g) {
 
 // The tasks of one call, longest sequences first (stable, so equal lengths keep batch order),
 // then by head, then by query rows. The forward, and the backward on the tiled schedule, cut
-// heads longer than g.task_rows into tasks of g.task_rows rows. The other backward, whose tasks
+// heads longer than g.task_rows into tasks of g.task_rows rows (causal forward heads into longer
+// ones when the call has many heads, see kCausalTasks). The other backward, whose tasks
 // each hold a head-sized gradient accumulator, cuts heads only as far as needed for about
 // kBackwardTasks tasks in all. Nothing here depends on
 // the thread count, so neither does any result.
@@ -1898,6 +1909,10 @@ std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward,
       const int64_t wanted = (kBackwardTasks + p.batch * p.heads - 1) / (p.batch * p.heads);
       const int64_t slices = std::min((L + g.task_rows - 1) / g.task_rows, wanted);
       step = round_up((L + slices - 1) / slices, g.block);
+    }
+    if (!backward && g.tiled && p.causal) {
+      const int64_t slices = (kCausalTasks + p.batch * p.heads - 1) / (p.batch * p.heads);
+      step = std::max(step, round_up((L + slices - 1) / slices, g.block));
     }
     const bool mirrored = mirror && mirrors(p, g, b, L);
     for (int64_t h = 0; h < p.heads; ++h) {
