@@ -2053,14 +2053,17 @@ void wait_until(const Ready& ready) {
 }
 
 // The backward of tiled heads (see BackwardHead::pair_tile). Heads go in waves, longest first,
-// each wave just large enough that a round has about two tasks per thread. In a wave every head
-// packs its panels (prepare_tiled), the rounds of tiles run, and every head writes its gradients
-// (finish_tiled), all in one parallel region: each worker runs a list dealt before any runs, and
-// a task waits only for its own two blocks to have finished the previous round (per-block
-// counters), never for a barrier across all workers, so one descheduled thread delays only the
-// tasks that need its tiles. Within a round no two tasks touch the same block, so tasks never
-// share an accumulator, and every block's accumulator takes its tiles in round order: the results
-// do not depend on the thread count, which only sets the wave size and the deal.
+// each wave just large enough that a round has about two tasks per thread. A head packs its
+// panels (prepare_tiled), the rounds of tiles run, and the head writes its gradients
+// (finish_tiled); every wave runs in one parallel region: each worker runs a list dealt before any
+// runs, a wave's heads are prepared while the previous wave's last tiles run, and its finishes run
+// beside the next wave's prepares (so one worker does not pack or write a head while the others
+// wait), and a task waits only for its own two blocks to have finished the previous round
+// (per-block counters), never for a barrier across all workers, so one descheduled thread delays
+// only the tasks that need its tiles. Within a round no two tasks touch the same block, so tasks
+// never share an accumulator, and every block's accumulator takes its tiles in round order: the
+// results do not depend on the thread count, which only sets the wave size and the deal. A head's
+// workspace lives from its prepare to its finish, so at most two waves hold one.
 template <typename Task>
 void tiled_backward(const BackwardParams& p, const Geometry& g) {
   struct HeadRef {
@@ -2076,116 +2079,120 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
   for (const int64_t b : order) {
     for (int64_t h = 0; h < p.heads && length(b) > 0; ++h) heads.push_back({b, h, (length(b) + g.tile - 1) / g.tile});
   }
+  const int64_t n_heads = static_cast<int64_t>(heads.size());
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
   const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  std::vector<int64_t> ran(threads, 0), tiles(threads, 0);
-  std::vector<std::unique_ptr<Workspace>> scratch(threads);
-  const int64_t scratch_floats = Task::tiled_scratch_floats(p, g);
-  for (size_t first = 0; first < heads.size();) {
-    size_t last = first;
+  // Waves: heads [wave_first[w], wave_first[w + 1]).
+  std::vector<int64_t> wave_first{0};
+  int64_t workers = 1;
+  while (wave_first.back() < n_heads) {
+    int64_t last = wave_first.back();
     int64_t per_round = 0;
-    while (last < heads.size() && (last == first || per_round < 2 * threads)) {
+    while (last < n_heads && (last == wave_first.back() || per_round < 2 * threads)) {
       per_round += std::max<int64_t>(1, heads[last].blocks / 2);
       ++last;
     }
-    const int64_t n = static_cast<int64_t>(last - first);
-    std::vector<std::unique_ptr<Workspace>> head_ws;
-    std::vector<std::unique_ptr<Task>> wave;
-    std::vector<int64_t> block0(n + 1, 0);  // the wave's heads' blocks, numbered one after another
-    int64_t rounds = 0;
-    for (int64_t k = 0; k < n; ++k) {
-      const HeadRef& head = heads[first + k];
-      head_ws.push_back(std::make_unique<Workspace>(Workspace::bytes_for(Task::tiled_head_floats(p, g))));
-      wave.push_back(std::make_unique<Task>(p, g, *head_ws.back(), head.b, head.h));
-      rounds = std::max(rounds, tile_rounds(head.blocks));
-      block0[k + 1] = block0[k] + head.blocks;
+    workers = std::max(workers, std::min<int64_t>(threads, std::max<int64_t>(last - wave_first.back(), per_round)));
+    wave_first.push_back(last);
+  }
+  std::vector<int64_t> block0(n_heads + 1, 0);  // the heads' blocks, numbered one after another
+  for (int64_t k = 0; k < n_heads; ++k) block0[k + 1] = block0[k] + heads[k].blocks;
+
+  // The jobs in an order that puts every job after those it waits for, and the deal: head k's
+  // prepare and finish to worker k % workers (so a head's finish and the next head's prepare run
+  // side by side); each round's tasks to the worker with the least work in that round, then in
+  // the call so far.
+  std::vector<TiledJob> jobs;
+  std::vector<std::vector<int64_t>> lists(workers);
+  std::vector<int64_t> ran(workers, 0), tiles(workers, 0), tiles_left(n_heads, 0);
+  auto deal_heads = [&](TiledJob::Kind kind, int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      lists[k % workers].push_back(static_cast<int64_t>(jobs.size()));
+      jobs.push_back({kind, k, 0, {}});
     }
-    // The jobs in an order that puts every job after those it waits for.
-    std::vector<TiledJob> jobs;
-    std::vector<TileTask> round;
-    for (int64_t k = 0; k < n; ++k) jobs.push_back({TiledJob::kPrepare, k, 0, {}});
-    const int64_t first_tiles = static_cast<int64_t>(jobs.size());
-    std::vector<int64_t> tiles_left(n, 0);
+  };
+  deal_heads(TiledJob::kPrepare, 0, wave_first[1]);
+  std::vector<TileTask> round;
+  std::vector<double> load(workers);
+  for (size_t w = 0; w + 1 < wave_first.size(); ++w) {
+    const int64_t first = wave_first[w], last = wave_first[w + 1];
+    int64_t rounds = 0;
+    for (int64_t k = first; k < last; ++k) rounds = std::max(rounds, tile_rounds(heads[k].blocks));
     for (int64_t r = 0; r < rounds; ++r) {
       round.clear();
-      for (int64_t k = 0; k < n; ++k) {
-        if (r < tile_rounds(heads[first + k].blocks)) round_tasks(k, heads[first + k].blocks, r, p.causal, round);
+      for (int64_t k = first; k < last; ++k) {
+        if (r < tile_rounds(heads[k].blocks)) round_tasks(k, heads[k].blocks, r, p.causal, round);
       }
+      std::fill(load.begin(), load.end(), 0.0);
       for (const TileTask& task : round) {
+        int64_t x = 0;
+        for (int64_t y = 1; y < workers; ++y) {
+          if (load[y] < load[x] || (load[y] == load[x] && tiles[y] < tiles[x])) x = y;
+        }
+        lists[x].push_back(static_cast<int64_t>(jobs.size()));
         jobs.push_back({TiledJob::kTiles, task.head, r, task});
         tiles_left[task.head] += 1;
+        load[x] += task.cost;
+        ran[x] += 1;
+        tiles[x] += task.diagonals ? 3 : 1;
       }
     }
-    const int64_t first_finish = static_cast<int64_t>(jobs.size());
-    for (int64_t k = 0; k < n; ++k) jobs.push_back({TiledJob::kFinish, k, 0, {}});
-    // The deal: heads' prepare and finish in turn; each round's tasks to the worker with the least
-    // work in that round, then in the call so far.
-    const int64_t workers = std::min<int64_t>(threads, std::max<int64_t>(n, per_round));
-    std::vector<std::vector<int64_t>> lists(workers);
-    for (int64_t j = 0; j < first_tiles; ++j) lists[j % workers].push_back(j);
-    std::vector<double> load(workers, 0.0);
-    for (int64_t j = first_tiles; j < first_finish; ++j) {
-      if (j == first_tiles || jobs[j].round != jobs[j - 1].round) std::fill(load.begin(), load.end(), 0.0);
-      int64_t w = 0;
-      for (int64_t x = 1; x < workers; ++x) {
-        if (load[x] < load[w] || (load[x] == load[w] && tiles[x] < tiles[w])) w = x;
-      }
-      lists[w].push_back(j);
-      load[w] += jobs[j].tiles.cost;
-      ran[w] += 1;
-      tiles[w] += jobs[j].tiles.diagonals ? 3 : 1;
-    }
-    for (int64_t j = first_finish; j < static_cast<int64_t>(jobs.size()); ++j) {
-      lists[(j - first_finish) % workers].push_back(j);
-    }
-
-    std::vector<std::atomic<int64_t>> rounds_done(block0[n]);  // per block, zero-initialised
-    std::vector<std::atomic<int64_t>> pending(n);              // per head: prepare, then its tile tasks
-    for (int64_t k = 0; k < n; ++k) pending[k].store(1 + tiles_left[k], std::memory_order_relaxed);
-    for (auto& x : rounds_done) x.store(0, std::memory_order_relaxed);
-    auto run_job = [&](const TiledJob& job, float* tile) {
-      Task& head = *wave[job.head];
-      std::atomic<int64_t>& left = pending[job.head];
-      if (job.kind == TiledJob::kPrepare) {
-        head.prepare_tiled();
-        left.fetch_sub(1, std::memory_order_release);
-        return;
-      }
-      if (job.kind == TiledJob::kFinish) {
-        wait_until([&] { return left.load(std::memory_order_acquire) == 0; });
-        head.finish_tiled();
-        return;
-      }
-      const TileTask& task = job.tiles;
-      std::atomic<int64_t>& done_i = rounds_done[block0[job.head] + task.bi];
-      std::atomic<int64_t>& done_j = rounds_done[block0[job.head] + task.bj];
-      wait_until([&] {
-        return left.load(std::memory_order_acquire) <= tiles_left[job.head] &&
-               done_i.load(std::memory_order_acquire) == job.round && done_j.load(std::memory_order_acquire) == job.round;
-      });
-      head.pair_tile(task.bi, task.bj, tile);
-      if (task.diagonals) {
-        head.pair_tile(task.bi, task.bi, tile);
-        head.pair_tile(task.bj, task.bj, tile);
-      }
-      done_i.store(job.round + 1, std::memory_order_release);
-      if (task.bj != task.bi) done_j.store(job.round + 1, std::memory_order_release);
-      left.fetch_sub(1, std::memory_order_release);
-    };
-    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-      // A thread given several workers' lists runs their jobs merged in job order.
-      std::vector<int64_t> mine;
-      for (int64_t w = w0; w < w1; ++w) mine.insert(mine.end(), lists[w].begin(), lists[w].end());
-      std::sort(mine.begin(), mine.end());
-      if (scratch[w0] == nullptr) scratch[w0] = std::make_unique<Workspace>(Workspace::bytes_for(scratch_floats));
-      scratch[w0]->reset();
-      float* tile = scratch[w0]->take<float>(scratch_floats);
-      for (const int64_t j : mine) run_job(jobs[j], tile);
-    });
-    first = last;
+    if (w + 2 < wave_first.size()) deal_heads(TiledJob::kPrepare, last, wave_first[w + 2]);
+    deal_heads(TiledJob::kFinish, first, last);
   }
+
+  std::vector<std::unique_ptr<Workspace>> head_ws(n_heads);
+  std::vector<std::unique_ptr<Task>> head_tasks(n_heads);
+  std::vector<std::atomic<int64_t>> rounds_done(block0[n_heads]);  // per block
+  std::vector<std::atomic<int64_t>> pending(n_heads);              // per head: prepare, then its tile tasks
+  for (int64_t k = 0; k < n_heads; ++k) pending[k].store(1 + tiles_left[k], std::memory_order_relaxed);
+  for (auto& x : rounds_done) x.store(0, std::memory_order_relaxed);
+  auto run_job = [&](const TiledJob& job, float* tile) {
+    const int64_t k = job.head;
+    std::atomic<int64_t>& left = pending[k];
+    if (job.kind == TiledJob::kPrepare) {
+      head_ws[k] = std::make_unique<Workspace>(Workspace::bytes_for(Task::tiled_head_floats(p, g)));
+      head_tasks[k] = std::make_unique<Task>(p, g, *head_ws[k], heads[k].b, heads[k].h);
+      head_tasks[k]->prepare_tiled();
+      left.fetch_sub(1, std::memory_order_release);
+      return;
+    }
+    if (job.kind == TiledJob::kFinish) {
+      wait_until([&] { return left.load(std::memory_order_acquire) == 0; });
+      head_tasks[k]->finish_tiled();
+      head_tasks[k].reset();
+      head_ws[k].reset();
+      return;
+    }
+    const TileTask& task = job.tiles;
+    std::atomic<int64_t>& done_i = rounds_done[block0[k] + task.bi];
+    std::atomic<int64_t>& done_j = rounds_done[block0[k] + task.bj];
+    wait_until([&] {
+      return left.load(std::memory_order_acquire) <= tiles_left[k] &&
+             done_i.load(std::memory_order_acquire) == job.round && done_j.load(std::memory_order_acquire) == job.round;
+    });
+    Task& head = *head_tasks[k];
+    head.pair_tile(task.bi, task.bj, tile);
+    if (task.diagonals) {
+      head.pair_tile(task.bi, task.bi, tile);
+      head.pair_tile(task.bj, task.bj, tile);
+    }
+    done_i.store(job.round + 1, std::memory_order_release);
+    if (task.bj != task.bi) done_j.store(job.round + 1, std::memory_order_release);
+    left.fetch_sub(1, std::memory_order_release);
+  };
+  const int64_t scratch_floats = Task::tiled_scratch_floats(p, g);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    // A thread given several workers' lists runs their jobs merged in job order.
+    std::vector<int64_t> mine;
+    for (int64_t w = w0; w < w1; ++w) mine.insert(mine.end(), lists[w].begin(), lists[w].end());
+    std::sort(mine.begin(), mine.end());
+    Workspace scratch(Workspace::bytes_for(scratch_floats));
+    float* tile = scratch.take<float>(scratch_floats);
+    for (const int64_t j : mine) run_job(jobs[j], tile);
+  });
   if (p.schedule != nullptr) {
-    int64_t used = threads;
+    int64_t used = workers;
     while (used > 1 && ran[used - 1] == 0) --used;
     p.schedule->tasks.assign(ran.begin(), ran.begin() + used);
     p.schedule->rows.assign(tiles.begin(), tiles.begin() + used);
