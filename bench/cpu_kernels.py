@@ -524,19 +524,44 @@ def mirrored_schedule(S: int, causal: bool, dtype: str = "float32", kernel_isa: 
     return not causal and not (dtype == "bfloat16" and kernel_isa == "AVX512_AMX")
 
 
+def tiled_backward_block(S: int) -> int:
+    """Rows per block of the tiled backward of a head of S tokens (csrc/cpu: kPairTile, or
+    kPairTileMin below kPairBlocks * kPairTile tokens)."""
+    return 128 if S >= 16 * 128 else 64
+
+
+def tiled_backward_products(S: int, causal: bool) -> float:
+    """Multiply-adds per head-dimension element that the tiled backward of one head of S tokens
+    (S > 512) executes, replaying its tiles: every block pair I >= J once, a rows x cols tile
+    costing 7 products off the diagonal (both roles: scores, dP both ways, Z and dV for both
+    blocks) and 5 on it, and 5 for every tile of a causal head (rows J see no key of I; its
+    diagonal tiles are multiplied whole)."""
+    T = tiled_backward_block(S)
+    sizes = [min(T, S - start) for start in range(0, S, T)]
+    total = 0
+    for i, rows in enumerate(sizes):
+        for j, cols in enumerate(sizes[:i + 1]):
+            total += (5 if causal or i == j else 7) * rows * cols
+    return float(total)
+
+
 def attention_flops(B: int, S: int, H: int, D: int, causal: bool = False, mirrored: bool = False,
                     mirrored_backward: Optional[bool] = None) -> dict:
     """Forward and forward+backward FLOPs: flash-attn's convention (4 B H S^2 D forward, 2.5x that
     backward, halved for causal) and the products the fused kernels execute (two per score
     forward, five backward; the mirrored schedule 1.5 forward and 3.5 backward, ``mirrored`` and
     ``mirrored_backward``, which defaults to ``mirrored``; causal rows see their keys plus the
-    micro-tile past the diagonal)."""
+    micro-tile past the diagonal). The mirrored backward of heads over 512 tokens is the tiled
+    one, counted by replaying its tiles (``tiled_backward_products``)."""
     if mirrored_backward is None:
         mirrored_backward = mirrored
     conv_fwd = 4.0 * B * H * S * S * D / (2 if causal else 1)
     keys = (S * (S + 1) / 2 + S * _CAUSAL_OVERSHOOT / 2) if causal else float(S * S)
     fwd = 2.0 * B * H * D * keys * (1.5 if mirrored else 2.0)
-    bwd = 2.0 * B * H * D * keys * (3.5 if mirrored_backward else 5.0)
+    if mirrored_backward and S > 512:
+        bwd = 2.0 * B * H * D * tiled_backward_products(S, causal)
+    else:
+        bwd = 2.0 * B * H * D * keys * (3.5 if mirrored_backward else 5.0)
     return dict(conv_fwd=conv_fwd, conv_fwdbwd=3.5 * conv_fwd, exec_fwd=fwd, exec_fwdbwd=fwd + bwd)
 
 

@@ -67,6 +67,24 @@ def test_attention_flops_follow_the_conventions():
     assert not cpu_kernels.mirrored_schedule(128, False, "bfloat16", "AVX512_AMX")
 
 
+def test_tiled_backward_work_replays_its_tiles():
+    """Above 512 tokens the executed backward is the tiled one's: 32 blocks of 128 rows at 4096
+    tokens, 5 products on each of the 32 * 33 / 2 tiles of a causal head, 7 on the 32 * 31 / 2
+    off-diagonal tiles and 5 on the 32 diagonal ones of another head; a ragged last block counts
+    its own rows."""
+    from bench import cpu_kernels
+
+    def backward(S, causal):
+        flops = cpu_kernels.attention_flops(1, S, 1, 64, causal=causal, mirrored=True)
+        return flops["exec_fwdbwd"] - flops["exec_fwd"]
+
+    tile = 2 * 64 * 128**2
+    assert backward(4096, True) == 5 * tile * 32 * 33 / 2
+    assert backward(4096, False) == tile * (7 * 32 * 31 / 2 + 5 * 32)
+    # 600 tokens: blocks of 64 rows, the last of 24; causal tiles with it: 9 of 24 x 64, one 24 x 24.
+    assert backward(600, True) == 2 * 64 * 5 * (64**2 * 9 * 10 / 2 + 24 * 64 * 9 + 24**2)
+
+
 def test_cpu_lama_section_reports_gflops_and_plots(tmp_path):
     from symattn_kernels import extensions
 

@@ -130,6 +130,33 @@ def test_long_forward_dropout_matches_reference(S, causal, kind):
         assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)
 
 
+# Causal heads: a task packs only the rows and keys up to its last query row, and a call with
+# many heads cuts each into slices of several query blocks (1025 tokens, 16 heads: 3 slices of
+# up to 384 rows), one key panel for all of a slice's blocks.
+CAUSAL_SLICES = {
+    "fp32-v-diag-tail-noself": (dict(shared=False, coef_mode="diag"), torch.float32, "tail", dict(exclude_self=True)),
+    "bf16-shared-tail": (dict(), torch.bfloat16, "tail", dict()),
+    "fp16-v": (dict(shared=False), torch.float16, None, dict()),
+}
+
+
+@pytest.mark.parametrize("case", list(CAUSAL_SLICES))
+def test_causal_heads_take_slices_of_blocks(case):
+    shape, dtype, kind, kw = CAUSAL_SLICES[case]
+    S, B, H = 1025, 2, 8
+    inputs = growing(make_inputs(B=B, S=S, H=H, D=16, Dv=8, **shape), S)
+    kw = dict(causal=True, key_padding_mask=padding(S, kind), **kw)
+    results = {threads: with_threads(threads, lambda: forward(cpu, inputs, dtype, **kw)) for threads in (1, 2, 3)}
+    assert cpu_backend.last_schedule(False)[:, 0].sum().item() == B * H * 3
+    assert cpu_backend.last_schedule(False)[:, 1].sum().item() == B * H * S
+    want, want_lowp = forward(reference, inputs, F64, **kw), forward(reference, inputs, dtype, **kw)
+    for name, a, r64, rl in zip(["out", "lse"], results[1], want, want_lowp):
+        assert_flash_rule(name, a, r64, rl, ATOL.get(dtype, 1e-3))
+    for threads in (2, 3):
+        for a, b in zip(results[1], results[threads]):
+            assert torch.equal(a, b), threads
+
+
 BIT_EQUAL = {
     "fp32-shared-tail": (dict(shared=True), dict(key_padding_mask=padding(1500, "tail"))),
     "fp32-diag-v": (dict(shared=False, coef_mode="diag"), dict(exclude_self=True)),

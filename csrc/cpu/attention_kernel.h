@@ -120,6 +120,10 @@ constexpr int64_t kTasksPerHead = 32;
 constexpr int64_t kMaxTaskRows = 512;
 // The backward cuts long heads into slices until a call has about this many tasks.
 constexpr int64_t kBackwardTasks = 32;
+// The forward of long causal heads takes slices of whole query blocks, as few as give the call
+// about this many tasks (whole blocks when it has fewer heads): each task packs the keys up to
+// its last row once for all its blocks, so longer slices pack fewer keys over the head.
+constexpr int64_t kCausalTasks = 64;
 // Square tile of the symmetric score product and of its mirror.
 constexpr int64_t kSymTile = 64;
 // Longer heads run the forward flash-style: query blocks of kQueryTile rows
@@ -811,14 +815,18 @@ class Head {
   // when need_yb), Qa = Qm = Y M as A rows (Ya when M = I; Qm in fp32 is kept for the backward).
   // Qm and Qa hold query rows [q0, q1) only (at their own row index), so a task that owns a slice
   // of the head's queries pays M for that slice alone; q1 < 0 means every row. Likewise Yt holds
-  // keys [k0, k1) only (at their own column index) when k1 >= 0.
+  // keys [k0, k1) only (at their own column index) when k1 >= 0, and then Yf, Ya, Yb (and
+  // pack_values' Vb) hold only the rows [0, max(q1, k1)) the task reads: a causal task's rows and
+  // keys end at its last query row.
   void pack_query_key(bool need_yb, int64_t q0 = 0, int64_t q1 = -1, int64_t k0 = 0, int64_t k1 = -1) {
     const scalar_t* y = y_rows_.data;
     const int64_t ldq = y_rows_.ld;
+    const int64_t n_rows = q1 < 0 || k1 < 0 ? L_ : std::max(q1, k1);
+    packed_rows_ = n_rows;
     if (needs_fp32_y(p_)) {
       if constexpr (kHalf) {
         float* yf = ws_.take<float>(L_ * D_);
-        for (int64_t i = 0; i < L_; ++i) load_row(yf + i * D_, y + i * ldq, D_);
+        for (int64_t i = 0; i < n_rows; ++i) load_row(yf + i * D_, y + i * ldq, D_);
         yf_ = yf;
         ldyf_ = D_;
       } else {
@@ -827,8 +835,8 @@ class Head {
       }
     }
     if constexpr (kPairs) {
-      ya_ = a_rows(y, ldq, L_, D_, ws_.take<Word>(L_ * words(D_)));
-      if (need_yb) yb_ = b_rows(y, ldq, L_, D_, ws_.take<Word>(words(L_) * D_), D_);
+      ya_ = a_rows(y, ldq, n_rows, D_, ws_.take<Word>(L_ * words(D_)));
+      if (need_yb) yb_ = b_rows(y, ldq, n_rows, D_, ws_.take<Word>(words(L_) * D_), D_);
     } else {
       ya_ = {yf_, ldyf_};
       yb_ = ya_;
@@ -858,7 +866,7 @@ class Head {
     qa_ = a_from(a_rows(qm_ + q0 * D_, D_, n, D_, kPairs ? qa_buf + q0 * words(D_) : nullptr), -q0);
   }
 
-  // Values as B rows: Vb (Yb in shared mode).
+  // Values as B rows: Vb (Yb in shared mode), rows [0, packed_rows_).
   void pack_values() {
     if (shared_) {
       vb_ = yb_;
@@ -867,10 +875,10 @@ class Head {
     const scalar_t* v = v_rows_.data;
     const int64_t ldv = v_rows_.ld;
     if constexpr (kPairs) {
-      vb_ = b_rows(v, ldv, L_, Dv_, ws_.take<Word>(words(L_) * Dv_), Dv_);
+      vb_ = b_rows(v, ldv, packed_rows_, Dv_, ws_.take<Word>(words(L_) * Dv_), Dv_);
     } else if constexpr (kHalf) {
       float* vf = ws_.take<float>(L_ * Dv_);
-      for (int64_t i = 0; i < L_; ++i) load_row(vf + i * Dv_, v + i * ldv, Dv_);
+      for (int64_t i = 0; i < packed_rows_; ++i) load_row(vf + i * Dv_, v + i * ldv, Dv_);
       vb_ = {vf, Dv_};
     } else {
       vb_ = {v, ldv};
@@ -993,6 +1001,7 @@ class Head {
   int64_t ldyf_ = 0;
   const float* qm_ = nullptr;  // fp32 Y M, or null for M = I
   Panel ya_, yt_, yb_, qa_, vb_;
+  int64_t packed_rows_ = 0;  // rows [0, packed_rows_) of Y (and V) in the panels
 };
 
 
@@ -1089,7 +1098,8 @@ class ForwardHead : public Head<scalar_t> {
   // the output block is rescaled by exp(m_old - m_new) where a row's max grows, then gains P V.
   void run_tiled(int64_t r0, int64_t r1) {
     this->setup_keys();
-    this->pack_query_key(shared_, r0, r1);
+    // Keys up to the last one any of the rows attends (a causal task's stop at its last row).
+    this->pack_query_key(shared_, r0, r1, 0, this->block_keys(r0, r1 - r0));
     this->pack_values();
     float* s = ws_.template take<float>(g_.block * kKeyTile);
     Word* probs = nullptr;
@@ -1872,7 +1882,8 @@ int64_t mirror_state_floats(const Params& p, const Geometry& g) {
 
 // The tasks of one call, longest sequences first (stable, so equal lengths keep batch order),
 // then by head, then by query rows. The forward, and the backward on the tiled schedule, cut
-// heads longer than g.task_rows into tasks of g.task_rows rows. The other backward, whose tasks
+// heads longer than g.task_rows into tasks of g.task_rows rows (causal forward heads into longer
+// ones when the call has many heads, see kCausalTasks). The other backward, whose tasks
 // each hold a head-sized gradient accumulator, cuts heads only as far as needed for about
 // kBackwardTasks tasks in all. Nothing here depends on
 // the thread count, so neither does any result.
@@ -1898,6 +1909,10 @@ std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward,
       const int64_t wanted = (kBackwardTasks + p.batch * p.heads - 1) / (p.batch * p.heads);
       const int64_t slices = std::min((L + g.task_rows - 1) / g.task_rows, wanted);
       step = round_up((L + slices - 1) / slices, g.block);
+    }
+    if (!backward && g.tiled && p.causal) {
+      const int64_t slices = (kCausalTasks + p.batch * p.heads - 1) / (p.batch * p.heads);
+      step = std::max(step, round_up((L + slices - 1) / slices, g.block));
     }
     const bool mirrored = mirror && mirrors(p, g, b, L);
     for (int64_t h = 0; h < p.heads; ++h) {
@@ -2038,14 +2053,17 @@ void wait_until(const Ready& ready) {
 }
 
 // The backward of tiled heads (see BackwardHead::pair_tile). Heads go in waves, longest first,
-// each wave just large enough that a round has about two tasks per thread. In a wave every head
-// packs its panels (prepare_tiled), the rounds of tiles run, and every head writes its gradients
-// (finish_tiled), all in one parallel region: each worker runs a list dealt before any runs, and
-// a task waits only for its own two blocks to have finished the previous round (per-block
-// counters), never for a barrier across all workers, so one descheduled thread delays only the
-// tasks that need its tiles. Within a round no two tasks touch the same block, so tasks never
-// share an accumulator, and every block's accumulator takes its tiles in round order: the results
-// do not depend on the thread count, which only sets the wave size and the deal.
+// each wave just large enough that a round has about two tasks per thread. A head packs its
+// panels (prepare_tiled), the rounds of tiles run, and the head writes its gradients
+// (finish_tiled); every wave runs in one parallel region: each worker runs a list dealt before any
+// runs, a wave's heads are prepared while the previous wave's last tiles run, and its finishes run
+// beside the next wave's prepares (so one worker does not pack or write a head while the others
+// wait), and a task waits only for its own two blocks to have finished the previous round
+// (per-block counters), never for a barrier across all workers, so one descheduled thread delays
+// only the tasks that need its tiles. Within a round no two tasks touch the same block, so tasks
+// never share an accumulator, and every block's accumulator takes its tiles in round order: the
+// results do not depend on the thread count, which only sets the wave size and the deal. A head's
+// workspace lives from its prepare to its finish, so at most two waves hold one.
 template <typename Task>
 void tiled_backward(const BackwardParams& p, const Geometry& g) {
   struct HeadRef {
@@ -2061,116 +2079,120 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
   for (const int64_t b : order) {
     for (int64_t h = 0; h < p.heads && length(b) > 0; ++h) heads.push_back({b, h, (length(b) + g.tile - 1) / g.tile});
   }
+  const int64_t n_heads = static_cast<int64_t>(heads.size());
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
   const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  std::vector<int64_t> ran(threads, 0), tiles(threads, 0);
-  std::vector<std::unique_ptr<Workspace>> scratch(threads);
-  const int64_t scratch_floats = Task::tiled_scratch_floats(p, g);
-  for (size_t first = 0; first < heads.size();) {
-    size_t last = first;
+  // Waves: heads [wave_first[w], wave_first[w + 1]).
+  std::vector<int64_t> wave_first{0};
+  int64_t workers = 1;
+  while (wave_first.back() < n_heads) {
+    int64_t last = wave_first.back();
     int64_t per_round = 0;
-    while (last < heads.size() && (last == first || per_round < 2 * threads)) {
+    while (last < n_heads && (last == wave_first.back() || per_round < 2 * threads)) {
       per_round += std::max<int64_t>(1, heads[last].blocks / 2);
       ++last;
     }
-    const int64_t n = static_cast<int64_t>(last - first);
-    std::vector<std::unique_ptr<Workspace>> head_ws;
-    std::vector<std::unique_ptr<Task>> wave;
-    std::vector<int64_t> block0(n + 1, 0);  // the wave's heads' blocks, numbered one after another
-    int64_t rounds = 0;
-    for (int64_t k = 0; k < n; ++k) {
-      const HeadRef& head = heads[first + k];
-      head_ws.push_back(std::make_unique<Workspace>(Workspace::bytes_for(Task::tiled_head_floats(p, g))));
-      wave.push_back(std::make_unique<Task>(p, g, *head_ws.back(), head.b, head.h));
-      rounds = std::max(rounds, tile_rounds(head.blocks));
-      block0[k + 1] = block0[k] + head.blocks;
+    workers = std::max(workers, std::min<int64_t>(threads, std::max<int64_t>(last - wave_first.back(), per_round)));
+    wave_first.push_back(last);
+  }
+  std::vector<int64_t> block0(n_heads + 1, 0);  // the heads' blocks, numbered one after another
+  for (int64_t k = 0; k < n_heads; ++k) block0[k + 1] = block0[k] + heads[k].blocks;
+
+  // The jobs in an order that puts every job after those it waits for, and the deal: head k's
+  // prepare and finish to worker k % workers (so a head's finish and the next head's prepare run
+  // side by side); each round's tasks to the worker with the least work in that round, then in
+  // the call so far.
+  std::vector<TiledJob> jobs;
+  std::vector<std::vector<int64_t>> lists(workers);
+  std::vector<int64_t> ran(workers, 0), tiles(workers, 0), tiles_left(n_heads, 0);
+  auto deal_heads = [&](TiledJob::Kind kind, int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      lists[k % workers].push_back(static_cast<int64_t>(jobs.size()));
+      jobs.push_back({kind, k, 0, {}});
     }
-    // The jobs in an order that puts every job after those it waits for.
-    std::vector<TiledJob> jobs;
-    std::vector<TileTask> round;
-    for (int64_t k = 0; k < n; ++k) jobs.push_back({TiledJob::kPrepare, k, 0, {}});
-    const int64_t first_tiles = static_cast<int64_t>(jobs.size());
-    std::vector<int64_t> tiles_left(n, 0);
+  };
+  deal_heads(TiledJob::kPrepare, 0, wave_first[1]);
+  std::vector<TileTask> round;
+  std::vector<double> load(workers);
+  for (size_t w = 0; w + 1 < wave_first.size(); ++w) {
+    const int64_t first = wave_first[w], last = wave_first[w + 1];
+    int64_t rounds = 0;
+    for (int64_t k = first; k < last; ++k) rounds = std::max(rounds, tile_rounds(heads[k].blocks));
     for (int64_t r = 0; r < rounds; ++r) {
       round.clear();
-      for (int64_t k = 0; k < n; ++k) {
-        if (r < tile_rounds(heads[first + k].blocks)) round_tasks(k, heads[first + k].blocks, r, p.causal, round);
+      for (int64_t k = first; k < last; ++k) {
+        if (r < tile_rounds(heads[k].blocks)) round_tasks(k, heads[k].blocks, r, p.causal, round);
       }
+      std::fill(load.begin(), load.end(), 0.0);
       for (const TileTask& task : round) {
+        int64_t x = 0;
+        for (int64_t y = 1; y < workers; ++y) {
+          if (load[y] < load[x] || (load[y] == load[x] && tiles[y] < tiles[x])) x = y;
+        }
+        lists[x].push_back(static_cast<int64_t>(jobs.size()));
         jobs.push_back({TiledJob::kTiles, task.head, r, task});
         tiles_left[task.head] += 1;
+        load[x] += task.cost;
+        ran[x] += 1;
+        tiles[x] += task.diagonals ? 3 : 1;
       }
     }
-    const int64_t first_finish = static_cast<int64_t>(jobs.size());
-    for (int64_t k = 0; k < n; ++k) jobs.push_back({TiledJob::kFinish, k, 0, {}});
-    // The deal: heads' prepare and finish in turn; each round's tasks to the worker with the least
-    // work in that round, then in the call so far.
-    const int64_t workers = std::min<int64_t>(threads, std::max<int64_t>(n, per_round));
-    std::vector<std::vector<int64_t>> lists(workers);
-    for (int64_t j = 0; j < first_tiles; ++j) lists[j % workers].push_back(j);
-    std::vector<double> load(workers, 0.0);
-    for (int64_t j = first_tiles; j < first_finish; ++j) {
-      if (j == first_tiles || jobs[j].round != jobs[j - 1].round) std::fill(load.begin(), load.end(), 0.0);
-      int64_t w = 0;
-      for (int64_t x = 1; x < workers; ++x) {
-        if (load[x] < load[w] || (load[x] == load[w] && tiles[x] < tiles[w])) w = x;
-      }
-      lists[w].push_back(j);
-      load[w] += jobs[j].tiles.cost;
-      ran[w] += 1;
-      tiles[w] += jobs[j].tiles.diagonals ? 3 : 1;
-    }
-    for (int64_t j = first_finish; j < static_cast<int64_t>(jobs.size()); ++j) {
-      lists[(j - first_finish) % workers].push_back(j);
-    }
-
-    std::vector<std::atomic<int64_t>> rounds_done(block0[n]);  // per block, zero-initialised
-    std::vector<std::atomic<int64_t>> pending(n);              // per head: prepare, then its tile tasks
-    for (int64_t k = 0; k < n; ++k) pending[k].store(1 + tiles_left[k], std::memory_order_relaxed);
-    for (auto& x : rounds_done) x.store(0, std::memory_order_relaxed);
-    auto run_job = [&](const TiledJob& job, float* tile) {
-      Task& head = *wave[job.head];
-      std::atomic<int64_t>& left = pending[job.head];
-      if (job.kind == TiledJob::kPrepare) {
-        head.prepare_tiled();
-        left.fetch_sub(1, std::memory_order_release);
-        return;
-      }
-      if (job.kind == TiledJob::kFinish) {
-        wait_until([&] { return left.load(std::memory_order_acquire) == 0; });
-        head.finish_tiled();
-        return;
-      }
-      const TileTask& task = job.tiles;
-      std::atomic<int64_t>& done_i = rounds_done[block0[job.head] + task.bi];
-      std::atomic<int64_t>& done_j = rounds_done[block0[job.head] + task.bj];
-      wait_until([&] {
-        return left.load(std::memory_order_acquire) <= tiles_left[job.head] &&
-               done_i.load(std::memory_order_acquire) == job.round && done_j.load(std::memory_order_acquire) == job.round;
-      });
-      head.pair_tile(task.bi, task.bj, tile);
-      if (task.diagonals) {
-        head.pair_tile(task.bi, task.bi, tile);
-        head.pair_tile(task.bj, task.bj, tile);
-      }
-      done_i.store(job.round + 1, std::memory_order_release);
-      if (task.bj != task.bi) done_j.store(job.round + 1, std::memory_order_release);
-      left.fetch_sub(1, std::memory_order_release);
-    };
-    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-      // A thread given several workers' lists runs their jobs merged in job order.
-      std::vector<int64_t> mine;
-      for (int64_t w = w0; w < w1; ++w) mine.insert(mine.end(), lists[w].begin(), lists[w].end());
-      std::sort(mine.begin(), mine.end());
-      if (scratch[w0] == nullptr) scratch[w0] = std::make_unique<Workspace>(Workspace::bytes_for(scratch_floats));
-      scratch[w0]->reset();
-      float* tile = scratch[w0]->take<float>(scratch_floats);
-      for (const int64_t j : mine) run_job(jobs[j], tile);
-    });
-    first = last;
+    if (w + 2 < wave_first.size()) deal_heads(TiledJob::kPrepare, last, wave_first[w + 2]);
+    deal_heads(TiledJob::kFinish, first, last);
   }
+
+  std::vector<std::unique_ptr<Workspace>> head_ws(n_heads);
+  std::vector<std::unique_ptr<Task>> head_tasks(n_heads);
+  std::vector<std::atomic<int64_t>> rounds_done(block0[n_heads]);  // per block
+  std::vector<std::atomic<int64_t>> pending(n_heads);              // per head: prepare, then its tile tasks
+  for (int64_t k = 0; k < n_heads; ++k) pending[k].store(1 + tiles_left[k], std::memory_order_relaxed);
+  for (auto& x : rounds_done) x.store(0, std::memory_order_relaxed);
+  auto run_job = [&](const TiledJob& job, float* tile) {
+    const int64_t k = job.head;
+    std::atomic<int64_t>& left = pending[k];
+    if (job.kind == TiledJob::kPrepare) {
+      head_ws[k] = std::make_unique<Workspace>(Workspace::bytes_for(Task::tiled_head_floats(p, g)));
+      head_tasks[k] = std::make_unique<Task>(p, g, *head_ws[k], heads[k].b, heads[k].h);
+      head_tasks[k]->prepare_tiled();
+      left.fetch_sub(1, std::memory_order_release);
+      return;
+    }
+    if (job.kind == TiledJob::kFinish) {
+      wait_until([&] { return left.load(std::memory_order_acquire) == 0; });
+      head_tasks[k]->finish_tiled();
+      head_tasks[k].reset();
+      head_ws[k].reset();
+      return;
+    }
+    const TileTask& task = job.tiles;
+    std::atomic<int64_t>& done_i = rounds_done[block0[k] + task.bi];
+    std::atomic<int64_t>& done_j = rounds_done[block0[k] + task.bj];
+    wait_until([&] {
+      return left.load(std::memory_order_acquire) <= tiles_left[k] &&
+             done_i.load(std::memory_order_acquire) == job.round && done_j.load(std::memory_order_acquire) == job.round;
+    });
+    Task& head = *head_tasks[k];
+    head.pair_tile(task.bi, task.bj, tile);
+    if (task.diagonals) {
+      head.pair_tile(task.bi, task.bi, tile);
+      head.pair_tile(task.bj, task.bj, tile);
+    }
+    done_i.store(job.round + 1, std::memory_order_release);
+    if (task.bj != task.bi) done_j.store(job.round + 1, std::memory_order_release);
+    left.fetch_sub(1, std::memory_order_release);
+  };
+  const int64_t scratch_floats = Task::tiled_scratch_floats(p, g);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    // A thread given several workers' lists runs their jobs merged in job order.
+    std::vector<int64_t> mine;
+    for (int64_t w = w0; w < w1; ++w) mine.insert(mine.end(), lists[w].begin(), lists[w].end());
+    std::sort(mine.begin(), mine.end());
+    Workspace scratch(Workspace::bytes_for(scratch_floats));
+    float* tile = scratch.take<float>(scratch_floats);
+    for (const int64_t j : mine) run_job(jobs[j], tile);
+  });
   if (p.schedule != nullptr) {
-    int64_t used = threads;
+    int64_t used = workers;
     while (used > 1 && ran[used - 1] == 0) --used;
     p.schedule->tasks.assign(ran.begin(), ran.begin() + used);
     p.schedule->rows.assign(tiles.begin(), tiles.begin() + used);
