@@ -100,10 +100,12 @@ def _padding(B, S, kind):
     return mask
 
 
-# Odd key counts (rows starting at every offset residue modulo 4), past 128 keys, and long heads
-# on the blocked row schedule.
+# Odd key counts (rows starting at every offset residue modulo 4), past 128 keys, and long heads:
+# mirrored ones (each score tile also read down its columns, whose masks are drawn by query and
+# bit-transposed; at 1100 tokens in 256 x 256 tiles) and causal ones on the row schedule.
 MASK_CASES = [(S, causal, padding) for S in (1, 37, 130) for causal in (False, True)
-              for padding in ("none", "tail", "heavy", "holes")] + [(530, False, "none"), (530, True, "holes")]
+              for padding in ("none", "tail", "heavy", "holes")] + [(530, False, "none"), (530, True, "holes"),
+                                                                    (1100, False, "tail"), (1100, False, "holes")]
 
 
 @pytest.mark.parametrize("S,causal,padding", MASK_CASES,

@@ -115,8 +115,8 @@ def test_symmetric_heads_take_the_mirrored_tasks(S, H):
     assert cpu_backend.last_schedule(False)[:, 1].sum().item() == H * S
 
 
-# Dropout: the tiled forward draws each tile's part of a row's mask; the result equals the
-# reference's under the same seed.
+# Dropout: the tiled forward draws each tile's part of a row's mask, the mirrored one also the
+# masks of the tiles read down their columns; the result equals the reference's under the same seed.
 @pytest.mark.parametrize("S,causal,kind", [(513, False, None), (1025, True, "tail"), (1025, False, "heavy")])
 def test_long_forward_dropout_matches_reference(S, causal, kind):
     q, v, coef = make_inputs(B=2, S=S, H=2, D=16, Dv=8, coef_mode="diag", shared=False)
@@ -125,7 +125,11 @@ def test_long_forward_dropout_matches_reference(S, causal, kind):
     torch.manual_seed(S)
     got = run(cpu, *leaves, **kw)
     want = run(reference, q, v, coef, dropout_seed=kernel_dropout_seed(S), **kw)
-    assert cpu_backend.last_schedule(False)[:, 0].sum().item() == 2 * 2 * -(-S // 128)  # tiled: 128-row tasks
+    # Two heads per sequence: mirrored group pairs where the scores are symmetric (not causal; the
+    # heavily padded second sequence not), else 128-row tasks.
+    mirrored = 0 if causal else (1 if kind == "heavy" else 2)
+    tasks = 2 * (mirrored * mirrored_tasks(S, 4) + (2 - mirrored) * -(-S // 128))
+    assert cpu_backend.last_schedule(False)[:, 0].sum().item() == tasks
     for name, a, b in zip(["out", "lse", "dq", "dv", "dcoef"], got, want):
         assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)
 

@@ -131,10 +131,11 @@ constexpr int64_t kSymTile = 64;
 // scores, output block and current key/value tile stay in a core's L2 at any length.
 constexpr int64_t kQueryTile = 128;
 constexpr int64_t kKeyTile = 256;
-// Where their scores are symmetric (M none or diagonal, not causal, no dropout; not on AMX
-// tiles) the forward is mirrored: a head is cut into groups of whole kQueryTile blocks, walked
-// in square score tiles of up to kMirrorTile, and a task takes one pair of groups, so each
-// off-diagonal score tile is multiplied once for both of its query blocks (see run_mirrored).
+// Where their scores are symmetric (M none or diagonal, not causal; not on AMX tiles) the
+// forward is mirrored: a head is cut into groups of whole kQueryTile blocks, walked in square
+// score tiles of up to kMirrorTile, and a task takes one pair of groups, so each off-diagonal
+// score tile is multiplied once for both of its query blocks (see run_mirrored). With dropout,
+// the tile read down its columns takes its queries' masks drawn by query and bit-transposed.
 // The head takes as many groups (at most kMirrorGroups) as make about kMirrorTasks tasks in the
 // call; each group's running states (kept per task until they are merged) cost
 // groups * L * (Dv + 2) floats per head, and a call whose states would pass kMirrorStateBytes
@@ -437,23 +438,47 @@ float row_max(const float* x, int64_t n) {
   return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, acc);
 }
 
-// dst[j] = exp(x[j] - shift) * keep[j] (1 without keep) for j < n, as fp32 (dst may be x) or
-// bf16; returns the sum of the exponentials.
+// A row's dropout multipliers as keep bits (draw_keep_bits): scale where bit j is set, else 0.
+struct KeepBits {
+  const uint64_t* bits;
+  float scale;
+};
+
+// x times the dropout multipliers of elements [j, j + kVec), j a multiple of kVec: the bits
+// select lanes, no multiplier row is stored.
+Vec apply_keep(const Vec& x, const KeepBits& keep, int64_t j) {
+  const uint64_t lanes = keep.bits[j / 64] >> (j % 64);
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(lanes), x, _mm512_set1_ps(keep.scale));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i lane_bits = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+  const __m256i kept = _mm256_cmpeq_epi32(
+      _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes & 0xFF)), lane_bits), lane_bits);
+  return _mm256_and_ps(_mm256_castsi256_ps(kept), _mm256_mul_ps(x, _mm256_set1_ps(keep.scale)));
+#else
+  alignas(64) float multiplier[kVec];
+  for (int64_t i = 0; i < kVec; ++i) multiplier[i] = (lanes >> i) & 1 ? keep.scale : 0.f;
+  return x * Vec::loadu(multiplier);
+#endif
+}
+
+// dst[j] = exp(x[j] - shift), times the dropout multiplier where keep is given, for j < n, as
+// fp32 (dst may be x) or bf16; returns the sum of the exponentials.
 template <typename Word>
-float exp_sum_store(const float* x, int64_t n, float shift, const float* keep, Word* dst) {
+float exp_sum_store(const float* x, int64_t n, float shift, const KeepBits* keep, Word* dst) {
   const Vec vshift(shift);
   Vec acc(0.f);
   int64_t j = 0;
   for (; j + kVec <= n; j += kVec) {
     Vec e = exp_vec(Vec::loadu(x + j) - vshift);
     acc = acc + e;
-    if (keep != nullptr) e = e * Vec::loadu(keep + j);
+    if (keep != nullptr) e = apply_keep(e, *keep, j);
     store_elems(dst, j, e, kVec);
   }
   if (j < n) {
     Vec e = Vec::set(Vec(0.f), exp_vec(Vec::loadu(x + j, n - j) - vshift), n - j);
     acc = acc + e;
-    if (keep != nullptr) e = e * Vec::loadu(keep + j, n - j);
+    if (keep != nullptr) e = apply_keep(e, *keep, j);
     store_elems(dst, j, e, n - j);
   }
   return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
@@ -662,8 +687,7 @@ struct Geometry {
       task_rows = std::clamp(round_up((L + kTasksPerHead - 1) / kTasksPerHead, block), task_rows, kMaxTaskRows);
     }
     symmetric = kSymmetricSchedule && L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
-    mirrored = kSymmetricSchedule && tiled && !backward && !p.causal && p.coef_mode != CoefMode::kFull &&
-               p.dropout_p == 0.0;
+    mirrored = kSymmetricSchedule && tiled && !backward && !p.causal && p.coef_mode != CoefMode::kFull;
   }
 };
 
@@ -932,9 +956,19 @@ class Head {
 
   // keep[j] = the multiplier of query row i on key j0 + j, for j in [0, n).
   void keep_run(float* keep, int64_t i, int64_t j0, int64_t n) const {
-    const uint64_t base =
-        (static_cast<uint64_t>(h_ * p_.n_rows + row_id0_ + i)) * static_cast<uint64_t>(p_.seqlen);
-    draw_keep(keep_rule_, base + static_cast<uint64_t>(j0), n, keep);
+    draw_keep(keep_rule_, keep_offset(i, j0), n, keep);
+  }
+
+  // The same as keep bits (keep_bit_words(n) words at bits).
+  KeepBits keep_bits(uint64_t* bits, int64_t i, int64_t j0, int64_t n) const {
+    draw_keep_bits(keep_rule_, keep_offset(i, j0), n, bits);
+    return {bits, keep_rule_.scale};
+  }
+
+  // The element offset of query row i on key j (see reference.dropout_keep_mask).
+  uint64_t keep_offset(int64_t i, int64_t j) const {
+    return static_cast<uint64_t>(h_ * p_.n_rows + row_id0_ + i) * static_cast<uint64_t>(p_.seqlen) +
+           static_cast<uint64_t>(j);
   }
 
   bool dropout() const { return keep_rule_.scale != 0.f; }
@@ -1022,20 +1056,22 @@ class ForwardHead : public Head<scalar_t> {
                              : Base::panel_floats(p, g, false)
                                    + 2 * T * T                              // S / P, column P tiles
                                    + (kPairs ? T * T / 2 + T * T / 2 : 0)   // bf16 P, column P pairs
-                                   + 2 * T;                                 // column max and sum
+                                   + 2 * T                                  // column max and sum
+                                   + (p.dropout_p > 0.0 ? 2 * (keep_bit_words(T) * (T + 1) + T * T / 64)
+                                                        : 0);  // keep bits: a row, by query, by key
     if (g.tiled) {
       return std::max(mirrored, Base::panel_floats(p, g, false)
              + g.block * kKeyTile                      // score tile
              + (kPairs ? g.block * kKeyTile / 2 : 0)   // P tile as bf16 A rows
              + g.block * p.value_dim                   // output block
              + 2 * g.block                             // running row max and sum
-             + (p.dropout_p > 0.0 ? kKeyTile : 0));    // keep row of a tile
+             + (p.dropout_p > 0.0 ? 2 * keep_bit_words(kKeyTile) : 0));  // keep bits of a tile row
     }
     return Base::panel_floats(p, g, false)
            + g.block * g.ldk                      // score block
            + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
            + g.block                              // 1 / row sums
-           + (p.dropout_p > 0.0 ? g.ldk : 0)      // keep row
+           + (p.dropout_p > 0.0 ? 2 * keep_bit_words(g.ldk) : 0)  // keep bits of a row
            + (kHalf ? g.block * p.value_dim : 0);  // output block
   }
 
@@ -1065,7 +1101,7 @@ class ForwardHead : public Head<scalar_t> {
       probs = s;
     }
     float* inv_sum = ws_.template take<float>(g_.block);
-    float* keep = this->dropout() ? ws_.template take<float>(g_.ldk) : nullptr;
+    uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(keep_bit_words(g_.ldk)) : nullptr;
     float* o = kHalf ? ws_.template take<float>(g_.block * Dv_) : nullptr;
     const int64_t block = g_.block;  // >= L_ for symmetric heads
     for (int64_t i0 = r0; i0 < r1; i0 += block) {
@@ -1113,7 +1149,7 @@ class ForwardHead : public Head<scalar_t> {
     float* o = ws_.template take<float>(g_.block * Dv_);
     float* m = ws_.template take<float>(g_.block);
     float* l = ws_.template take<float>(g_.block);
-    float* keep = this->dropout() ? ws_.template take<float>(kKeyTile) : nullptr;
+    uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(keep_bit_words(kKeyTile)) : nullptr;
     const float scale = static_cast<float>(p_.scale);
     for (int64_t i0 = r0; i0 < r1; i0 += g_.block) {
       const int64_t rows = std::min(g_.block, r1 - i0);
@@ -1172,6 +1208,12 @@ class ForwardHead : public Head<scalar_t> {
     Word* pt_words = kPairs ? ws_.template take<Word>(T * T / 2) : nullptr;
     float* cmax = ws_.template take<float>(T);
     float* csum = ws_.template take<float>(T);
+    uint64_t *keep = nullptr, *keep_by_query = nullptr, *keep_by_key = nullptr;
+    if (this->dropout()) {
+      keep = ws_.template take<uint64_t>(keep_bit_words(T));
+      keep_by_query = ws_.template take<uint64_t>(T * keep_bit_words(T));
+      keep_by_key = ws_.template take<uint64_t>(T * T / 64);
+    }
     const float scale = static_cast<float>(p_.scale);
     for (int64_t j0 = c0; j0 < c1; j0 += T) {
       const int64_t cols = std::min(T, c1 - j0);
@@ -1182,7 +1224,8 @@ class ForwardHead : public Head<scalar_t> {
         if (i0 != j0) {
           // Rows J against keys I, before the row pass below masks and exponentiates s in place.
           const RowState b = (one_group ? side_a : side_b).from(j0 - (one_group ? r0 : c0), Dv_);
-          if (column_pass(s, i0, rows, cols, b, pt, cmax, csum)) {
+          if (keep != nullptr) column_keep(i0, rows, j0, cols, keep_by_query, keep_by_key);
+          if (column_pass(s, i0, rows, cols, b, pt, cmax, csum, keep != nullptr ? keep_by_key : nullptr)) {
             Panel p_cols{reinterpret_cast<const Word*>(pt), T};
             if constexpr (kPairs) {
               pack_bf16_pairs(static_cast<const float*>(pt), T, rows, cols, pt_words, T);
@@ -1193,7 +1236,7 @@ class ForwardHead : public Head<scalar_t> {
         }
         const RowState a = side_a.from(i0 - r0, Dv_);
         for (int64_t r = 0; r < rows; ++r) {
-          online_row(s + r * T, i0 + r, j0, cols, a.m[r], a.l[r], a.o + r * Dv_, probs + r * ldp, nullptr);
+          online_row(s + r * T, i0 + r, j0, cols, a.m[r], a.l[r], a.o + r * Dv_, probs + r * ldp, keep);
         }
         gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), a.o, Dv_, 1.f, true);
       }
@@ -1233,11 +1276,30 @@ class ForwardHead : public Head<scalar_t> {
     fill(x.l, rows, 0.f);
   }
 
+  // The dropout keep bits of the column pass of tile (rows i0.., keys j0..): bit c % 64 of
+  // keep_by_key[r * T / 64 + c / 64] for query j0 + c on key i0 + r, drawn by query (the counters
+  // run along keys) into keep_by_query and transposed in 64 x 64 bit blocks.
+  void column_keep(int64_t i0, int64_t rows, int64_t j0, int64_t cols, uint64_t* keep_by_query,
+                   uint64_t* keep_by_key) const {
+    constexpr int64_t kWords = kMirrorTile / 64, kQueryWords = keep_bit_words(kMirrorTile);
+    for (int64_t c = 0; c < cols; ++c) this->keep_bits(keep_by_query + c * kQueryWords, j0 + c, i0, rows);
+    uint64_t block[64];
+    for (int64_t bc = 0; bc * 64 < cols; ++bc) {
+      for (int64_t br = 0; br * 64 < rows; ++br) {
+        for (int64_t k = 0; k < 64; ++k) block[k] = bc * 64 + k < cols ? keep_by_query[(bc * 64 + k) * kQueryWords + br] : 0;
+        transpose_bits64(block);
+        for (int64_t k = 0; k < 64 && br * 64 + k < rows; ++k) keep_by_key[(br * 64 + k) * kWords + bc] = block[k];
+      }
+    }
+  }
+
   // The tile's rows i0 + r as keys of its columns' query rows (state b): their running max and sum
   // updated, outputs rescaled where a max grows, and pt[r][c] = exp(s[r][c] - m[c]) (0 on padded
-  // keys). Returns false when every key of the tile is padding (nothing to add).
+  // keys), times the dropout multipliers of keep_by_key (column_keep) where it is given; the sums
+  // take the exponentials before dropout. Returns false when every key of the tile is padding
+  // (nothing to add).
   bool column_pass(const float* s, int64_t i0, int64_t rows, int64_t cols, const RowState& b, float* pt,
-                   float* cmax, float* csum) {
+                   float* cmax, float* csum, const uint64_t* keep_by_key) {
     constexpr int64_t T = kMirrorTile;
     auto real = [&](int64_t r) { return this->kbias_ == nullptr || this->kbias_[i0 + r] == 0.f; };
     fill(cmax, cols, kNegInf);
@@ -1270,7 +1332,9 @@ class ForwardHead : public Head<scalar_t> {
       for (int64_t c = 0; c < cols; c += kVec) {
         const int64_t n = std::min(kVec, cols - c);
         const Vec e = exp_vec(Vec::loadu(s + r * T + c, n) - Vec::loadu(b.m + c, n));
-        e.store(prow + c, n);
+        Vec kept = e;
+        if (keep_by_key != nullptr) kept = apply_keep(e, KeepBits{keep_by_key + r * (T / 64), this->keep_rule_.scale}, c);
+        kept.store(prow + c, n);
         (Vec::loadu(csum + c, n) + e).store(csum + c, n);
       }
     }
@@ -1279,10 +1343,10 @@ class ForwardHead : public Head<scalar_t> {
   }
 
   // Score row i over keys [j0, j0 + cols) into the row's running max m, sum l and output row o;
-  // leaves exp(s - m) in prow (times the tile's dropout multipliers, drawn into keep when it is
-  // set), zero past the row's last key. The sum l takes the exponentials before dropout.
+  // leaves exp(s - m) in prow (times the tile's dropout multipliers, drawn as bits into keep when
+  // it is set), zero past the row's last key. The sum l takes the exponentials before dropout.
   void online_row(float* s, int64_t i, int64_t j0, int64_t cols, float& m, float& l, float* o, Word* prow,
-                  float* keep) {
+                  uint64_t* keep) {
     const int64_t n = std::clamp<int64_t>(this->row_keys(i) - j0, 0, cols);
     if (n > 0) {
       this->mask_row(s, i, j0 + n, j0);
@@ -1294,8 +1358,9 @@ class ForwardHead : public Head<scalar_t> {
           scale_inplace(o, Dv_, shrink);
         }
         m = m_new;
-        if (keep != nullptr) this->keep_row(keep, i, n, j0);
-        l += exp_sum_store(s, n, m, static_cast<const float*>(keep), prow);
+        KeepBits bits{};
+        if (keep != nullptr) bits = this->keep_bits(keep, i, j0, n);
+        l += exp_sum_store(s, n, m, keep != nullptr ? &bits : nullptr, prow);
         zero_elems(prow, n, cols);
         return;
       }
@@ -1305,7 +1370,7 @@ class ForwardHead : public Head<scalar_t> {
 
   // Score row -> exp(s - rowmax) (times the dropout multipliers) into prow, zero in [n, kend);
   // writes lse and returns 1 / the row sum (0 for a row with no allowed key: P = 0).
-  float softmax_row(float* s, int64_t i, int64_t kend, float* keep, Word* prow) {
+  float softmax_row(float* s, int64_t i, int64_t kend, uint64_t* keep, Word* prow) {
     const int64_t n = this->row_keys(i);
     this->mask_row(s, i, n);
     const float m = n > 0 ? row_max(s, n) : kNegInf;
@@ -1314,8 +1379,9 @@ class ForwardHead : public Head<scalar_t> {
       *this->lse_ptr(i) = kNegInf;
       return 0.f;
     }
-    if (keep != nullptr) this->keep_row(keep, i, n);
-    const float sum = exp_sum_store(s, n, m, keep, prow);
+    KeepBits bits{};
+    if (keep != nullptr) bits = this->keep_bits(keep, i, 0, n);
+    const float sum = exp_sum_store(s, n, m, keep != nullptr ? &bits : nullptr, prow);
     *this->lse_ptr(i) = m + std::log(sum);
     zero_elems(prow, n, kend);
     return 1.f / sum;

@@ -7,7 +7,9 @@
 // multiplies the low words into full 64-bit products, so one instruction gives both the high
 // word (the next round's XOR input, after a shift) and the low word (the product kept as the
 // lane itself). The upper half of every lane carries garbage that only XORs into other upper
-// halves, which mul_epu32 ignores and the final interleave drops. The counter's high word starts
+// halves, which mul_epu32 ignores and the final compares drop. The keep decisions come out as
+// bits, a register's 32 (16) in one word: the forward applies them as lane masks to its
+// exponentials; draw_keep expands them into multipliers. The counter's high word starts
 // as the second counter word, so a run of counters may cross a multiple of 2^32. The DEFAULT
 // build draws with the scalar philox4x, one counter (four elements) at a time.
 //
@@ -17,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/philox.h"
 
@@ -48,10 +51,27 @@ struct KeepRule {
   }
 };
 
+// Words of a bit array of the keep decisions of n elements (draw_keep_bits).
+constexpr int64_t keep_bit_words(int64_t n) { return n / 64 + 2; }
+
+// The 64 x 64 bit matrix a (bit c of a[r]: element (r, c)) transposed in place: six rounds that
+// swap the off-diagonal halves of ever smaller blocks.
+inline void transpose_bits64(uint64_t* a) {
+  uint64_t low = 0x00000000FFFFFFFFull;  // the low half of each block of 2j bits
+  for (int j = 32; j != 0; j >>= 1, low ^= low << j) {
+    for (int k = 0; k < 64; k = ((k | j) + 1) & ~j) {
+      const uint64_t t = ((a[k] >> j) ^ a[k | j]) & low;
+      a[k] ^= t << j;
+      a[k | j] ^= t;
+    }
+  }
+}
+
 // GCC's AVX-512 intrinsics start from _mm512_undefined_epi32 (a self-initialised variable), which
-// -Wall reports as maybe-uninitialized at every inlined use.
+// -Wall reports as (maybe-)uninitialized at every inlined use.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 2
 using PhiloxReg = __m512i;
 constexpr int kLanes64 = 8;
@@ -67,14 +87,17 @@ inline PhiloxReg xor2(const PhiloxReg& a, uint32_t k) {
 inline PhiloxReg xor3(const PhiloxReg& a, const PhiloxReg& b, uint32_t k) {
   return _mm512_ternarylogic_epi32(a, b, _mm512_set1_epi32(static_cast<int>(k)), 0x96);
 }
-// Per lane: low word of x, then low word of y (the lane's two 32-bit halves).
+// Per lane: low word of x, then low word of y (the lane's two 32-bit halves), in one shuffle.
 inline PhiloxReg pair_low_words(const PhiloxReg& x, const PhiloxReg& y) {
-  return _mm512_mask_blend_epi32(0xAAAA, x, _mm512_slli_epi64(y, 32));
+  return _mm512_mask_shuffle_epi32(x, 0xAAAA, y, _MM_PERM_CDAB);
 }
-// The 64-bit lanes of a and b interleaved: a0 b0 a1 b1 ... from lane `from` on (0 or 4).
-inline PhiloxReg interleave_lanes(const PhiloxReg& a, const PhiloxReg& b, int from) {
-  const __m512i idx = from == 0 ? _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0) : _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
-  return _mm512_permutex2var_epi64(a, idx, b);
+// The keep bits of the 32 elements of one register of counters from its word pairs w01 (words 0, 1
+// of counter t in lane t) and w23: (word >> 1) >= threshold as word >= 2 threshold (which fits:
+// threshold < 2^31 for p < 1), bit 2t + w of each compare deposited at bit 4t + w (4t + 2 + w).
+inline uint32_t kept_bits(const PhiloxReg& w01, const PhiloxReg& w23, uint32_t threshold) {
+  const __m512i twice = _mm512_set1_epi32(static_cast<int>(2 * threshold));
+  return _pdep_u32(_mm512_cmpge_epu32_mask(w01, twice), 0x33333333u) |
+         _pdep_u32(_mm512_cmpge_epu32_mask(w23, twice), 0xCCCCCCCCu);
 }
 #elif defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL == 1
 using PhiloxReg = __m256i;
@@ -91,19 +114,27 @@ inline PhiloxReg xor3(const PhiloxReg& a, const PhiloxReg& b, uint32_t k) {
   return _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_set1_epi32(static_cast<int>(k)));
 }
 inline PhiloxReg pair_low_words(const PhiloxReg& x, const PhiloxReg& y) {
-  return _mm256_blend_epi32(x, _mm256_slli_epi64(y, 32), 0xAA);
+  return _mm256_blend_epi32(x, _mm256_shuffle_epi32(y, 0xB1), 0xAA);
 }
-inline PhiloxReg interleave_lanes(const PhiloxReg& a, const PhiloxReg& b, int from) {
-  const __m256i lo = _mm256_unpacklo_epi64(a, b), hi = _mm256_unpackhi_epi64(a, b);  // lanes 0, 2 / 1, 3
-  return from == 0 ? _mm256_permute2x128_si256(lo, hi, 0x20) : _mm256_permute2x128_si256(lo, hi, 0x31);
+// The same for the 16 elements of 4 counters, interleaved as vectors (pdep is slow on some AVX2
+// CPUs); (word >> 1) < 2^31, so a signed compare serves.
+inline uint16_t kept_bits(const PhiloxReg& w01, const PhiloxReg& w23, uint32_t threshold) {
+  const __m256i lo = _mm256_unpacklo_epi64(w01, w23), hi = _mm256_unpackhi_epi64(w01, w23);  // counters 0, 2 / 1, 3
+  const __m256i bound = _mm256_set1_epi32(static_cast<int>(threshold - 1));
+  auto kept = [&](const __m256i& words) {
+    const __m256i k = _mm256_cmpgt_epi32(_mm256_srli_epi32(words, 1), bound);
+    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(k)));
+  };
+  return static_cast<uint16_t>(kept(_mm256_permute2x128_si256(lo, hi, 0x20)) |
+                               kept(_mm256_permute2x128_si256(lo, hi, 0x31)) << 8);
 }
 #endif
 
 #if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 1
 // Registers of counters drawn together: independent chains that hide the multiply latency.
 constexpr int kChains = kLanes64 == 8 ? 4 : 2;
-// 32-bit words (elements) of one register; one register of counters yields four of them.
-constexpr int64_t kPacked = 2 * kLanes64;
+// The keep bits of one register of counters (four elements each).
+using StreamWord = std::conditional_t<kLanes64 == 8, uint32_t, uint16_t>;
 
 // The four output words of the counters in c[v] (kLanes64 each, 64-bit lanes), left in the low
 // halves of the lanes of c[v], c1[v], c2[v], c3[v]. Rounds 0 to 2 use that c2 = c3 = 0 at the
@@ -142,79 +173,98 @@ inline void philox_rounds(const KeepRule& rule, PhiloxReg* c0, PhiloxReg* c1, Ph
   }
 }
 
-// Multipliers of kPacked consecutive elements from their words: element i goes to keep[d + i],
-// for i in [lo, hi) only (0 <= lo < hi <= kPacked; d may be negative).
-inline void store_keep(const KeepRule& rule, const PhiloxReg& words, float* keep, int64_t d, int64_t lo, int64_t hi) {
-  alignas(64) float tmp[kPacked];
-  const bool whole = lo == 0 && hi == kPacked;
-  float* dst = whole ? keep + d : tmp;
-#if SYMATTN_ISA_LEVEL >= 2
-  // (words >> 1) >= threshold as words >= 2 threshold, which fits: threshold < 2^31 for p < 1.
-  const __mmask16 kept = _mm512_cmpge_epu32_mask(words, _mm512_set1_epi32(2 * rule.threshold));
-  _mm512_storeu_ps(dst, _mm512_maskz_mov_ps(kept, _mm512_set1_ps(rule.scale)));
-#else
-  // (words >> 1) < 2^31, so a signed compare serves.
-  const __m256i kept = _mm256_cmpgt_epi32(_mm256_srli_epi32(words, 1),
-                                          _mm256_set1_epi32(static_cast<int>(rule.threshold - 1)));
-  _mm256_storeu_ps(dst, _mm256_and_ps(_mm256_castsi256_ps(kept), _mm256_set1_ps(rule.scale)));
-#endif
-  if (!whole) std::copy(tmp + lo, tmp + hi, keep + (d + lo));
-}
-
-// Counters ctr0 + ctr + [0, N * kLanes64), elements 4 * ctr + [0, 4 * N * kLanes64) of the
-// stream that starts at element offset 4 * ctr0: stream element t goes to keep[t - lead] where
-// that lies in [0, n).
+// Keep bits of the elements 4 * ctr + [0, 4 * N * kLanes64) of the stream that starts at element
+// offset 4 * ctr0 (counters ctr0 + ctr + [0, N * kLanes64)), 4 * kLanes64 bits per register into
+// stream[ctr / kLanes64 + v] (bit i: stream element 4 * ctr + 4 * kLanes64 * v + i).
 template <int N, bool kSameHigh>
-inline void draw_counters(const KeepRule& rule, uint64_t ctr0, int64_t ctr, int64_t lead, int64_t n, float* keep) {
+inline void draw_counters(const KeepRule& rule, uint64_t ctr0, int64_t ctr, StreamWord* stream) {
   PhiloxReg c0[N], c1[N], c2[N], c3[N];
   for (int v = 0; v < N; ++v) c0[v] = lanes64_from(ctr0 + ctr + v * kLanes64);
   philox_rounds<N, kSameHigh>(rule, c0, c1, c2, c3, static_cast<uint32_t>(ctr0 >> 32));
   for (int v = 0; v < N; ++v) {
-    const PhiloxReg w01 = pair_low_words(c0[v], c1[v]), w23 = pair_low_words(c2[v], c3[v]);
-    for (int half = 0; half < 2; ++half) {
-      const int64_t d = 4 * (ctr + v * kLanes64) + half * kPacked - lead;
-      const int64_t lo = std::max<int64_t>(0, -d), hi = std::min<int64_t>(kPacked, n - d);
-      if (lo < hi) store_keep(rule, interleave_lanes(w01, w23, half * kLanes64 / 2), keep, d, lo, hi);
-    }
+    stream[ctr / kLanes64 + v] = kept_bits(pair_low_words(c0[v], c1[v]), pair_low_words(c2[v], c3[v]), rule.threshold);
   }
 }
 
 template <bool kSameHigh>
-inline void draw_keep_run(const KeepRule& rule, uint64_t first, int64_t n, float* keep) {
-  const uint64_t ctr0 = first >> 2;
-  const int64_t lead = static_cast<int64_t>(first & 3);
-  const int64_t counters = (lead + n + 3) / 4;
+inline void draw_stream(const KeepRule& rule, uint64_t ctr0, int64_t counters, StreamWord* stream) {
   constexpr int64_t kStep = kChains * kLanes64;
   int64_t ctr = 0;
-  for (; ctr + kStep <= counters; ctr += kStep) draw_counters<kChains, kSameHigh>(rule, ctr0, ctr, lead, n, keep);
-  for (; ctr < counters; ctr += kLanes64) draw_counters<1, kSameHigh>(rule, ctr0, ctr, lead, n, keep);
+  for (; ctr + kStep <= counters; ctr += kStep) draw_counters<kChains, kSameHigh>(rule, ctr0, ctr, stream);
+  for (; ctr < counters; ctr += kLanes64) draw_counters<1, kSameHigh>(rule, ctr0, ctr, stream);
 }
 
-// Dropout multipliers keep[j] in {0, rule.scale} of the element offsets first + j, j in [0, n):
-// one query row's keys (row r of a head starts at offset (h * rows + r) * key_stride).
-inline void draw_keep(const KeepRule& rule, uint64_t first, int64_t n, float* keep) {
+// Keep bits of the element offsets first + [0, n): bit j % 64 of bits[j / 64] is set where
+// element first + j is kept. bits holds keep_bit_words(n) words; the bits past n are unspecified.
+inline void draw_keep_bits(const KeepRule& rule, uint64_t first, int64_t n, uint64_t* bits) {
   if (n <= 0) return;
+  const uint64_t ctr0 = first >> 2;
+  const int lead = static_cast<int>(first & 3);
+  const int64_t counters = (lead + n + 3) / 4;
+  // The stream's last register may end in the middle of a word of bits.
+  bits[n / 64] = bits[n / 64 + 1] = 0;
+  // x86 is little-endian: stream word k holds bits [k, k + 1) * 4 * kLanes64 of the array.
+  StreamWord* stream = reinterpret_cast<StreamWord*>(bits);
   // Lanes are independent, so the words of counters past the last one (drawn and dropped) do not
   // matter here.
   if ((first >> 34) == ((first + n - 1) >> 34)) {
-    draw_keep_run<true>(rule, first, n, keep);
+    draw_stream<true>(rule, ctr0, counters, stream);
   } else {
-    draw_keep_run<false>(rule, first, n, keep);
+    draw_stream<false>(rule, ctr0, counters, stream);
+  }
+  if (lead != 0) {
+    for (int64_t q = 0; q * 64 < n; ++q) bits[q] = (bits[q] >> lead) | (bits[q + 1] << (64 - lead));
   }
 }
 #else
 // The same, one counter (four elements) at a time.
-inline void draw_keep(const KeepRule& rule, uint64_t first, int64_t n, float* keep) {
+inline void draw_keep_bits(const KeepRule& rule, uint64_t first, int64_t n, uint64_t* bits) {
+  if (n <= 0) return;
+  std::fill(bits, bits + (n + 63) / 64, uint64_t{0});
   for (int64_t j = 0; j < n;) {
     const uint64_t element = first + static_cast<uint64_t>(j);
     uint32_t words[4];
     philox4x(rule.seed, element >> 2, words);
     for (uint64_t w = element & 3; w < 4 && j < n; ++w, ++j) {
-      keep[j] = (words[w] >> 1) >= rule.threshold ? rule.scale : 0.f;
+      if ((words[w] >> 1) >= rule.threshold) bits[j / 64] |= uint64_t{1} << (j % 64);
     }
   }
 }
 #endif
+
+// keep[j] = scale where bit j of bits is set, else 0, for j in [0, n).
+inline void expand_keep(const uint64_t* bits, int64_t n, float scale, float* keep) {
+  int64_t j = 0;
+#if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 2
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (; j < n; j += 16) {
+    const __mmask16 kept = static_cast<__mmask16>(bits[j / 64] >> (j % 64));
+    const __mmask16 lanes = static_cast<__mmask16>(n - j >= 16 ? 0xFFFF : (1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(keep + j, lanes, _mm512_maskz_mov_ps(kept, vscale));
+  }
+#elif defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL == 1
+  const __m256i lane_bits = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (; j + 8 <= n; j += 8) {
+    const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits[j / 64] >> (j % 64)) & 0xFF));
+    const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bits), lane_bits);
+    _mm256_storeu_ps(keep + j, _mm256_and_ps(_mm256_castsi256_ps(kept), vscale));
+  }
+#endif
+  for (; j < n; ++j) keep[j] = (bits[j / 64] >> (j % 64)) & 1 ? scale : 0.f;
+}
+
+// Dropout multipliers keep[j] in {0, rule.scale} of the element offsets first + j, j in [0, n):
+// one query row's keys (row r of a head starts at offset (h * rows + r) * key_stride).
+inline void draw_keep(const KeepRule& rule, uint64_t first, int64_t n, float* keep) {
+  constexpr int64_t kRun = 1024;
+  uint64_t bits[keep_bit_words(kRun)];
+  for (int64_t j0 = 0; j0 < n; j0 += kRun) {
+    const int64_t m = std::min(kRun, n - j0);
+    draw_keep_bits(rule, first + static_cast<uint64_t>(j0), m, bits);
+    expand_keep(bits, m, rule.scale, keep + j0);
+  }
+}
 
 #pragma GCC diagnostic pop
 
