@@ -407,34 +407,89 @@ void gemm(int64_t m, int64_t n, int64_t k, const Operand<typename Dot::Word>& a,
 
 // Row primitives on fp32, vectorised with masked tails so every element takes the same path.
 
-// exp(x) within 1.25 ulp (measured against double): Cody-Waite reduction x = n ln2 + r and
-// Cephes expf's polynomial, inlined. Half the cost of Sleef's 1-ulp call; at::vec's exp_u20
-// is cheaper still but its error fails flash-attn's rule on fp32 gradients. Inputs below -88
-// (masked scores are -inf) get n = -127, whose 2^n bit pattern is +0: exp(-inf) = 0 exactly,
-// and results under FLT_MIN flush to zero.
-Vec exp_vec(const Vec& x) {
-  using IVec = at::vec::Vectorized<int32_t>;
-  const Vec xc = at::vec::clamp_max(at::vec::clamp_min(x, Vec(-88.f)), Vec(88.37626f));  // ln(FLT_MAX)
-  const Vec n = (xc * Vec(1.44269504088896341f)).round();  // log2(e)
-  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);        // ln 2, high part (exact product)
-  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);            // ln 2, low part
-  Vec p(1.9875691500e-4f);
-  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
-  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
-  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
-  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
-  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
-  p = at::vec::fmadd(p, r * r, r + Vec(1.f));
-  const IVec biased = at::vec::convert_to_int_of_same_size(n) + IVec(127);
-  return p * at::vec::cast<float>(biased << IVec(23));
+// exp(x) for softmax arguments (x - row max, x - lse: at most 0 up to rounding), within
+// 1 ulp of the correctly rounded result (measured against double). Cody-Waite reduction
+// x = n ln2 + r, n = rint(x log2(e)) from one FMA with the 1.5 * 2^23 shifter (its rounding is the
+// rint), and exp(r) = 1 + r (1 + r q(r)) with q a degree-4 minimax fit of (exp(r) - 1 - r) / r^2 on
+// |r| <= ln2 / 2: 13 vector operations, where at::vec's exp_u20 is cheaper still but its error
+// fails flash-attn's rule on fp32 gradients. Results under e^-87 flush to zero, so
+// exp(-inf) = 0 exactly and no denormal reaches the products; NaN stays NaN, and large x give
+// +inf (+inf itself, which no softmax argument is, gives NaN).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kShifter = 12582912.f;  // 1.5 * 2^23: x + kShifter rounds x to an integer
+constexpr float kLn2Hi = 0.693359375f;  // ln 2 in 9 bits: n * kLn2Hi is exact
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpFlush = -87.f;  // e^-87 > FLT_MIN
+
+inline Vec exp_poly(const Vec& r) {
+  Vec q(1.38145988e-3f);
+  q = at::vec::fmadd(q, r, Vec(8.36871658e-3f));
+  q = at::vec::fmadd(q, r, Vec(4.16683890e-2f));
+  q = at::vec::fmadd(q, r, Vec(1.66665211e-1f));
+  q = at::vec::fmadd(q, r, Vec(4.99999940e-1f));
+  q = at::vec::fmadd(q, r, Vec(1.f));
+  return at::vec::fmadd(q, r, Vec(1.f));
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec exp_vec(const Vec& x) {
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kShifter)),
+                                 _mm512_set1_ps(kShifter));
+  const Vec r = at::vec::fmadd(Vec(n), Vec(-kLn2Lo), at::vec::fmadd(Vec(n), Vec(-kLn2Hi), x));
+  // 2^n scaling in one instruction; lanes under the flush bound (-inf included: its r is NaN) are
+  // zeroed by the mask, NaN lanes compare unordered and stay NaN.
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFlush), _CMP_NLT_UQ);
+  return _mm512_maskz_scalef_ps(normal, exp_poly(r), n);
+}
+
+#else
+// The same reduction and polynomial; 2^n from the shifter's integer bits, for x clamped to
+// [-88, ln(FLT_MAX)] so that n + 127 stays in [0, 254].
+inline Vec exp_vec(const Vec& x) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  const Vec xc = at::vec::clamp_max(at::vec::clamp_min(x, Vec(-88.f)), Vec(88.37626f));  // ln(FLT_MAX)
+  const Vec t = at::vec::fmadd(xc, Vec(kLog2e), Vec(kShifter));
+  const Vec n = t - Vec(kShifter);
+  const Vec r = at::vec::fmadd(n, Vec(-kLn2Lo), at::vec::fmadd(n, Vec(-kLn2Hi), xc));
+  const IVec biased = at::vec::cast<int32_t>(t) - IVec(0x4B400000 - 127);  // n + 127
+  const Vec p = exp_poly(r) * at::vec::cast<float>(biased << IVec(23));
+  return Vec::blendv(p, Vec(0.f), xc < Vec(kExpFlush));
+}
+#endif
+
+// Lane-wise max(a, x) for a running maximum a: one instruction where the ISA has one. A NaN in x
+// may be dropped (vmaxps returns its second operand, a, when either is NaN): the exponentials of
+// those scores carry the NaN into the row's sum instead.
+inline Vec max_running(const Vec& a, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(x, a);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(x, a);
+#else
+  return at::vec::maximum(a, x);
+#endif
+}
+
+// max(a, b) that keeps a NaN from either side (std::max keeps its first argument against NaN).
+inline float max_nan(float a, float b) { return std::isnan(a) || a > b ? a : b; }
+
+// The maximum of x[0, n): -inf for none, NaN where the NaN-less maximum is -inf but x holds NaN
+// (where it is finite, the NaN reaches the row's sum of exponentials).
 float row_max(const float* x, int64_t n) {
-  Vec acc(kNegInf);
+  // Four independent maxima: one would wait on the latency of each max before the next.
+  Vec acc[4] = {Vec(kNegInf), Vec(kNegInf), Vec(kNegInf), Vec(kNegInf)};
   int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) acc = at::vec::maximum(acc, Vec::loadu(x + j));
-  if (j < n) acc = at::vec::maximum(acc, Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
-  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, acc);
+  for (; j + 4 * kVec <= n; j += 4 * kVec) {
+    for (int u = 0; u < 4; ++u) acc[u] = max_running(acc[u], Vec::loadu(x + j + u * kVec));
+  }
+  for (; j + kVec <= n; j += kVec) acc[0] = max_running(acc[0], Vec::loadu(x + j));
+  if (j < n) acc[1] = max_running(acc[1], Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
+  const Vec m = max_running(max_running(acc[0], acc[1]), max_running(acc[2], acc[3]));
+  const float out = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return max_running(a, b); }, m);
+  if (out == kNegInf && std::any_of(x, x + n, [](float v) { return std::isnan(v); })) {
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  return out;
 }
 
 // dst[j] = exp(x[j] - shift) * keep[j] (1 without keep) for j < n, as fp32 (dst may be x) or
@@ -1022,7 +1077,7 @@ class ForwardHead : public Head<scalar_t> {
                              : Base::panel_floats(p, g, false)
                                    + 2 * T * T                              // S / P, column P tiles
                                    + (kPairs ? T * T / 2 + T * T / 2 : 0)   // bf16 P, column P pairs
-                                   + 2 * T;                                 // column max and sum
+                                   + kStrip;                                // a column strip's maxima
     if (g.tiled) {
       return std::max(mirrored, Base::panel_floats(p, g, false)
              + g.block * kKeyTile                      // score tile
@@ -1170,8 +1225,7 @@ class ForwardHead : public Head<scalar_t> {
     }
     float* pt = ws_.template take<float>(T * T);
     Word* pt_words = kPairs ? ws_.template take<Word>(T * T / 2) : nullptr;
-    float* cmax = ws_.template take<float>(T);
-    float* csum = ws_.template take<float>(T);
+    float* cmax = ws_.template take<float>(kStrip);
     const float scale = static_cast<float>(p_.scale);
     for (int64_t j0 = c0; j0 < c1; j0 += T) {
       const int64_t cols = std::min(T, c1 - j0);
@@ -1182,7 +1236,7 @@ class ForwardHead : public Head<scalar_t> {
         if (i0 != j0) {
           // Rows J against keys I, before the row pass below masks and exponentiates s in place.
           const RowState b = (one_group ? side_a : side_b).from(j0 - (one_group ? r0 : c0), Dv_);
-          if (column_pass(s, i0, rows, cols, b, pt, cmax, csum)) {
+          if (column_pass(s, i0, rows, cols, b, pt, cmax)) {
             Panel p_cols{reinterpret_cast<const Word*>(pt), T};
             if constexpr (kPairs) {
               pack_bf16_pairs(static_cast<const float*>(pt), T, rows, cols, pt_words, T);
@@ -1205,7 +1259,7 @@ class ForwardHead : public Head<scalar_t> {
     float* o = ws_.template take<float>(Dv_);
     for (int64_t r = 0; r < r1 - r0; ++r) {
       float m = kNegInf;
-      for (int64_t k = 0; k < count; ++k) m = std::max(m, parts[k].m[r]);
+      for (int64_t k = 0; k < count; ++k) m = max_nan(m, parts[k].m[r]);
       float l = 0.f;
       fill(o, Dv_, 0.f);
       if (m != kNegInf) {
@@ -1237,22 +1291,38 @@ class ForwardHead : public Head<scalar_t> {
   // updated, outputs rescaled where a max grows, and pt[r][c] = exp(s[r][c] - m[c]) (0 on padded
   // keys). Returns false when every key of the tile is padding (nothing to add).
   bool column_pass(const float* s, int64_t i0, int64_t rows, int64_t cols, const RowState& b, float* pt,
-                   float* cmax, float* csum) {
-    constexpr int64_t T = kMirrorTile;
-    auto real = [&](int64_t r) { return this->kbias_ == nullptr || this->kbias_[i0 + r] == 0.f; };
-    fill(cmax, cols, kNegInf);
+                   float* cmax) {
     bool any = false;
-    for (int64_t r = 0; r < rows; ++r) {
-      if (!real(r)) continue;
-      any = true;
-      for (int64_t c = 0; c < cols; c += kVec) {
-        const int64_t n = std::min(kVec, cols - c);
-        at::vec::maximum(Vec::loadu(cmax + c, n), Vec::loadu(s + r * T + c, n)).store(cmax + c, n);
-      }
-    }
+    for (int64_t r = 0; r < rows && !any; ++r) any = real_key(i0 + r);
     if (!any) return false;
-    for (int64_t c = 0; c < cols; ++c) {
-      const float m_new = std::max(b.m[c], cmax[c]);
+    int64_t c0 = 0;
+    for (; c0 + kStrip <= cols; c0 += kStrip) column_strip<false>(s + c0, i0, rows, kStrip, b.from(c0, Dv_), pt + c0, cmax);
+    if (c0 < cols) column_strip<true>(s + c0, i0, rows, cols - c0, b.from(c0, Dv_), pt + c0, cmax);
+    return true;
+  }
+
+  // Column pass of columns [0, width) of a tile (s and pt at the strip's first column, b at its
+  // first column's state), width <= kStrip: the strip's maxima and sums stay in registers down the
+  // tile's rows.
+  static constexpr int kStripVecs = 4;
+  static constexpr int64_t kStrip = kStripVecs * kVec;
+  bool real_key(int64_t i) const { return this->kbias_ == nullptr || this->kbias_[i] == 0.f; }
+
+  template <bool kTail>
+  void column_strip(const float* s, int64_t i0, int64_t rows, int64_t width, const RowState& b, float* pt,
+                    float* cmax) {
+    constexpr int64_t T = kMirrorTile;
+    auto count = [&](int v) { return kTail ? std::clamp<int64_t>(width - v * kVec, 0, kVec) : kVec; };
+    auto load = [&](const float* x, int v) { return kTail ? Vec::loadu(x, count(v)) : Vec::loadu(x); };
+    Vec acc[kStripVecs];
+    for (int v = 0; v < kStripVecs; ++v) acc[v] = Vec(kNegInf);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!real_key(i0 + r)) continue;
+      for (int v = 0; v < kStripVecs; ++v) acc[v] = max_running(acc[v], load(s + r * T + v * kVec, v));
+    }
+    for (int v = 0; v < kStripVecs; ++v) acc[v].store(cmax + v * kVec, count(v));
+    for (int64_t c = 0; c < width; ++c) {
+      const float m_new = max_nan(b.m[c], cmax[c]);
       if (m_new > b.m[c] && b.m[c] != kNegInf) {
         const float shrink = std::exp(b.m[c] - m_new);
         b.l[c] *= shrink;
@@ -1260,22 +1330,24 @@ class ForwardHead : public Head<scalar_t> {
       }
       b.m[c] = m_new;
     }
-    fill(csum, cols, 0.f);
+    Vec m[kStripVecs];
+    for (int v = 0; v < kStripVecs; ++v) {
+      m[v] = load(b.m + v * kVec, v);
+      acc[v] = Vec(0.f);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       float* prow = pt + r * T;
-      if (!real(r)) {
-        fill(prow, cols, 0.f);
+      if (!real_key(i0 + r)) {
+        fill(prow, width, 0.f);
         continue;
       }
-      for (int64_t c = 0; c < cols; c += kVec) {
-        const int64_t n = std::min(kVec, cols - c);
-        const Vec e = exp_vec(Vec::loadu(s + r * T + c, n) - Vec::loadu(b.m + c, n));
-        e.store(prow + c, n);
-        (Vec::loadu(csum + c, n) + e).store(csum + c, n);
+      for (int v = 0; v < kStripVecs; ++v) {
+        const Vec e = exp_vec(load(s + r * T + v * kVec, v) - m[v]);
+        e.store(prow + v * kVec, count(v));
+        acc[v] = acc[v] + e;
       }
     }
-    add_inplace(b.l, csum, cols);
-    return true;
+    for (int v = 0; v < kStripVecs; ++v) (load(b.l + v * kVec, v) + acc[v]).store(b.l + v * kVec, count(v));
   }
 
   // Score row i over keys [j0, j0 + cols) into the row's running max m, sum l and output row o;
@@ -1286,7 +1358,7 @@ class ForwardHead : public Head<scalar_t> {
     const int64_t n = std::clamp<int64_t>(this->row_keys(i) - j0, 0, cols);
     if (n > 0) {
       this->mask_row(s, i, j0 + n, j0);
-      const float m_new = std::max(m, row_max(s, n));
+      const float m_new = max_nan(m, row_max(s, n));
       if (m_new != kNegInf) {
         if (m_new > m && m != kNegInf) {
           const float shrink = std::exp(m - m_new);
