@@ -92,6 +92,8 @@ constexpr int kMR = 6;
 constexpr int kNV = kVec >= 16 ? 4 : 2;
 constexpr int64_t kNR = kNV * kVec;
 static_assert(kMR % 2 == 0, "query blocks must start on an even row");
+// Words of k per pass of a product (see gemm): [kDepth, kNR] of B fills 32 KiB, within L1.
+constexpr int64_t kDepth = 128;
 // Heads up to this length keep their whole fp32 score matrix (1 MiB) in one task.
 constexpr int64_t kWholeHead = 512;
 // Longer heads take query blocks of about kBlockFloats score floats, in whole steps of
@@ -295,29 +297,38 @@ struct Band {
   int64_t n_hi = kUnbounded;
 };
 
+// Fully unrolled loops over the micro-tile's registers: GCC keeps the accumulator array in
+// registers only when it unrolls them before scalar replacement, else it spills the array to the
+// stack around the k loop.
+#if defined(__GNUC__)
+#define SYMATTN_UNROLL _Pragma("GCC unroll 8")
+#else
+#define SYMATTN_UNROLL
+#endif
+
 template <typename Dot, int MR, int NV, bool kTransA, bool kTail>
 inline void micro_kernel(int64_t k0, int64_t k1, const typename Dot::Word* a, int64_t lda,
                          const typename Dot::Word* b, int64_t ldb, float* c, int64_t ldc, int64_t tail, float alpha,
                          bool accumulate) {
   Vec acc[MR][NV];
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
+  SYMATTN_UNROLL for (int r = 0; r < MR; ++r) {
+    SYMATTN_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
   }
   for (int64_t k = k0; k < k1; ++k) {
     const typename Dot::Word* brow = b + k * ldb;
     typename Dot::Reg bv[NV];
-    for (int v = 0; v < NV; ++v) {
+    SYMATTN_UNROLL for (int v = 0; v < NV; ++v) {
       bv[v] = (kTail && v == NV - 1) ? Dot::load(brow + v * kVec, tail) : Dot::load(brow + v * kVec);
     }
-    for (int r = 0; r < MR; ++r) {
+    SYMATTN_UNROLL for (int r = 0; r < MR; ++r) {
       const typename Dot::Reg av = Dot::broadcast(kTransA ? a + k * lda + r : a + r * lda + k);
-      for (int v = 0; v < NV; ++v) acc[r][v] = Dot::fma(av, bv[v], acc[r][v]);
+      SYMATTN_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Dot::fma(av, bv[v], acc[r][v]);
     }
   }
   const Vec valpha(alpha);
-  for (int r = 0; r < MR; ++r) {
+  SYMATTN_UNROLL for (int r = 0; r < MR; ++r) {
     float* crow = c + r * ldc;
-    for (int v = 0; v < NV; ++v) {
+    SYMATTN_UNROLL for (int v = 0; v < NV; ++v) {
       const int64_t count = (kTail && v == NV - 1) ? tail : kVec;
       Vec result = acc[r][v] * valpha;
       if (accumulate) result = result + Vec::loadu(crow + v * kVec, count);
@@ -381,19 +392,29 @@ void gemm(int64_t m, int64_t n, int64_t k, const typename Dot::Word* a, int64_t 
   }
 #endif
   constexpr int64_t kPack = Dot::kPack;
-  // Column panels outside, rows inside: one [k, kNR] panel of B serves every row block.
-  for (int64_t n0 = 0; n0 < n; n0 += kNR) {
-    const int64_t cols = std::min(kNR, n - n0);
-    for (int64_t r0 = 0; r0 < m; r0 += kMR) {
-      const int64_t rows = std::min<int64_t>(kMR, m - r0);
-      const int64_t last_row = r0 + rows - 1;
-      if (n0 > last_row + band.n_hi) continue;
-      // The band's element range, widened to whole words (the zeros outside it add nothing).
-      const int64_t k0 = std::max<int64_t>(0, r0 + band.k_lo) / kPack;
-      const int64_t k1 = (std::max<int64_t>(0, std::min<int64_t>(k, last_row + band.k_hi + 1)) + kPack - 1) / kPack;
-      const typename Dot::Word* ap = kTransA ? a + r0 : a + r0 * lda;
-      micro_tile<Dot, kTransA>(rows, cols, k0, std::max(k0, k1), ap, lda, b + n0, ldb, c + r0 * ldc + n0, ldc, alpha,
-                               accumulate);
+  const int64_t k_words = (k + kPack - 1) / kPack;
+  // k in blocks of kDepth words, column panels inside them, rows inside those: one [kDepth, kNR]
+  // panel of B (32 KiB) stays in L1 for every row block, where a panel of the whole k (a P V
+  // product over 256 keys: 64 KiB) would stream from L2 once per row block.
+  for (int64_t kb = 0; kb == 0 || kb < k_words; kb += kDepth) {
+    const bool first = kb == 0;
+    for (int64_t n0 = 0; n0 < n; n0 += kNR) {
+      const int64_t cols = std::min(kNR, n - n0);
+      for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+        const int64_t rows = std::min<int64_t>(kMR, m - r0);
+        const int64_t last_row = r0 + rows - 1;
+        if (n0 > last_row + band.n_hi) continue;
+        // The band's element range, widened to whole words (the zeros outside it add nothing).
+        const int64_t k0 = std::max<int64_t>(0, r0 + band.k_lo) / kPack;
+        const int64_t k1 =
+            (std::max<int64_t>(0, std::min<int64_t>(k, last_row + band.k_hi + 1)) + kPack - 1) / kPack;
+        const int64_t lo = std::max(k0, kb), hi = std::min(k1, kb + kDepth);
+        // Outside its range a row block still takes C = 0 from the first k block.
+        if (lo >= hi && !(first && !accumulate)) continue;
+        const typename Dot::Word* ap = kTransA ? a + r0 : a + r0 * lda;
+        micro_tile<Dot, kTransA>(rows, cols, lo, std::max(lo, hi), ap, lda, b + n0, ldb, c + r0 * ldc + n0, ldc,
+                                 alpha, accumulate || !first);
+      }
     }
   }
 }
@@ -609,6 +630,38 @@ bool finite_row(const T* x, int64_t n) {
   return !std::isnan(at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc));
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// dst[j * ld_dst + i] = src[i * ld_src + j] for a whole 16 x 16 block, in registers: 32-bit, then
+// 64-bit elements of row pairs interleaved, then 128-bit lanes of row quads, then of row octets.
+// (at::vec's transpose keeps the block in a stack array handed to an out-of-line call.)
+inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 a[16], b[16];
+  SYMATTN_UNROLL for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + i * ld_src);
+  SYMATTN_UNROLL for (int i = 0; i < 16; i += 2) {
+    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  auto lo64 = [](__m512 x, __m512 y) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))); };
+  auto hi64 = [](__m512 x, __m512 y) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))); };
+  SYMATTN_UNROLL for (int i = 0; i < 16; i += 4) {
+    a[i] = lo64(b[i], b[i + 2]);
+    a[i + 1] = hi64(b[i], b[i + 2]);
+    a[i + 2] = lo64(b[i + 1], b[i + 3]);
+    a[i + 3] = hi64(b[i + 1], b[i + 3]);
+  }
+  SYMATTN_UNROLL for (int i = 0; i < 16; i += 8) {
+    SYMATTN_UNROLL for (int j = 0; j < 4; ++j) {
+      b[i + j] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0x88);
+      b[i + j + 4] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0xdd);
+    }
+  }
+  SYMATTN_UNROLL for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(b[j], b[j + 8], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ld_dst, _mm512_shuffle_f32x4(b[j], b[j + 8], 0xdd));
+  }
+}
+#endif
+
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n: register-blocked where at::vec has
 // a transpose for this instruction set.
 void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t m, int64_t n) {
@@ -616,8 +669,12 @@ void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
   constexpr int64_t kTile = 16;
   for (int64_t i = 0; i < m; i += kTile) {
     for (int64_t j = 0; j < n; j += kTile) {
-      at::vec::transpose_mxn<float>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
-                                    static_cast<int>(std::min(kTile, m - i)), static_cast<int>(std::min(kTile, n - j)));
+      if (i + kTile <= m && j + kTile <= n) {
+        transpose16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      } else {
+        at::vec::transpose_mxn<float>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
+                                      static_cast<int>(std::min(kTile, m - i)), static_cast<int>(std::min(kTile, n - j)));
+      }
     }
   }
 #else
@@ -685,6 +742,14 @@ class Workspace {
   size_t used_ = 0;
 };
 
+// Row stride of a long head's key-indexed panel of n keys: n rounded up to a vector, and past it
+// where that is a multiple of 1 KiB. The panels are read down their columns (a micro-tile's B
+// rows), and a stride of a multiple of 1 KiB would map those rows onto a few L1 sets.
+int64_t key_stride(int64_t n) {
+  const int64_t ld = round_up(std::max<int64_t>(n, 1), kVec);
+  return ld % 256 == 0 ? ld + kVec : ld;
+}
+
 // Sizes shared by every head of one call.
 struct Geometry {
   int64_t L = 0;      // longest sequence
@@ -701,10 +766,7 @@ struct Geometry {
     if (p.cu_seqlens != nullptr) {
       for (int64_t b = 0; b < p.batch; ++b) L = std::max<int64_t>(L, p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
     }
-    ldk = round_up(std::max<int64_t>(L, 1), kVec);
-    // A long head's key-indexed panels are read down their columns (a micro-tile's B rows): a
-    // row stride of a multiple of 1 KiB would map those rows onto a few L1 sets.
-    if (L > kWholeHead && ldk % 256 == 0) ldk += kVec;
+    ldk = L > kWholeHead ? key_stride(L) : round_up(std::max<int64_t>(L, 1), kVec);
     tiled = L > kWholeHead && (!backward || p.coef_mode != CoefMode::kFull);
     tile = L >= kPairBlocks * kPairTile ? kPairTile : kPairTileMin;
     block = L <= kWholeHead && kSymmetricSchedule
@@ -897,9 +959,11 @@ class Head {
       yb_ = ya_;
     }
     if (k1 < 0) k1 = L_;
-    Word* yt = ws_.take<Word>(words(D_) * g_.ldk);
-    b_transposed(a_from(ya_, k0), k1 - k0, D_, yt + k0);
-    yt_ = {yt, g_.ldk};
+    // A key range alone takes a row stride of its own width: a compact panel, which stays in L2
+    // from one task to the next, where the head's stride would scatter it over L * D words.
+    const int64_t ldt = k1 - k0 == L_ ? g_.ldk : key_stride(k1 - k0);
+    Word* yt = ws_.take<Word>(words(D_) * ldt);
+    yt_ = {b_transposed(a_from(ya_, k0), k1 - k0, D_, yt, ldt).data - k0, ldt};
     if (p_.coef_mode == CoefMode::kNone) {
       qa_ = ya_;
       return;
@@ -1020,9 +1084,10 @@ class Head {
     }
   }
   // The transpose of A rows a ([m, k]) as B [k, ldk] (m along n), word by word into buf.
-  Panel b_transposed(const Panel& a, int64_t m, int64_t k, Word* buf) const {
-    transpose(reinterpret_cast<const float*>(a.data), a.ld, reinterpret_cast<float*>(buf), g_.ldk, m, words(k));
-    return {buf, g_.ldk};
+  Panel b_transposed(const Panel& a, int64_t m, int64_t k, Word* buf, int64_t ld = 0) const {
+    if (ld == 0) ld = g_.ldk;
+    transpose(reinterpret_cast<const float*>(a.data), a.ld, reinterpret_cast<float*>(buf), ld, m, words(k));
+    return {buf, ld};
   }
   // A rows from row i on; B rows (and kTransA A) from row i on, i even.
   static Panel a_from(const Panel& a, int64_t i) { return {a.data + i * a.ld, a.ld}; }
@@ -1214,6 +1279,15 @@ class ForwardHead : public Head<scalar_t> {
     this->pack_values();
     start_states(side_a, r1 - r0);
     if (!one_group) start_states(side_b, c1 - c0);
+    // The output rows of the states are not zeroed beforehand: the first product into a block of
+    // T rows writes them (C =), later ones add (C +=). Until then a row's max is -inf, so no
+    // rescale reads them.
+    std::vector<char> written_a((r1 - r0 + T - 1) / T, 0), written_b(one_group ? 0 : (c1 - c0 + T - 1) / T, 0);
+    auto first_write = [](std::vector<char>& written, int64_t block) {
+      const bool first = written[block] == 0;
+      written[block] = 1;
+      return first;
+    };
     float* s = ws_.template take<float>(T * T);
     Word* probs = nullptr;
     int64_t ldp = T;
@@ -1236,20 +1310,24 @@ class ForwardHead : public Head<scalar_t> {
         if (i0 != j0) {
           // Rows J against keys I, before the row pass below masks and exponentiates s in place.
           const RowState b = (one_group ? side_a : side_b).from(j0 - (one_group ? r0 : c0), Dv_);
+          const bool first = first_write(one_group ? written_a : written_b, (j0 - c0) / T);
           if (column_pass(s, i0, rows, cols, b, pt, cmax)) {
             Panel p_cols{reinterpret_cast<const Word*>(pt), T};
             if constexpr (kPairs) {
               pack_bf16_pairs(static_cast<const float*>(pt), T, rows, cols, pt_words, T);
               p_cols = Panel{pt_words, T};
             }
-            gemm<Dot, true>(cols, Dv_, rows, p_cols, Base::b_from(vb_, i0), b.o, Dv_, 1.f, true);
+            gemm<Dot, true>(cols, Dv_, rows, p_cols, Base::b_from(vb_, i0), b.o, Dv_, 1.f, !first);
+          } else if (first) {
+            fill(b.o, cols * Dv_, 0.f);
           }
         }
         const RowState a = side_a.from(i0 - r0, Dv_);
         for (int64_t r = 0; r < rows; ++r) {
           online_row(s + r * T, i0 + r, j0, cols, a.m[r], a.l[r], a.o + r * Dv_, probs + r * ldp, nullptr);
         }
-        gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), a.o, Dv_, 1.f, true);
+        gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), a.o, Dv_, 1.f,
+                         !first_write(written_a, (i0 - r0) / T));
       }
     }
   }
@@ -1282,7 +1360,6 @@ class ForwardHead : public Head<scalar_t> {
 
  private:
   void start_states(const RowState& x, int64_t rows) {
-    fill(x.o, rows * Dv_, 0.f);
     fill(x.m, rows, kNegInf);
     fill(x.l, rows, 0.f);
   }
