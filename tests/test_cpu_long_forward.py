@@ -99,6 +99,25 @@ def test_mirrored_gradients_fp32():
         assert_flash_rule(name, a, r64, r32, 2e-6)
 
 
+
+@pytest.mark.parametrize("causal", [False, True], ids=["mirrored", "causal"])
+def test_nan_in_a_real_token_reaches_every_row_that_attends_to_it(causal):
+    """A NaN query / key element makes each row that sees the token NaN, as in the reference, also
+    where that token's scores are a whole tile's maximum (every score of a NaN token is NaN)."""
+    S, t = 1025, 7
+    q, v, coef = make_inputs(B=2, S=S, H=2, D=16, Dv=8, coef_mode="diag")
+    q = q.detach().clone()
+    q[0, t, 1, 3] = float("nan")
+    fp32 = [None if x is None else x.detach().float().requires_grad_() for x in (q, v, coef)]
+    got = run(cpu, *fp32, causal=causal)
+    want = run(reference, q.requires_grad_(), v, coef.detach().requires_grad_(), causal=causal)
+    names = ["out", "lse", "dq", "dcoef"]
+    if causal:  # the reference's earlier rows also take the NaN value row, times P = 0: skip out
+        names, got, want = names[1:], got[1:], want[1:]
+        assert got[0][0, t:, 1].isnan().all() and not got[0][0, :t, 1].isnan().any()
+    for name, a, b in zip(names, got, want):
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: {int(a.isnan().sum())} NaN, reference {int(b.isnan().sum())}"
+
 def mirrored_tasks(S, batch_heads):
     """Tasks of one mirrored head: one per pair of its row groups."""
     groups, _ = mirrored_groups(S, batch_heads)

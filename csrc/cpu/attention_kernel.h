@@ -92,6 +92,8 @@ constexpr int kMR = 6;
 constexpr int kNV = kVec >= 16 ? 4 : 2;
 constexpr int64_t kNR = kNV * kVec;
 static_assert(kMR % 2 == 0, "query blocks must start on an even row");
+// Words of k per pass of a product (see gemm): [kDepth, kNR] of B fills 32 KiB, within L1.
+constexpr int64_t kDepth = 128;
 // Heads up to this length keep their whole fp32 score matrix (1 MiB) in one task.
 constexpr int64_t kWholeHead = 512;
 // Longer heads take query blocks of about kBlockFloats score floats, in whole steps of
@@ -296,29 +298,38 @@ struct Band {
   int64_t n_hi = kUnbounded;
 };
 
+// Fully unrolled loops over the micro-tile's registers: GCC keeps the accumulator array in
+// registers only when it unrolls them before scalar replacement, else it spills the array to the
+// stack around the k loop.
+#if defined(__GNUC__)
+#define SYMATTN_UNROLL _Pragma("GCC unroll 8")
+#else
+#define SYMATTN_UNROLL
+#endif
+
 template <typename Dot, int MR, int NV, bool kTransA, bool kTail>
 inline void micro_kernel(int64_t k0, int64_t k1, const typename Dot::Word* a, int64_t lda,
                          const typename Dot::Word* b, int64_t ldb, float* c, int64_t ldc, int64_t tail, float alpha,
                          bool accumulate) {
   Vec acc[MR][NV];
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
+  SYMATTN_UNROLL for (int r = 0; r < MR; ++r) {
+    SYMATTN_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
   }
   for (int64_t k = k0; k < k1; ++k) {
     const typename Dot::Word* brow = b + k * ldb;
     typename Dot::Reg bv[NV];
-    for (int v = 0; v < NV; ++v) {
+    SYMATTN_UNROLL for (int v = 0; v < NV; ++v) {
       bv[v] = (kTail && v == NV - 1) ? Dot::load(brow + v * kVec, tail) : Dot::load(brow + v * kVec);
     }
-    for (int r = 0; r < MR; ++r) {
+    SYMATTN_UNROLL for (int r = 0; r < MR; ++r) {
       const typename Dot::Reg av = Dot::broadcast(kTransA ? a + k * lda + r : a + r * lda + k);
-      for (int v = 0; v < NV; ++v) acc[r][v] = Dot::fma(av, bv[v], acc[r][v]);
+      SYMATTN_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Dot::fma(av, bv[v], acc[r][v]);
     }
   }
   const Vec valpha(alpha);
-  for (int r = 0; r < MR; ++r) {
+  SYMATTN_UNROLL for (int r = 0; r < MR; ++r) {
     float* crow = c + r * ldc;
-    for (int v = 0; v < NV; ++v) {
+    SYMATTN_UNROLL for (int v = 0; v < NV; ++v) {
       const int64_t count = (kTail && v == NV - 1) ? tail : kVec;
       Vec result = acc[r][v] * valpha;
       if (accumulate) result = result + Vec::loadu(crow + v * kVec, count);
@@ -382,19 +393,29 @@ void gemm(int64_t m, int64_t n, int64_t k, const typename Dot::Word* a, int64_t 
   }
 #endif
   constexpr int64_t kPack = Dot::kPack;
-  // Column panels outside, rows inside: one [k, kNR] panel of B serves every row block.
-  for (int64_t n0 = 0; n0 < n; n0 += kNR) {
-    const int64_t cols = std::min(kNR, n - n0);
-    for (int64_t r0 = 0; r0 < m; r0 += kMR) {
-      const int64_t rows = std::min<int64_t>(kMR, m - r0);
-      const int64_t last_row = r0 + rows - 1;
-      if (n0 > last_row + band.n_hi) continue;
-      // The band's element range, widened to whole words (the zeros outside it add nothing).
-      const int64_t k0 = std::max<int64_t>(0, r0 + band.k_lo) / kPack;
-      const int64_t k1 = (std::max<int64_t>(0, std::min<int64_t>(k, last_row + band.k_hi + 1)) + kPack - 1) / kPack;
-      const typename Dot::Word* ap = kTransA ? a + r0 : a + r0 * lda;
-      micro_tile<Dot, kTransA>(rows, cols, k0, std::max(k0, k1), ap, lda, b + n0, ldb, c + r0 * ldc + n0, ldc, alpha,
-                               accumulate);
+  const int64_t k_words = (k + kPack - 1) / kPack;
+  // k in blocks of kDepth words, column panels inside them, rows inside those: one [kDepth, kNR]
+  // panel of B (32 KiB) stays in L1 for every row block, where a panel of the whole k (a P V
+  // product over 256 keys: 64 KiB) would stream from L2 once per row block.
+  for (int64_t kb = 0; kb == 0 || kb < k_words; kb += kDepth) {
+    const bool first = kb == 0;
+    for (int64_t n0 = 0; n0 < n; n0 += kNR) {
+      const int64_t cols = std::min(kNR, n - n0);
+      for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+        const int64_t rows = std::min<int64_t>(kMR, m - r0);
+        const int64_t last_row = r0 + rows - 1;
+        if (n0 > last_row + band.n_hi) continue;
+        // The band's element range, widened to whole words (the zeros outside it add nothing).
+        const int64_t k0 = std::max<int64_t>(0, r0 + band.k_lo) / kPack;
+        const int64_t k1 =
+            (std::max<int64_t>(0, std::min<int64_t>(k, last_row + band.k_hi + 1)) + kPack - 1) / kPack;
+        const int64_t lo = std::max(k0, kb), hi = std::min(k1, kb + kDepth);
+        // Outside its range a row block still takes C = 0 from the first k block.
+        if (lo >= hi && !(first && !accumulate)) continue;
+        const typename Dot::Word* ap = kTransA ? a + r0 : a + r0 * lda;
+        micro_tile<Dot, kTransA>(rows, cols, lo, std::max(lo, hi), ap, lda, b + n0, ldb, c + r0 * ldc + n0, ldc,
+                                 alpha, accumulate || !first);
+      }
     }
   }
 }
@@ -408,34 +429,89 @@ void gemm(int64_t m, int64_t n, int64_t k, const Operand<typename Dot::Word>& a,
 
 // Row primitives on fp32, vectorised with masked tails so every element takes the same path.
 
-// exp(x) within 1.25 ulp (measured against double): Cody-Waite reduction x = n ln2 + r and
-// Cephes expf's polynomial, inlined. Half the cost of Sleef's 1-ulp call; at::vec's exp_u20
-// is cheaper still but its error fails flash-attn's rule on fp32 gradients. Inputs below -88
-// (masked scores are -inf) get n = -127, whose 2^n bit pattern is +0: exp(-inf) = 0 exactly,
-// and results under FLT_MIN flush to zero.
-Vec exp_vec(const Vec& x) {
-  using IVec = at::vec::Vectorized<int32_t>;
-  const Vec xc = at::vec::clamp_max(at::vec::clamp_min(x, Vec(-88.f)), Vec(88.37626f));  // ln(FLT_MAX)
-  const Vec n = (xc * Vec(1.44269504088896341f)).round();  // log2(e)
-  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);        // ln 2, high part (exact product)
-  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);            // ln 2, low part
-  Vec p(1.9875691500e-4f);
-  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
-  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
-  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
-  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
-  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
-  p = at::vec::fmadd(p, r * r, r + Vec(1.f));
-  const IVec biased = at::vec::convert_to_int_of_same_size(n) + IVec(127);
-  return p * at::vec::cast<float>(biased << IVec(23));
+// exp(x) for softmax arguments (x - row max, x - lse: at most 0 up to rounding), within
+// 1 ulp of the correctly rounded result (measured against double). Cody-Waite reduction
+// x = n ln2 + r, n = rint(x log2(e)) from one FMA with the 1.5 * 2^23 shifter (its rounding is the
+// rint), and exp(r) = 1 + r (1 + r q(r)) with q a degree-4 minimax fit of (exp(r) - 1 - r) / r^2 on
+// |r| <= ln2 / 2: 13 vector operations, where at::vec's exp_u20 is cheaper still but its error
+// fails flash-attn's rule on fp32 gradients. Results under e^-87 flush to zero, so
+// exp(-inf) = 0 exactly and no denormal reaches the products; NaN stays NaN, and large x give
+// +inf (+inf itself, which no softmax argument is, gives NaN).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kShifter = 12582912.f;  // 1.5 * 2^23: x + kShifter rounds x to an integer
+constexpr float kLn2Hi = 0.693359375f;  // ln 2 in 9 bits: n * kLn2Hi is exact
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpFlush = -87.f;  // e^-87 > FLT_MIN
+
+inline Vec exp_poly(const Vec& r) {
+  Vec q(1.38145988e-3f);
+  q = at::vec::fmadd(q, r, Vec(8.36871658e-3f));
+  q = at::vec::fmadd(q, r, Vec(4.16683890e-2f));
+  q = at::vec::fmadd(q, r, Vec(1.66665211e-1f));
+  q = at::vec::fmadd(q, r, Vec(4.99999940e-1f));
+  q = at::vec::fmadd(q, r, Vec(1.f));
+  return at::vec::fmadd(q, r, Vec(1.f));
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec exp_vec(const Vec& x) {
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kShifter)),
+                                 _mm512_set1_ps(kShifter));
+  const Vec r = at::vec::fmadd(Vec(n), Vec(-kLn2Lo), at::vec::fmadd(Vec(n), Vec(-kLn2Hi), x));
+  // 2^n scaling in one instruction; lanes under the flush bound (-inf included: its r is NaN) are
+  // zeroed by the mask, NaN lanes compare unordered and stay NaN.
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFlush), _CMP_NLT_UQ);
+  return _mm512_maskz_scalef_ps(normal, exp_poly(r), n);
+}
+
+#else
+// The same reduction and polynomial; 2^n from the shifter's integer bits, for x clamped to
+// [-88, ln(FLT_MAX)] so that n + 127 stays in [0, 254].
+inline Vec exp_vec(const Vec& x) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  const Vec xc = at::vec::clamp_max(at::vec::clamp_min(x, Vec(-88.f)), Vec(88.37626f));  // ln(FLT_MAX)
+  const Vec t = at::vec::fmadd(xc, Vec(kLog2e), Vec(kShifter));
+  const Vec n = t - Vec(kShifter);
+  const Vec r = at::vec::fmadd(n, Vec(-kLn2Lo), at::vec::fmadd(n, Vec(-kLn2Hi), xc));
+  const IVec biased = at::vec::cast<int32_t>(t) - IVec(0x4B400000 - 127);  // n + 127
+  const Vec p = exp_poly(r) * at::vec::cast<float>(biased << IVec(23));
+  return Vec::blendv(p, Vec(0.f), xc < Vec(kExpFlush));
+}
+#endif
+
+// Lane-wise max(a, x) for a running maximum a: one instruction where the ISA has one. A NaN in x
+// may be dropped (vmaxps returns its second operand, a, when either is NaN): the exponentials of
+// those scores carry the NaN into the row's sum instead.
+inline Vec max_running(const Vec& a, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(x, a);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(x, a);
+#else
+  return at::vec::maximum(a, x);
+#endif
+}
+
+// max(a, b) that keeps a NaN from either side (std::max keeps its first argument against NaN).
+inline float max_nan(float a, float b) { return std::isnan(a) || a > b ? a : b; }
+
+// The maximum of x[0, n): -inf for none, NaN where the NaN-less maximum is -inf but x holds NaN
+// (where it is finite, the NaN reaches the row's sum of exponentials).
 float row_max(const float* x, int64_t n) {
-  Vec acc(kNegInf);
+  // Four independent maxima: one would wait on the latency of each max before the next.
+  Vec acc[4] = {Vec(kNegInf), Vec(kNegInf), Vec(kNegInf), Vec(kNegInf)};
   int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) acc = at::vec::maximum(acc, Vec::loadu(x + j));
-  if (j < n) acc = at::vec::maximum(acc, Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
-  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, acc);
+  for (; j + 4 * kVec <= n; j += 4 * kVec) {
+    for (int u = 0; u < 4; ++u) acc[u] = max_running(acc[u], Vec::loadu(x + j + u * kVec));
+  }
+  for (; j + kVec <= n; j += kVec) acc[0] = max_running(acc[0], Vec::loadu(x + j));
+  if (j < n) acc[1] = max_running(acc[1], Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
+  const Vec m = max_running(max_running(acc[0], acc[1]), max_running(acc[2], acc[3]));
+  const float out = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return max_running(a, b); }, m);
+  if (out == kNegInf && std::any_of(x, x + n, [](float v) { return std::isnan(v); })) {
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  return out;
 }
 
 // A row's dropout multipliers as keep bits (draw_keep_bits): scale where bit j is set, else 0.
@@ -579,6 +655,38 @@ bool finite_row(const T* x, int64_t n) {
   return !std::isnan(at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc));
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// dst[j * ld_dst + i] = src[i * ld_src + j] for a whole 16 x 16 block, in registers: 32-bit, then
+// 64-bit elements of row pairs interleaved, then 128-bit lanes of row quads, then of row octets.
+// (at::vec's transpose keeps the block in a stack array handed to an out-of-line call.)
+inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 a[16], b[16];
+  SYMATTN_UNROLL for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + i * ld_src);
+  SYMATTN_UNROLL for (int i = 0; i < 16; i += 2) {
+    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  auto lo64 = [](__m512 x, __m512 y) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))); };
+  auto hi64 = [](__m512 x, __m512 y) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))); };
+  SYMATTN_UNROLL for (int i = 0; i < 16; i += 4) {
+    a[i] = lo64(b[i], b[i + 2]);
+    a[i + 1] = hi64(b[i], b[i + 2]);
+    a[i + 2] = lo64(b[i + 1], b[i + 3]);
+    a[i + 3] = hi64(b[i + 1], b[i + 3]);
+  }
+  SYMATTN_UNROLL for (int i = 0; i < 16; i += 8) {
+    SYMATTN_UNROLL for (int j = 0; j < 4; ++j) {
+      b[i + j] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0x88);
+      b[i + j + 4] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0xdd);
+    }
+  }
+  SYMATTN_UNROLL for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(b[j], b[j + 8], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ld_dst, _mm512_shuffle_f32x4(b[j], b[j + 8], 0xdd));
+  }
+}
+#endif
+
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n: register-blocked where at::vec has
 // a transpose for this instruction set.
 void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t m, int64_t n) {
@@ -586,8 +694,12 @@ void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int
   constexpr int64_t kTile = 16;
   for (int64_t i = 0; i < m; i += kTile) {
     for (int64_t j = 0; j < n; j += kTile) {
-      at::vec::transpose_mxn<float>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
-                                    static_cast<int>(std::min(kTile, m - i)), static_cast<int>(std::min(kTile, n - j)));
+      if (i + kTile <= m && j + kTile <= n) {
+        transpose16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      } else {
+        at::vec::transpose_mxn<float>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
+                                      static_cast<int>(std::min(kTile, m - i)), static_cast<int>(std::min(kTile, n - j)));
+      }
     }
   }
 #else
@@ -655,6 +767,14 @@ class Workspace {
   size_t used_ = 0;
 };
 
+// Row stride of a long head's key-indexed panel of n keys: n rounded up to a vector, and past it
+// where that is a multiple of 1 KiB. The panels are read down their columns (a micro-tile's B
+// rows), and a stride of a multiple of 1 KiB would map those rows onto a few L1 sets.
+int64_t key_stride(int64_t n) {
+  const int64_t ld = round_up(std::max<int64_t>(n, 1), kVec);
+  return ld % 256 == 0 ? ld + kVec : ld;
+}
+
 // Sizes shared by every head of one call.
 struct Geometry {
   int64_t L = 0;      // longest sequence
@@ -671,10 +791,7 @@ struct Geometry {
     if (p.cu_seqlens != nullptr) {
       for (int64_t b = 0; b < p.batch; ++b) L = std::max<int64_t>(L, p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
     }
-    ldk = round_up(std::max<int64_t>(L, 1), kVec);
-    // A long head's key-indexed panels are read down their columns (a micro-tile's B rows): a
-    // row stride of a multiple of 1 KiB would map those rows onto a few L1 sets.
-    if (L > kWholeHead && ldk % 256 == 0) ldk += kVec;
+    ldk = L > kWholeHead ? key_stride(L) : round_up(std::max<int64_t>(L, 1), kVec);
     tiled = L > kWholeHead && (!backward || p.coef_mode != CoefMode::kFull);
     tile = L >= kPairBlocks * kPairTile ? kPairTile : kPairTileMin;
     block = L <= kWholeHead && kSymmetricSchedule
@@ -866,9 +983,11 @@ class Head {
       yb_ = ya_;
     }
     if (k1 < 0) k1 = L_;
-    Word* yt = ws_.take<Word>(words(D_) * g_.ldk);
-    b_transposed(a_from(ya_, k0), k1 - k0, D_, yt + k0);
-    yt_ = {yt, g_.ldk};
+    // A key range alone takes a row stride of its own width: a compact panel, which stays in L2
+    // from one task to the next, where the head's stride would scatter it over L * D words.
+    const int64_t ldt = k1 - k0 == L_ ? g_.ldk : key_stride(k1 - k0);
+    Word* yt = ws_.take<Word>(words(D_) * ldt);
+    yt_ = {b_transposed(a_from(ya_, k0), k1 - k0, D_, yt, ldt).data - k0, ldt};
     if (p_.coef_mode == CoefMode::kNone) {
       qa_ = ya_;
       return;
@@ -999,9 +1118,10 @@ class Head {
     }
   }
   // The transpose of A rows a ([m, k]) as B [k, ldk] (m along n), word by word into buf.
-  Panel b_transposed(const Panel& a, int64_t m, int64_t k, Word* buf) const {
-    transpose(reinterpret_cast<const float*>(a.data), a.ld, reinterpret_cast<float*>(buf), g_.ldk, m, words(k));
-    return {buf, g_.ldk};
+  Panel b_transposed(const Panel& a, int64_t m, int64_t k, Word* buf, int64_t ld = 0) const {
+    if (ld == 0) ld = g_.ldk;
+    transpose(reinterpret_cast<const float*>(a.data), a.ld, reinterpret_cast<float*>(buf), ld, m, words(k));
+    return {buf, ld};
   }
   // A rows from row i on; B rows (and kTransA A) from row i on, i even.
   static Panel a_from(const Panel& a, int64_t i) { return {a.data + i * a.ld, a.ld}; }
@@ -1056,7 +1176,7 @@ class ForwardHead : public Head<scalar_t> {
                              : Base::panel_floats(p, g, false)
                                    + 2 * T * T                              // S / P, column P tiles
                                    + (kPairs ? T * T / 2 + T * T / 2 : 0)   // bf16 P, column P pairs
-                                   + 2 * T                                  // column max and sum
+                                   + kStrip                                 // a column strip's maxima
                                    + (p.dropout_p > 0.0 ? 2 * (keep_bit_words(T) * (T + 1) + T * T / 64)
                                                         : 0);  // keep bits: a row, by query, by key
     if (g.tiled) {
@@ -1195,6 +1315,15 @@ class ForwardHead : public Head<scalar_t> {
     this->pack_values();
     start_states(side_a, r1 - r0);
     if (!one_group) start_states(side_b, c1 - c0);
+    // The output rows of the states are not zeroed beforehand: the first product into a block of
+    // T rows writes them (C =), later ones add (C +=). Until then a row's max is -inf, so no
+    // rescale reads them.
+    std::vector<char> written_a((r1 - r0 + T - 1) / T, 0), written_b(one_group ? 0 : (c1 - c0 + T - 1) / T, 0);
+    auto first_write = [](std::vector<char>& written, int64_t block) {
+      const bool first = written[block] == 0;
+      written[block] = 1;
+      return first;
+    };
     float* s = ws_.template take<float>(T * T);
     Word* probs = nullptr;
     int64_t ldp = T;
@@ -1206,8 +1335,7 @@ class ForwardHead : public Head<scalar_t> {
     }
     float* pt = ws_.template take<float>(T * T);
     Word* pt_words = kPairs ? ws_.template take<Word>(T * T / 2) : nullptr;
-    float* cmax = ws_.template take<float>(T);
-    float* csum = ws_.template take<float>(T);
+    float* cmax = ws_.template take<float>(kStrip);
     uint64_t *keep = nullptr, *keep_by_query = nullptr, *keep_by_key = nullptr;
     if (this->dropout()) {
       keep = ws_.template take<uint64_t>(keep_bit_words(T));
@@ -1225,20 +1353,24 @@ class ForwardHead : public Head<scalar_t> {
           // Rows J against keys I, before the row pass below masks and exponentiates s in place.
           const RowState b = (one_group ? side_a : side_b).from(j0 - (one_group ? r0 : c0), Dv_);
           if (keep != nullptr) column_keep(i0, rows, j0, cols, keep_by_query, keep_by_key);
-          if (column_pass(s, i0, rows, cols, b, pt, cmax, csum, keep != nullptr ? keep_by_key : nullptr)) {
+          const bool first = first_write(one_group ? written_a : written_b, (j0 - c0) / T);
+          if (column_pass(s, i0, rows, cols, b, pt, cmax, keep != nullptr ? keep_by_key : nullptr)) {
             Panel p_cols{reinterpret_cast<const Word*>(pt), T};
             if constexpr (kPairs) {
               pack_bf16_pairs(static_cast<const float*>(pt), T, rows, cols, pt_words, T);
               p_cols = Panel{pt_words, T};
             }
-            gemm<Dot, true>(cols, Dv_, rows, p_cols, Base::b_from(vb_, i0), b.o, Dv_, 1.f, true);
+            gemm<Dot, true>(cols, Dv_, rows, p_cols, Base::b_from(vb_, i0), b.o, Dv_, 1.f, !first);
+          } else if (first) {
+            fill(b.o, cols * Dv_, 0.f);
           }
         }
         const RowState a = side_a.from(i0 - r0, Dv_);
         for (int64_t r = 0; r < rows; ++r) {
           online_row(s + r * T, i0 + r, j0, cols, a.m[r], a.l[r], a.o + r * Dv_, probs + r * ldp, keep);
         }
-        gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), a.o, Dv_, 1.f, true);
+        gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), a.o, Dv_, 1.f,
+                         !first_write(written_a, (i0 - r0) / T));
       }
     }
   }
@@ -1248,7 +1380,7 @@ class ForwardHead : public Head<scalar_t> {
     float* o = ws_.template take<float>(Dv_);
     for (int64_t r = 0; r < r1 - r0; ++r) {
       float m = kNegInf;
-      for (int64_t k = 0; k < count; ++k) m = std::max(m, parts[k].m[r]);
+      for (int64_t k = 0; k < count; ++k) m = max_nan(m, parts[k].m[r]);
       float l = 0.f;
       fill(o, Dv_, 0.f);
       if (m != kNegInf) {
@@ -1271,7 +1403,6 @@ class ForwardHead : public Head<scalar_t> {
 
  private:
   void start_states(const RowState& x, int64_t rows) {
-    fill(x.o, rows * Dv_, 0.f);
     fill(x.m, rows, kNegInf);
     fill(x.l, rows, 0.f);
   }
@@ -1299,22 +1430,39 @@ class ForwardHead : public Head<scalar_t> {
   // take the exponentials before dropout. Returns false when every key of the tile is padding
   // (nothing to add).
   bool column_pass(const float* s, int64_t i0, int64_t rows, int64_t cols, const RowState& b, float* pt,
-                   float* cmax, float* csum, const uint64_t* keep_by_key) {
-    constexpr int64_t T = kMirrorTile;
-    auto real = [&](int64_t r) { return this->kbias_ == nullptr || this->kbias_[i0 + r] == 0.f; };
-    fill(cmax, cols, kNegInf);
+                   float* cmax, const uint64_t* keep_by_key) {
     bool any = false;
-    for (int64_t r = 0; r < rows; ++r) {
-      if (!real(r)) continue;
-      any = true;
-      for (int64_t c = 0; c < cols; c += kVec) {
-        const int64_t n = std::min(kVec, cols - c);
-        at::vec::maximum(Vec::loadu(cmax + c, n), Vec::loadu(s + r * T + c, n)).store(cmax + c, n);
-      }
-    }
+    for (int64_t r = 0; r < rows && !any; ++r) any = real_key(i0 + r);
     if (!any) return false;
-    for (int64_t c = 0; c < cols; ++c) {
-      const float m_new = std::max(b.m[c], cmax[c]);
+    int64_t c0 = 0;
+    for (; c0 + kStrip <= cols; c0 += kStrip)
+      column_strip<false>(s + c0, i0, rows, kStrip, b.from(c0, Dv_), pt + c0, cmax, keep_by_key, c0);
+    if (c0 < cols) column_strip<true>(s + c0, i0, rows, cols - c0, b.from(c0, Dv_), pt + c0, cmax, keep_by_key, c0);
+    return true;
+  }
+
+  // Column pass of columns [0, width) of a tile (s and pt at the strip's first column, b at its
+  // first column's state, keep_by_key's columns from c0), width <= kStrip: the strip's maxima and
+  // sums stay in registers down the tile's rows.
+  static constexpr int kStripVecs = 4;
+  static constexpr int64_t kStrip = kStripVecs * kVec;
+  bool real_key(int64_t i) const { return this->kbias_ == nullptr || this->kbias_[i] == 0.f; }
+
+  template <bool kTail>
+  void column_strip(const float* s, int64_t i0, int64_t rows, int64_t width, const RowState& b, float* pt,
+                    float* cmax, const uint64_t* keep_by_key, int64_t c0) {
+    constexpr int64_t T = kMirrorTile;
+    auto count = [&](int v) { return kTail ? std::clamp<int64_t>(width - v * kVec, 0, kVec) : kVec; };
+    auto load = [&](const float* x, int v) { return kTail ? Vec::loadu(x, count(v)) : Vec::loadu(x); };
+    Vec acc[kStripVecs];
+    for (int v = 0; v < kStripVecs; ++v) acc[v] = Vec(kNegInf);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!real_key(i0 + r)) continue;
+      for (int v = 0; v < kStripVecs; ++v) acc[v] = max_running(acc[v], load(s + r * T + v * kVec, v));
+    }
+    for (int v = 0; v < kStripVecs; ++v) acc[v].store(cmax + v * kVec, count(v));
+    for (int64_t c = 0; c < width; ++c) {
+      const float m_new = max_nan(b.m[c], cmax[c]);
       if (m_new > b.m[c] && b.m[c] != kNegInf) {
         const float shrink = std::exp(b.m[c] - m_new);
         b.l[c] *= shrink;
@@ -1322,24 +1470,28 @@ class ForwardHead : public Head<scalar_t> {
       }
       b.m[c] = m_new;
     }
-    fill(csum, cols, 0.f);
+    Vec m[kStripVecs];
+    for (int v = 0; v < kStripVecs; ++v) {
+      m[v] = load(b.m + v * kVec, v);
+      acc[v] = Vec(0.f);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       float* prow = pt + r * T;
-      if (!real(r)) {
-        fill(prow, cols, 0.f);
+      if (!real_key(i0 + r)) {
+        fill(prow, width, 0.f);
         continue;
       }
-      for (int64_t c = 0; c < cols; c += kVec) {
-        const int64_t n = std::min(kVec, cols - c);
-        const Vec e = exp_vec(Vec::loadu(s + r * T + c, n) - Vec::loadu(b.m + c, n));
+      for (int v = 0; v < kStripVecs; ++v) {
+        const Vec e = exp_vec(load(s + r * T + v * kVec, v) - m[v]);
         Vec kept = e;
-        if (keep_by_key != nullptr) kept = apply_keep(e, KeepBits{keep_by_key + r * (T / 64), this->keep_rule_.scale}, c);
-        kept.store(prow + c, n);
-        (Vec::loadu(csum + c, n) + e).store(csum + c, n);
+        if (keep_by_key != nullptr) {
+          kept = apply_keep(e, KeepBits{keep_by_key + r * (T / 64), this->keep_rule_.scale}, c0 + v * kVec);
+        }
+        kept.store(prow + v * kVec, count(v));
+        acc[v] = acc[v] + e;
       }
     }
-    add_inplace(b.l, csum, cols);
-    return true;
+    for (int v = 0; v < kStripVecs; ++v) (load(b.l + v * kVec, v) + acc[v]).store(b.l + v * kVec, count(v));
   }
 
   // Score row i over keys [j0, j0 + cols) into the row's running max m, sum l and output row o;
@@ -1350,7 +1502,7 @@ class ForwardHead : public Head<scalar_t> {
     const int64_t n = std::clamp<int64_t>(this->row_keys(i) - j0, 0, cols);
     if (n > 0) {
       this->mask_row(s, i, j0 + n, j0);
-      const float m_new = std::max(m, row_max(s, n));
+      const float m_new = max_nan(m, row_max(s, n));
       if (m_new != kNegInf) {
         if (m_new > m && m != kNegInf) {
           const float shrink = std::exp(m - m_new);
