@@ -425,29 +425,67 @@ Vec exp_vec(const Vec& x) {
   return p * at::vec::cast<float>(biased << IVec(23));
 }
 
+#if defined(SYMATTN_BF16_DOT)
+// log2(e): the bf16 forward exponentiates base 2 (x log2(e) folds into the shift's FMA).
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^x for x <= 0 (or NaN), within 3e-6 relative (measured against double): x = n + r with
+// n = round(x), a degree-4 polynomial of r in [-1/2, 1/2] fitted to 2^r with p(0) = 1, and
+// vscalefps for 2^n. Only for probabilities about to be rounded to bf16 (half an ulp is 2e-3),
+// whose row sums stay fp32: a third of exp_vec's operations. Inputs below -200 (masked scores
+// are -inf) give 2^-200 = +0 exactly; NaN stays NaN (vmaxps returns its second operand).
+inline Vec exp2_for_bf16(const Vec& x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-200.f), static_cast<__m512>(x));
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(xc, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.582818e-3f), r, _mm512_set1_ps(5.590637e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4024099e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931242e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return Vec(_mm512_scalef_ps(p, n));
+}
+#endif
+
+// Four running maxima, so that the loads are not serialised behind one maximum's latency.
 float row_max(const float* x, int64_t n) {
-  Vec acc(kNegInf);
+  auto max = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
+  Vec acc[4] = {Vec(kNegInf), Vec(kNegInf), Vec(kNegInf), Vec(kNegInf)};
   int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) acc = at::vec::maximum(acc, Vec::loadu(x + j));
-  if (j < n) acc = at::vec::maximum(acc, Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
-  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, acc);
+  for (; j + 4 * kVec <= n; j += 4 * kVec) {
+    for (int u = 0; u < 4; ++u) acc[u] = max(acc[u], Vec::loadu(x + j + u * kVec));
+  }
+  for (; j + kVec <= n; j += kVec) acc[0] = max(acc[0], Vec::loadu(x + j));
+  if (j < n) acc[0] = max(acc[0], Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
+  return at::vec::vec_reduce_all<float>(max, max(max(acc[0], acc[1]), max(acc[2], acc[3])));
 }
 
 // dst[j] = exp(x[j] - shift) * keep[j] (1 without keep) for j < n, as fp32 (dst may be x) or
-// bf16; returns the sum of the exponentials.
+// bf16; returns the sum of the exponentials. For bf16 (which the products see rounded anyway)
+// the exponentials come from exp2_for_bf16.
 template <typename Word>
 float exp_sum_store(const float* x, int64_t n, float shift, const float* keep, Word* dst) {
+#if defined(SYMATTN_BF16_DOT)
+  constexpr bool kBase2 = std::is_same_v<Word, uint32_t>;
+#else
+  constexpr bool kBase2 = false;
+#endif
   const Vec vshift(shift);
+  auto exp_shifted = [&](const Vec& v) {
+#if defined(SYMATTN_BF16_DOT)
+    if constexpr (kBase2) return exp2_for_bf16(at::vec::fmadd(v, Vec(kLog2e), Vec(-shift * kLog2e)));
+#endif
+    return exp_vec(v - vshift);
+  };
   Vec acc(0.f);
   int64_t j = 0;
   for (; j + kVec <= n; j += kVec) {
-    Vec e = exp_vec(Vec::loadu(x + j) - vshift);
+    Vec e = exp_shifted(Vec::loadu(x + j));
     acc = acc + e;
     if (keep != nullptr) e = e * Vec::loadu(keep + j);
     store_elems(dst, j, e, kVec);
   }
   if (j < n) {
-    Vec e = Vec::set(Vec(0.f), exp_vec(Vec::loadu(x + j, n - j) - vshift), n - j);
+    Vec e = Vec::set(Vec(0.f), exp_shifted(Vec::loadu(x + j, n - j)), n - j);
     acc = acc + e;
     if (keep != nullptr) e = e * Vec::loadu(keep + j, n - j);
     store_elems(dst, j, e, n - j);
