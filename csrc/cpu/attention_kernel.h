@@ -118,6 +118,9 @@ constexpr int64_t kTaskRows = 128;
 // 4·rows·L·D multiply-adds while a head still feeds kTasksPerHead cores.
 constexpr int64_t kTasksPerHead = 32;
 constexpr int64_t kMaxTaskRows = 512;
+#if defined(SYMATTN_AMX_DOT)
+constexpr int64_t kForwardTasks = 64;
+#endif
 // The backward cuts long heads into slices until a call has about this many tasks.
 constexpr int64_t kBackwardTasks = 32;
 // Square tile of the symmetric score product and of its mirror.
@@ -695,6 +698,16 @@ struct Geometry {
     if (tiled) {
       task_rows = std::clamp(round_up((L + kTasksPerHead - 1) / kTasksPerHead, block), task_rows, kMaxTaskRows);
     }
+#if defined(SYMATTN_AMX_DOT)
+    // On AMX tiles a forward task's products are cheap next to packing the head's keys, which
+    // every task of the head repeats: tasks take up to whole heads while the call still has
+    // about kForwardTasks of them.
+    if (!backward) {
+      const int64_t per_head = std::max<int64_t>(1, kForwardTasks / std::max<int64_t>(1, p.batch * p.heads));
+      task_rows = std::clamp(round_up((L + per_head - 1) / per_head, block), task_rows,
+                             std::max(task_rows, tiled ? kMaxTaskRows : round_up(L, block)));
+    }
+#endif
     symmetric = kSymmetricSchedule && L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
     mirrored = kSymmetricSchedule && tiled && !backward && !p.causal && p.coef_mode != CoefMode::kFull &&
                p.dropout_p == 0.0;
@@ -975,6 +988,12 @@ class Head {
   template <typename T>
   static Panel a_rows(const T* src, int64_t ld, int64_t m, int64_t k, Word* buf) {
     if constexpr (kPairs) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        // Rows of an even count of bf16 at an even stride already are A rows: read in place.
+        if (k % 2 == 0 && ld % 2 == 0 && reinterpret_cast<uintptr_t>(src) % alignof(Word) == 0) {
+          return {reinterpret_cast<const Word*>(src), ld / 2};
+        }
+      }
       pack_bf16_rows(src, ld, m, k, buf, words(k));
       return {buf, words(k)};
     } else {
