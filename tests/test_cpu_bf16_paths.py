@@ -79,3 +79,41 @@ def test_bf16_path_matches_reference_and_is_thread_independent(isa):
     assert report["isa"] == isa.upper()
     assert not report["errors"], report["errors"]
     assert not report["thread_mismatch"], report["thread_mismatch"]
+
+
+# The AMX build's bf16 forward cuts a call into about 64 tasks, each up to a whole head (so a
+# head's keys are packed once per task): whole heads of 512 tokens (64-row blocks) at B*H = 64,
+# and 5 tasks of 256 rows per 1100-token head at B*H = 12 (the tiled 128-row tasks would be 9).
+_TASKS_SCRIPT = """
+import json
+import torch
+import symattn_kernels as sk
+from symattn_kernels.backends import cpu as cpu_backend
+from tests.attention_checks import make_inputs, max_error, reference, with_threads
+
+report = {"isa": cpu_backend.kernel_isa(), "tasks": {}, "errors": [], "thread_mismatch": []}
+for name, shape in {"S512-BH64": dict(B=8, S=512, H=8, D=64), "S1100-BH12": dict(B=1, S=1100, H=12, D=64)}.items():
+    q, _, _ = make_inputs(**shape)
+    q = q.detach()
+    r64 = reference(q, None, return_lse=True)
+    rl = reference(q.bfloat16(), None, return_lse=True)
+    runs = [with_threads(t, lambda: sk.shared_attention(q.bfloat16(), return_lse=True, backend="cpu")) for t in (1, 2, 3)]
+    report["tasks"][name] = cpu_backend.last_schedule(False)[:, 0].sum().item()
+    for part, a, x64, xl in zip(["out", "lse"], runs[0], r64, rl):
+        err, bound = max_error(a, x64), 2 * max_error(xl, x64) + 1e-2
+        if not err <= bound:
+            report["errors"].append(f"{name} {part}: max error {err:.3g} > bound {bound:.3g}")
+    for t, other in zip((2, 3), runs[1:]):
+        for part, a, b in zip(["out", "lse"], runs[0], other):
+            if not torch.equal(a, b):
+                report["thread_mismatch"].append(f"{name} {part}: 1 vs {t} threads")
+print(json.dumps(report))
+"""
+
+
+def test_amx_forward_takes_whole_heads_while_the_call_has_enough_tasks():
+    report = json.loads(run_on_instruction_set("avx512_amx", _TASKS_SCRIPT).strip().splitlines()[-1])
+    assert report["isa"] == "AVX512_AMX"
+    assert report["tasks"] == {"S512-BH64": 64, "S1100-BH12": 12 * 5}
+    assert not report["errors"], report["errors"]
+    assert not report["thread_mismatch"], report["thread_mismatch"]

@@ -120,6 +120,9 @@ constexpr int64_t kTaskRows = 128;
 // 4·rows·L·D multiply-adds while a head still feeds kTasksPerHead cores.
 constexpr int64_t kTasksPerHead = 32;
 constexpr int64_t kMaxTaskRows = 512;
+#if defined(SYMATTN_AMX_DOT)
+constexpr int64_t kForwardTasks = 64;
+#endif
 // The backward cuts long heads into slices until a call has about this many tasks.
 constexpr int64_t kBackwardTasks = 32;
 // The forward of long causal heads takes slices of whole query blocks, as few as give the call
@@ -538,21 +541,51 @@ Vec apply_keep(const Vec& x, const KeepBits& keep, int64_t j) {
 #endif
 }
 
+#if defined(SYMATTN_BF16_DOT)
+// 2^x for x <= 0 (or NaN), within 3e-6 relative (measured against double): x = n + r with
+// n = round(x), a degree-4 polynomial of r in [-1/2, 1/2] fitted to 2^r with p(0) = 1, and
+// vscalefps for 2^n. Only for probabilities about to be rounded to bf16 (half an ulp is 2e-3),
+// whose row sums stay fp32: about half of exp_vec's operations. Inputs below -200 (masked scores
+// are -inf) give 2^-200 = +0 exactly; NaN stays NaN (vmaxps returns its second operand).
+inline Vec exp2_for_bf16(const Vec& x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-200.f), static_cast<__m512>(x));
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(xc, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.582818e-3f), r, _mm512_set1_ps(5.590637e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4024099e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931242e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return Vec(_mm512_scalef_ps(p, n));
+}
+#endif
+
 // dst[j] = exp(x[j] - shift), times the dropout multiplier where keep is given, for j < n, as
-// fp32 (dst may be x) or bf16; returns the sum of the exponentials.
+// fp32 (dst may be x) or bf16; returns the sum of the exponentials. For bf16 (which the products
+// see rounded anyway) the exponentials come from exp2_for_bf16.
 template <typename Word>
 float exp_sum_store(const float* x, int64_t n, float shift, const KeepBits* keep, Word* dst) {
+#if defined(SYMATTN_BF16_DOT)
+  constexpr bool kBase2 = std::is_same_v<Word, uint32_t>;
+#else
+  constexpr bool kBase2 = false;
+#endif
   const Vec vshift(shift);
+  auto exp_shifted = [&](const Vec& v) {
+#if defined(SYMATTN_BF16_DOT)
+    if constexpr (kBase2) return exp2_for_bf16(at::vec::fmadd(v, Vec(kLog2e), Vec(-shift * kLog2e)));
+#endif
+    return exp_vec(v - vshift);
+  };
   Vec acc(0.f);
   int64_t j = 0;
   for (; j + kVec <= n; j += kVec) {
-    Vec e = exp_vec(Vec::loadu(x + j) - vshift);
+    Vec e = exp_shifted(Vec::loadu(x + j));
     acc = acc + e;
     if (keep != nullptr) e = apply_keep(e, *keep, j);
     store_elems(dst, j, e, kVec);
   }
   if (j < n) {
-    Vec e = Vec::set(Vec(0.f), exp_vec(Vec::loadu(x + j, n - j) - vshift), n - j);
+    Vec e = Vec::set(Vec(0.f), exp_shifted(Vec::loadu(x + j, n - j)), n - j);
     acc = acc + e;
     if (keep != nullptr) e = apply_keep(e, *keep, j);
     store_elems(dst, j, e, n - j);
@@ -803,6 +836,16 @@ struct Geometry {
     if (tiled) {
       task_rows = std::clamp(round_up((L + kTasksPerHead - 1) / kTasksPerHead, block), task_rows, kMaxTaskRows);
     }
+#if defined(SYMATTN_AMX_DOT)
+    // On AMX tiles a forward task's products are cheap next to packing the head's keys, which
+    // every task of the head repeats: tasks take up to whole heads while the call still has
+    // about kForwardTasks of them.
+    if (!backward) {
+      const int64_t per_head = std::max<int64_t>(1, kForwardTasks / std::max<int64_t>(1, p.batch * p.heads));
+      task_rows = std::clamp(round_up((L + per_head - 1) / per_head, block), task_rows,
+                             std::max(task_rows, tiled ? kMaxTaskRows : round_up(L, block)));
+    }
+#endif
     symmetric = kSymmetricSchedule && L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
     mirrored = kSymmetricSchedule && tiled && !backward && !p.causal && p.coef_mode != CoefMode::kFull;
   }
@@ -1098,6 +1141,12 @@ class Head {
   template <typename T>
   static Panel a_rows(const T* src, int64_t ld, int64_t m, int64_t k, Word* buf) {
     if constexpr (kPairs) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        // Rows of an even count of bf16 at an even stride already are A rows: read in place.
+        if (k % 2 == 0 && ld % 2 == 0 && reinterpret_cast<uintptr_t>(src) % alignof(Word) == 0) {
+          return {reinterpret_cast<const Word*>(src), ld / 2};
+        }
+      }
       pack_bf16_rows(src, ld, m, k, buf, words(k));
       return {buf, words(k)};
     } else {
