@@ -962,6 +962,9 @@ class Head {
     read_padding_as_finite(real);
   }
 
+  // Whether key i is a real token (kbias_ holds 0 there, -inf on padding).
+  bool real_key(int64_t i) const { return kbias_ == nullptr || kbias_[i] == 0.f; }
+
   // Padded keys get zero weight, but the products still multiply those zeros with the keys' and
   // values' stored elements (0 * NaN = NaN), and the symmetric schedule mirrors padded rows'
   // scores into real ones. So where a padded token of this head holds NaN or Inf, Y (or V) is
@@ -1481,7 +1484,7 @@ class ForwardHead : public Head<scalar_t> {
   bool column_pass(const float* s, int64_t i0, int64_t rows, int64_t cols, const RowState& b, float* pt,
                    float* cmax, const uint64_t* keep_by_key) {
     bool any = false;
-    for (int64_t r = 0; r < rows && !any; ++r) any = real_key(i0 + r);
+    for (int64_t r = 0; r < rows && !any; ++r) any = this->real_key(i0 + r);
     if (!any) return false;
     int64_t c0 = 0;
     for (; c0 + kStrip <= cols; c0 += kStrip)
@@ -1495,8 +1498,6 @@ class ForwardHead : public Head<scalar_t> {
   // sums stay in registers down the tile's rows.
   static constexpr int kStripVecs = 4;
   static constexpr int64_t kStrip = kStripVecs * kVec;
-  bool real_key(int64_t i) const { return this->kbias_ == nullptr || this->kbias_[i] == 0.f; }
-
   template <bool kTail>
   void column_strip(const float* s, int64_t i0, int64_t rows, int64_t width, const RowState& b, float* pt,
                     float* cmax, const uint64_t* keep_by_key, int64_t c0) {
@@ -1506,7 +1507,7 @@ class ForwardHead : public Head<scalar_t> {
     Vec acc[kStripVecs];
     for (int v = 0; v < kStripVecs; ++v) acc[v] = Vec(kNegInf);
     for (int64_t r = 0; r < rows; ++r) {
-      if (!real_key(i0 + r)) continue;
+      if (!this->real_key(i0 + r)) continue;
       for (int v = 0; v < kStripVecs; ++v) acc[v] = max_running(acc[v], load(s + r * T + v * kVec, v));
     }
     for (int v = 0; v < kStripVecs; ++v) acc[v].store(cmax + v * kVec, count(v));
@@ -1526,7 +1527,7 @@ class ForwardHead : public Head<scalar_t> {
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* prow = pt + r * T;
-      if (!real_key(i0 + r)) {
+      if (!this->real_key(i0 + r)) {
         fill(prow, width, 0.f);
         continue;
       }
@@ -1845,7 +1846,7 @@ class BackwardHead : public Head<scalar_t> {
   // it (a causal diagonal tile: row j sees key i only when i <= j).
   void column_side(const float* s, float* dpt, float* pdt, const float* keep, int64_t i, int64_t j0, int64_t cols,
                    int64_t first) const {
-    if (kbias_ != nullptr && kbias_[i] == kNegInf) {  // key i is padding
+    if (!this->real_key(i)) {
       fill(pdt, cols, 0.f);
       fill(dpt, cols, 0.f);
       return;
