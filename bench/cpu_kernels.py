@@ -243,7 +243,7 @@ def format_dropout(rows: list, env: dict, sgemm_gflops_1thread: float) -> str:
         done = [_gflops(flops[f"exec_{key}"], r[ms]) for ms in ("nodrop_ms", "dropout_ms")]
         lines.append(f"B={r['B']:<3} S={r['S']:<5} {r['dtype']:<9} {r['mode']:<8} {r['nodrop_ms']:10.2f} "
                      f"{r['dropout_ms']:10.2f} {r['ratio']:6.2f} {conv[0]:6.1f}/{conv[1]:6.1f} "
-                     f"{done[0]:6.1f}/{done[1]:6.1f} {100 * done[1] / peak:6.1f}")
+                     f"{done[0]:6.1f}/{done[1]:6.1f} {_percent_of_ceiling(r['dtype'], done[1], peak)}")
     rounds = rows[0]["rounds"] if rows else 0
     lines += ["", f"median over {rounds} interleaved rounds; ratio = median of the per-round dropout / no-dropout "
               f"times; target: forward ratio <= {DROPOUT_FWD_TARGET}; GF/s no-drop/dropout, % peak of the "
@@ -263,7 +263,8 @@ def format_dtypes(report: dict) -> str:
         key = "fwd" if r["mode"] == "fwd" else "fwdbwd"
         conv, done = _gflops(flops[f"conv_{key}"], r["median_ms"]), _gflops(flops[f"exec_{key}"], r["median_ms"])
         lines.append(f"B={r['B']:<3} S={r['S']:<5} {r['mode']:<8} {r['dtype']:<9} {r['median_ms']:10.2f} "
-                     f"{r['min_ms']:8.2f} {r['ratio_to_fp32']:7.3f} {conv:9.1f} {done:9.1f} {100 * done / peak:6.1f}")
+                     f"{r['min_ms']:8.2f} {r['ratio_to_fp32']:7.3f} {conv:9.1f} {done:9.1f} "
+                     f"{_percent_of_ceiling(r['dtype'], done, peak)}")
     rounds = report["dtype_rows"][0]["rounds"] if report["dtype_rows"] else 0
     lines += ["", f"median over {rounds} interleaved rounds; / fp32 = median of the per-round ratios; "
               + _gflops_legend(report),
@@ -285,13 +286,26 @@ def _row_flops(row: dict, env: dict) -> dict:
     return schedule_flops(row["B"], row["S"], HEADS, HEAD_DIM, False, row["dtype"], env["kernel_isa"])
 
 
-def _gflops_cells(flops: dict, fwd_ms: float, fwdbwd_ms: float, peak: float) -> str:
+def _gflops_cells(flops: dict, fwd_ms: float, fwdbwd_ms: float, peak: float, dtype: str) -> str:
     """"conv/exec" GF/s of the forward and of forward+backward, and forward+backward's executed
     GF/s as a percentage of the all-thread fp32 ceiling."""
     cells = []
     for key, ms in (("fwd", fwd_ms), ("fwdbwd", fwdbwd_ms)):
         cells.append(f"{_gflops(flops[f'conv_{key}'], ms):6.1f}/{_gflops(flops[f'exec_{key}'], ms):6.1f}")
-    return f"{cells[0]:>13} {cells[1]:>13} {100 * _gflops(flops['exec_fwdbwd'], fwdbwd_ms) / peak:6.1f}"
+    return f"{cells[0]:>13} {cells[1]:>13} {_percent_of_ceiling(dtype, _gflops(flops['exec_fwdbwd'], fwdbwd_ms), peak)}"
+
+
+def _ratio_at_ceiling(flops: dict, peer: dict, peak: float) -> str:
+    """"fwd/fwd+bwd" ratios over the peer that our executed products would reach at the all-thread
+    fp32 ceiling: where one is below a target, no kernel doing this work meets it against this peer."""
+    return "/".join(f"{peer[f'{mode}_ms'] / (flops[f'exec_{key}'] / peak / 1e6):.2f}"
+                    for mode, key in (("fwd", "fwd"), ("fwdbwd", "fwdbwd")))
+
+
+def _percent_of_ceiling(dtype: str, gflops: float, ceiling: float) -> str:
+    """GF/s as a percentage of the fp32 sgemm ceiling, for fp32 rows only: bf16 products run on
+    other units (AVX512-BF16 pairs, AMX tiles) whose ceiling this probe does not measure."""
+    return f"{100 * gflops / ceiling:6.1f}" if dtype == "float32" else f"{'-':>6}"
 
 
 def _gflops_legend(report: dict) -> str:
@@ -362,7 +376,7 @@ def format_lama(report: dict) -> str:
         lines.append(f"{r['B']:>3} {r['T']:>5} {r['m']:>2} {r['E']:>4} {r['dtype']:<5} {r['mode']:<7} "
                      f"{r['ours_ms']:8.3f} {r['eager_ms']:9.3f} {r['composite_ms']:10.3f} {r['speedup']:7.2f} "
                      f"{r['ours_mib']:9.1f} {r['eager_mib']:10.1f} {r['composite_mib']:11.1f} "
-                     f"{rate:9.1f} {100 * rate / peak:6.1f}")
+                     f"{rate:9.1f} {_percent_of_ceiling({'fp32': 'float32'}.get(r['dtype'], r['dtype']), rate, peak)}")
     rounds = report["lama_rows"][0]["rounds"] if report["lama_rows"] else 0
     lines += ["", f"ms: median over {rounds} interleaved rounds; x peer = median per-round ratio of the faster of "
               "eager and composite to ours; MiB: peak of one call; GF/s = the matmul work 4 B T E m forward (x3 "
@@ -422,7 +436,8 @@ def format_report(report: dict) -> str:
     lines = [f"CPU kernels: torch {env['torch']}, {env['torch_threads']} threads on {env['cores']} cores, "
              f"kernels {env['kernel_isa']}, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}", ""]
     lines.append(f"{'shape':<14} {'dtype':<9} {'provider':<11} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9}"
-                 f" {'fwd x':>6} {'f+b x':>6} {'mem x':>6} {'fwd GF/s':>13} {'f+b GF/s':>13} {'% peak':>6}")
+                 f" {'fwd x':>6} {'f+b x':>6} {'mem x':>6} {'fwd GF/s':>13} {'f+b GF/s':>13} {'% peak':>6}"
+                 f" {'x@ceil':>11}")
     peak = _peak(env, report)
     rows = [r for r in report["rows"] if r["op"] == "shared_attention"]
     for r in rows:
@@ -431,9 +446,12 @@ def format_report(report: dict) -> str:
         lines.append(f"B={r['B']:<3} S={r['S']:<5} {r['dtype']:<9} {r['provider']:<11} {r['fwd_ms']:8.2f} "
                      f"{r['fwdbwd_ms']:11.2f} {r['peak_mib']:9.1f} {sdpa['fwd_ms'] / r['fwd_ms']:6.2f} "
                      f"{sdpa['fwdbwd_ms'] / r['fwdbwd_ms']:6.2f} {r['peak_mib'] / sdpa['peak_mib']:6.2f} "
-                     + _gflops_cells(_row_flops(r, env), r["fwd_ms"], r["fwdbwd_ms"], peak))
-    lines += ["", "speedup x = SDPA time / provider time; mem x = provider peak / SDPA peak; " + _gflops_legend(report),
-              ""]
+                     + _gflops_cells(_row_flops(r, env), r["fwd_ms"], r["fwdbwd_ms"], peak, r["dtype"])
+                     + (f" {_ratio_at_ceiling(_row_flops(r, env), sdpa, peak):>11}"
+                        if r["provider"] == "cpu" and r["dtype"] == "float32" else ""))
+    lines += ["", "speedup x = SDPA time / provider time; mem x = provider peak / SDPA peak; " + _gflops_legend(report)
+              + "; x@ceil = fwd/fwd+bwd x SDPA-flash if ours ran its executed products at the fp32 ceiling "
+              "(an upper bound for any kernel doing this work)", ""]
     for r in report["rows"]:
         if r["op"] != "shared_attention":
             flops = schedule_flops(r["B"], r["S"], HEADS, HEAD_DIM, False)
@@ -666,7 +684,7 @@ def format_long(report: dict) -> str:
         lines.append(f"{r['B']},{r['S']},{r['H']:<5} {str(r['causal']):<6} {r['dtype']:<9} {r['mode']:<8} "
                      f"{r['threads']:3d} {r['cpu_ms']:9.1f} {r['peer']:<11} {r['peer_ms']:9.1f} "
                      f"{r['vs_peer']:6.2f} {scaling} {conv:9.1f} {done:9.1f} "
-                     f"{100 * done / (peak * r['threads']):6.1f} {at_ceiling}")
+                     f"{_percent_of_ceiling(r['dtype'], done, peak * r['threads'])} {at_ceiling}")
     lines += ["", "x peer = median over rounds of (fastest peer's time / ours), same thread count; 2nd thr = "
               "time at 1 thread / time at 2 threads, paired per round; GF/s conv = 4 B H S^2 D (x3.5 with "
               "backward, halved for causal) / time, GF/s exec = the products the kernels run / time; "
