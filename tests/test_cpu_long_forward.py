@@ -87,6 +87,18 @@ def test_long_forward_bf16(case):
     check_forward(inputs, torch.bfloat16, key_padding_mask=padding(S, kind), **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mirrored_forward_with_row_maxima_far_apart(dtype):
+    """Every fifth token 8x longer: the running maxima of a score tile's rows and columns lie
+    hundreds apart, so a tile read both ways cannot take one side's probabilities from the
+    other's (P_JI = P_IJ exp(m_i - m_j) overflows fp32); every row stays within flash-attn's
+    rule."""
+    S = 1025
+    q, v, coef = make_inputs(B=2, S=S, H=1, D=24, Dv=20, shared=False)
+    long_tokens = (1 + 7 * (torch.arange(S) % 5 == 0).to(F64))[None, :, None, None]
+    check_forward((q * long_tokens, v, coef), dtype)
+
+
 def test_mirrored_gradients_fp32():
     """Forward and every gradient of a mirrored head (the backward reads the merged lse)."""
     S = 1025
