@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import attention_mask, dropout_keep_mask
+from ..reference import attention_mask, dropout_keep_mask, dropout_scale
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,7 +94,7 @@ class _Problem:
                 row_ids = torch.arange(batch * seqlen, device=q.device).view(batch, seqlen)
                 n_rows, key_stride = batch * seqlen, seqlen
             keep = dropout_keep_mask(seed, dropout_p, row_ids, n_rows, num_heads, key_stride, seqlen)
-            self.keep_scale = keep.to(cd) / (1.0 - dropout_p)
+            self.keep_scale = keep.to(cd) * dropout_scale(dropout_p)
 
     def scores(self) -> Tensor:
         scores = self.scale * (self.query @ self.y.transpose(-1, -2))
