@@ -5,7 +5,7 @@ autograd: the backward recomputes the probabilities and applies the closed-form 
 docs/design.md ("Gradients"), the same data flow the fused kernels follow:
 
     P  = softmax(S)                      recomputed, 0 where masked
-    dP = (dO V^T) * keep / (1 - p)
+    dP = (dO V^T) * keep * r             r = reference.dropout_scale(p) = 1 / (keep probability)
     G  = P * (dP - delta),               delta = rowsum(P * dP) - dlse  (= rowsum(dO * O) - dlse)
     dY = scale * (G Y M^T + G^T Y M)     (+ Pd^T dO when V = Y)
     dM = scale * Y^T G Y  (summed over batch; its diagonal for a diagonal M)
