@@ -345,6 +345,7 @@ def _dropout_keep(dropout, row_ctr, offs_key):
     fewer live registers than the four words of tl.randint4x."""
     elem = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
     ctr = elem >> 3
+    slot = (elem & 7).to(tl.int32)  # value 2 * word + half of the counter (one live int32, not elem)
     seed = tl.to_tensor(dropout.seed).to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -355,14 +356,14 @@ def _dropout_keep(dropout, row_ctr, offs_key):
     last_k1 = k1 + (((PHILOX_ROUNDS - 1) * PHILOX_KEY_B) & 0xFFFFFFFF)
     # Last round: words 0, 1 are the high / low halves of ROUND_B * c2 (word 0 also ^ c1 ^ k0),
     # words 2, 3 those of ROUND_A * c0 (word 2 also ^ c3 ^ k1).
-    word = ((elem >> 1) & 3).to(tl.int32)
-    first_pair = word < 2
+    first_pair = slot < 4
+    high_word = (slot & 2) == 0  # words 0 and 2 are a product's high half
     x = tl.where(first_pair, c2, c0)
     rest = tl.where(first_pair, c1 ^ last_k0, c3 ^ last_k1)
-    if_b = tl.where((word & 1) == 0, tl.math.umulhi(x, PHILOX_ROUND_B) ^ rest, x * PHILOX_ROUND_B)
-    if_a = tl.where((word & 1) == 0, tl.math.umulhi(x, PHILOX_ROUND_A) ^ rest, x * PHILOX_ROUND_A)
+    if_b = tl.where(high_word, tl.math.umulhi(x, PHILOX_ROUND_B) ^ rest, x * PHILOX_ROUND_B)
+    if_a = tl.where(high_word, tl.math.umulhi(x, PHILOX_ROUND_A) ^ rest, x * PHILOX_ROUND_A)
     rnd = tl.where(first_pair, if_b, if_a)
-    half = tl.where((elem & 1) == 0, rnd & 0xFFFF, rnd >> 16)
+    half = (rnd >> ((slot & 1) * 16).to(tl.uint32)) & 0xFFFF
     return half.to(tl.int32) >= dropout.threshold
 
 
