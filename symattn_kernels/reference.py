@@ -13,8 +13,9 @@ Math (docs/design.md, "Variants"), per batch b and head h, with Y = q[b, :, h] o
 
 Dropout draws its keep-mask from a counter-based generator (Philox-4x32-10, the generator of
 ``triton.language.randint4x``) keyed by one 64-bit seed, so every backend regenerates the same
-mask from the same seed; each Philox call gives the keep decisions of four consecutive elements
-(its four 32-bit output words): see ``dropout_keep_mask``.
+mask from the same seed; each Philox call gives the 16-bit random values of eight consecutive
+elements (the two halves of its four 32-bit output words), compared with a 16-bit threshold:
+see ``dropout_keep_mask`` and ``dropout_threshold``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ __all__ = [
     "dropout_keep_mask",
     "philox_randint",
     "philox_randint4x",
-    "dropout_random_words",
+    "dropout_random16",
+    "dropout_threshold",
+    "dropout_scale",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -81,18 +84,34 @@ def philox_randint(seed: int, offsets: Tensor) -> Tensor:
     return philox_randint4x(seed, offsets)[0]
 
 
-def dropout_random_words(seed: int, elements: Tensor) -> Tensor:
-    """The random 32-bit word of each int64 element offset (values in [0, 2**32)): output word
-    ``element % 4`` of Philox-4x32-10 at counter ``element // 4``, so one Philox call serves four
-    consecutive elements."""
+def dropout_random16(seed: int, elements: Tensor) -> Tensor:
+    """The 16-bit random value of each int64 element offset (values in [0, 2**16)): the low
+    (``element`` even) or high (odd) half of output word ``(element // 2) % 4`` of
+    Philox-4x32-10 at counter ``element // 8``, so one Philox call serves eight consecutive
+    elements."""
     elements = elements.to(torch.int64)
-    words = torch.stack(philox_randint4x(seed, elements >> 2), dim=-1)
-    return torch.gather(words, -1, (elements & 3)[..., None])[..., 0]
+    words = torch.stack(philox_randint4x(seed, elements >> 3), dim=-1)
+    word = torch.gather(words, -1, ((elements >> 1) & 3)[..., None])[..., 0]
+    return (word >> (16 * (elements & 1))) & 0xFFFF
 
 
 def dropout_threshold(dropout_p: float) -> int:
-    """Keep an element when the top 31 bits of its random word are >= this threshold."""
-    return min(int(dropout_p * 2**31), 2**31)
+    """Keep an element when its 16-bit random value is >= this threshold: ``dropout_p`` in steps
+    of 2**-16, rounded to nearest (ties up), and for 0 < dropout_p < 1 clamped into [1, 65535], so
+    that no dropout probability becomes "no dropout" or "drop everything". 0 for dropout_p = 0
+    (everything kept, exactly). The element is dropped with probability ``threshold / 2**16``.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p == 0.0:
+        return 0
+    return min(max(int(dropout_p * 2**16 + 0.5), 1), 2**16 - 1)
+
+
+def dropout_scale(dropout_p: float) -> float:
+    """The kept elements' multiplier, ``1 / (1 - threshold / 2**16)``: the inverse of the keep
+    probability the threshold actually gives, so that the multiplier's expectation is exactly 1."""
+    return 2**16 / (2**16 - dropout_threshold(dropout_p))
 
 
 def dropout_keep_mask(
@@ -104,16 +123,18 @@ def dropout_keep_mask(
     where ``row_ids`` numbers the query tokens globally: ``b * S + i`` in the padded layout,
     ``cu_seqlens[b] + i`` in the varlen layout (``n_rows`` = B * S or total tokens,
     ``key_stride`` = S or total tokens: never ``max_seqlen``, so the mask depends on the real
-    positions only). Its random word is output word ``e % 4`` of Philox-4x32-10 at counter
-    ``e // 4`` (``dropout_random_words``): one Philox call serves four consecutive offsets, which
-    may straddle two rows when ``key_stride`` is not a multiple of 4. An element is kept when
-    ``word >> 1 >= floor(dropout_p * 2**31)``, so ``dropout_p = 0`` keeps everything exactly.
+    positions only). Its 16-bit random value is half ``e % 2`` of output word ``(e // 2) % 4`` of
+    Philox-4x32-10 at counter ``e // 8`` (``dropout_random16``): one Philox call serves eight
+    consecutive offsets, which may straddle two rows when ``key_stride`` is not a multiple of 8.
+    An element is kept when that value is ``>= dropout_threshold(dropout_p)``, so
+    ``dropout_p = 0`` keeps everything exactly; kept probabilities are multiplied by
+    ``dropout_scale(dropout_p)``.
     """
     heads = torch.arange(num_heads, device=row_ids.device, dtype=torch.int64)
     keys = torch.arange(seqlen_k, device=row_ids.device, dtype=torch.int64)
     rows = heads[None, :, None] * n_rows + row_ids.to(torch.int64)[:, None, :]  # [B, H, S_q]
     elements = rows[..., None] * key_stride + keys  # [B, H, S_q, S_k]
-    return (dropout_random_words(seed, elements) >> 1) >= dropout_threshold(dropout_p)
+    return dropout_random16(seed, elements) >= dropout_threshold(dropout_p)
 
 
 def attention_mask(
@@ -180,7 +201,7 @@ def _attend(
     probs = torch.exp(scores - lse[..., None].masked_fill(empty_row, 0.0))
     probs = probs.masked_fill(~allowed | empty_row, 0.0)
     if keep is not None:
-        probs = probs * keep / (1.0 - dropout_p)
+        probs = probs * keep * dropout_scale(dropout_p)
     return probs @ v, lse
 
 
@@ -201,7 +222,8 @@ def symmetric_attention(
     """Reference for ``symattn_kernels.symmetric_attention``; same arguments, layout [B, S, H, D].
 
     Dropout (when ``dropout_p > 0``) uses ``dropout_mask`` ([B, H, S, S] bool, True = keep) when
-    given, else the mask ``dropout_keep_mask`` derives from ``dropout_seed`` (required then).
+    given, else the mask ``dropout_keep_mask`` derives from ``dropout_seed`` (required then);
+    kept probabilities are multiplied by ``dropout_scale(dropout_p)``.
     Computes in the dtype of ``q``; ``lse`` is returned in float32, or float64 for float64 input.
     """
     batch, seqlen, num_heads, head_dim = q.shape

@@ -224,7 +224,7 @@ def test_philox_bit_equal_to_reference():
 
 def _kernel_keep_mask(q_shape, p, seed_state, cu=None, max_seqlen=0):
     """The kernel's dropout mask, read off its output: q = 0 makes P uniform, v = identity makes
-    out[..., i, j] = P_ij * keep_ij / (1 - p)."""
+    out[..., i, j] = P_ij * keep_ij * dropout_scale(p)."""
     torch.manual_seed(seed_state)
     if cu is None:
         B, S, H, _ = q_shape

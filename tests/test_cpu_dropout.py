@@ -1,6 +1,7 @@
 """Dropout of the fused C++ ``cpu`` backend: the vectorised Philox generator against the
-reference's words and the scalar C++ Philox over many element offsets (every offset modulo 4,
-counters crossing 2^32, every tail length), its keep rate per output word, the kernels' masks
+reference's 16-bit values and the scalar C++ Philox over many element offsets (every offset
+modulo 8, counters crossing 2^32, every tail length), its keep rate per value of a counter, the
+multipliers' expectation, dropout probabilities near 0 and 1, the kernels' masks
 bit-equal to the reference at odd key counts, causal, key padding and varlen, forward and
 gradients against the fp64 reference under dropout, and all of it again on every
 instruction-set build."""
@@ -20,63 +21,71 @@ from symattn_kernels.backends import cpu as cpu_backend
 from .attention_checks import (assert_close, describe_mismatch, kernel_dropout_seed, make_inputs,
                                pytest_on_kernel_build, reference, run)
 
-# Run lengths around every vector width and step of the generator (4 counters = 16 elements per
-# AVX2 register, 8 = 32 per AVX-512 register, steps of 32 and 128 elements) and past them.
+# Run lengths around every vector width and step of the generator (4 counters = 32 elements per
+# AVX2 register, 8 = 64 per AVX-512 register, steps of 64 and 256 elements) and past them.
 LENGTHS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 111, 127, 128, 129, 130, 131,
-           255, 256, 257, 1025]
-# First element offsets of every residue modulo 4, and runs whose counters (offset / 4) cross a
-# multiple of 2^32 (offsets 2^34, 2^35) or start just past one.
-FIRSTS = [0, 5, 6, 2**32 - 1, 2**34 - 20, 2**34 - 3, 2**34 - 2, 2**34 + 1, 2**35 - 130, 2**40 + 3, 2**62 - 2000]
+           255, 256, 257, 511, 512, 513, 1025, 2049]
+# First element offsets of every residue modulo 8, and runs whose counters (offset / 8) cross a
+# multiple of 2^32 (offsets 2^35, 2^36) or start just past one.
+FIRSTS = [0, 1, 2, 3, 4, 5, 6, 7, 2**32 - 1, 2**35 - 20, 2**35 - 3, 2**35 - 2, 2**35 + 1, 2**36 - 130, 2**40 + 3,
+          2**62 - 2000]
 
 
-def _keep_values(seed, p, first, n, words):
-    """The multipliers the kernels should draw: 1 / (1 - p) in fp32 where kept, else 0."""
-    kept = (words >> 1) >= R.dropout_threshold(p)
-    return torch.where(kept, torch.tensor(1.0 / (1.0 - p), dtype=torch.float32), torch.tensor(0.0))
+def _keep_values(p, values):
+    """The multipliers the kernels should draw: dropout_scale in fp32 where kept, else 0."""
+    kept = values >= R.dropout_threshold(p)
+    return torch.where(kept, torch.tensor(R.dropout_scale(p), dtype=torch.float32), torch.tensor(0.0))
 
 
-def _scalar_words(seed, first, n):
-    """Word e % 4 of the counter e / 4, from the C++ scalar Philox (its four words per counter)."""
+def _scalar_values(seed, first, n):
+    """Half e % 2 of word (e / 2) % 4 of the counter e / 8, from the C++ scalar Philox (its four
+    words per counter)."""
     elements = first + torch.arange(n, dtype=torch.int64)
-    words = torch.ops.symattn.philox4x_cpu(elements >> 2, seed)
-    return words.gather(-1, (elements & 3)[:, None])[:, 0]
+    words = torch.ops.symattn.philox4x_cpu(elements >> 3, seed)
+    word = words.gather(-1, ((elements >> 1) & 3)[:, None])[:, 0]
+    return (word >> (16 * (elements & 1))) & 0xFFFF
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_vector_generator_bit_equal_to_reference_words(p):
+@pytest.mark.parametrize("p", [1e-9, 0.1, 0.5, 0.9, 1 - 1e-9])
+def test_vector_generator_bit_equal_to_reference_values(p):
     gen = torch.Generator().manual_seed(3)
     firsts = FIRSTS + torch.randint(0, 2**62, (8,), generator=gen).tolist()
     longest = max(LENGTHS)
     for seed in (0, 3, 2**32 + 7, 2**62 - 5):
         for first in firsts:
-            words = R.dropout_random_words(seed, first + torch.arange(longest, dtype=torch.int64))
-            assert torch.equal(_scalar_words(seed, first, longest), words)
-            want = _keep_values(seed, p, first, longest, words)
+            values = R.dropout_random16(seed, first + torch.arange(longest, dtype=torch.int64))
+            assert torch.equal(_scalar_values(seed, first, longest), values)
+            want = _keep_values(p, values)
             for n in LENGTHS:
                 got = torch.ops.symattn.dropout_keep_cpu(seed, p, first, n)
                 bad = got != want[:n]
                 assert not bad.any(), f"seed {seed} first {first} n {n}: {describe_mismatch(got, want[:n], bad)}"
 
 
-def test_vector_generator_keep_rate_per_word():
-    """All four words of a counter are used and each is a fair draw: the keep rate at every offset
-    residue modulo 4 is 1 - p, and two words of one counter are kept together at rate (1 - p)^2,
-    within 5 standard deviations over 2^18 counters."""
-    p, counters = 0.3, 2**18
-    keep = torch.ops.symattn.dropout_keep_cpu(77, p, 4 * 12345, 4 * counters).view(counters, 4) != 0
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.77])
+def test_vector_generator_keep_rate_per_value_and_unit_expectation(p):
+    """All eight 16-bit values of a counter are used and each is a fair draw: the keep rate at
+    every offset residue modulo 8 is 1 - p (within 2^-17, the threshold's rounding), two values of
+    one counter are kept together at rate (1 - p)^2, within 5 standard deviations over 2^18
+    counters, and the multipliers average to 1."""
+    counters = 2**18
+    multipliers = torch.ops.symattn.dropout_keep_cpu(77, p, 8 * 12345, 8 * counters).double()
+    keep = multipliers.view(counters, 8) != 0
     sigma = (p * (1 - p) / counters) ** 0.5
-    for word in range(4):
-        assert abs(keep[:, word].float().mean().item() - (1 - p)) < 5 * sigma, f"word {word}"
-    for a, b in [(0, 1), (1, 2), (2, 3), (0, 3)]:
-        both = (keep[:, a] & keep[:, b]).float().mean().item()
+    for slot in range(8):
+        assert abs(keep[:, slot].double().mean().item() - (1 - p)) < 5 * sigma + 2**-17, f"value {slot}"
+    for a, b in [(0, 1), (1, 2), (2, 3), (3, 4), (6, 7), (0, 7)]:
+        both = (keep[:, a] & keep[:, b]).double().mean().item()
         q = (1 - p) ** 2
-        assert abs(both - q) < 5 * (q * (1 - q) / counters) ** 0.5, f"words {a}, {b}"
+        assert abs(both - q) < 5 * (q * (1 - q) / counters) ** 0.5 + 2**-16, f"values {a}, {b}"
+    mean_sigma = (p / (1 - p) / multipliers.numel()) ** 0.5  # the multiplier's variance is p / (1 - p)
+    assert abs(multipliers.mean().item() - 1.0) < 5 * mean_sigma
 
 
 def _kernel_mask(B, S, H, p, seed_state, **kw):
     """The kernel's keep mask where attention is allowed, read off its output: q = 0 makes P
     uniform over the allowed keys, v = columns of the identity makes out[b, i, h, j] =
-    P_ij * keep_ij / (1 - p) (a call per 256 keys, the widest value, under one seed)."""
+    P_ij * keep_ij * dropout_scale(p) (a call per 256 keys, the widest value, under one seed)."""
     q = torch.zeros(B, S, H, 8)
     eye = torch.eye(S)
     columns = []
@@ -100,7 +109,7 @@ def _padding(B, S, kind):
     return mask
 
 
-# Odd key counts (rows starting at every offset residue modulo 4), past 128 keys, and long heads:
+# Odd key counts (rows starting at every offset residue modulo 8), past 128 keys, and long heads:
 # mirrored ones (each score tile also read down its columns, whose masks are drawn by query and
 # bit-transposed; at 1100 tokens in 256 x 256 tiles) and causal ones on the row schedule.
 MASK_CASES = [(S, causal, padding) for S in (1, 37, 130) for causal in (False, True)
@@ -121,6 +130,19 @@ def test_kernel_mask_bit_equal_to_reference(S, causal, padding):
     assert not bad.any(), describe_mismatch(got.int(), want.int(), bad)
     if S > 1:
         assert want.any() and (allowed & ~want).any()
+
+
+@pytest.mark.parametrize("p", [1e-9, 1 - 1e-9], ids=["near-0", "near-1"])
+def test_kernel_mask_near_zero_and_one_still_drops_and_keeps(p):
+    """dropout_p rounds to a threshold in [1, 65535]: a tiny one still drops 2^-16 of the scores,
+    one just below 1 still keeps 2^-16 (about 16 of the 2^20 here), masks bit-equal to the
+    reference, outputs finite."""
+    got = _kernel_mask(1, 1024, 1, p, seed_state=5)
+    want = R.dropout_keep_mask(kernel_dropout_seed(5), p, torch.arange(1024).view(1, 1024), 1024, 1, 1024, 1024)
+    bad = got != want
+    assert not bad.any(), describe_mismatch(got.int(), want.int(), bad)
+    exceptions = int((~want).sum()) if p < 0.5 else int(want.sum())
+    assert 0 < exceptions < 64
 
 
 def test_varlen_kernel_mask_bit_equal_to_reference():

@@ -2,8 +2,9 @@
 
 A small driver (below) includes the header as plain host C++ (no nvcc, no GPU) and is built
 with g++; it reads cases on stdin and prints results, which are compared with
-symattn_kernels.reference: Philox bit-equality (all four words, and the dropout word of an
-element offset) and dropout keep decisions, per-element masks and tile classification against
+symattn_kernels.reference: Philox bit-equality (all four words, and the 16-bit dropout value of
+an element offset), the dropout threshold and multiplier of a probability, and dropout keep
+decisions, per-element masks and tile classification against
 reference.attention_mask, the online-softmax step against torch.logsumexp, and the padded /
 varlen row offsets.
 """
@@ -39,9 +40,13 @@ int main() {
       std::scanf("%llu %llu %lf %d %lld %lld %lld %d", &seed, &off, &p, &h, &n_rows, &row, &ks, &key);
       uint32_t w[4];
       philox4x(seed, off, w);
-      std::printf("%u %u %u %u %u %u %d\n", w[0], w[1], w[2], w[3], dropout_word(seed, off),
+      std::printf("%u %u %u %u %u %u %d\n", w[0], w[1], w[2], w[3], dropout_random16(seed, off),
                   (unsigned)philox_randint(seed, off),
                   (int)dropout_keep(seed, dropout_threshold(p), h, n_rows, row, ks, key));
+    } else if (!std::strcmp(cmd, "threshold")) {
+      double p; std::scanf("%lf", &p);
+      const uint32_t t = dropout_threshold(p);
+      std::printf("%u %.17g\n", t, dropout_scale(t));
     } else if (!std::strcmp(cmd, "mask")) {
       int S, causal, excl, bm, bn; std::scanf("%d %d %d %d %d", &S, &causal, &excl, &bm, &bn);
       std::vector<int> real(S);
@@ -112,7 +117,7 @@ def test_philox_and_dropout_keep_match_reference(driver):
     cases = []
     for _ in range(300):
         seed = rng.getrandbits(64) if rng.random() < 0.8 else rng.getrandbits(20)
-        p = rng.choice([0.0, 0.1, 0.5, 0.9, 1.0])
+        p = rng.choice([0.0, 1e-9, 0.1, 0.5, 0.9, 1 - 1e-9])
         h, n_rows, ks = rng.randrange(16), rng.randrange(1, 5000), rng.randrange(1, 600)
         row, key = rng.randrange(n_rows), rng.randrange(ks)
         off = rng.getrandbits(63) if rng.random() < 0.5 else rng.getrandbits(20)
@@ -124,9 +129,22 @@ def test_philox_and_dropout_keep_match_reference(driver):
         offset = torch.tensor([off], dtype=torch.int64)
         assert got_words == [int(w[0]) for w in reference.philox_randint4x(seed, offset)]
         assert got_first == got_words[0]
-        assert got_word == int(reference.dropout_random_words(seed, offset)[0])
+        assert got_word == int(reference.dropout_random16(seed, offset)[0])
         keep = reference.dropout_keep_mask(seed, p, torch.tensor([[row]]), n_rows, h + 1, ks, key + 1)
         assert got_keep == int(keep[0, h, 0, key])
+
+
+def test_dropout_threshold_and_scale_match_reference(driver):
+    """Every rounding case: ties of p * 2^16 (which round up), the clamps into [1, 65535] near 0
+    and 1, and random probabilities; the multiplier the kernels get is the reference's."""
+    rng = random.Random(2)
+    ps = [0.0, 1e-300, 1e-9, 0.5 / 2**16, 1.5 / 2**16, 1 - 0.5 / 2**16, 1 - 1.5 / 2**16, 1 - 2**-53, 0.1, 0.3]
+    ps += [(k + 0.5) / 2**16 for k in rng.sample(range(2**16 - 1), 50)] + [rng.random() for _ in range(200)]
+    lines = driver("".join(f"threshold {p!r}\n" for p in ps))
+    for p, line in zip(ps, lines):
+        threshold, scale = line.split()
+        assert int(threshold) == reference.dropout_threshold(p), f"p {p!r}"
+        assert float(scale) == reference.dropout_scale(p), f"p {p!r}"
 
 
 def _mask_cases():

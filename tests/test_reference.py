@@ -132,15 +132,21 @@ def test_philox_known_answer_and_scalar_twin():
         assert torch.equal(R.philox_randint(seed, counters), torch.tensor([w[0] for w in got]))
 
 
-def test_dropout_words_take_four_elements_per_philox_call():
-    """Element offset e draws word e % 4 of the counter e // 4, whatever the mask's shape: a row
-    of an odd key stride starts in the middle of a counter, and offsets cross 2^34 (the counters'
-    high word changes)."""
+def _dropout_value(seed, e):
+    """Element offset e's 16-bit value: half e % 2 (low half first) of word (e // 2) % 4 of the
+    counter e // 8."""
+    return (_philox4x32_10(seed, e // 8)[(e // 2) % 4] >> (16 * (e % 2))) & 0xFFFF
+
+
+def test_dropout_values_take_eight_elements_per_philox_call():
+    """Element offset e draws half e % 2 of word (e // 2) % 4 of the counter e // 8, whatever the
+    mask's shape: a row of an odd key stride starts in the middle of a counter, and offsets cross
+    2^35 (the counters' high word changes)."""
     seed = 2**40 + 9
-    for first in (0, 3, 2**34 - 5, 2**62 - 10):
-        elements = first + torch.arange(11, dtype=torch.int64)
-        want = [_philox4x32_10(seed, e // 4)[e % 4] for e in elements.tolist()]
-        assert R.dropout_random_words(seed, elements).tolist() == want
+    for first in (0, 3, 2**35 - 5, 2**62 - 10):
+        elements = first + torch.arange(19, dtype=torch.int64)
+        want = [_dropout_value(seed, e) for e in elements.tolist()]
+        assert R.dropout_random16(seed, elements).tolist() == want
     # keep mask element (b, h, i, j) at offset (h * n_rows + row_ids[b, i]) * key_stride + j
     rows, key_stride, n_rows, p = torch.tensor([[2, 5, 6]]), 7, 9, 0.4
     keep = R.dropout_keep_mask(seed, p, rows, n_rows, 2, key_stride, 6)  # [1, 2, 3, 6]
@@ -148,24 +154,67 @@ def test_dropout_words_take_four_elements_per_philox_call():
         for i, row in enumerate(rows[0].tolist()):
             for j in range(6):
                 e = (h * n_rows + row) * key_stride + j
-                word = _philox4x32_10(seed, e // 4)[e % 4]
-                assert bool(keep[0, h, i, j]) == ((word >> 1) >= int(p * 2**31)), (h, i, j)
+                assert bool(keep[0, h, i, j]) == (_dropout_value(seed, e) >= 26214), (h, i, j)  # 0.4 * 2^16
 
 
-def test_dropout_keep_rate_per_word():
-    """Each of the four words of a counter is a fair draw, and two of them are independent: keep
-    rate 1 - p at every offset residue modulo 4 and (1 - p)^2 for two words of one counter, within
-    5 standard deviations over 2^17 counters."""
+# dropout_p -> threshold in steps of 2^-16, rounded to nearest with ties up; 0 < p < 1 never gives
+# 0 ("no dropout") nor 2^16 ("drop everything").
+THRESHOLDS = [(0.0, 0), (1e-300, 1), (1e-9, 1), (0.5 / 2**16, 1), (1.4 / 2**16, 1), (1.5 / 2**16, 2), (0.1, 6554),
+              (0.25, 16384), (0.3, 19661), (0.4, 26214), (0.5, 32768), (0.9, 58982), (1 - 1.5 / 2**16, 65535),
+              (1 - 0.5 / 2**16, 65535), (1 - 1e-9, 65535), (1 - 2**-53, 65535)]
+
+
+@pytest.mark.parametrize("p,threshold", THRESHOLDS, ids=[repr(p) for p, _ in THRESHOLDS])
+def test_dropout_threshold_rounds_and_never_turns_dropout_off_or_total(p, threshold):
+    assert R.dropout_threshold(p) == threshold
+    assert R.dropout_scale(p) == 2**16 / (2**16 - threshold)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan")])
+def test_dropout_threshold_rejects_probabilities_outside_zero_one(p):
+    with pytest.raises(ValueError, match="dropout_p"):
+        R.dropout_threshold(p)
+
+
+@pytest.mark.parametrize("p", [1e-9, 0.1, 0.3, 0.5, 0.77, 1 - 1e-9])
+def test_dropout_rule_keeps_one_minus_effective_p_with_unit_expectation(p):
+    """Over all 2^16 random values, exactly 2^16 - threshold are kept: the keep probability is
+    1 - p_eff with |p_eff - p| <= 2^-17 (or p_eff = 2^-16 / 1 - 2^-16 at the ends), and the
+    multiplier's expectation, keep probability times dropout_scale, is 1."""
+    values = torch.arange(2**16)
+    kept = values >= R.dropout_threshold(p)
+    p_eff = 1 - kept.double().mean().item()
+    assert abs(p_eff - p) <= 2**-17 or (p < 2**-17 and p_eff == 2**-16) or (p > 1 - 2**-17 and p_eff == 1 - 2**-16)
+    assert 0 < kept.sum() < 2**16
+    assert (kept.double() * R.dropout_scale(p)).mean().item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_dropout_keep_rate_per_value():
+    """Each of the eight 16-bit values of a counter is a fair draw, and two of them are
+    independent (the two halves of one word, and values of different words): keep rate 1 - p at
+    every offset residue modulo 8 and (1 - p)^2 for two values of one counter, within 5 standard
+    deviations over 2^17 counters."""
     p, counters = 0.3, 2**17
-    words = R.dropout_random_words(5, 4 * 999 + torch.arange(4 * counters, dtype=torch.int64))
-    keep = ((words >> 1) >= R.dropout_threshold(p)).view(counters, 4)
-    sigma = (p * (1 - p) / counters) ** 0.5
-    for word in range(4):
-        assert abs(keep[:, word].float().mean().item() - (1 - p)) < 5 * sigma, f"word {word}"
-    q = (1 - p) ** 2
-    for a, b in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+    keep_p = 1 - R.dropout_threshold(p) / 2**16
+    values = R.dropout_random16(5, 8 * 999 + torch.arange(8 * counters, dtype=torch.int64))
+    keep = (values >= R.dropout_threshold(p)).view(counters, 8)
+    sigma = (keep_p * (1 - keep_p) / counters) ** 0.5
+    for slot in range(8):
+        assert abs(keep[:, slot].float().mean().item() - keep_p) < 5 * sigma, f"value {slot}"
+    q = keep_p**2
+    for a, b in [(0, 1), (1, 2), (2, 3), (6, 7), (0, 7), (3, 4)]:
         both = (keep[:, a] & keep[:, b]).float().mean().item()
-        assert abs(both - q) < 5 * (q * (1 - q) / counters) ** 0.5, f"words {a}, {b}"
+        assert abs(both - q) < 5 * (q * (1 - q) / counters) ** 0.5, f"values {a}, {b}"
+
+
+@pytest.mark.parametrize("p", [1e-9, 1 - 1e-9])
+def test_dropout_mask_near_zero_and_one_drops_and_keeps_some(p):
+    """A tiny dropout_p still drops (at rate 2^-16), one just below 1 still keeps (at 2^-16): over
+    2^22 elements both expect 64 exceptions; within 5 standard deviations (40)."""
+    rows = torch.arange(1024).view(1, 1024)
+    keep = R.dropout_keep_mask(77, p, rows, 1024, 4, 1024, 1024)
+    exceptions = int((~keep).sum()) if p < 0.5 else int(keep.sum())
+    assert 64 - 40 < exceptions < 64 + 40
 
 
 def test_dropout_mask_rate_and_zero_probability():
@@ -181,10 +230,11 @@ def test_dropout_scales_kept_probabilities():
     torch.manual_seed(6)
     y = randn(1, 8, 2, 4, grad=False)
     rows = torch.arange(8).view(1, 8)
-    keep = R.dropout_keep_mask(99, 0.25, rows, 8, 2, 8, 8)
-    out = R.shared_attention(y, dropout_p=0.25, dropout_seed=99)
+    keep = R.dropout_keep_mask(99, 0.3, rows, 8, 2, 8, 8)
+    out = R.shared_attention(y, dropout_p=0.3, dropout_seed=99)
     probs = torch.softmax(bhsd(y) @ bhsd(y).transpose(-1, -2) / 2.0, dim=-1)
-    assert_close(out, bhsd(probs * keep / 0.75 @ bhsd(y)), atol=1e-12, name="out")
+    # 0.3 is represented as 19661 / 2^16: the multiplier is 1 over the keep probability that gives
+    assert_close(out, bhsd(probs * keep * (2**16 / (2**16 - 19661)) @ bhsd(y)), atol=1e-12, name="out")
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -33,7 +33,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     import triton.language as tl
 
     from symattn_kernels.triton.attention_bwd import attention_backward
-    from symattn_kernels.triton.attention_common import Dropout, _dropout_keep, dropout_threshold
+    from symattn_kernels.triton.attention_common import Dropout, _dropout_keep
     from symattn_kernels.triton.attention_fwd import attention_forward
 
     @triton.jit
@@ -253,15 +253,16 @@ def test_dropout_same_seed_same_result_other_seed_differs():
     assert torch.equal(first[1], other[1])  # lse does not see dropout
 
 
-@pytest.mark.parametrize("key_stride,first_row", [(37, 0), (32, 5), (37, (2**34 - 200) // 37), (130, 2**50 // 130)],
-                         ids=["odd", "multiple-of-4", "odd-across-2^34", "large"])
+@pytest.mark.parametrize("key_stride,first_row", [(37, 0), (32, 5), (37, (2**35 - 200) // 37), (130, 2**50 // 130)],
+                         ids=["odd", "multiple-of-4", "odd-across-2^35", "large"])
 def test_dropout_keep_bit_equal_to_reference(key_stride, first_row):
-    """tl.randint4x's word e % 4 at counter e // 4, as reference.dropout_keep_mask draws it: rows
-    of an odd key stride start inside a counter, and offsets cross 2^34 (the counter's high word)."""
+    """Half e % 2 of tl.randint4x's word (e // 2) % 4 at counter e // 8, as
+    reference.dropout_keep_mask draws it: rows of an odd key stride start inside a counter, and
+    offsets cross 2^35 (the counter's high word)."""
     rows, keys, p = 16, 32, 0.4
     for seed in (3, 2**40 + 12345):
         out = torch.empty(rows, keys, dtype=torch.int8)
-        _keep_grid_kernel[(1,)](out, seed, first_row, key_stride, dropout_threshold(p), BLOCK_R=rows, BLOCK_K=keys)
+        _keep_grid_kernel[(1,)](out, seed, first_row, key_stride, reference.dropout_threshold(p), BLOCK_R=rows, BLOCK_K=keys)
         row_ids = first_row + torch.arange(rows)[None]
         want = reference.dropout_keep_mask(seed, p, row_ids, 1, 1, key_stride, keys)[0, 0]
         assert torch.equal(out.bool(), want), f"seed {seed}"

@@ -1,7 +1,8 @@
 // Philox-4x32-10 (Salmon et al. 2011), bit-identical to triton.language.randint4x and to
 // symattn_kernels.reference.philox_randint4x: counter (offset low word, offset high word, 0, 0),
-// key (seed low word, seed high word); the dropout word of an element offset (word offset % 4 at
-// counter offset / 4, reference.dropout_random_words); and reference.dropout_threshold.
+// key (seed low word, seed high word); and the dropout rule of reference.dropout_keep_mask: the
+// 16-bit value of an element offset e (half e % 2 of word (e / 2) % 4 at counter e / 8,
+// reference.dropout_random16), kept when >= dropout_threshold, scaled by dropout_scale.
 // Torch-free and shared by the CPU kernels (plain C++) and the CUDA kernels (host and device):
 // SYMATTN_HD marks functions as __host__ __device__ under nvcc, inline otherwise.
 #pragma once
@@ -56,19 +57,27 @@ SYMATTN_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
   return words[0];
 }
 
-// The dropout word of element offset e: word e % 4 of the counter e / 4 (selected, not indexed,
-// so that the words stay in registers on a GPU).
-SYMATTN_HD uint32_t dropout_word(uint64_t seed, uint64_t element) {
+// The 16-bit dropout value of element offset e: the low (e even) or high half of word (e / 2) % 4
+// of the counter e / 8 (selected, not indexed, so that the words stay in registers on a GPU).
+SYMATTN_HD uint32_t dropout_random16(uint64_t seed, uint64_t element) {
   uint32_t w[4];
-  philox4x(seed, element >> 2, w);
-  const uint32_t i = static_cast<uint32_t>(element & 3);
-  return i < 2 ? (i == 0 ? w[0] : w[1]) : (i == 2 ? w[2] : w[3]);
+  philox4x(seed, element >> 3, w);
+  const uint32_t i = static_cast<uint32_t>(element >> 1) & 3u;
+  const uint32_t word = i < 2 ? (i == 0 ? w[0] : w[1]) : (i == 2 ? w[2] : w[3]);
+  return (element & 1) != 0 ? word >> 16 : word & 0xFFFFu;
 }
 
-// reference.dropout_threshold: keep when (randint >> 1) >= floor(dropout_p * 2**31), capped at 2**31.
+// reference.dropout_threshold: keep where the 16-bit value >= threshold; dropout_p in steps of
+// 2^-16, rounded to nearest (ties up) and clamped into [1, 65535] for dropout_p > 0, so that no
+// probability becomes "no dropout" or "drop everything"; 0 (keep all) for dropout_p = 0. The
+// callers reject dropout_p >= 1 before.
 SYMATTN_HD uint32_t dropout_threshold(double dropout_p) {
-  const double t = dropout_p * 2147483648.0;
-  return t >= 2147483648.0 ? 2147483648u : static_cast<uint32_t>(t);
+  if (!(dropout_p > 0.0)) return 0u;
+  const double t = dropout_p * 65536.0 + 0.5;  // the scaling is exact; truncation floors (t > 0)
+  return t < 1.0 ? 1u : (t >= 65535.0 ? 65535u : static_cast<uint32_t>(t));
 }
+
+// reference.dropout_scale: the kept elements' multiplier, 1 / keep probability (2^16 - threshold) / 2^16.
+SYMATTN_HD double dropout_scale(uint32_t threshold) { return 65536.0 / (65536.0 - static_cast<double>(threshold)); }
 
 }  // namespace symattn

@@ -409,7 +409,7 @@ at::Tensor philox4x_cpu(const at::Tensor& offsets, int64_t seed) {
   return result;
 }
 
-// The dropout multipliers (0 or 1 / (1 - dropout_p)) of the n element offsets first, first + 1, ... as
+// The dropout multipliers (0 or dropout_scale) of the n element offsets first, first + 1, ... as
 // the selected kernel build draws them (for tests).
 at::Tensor dropout_keep_cpu(int64_t seed, double dropout_p, int64_t first, int64_t n) {
   TORCH_CHECK(n >= 0, "dropout_keep_cpu: n must be >= 0, got ", n);

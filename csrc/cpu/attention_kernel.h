@@ -4,7 +4,7 @@
 //
 //   Qm = Y M                        S = scale Qm Y^T (+ mask)  P = softmax_rows(S)
 //   out = dropout(P) V              lse = logsumexp_rows(S)    V = Y (shared) or v[b, :, h]
-//   G  = P * (dP - delta),  dP = dout V^T * keep / (1 - p),    delta = rowsum(P * dP) - dlse
+//   G  = P * (dP - delta),  dP = dout V^T * keep * keep_scale, delta = rowsum(P * dP) - dlse
 //   dY = scale (G Y M^T + G^T Qm)  (+ Pd^T dout when V = Y)    dV = Pd^T dout
 //   dM = scale Y^T G Y             (its diagonal for a diagonal M)
 //
@@ -893,7 +893,7 @@ class Head {
     Dv_ = p.value_dim;
     shared_ = p.v.data == nullptr;
     if (p.dropout_p > 0.0) {
-      keep_rule_ = KeepRule(p.seed, dropout_threshold(p.dropout_p), static_cast<float>(1.0 / (1.0 - p.dropout_p)));
+      keep_rule_ = KeepRule(p.seed, p.dropout_p);
       row_id0_ = p.cu_seqlens != nullptr ? start_ : b * p.seqlen;
     }
     y_rows_ = {row_ptr(p.q, 0), p.q.token};
@@ -1136,7 +1136,7 @@ class Head {
            static_cast<uint64_t>(j);
   }
 
-  bool dropout() const { return keep_rule_.scale != 0.f; }
+  bool dropout() const { return keep_rule_.threshold != 0; }
 
  protected:
   // src [m, k] (fp32, or scalar_t) as A rows; fp32 is its own A-rows form, bf16 is packed in buf
@@ -1191,7 +1191,7 @@ class Head {
   int64_t key_end_ = 0, n_real_ = 0;
   bool symmetric_ = false;  // this head takes the symmetric whole-head schedule
 
-  KeepRule keep_rule_{0, 0, 0.f};  // scale 0: no dropout
+  KeepRule keep_rule_;  // threshold 0: no dropout
   int64_t row_id0_ = 0;
 
   // Where the products read Y and V (null in shared mode): the inputs, or the copy in clean_

@@ -1,17 +1,20 @@
 // Dropout keep multipliers from Philox-4x32-10 drawn many counters per instruction, bit-equal
-// to dropout_word (../common/philox.h, shared with the CUDA kernels) and so to
-// symattn_kernels.reference.dropout_keep_mask: element offset e takes output word e % 4 of the
-// counter e / 4, so every Philox call serves four consecutive elements.
+// to dropout_random16 (../common/philox.h, shared with the CUDA kernels) and so to
+// symattn_kernels.reference.dropout_keep_mask: element offset e takes the 16-bit half e % 2 of
+// output word (e / 2) % 4 of the counter e / 8, so every Philox call serves eight consecutive
+// elements.
 //
 // Each counter sits in a 64-bit lane (AVX-512: 8 per register, AVX2: 4): _mm*_mul_epu32
 // multiplies the low words into full 64-bit products, so one instruction gives both the high
 // word (the next round's XOR input, after a shift) and the low word (the product kept as the
 // lane itself). The upper half of every lane carries garbage that only XORs into other upper
-// halves, which mul_epu32 ignores and the final compares drop. The keep decisions come out as
-// bits, a register's 32 (16) in one word: the forward applies them as lane masks to its
-// exponentials; draw_keep expands them into multipliers. The counter's high word starts
-// as the second counter word, so a run of counters may cross a multiple of 2^32. The DEFAULT
-// build draws with the scalar philox4x, one counter (four elements) at a time.
+// halves, which mul_epu32 ignores and the final compares drop. Per lane, the low words of two
+// outputs side by side are the four 16-bit values of four consecutive elements, compared as
+// 16-bit lanes. The keep decisions come out as bits, a register's 64 (32) in one word: the
+// forward applies them as lane masks to its exponentials; draw_keep expands them into
+// multipliers. The counter's high word starts as the second counter word, so a run of counters
+// may cross a multiple of 2^32. The DEFAULT build draws with the scalar philox4x, one counter
+// (eight elements) at a time.
 //
 // Compiled once per instruction set inside its CPU_CAPABILITY namespace (see isa.h), with
 // internal linkage but for the dropout_keep entry point.
@@ -29,6 +32,7 @@
 
 namespace symattn::cpu {
 
+using symattn::dropout_scale;
 using symattn::dropout_threshold;
 using symattn::philox4x;
 
@@ -37,12 +41,14 @@ namespace {
 
 // One call's constants: the keep rule and the seed's 10 round keys.
 struct KeepRule {
-  uint64_t seed;
-  uint32_t threshold;  // keep where (word >> 1) >= threshold
-  float scale;         // the kept elements' multiplier, 1 / (1 - dropout_p)
+  uint64_t seed = 0;
+  uint32_t threshold = 0;  // keep where the 16-bit value >= threshold; 0: no dropout
+  float scale = 1.f;       // the kept elements' multiplier, dropout_scale(threshold)
   uint32_t k0[kPhiloxRounds], k1[kPhiloxRounds];
 
-  KeepRule(uint64_t seed_, uint32_t threshold_, float scale_) : seed(seed_), threshold(threshold_), scale(scale_) {
+  KeepRule() : KeepRule(0, 0.0) {}
+  KeepRule(uint64_t seed_, double dropout_p)
+      : seed(seed_), threshold(dropout_threshold(dropout_p)), scale(static_cast<float>(dropout_scale(threshold))) {
     uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
     for (int r = 0; r < kPhiloxRounds; ++r, a += kPhiloxKeyA, b += kPhiloxKeyB) {
       k0[r] = a;
@@ -91,13 +97,13 @@ inline PhiloxReg xor3(const PhiloxReg& a, const PhiloxReg& b, uint32_t k) {
 inline PhiloxReg pair_low_words(const PhiloxReg& x, const PhiloxReg& y) {
   return _mm512_mask_shuffle_epi32(x, 0xAAAA, y, _MM_PERM_CDAB);
 }
-// The keep bits of the 32 elements of one register of counters from its word pairs w01 (words 0, 1
-// of counter t in lane t) and w23: (word >> 1) >= threshold as word >= 2 threshold (which fits:
-// threshold < 2^31 for p < 1), bit 2t + w of each compare deposited at bit 4t + w (4t + 2 + w).
-inline uint32_t kept_bits(const PhiloxReg& w01, const PhiloxReg& w23, uint32_t threshold) {
-  const __m512i twice = _mm512_set1_epi32(static_cast<int>(2 * threshold));
-  return _pdep_u32(_mm512_cmpge_epu32_mask(w01, twice), 0x33333333u) |
-         _pdep_u32(_mm512_cmpge_epu32_mask(w23, twice), 0xCCCCCCCCu);
+// The keep bits of the 64 elements of one register of counters from its word pairs w01 (words 0, 1
+// of counter t in lane t: the values of elements 8t + [0, 4) as 16-bit lanes 4t + [0, 4)) and w23
+// (elements 8t + [4, 8)): bit 4t + k of each compare deposited at bit 8t + k (8t + 4 + k).
+inline uint64_t kept_bits(const PhiloxReg& w01, const PhiloxReg& w23, uint32_t threshold) {
+  const __m512i bound = _mm512_set1_epi16(static_cast<short>(threshold));
+  return _pdep_u64(_mm512_cmpge_epu16_mask(w01, bound), 0x0F0F0F0F0F0F0F0Full) |
+         _pdep_u64(_mm512_cmpge_epu16_mask(w23, bound), 0xF0F0F0F0F0F0F0F0ull);
 }
 #elif defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL == 1
 using PhiloxReg = __m256i;
@@ -116,25 +122,23 @@ inline PhiloxReg xor3(const PhiloxReg& a, const PhiloxReg& b, uint32_t k) {
 inline PhiloxReg pair_low_words(const PhiloxReg& x, const PhiloxReg& y) {
   return _mm256_blend_epi32(x, _mm256_shuffle_epi32(y, 0xB1), 0xAA);
 }
-// The same for the 16 elements of 4 counters, interleaved as vectors (pdep is slow on some AVX2
-// CPUs); (word >> 1) < 2^31, so a signed compare serves.
-inline uint16_t kept_bits(const PhiloxReg& w01, const PhiloxReg& w23, uint32_t threshold) {
-  const __m256i lo = _mm256_unpacklo_epi64(w01, w23), hi = _mm256_unpackhi_epi64(w01, w23);  // counters 0, 2 / 1, 3
-  const __m256i bound = _mm256_set1_epi32(static_cast<int>(threshold - 1));
-  auto kept = [&](const __m256i& words) {
-    const __m256i k = _mm256_cmpgt_epi32(_mm256_srli_epi32(words, 1), bound);
-    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(k)));
-  };
-  return static_cast<uint16_t>(kept(_mm256_permute2x128_si256(lo, hi, 0x20)) |
-                               kept(_mm256_permute2x128_si256(lo, hi, 0x31)) << 8);
+// The same for the 32 elements of 4 counters, interleaved as vectors (pdep is slow on some AVX2
+// CPUs): value >= threshold as max(value, threshold) == value (AVX2 has no unsigned 16-bit
+// compare); the compares packed to bytes hold, per 128-bit half, elements 8t + [0, 4) of counters
+// t, t + 1, then their elements 8t + [4, 8), which one dword shuffle puts in element order.
+inline uint32_t kept_bits(const PhiloxReg& w01, const PhiloxReg& w23, uint32_t threshold) {
+  const __m256i bound = _mm256_set1_epi16(static_cast<short>(threshold));
+  auto kept = [&](const __m256i& values) { return _mm256_cmpeq_epi16(_mm256_max_epu16(values, bound), values); };
+  const __m256i bytes = _mm256_packs_epi16(kept(w01), kept(w23));
+  return static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_shuffle_epi32(bytes, _MM_SHUFFLE(3, 1, 2, 0))));
 }
 #endif
 
 #if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL >= 1
 // Registers of counters drawn together: independent chains that hide the multiply latency.
 constexpr int kChains = kLanes64 == 8 ? 4 : 2;
-// The keep bits of one register of counters (four elements each).
-using StreamWord = std::conditional_t<kLanes64 == 8, uint32_t, uint16_t>;
+// The keep bits of one register of counters (eight elements each).
+using StreamWord = std::conditional_t<kLanes64 == 8, uint64_t, uint32_t>;
 
 // The four output words of the counters in c[v] (kLanes64 each, 64-bit lanes), left in the low
 // halves of the lanes of c[v], c1[v], c2[v], c3[v]. Rounds 0 to 2 use that c2 = c3 = 0 at the
@@ -173,9 +177,9 @@ inline void philox_rounds(const KeepRule& rule, PhiloxReg* c0, PhiloxReg* c1, Ph
   }
 }
 
-// Keep bits of the elements 4 * ctr + [0, 4 * N * kLanes64) of the stream that starts at element
-// offset 4 * ctr0 (counters ctr0 + ctr + [0, N * kLanes64)), 4 * kLanes64 bits per register into
-// stream[ctr / kLanes64 + v] (bit i: stream element 4 * ctr + 4 * kLanes64 * v + i).
+// Keep bits of the elements 8 * ctr + [0, 8 * N * kLanes64) of the stream that starts at element
+// offset 8 * ctr0 (counters ctr0 + ctr + [0, N * kLanes64)), 8 * kLanes64 bits per register into
+// stream[ctr / kLanes64 + v] (bit i: stream element 8 * ctr + 8 * kLanes64 * v + i).
 template <int N, bool kSameHigh>
 inline void draw_counters(const KeepRule& rule, uint64_t ctr0, int64_t ctr, StreamWord* stream) {
   PhiloxReg c0[N], c1[N], c2[N], c3[N];
@@ -198,16 +202,16 @@ inline void draw_stream(const KeepRule& rule, uint64_t ctr0, int64_t counters, S
 // element first + j is kept. bits holds keep_bit_words(n) words; the bits past n are unspecified.
 inline void draw_keep_bits(const KeepRule& rule, uint64_t first, int64_t n, uint64_t* bits) {
   if (n <= 0) return;
-  const uint64_t ctr0 = first >> 2;
-  const int lead = static_cast<int>(first & 3);
-  const int64_t counters = (lead + n + 3) / 4;
+  const uint64_t ctr0 = first >> 3;
+  const int lead = static_cast<int>(first & 7);
+  const int64_t counters = (lead + n + 7) / 8;
   // The stream's last register may end in the middle of a word of bits.
   bits[n / 64] = bits[n / 64 + 1] = 0;
-  // x86 is little-endian: stream word k holds bits [k, k + 1) * 4 * kLanes64 of the array.
+  // x86 is little-endian: stream word k holds bits [k, k + 1) * 8 * kLanes64 of the array.
   StreamWord* stream = reinterpret_cast<StreamWord*>(bits);
   // Lanes are independent, so the words of counters past the last one (drawn and dropped) do not
   // matter here.
-  if ((first >> 34) == ((first + n - 1) >> 34)) {
+  if ((first >> 35) == ((first + n - 1) >> 35)) {
     draw_stream<true>(rule, ctr0, counters, stream);
   } else {
     draw_stream<false>(rule, ctr0, counters, stream);
@@ -217,16 +221,17 @@ inline void draw_keep_bits(const KeepRule& rule, uint64_t first, int64_t n, uint
   }
 }
 #else
-// The same, one counter (four elements) at a time.
+// The same, one counter (eight elements) at a time.
 inline void draw_keep_bits(const KeepRule& rule, uint64_t first, int64_t n, uint64_t* bits) {
   if (n <= 0) return;
   std::fill(bits, bits + (n + 63) / 64, uint64_t{0});
   for (int64_t j = 0; j < n;) {
     const uint64_t element = first + static_cast<uint64_t>(j);
     uint32_t words[4];
-    philox4x(rule.seed, element >> 2, words);
-    for (uint64_t w = element & 3; w < 4 && j < n; ++w, ++j) {
-      if ((words[w] >> 1) >= rule.threshold) bits[j / 64] |= uint64_t{1} << (j % 64);
+    philox4x(rule.seed, element >> 3, words);
+    for (uint64_t k = element & 7; k < 8 && j < n; ++k, ++j) {
+      const uint32_t value = (words[k / 2] >> (16 * (k % 2))) & 0xFFFFu;
+      if (value >= rule.threshold) bits[j / 64] |= uint64_t{1} << (j % 64);
     }
   }
 }
@@ -272,7 +277,7 @@ inline void draw_keep(const KeepRule& rule, uint64_t first, int64_t n, float* ke
 
 // draw_keep behind the symattn::dropout_keep_cpu test op (attention_cpu.cpp picks the build).
 void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep) {
-  draw_keep(KeepRule(seed, dropout_threshold(dropout_p), static_cast<float>(1.0 / (1.0 - dropout_p))), first, n, keep);
+  draw_keep(KeepRule(seed, dropout_p), first, n, keep);
 }
 
 }  // namespace CPU_CAPABILITY

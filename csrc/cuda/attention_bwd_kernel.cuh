@@ -1,7 +1,7 @@
 // Backward of symmetric attention (math: attention_fwd_kernel.cuh), sm_80+, WMMA, fp32
-// accumulation. With Q = Y M, P recomputed from the saved lse, keep-scaled Pd = P * keep / (1 - p):
+// accumulation. With Q = Y M, P recomputed from the saved lse, keep-scaled Pd = P * keep * keep_scale:
 //
-//   dP = (dO V^T) * keep / (1 - p),  G = P * (dP - delta),  delta = rowsum(dO * O) - dlse
+//   dP = (dO V^T) * keep * keep_scale,  G = P * (dP - delta),  delta = rowsum(dO * O) - dlse
 //   dY = scale * (G Y M^T + G^T Y M)  (+ Pd^T dO when V = Y),   dV = Pd^T dO
 //   dM = scale * Y^T G Y  (diagonal only for a diagonal M)
 //
@@ -67,9 +67,9 @@ __device__ __forceinline__ void grad_tile(const CudaBackwardParams& p, int cls, 
                                           const float* row_real, const float* key_real) {
   constexpr int PS = pitch_f(B), PG = pitch_h<T>(B);
   const float score_scale = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.0f;
-  const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const float keep_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const bool dropout = p.keep_threshold != 0;
+  const uint32_t threshold = p.keep_threshold;
+  const float keep_scale = p.keep_scale;
   for (int idx = threadIdx.x; idx < B * B; idx += blockDim.x) {
     const int r = idx / B, c = idx % B, i = r0 + r, j = c0 + c;
     float prob = 0.0f, g = 0.0f, pd = 0.0f;

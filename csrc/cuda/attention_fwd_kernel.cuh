@@ -65,9 +65,9 @@ __global__ void __launch_bounds__(FwdConfig<HD>::kWarps * 32, 1)
   const KeyInfo keys = key_info(p.key_padding_mask, b, p.seqlen, seq.len, sScratch);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const float score_scale = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.0f;
-  const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const float keep_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const bool dropout = p.keep_threshold != 0;
+  const uint32_t threshold = p.keep_threshold;
+  const float keep_scale = p.keep_scale;
   const int dv = SHARED ? p.head_dim : p.value_dim;
 
   const T* q = static_cast<const T*>(p.q);

@@ -36,7 +36,8 @@ struct CudaForwardParams {
   float scale = 1.0f;
   bool causal = false;
   bool exclude_self = false;
-  float dropout_p = 0.0f;
+  uint32_t keep_threshold = 0;  // dropout_threshold(dropout_p): 0 = no dropout
+  float keep_scale = 1.0f;      // dropout_scale(keep_threshold)
   uint64_t seed = 0;
 
   void* out = nullptr;  // forward: written; backward: the saved output

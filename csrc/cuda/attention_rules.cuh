@@ -11,7 +11,7 @@
 #include <cmath>
 #endif
 
-#include "../common/philox.h"  // dropout_word, dropout_threshold and the SYMATTN_HD macro
+#include "../common/philox.h"  // dropout_random16, dropout_threshold and the SYMATTN_HD macro
 
 namespace symattn {
 
@@ -112,7 +112,7 @@ SYMATTN_HD int classify_tile(int m0, int bm, int n0, int bn, bool causal, bool e
 SYMATTN_HD bool dropout_keep(uint64_t seed, uint32_t threshold, int h, int64_t n_rows, int64_t row,
                              int64_t key_stride, int key) {
   const uint64_t element = static_cast<uint64_t>((h * n_rows + row) * key_stride + key);
-  return (dropout_word(seed, element) >> 1) >= threshold;
+  return dropout_random16(seed, element) >= threshold;
 }
 
 // ---- online softmax (base 2) ---------------------------------------------------------------

@@ -86,7 +86,8 @@ std::vector<at::Tensor> fill(CudaForwardParams& p, const at::Tensor& q, const st
   p.scale = static_cast<float>(scale);
   p.causal = causal;
   p.exclude_self = exclude_self;
-  p.dropout_p = static_cast<float>(dropout_p);
+  p.keep_threshold = dropout_threshold(dropout_p);
+  p.keep_scale = p.keep_threshold != 0 ? static_cast<float>(dropout_scale(p.keep_threshold)) : 1.0f;
   p.seed = static_cast<uint64_t>(seed.value_or(0));
   return keep;
 }

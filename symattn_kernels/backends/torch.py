@@ -5,7 +5,7 @@ autograd: the backward recomputes the probabilities and applies the closed-form 
 docs/design.md ("Gradients"), the same data flow the fused kernels follow:
 
     P  = softmax(S)                      recomputed, 0 where masked
-    dP = (dO V^T) * keep / (1 - p)
+    dP = (dO V^T) * keep * r             r = reference.dropout_scale(p) = 1 / (keep probability)
     G  = P * (dP - delta),               delta = rowsum(P * dP) - dlse  (= rowsum(dO * O) - dlse)
     dY = scale * (G Y M^T + G^T Y M)     (+ Pd^T dO when V = Y)
     dM = scale * Y^T G Y  (summed over batch; its diagonal for a diagonal M)
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import attention_mask, dropout_keep_mask
+from ..reference import attention_mask, dropout_keep_mask, dropout_scale
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,7 +94,7 @@ class _Problem:
                 row_ids = torch.arange(batch * seqlen, device=q.device).view(batch, seqlen)
                 n_rows, key_stride = batch * seqlen, seqlen
             keep = dropout_keep_mask(seed, dropout_p, row_ids, n_rows, num_heads, key_stride, seqlen)
-            self.keep_scale = keep.to(cd) / (1.0 - dropout_p)
+            self.keep_scale = keep.to(cd) * dropout_scale(dropout_p)
 
     def scores(self) -> Tensor:
         scores = self.scale * (self.query @ self.y.transpose(-1, -2))

@@ -1,8 +1,9 @@
 """Fused backward of shared-projection attention.
 
-With S = scale * (Y M) Y^T, P = softmax_rows(S), keep the dropout mask and Pd = P * keep / (1-p):
+With S = scale * (Y M) Y^T, P = softmax_rows(S), keep the dropout mask, r = reference.dropout_scale(p) and
+Pd = P * keep * r:
 
-    dP    = (dO V^T) * keep / (1 - p)
+    dP    = (dO V^T) * keep * r
     Delta = rowsum(dO * O) - dlse       (_symattn_bwd_preprocess; ROUNDED_DELTA_MAX_HEAD_DIM)
     G     = P * (dP - Delta)                                          dL/dS
     dY    = scale * (G Y M^T + G^T Y M)   (+ Pd^T dO in shared mode)

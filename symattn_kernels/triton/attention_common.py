@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import dropout_scale, dropout_threshold
+
 # exp(x) == exp2(x * LOG2E): the kernels use exp2 (a native instruction) and fold LOG2E into the
 # score scale once.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -188,16 +190,12 @@ def unit_last_stride(t):
 
 
 def check_dropout(dropout_p: float, seed) -> None:
-    """The launchers' own guard: 1 / (1 - p) must exist and dropout needs a seed."""
+    """The launchers' own guard: dropout_p in [0, 1) (``reference.dropout_threshold``) and
+    dropout needs a seed."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0 and seed is None:
         raise ValueError("dropout_p > 0 needs an integer seed, got None")
-
-
-def dropout_threshold(dropout_p: float) -> int:
-    """Keep iff (word >> 1) >= threshold; same as ``reference.dropout_threshold``."""
-    return min(int(dropout_p * 2**31), 2**31 - 1)
 
 
 class Dropout(NamedTuple):
@@ -206,8 +204,8 @@ class Dropout(NamedTuple):
 
     seed: int  # Philox seed
     key_stride: int  # counter step from one query row to the next (the padded sequence length)
-    threshold: int  # keep iff (word >> 1) >= threshold, ``dropout_threshold``
-    inv_keep: float  # 1 / (1 - p)
+    threshold: int  # keep iff the 16-bit value >= threshold, ``reference.dropout_threshold``
+    inv_keep: float  # the kept elements' multiplier, ``reference.dropout_scale``
 
 
 def prepare_call(q, v, coef, cu_seqlens, max_seqlen, dropout_p: float, seed):
@@ -240,7 +238,7 @@ def dropout_args(dropout_p: float, seed, key_stride: int) -> Dropout:
     (HAS_DROPOUT keeps them unread)."""
     if dropout_p <= 0.0:
         return Dropout(0, key_stride, 0, 1.0)
-    return Dropout(int(seed), key_stride, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
+    return Dropout(int(seed), key_stride, dropout_threshold(dropout_p), dropout_scale(dropout_p))
 
 
 class ProgramSequence(NamedTuple):
@@ -341,12 +339,13 @@ def _has_other_key(offs, seqlen, kpm_stat, real, IS_CAUSAL: tl.constexpr, HAS_KP
 @triton.jit
 def _dropout_keep(dropout, row_ctr, offs_key):
     """Keep-mask of reference.dropout_keep_mask: element offset e = row_ctr * key_stride + key,
-    with row_ctr = head * n_rows + global row id (int64); its word is output e % 4 of
-    Philox-4x32-10 (tl.randint4x) at counter e // 4; keep iff (word >> 1) >= threshold. The
-    last round computes only the element's word (one product, not two): fewer live registers
-    than the four words of tl.randint4x."""
+    with row_ctr = head * n_rows + global row id (int64); its 16-bit value is half e % 2 of
+    output word (e // 2) % 4 of Philox-4x32-10 (tl.randint4x) at counter e // 8; keep iff
+    value >= threshold. The last round computes only the element's word (one product, not two):
+    fewer live registers than the four words of tl.randint4x."""
     elem = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
-    ctr = elem >> 2
+    ctr = elem >> 3
+    slot = (elem & 7).to(tl.int32)  # value 2 * word + half of the counter (one live int32, not elem)
     seed = tl.to_tensor(dropout.seed).to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -357,14 +356,15 @@ def _dropout_keep(dropout, row_ctr, offs_key):
     last_k1 = k1 + (((PHILOX_ROUNDS - 1) * PHILOX_KEY_B) & 0xFFFFFFFF)
     # Last round: words 0, 1 are the high / low halves of ROUND_B * c2 (word 0 also ^ c1 ^ k0),
     # words 2, 3 those of ROUND_A * c0 (word 2 also ^ c3 ^ k1).
-    word = (elem & 3).to(tl.int32)
-    first_pair = word < 2
+    first_pair = slot < 4
+    high_word = (slot & 2) == 0  # words 0 and 2 are a product's high half
     x = tl.where(first_pair, c2, c0)
     rest = tl.where(first_pair, c1 ^ last_k0, c3 ^ last_k1)
-    if_b = tl.where((word & 1) == 0, tl.math.umulhi(x, PHILOX_ROUND_B) ^ rest, x * PHILOX_ROUND_B)
-    if_a = tl.where((word & 1) == 0, tl.math.umulhi(x, PHILOX_ROUND_A) ^ rest, x * PHILOX_ROUND_A)
+    if_b = tl.where(high_word, tl.math.umulhi(x, PHILOX_ROUND_B) ^ rest, x * PHILOX_ROUND_B)
+    if_a = tl.where(high_word, tl.math.umulhi(x, PHILOX_ROUND_A) ^ rest, x * PHILOX_ROUND_A)
     rnd = tl.where(first_pair, if_b, if_a)
-    return (rnd >> 1).to(tl.int32) >= dropout.threshold
+    half = (rnd >> ((slot & 1) * 16).to(tl.uint32)) & 0xFFFF
+    return half.to(tl.int32) >= dropout.threshold
 
 
 @triton.jit

@@ -3,7 +3,9 @@
 Per batch b and head h, with Y = q[b, :, h] ([S, D]) and M = I | diag(coef[h]) | coef[h]:
 
     S   = scale * (Y M) Y^T + mask        P = softmax_rows(S)        lse = logsumexp_rows(S)
-    out = (P * keep / (1 - p)) V          V = v[b, :, h], or Y itself (shared mode)
+    out = (P * keep * r) V                V = v[b, :, h], or Y itself (shared mode)
+
+with keep the dropout mask and r = reference.dropout_scale(p) = 1 / its keep probability.
 
 One program per (query block, batch * head, value-column group). The coefficient enters the
 query tile once (Y_I M: a diagonal M scales the loaded tile, a full one arrives as QM = Y M from
