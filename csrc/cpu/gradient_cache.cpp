@@ -24,7 +24,7 @@ struct Block {
 class GradientCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kGradientCacheMinBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
+    if (nbytes < kGradientCacheMinBytes) return c10::GetCPUAllocator()->allocate(nbytes);
     Block* block = take(nbytes);
     if (block == nullptr) block = new Block{c10::alloc_cpu(nbytes), nbytes};
     c10::profiledCPUMemoryReporter().New(block->data, nbytes);
