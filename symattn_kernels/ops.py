@@ -242,8 +242,10 @@ def _lowrank_backward(ctx, dpooled, dattn):
         return tuple(g if need else None for g, need in zip(grads, needs[:5])) + (None,) * 5
     if dpooled is None:
         dpooled = h.new_zeros((h.shape[0], p.shape[1], h.shape[2]))
+    # A backend may hand out its own gradient buffers (the cpu one reuses freed ones' blocks).
+    empty_gradient = getattr(backends.load(ctx.options[-1]), "empty_gradient", torch.empty_like)
     buffers = [
-        torch.empty_like(t) if t is not None and need else None
+        empty_gradient(t) if t is not None and need else None
         for t, need in zip((h, context, p, q, u), needs[:5])
     ]
     lowrank_bwd(unit_last_stride(dpooled), dattn, h, context, p, q, u, key_padding_mask, *buffers, pooled, attn,

@@ -12,8 +12,9 @@ padded token is read as zero inside the kernels, so the inputs reach them uncopi
 
 LAMA (``lowrank_forward`` / ``lowrank_backward``) runs the fused kernels of ``csrc/cpu/lama_kernel.h``
 (ops ``symattn::lowrank_fwd_cpu`` / ``lowrank_bwd_cpu``): one pass over each sequence's tokens
-in either direction, float64 included, the same instruction sets. Where ``_C`` is not built,
-``backends.load`` returns ``cpu_lowrank`` (lean plain PyTorch) instead.
+in either direction, float64 included, the same instruction sets; the backward's gradient
+buffers of 1 MiB or more reuse the blocks of freed ones (``empty_gradient``). Where ``_C`` is not
+built, ``backends.load`` returns ``cpu_lowrank`` (lean plain PyTorch) instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 
 from .. import extensions
 
-__all__ = ["attention_forward", "attention_backward", "kernel_isa", "lowrank_forward", "lowrank_backward"]
+__all__ = ["attention_forward", "attention_backward", "empty_gradient", "gradient_cache_bytes", "kernel_isa",
+           "lowrank_forward", "lowrank_backward", "release_gradient_cache"]
 
 ISA_CHOICES = ("default", "avx2", "avx512", "avx512_bf16", "avx512_amx")
 
@@ -68,6 +70,11 @@ def _lowrank_fwd_cpu_fake(h, context, p, q, u, key_padding_mask, head_norm, toke
 @torch.library.register_fake("symattn::lowrank_bwd_cpu")
 def _lowrank_bwd_cpu_fake(*args) -> None:
     return None
+
+
+@torch.library.register_fake("symattn::gradient_buffer_cpu")
+def _gradient_buffer_cpu_fake(like):
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("symattn::philox4x_cpu")
@@ -115,6 +122,28 @@ def attention_backward(
         dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
         scale, causal, dropout_p, exclude_self, max_seqlen,
     )
+
+
+def empty_gradient(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer for ``like``'s gradient, as ``torch.empty_like``. Contiguous buffers
+    of 1 MiB or more come from blocks that earlier gradients of about the same size gave back when
+    they were freed (``csrc/cpu/gradient_cache.h``): their pages are mapped already, where a fresh
+    block of a few MiB, which the C library often hands out after returning the last one to the
+    system, costs a page fault on the first write to each 4 KiB (about 1.7 ms per 8 MiB). The
+    cache keeps at most 64 MiB; ``release_gradient_cache`` frees it."""
+    if not like.is_contiguous():
+        return torch.empty_like(like)
+    return torch.ops.symattn.gradient_buffer_cpu(like)
+
+
+def gradient_cache_bytes() -> int:
+    """Bytes of freed gradient buffers that ``empty_gradient`` keeps for reuse now."""
+    return torch.ops.symattn.cpu_gradient_cache(False)
+
+
+def release_gradient_cache() -> None:
+    """Frees the blocks that ``empty_gradient`` keeps for reuse (buffers still in use stay)."""
+    torch.ops.symattn.cpu_gradient_cache(True)
 
 
 def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
