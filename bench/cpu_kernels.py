@@ -305,7 +305,7 @@ def _ratio_at_ceiling(flops: dict, peer: dict, peak: float) -> str:
 def _percent_of_ceiling(dtype: str, gflops: float, ceiling: float) -> str:
     """GF/s as a percentage of the fp32 sgemm ceiling, for fp32 rows only: bf16 products run on
     other units (AVX512-BF16 pairs, AMX tiles) whose ceiling this probe does not measure."""
-    return f"{100 * gflops / ceiling:6.1f}" if dtype == "float32" else f"{'-':>6}"
+    return f"{100 * gflops / ceiling:6.1f}" if dtype in ("float32", "fp32") else f"{'-':>6}"
 
 
 def _gflops_legend(report: dict) -> str:
@@ -376,7 +376,7 @@ def format_lama(report: dict) -> str:
         lines.append(f"{r['B']:>3} {r['T']:>5} {r['m']:>2} {r['E']:>4} {r['dtype']:<5} {r['mode']:<7} "
                      f"{r['ours_ms']:8.3f} {r['eager_ms']:9.3f} {r['composite_ms']:10.3f} {r['speedup']:7.2f} "
                      f"{r['ours_mib']:9.1f} {r['eager_mib']:10.1f} {r['composite_mib']:11.1f} "
-                     f"{rate:9.1f} {_percent_of_ceiling({'fp32': 'float32'}.get(r['dtype'], r['dtype']), rate, peak)}")
+                     f"{rate:9.1f} {_percent_of_ceiling(r['dtype'], rate, peak)}")
     rounds = report["lama_rows"][0]["rounds"] if report["lama_rows"] else 0
     lines += ["", f"ms: median over {rounds} interleaved rounds; x peer = median per-round ratio of the faster of "
               "eager and composite to ours; MiB: peak of one call; GF/s = the matmul work 4 B T E m forward (x3 "
