@@ -530,10 +530,7 @@ Vec apply_keep(const Vec& x, const KeepBits& keep, int64_t j) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_maskz_mul_ps(static_cast<__mmask16>(lanes), x, _mm512_set1_ps(keep.scale));
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256i lane_bits = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
-  const __m256i kept = _mm256_cmpeq_epi32(
-      _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes & 0xFF)), lane_bits), lane_bits);
-  return _mm256_and_ps(_mm256_castsi256_ps(kept), _mm256_mul_ps(x, _mm256_set1_ps(keep.scale)));
+  return _mm256_and_ps(keep_lanes(lanes), _mm256_mul_ps(x, _mm256_set1_ps(keep.scale)));
 #else
   alignas(64) float multiplier[kVec];
   for (int64_t i = 0; i < kVec; ++i) multiplier[i] = (lanes >> i) & 1 ? keep.scale : 0.f;
@@ -1560,9 +1557,7 @@ class ForwardHead : public Head<scalar_t> {
           scale_inplace(o, Dv_, shrink);
         }
         m = m_new;
-        KeepBits bits{};
-        if (keep != nullptr) bits = this->keep_bits(keep, i, j0, n);
-        l += exp_sum_store(s, n, m, keep != nullptr ? &bits : nullptr, prow);
+        l += exp_row(s, i, j0, n, m, keep, prow);
         zero_elems(prow, n, cols);
         return;
       }
@@ -1581,12 +1576,18 @@ class ForwardHead : public Head<scalar_t> {
       *this->lse_ptr(i) = kNegInf;
       return 0.f;
     }
-    KeepBits bits{};
-    if (keep != nullptr) bits = this->keep_bits(keep, i, 0, n);
-    const float sum = exp_sum_store(s, n, m, keep != nullptr ? &bits : nullptr, prow);
+    const float sum = exp_row(s, i, 0, n, m, keep, prow);
     *this->lse_ptr(i) = m + std::log(sum);
     zero_elems(prow, n, kend);
     return 1.f / sum;
+  }
+
+  // exp(s - m) of row i's keys [j0, j0 + n) into prow, times their dropout multipliers (drawn as
+  // bits into keep) where keep is set; returns the sum of the exponentials before dropout.
+  float exp_row(const float* s, int64_t i, int64_t j0, int64_t n, float m, uint64_t* keep, Word* prow) const {
+    if (keep == nullptr) return exp_sum_store(s, n, m, nullptr, prow);
+    const KeepBits bits = this->keep_bits(keep, i, j0, n);
+    return exp_sum_store(s, n, m, &bits, prow);
   }
 };
 

@@ -237,6 +237,16 @@ inline void draw_keep_bits(const KeepRule& rule, uint64_t first, int64_t n, uint
 }
 #endif
 
+#if defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL == 1
+// All ones in 32-bit lane k where bit k of the low byte of bits is set: AVX2 has no mask
+// registers to select lanes with.
+inline __m256 keep_lanes(uint64_t bits) {
+  const __m256i lane_bits = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+  const __m256i byte = _mm256_set1_epi32(static_cast<int>(bits & 0xFF));
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bits), lane_bits));
+}
+#endif
+
 // keep[j] = scale where bit j of bits is set, else 0, for j in [0, n).
 inline void expand_keep(const uint64_t* bits, int64_t n, float scale, float* keep) {
   int64_t j = 0;
@@ -248,13 +258,8 @@ inline void expand_keep(const uint64_t* bits, int64_t n, float scale, float* kee
     _mm512_mask_storeu_ps(keep + j, lanes, _mm512_maskz_mov_ps(kept, vscale));
   }
 #elif defined(SYMATTN_ISA_LEVEL) && SYMATTN_ISA_LEVEL == 1
-  const __m256i lane_bits = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
   const __m256 vscale = _mm256_set1_ps(scale);
-  for (; j + 8 <= n; j += 8) {
-    const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits[j / 64] >> (j % 64)) & 0xFF));
-    const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bits), lane_bits);
-    _mm256_storeu_ps(keep + j, _mm256_and_ps(_mm256_castsi256_ps(kept), vscale));
-  }
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(keep + j, _mm256_and_ps(keep_lanes(bits[j / 64] >> (j % 64)), vscale));
 #endif
   for (; j < n; ++j) keep[j] = (bits[j / 64] >> (j % 64)) & 1 ? scale : 0.f;
 }
