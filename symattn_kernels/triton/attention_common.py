@@ -379,6 +379,7 @@ def _dropout_keep_grouped(dropout, row_ctr, key0, BLOCK_KEYS: tl.constexpr):
     row_ctr * key_stride / 8 + key0 / 8 + g, in the order (word 0 low, word 0 high, word 1 low,
     ...). One Philox per 8 keys on a [rows, BLOCK_KEYS / 8] grid; two interleaves put the words
     in key-pair order, a third the halves."""
+    tl.static_assert(BLOCK_KEYS % 8 == 0)
     groups = (key0 >> 3) + tl.arange(0, BLOCK_KEYS // 8)
     ctr = row_ctr[:, None] * (dropout.key_stride >> 3) + groups[None, :].to(tl.int64)  # [rows, BLOCK_KEYS / 8]
     k0, k1 = _philox_key(dropout)
