@@ -181,7 +181,7 @@ def _lama_kernel(job: Job):
 
 
 def compile_job(job: Job) -> Job:
-    from symattn_kernels.triton.attention_bwd import _symattn_bwd_kernel, _symattn_bwd_sym_kernel
+    from symattn_kernels.triton.attention_bwd import _symattn_bwd_kernel, _symattn_bwd_sym_kernel, bwd_groups_dropout
     from symattn_kernels.triton.attention_fwd import _symattn_fwd_kernel, fwd_reuse_diag
     from symattn_kernels.triton.features import warp_specialize_for
 
@@ -200,6 +200,7 @@ def compile_job(job: Job) -> Job:
     if job.kernel in _BWD_ROLES:
         constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] == 1  # a full dM is reduced on the host
         constexprs["ROLES"] = _BWD_ROLES[job.kernel]
+        constexprs["DROPOUT_GROUPED"] &= bwd_groups_dropout(job.head_dim, job.head_dim_v, job.arch)
     elif job.kernel == "bwd-sym":  # non-causal only
         constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] != 0
         del constexprs["IS_CAUSAL"]

@@ -97,3 +97,13 @@ def test_dropout_draws_one_philox_per_8_keys_only_on_a_key_stride_of_8(recorded,
     attention_fwd.attention_forward(q, None, None, None, cu if varlen else None, None, 0.125, True, 0.0, False,
                                     max(lengths) if varlen else None, True)
     assert plain.launches[1]["DROPOUT_GROUPED"] is False  # no dropout: one variant
+
+
+def test_sm80_wide_backward_draws_dropout_per_element_before_triton_3_9(monkeypatch):
+    from symattn_kernels.triton import attention_bwd
+
+    monkeypatch.setattr(attention_bwd, "TRITON_VERSION", (3, 6))
+    assert not attention_bwd.bwd_groups_dropout(256, 256, 80)  # the grouped draw spilled 8 bytes there
+    assert attention_bwd.bwd_groups_dropout(128, 128, 80) and attention_bwd.bwd_groups_dropout(256, 256, 90)
+    monkeypatch.setattr(attention_bwd, "TRITON_VERSION", (3, 9))
+    assert attention_bwd.bwd_groups_dropout(256, 256, 80)

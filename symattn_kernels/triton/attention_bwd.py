@@ -711,6 +711,20 @@ def sym_bwd_config(head_dim_pad: int, head_dim_v_pad: int, arch: int, dropout: b
     return (32, 16, 8, 1)
 
 
+# Triton releases before this one spill the sm_80 query launch at head dim 256 with every option
+# (varlen, full coefficient, separate values, padding, exclude_self) when it draws one Philox call
+# per 8 keys (8 bytes of stack under Triton 3.6; per element it stays clean).
+BWD_SM80_WIDE_GROUPED_DROPOUT_MIN_TRITON = (3, 9)
+
+
+def bwd_groups_dropout(head_dim_pad: int, head_dim_v_pad: int, arch: int) -> bool:
+    """Whether the default backward's launches may draw one Philox call per 8 keys
+    (DROPOUT_GROUPED, where ``dropout_grouped`` allows it): not on sm_80 at head dim 256 under
+    Triton older than ``BWD_SM80_WIDE_GROUPED_DROPOUT_MIN_TRITON``."""
+    return arch >= 90 or max(head_dim_pad, head_dim_v_pad) < 256 or \
+        TRITON_VERSION >= BWD_SM80_WIDE_GROUPED_DROPOUT_MIN_TRITON
+
+
 def use_symmetric_bwd(coef, causal: bool, deterministic: bool, head_dim_pad: int = 16,
                       head_dim_v_pad: int = 16, arch: int = 90, dropout: bool = False) -> bool:
     """The symmetric backward (opt-in with deterministic=False) needs S symmetric (M = I or
@@ -800,13 +814,12 @@ def attention_backward(
 
     interpret = is_interpret()
     hd_pad, hdv_pad = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
-    symmetric = use_symmetric_bwd(coef, causal, deterministic, hd_pad, hdv_pad,
-                                  90 if interpret else device_arch(q.device), dropout_p > 0.0)
+    arch = 90 if interpret else device_arch(q.device)
+    symmetric = use_symmetric_bwd(coef, causal, deterministic, hd_pad, hdv_pad, arch, dropout_p > 0.0)
     if interpret:
         fuse_roles = bwd_fuse_roles(hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0)
         blocks, launch, splits = dict(INTERPRET_BWD_CONFIG), {}, (INTERPRET_BWD_SPLIT_D,) * (1 if fuse_roles else 2)
     elif not symmetric:  # a variant without a config raises ValueError here, before any work
-        arch = device_arch(q.device)
         reason = backward_unsupported(head_dim, head_dim_v, arch)
         if reason:
             raise ValueError(reason)
@@ -861,7 +874,8 @@ def attention_backward(
     constexprs = dict(
         HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad, SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef,
         IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None, IS_VARLEN=is_varlen,
-        HAS_DROPOUT=has_dropout, DROPOUT_GROUPED=has_dropout and dropout_grouped(layout),
+        HAS_DROPOUT=has_dropout,
+        DROPOUT_GROUPED=has_dropout and dropout_grouped(layout) and bwd_groups_dropout(hd_pad, hdv_pad, arch),
         EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype), **blocks,
     )
     for roles, split_d in zip((BWD_ALL_ROLES,) if fuse_roles else (BWD_QUERY_ROLE, BWD_KEY_ROLES), splits):
