@@ -36,16 +36,17 @@ ARCHS = (80, 90)
 # capabilities table): 163 KiB on sm_80, 227 KiB on sm_90.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # Variants compiled for every shipped config: the shared-weight inference path, shared-weight
-# training (diagonal coefficient, dropout, padding), and every flag at once (pairwise attention
-# with a full coefficient and separate values, varlen, dropout, exclude_self).
+# training (diagonal coefficient, dropout, padding; a key stride of 8, so one Philox call per 8
+# keys), and every flag at once (pairwise attention with a full coefficient and separate values,
+# varlen, dropout with any key stride, hence one Philox call per element, exclude_self).
 HEAD_DIMS = ((32, 32), (64, 64), (128, 128), (256, 256), (64, 128))
 _BASE = dict(SHARED_V=True, COEF_MODE=0, IS_CAUSAL=True, HAS_KPM=False, IS_VARLEN=False, HAS_DROPOUT=False,
-             EXCLUDE_SELF=False)
+             DROPOUT_GROUPED=False, EXCLUDE_SELF=False)
 FLAG_SETS = {
     "shared": _BASE,
-    "shared-train": dict(_BASE, COEF_MODE=1, IS_CAUSAL=False, HAS_KPM=True, HAS_DROPOUT=True),
+    "shared-train": dict(_BASE, COEF_MODE=1, IS_CAUSAL=False, HAS_KPM=True, HAS_DROPOUT=True, DROPOUT_GROUPED=True),
     "all-flags": dict(SHARED_V=False, COEF_MODE=2, IS_CAUSAL=True, HAS_KPM=True, IS_VARLEN=True, HAS_DROPOUT=True,
-                      EXCLUDE_SELF=True),
+                      DROPOUT_GROUPED=False, EXCLUDE_SELF=True),
 }
 # ROLES of each attention backward launch (symattn_kernels.triton.attention_bwd.BWD_*).
 _BWD_ROLES = {"bwd": 0, "bwd-q": 1, "bwd-k": 2}
@@ -180,7 +181,7 @@ def _lama_kernel(job: Job):
 
 
 def compile_job(job: Job) -> Job:
-    from symattn_kernels.triton.attention_bwd import _symattn_bwd_kernel, _symattn_bwd_sym_kernel
+    from symattn_kernels.triton.attention_bwd import _symattn_bwd_kernel, _symattn_bwd_sym_kernel, bwd_groups_dropout
     from symattn_kernels.triton.attention_fwd import _symattn_fwd_kernel, fwd_reuse_diag
     from symattn_kernels.triton.features import warp_specialize_for
 
@@ -199,6 +200,7 @@ def compile_job(job: Job) -> Job:
     if job.kernel in _BWD_ROLES:
         constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] == 1  # a full dM is reduced on the host
         constexprs["ROLES"] = _BWD_ROLES[job.kernel]
+        constexprs["DROPOUT_GROUPED"] &= bwd_groups_dropout(job.head_dim, job.head_dim_v, job.arch)
     elif job.kernel == "bwd-sym":  # non-causal only
         constexprs["NEED_DCOEF"] = constexprs["COEF_MODE"] != 0
         del constexprs["IS_CAUSAL"]

@@ -37,14 +37,19 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from symattn_kernels.triton.attention_fwd import attention_forward
 
     @triton.jit
-    def _keep_grid_kernel(Out, seed, row_ctr0, key_stride, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The kernels' keep decisions of rows row_ctr0 + [0, BLOCK_R) x keys [0, BLOCK_K)."""
+    def _keep_grid_kernel(Out, seed, row_ctr0, key0, key_stride, threshold, BLOCK_R: tl.constexpr,
+                          BLOCK_K: tl.constexpr, KEYS_FIRST: tl.constexpr, GROUPED: tl.constexpr):
+        """The kernels' keep decisions of rows row_ctr0 + [0, BLOCK_R) x keys key0 + [0, BLOCK_K),
+        stored [rows, keys] whichever orientation _dropout_keep returns."""
         dropout = Dropout(seed, key_stride, threshold, 1.0)
         offs_r = tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
         row_ctr = row_ctr0.to(tl.int64) + offs_r.to(tl.int64)
-        keep = _dropout_keep(dropout, row_ctr[:, None], offs_k[None, :])
-        tl.store(Out + offs_r[:, None] * BLOCK_K + offs_k[None, :], keep.to(tl.int8))
+        keep = _dropout_keep(dropout, row_ctr, key0, BLOCK_K, KEYS_FIRST, GROUPED).to(tl.int8)
+        if KEYS_FIRST:
+            tl.store(Out + offs_r[None, :] * BLOCK_K + offs_k[:, None], keep)
+        else:
+            tl.store(Out + offs_r[:, None] * BLOCK_K + offs_k[None, :], keep)
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3}
 
@@ -98,6 +103,9 @@ CASES = [
     Case(64, 64, 16, "full", exclude_self=True, dropout_p=0.3, dtype=F16, varlen=(33, 64, 2)),
     Case(37, 16, None, "diag", causal=True, exclude_self=True, varlen=(37, 5, 1, 20), heads=3),
     Case(50, 128, 64, "none", dropout_p=0.2, varlen=(50, 13)),
+    # Key strides of 8 (one Philox call per 8 keys): odd lengths in a total of 48, a partial last key tile.
+    Case(27, 40, None, "diag", causal=True, dropout_p=0.3, varlen=(13, 27, 8)),
+    Case(40, 16, 24, "none", dropout_p=0.25, dtype=F16),
     Case(33, 200, 256, "full", causal=True, exclude_self=True, batch=1, heads=1),
     Case(20, 256, None, "diag", dtype=F16, batch=1, heads=1),
 ]
@@ -253,19 +261,26 @@ def test_dropout_same_seed_same_result_other_seed_differs():
     assert torch.equal(first[1], other[1])  # lse does not see dropout
 
 
-@pytest.mark.parametrize("key_stride,first_row", [(37, 0), (32, 5), (37, (2**35 - 200) // 37), (130, 2**50 // 130)],
-                         ids=["odd", "multiple-of-4", "odd-across-2^35", "large"])
-def test_dropout_keep_bit_equal_to_reference(key_stride, first_row):
+@pytest.mark.parametrize("keys_first", [False, True], ids=["rows-first", "keys-first"])
+@pytest.mark.parametrize("key_stride,first_row,key0,grouped", [
+    (37, 0, 0, False), (32, 5, 0, False), (37, (2**35 - 200) // 37, 16, False), (130, 2**50 // 130, 32, False),
+    (32, 5, 0, True), (40, 3, 16, True), (40, (2**35 - 200) // 40, 32, True), (136, 2**50 // 136, 48, True),
+], ids=["odd", "multiple-of-4", "odd-across-2^35", "large", "grouped", "grouped-tile-2", "grouped-across-2^35",
+        "grouped-large"])
+def test_dropout_keep_bit_equal_to_reference(key_stride, first_row, key0, grouped, keys_first):
     """Half e % 2 of tl.randint4x's word (e // 2) % 4 at counter e // 8, as
-    reference.dropout_keep_mask draws it: rows of an odd key stride start inside a counter, and
-    offsets cross 2^35 (the counter's high word)."""
+    reference.dropout_keep_mask draws it, per element (rows of an odd key stride start inside a
+    counter) and grouped (one Philox per 8 keys: a swapped word or half changes the mask); offsets
+    cross 2^35 (the counter's high word); key tiles start past 0; both orientations (the
+    backward's key-side tiles are [keys, queries])."""
     rows, keys, p = 16, 32, 0.4
     for seed in (3, 2**40 + 12345):
         out = torch.empty(rows, keys, dtype=torch.int8)
-        _keep_grid_kernel[(1,)](out, seed, first_row, key_stride, reference.dropout_threshold(p), BLOCK_R=rows, BLOCK_K=keys)
+        _keep_grid_kernel[(1,)](out, seed, first_row, key0, key_stride, reference.dropout_threshold(p), BLOCK_R=rows,
+                                BLOCK_K=keys, KEYS_FIRST=keys_first, GROUPED=grouped)
         row_ids = first_row + torch.arange(rows)[None]
-        want = reference.dropout_keep_mask(seed, p, row_ids, 1, 1, key_stride, keys)[0, 0]
-        assert torch.equal(out.bool(), want), f"seed {seed}"
+        want = reference.dropout_keep_mask(seed, p, row_ids, 1, 1, key_stride, key0 + keys)[0, 0, :, key0:]
+        assert torch.equal(out.bool(), want), f"seed {seed}: {int((out.bool() != want).sum())} of {want.numel()} differ"
         assert 0 < int(want.sum()) < rows * keys
 
 

@@ -76,3 +76,34 @@ def test_sm90_key_launch_splits_its_columns_earlier_before_triton_3_9(monkeypatc
     assert attention_bwd.bwd_plan(64, 128, False, 0, True, 90)[2] == (1, 1)
     assert attention_bwd.bwd_plan(64, 128, False, 2, True, 90)[2] == (1, 2)  # a full M also loads Y_I M
     assert attention_bwd.bwd_plan(128, 128, False, 2, True, 90)[2] == (1, 2)
+
+
+@pytest.mark.parametrize("lengths,varlen,grouped", [
+    ((64,), False, True), ((63,), False, False), ((13, 27, 8), True, True), ((13, 27, 9), True, False),
+], ids=["S64", "S63", "varlen-total-48", "varlen-total-49"])
+def test_dropout_draws_one_philox_per_8_keys_only_on_a_key_stride_of_8(recorded, monkeypatch, lengths, varlen, grouped):
+    """The key stride (S, or the total token count in varlen) decides: a multiple of 8 starts every
+    row on a Philox counter; otherwise rows start inside one and the kernels draw per element."""
+    monkeypatch.setenv("SYMATTN_TRITON_AUTOTUNE", "0")
+    plain, _ = recorded
+    if varlen:
+        q = torch.randn(sum(lengths), 2, 32)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        attention_fwd.attention_forward(q, None, None, None, cu, 5, 0.125, True, 0.2, False, max(lengths), True)
+    else:
+        q = torch.randn(2, lengths[0], 2, 32)
+        attention_fwd.attention_forward(q, None, None, None, None, 5, 0.125, True, 0.2, False, None, True)
+    assert plain.launches[0]["DROPOUT_GROUPED"] is grouped
+    attention_fwd.attention_forward(q, None, None, None, cu if varlen else None, None, 0.125, True, 0.0, False,
+                                    max(lengths) if varlen else None, True)
+    assert plain.launches[1]["DROPOUT_GROUPED"] is False  # no dropout: one variant
+
+
+def test_sm80_wide_backward_draws_dropout_per_element_before_triton_3_9(monkeypatch):
+    from symattn_kernels.triton import attention_bwd
+
+    monkeypatch.setattr(attention_bwd, "TRITON_VERSION", (3, 6))
+    assert not attention_bwd.bwd_groups_dropout(256, 256, 80)  # the grouped draw spilled 8 bytes there
+    assert attention_bwd.bwd_groups_dropout(128, 128, 80) and attention_bwd.bwd_groups_dropout(256, 256, 90)
+    monkeypatch.setattr(attention_bwd, "TRITON_VERSION", (3, 9))
+    assert attention_bwd.bwd_groups_dropout(256, 256, 80)

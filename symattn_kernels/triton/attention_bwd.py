@@ -55,8 +55,8 @@ from .attention_common import (LOG2E, _dropout_keep, _has_other_key, _kpm_stat, 
                                _token0)
 # Host side: the launch pieces and argument bundles the launchers share.
 from .attention_common import (TokenStrides, coef_mode, coef_product, coef_strides, device_arch, dot_precision,
-                               is_interpret, kpm_operand, lse_strides, mask_strides, padded_head_dim, padding_finite,
-                               prepare_call, tail_args, token_strides, unit_last_stride)
+                               dropout_grouped, is_interpret, kpm_operand, lse_strides, mask_strides, padded_head_dim,
+                               padding_finite, prepare_call, tail_args, token_strides, unit_last_stride)
 from .attention_fwd import attention_forward
 from .features import TRITON_VERSION
 
@@ -93,13 +93,14 @@ class BwdSequence(NamedTuple):
 
 
 class OwnedBlock(NamedTuple):
-    """The owned block J in registers: its token rows, score operands (kq = Y_J; qm = Y_J M
-    for a full M, Y_J otherwise: M rides on the query side, for a diagonal one on the iterated
+    """The owned block J in registers: its token rows (start + [0, BLOCK_M)), score operands (kq = Y_J;
+    qm = Y_J M for a full M, Y_J otherwise: M rides on the query side, for a diagonal one on the iterated
     tile, so J's operand stays a plain load), value and output-gradient tiles, the first output columns of the accumulators
     ([col0, col0 + D / SPLIT_D), [colv0, ...) of the values) and a diagonal M on all columns
     (coef) and on the output ones (coef_out)."""
 
     offs_j: object
+    start: int
     kq: object
     qm: object
     v_j: object
@@ -146,9 +147,9 @@ def _symattn_bwd_preprocess(
 def _symattn_bwd_inner(
     dq_acc, dk_acc, dv_acc, owned, seq, scale, dropout, lo, hi,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    KEY_ROLE: tl.constexpr, QUERY_ROLE: tl.constexpr, DIAGONAL: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLIT_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, KEY_ROLE: tl.constexpr, QUERY_ROLE: tl.constexpr, DIAGONAL: tl.constexpr,
 ):
     """Blocks I in [lo, hi) against the owned block J (``OwnedBlock``) in the roles KEY_ROLE /
     QUERY_ROLE select: the one loop body of the backward, called once per causal stage; ``seq``
@@ -235,7 +236,8 @@ def _symattn_bwd_inner(
             p_t = tl.where(allowed_t, tl.math.exp2(s_t - lse2_i[None, :]), 0.0)
             dp_t = tl.dot(owned.v_j, tl.trans(do_i), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             if HAS_DROPOUT:
-                keep_t = _dropout_keep(dropout, seq.row_ctr0 + offs_i64[None, :], offs_j[:, None])
+                keep_t = _dropout_keep(dropout, seq.row_ctr0 + offs_i64, owned.start, offs_j.shape[0], True,
+                                       DROPOUT_GROUPED)  # [keys J, queries I]
                 pd_t = tl.where(keep_t, p_t * dropout.inv_keep, 0.0)
                 dp_t = tl.where(keep_t, dp_t * dropout.inv_keep, 0.0)
             else:
@@ -276,7 +278,7 @@ def _symattn_bwd_inner(
             p = tl.where(allowed, tl.math.exp2(s - lse2_j[:, None]), 0.0)
             dp = tl.dot(owned.do_j, tl.trans(v_i), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             if HAS_DROPOUT:
-                keep = _dropout_keep(dropout, row_ctr_j[:, None], offs_i[None, :])
+                keep = _dropout_keep(dropout, row_ctr_j, start_i, BLOCK_N, False, DROPOUT_GROUPED)
                 dp = tl.where(keep, dp * dropout.inv_keep, 0.0)
             ds = p * (dp - delta_j[:, None])
             dq_acc = tl.dot(ds.to(y_i.dtype), y_o, dq_acc, input_precision=DOT_PRECISION)
@@ -291,8 +293,8 @@ def _symattn_bwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr, IS_CAUSAL: tl.constexpr,
     ROLES: tl.constexpr, SPLIT_D: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (j, b * H + h, g) plays the roles ROLES selects (BWD_ALL_ROLES, or BWD_QUERY_ROLE
     then, in a second launch, BWD_KEY_ROLES) of token block J for the output columns of group g
@@ -376,7 +378,7 @@ def _symattn_bwd_kernel(
     else:
         kq, v_j = y_j, y_j  # placeholders: the query role does not read them
 
-    owned = OwnedBlock(offs_j, kq, qm, v_j, do_j, col0, colv0, coef, coef_out)
+    owned = OwnedBlock(offs_j, start_j * BLOCK_M, kq, qm, v_j, do_j, col0, colv0, coef, coef_out)
     seq = BwdSequence(Y, V, DO, Lse, Delta, Kpm, y_strides.token, v_strides.token, do_strides.token,
                       kpm_strides.token, seqlen, head_dim, head_dim_v, kpm_stat, row_ctr0,
                       QM + _token0(prog, m_strides), m_strides.token)
@@ -397,8 +399,8 @@ def _symattn_bwd_kernel(
         if (KEY and (not IS_CAUSAL or stage > 0)) or (QUERY and (not IS_CAUSAL or stage < 2)):
             dq_acc, dk_acc, dv_acc = _symattn_bwd_inner(
                 dq_acc, dk_acc, dv_acc, owned, seq, scale, dropout, lo, hi,
-                SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION,
-                HEAD_DIM, HEAD_DIM_V, SPLIT_D, BLOCK_N,
+                SHARED_V, COEF_MODE, IS_CAUSAL, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DROPOUT_GROUPED,
+                DOT_PRECISION, HEAD_DIM, HEAD_DIM_V, SPLIT_D, BLOCK_N,
                 KEY_ROLE=KEY and (not IS_CAUSAL or stage > 0),
                 QUERY_ROLE=QUERY and (not IS_CAUSAL or stage < 2),
                 DIAGONAL=IS_CAUSAL and stage == 1,
@@ -529,7 +531,8 @@ def _symattn_bwd_sym_kernel(
     p_d = tl.where(allowed, tl.math.exp2(s_d - lse2_j[:, None]), 0.0)
     dp_d = tl.dot(do_j, tl.trans(v_j), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep_d = _dropout_keep(dropout, row_ctr_j[:, None], offs_j[None, :])
+        # Per-element draws: at the register cap already, the grouped draw spills (sm_90, 8 bytes).
+        keep_d = _dropout_keep(dropout, row_ctr_j, start_j * BLOCK_M, BLOCK_M, False, False)
         pd_d = tl.where(keep_d, p_d * dropout.inv_keep, 0.0)
         dp_d = tl.where(keep_d, dp_d * dropout.inv_keep, 0.0)
     else:
@@ -570,8 +573,9 @@ def _symattn_bwd_sym_kernel(
         dp = tl.dot(do_j, tl.trans(v_i), input_precision=DOT_PRECISION)  # dP_JI
         dp_t = tl.dot(v_j, tl.trans(do_i), input_precision=DOT_PRECISION)  # dP_IJ^T
         if HAS_DROPOUT:
-            keep = _dropout_keep(dropout, row_ctr_j[:, None], offs_i[None, :])
-            keep_t = _dropout_keep(dropout, row_ctr_base + offs_i64[None, :], offs_j[:, None])
+            keep = _dropout_keep(dropout, row_ctr_j, start_i, BLOCK_N, False, False)
+            keep_t = _dropout_keep(dropout, row_ctr_base + offs_i64, start_j * BLOCK_M, BLOCK_M, True,
+                                   False)  # [J, I]
             pd = tl.where(keep, p * dropout.inv_keep, 0.0)
             dp = tl.where(keep, dp * dropout.inv_keep, 0.0)
             pd_t = tl.where(keep_t, p_t * dropout.inv_keep, 0.0)
@@ -707,6 +711,20 @@ def sym_bwd_config(head_dim_pad: int, head_dim_v_pad: int, arch: int, dropout: b
     return (32, 16, 8, 1)
 
 
+# Triton releases before this one spill the sm_80 query launch at head dim 256 with every option
+# (varlen, full coefficient, separate values, padding, exclude_self) when it draws one Philox call
+# per 8 keys (8 bytes of stack under Triton 3.6; per element it stays clean).
+BWD_SM80_WIDE_GROUPED_DROPOUT_MIN_TRITON = (3, 9)
+
+
+def bwd_groups_dropout(head_dim_pad: int, head_dim_v_pad: int, arch: int) -> bool:
+    """Whether the default backward's launches may draw one Philox call per 8 keys
+    (DROPOUT_GROUPED, where ``dropout_grouped`` allows it): not on sm_80 at head dim 256 under
+    Triton older than ``BWD_SM80_WIDE_GROUPED_DROPOUT_MIN_TRITON``."""
+    return arch >= 90 or max(head_dim_pad, head_dim_v_pad) < 256 or \
+        TRITON_VERSION >= BWD_SM80_WIDE_GROUPED_DROPOUT_MIN_TRITON
+
+
 def use_symmetric_bwd(coef, causal: bool, deterministic: bool, head_dim_pad: int = 16,
                       head_dim_v_pad: int = 16, arch: int = 90, dropout: bool = False) -> bool:
     """The symmetric backward (opt-in with deterministic=False) needs S symmetric (M = I or
@@ -796,13 +814,12 @@ def attention_backward(
 
     interpret = is_interpret()
     hd_pad, hdv_pad = padded_head_dim(head_dim), padded_head_dim(head_dim_v)
-    symmetric = use_symmetric_bwd(coef, causal, deterministic, hd_pad, hdv_pad,
-                                  90 if interpret else device_arch(q.device), dropout_p > 0.0)
+    arch = 90 if interpret else device_arch(q.device)
+    symmetric = use_symmetric_bwd(coef, causal, deterministic, hd_pad, hdv_pad, arch, dropout_p > 0.0)
     if interpret:
         fuse_roles = bwd_fuse_roles(hd_pad, hdv_pad, v is None, coef_mode(coef), dropout_p > 0.0)
         blocks, launch, splits = dict(INTERPRET_BWD_CONFIG), {}, (INTERPRET_BWD_SPLIT_D,) * (1 if fuse_roles else 2)
     elif not symmetric:  # a variant without a config raises ValueError here, before any work
-        arch = device_arch(q.device)
         reason = backward_unsupported(head_dim, head_dim_v, arch)
         if reason:
             raise ValueError(reason)
@@ -857,7 +874,9 @@ def attention_backward(
     constexprs = dict(
         HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad, SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef,
         IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None, IS_VARLEN=is_varlen,
-        HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype), **blocks,
+        HAS_DROPOUT=has_dropout,
+        DROPOUT_GROUPED=has_dropout and dropout_grouped(layout) and bwd_groups_dropout(hd_pad, hdv_pad, arch),
+        EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype), **blocks,
     )
     for roles, split_d in zip((BWD_ALL_ROLES,) if fuse_roles else (BWD_QUERY_ROLE, BWD_KEY_ROLES), splits):
         _symattn_bwd_kernel[(n_blocks, batch * num_heads, split_d)](*args, ROLES=roles, SPLIT_D=split_d,

@@ -241,6 +241,14 @@ def dropout_args(dropout_p: float, seed, key_stride: int) -> Dropout:
     return Dropout(int(seed), key_stride, dropout_threshold(dropout_p), dropout_scale(dropout_p))
 
 
+def dropout_grouped(layout: Layout) -> bool:
+    """DROPOUT_GROUPED constexpr of a call: the key stride is a multiple of 8, so the element
+    offsets of a row start on a Philox counter and every key tile (its first key a multiple of
+    BLOCK_N, hence of 8) covers whole counters: ``_dropout_keep`` then draws each Philox call
+    once for its 8 keys. Otherwise a row starts inside a counter and each element draws its own."""
+    return layout.key_stride % 8 == 0
+
+
 class ProgramSequence(NamedTuple):
     """The (batch, head) sequence of a program (``_program_sequence``): batch, head, first token
     row and length (int32; ``_in_int64`` converts the first three for address arithmetic)."""
@@ -337,18 +345,63 @@ def _has_other_key(offs, seqlen, kpm_stat, real, IS_CAUSAL: tl.constexpr, HAS_KP
 
 
 @triton.jit
-def _dropout_keep(dropout, row_ctr, offs_key):
-    """Keep-mask of reference.dropout_keep_mask: element offset e = row_ctr * key_stride + key,
-    with row_ctr = head * n_rows + global row id (int64); its 16-bit value is half e % 2 of
-    output word (e // 2) % 4 of Philox-4x32-10 (tl.randint4x) at counter e // 8; keep iff
-    value >= threshold. The last round computes only the element's word (one product, not two):
-    fewer live registers than the four words of tl.randint4x."""
+def _dropout_keep(dropout, row_ctr, key0, BLOCK_KEYS: tl.constexpr, KEYS_FIRST: tl.constexpr,
+                  GROUPED: tl.constexpr):
+    """Keep-mask of reference.dropout_keep_mask for the counter rows row_ctr [rows] (int64,
+    ``_row_ctr0`` + token row) against the keys key0 + [0, BLOCK_KEYS): [rows, BLOCK_KEYS], or
+    [BLOCK_KEYS, rows] with KEYS_FIRST. GROUPED (``dropout_grouped``: the key stride and key0 are
+    multiples of 8) draws each Philox call once for the 8 keys it serves (``_dropout_keep_grouped``);
+    otherwise each element draws its own (``_dropout_keep_elements``)."""
+    if GROUPED:
+        keep = _dropout_keep_grouped(dropout, row_ctr, key0, BLOCK_KEYS)  # [rows, BLOCK_KEYS]
+        if KEYS_FIRST:
+            keep = tl.trans(keep)
+    else:
+        offs_key = key0 + tl.arange(0, BLOCK_KEYS)
+        if KEYS_FIRST:
+            keep = _dropout_keep_elements(dropout, row_ctr[None, :], offs_key[:, None])
+        else:
+            keep = _dropout_keep_elements(dropout, row_ctr[:, None], offs_key[None, :])
+    return keep
+
+
+@triton.jit
+def _philox_key(dropout):
+    """Philox key (low, high 32 bits of the seed), as tl.randint4x splits it."""
+    seed = tl.cast(dropout.seed, tl.uint64)  # a tensor even when the JIT made a seed of 1 a constant
+    return (seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
+def _dropout_keep_grouped(dropout, row_ctr, key0, BLOCK_KEYS: tl.constexpr):
+    """``_dropout_keep`` [rows, BLOCK_KEYS] when 8 divides the key stride and key0: the 8 keys
+    8 g .. 8 g + 7 of a row are the 8 halves of one Philox call, at counter
+    row_ctr * key_stride / 8 + key0 / 8 + g, in the order (word 0 low, word 0 high, word 1 low,
+    ...). One Philox per 8 keys on a [rows, BLOCK_KEYS / 8] grid; two interleaves put the words
+    in key-pair order, a third the halves."""
+    tl.static_assert(BLOCK_KEYS % 8 == 0)
+    groups = (key0 >> 3) + tl.arange(0, BLOCK_KEYS // 8)
+    ctr = row_ctr[:, None] * (dropout.key_stride >> 3) + groups[None, :].to(tl.int64)  # [rows, BLOCK_KEYS / 8]
+    k0, k1 = _philox_key(dropout)
+    c0 = ctr.to(tl.uint32)
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox_impl(c0, (ctr >> 32).to(tl.uint32), zero, zero, k0, k1, PHILOX_ROUNDS)
+    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))  # [rows, BLOCK_KEYS / 2], word 4 g + w
+    threshold = dropout.threshold
+    return tl.interleave((words & 0xFFFF).to(tl.int32) >= threshold, (words >> 16).to(tl.int32) >= threshold)
+
+
+@triton.jit
+def _dropout_keep_elements(dropout, row_ctr, offs_key):
+    """``_dropout_keep`` for any key stride, one Philox call per element: element offset
+    e = row_ctr * key_stride + key (row_ctr and offs_key broadcast against each other); its
+    16-bit value is half e % 2 of output word (e // 2) % 4 of Philox-4x32-10 (tl.randint4x) at
+    counter e // 8; keep iff value >= threshold. The last round computes only the element's word
+    (one product, not two): fewer live registers than the four words of tl.randint4x."""
     elem = row_ctr * dropout.key_stride + offs_key.to(tl.int64)
     ctr = elem >> 3
     slot = (elem & 7).to(tl.int32)  # value 2 * word + half of the counter (one live int32, not elem)
-    seed = tl.to_tensor(dropout.seed).to(tl.uint64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k0, k1 = _philox_key(dropout)
     c0 = ctr.to(tl.uint32)
     zero = c0 * 0
     c0, c1, c2, c3 = tl.philox_impl(c0, (ctr >> 32).to(tl.uint32), zero, zero, k0, k1, PHILOX_ROUNDS - 1)

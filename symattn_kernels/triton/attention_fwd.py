@@ -19,7 +19,8 @@ once. Causal attention visits the blocks left of the diagonal without masks (STA
 only the diagonal blocks (STAGE 2); non-causal attention is one pass with a boundary mask
 (STAGE 3). SPLIT_D > 1 gives each program a group of the value columns (scores recomputed per
 group), for wide heads. A row with no allowed key keeps m_i = -inf and l_i = 0 and stores
-out = 0, lse = -inf. Dropout regenerates ``reference.dropout_keep_mask`` with tl.randint4x.
+out = 0, lse = -inf. Dropout regenerates ``reference.dropout_keep_mask`` with Philox-4x32-10,
+one call per 8 keys of a row when the key stride is a multiple of 8 (``_dropout_keep``).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from .attention_common import (LN2, LOG2E, _dropout_keep, _has_other_key, _kpm_s
                                _program_sequence, _real_tokens, _in_int64, _row_ctr0, _token0)
 # Host side: the launch pieces and argument bundles the launchers share.
 from .attention_common import (TokenStrides, coef_mode, coef_product, coef_strides, device_arch, dot_precision,
-                               is_interpret, kpm_operand, lse_strides, mask_strides, padded_head_dim, padding_finite,
-                               prepare_call, tail_args, token_strides, unit_last_stride)
+                               dropout_grouped, is_interpret, kpm_operand, lse_strides, mask_strides, padded_head_dim,
+                               padding_finite, prepare_call, tail_args, token_strides, unit_last_stride)
 from .features import warp_specialize_for
 
 __all__ = ["attention_forward"]
@@ -75,12 +76,12 @@ class FwdKeys(NamedTuple):
 
 @triton.jit
 def _symattn_fwd_update(
-    acc, l_i, m_i, qk, v, offs_n, real_n, queries, keys, dropout,
+    acc, l_i, m_i, qk, v, key0, offs_n, real_n, queries, keys, dropout,
     STAGE: tl.constexpr, HAS_KPM: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DROPOUT_GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step: scaled scores qk [BLOCK_M, keys] (log2 units) against the key
-    rows offs_n, value tile v [keys, HEAD_DIM_V]."""
+    rows offs_n = key0 + [0, keys) (key0 a multiple of the key block), value tile v [keys, HEAD_DIM_V]."""
     offs_m = queries.offs_m
     if STAGE != 1 or HAS_KPM or EXCLUDE_SELF:
         # STAGE 1 keys lie left of the query block, hence inside the sequence.
@@ -99,7 +100,7 @@ def _symattn_fwd_update(
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
-        keep = _dropout_keep(dropout, queries.row_ctr[:, None], offs_n[None, :])
+        keep = _dropout_keep(dropout, queries.row_ctr, key0, offs_n.shape[0], False, DROPOUT_GROUPED)
         p = tl.where(keep, p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_ij
@@ -109,8 +110,8 @@ def _symattn_fwd_update(
 def _symattn_fwd_block(
     acc, l_i, m_i, start_n, queries, keys, dropout,
     STAGE: tl.constexpr, SHARED_V: tl.constexpr, HAS_KPM: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The key block at start_n: load it (and its values), then one online-softmax step."""
     offs_d, offs_dv = keys.offs_d, keys.offs_dv
@@ -132,27 +133,29 @@ def _symattn_fwd_block(
             keys.V + offs_n64[:, None] * keys.stride_vs + offs_dv[None, :],
             mask=rows_n[:, None] & (offs_dv[None, :] < keys.head_dim_v), other=0.0,
         )  # [BLOCK_N, HEAD_DIM_V / SPLIT_D]
-    return _symattn_fwd_update(acc, l_i, m_i, qk, v, offs_n, rows_n, queries, keys, dropout,
-                               STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION)
+    return _symattn_fwd_update(acc, l_i, m_i, qk, v, start_n, offs_n, rows_n, queries, keys, dropout,
+                               STAGE, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DROPOUT_GROUPED, DOT_PRECISION)
 
 
 @triton.jit
 def _symattn_fwd_inner(
     acc, l_i, m_i, lo, hi, queries, keys, dropout,
     STAGE: tl.constexpr, SHARED_V: tl.constexpr, HAS_KPM: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Key blocks [lo, hi) of one causal STAGE. The warp-specialised loop is only reached where
     ``features.warp_specialize_for`` allows it (the keyword does not exist before Triton 3.4)."""
     if WARP_SPECIALIZE:
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
             acc, l_i, m_i = _symattn_fwd_block(acc, l_i, m_i, start_n, queries, keys, dropout, STAGE, SHARED_V,
-                                               HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+                                               HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DROPOUT_GROUPED, DOT_PRECISION,
+                                               BLOCK_N)
     else:
         for start_n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _symattn_fwd_block(acc, l_i, m_i, start_n, queries, keys, dropout, STAGE, SHARED_V,
-                                               HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION, BLOCK_N)
+                                               HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DROPOUT_GROUPED, DOT_PRECISION,
+                                               BLOCK_N)
     return acc, l_i, m_i
 
 
@@ -163,7 +166,7 @@ def _symattn_fwd_kernel(
     num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr, REUSE_DIAG: tl.constexpr,
     SPLIT_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -233,8 +236,9 @@ def _symattn_fwd_kernel(
         # registers first (q is then dead for the key loop) and skip it in the key loop, so one
         # load of Y_I serves as query, key and value. Online softmax takes the blocks in any order.
         qk = tl.dot(qm, tl.trans(q), input_precision=DOT_PRECISION) * queries.qk_scale  # [BLOCK_M, BLOCK_M]
-        acc, l_i, m_i = _symattn_fwd_update(acc, l_i, m_i, qk, q, offs_m, real_m, queries, keys, dropout,
-                                            2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT, DOT_PRECISION)
+        acc, l_i, m_i = _symattn_fwd_update(acc, l_i, m_i, qk, q, diag_lo, offs_m, real_m, queries, keys, dropout,
+                                            2 if IS_CAUSAL else 3, HAS_KPM, EXCLUDE_SELF, HAS_DROPOUT,
+                                            DROPOUT_GROUPED, DOT_PRECISION)
     # Key ranges: the blocks left of the query block (STAGE 1, unmasked when causal), then the
     # diagonal block (STAGE 2, causal) or the blocks right of it (after the reused diagonal);
     # without either, one range (STAGE 3). Stage values stay inline: a constexpr assigned to a
@@ -250,7 +254,8 @@ def _symattn_fwd_kernel(
         acc, l_i, m_i = _symattn_fwd_inner(
             acc, l_i, m_i, lo, hi, queries, keys, dropout,
             SHARED_V=SHARED_V, HAS_KPM=HAS_KPM, EXCLUDE_SELF=EXCLUDE_SELF, HAS_DROPOUT=HAS_DROPOUT,
-            DOT_PRECISION=DOT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE, BLOCK_N=BLOCK_N,
+            DROPOUT_GROUPED=DROPOUT_GROUPED, DOT_PRECISION=DOT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE,
+            BLOCK_N=BLOCK_N,
             STAGE=(1 if part == 0 else 2) if IS_CAUSAL else 3,
         )
 
@@ -409,8 +414,9 @@ def attention_forward(
     constexprs = dict(
         HEAD_DIM=hd_pad, HEAD_DIM_V=hdv_pad,
         SHARED_V=v is None, COEF_MODE=mode, IS_CAUSAL=bool(causal), HAS_KPM=kpm is not None,
-        IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self),
-        DOT_PRECISION=dot_precision(q.dtype), WARP_SPECIALIZE=warp_specialize_for(arch), SPLIT_D=split_d,
+        IS_VARLEN=is_varlen, HAS_DROPOUT=has_dropout, DROPOUT_GROUPED=has_dropout and dropout_grouped(layout),
+        EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype),
+        WARP_SPECIALIZE=warp_specialize_for(arch), SPLIT_D=split_d,
         # The diagonal reuse serves all value columns from the query tile: one group only.
         REUSE_DIAG=split_d == 1 and fwd_reuse_diag(v is None, hd_pad, arch, kpm is not None),
     )
