@@ -18,14 +18,16 @@
 // symmetric, the forward is mirrored instead: a task owns a pair of row groups of the head and
 // multiplies each score tile between them once, for the rows of both groups (one read across,
 // one down its columns); each group's running states from its tasks are merged in task order
-// (run_mirrored, plan_mirrored). Their backward, wherever M is symmetric (none or diagonal; any
-// dtype, causal or not, with or without dropout), cuts a head into row blocks and computes each
-// score tile S_IJ (I >= J) once, in one task that takes both of its roles: S_JI = S_IJ^T, so the
-// tile gives the gradients of rows I and of rows J (pair_tile). Such a task writes two blocks'
-// accumulators, so the tasks run in rounds in which no block meets two of them (tiled_backward),
-// and every block takes its tiles in round order. Other backward tasks (a full M) own a whole
-// head, or, when a call has few heads, a slice of a long head's query rows; they accumulate
-// their gradients in fp32 buffers, and a head's slices are summed in slice order afterwards.
+// (run_mirrored, plan_mirrored; not on AMX tiles, where that merge and the per-task packing cost
+// what the products save, see kMirrorTile). Their backward, wherever M is symmetric (none or
+// diagonal; any dtype, causal or not, with or without dropout), cuts a head into row blocks and
+// computes each score tile S_IJ (I >= J) once, in one task that takes both of its roles: S_JI =
+// S_IJ^T, so the tile gives the gradients of rows I and of rows J (pair_tile). Such a task writes
+// two blocks' accumulators, so the tasks run in rounds in which no block meets two of them
+// (tiled_backward), and every block takes its tiles in round order. Other backward tasks (a full
+// M) own a whole head, or, when a call has few heads, a slice of a long head's query rows; they
+// accumulate their gradients in fp32 buffers, and a head's slices are summed in slice order
+// afterwards.
 // Results are independent of the thread count: the tasks are cut without regard to it, and each
 // output element is produced by one task, or one fixed-order sum of tasks. The tasks are dealt
 // to the workers before any runs (for_each_head, tiled_backward).
@@ -100,8 +102,9 @@ constexpr int64_t kWholeHead = 512;
 // kBlockRowStep rows: the micro-tile height, or the 32 rows of an AMX block where the products run
 // on tiles (a 6-row multiple leaves tiles part empty, and the backward's key-side products take
 // the block's rows as k, 32 to a tile). On AMX tiles the symmetric schedule
-// (see the file comment) is off: the products it halves cost less than the transposes it adds;
-// so short heads take query blocks too, and smaller ones, whose score passes stay in L2.
+// (see the file comment) is off: the products it halves cost less than the transposes it adds
+// (the mirrored forward of longer heads is off there too, see kMirrorTile); so short heads take
+// query blocks too, and smaller ones, whose score passes stay in L2.
 #if defined(SYMATTN_AMX_DOT)
 constexpr int64_t kBlockFloats = int64_t{1} << 15;
 constexpr int64_t kBlockRowStep = 32;
@@ -144,7 +147,10 @@ constexpr int64_t kKeyTile = 256;
 // The head takes as many groups (at most kMirrorGroups) as make about kMirrorTasks tasks in the
 // call; each group's running states (kept per task until they are merged) cost
 // groups * L * (Dv + 2) floats per head, and a call whose states would pass kMirrorStateBytes
-// runs unmirrored.
+// runs unmirrored. On AMX tiles it does not pay: there the products are about half the forward's
+// time, and merging those states and packing per task cost as much as the quarter of them the
+// mirror saves, even with the column side's product taken transposed (O_J^T += V_I^T P_IJ, the
+// probabilities the B operand as computed down the tile), which needs no transpose of them.
 constexpr int64_t kMirrorTile = 256;
 constexpr int64_t kMirrorGroups = 8;
 constexpr int64_t kMirrorTasks = 32;
