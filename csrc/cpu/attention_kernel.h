@@ -1230,26 +1230,31 @@ class ForwardHead : public Head<scalar_t> {
   using Base::Base;
 
   // Exactly what run() takes from the workspace.
+  // The head's panels, with the contiguous fp32 values of pack_values_contiguous.
+  static int64_t panel_floats(const ForwardParams& p, const Geometry& g) {
+    return Base::panel_floats(p, g, false) + (!kPairs && !kHalf ? g.L * p.value_dim : 0);
+  }
+
   static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
     constexpr int64_t T = kMirrorTile;
     const int64_t mirrored = !g.mirrored ? 0
-                             : Base::panel_floats(p, g, false)
+                             : panel_floats(p, g)
                                    + 2 * T * T                              // S / P, column P tiles
                                    + (kPairs ? T * T / 2 + T * T / 2 : 0)   // bf16 P, column P pairs
                                    + kStrip                                 // a column strip's maxima
                                    + (p.dropout_p > 0.0 ? 2 * (keep_bit_words(T) * (T + 1) + T * T / 64)
                                                         : 0);  // keep bits: a row, by query, by key
     if (g.tiled) {
-      return std::max(mirrored, Base::panel_floats(p, g, false)
+      return std::max(mirrored, panel_floats(p, g)
              + g.block * kKeyTile                      // score tile
              + (kPairs ? g.block * kKeyTile / 2 : 0)   // P tile as bf16 A rows
              + g.block * p.value_dim                   // output block
              + 2 * g.block                             // running row max and sum
              + (p.dropout_p > 0.0 ? 2 * keep_bit_words(kKeyTile) : 0));  // keep bits of a tile row
     }
-    return Base::panel_floats(p, g, false)
+    return panel_floats(p, g)
            + g.block * g.ldk                      // score block
-           + (g.symmetric && !kPairs ? g.L * (kSymTile + p.value_dim) + 2 * kSymTile : 0)  // run_symmetric
+           + (g.symmetric && !kPairs ? g.L * kSymTile + 2 * kSymTile : 0)  // run_symmetric's P^T, sums
            + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
            + g.block                              // 1 / row sums
            + (p.dropout_p > 0.0 ? 2 * keep_bit_words(g.ldk) : 0)  // keep bits of a row
@@ -1270,7 +1275,7 @@ class ForwardHead : public Head<scalar_t> {
     }
     this->setup_keys();
     this->pack_query_key(shared_, r0, r1);
-    this->pack_values();
+    pack_values_contiguous();
     if constexpr (!kPairs) {
       if (unmirrored_symmetric()) {
         run_symmetric();
@@ -1317,6 +1322,22 @@ class ForwardHead : public Head<scalar_t> {
   }
 
  private:
+  // pack_values, then fp32 values read in place copied to a contiguous [rows, Dv] block: a head's
+  // rows sit H Dv floats apart in the input (3 KiB at H = 12, Dv = 64), a stride that puts the
+  // [kDepth, kNR] values panel the P V micro-kernels reuse on 16 of the 64 L1 sets.
+  void pack_values_contiguous() {
+    this->pack_values();
+    if constexpr (!kPairs && !kHalf) {
+      if (vb_.ld != Dv_) {
+        float* packed = ws_.template take<float>(L_ * Dv_);
+        for (int64_t j = 0; j < this->packed_rows_; ++j) {
+          std::memcpy(packed + j * Dv_, vb_.data + j * vb_.ld, Dv_ * sizeof(float));
+        }
+        vb_ = {packed, Dv_};
+      }
+    }
+  }
+
   // Whether this head (after setup_keys) takes run_symmetric: the whole-head symmetric schedule
   // on fp32 operands without dropout. bf16 operands would need P^T repacked as row pairs, and
   // dropout its keep bits drawn by query and transposed, so those heads mirror the scores.
@@ -1337,12 +1358,7 @@ class ForwardHead : public Head<scalar_t> {
     float* shift = ws_.template take<float>(T);
     float* sum = ws_.template take<float>(T);
     float* o = kHalf ? ws_.template take<float>(std::min(T, L_) * Dv_) : nullptr;
-    Panel v = vb_;
-    if (v.ld != Dv_) {
-      float* packed = ws_.template take<float>(L_ * Dv_);
-      for (int64_t j = 0; j < L_; ++j) std::memcpy(packed + j * Dv_, v.data + j * v.ld, Dv_ * sizeof(float));
-      v = {packed, Dv_};
-    }
+    const Panel v = vb_;
     this->lower_scores(s);
     for (int64_t i0 = 0; i0 < L_; i0 += T) {
       const int64_t rows = std::min(T, L_ - i0), iend = i0 + rows;
@@ -1462,7 +1478,7 @@ class ForwardHead : public Head<scalar_t> {
     this->setup_keys();
     // Keys up to the last one any of the rows attends (a causal task's stop at its last row).
     this->pack_query_key(shared_, r0, r1, 0, this->block_keys(r0, r1 - r0));
-    this->pack_values();
+    pack_values_contiguous();
     float* s = ws_.template take<float>(g_.block * kKeyTile);
     Word* probs = nullptr;
     int64_t ldp = kKeyTile;
@@ -1518,7 +1534,7 @@ class ForwardHead : public Head<scalar_t> {
     const bool one_group = r0 == c0;
     this->setup_keys();
     this->pack_query_key(shared_, r0, r1, c0, c1);  // the tiles' keys are rows [c0, c1)
-    this->pack_values();
+    pack_values_contiguous();
     start_states(side_a, r1 - r0);
     if (!one_group) start_states(side_b, c1 - c0);
     // The output rows of the states are not zeroed beforehand: the first product into a block of
