@@ -71,6 +71,7 @@
 #include <numeric>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(SYMATTN_BF16_DOT)
@@ -1306,22 +1307,26 @@ class ForwardHead : public Head<scalar_t> {
       // out = P V / rowsum, written straight into the output for fp32.
       Band band;
       if (p_.causal) band.k_hi = i0;
-      scalar_t* out0 = this->row_ptr(p_.out, i0);
-      float* dst = o;
-      int64_t ld = Dv_;
-      if constexpr (!kHalf) {
-        dst = out0;
-        ld = p_.out.token;
-      }
+      const auto [dst, ld] = product_rows(i0, o);
       gemm<Dot, false>(rows, Dv_, kend, Panel{probs, ldp}, vb_, dst, ld, 1.f, false, band);
       for (int64_t r = 0; r < rows; ++r) {
         scale_inplace(dst + r * ld, Dv_, inv_sum[r]);
-        if constexpr (kHalf) store_row(out0 + r * p_.out.token, dst + r * ld, Dv_);
+        if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ld, Dv_);
       }
     }
   }
 
  private:
+  // Where the P V product of the query rows from i0 goes, and its row stride: the output itself
+  // for fp32, else the fp32 block o, whose rows are then stored to the output.
+  std::pair<float*, int64_t> product_rows(int64_t i0, float* o) const {
+    if constexpr (kHalf) {
+      return {o, Dv_};
+    } else {
+      return {this->row_ptr(p_.out, i0), p_.out.token};
+    }
+  }
+
   // pack_values, then fp32 values read in place copied to a contiguous [rows, Dv] block: a head's
   // rows sit H Dv floats apart in the input (3 KiB at H = 12, Dv = 64), a stride that puts the
   // [kDepth, kNR] values panel the P V micro-kernels reuse on 16 of the 64 L1 sets.
@@ -1383,19 +1388,13 @@ class ForwardHead : public Head<scalar_t> {
       } else {
         column_exp<true>(below, ld, iend, rows, shift, pt, sum);
       }
-      scalar_t* out0 = this->row_ptr(p_.out, i0);
-      float* dst = o;
-      int64_t ldo = Dv_;
-      if constexpr (!kHalf) {
-        dst = out0;
-        ldo = p_.out.token;
-      }
+      const auto [dst, ldo] = product_rows(i0, o);
       gemm<Dot, false>(rows, Dv_, iend, Panel{s + i0 * ld, ld}, v, dst, ldo, 1.f, false);
       if (iend < L_) gemm<Dot, true>(rows, Dv_, L_ - iend, Panel{pt, T}, Base::b_from(v, iend), dst, ldo, 1.f, true);
       for (int64_t r = 0; r < rows; ++r) {
         *this->lse_ptr(i0 + r) = empty[r] ? kNegInf : shift[r] + std::log(sum[r]);
         scale_inplace(dst + r * ldo, Dv_, empty[r] ? 0.f : 1.f / sum[r]);
-        if constexpr (kHalf) store_row(out0 + r * p_.out.token, dst + r * ldo, Dv_);
+        if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ldo, Dv_);
       }
     }
   }
