@@ -76,6 +76,34 @@ def test_ragged_shapes_fp32(seqlen, head_dim, value_dim, coef_mode, causal):
     check_against_reference(inputs, torch.float32, causal=causal, key_padding_mask=mask, exclude_self=causal)
 
 
+# Whole heads of several 64-key tiles on the symmetric schedule read their later keys down the
+# stored lower tiles: padded keys among them (middle and end, at most a quarter trailing) and
+# exclude_self on the diagonal tiles.
+@pytest.mark.parametrize("seqlen", [65, 200, 512])
+@pytest.mark.parametrize("coef_mode", [None, "diag"], ids=["none", "diag"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
+def test_whole_symmetric_heads_with_padding_fp32(seqlen, coef_mode, shared):
+    inputs = make_inputs(B=2, S=seqlen, H=2, D=16, Dv=24, coef_mode=coef_mode, shared=shared)
+    mask = torch.ones(2, seqlen, dtype=torch.bool)
+    mask[0, 3:seqlen:7] = False
+    mask[1, 1:seqlen // 2] = False
+    mask[1, seqlen - seqlen // 5:] = False
+    check_against_reference(inputs, torch.float32, key_padding_mask=mask, exclude_self=True)
+
+
+def test_whole_symmetric_head_nan_key_beyond_the_diagonal_tile():
+    # Row 0's only allowed keys, 70 and 71, are NaN ones in a later tile: the output is NaN as the
+    # reference's, not an empty row's zeros.
+    q = torch.randn(1, 72, 1, 8)
+    q[0, 70:] = float("nan")
+    mask = torch.zeros(1, 72, dtype=torch.bool)
+    mask[0, [0, 70, 71]] = True
+    out, lse = cpu(q, None, key_padding_mask=mask, exclude_self=True, return_lse=True)
+    ref, ref_lse = R.symmetric_attention(q.double(), None, key_padding_mask=mask, exclude_self=True, return_lse=True)
+    assert ref[0, 0].isnan().all() and ref_lse[0, 0].isnan().all()
+    assert out[0, 0].isnan().all() and lse[0, 0].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("coef_mode", COEF_MODES)
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])

@@ -34,9 +34,12 @@
 //
 // For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile
-// triangle is multiplied and the rest mirrored, and the backward's two Y-gradient products
-// G (Y M) + G^T (Y M) collapse into one (G + G^T) Y M. That is 1.5 instead of 2 L^2 D products
-// forward, 3.5 instead of 5 backward; the mirrored forward of longer heads does the same 1.5.
+// triangle is multiplied, and the backward's two Y-gradient products G (Y M) + G^T (Y M) collapse
+// into one (G + G^T) Y M. That is 1.5 instead of 2 L^2 D products forward, 3.5 instead of 5
+// backward; the mirrored forward of longer heads does the same 1.5. The backward, and the forward
+// on bf16 operands or with dropout, mirror the lower triangle into the upper one (transposed
+// copies); the fp32 forward without dropout reads a row's keys beyond its diagonal tile down the
+// stored tiles' columns instead, and feeds those probabilities to P V as P^T (run_symmetric).
 // Other heads take query blocks against keys up to the last real one, with causal blocks (and
 // the diagonal tiles of causal heads) trimmed at micro-tile granularity.
 //
@@ -70,6 +73,7 @@
 #include <numeric>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(SYMATTN_BF16_DOT)
@@ -803,9 +807,10 @@ class Workspace {
   size_t used_ = 0;
 };
 
-// Row stride of a long head's key-indexed panel of n keys: n rounded up to a vector, and past it
-// where that is a multiple of 1 KiB. The panels are read down their columns (a micro-tile's B
-// rows), and a stride of a multiple of 1 KiB would map those rows onto a few L1 sets.
+// Row stride of a key-indexed panel of n keys: n rounded up to a vector, and past it where that
+// is a multiple of 1 KiB. The panels are read down their columns (a micro-tile's B rows, the
+// transposes of the whole-head scores), and a stride of a multiple of 1 KiB would map those rows
+// onto a few L1 sets: at 512 tokens the whole-head forward took about 5 % longer with it.
 int64_t key_stride(int64_t n) {
   const int64_t ld = round_up(std::max<int64_t>(n, 1), kVec);
   return ld % 256 == 0 ? ld + kVec : ld;
@@ -814,7 +819,7 @@ int64_t key_stride(int64_t n) {
 // Sizes shared by every head of one call.
 struct Geometry {
   int64_t L = 0;      // longest sequence
-  int64_t ldk = 0;    // row stride of key-indexed fp32 panels (L rounded up to a vector, or past it)
+  int64_t ldk = 0;    // row stride of key-indexed fp32 panels (key_stride(L))
   int64_t block = 0;  // query rows per block
   int64_t task_rows = 0;  // query rows per forward task: whole blocks, never depends on threads
   bool symmetric = false;  // whole heads with symmetric scores (see the file comment)
@@ -827,7 +832,7 @@ struct Geometry {
     if (p.cu_seqlens != nullptr) {
       for (int64_t b = 0; b < p.batch; ++b) L = std::max<int64_t>(L, p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
     }
-    ldk = L > kWholeHead ? key_stride(L) : round_up(std::max<int64_t>(L, 1), kVec);
+    ldk = key_stride(L);
     tiled = L > kWholeHead && (!backward || p.coef_mode != CoefMode::kFull);
     tile = L >= kPairBlocks * kPairTile ? kPairTile : kPairTileMin;
     block = L <= kWholeHead && kSymmetricSchedule
@@ -1082,16 +1087,23 @@ class Head {
     const float scale = static_cast<float>(p_.scale);
     if (symmetric_) {
       // Whole head: the lower tile triangle, then its mirror image.
-      for (int64_t t0 = 0; t0 < L_; t0 += kSymTile) {
-        const int64_t tr = std::min(kSymTile, L_ - t0);
-        gemm<Dot, false>(tr, t0 + tr, D_, a_from(qa_, t0), yt_, s + t0 * g_.ldk, g_.ldk, scale, false);
-      }
+      lower_scores(s);
       mirror_lower_tiles(s, g_.ldk, L_);
       return;
     }
     Band band;
     if (p_.causal) band.n_hi = i0;
     gemm<Dot, false>(rows, kend, D_, a_from(qa_, i0), yt_, s, g_.ldk, scale, false, band);
+  }
+
+  // The lower tile triangle of the whole head's scores (tiles (I, J), J <= I, diagonal tiles
+  // whole) into s (row stride g_.ldk); the upper triangle is not written.
+  void lower_scores(float* s) const {
+    const float scale = static_cast<float>(p_.scale);
+    for (int64_t t0 = 0; t0 < L_; t0 += kSymTile) {
+      const int64_t tr = std::min(kSymTile, L_ - t0);
+      gemm<Dot, false>(tr, t0 + tr, D_, a_from(qa_, t0), yt_, s + t0 * g_.ldk, g_.ldk, scale, false);
+    }
   }
 
   // Query block [i0, i0 + rows): the key range its products touch.
@@ -1225,25 +1237,31 @@ class ForwardHead : public Head<scalar_t> {
   using Base::Base;
 
   // Exactly what run() takes from the workspace.
+  // The head's panels, with the contiguous fp32 values of pack_values_contiguous.
+  static int64_t panel_floats(const ForwardParams& p, const Geometry& g) {
+    return Base::panel_floats(p, g, false) + (!kPairs && !kHalf ? g.L * p.value_dim : 0);
+  }
+
   static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
     constexpr int64_t T = kMirrorTile;
     const int64_t mirrored = !g.mirrored ? 0
-                             : Base::panel_floats(p, g, false)
+                             : panel_floats(p, g)
                                    + 2 * T * T                              // S / P, column P tiles
                                    + (kPairs ? T * T / 2 + T * T / 2 : 0)   // bf16 P, column P pairs
                                    + kStrip                                 // a column strip's maxima
                                    + (p.dropout_p > 0.0 ? 2 * (keep_bit_words(T) * (T + 1) + T * T / 64)
                                                         : 0);  // keep bits: a row, by query, by key
     if (g.tiled) {
-      return std::max(mirrored, Base::panel_floats(p, g, false)
+      return std::max(mirrored, panel_floats(p, g)
              + g.block * kKeyTile                      // score tile
              + (kPairs ? g.block * kKeyTile / 2 : 0)   // P tile as bf16 A rows
              + g.block * p.value_dim                   // output block
              + 2 * g.block                             // running row max and sum
              + (p.dropout_p > 0.0 ? 2 * keep_bit_words(kKeyTile) : 0));  // keep bits of a tile row
     }
-    return Base::panel_floats(p, g, false)
+    return panel_floats(p, g)
            + g.block * g.ldk                      // score block
+           + (g.symmetric && !kPairs ? g.L * kSymTile + 2 * kSymTile : 0)  // run_symmetric's P^T, sums
            + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
            + g.block                              // 1 / row sums
            + (p.dropout_p > 0.0 ? 2 * keep_bit_words(g.ldk) : 0)  // keep bits of a row
@@ -1264,7 +1282,13 @@ class ForwardHead : public Head<scalar_t> {
     }
     this->setup_keys();
     this->pack_query_key(shared_, r0, r1);
-    this->pack_values();
+    pack_values_contiguous();
+    if constexpr (!kPairs) {
+      if (unmirrored_symmetric()) {
+        run_symmetric();
+        return;
+      }
+    }
     float* s = ws_.template take<float>(g_.block * g_.ldk);
     // exp(S - rowmax) as A rows: bf16 beside the scores, or the fp32 scores themselves.
     Word* probs = nullptr;
@@ -1289,29 +1313,177 @@ class ForwardHead : public Head<scalar_t> {
       // out = P V / rowsum, written straight into the output for fp32.
       Band band;
       if (p_.causal) band.k_hi = i0;
-      scalar_t* out0 = this->row_ptr(p_.out, i0);
-      float* dst = o;
-      int64_t ld = Dv_;
-      if constexpr (!kHalf) {
-        dst = out0;
-        ld = p_.out.token;
-      }
+      const auto [dst, ld] = product_rows(i0, o);
       gemm<Dot, false>(rows, Dv_, kend, Panel{probs, ldp}, vb_, dst, ld, 1.f, false, band);
       for (int64_t r = 0; r < rows; ++r) {
         scale_inplace(dst + r * ld, Dv_, inv_sum[r]);
-        if constexpr (kHalf) store_row(out0 + r * p_.out.token, dst + r * ld, Dv_);
+        if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ld, Dv_);
       }
     }
   }
 
  private:
+  // Where the P V product of the query rows from i0 goes, and its row stride: the output itself
+  // for fp32, else the fp32 block o, whose rows are then stored to the output.
+  std::pair<float*, int64_t> product_rows(int64_t i0, float* o) const {
+    if constexpr (kHalf) {
+      return {o, Dv_};
+    } else {
+      return {this->row_ptr(p_.out, i0), p_.out.token};
+    }
+  }
+
+  // pack_values, then fp32 values read in place copied to a contiguous [rows, Dv] block: a head's
+  // rows sit H Dv floats apart in the input (3 KiB at H = 12, Dv = 64), a stride that puts the
+  // [kDepth, kNR] values panel the P V micro-kernels reuse on 16 of the 64 L1 sets.
+  void pack_values_contiguous() {
+    this->pack_values();
+    if constexpr (!kPairs && !kHalf) {
+      if (vb_.ld != Dv_) {
+        float* packed = ws_.template take<float>(L_ * Dv_);
+        for (int64_t j = 0; j < this->packed_rows_; ++j) {
+          std::memcpy(packed + j * Dv_, vb_.data + j * vb_.ld, Dv_ * sizeof(float));
+        }
+        vb_ = {packed, Dv_};
+      }
+    }
+  }
+
+  // Whether this head (after setup_keys) takes run_symmetric: the whole-head symmetric schedule
+  // on fp32 operands without dropout. bf16 operands would need P^T repacked as row pairs, and
+  // dropout its keep bits drawn by query and transposed, so those heads mirror the scores.
+  bool unmirrored_symmetric() const { return this->symmetric_ && !kPairs && !this->dropout(); }
+
+  // A whole head on the symmetric schedule without a mirrored copy of the scores: only the lower
+  // tile triangle is multiplied and stored, and each tile row I of queries reads its keys in two
+  // parts. Keys up to the end of its diagonal tile are its own stored rows, exponentiated in
+  // place; later keys J are the columns of the stored tiles (J, I), read down them: their maxima
+  // join the rows' maxima, and their exponentials go into a scratch P^T [keys, queries], which the
+  // P V product takes in its kTransA form. Row I's part of a tile (J, I) is read before tile row J
+  // exponentiates it in place, as tile rows go in order.
+  void run_symmetric() {
+    constexpr int64_t T = kSymTile;
+    const int64_t ld = g_.ldk;
+    float* s = ws_.template take<float>(L_ * ld);
+    float* pt = ws_.template take<float>(L_ * T);
+    float* shift = ws_.template take<float>(T);
+    float* sum = ws_.template take<float>(T);
+    float* o = kHalf ? ws_.template take<float>(std::min(T, L_) * Dv_) : nullptr;
+    const Panel v = vb_;
+    this->lower_scores(s);
+    for (int64_t i0 = 0; i0 < L_; i0 += T) {
+      const int64_t rows = std::min(T, L_ - i0), iend = i0 + rows;
+      const float* below = s + iend * ld + i0;  // tiles (J, I), J > I: [L - iend, rows]
+      if (rows == T) {
+        column_max<false>(below, ld, iend, rows, shift);
+      } else {
+        column_max<true>(below, ld, iend, rows, shift);
+      }
+      bool empty[T];
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = s + (i0 + r) * ld;
+        this->mask_row(row, i0 + r, iend);
+        const float m = max_nan(row_max(row, iend), shift[r]);
+        // A row with no allowed key holds only -inf scores: a shift of 0 makes each P exactly 0.
+        empty[r] = m == kNegInf;
+        shift[r] = empty[r] ? 0.f : m;
+        sum[r] = exp_sum_store(row, iend, shift[r], nullptr, row);
+      }
+      if (rows == T) {
+        column_exp<false>(below, ld, iend, rows, shift, pt, sum);
+      } else {
+        column_exp<true>(below, ld, iend, rows, shift, pt, sum);
+      }
+      const auto [dst, ldo] = product_rows(i0, o);
+      gemm<Dot, false>(rows, Dv_, iend, Panel{s + i0 * ld, ld}, v, dst, ldo, 1.f, false);
+      if (iend < L_) gemm<Dot, true>(rows, Dv_, L_ - iend, Panel{pt, T}, Base::b_from(v, iend), dst, ldo, 1.f, true);
+      for (int64_t r = 0; r < rows; ++r) {
+        *this->lse_ptr(i0 + r) = empty[r] ? kNegInf : shift[r] + std::log(sum[r]);
+        scale_inplace(dst + r * ldo, Dv_, empty[r] ? 0.f : 1.f / sum[r]);
+        if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ldo, Dv_);
+      }
+    }
+  }
+
+  // Lanes of a run of kSymTile columns, rows of them from its start: whole vectors, or (kTail)
+  // as many as remain of rows in vector v.
+  static constexpr int kTileVecs = static_cast<int>(kSymTile / kVec);
+  template <bool kTail>
+  static int64_t lanes(int64_t rows, int v) {
+    return kTail ? std::clamp<int64_t>(rows - v * kVec, 0, kVec) : kVec;
+  }
+
+  // cmax[c] = the maximum of column c < cols of x ([L - j0, cols] at row stride ld: keys j0.. of
+  // the queries of its columns) over its real keys: -inf for none, NaN where that is -inf but a
+  // real key's score is NaN (row_max's rule).
+  template <bool kTail>
+  void column_max(const float* x, int64_t ld, int64_t j0, int64_t cols, float* cmax) const {
+    Vec acc[kTileVecs];
+    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) acc[v] = Vec(kNegInf);
+    for (int64_t j = j0; j < L_; ++j) {
+      if (!this->real_key(j)) continue;
+      const float* row = x + (j - j0) * ld;
+      SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+        if (lanes<kTail>(cols, v) > 0) {
+          acc[v] = max_running(acc[v], kTail ? Vec::loadu(row + v * kVec, lanes<kTail>(cols, v))
+                                             : Vec::loadu(row + v * kVec));
+        }
+      }
+    }
+    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+      if (lanes<kTail>(cols, v) > 0) acc[v].store(cmax + v * kVec, lanes<kTail>(cols, v));
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      if (cmax[c] != kNegInf) continue;
+      for (int64_t j = j0; j < L_; ++j) {
+        if (this->real_key(j) && std::isnan(x[(j - j0) * ld + c])) cmax[c] = std::numeric_limits<float>::quiet_NaN();
+      }
+    }
+  }
+
+  // pt[(j - j0) * kSymTile + c] = exp(x[j - j0][c] - shift[c]) for the keys j >= j0 of the columns
+  // c < cols of x (as column_max), 0 on padded keys; sum[c] += their sum, keys in order.
+  template <bool kTail>
+  void column_exp(const float* x, int64_t ld, int64_t j0, int64_t cols, const float* shift, float* pt,
+                  float* sum) const {
+    Vec m[kTileVecs], acc[kTileVecs];
+    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+      m[v] = lanes<kTail>(cols, v) > 0 ? Vec::loadu(shift + v * kVec, lanes<kTail>(cols, v)) : Vec(0.f);
+      acc[v] = Vec(0.f);
+    }
+    for (int64_t j = j0; j < L_; ++j) {
+      float* prow = pt + (j - j0) * kSymTile;
+      if (!this->real_key(j)) {
+        fill(prow, cols, 0.f);
+        continue;
+      }
+      const float* row = x + (j - j0) * ld;
+      SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+        const int64_t n = lanes<kTail>(cols, v);
+        if (n == 0) continue;
+        const Vec e = exp_vec((kTail ? Vec::loadu(row + v * kVec, n) : Vec::loadu(row + v * kVec)) - m[v]);
+        if (kTail) {
+          e.store(prow + v * kVec, n);
+          acc[v] = acc[v] + Vec::set(Vec(0.f), e, n);
+        } else {
+          e.store(prow + v * kVec);
+          acc[v] = acc[v] + e;
+        }
+      }
+    }
+    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+      const int64_t n = lanes<kTail>(cols, v);
+      if (n > 0) (Vec::loadu(sum + v * kVec, n) + acc[v]).store(sum + v * kVec, n);
+    }
+  }
+
   // Query blocks against key tiles: each tile's scores update the rows' running max m and sum l,
   // the output block is rescaled by exp(m_old - m_new) where a row's max grows, then gains P V.
   void run_tiled(int64_t r0, int64_t r1) {
     this->setup_keys();
     // Keys up to the last one any of the rows attends (a causal task's stop at its last row).
     this->pack_query_key(shared_, r0, r1, 0, this->block_keys(r0, r1 - r0));
-    this->pack_values();
+    pack_values_contiguous();
     float* s = ws_.template take<float>(g_.block * kKeyTile);
     Word* probs = nullptr;
     int64_t ldp = kKeyTile;
@@ -1367,7 +1539,7 @@ class ForwardHead : public Head<scalar_t> {
     const bool one_group = r0 == c0;
     this->setup_keys();
     this->pack_query_key(shared_, r0, r1, c0, c1);  // the tiles' keys are rows [c0, c1)
-    this->pack_values();
+    pack_values_contiguous();
     start_states(side_a, r1 - r0);
     if (!one_group) start_states(side_b, c1 - c0);
     // The output rows of the states are not zeroed beforehand: the first product into a block of
