@@ -2,9 +2,9 @@
 reference's 16-bit values and the scalar C++ Philox over many element offsets (every offset
 modulo 8, counters crossing 2^32, every tail length), its keep rate per value of a counter, the
 multipliers' expectation, dropout probabilities near 0 and 1, the kernels' masks
-bit-equal to the reference at odd key counts, causal, key padding and varlen, forward and
-gradients against the fp64 reference under dropout, and all of it again on every
-instruction-set build."""
+bit-equal to the reference at odd key counts, causal, key padding and varlen (fp32, and bf16 at
+a head dim the bf16 products take), forward and gradients against the fp64 reference under
+dropout, and all of it again on every instruction-set build."""
 
 import pytest
 import torch
@@ -82,12 +82,12 @@ def test_vector_generator_keep_rate_per_value_and_unit_expectation(p):
     assert abs(multipliers.mean().item() - 1.0) < 5 * mean_sigma
 
 
-def _kernel_mask(B, S, H, p, seed_state, **kw):
+def _kernel_mask(B, S, H, p, seed_state, dtype=torch.float32, D=8, **kw):
     """The kernel's keep mask where attention is allowed, read off its output: q = 0 makes P
     uniform over the allowed keys, v = columns of the identity makes out[b, i, h, j] =
     P_ij * keep_ij * dropout_scale(p) (a call per 256 keys, the widest value, under one seed)."""
-    q = torch.zeros(B, S, H, 8)
-    eye = torch.eye(S)
+    q = torch.zeros(B, S, H, D, dtype=dtype)
+    eye = torch.eye(S, dtype=dtype)
     columns = []
     for k0 in range(0, S, 256):
         v = eye[None, :, None, k0:k0 + 256].expand(B, S, H, -1).contiguous()
@@ -111,18 +111,28 @@ def _padding(B, S, kind):
 
 # Odd key counts (rows starting at every offset residue modulo 8), past 128 keys, and long heads:
 # mirrored ones (each score tile also read down its columns, whose masks are drawn by query and
-# bit-transposed; at 1100 tokens in 256 x 256 tiles) and causal ones on the row schedule.
-MASK_CASES = [(S, causal, padding) for S in (1, 37, 130) for causal in (False, True)
-              for padding in ("none", "tail", "heavy", "holes")] + [(530, False, "none"), (530, True, "holes"),
-                                                                    (1100, False, "tail"), (1100, False, "holes")]
+# bit-transposed; at 1100 tokens in 256 x 256 tiles) and causal ones on the row schedule. Then bf16
+# heads whose products the bf16 builds run on their own units (D = 64: vdpbf16ps, or AMX tiles
+# where the CPU has them), where the fp32 cases (D = 8) never go: query blocks at every causal
+# length, padded rows and keys, heads of several query blocks (512 tokens on AMX tiles) and long
+# heads in key tiles.
+MASK_CASES = [(S, causal, padding, torch.float32) for S in (1, 37, 130) for causal in (False, True)
+              for padding in ("none", "tail", "heavy", "holes")] + [
+    (530, False, "none", torch.float32), (530, True, "holes", torch.float32), (1100, False, "tail", torch.float32),
+    (1100, False, "holes", torch.float32)] + [
+    (S, causal, padding, torch.bfloat16) for S, causal, padding in [
+        (37, False, "none"), (130, True, "holes"), (512, False, "tail"), (512, True, "none"), (1100, False, "heavy"),
+        (1100, True, "holes")]]
 
 
-@pytest.mark.parametrize("S,causal,padding", MASK_CASES,
-                         ids=[f"S{S}-{'causal' if c else 'full'}-{pad}" for S, c, pad in MASK_CASES])
-def test_kernel_mask_bit_equal_to_reference(S, causal, padding):
+@pytest.mark.parametrize("S,causal,padding,dtype", MASK_CASES,
+                         ids=[f"S{S}-{'causal' if c else 'full'}-{pad}{'-bf16' if dt == torch.bfloat16 else ''}"
+                              for S, c, pad, dt in MASK_CASES])
+def test_kernel_mask_bit_equal_to_reference(S, causal, padding, dtype):
     B, H, p = 2, 2 if S < 512 else 1, 0.3
     key_padding_mask = _padding(B, S, padding)
-    got = _kernel_mask(B, S, H, p, seed_state=S, causal=causal, key_padding_mask=key_padding_mask)
+    got = _kernel_mask(B, S, H, p, seed_state=S, dtype=dtype, D=8 if dtype == torch.float32 else 64, causal=causal,
+                       key_padding_mask=key_padding_mask)
     want = R.dropout_keep_mask(kernel_dropout_seed(S), p, torch.arange(B * S).view(B, S), B * S, H, S, S)
     allowed = R.attention_mask(B, S, causal=causal, key_padding_mask=key_padding_mask)  # [B, 1 or H, S, S]
     want = want & allowed
