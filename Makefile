@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.symattn-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: test test-fast test-interpret test-latest dist-check bench info train train-lama train-distributed check-cuda-build check-cuda-sdist clean
+.PHONY: test test-fast test-interpret test-latest compile-check-gpu-triton dist-check bench info train train-lama train-distributed check-cuda-build check-cuda-sdist clean
 
 # Bootstrap (or update) the venv with the versions pinned in constraints.txt, then an editable
 # install without build isolation, so csrc/ builds against the venv's torch.
@@ -19,8 +19,9 @@ test: $(STAMP)
 	$(PYTEST) -m "not interpret and not gpu" tests || failed="$$failed tests"; \
 	$(MAKE) --no-print-directory test-interpret || failed="$$failed test-interpret"; \
 	$(MAKE) --no-print-directory dist-check || failed="$$failed dist-check"; \
+	$(MAKE) --no-print-directory compile-check-gpu-triton || failed="$$failed compile-check-gpu-triton"; \
 	if [ -n "$$failed" ]; then echo "make test: FAILED stages:$$failed"; exit 1; fi; \
-	echo "make test: every stage passed (tests, test-interpret, dist-check)"
+	echo "make test: every stage passed (tests, test-interpret, dist-check, compile-check-gpu-triton)"
 
 # Triton's interpreter must be switched on before triton is imported: its own pytest process.
 # Exit code 5 means no interpreter tests were collected, which is not a failure.
@@ -29,6 +30,15 @@ test-interpret: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PYTEST) -x -m "not interpret and not gpu and not slow" tests
+
+# The quick static compile report under the Triton the GPU machines run (3.6), in its own venv
+# with torch 2.13.0 and no package install (PYTHONPATH): the kernels' language features and the
+# configs' spills must hold there too, not only on the pinned Triton.
+GPU_TRITON ?= 3.6.0
+compile-check-gpu-triton:
+	test -x .venv-triton-gpu/bin/python || { python3 -m venv .venv-triton-gpu && \
+	    .venv-triton-gpu/bin/pip install -q "torch==2.13.0" "triton==$(GPU_TRITON)" numpy; }
+	PYTHONPATH=. .venv-triton-gpu/bin/python -m bench.compile_report --quick
 
 # The suite against the newest versions the requirement ranges allow (torch stays pinned), in its
 # own venv, so upstream drift shows up as a named failure here rather than in `make test`.
