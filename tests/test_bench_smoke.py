@@ -123,3 +123,23 @@ def test_cpu_long_section_reports_scaling_and_plots(tmp_path):
     assert "GF/s exec" in text and "600" in text
     cpu_kernels.plot_long(report, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_paired_trees_times_both_trees_in_rounds():
+    """`bench.paired_trees` with this tree as base and new: one line per shape and mode, the
+    medians of both trees and their per-round ratio."""
+    from symattn_kernels import extensions
+
+    if extensions.state("cpu").how == extensions.ABSENT:
+        pytest.skip("the cpu backend is absent here")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.paired_trees", str(ROOT), str(ROOT), "--rounds", "1", "--seconds", "0.01",
+         "--shapes", "1x40x2", "--dtype", "float32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("float32, kernel set ") and "1 thread, 1 interleaved rounds" in lines[0]
+    rows = {line.split()[0] + " " + line.split()[1]: [float(x) for x in line.split()[2:]] for line in lines[2:]}
+    assert set(rows) == {"1x40x2 fwd", "1x40x2 fwd+bwd"}
+    assert all(base > 0 and new > 0 and ratio > 0 for base, new, ratio in rows.values())

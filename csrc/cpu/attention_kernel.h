@@ -92,6 +92,12 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
+#if !defined(SYMATTN_AMX_DOT)
+// A task's products hold no tile state where they don't run on AMX tiles (see amx_gemm.h).
+struct AmxTileScope {
+  AmxTileScope() {}  // user-provided: a scope object is not an unused variable
+};
+#endif
 // Micro-tile: kMR rows x kNV vectors. AVX-512: 6 x 64 keeps 24 of 32 registers as accumulators;
 // AVX2: 6 x 16 keeps 12 of 16. kMR is even so that query blocks start on a bf16 pair.
 constexpr int kMR = 6;
@@ -1276,6 +1282,7 @@ class ForwardHead : public Head<scalar_t> {
   // Query rows [r0, r1) of the head: r0 is a multiple of the query block (so even), and a head
   // on the symmetric schedule is only ever run whole.
   void run(int64_t r0, int64_t r1) {
+    AmxTileScope tiles;  // one tile configuration for the task's products
     if (g_.tiled) {
       run_tiled(r0, r1);
       return;
@@ -1820,6 +1827,7 @@ class BackwardHead : public Head<scalar_t> {
   // slice, which this zeroes first and the caller sums over the head's slices (reduce). With
   // slice == null: the whole head (r0 = 0, r1 = L), written to dq / dv / dcoef_partial.
   void run(int64_t r0, int64_t r1, const BackwardSlice* slice) {
+    AmxTileScope tiles;
     const CoefMode mode = bp_.coef_mode;
     const bool want_dcoef = bp_.dcoef_partial != nullptr && mode != CoefMode::kNone;
     this->setup_keys();
@@ -1945,6 +1953,7 @@ class BackwardHead : public Head<scalar_t> {
 
   // Score tile (bi, bj), bi >= bj, in both roles (see above); scratch holds tiled_scratch_floats.
   void pair_tile(int64_t bi, int64_t bj, float* scratch) {
+    AmxTileScope tiles;
     const int64_t T = g_.tile;
     const int64_t i0 = bi * T, rows = std::min(T, L_ - i0), j0 = bj * T, cols = std::min(T, L_ - j0);
     const bool same = bi == bj;
