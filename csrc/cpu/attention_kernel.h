@@ -92,6 +92,12 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
+#if !defined(SYMATTN_AMX_DOT)
+// A task's products hold no tile state where they don't run on AMX tiles (see amx_gemm.h).
+struct AmxTileScope {
+  AmxTileScope() {}  // user-provided: a scope object is not an unused variable
+};
+#endif
 // Micro-tile: kMR rows x kNV vectors. AVX-512: 6 x 64 keeps 24 of 32 registers as accumulators;
 // AVX2: 6 x 16 keeps 12 of 16. kMR is even so that query blocks start on a bf16 pair.
 constexpr int kMR = 6;
@@ -1276,6 +1282,7 @@ class ForwardHead : public Head<scalar_t> {
   // Query rows [r0, r1) of the head: r0 is a multiple of the query block (so even), and a head
   // on the symmetric schedule is only ever run whole.
   void run(int64_t r0, int64_t r1) {
+    AmxTileScope tiles;  // one tile configuration for the task's products
     if (g_.tiled) {
       run_tiled(r0, r1);
       return;
@@ -1335,15 +1342,19 @@ class ForwardHead : public Head<scalar_t> {
 
   // pack_values, then fp32 values read in place copied to a contiguous [rows, Dv] block: a head's
   // rows sit H Dv floats apart in the input (3 KiB at H = 12, Dv = 64), a stride that puts the
-  // [kDepth, kNR] values panel the P V micro-kernels reuse on 16 of the 64 L1 sets.
-  void pack_values_contiguous() {
+  // [kDepth, kNR] values panel the P V micro-kernels reuse on 16 of the 64 L1 sets. The copy
+  // holds the rows the task reads, at their own index: [r0, r1) (r1 < 0: every packed row) and a
+  // mirrored task's other group [c0, c1).
+  void pack_values_contiguous(int64_t r0 = 0, int64_t r1 = -1, int64_t c0 = 0, int64_t c1 = 0) {
     this->pack_values();
     if constexpr (!kPairs && !kHalf) {
       if (vb_.ld != Dv_) {
         float* packed = ws_.template take<float>(L_ * Dv_);
-        for (int64_t j = 0; j < this->packed_rows_; ++j) {
-          std::memcpy(packed + j * Dv_, vb_.data + j * vb_.ld, Dv_ * sizeof(float));
-        }
+        auto copy = [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) std::memcpy(packed + j * Dv_, vb_.data + j * vb_.ld, Dv_ * sizeof(float));
+        };
+        copy(r0, r1 < 0 ? this->packed_rows_ : r1);
+        if (c0 != r0) copy(c0, c1);
         vb_ = {packed, Dv_};
       }
     }
@@ -1539,7 +1550,7 @@ class ForwardHead : public Head<scalar_t> {
     const bool one_group = r0 == c0;
     this->setup_keys();
     this->pack_query_key(shared_, r0, r1, c0, c1);  // the tiles' keys are rows [c0, c1)
-    pack_values_contiguous();
+    pack_values_contiguous(r0, r1, c0, c1);
     start_states(side_a, r1 - r0);
     if (!one_group) start_states(side_b, c1 - c0);
     // The output rows of the states are not zeroed beforehand: the first product into a block of
@@ -1820,6 +1831,7 @@ class BackwardHead : public Head<scalar_t> {
   // slice, which this zeroes first and the caller sums over the head's slices (reduce). With
   // slice == null: the whole head (r0 = 0, r1 = L), written to dq / dv / dcoef_partial.
   void run(int64_t r0, int64_t r1, const BackwardSlice* slice) {
+    AmxTileScope tiles;
     const CoefMode mode = bp_.coef_mode;
     const bool want_dcoef = bp_.dcoef_partial != nullptr && mode != CoefMode::kNone;
     this->setup_keys();
@@ -1945,6 +1957,7 @@ class BackwardHead : public Head<scalar_t> {
 
   // Score tile (bi, bj), bi >= bj, in both roles (see above); scratch holds tiled_scratch_floats.
   void pair_tile(int64_t bi, int64_t bj, float* scratch) {
+    AmxTileScope tiles;
     const int64_t T = g_.tile;
     const int64_t i0 = bi * T, rows = std::min(T, L_ - i0), j0 = bj * T, cols = std::min(T, L_ - j0);
     const bool same = bi == bj;
