@@ -1342,15 +1342,19 @@ class ForwardHead : public Head<scalar_t> {
 
   // pack_values, then fp32 values read in place copied to a contiguous [rows, Dv] block: a head's
   // rows sit H Dv floats apart in the input (3 KiB at H = 12, Dv = 64), a stride that puts the
-  // [kDepth, kNR] values panel the P V micro-kernels reuse on 16 of the 64 L1 sets.
-  void pack_values_contiguous() {
+  // [kDepth, kNR] values panel the P V micro-kernels reuse on 16 of the 64 L1 sets. The copy
+  // holds the rows the task reads, at their own index: [r0, r1) (r1 < 0: every packed row) and a
+  // mirrored task's other group [c0, c1).
+  void pack_values_contiguous(int64_t r0 = 0, int64_t r1 = -1, int64_t c0 = 0, int64_t c1 = 0) {
     this->pack_values();
     if constexpr (!kPairs && !kHalf) {
       if (vb_.ld != Dv_) {
         float* packed = ws_.template take<float>(L_ * Dv_);
-        for (int64_t j = 0; j < this->packed_rows_; ++j) {
-          std::memcpy(packed + j * Dv_, vb_.data + j * vb_.ld, Dv_ * sizeof(float));
-        }
+        auto copy = [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) std::memcpy(packed + j * Dv_, vb_.data + j * vb_.ld, Dv_ * sizeof(float));
+        };
+        copy(r0, r1 < 0 ? this->packed_rows_ : r1);
+        if (c0 != r0) copy(c0, c1);
         vb_ = {packed, Dv_};
       }
     }
@@ -1546,7 +1550,7 @@ class ForwardHead : public Head<scalar_t> {
     const bool one_group = r0 == c0;
     this->setup_keys();
     this->pack_query_key(shared_, r0, r1, c0, c1);  // the tiles' keys are rows [c0, c1)
-    pack_values_contiguous();
+    pack_values_contiguous(r0, r1, c0, c1);
     start_states(side_a, r1 - r0);
     if (!one_group) start_states(side_b, c1 - c0);
     // The output rows of the states are not zeroed beforehand: the first product into a block of
