@@ -104,6 +104,16 @@ def test_whole_symmetric_head_nan_key_beyond_the_diagonal_tile():
     assert out[0, 0].isnan().all() and lse[0, 0].isnan().all()
 
 
+# The fp32 backward reads Y, V and dO (every head's rows H * D floats apart) from per-head copies
+# at a padded row stride of their own width: whole heads (symmetric schedule, and causal) and
+# tiled ones, D and Dv of different padded strides, a diagonal coefficient, padding.
+@pytest.mark.parametrize("seqlen,causal", [(512, False), (320, True), (600, False)], ids=["S512", "S320-causal", "S600"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
+def test_fp32_backward_of_strided_heads(seqlen, causal, shared):
+    inputs = make_inputs(B=2, S=seqlen, H=2, D=64, Dv=40, coef_mode="diag", shared=shared)
+    check_against_reference(inputs, torch.float32, causal=causal, key_padding_mask=padding_mask(2, seqlen, "partial"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("coef_mode", COEF_MODES)
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])

@@ -822,6 +822,16 @@ int64_t key_stride(int64_t n) {
   return ld % 256 == 0 ? ld + kVec : ld;
 }
 
+// Row stride of a copied [rows, n] fp32 panel that products read as B (keys along k): n rounded up
+// to an odd count of 64-byte lines. A micro-kernel reuses a [kDepth, kNR] window of it for every
+// row block; at an odd count of lines per row the window's rows fall on every L1 set, where an
+// even count (a head's 3 KiB input stride, or 64 floats) puts the kNR = 16 window of AVX2 on 4 or
+// 16 of the 64 sets (the wider AVX-512 window covers whole rows either way).
+int64_t panel_stride(int64_t n) {
+  const int64_t ld = round_up(std::max<int64_t>(n, 1), 16);
+  return (ld / 16) % 2 == 0 ? ld + 16 : ld;
+}
+
 // Sizes shared by every head of one call.
 struct Geometry {
   int64_t L = 0;      // longest sequence
@@ -1813,7 +1823,7 @@ class BackwardHead : public Head<scalar_t> {
     const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
     const bool shared = p.v.data == nullptr, coef = p.coef_mode != CoefMode::kNone;
     const bool full = p.coef_mode == CoefMode::kFull;
-    return Base::panel_floats(p, g, true)
+    return Base::panel_floats(p, g, true) + copy_floats(p, L)
            + (kPairs && coef ? words(L) * D : 0)                                // Qb
            + (shared ? 0 : (kPairs ? L * words(Dv) : 0) + words(Dv) * g.ldk)    // Va, Vt
            + (kPairs ? L * words(Dv) + words(L) * Dv : (kHalf ? L * Dv : 0))   // dO as A rows, B rows
@@ -1835,6 +1845,7 @@ class BackwardHead : public Head<scalar_t> {
     const CoefMode mode = bp_.coef_mode;
     const bool want_dcoef = bp_.dcoef_partial != nullptr && mode != CoefMode::kNone;
     this->setup_keys();
+    copy_inputs();
     this->pack_query_key(true);
     this->pack_values();
     pack_backward_inputs();
@@ -1915,7 +1926,7 @@ class BackwardHead : public Head<scalar_t> {
   static int64_t tiled_head_floats(const BackwardParams& p, const Geometry& g) {
     const int64_t L = g.L, D = p.head_dim, Dv = p.value_dim;
     const bool shared = p.v.data == nullptr;
-    return Base::panel_floats(p, g, true)
+    return Base::panel_floats(p, g, true) + copy_floats(p, L)
            + (shared ? 0 : (kPairs ? L * words(Dv) : 0) + words(Dv) * g.ldk)  // Va, Vt
            + (kPairs ? L * words(Dv) + words(L) * Dv : (kHalf ? L * Dv : 0))   // dO as A rows, B rows
            + words(Dv) * g.ldk                                                 // dO^T
@@ -1935,6 +1946,7 @@ class BackwardHead : public Head<scalar_t> {
   // Panels, delta and zeroed accumulators for every round of this head.
   void prepare_tiled() {
     this->setup_keys();
+    copy_inputs();
     this->pack_query_key(true);
     this->pack_values();
     pack_backward_inputs();
@@ -2111,6 +2123,35 @@ class BackwardHead : public Head<scalar_t> {
     }
   }
 
+  // fp32 inputs would be read in place as every operand, but a head's rows sit H D floats apart
+  // (3 KiB at H = 12, D = 64): Y, V and dO, the B panels of G Y, Pd^T dO (and the tiled
+  // backward's tile products), are copied once per head at panel_stride (see there).
+  static int64_t copy_floats(const BackwardParams& p, int64_t L) {
+    if constexpr (kPairs || kHalf) return 0;
+    return L * (panel_stride(p.head_dim) + (p.v.data != nullptr ? 2 : 1) * panel_stride(p.value_dim));
+  }
+
+  // [L, width] rows at row stride ld to a workspace copy at panel_stride(width).
+  const float* copy_rows(const float* src, int64_t ld, int64_t width) {
+    const int64_t ldc = panel_stride(width);
+    float* dst = ws_.template take<float>(L_ * ldc);
+    for (int64_t i = 0; i < L_; ++i) std::memcpy(dst + i * ldc, src + i * ld, width * sizeof(float));
+    return dst;
+  }
+
+  // Y and V (after setup_keys, which may have replaced them by a copy without non-finite padding)
+  // read from copies at panel_stride, for fp32 operands.
+  void copy_inputs() {
+    if constexpr (!kPairs && !kHalf) {
+      auto& y = this->y_rows_;
+      y = {copy_rows(y.data, y.ld, D_), panel_stride(D_)};
+      if (!shared_) {
+        auto& v = this->v_rows_;
+        v = {copy_rows(v.data, v.ld, Dv_), panel_stride(Dv_)};
+      }
+    }
+  }
+
   // Vt = V^T as B [Dv, ldk] for dP = dO V^T, dO as A rows and as B rows, and dlse by row.
   void pack_backward_inputs() {
     if (shared_) {
@@ -2133,7 +2174,7 @@ class BackwardHead : public Head<scalar_t> {
       for (int64_t i = 0; i < L_; ++i) load_row(dof + i * Dv_, dout + i * ld, Dv_);
       do_rows_ = do_pairs_ = {dof, Dv_};
     } else {
-      do_rows_ = do_pairs_ = {dout, ld};
+      do_rows_ = do_pairs_ = {copy_rows(dout, ld, Dv_), panel_stride(Dv_)};
     }
     dlse_ = ws_.template take<float>(L_);
     for (int64_t i = 0; i < L_; ++i) {
