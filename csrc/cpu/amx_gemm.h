@@ -1,5 +1,5 @@
 // Bfloat16 products on AMX tiles (TDPBF16PS), for the AVX512_AMX kernel set: the same products,
-// operand formats and rounding as Bf16Dot in attention_kernel.h (bf16 operands, exact pair
+// operand formats and rounding as Bf16Dot in attention_gemm.h (bf16 operands, exact pair
 // products, fp32 accumulation), on the tile unit instead of vdpbf16ps.
 //
 // C[m, n] (=|+=) alpha * op(A)[m, k] * B[k, n] is computed in blocks of 2 x 2 tiles (32 x 32 fp32)

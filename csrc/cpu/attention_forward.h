@@ -1,0 +1,561 @@
+// ForwardHead: one forward task's query rows of a head, whole-head symmetric, flash-style
+// tiled with an online softmax, or mirrored over a pair of row groups.
+#pragma once
+
+#include "attention_head.h"
+
+namespace symattn::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+template <typename scalar_t>
+class ForwardHead : public Head<scalar_t> {
+  using Base = Head<scalar_t>;
+  using typename Base::Dot, typename Base::Word, typename Base::Panel;
+  using Base::kPairs, Base::kHalf, Base::D_, Base::Dv_, Base::L_, Base::g_, Base::p_, Base::ws_, Base::vb_,
+      Base::shared_;
+
+ public:
+  using Base::Base;
+
+  // Exactly what run() takes from the workspace.
+  // The head's panels, with the contiguous fp32 values of pack_values_contiguous.
+  static int64_t panel_floats(const ForwardParams& p, const Geometry& g) {
+    return Base::panel_floats(p, g, false) + (!kPairs && !kHalf ? g.L * p.value_dim : 0);
+  }
+
+  static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
+    constexpr int64_t T = kMirrorTile;
+    const int64_t mirrored = !g.mirrored ? 0
+                             : panel_floats(p, g)
+                                   + 2 * T * T                              // S / P, column P tiles
+                                   + (kPairs ? T * T / 2 + T * T / 2 : 0)   // bf16 P, column P pairs
+                                   + kStrip                                 // a column strip's maxima
+                                   + (p.dropout_p > 0.0 ? 2 * (keep_bit_words(T) * (T + 1) + T * T / 64)
+                                                        : 0);  // keep bits: a row, by query, by key
+    if (g.tiled) {
+      return std::max(mirrored, panel_floats(p, g)
+             + g.block * kKeyTile                      // score tile
+             + (kPairs ? g.block * kKeyTile / 2 : 0)   // P tile as bf16 A rows
+             + g.block * p.value_dim                   // output block
+             + 2 * g.block                             // running row max and sum
+             + (p.dropout_p > 0.0 ? 2 * keep_bit_words(kKeyTile) : 0));  // keep bits of a tile row
+    }
+    return panel_floats(p, g)
+           + g.block * g.ldk                      // score block
+           + (g.symmetric && !kPairs ? g.L * kSymTile + 2 * kSymTile : 0)  // run_symmetric's P^T, sums
+           + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
+           + g.block                              // 1 / row sums
+           + (p.dropout_p > 0.0 ? 2 * keep_bit_words(g.ldk) : 0)  // keep bits of a row
+           + (kHalf ? g.block * p.value_dim : 0);  // output block
+  }
+
+  void prefetch_inputs() const {
+    this->prefetch(p_.q, D_);
+    this->prefetch(p_.v, Dv_);
+  }
+
+  // Query rows [r0, r1) of the head: r0 is a multiple of the query block (so even), and a head
+  // on the symmetric schedule is only ever run whole.
+  void run(int64_t r0, int64_t r1) {
+    AmxTileScope tiles;  // one tile configuration for the task's products
+    if (g_.tiled) {
+      run_tiled(r0, r1);
+      return;
+    }
+    this->setup_keys();
+    this->pack_query_key(shared_, r0, r1);
+    pack_values_contiguous();
+    if constexpr (!kPairs) {
+      if (unmirrored_symmetric()) {
+        run_symmetric();
+        return;
+      }
+    }
+    float* s = ws_.template take<float>(g_.block * g_.ldk);
+    // exp(S - rowmax) as A rows: bf16 beside the scores, or the fp32 scores themselves.
+    Word* probs = nullptr;
+    int64_t ldp = g_.ldk;
+    if constexpr (kPairs) {
+      ldp = g_.ldk / 2;
+      probs = ws_.template take<Word>(g_.block * ldp);
+    } else {
+      probs = s;
+    }
+    float* inv_sum = ws_.template take<float>(g_.block);
+    uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(keep_bit_words(g_.ldk)) : nullptr;
+    float* o = kHalf ? ws_.template take<float>(g_.block * Dv_) : nullptr;
+    const int64_t block = g_.block;  // >= L_ for symmetric heads
+    for (int64_t i0 = r0; i0 < r1; i0 += block) {
+      const int64_t rows = std::min(block, r1 - i0);
+      const int64_t kend = this->block_keys(i0, rows);
+      if (kend > 0) this->scores(s, i0, rows, kend);
+      for (int64_t r = 0; r < rows; ++r) {
+        inv_sum[r] = softmax_row(s + r * g_.ldk, i0 + r, kend, keep, probs + r * ldp);
+      }
+      // out = P V / rowsum, written straight into the output for fp32.
+      Band band;
+      if (p_.causal) band.k_hi = i0;
+      const auto [dst, ld] = product_rows(i0, o);
+      gemm<Dot, false>(rows, Dv_, kend, Panel{probs, ldp}, vb_, dst, ld, 1.f, false, band);
+      for (int64_t r = 0; r < rows; ++r) {
+        scale_inplace(dst + r * ld, Dv_, inv_sum[r]);
+        if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ld, Dv_);
+      }
+    }
+  }
+
+ private:
+  // Where the P V product of the query rows from i0 goes, and its row stride: the output itself
+  // for fp32, else the fp32 block o, whose rows are then stored to the output.
+  std::pair<float*, int64_t> product_rows(int64_t i0, float* o) const {
+    if constexpr (kHalf) {
+      return {o, Dv_};
+    } else {
+      return {this->row_ptr(p_.out, i0), p_.out.token};
+    }
+  }
+
+  // pack_values, then fp32 values read in place copied to a contiguous [rows, Dv] block: a head's
+  // rows sit H Dv floats apart in the input (3 KiB at H = 12, Dv = 64), a stride that puts the
+  // [kDepth, kNR] values panel the P V micro-kernels reuse on 16 of the 64 L1 sets. The copy
+  // holds the rows the task reads, at their own index: [r0, r1) (r1 < 0: every packed row) and a
+  // mirrored task's other group [c0, c1).
+  void pack_values_contiguous(int64_t r0 = 0, int64_t r1 = -1, int64_t c0 = 0, int64_t c1 = 0) {
+    this->pack_values();
+    if constexpr (!kPairs && !kHalf) {
+      if (vb_.ld != Dv_) {
+        float* packed = ws_.template take<float>(L_ * Dv_);
+        auto copy = [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) std::memcpy(packed + j * Dv_, vb_.data + j * vb_.ld, Dv_ * sizeof(float));
+        };
+        copy(r0, r1 < 0 ? this->packed_rows_ : r1);
+        if (c0 != r0) copy(c0, c1);
+        vb_ = {packed, Dv_};
+      }
+    }
+  }
+
+  // Whether this head (after setup_keys) takes run_symmetric: the whole-head symmetric schedule
+  // on fp32 operands without dropout. bf16 operands would need P^T repacked as row pairs, and
+  // dropout its keep bits drawn by query and transposed, so those heads mirror the scores.
+  bool unmirrored_symmetric() const { return this->symmetric_ && !kPairs && !this->dropout(); }
+
+  // A whole head on the symmetric schedule without a mirrored copy of the scores: only the lower
+  // tile triangle is multiplied and stored, and each tile row I of queries reads its keys in two
+  // parts. Keys up to the end of its diagonal tile are its own stored rows, exponentiated in
+  // place; later keys J are the columns of the stored tiles (J, I), read down them: their maxima
+  // join the rows' maxima, and their exponentials go into a scratch P^T [keys, queries], which the
+  // P V product takes in its kTransA form. Row I's part of a tile (J, I) is read before tile row J
+  // exponentiates it in place, as tile rows go in order.
+  void run_symmetric() {
+    constexpr int64_t T = kSymTile;
+    const int64_t ld = g_.ldk;
+    float* s = ws_.template take<float>(L_ * ld);
+    float* pt = ws_.template take<float>(L_ * T);
+    float* shift = ws_.template take<float>(T);
+    float* sum = ws_.template take<float>(T);
+    float* o = kHalf ? ws_.template take<float>(std::min(T, L_) * Dv_) : nullptr;
+    const Panel v = vb_;
+    this->lower_scores(s);
+    for (int64_t i0 = 0; i0 < L_; i0 += T) {
+      const int64_t rows = std::min(T, L_ - i0), iend = i0 + rows;
+      const float* below = s + iend * ld + i0;  // tiles (J, I), J > I: [L - iend, rows]
+      if (rows == T) {
+        column_max<false>(below, ld, iend, rows, shift);
+      } else {
+        column_max<true>(below, ld, iend, rows, shift);
+      }
+      bool empty[T];
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = s + (i0 + r) * ld;
+        this->mask_row(row, i0 + r, iend);
+        const float m = max_nan(row_max(row, iend), shift[r]);
+        // A row with no allowed key holds only -inf scores: a shift of 0 makes each P exactly 0.
+        empty[r] = m == kNegInf;
+        shift[r] = empty[r] ? 0.f : m;
+        sum[r] = exp_sum_store(row, iend, shift[r], nullptr, row);
+      }
+      if (rows == T) {
+        column_exp<false>(below, ld, iend, rows, shift, pt, sum);
+      } else {
+        column_exp<true>(below, ld, iend, rows, shift, pt, sum);
+      }
+      const auto [dst, ldo] = product_rows(i0, o);
+      gemm<Dot, false>(rows, Dv_, iend, Panel{s + i0 * ld, ld}, v, dst, ldo, 1.f, false);
+      if (iend < L_) gemm<Dot, true>(rows, Dv_, L_ - iend, Panel{pt, T}, Base::b_from(v, iend), dst, ldo, 1.f, true);
+      for (int64_t r = 0; r < rows; ++r) {
+        *this->lse_ptr(i0 + r) = empty[r] ? kNegInf : shift[r] + std::log(sum[r]);
+        scale_inplace(dst + r * ldo, Dv_, empty[r] ? 0.f : 1.f / sum[r]);
+        if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ldo, Dv_);
+      }
+    }
+  }
+
+  // Lanes of a run of kSymTile columns, rows of them from its start: whole vectors, or (kTail)
+  // as many as remain of rows in vector v.
+  static constexpr int kTileVecs = static_cast<int>(kSymTile / kVec);
+  template <bool kTail>
+  static int64_t lanes(int64_t rows, int v) {
+    return kTail ? std::clamp<int64_t>(rows - v * kVec, 0, kVec) : kVec;
+  }
+
+  // cmax[c] = the maximum of column c < cols of x ([L - j0, cols] at row stride ld: keys j0.. of
+  // the queries of its columns) over its real keys: -inf for none, NaN where that is -inf but a
+  // real key's score is NaN (row_max's rule).
+  template <bool kTail>
+  void column_max(const float* x, int64_t ld, int64_t j0, int64_t cols, float* cmax) const {
+    Vec acc[kTileVecs];
+    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) acc[v] = Vec(kNegInf);
+    for (int64_t j = j0; j < L_; ++j) {
+      if (!this->real_key(j)) continue;
+      const float* row = x + (j - j0) * ld;
+      SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+        if (lanes<kTail>(cols, v) > 0) {
+          acc[v] = max_running(acc[v], kTail ? Vec::loadu(row + v * kVec, lanes<kTail>(cols, v))
+                                             : Vec::loadu(row + v * kVec));
+        }
+      }
+    }
+    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+      if (lanes<kTail>(cols, v) > 0) acc[v].store(cmax + v * kVec, lanes<kTail>(cols, v));
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      if (cmax[c] != kNegInf) continue;
+      for (int64_t j = j0; j < L_; ++j) {
+        if (this->real_key(j) && std::isnan(x[(j - j0) * ld + c])) cmax[c] = std::numeric_limits<float>::quiet_NaN();
+      }
+    }
+  }
+
+  // pt[(j - j0) * kSymTile + c] = exp(x[j - j0][c] - shift[c]) for the keys j >= j0 of the columns
+  // c < cols of x (as column_max), 0 on padded keys; sum[c] += their sum, keys in order.
+  template <bool kTail>
+  void column_exp(const float* x, int64_t ld, int64_t j0, int64_t cols, const float* shift, float* pt,
+                  float* sum) const {
+    Vec m[kTileVecs], acc[kTileVecs];
+    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+      m[v] = lanes<kTail>(cols, v) > 0 ? Vec::loadu(shift + v * kVec, lanes<kTail>(cols, v)) : Vec(0.f);
+      acc[v] = Vec(0.f);
+    }
+    for (int64_t j = j0; j < L_; ++j) {
+      float* prow = pt + (j - j0) * kSymTile;
+      if (!this->real_key(j)) {
+        fill(prow, cols, 0.f);
+        continue;
+      }
+      const float* row = x + (j - j0) * ld;
+      SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+        const int64_t n = lanes<kTail>(cols, v);
+        if (n == 0) continue;
+        const Vec e = exp_vec((kTail ? Vec::loadu(row + v * kVec, n) : Vec::loadu(row + v * kVec)) - m[v]);
+        if (kTail) {
+          e.store(prow + v * kVec, n);
+          acc[v] = acc[v] + Vec::set(Vec(0.f), e, n);
+        } else {
+          e.store(prow + v * kVec);
+          acc[v] = acc[v] + e;
+        }
+      }
+    }
+    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+      const int64_t n = lanes<kTail>(cols, v);
+      if (n > 0) (Vec::loadu(sum + v * kVec, n) + acc[v]).store(sum + v * kVec, n);
+    }
+  }
+
+  // Query blocks against key tiles: each tile's scores update the rows' running max m and sum l,
+  // the output block is rescaled by exp(m_old - m_new) where a row's max grows, then gains P V.
+  void run_tiled(int64_t r0, int64_t r1) {
+    this->setup_keys();
+    // Keys up to the last one any of the rows attends (a causal task's stop at its last row).
+    this->pack_query_key(shared_, r0, r1, 0, this->block_keys(r0, r1 - r0));
+    pack_values_contiguous();
+    float* s = ws_.template take<float>(g_.block * kKeyTile);
+    Word* probs = nullptr;
+    int64_t ldp = kKeyTile;
+    if constexpr (kPairs) {
+      ldp = kKeyTile / 2;
+      probs = ws_.template take<Word>(g_.block * ldp);
+    } else {
+      probs = s;
+    }
+    float* o = ws_.template take<float>(g_.block * Dv_);
+    float* m = ws_.template take<float>(g_.block);
+    float* l = ws_.template take<float>(g_.block);
+    uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(keep_bit_words(kKeyTile)) : nullptr;
+    const float scale = static_cast<float>(p_.scale);
+    for (int64_t i0 = r0; i0 < r1; i0 += g_.block) {
+      const int64_t rows = std::min(g_.block, r1 - i0);
+      const int64_t kend = this->block_keys(i0, rows);
+      fill(o, rows * Dv_, 0.f);
+      fill(m, rows, kNegInf);
+      fill(l, rows, 0.f);
+      for (int64_t j0 = 0; j0 < kend; j0 += kKeyTile) {
+        const int64_t cols = std::min(kKeyTile, kend - j0);
+        Band score_band, pv_band;
+        if (p_.causal) {
+          score_band.n_hi = i0 - j0;
+          pv_band.k_hi = i0 - j0;
+        }
+        gemm<Dot, false>(rows, cols, D_, Base::a_from(this->qa_, i0), Panel{this->yt_.data + j0, this->yt_.ld}, s,
+                         kKeyTile, scale, false, score_band);
+        for (int64_t r = 0; r < rows; ++r) {
+          online_row(s + r * kKeyTile, i0 + r, j0, cols, m[r], l[r], o + r * Dv_, probs + r * ldp, keep);
+        }
+        gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), o, Dv_, 1.f, true, pv_band);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = m[r] == kNegInf;
+        *this->lse_ptr(i0 + r) = empty ? kNegInf : m[r] + std::log(l[r]);
+        scale_inplace(o + r * Dv_, Dv_, empty ? 0.f : 1.f / l[r]);
+        store_row(this->row_ptr(p_.out, i0 + r), o + r * Dv_, Dv_);
+      }
+    }
+  }
+
+ public:
+  // Mirrored schedule, one task: query rows [r0, r1) against keys [c0, c1), and when these are
+  // other rows, also rows [c0, c1) against keys [r0, r1), from the same score tiles: S is
+  // symmetric, so the tile S_IJ (rows I, keys J) read down its columns is S_JI. A group with
+  // itself takes its tile triangle: tiles below the diagonal both ways, diagonal tiles one way.
+  // Rows I keep their running state in side_a, rows J in side_b (side_a again for one group);
+  // no other task writes either, and merge() joins a group's states in a fixed order.
+  void run_mirrored(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const RowState& side_a, const RowState& side_b) {
+    constexpr int64_t T = kMirrorTile;
+    const bool one_group = r0 == c0;
+    this->setup_keys();
+    this->pack_query_key(shared_, r0, r1, c0, c1);  // the tiles' keys are rows [c0, c1)
+    pack_values_contiguous(r0, r1, c0, c1);
+    start_states(side_a, r1 - r0);
+    if (!one_group) start_states(side_b, c1 - c0);
+    // The output rows of the states are not zeroed beforehand: the first product into a block of
+    // T rows writes them (C =), later ones add (C +=). Until then a row's max is -inf, so no
+    // rescale reads them.
+    std::vector<char> written_a((r1 - r0 + T - 1) / T, 0), written_b(one_group ? 0 : (c1 - c0 + T - 1) / T, 0);
+    auto first_write = [](std::vector<char>& written, int64_t block) {
+      const bool first = written[block] == 0;
+      written[block] = 1;
+      return first;
+    };
+    float* s = ws_.template take<float>(T * T);
+    Word* probs = nullptr;
+    int64_t ldp = T;
+    if constexpr (kPairs) {
+      ldp = T / 2;
+      probs = ws_.template take<Word>(T * ldp);
+    } else {
+      probs = s;
+    }
+    float* pt = ws_.template take<float>(T * T);
+    Word* pt_words = kPairs ? ws_.template take<Word>(T * T / 2) : nullptr;
+    float* cmax = ws_.template take<float>(kStrip);
+    uint64_t *keep = nullptr, *keep_by_query = nullptr, *keep_by_key = nullptr;
+    if (this->dropout()) {
+      keep = ws_.template take<uint64_t>(keep_bit_words(T));
+      keep_by_query = ws_.template take<uint64_t>(T * keep_bit_words(T));
+      keep_by_key = ws_.template take<uint64_t>(T * T / 64);
+    }
+    const float scale = static_cast<float>(p_.scale);
+    for (int64_t j0 = c0; j0 < c1; j0 += T) {
+      const int64_t cols = std::min(T, c1 - j0);
+      for (int64_t i0 = r0; i0 < (one_group ? j0 + 1 : r1); i0 += T) {
+        const int64_t rows = std::min(T, r1 - i0);
+        gemm<Dot, false>(rows, cols, D_, Base::a_from(this->qa_, i0), Panel{this->yt_.data + j0, this->yt_.ld}, s,
+                         T, scale, false);
+        if (i0 != j0) {
+          // Rows J against keys I, before the row pass below masks and exponentiates s in place.
+          const RowState b = (one_group ? side_a : side_b).from(j0 - (one_group ? r0 : c0), Dv_);
+          if (keep != nullptr) column_keep(i0, rows, j0, cols, keep_by_query, keep_by_key);
+          const bool first = first_write(one_group ? written_a : written_b, (j0 - c0) / T);
+          if (column_pass(s, i0, rows, cols, b, pt, cmax, keep != nullptr ? keep_by_key : nullptr)) {
+            Panel p_cols{reinterpret_cast<const Word*>(pt), T};
+            if constexpr (kPairs) {
+              pack_bf16_pairs(static_cast<const float*>(pt), T, rows, cols, pt_words, T);
+              p_cols = Panel{pt_words, T};
+            }
+            gemm<Dot, true>(cols, Dv_, rows, p_cols, Base::b_from(vb_, i0), b.o, Dv_, 1.f, !first);
+          } else if (first) {
+            fill(b.o, cols * Dv_, 0.f);
+          }
+        }
+        const RowState a = side_a.from(i0 - r0, Dv_);
+        for (int64_t r = 0; r < rows; ++r) {
+          online_row(s + r * T, i0 + r, j0, cols, a.m[r], a.l[r], a.o + r * Dv_, probs + r * ldp, keep);
+        }
+        gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), a.o, Dv_, 1.f,
+                         !first_write(written_a, (i0 - r0) / T));
+      }
+    }
+  }
+
+  // Rows [r0, r1): joins the running states of count tasks in their order, and writes out and lse.
+  void merge(int64_t r0, int64_t r1, const RowState* parts, int64_t count) {
+    float* o = ws_.template take<float>(Dv_);
+    for (int64_t r = 0; r < r1 - r0; ++r) {
+      float m = kNegInf;
+      for (int64_t k = 0; k < count; ++k) m = max_nan(m, parts[k].m[r]);
+      float l = 0.f;
+      fill(o, Dv_, 0.f);
+      if (m != kNegInf) {
+        for (int64_t k = 0; k < count; ++k) {
+          const float w = std::exp(parts[k].m[r] - m);
+          l += w * parts[k].l[r];
+          const Vec vw(w);
+          const float* src = parts[k].o + r * Dv_;
+          for (int64_t d = 0; d < Dv_; d += kVec) {
+            const int64_t n = std::min(kVec, Dv_ - d);
+            at::vec::fmadd(vw, Vec::loadu(src + d, n), Vec::loadu(o + d, n)).store(o + d, n);
+          }
+        }
+        scale_inplace(o, Dv_, 1.f / l);
+      }
+      *this->lse_ptr(r0 + r) = m == kNegInf ? kNegInf : m + std::log(l);
+      store_row(this->row_ptr(p_.out, r0 + r), o, Dv_);
+    }
+  }
+
+ private:
+  void start_states(const RowState& x, int64_t rows) {
+    fill(x.m, rows, kNegInf);
+    fill(x.l, rows, 0.f);
+  }
+
+  // The dropout keep bits of the column pass of tile (rows i0.., keys j0..): bit c % 64 of
+  // keep_by_key[r * T / 64 + c / 64] for query j0 + c on key i0 + r, drawn by query (the counters
+  // run along keys) into keep_by_query and transposed in 64 x 64 bit blocks.
+  void column_keep(int64_t i0, int64_t rows, int64_t j0, int64_t cols, uint64_t* keep_by_query,
+                   uint64_t* keep_by_key) const {
+    constexpr int64_t kWords = kMirrorTile / 64, kQueryWords = keep_bit_words(kMirrorTile);
+    for (int64_t c = 0; c < cols; ++c) this->keep_bits(keep_by_query + c * kQueryWords, j0 + c, i0, rows);
+    uint64_t block[64];
+    for (int64_t bc = 0; bc * 64 < cols; ++bc) {
+      for (int64_t br = 0; br * 64 < rows; ++br) {
+        for (int64_t k = 0; k < 64; ++k) block[k] = bc * 64 + k < cols ? keep_by_query[(bc * 64 + k) * kQueryWords + br] : 0;
+        transpose_bits64(block);
+        for (int64_t k = 0; k < 64 && br * 64 + k < rows; ++k) keep_by_key[(br * 64 + k) * kWords + bc] = block[k];
+      }
+    }
+  }
+
+  // The tile's rows i0 + r as keys of its columns' query rows (state b): their running max and sum
+  // updated, outputs rescaled where a max grows, and pt[r][c] = exp(s[r][c] - m[c]) (0 on padded
+  // keys), times the dropout multipliers of keep_by_key (column_keep) where it is given; the sums
+  // take the exponentials before dropout. Returns false when every key of the tile is padding
+  // (nothing to add).
+  bool column_pass(const float* s, int64_t i0, int64_t rows, int64_t cols, const RowState& b, float* pt,
+                   float* cmax, const uint64_t* keep_by_key) {
+    bool any = false;
+    for (int64_t r = 0; r < rows && !any; ++r) any = this->real_key(i0 + r);
+    if (!any) return false;
+    int64_t c0 = 0;
+    for (; c0 + kStrip <= cols; c0 += kStrip)
+      column_strip<false>(s + c0, i0, rows, kStrip, b.from(c0, Dv_), pt + c0, cmax, keep_by_key, c0);
+    if (c0 < cols) column_strip<true>(s + c0, i0, rows, cols - c0, b.from(c0, Dv_), pt + c0, cmax, keep_by_key, c0);
+    return true;
+  }
+
+  // Column pass of columns [0, width) of a tile (s and pt at the strip's first column, b at its
+  // first column's state, keep_by_key's columns from c0), width <= kStrip: the strip's maxima and
+  // sums stay in registers down the tile's rows.
+  static constexpr int kStripVecs = 4;
+  static constexpr int64_t kStrip = kStripVecs * kVec;
+  template <bool kTail>
+  void column_strip(const float* s, int64_t i0, int64_t rows, int64_t width, const RowState& b, float* pt,
+                    float* cmax, const uint64_t* keep_by_key, int64_t c0) {
+    constexpr int64_t T = kMirrorTile;
+    auto count = [&](int v) { return kTail ? std::clamp<int64_t>(width - v * kVec, 0, kVec) : kVec; };
+    auto load = [&](const float* x, int v) { return kTail ? Vec::loadu(x, count(v)) : Vec::loadu(x); };
+    Vec acc[kStripVecs];
+    for (int v = 0; v < kStripVecs; ++v) acc[v] = Vec(kNegInf);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!this->real_key(i0 + r)) continue;
+      for (int v = 0; v < kStripVecs; ++v) acc[v] = max_running(acc[v], load(s + r * T + v * kVec, v));
+    }
+    for (int v = 0; v < kStripVecs; ++v) acc[v].store(cmax + v * kVec, count(v));
+    for (int64_t c = 0; c < width; ++c) {
+      const float m_new = max_nan(b.m[c], cmax[c]);
+      if (m_new > b.m[c] && b.m[c] != kNegInf) {
+        const float shrink = std::exp(b.m[c] - m_new);
+        b.l[c] *= shrink;
+        scale_inplace(b.o + c * Dv_, Dv_, shrink);
+      }
+      b.m[c] = m_new;
+    }
+    Vec m[kStripVecs];
+    for (int v = 0; v < kStripVecs; ++v) {
+      m[v] = load(b.m + v * kVec, v);
+      acc[v] = Vec(0.f);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* prow = pt + r * T;
+      if (!this->real_key(i0 + r)) {
+        fill(prow, width, 0.f);
+        continue;
+      }
+      for (int v = 0; v < kStripVecs; ++v) {
+        const Vec e = exp_vec(load(s + r * T + v * kVec, v) - m[v]);
+        Vec kept = e;
+        if (keep_by_key != nullptr) {
+          kept = apply_keep(e, KeepBits{keep_by_key + r * (T / 64), this->keep_rule_.scale}, c0 + v * kVec);
+        }
+        kept.store(prow + v * kVec, count(v));
+        acc[v] = acc[v] + e;
+      }
+    }
+    for (int v = 0; v < kStripVecs; ++v) (load(b.l + v * kVec, v) + acc[v]).store(b.l + v * kVec, count(v));
+  }
+
+  // Score row i over keys [j0, j0 + cols) into the row's running max m, sum l and output row o;
+  // leaves exp(s - m) in prow (times the tile's dropout multipliers, drawn as bits into keep when
+  // it is set), zero past the row's last key. The sum l takes the exponentials before dropout.
+  void online_row(float* s, int64_t i, int64_t j0, int64_t cols, float& m, float& l, float* o, Word* prow,
+                  uint64_t* keep) {
+    const int64_t n = std::clamp<int64_t>(this->row_keys(i) - j0, 0, cols);
+    if (n > 0) {
+      this->mask_row(s, i, j0 + n, j0);
+      const float m_new = max_nan(m, row_max(s, n));
+      if (m_new != kNegInf) {
+        if (m_new > m && m != kNegInf) {
+          const float shrink = std::exp(m - m_new);
+          l *= shrink;
+          scale_inplace(o, Dv_, shrink);
+        }
+        m = m_new;
+        l += exp_row(s, i, j0, n, m, keep, prow);
+        zero_elems(prow, n, cols);
+        return;
+      }
+    }
+    zero_elems(prow, 0, cols);
+  }
+
+  // Score row -> exp(s - rowmax) (times the dropout multipliers) into prow, zero in [n, kend);
+  // writes lse and returns 1 / the row sum (0 for a row with no allowed key: P = 0).
+  float softmax_row(float* s, int64_t i, int64_t kend, uint64_t* keep, Word* prow) {
+    const int64_t n = this->row_keys(i);
+    this->mask_row(s, i, n);
+    const float m = n > 0 ? row_max(s, n) : kNegInf;
+    if (m == kNegInf) {
+      zero_elems(prow, 0, kend);
+      *this->lse_ptr(i) = kNegInf;
+      return 0.f;
+    }
+    const float sum = exp_row(s, i, 0, n, m, keep, prow);
+    *this->lse_ptr(i) = m + std::log(sum);
+    zero_elems(prow, n, kend);
+    return 1.f / sum;
+  }
+
+  // exp(s - m) of row i's keys [j0, j0 + n) into prow, times their dropout multipliers (drawn as
+  // bits into keep) where keep is set; returns the sum of the exponentials before dropout.
+  float exp_row(const float* s, int64_t i, int64_t j0, int64_t n, float m, uint64_t* keep, Word* prow) const {
+    if (keep == nullptr) return exp_sum_store(s, n, m, nullptr, prow);
+    const KeepBits bits = this->keep_bits(keep, i, j0, n);
+    return exp_sum_store(s, n, m, &bits, prow);
+  }
+};
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace symattn::cpu

@@ -1,0 +1,356 @@
+// Row primitives of the fused CPU attention kernels: exponentials, maxima, dropout keep bits,
+// row loads and stores, and the transposes that mirror symmetric score tiles.
+#pragma once
+
+#include "attention_gemm.h"
+
+namespace symattn::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Row primitives on fp32, vectorised with masked tails so every element takes the same path.
+
+// exp(x) for softmax arguments (x - row max, x - lse: at most 0 up to rounding), within
+// 1 ulp of the correctly rounded result (measured against double). Cody-Waite reduction
+// x = n ln2 + r, n = rint(x log2(e)) from one FMA with the 1.5 * 2^23 shifter (its rounding is the
+// rint), and exp(r) = 1 + r (1 + r q(r)) with q a degree-4 minimax fit of (exp(r) - 1 - r) / r^2 on
+// |r| <= ln2 / 2: 13 vector operations, where at::vec's exp_u20 is cheaper still but its error
+// fails flash-attn's rule on fp32 gradients. Results under e^-87 flush to zero, so
+// exp(-inf) = 0 exactly and no denormal reaches the products; NaN stays NaN, and large x give
+// +inf (+inf itself, which no softmax argument is, gives NaN).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kShifter = 12582912.f;  // 1.5 * 2^23: x + kShifter rounds x to an integer
+constexpr float kLn2Hi = 0.693359375f;  // ln 2 in 9 bits: n * kLn2Hi is exact
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpFlush = -87.f;  // e^-87 > FLT_MIN
+
+inline Vec exp_poly(const Vec& r) {
+  Vec q(1.38145988e-3f);
+  q = at::vec::fmadd(q, r, Vec(8.36871658e-3f));
+  q = at::vec::fmadd(q, r, Vec(4.16683890e-2f));
+  q = at::vec::fmadd(q, r, Vec(1.66665211e-1f));
+  q = at::vec::fmadd(q, r, Vec(4.99999940e-1f));
+  q = at::vec::fmadd(q, r, Vec(1.f));
+  return at::vec::fmadd(q, r, Vec(1.f));
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec exp_vec(const Vec& x) {
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kShifter)),
+                                 _mm512_set1_ps(kShifter));
+  const Vec r = at::vec::fmadd(Vec(n), Vec(-kLn2Lo), at::vec::fmadd(Vec(n), Vec(-kLn2Hi), x));
+  // 2^n scaling in one instruction; lanes under the flush bound (-inf included: its r is NaN) are
+  // zeroed by the mask, NaN lanes compare unordered and stay NaN.
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFlush), _CMP_NLT_UQ);
+  return _mm512_maskz_scalef_ps(normal, exp_poly(r), n);
+}
+
+#else
+// The same reduction and polynomial; 2^n from the shifter's integer bits, for x clamped to
+// [-88, ln(FLT_MAX)] so that n + 127 stays in [0, 254].
+inline Vec exp_vec(const Vec& x) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  const Vec xc = at::vec::clamp_max(at::vec::clamp_min(x, Vec(-88.f)), Vec(88.37626f));  // ln(FLT_MAX)
+  const Vec t = at::vec::fmadd(xc, Vec(kLog2e), Vec(kShifter));
+  const Vec n = t - Vec(kShifter);
+  const Vec r = at::vec::fmadd(n, Vec(-kLn2Lo), at::vec::fmadd(n, Vec(-kLn2Hi), xc));
+  const IVec biased = at::vec::cast<int32_t>(t) - IVec(0x4B400000 - 127);  // n + 127
+  const Vec p = exp_poly(r) * at::vec::cast<float>(biased << IVec(23));
+  return Vec::blendv(p, Vec(0.f), xc < Vec(kExpFlush));
+}
+#endif
+
+// Lane-wise max(a, x) for a running maximum a: one instruction where the ISA has one. A NaN in x
+// may be dropped (vmaxps returns its second operand, a, when either is NaN): the exponentials of
+// those scores carry the NaN into the row's sum instead.
+inline Vec max_running(const Vec& a, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(x, a);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(x, a);
+#else
+  return at::vec::maximum(a, x);
+#endif
+}
+
+// max(a, b) that keeps a NaN from either side (std::max keeps its first argument against NaN).
+inline float max_nan(float a, float b) { return std::isnan(a) || a > b ? a : b; }
+
+// The maximum of x[0, n): -inf for none, NaN where the NaN-less maximum is -inf but x holds NaN
+// (where it is finite, the NaN reaches the row's sum of exponentials).
+float row_max(const float* x, int64_t n) {
+  // Four independent maxima: one would wait on the latency of each max before the next.
+  Vec acc[4] = {Vec(kNegInf), Vec(kNegInf), Vec(kNegInf), Vec(kNegInf)};
+  int64_t j = 0;
+  for (; j + 4 * kVec <= n; j += 4 * kVec) {
+    for (int u = 0; u < 4; ++u) acc[u] = max_running(acc[u], Vec::loadu(x + j + u * kVec));
+  }
+  for (; j + kVec <= n; j += kVec) acc[0] = max_running(acc[0], Vec::loadu(x + j));
+  if (j < n) acc[1] = max_running(acc[1], Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
+  const Vec m = max_running(max_running(acc[0], acc[1]), max_running(acc[2], acc[3]));
+  const float out = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return max_running(a, b); }, m);
+  if (out == kNegInf && std::any_of(x, x + n, [](float v) { return std::isnan(v); })) {
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  return out;
+}
+
+// A row's dropout multipliers as keep bits (draw_keep_bits): scale where bit j is set, else 0.
+struct KeepBits {
+  const uint64_t* bits;
+  float scale;
+};
+
+// x times the dropout multipliers of elements [j, j + kVec), j a multiple of kVec: the bits
+// select lanes, no multiplier row is stored.
+Vec apply_keep(const Vec& x, const KeepBits& keep, int64_t j) {
+  const uint64_t lanes = keep.bits[j / 64] >> (j % 64);
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(lanes), x, _mm512_set1_ps(keep.scale));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_and_ps(keep_lanes(lanes), _mm256_mul_ps(x, _mm256_set1_ps(keep.scale)));
+#else
+  alignas(64) float multiplier[kVec];
+  for (int64_t i = 0; i < kVec; ++i) multiplier[i] = (lanes >> i) & 1 ? keep.scale : 0.f;
+  return x * Vec::loadu(multiplier);
+#endif
+}
+
+#if defined(SYMATTN_BF16_DOT)
+// 2^x for x <= 0 (or NaN), within 3e-6 relative (measured against double): x = n + r with
+// n = round(x), a degree-4 polynomial of r in [-1/2, 1/2] fitted to 2^r with p(0) = 1, and
+// vscalefps for 2^n. Only for probabilities about to be rounded to bf16 (half an ulp is 2e-3),
+// whose row sums stay fp32: about half of exp_vec's operations. Inputs below -200 (masked scores
+// are -inf) give 2^-200 = +0 exactly; NaN stays NaN (vmaxps returns its second operand).
+inline Vec exp2_for_bf16(const Vec& x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-200.f), static_cast<__m512>(x));
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(xc, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.582818e-3f), r, _mm512_set1_ps(5.590637e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4024099e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931242e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return Vec(_mm512_scalef_ps(p, n));
+}
+#endif
+
+// dst[j] = exp(x[j] - shift), times the dropout multiplier where keep is given, for j < n, as
+// fp32 (dst may be x) or bf16; returns the sum of the exponentials. For bf16 (which the products
+// see rounded anyway) the exponentials come from exp2_for_bf16.
+template <typename Word>
+float exp_sum_store(const float* x, int64_t n, float shift, const KeepBits* keep, Word* dst) {
+#if defined(SYMATTN_BF16_DOT)
+  constexpr bool kBase2 = std::is_same_v<Word, uint32_t>;
+#else
+  constexpr bool kBase2 = false;
+#endif
+  const Vec vshift(shift);
+  auto exp_shifted = [&](const Vec& v) {
+#if defined(SYMATTN_BF16_DOT)
+    if constexpr (kBase2) return exp2_for_bf16(at::vec::fmadd(v, Vec(kLog2e), Vec(-shift * kLog2e)));
+#endif
+    return exp_vec(v - vshift);
+  };
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    Vec e = exp_shifted(Vec::loadu(x + j));
+    acc = acc + e;
+    if (keep != nullptr) e = apply_keep(e, *keep, j);
+    store_elems(dst, j, e, kVec);
+  }
+  if (j < n) {
+    Vec e = Vec::set(Vec(0.f), exp_shifted(Vec::loadu(x + j, n - j)), n - j);
+    acc = acc + e;
+    if (keep != nullptr) e = apply_keep(e, *keep, j);
+    store_elems(dst, j, e, n - j);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
+}
+
+// x = exp(x - shift) in place, no sum (the backward knows the normaliser: shift = lse).
+void exp_inplace(float* x, int64_t n, float shift) {
+  const Vec vshift(shift);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) exp_vec(Vec::loadu(x + j) - vshift).store(x + j);
+  if (j < n) exp_vec(Vec::loadu(x + j, n - j) - vshift).store(x + j, n - j);
+}
+
+void scale_inplace(float* x, int64_t n, float s) {
+  const Vec vs(s);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) * vs).store(x + j);
+  if (j < n) (Vec::loadu(x + j, n - j) * vs).store(x + j, n - j);
+}
+
+void add_inplace(float* x, const float* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) + Vec::loadu(y + j)).store(x + j);
+  if (j < n) (Vec::loadu(x + j, n - j) + Vec::loadu(y + j, n - j)).store(x + j, n - j);
+}
+
+void fill(float* x, int64_t n, float value) { std::fill(x, x + n, value); }
+
+// Asks for rows [0, rows) of a strided panel up front: a head's rows sit a whole token apart in
+// memory, and requesting them all at once overlaps the cache misses its first pass would
+// otherwise take one row at a time.
+void prefetch_rows(const void* data, int64_t row_stride_bytes, int64_t rows, int64_t row_bytes) {
+#if defined(__GNUC__)
+  const char* base = static_cast<const char*>(data);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t x = 0; x < row_bytes; x += 64) __builtin_prefetch(base + i * row_stride_bytes + x, 0, 3);
+  }
+#endif
+}
+
+template <typename T>
+void store_row(T* dst, const float* src, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+template <typename T>
+void load_row(float* dst, const T* src, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    int64_t j = 0;
+    for (; j + kVec <= n; j += kVec) {
+      Vec x;
+      at::vec::load_to_float<T>(src + j, x);
+      x.store(dst + j);
+    }
+    for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  }
+}
+
+// kVec elements of src (count of them, zeros after) widened to fp32.
+template <typename T>
+Vec load_float(const T* src, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(src, count);
+  } else {
+    if (count >= kVec) {
+      Vec x;
+      at::vec::load_to_float<T>(src, x);
+      return x;
+    }
+    float tail[kVec] = {};
+    for (int64_t j = 0; j < count; ++j) tail[j] = static_cast<float>(src[j]);
+    return Vec::loadu(tail);
+  }
+}
+
+// sum_j a[j] * b[j] in fp32, vector lanes first (a fixed order).
+template <typename T>
+float dot_row(const T* a, const T* b, int64_t n) {
+  Vec acc(0.f);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const int64_t count = std::min(kVec, n - j);
+    acc = at::vec::fmadd(load_float(a + j, count), load_float(b + j, count), acc);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
+}
+
+// Whether x[0, n) holds neither NaN nor Inf (x * 0 is NaN exactly for those).
+template <typename T>
+bool finite_row(const T* x, int64_t n) {
+  Vec acc(0.f);
+  for (int64_t j = 0; j < n; j += kVec) acc = at::vec::fmadd(load_float(x + j, std::min(kVec, n - j)), Vec(0.f), acc);
+  return !std::isnan(at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc));
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// dst[j * ld_dst + i] = src[i * ld_src + j] for a whole 16 x 16 block, in registers: 32-bit, then
+// 64-bit elements of row pairs interleaved, then 128-bit lanes of row quads, then of row octets.
+// (at::vec's transpose keeps the block in a stack array handed to an out-of-line call.)
+inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 a[16], b[16];
+  SYMATTN_UNROLL for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + i * ld_src);
+  SYMATTN_UNROLL for (int i = 0; i < 16; i += 2) {
+    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  auto lo64 = [](__m512 x, __m512 y) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))); };
+  auto hi64 = [](__m512 x, __m512 y) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))); };
+  SYMATTN_UNROLL for (int i = 0; i < 16; i += 4) {
+    a[i] = lo64(b[i], b[i + 2]);
+    a[i + 1] = hi64(b[i], b[i + 2]);
+    a[i + 2] = lo64(b[i + 1], b[i + 3]);
+    a[i + 3] = hi64(b[i + 1], b[i + 3]);
+  }
+  SYMATTN_UNROLL for (int i = 0; i < 16; i += 8) {
+    SYMATTN_UNROLL for (int j = 0; j < 4; ++j) {
+      b[i + j] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0x88);
+      b[i + j + 4] = _mm512_shuffle_f32x4(a[i + j], a[i + j + 4], 0xdd);
+    }
+  }
+  SYMATTN_UNROLL for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(b[j], b[j + 8], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ld_dst, _mm512_shuffle_f32x4(b[j], b[j + 8], 0xdd));
+  }
+}
+#endif
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n: register-blocked where at::vec has
+// a transpose for this instruction set.
+void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t m, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int64_t kTile = 16;
+  for (int64_t i = 0; i < m; i += kTile) {
+    for (int64_t j = 0; j < n; j += kTile) {
+      if (i + kTile <= m && j + kTile <= n) {
+        transpose16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      } else {
+        at::vec::transpose_mxn<float>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
+                                      static_cast<int>(std::min(kTile, m - i)), static_cast<int>(std::min(kTile, n - j)));
+      }
+    }
+  }
+#else
+  constexpr int64_t kTile = 8;
+  for (int64_t i = 0; i < m; i += kTile) {
+    const int64_t rows = std::min(kTile, m - i);
+    int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    if (rows == kTile) {
+      for (; j + kTile <= n; j += kTile) {
+        at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      }
+    }
+#endif
+    for (; j < n; ++j) {
+      for (int64_t r = 0; r < rows; ++r) dst[j * ld_dst + i + r] = src[(i + r) * ld_src + j];
+    }
+  }
+#endif
+}
+
+// Lower tile triangle -> upper: a[j][i] = a[i][j] for tiles (I, J) with J < I.
+void mirror_lower_tiles(float* a, int64_t lda, int64_t n) {
+  for (int64_t t0 = kSymTile; t0 < n; t0 += kSymTile) {
+    transpose(a + t0 * lda, lda, a + t0, lda, std::min(kSymTile, n - t0), t0);
+  }
+}
+
+// a <- a + a^T over the full [n, n] square, in place; scratch holds kSymTile^2 floats.
+void symmetrize(float* a, int64_t lda, int64_t n, float* scratch) {
+  for (int64_t t0 = 0; t0 < n; t0 += kSymTile) {
+    const int64_t tr = std::min(kSymTile, n - t0);
+    for (int64_t u0 = 0; u0 <= t0; u0 += kSymTile) {
+      const int64_t ur = std::min(kSymTile, n - u0);
+      float* lower = a + t0 * lda + u0;  // tile (I, J), [tr, ur]
+      float* upper = a + u0 * lda + t0;  // tile (J, I), [ur, tr]
+      transpose(upper, lda, scratch, kSymTile, ur, tr);
+      for (int64_t i = 0; i < tr; ++i) add_inplace(lower + i * lda, scratch + i * kSymTile, ur);
+      if (u0 != t0) transpose(lower, lda, upper, lda, tr, ur);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace symattn::cpu

@@ -1,0 +1,498 @@
+// How a call's tasks are planned, dealt to the workers and run: forward pieces and mirrored
+// merges, the backward's slice sums, the tiled backward's rounds, for_each_head.
+#pragma once
+
+#include "attention_backward.h"
+#include "attention_forward.h"
+
+namespace symattn::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// One task: query rows [r0, r1) of head h of sequence b, with its estimated cost (score
+// products it multiplies).
+struct Piece {
+  int64_t b, h, r0, r1;
+  double cost;
+  // Mirrored forward tasks: the other group's rows [c0, c1) (c1 = 0 for other tasks), and which
+  // of the call's running states the two groups' rows keep (one state for a group with itself).
+  int64_t c0 = 0, c1 = 0;
+  int64_t state_a = -1, state_b = -1;
+  int64_t merge_a = -1, merge_b = -1;  // the merges those states go to
+};
+
+// Rows [r0, r1) of head (b, h) on the mirrored schedule, whose running states are states
+// [first, first + count) of the call, one per task that meets the rows, merged in that order.
+struct MirrorMerge {
+  int64_t b, h, r0, r1, first, count;
+};
+
+// Whether sequence b (L tokens) takes the mirrored forward: like the whole-head symmetric
+// schedule, only when at most a quarter of its keys are trailing padding (the mirrored tiles
+// cover every key; the row schedule stops at the last real one).
+template <typename Params>
+bool mirrors(const Params& p, const Geometry& g, int64_t b, int64_t L) {
+  if (!g.mirrored || L <= kWholeHead) return false;
+  if (p.key_padding_mask == nullptr) return true;
+  const bool* real = p.key_padding_mask + b * p.seqlen;
+  int64_t key_end = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    if (real[j]) key_end = j + 1;
+  }
+  return 4 * key_end > 3 * L;
+}
+
+// Pieces of one mirrored head: a task per pair of groups (the larger, two-group ones first), and
+// each group's merge of the states its tasks write; state_rows gets each new state's row count.
+void plan_mirrored(int64_t b, int64_t h, int64_t L, int64_t heads, std::vector<Piece>& pieces,
+                   std::vector<MirrorMerge>& merges, std::vector<int64_t>& state_rows) {
+  const int64_t groups = mirror_groups(L, heads);
+  const int64_t rows = mirror_group_rows(L, groups);
+  const int64_t first = static_cast<int64_t>(state_rows.size());
+  const int64_t merge0 = static_cast<int64_t>(merges.size());
+  auto lo = [&](int64_t a) { return a * rows; };
+  auto hi = [&](int64_t a) { return std::min(L, (a + 1) * rows); };
+  for (int64_t a = 0; a < groups; ++a) {
+    merges.push_back({b, h, lo(a), hi(a), first + a * groups, groups});
+    for (int64_t k = 0; k < groups; ++k) state_rows.push_back(hi(a) - lo(a));
+  }
+  for (int64_t a = 0; a < groups; ++a) {
+    for (int64_t c = a + 1; c < groups; ++c) {
+      const double work = 1.5 * static_cast<double>((hi(a) - lo(a)) * (hi(c) - lo(c)));
+      pieces.push_back({b, h, lo(a), hi(a), work, lo(c), hi(c), first + a * groups + c, first + c * groups + a,
+                        merge0 + a, merge0 + c});
+    }
+  }
+  for (int64_t a = 0; a < groups; ++a) {
+    const double n = static_cast<double>(hi(a) - lo(a));
+    pieces.push_back({b, h, lo(a), hi(a), 0.75 * n * n, lo(a), hi(a), first + a * groups + a, first + a * groups + a,
+                      merge0 + a, merge0 + a});
+  }
+}
+
+// Floats that the running states of a call's mirrored heads take.
+template <typename Params>
+int64_t mirror_state_floats(const Params& p, const Geometry& g) {
+  int64_t total = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t L = p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
+    if (!mirrors(p, g, b, L)) continue;
+    total += p.heads * mirror_groups(L, p.batch * p.heads) * L * (p.value_dim + 2);
+  }
+  return total;
+}
+
+// The tasks of one call, longest sequences first (stable, so equal lengths keep batch order),
+// then by head, then by query rows. The forward, and the backward on the tiled schedule, cut
+// heads longer than g.task_rows into tasks of g.task_rows rows (causal forward heads into longer
+// ones when the call has many heads, see kCausalTasks). The other backward, whose tasks
+// each hold a head-sized gradient accumulator, cuts heads only as far as needed for about
+// kBackwardTasks tasks in all. Nothing here depends on
+// the thread count, so neither does any result.
+template <typename Params>
+std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward,
+                              std::vector<MirrorMerge>* merges = nullptr, std::vector<int64_t>* state_rows = nullptr) {
+  const bool mirror = merges != nullptr && g.mirrored &&
+                      mirror_state_floats(p, g) * int64_t{sizeof(float)} <= kMirrorStateBytes;
+  std::vector<int64_t> order(p.batch);
+  std::iota(order.begin(), order.end(), 0);
+  auto length = [&p](int64_t b) -> int64_t {
+    return p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
+  };
+  if (p.cu_seqlens != nullptr) {
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return length(x) > length(y); });
+  }
+  std::vector<Piece> pieces;
+  for (const int64_t b : order) {
+    const int64_t L = length(b);
+    if (L == 0) continue;
+    int64_t step = g.task_rows;
+    if (backward && !g.tiled && L > g.task_rows) {
+      const int64_t wanted = (kBackwardTasks + p.batch * p.heads - 1) / (p.batch * p.heads);
+      const int64_t slices = std::min((L + g.task_rows - 1) / g.task_rows, wanted);
+      step = round_up((L + slices - 1) / slices, g.block);
+    }
+    if (!backward && g.tiled && p.causal) {
+      const int64_t slices = (kCausalTasks + p.batch * p.heads - 1) / (p.batch * p.heads);
+      step = std::max(step, round_up((L + slices - 1) / slices, g.block));
+    }
+    const bool mirrored = mirror && mirrors(p, g, b, L);
+    for (int64_t h = 0; h < p.heads; ++h) {
+      if (mirrored) {
+        plan_mirrored(b, h, L, p.batch * p.heads, pieces, *merges, *state_rows);
+        continue;
+      }
+      for (int64_t r0 = 0; r0 < L; r0 += step) {
+        const int64_t r1 = std::min(L, r0 + step);
+        // Causal rows see keys [0, i]: the block's mean row sees about (r0 + r1) / 2 of them.
+        const double keys = p.causal ? 0.5 * static_cast<double>(r0 + r1) : static_cast<double>(L);
+        pieces.push_back({b, h, r0, r1, static_cast<double>(r1 - r0) * keys, 0, 0, -1, -1, -1, -1});
+      }
+    }
+  }
+  return pieces;
+}
+
+// The gradient accumulators of backward tasks that share their head with others, and which
+// heads to sum them for (each in slice order, so the sum never depends on the thread count).
+class SliceBuffers {
+ public:
+  struct Group {
+    int64_t b, h, first, count;
+  };
+
+  SliceBuffers() = default;
+  SliceBuffers(const BackwardParams& p, const std::vector<Piece>& pieces) : index_(pieces.size(), -1) {
+    const int64_t D = p.head_dim, Dv = p.value_dim;
+    const int64_t csize = p.coef_mode == CoefMode::kFull ? D * D : D;
+    std::vector<int64_t> lengths;
+    for (size_t t = 0; t < pieces.size();) {
+      size_t e = t + 1;
+      while (e < pieces.size() && pieces[e].b == pieces[t].b && pieces[e].h == pieces[t].h) ++e;
+      if (e - t > 1) {
+        const int64_t first = static_cast<int64_t>(lengths.size());
+        groups_.push_back({pieces[t].b, pieces[t].h, first, static_cast<int64_t>(e - t)});
+        for (size_t k = t; k < e; ++k) {
+          index_[k] = static_cast<int64_t>(lengths.size());
+          lengths.push_back(pieces[e - 1].r1);
+        }
+      }
+      t = e;
+    }
+    const bool shared = p.v.data == nullptr;
+    auto floats = [&](int64_t L) { return round_up(L * D + (shared ? 0 : L * Dv), 16); };
+    int64_t total = 0;
+    for (const int64_t L : lengths) total += floats(L);
+    const int64_t total_coef = static_cast<int64_t>(lengths.size()) * csize;
+    floats_ = c10::GetCPUAllocator()->allocate(static_cast<size_t>(total) * sizeof(float));
+    coefs_ = c10::GetCPUAllocator()->allocate(static_cast<size_t>(total_coef) * sizeof(double));
+    float* next = static_cast<float*>(floats_.get());
+    for (size_t k = 0; k < lengths.size(); ++k) {
+      BackwardSlice slice;
+      slice.dy = next;
+      slice.dv = shared ? next : next + lengths[k] * D;
+      slice.dcoef = static_cast<double*>(coefs_.get()) + k * csize;
+      slices_.push_back(slice);
+      next += floats(lengths[k]);
+    }
+  }
+
+  // Task t's accumulator, or null for a task that owns its whole head.
+  const BackwardSlice* of(int64_t t) const { return index_.empty() || index_[t] < 0 ? nullptr : &slices_[index_[t]]; }
+  const std::vector<Group>& groups() const { return groups_; }
+  const BackwardSlice* first(const Group& group) const { return &slices_[group.first]; }
+
+ private:
+  std::vector<int64_t> index_;
+  std::vector<Group> groups_;
+  std::vector<BackwardSlice> slices_;
+  c10::DataPtr floats_, coefs_;
+};
+
+// Deals the tasks, costliest first (plan order among equals), each to the worker with the least
+// estimated work so far (lowest index on ties): longest-processing-time-first, round-robin for
+// equal tasks. Each worker owns its list before any runs, so none ever holds work it will not
+// run next. Returns per worker the indices of its tasks.
+std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, int64_t workers) {
+  std::vector<std::vector<int64_t>> lists(workers);
+  std::vector<double> load(workers, 0.0);
+  std::vector<int64_t> order(pieces.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return pieces[x].cost > pieces[y].cost; });
+  for (const int64_t t : order) {
+    const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
+    lists[w].push_back(t);
+    load[w] += pieces[t].cost;
+  }
+  return lists;
+}
+
+// One task of a round of the tiled backward: tile (bi, bj) of the wave's head `head`, and with
+// `diagonals` the tiles (bi, bi) and (bj, bj) after it; bi == bj is a diagonal tile alone.
+struct TileTask {
+  int64_t head, bi, bj;
+  bool diagonals;
+  double cost;  // tile products
+};
+
+// Rounds of the tiles of a head of nb blocks (the circle method over nb rounded up to even).
+int64_t tile_rounds(int64_t nb) { return nb + nb % 2 - 1; }
+
+// Round r's tasks of a head of nb blocks: each block sits in exactly one of them, each pair of
+// blocks meets in exactly one round, and each diagonal tile is taken once (by the block paired
+// with the extra one when nb is odd, by round 0's tasks when nb is even).
+void round_tasks(int64_t head, int64_t nb, int64_t r, bool causal, std::vector<TileTask>& out) {
+  const int64_t n = nb + nb % 2;
+  const double pair = causal ? 5.0 : 7.0, diagonal = 5.0;
+  auto add = [&](int64_t a, int64_t b) {
+    if (a == nb || b == nb) {
+      const int64_t x = a == nb ? b : a;
+      out.push_back({head, x, x, false, diagonal});
+      return;
+    }
+    const bool diagonals = nb % 2 == 0 && r == 0;
+    out.push_back({head, std::max(a, b), std::min(a, b), diagonals, pair + (diagonals ? 2 * diagonal : 0.0)});
+  };
+  add(n - 1, r);
+  for (int64_t k = 1; k < n / 2; ++k) add((r + k) % (n - 1), (r - k + n - 1) % (n - 1));
+}
+
+// A step of the tiled backward: a head's prepare_tiled, a task of tiles of one round, or a head's
+// finish_tiled.
+struct TiledJob {
+  enum Kind { kPrepare, kTiles, kFinish } kind;
+  int64_t head, round;
+  TileTask tiles;
+};
+
+// Spins, then yields, until ready(): a worker waits for the tiles its task depends on, which run
+// on another worker (or, when that worker lost its core, for it to get one back).
+template <typename Ready>
+void wait_until(const Ready& ready) {
+  for (int spins = 0; !ready(); ++spins) {
+    if (spins >= 64) std::this_thread::yield();
+  }
+}
+
+// The backward of tiled heads (see BackwardHead::pair_tile). Heads go in waves, longest first,
+// each wave just large enough that a round has about two tasks per thread. A head packs its
+// panels (prepare_tiled), the rounds of tiles run, and the head writes its gradients
+// (finish_tiled); every wave runs in one parallel region: each worker runs a list dealt before any
+// runs, a wave's heads are prepared while the previous wave's last tiles run, and its finishes run
+// beside the next wave's prepares (so one worker does not pack or write a head while the others
+// wait), and a task waits only for its own two blocks to have finished the previous round
+// (per-block counters), never for a barrier across all workers, so one descheduled thread delays
+// only the tasks that need its tiles. Within a round no two tasks touch the same block, so tasks
+// never share an accumulator, and every block's accumulator takes its tiles in round order: the
+// results do not depend on the thread count, which only sets the wave size and the deal. A head's
+// workspace lives from its prepare to its finish, so at most two waves hold one.
+template <typename Task>
+void tiled_backward(const BackwardParams& p, const Geometry& g) {
+  struct HeadRef {
+    int64_t b, h, blocks;
+  };
+  std::vector<int64_t> order(p.batch);
+  std::iota(order.begin(), order.end(), 0);
+  auto length = [&p](int64_t b) -> int64_t {
+    return p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
+  };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return length(x) > length(y); });
+  std::vector<HeadRef> heads;
+  for (const int64_t b : order) {
+    for (int64_t h = 0; h < p.heads && length(b) > 0; ++h) heads.push_back({b, h, (length(b) + g.tile - 1) / g.tile});
+  }
+  const int64_t n_heads = static_cast<int64_t>(heads.size());
+  // Inside another parallel region at::parallel_for runs the whole range on one thread.
+  const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  // Waves: heads [wave_first[w], wave_first[w + 1]).
+  std::vector<int64_t> wave_first{0};
+  int64_t workers = 1;
+  while (wave_first.back() < n_heads) {
+    int64_t last = wave_first.back();
+    int64_t per_round = 0;
+    while (last < n_heads && (last == wave_first.back() || per_round < 2 * threads)) {
+      per_round += std::max<int64_t>(1, heads[last].blocks / 2);
+      ++last;
+    }
+    workers = std::max(workers, std::min<int64_t>(threads, std::max<int64_t>(last - wave_first.back(), per_round)));
+    wave_first.push_back(last);
+  }
+  std::vector<int64_t> block0(n_heads + 1, 0);  // the heads' blocks, numbered one after another
+  for (int64_t k = 0; k < n_heads; ++k) block0[k + 1] = block0[k] + heads[k].blocks;
+
+  // The jobs in an order that puts every job after those it waits for, and the deal: head k's
+  // prepare and finish to worker k % workers (so a head's finish and the next head's prepare run
+  // side by side); each round's tasks to the worker with the least work in that round, then in
+  // the call so far.
+  std::vector<TiledJob> jobs;
+  std::vector<std::vector<int64_t>> lists(workers);
+  std::vector<int64_t> ran(workers, 0), tiles(workers, 0), tiles_left(n_heads, 0);
+  auto deal_heads = [&](TiledJob::Kind kind, int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      lists[k % workers].push_back(static_cast<int64_t>(jobs.size()));
+      jobs.push_back({kind, k, 0, {}});
+    }
+  };
+  deal_heads(TiledJob::kPrepare, 0, wave_first[1]);
+  std::vector<TileTask> round;
+  std::vector<double> load(workers);
+  for (size_t w = 0; w + 1 < wave_first.size(); ++w) {
+    const int64_t first = wave_first[w], last = wave_first[w + 1];
+    int64_t rounds = 0;
+    for (int64_t k = first; k < last; ++k) rounds = std::max(rounds, tile_rounds(heads[k].blocks));
+    for (int64_t r = 0; r < rounds; ++r) {
+      round.clear();
+      for (int64_t k = first; k < last; ++k) {
+        if (r < tile_rounds(heads[k].blocks)) round_tasks(k, heads[k].blocks, r, p.causal, round);
+      }
+      std::fill(load.begin(), load.end(), 0.0);
+      for (const TileTask& task : round) {
+        int64_t x = 0;
+        for (int64_t y = 1; y < workers; ++y) {
+          if (load[y] < load[x] || (load[y] == load[x] && tiles[y] < tiles[x])) x = y;
+        }
+        lists[x].push_back(static_cast<int64_t>(jobs.size()));
+        jobs.push_back({TiledJob::kTiles, task.head, r, task});
+        tiles_left[task.head] += 1;
+        load[x] += task.cost;
+        ran[x] += 1;
+        tiles[x] += task.diagonals ? 3 : 1;
+      }
+    }
+    if (w + 2 < wave_first.size()) deal_heads(TiledJob::kPrepare, last, wave_first[w + 2]);
+    deal_heads(TiledJob::kFinish, first, last);
+  }
+
+  std::vector<std::unique_ptr<Workspace>> head_ws(n_heads);
+  std::vector<std::unique_ptr<Task>> head_tasks(n_heads);
+  std::vector<std::atomic<int64_t>> rounds_done(block0[n_heads]);  // per block
+  std::vector<std::atomic<int64_t>> pending(n_heads);              // per head: prepare, then its tile tasks
+  for (int64_t k = 0; k < n_heads; ++k) pending[k].store(1 + tiles_left[k], std::memory_order_relaxed);
+  for (auto& x : rounds_done) x.store(0, std::memory_order_relaxed);
+  auto run_job = [&](const TiledJob& job, float* tile) {
+    const int64_t k = job.head;
+    std::atomic<int64_t>& left = pending[k];
+    if (job.kind == TiledJob::kPrepare) {
+      head_ws[k] = std::make_unique<Workspace>(Workspace::bytes_for(Task::tiled_head_floats(p, g)));
+      head_tasks[k] = std::make_unique<Task>(p, g, *head_ws[k], heads[k].b, heads[k].h);
+      head_tasks[k]->prepare_tiled();
+      left.fetch_sub(1, std::memory_order_release);
+      return;
+    }
+    if (job.kind == TiledJob::kFinish) {
+      wait_until([&] { return left.load(std::memory_order_acquire) == 0; });
+      head_tasks[k]->finish_tiled();
+      head_tasks[k].reset();
+      head_ws[k].reset();
+      return;
+    }
+    const TileTask& task = job.tiles;
+    std::atomic<int64_t>& done_i = rounds_done[block0[k] + task.bi];
+    std::atomic<int64_t>& done_j = rounds_done[block0[k] + task.bj];
+    wait_until([&] {
+      return left.load(std::memory_order_acquire) <= tiles_left[k] &&
+             done_i.load(std::memory_order_acquire) == job.round && done_j.load(std::memory_order_acquire) == job.round;
+    });
+    Task& head = *head_tasks[k];
+    head.pair_tile(task.bi, task.bj, tile);
+    if (task.diagonals) {
+      head.pair_tile(task.bi, task.bi, tile);
+      head.pair_tile(task.bj, task.bj, tile);
+    }
+    done_i.store(job.round + 1, std::memory_order_release);
+    if (task.bj != task.bi) done_j.store(job.round + 1, std::memory_order_release);
+    left.fetch_sub(1, std::memory_order_release);
+  };
+  const int64_t scratch_floats = Task::tiled_scratch_floats(p, g);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    // A thread given several workers' lists runs their jobs merged in job order.
+    std::vector<int64_t> mine;
+    for (int64_t w = w0; w < w1; ++w) mine.insert(mine.end(), lists[w].begin(), lists[w].end());
+    std::sort(mine.begin(), mine.end());
+    Workspace scratch(Workspace::bytes_for(scratch_floats));
+    float* tile = scratch.take<float>(scratch_floats);
+    for (const int64_t j : mine) run_job(jobs[j], tile);
+  });
+  if (p.schedule != nullptr) {
+    int64_t used = workers;
+    while (used > 1 && ran[used - 1] == 0) --used;
+    p.schedule->tasks.assign(ran.begin(), ran.begin() + used);
+    p.schedule->rows.assign(tiles.begin(), tiles.begin() + used);
+  }
+}
+
+// Runs every task of the call: one worker per thread (never more than tasks) runs its dealt
+// list in order, prefetching the inputs of its next task while it computes the current one.
+// Which worker runs a task never changes what the task computes. When p.schedule is set, it
+// receives the tasks and query rows each worker ran.
+template <typename Task, typename Params>
+void for_each_head(const Params& p) {
+  constexpr bool kBackward = std::is_same_v<Params, BackwardParams>;
+  const Geometry g(p, kBackward);
+  if constexpr (kBackward) {
+    if (g.tiled) {
+      tiled_backward<Task>(p, g);
+      return;
+    }
+  }
+  std::vector<MirrorMerge> merges;
+  std::vector<int64_t> state_rows;
+  const std::vector<Piece> pieces = plan_tasks(p, g, kBackward, &merges, &state_rows);
+  const int64_t tasks = static_cast<int64_t>(pieces.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  const auto lists = deal_tasks(pieces, workers);
+  if (p.schedule != nullptr) {
+    p.schedule->tasks.assign(workers, 0);
+    p.schedule->rows.assign(workers, 0);
+  }
+  if (tasks == 0) return;
+  SliceBuffers slices;
+  if constexpr (kBackward) slices = SliceBuffers(p, pieces);
+  // Running states of mirrored forward heads: o [rows, Dv], m [rows], l [rows] each.
+  c10::DataPtr state_data;
+  std::vector<RowState> states;
+  if (!state_rows.empty()) {
+    const int64_t Dv = p.value_dim;
+    int64_t total = 0;
+    for (const int64_t rows : state_rows) total += rows * (Dv + 2);
+    state_data = c10::GetCPUAllocator()->allocate(static_cast<size_t>(total) * sizeof(float));
+    float* next = static_cast<float*>(state_data.get());
+    for (const int64_t rows : state_rows) {
+      states.push_back({next, next + rows * Dv, next + rows * (Dv + 1)});
+      next += rows * (Dv + 2);
+    }
+  }
+  // Tasks still to write each merge's states: the worker that finishes the last one merges them,
+  // inside the same parallel region (whichever worker it is, the merge order is fixed).
+  std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[merges.size()]);
+  for (size_t k = 0; k < merges.size(); ++k) pending[k].store(merges[k].count, std::memory_order_relaxed);
+  auto finish = [&](Workspace& ws, int64_t k) {
+    if constexpr (!kBackward) {
+      if (pending[k].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      ws.reset();
+      const MirrorMerge& m = merges[k];
+      Task(p, g, ws, m.b, m.h).merge(m.r0, m.r1, states.data() + m.first, m.count);
+    }
+  };
+  // Inside another parallel region at::parallel_for runs the whole range on one thread.
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
+    for (int64_t w = w0; w < w1; ++w) {
+      const std::vector<int64_t>& list = lists[w];
+      auto task = [&](int64_t t) { return Task(p, g, ws, pieces[t].b, pieces[t].h); };
+      if (!list.empty()) task(list[0]).prefetch_inputs();
+      for (size_t k = 0; k < list.size(); ++k) {
+        if (k + 1 < list.size()) task(list[k + 1]).prefetch_inputs();
+        ws.reset();
+        const Piece& piece = pieces[list[k]];
+        Task head = task(list[k]);
+        if constexpr (kBackward) {
+          head.run(piece.r0, piece.r1, slices.of(list[k]));
+        } else if (piece.c1 > 0) {
+          head.run_mirrored(piece.r0, piece.r1, piece.c0, piece.c1, states[piece.state_a], states[piece.state_b]);
+          finish(ws, piece.merge_a);
+          if (piece.merge_b != piece.merge_a) finish(ws, piece.merge_b);
+        } else {
+          head.run(piece.r0, piece.r1);
+        }
+        if (p.schedule != nullptr) {
+          p.schedule->tasks[w] += 1;
+          p.schedule->rows[w] += piece.r1 - piece.r0 + (piece.c0 != piece.r0 ? piece.c1 - piece.c0 : 0);
+        }
+      }
+    }
+  });
+  if constexpr (kBackward) {
+    const auto& groups = slices.groups();
+    at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t k0, int64_t k1) {
+      Workspace ws(Workspace::bytes_for(0));
+      for (int64_t k = k0; k < k1; ++k) {
+        Task(p, g, ws, groups[k].b, groups[k].h).reduce(slices.first(groups[k]), groups[k].count);
+      }
+    });
+  }
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace symattn::cpu
