@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-run-time", type=float,
                         help="CPU seconds of timed calls per case (default 0.5, --quick 0.05)")
+    parser.add_argument("--rounds", type=int,
+                        help="CPU: interleaved timing rounds per case, each timing every provider "
+                             "for min-run-time / rounds (default 3, --quick 1)")
     parser.add_argument("--out", type=Path, default=environment.REPO_ROOT / "bench" / "results",
                         help="directory for the CSV and PNG files (default: bench/results/)")
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
@@ -65,6 +68,8 @@ def _dtypes(op: OpSpec, args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        raise SystemExit(f"--rounds: expected at least 1, got {args.rounds}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     started = time.perf_counter()
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = runner.Plan(
         ops=[(op, _shapes(op, args), _dtypes(op, args)) for op in ops], modes=args.mode,
         device=args.device, only_providers=args.providers,
-        min_run_time=args.min_run_time or (0.05 if args.quick else 0.5))
+        min_run_time=args.min_run_time or (0.05 if args.quick else 0.5),
+        rounds=args.rounds or (1 if args.quick else 3))
 
     rows, unavailable, interrupted = runner.run(plan)
 

@@ -36,6 +36,7 @@ class Plan:
     device: str
     min_run_time: float
     only_providers: list[str] | None = None
+    rounds: int = 1  # interleaved timing rounds per case (timing.time_calls)
 
     def providers(self, op: OpSpec) -> list[Provider]:
         providers = op.providers(self.device)
@@ -73,45 +74,74 @@ def _run_shape(plan, op, providers, shape, dtype_name, context, progress) -> lis
     reference = _reference(op, shape, dtype_name, inputs, grad_out if "fwdbwd" in plan.modes else None)
     rows = []
     for mode in plan.modes:
-        case_rows = []
+        case_rows, steps = [], {}
         for provider in providers:
             progress.set_description(f"{op.name} {mode} {dtype_name} {shape.label} {provider.name}")
             row = {"op": op.name, "provider": provider.name, "device": context["device"],
                    "dtype": dtype_name, "B": shape.B, "S": shape.S, "H": shape.H, "D": shape.D,
                    "causal": shape.causal, "mode": mode}
-            row.update(_measure(plan, op, provider, shape, dtype_name, mode, inputs, grad_out, reference))
+            result, step = _gate(plan, provider, shape, dtype_name, mode, inputs, grad_out, reference)
+            row.update(result)
+            if step is not None:
+                steps[len(case_rows)] = step
+            case_rows.append(row)
+        progress.set_description(f"{op.name} {mode} {dtype_name} {shape.label} timing")
+        _measure(plan, op, shape, mode, inputs, steps, case_rows)
+        progress.update(len(case_rows))
+        for row in case_rows:
             row.update({key: value for key, value in context.items() if key != "device"})
             row["timestamp"] = datetime.datetime.now().isoformat(timespec="seconds")
-            case_rows.append(row)
-            progress.update()
         _add_speedups(case_rows, op.baseline)
         rows += case_rows
     return rows
 
 
-def _measure(plan, op, provider, shape, dtype_name, mode, inputs, grad_out, reference) -> dict:
+def _gate(plan, provider, shape, dtype_name, mode, inputs, grad_out, reference) -> tuple[dict, Callable | None]:
+    """The provider's row fields so far and its timed step, or, where it cannot be timed (not
+    available, dtype not supported, a result outside tolerance, an error), the status and None."""
     if provider.bind is None:
-        return {"status": f"skipped: {provider.reason}"}
+        return {"status": f"skipped: {provider.reason}"}, None
     if provider.dtypes is not None and DTYPES[dtype_name] not in provider.dtypes:
-        return {"status": f"skipped: {dtype_name} not supported"}
+        return {"status": f"skipped: {dtype_name} not supported"}, None
     try:
         step = bind_step(provider, shape, mode, inputs, grad_out)
         error, failure = _check(step, mode, inputs, reference)
-        if failure:
-            return {"max_err": error, "status": f"mismatch: {failure}"}
-        measured = timing.time_call(step, plan.device, plan.min_run_time)
-        for leaf in inputs.values():
-            leaf.grad = None  # so the peak counts the new gradient, not a swap with the old one
-        peak = timing.peak_memory_mib(step, plan.device)
     except Exception as exc:  # one failing provider or shape must not end the run
-        if plan.device == "cuda":
-            torch.cuda.empty_cache()
-        message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        return {"status": f"error: {type(exc).__name__}: {message}"}
+        return _error(plan, exc), None
+    if failure:
+        return {"max_err": error, "status": f"mismatch: {failure}"}, None
+    return {"max_err": error}, step
+
+
+def _measure(plan, op, shape, mode, inputs, steps: dict[int, Callable], case_rows: list[dict]) -> None:
+    """Times the case's checked steps side by side (interleaved rounds), then each one's peak
+    memory; fills in their rows."""
+    try:
+        timings = dict(zip(steps, timing.time_calls(list(steps.values()), plan.device, plan.min_run_time,
+                                                    plan.rounds)))
+    except Exception:  # find which step fails: time each alone, so the others still get a time
+        timings = {}
     flops = op.flops(shape, mode)
-    return {"median_ms": measured.median_ms, "p20_ms": measured.p20_ms, "p80_ms": measured.p80_ms,
-            "tflops": flops / (measured.median_ms * 1e-3) / 1e12, "peak_mib": peak,
-            "max_err": error, "status": "ok"}
+    for k, step in steps.items():
+        try:
+            measured = timings.get(k) or timing.time_call(step, plan.device, plan.min_run_time)
+            for leaf in inputs.values():
+                leaf.grad = None  # so the peak counts the new gradient, not a swap with the old one
+            peak = timing.peak_memory_mib(step, plan.device)
+        except Exception as exc:
+            case_rows[k].update(_error(plan, exc))
+            continue
+        case_rows[k].update({"median_ms": measured.median_ms, "p20_ms": measured.p20_ms,
+                             "p80_ms": measured.p80_ms,
+                             "tflops": flops / (measured.median_ms * 1e-3) / 1e12, "peak_mib": peak,
+                             "status": "ok"})
+
+
+def _error(plan, exc: Exception) -> dict:
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+    message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return {"status": f"error: {type(exc).__name__}: {message}"}
 
 
 def bind_step(provider, shape, mode, inputs, grad_out) -> Callable[[], object]:

@@ -1,20 +1,22 @@
-"""Timing and peak memory of one zero-argument callable, on CPU or CUDA.
+"""Timing and peak memory of zero-argument callables, on CPU or CUDA.
 
 CPU: `torch.utils.benchmark.Timer.blocked_autorange` with torch threads = cores; median and
-20th/80th percentiles of the per-call times of its blocks. CUDA: `triton.testing.do_bench`
-quantiles. Peak memory is measured on a separate call so the profiler never touches a timing.
+20th/80th percentiles of the per-call times of its blocks. Callables compared with each other
+are timed in interleaved rounds (`time_calls`). CUDA: `triton.testing.do_bench` quantiles. Peak
+memory is measured on a separate call so the profiler never touches a timing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,15 +40,44 @@ def time_call(fn: Callable[[], object], device: str, min_run_time: float) -> Tim
     return _time_cpu(fn, min_run_time)
 
 
+def time_calls(fns: Sequence[Callable[[], object]], device: str, min_run_time: float,
+               rounds: int = 1) -> list[Timing]:
+    """Times callables that are compared with each other. On CPU, in `rounds` rounds that each
+    time every callable for min_run_time / rounds seconds, each round starting one callable
+    later, and pools each callable's per-call times over the rounds: where the host's speed
+    drifts during a case (a shared or virtual machine), the drift then lands on every callable
+    alike instead of on whichever ran through the slow stretch. CUDA: each callable once."""
+    if device == "cuda" or rounds <= 1:
+        return [time_call(fn, device, min_run_time) for fn in fns]
+    one_call = [_first_call_seconds(fn) for fn in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
+            floor = math.ceil(MIN_CPU_SAMPLES / rounds) * one_call[i]
+            samples[i] += _blocked_times(fns[i], max(min_run_time / rounds, floor))
+    return [_timing(times) for times in samples]
+
+
 def _time_cpu(fn: Callable[[], object], min_run_time: float) -> Timing:
-    threads = os.cpu_count() or 1
+    one_call = _first_call_seconds(fn)
+    return _timing(_blocked_times(fn, max(min_run_time, MIN_CPU_SAMPLES * one_call)))
+
+
+def _first_call_seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
-    one_call = time.perf_counter() - start
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    measurement = timer.blocked_autorange(min_run_time=max(min_run_time, MIN_CPU_SAMPLES * one_call))
-    times_ms = np.asarray(measurement.times) * 1e3
-    p20, p50, p80 = np.percentile(times_ms, [20, 50, 80])
+    return time.perf_counter() - start
+
+
+def _blocked_times(fn: Callable[[], object], min_run_time: float) -> list[float]:
+    """Per-call seconds of the blocks of one blocked_autorange, torch threads = cores."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=os.cpu_count() or 1)
+    return list(timer.blocked_autorange(min_run_time=min_run_time).times)
+
+
+def _timing(times_s: list[float]) -> Timing:
+    p20, p50, p80 = np.percentile(np.asarray(times_s) * 1e3, [20, 50, 80])
     return Timing(float(p50), float(p20), float(p80))
 
 

@@ -143,3 +143,25 @@ def test_paired_trees_times_both_trees_in_rounds():
     rows = {line.split()[0] + " " + line.split()[1]: [float(x) for x in line.split()[2:]] for line in lines[2:]}
     assert set(rows) == {"1x40x2 fwd", "1x40x2 fwd+bwd"}
     assert all(base > 0 and new > 0 and ratio > 0 for base, new, ratio in rows.values())
+
+
+def test_time_calls_interleaves_the_callables_in_rounds():
+    """Compared callables alternate within a case, so a drifting host slows them alike: with
+    three rounds each callable's calls come in three separate runs, not one."""
+    import time
+
+    from bench.timing import time_calls
+
+    calls = []
+
+    def timed(name):
+        def fn():
+            calls.append(name)
+            time.sleep(1e-3)
+        return fn
+
+    timings = time_calls([timed("a"), timed("b")], "cpu", min_run_time=0.03, rounds=3)
+    assert len(timings) == 2 and all(t.p20_ms <= t.median_ms <= t.p80_ms for t in timings)
+    runs = [name for name, _ in itertools.groupby(calls)]
+    assert runs.count("a") >= 3 and runs.count("b") >= 3, runs
+    assert all(t.median_ms >= 1.0 for t in timings)
