@@ -61,11 +61,7 @@ class BackwardHead : public Head<scalar_t> {
     AmxTileScope tiles;
     const CoefMode mode = bp_.coef_mode;
     const bool want_dcoef = bp_.dcoef_partial != nullptr && mode != CoefMode::kNone;
-    this->setup_keys();
-    copy_inputs();
-    this->pack_query_key(true);
-    this->pack_values();
-    pack_backward_inputs();
+    prepare_inputs();
 
     float* s = ws_.template take<float>(g_.block * g_.ldk);
     float* dp = ws_.template take<float>(g_.block * g_.ldk);
@@ -162,11 +158,7 @@ class BackwardHead : public Head<scalar_t> {
 
   // Panels, delta and zeroed accumulators for every round of this head.
   void prepare_tiled() {
-    this->setup_keys();
-    copy_inputs();
-    this->pack_query_key(true);
-    this->pack_values();
-    pack_backward_inputs();
+    prepare_inputs();
     dot_ = this->b_transposed(do_rows_, L_, Dv_, ws_.template take<Word>(words(Dv_) * g_.ldk));
     delta_ = ws_.template take<float>(L_);
     lse_col_ = ws_.template take<float>(L_);
@@ -348,11 +340,20 @@ class BackwardHead : public Head<scalar_t> {
     return L * (panel_stride(p.head_dim) + (p.v.data != nullptr ? 2 : 1) * panel_stride(p.value_dim));
   }
 
+  // Every panel the head's backward products read: keys and queries, values, V^T, dO, dlse.
+  void prepare_inputs() {
+    this->setup_keys();
+    copy_inputs();
+    this->pack_query_key(true);
+    this->pack_values();
+    pack_backward_inputs();
+  }
+
   // [L, width] rows at row stride ld to a workspace copy at panel_stride(width).
   const float* copy_rows(const float* src, int64_t ld, int64_t width) {
     const int64_t ldc = panel_stride(width);
     float* dst = ws_.template take<float>(L_ * ldc);
-    for (int64_t i = 0; i < L_; ++i) std::memcpy(dst + i * ldc, src + i * ld, width * sizeof(float));
+    load_rows(dst, ldc, src, ld, L_, width);
     return dst;
   }
 
@@ -388,7 +389,7 @@ class BackwardHead : public Head<scalar_t> {
       do_pairs_ = Base::b_rows(dout, ld, L_, Dv_, ws_.template take<Word>(words(L_) * Dv_), Dv_);
     } else if constexpr (kHalf) {
       float* dof = ws_.template take<float>(L_ * Dv_);
-      for (int64_t i = 0; i < L_; ++i) load_row(dof + i * Dv_, dout + i * ld, Dv_);
+      load_rows(dof, Dv_, dout, ld, L_, Dv_);
       do_rows_ = do_pairs_ = {dof, Dv_};
     } else {
       do_rows_ = do_pairs_ = {copy_rows(dout, ld, Dv_), panel_stride(Dv_)};

@@ -127,7 +127,7 @@ class ForwardHead : public Head<scalar_t> {
       if (vb_.ld != Dv_) {
         float* packed = ws_.template take<float>(L_ * Dv_);
         auto copy = [&](int64_t j0, int64_t j1) {
-          for (int64_t j = j0; j < j1; ++j) std::memcpy(packed + j * Dv_, vb_.data + j * vb_.ld, Dv_ * sizeof(float));
+          load_rows(packed + j0 * Dv_, Dv_, vb_.data + j0 * vb_.ld, vb_.ld, j1 - j0, Dv_);
         };
         copy(r0, r1 < 0 ? this->packed_rows_ : r1);
         if (c0 != r0) copy(c0, c1);

@@ -227,6 +227,12 @@ void load_row(float* dst, const T* src, int64_t n) {
   }
 }
 
+// dst [rows, n] at row stride ldd <- src [rows, n] at row stride ld, widened to fp32.
+template <typename T>
+void load_rows(float* dst, int64_t ldd, const T* src, int64_t ld, int64_t rows, int64_t n) {
+  for (int64_t i = 0; i < rows; ++i) load_row(dst + i * ldd, src + i * ld, n);
+}
+
 // kVec elements of src (count of them, zeros after) widened to fp32.
 template <typename T>
 Vec load_float(const T* src, int64_t count) {
