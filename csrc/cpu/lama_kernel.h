@@ -359,6 +359,16 @@ Scratch<T> scratch(int64_t n) {
   return Scratch<T>(n);
 }
 
+// n zeroed elements in store, from a 64-byte boundary (so that full-width vector loads of rows
+// at multiples of 16 elements never straddle a cache line); returns their start.
+template <typename T>
+T* aligned_zeros(std::vector<T>& store, int64_t n) {
+  constexpr int64_t kPad = 64 / sizeof(T);
+  store.assign(n + kPad, T(0));
+  const auto misalign = reinterpret_cast<std::uintptr_t>(store.data()) % 64;
+  return store.data() + (misalign == 0 ? 0 : (64 - misalign) / sizeof(T));
+}
+
 // One call's shared inputs in the accumulation type: Q^T, the gates, and row access.
 template <typename scalar_t>
 class Lama {
@@ -377,12 +387,12 @@ class Lama {
     const auto* q = static_cast<const scalar_t*>(p.q);
     const auto* pf = static_cast<const scalar_t*>(p.p);
     const auto* c = static_cast<const scalar_t*>(p.context);
-    qt_.assign(m_ * E_, acc_t(0));
+    qt_ = aligned_zeros(qt_store_, m_ * E_);
     for (int64_t e = 0; e < E_; ++e) {
       for (int64_t j = 0; j < m_; ++j) qt_[j * E_ + e] = static_cast<acc_t>(q[e * m_ + j]);
     }
     if constexpr (kPairs) {
-      qt_raw_.resize(m_ * E_);
+      qt_raw_ = aligned_zeros(qt_raw_store_, m_ * E_);
       for (int64_t e = 0; e < E_; ++e) {
         for (int64_t j = 0; j < m_; ++j) qt_raw_[j * E_ + e] = q[e * m_ + j];
       }
@@ -479,8 +489,11 @@ class Lama {
 
   const LamaParams& p_;
   const int64_t B_, T_, E_, m_;
-  std::vector<acc_t> qt_;        // Q^T [m, E]
-  std::vector<scalar_t> qt_raw_; // Q^T [m, E] in bfloat16, for the pair products
+  // Q^T [m, E], and in bfloat16 for the pair products; the tasks read them in place.
+  std::vector<acc_t> qt_store_;
+  std::vector<scalar_t> qt_raw_store_;
+  acc_t* qt_ = nullptr;
+  scalar_t* qt_raw_ = nullptr;
   std::vector<acc_t> gate_;      // [B, m]
 };
 
@@ -575,10 +588,10 @@ void forward(const LamaParams& p) {
         if (n == 0) continue;
         lama.template tile_rows<false>(b, tok.data(), n, hrows.data());
         if (shared) {
-          lama.dots(hrows.data(), n, lama.qt_.data(), lama.qt_raw_.data(), m, k.data());
+          lama.dots(hrows.data(), n, lama.qt_, lama.qt_raw_, m, k.data());
         } else {
           lama.template tile_rows<true>(b, tok.data(), n, urows.data());
-          lama.dots(urows.data(), n, lama.qt_.data(), lama.qt_raw_.data(), m, k.data());
+          lama.dots(urows.data(), n, lama.qt_, lama.qt_raw_, m, k.data());
         }
         lama.activate(b, k.data(), a.data(), w.data(), norm.data(), n);
         if (p.token_softmax) {
@@ -723,10 +736,10 @@ void backward(const LamaBackwardParams& p) {
     std::vector<acc_t> delta(m, acc_t(0));
     acc_t* dpooled = stack.data() + (shared ? m * E : 0);
     acc_t* gq = dpooled + m * E;
-    const acc_t* qt = shared ? stack.data() : lama.qt_.data();
-    if (shared) std::copy(lama.qt_.begin(), lama.qt_.end(), stack.data());
-    const scalar_t* qt_raw = shared ? stack_raw.data() : lama.qt_raw_.data();
-    if (L::kPairs && shared) std::copy(lama.qt_raw_.begin(), lama.qt_raw_.end(), stack_raw.begin());
+    const acc_t* qt = shared ? stack.data() : lama.qt_;
+    if (shared) std::copy_n(lama.qt_, m * E, stack.data());
+    const scalar_t* qt_raw = shared ? stack_raw.data() : lama.qt_raw_;
+    if (L::kPairs && shared) std::copy_n(lama.qt_raw_, m * E, stack_raw.data());
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t b = task / tasks.chunks, c = task % tasks.chunks;
       const acc_t* g = lama.gate_.data() + b * m;
