@@ -32,8 +32,10 @@
 // has enough sequences, up to kTasks / B chunks of at least kMinChunk tokens when it has few).
 // Each result element is produced by one task, or by a fixed-order sum over chunks and sequences
 // after the parallel loop (pooled, l, W, dg; then dQ, dP, dc), and the cut depends on B and T
-// only, so results do not depend on the thread count. Arithmetic is fp32 (fp64 for fp64 inputs); half inputs are widened a tile row at a time
-// and every result is rounded once. With AVX512-BF16 (SYMATTN_BF16_DOT) the dot products of
+// only, so results do not depend on the thread count. Arithmetic is fp32 (fp64 for fp64 inputs);
+// half token rows are widened in registers as the products load them (a widened copy of a tile
+// would be scratch memory beside the gradients, which the eager reference does not have), and
+// every result is rounded once. With AVX512-BF16 (SYMATTN_BF16_DOT) the dot products of
 // bfloat16 rows take bf16 pairs on vdpbf16ps, exact products with fp32 sums.
 //
 // This header is compiled once per instruction set (lama_cpu.cpp for DEFAULT, lama_cpu_avx2.cpp,
@@ -67,9 +69,11 @@ namespace symattn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Tokens per tile: the tile's widened rows (kTile x E) stay in L1/L2 between its keys and its
-// pooled update.
+// Tokens per tile: the tile's rows (kTile x E) stay in L1/L2 between its keys and its pooled
+// update.
 constexpr int64_t kTile = 32;
+// Half gradient rows are computed this many at a time (combine's token block) before rounding.
+constexpr int64_t kOutRows = 4;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -80,6 +84,24 @@ struct Ops {
   static constexpr int64_t kL = Vec::size();
   // Accumulator registers of a micro-kernel: 16 of AVX-512's 32, 8 of AVX2's 16.
   static constexpr int kAcc = (kL * sizeof(acc_t) >= 64) ? 16 : 8;
+
+  // n <= kL elements of a token row as acc_t, the rest zero: bfloat16 / half rows are widened in
+  // registers (exactly), so no widened copy of a tile is kept.
+  template <typename R>
+  static Vec load(const R* x, int64_t n = kL) {
+    if constexpr (std::is_same_v<R, acc_t>) {
+      return Vec::loadu(x, n);
+    } else {
+      Vec v;
+      if (n == kL) {
+        at::vec::load_to_float(x, v);
+        return v;
+      }
+      __at_align__ acc_t tmp[kL] = {};
+      for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<acc_t>(x[i]);
+      return Vec::loadu(tmp);
+    }
+  }
 
   // Lane i of the result = sum of v[i]'s lanes, for kAcc vectors (AVX-512 fp32: a transpose
   // tree of 45 instructions instead of 16 horizontal sums).
@@ -106,8 +128,8 @@ struct Ops {
   }
 
   // out[j * ldo + t] = <x[t], r[j * ldr + .]> over E elements, t < NT, j < MB (NT * MB = kAcc).
-  template <int NT, int MB>
-  static void dot_block(const acc_t* const* x, const acc_t* r, int64_t ldr, int64_t E, acc_t* out, int64_t ldo,
+  template <int NT, int MB, typename R>
+  static void dot_block(const R* const* x, const acc_t* r, int64_t ldr, int64_t E, acc_t* out, int64_t ldo,
                         int64_t nt) {
     static_assert(NT * MB == kAcc);
     Vec acc[kAcc];
@@ -115,7 +137,7 @@ struct Ops {
     int64_t e = 0;
     for (; e + kL <= E; e += kL) {
       Vec xv[NT];
-      for (int t = 0; t < NT; ++t) xv[t] = Vec::loadu(x[t] + e);
+      for (int t = 0; t < NT; ++t) xv[t] = load(x[t] + e);
       for (int j = 0; j < MB; ++j) {
         const Vec rv = Vec::loadu(r + j * ldr + e);
         for (int t = 0; t < NT; ++t) acc[t * MB + j] = at::vec::fmadd(xv[t], rv, acc[t * MB + j]);
@@ -124,7 +146,7 @@ struct Ops {
     if (e < E) {
       const int64_t n = E - e;
       Vec xv[NT];
-      for (int t = 0; t < NT; ++t) xv[t] = Vec::loadu(x[t] + e, n);
+      for (int t = 0; t < NT; ++t) xv[t] = load(x[t] + e, n);
       for (int j = 0; j < MB; ++j) {
         const Vec rv = Vec::loadu(r + j * ldr + e, n);
         for (int t = 0; t < NT; ++t) acc[t * MB + j] = at::vec::fmadd(xv[t], rv, acc[t * MB + j]);
@@ -137,19 +159,20 @@ struct Ops {
     }
   }
 
-  template <int MB>
-  static void dot_heads(const acc_t* const* x, int64_t n, const acc_t* r, int64_t ldr, int64_t E, acc_t* out,
+  template <int MB, typename R>
+  static void dot_heads(const R* const* x, int64_t n, const acc_t* r, int64_t ldr, int64_t E, acc_t* out,
                         int64_t ldo) {
     constexpr int NT = kAcc / MB;
     for (int64_t t = 0; t < n; t += NT) {
-      const acc_t* rows[NT];
+      const R* rows[NT];
       for (int i = 0; i < NT; ++i) rows[i] = x[std::min(t + i, n - 1)];  // a short group repeats its last row
       dot_block<NT, MB>(rows, r, ldr, E, out + t, ldo, n - t);
     }
   }
 
   // out[k * ldo + t] = <x[t], r[k]> for t < n tokens, k < K rows of r: head blocks of 16, 8, 4, 2, 1.
-  static void dots(const acc_t* const* x, int64_t n, const acc_t* r, int64_t ldr, int64_t K, int64_t E, acc_t* out,
+  template <typename R>
+  static void dots(const R* const* x, int64_t n, const acc_t* r, int64_t ldr, int64_t K, int64_t E, acc_t* out,
                    int64_t ldo) {
     int64_t k = 0;
     if constexpr (kAcc >= 16) {
@@ -163,8 +186,8 @@ struct Ops {
 
   // a[k * lda + e] += sum_t c[k * ldc + t] x[t][e] over e in [e0, e0 + NV kL) (the last vector
   // holding `last` elements), k < KB.
-  template <int KB, int NV>
-  static void update_block(const acc_t* const* x, int64_t n, const acc_t* c, int64_t ldc, acc_t* a, int64_t lda,
+  template <int KB, int NV, typename R>
+  static void update_block(const R* const* x, int64_t n, const acc_t* c, int64_t ldc, acc_t* a, int64_t lda,
                            int64_t e0, int64_t last) {
     Vec acc[KB][NV];
     for (int k = 0; k < KB; ++k) {
@@ -172,7 +195,7 @@ struct Ops {
     }
     for (int64_t t = 0; t < n; ++t) {
       Vec xv[NV];
-      for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(x[t] + e0 + v * kL, v == NV - 1 ? last : kL);
+      for (int v = 0; v < NV; ++v) xv[v] = load(x[t] + e0 + v * kL, v == NV - 1 ? last : kL);
       for (int k = 0; k < KB; ++k) {
         const Vec ck(c[k * ldc + t]);
         for (int v = 0; v < NV; ++v) acc[k][v] = at::vec::fmadd(ck, xv[v], acc[k][v]);
@@ -183,8 +206,8 @@ struct Ops {
     }
   }
 
-  template <int KB>
-  static void update_heads(const acc_t* const* x, int64_t n, const acc_t* c, int64_t ldc, acc_t* a, int64_t lda,
+  template <int KB, typename R>
+  static void update_heads(const R* const* x, int64_t n, const acc_t* c, int64_t ldc, acc_t* a, int64_t lda,
                            int64_t E) {
     constexpr int NV = std::min(4, kAcc / KB);
     int64_t e = 0;
@@ -193,7 +216,8 @@ struct Ops {
   }
 
   // a[k, :] += sum_t c[k * ldc + t] x[t] for k < K (a: K rows of E, row stride lda).
-  static void update(const acc_t* const* x, int64_t n, const acc_t* c, int64_t ldc, int64_t K, acc_t* a, int64_t lda,
+  template <typename R>
+  static void update(const R* const* x, int64_t n, const acc_t* c, int64_t ldc, int64_t K, acc_t* a, int64_t lda,
                      int64_t E) {
     int64_t k = 0;
     for (; K - k >= 8; k += 8) update_heads<8>(x, n, c + k * ldc, ldc, a + k * lda, lda, E);
@@ -335,6 +359,16 @@ Scratch<T> scratch(int64_t n) {
   return Scratch<T>(n);
 }
 
+// n zeroed elements in store, from a 64-byte boundary (so that full-width vector loads of rows
+// at multiples of 16 elements never straddle a cache line); returns their start.
+template <typename T>
+T* aligned_zeros(std::vector<T>& store, int64_t n) {
+  constexpr int64_t kPad = 64 / sizeof(T);
+  store.assign(n + kPad, T(0));
+  const auto misalign = reinterpret_cast<std::uintptr_t>(store.data()) % 64;
+  return store.data() + (misalign == 0 ? 0 : (64 - misalign) / sizeof(T));
+}
+
 // One call's shared inputs in the accumulation type: Q^T, the gates, and row access.
 template <typename scalar_t>
 class Lama {
@@ -353,12 +387,12 @@ class Lama {
     const auto* q = static_cast<const scalar_t*>(p.q);
     const auto* pf = static_cast<const scalar_t*>(p.p);
     const auto* c = static_cast<const scalar_t*>(p.context);
-    qt_.assign(m_ * E_, acc_t(0));
+    qt_ = aligned_zeros(qt_store_, m_ * E_);
     for (int64_t e = 0; e < E_; ++e) {
       for (int64_t j = 0; j < m_; ++j) qt_[j * E_ + e] = static_cast<acc_t>(q[e * m_ + j]);
     }
     if constexpr (kPairs) {
-      qt_raw_.resize(m_ * E_);
+      qt_raw_ = aligned_zeros(qt_raw_store_, m_ * E_);
       for (int64_t e = 0; e < E_; ++e) {
         for (int64_t j = 0; j < m_; ++j) qt_raw_[j * E_ + e] = q[e * m_ + j];
       }
@@ -396,30 +430,20 @@ class Lama {
     return n;
   }
 
-  // The tile's rows: raw (the input's) and in acc_t (the same pointers for fp32 / fp64, else
-  // widened into buf).
+  // The tile's rows, the input's own (Ops widens half rows as it loads them).
   template <bool kKeys>
-  void tile_rows(int64_t b, const int64_t* tok, int64_t n, acc_t* buf, const scalar_t** raw, const acc_t** rows) const {
-    for (int64_t i = 0; i < n; ++i) {
-      raw[i] = kKeys ? u_row(b, tok[i]) : h_row(b, tok[i]);
-      if constexpr (kWiden) {
-        widen(raw[i], buf + i * E_, E_);
-        rows[i] = buf + i * E_;
-      } else {
-        rows[i] = raw[i];
-      }
-    }
+  void tile_rows(int64_t b, const int64_t* tok, int64_t n, const scalar_t** rows) const {
+    for (int64_t i = 0; i < n; ++i) rows[i] = kKeys ? u_row(b, tok[i]) : h_row(b, tok[i]);
   }
 
   // out[k * kTile + i] = <row i, r[k]> for K rows r (r_raw: the same rows in scalar_t, for pairs).
-  void dots(const scalar_t* const* raw, const acc_t* const* rows, int64_t n, const acc_t* r, const scalar_t* r_raw,
-            int64_t K, acc_t* out) const {
+  void dots(const scalar_t* const* rows, int64_t n, const acc_t* r, const scalar_t* r_raw, int64_t K,
+            acc_t* out) const {
 #if defined(SYMATTN_BF16_DOT)
     if constexpr (kPairs) {
-      if (use_pairs()) return Bf16Dots::dots(raw, n, r_raw, E_, K, E_, out, kTile);
+      if (use_pairs()) return Bf16Dots::dots(rows, n, r_raw, E_, K, E_, out, kTile);
     }
 #endif
-    (void)raw;
     (void)r_raw;
     O::dots(rows, n, r, E_, K, E_, out, kTile);
   }
@@ -465,8 +489,11 @@ class Lama {
 
   const LamaParams& p_;
   const int64_t B_, T_, E_, m_;
-  std::vector<acc_t> qt_;        // Q^T [m, E]
-  std::vector<scalar_t> qt_raw_; // Q^T [m, E] in bfloat16, for the pair products
+  // Q^T [m, E], and in bfloat16 for the pair products; the tasks read them in place.
+  std::vector<acc_t> qt_store_;
+  std::vector<scalar_t> qt_raw_store_;
+  acc_t* qt_ = nullptr;
+  scalar_t* qt_raw_ = nullptr;
   std::vector<acc_t> gate_;      // [B, m]
 };
 
@@ -546,10 +573,7 @@ void forward(const LamaParams& p) {
   acc_t* weights_all = L::kWiden ? weights_buf.data() : static_cast<acc_t*>(p.attn);
   for_each_task(tasks, [&](const auto& next) {
     auto tok = scratch<int64_t>(kTile);
-    auto hbuf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
-    auto ubuf = scratch<acc_t>(L::kWiden && !shared ? kTile * E : 0);
-    std::vector<const acc_t*> hrows(kTile), urows(kTile);
-    std::vector<const scalar_t*> hraw(kTile), uraw(kTile);
+    std::vector<const scalar_t*> hrows(kTile), urows(kTile);
     auto k = scratch<acc_t>(m * kTile), a = scratch<acc_t>(m * kTile), w = scratch<acc_t>(m * kTile);
     auto norm = scratch<acc_t>(kTile);
     for (int64_t task; (task = next()) >= 0;) {
@@ -562,12 +586,12 @@ void forward(const LamaParams& p) {
         for (int64_t j = 0; j < m; ++j) std::fill(weights + j * T + t0, weights + j * T + t1, acc_t(0));
         const int64_t n = lama.real_tokens(b, t0, t1, tok.data());
         if (n == 0) continue;
-        lama.template tile_rows<false>(b, tok.data(), n, hbuf.data(), hraw.data(), hrows.data());
+        lama.template tile_rows<false>(b, tok.data(), n, hrows.data());
         if (shared) {
-          lama.dots(hraw.data(), hrows.data(), n, lama.qt_.data(), lama.qt_raw_.data(), m, k.data());
+          lama.dots(hrows.data(), n, lama.qt_, lama.qt_raw_, m, k.data());
         } else {
-          lama.template tile_rows<true>(b, tok.data(), n, ubuf.data(), uraw.data(), urows.data());
-          lama.dots(uraw.data(), urows.data(), n, lama.qt_.data(), lama.qt_raw_.data(), m, k.data());
+          lama.template tile_rows<true>(b, tok.data(), n, urows.data());
+          lama.dots(urows.data(), n, lama.qt_, lama.qt_raw_, m, k.data());
         }
         lama.activate(b, k.data(), a.data(), w.data(), norm.data(), n);
         if (p.token_softmax) {
@@ -695,32 +719,33 @@ void backward(const LamaBackwardParams& p) {
   const auto* dattn = static_cast<const scalar_t*>(p.dattn);
   for_each_task(tasks, [&](const auto& next) {
     auto tok = scratch<int64_t>(kTile);
-    auto hbuf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
-    auto ubuf = scratch<acc_t>(L::kWiden && !shared ? kTile * E : 0);
-    auto out_buf = scratch<acc_t>(L::kWiden ? kTile * E : 0);
-    std::vector<const acc_t*> hrows(kTile), urows(kTile);
-    std::vector<const scalar_t*> hraw(kTile), uraw(kTile);
+    // Half gradients: kOutRows rows at a time in acc_t, then rounded into the output.
+    auto out_buf = scratch<acc_t>(L::kWiden ? kOutRows * E : 0);
+    std::vector<const scalar_t*> hrows(kTile), urows(kTile);
     std::vector<acc_t*> out_rows(kTile);
     // Rows [Q^T; dpooled; g * Q^T] [3m, E]: keys and dA are dots with the first 2m, dh (when
-    // U = H) combines the last 2m: dh_t = dpooled^T attn_t + (g Q^T)^T dz_t.
-    auto stack = scratch<acc_t>(3 * m * E);
-    auto stack_raw = scratch<scalar_t>(L::kPairs ? 2 * m * E : 0);
+    // U = H) combines the last 2m: dh_t = dpooled^T attn_t + (g Q^T)^T dz_t. With separate
+    // keys Q^T is read from lama and the stack is [dpooled; g * Q^T]; the pairs' bf16 rows
+    // [Q^T; dpooled] likewise are stacked only when U = H.
+    auto stack = scratch<acc_t>((shared ? 3 : 2) * m * E);
+    auto stack_raw = scratch<scalar_t>(L::kPairs && shared ? 2 * m * E : 0);
     auto kd = scratch<acc_t>(2 * m * kTile);  // [keys; dA]
     auto a = scratch<acc_t>(m * kTile), f = scratch<acc_t>(m * kTile), norm = scratch<acc_t>(kTile);
     auto coef = scratch<acc_t>(2 * m * kTile);  // [attn; dz]
     auto w_local = scratch<acc_t>(want_w ? 0 : m * E);
     std::vector<acc_t> delta(m, acc_t(0));
-    acc_t* qt = stack.data();
-    acc_t* dpooled = stack.data() + m * E;
-    acc_t* gq = stack.data() + 2 * m * E;
-    std::copy(lama.qt_.begin(), lama.qt_.end(), qt);
-    if constexpr (L::kPairs) std::copy(lama.qt_raw_.begin(), lama.qt_raw_.end(), stack_raw.begin());
+    acc_t* dpooled = stack.data() + (shared ? m * E : 0);
+    acc_t* gq = dpooled + m * E;
+    const acc_t* qt = shared ? stack.data() : lama.qt_;
+    if (shared) std::copy_n(lama.qt_, m * E, stack.data());
+    const scalar_t* qt_raw = shared ? stack_raw.data() : lama.qt_raw_;
+    if (L::kPairs && shared) std::copy_n(lama.qt_raw_, m * E, stack_raw.data());
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t b = task / tasks.chunks, c = task % tasks.chunks;
       const acc_t* g = lama.gate_.data() + b * m;
       const scalar_t* dpooled_b = static_cast<const scalar_t*>(p.dpooled) + b * m * E;
       widen(dpooled_b, dpooled, m * E);
-      if constexpr (L::kPairs) std::copy_n(dpooled_b, m * E, stack_raw.begin() + m * E);
+      if (L::kPairs && shared) std::copy_n(dpooled_b, m * E, stack_raw.begin() + m * E);
       for (int64_t j = 0; j < m; ++j) {
         for (int64_t e = 0; e < E; ++e) gq[j * E + e] = g[j] * qt[j * E + e];
       }
@@ -752,15 +777,15 @@ void backward(const LamaBackwardParams& p) {
           }
         }
         if (n == 0) continue;
-        lama.template tile_rows<false>(b, tok.data(), n, hbuf.data(), hraw.data(), hrows.data());
-        const acc_t* const* krows = hrows.data();
+        lama.template tile_rows<false>(b, tok.data(), n, hrows.data());
+        const scalar_t* const* krows = hrows.data();
         if (shared) {
-          lama.dots(hraw.data(), hrows.data(), n, qt, stack_raw.data(), 2 * m, kd.data());
+          lama.dots(hrows.data(), n, qt, qt_raw, 2 * m, kd.data());
         } else {
-          lama.template tile_rows<true>(b, tok.data(), n, ubuf.data(), uraw.data(), urows.data());
+          lama.template tile_rows<true>(b, tok.data(), n, urows.data());
           krows = urows.data();
-          lama.dots(uraw.data(), urows.data(), n, qt, stack_raw.data(), m, kd.data());
-          lama.dots(hraw.data(), hrows.data(), n, dpooled, stack_raw.data() + m * E, m, kd.data() + m * kTile);
+          lama.dots(urows.data(), n, qt, qt_raw, m, kd.data());
+          lama.dots(hrows.data(), n, dpooled, dpooled_b, m, kd.data() + m * kTile);
         }
         const acc_t* keys = kd.data();
         acc_t* dfeat = kd.data() + m * kTile;  // dA, then df
@@ -814,21 +839,19 @@ void backward(const LamaBackwardParams& p) {
         }
         if (want_w) L::O::update(krows, n, dz, kTile, m, w, E, E);
         // The tile's gradient rows out = c^T r (K coefficient rows c, K rows r): straight into
-        // the output for fp32 / fp64, else through out_buf, rounded once.
+        // the output for fp32 / fp64, else kOutRows at a time through out_buf, rounded once.
         auto write_rows = [&](const Rows<void>& out, const acc_t* c, int64_t K, const acc_t* r) {
-          for (int64_t i = 0; i < n; ++i) {
-            auto* row = static_cast<scalar_t*>(out.data) + b * out.batch + tok[i] * out.token;
-            if constexpr (L::kWiden) {
-              out_rows[i] = out_buf.data() + i * E;
-            } else {
-              out_rows[i] = row;
-            }
-          }
-          L::O::combine(out_rows.data(), n, c, kTile, K, r, E, E);
+          auto row = [&](int64_t i) { return static_cast<scalar_t*>(out.data) + b * out.batch + tok[i] * out.token; };
           if constexpr (L::kWiden) {
-            for (int64_t i = 0; i < n; ++i) {
-              narrow(out_rows[i], static_cast<scalar_t*>(out.data) + b * out.batch + tok[i] * out.token, E);
+            for (int64_t i = 0; i < kOutRows; ++i) out_rows[i] = out_buf.data() + i * E;
+            for (int64_t i0 = 0; i0 < n; i0 += kOutRows) {
+              const int64_t rows = std::min(kOutRows, n - i0);
+              L::O::combine(out_rows.data(), rows, c + i0, kTile, K, r, E, E);
+              for (int64_t i = 0; i < rows; ++i) narrow(out_rows[i], row(i0 + i), E);
             }
+          } else {
+            for (int64_t i = 0; i < n; ++i) out_rows[i] = row(i);
+            L::O::combine(out_rows.data(), n, c, kTile, K, r, E, E);
           }
         };
         // U = H: dh_t = [dpooled; g Q^T]^T [attn_t; dz_t]; else dpooled^T attn_t, and du_t = (g Q^T)^T dz_t.
