@@ -3,7 +3,8 @@
 CPU: `torch.utils.benchmark.Timer.blocked_autorange` with torch threads = cores; median and
 20th/80th percentiles of the per-call times of its blocks. Callables compared with each other
 are timed in interleaved rounds (`time_calls`). CUDA: `triton.testing.do_bench` quantiles. Peak
-memory is measured on a separate call so the profiler never touches a timing.
+memory is measured on a separate call so the profiler never touches a timing (on CPU a
+one-thread call, see `_cpu_peak_memory`).
 """
 
 from __future__ import annotations
@@ -103,11 +104,19 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float:
 def _cpu_peak_memory(fn: Callable[[], object]) -> int:
     """Replays the profiler's allocation (+) and free (−) events in time order; the running
     sum's maximum is the peak. It sees allocations inside fused kernels too (workspaces), which
-    a dispatch-level tracker would miss."""
+    a dispatch-level tracker would miss, but only the calling thread's: a worker thread's own
+    workspace never shows. So the call runs on one thread, where every allocation is the
+    calling thread's: the peak of a one-thread call, exact for every provider alike (each
+    further thread adds what its worker allocates for itself)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _kineto_log_filtered(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _kineto_log_filtered(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
     events = sorted((event.start_ns(), event.nbytes())
                     for event in prof.profiler.kineto_results.events() if event.name() == "[memory]")
     running = peak = 0

@@ -165,3 +165,21 @@ def test_time_calls_interleaves_the_callables_in_rounds():
     runs = [name for name, _ in itertools.groupby(calls)]
     assert runs.count("a") >= 3 and runs.count("b") >= 3, runs
     assert all(t.median_ms >= 1.0 for t in timings)
+
+
+def test_cpu_peak_memory_runs_the_call_on_one_thread():
+    """The profiler records only the calling thread's allocations, so the peak is taken on a
+    one-thread call, where no worker thread allocates a workspace it would miss."""
+    import torch
+
+    from bench.timing import peak_memory_mib
+
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        peak = peak_memory_mib(lambda: seen.append(torch.get_num_threads()) or torch.ones(1 << 18), "cpu")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert peak >= 1.0  # the 1 MiB tensor the call allocated
