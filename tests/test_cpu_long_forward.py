@@ -99,6 +99,20 @@ def test_mirrored_forward_with_row_maxima_far_apart(dtype):
     check_forward((q * long_tokens, v, coef), dtype)
 
 
+@pytest.mark.parametrize("S", [300, 1025])
+@pytest.mark.parametrize("causal", [False, True], ids=["symmetric", "causal"])
+def test_forward_with_scores_of_large_magnitude_fp32(S, causal):
+    """Queries 3x longer and growing along the sequence: scores in the hundreds, row maxima that
+    grow from tile to tile. The forward takes its exponentials in base 2 from a shift rounded
+    once per row max, which scales them all by up to half an ulp of the max times log2(e); lse,
+    the rescales of running sums and the merge of row groups take the same rounded shift, and
+    scores more than 87 below their row's max give P = 0. Whole heads at 300 tokens (the
+    symmetric schedule; causal rows), mirrored and tiled ones at 1025, with a padded tail."""
+    q, v, coef = make_inputs(B=2, S=S, H=1, D=24, Dv=20, shared=False)
+    check_forward(growing((q * 3, v, coef), S), torch.float32, causal=causal,
+                  key_padding_mask=padding(S, "tail"), exclude_self=True)
+
+
 def test_mirrored_gradients_fp32():
     """Forward and every gradient of a mirrored head (the backward reads the merged lse)."""
     S = 1025

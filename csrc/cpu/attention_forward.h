@@ -185,7 +185,7 @@ class ForwardHead : public Head<scalar_t> {
       gemm<Dot, false>(rows, Dv_, iend, Panel{s + i0 * ld, ld}, v, dst, ldo, 1.f, false);
       if (iend < L_) gemm<Dot, true>(rows, Dv_, L_ - iend, Panel{pt, T}, Base::b_from(v, iend), dst, ldo, 1.f, true);
       for (int64_t r = 0; r < rows; ++r) {
-        *this->lse_ptr(i0 + r) = empty[r] ? kNegInf : shift[r] + std::log(sum[r]);
+        *this->lse_ptr(i0 + r) = empty[r] ? kNegInf : exp2_lse(shift[r], sum[r]);
         scale_inplace(dst + r * ldo, Dv_, empty[r] ? 0.f : 1.f / sum[r]);
         if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ldo, Dv_);
       }
@@ -228,14 +228,16 @@ class ForwardHead : public Head<scalar_t> {
     }
   }
 
-  // pt[(j - j0) * kSymTile + c] = exp(x[j - j0][c] - shift[c]) for the keys j >= j0 of the columns
-  // c < cols of x (as column_max), 0 on padded keys; sum[c] += their sum, keys in order.
+  // pt[(j - j0) * kSymTile + c] = exp(x[j - j0][c] - shift[c]) (in base 2, as exp_sum_store) for the
+  // keys j >= j0 of the columns c < cols of x (as column_max), 0 on padded keys; sum[c] += their
+  // sum, keys in order.
   template <bool kTail>
   void column_exp(const float* x, int64_t ld, int64_t j0, int64_t cols, const float* shift, float* pt,
                   float* sum) const {
     Vec m[kTileVecs], acc[kTileVecs];
     SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
-      m[v] = lanes<kTail>(cols, v) > 0 ? Vec::loadu(shift + v * kVec, lanes<kTail>(cols, v)) : Vec(0.f);
+      // -exp2_shift of each column's shift (negation is exact, so either order rounds alike)
+      m[v] = lanes<kTail>(cols, v) > 0 ? Vec::loadu(shift + v * kVec, lanes<kTail>(cols, v)) * Vec(-kLog2e) : Vec(0.f);
       acc[v] = Vec(0.f);
     }
     for (int64_t j = j0; j < L_; ++j) {
@@ -248,7 +250,7 @@ class ForwardHead : public Head<scalar_t> {
       SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
         const int64_t n = lanes<kTail>(cols, v);
         if (n == 0) continue;
-        const Vec e = exp_vec((kTail ? Vec::loadu(row + v * kVec, n) : Vec::loadu(row + v * kVec)) - m[v]);
+        const Vec e = exp2_vec(exp2_arg(kTail ? Vec::loadu(row + v * kVec, n) : Vec::loadu(row + v * kVec), m[v]));
         if (kTail) {
           e.store(prow + v * kVec, n);
           acc[v] = acc[v] + Vec::set(Vec(0.f), e, n);
@@ -307,7 +309,7 @@ class ForwardHead : public Head<scalar_t> {
       }
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = m[r] == kNegInf;
-        *this->lse_ptr(i0 + r) = empty ? kNegInf : m[r] + std::log(l[r]);
+        *this->lse_ptr(i0 + r) = empty ? kNegInf : exp2_lse(m[r], l[r]);
         scale_inplace(o + r * Dv_, Dv_, empty ? 0.f : 1.f / l[r]);
         store_row(this->row_ptr(p_.out, i0 + r), o + r * Dv_, Dv_);
       }
@@ -399,7 +401,7 @@ class ForwardHead : public Head<scalar_t> {
       fill(o, Dv_, 0.f);
       if (m != kNegInf) {
         for (int64_t k = 0; k < count; ++k) {
-          const float w = std::exp(parts[k].m[r] - m);
+          const float w = exp2_rescale(parts[k].m[r], m);
           l += w * parts[k].l[r];
           const Vec vw(w);
           const float* src = parts[k].o + r * Dv_;
@@ -410,7 +412,7 @@ class ForwardHead : public Head<scalar_t> {
         }
         scale_inplace(o, Dv_, 1.f / l);
       }
-      *this->lse_ptr(r0 + r) = m == kNegInf ? kNegInf : m + std::log(l);
+      *this->lse_ptr(r0 + r) = m == kNegInf ? kNegInf : exp2_lse(m, l);
       store_row(this->row_ptr(p_.out, r0 + r), o, Dv_);
     }
   }
@@ -476,7 +478,7 @@ class ForwardHead : public Head<scalar_t> {
     for (int64_t c = 0; c < width; ++c) {
       const float m_new = max_nan(b.m[c], cmax[c]);
       if (m_new > b.m[c] && b.m[c] != kNegInf) {
-        const float shrink = std::exp(b.m[c] - m_new);
+        const float shrink = exp2_rescale(b.m[c], m_new);
         b.l[c] *= shrink;
         scale_inplace(b.o + c * Dv_, Dv_, shrink);
       }
@@ -484,7 +486,7 @@ class ForwardHead : public Head<scalar_t> {
     }
     Vec m[kStripVecs];
     for (int v = 0; v < kStripVecs; ++v) {
-      m[v] = load(b.m + v * kVec, v);
+      m[v] = load(b.m + v * kVec, v) * Vec(-kLog2e);  // -exp2_shift
       acc[v] = Vec(0.f);
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -494,7 +496,7 @@ class ForwardHead : public Head<scalar_t> {
         continue;
       }
       for (int v = 0; v < kStripVecs; ++v) {
-        const Vec e = exp_vec(load(s + r * T + v * kVec, v) - m[v]);
+        const Vec e = exp2_vec(exp2_arg(load(s + r * T + v * kVec, v), m[v]));
         Vec kept = e;
         if (keep_by_key != nullptr) {
           kept = apply_keep(e, KeepBits{keep_by_key + r * (T / 64), this->keep_rule_.scale}, c0 + v * kVec);
@@ -517,7 +519,7 @@ class ForwardHead : public Head<scalar_t> {
       const float m_new = max_nan(m, row_max(s, n));
       if (m_new != kNegInf) {
         if (m_new > m && m != kNegInf) {
-          const float shrink = std::exp(m - m_new);
+          const float shrink = exp2_rescale(m, m_new);
           l *= shrink;
           scale_inplace(o, Dv_, shrink);
         }
@@ -542,7 +544,7 @@ class ForwardHead : public Head<scalar_t> {
       return 0.f;
     }
     const float sum = exp_row(s, i, 0, n, m, keep, prow);
-    *this->lse_ptr(i) = m + std::log(sum);
+    *this->lse_ptr(i) = exp2_lse(m, sum);
     zero_elems(prow, n, kend);
     return 1.f / sum;
   }

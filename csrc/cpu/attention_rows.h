@@ -10,8 +10,9 @@ namespace {
 
 // Row primitives on fp32, vectorised with masked tails so every element takes the same path.
 
-// exp(x) for softmax arguments (x - row max, x - lse: at most 0 up to rounding), within
-// 1 ulp of the correctly rounded result (measured against double). Cody-Waite reduction
+// exp(x) for the backward's softmax arguments (x - lse: at most 0 up to rounding; the forward
+// takes exp2_vec), within 1 ulp of the correctly rounded result (measured against double).
+// Cody-Waite reduction
 // x = n ln2 + r, n = rint(x log2(e)) from one FMA with the 1.5 * 2^23 shifter (its rounding is the
 // rint), and exp(r) = 1 + r (1 + r q(r)) with q a degree-4 minimax fit of (exp(r) - 1 - r) / r^2 on
 // |r| <= ln2 / 2: 13 vector operations, where at::vec's exp_u20 is cheaper still but its error
@@ -24,14 +25,16 @@ constexpr float kLn2Hi = 0.693359375f;  // ln 2 in 9 bits: n * kLn2Hi is exact
 constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kExpFlush = -87.f;  // e^-87 > FLT_MIN
 
+// c[0] r^(N-1) + c[1] r^(N-2) + ... + c[N-1] by Horner's rule, one FMA per step.
+template <size_t N>
+inline Vec horner(const Vec& r, const float (&c)[N]) {
+  Vec q(c[0]);
+  for (size_t i = 1; i < N; ++i) q = at::vec::fmadd(q, r, Vec(c[i]));
+  return q;
+}
+
 inline Vec exp_poly(const Vec& r) {
-  Vec q(1.38145988e-3f);
-  q = at::vec::fmadd(q, r, Vec(8.36871658e-3f));
-  q = at::vec::fmadd(q, r, Vec(4.16683890e-2f));
-  q = at::vec::fmadd(q, r, Vec(1.66665211e-1f));
-  q = at::vec::fmadd(q, r, Vec(4.99999940e-1f));
-  q = at::vec::fmadd(q, r, Vec(1.f));
-  return at::vec::fmadd(q, r, Vec(1.f));
+  return horner(r, {1.38145988e-3f, 8.36871658e-3f, 4.16683890e-2f, 1.66665211e-1f, 4.99999940e-1f, 1.f, 1.f});
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -59,6 +62,61 @@ inline Vec exp_vec(const Vec& x) {
   return Vec::blendv(p, Vec(0.f), xc < Vec(kExpFlush));
 }
 #endif
+
+// The forward's exponentials are taken in base 2: exp(s - m) = 2^y with y = s log2(e) - exp2_shift(m)
+// from two FMAs per score (exp2_arg), after which the reduction y = n + r, n = rint(y), needs no
+// Cody-Waite step: r = y - n is exact. The shift is rounded once per row max, which scales all of
+// that max's exponentials alike, so lse and the rescales of a running sum take the same rounded
+// shift (exp2_lse, exp2_rescale) and stay exact to it.
+inline float exp2_shift(float m) { return m * kLog2e; }
+
+// y for the scores x and a row's negated shift neg_shift = -exp2_shift(m), in each lane. log2(e)
+// in two parts: kLog2e alone (1.3e-8 relative below it) would take every exponential at a
+// temperature off by that much, exp(s (1 - 1.3e-8)), and the backward's P = exp(s - lse) would
+// then sum to 1 - 1.3e-8 times the row's mean score, a bias shared by all of a head's gradient
+// terms (measured: dcoef's error rose from 0.6 to 1.1 of flash-attn's bound at 512 tokens).
+constexpr float kLog2eLo = 1.925963e-8f;  // log2(e) - kLog2e
+inline Vec exp2_arg(const Vec& x, const Vec& neg_shift) {
+  return at::vec::fmadd(x, Vec(kLog2eLo), at::vec::fmadd(x, Vec(kLog2e), neg_shift));
+}
+
+// lse of a row whose exponentials of max m sum to sum: the rounded shift in natural units, plus log.
+inline float exp2_lse(float m, float sum) {
+  constexpr double kLn2 = 0.693147180559945309;  // ln 2: the shift back from log2 units
+  return static_cast<float>(static_cast<double>(exp2_shift(m)) * kLn2 + std::log(static_cast<double>(sum)));
+}
+
+// exp(m_old - m_new) for a running sum whose max grows, in the rounded shifts of both maxima.
+inline float exp2_rescale(float m_old, float m_new) {
+  return static_cast<float>(std::exp2(static_cast<double>(exp2_shift(m_old)) - exp2_shift(m_new)));
+}
+
+// 2^y for y = exp2_arg(..) (at most 0 up to rounding, under 128 in any case), within 1 ulp of the
+// correctly rounded result (0.80 ulp at most, measured against double for every float in
+// [-125, 0]): n = rint(y) from the shifter, r = y - n, and 2^r = 1 + r q(r) with q a degree-5
+// minimax fit of (2^r - 1) / r on |r| <= 1/2 (its linear coefficient, ln 2, rounded first and the
+// rest fitted to it). Results under 2^-125 flush to zero, so 2^-inf = 0 exactly and no denormal
+// reaches the products; NaN stays NaN. On AVX2, 15 vector operations per 8 scores (exp2_arg's FMAs
+// included) to 18 for exp_vec(x - m): no clamps, no Cody-Waite step, the exponent bias folded into
+// the shifter; an isolated loop of a row's exponential pass (load, exponential, sum, store) took
+// 0.77 of its time (0.83 for exp_vec without its clamps, the same operation count).
+constexpr float kExp2Flush = -125.f;  // 2^-125 > FLT_MIN, and 2^n stays normal for n >= -126
+
+inline Vec exp2_poly(const Vec& r) {
+  return horner(r, {1.532646274e-4f, 1.339080627e-3f, 9.618505836e-3f, 5.550359935e-2f, 2.402264774e-1f,
+                    6.931471825e-1f, 1.f});
+}
+
+// The same code in every build (at::vec), so the one verified here is the one that runs.
+inline Vec exp2_vec(const Vec& y) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  // t's low mantissa bits hold n + 127 (plus the shifter's 2^22, which the shift by 23 drops).
+  constexpr float kBiasedShifter = kShifter + 127.f;
+  const Vec t = y + Vec(kBiasedShifter);
+  const Vec r = y - (t - Vec(kBiasedShifter));
+  const Vec p = exp2_poly(r) * at::vec::cast<float>(at::vec::cast<int32_t>(t) << IVec(23));
+  return Vec::blendv(p, Vec(0.f), y < Vec(kExp2Flush));
+}
 
 // Lane-wise max(a, x) for a running maximum a: one instruction where the ISA has one. A NaN in x
 // may be dropped (vmaxps returns its second operand, a, when either is NaN): the exponentials of
@@ -134,9 +192,10 @@ inline Vec exp2_for_bf16(const Vec& x) {
 }
 #endif
 
-// dst[j] = exp(x[j] - shift), times the dropout multiplier where keep is given, for j < n, as
-// fp32 (dst may be x) or bf16; returns the sum of the exponentials. For bf16 (which the products
-// see rounded anyway) the exponentials come from exp2_for_bf16.
+// dst[j] = exp(x[j] - shift) in base 2 (2^exp2_arg), times the dropout multiplier where keep is
+// given, for j < n, as fp32 (dst may be x) or bf16; returns the sum of the exponentials, whose lse
+// is exp2_lse(shift, sum). For bf16 (which the products see rounded anyway) the exponentials come
+// from exp2_for_bf16.
 template <typename Word>
 float exp_sum_store(const float* x, int64_t n, float shift, const KeepBits* keep, Word* dst) {
 #if defined(SYMATTN_BF16_DOT)
@@ -144,12 +203,12 @@ float exp_sum_store(const float* x, int64_t n, float shift, const KeepBits* keep
 #else
   constexpr bool kBase2 = false;
 #endif
-  const Vec vshift(shift);
+  const Vec neg_shift(-exp2_shift(shift));
   auto exp_shifted = [&](const Vec& v) {
 #if defined(SYMATTN_BF16_DOT)
-    if constexpr (kBase2) return exp2_for_bf16(at::vec::fmadd(v, Vec(kLog2e), Vec(-shift * kLog2e)));
+    if constexpr (kBase2) return exp2_for_bf16(exp2_arg(v, neg_shift));
 #endif
-    return exp_vec(v - vshift);
+    return exp2_vec(exp2_arg(v, neg_shift));
   };
   Vec acc(0.f);
   int64_t j = 0;
