@@ -1,5 +1,6 @@
 """The fuzz campaign's hypothesis profiles, input strategies and reference check, shared by
-tests/test_fuzz.py (CPU backends) and tests/test_fuzz_interpret.py (Triton, interpreted).
+tests/test_fuzz.py (CPU backends), tests/test_fuzz_long.py (the fused CPU kernels' long-input
+schedules) and tests/test_fuzz_interpret.py (Triton, interpreted).
 
 Profiles (``HYPOTHESIS_PROFILE``): ``ci`` (the default: derandomized, so CI is reproducible) and
 ``long`` (random, ``SCALE`` = 20 times the examples, for local runs).
@@ -56,6 +57,86 @@ def attention_cases(draw, backend):
     )
 
 
+# Lengths at and around the fused CPU kernels' schedule thresholds (csrc/cpu/attention_tiling.h):
+# kSymTile 64, the backward's 64-row pair tiles, kQueryTile 128, kKeyTile 256, kWholeHead 512,
+# the 128-row pair tiles from kPairBlocks * kPairTile = 2048 tokens, and odd tails between them.
+LONG_LENGTHS = [1, 63, 64, 65, 127, 128, 129, 255, 256, 257, 383, 384, 385, 511, 512, 513, 640,
+                767, 768, 769, 1023, 1024, 1025, 2047, 2048, 2049]
+# Keeps the fp64 reference cheap: at most this many score entries (sum of L^2 x heads) per case.
+LONG_SCORES = 3 * 2049**2
+
+
+def _long_length(draw, shortest=1):
+    if draw(st.integers(0, 5)) < 5:
+        return draw(st.sampled_from([n for n in LONG_LENGTHS if n >= shortest]))
+    return draw(st.integers(max(500, shortest), 2100))
+
+
+def _dim(draw):
+    # Small head dims keep the reference cheap; 59 and 64 now and then (a ragged and a whole
+    # number of vectors over more than one micro-tile of columns).
+    return draw(st.integers(1, 24)) if draw(st.integers(0, 7)) < 7 else draw(st.sampled_from([59, 64]))
+
+
+def _short_or_long_length(draw, shortest):
+    return draw(st.integers(0, 70)) if draw(st.booleans()) else _long_length(draw, shortest)
+
+
+def _trailing_pads(draw, L):
+    # The symmetric and mirrored schedules need at most a quarter of trailing padded keys
+    # (4 * key_end > 3 * L): pad counts just under, at and over L / 4, or any.
+    quarter = [L // 4 - 1, L // 4, L // 4 + 1, (L + 3) // 4, (L + 3) // 4 + 1]
+    pads = draw(st.sampled_from([0, *quarter])) if draw(st.integers(0, 3)) else draw(st.integers(0, L))
+    return min(max(pads, 0), L)
+
+
+@st.composite
+def long_attention_cases(draw, backend="cpu", shortest=1):
+    """Like attention_cases, for long inputs: lengths near the schedule thresholds (the long ones
+    at least `shortest`), varlen mixes of short and long sequences, trailing padding near a
+    quarter and random holes. Padding is a spec (see padding_mask) rather than a list of flags,
+    so a failing case prints short."""
+    varlen = draw(st.booleans())
+    padding = None
+    if varlen:
+        # One long sequence at least, among short ones (cheap, but they raise the call's task
+        # count, which sets the causal, mirrored and sliced-backward cuts) in any order.
+        others = [_short_or_long_length(draw, shortest) for _ in range(draw(st.integers(0, 4)))]
+        lengths = draw(st.permutations([_long_length(draw, shortest), *others]))
+        batch, seqlen = len(lengths), max(lengths)
+    else:
+        lengths, batch, seqlen = None, draw(st.integers(1, 3)), _long_length(draw, shortest)
+        if draw(st.booleans()):
+            padding = dict(trailing=[_trailing_pads(draw, seqlen) for _ in range(batch)],
+                           holes=draw(st.sampled_from([0.0, 0.0, 0.01, 0.3])), seed=draw(st.integers(0, 2**16)))
+    squares = sum(n * n for n in lengths) if varlen else batch * seqlen**2
+    heads = min(draw(st.integers(1, 3)), max(1, LONG_SCORES // max(1, squares)))
+    dim, shared = _dim(draw), draw(st.booleans())
+    return dict(
+        backend=backend, lengths=lengths, batch=batch, seqlen=seqlen, heads=heads, dim=dim,
+        dim_v=None if shared else _dim(draw), coef=draw(st.sampled_from([None, "diag", "full"])),
+        causal=draw(st.booleans()), exclude_self=draw(st.booleans()), padding=padding,
+        dropout_p=draw(st.sampled_from([0.0, 0.0, 0.2])), scale=draw(st.sampled_from([None, 0.3, 2.0])),
+        dtype=draw(st.sampled_from(DTYPES[backend])), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def padding_mask(case):
+    """The case's key padding mask [batch, seqlen] (True = real), or None: from a list of flags
+    (attention_cases) or a spec (long_attention_cases): per row, its last `trailing` keys padded,
+    and each other key padded with probability `holes`."""
+    padding = case["padding"]
+    if padding is None:
+        return None
+    if not isinstance(padding, dict):
+        return torch.tensor(padding, dtype=torch.bool).view(case["batch"], case["seqlen"])
+    gen = torch.Generator().manual_seed(padding["seed"])
+    mask = torch.rand(case["batch"], case["seqlen"], generator=gen) >= padding["holes"]
+    for row, pads in enumerate(padding["trailing"]):
+        mask[row, case["seqlen"] - pads:] = False
+    return mask
+
+
 def _inputs(case):
     gen = torch.Generator().manual_seed(case["seed"])
     rows = sum(case["lengths"]) if case["lengths"] is not None else None
@@ -79,9 +160,7 @@ def _call(fn, case, q, v, coef, seed):
     if case["lengths"] is not None:
         cu = torch.tensor([0, *torch.tensor(case["lengths"]).cumsum(0).tolist()], dtype=torch.int32)
         return fn.symmetric_attention_varlen(q, v, cu, max(1, case["seqlen"]) + 3, **kw)
-    mask = None if case["padding"] is None else torch.tensor(case["padding"], dtype=torch.bool).view(
-        case["batch"], case["seqlen"])
-    return fn.symmetric_attention(q, v, key_padding_mask=mask, **kw)
+    return fn.symmetric_attention(q, v, key_padding_mask=padding_mask(case), **kw)
 
 
 def _results(fn, case, dtype, q64, v64, c64, dout, dlse, seed):
@@ -95,7 +174,7 @@ def _results(fn, case, dtype, q64, v64, c64, dout, dlse, seed):
     return [out, lse, *grads]
 
 
-def check_against_reference(case):
+def _prepared(case):
     q64, v64, c64 = _inputs(case)
     torch.manual_seed(case["seed"])
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
@@ -104,6 +183,17 @@ def check_against_reference(case):
     dout = torch.randn(out_shape, generator=gen, dtype=F64)
     lse_shape = (q64.shape[1], q64.shape[0]) if case["lengths"] is not None else (q64.shape[0], q64.shape[2], q64.shape[1])
     dlse = torch.randn(lse_shape, generator=gen, dtype=F64)
+    return q64, v64, c64, dout, dlse, seed
+
+
+def kernel_results(case):
+    """The backend's out, lse and gradients for the case, in its dtype (no reference)."""
+    q64, v64, c64, dout, dlse, seed = _prepared(case)
+    return _results(sk, case, case["dtype"], q64, v64, c64, dout, dlse, seed)
+
+
+def check_against_reference(case):
+    q64, v64, c64, dout, dlse, seed = _prepared(case)
     dtype = case["dtype"]
     got = _results(sk, case, dtype, q64, v64, c64, dout, dlse, seed)
     ref64 = _results(R, case, F64, q64, v64, c64, dout, dlse, seed)
