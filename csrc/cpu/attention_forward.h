@@ -236,8 +236,7 @@ class ForwardHead : public Head<scalar_t> {
                   float* sum) const {
     Vec m[kTileVecs], acc[kTileVecs];
     SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
-      // -exp2_shift of each column's shift (negation is exact, so either order rounds alike)
-      m[v] = lanes<kTail>(cols, v) > 0 ? Vec::loadu(shift + v * kVec, lanes<kTail>(cols, v)) * Vec(-kLog2e) : Vec(0.f);
+      m[v] = lanes<kTail>(cols, v) > 0 ? neg_exp2_shift(Vec::loadu(shift + v * kVec, lanes<kTail>(cols, v))) : Vec(0.f);
       acc[v] = Vec(0.f);
     }
     for (int64_t j = j0; j < L_; ++j) {
@@ -486,7 +485,7 @@ class ForwardHead : public Head<scalar_t> {
     }
     Vec m[kStripVecs];
     for (int v = 0; v < kStripVecs; ++v) {
-      m[v] = load(b.m + v * kVec, v) * Vec(-kLog2e);  // -exp2_shift
+      m[v] = neg_exp2_shift(load(b.m + v * kVec, v));
       acc[v] = Vec(0.f);
     }
     for (int64_t r = 0; r < rows; ++r) {

@@ -69,6 +69,9 @@ inline Vec exp_vec(const Vec& x) {
 // that max's exponentials alike, so lse and the rescales of a running sum take the same rounded
 // shift (exp2_lse, exp2_rescale) and stay exact to it.
 inline float exp2_shift(float m) { return m * kLog2e; }
+// -exp2_shift of each lane's max, exp2_arg's second argument (m * -log2(e) rounds exactly as
+// -(m * log2(e)), so every lane takes the same shift as the scalar rows).
+inline Vec neg_exp2_shift(const Vec& m) { return m * Vec(-kLog2e); }
 
 // y for the scores x and a row's negated shift neg_shift = -exp2_shift(m), in each lane. log2(e)
 // in two parts: kLog2e alone (1.3e-8 relative below it) would take every exponential at a
