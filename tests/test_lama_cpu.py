@@ -99,6 +99,19 @@ def test_fused_bit_equal_across_thread_counts(dtype, with_u):
             assert torch.equal(a, b)
 
 
+@needs_fused
+def test_fused_factor_sum_in_task_order_whatever_finishes_first():
+    # dq sums every task's W in task order as the tasks finish: with many sequences of ragged
+    # lengths (some fully padded) and more threads than cores, workers finish out of order and
+    # a worker's W waits for its predecessors' (see OrderedFold). Any other order would change
+    # dq's low bits from run to run.
+    case = Case(40, 45, 24, 3, padded=True, with_u=True, per_sequence=True)
+    runs = [with_threads(threads, lambda: _public_step(case)) for threads in (1, 2, 3, 4, 6, 2, 3, 4, 6)]
+    for got in runs[1:]:
+        for a, b in zip(runs[0], got):
+            assert torch.equal(a, b)
+
+
 # Few long sequences: each is cut into chunks of at least 256 tokens (1, 600 -> 2 chunks;
 # 2, 1100 -> 4; 3, 700 -> 2), whose partial sums are combined in chunk order.
 SPLIT_CASES = [
@@ -340,10 +353,13 @@ def test_fused_peak_memory_at_most_the_eager_reference(dtype, with_u):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_fused_peak_memory_at_most_the_eager_reference_at_the_bench_row(dtype, mode):
     # The bench's first LAMA shape (32 sequences of T = 128 < E = 256) leaves the least headroom:
-    # the eager reference's extra memory scales with B*m*T, the kernels' with B*m*E plus per-worker
-    # scratch (bf16 forward+backward was 4.33 MiB against 4.24 while each worker kept widened fp32
-    # copies of its tile). Measured as `bench.cpu_kernels --lama` measures it: the bench's inputs
-    # and step, a first call, cleared grads, then the profiler's allocation events.
+    # the eager reference's extra memory scales with B*m*T, the kernels' with m*E per worker
+    # (bf16 forward+backward was 4.33 MiB against 4.24 while each worker kept widened fp32 copies
+    # of its tile, and 4.24 while the backward kept a 4 KiB W per sequence; 4.12 now). Every
+    # kernel buffer that grows with the shape comes from torch's allocator, so the figure is the
+    # true peak, and a margin of 64 KiB (half of the per-sequence W's 128) keeps it honest.
+    # Measured as `bench.cpu_kernels --lama` measures it: the bench's inputs and step, a first
+    # call, cleared grads, then the profiler's allocation events.
     from bench import runner
     from bench.providers import lowrank_providers
     from bench.registry import REGISTRY
@@ -361,7 +377,7 @@ def test_fused_peak_memory_at_most_the_eager_reference_at_the_bench_row(dtype, m
         for leaf in inputs.values():
             leaf.grad = None
         peaks[name] = peak_memory_mib(step, "cpu")
-    assert 0 < peaks["symattn-cpu"] <= peaks["eager-reference"], peaks
+    assert 0 < peaks["symattn-cpu"] <= peaks["eager-reference"] - 64 / 1024, peaks
 
 
 def test_backward_token_slices_cover_every_token():

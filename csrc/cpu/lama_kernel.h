@@ -31,8 +31,10 @@
 // A task is a chunk of one sequence's tokens (Tasks below: one chunk per sequence when the call
 // has enough sequences, up to kTasks / B chunks of at least kMinChunk tokens when it has few).
 // Each result element is produced by one task, or by a fixed-order sum over chunks and sequences
-// after the parallel loop (pooled, l, W, dg; then dQ, dP, dc), and the cut depends on B and T
-// only, so results do not depend on the thread count. Arithmetic is fp32 (fp64 for fp64 inputs);
+// (pooled, l, dg after the parallel loop, then dP, dc; W and dQ during it, in task order as the
+// tasks finish), and the cut depends on B and T only, so results do not depend on the thread
+// count. Every buffer whose size grows with B, T, m or E comes from torch's allocator (Scratch),
+// so the profiler's peak is the true one. Arithmetic is fp32 (fp64 for fp64 inputs);
 // half token rows are widened in registers as the products load them (a widened copy of a tile
 // would be scratch memory beside the gradients, which the eager reference does not have), and
 // every result is rounded once. With AVX512-BF16 (SYMATTN_BF16_DOT) the dot products of
@@ -55,9 +57,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <numeric>
+#include <optional>
+#include <thread>
 #include <type_traits>
-#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(SYMATTN_BF16_DOT)
 #include <immintrin.h>
@@ -72,8 +76,6 @@ namespace {
 // Tokens per tile: the tile's rows (kTile x E) stay in L1/L2 between its keys and its pooled
 // update.
 constexpr int64_t kTile = 32;
-// Half gradient rows are computed this many at a time (combine's token block) before rounding.
-constexpr int64_t kOutRows = 4;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -226,42 +228,58 @@ struct Ops {
     if (K - k >= 1) update_heads<1>(x, n, c + k * ldc, ldc, a + k * lda, lda, E);
   }
 
-  // y[t][e] = sum_k c[k * ldc + t] r[k * ldr + e] for TB tokens from t0, e in [e0, e0 + NV kL).
-  template <int TB, int NV>
-  static void combine_block(acc_t* const* y, int64_t t0, const acc_t* c, int64_t ldc, int64_t K, const acc_t* r,
-                            int64_t ldr, int64_t e0, int64_t last) {
+  // y[t][e] = sum_k c[k * ldc + t] r_k[e] for TB tokens from t0, e in [e0, e0 + NV kL), where
+  // the K = K1 + K2 rows r_k are r1's K1 rows and then r2's K2 rows, each scaled by s2[k] as it
+  // loads (so the scaled rows need no copy); y is rounded once into Y.
+  template <int TB, int NV, typename Y>
+  static void combine_block(Y* const* y, int64_t t0, const acc_t* c, int64_t ldc, int64_t K1, const acc_t* r1,
+                            int64_t K2, const acc_t* r2, const acc_t* s2, int64_t ldr, int64_t e0, int64_t last) {
     Vec acc[TB][NV];
     for (auto& row : acc) {
       for (auto& v : row) v = Vec(acc_t(0));
     }
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < K1 + K2; ++k) {
+      const bool scaled = k >= K1;
+      const acc_t* r = (scaled ? r2 + (k - K1) * ldr : r1 + k * ldr) + e0;
       Vec rv[NV];
-      for (int v = 0; v < NV; ++v) rv[v] = Vec::loadu(r + k * ldr + e0 + v * kL, v == NV - 1 ? last : kL);
+      for (int v = 0; v < NV; ++v) rv[v] = Vec::loadu(r + v * kL, v == NV - 1 ? last : kL);
+      if (scaled) {
+        const Vec sk(s2[k - K1]);
+        for (int v = 0; v < NV; ++v) rv[v] = sk * rv[v];
+      }
       for (int t = 0; t < TB; ++t) {
         const Vec ct(c[k * ldc + t0 + t]);
         for (int v = 0; v < NV; ++v) acc[t][v] = at::vec::fmadd(ct, rv[v], acc[t][v]);
       }
     }
     for (int t = 0; t < TB; ++t) {
-      for (int v = 0; v < NV; ++v) acc[t][v].store(y[t0 + t] + e0 + v * kL, v == NV - 1 ? last : kL);
+      if constexpr (std::is_same_v<Y, acc_t>) {
+        for (int v = 0; v < NV; ++v) acc[t][v].store(y[t0 + t] + e0 + v * kL, v == NV - 1 ? last : kL);
+      } else {
+        __at_align__ acc_t row[NV * kL];
+        for (int v = 0; v < NV; ++v) acc[t][v].store(row + v * kL);
+        at::vec::convert(row, y[t0 + t] + e0, (NV - 1) * kL + last);
+      }
     }
   }
 
-  template <int TB>
-  static void combine_tokens(acc_t* const* y, int64_t t0, const acc_t* c, int64_t ldc, int64_t K, const acc_t* r,
-                             int64_t ldr, int64_t E) {
+  template <int TB, typename Y>
+  static void combine_tokens(Y* const* y, int64_t t0, const acc_t* c, int64_t ldc, int64_t K1, const acc_t* r1,
+                             int64_t K2, const acc_t* r2, const acc_t* s2, int64_t ldr, int64_t E) {
     constexpr int NV = kAcc / 4;
     int64_t e = 0;
-    for (; e + NV * kL <= E; e += NV * kL) combine_block<TB, NV>(y, t0, c, ldc, K, r, ldr, e, kL);
-    for (; e < E; e += kL) combine_block<TB, 1>(y, t0, c, ldc, K, r, ldr, e, std::min(kL, E - e));
+    for (; e + NV * kL <= E; e += NV * kL) combine_block<TB, NV>(y, t0, c, ldc, K1, r1, K2, r2, s2, ldr, e, kL);
+    for (; e < E; e += kL) combine_block<TB, 1>(y, t0, c, ldc, K1, r1, K2, r2, s2, ldr, e, std::min(kL, E - e));
   }
 
-  // y[t] = sum_k c[k * ldc + t] r[k] for t < n (r: K rows of E, row stride ldr).
-  static void combine(acc_t* const* y, int64_t n, const acc_t* c, int64_t ldc, int64_t K, const acc_t* r, int64_t ldr,
-                      int64_t E) {
+  // y[t] = sum_k c[k * ldc + t] r_k for t < n: K1 rows r1, then K2 rows s2[k] * r2 (both row
+  // stride ldr, E long), written straight into the output rows y, rounded once.
+  template <typename Y>
+  static void combine(Y* const* y, int64_t n, const acc_t* c, int64_t ldc, int64_t K1, const acc_t* r1, int64_t K2,
+                      const acc_t* r2, const acc_t* s2, int64_t ldr, int64_t E) {
     int64_t t = 0;
-    for (; n - t >= 4; t += 4) combine_tokens<4>(y, t, c, ldc, K, r, ldr, E);
-    for (; t < n; ++t) combine_tokens<1>(y, t, c, ldc, K, r, ldr, E);
+    for (; n - t >= 4; t += 4) combine_tokens<4>(y, t, c, ldc, K1, r1, K2, r2, s2, ldr, E);
+    for (; t < n; ++t) combine_tokens<1>(y, t, c, ldc, K1, r1, K2, r2, s2, ldr, E);
   }
 };
 
@@ -336,7 +354,10 @@ void narrow(const acc_t* src, T* dst, int64_t n) {
   }
 }
 
-// Zeroed working memory from torch's CPU allocator (so profilers count it), at least one element.
+// Zeroed working memory from torch's CPU allocator, at least one element: profilers count it (the
+// bench's peak memory replays their allocation events), and it starts on a 64-byte boundary
+// (c10::gAlignment), so full-width vector loads of rows at multiples of 16 elements never
+// straddle a cache line. Every buffer of these kernels whose size grows with B, T, m or E is one.
 template <typename T>
 class Scratch {
  public:
@@ -359,16 +380,6 @@ Scratch<T> scratch(int64_t n) {
   return Scratch<T>(n);
 }
 
-// n zeroed elements in store, from a 64-byte boundary (so that full-width vector loads of rows
-// at multiples of 16 elements never straddle a cache line); returns their start.
-template <typename T>
-T* aligned_zeros(std::vector<T>& store, int64_t n) {
-  constexpr int64_t kPad = 64 / sizeof(T);
-  store.assign(n + kPad, T(0));
-  const auto misalign = reinterpret_cast<std::uintptr_t>(store.data()) % 64;
-  return store.data() + (misalign == 0 ? 0 : (64 - misalign) / sizeof(T));
-}
-
 // One call's shared inputs in the accumulation type: Q^T, the gates, and row access.
 template <typename scalar_t>
 class Lama {
@@ -383,22 +394,21 @@ class Lama {
   static constexpr bool kPairs = false;
 #endif
 
-  explicit Lama(const LamaParams& p) : p_(p), B_(p.batch), T_(p.seqlen), E_(p.dim), m_(p.heads) {
+  explicit Lama(const LamaParams& p)
+      : p_(p), B_(p.batch), T_(p.seqlen), E_(p.dim), m_(p.heads), qt_(m_ * E_), qt_raw_(kPairs ? m_ * E_ : 0),
+        gate_(B_ * m_) {
     const auto* q = static_cast<const scalar_t*>(p.q);
     const auto* pf = static_cast<const scalar_t*>(p.p);
     const auto* c = static_cast<const scalar_t*>(p.context);
-    qt_ = aligned_zeros(qt_store_, m_ * E_);
     for (int64_t e = 0; e < E_; ++e) {
       for (int64_t j = 0; j < m_; ++j) qt_[j * E_ + e] = static_cast<acc_t>(q[e * m_ + j]);
     }
     if constexpr (kPairs) {
-      qt_raw_ = aligned_zeros(qt_raw_store_, m_ * E_);
       for (int64_t e = 0; e < E_; ++e) {
         for (int64_t j = 0; j < m_; ++j) qt_raw_[j * E_ + e] = q[e * m_ + j];
       }
     }
     // g_b = P^T c_b, summed over e in order.
-    gate_.assign(B_ * m_, acc_t(0));
     const int64_t contexts = p.context_batched ? B_ : std::min<int64_t>(B_, 1);
     for (int64_t b = 0; b < contexts; ++b) {
       for (int64_t e = 0; e < E_; ++e) {
@@ -406,7 +416,7 @@ class Lama {
         for (int64_t j = 0; j < m_; ++j) gate_[b * m_ + j] += ce * static_cast<acc_t>(pf[e * m_ + j]);
       }
     }
-    for (int64_t b = contexts; b < B_; ++b) std::copy_n(gate_.begin(), m_, gate_.begin() + b * m_);
+    for (int64_t b = contexts; b < B_; ++b) std::copy_n(gate_.data(), m_, gate_.data() + b * m_);
   }
 
   // Pairs serve whole pairs only: with an odd E a row's last pair would reach past the row.
@@ -490,11 +500,9 @@ class Lama {
   const LamaParams& p_;
   const int64_t B_, T_, E_, m_;
   // Q^T [m, E], and in bfloat16 for the pair products; the tasks read them in place.
-  std::vector<acc_t> qt_store_;
-  std::vector<scalar_t> qt_raw_store_;
-  acc_t* qt_ = nullptr;
-  scalar_t* qt_raw_ = nullptr;
-  std::vector<acc_t> gate_;      // [B, m]
+  const Scratch<acc_t> qt_;
+  const Scratch<scalar_t> qt_raw_;
+  const Scratch<acc_t> gate_;  // [B, m]
 };
 
 // A call's tasks: chunks of one sequence's tokens (whole tiles), as many per sequence as bring the
@@ -507,32 +515,45 @@ constexpr int64_t kMinChunk = 256;
 struct Tasks {
   int64_t chunk = 1;    // tokens per chunk, a multiple of kTile
   int64_t chunks = 1;   // chunks per sequence
-  std::vector<int64_t> order;  // task ids (b * chunks + c), most real tokens first
+  int64_t n = 0;        // tasks, B * chunks
+  Scratch<int64_t> order;  // task ids (b * chunks + c): most real tokens first, or in id order
 
-  Tasks(int64_t B, int64_t T, const bool* key_padding_mask) {
+  Tasks(int64_t B, int64_t T, const bool* key_padding_mask, bool longest_first = true)
+      : Tasks(B, T, key_padding_mask, longest_first, chunk_length(B, T)) {}
+
+  int64_t count() const { return n; }
+
+ private:
+  // A multiple of kTile that cuts T into about kTasks / B chunks of at least kMinChunk tokens.
+  static int64_t chunk_length(int64_t B, int64_t T) {
     const int64_t want = std::max<int64_t>(1, (kTasks + B - 1) / std::max<int64_t>(B, 1));
-    chunks = std::max<int64_t>(1, std::min(want, T / kMinChunk));
-    chunk = std::max<int64_t>(kTile, ((T + chunks - 1) / chunks + kTile - 1) / kTile * kTile);
-    chunks = std::max<int64_t>(1, (T + chunk - 1) / chunk);
-    std::vector<int64_t> work(B * chunks, 0);
+    const int64_t chunks = std::max<int64_t>(1, std::min(want, T / kMinChunk));
+    return std::max<int64_t>(kTile, ((T + chunks - 1) / chunks + kTile - 1) / kTile * kTile);
+  }
+
+  Tasks(int64_t B, int64_t T, const bool* key_padding_mask, bool longest_first, int64_t length)
+      : chunk(length), chunks(std::max<int64_t>(1, (T + length - 1) / length)), n(B * chunks), order(n) {
+    std::iota(order.data(), order.data() + n, int64_t{0});
+    if (!longest_first) return;
+    Scratch<int64_t> work(n);
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk);
-        int64_t n = t1 - t0;
-        if (key_padding_mask != nullptr) n = std::count(key_padding_mask + b * T + t0, key_padding_mask + b * T + t1, true);
-        work[b * chunks + c] = n;
+        work[b * chunks + c] = key_padding_mask == nullptr
+                                   ? t1 - t0
+                                   : std::count(key_padding_mask + b * T + t0, key_padding_mask + b * T + t1, true);
       }
     }
-    order.resize(B * chunks);
-    std::iota(order.begin(), order.end(), int64_t{0});
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return work[x] > work[y]; });
+    // Ties in task id order: the stable order, without stable_sort's heap buffer.
+    std::sort(order.data(), order.data() + n,
+              [&](int64_t x, int64_t y) { return work[x] != work[y] ? work[x] > work[y] : x < y; });
   }
-  int64_t count() const { return static_cast<int64_t>(order.size()); }
 };
 
 // Runs worker(next) on every thread, where next() hands out the tasks of `tasks` in their order
 // (-1 when none is left): a worker sets up its scratch once and takes tasks until none remain, so
-// a worker slowed by other load takes fewer. Each task writes only its own results.
+// a worker slowed by other load takes fewer. Each task writes only its own results (and hands
+// the backward's W to OrderedFold).
 template <typename Worker>
 void for_each_task(const Tasks& tasks, const Worker& worker) {
   std::atomic<int64_t> next{0};
@@ -573,7 +594,8 @@ void forward(const LamaParams& p) {
   acc_t* weights_all = L::kWiden ? weights_buf.data() : static_cast<acc_t*>(p.attn);
   for_each_task(tasks, [&](const auto& next) {
     auto tok = scratch<int64_t>(kTile);
-    std::vector<const scalar_t*> hrows(kTile), urows(kTile);
+    const scalar_t* hrows[kTile];  // the tile's rows: kTile pointers, whatever the shape
+    const scalar_t* urows[kTile];
     auto k = scratch<acc_t>(m * kTile), a = scratch<acc_t>(m * kTile), w = scratch<acc_t>(m * kTile);
     auto norm = scratch<acc_t>(kTile);
     for (int64_t task; (task = next()) >= 0;) {
@@ -586,12 +608,12 @@ void forward(const LamaParams& p) {
         for (int64_t j = 0; j < m; ++j) std::fill(weights + j * T + t0, weights + j * T + t1, acc_t(0));
         const int64_t n = lama.real_tokens(b, t0, t1, tok.data());
         if (n == 0) continue;
-        lama.template tile_rows<false>(b, tok.data(), n, hrows.data());
+        lama.template tile_rows<false>(b, tok.data(), n, hrows);
         if (shared) {
-          lama.dots(hrows.data(), n, lama.qt_, lama.qt_raw_, m, k.data());
+          lama.dots(hrows, n, lama.qt_.data(), lama.qt_raw_.data(), m, k.data());
         } else {
-          lama.template tile_rows<true>(b, tok.data(), n, urows.data());
-          lama.dots(urows.data(), n, lama.qt_, lama.qt_raw_, m, k.data());
+          lama.template tile_rows<true>(b, tok.data(), n, urows);
+          lama.dots(urows, n, lama.qt_.data(), lama.qt_raw_.data(), m, k.data());
         }
         lama.activate(b, k.data(), a.data(), w.data(), norm.data(), n);
         if (p.token_softmax) {
@@ -605,7 +627,7 @@ void forward(const LamaParams& p) {
             total[j] += sum_first(wj, n);
           }
         }
-        L::O::update(hrows.data(), n, w.data(), kTile, m, pooled, E, E);
+        L::O::update(hrows, n, w.data(), kTile, m, pooled, E, E);
         for (int64_t j = 0; j < m; ++j) {
           for (int64_t i = 0; i < n; ++i) weights[j * T + tok[i]] = w[j * kTile + i];
         }
@@ -615,7 +637,7 @@ void forward(const LamaParams& p) {
   // Each task normalises its own chunk of the weights; a sequence's first chunk also sums and
   // writes its pooled rows. l and pooled are summed over the chunks in chunk order.
   for_each_task(tasks, [&](const auto& next) {
-    std::vector<acc_t> inv(m), sum(E);
+    auto inv = scratch<acc_t>(m), sum = scratch<acc_t>(E);
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t b = task / tasks.chunks, c = task % tasks.chunks;
       const int64_t first = b * tasks.chunks;
@@ -656,18 +678,69 @@ void zero_rows(const Rows<void>& rows, int64_t b, int64_t t, int64_t E) {
   std::fill_n(static_cast<scalar_t*>(rows.data) + b * rows.batch + t * rows.token, E, scalar_t(0));
 }
 
-// dQ, dP and dc from the per-sequence W [B, m, E] and dg [B, m], summed over sequences in order.
+// dQ's sum over the sequences, sum_b g_b * W_b with W_b = sum_c W_bc over its chunks, folded in
+// task id order (sequences, then chunks) whichever worker computed which task: a worker hands a
+// task's W_bc over in one of its own slots, and whoever completes the run of tasks from the next
+// unfolded one folds the run and gives the slots back. So W takes a worker's slots (two at most)
+// instead of one [m, E] per task (128 KiB at B = 32, m = 4, E = 256), in the fixed order.
+template <typename acc_t>
+class OrderedFold {
+ public:
+  OrderedFold(const Tasks& tasks, const acc_t* gate, int64_t m, int64_t E)
+      : chunks_(tasks.chunks), n_(tasks.count()), m_(m), E_(E), gate_(gate), sum_(m * E),
+        seq_(tasks.chunks > 1 ? m * E : 0), ready_(tasks.count()) {}
+
+  // Task t's W, in a slot whose flag stays set until the fold has read it.
+  void publish(int64_t t, const acc_t* w, std::atomic<bool>* busy) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ready_[t] = Slot{w, busy};
+    for (; next_ < n_ && ready_[next_].w != nullptr; ++next_) {
+      fold(next_, ready_[next_].w);
+      ready_[next_].busy->store(false, std::memory_order_release);
+    }
+  }
+
+  const acc_t* sum() const { return sum_.data(); }  // [m, E], complete once every task is published
+
+ private:
+  struct Slot {
+    const acc_t* w;
+    std::atomic<bool>* busy;
+  };
+
+  void fold(int64_t t, const acc_t* w) {
+    const int64_t b = t / chunks_, c = t % chunks_, m = m_, E = E_;
+    if (chunks_ > 1) {  // the sequence's chunks in order, then its W as one
+      acc_t* seq = seq_.data();
+      if (c == 0) {
+        std::copy_n(w, m * E, seq);
+      } else {
+        for (int64_t x = 0; x < m * E; ++x) seq[x] += w[x];
+      }
+      if (c != chunks_ - 1) return;
+      w = seq;
+    }
+    acc_t* sum = sum_.data();
+    for (int64_t j = 0; j < m; ++j) {
+      for (int64_t e = 0; e < E; ++e) sum[j * E + e] += gate_[b * m + j] * w[j * E + e];
+    }
+  }
+
+  const int64_t chunks_, n_, m_, E_;
+  const acc_t* gate_;
+  Scratch<acc_t> sum_, seq_;
+  Scratch<Slot> ready_;  // per task: its W once published (zeroed: none yet)
+  int64_t next_ = 0;     // the first task not folded yet
+  std::mutex mutex_;
+};
+
+// dQ, dP and dc from dQ's sum over the sequences (OrderedFold) and dg [B, m], summed over
+// sequences in order.
 template <typename scalar_t, typename acc_t>
-void factor_grads(const LamaBackwardParams& p, const std::vector<acc_t>& gate, const acc_t* w, const acc_t* dg) {
+void factor_grads(const LamaBackwardParams& p, const acc_t* sum, const acc_t* dg) {
   const int64_t B = p.batch, E = p.dim, m = p.heads;
   if (p.dq != nullptr) {
     auto* dq = static_cast<scalar_t*>(p.dq);
-    std::vector<acc_t> sum(m * E, acc_t(0));
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t j = 0; j < m; ++j) {
-        for (int64_t e = 0; e < E; ++e) sum[j * E + e] += gate[b * m + j] * w[(b * m + j) * E + e];
-      }
-    }
     for (int64_t e = 0; e < E; ++e) {
       for (int64_t j = 0; j < m; ++j) dq[e * m + j] = static_cast<scalar_t>(sum[j * E + e]);
     }
@@ -686,7 +759,7 @@ void factor_grads(const LamaBackwardParams& p, const std::vector<acc_t>& gate, c
   if (p.dcontext != nullptr) {
     const auto* pf = static_cast<const scalar_t*>(p.p);
     auto* dc = static_cast<scalar_t*>(p.dcontext);
-    std::vector<acc_t> dg_sum(m, acc_t(0));
+    auto dg_sum = scratch<acc_t>(m);
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t j = 0; j < m; ++j) dg_sum[j] += dg[b * m + j];
     }
@@ -711,43 +784,47 @@ void backward(const LamaBackwardParams& p) {
   const int64_t B = p.batch, T = p.seqlen, E = p.dim, m = p.heads;
   const bool shared = p.u.data == nullptr;  // the keys are h: one row serves keys, dA and dh
   const bool want_w = p.dq != nullptr;
-  const Tasks tasks(B, T, p.key_padding_mask);
-  // Per task: its chunk's share of W [m, E] and dg [m], summed over a sequence's chunks in order.
-  auto w_all = scratch<acc_t>(want_w ? tasks.count() * m * E : 0);
+  // In id order: W is folded in that order, and a task handed out later than the next tasks
+  // would hold up their fold (and keep its workers' slots).
+  const Tasks tasks(B, T, p.key_padding_mask, false);
+  OrderedFold<acc_t> fold(tasks, lama.gate_.data(), want_w ? m : 0, E);
+  const bool two_slots = want_w && std::min<int64_t>(tasks.count(), at::get_num_threads()) > 1;
+  // Per task: its chunk's share of dg [m], summed over a sequence's chunks in order.
   auto dg_all = scratch<acc_t>(tasks.count() * m);
   const auto* attn_in = static_cast<const scalar_t*>(p.attn);
   const auto* dattn = static_cast<const scalar_t*>(p.dattn);
   for_each_task(tasks, [&](const auto& next) {
     auto tok = scratch<int64_t>(kTile);
-    // Half gradients: kOutRows rows at a time in acc_t, then rounded into the output.
-    auto out_buf = scratch<acc_t>(L::kWiden ? kOutRows * E : 0);
-    std::vector<const scalar_t*> hrows(kTile), urows(kTile);
-    std::vector<acc_t*> out_rows(kTile);
-    // Rows [Q^T; dpooled; g * Q^T] [3m, E]: keys and dA are dots with the first 2m, dh (when
-    // U = H) combines the last 2m: dh_t = dpooled^T attn_t + (g Q^T)^T dz_t. With separate
-    // keys Q^T is read from lama and the stack is [dpooled; g * Q^T]; the pairs' bf16 rows
-    // [Q^T; dpooled] likewise are stacked only when U = H.
-    auto stack = scratch<acc_t>((shared ? 3 : 2) * m * E);
-    auto stack_raw = scratch<scalar_t>(L::kPairs && shared ? 2 * m * E : 0);
+    const scalar_t* hrows[kTile];  // the tile's rows: kTile pointers, whatever the shape
+    const scalar_t* urows[kTile];
+    scalar_t* out_rows[kTile];
+    // Half dpooled rows widened once per task (the dA products would otherwise widen each row
+    // again for every token); fp32 ones are read in place. The rows of g * Q^T are Q^T's, scaled
+    // by g as the combine loads them: no copy.
+    auto dpooled_wide = scratch<acc_t>(L::kWiden ? m * E : 0);
     auto kd = scratch<acc_t>(2 * m * kTile);  // [keys; dA]
     auto a = scratch<acc_t>(m * kTile), f = scratch<acc_t>(m * kTile), norm = scratch<acc_t>(kTile);
     auto coef = scratch<acc_t>(2 * m * kTile);  // [attn; dz]
-    auto w_local = scratch<acc_t>(want_w ? 0 : m * E);
-    std::vector<acc_t> delta(m, acc_t(0));
-    acc_t* dpooled = stack.data() + (shared ? m * E : 0);
-    acc_t* gq = dpooled + m * E;
-    const acc_t* qt = shared ? stack.data() : lama.qt_;
-    if (shared) std::copy_n(lama.qt_, m * E, stack.data());
-    const scalar_t* qt_raw = shared ? stack_raw.data() : lama.qt_raw_;
-    if (L::kPairs && shared) std::copy_n(lama.qt_raw_, m * E, stack_raw.data());
+    // The task's W [m, E], in a slot while it waits for its fold: a second one for the next task
+    // meanwhile where there are other workers (taken here: nothing in the task loop may throw,
+    // or the other workers would wait for a fold that never comes).
+    std::optional<Scratch<acc_t>> slots[2];
+    std::atomic<bool> busy[2] = {false, false};
+    slots[0].emplace(want_w ? m * E : 0);
+    if (two_slots) slots[1].emplace(m * E);
+    auto delta = scratch<acc_t>(m);
+    const acc_t* qt = lama.qt_.data();
+    const scalar_t* qt_raw = lama.qt_raw_.data();
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t b = task / tasks.chunks, c = task % tasks.chunks;
       const acc_t* g = lama.gate_.data() + b * m;
-      const scalar_t* dpooled_b = static_cast<const scalar_t*>(p.dpooled) + b * m * E;
-      widen(dpooled_b, dpooled, m * E);
-      if (L::kPairs && shared) std::copy_n(dpooled_b, m * E, stack_raw.begin() + m * E);
-      for (int64_t j = 0; j < m; ++j) {
-        for (int64_t e = 0; e < E; ++e) gq[j * E + e] = g[j] * qt[j * E + e];
+      const scalar_t* dpooled_in = static_cast<const scalar_t*>(p.dpooled) + b * m * E;
+      const acc_t* dpooled = nullptr;
+      if constexpr (L::kWiden) {
+        widen(dpooled_in, dpooled_wide.data(), m * E);
+        dpooled = dpooled_wide.data();
+      } else {
+        dpooled = dpooled_in;
       }
       if (p.token_softmax) {  // delta = <dpooled, pooled> + sum_t attn_t dattn_t over the real tokens
         const scalar_t* pooled = static_cast<const scalar_t*>(p.pooled) + b * m * E;
@@ -764,8 +841,13 @@ void backward(const LamaBackwardParams& p) {
           delta[j] = s;
         }
       }
-      acc_t* w = want_w ? w_all.data() + task * m * E : w_local.data();
-      std::fill_n(w, m * E, acc_t(0));
+      int slot = 0;
+      while (busy[slot].load(std::memory_order_acquire)) {
+        slot = two_slots ? 1 - slot : 0;
+        if (slot == 0) std::this_thread::yield();  // waiting for an earlier task's fold
+      }
+      acc_t* w = slots[slot]->data();
+      if (want_w) std::fill_n(w, m * E, acc_t(0));
       acc_t* dg = dg_all.data() + task * m;
       for (int64_t t0 = c * tasks.chunk; t0 < std::min(T, (c + 1) * tasks.chunk); t0 += kTile) {
         const int64_t t1 = std::min(T, t0 + kTile);
@@ -777,16 +859,14 @@ void backward(const LamaBackwardParams& p) {
           }
         }
         if (n == 0) continue;
-        lama.template tile_rows<false>(b, tok.data(), n, hrows.data());
-        const scalar_t* const* krows = hrows.data();
-        if (shared) {
-          lama.dots(hrows.data(), n, qt, qt_raw, 2 * m, kd.data());
-        } else {
-          lama.template tile_rows<true>(b, tok.data(), n, urows.data());
-          krows = urows.data();
-          lama.dots(urows.data(), n, qt, qt_raw, m, kd.data());
-          lama.dots(hrows.data(), n, dpooled, dpooled_b, m, kd.data() + m * kTile);
+        lama.template tile_rows<false>(b, tok.data(), n, hrows);
+        const scalar_t* const* krows = hrows;
+        if (!shared) {
+          lama.template tile_rows<true>(b, tok.data(), n, urows);
+          krows = urows;
         }
+        lama.dots(krows, n, qt, qt_raw, m, kd.data());
+        lama.dots(hrows, n, dpooled, dpooled_in, m, kd.data() + m * kTile);
         const acc_t* keys = kd.data();
         acc_t* dfeat = kd.data() + m * kTile;  // dA, then df
         if (dattn != nullptr) {
@@ -838,46 +918,39 @@ void backward(const LamaBackwardParams& p) {
           dg[j] += at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, s);
         }
         if (want_w) L::O::update(krows, n, dz, kTile, m, w, E, E);
-        // The tile's gradient rows out = c^T r (K coefficient rows c, K rows r): straight into
-        // the output for fp32 / fp64, else kOutRows at a time through out_buf, rounded once.
-        auto write_rows = [&](const Rows<void>& out, const acc_t* c, int64_t K, const acc_t* r) {
-          auto row = [&](int64_t i) { return static_cast<scalar_t*>(out.data) + b * out.batch + tok[i] * out.token; };
-          if constexpr (L::kWiden) {
-            for (int64_t i = 0; i < kOutRows; ++i) out_rows[i] = out_buf.data() + i * E;
-            for (int64_t i0 = 0; i0 < n; i0 += kOutRows) {
-              const int64_t rows = std::min(kOutRows, n - i0);
-              L::O::combine(out_rows.data(), rows, c + i0, kTile, K, r, E, E);
-              for (int64_t i = 0; i < rows; ++i) narrow(out_rows[i], row(i0 + i), E);
-            }
-          } else {
-            for (int64_t i = 0; i < n; ++i) out_rows[i] = row(i);
-            L::O::combine(out_rows.data(), n, c, kTile, K, r, E, E);
+        // The tile's gradient rows, straight into the output: dh_t = dpooled^T attn_t (+ (g Q^T)^T dz_t
+        // when U = H; the coefficient rows [attn; dz] are consecutive), du_t = (g Q^T)^T dz_t.
+        auto write_rows = [&](const Rows<void>& out, const acc_t* c, int64_t K1, int64_t K2) {
+          for (int64_t i = 0; i < n; ++i) {
+            out_rows[i] = static_cast<scalar_t*>(out.data) + b * out.batch + tok[i] * out.token;
           }
+          L::O::combine(out_rows, n, c, kTile, K1, dpooled, K2, qt, g, E, E);
         };
-        // U = H: dh_t = [dpooled; g Q^T]^T [attn_t; dz_t]; else dpooled^T attn_t, and du_t = (g Q^T)^T dz_t.
-        if (p.dh.data != nullptr) write_rows(p.dh, coef.data(), shared ? 2 * m : m, dpooled);
-        if (p.du.data != nullptr) write_rows(p.du, dz, m, gq);
+        if (p.dh.data != nullptr) write_rows(p.dh, coef.data(), m, shared ? m : 0);
+        if (p.du.data != nullptr) write_rows(p.du, dz, 0, m);
+      }
+      if (want_w) {
+        busy[slot].store(true, std::memory_order_relaxed);
+        fold.publish(task, w, &busy[slot]);
       }
     }
+    // The slots outlive their folds.
+    while (busy[0].load(std::memory_order_acquire) || busy[1].load(std::memory_order_acquire)) {
+      std::this_thread::yield();
+    }
   });
-  // A sequence's chunks summed in chunk order into its first chunk's slots, then [B, m, E] / [B, m].
+  // A sequence's chunks summed in chunk order into its first chunk's slot, then [B, m].
   if (tasks.chunks > 1) {
     for (int64_t b = 0; b < B; ++b) {
       const int64_t first = b * tasks.chunks;
       for (int64_t i = 1; i < tasks.chunks; ++i) {
-        if (want_w) {
-          const acc_t* part = w_all.data() + (first + i) * m * E;
-          acc_t* sum = w_all.data() + first * m * E;
-          for (int64_t x = 0; x < m * E; ++x) sum[x] += part[x];
-        }
         for (int64_t j = 0; j < m; ++j) dg_all[first * m + j] += dg_all[(first + i) * m + j];
       }
       if (b == 0) continue;  // slot b < first, and every sequence before b has been summed already
-      if (want_w) std::copy_n(w_all.data() + first * m * E, m * E, w_all.data() + b * m * E);
       std::copy_n(dg_all.data() + first * m, m, dg_all.data() + b * m);
     }
   }
-  factor_grads<scalar_t>(p, lama.gate_, w_all.data(), dg_all.data());
+  factor_grads<scalar_t>(p, fold.sum(), dg_all.data());
 }
 
 }  // namespace
