@@ -57,9 +57,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <numeric>
-#include <optional>
 #include <thread>
 #include <type_traits>
 
@@ -681,8 +681,9 @@ void zero_rows(const Rows<void>& rows, int64_t b, int64_t t, int64_t E) {
 // dQ's sum over the sequences, sum_b g_b * W_b with W_b = sum_c W_bc over its chunks, folded in
 // task id order (sequences, then chunks) whichever worker computed which task: a worker hands a
 // task's W_bc over in one of its own slots, and whoever completes the run of tasks from the next
-// unfolded one folds the run and gives the slots back. So W takes a worker's slots (two at most)
-// instead of one [m, E] per task (128 KiB at B = 32, m = 4, E = 256), in the fixed order.
+// unfolded one folds the run and gives the slots back. So W takes one [m, E] slot per worker
+// (more only while a slower worker's task holds up the fold) instead of one per task (128 KiB
+// at B = 32, m = 4, E = 256), and the sum keeps the fixed order.
 template <typename acc_t>
 class OrderedFold {
  public:
@@ -788,7 +789,6 @@ void backward(const LamaBackwardParams& p) {
   // would hold up their fold (and keep its workers' slots).
   const Tasks tasks(B, T, p.key_padding_mask, false);
   OrderedFold<acc_t> fold(tasks, lama.gate_.data(), want_w ? m : 0, E);
-  const bool two_slots = want_w && std::min<int64_t>(tasks.count(), at::get_num_threads()) > 1;
   // Per task: its chunk's share of dg [m], summed over a sequence's chunks in order.
   auto dg_all = scratch<acc_t>(tasks.count() * m);
   const auto* attn_in = static_cast<const scalar_t*>(p.attn);
@@ -805,13 +805,17 @@ void backward(const LamaBackwardParams& p) {
     auto kd = scratch<acc_t>(2 * m * kTile);  // [keys; dA]
     auto a = scratch<acc_t>(m * kTile), f = scratch<acc_t>(m * kTile), norm = scratch<acc_t>(kTile);
     auto coef = scratch<acc_t>(2 * m * kTile);  // [attn; dz]
-    // The task's W [m, E], in a slot while it waits for its fold: a second one for the next task
-    // meanwhile where there are other workers (taken here: nothing in the task loop may throw,
-    // or the other workers would wait for a fold that never comes).
-    std::optional<Scratch<acc_t>> slots[2];
-    std::atomic<bool> busy[2] = {false, false};
-    slots[0].emplace(want_w ? m * E : 0);
-    if (two_slots) slots[1].emplace(m * E);
+    // The task's W [m, E], in a slot of this worker's until its fold has read it: the first free
+    // one, or a new one while all wait for a slower worker's task (so no worker waits for
+    // another, and one thread needs one slot). The deque keeps the slots in place and holds only
+    // their handles; the buffers are Scratch.
+    struct Slot {
+      explicit Slot(int64_t n) : w(n) {}
+      Scratch<acc_t> w;
+      std::atomic<bool> busy{false};
+    };
+    std::deque<Slot> slots;
+    if (want_w) slots.emplace_back(m * E);
     auto delta = scratch<acc_t>(m);
     const acc_t* qt = lama.qt_.data();
     const scalar_t* qt_raw = lama.qt_raw_.data();
@@ -841,12 +845,22 @@ void backward(const LamaBackwardParams& p) {
           delta[j] = s;
         }
       }
-      int slot = 0;
-      while (busy[slot].load(std::memory_order_acquire)) {
-        slot = two_slots ? 1 - slot : 0;
-        if (slot == 0) std::this_thread::yield();  // waiting for an earlier task's fold
+      Slot* slot = nullptr;
+      while (want_w && slot == nullptr) {
+        for (auto& s : slots) {
+          if (!s.busy.load(std::memory_order_acquire)) {
+            slot = &s;
+            break;
+          }
+        }
+        if (slot != nullptr) break;
+        try {
+          slot = &slots.emplace_back(m * E);
+        } catch (...) {  // out of memory: wait for a fold instead (a throw would strand the others)
+          std::this_thread::yield();
+        }
       }
-      acc_t* w = slots[slot]->data();
+      acc_t* w = want_w ? slot->w.data() : nullptr;
       if (want_w) std::fill_n(w, m * E, acc_t(0));
       acc_t* dg = dg_all.data() + task * m;
       for (int64_t t0 = c * tasks.chunk; t0 < std::min(T, (c + 1) * tasks.chunk); t0 += kTile) {
@@ -930,13 +944,12 @@ void backward(const LamaBackwardParams& p) {
         if (p.du.data != nullptr) write_rows(p.du, dz, 0, m);
       }
       if (want_w) {
-        busy[slot].store(true, std::memory_order_relaxed);
-        fold.publish(task, w, &busy[slot]);
+        slot->busy.store(true, std::memory_order_relaxed);
+        fold.publish(task, w, &slot->busy);
       }
     }
-    // The slots outlive their folds.
-    while (busy[0].load(std::memory_order_acquire) || busy[1].load(std::memory_order_acquire)) {
-      std::this_thread::yield();
+    for (auto& s : slots) {  // the slots outlive their folds
+      while (s.busy.load(std::memory_order_acquire)) std::this_thread::yield();
     }
   });
   // A sequence's chunks summed in chunk order into its first chunk's slot, then [B, m].
