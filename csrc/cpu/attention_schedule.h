@@ -398,13 +398,15 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
     while (used > 1 && ran[used - 1] == 0) --used;
     p.schedule->tasks.assign(ran.begin(), ran.begin() + used);
     p.schedule->rows.assign(tiles.begin(), tiles.begin() + used);
+    p.schedule->taken.assign(used, 0);
   }
 }
 
 // Runs every task of the call: one worker per thread (never more than tasks) runs its dealt
-// list in order, prefetching the inputs of its next task while it computes the current one.
-// Which worker runs a task never changes what the task computes. When p.schedule is set, it
-// receives the tasks and query rows each worker ran.
+// list in order, prefetching the inputs of its next task while it computes the current one, and
+// then takes what other workers have not reached. Which worker runs a task never changes what
+// the task computes. When p.schedule is set, it receives the deal (tasks and query rows per
+// worker) and how many tasks each worker took from others.
 template <typename Task, typename Params>
 void for_each_head(const Params& p) {
   constexpr bool kBackward = std::is_same_v<Params, BackwardParams>;
@@ -424,6 +426,14 @@ void for_each_head(const Params& p) {
   if (p.schedule != nullptr) {
     p.schedule->tasks.assign(workers, 0);
     p.schedule->rows.assign(workers, 0);
+    p.schedule->taken.assign(workers, 0);
+    for (int64_t w = 0; w < workers; ++w) {
+      for (const int64_t t : lists[w]) {
+        const Piece& piece = pieces[t];
+        p.schedule->tasks[w] += 1;
+        p.schedule->rows[w] += piece.r1 - piece.r0 + (piece.c0 != piece.r0 ? piece.c1 - piece.c0 : 0);
+      }
+    }
   }
   if (tasks == 0) return;
   SliceBuffers slices;
@@ -454,30 +464,60 @@ void for_each_head(const Params& p) {
       Task(p, g, ws, m.b, m.h).merge(m.r0, m.r1, states.data() + m.first, m.count);
     }
   };
+  // Each task runs on the worker that claims it first: its own worker in dealt order, or, once
+  // a worker has run out of its own, any other whose worker has not reached it yet (taken from
+  // the end of that list, where the smallest tasks are). A worker whose thread loses its core
+  // then delays the call by the task it is in, not by its whole list. A worker prefetches the
+  // inputs of its next unclaimed task without claiming it.
+  std::unique_ptr<std::atomic<bool>[]> claimed(new std::atomic<bool>[tasks]);
+  for (int64_t t = 0; t < tasks; ++t) claimed[t].store(false, std::memory_order_relaxed);
+  auto claim = [&](int64_t t) {
+    return !claimed[t].load(std::memory_order_relaxed) && !claimed[t].exchange(true, std::memory_order_acq_rel);
+  };
+  auto steal = [&](int64_t w) -> int64_t {
+    for (int64_t d = 1; d < workers; ++d) {
+      const std::vector<int64_t>& other = lists[(w + d) % workers];
+      for (size_t k = other.size(); k-- > 0;) {
+        if (claimed[other[k]].load(std::memory_order_relaxed)) continue;
+        if (claim(other[k])) return other[k];
+      }
+    }
+    return -1;
+  };
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
     for (int64_t w = w0; w < w1; ++w) {
       const std::vector<int64_t>& list = lists[w];
       auto task = [&](int64_t t) { return Task(p, g, ws, pieces[t].b, pieces[t].h); };
-      if (!list.empty()) task(list[0]).prefetch_inputs();
-      for (size_t k = 0; k < list.size(); ++k) {
-        if (k + 1 < list.size()) task(list[k + 1]).prefetch_inputs();
+      auto unclaimed = [&](size_t k) {
+        while (k < list.size() && claimed[list[k]].load(std::memory_order_relaxed)) ++k;
+        return k;
+      };
+      size_t next = unclaimed(0);
+      if (next < list.size()) task(list[next]).prefetch_inputs();
+      for (;;) {
+        int64_t t = -1;
+        while (next < list.size() && t < 0) {
+          if (claim(list[next])) t = list[next];
+          next = unclaimed(next + 1);
+        }
+        if (t < 0) {
+          if ((t = steal(w)) < 0) break;
+          if (p.schedule != nullptr) p.schedule->taken[w] += 1;
+        }
+        if (next < list.size()) task(list[next]).prefetch_inputs();
         ws.reset();
-        const Piece& piece = pieces[list[k]];
-        Task head = task(list[k]);
+        const Piece& piece = pieces[t];
+        Task head = task(t);
         if constexpr (kBackward) {
-          head.run(piece.r0, piece.r1, slices.of(list[k]));
+          head.run(piece.r0, piece.r1, slices.of(t));
         } else if (piece.c1 > 0) {
           head.run_mirrored(piece.r0, piece.r1, piece.c0, piece.c1, states[piece.state_a], states[piece.state_b]);
           finish(ws, piece.merge_a);
           if (piece.merge_b != piece.merge_a) finish(ws, piece.merge_b);
         } else {
           head.run(piece.r0, piece.r1);
-        }
-        if (p.schedule != nullptr) {
-          p.schedule->tasks[w] += 1;
-          p.schedule->rows[w] += piece.r1 - piece.r0 + (piece.c0 != piece.r0 ? piece.c1 - piece.c0 : 0);
         }
       }
     }
