@@ -245,20 +245,11 @@ struct TiledJob {
   TileTask tiles;
 };
 
-// Spins, then yields, until ready(): a worker waits for the tiles its task depends on, which run
-// on another worker (or, when that worker lost its core, for it to get one back).
-template <typename Ready>
-void wait_until(const Ready& ready) {
-  for (int spins = 0; !ready(); ++spins) {
-    if (spins >= 64) std::this_thread::yield();
-  }
-}
-
 // The backward of tiled heads (see BackwardHead::pair_tile). Heads go in waves, longest first,
 // each wave just large enough that a round has about two tasks per thread. A head packs its
 // panels (prepare_tiled), the rounds of tiles run, and the head writes its gradients
 // (finish_tiled); every wave runs in one parallel region: each worker runs a list dealt before any
-// runs, a wave's heads are prepared while the previous wave's last tiles run, and its finishes run
+// runs (and ready jobs of other lists while its own next one is not ready), a wave's heads are prepared while the previous wave's last tiles run, and its finishes run
 // beside the next wave's prepares (so one worker does not pack or write a head while the others
 // wait), and a task waits only for its own two blocks to have finished the previous round
 // (per-block counters), never for a barrier across all workers, so one descheduled thread delays
@@ -349,6 +340,16 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
   std::vector<std::atomic<int64_t>> pending(n_heads);              // per head: prepare, then its tile tasks
   for (int64_t k = 0; k < n_heads; ++k) pending[k].store(1 + tiles_left[k], std::memory_order_relaxed);
   for (auto& x : rounds_done) x.store(0, std::memory_order_relaxed);
+  // A job may start once what it reads is written: a head's tiles after its prepare and after
+  // their two blocks' previous round, its finish after all its tiles.
+  auto ready = [&](const TiledJob& job) {
+    const int64_t left = pending[job.head].load(std::memory_order_acquire);
+    if (job.kind == TiledJob::kPrepare) return true;
+    if (job.kind == TiledJob::kFinish) return left == 0;
+    return left <= tiles_left[job.head] &&
+           rounds_done[block0[job.head] + job.tiles.bi].load(std::memory_order_acquire) == job.round &&
+           rounds_done[block0[job.head] + job.tiles.bj].load(std::memory_order_acquire) == job.round;
+  };
   auto run_job = [&](const TiledJob& job, float* tile) {
     const int64_t k = job.head;
     std::atomic<int64_t>& left = pending[k];
@@ -360,45 +361,87 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
       return;
     }
     if (job.kind == TiledJob::kFinish) {
-      wait_until([&] { return left.load(std::memory_order_acquire) == 0; });
       head_tasks[k]->finish_tiled();
       head_tasks[k].reset();
       head_ws[k].reset();
       return;
     }
     const TileTask& task = job.tiles;
-    std::atomic<int64_t>& done_i = rounds_done[block0[k] + task.bi];
-    std::atomic<int64_t>& done_j = rounds_done[block0[k] + task.bj];
-    wait_until([&] {
-      return left.load(std::memory_order_acquire) <= tiles_left[k] &&
-             done_i.load(std::memory_order_acquire) == job.round && done_j.load(std::memory_order_acquire) == job.round;
-    });
     Task& head = *head_tasks[k];
     head.pair_tile(task.bi, task.bj, tile);
     if (task.diagonals) {
       head.pair_tile(task.bi, task.bi, tile);
       head.pair_tile(task.bj, task.bj, tile);
     }
-    done_i.store(job.round + 1, std::memory_order_release);
-    if (task.bj != task.bi) done_j.store(job.round + 1, std::memory_order_release);
+    rounds_done[block0[k] + task.bi].store(job.round + 1, std::memory_order_release);
+    if (task.bj != task.bi) rounds_done[block0[k] + task.bj].store(job.round + 1, std::memory_order_release);
     left.fetch_sub(1, std::memory_order_release);
+  };
+  // A job runs on the worker that claims it, and only once it is ready, so no claimed job ever
+  // waits and the earliest unclaimed job always becomes ready. A worker whose next job is not
+  // ready yet runs a ready tile task or finish of another worker's list instead (never a prepare,
+  // whose workspace would then live longer); so does a worker whose list is done, until every job
+  // is claimed. A thread that loses its core then holds up only the job it is in.
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+  std::unique_ptr<std::atomic<bool>[]> claimed(new std::atomic<bool>[n_jobs]);
+  for (int64_t j = 0; j < n_jobs; ++j) claimed[j].store(false, std::memory_order_relaxed);
+  std::atomic<int64_t> unclaimed{n_jobs}, first_unclaimed{0};
+  std::vector<int64_t> taken(workers, 0);
+  auto claim = [&](int64_t j) {
+    if (claimed[j].load(std::memory_order_relaxed) || claimed[j].exchange(true, std::memory_order_acq_rel)) return false;
+    unclaimed.fetch_sub(1, std::memory_order_relaxed);
+    return true;
+  };
+  // A ready job of another worker's list (of none of `mine`), claimed; -1 when there is none among
+  // the first kLookahead unclaimed jobs (the later ones wait on those).
+  constexpr int64_t kLookahead = 256;
+  auto take_ready = [&](const std::vector<bool>& mine) -> int64_t {
+    int64_t j = first_unclaimed.load(std::memory_order_relaxed);
+    while (j < n_jobs && claimed[j].load(std::memory_order_relaxed)) ++j;
+    first_unclaimed.store(j, std::memory_order_relaxed);  // a hint: owners run their lists anyway
+    for (int64_t seen = 0; j < n_jobs && seen < kLookahead; ++j) {
+      if (claimed[j].load(std::memory_order_relaxed)) continue;
+      ++seen;
+      if (mine[j] || jobs[j].kind == TiledJob::kPrepare || !ready(jobs[j])) continue;
+      if (claim(j)) return j;
+    }
+    return -1;
   };
   const int64_t scratch_floats = Task::tiled_scratch_floats(p, g);
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     // A thread given several workers' lists runs their jobs merged in job order.
-    std::vector<int64_t> mine;
-    for (int64_t w = w0; w < w1; ++w) mine.insert(mine.end(), lists[w].begin(), lists[w].end());
-    std::sort(mine.begin(), mine.end());
+    std::vector<int64_t> list;
+    std::vector<bool> mine(n_jobs, false);
+    for (int64_t w = w0; w < w1; ++w) list.insert(list.end(), lists[w].begin(), lists[w].end());
+    std::sort(list.begin(), list.end());
+    for (const int64_t j : list) mine[j] = true;
     Workspace scratch(Workspace::bytes_for(scratch_floats));
     float* tile = scratch.take<float>(scratch_floats);
-    for (const int64_t j : mine) run_job(jobs[j], tile);
+    size_t next = 0;
+    for (int spins = 0;;) {
+      while (next < list.size() && claimed[list[next]].load(std::memory_order_relaxed)) ++next;
+      if (next == list.size() && unclaimed.load(std::memory_order_relaxed) == 0) break;
+      if (next < list.size() && ready(jobs[list[next]])) {
+        if (claim(list[next])) run_job(jobs[list[next]], tile);
+        spins = 0;
+        continue;
+      }
+      const int64_t j = take_ready(mine);
+      if (j >= 0) {
+        run_job(jobs[j], tile);
+        taken[w0] += 1;
+        spins = 0;
+      } else if (++spins >= 64) {
+        std::this_thread::yield();
+      }
+    }
   });
   if (p.schedule != nullptr) {
     int64_t used = workers;
     while (used > 1 && ran[used - 1] == 0) --used;
     p.schedule->tasks.assign(ran.begin(), ran.begin() + used);
     p.schedule->rows.assign(tiles.begin(), tiles.begin() + used);
-    p.schedule->taken.assign(used, 0);
+    p.schedule->taken.assign(taken.begin(), taken.begin() + used);
   }
 }
 

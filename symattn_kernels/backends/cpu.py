@@ -102,7 +102,7 @@ def last_schedule(backward: bool = False) -> torch.Tensor:
     workers). A forward task on a pair of row groups counts the rows of both. The deal is fixed
     before the call runs, so the first two columns do not depend on timing; a worker that has run
     its own tasks takes those another has not reached yet (from the end of that worker's list),
-    so the third does. The tiled backward's tasks wait on each other and are never taken."""
+    so the third does."""
     return torch.ops.symattn.cpu_last_schedule(backward)
 
 
