@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) -m bench.cpu_kernels --dropout --json bench/results/cpu-dropout.json
 	$(PY) -m bench.cpu_kernels --lama --plot bench/results/cpu-lama.png --json bench/results/cpu-lama.json
 	cp bench/results/cpu-lama.png docs/cpu_lama.png
+	$(PY) -m bench.contended --json bench/results/cpu-contended.json
 
 # Real-text training comparison of the attention variants (bench/train_bert.py, <= 30 min on
 # 2 cores). The datasets ship inside these two wheels; nothing is downloaded at run time.

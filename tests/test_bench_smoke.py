@@ -125,6 +125,23 @@ def test_cpu_long_section_reports_scaling_and_plots(tmp_path):
     assert (tmp_path / "scaling.png").stat().st_size > 0
 
 
+def test_contended_times_each_provider_alone_and_beside_a_busy_core():
+    """`bench.contended --quick`: ours and SDPA-flash, each alone and beside a process that keeps
+    the last core busy, in child processes with their threads bound one per core."""
+    import os
+
+    from symattn_kernels import extensions
+
+    if extensions.state("cpu").how == extensions.ABSENT or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs the cpu backend and two cores")
+    from bench import contended
+
+    report = contended.run([(1, 600, 1)], ("fwd",), seconds=0.05, rounds=1)
+    assert {r["provider"] for r in report["rows"]} == {"cpu", "sdpa-flash"}
+    assert all(r["alone_ms"] > 0 and r["busy_core_ms"] > 0 for r in report["rows"])
+    assert "| 1, 600, 1 | fwd | cpu |" in contended.format_report(report)
+
+
 def test_paired_trees_times_both_trees_in_rounds():
     """`bench.paired_trees` with this tree as base and new: one line per shape and mode, the
     medians of both trees and their per-round ratio."""

@@ -427,11 +427,12 @@ at::Tensor cpu_last_schedule(bool backward) {
   const std::lock_guard<std::mutex> lock(last.mutex);
   const cpu::ScheduleStats& stats = backward ? last.backward : last.forward;
   const int64_t workers = static_cast<int64_t>(stats.tasks.size());
-  at::Tensor result = at::empty({workers, 2}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor result = at::empty({workers, 3}, at::TensorOptions().dtype(at::kLong));
   int64_t* dst = result.data_ptr<int64_t>();
   for (int64_t w = 0; w < workers; ++w) {
-    dst[2 * w] = stats.tasks[w];
-    dst[2 * w + 1] = stats.rows[w];
+    dst[3 * w] = stats.tasks[w];
+    dst[3 * w + 1] = stats.rows[w];
+    dst[3 * w + 2] = stats.taken[w];
   }
   return result;
 }

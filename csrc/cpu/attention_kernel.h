@@ -30,7 +30,9 @@
 // afterwards.
 // Results are independent of the thread count: the tasks are cut without regard to it, and each
 // output element is produced by one task, or one fixed-order sum of tasks. The tasks are dealt
-// to the workers before any runs (for_each_head, tiled_backward).
+// to the workers before any runs, and a worker that has nothing of its own to run takes what
+// another has not reached (for_each_head, tiled_backward): which worker runs a task never changes
+// what it computes.
 //
 // For heads of at most kWholeHead tokens, non-causal, with M symmetric (none / diagonal) and
 // at most a quarter of trailing padded keys, the score matrix is symmetric: only its lower tile

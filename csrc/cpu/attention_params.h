@@ -21,10 +21,12 @@ struct Strided {
   int64_t head = 0;
 };
 
-// What each worker of one kernel call ran: tasks and query rows (a diagnostic for tests).
+// How one kernel call spread over its workers (a diagnostic for tests): the tasks and query rows
+// dealt to each, and the tasks each took from other workers' lists when its own ran out.
 struct ScheduleStats {
   std::vector<int64_t> tasks;
   std::vector<int64_t> rows;
+  std::vector<int64_t> taken;
 };
 
 struct ForwardParams {

@@ -245,20 +245,11 @@ struct TiledJob {
   TileTask tiles;
 };
 
-// Spins, then yields, until ready(): a worker waits for the tiles its task depends on, which run
-// on another worker (or, when that worker lost its core, for it to get one back).
-template <typename Ready>
-void wait_until(const Ready& ready) {
-  for (int spins = 0; !ready(); ++spins) {
-    if (spins >= 64) std::this_thread::yield();
-  }
-}
-
 // The backward of tiled heads (see BackwardHead::pair_tile). Heads go in waves, longest first,
 // each wave just large enough that a round has about two tasks per thread. A head packs its
 // panels (prepare_tiled), the rounds of tiles run, and the head writes its gradients
 // (finish_tiled); every wave runs in one parallel region: each worker runs a list dealt before any
-// runs, a wave's heads are prepared while the previous wave's last tiles run, and its finishes run
+// runs (and ready jobs of other lists while its own next one is not ready), a wave's heads are prepared while the previous wave's last tiles run, and its finishes run
 // beside the next wave's prepares (so one worker does not pack or write a head while the others
 // wait), and a task waits only for its own two blocks to have finished the previous round
 // (per-block counters), never for a barrier across all workers, so one descheduled thread delays
@@ -349,6 +340,16 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
   std::vector<std::atomic<int64_t>> pending(n_heads);              // per head: prepare, then its tile tasks
   for (int64_t k = 0; k < n_heads; ++k) pending[k].store(1 + tiles_left[k], std::memory_order_relaxed);
   for (auto& x : rounds_done) x.store(0, std::memory_order_relaxed);
+  // A job may start once what it reads is written: a head's tiles after its prepare and after
+  // their two blocks' previous round, its finish after all its tiles.
+  auto ready = [&](const TiledJob& job) {
+    const int64_t left = pending[job.head].load(std::memory_order_acquire);
+    if (job.kind == TiledJob::kPrepare) return true;
+    if (job.kind == TiledJob::kFinish) return left == 0;
+    return left <= tiles_left[job.head] &&
+           rounds_done[block0[job.head] + job.tiles.bi].load(std::memory_order_acquire) == job.round &&
+           rounds_done[block0[job.head] + job.tiles.bj].load(std::memory_order_acquire) == job.round;
+  };
   auto run_job = [&](const TiledJob& job, float* tile) {
     const int64_t k = job.head;
     std::atomic<int64_t>& left = pending[k];
@@ -360,51 +361,95 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
       return;
     }
     if (job.kind == TiledJob::kFinish) {
-      wait_until([&] { return left.load(std::memory_order_acquire) == 0; });
       head_tasks[k]->finish_tiled();
       head_tasks[k].reset();
       head_ws[k].reset();
       return;
     }
     const TileTask& task = job.tiles;
-    std::atomic<int64_t>& done_i = rounds_done[block0[k] + task.bi];
-    std::atomic<int64_t>& done_j = rounds_done[block0[k] + task.bj];
-    wait_until([&] {
-      return left.load(std::memory_order_acquire) <= tiles_left[k] &&
-             done_i.load(std::memory_order_acquire) == job.round && done_j.load(std::memory_order_acquire) == job.round;
-    });
     Task& head = *head_tasks[k];
     head.pair_tile(task.bi, task.bj, tile);
     if (task.diagonals) {
       head.pair_tile(task.bi, task.bi, tile);
       head.pair_tile(task.bj, task.bj, tile);
     }
-    done_i.store(job.round + 1, std::memory_order_release);
-    if (task.bj != task.bi) done_j.store(job.round + 1, std::memory_order_release);
+    rounds_done[block0[k] + task.bi].store(job.round + 1, std::memory_order_release);
+    if (task.bj != task.bi) rounds_done[block0[k] + task.bj].store(job.round + 1, std::memory_order_release);
     left.fetch_sub(1, std::memory_order_release);
+  };
+  // A job runs on the worker that claims it, and only once it is ready, so no claimed job ever
+  // waits and the earliest unclaimed job always becomes ready. A worker whose next job is not
+  // ready yet runs a ready tile task or finish of another worker's list instead (never a prepare,
+  // whose workspace would then live longer); so does a worker whose list is done, until every job
+  // is claimed. A thread that loses its core then holds up only the job it is in.
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+  std::unique_ptr<std::atomic<bool>[]> claimed(new std::atomic<bool>[n_jobs]);
+  for (int64_t j = 0; j < n_jobs; ++j) claimed[j].store(false, std::memory_order_relaxed);
+  std::atomic<int64_t> unclaimed{n_jobs}, first_unclaimed{0};
+  std::vector<int64_t> taken(workers, 0);
+  auto claim = [&](int64_t j) {
+    if (claimed[j].load(std::memory_order_relaxed) || claimed[j].exchange(true, std::memory_order_acq_rel)) return false;
+    unclaimed.fetch_sub(1, std::memory_order_relaxed);
+    return true;
+  };
+  // A ready job of another worker's list (of none of `mine`), claimed; -1 when there is none among
+  // the first kLookahead unclaimed jobs (the later ones wait on those).
+  constexpr int64_t kLookahead = 256;
+  auto take_ready = [&](const std::vector<bool>& mine) -> int64_t {
+    int64_t j = first_unclaimed.load(std::memory_order_relaxed);
+    while (j < n_jobs && claimed[j].load(std::memory_order_relaxed)) ++j;
+    first_unclaimed.store(j, std::memory_order_relaxed);  // a hint: owners run their lists anyway
+    for (int64_t seen = 0; j < n_jobs && seen < kLookahead; ++j) {
+      if (claimed[j].load(std::memory_order_relaxed)) continue;
+      ++seen;
+      if (mine[j] || jobs[j].kind == TiledJob::kPrepare || !ready(jobs[j])) continue;
+      if (claim(j)) return j;
+    }
+    return -1;
   };
   const int64_t scratch_floats = Task::tiled_scratch_floats(p, g);
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     // A thread given several workers' lists runs their jobs merged in job order.
-    std::vector<int64_t> mine;
-    for (int64_t w = w0; w < w1; ++w) mine.insert(mine.end(), lists[w].begin(), lists[w].end());
-    std::sort(mine.begin(), mine.end());
+    std::vector<int64_t> list;
+    std::vector<bool> mine(n_jobs, false);
+    for (int64_t w = w0; w < w1; ++w) list.insert(list.end(), lists[w].begin(), lists[w].end());
+    std::sort(list.begin(), list.end());
+    for (const int64_t j : list) mine[j] = true;
     Workspace scratch(Workspace::bytes_for(scratch_floats));
     float* tile = scratch.take<float>(scratch_floats);
-    for (const int64_t j : mine) run_job(jobs[j], tile);
+    size_t next = 0;
+    for (int spins = 0;;) {
+      while (next < list.size() && claimed[list[next]].load(std::memory_order_relaxed)) ++next;
+      if (next == list.size() && unclaimed.load(std::memory_order_relaxed) == 0) break;
+      if (next < list.size() && ready(jobs[list[next]])) {
+        if (claim(list[next])) run_job(jobs[list[next]], tile);
+        spins = 0;
+        continue;
+      }
+      const int64_t j = take_ready(mine);
+      if (j >= 0) {
+        run_job(jobs[j], tile);
+        taken[w0] += 1;
+        spins = 0;
+      } else if (++spins >= 64) {
+        std::this_thread::yield();
+      }
+    }
   });
   if (p.schedule != nullptr) {
     int64_t used = workers;
     while (used > 1 && ran[used - 1] == 0) --used;
     p.schedule->tasks.assign(ran.begin(), ran.begin() + used);
     p.schedule->rows.assign(tiles.begin(), tiles.begin() + used);
+    p.schedule->taken.assign(taken.begin(), taken.begin() + used);
   }
 }
 
 // Runs every task of the call: one worker per thread (never more than tasks) runs its dealt
-// list in order, prefetching the inputs of its next task while it computes the current one.
-// Which worker runs a task never changes what the task computes. When p.schedule is set, it
-// receives the tasks and query rows each worker ran.
+// list in order, prefetching the inputs of its next task while it computes the current one, and
+// then takes what other workers have not reached. Which worker runs a task never changes what
+// the task computes. When p.schedule is set, it receives the deal (tasks and query rows per
+// worker) and how many tasks each worker took from others.
 template <typename Task, typename Params>
 void for_each_head(const Params& p) {
   constexpr bool kBackward = std::is_same_v<Params, BackwardParams>;
@@ -424,6 +469,14 @@ void for_each_head(const Params& p) {
   if (p.schedule != nullptr) {
     p.schedule->tasks.assign(workers, 0);
     p.schedule->rows.assign(workers, 0);
+    p.schedule->taken.assign(workers, 0);
+    for (int64_t w = 0; w < workers; ++w) {
+      for (const int64_t t : lists[w]) {
+        const Piece& piece = pieces[t];
+        p.schedule->tasks[w] += 1;
+        p.schedule->rows[w] += piece.r1 - piece.r0 + (piece.c0 != piece.r0 ? piece.c1 - piece.c0 : 0);
+      }
+    }
   }
   if (tasks == 0) return;
   SliceBuffers slices;
@@ -454,30 +507,60 @@ void for_each_head(const Params& p) {
       Task(p, g, ws, m.b, m.h).merge(m.r0, m.r1, states.data() + m.first, m.count);
     }
   };
+  // Each task runs on the worker that claims it first: its own worker in dealt order, or, once
+  // a worker has run out of its own, any other whose worker has not reached it yet (taken from
+  // the end of that list, where the smallest tasks are). A worker whose thread loses its core
+  // then delays the call by the task it is in, not by its whole list. A worker prefetches the
+  // inputs of its next unclaimed task without claiming it.
+  std::unique_ptr<std::atomic<bool>[]> claimed(new std::atomic<bool>[tasks]);
+  for (int64_t t = 0; t < tasks; ++t) claimed[t].store(false, std::memory_order_relaxed);
+  auto claim = [&](int64_t t) {
+    return !claimed[t].load(std::memory_order_relaxed) && !claimed[t].exchange(true, std::memory_order_acq_rel);
+  };
+  auto steal = [&](int64_t w) -> int64_t {
+    for (int64_t d = 1; d < workers; ++d) {
+      const std::vector<int64_t>& other = lists[(w + d) % workers];
+      for (size_t k = other.size(); k-- > 0;) {
+        if (claimed[other[k]].load(std::memory_order_relaxed)) continue;
+        if (claim(other[k])) return other[k];
+      }
+    }
+    return -1;
+  };
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
     for (int64_t w = w0; w < w1; ++w) {
       const std::vector<int64_t>& list = lists[w];
       auto task = [&](int64_t t) { return Task(p, g, ws, pieces[t].b, pieces[t].h); };
-      if (!list.empty()) task(list[0]).prefetch_inputs();
-      for (size_t k = 0; k < list.size(); ++k) {
-        if (k + 1 < list.size()) task(list[k + 1]).prefetch_inputs();
+      auto unclaimed = [&](size_t k) {
+        while (k < list.size() && claimed[list[k]].load(std::memory_order_relaxed)) ++k;
+        return k;
+      };
+      size_t next = unclaimed(0);
+      if (next < list.size()) task(list[next]).prefetch_inputs();
+      for (;;) {
+        int64_t t = -1;
+        while (next < list.size() && t < 0) {
+          if (claim(list[next])) t = list[next];
+          next = unclaimed(next + 1);
+        }
+        if (t < 0) {
+          if ((t = steal(w)) < 0) break;
+          if (p.schedule != nullptr) p.schedule->taken[w] += 1;
+        }
+        if (next < list.size()) task(list[next]).prefetch_inputs();
         ws.reset();
-        const Piece& piece = pieces[list[k]];
-        Task head = task(list[k]);
+        const Piece& piece = pieces[t];
+        Task head = task(t);
         if constexpr (kBackward) {
-          head.run(piece.r0, piece.r1, slices.of(list[k]));
+          head.run(piece.r0, piece.r1, slices.of(t));
         } else if (piece.c1 > 0) {
           head.run_mirrored(piece.r0, piece.r1, piece.c0, piece.c1, states[piece.state_a], states[piece.state_b]);
           finish(ws, piece.merge_a);
           if (piece.merge_b != piece.merge_a) finish(ws, piece.merge_b);
         } else {
           head.run(piece.r0, piece.r1);
-        }
-        if (p.schedule != nullptr) {
-          p.schedule->tasks[w] += 1;
-          p.schedule->rows[w] += piece.r1 - piece.r0 + (piece.c0 != piece.r0 ? piece.c1 - piece.c0 : 0);
         }
       }
     }

@@ -97,10 +97,12 @@ def kernel_isa() -> str:
 
 
 def last_schedule(backward: bool = False) -> torch.Tensor:
-    """What each worker thread ran in this process's latest fused CPU forward (or backward) call:
-    int64 ``[workers, 2]`` of (tasks, query rows; a forward task on a pair of row groups counts the
-    rows of both). A diagnostic of how a call spreads over threads; the deal is fixed before the
-    call runs, so it does not depend on timing."""
+    """How this process's latest fused CPU forward (or backward) call spread over its worker
+    threads: int64 ``[workers, 3]`` of (tasks dealt, their query rows, tasks taken from other
+    workers). A forward task on a pair of row groups counts the rows of both. The deal is fixed
+    before the call runs, so the first two columns do not depend on timing; a worker that has run
+    its own tasks takes those another has not reached yet (from the end of that worker's list),
+    so the third does."""
     return torch.ops.symattn.cpu_last_schedule(backward)
 
 
