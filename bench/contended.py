@@ -28,13 +28,14 @@ PROVIDERS = ("cpu", "sdpa-flash")
 MODES = ("fwd", "fwd+bwd")
 
 
-def _child(B: int, S: int, H: int, provider: str, mode: str, seconds: float) -> float:
-    """Median ms of one provider's calls at one thread per allowed core (run in the child)."""
+def _child(B: int, S: int, H: int, provider: str, mode: str, seconds: float, threads: int) -> float:
+    """Median ms of one provider's calls at `threads` threads (run in the child, whose OpenMP
+    runtime has bound its first thread to one core: its own affinity no longer counts them)."""
     import torch
 
     from bench.cpu_kernels import _fwd_bwd, _long_providers
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     y = torch.randn(B, S, H, 64)
     fn = _long_providers(y, False)[provider]
@@ -49,7 +50,10 @@ def _child(B: int, S: int, H: int, provider: str, mode: str, seconds: float) -> 
 
 
 def _busy_core(cpu: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    """A process that spins on `cpu` until killed, or until this process is gone."""
+    code = (f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nparent = os.getppid()\n"
+            "while os.getppid() == parent:\n    for _ in range(100000): pass")
+    return subprocess.Popen([sys.executable, "-c", code])
 
 
 def _timed(case: tuple, cpus: list[int], seconds: float, busy: bool) -> float:
@@ -57,7 +61,8 @@ def _timed(case: tuple, cpus: list[int], seconds: float, busy: bool) -> float:
     env = dict(os.environ, GOMP_CPU_AFFINITY=" ".join(map(str, cpus)))
     hog = _busy_core(cpus[-1]) if busy else None
     try:
-        out = subprocess.run([sys.executable, "-m", "bench.contended", "--child", *map(str, case), str(seconds)],
+        out = subprocess.run([sys.executable, "-m", "bench.contended", "--child", *map(str, case), str(seconds),
+                              str(len(cpus))],
                              env=env, capture_output=True, text=True, check=True)
     finally:
         if hog is not None:
@@ -100,8 +105,8 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
-        B, S, H, provider, mode, seconds = sys.argv[2:8]
-        print(_child(int(B), int(S), int(H), provider, mode, float(seconds)))
+        B, S, H, provider, mode, seconds, threads = sys.argv[2:9]
+        print(_child(int(B), int(S), int(H), provider, mode, float(seconds), int(threads)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="first shape, forward only, short timings")
