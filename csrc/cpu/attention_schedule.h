@@ -245,12 +245,39 @@ struct TiledJob {
   TileTask tiles;
 };
 
+// Which of n tasks a worker has claimed: each task is claimed once, by whichever worker gets it
+// first, whatever list it was dealt to (a relaxed load first, so that polling a claimed task
+// keeps its cache line shared).
+class Claims {
+ public:
+  explicit Claims(int64_t n) : flags_(new std::atomic<bool>[n]), left_(n) {
+    for (int64_t i = 0; i < n; ++i) flags_[i].store(false, std::memory_order_relaxed);
+  }
+  bool claimed(int64_t i) const { return flags_[i].load(std::memory_order_relaxed); }
+  bool claim(int64_t i) {
+    if (claimed(i) || flags_[i].exchange(true, std::memory_order_acq_rel)) return false;
+    left_.fetch_sub(1, std::memory_order_relaxed);
+    return true;
+  }
+  int64_t unclaimed() const { return left_.load(std::memory_order_relaxed); }
+  // The first position from k of list whose task is unclaimed (list.size() when none is).
+  size_t next_unclaimed(const std::vector<int64_t>& list, size_t k) const {
+    while (k < list.size() && claimed(list[k])) ++k;
+    return k;
+  }
+
+ private:
+  std::unique_ptr<std::atomic<bool>[]> flags_;
+  std::atomic<int64_t> left_;
+};
+
 // The backward of tiled heads (see BackwardHead::pair_tile). Heads go in waves, longest first,
 // each wave just large enough that a round has about two tasks per thread. A head packs its
 // panels (prepare_tiled), the rounds of tiles run, and the head writes its gradients
 // (finish_tiled); every wave runs in one parallel region: each worker runs a list dealt before any
-// runs (and ready jobs of other lists while its own next one is not ready), a wave's heads are prepared while the previous wave's last tiles run, and its finishes run
-// beside the next wave's prepares (so one worker does not pack or write a head while the others
+// runs (and ready jobs of other lists while its own next one is not ready), a wave's heads are
+// prepared while the previous wave's last tiles run, and its finishes run beside the next wave's
+// prepares (so one worker does not pack or write a head while the others
 // wait), and a task waits only for its own two blocks to have finished the previous round
 // (per-block counters), never for a barrier across all workers, so one descheduled thread delays
 // only the tasks that need its tiles. Within a round no two tasks touch the same block, so tasks
@@ -383,27 +410,23 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
   // whose workspace would then live longer); so does a worker whose list is done, until every job
   // is claimed. A thread that loses its core then holds up only the job it is in.
   const int64_t n_jobs = static_cast<int64_t>(jobs.size());
-  std::unique_ptr<std::atomic<bool>[]> claimed(new std::atomic<bool>[n_jobs]);
-  for (int64_t j = 0; j < n_jobs; ++j) claimed[j].store(false, std::memory_order_relaxed);
-  std::atomic<int64_t> unclaimed{n_jobs}, first_unclaimed{0};
+  Claims claims(n_jobs);
+  std::atomic<int64_t> first_unclaimed{0};
   std::vector<int64_t> taken(workers, 0);
-  auto claim = [&](int64_t j) {
-    if (claimed[j].load(std::memory_order_relaxed) || claimed[j].exchange(true, std::memory_order_acq_rel)) return false;
-    unclaimed.fetch_sub(1, std::memory_order_relaxed);
-    return true;
-  };
   // A ready job of another worker's list (of none of `mine`), claimed; -1 when there is none among
   // the first kLookahead unclaimed jobs (the later ones wait on those).
   constexpr int64_t kLookahead = 256;
   auto take_ready = [&](const std::vector<bool>& mine) -> int64_t {
-    int64_t j = first_unclaimed.load(std::memory_order_relaxed);
-    while (j < n_jobs && claimed[j].load(std::memory_order_relaxed)) ++j;
-    first_unclaimed.store(j, std::memory_order_relaxed);  // a hint: owners run their lists anyway
+    const int64_t first = first_unclaimed.load(std::memory_order_relaxed);
+    int64_t j = first;
+    while (j < n_jobs && claims.claimed(j)) ++j;
+    // A hint (owners run their lists anyway), stored only when it moves: workers poll here.
+    if (j != first) first_unclaimed.store(j, std::memory_order_relaxed);
     for (int64_t seen = 0; j < n_jobs && seen < kLookahead; ++j) {
-      if (claimed[j].load(std::memory_order_relaxed)) continue;
+      if (claims.claimed(j)) continue;
       ++seen;
       if (mine[j] || jobs[j].kind == TiledJob::kPrepare || !ready(jobs[j])) continue;
-      if (claim(j)) return j;
+      if (claims.claim(j)) return j;
     }
     return -1;
   };
@@ -419,10 +442,10 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
     float* tile = scratch.take<float>(scratch_floats);
     size_t next = 0;
     for (int spins = 0;;) {
-      while (next < list.size() && claimed[list[next]].load(std::memory_order_relaxed)) ++next;
-      if (next == list.size() && unclaimed.load(std::memory_order_relaxed) == 0) break;
+      next = claims.next_unclaimed(list, next);
+      if (next == list.size() && claims.unclaimed() == 0) break;
       if (next < list.size() && ready(jobs[list[next]])) {
-        if (claim(list[next])) run_job(jobs[list[next]], tile);
+        if (claims.claim(list[next])) run_job(jobs[list[next]], tile);
         spins = 0;
         continue;
       }
@@ -512,17 +535,12 @@ void for_each_head(const Params& p) {
   // the end of that list, where the smallest tasks are). A worker whose thread loses its core
   // then delays the call by the task it is in, not by its whole list. A worker prefetches the
   // inputs of its next unclaimed task without claiming it.
-  std::unique_ptr<std::atomic<bool>[]> claimed(new std::atomic<bool>[tasks]);
-  for (int64_t t = 0; t < tasks; ++t) claimed[t].store(false, std::memory_order_relaxed);
-  auto claim = [&](int64_t t) {
-    return !claimed[t].load(std::memory_order_relaxed) && !claimed[t].exchange(true, std::memory_order_acq_rel);
-  };
+  Claims claims(tasks);
   auto steal = [&](int64_t w) -> int64_t {
     for (int64_t d = 1; d < workers; ++d) {
       const std::vector<int64_t>& other = lists[(w + d) % workers];
       for (size_t k = other.size(); k-- > 0;) {
-        if (claimed[other[k]].load(std::memory_order_relaxed)) continue;
-        if (claim(other[k])) return other[k];
+        if (claims.claim(other[k])) return other[k];
       }
     }
     return -1;
@@ -533,17 +551,13 @@ void for_each_head(const Params& p) {
     for (int64_t w = w0; w < w1; ++w) {
       const std::vector<int64_t>& list = lists[w];
       auto task = [&](int64_t t) { return Task(p, g, ws, pieces[t].b, pieces[t].h); };
-      auto unclaimed = [&](size_t k) {
-        while (k < list.size() && claimed[list[k]].load(std::memory_order_relaxed)) ++k;
-        return k;
-      };
-      size_t next = unclaimed(0);
+      size_t next = claims.next_unclaimed(list, 0);
       if (next < list.size()) task(list[next]).prefetch_inputs();
       for (;;) {
         int64_t t = -1;
         while (next < list.size() && t < 0) {
-          if (claim(list[next])) t = list[next];
-          next = unclaimed(next + 1);
+          if (claims.claim(list[next])) t = list[next];
+          next = claims.next_unclaimed(list, next + 1);
         }
         if (t < 0) {
           if ((t = steal(w)) < 0) break;
