@@ -8,6 +8,26 @@ namespace symattn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
+// Rows [0, rows) of a group's state `acc` take a task's running state `part`: both rescaled to
+// the larger max. Folded in a fixed order (see MirrorFolds), so the result never depends on which
+// worker ran which task.
+void fold_state(const RowState& acc, const RowState& part, int64_t rows, int64_t Dv) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float m = max_nan(acc.m[r], part.m[r]);
+    if (m == kNegInf) continue;  // neither has met a key yet
+    const float wa = exp2_rescale(acc.m[r], m), wp = exp2_rescale(part.m[r], m);
+    acc.l[r] = wa * acc.l[r] + wp * part.l[r];
+    acc.m[r] = m;
+    const Vec vwa(wa), vwp(wp);
+    float* o = acc.o + r * Dv;
+    const float* src = part.o + r * Dv;
+    for (int64_t d = 0; d < Dv; d += kVec) {
+      const int64_t n = std::min(kVec, Dv - d);
+      at::vec::fmadd(vwa, Vec::loadu(o + d, n), vwp * Vec::loadu(src + d, n)).store(o + d, n);
+    }
+  }
+}
+
 template <typename scalar_t>
 class ForwardHead : public Head<scalar_t> {
   using Base = Head<scalar_t>;
@@ -321,7 +341,7 @@ class ForwardHead : public Head<scalar_t> {
   // symmetric, so the tile S_IJ (rows I, keys J) read down its columns is S_JI. A group with
   // itself takes its tile triangle: tiles below the diagonal both ways, diagonal tiles one way.
   // Rows I keep their running state in side_a, rows J in side_b (side_a again for one group);
-  // no other task writes either, and merge() joins a group's states in a fixed order.
+  // no other task writes either, and MirrorFolds folds a group's states in a fixed order.
   void run_mirrored(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const RowState& side_a, const RowState& side_b) {
     constexpr int64_t T = kMirrorTile;
     const bool one_group = r0 == c0;
@@ -390,28 +410,17 @@ class ForwardHead : public Head<scalar_t> {
     }
   }
 
-  // Rows [r0, r1): joins the running states of count tasks in their order, and writes out and lse.
-  void merge(int64_t r0, int64_t r1, const RowState* parts, int64_t count) {
-    float* o = ws_.template take<float>(Dv_);
+  // Rows [r0, r1) from their group's state once every task has been folded into it: out and lse.
+  void write_mirrored(int64_t r0, int64_t r1, const RowState& acc) {
     for (int64_t r = 0; r < r1 - r0; ++r) {
-      float m = kNegInf;
-      for (int64_t k = 0; k < count; ++k) m = max_nan(m, parts[k].m[r]);
-      float l = 0.f;
-      fill(o, Dv_, 0.f);
-      if (m != kNegInf) {
-        for (int64_t k = 0; k < count; ++k) {
-          const float w = exp2_rescale(parts[k].m[r], m);
-          l += w * parts[k].l[r];
-          const Vec vw(w);
-          const float* src = parts[k].o + r * Dv_;
-          for (int64_t d = 0; d < Dv_; d += kVec) {
-            const int64_t n = std::min(kVec, Dv_ - d);
-            at::vec::fmadd(vw, Vec::loadu(src + d, n), Vec::loadu(o + d, n)).store(o + d, n);
-          }
-        }
-        scale_inplace(o, Dv_, 1.f / l);
+      float* o = acc.o + r * Dv_;
+      const bool empty = acc.m[r] == kNegInf;
+      if (empty) {
+        fill(o, Dv_, 0.f);
+      } else {
+        scale_inplace(o, Dv_, 1.f / acc.l[r]);
       }
-      *this->lse_ptr(r0 + r) = m == kNegInf ? kNegInf : exp2_lse(m, l);
+      *this->lse_ptr(r0 + r) = empty ? kNegInf : exp2_lse(acc.m[r], acc.l[r]);
       store_row(this->row_ptr(p_.out, r0 + r), o, Dv_);
     }
   }

@@ -17,8 +17,8 @@
 // block rescaled, so the working set stays in L2 at any length. Where their scores are
 // symmetric, the forward is mirrored instead: a task owns a pair of row groups of the head and
 // multiplies each score tile between them once, for the rows of both groups (one read across,
-// one down its columns); each group's running states from its tasks are merged in task order
-// (run_mirrored, plan_mirrored; not on AMX tiles, where that merge and the per-task packing cost
+// one down its columns); each group folds its tasks' running states in a fixed order as they
+// finish (run_mirrored, MirrorFolds; not on AMX tiles, where that merge and the per-task packing cost
 // what the products save, see kMirrorTile). Their backward, wherever M is symmetric (none or
 // diagonal; any dtype, causal or not, with or without dropout), cuts a head into row blocks and
 // computes each score tile S_IJ (I >= J) once, in one task that takes both of its roles: S_JI =

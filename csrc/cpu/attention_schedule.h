@@ -14,17 +14,18 @@ namespace {
 struct Piece {
   int64_t b, h, r0, r1;
   double cost;
-  // Mirrored forward tasks: the other group's rows [c0, c1) (c1 = 0 for other tasks), and which
-  // of the call's running states the two groups' rows keep (one state for a group with itself).
+  // Mirrored forward tasks: the other group's rows [c0, c1) (c1 = 0 for other tasks), and the
+  // call's mirrored groups of both (the same group for a group with itself).
   int64_t c0 = 0, c1 = 0;
-  int64_t state_a = -1, state_b = -1;
-  int64_t merge_a = -1, merge_b = -1;  // the merges those states go to
+  int64_t group_a = -1, group_b = -1;
+  // A mirrored head's tasks: the plan index of its first, costliest task. The deal keeps a head's
+  // tasks together, so that its groups' states live only while the head runs.
+  int64_t head_first = -1;
 };
 
-// Rows [r0, r1) of head (b, h) on the mirrored schedule, whose running states are states
-// [first, first + count) of the call, one per task that meets the rows, merged in that order.
-struct MirrorMerge {
-  int64_t b, h, r0, r1, first, count;
+// A group of rows [r0, r1) of head (b, h) on the mirrored schedule.
+struct MirrorGroup {
+  int64_t b, h, r0, r1;
 };
 
 // Whether sequence b (L tokens) takes the mirrored forward: like the whole-head symmetric
@@ -42,32 +43,28 @@ bool mirrors(const Params& p, const Geometry& g, int64_t b, int64_t L) {
   return 4 * key_end > 3 * L;
 }
 
-// Pieces of one mirrored head: a task per pair of groups (the larger, two-group ones first), and
-// each group's merge of the states its tasks write; state_rows gets each new state's row count.
+// Pieces of one mirrored head: a task per pair of groups (the larger, two-group ones first),
+// and the head's groups appended to the call's.
 void plan_mirrored(int64_t b, int64_t h, int64_t L, int64_t heads, std::vector<Piece>& pieces,
-                   std::vector<MirrorMerge>& merges, std::vector<int64_t>& state_rows) {
+                   std::vector<MirrorGroup>& mirror_groups_of_call) {
   const int64_t groups = mirror_groups(L, heads);
   const int64_t rows = mirror_group_rows(L, groups);
-  const int64_t first = static_cast<int64_t>(state_rows.size());
-  const int64_t merge0 = static_cast<int64_t>(merges.size());
+  const int64_t group0 = static_cast<int64_t>(mirror_groups_of_call.size());
   auto lo = [&](int64_t a) { return a * rows; };
   auto hi = [&](int64_t a) { return std::min(L, (a + 1) * rows); };
-  for (int64_t a = 0; a < groups; ++a) {
-    merges.push_back({b, h, lo(a), hi(a), first + a * groups, groups});
-    for (int64_t k = 0; k < groups; ++k) state_rows.push_back(hi(a) - lo(a));
-  }
+  for (int64_t a = 0; a < groups; ++a) mirror_groups_of_call.push_back({b, h, lo(a), hi(a)});
+  const size_t first = pieces.size();
   for (int64_t a = 0; a < groups; ++a) {
     for (int64_t c = a + 1; c < groups; ++c) {
       const double work = 1.5 * static_cast<double>((hi(a) - lo(a)) * (hi(c) - lo(c)));
-      pieces.push_back({b, h, lo(a), hi(a), work, lo(c), hi(c), first + a * groups + c, first + c * groups + a,
-                        merge0 + a, merge0 + c});
+      pieces.push_back({b, h, lo(a), hi(a), work, lo(c), hi(c), group0 + a, group0 + c});
     }
   }
   for (int64_t a = 0; a < groups; ++a) {
     const double n = static_cast<double>(hi(a) - lo(a));
-    pieces.push_back({b, h, lo(a), hi(a), 0.75 * n * n, lo(a), hi(a), first + a * groups + a, first + a * groups + a,
-                      merge0 + a, merge0 + a});
+    pieces.push_back({b, h, lo(a), hi(a), 0.75 * n * n, lo(a), hi(a), group0 + a, group0 + a});
   }
+  for (size_t t = first; t < pieces.size(); ++t) pieces[t].head_first = static_cast<int64_t>(first);
 }
 
 // Floats that the running states of a call's mirrored heads take.
@@ -91,8 +88,8 @@ int64_t mirror_state_floats(const Params& p, const Geometry& g) {
 // the thread count, so neither does any result.
 template <typename Params>
 std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward,
-                              std::vector<MirrorMerge>* merges = nullptr, std::vector<int64_t>* state_rows = nullptr) {
-  const bool mirror = merges != nullptr && g.mirrored &&
+                              std::vector<MirrorGroup>* mirror_groups_of_call = nullptr) {
+  const bool mirror = mirror_groups_of_call != nullptr && g.mirrored &&
                       mirror_state_floats(p, g) * int64_t{sizeof(float)} <= kMirrorStateBytes;
   std::vector<int64_t> order(p.batch);
   std::iota(order.begin(), order.end(), 0);
@@ -119,14 +116,14 @@ std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward,
     const bool mirrored = mirror && mirrors(p, g, b, L);
     for (int64_t h = 0; h < p.heads; ++h) {
       if (mirrored) {
-        plan_mirrored(b, h, L, p.batch * p.heads, pieces, *merges, *state_rows);
+        plan_mirrored(b, h, L, p.batch * p.heads, pieces, *mirror_groups_of_call);
         continue;
       }
       for (int64_t r0 = 0; r0 < L; r0 += step) {
         const int64_t r1 = std::min(L, r0 + step);
         // Causal rows see keys [0, i]: the block's mean row sees about (r0 + r1) / 2 of them.
         const double keys = p.causal ? 0.5 * static_cast<double>(r0 + r1) : static_cast<double>(L);
-        pieces.push_back({b, h, r0, r1, static_cast<double>(r1 - r0) * keys, 0, 0, -1, -1, -1, -1});
+        pieces.push_back({b, h, r0, r1, static_cast<double>(r1 - r0) * keys});
       }
     }
   }
@@ -189,23 +186,120 @@ class SliceBuffers {
   c10::DataPtr floats_, coefs_;
 };
 
-// Deals the tasks, costliest first (plan order among equals), each to the worker with the least
-// estimated work so far (lowest index on ties): longest-processing-time-first, round-robin for
-// equal tasks. Each worker owns its list before any runs, so none ever holds work it will not
-// run next. Returns per worker the indices of its tasks.
+// The order of the deal: costliest first (plan order among equals), except that a mirrored
+// head's tasks go together, where its costliest would go, costliest first among them.
+std::vector<int64_t> dealing_order(const std::vector<Piece>& pieces) {
+  auto key = [&](int64_t t) {
+    const int64_t first = pieces[t].head_first >= 0 ? pieces[t].head_first : t;
+    return std::make_tuple(pieces[first].cost, -first, pieces[t].cost);
+  };
+  std::vector<int64_t> order(pieces.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return key(x) > key(y); });
+  return order;
+}
+
+// Deals the tasks in dealing_order, each to the worker with the least estimated work so far
+// (lowest index on ties): longest-processing-time-first, round-robin for equal tasks. Each worker
+// owns its list before any runs, so none ever holds work it will not run next. Returns per
+// worker the indices of its tasks.
+
 std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, int64_t workers) {
   std::vector<std::vector<int64_t>> lists(workers);
   std::vector<double> load(workers, 0.0);
-  std::vector<int64_t> order(pieces.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return pieces[x].cost > pieces[y].cost; });
-  for (const int64_t t : order) {
+  for (const int64_t t : dealing_order(pieces)) {
     const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
     lists[w].push_back(t);
     load[w] += pieces[t].cost;
   }
   return lists;
 }
+
+// The running states of a call's mirrored groups. A task takes a fresh state for each of its two
+// groups (one for a group with itself) when it starts; once it ends, each group folds the states
+// its tasks handed in, in a fixed order (the dealing order, which the workers mostly run in),
+// each as soon as all before it are in: the first becomes the group's state, the others are
+// folded into it and freed. Whoever folds a group's last state writes the group's rows out and
+// frees it. A head's tasks are dealt together, so a call holds the states of the groups of the
+// heads being run, of running tasks and of the few that finished ahead of an earlier one, instead
+// of one per group and task; and no sum depends on the thread count.
+class MirrorFolds {
+ public:
+  MirrorFolds(const std::vector<Piece>& pieces, const std::vector<MirrorGroup>& groups, int64_t Dv)
+      : groups_(new Group[groups.size()]), position_(pieces.size(), {-1, -1}), Dv_(Dv) {
+    for (size_t k = 0; k < groups.size(); ++k) groups_[k].rows = groups[k].r1 - groups[k].r0;
+    for (const int64_t t : dealing_order(pieces)) {
+      const Piece& piece = pieces[t];
+      if (piece.c1 == 0) continue;
+      for (const int side : {0, 1}) {
+        if (side == 1 && piece.group_b == piece.group_a) break;
+        Group& group = groups_[side == 0 ? piece.group_a : piece.group_b];
+        (side == 0 ? position_[t].first : position_[t].second) = static_cast<int64_t>(group.parts.size());
+        group.parts.emplace_back();
+      }
+    }
+  }
+
+  // Task t's fresh states of its two groups (the same one for a group with itself).
+  std::pair<RowState, RowState> open(const Piece& piece, int64_t t) {
+    const RowState a = take(piece.group_a, position_[t].first);
+    return {a, piece.group_b == piece.group_a ? a : take(piece.group_b, position_[t].second)};
+  }
+
+  // Task t has written its states: each of its groups folds what is now in order, and
+  // write(group index, state) writes a group out once its last state is folded.
+  template <typename Write>
+  void close(const Piece& piece, int64_t t, const Write& write) {
+    hand_in(piece.group_a, position_[t].first, write);
+    if (piece.group_b != piece.group_a) hand_in(piece.group_b, position_[t].second, write);
+  }
+
+ private:
+  struct Part {
+    c10::DataPtr data;
+    RowState state;
+    bool ready = false;
+  };
+  struct Group {
+    std::mutex lock;
+    std::vector<Part> parts;  // in folding order; each written by its own task alone
+    int64_t folded = 0;       // parts[0] holds the group's state from then on
+    int64_t rows = 0;
+  };
+
+  RowState take(int64_t k, int64_t position) {
+    Part& part = groups_[k].parts[position];
+    const int64_t n = groups_[k].rows;
+    part.data = c10::GetCPUAllocator()->allocate(static_cast<size_t>(n * (Dv_ + 2)) * sizeof(float));
+    float* x = static_cast<float*>(part.data.get());
+    part.state = {x, x + n * Dv_, x + n * (Dv_ + 1)};
+    return part.state;
+  }
+
+  template <typename Write>
+  void hand_in(int64_t k, int64_t position, const Write& write) {
+    Group& group = groups_[k];
+    std::lock_guard<std::mutex> guard(group.lock);
+    group.parts[position].ready = true;
+    const int64_t count = static_cast<int64_t>(group.parts.size());
+    Part& acc = group.parts[0];
+    while (group.folded < count && group.parts[group.folded].ready) {
+      Part& part = group.parts[group.folded];
+      if (group.folded > 0) {
+        fold_state(acc.state, part.state, group.rows, Dv_);
+        part.data.clear();
+      }
+      if (++group.folded == count) {
+        write(k, acc.state);
+        acc.data.clear();
+      }
+    }
+  }
+
+  std::unique_ptr<Group[]> groups_;
+  std::vector<std::pair<int64_t, int64_t>> position_;  // task's place in its groups' folding orders
+  int64_t Dv_;
+};
 
 // One task of a round of the tiled backward: tile (bi, bj) of the wave's head `head`, and with
 // `diagonals` the tiles (bi, bi) and (bj, bj) after it; bi == bj is a diagonal tile alone.
@@ -483,9 +577,8 @@ void for_each_head(const Params& p) {
       return;
     }
   }
-  std::vector<MirrorMerge> merges;
-  std::vector<int64_t> state_rows;
-  const std::vector<Piece> pieces = plan_tasks(p, g, kBackward, &merges, &state_rows);
+  std::vector<MirrorGroup> mirror_groups_of_call;
+  const std::vector<Piece> pieces = plan_tasks(p, g, kBackward, &mirror_groups_of_call);
   const int64_t tasks = static_cast<int64_t>(pieces.size());
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   const auto lists = deal_tasks(pieces, workers);
@@ -504,32 +597,7 @@ void for_each_head(const Params& p) {
   if (tasks == 0) return;
   SliceBuffers slices;
   if constexpr (kBackward) slices = SliceBuffers(p, pieces);
-  // Running states of mirrored forward heads: o [rows, Dv], m [rows], l [rows] each.
-  c10::DataPtr state_data;
-  std::vector<RowState> states;
-  if (!state_rows.empty()) {
-    const int64_t Dv = p.value_dim;
-    int64_t total = 0;
-    for (const int64_t rows : state_rows) total += rows * (Dv + 2);
-    state_data = c10::GetCPUAllocator()->allocate(static_cast<size_t>(total) * sizeof(float));
-    float* next = static_cast<float*>(state_data.get());
-    for (const int64_t rows : state_rows) {
-      states.push_back({next, next + rows * Dv, next + rows * (Dv + 1)});
-      next += rows * (Dv + 2);
-    }
-  }
-  // Tasks still to write each merge's states: the worker that finishes the last one merges them,
-  // inside the same parallel region (whichever worker it is, the merge order is fixed).
-  std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[merges.size()]);
-  for (size_t k = 0; k < merges.size(); ++k) pending[k].store(merges[k].count, std::memory_order_relaxed);
-  auto finish = [&](Workspace& ws, int64_t k) {
-    if constexpr (!kBackward) {
-      if (pending[k].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-      ws.reset();
-      const MirrorMerge& m = merges[k];
-      Task(p, g, ws, m.b, m.h).merge(m.r0, m.r1, states.data() + m.first, m.count);
-    }
-  };
+  MirrorFolds folds(pieces, mirror_groups_of_call, p.value_dim);
   // Each task runs on the worker that claims it first: its own worker in dealt order, or, once
   // a worker has run out of its own, any other whose worker has not reached it yet (taken from
   // the end of that list, where the smallest tasks are). A worker whose thread loses its core
@@ -570,9 +638,13 @@ void for_each_head(const Params& p) {
         if constexpr (kBackward) {
           head.run(piece.r0, piece.r1, slices.of(t));
         } else if (piece.c1 > 0) {
-          head.run_mirrored(piece.r0, piece.r1, piece.c0, piece.c1, states[piece.state_a], states[piece.state_b]);
-          finish(ws, piece.merge_a);
-          if (piece.merge_b != piece.merge_a) finish(ws, piece.merge_b);
+          const auto [side_a, side_b] = folds.open(piece, t);
+          head.run_mirrored(piece.r0, piece.r1, piece.c0, piece.c1, side_a, side_b);
+          folds.close(piece, t, [&](int64_t k, const RowState& acc) {
+            const MirrorGroup& group = mirror_groups_of_call[k];
+            ws.reset();
+            Task(p, g, ws, group.b, group.h).write_mirrored(group.r0, group.r1, acc);
+          });
         } else {
           head.run(piece.r0, piece.r1);
         }
