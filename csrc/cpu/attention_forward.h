@@ -44,15 +44,40 @@ class ForwardHead : public Head<scalar_t> {
     return Base::panel_floats(p, g, false) + (!kPairs && !kHalf ? g.L * p.value_dim : 0);
   }
 
-  static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
+  // What pack_mirrored takes: on fp32 operands the panels of a task's two row groups only (of
+  // at most G rows each, the longest group of the call's mirrored heads), else the head's.
+  static int64_t mirrored_panel_floats(const ForwardParams& p, const Geometry& g) {
+    if constexpr (kPairs) {
+      return panel_floats(p, g);
+    } else {
+      int64_t G = 0;
+      for (int64_t b = 0; b < (p.cu_seqlens != nullptr ? p.batch : 1); ++b) {
+        const int64_t L = p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
+        if (L > 0) G = std::max(G, mirror_group_rows(L, mirror_groups(L, p.batch * p.heads)));
+      }
+      const int64_t D = p.head_dim, Dv = p.value_dim;
+      const bool shared = p.v.data == nullptr;
+      return (p.key_padding_mask != nullptr ? g.ldk + g.L + 1 : 0)  // key bias, prefix counts
+             + (kHalf ? 2 * G * D : 0)                               // fp32 rows of both groups
+             + D * (round_up(G, kVec) + kVec)                        // Yt of the keys' group
+             + (p.coef_mode != CoefMode::kNone ? G * D : 0)          // Y M of the query group
+             + (shared && kHalf ? 0 : 2 * G * Dv);                   // both groups' values
+    }
+  }
+
+  // What run_mirrored takes: enough for a call whose tasks are all mirrored.
+  static int64_t mirrored_workspace_floats(const ForwardParams& p, const Geometry& g) {
     constexpr int64_t T = kMirrorTile;
-    const int64_t mirrored = !g.mirrored ? 0
-                             : panel_floats(p, g)
-                                   + 2 * T * T                              // S / P, column P tiles
-                                   + (kPairs ? T * T / 2 + T * T / 2 : 0)   // bf16 P, column P pairs
-                                   + kStrip                                 // a column strip's maxima
-                                   + (p.dropout_p > 0.0 ? 2 * (keep_bit_words(T) * (T + 1) + T * T / 64)
-                                                        : 0);  // keep bits: a row, by query, by key
+    return mirrored_panel_floats(p, g)
+           + 2 * T * T                                // S / P, column P tiles
+           + (kPairs ? T * T / 2 + T * T / 2 : 0)     // bf16 P, column P pairs
+           + kStrip                                   // a column strip's maxima
+           + (p.dropout_p > 0.0 ? 2 * (keep_bit_words(T) * (T + 1) + T * T / 64) : 0);  // keep bits: a
+                                                      // row, by query, by key
+  }
+
+  static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
+    const int64_t mirrored = g.mirrored ? mirrored_workspace_floats(p, g) : 0;
     if (g.tiled) {
       return std::max(mirrored, panel_floats(p, g)
              + g.block * kKeyTile                      // score tile
@@ -153,6 +178,55 @@ class ForwardHead : public Head<scalar_t> {
         if (c0 != r0) copy(c0, c1);
         vb_ = {packed, Dv_};
       }
+    }
+  }
+
+  // A mirrored task's panels: query rows [r0, r1) as Qa (times M), keys [c0, c1) as Yt, and the
+  // values of both groups (group_values_ of rows [r0, r1), vb_ of keys [c0, c1)), each addressed
+  // by the rows' own index. On fp32 operands they hold those rows only (a task's two groups are
+  // 2 / groups of the head's rows), with fp32 values copied contiguous as in
+  // pack_values_contiguous; bf16 operand pairs take the head's panels.
+  void pack_mirrored(int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    if constexpr (kPairs) {
+      this->pack_query_key(shared_, r0, r1, c0, c1);
+      pack_values_contiguous(r0, r1, c0, c1);
+      group_values_ = vb_;
+    } else {
+      const bool one_group = r0 == c0;
+      // fp32 rows [i0, i1) of src (width n): the input itself, or widened into the workspace.
+      auto fp32_rows = [&](const typename Base::Rows& src, int64_t n, int64_t i0, int64_t i1) -> Panel {
+        if constexpr (kHalf) {
+          float* buf = ws_.template take<float>((i1 - i0) * n);
+          load_rows(buf, n, src.data + i0 * src.ld, src.ld, i1 - i0, n);
+          return {buf - i0 * n, n};
+        } else {
+          return {src.data, src.ld};
+        }
+      };
+      // Values of rows [i0, i1): contiguous (see pack_values_contiguous).
+      auto values = [&](const Panel& y, int64_t i0, int64_t i1) -> Panel {
+        const Panel v = shared_ ? y : fp32_rows(this->v_rows_, Dv_, i0, i1);
+        if (v.ld == Dv_) return v;
+        float* buf = ws_.template take<float>((i1 - i0) * Dv_);
+        load_rows(buf, Dv_, v.data + i0 * v.ld, v.ld, i1 - i0, Dv_);
+        return {buf - i0 * Dv_, Dv_};
+      };
+      const Panel ya = fp32_rows(this->y_rows_, D_, r0, r1);
+      const Panel yc = one_group ? ya : fp32_rows(this->y_rows_, D_, c0, c1);
+      const int64_t ldt = key_stride(c1 - c0);
+      const Panel yt = this->b_transposed(Base::a_from(yc, c0), c1 - c0, D_, ws_.template take<Word>(D_ * ldt), ldt);
+      this->yt_ = {yt.data - c0, ldt};
+      this->qa_ = ya;
+      if (p_.coef_mode != CoefMode::kNone) {  // diagonal: the mirror needs a symmetric M
+        float* qm = ws_.template take<float>((r1 - r0) * D_);
+        const float* c = p_.coef + this->h_ * D_;
+        for (int64_t i = r0; i < r1; ++i) {
+          for (int64_t d = 0; d < D_; ++d) qm[(i - r0) * D_ + d] = c[d] * ya.data[i * ya.ld + d];
+        }
+        this->qa_ = {qm - r0 * D_, D_};
+      }
+      group_values_ = values(ya, r0, r1);
+      vb_ = one_group ? group_values_ : values(yc, c0, c1);
     }
   }
 
@@ -346,8 +420,7 @@ class ForwardHead : public Head<scalar_t> {
     constexpr int64_t T = kMirrorTile;
     const bool one_group = r0 == c0;
     this->setup_keys();
-    this->pack_query_key(shared_, r0, r1, c0, c1);  // the tiles' keys are rows [c0, c1)
-    pack_values_contiguous(r0, r1, c0, c1);
+    pack_mirrored(r0, r1, c0, c1);  // the tiles' keys are rows [c0, c1)
     start_states(side_a, r1 - r0);
     if (!one_group) start_states(side_b, c1 - c0);
     // The output rows of the states are not zeroed beforehand: the first product into a block of
@@ -395,7 +468,7 @@ class ForwardHead : public Head<scalar_t> {
               pack_bf16_pairs(static_cast<const float*>(pt), T, rows, cols, pt_words, T);
               p_cols = Panel{pt_words, T};
             }
-            gemm<Dot, true>(cols, Dv_, rows, p_cols, Base::b_from(vb_, i0), b.o, Dv_, 1.f, !first);
+            gemm<Dot, true>(cols, Dv_, rows, p_cols, Base::b_from(group_values_, i0), b.o, Dv_, 1.f, !first);
           } else if (first) {
             fill(b.o, cols * Dv_, 0.f);
           }
@@ -564,6 +637,8 @@ class ForwardHead : public Head<scalar_t> {
     const KeepBits bits = this->keep_bits(keep, i, j0, n);
     return exp_sum_store(s, n, m, &bits, prow);
   }
+
+  Panel group_values_;  // a mirrored task's values of its query rows (pack_mirrored)
 };
 
 }  // namespace

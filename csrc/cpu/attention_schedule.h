@@ -614,8 +614,14 @@ void for_each_head(const Params& p) {
     return -1;
   };
   // Inside another parallel region at::parallel_for runs the whole range on one thread.
+  // A call whose tasks are all mirrored sizes each worker's workspace for two row groups alone.
+  int64_t workspace_floats = Task::workspace_floats(p, g);
+  if constexpr (!kBackward) {
+    const bool all_mirrored = std::all_of(pieces.begin(), pieces.end(), [](const Piece& x) { return x.c1 > 0; });
+    if (all_mirrored) workspace_floats = Task::mirrored_workspace_floats(p, g);
+  }
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-    Workspace ws(Workspace::bytes_for(Task::workspace_floats(p, g)));
+    Workspace ws(Workspace::bytes_for(workspace_floats));
     for (int64_t w = w0; w < w1; ++w) {
       const std::vector<int64_t>& list = lists[w];
       auto task = [&](int64_t t) { return Task(p, g, ws, pieces[t].b, pieces[t].h); };
