@@ -219,10 +219,7 @@ class ForwardHead : public Head<scalar_t> {
       this->qa_ = ya;
       if (p_.coef_mode != CoefMode::kNone) {  // diagonal: the mirror needs a symmetric M
         float* qm = ws_.template take<float>((r1 - r0) * D_);
-        const float* c = p_.coef + this->h_ * D_;
-        for (int64_t i = r0; i < r1; ++i) {
-          for (int64_t d = 0; d < D_; ++d) qm[(i - r0) * D_ + d] = c[d] * ya.data[i * ya.ld + d];
-        }
+        this->times_coef(ya.data, ya.ld, r0, r1, qm);
         this->qa_ = {qm - r0 * D_, D_};
       }
       group_values_ = values(ya, r0, r1);

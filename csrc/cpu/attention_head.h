@@ -283,15 +283,7 @@ class Head {
     if (q1 < 0) q1 = L_;
     const int64_t n = q1 - q0;
     float* qm = ws_.take<float>(L_ * D_);
-    if (p_.coef_mode == CoefMode::kFull) {
-      gemm<FloatDot, false>(n, D_, D_, yf_ + q0 * ldyf_, ldyf_, p_.coef + h_ * D_ * D_, D_, qm + q0 * D_, D_, 1.f,
-                            false);
-    } else {
-      const float* c = p_.coef + h_ * D_;
-      for (int64_t i = q0; i < q1; ++i) {
-        for (int64_t d = 0; d < D_; ++d) qm[i * D_ + d] = c[d] * yf_[i * ldyf_ + d];
-      }
-    }
+    times_coef(yf_, ldyf_, q0, q1, qm + q0 * D_);
     qm_ = qm;
     Word* qa_buf = kPairs ? ws_.take<Word>(L_ * words(D_)) : nullptr;
     qa_ = a_from(a_rows(qm_ + q0 * D_, D_, n, D_, kPairs ? qa_buf + q0 * words(D_) : nullptr), -q0);
@@ -388,6 +380,18 @@ class Head {
   bool dropout() const { return keep_rule_.threshold != 0; }
 
  protected:
+  // dst [i1 - i0, D] = rows [i0, i1) of the fp32 rows y (row stride ldy) times this head's M.
+  void times_coef(const float* y, int64_t ldy, int64_t i0, int64_t i1, float* dst) const {
+    if (p_.coef_mode == CoefMode::kFull) {
+      gemm<FloatDot, false>(i1 - i0, D_, D_, y + i0 * ldy, ldy, p_.coef + h_ * D_ * D_, D_, dst, D_, 1.f, false);
+      return;
+    }
+    const float* c = p_.coef + h_ * D_;
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t d = 0; d < D_; ++d) dst[(i - i0) * D_ + d] = c[d] * y[i * ldy + d];
+    }
+  }
+
   // src [m, k] (fp32, or scalar_t) as A rows; fp32 is its own A-rows form, bf16 is packed in buf
   // ([m, words(k)]).
   template <typename T>

@@ -203,11 +203,11 @@ std::vector<int64_t> dealing_order(const std::vector<Piece>& pieces) {
 // (lowest index on ties): longest-processing-time-first, round-robin for equal tasks. Each worker
 // owns its list before any runs, so none ever holds work it will not run next. Returns per
 // worker the indices of its tasks.
-
-std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, int64_t workers) {
+std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, const std::vector<int64_t>& order,
+                                             int64_t workers) {
   std::vector<std::vector<int64_t>> lists(workers);
   std::vector<double> load(workers, 0.0);
-  for (const int64_t t : dealing_order(pieces)) {
+  for (const int64_t t : order) {
     const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
     lists[w].push_back(t);
     load[w] += pieces[t].cost;
@@ -225,10 +225,11 @@ std::vector<std::vector<int64_t>> deal_tasks(const std::vector<Piece>& pieces, i
 // of one per group and task; and no sum depends on the thread count.
 class MirrorFolds {
  public:
-  MirrorFolds(const std::vector<Piece>& pieces, const std::vector<MirrorGroup>& groups, int64_t Dv)
+  MirrorFolds(const std::vector<Piece>& pieces, const std::vector<int64_t>& order,
+              const std::vector<MirrorGroup>& groups, int64_t Dv)
       : groups_(new Group[groups.size()]), position_(pieces.size(), {-1, -1}), Dv_(Dv) {
     for (size_t k = 0; k < groups.size(); ++k) groups_[k].rows = groups[k].r1 - groups[k].r0;
-    for (const int64_t t : dealing_order(pieces)) {
+    for (const int64_t t : order) {
       const Piece& piece = pieces[t];
       if (piece.c1 == 0) continue;
       for (const int side : {0, 1}) {
@@ -581,7 +582,8 @@ void for_each_head(const Params& p) {
   const std::vector<Piece> pieces = plan_tasks(p, g, kBackward, &mirror_groups_of_call);
   const int64_t tasks = static_cast<int64_t>(pieces.size());
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
-  const auto lists = deal_tasks(pieces, workers);
+  const std::vector<int64_t> order = dealing_order(pieces);  // the deal's, and the folds'
+  const auto lists = deal_tasks(pieces, order, workers);
   if (p.schedule != nullptr) {
     p.schedule->tasks.assign(workers, 0);
     p.schedule->rows.assign(workers, 0);
@@ -597,7 +599,7 @@ void for_each_head(const Params& p) {
   if (tasks == 0) return;
   SliceBuffers slices;
   if constexpr (kBackward) slices = SliceBuffers(p, pieces);
-  MirrorFolds folds(pieces, mirror_groups_of_call, p.value_dim);
+  MirrorFolds folds(pieces, order, mirror_groups_of_call, p.value_dim);
   // Each task runs on the worker that claims it first: its own worker in dealt order, or, once
   // a worker has run out of its own, any other whose worker has not reached it yet (taken from
   // the end of that list, where the smallest tasks are). A worker whose thread loses its core

@@ -105,10 +105,10 @@ constexpr int64_t kKeyTile = 256;
 // score tile is multiplied once for both of its query blocks (see run_mirrored). With dropout,
 // the tile read down its columns takes its queries' masks drawn by query and bit-transposed.
 // The head takes as many groups (at most kMirrorGroups) as make about kMirrorTasks tasks in the
-// call; a group folds its tasks' running states in as they finish (MirrorFolds), so a call holds
-// about L * (Dv + 2) floats per head, and at most, were every task to finish ahead of one
-// before it, groups * L * (Dv + 2) more: a call where that would pass kMirrorStateBytes runs
-// unmirrored. On AMX tiles it does not pay: there the products are about half the forward's
+// call; a group folds its tasks' running states in as they finish and a head's tasks are dealt
+// together (MirrorFolds), so a call holds L * (Dv + 2) floats for each head being run, and at
+// most, were every task to finish ahead of one before it, groups * L * (Dv + 2) per head: a call
+// where that would pass kMirrorStateBytes runs unmirrored. On AMX tiles it does not pay: there the products are about half the forward's
 // time, and merging those states and packing per task cost as much as the quarter of them the
 // mirror saves, even with the column side's product taken transposed (O_J^T += V_I^T P_IJ, the
 // probabilities the B operand as computed down the tile), which needs no transpose of them.
