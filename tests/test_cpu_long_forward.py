@@ -193,9 +193,9 @@ def test_long_forward_dropout_matches_reference(S, causal, kind):
         assert_close(a, b, atol=2e-4, rtol=2e-4, name=name)
 
 
-# Causal heads: a task packs only the rows and keys up to its last query row, and a call with
-# many heads cuts each into slices of several query blocks (1025 tokens, 16 heads: 3 slices of
-# up to 384 rows), one key panel for all of a slice's blocks.
+# Causal heads: a task reads only the keys up to its last query row, and a call with many heads
+# cuts each into slices of several query blocks (1025 tokens, 16 heads: 3 slices of up to 384
+# rows), each key tile packed once for all of a slice's blocks.
 CAUSAL_SLICES = {
     "fp32-v-diag-tail-noself": (dict(shared=False, coef_mode="diag"), torch.float32, "tail", dict(exclude_self=True)),
     "bf16-shared-tail": (dict(), torch.bfloat16, "tail", dict()),
@@ -218,6 +218,35 @@ def test_causal_heads_take_slices_of_blocks(case):
     for threads in (2, 3):
         for a, b in zip(results[1], results[threads]):
             assert torch.equal(a, b), threads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_causal_whole_head_tasks_go_in_chunks(dtype):
+    """64 causal heads: each task takes a whole head of 1025 rows, which goes in chunks of 512,
+    512 and 1 rows, each packing the key tiles it reads and keeping its rows' running states."""
+    S, B, H = 1025, 2, 32
+    inputs = growing(make_inputs(B=B, S=S, H=H, D=16, Dv=8, shared=False), S)
+    kw = dict(causal=True, key_padding_mask=padding(S, "tail"))
+    results = {threads: with_threads(threads, lambda: forward(cpu, inputs, dtype, **kw)) for threads in (1, 2)}
+    assert cpu_backend.last_schedule(False)[:, 0].sum().item() == B * H
+    want, want_lowp = forward(reference, inputs, F64, **kw), forward(reference, inputs, dtype, **kw)
+    for name, a, r64, rl in zip(["out", "lse"], results[1], want, want_lowp):
+        assert_flash_rule(name, a, r64, rl, ATOL[dtype])
+    for a, b in zip(results[1], results[2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("coef_mode", ["none", "full"])
+def test_tiled_forward_packs_one_key_tile_at_a_time(coef_mode):
+    """The forward of heads that do not mirror (causal here, or a full coefficient) holds one key
+    tile's panels and a chunk's states: the output and lse, and about 0.6 MiB, within 1.5 copies
+    of the input at 8192 tokens (1.2 and 1.3; panels of the whole head's keys and values took 3.1
+    and 4.1)."""
+    y = torch.randn(1, 8192, 1, 64)
+    coef = torch.randn(1, 64, 64) * 0.1 if coef_mode == "full" else None
+    peak = peak_allocated_bytes(lambda: sk.symmetric_attention(y, coef=coef, causal=coef is None, backend="cpu"),
+                                threads=1)
+    assert peak <= 1.5 * y.numel() * 4, f"forward peak {peak / 2**20:.2f} MiB"
 
 
 BIT_EQUAL = {

@@ -44,6 +44,18 @@ class ForwardHead : public Head<scalar_t> {
     return Base::panel_floats(p, g, false) + (!kPairs && !kHalf ? g.L * p.value_dim : 0);
   }
 
+  // What the row-range packers take on fp32 operands (pack_query_rows, fp32_rows, pack_key_rows,
+  // contiguous_values): q query rows, k keys, and the values of v rows.
+  static int64_t row_panel_floats(const ForwardParams& p, const Geometry& g, int64_t q, int64_t k, int64_t v) {
+    const int64_t D = p.head_dim, Dv = p.value_dim;
+    const bool shared = p.v.data == nullptr;
+    return (p.key_padding_mask != nullptr ? g.ldk + g.L + 1 : 0)  // key bias, prefix counts
+           + (kHalf ? (q + k) * D : 0)                             // fp32 rows of queries and keys
+           + D * (round_up(k, kVec) + kVec)                        // Yt of the keys
+           + (p.coef_mode != CoefMode::kNone ? q * D : 0)          // Y M of the queries
+           + (shared && kHalf ? 0 : v * Dv);                       // values, widened or contiguous
+  }
+
   // What pack_mirrored takes: on fp32 operands the panels of a task's two row groups only (of
   // at most G rows each, the longest group of the call's mirrored heads), else the head's.
   static int64_t mirrored_panel_floats(const ForwardParams& p, const Geometry& g) {
@@ -55,14 +67,25 @@ class ForwardHead : public Head<scalar_t> {
         const int64_t L = p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
         if (L > 0) G = std::max(G, mirror_group_rows(L, mirror_groups(L, p.batch * p.heads)));
       }
-      const int64_t D = p.head_dim, Dv = p.value_dim;
-      const bool shared = p.v.data == nullptr;
-      return (p.key_padding_mask != nullptr ? g.ldk + g.L + 1 : 0)  // key bias, prefix counts
-             + (kHalf ? 2 * G * D : 0)                               // fp32 rows of both groups
-             + D * (round_up(G, kVec) + kVec)                        // Yt of the keys' group
-             + (p.coef_mode != CoefMode::kNone ? G * D : 0)          // Y M of the query group
-             + (shared && kHalf ? 0 : 2 * G * Dv);                   // both groups' values
+      return row_panel_floats(p, g, G, G, 2 * G);
     }
+  }
+
+  // Query rows per chunk of run_tiled: whole query blocks, at most kMaxTaskRows.
+  static int64_t tiled_chunk_rows(const Geometry& g) {
+    return std::min(round_up(kMaxTaskRows, g.block), round_up(g.L, g.block));
+  }
+
+  // What run_tiled takes: a chunk's query panels and states and one key tile's panels on fp32
+  // operands; bf16 operand pairs take the head's panels.
+  static int64_t tiled_workspace_floats(const ForwardParams& p, const Geometry& g) {
+    const int64_t chunk = tiled_chunk_rows(g);
+    return (kPairs ? Base::panel_floats(p, g, false) : row_panel_floats(p, g, chunk, kKeyTile, kKeyTile))
+           + g.block * kKeyTile                      // score tile
+           + (kPairs ? g.block * kKeyTile / 2 : 0)   // P tile as bf16 A rows
+           + chunk * p.value_dim                     // the chunk's output rows
+           + 2 * chunk                               // their running max and sum
+           + (p.dropout_p > 0.0 ? 2 * keep_bit_words(kKeyTile) : 0);  // keep bits of a tile row
   }
 
   // What run_mirrored takes: enough for a call whose tasks are all mirrored.
@@ -78,14 +101,7 @@ class ForwardHead : public Head<scalar_t> {
 
   static int64_t workspace_floats(const ForwardParams& p, const Geometry& g) {
     const int64_t mirrored = g.mirrored ? mirrored_workspace_floats(p, g) : 0;
-    if (g.tiled) {
-      return std::max(mirrored, panel_floats(p, g)
-             + g.block * kKeyTile                      // score tile
-             + (kPairs ? g.block * kKeyTile / 2 : 0)   // P tile as bf16 A rows
-             + g.block * p.value_dim                   // output block
-             + 2 * g.block                             // running row max and sum
-             + (p.dropout_p > 0.0 ? 2 * keep_bit_words(kKeyTile) : 0));  // keep bits of a tile row
-    }
+    if (g.tiled) return std::max(mirrored, tiled_workspace_floats(p, g));
     return panel_floats(p, g)
            + g.block * g.ldk                      // score block
            + (g.symmetric && !kPairs ? g.L * kSymTile + 2 * kSymTile : 0)  // run_symmetric's P^T, sums
@@ -193,38 +209,54 @@ class ForwardHead : public Head<scalar_t> {
       group_values_ = vb_;
     } else {
       const bool one_group = r0 == c0;
-      // fp32 rows [i0, i1) of src (width n): the input itself, or widened into the workspace.
-      auto fp32_rows = [&](const typename Base::Rows& src, int64_t n, int64_t i0, int64_t i1) -> Panel {
-        if constexpr (kHalf) {
-          float* buf = ws_.template take<float>((i1 - i0) * n);
-          load_rows(buf, n, src.data + i0 * src.ld, src.ld, i1 - i0, n);
-          return {buf - i0 * n, n};
-        } else {
-          return {src.data, src.ld};
-        }
-      };
-      // Values of rows [i0, i1): contiguous (see pack_values_contiguous).
-      auto values = [&](const Panel& y, int64_t i0, int64_t i1) -> Panel {
-        const Panel v = shared_ ? y : fp32_rows(this->v_rows_, Dv_, i0, i1);
-        if (v.ld == Dv_) return v;
-        float* buf = ws_.template take<float>((i1 - i0) * Dv_);
-        load_rows(buf, Dv_, v.data + i0 * v.ld, v.ld, i1 - i0, Dv_);
-        return {buf - i0 * Dv_, Dv_};
-      };
-      const Panel ya = fp32_rows(this->y_rows_, D_, r0, r1);
+      const Panel ya = pack_query_rows(r0, r1);  // M is diagonal: the mirror needs a symmetric one
       const Panel yc = one_group ? ya : fp32_rows(this->y_rows_, D_, c0, c1);
-      const int64_t ldt = key_stride(c1 - c0);
-      const Panel yt = this->b_transposed(Base::a_from(yc, c0), c1 - c0, D_, ws_.template take<Word>(D_ * ldt), ldt);
-      this->yt_ = {yt.data - c0, ldt};
-      this->qa_ = ya;
-      if (p_.coef_mode != CoefMode::kNone) {  // diagonal: the mirror needs a symmetric M
-        float* qm = ws_.template take<float>((r1 - r0) * D_);
-        this->times_coef(ya.data, ya.ld, r0, r1, qm);
-        this->qa_ = {qm - r0 * D_, D_};
-      }
-      group_values_ = values(ya, r0, r1);
-      vb_ = one_group ? group_values_ : values(yc, c0, c1);
+      pack_key_rows(yc, c0, c1);
+      group_values_ = contiguous_values(ya, r0, r1);
+      vb_ = one_group ? group_values_ : contiguous_values(yc, c0, c1);
     }
+  }
+
+  // Packers of row ranges for fp32 operands (pack_mirrored, run_tiled); each panel is addressed
+  // by the rows' own index and sized by row_panel_floats.
+
+  // fp32 rows [i0, i1) of src (width n): the input itself, or widened into the workspace.
+  Panel fp32_rows(const typename Base::Rows& src, int64_t n, int64_t i0, int64_t i1) {
+    if constexpr (kHalf) {
+      float* buf = ws_.template take<float>((i1 - i0) * n);
+      load_rows(buf, n, src.data + i0 * src.ld, src.ld, i1 - i0, n);
+      return {buf - i0 * n, n};
+    } else {
+      return {src.data, src.ld};
+    }
+  }
+
+  // Query rows [r0, r1) as the score products' A rows qa_ (times M); returns their fp32 rows.
+  Panel pack_query_rows(int64_t r0, int64_t r1) {
+    const Panel y = fp32_rows(this->y_rows_, D_, r0, r1);
+    this->qa_ = y;
+    if (p_.coef_mode != CoefMode::kNone) {
+      float* qm = ws_.template take<float>((r1 - r0) * D_);
+      this->times_coef(y.data, y.ld, r0, r1, qm);
+      this->qa_ = {qm - r0 * D_, D_};
+    }
+    return y;
+  }
+
+  // Keys [c0, c1) of the fp32 rows y as the score products' B panel yt_ (Y^T of its own width).
+  void pack_key_rows(const Panel& y, int64_t c0, int64_t c1) {
+    const int64_t ldt = key_stride(c1 - c0);
+    const Panel yt = this->b_transposed(Base::a_from(y, c0), c1 - c0, D_, ws_.template take<Word>(D_ * ldt), ldt);
+    this->yt_ = {yt.data - c0, ldt};
+  }
+
+  // Values of rows [i0, i1) (y's fp32 rows in shared mode), contiguous: see pack_values_contiguous.
+  Panel contiguous_values(const Panel& y, int64_t i0, int64_t i1) {
+    const Panel v = shared_ ? y : fp32_rows(this->v_rows_, Dv_, i0, i1);
+    if (v.ld == Dv_) return v;
+    float* buf = ws_.template take<float>((i1 - i0) * Dv_);
+    load_rows(buf, Dv_, v.data + i0 * v.ld, v.ld, i1 - i0, Dv_);
+    return {buf - i0 * Dv_, Dv_};
   }
 
   // Whether this head (after setup_keys) takes run_symmetric: the whole-head symmetric schedule
@@ -357,12 +389,20 @@ class ForwardHead : public Head<scalar_t> {
   }
 
   // Query blocks against key tiles: each tile's scores update the rows' running max m and sum l,
-  // the output block is rescaled by exp(m_old - m_new) where a row's max grows, then gains P V.
+  // the output rows are rescaled by exp(m_old - m_new) where a row's max grows, then gain P V.
+  // The task's rows go in chunks of up to tiled_chunk_rows, and within a chunk key tiles go outer
+  // and query blocks inner: on fp32 operands a chunk packs each key tile (Y^T and contiguous
+  // values) once for all its blocks, so a worker holds one tile's panels and one chunk's states,
+  // never the head's keys. Each row still meets its key tiles in order.
   void run_tiled(int64_t r0, int64_t r1) {
     this->setup_keys();
-    // Keys up to the last one any of the rows attends (a causal task's stop at its last row).
-    this->pack_query_key(shared_, r0, r1, 0, this->block_keys(r0, r1 - r0));
-    pack_values_contiguous();
+    if constexpr (kPairs) {
+      // bf16 operand pairs keep the head's panels (see pack_mirrored): keys up to the last one
+      // any of the rows attends (a causal task's stop at its last row).
+      this->pack_query_key(shared_, r0, r1, 0, this->block_keys(r0, r1 - r0));
+      this->pack_values();
+    }
+    const int64_t chunk = tiled_chunk_rows(g_);
     float* s = ws_.template take<float>(g_.block * kKeyTile);
     Word* probs = nullptr;
     int64_t ldp = kKeyTile;
@@ -372,37 +412,52 @@ class ForwardHead : public Head<scalar_t> {
     } else {
       probs = s;
     }
-    float* o = ws_.template take<float>(g_.block * Dv_);
-    float* m = ws_.template take<float>(g_.block);
-    float* l = ws_.template take<float>(g_.block);
+    float* o = ws_.template take<float>(chunk * Dv_);
+    float* m = ws_.template take<float>(chunk);
+    float* l = ws_.template take<float>(chunk);
     uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(keep_bit_words(kKeyTile)) : nullptr;
     const float scale = static_cast<float>(p_.scale);
-    for (int64_t i0 = r0; i0 < r1; i0 += g_.block) {
-      const int64_t rows = std::min(g_.block, r1 - i0);
-      const int64_t kend = this->block_keys(i0, rows);
-      fill(o, rows * Dv_, 0.f);
-      fill(m, rows, kNegInf);
-      fill(l, rows, 0.f);
+    for (int64_t q0 = r0; q0 < r1; q0 += chunk) {
+      const int64_t q1 = std::min(r1, q0 + chunk), kend = this->block_keys(q0, q1 - q0);
+      const size_t chunk_panels = ws_.mark();
+      if constexpr (!kPairs) pack_query_rows(q0, q1);
+      fill(o, (q1 - q0) * Dv_, 0.f);
+      fill(m, q1 - q0, kNegInf);
+      fill(l, q1 - q0, 0.f);
       for (int64_t j0 = 0; j0 < kend; j0 += kKeyTile) {
-        const int64_t cols = std::min(kKeyTile, kend - j0);
-        Band score_band, pv_band;
-        if (p_.causal) {
-          score_band.n_hi = i0 - j0;
-          pv_band.k_hi = i0 - j0;
+        const int64_t j1 = std::min(kend, j0 + kKeyTile);
+        const size_t tile_panels = ws_.mark();
+        if constexpr (!kPairs) {
+          const Panel yk = fp32_rows(this->y_rows_, D_, j0, j1);
+          pack_key_rows(yk, j0, j1);
+          vb_ = contiguous_values(yk, j0, j1);
         }
-        gemm<Dot, false>(rows, cols, D_, Base::a_from(this->qa_, i0), Panel{this->yt_.data + j0, this->yt_.ld}, s,
-                         kKeyTile, scale, false, score_band);
-        for (int64_t r = 0; r < rows; ++r) {
-          online_row(s + r * kKeyTile, i0 + r, j0, cols, m[r], l[r], o + r * Dv_, probs + r * ldp, keep);
+        for (int64_t i0 = q0; i0 < q1; i0 += g_.block) {
+          const int64_t rows = std::min(g_.block, q1 - i0);
+          const int64_t cols = std::min(j1, this->block_keys(i0, rows)) - j0;
+          if (cols <= 0) continue;  // a causal block whose keys end before the tile
+          Band score_band, pv_band;
+          if (p_.causal) {
+            score_band.n_hi = i0 - j0;
+            pv_band.k_hi = i0 - j0;
+          }
+          gemm<Dot, false>(rows, cols, D_, Base::a_from(this->qa_, i0), Panel{this->yt_.data + j0, this->yt_.ld}, s,
+                           kKeyTile, scale, false, score_band);
+          const RowState x = RowState{o, m, l}.from(i0 - q0, Dv_);
+          for (int64_t r = 0; r < rows; ++r) {
+            online_row(s + r * kKeyTile, i0 + r, j0, cols, x.m[r], x.l[r], x.o + r * Dv_, probs + r * ldp, keep);
+          }
+          gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), x.o, Dv_, 1.f, true, pv_band);
         }
-        gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), o, Dv_, 1.f, true, pv_band);
+        ws_.rewind(tile_panels);
       }
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = 0; r < q1 - q0; ++r) {
         const bool empty = m[r] == kNegInf;
-        *this->lse_ptr(i0 + r) = empty ? kNegInf : exp2_lse(m[r], l[r]);
+        *this->lse_ptr(q0 + r) = empty ? kNegInf : exp2_lse(m[r], l[r]);
         scale_inplace(o + r * Dv_, Dv_, empty ? 0.f : 1.f / l[r]);
-        store_row(this->row_ptr(p_.out, i0 + r), o + r * Dv_, Dv_);
+        store_row(this->row_ptr(p_.out, q0 + r), o + r * Dv_, Dv_);
       }
+      ws_.rewind(chunk_panels);
     }
   }
 

@@ -13,6 +13,10 @@ class Workspace {
  public:
   explicit Workspace(size_t bytes) : data_(c10::GetCPUAllocator()->allocate(bytes)), size_(bytes) {}
   void reset() { used_ = 0; }
+  // What take() has handed out so far, and a return to that point: a loop that packs the same
+  // panels for each tile takes them anew per tile and rewinds after it.
+  size_t mark() const { return used_; }
+  void rewind(size_t mark) { used_ = mark; }
   template <typename T>
   T* take(int64_t count) {
     constexpr size_t kAlign = 64;

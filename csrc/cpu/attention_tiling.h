@@ -95,8 +95,9 @@ constexpr int64_t kCausalTasks = 64;
 // Square tile of the symmetric score product and of its mirror.
 constexpr int64_t kSymTile = 64;
 // Longer heads run the forward flash-style: query blocks of kQueryTile rows
-// against key tiles of kKeyTile keys, the row max and sum updated online, so that a task's
-// scores, output block and current key/value tile stay in a core's L2 at any length.
+// against key tiles of kKeyTile keys, the row max and sum updated online, a task's rows in chunks
+// of up to kMaxTaskRows that pack each key tile once, so that a worker's scores, output rows and
+// current key/value tile stay in a core's L2 at any length.
 constexpr int64_t kQueryTile = 128;
 constexpr int64_t kKeyTile = 256;
 // Where their scores are symmetric (M none or diagonal, not causal; not on AMX tiles) the
