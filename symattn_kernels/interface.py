@@ -197,10 +197,16 @@ def symmetric_attention_varlen(
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     if cu_seqlens.device.type == "cpu":  # checking values on CUDA would synchronise
         lengths = cu_seqlens.diff()
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0] or bool((lengths < 0).any()):
-            raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]}, got {cu_seqlens.tolist()}")
-        if int(lengths.max()) > max_seqlen:
-            raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
+        if torch.compiler.is_compiling():
+            # The values are not known while tracing: the compiled graph checks them when it runs.
+            torch._assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == q.shape[0]) & (lengths >= 0).all()
+                                & (lengths.max() <= max_seqlen),
+                                "cu_seqlens must rise from 0 to total, with no sequence longer than max_seqlen")
+        else:
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0] or bool((lengths < 0).any()):
+                raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]}, got {cu_seqlens.tolist()}")
+            if int(lengths.max()) > max_seqlen:
+                raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
     # No sequence is longer than all tokens together: grids and buffers sized by the bound never
     # exceed the real work, however loose the bound.
     return _attention(q, v, cu_seqlens, torch.sym_min(max_seqlen, q.shape[0]), coef, scale, causal, None, dropout_p,

@@ -241,7 +241,7 @@ class StandardSelfAttention(nn.Module):
             keys = key_padding_mask(attention_mask, batch, seqlen)
             mask = None if keys is None else keys[:, None, None, :]
         if mask is not None and self.causal:
-            mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=keys.device).tril()
+            mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=mask.device).tril()
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and mask is None,

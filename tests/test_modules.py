@@ -99,6 +99,22 @@ def test_every_mask_form_is_the_same_key_padding():
         key_padding_mask(mask[:, :-1], batch, seqlen)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_module_takes_4d_masks(kind):
+    module = _module(kind, causal=True).double()
+    x, mask = _padded_batch()
+    batch, seqlen = mask.shape
+    additive = torch.zeros(batch, 1, seqlen, seqlen, dtype=x.dtype).masked_fill(
+        ~mask[:, None, None, :], torch.finfo(x.dtype).min)
+    forms = {"4d bool": mask[:, None, None, :].expand(batch, 1, seqlen, seqlen), "4d additive": additive}
+    with torch.no_grad():
+        expected = _expected(module, x, mask, causal=True)
+        for name, form in forms.items():
+            actual = module(x, form)
+            real = mask[..., None].expand_as(actual)
+            assert_close(actual[real], expected[real], atol=1e-10, name=f"{kind} causal, {name} mask")
+
+
 @pytest.mark.parametrize("kind", ["symmetric", "diag", "full", "shared"])
 def test_gradients_reach_every_parameter(kind):
     module = _module(kind, dropout=0.1).train()

@@ -186,7 +186,7 @@ def test_lama_nan_normaliser_propagates(backend, where):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e10], ids=["nan", "inf", "huge"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "v"])
 @pytest.mark.parametrize("padded", [1, 4], ids=["one-padded", "most-padded"])
 def test_padded_garbage_never_reaches_real_rows(backend, poison, shared, padded):
@@ -206,6 +206,28 @@ def test_padded_garbage_never_reaches_real_rows(backend, poison, shared, padded)
     grads = torch.autograd.grad((out * mask[..., None, None]).sum(), [t for t in (q, v) if t is not None])
     for g in grads:
         assert torch.isfinite(g[mask]).all(), "padding garbage reached the gradients of real tokens"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S,causal,coef", [(5, False, None), (300, False, "diag"), (700, False, None),
+                                           (700, True, None), (700, False, "full")])
+def test_huge_scores_keep_their_softmax(backend, S, causal, coef):
+    """Scores near 1e10 are finite in fp32: each row's softmax is one-hot on its own token (unit
+    vectors), at every length and schedule (whole head, mirrored, tiled, causal). The kernels' row
+    shift must stay exact there (a shift rounded on its own overflowed 2^y: NaN or -inf lse)."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(2, S, 2, 8), dim=-1).requires_grad_()
+    v = torch.randn(2, S, 2, 4, requires_grad=True)
+    coef = {None: None, "diag": torch.ones(2, 8), "full": torch.eye(8).expand(2, 8, 8)}[coef]
+    out, lse = sk.symmetric_attention(q, v, coef=coef, scale=1e10, causal=causal, return_lse=True, backend=backend)
+    ref_out, ref_lse = R.symmetric_attention(q.double(), v.double(), coef=None if coef is None else coef.double(),
+                                             scale=1e10, causal=causal, return_lse=True)
+    assert_close(out, ref_out, atol=1e-6, name="out")
+    assert_close(lse, ref_lse, atol=0, rtol=1e-6, name="lse")
+    dq, dv = torch.autograd.grad(out.sum(), [q, v])
+    assert torch.isfinite(dq).all() and torch.isfinite(dv).all()
+    # One-hot rows: dv is each token's own output gradient.
+    assert_close(dv, torch.ones_like(dv), atol=1e-6, name="dv")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -15,7 +15,7 @@ void fold_state(const RowState& acc, const RowState& part, int64_t rows, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     const float m = max_nan(acc.m[r], part.m[r]);
     if (m == kNegInf) continue;  // neither has met a key yet
-    const float wa = exp2_rescale(acc.m[r], m), wp = exp2_rescale(part.m[r], m);
+    const float wa = rescale_factor(acc.m[r], m), wp = rescale_factor(part.m[r], m);
     acc.l[r] = wa * acc.l[r] + wp * part.l[r];
     acc.m[r] = m;
     const Vec vwa(wa), vwp(wp);
@@ -308,7 +308,7 @@ class ForwardHead : public Head<scalar_t> {
       gemm<Dot, false>(rows, Dv_, iend, Panel{s + i0 * ld, ld}, v, dst, ldo, 1.f, false);
       if (iend < L_) gemm<Dot, true>(rows, Dv_, L_ - iend, Panel{pt, T}, Base::b_from(v, iend), dst, ldo, 1.f, true);
       for (int64_t r = 0; r < rows; ++r) {
-        *this->lse_ptr(i0 + r) = empty[r] ? kNegInf : exp2_lse(shift[r], sum[r]);
+        *this->lse_ptr(i0 + r) = empty[r] ? kNegInf : row_lse(shift[r], sum[r]);
         scale_inplace(dst + r * ldo, Dv_, empty[r] ? 0.f : 1.f / sum[r]);
         if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ldo, Dv_);
       }
@@ -359,7 +359,7 @@ class ForwardHead : public Head<scalar_t> {
                   float* sum) const {
     Vec m[kTileVecs], acc[kTileVecs];
     SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
-      m[v] = lanes<kTail>(cols, v) > 0 ? neg_exp2_shift(Vec::loadu(shift + v * kVec, lanes<kTail>(cols, v))) : Vec(0.f);
+      m[v] = lanes<kTail>(cols, v) > 0 ? Vec::loadu(shift + v * kVec, lanes<kTail>(cols, v)) : Vec(0.f);
       acc[v] = Vec(0.f);
     }
     for (int64_t j = j0; j < L_; ++j) {
@@ -453,7 +453,7 @@ class ForwardHead : public Head<scalar_t> {
       }
       for (int64_t r = 0; r < q1 - q0; ++r) {
         const bool empty = m[r] == kNegInf;
-        *this->lse_ptr(q0 + r) = empty ? kNegInf : exp2_lse(m[r], l[r]);
+        *this->lse_ptr(q0 + r) = empty ? kNegInf : row_lse(m[r], l[r]);
         scale_inplace(o + r * Dv_, Dv_, empty ? 0.f : 1.f / l[r]);
         store_row(this->row_ptr(p_.out, q0 + r), o + r * Dv_, Dv_);
       }
@@ -545,7 +545,7 @@ class ForwardHead : public Head<scalar_t> {
       } else {
         scale_inplace(o, Dv_, 1.f / acc.l[r]);
       }
-      *this->lse_ptr(r0 + r) = empty ? kNegInf : exp2_lse(acc.m[r], acc.l[r]);
+      *this->lse_ptr(r0 + r) = empty ? kNegInf : row_lse(acc.m[r], acc.l[r]);
       store_row(this->row_ptr(p_.out, r0 + r), o, Dv_);
     }
   }
@@ -611,7 +611,7 @@ class ForwardHead : public Head<scalar_t> {
     for (int64_t c = 0; c < width; ++c) {
       const float m_new = max_nan(b.m[c], cmax[c]);
       if (m_new > b.m[c] && b.m[c] != kNegInf) {
-        const float shrink = exp2_rescale(b.m[c], m_new);
+        const float shrink = rescale_factor(b.m[c], m_new);
         b.l[c] *= shrink;
         scale_inplace(b.o + c * Dv_, Dv_, shrink);
       }
@@ -619,7 +619,7 @@ class ForwardHead : public Head<scalar_t> {
     }
     Vec m[kStripVecs];
     for (int v = 0; v < kStripVecs; ++v) {
-      m[v] = neg_exp2_shift(load(b.m + v * kVec, v));
+      m[v] = load(b.m + v * kVec, v);
       acc[v] = Vec(0.f);
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -652,7 +652,7 @@ class ForwardHead : public Head<scalar_t> {
       const float m_new = max_nan(m, row_max(s, n));
       if (m_new != kNegInf) {
         if (m_new > m && m != kNegInf) {
-          const float shrink = exp2_rescale(m, m_new);
+          const float shrink = rescale_factor(m, m_new);
           l *= shrink;
           scale_inplace(o, Dv_, shrink);
         }
@@ -677,7 +677,7 @@ class ForwardHead : public Head<scalar_t> {
       return 0.f;
     }
     const float sum = exp_row(s, i, 0, n, m, keep, prow);
-    *this->lse_ptr(i) = exp2_lse(m, sum);
+    *this->lse_ptr(i) = row_lse(m, sum);
     zero_elems(prow, n, kend);
     return 1.f / sum;
   }

@@ -63,46 +63,43 @@ inline Vec exp_vec(const Vec& x) {
 }
 #endif
 
-// The forward's exponentials are taken in base 2: exp(s - m) = 2^y with y = s log2(e) - exp2_shift(m)
-// from two FMAs per score (exp2_arg), after which the reduction y = n + r, n = rint(y), needs no
-// Cody-Waite step: r = y - n is exact. The shift is rounded once per row max, which scales all of
-// that max's exponentials alike, so lse and the rescales of a running sum take the same rounded
-// shift (exp2_lse, exp2_rescale) and stay exact to it.
-inline float exp2_shift(float m) { return m * kLog2e; }
-// -exp2_shift of each lane's max, exp2_arg's second argument (m * -log2(e) rounds exactly as
-// -(m * log2(e)), so every lane takes the same shift as the scalar rows).
-inline Vec neg_exp2_shift(const Vec& m) { return m * Vec(-kLog2e); }
-
-// y for the scores x and a row's negated shift neg_shift = -exp2_shift(m), in each lane. log2(e)
-// in two parts: kLog2e alone (1.3e-8 relative below it) would take every exponential at a
-// temperature off by that much, exp(s (1 - 1.3e-8)), and the backward's P = exp(s - lse) would
-// then sum to 1 - 1.3e-8 times the row's mean score, a bias shared by all of a head's gradient
-// terms (measured: dcoef's error rose from 0.6 to 1.1 of flash-attn's bound at 512 tokens).
+// The forward's exponentials are taken in base 2: exp(s - m) = 2^y with y = (s - m) log2(e)
+// (exp2_arg), after which the reduction y = n + r, n = rint(y), needs no Cody-Waite step: r = y - n
+// is exact. The difference comes first, so the row's max gives y = 0 exactly and no y exceeds 0
+// at any magnitude of the scores. (Taking y = s log2(e) - m log2(e) in one FMA saves an operation,
+// but the shift m log2(e), rounded on its own, is off by up to half its ulp, which passes 2^7 for
+// scores near 1.5e9: 2^y then overflowed to inf, or the whole row flushed to 0.)
+//
+// y for the scores x and their row's max m, in each lane. log2(e) in two parts: kLog2e alone
+// (1.3e-8 relative below it) would take every exponential at a temperature off by that much, and
+// the backward's P = exp(s - lse) would then sum to 1 - 1.3e-8 times the row's mean score, a bias
+// shared by all of a head's gradient terms (measured: dcoef's error rose from 0.6 to 1.1 of
+// flash-attn's bound at 512 tokens).
 constexpr float kLog2eLo = 1.925963e-8f;  // log2(e) - kLog2e
-inline Vec exp2_arg(const Vec& x, const Vec& neg_shift) {
-  return at::vec::fmadd(x, Vec(kLog2eLo), at::vec::fmadd(x, Vec(kLog2e), neg_shift));
+inline Vec exp2_arg(const Vec& x, const Vec& m) {
+  const Vec d = x - m;
+  return at::vec::fmadd(d, Vec(kLog2e), d * Vec(kLog2eLo));
 }
 
-// lse of a row whose exponentials of max m sum to sum: the rounded shift in natural units, plus log.
-inline float exp2_lse(float m, float sum) {
-  constexpr double kLn2 = 0.693147180559945309;  // ln 2: the shift back from log2 units
-  return static_cast<float>(static_cast<double>(exp2_shift(m)) * kLn2 + std::log(static_cast<double>(sum)));
+// lse of a row whose exponentials of max m sum to sum.
+inline float row_lse(float m, float sum) {
+  return static_cast<float>(static_cast<double>(m) + std::log(static_cast<double>(sum)));
 }
 
-// exp(m_old - m_new) for a running sum whose max grows, in the rounded shifts of both maxima.
-inline float exp2_rescale(float m_old, float m_new) {
-  return static_cast<float>(std::exp2(static_cast<double>(exp2_shift(m_old)) - exp2_shift(m_new)));
+// exp(m_old - m_new) for a running sum whose max grows.
+inline float rescale_factor(float m_old, float m_new) {
+  return static_cast<float>(std::exp(static_cast<double>(m_old) - m_new));
 }
 
-// 2^y for y = exp2_arg(..) (at most 0 up to rounding, under 128 in any case), within 1 ulp of the
-// correctly rounded result (0.80 ulp at most, measured against double for every float in
-// [-125, 0]): n = rint(y) from the shifter, r = y - n, and 2^r = 1 + r q(r) with q a degree-5
-// minimax fit of (2^r - 1) / r on |r| <= 1/2 (its linear coefficient, ln 2, rounded first and the
-// rest fitted to it). Results under 2^-125 flush to zero, so 2^-inf = 0 exactly and no denormal
-// reaches the products; NaN stays NaN. On AVX2, 15 vector operations per 8 scores (exp2_arg's FMAs
-// included) to 18 for exp_vec(x - m): no clamps, no Cody-Waite step, the exponent bias folded into
-// the shifter; an isolated loop of a row's exponential pass (load, exponential, sum, store) took
-// 0.77 of its time (0.83 for exp_vec without its clamps, the same operation count).
+// 2^y for y = exp2_arg(..) (at most 0), within 1 ulp of the correctly rounded result (0.80 ulp
+// at most, measured against double for every float in [-125, 0]): n = rint(y) from the shifter,
+// r = y - n, and 2^r = 1 + r q(r) with q a degree-5 minimax fit of (2^r - 1) / r on |r| <= 1/2 (its
+// linear coefficient, ln 2, rounded first and the rest fitted to it). Results under 2^-125 flush
+// to zero, so 2^-inf = 0 exactly and no denormal reaches the products; NaN stays NaN. On AVX2, 16
+// vector operations per 8 scores (exp2_arg's three included) to 18 for exp_vec(x - m): no clamps,
+// no Cody-Waite step, the exponent bias folded into the shifter. An isolated loop of a row's
+// exponential pass (load, exponential, sum, store) took 0.77 of exp_vec's time with the argument
+// in two FMAs, before it became a difference (0.83 for exp_vec without its clamps).
 constexpr float kExp2Flush = -125.f;  // 2^-125 > FLT_MIN, and 2^n stays normal for n >= -126
 
 inline Vec exp2_poly(const Vec& r) {
@@ -197,7 +194,7 @@ inline Vec exp2_for_bf16(const Vec& x) {
 
 // dst[j] = exp(x[j] - shift) in base 2 (2^exp2_arg), times the dropout multiplier where keep is
 // given, for j < n, as fp32 (dst may be x) or bf16; returns the sum of the exponentials, whose lse
-// is exp2_lse(shift, sum). For bf16 (which the products see rounded anyway) the exponentials come
+// is row_lse(shift, sum). For bf16 (which the products see rounded anyway) the exponentials come
 // from exp2_for_bf16.
 template <typename Word>
 float exp_sum_store(const float* x, int64_t n, float shift, const KeepBits* keep, Word* dst) {
@@ -206,12 +203,12 @@ float exp_sum_store(const float* x, int64_t n, float shift, const KeepBits* keep
 #else
   constexpr bool kBase2 = false;
 #endif
-  const Vec neg_shift(-exp2_shift(shift));
+  const Vec vshift(shift);
   auto exp_shifted = [&](const Vec& v) {
 #if defined(SYMATTN_BF16_DOT)
-    if constexpr (kBase2) return exp2_for_bf16(exp2_arg(v, neg_shift));
+    if constexpr (kBase2) return exp2_for_bf16(exp2_arg(v, vshift));
 #endif
-    return exp2_vec(exp2_arg(v, neg_shift));
+    return exp2_vec(exp2_arg(v, vshift));
   };
   Vec acc(0.f);
   int64_t j = 0;

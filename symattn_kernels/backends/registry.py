@@ -90,6 +90,9 @@ def _extension_status(name: str, device: str, build: bool) -> BackendStatus:
     return BackendStatus(name, True, ext.detail, (device,))
 
 
+# A probe imports modules and may compile an extension: under torch.compile it runs at trace time
+# (its result a constant), so that a compiled call may be a process's first call.
+@torch.compiler.assume_constant_result
 def _probe(name: str, build: bool = True) -> BackendStatus:
     if name == "torch":
         return BackendStatus("torch", True, "composite PyTorch, always available", ("cpu", "cuda"))
