@@ -64,7 +64,7 @@ class ForwardHead : public Head<scalar_t> {
     } else {
       int64_t G = 0;
       for (int64_t b = 0; b < (p.cu_seqlens != nullptr ? p.batch : 1); ++b) {
-        const int64_t L = p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
+        const int64_t L = p.length(b);
         if (L > 0) G = std::max(G, mirror_group_rows(L, mirror_groups(L, p.batch * p.heads)));
       }
       return row_panel_floats(p, g, G, G, 2 * G);

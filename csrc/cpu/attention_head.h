@@ -68,7 +68,7 @@ struct Geometry {
   Geometry(const ForwardParams& p, bool backward) {
     L = p.cu_seqlens != nullptr ? 0 : p.seqlen;
     if (p.cu_seqlens != nullptr) {
-      for (int64_t b = 0; b < p.batch; ++b) L = std::max<int64_t>(L, p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
+      for (int64_t b = 0; b < p.batch; ++b) L = std::max(L, p.length(b));
     }
     ldk = key_stride(L);
     tiled = L > kWholeHead && (!backward || p.coef_mode != CoefMode::kFull);
@@ -134,7 +134,7 @@ class Head {
   Head(const ForwardParams& p, const Geometry& g, Workspace& ws, int64_t b, int64_t h)
       : p_(p), g_(g), ws_(ws), b_(b), h_(h) {
     start_ = p.cu_seqlens != nullptr ? p.cu_seqlens[b] : 0;
-    L_ = p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - start_ : p.seqlen;
+    L_ = p.length(b);
     D_ = p.head_dim;
     Dv_ = p.value_dim;
     shared_ = p.v.data == nullptr;

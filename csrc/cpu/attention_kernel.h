@@ -61,7 +61,8 @@
 // attention_gemm.h (operand formats and the micro-kernel), attention_rows.h (exponentials,
 // maxima, dropout bits, transposes), attention_head.h (workspace, Geometry, Head: a head's
 // packed panels), attention_forward.h and attention_backward.h (the two task classes), and
-// attention_schedule.h (planning, dealing and running a call's tasks); this file holds the
+// attention_schedule.h (planning, dealing and running a call's tasks, with in_order.h, the
+// fixed-order fold it shares with the LAMA kernel); this file holds the
 // entry points.
 #pragma once
 

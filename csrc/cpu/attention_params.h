@@ -55,6 +55,9 @@ struct ForwardParams {
   Strided<float> lse; // [B, H, S] or [H, total]: forward writes it, backward reads it
 
   ScheduleStats* schedule = nullptr;  // filled by the kernel when set
+
+  // Tokens of sequence b: its span of cu_seqlens, or S.
+  int64_t length(int64_t b) const { return cu_seqlens != nullptr ? cu_seqlens[b + 1] - cu_seqlens[b] : seqlen; }
 };
 
 struct BackwardParams : ForwardParams {

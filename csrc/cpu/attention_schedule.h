@@ -4,6 +4,7 @@
 
 #include "attention_backward.h"
 #include "attention_forward.h"
+#include "in_order.h"
 
 namespace symattn::cpu {
 namespace CPU_CAPABILITY {
@@ -72,7 +73,7 @@ template <typename Params>
 int64_t mirror_state_floats(const Params& p, const Geometry& g) {
   int64_t total = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
-    const int64_t L = p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
+    const int64_t L = p.length(b);
     if (!mirrors(p, g, b, L)) continue;
     total += p.heads * mirror_groups(L, p.batch * p.heads) * L * (p.value_dim + 2);
   }
@@ -93,15 +94,12 @@ std::vector<Piece> plan_tasks(const Params& p, const Geometry& g, bool backward,
                       mirror_state_floats(p, g) * int64_t{sizeof(float)} <= kMirrorStateBytes;
   std::vector<int64_t> order(p.batch);
   std::iota(order.begin(), order.end(), 0);
-  auto length = [&p](int64_t b) -> int64_t {
-    return p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
-  };
   if (p.cu_seqlens != nullptr) {
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return length(x) > length(y); });
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return p.length(x) > p.length(y); });
   }
   std::vector<Piece> pieces;
   for (const int64_t b : order) {
-    const int64_t L = length(b);
+    const int64_t L = p.length(b);
     if (L == 0) continue;
     int64_t step = g.task_rows;
     if (backward && !g.tiled && L > g.task_rows) {
@@ -235,7 +233,7 @@ class MirrorFolds {
       for (const int side : {0, 1}) {
         if (side == 1 && piece.group_b == piece.group_a) break;
         Group& group = groups_[side == 0 ? piece.group_a : piece.group_b];
-        (side == 0 ? position_[t].first : position_[t].second) = static_cast<int64_t>(group.parts.size());
+        (side == 0 ? position_[t].first : position_[t].second) = group.order.add();
         group.parts.emplace_back();
       }
     }
@@ -259,12 +257,10 @@ class MirrorFolds {
   struct Part {
     c10::DataPtr data;
     RowState state;
-    bool ready = false;
   };
   struct Group {
-    std::mutex lock;
+    InOrder order;
     std::vector<Part> parts;  // in folding order; each written by its own task alone
-    int64_t folded = 0;       // parts[0] holds the group's state from then on
     int64_t rows = 0;
   };
 
@@ -277,24 +273,21 @@ class MirrorFolds {
     return part.state;
   }
 
+  // The first part becomes the group's state; the others fold into it.
   template <typename Write>
   void hand_in(int64_t k, int64_t position, const Write& write) {
     Group& group = groups_[k];
-    std::lock_guard<std::mutex> guard(group.lock);
-    group.parts[position].ready = true;
-    const int64_t count = static_cast<int64_t>(group.parts.size());
     Part& acc = group.parts[0];
-    while (group.folded < count && group.parts[group.folded].ready) {
-      Part& part = group.parts[group.folded];
-      if (group.folded > 0) {
-        fold_state(acc.state, part.state, group.rows, Dv_);
-        part.data.clear();
+    group.order.hand_in(position, [&](int64_t j) {
+      if (j > 0) {
+        fold_state(acc.state, group.parts[j].state, group.rows, Dv_);
+        group.parts[j].data.clear();
       }
-      if (++group.folded == count) {
+      if (j == group.order.count() - 1) {
         write(k, acc.state);
         acc.data.clear();
       }
-    }
+    });
   }
 
   std::unique_ptr<Group[]> groups_;
@@ -386,13 +379,10 @@ void tiled_backward(const BackwardParams& p, const Geometry& g) {
   };
   std::vector<int64_t> order(p.batch);
   std::iota(order.begin(), order.end(), 0);
-  auto length = [&p](int64_t b) -> int64_t {
-    return p.cu_seqlens != nullptr ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen;
-  };
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return length(x) > length(y); });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return p.length(x) > p.length(y); });
   std::vector<HeadRef> heads;
   for (const int64_t b : order) {
-    for (int64_t h = 0; h < p.heads && length(b) > 0; ++h) heads.push_back({b, h, (length(b) + g.tile - 1) / g.tile});
+    for (int64_t h = 0; h < p.heads && p.length(b) > 0; ++h) heads.push_back({b, h, (p.length(b) + g.tile - 1) / g.tile});
   }
   const int64_t n_heads = static_cast<int64_t>(heads.size());
   // Inside another parallel region at::parallel_for runs the whole range on one thread.

@@ -67,6 +67,7 @@
 #include <immintrin.h>
 #endif
 
+#include "in_order.h"
 #include "lama_params.h"
 
 namespace symattn::cpu {
@@ -688,17 +689,16 @@ template <typename acc_t>
 class OrderedFold {
  public:
   OrderedFold(const Tasks& tasks, const acc_t* gate, int64_t m, int64_t E)
-      : chunks_(tasks.chunks), n_(tasks.count()), m_(m), E_(E), gate_(gate), sum_(m * E),
-        seq_(tasks.chunks > 1 ? m * E : 0), ready_(tasks.count()) {}
+      : chunks_(tasks.chunks), m_(m), E_(E), gate_(gate), sum_(m * E), seq_(tasks.chunks > 1 ? m * E : 0),
+        slots_(tasks.count()), order_(tasks.count()) {}
 
   // Task t's W, in a slot whose flag stays set until the fold has read it.
   void publish(int64_t t, const acc_t* w, std::atomic<bool>* busy) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    ready_[t] = Slot{w, busy};
-    for (; next_ < n_ && ready_[next_].w != nullptr; ++next_) {
-      fold(next_, ready_[next_].w);
-      ready_[next_].busy->store(false, std::memory_order_release);
-    }
+    slots_[t] = Slot{w, busy};
+    order_.hand_in(t, [&](int64_t j) {
+      fold(j, slots_[j].w);
+      slots_[j].busy->store(false, std::memory_order_release);
+    });
   }
 
   const acc_t* sum() const { return sum_.data(); }  // [m, E], complete once every task is published
@@ -727,12 +727,11 @@ class OrderedFold {
     }
   }
 
-  const int64_t chunks_, n_, m_, E_;
+  const int64_t chunks_, m_, E_;
   const acc_t* gate_;
   Scratch<acc_t> sum_, seq_;
-  Scratch<Slot> ready_;  // per task: its W once published (zeroed: none yet)
-  int64_t next_ = 0;     // the first task not folded yet
-  std::mutex mutex_;
+  Scratch<Slot> slots_;  // per task: its W once published
+  InOrder order_;
 };
 
 // dQ, dP and dc from dQ's sum over the sequences (OrderedFold) and dg [B, m], summed over
