@@ -231,6 +231,22 @@ def test_huge_scores_keep_their_softmax(backend, S, causal, coef):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S", [6, 600])
+def test_padded_token_of_huge_values_keeps_its_row_finite(backend, S):
+    """A padded token of 1e30 (finite) scores about 1e60 against itself, +inf in fp32: that key
+    is masked, never added to the padding's -inf (NaN), and its own row attends to the real
+    keys as in the fp64 reference."""
+    torch.manual_seed(0)
+    q = torch.randn(2, S, 2, 8)
+    mask = torch.ones(2, S, dtype=torch.bool)
+    mask[1, S - 2:] = False
+    q[1, S - 1] = 1e30
+    out = sk.symmetric_attention(q, key_padding_mask=mask, backend=backend)
+    assert torch.isfinite(out).all()
+    assert_close(out, R.symmetric_attention(q.double(), key_padding_mask=mask), atol=1e-5, name="out")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lama_padded_garbage_never_reaches_real_rows(backend):
     h, u = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])

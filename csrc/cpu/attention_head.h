@@ -347,9 +347,9 @@ class Head {
     return p_.causal ? std::min(key_end_, i + 1) : key_end_;
   }
 
-  // Padding bias and exclude_self on keys [j0, n) of score row i; s points at key j0.
+  // Padded keys and exclude_self to -inf on keys [j0, n) of score row i; s points at key j0.
   void mask_row(float* s, int64_t i, int64_t n, int64_t j0 = 0) const {
-    if (kbias_ != nullptr) add_inplace(s, kbias_ + j0, n - j0);
+    if (kbias_ != nullptr) mask_inplace(s, kbias_ + j0, n - j0);
     if (i >= j0 && i < n && excludes_self(i)) s[i - j0] = kNegInf;
   }
 

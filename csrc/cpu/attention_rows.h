@@ -242,6 +242,18 @@ void scale_inplace(float* x, int64_t n, float s) {
   if (j < n) (Vec::loadu(x + j, n - j) * vs).store(x + j, n - j);
 }
 
+// x[j] = -inf where bias[j] is -inf (a padded key; bias holds 0 elsewhere), whatever x[j] holds:
+// adding the bias would turn a score that overflowed to +inf (a padded row of huge finite
+// values against itself) into NaN.
+void mask_inplace(float* x, const float* bias, int64_t n) {
+  const Vec neg_inf(kNegInf), zero(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    Vec::blendv(Vec::loadu(x + j), neg_inf, Vec::loadu(bias + j) != zero).store(x + j);
+  }
+  if (j < n) Vec::blendv(Vec::loadu(x + j, n - j), neg_inf, Vec::loadu(bias + j, n - j) != zero).store(x + j, n - j);
+}
+
 void add_inplace(float* x, const float* y, int64_t n) {
   int64_t j = 0;
   for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) + Vec::loadu(y + j)).store(x + j);
