@@ -177,35 +177,22 @@ class ForwardHead : public Head<scalar_t> {
     }
   }
 
-  // pack_values, then fp32 values read in place copied to a contiguous [rows, Dv] block: a head's
-  // rows sit H Dv floats apart in the input (3 KiB at H = 12, Dv = 64), a stride that puts the
-  // [kDepth, kNR] values panel the P V micro-kernels reuse on 16 of the 64 L1 sets. The copy
-  // holds the rows the task reads, at their own index: [r0, r1) (r1 < 0: every packed row) and a
-  // mirrored task's other group [c0, c1).
-  void pack_values_contiguous(int64_t r0 = 0, int64_t r1 = -1, int64_t c0 = 0, int64_t c1 = 0) {
+  // pack_values, then fp32 values read in place copied contiguous (contiguous_values), every
+  // packed row.
+  void pack_values_contiguous() {
     this->pack_values();
-    if constexpr (!kPairs && !kHalf) {
-      if (vb_.ld != Dv_) {
-        float* packed = ws_.template take<float>(L_ * Dv_);
-        auto copy = [&](int64_t j0, int64_t j1) {
-          load_rows(packed + j0 * Dv_, Dv_, vb_.data + j0 * vb_.ld, vb_.ld, j1 - j0, Dv_);
-        };
-        copy(r0, r1 < 0 ? this->packed_rows_ : r1);
-        if (c0 != r0) copy(c0, c1);
-        vb_ = {packed, Dv_};
-      }
-    }
+    if constexpr (!kPairs && !kHalf) vb_ = contiguous_values(this->ya_, 0, this->packed_rows_);
   }
 
   // A mirrored task's panels: query rows [r0, r1) as Qa (times M), keys [c0, c1) as Yt, and the
   // values of both groups (group_values_ of rows [r0, r1), vb_ of keys [c0, c1)), each addressed
   // by the rows' own index. On fp32 operands they hold those rows only (a task's two groups are
-  // 2 / groups of the head's rows), with fp32 values copied contiguous as in
-  // pack_values_contiguous; bf16 operand pairs take the head's panels.
+  // 2 / groups of the head's rows), with fp32 values copied contiguous (contiguous_values);
+  // bf16 operand pairs take the head's panels.
   void pack_mirrored(int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     if constexpr (kPairs) {
       this->pack_query_key(shared_, r0, r1, c0, c1);
-      pack_values_contiguous(r0, r1, c0, c1);
+      this->pack_values();
       group_values_ = vb_;
     } else {
       const bool one_group = r0 == c0;
@@ -250,7 +237,10 @@ class ForwardHead : public Head<scalar_t> {
     this->yt_ = {yt.data - c0, ldt};
   }
 
-  // Values of rows [i0, i1) (y's fp32 rows in shared mode), contiguous: see pack_values_contiguous.
+  // Values of rows [i0, i1) (y's fp32 rows in shared mode) as a contiguous [rows, Dv] panel, copied
+  // where they are read in place: a head's rows sit H Dv floats apart in the input (3 KiB at
+  // H = 12, Dv = 64), a stride that puts the [kDepth, kNR] values panel the P V micro-kernels
+  // reuse on 16 of the 64 L1 sets.
   Panel contiguous_values(const Panel& y, int64_t i0, int64_t i1) {
     const Panel v = shared_ ? y : fp32_rows(this->v_rows_, Dv_, i0, i1);
     if (v.ld == Dv_) return v;
