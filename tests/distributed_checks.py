@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import faulthandler
 import json
 import os
 import sys
@@ -244,6 +245,7 @@ def run_checks(rank: int) -> dict:
     outcomes = {}
     for name, (backend_name, check) in checks.items():
         began = time.perf_counter()
+        print(f"rank {rank}: {name}", file=sys.stderr, flush=True)
         available = backends.status(backend_name)
         if not available.usable:  # the same answer on every rank: no collective is left waiting
             outcomes[name] = dict(passed=None, detail=f"backend {backend_name!r} is not usable: {available.reason}")
@@ -259,6 +261,9 @@ def run_checks(rank: int) -> dict:
 
 
 def main(out_path: str) -> None:
+    # A crash of either rank (SIGABRT, SIGSEGV) prints every thread's Python stack into the log
+    # that the test shows, and the progress lines below say which check was running.
+    faulthandler.enable()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
     if dist.get_world_size() != WORLD:
@@ -271,6 +276,12 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(merged, f, indent=1)
     dist.destroy_process_group()
+    print(f"rank {rank}: outcomes gathered, process group destroyed", file=sys.stderr, flush=True)
+    # Leave without interpreter finalization. One CI run lost rank 0 to SIGABRT ("terminate called
+    # without an active exception", no Python error); C++ threads torn down during finalization are
+    # a known source of such aborts (pytorch/pytorch#179291). Every outcome is on disk by now.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def _torchrun(*args: str) -> str:
         os.killpg(launcher.pid, signal.SIGKILL)
         log, _ = launcher.communicate()
         pytest.fail(f"{' '.join(args)} did not finish within {TIMEOUT_S} s:\n{log[-4000:]}")
+    # The ranks print which check they start (tests/distributed_checks.py), so the tail shows where it stopped.
     assert launcher.returncode == 0, f"torchrun {' '.join(args)} exited with {launcher.returncode}:\n{log[-4000:]}"
     return log
 
