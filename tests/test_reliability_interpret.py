@@ -80,7 +80,7 @@ GARBAGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e10], ids=["nan", "inf", "huge"])
 @pytest.mark.parametrize("case", GARBAGE_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
 def test_padded_garbage_never_reaches_real_rows(poison, case, monkeypatch):
     from symattn_kernels.triton import attention_bwd, attention_fwd
