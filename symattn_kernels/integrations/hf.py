@@ -1,9 +1,9 @@
 """Hugging Face ``transformers`` 5.x: BERT-family conversion, warm start and attention registration.
 
 ``convert_bert(model, variant)`` swaps the self-attention of every layer of a BERT-family model
-(BERT, RoBERTa and every model whose self-attention has ``query`` / ``key`` / ``value`` Linears in
-a ``*SelfAttention`` module) for a ``symattn_kernels.modules`` layer, in place; everything else
-stays. ``revert_bert`` swaps the original classes back with weights that compute the same function.
+(the classes of ``SUPPORTED_ATTENTION``: BERT, RoBERTa and their plain-softmax relatives; other
+``*SelfAttention`` modules with ``query`` / ``key`` / ``value`` Linears are refused) for a
+``symattn_kernels.modules`` layer, in place; everything else stays, cross-attention included. ``revert_bert`` swaps the original classes back with weights that compute the same function.
 
 Variants (docs/design.md, "Variants"): ``"symmetric"`` (key = query projection), ``"pairwise_diag"`` and
 ``"pairwise_full"`` (plus a coefficient ``[H, D]`` / ``[H, D, D]``), ``"shared"`` (one projection
@@ -43,8 +43,8 @@ the variant's structure into a converted model raises.
 converted models receive the ``[B, S]`` padding mask instead of a materialised ``[B, 1, S, S]`` one,
 and the converted layers dispatch through ``symattn_attention_forward`` with transformers' kwargs
 (packing metadata). Decoders cache Y and V (shared-weight: Y only) in a ``DynamicCache``.
-Not supported by converted layers: other cache classes, cross-attention, ``output_attentions``
-(each raises).
+Not supported by converted layers: other cache classes, ``encoder_hidden_states`` (cross-attention
+layers are not converted), ``output_attentions``, a changed ``config.is_decoder`` (each raises).
 """
 
 from __future__ import annotations
@@ -215,6 +215,7 @@ class _HFSelfAttention:
 
     original_class: type = None
     layer_idx: Optional[int] = None
+    hf_config = None  # the converted model's config (convert_bert)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -229,6 +230,12 @@ class _HFSelfAttention:
             raise ValueError("a converted self-attention layer cannot attend to encoder_hidden_states")
         if kwargs.get("output_attentions"):
             raise NotImplementedError(_NO_ATTENTIONS)
+        decoder = getattr(self.hf_config, "is_decoder", self.causal)
+        if decoder != self.causal:
+            # Stock models build their causal mask from is_decoder at each call (eager; SDPA may not);
+            # the converted layer's causality was fixed when it was converted.
+            raise ValueError(f"config.is_decoder is {decoder}, but this layer was converted with "
+                             f"is_decoder={self.causal}: convert a model built with the is_decoder it should have")
         batch, seqlen, _ = hidden_states.shape
         y, v, coef = self.project(hidden_states)
         query = y.transpose(1, 2)
@@ -376,14 +383,50 @@ class BertSharedWeightSelfAttention(_HFSelfAttention, SharedWeightSelfAttention)
     """``SharedWeightSelfAttention`` called like Hugging Face's ``BertSelfAttention``."""
 
 
+# transformers' self-attention classes that convert_bert replaces: plain softmax attention over
+# query / key / value Linears, called like BertSelfAttention, each checked against its stock model.
+# Other classes with the same Linears add what a converted layer would silently drop (rotary
+# positions in RoFormer and ESM, relative or layout biases in LayoutLMv3 and Bros, approximate
+# attention in MRA, YOSO and Nystromformer) or call it with other arguments (LUKE, CANINE,
+# LayoutLM's materialised masks): they are refused, as is any subclass.
+SUPPORTED_ATTENTION = frozenset({
+    "BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention", "CamembertSelfAttention",
+    "ElectraSelfAttention", "BertGenerationSelfAttention", "ErnieSelfAttention", "MegatronBertSelfAttention",
+    "RemBertSelfAttention", "BigBirdSelfAttention", "SplinterSelfAttention", "XmodSelfAttention",
+    "Data2VecTextSelfAttention", "RobertaPreLayerNormSelfAttention", "XLMRobertaXLSelfAttention",
+    "RoCBertSelfAttention", "TapasSelfAttention",
+})
+
+
 def _is_original(module: nn.Module) -> bool:
+    """A self-attention with query / key / value Linears (supported or not: _check_supported)."""
     return type(module).__name__.endswith("SelfAttention") and all(
         isinstance(getattr(module, name, None), nn.Linear) for name in ("query", "key", "value")
     )
 
 
+def _is_supported(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ in SUPPORTED_ATTENTION and cls.__module__.startswith("transformers.models.")
+
+
+def _check_supported(layers: list[tuple[str, nn.Module]]) -> None:
+    refused = sorted({f"{type(m).__module__}.{type(m).__name__}" for _, m in layers if not _is_supported(m)})
+    if refused:
+        raise ValueError(
+            f"convert_bert cannot convert {', '.join(refused)}: it replaces only the plain softmax self-attention of "
+            f"the BERT family ({', '.join(sorted(SUPPORTED_ATTENTION))}); other attention classes may add terms "
+            "(rotary positions, relative or layout biases, approximations) that a converted layer would drop")
+    for name, m in layers:
+        if (m.value.bias is None) != (m.query.bias is None):
+            raise ValueError(f"{name}: the value projection has {'a' if m.value.bias is not None else 'no'} bias "
+                             f"and the query projection {'one' if m.query.bias is not None else 'none'}; converted "
+                             "layers need both with biases or both without")
+
+
 def _find(model: nn.Module, predicate) -> list[tuple[str, nn.Module]]:
-    return [(name, module) for name, module in model.named_modules() if predicate(module)]
+    """Every path to a module that matches: a module shared by several layers once per path."""
+    return [(name, module) for name, module in model.named_modules(remove_duplicate=False) if predicate(module)]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -495,6 +538,16 @@ def _hf_roots(model: nn.Module) -> list[PreTrainedModel]:
     return [m for _, m in roots]
 
 
+def _owner_config(root: PreTrainedModel, name: str):
+    """The config of the innermost Hugging Face model holding submodule ``name`` of ``root`` (an
+    encoder-decoder's decoder layers belong to the decoder's config)."""
+    owner = root
+    for prefix, module in root.named_modules(remove_duplicate=False):
+        if prefix and name.startswith(prefix + ".") and isinstance(module, PreTrainedModel):
+            owner = module  # depth first: the last match is the innermost
+    return owner.config
+
+
 def _refuse_attention_weights(module: nn.Module, args, kwargs) -> None:
     requested = kwargs.get("output_attentions")
     if requested is None:
@@ -546,17 +599,23 @@ def convert_bert(model: nn.Module, variant: str, init: str = "pretrained", *, pa
     if not roots:
         raise ValueError(f"found no BERT-family self-attention (query/key/value Linears) in a Hugging Face model "
                          f"in {type(model).__name__}")
+    for root in roots:
+        _check_supported(_find(root, _is_original))
     register_attention()
     for root in roots:
         std = getattr(root.config, "initializer_range", 0.02)
+        converted = {}  # a layer shared by several paths (ALBERT-style) is converted once and stays shared
         for name, old in _find(root, _is_original):
-            new = _new_layer(old, variant, pairwise_init)
-            if init == "random":
-                _random_init(new, std)
-            elif variant == "shared":
-                _warm_start_shared(new, old)
-            else:
-                _warm_start_symmetric(new, old)
+            new = converted.get(id(old))
+            if new is None:
+                new = converted[id(old)] = _new_layer(old, variant, pairwise_init)
+                new.hf_config = _owner_config(root, name)
+                if init == "random":
+                    _random_init(new, std)
+                elif variant == "shared":
+                    _warm_start_shared(new, old)
+                else:
+                    _warm_start_symmetric(new, old)
             _replace(root, name, new)
         setattr(root.config, CONFIG_KEY, variant)
         root._symattn_previous_attn_implementation = getattr(root.config, "_attn_implementation", None)
@@ -603,8 +662,11 @@ def revert_bert(model: nn.Module):
     if not roots:
         raise ValueError(f"{type(model).__name__} has no converted self-attention layers")
     for root in roots:
+        reverted = {}  # a layer shared by several paths stays shared
         for name, layer in _find(root, lambda m: isinstance(m, _HFSelfAttention)):
-            _replace(root, name, _revert_layer(layer, root.config))
+            if id(layer) not in reverted:
+                reverted[id(layer)] = _revert_layer(layer, root.config)
+            _replace(root, name, reverted[id(layer)])
         if hasattr(root.config, CONFIG_KEY):
             delattr(root.config, CONFIG_KEY)
         previous = getattr(root, "_symattn_previous_attn_implementation", None)
