@@ -154,13 +154,16 @@ def kernel_dropout_seed(seed_state):
 
 def run_on_instruction_set(isa: str, script: str, timeout: float = 600, args: tuple = ()) -> str:
     """stdout of ``python -c script *args``, run from the repository root with the fused CPU kernels
-    set to ``isa`` (one of ``backends.cpu.ISA_CHOICES``; a process reads it once, at its first
-    call). Skips where this CPU does not run that set; fails on a non-zero exit."""
+    set to ``isa`` (one of ``backends.cpu.ISA_CHOICES``, or its ``CHECK_ISA``, which needs AVX2;
+    a process reads it once, at its first call). Skips where this CPU does not run that set;
+    fails on a non-zero exit."""
     from symattn_kernels.backends import cpu
 
-    choices = list(cpu.ISA_CHOICES)
+    def level(name):
+        return cpu.ISA_CHOICES.index("avx2" if name == cpu.CHECK_ISA else name)
+
     widest = cpu.kernel_isa().lower()
-    if choices.index(isa) > choices.index(widest):
+    if level(isa) > level(widest):
         pytest.skip(f"this CPU runs {widest} kernels at most")
     # ATEN_CPU_CAPABILITY lowers ATen's (and so our) choice; SYMATTN_CPU_ISA caps ours alone.
     switch = "ATEN_CPU_CAPABILITY" if isa in ("default", "avx2") else "SYMATTN_CPU_ISA"

@@ -1,5 +1,6 @@
 """Each bfloat16 product path of the ``cpu`` backend, forced in its own process: AMX tiles
-(``AVX512_AMX``) and vdpbf16ps (``AVX512_BF16``). Both must meet flash-attn's error rule against
+(``AVX512_AMX``) and vdpbf16ps (``AVX512_BF16``), and vdpbf16ps's data path on AVX2 (the check
+build ``AVX2_BF16_PAIRS``, which runs wherever AVX2 does). Each must meet flash-attn's error rule against
 the fp64 reference on out, lse and every gradient (whole tiles, ragged sizes that take padded
 copies, causal bands, long heads in row blocks, padding, dropout), and give bit-equal results
 with 1, 2 and 3 threads."""
@@ -70,7 +71,8 @@ for name, (shape, opts) in CASES.items():
 print(json.dumps(report))
 """
 
-_PATHS = ["avx512_amx", "avx512_bf16"]
+# avx2_bf16_pairs: the AVX512_BF16 kernels' data path on any AVX2 CPU (backends.cpu.CHECK_ISA).
+_PATHS = ["avx512_amx", "avx512_bf16", "avx2_bf16_pairs"]
 
 
 @pytest.mark.parametrize("isa", _PATHS)

@@ -192,7 +192,7 @@ def test_forward_and_gradients_match_reference_under_dropout(S, causal, padding)
 # The dropout tests of the cpu backend (but the long heads, whose rows draw as any other), re-run
 # in a process capped at one kernel build.
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", cpu_backend.ISA_CHOICES)
+@pytest.mark.parametrize("isa", cpu_backend.KERNEL_BUILDS)
 def test_dropout_on_every_instruction_set_build(isa):
     pytest_on_kernel_build(isa, ["tests/test_cpu_dropout.py", "tests/test_cpu_backend.py", "-k",
                                  "(dropout or philox) and not instruction_set and not 530"], timeout=600)

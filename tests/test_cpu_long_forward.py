@@ -274,7 +274,7 @@ def test_long_forward_bit_equal_across_thread_counts(case):
 
 # All of the above (but the longest heads) in a process capped at each kernel build.
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", cpu_backend.ISA_CHOICES)
+@pytest.mark.parametrize("isa", cpu_backend.KERNEL_BUILDS)
 def test_long_forward_on_every_instruction_set_build(isa):
     pytest_on_kernel_build(isa, ["tests/test_cpu_long_forward.py", "-k",
                                  "not instruction_set and not 2049 and not 4096"], timeout=900)

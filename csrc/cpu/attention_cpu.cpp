@@ -55,19 +55,28 @@ struct Kernels {
 // bfloat16 products on AMX tiles (4).
 constexpr const char* kIsaNames[] = {"DEFAULT", "AVX2", "AVX512", "AVX512_BF16", "AVX512_AMX"};
 constexpr int kWidestIsa = 4;
+// The check build of isa.h: AVX2 kernels, and bfloat16 through the AVX512_BF16 kernels' data path.
+constexpr const char* kPairsCheckName = "AVX2_BF16_PAIRS";
+
+std::string isa_request() {
+  const char* env = std::getenv("SYMATTN_CPU_ISA");
+  std::string name(env == nullptr ? "" : env);
+  for (char& ch : name) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  return name;
+}
 
 // SYMATTN_CPU_ISA=default|avx2|avx512|avx512_bf16|avx512_amx caps the choice (tests reach every
-// build this way); anything else is ignored with a warning.
+// build this way); avx2_bf16_pairs caps it at AVX2 and asks for the check build (kernels()).
+// Anything else is ignored with a warning.
 int isa_cap() {
-  const char* env = std::getenv("SYMATTN_CPU_ISA");
-  if (env == nullptr || *env == 0) return kWidestIsa;
-  std::string name(env);
-  for (char& ch : name) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  const std::string name = isa_request();
+  if (name.empty()) return kWidestIsa;
+  if (name == kPairsCheckName) return 1;
   for (int level = 0; level <= kWidestIsa; ++level) {
     if (name == kIsaNames[level]) return level;
   }
-  TORCH_WARN("symattn: ignoring SYMATTN_CPU_ISA=", env,
-             " (expected default, avx2, avx512, avx512_bf16 or avx512_amx)");
+  TORCH_WARN("symattn: ignoring SYMATTN_CPU_ISA=", name,
+             " (expected default, avx2, avx512, avx512_bf16, avx512_amx or avx2_bf16_pairs)");
   return kWidestIsa;
 }
 
@@ -119,6 +128,12 @@ const Kernels& kernels() {
   static const Kernels chosen = [] {
     const int level = cpu_isa_level();
 #ifdef SYMATTN_X86_DISPATCH
+    // The check build where it was asked for and the CPU runs AVX2 (isa_cap stops it there).
+    if (level == 1 && isa_request() == kPairsCheckName) {
+      return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward,
+                     cpu::AVX2_BF16_PAIRS::attention_forward, cpu::AVX2_BF16_PAIRS::attention_backward,
+                     cpu::AVX2_BF16_PAIRS::dropout_keep, kPairsCheckName};
+    }
     if (level == 4) {
       return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward,
                      cpu::AVX512_AMX::attention_forward, cpu::AVX512_AMX::attention_backward,

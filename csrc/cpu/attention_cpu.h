@@ -7,8 +7,8 @@
 
 namespace symattn {
 
-// Which kernel set runs here: "AVX512_BF16" (AVX-512, bfloat16 products on AVX512-BF16),
-// "AVX512", "AVX2" or "DEFAULT".
+// Which kernel set runs here: "AVX512_AMX", "AVX512_BF16" (AVX-512, bfloat16 products on
+// AVX512-BF16), "AVX512", "AVX2", "DEFAULT", or the check build "AVX2_BF16_PAIRS" (isa.h).
 std::string cpu_kernel_isa();
 
 // The kernel set's level, the same for every kernel family: 0 DEFAULT, 1 AVX2, 2 AVX512,

@@ -33,7 +33,58 @@ struct FloatDot {
 void store_elems(float* row, int64_t j, const Vec& x, int64_t count) { x.store(row + j, count); }
 void zero_elems(float* row, int64_t j0, int64_t j1) { std::fill(row + j0, row + std::max(j0, j1), 0.f); }
 
-#if defined(SYMATTN_BF16_DOT)
+#if defined(SYMATTN_BF16_PAIRS_ON_AVX2)
+// The check build's pairs (isa.h): eight words per register, and vdpbf16ps as two FMAs of the
+// exact bf16 products (a bf16 is the high half of its fp32). The helpers that vdpbf16ps's build
+// writes with AVX-512 conversions round to nearest even through c10::BFloat16 here.
+struct Bf16Dot {
+  using Word = uint32_t;
+  using Reg = __m256i;
+  static constexpr int64_t kPack = 2;
+  static __m256i load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static __m256i load(const uint32_t* p, int64_t count) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))), lane);
+    return _mm256_maskload_epi32(reinterpret_cast<const int*>(p), mask);
+  }
+  static __m256i broadcast(const uint32_t* p) {
+    uint32_t word;
+    std::memcpy(&word, p, sizeof(word));
+    return _mm256_set1_epi32(static_cast<int>(word));
+  }
+  static Vec fma(const __m256i& a, const __m256i& b, const Vec& acc) {
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m256 a_even = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
+    const __m256 b_even = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+    const __m256 a_odd = _mm256_castsi256_ps(_mm256_and_si256(a, high));
+    const __m256 b_odd = _mm256_castsi256_ps(_mm256_and_si256(b, high));
+    return Vec(_mm256_fmadd_ps(a_odd, b_odd, _mm256_fmadd_ps(a_even, b_even, static_cast<__m256>(acc))));
+  }
+};
+
+inline uint16_t bf16_bits(float x) { return c10::BFloat16(x).x; }
+inline uint16_t bf16_bits(c10::BFloat16 x) { return x.x; }
+
+// Stores the bf16 bits of x to dst[0, count).
+inline void store_bf16_lanes(uint16_t* dst, const Vec& x, int64_t count) {
+  alignas(32) float lanes[kVec];
+  x.store(lanes);
+  for (int64_t i = 0; i < std::min<int64_t>(count, kVec); ++i) dst[i] = bf16_bits(lanes[i]);
+}
+
+// "B rows": dst [ceil(m / 2), n] words (row stride ldd) <- rows 2t and 2t + 1 of src [m, n].
+template <typename T>
+void pack_bf16_pairs(const T* src, int64_t ld, int64_t m, int64_t n, uint32_t* dst, int64_t ldd) {
+  for (int64_t t = 0; 2 * t < m; ++t) {
+    const T* even = src + 2 * t * ld;
+    const bool has_odd = 2 * t + 1 < m;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t odd = has_odd ? bf16_bits(even[ld + j]) : 0u;
+      dst[t * ldd + j] = bf16_bits(even[j]) | odd << 16;
+    }
+  }
+}
+#elif defined(SYMATTN_BF16_DOT)
 // A pair of bf16 per word (the even k in the low half); vdpbf16ps adds both exact products to
 // the fp32 accumulator: twice the multiply rate of FloatDot on half the operand bytes.
 struct Bf16Dot {
@@ -70,38 +121,12 @@ __m256i bf16x16(const T* p, int64_t count) {
 }
 
 // Stores the bf16 bits of x to dst[0, count).
-inline void store_bf16x16(uint16_t* dst, const Vec& x, int64_t count) {
+inline void store_bf16_lanes(uint16_t* dst, const Vec& x, int64_t count) {
   const __m256i bits = (__m256i)_mm512_cvtneps_pbh(x);
   if (count >= 16) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bits);
   } else {
     _mm256_mask_storeu_epi16(dst, Bf16Dot::lanes(count), bits);
-  }
-}
-
-void store_elems(uint32_t* row, int64_t j, const Vec& x, int64_t count) {
-  store_bf16x16(reinterpret_cast<uint16_t*>(row) + j, x, count);
-}
-void zero_elems(uint32_t* row, int64_t j0, int64_t j1) {
-  auto* elems = reinterpret_cast<uint16_t*>(row);
-  std::fill(elems + j0, elems + std::max(j0, round_up(j1, 2)), uint16_t{0});
-}
-
-// "A rows": dst [m, round_up(k, 2)] bf16 (row stride 2 ldd_words) <- src [m, k] (row stride ld).
-template <typename T>
-void pack_bf16_rows(const T* src, int64_t ld, int64_t m, int64_t k, uint32_t* dst, int64_t ldd_words) {
-  auto* out = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < m; ++i) {
-    uint16_t* row = out + i * 2 * ldd_words;
-    const T* in = src + i * ld;
-    if constexpr (std::is_same_v<T, float>) {
-      for (int64_t j = 0; j < k; j += 16) {
-        store_bf16x16(row + j, Vec::loadu(in + j, std::min<int64_t>(16, k - j)), k - j);
-      }
-    } else {
-      std::memcpy(row, in, k * sizeof(uint16_t));
-    }
-    if (k % 2 != 0) row[k] = 0;
   }
 }
 
@@ -121,6 +146,34 @@ void pack_bf16_pairs(const T* src, int64_t ld, int64_t m, int64_t n, uint32_t* d
       const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
       _mm512_mask_storeu_epi32(dst + t * ldd + j, Bf16Dot::lanes(n - j), _mm512_permutexvar_epi16(index, both));
     }
+  }
+}
+#endif
+
+#if defined(SYMATTN_BF16_DOT)
+void store_elems(uint32_t* row, int64_t j, const Vec& x, int64_t count) {
+  store_bf16_lanes(reinterpret_cast<uint16_t*>(row) + j, x, count);
+}
+void zero_elems(uint32_t* row, int64_t j0, int64_t j1) {
+  auto* elems = reinterpret_cast<uint16_t*>(row);
+  std::fill(elems + j0, elems + std::max(j0, round_up(j1, 2)), uint16_t{0});
+}
+
+// "A rows": dst [m, round_up(k, 2)] bf16 (row stride 2 ldd_words) <- src [m, k] (row stride ld).
+template <typename T>
+void pack_bf16_rows(const T* src, int64_t ld, int64_t m, int64_t k, uint32_t* dst, int64_t ldd_words) {
+  auto* out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < m; ++i) {
+    uint16_t* row = out + i * 2 * ldd_words;
+    const T* in = src + i * ld;
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t j = 0; j < k; j += kVec) {
+        store_bf16_lanes(row + j, Vec::loadu(in + j, std::min<int64_t>(kVec, k - j)), k - j);
+      }
+    } else {
+      std::memcpy(row, in, k * sizeof(uint16_t));
+    }
+    if (k % 2 != 0) row[k] = 0;
   }
 }
 #endif

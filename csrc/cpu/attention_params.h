@@ -94,5 +94,10 @@ void attention_forward(const ForwardParams& p);
 void attention_backward(const BackwardParams& p);
 void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
 }  // namespace AVX512_AMX
+namespace AVX2_BF16_PAIRS {  // bfloat16 only; a check build (isa.h)
+void attention_forward(const ForwardParams& p);
+void attention_backward(const BackwardParams& p);
+void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
+}  // namespace AVX2_BF16_PAIRS
 
 }  // namespace symattn::cpu

@@ -174,7 +174,10 @@ Vec apply_keep(const Vec& x, const KeepBits& keep, int64_t j) {
 #endif
 }
 
-#if defined(SYMATTN_BF16_DOT)
+#if defined(SYMATTN_BF16_PAIRS_ON_AVX2)
+// The check build (isa.h) checks the bf16 data path, not this approximation: the fp32 one.
+inline Vec exp2_for_bf16(const Vec& x) { return exp2_vec(x); }
+#elif defined(SYMATTN_BF16_DOT)
 // 2^x for x <= 0 (or NaN), within 3e-6 relative (measured against double): x = n + r with
 // n = round(x), a degree-4 polynomial of r in [-1/2, 1/2] fitted to 2^r with p(0) = 1, and
 // vscalefps for 2^n. Only for probabilities about to be rounded to bf16 (half an ulp is 2e-3),

@@ -36,8 +36,18 @@
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 #define CPU_CAPABILITY AVX2
 #define SYMATTN_ISA_LEVEL 1
+#elif defined(SYMATTN_ISA_AVX2_BF16_PAIRS) && defined(SYMATTN_X86_DISPATCH)
+// A check build, not a level: the AVX512_BF16 kernels' bfloat16 data path (operands as bf16
+// pairs, their panels and workspace) on AVX2, vdpbf16ps done as two FMAs of the exact bf16
+// products. It runs only where SYMATTN_CPU_ISA=avx2_bf16_pairs asks for it, so that every x86-64
+// machine with AVX2 tests the code the AVX512-BF16 and AMX CPUs run (attention_gemm.h).
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#define CPU_CAPABILITY AVX2_BF16_PAIRS
+#define SYMATTN_ISA_LEVEL 1
+#define SYMATTN_BF16_DOT 1
+#define SYMATTN_BF16_PAIRS_ON_AVX2 1
 #elif !defined(SYMATTN_ISA_AVX2) && !defined(SYMATTN_ISA_AVX512) && !defined(SYMATTN_ISA_AVX512_BF16) && \
-    !defined(SYMATTN_ISA_AVX512_AMX)
+    !defined(SYMATTN_ISA_AVX512_AMX) && !defined(SYMATTN_ISA_AVX2_BF16_PAIRS)
 #define CPU_CAPABILITY DEFAULT
 #define SYMATTN_ISA_LEVEL 0
 #endif

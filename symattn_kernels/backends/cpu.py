@@ -29,15 +29,20 @@ __all__ = ["attention_forward", "attention_backward", "empty_gradient", "gradien
            "lowrank_forward", "lowrank_backward", "release_gradient_cache"]
 
 ISA_CHOICES = ("default", "avx2", "avx512", "avx512_bf16", "avx512_amx")
+# A check build, not a level: the AVX512_BF16 kernels' bfloat16 data path on any AVX2 CPU, its
+# vdpbf16ps done as two FMAs (csrc/cpu/isa.h). Only for tests; the other dtypes run AVX2 kernels.
+CHECK_ISA = "avx2_bf16_pairs"
+# Every kernel set SYMATTN_CPU_ISA can name (tests run each where this CPU can).
+KERNEL_BUILDS = (*ISA_CHOICES, CHECK_ISA)
 
 
 def _check_isa_variable() -> None:
     # The kernels read SYMATTN_CPU_ISA once, at their first call; a typo must not silently run
     # the widest kernel set.
     value = os.environ.get("SYMATTN_CPU_ISA", "")
-    if value and value.lower() not in ISA_CHOICES:
-        raise ValueError(f"SYMATTN_CPU_ISA={value!r} is not a kernel set: expected one of {', '.join(ISA_CHOICES)} "
-                         "(or unset for the widest this CPU runs)")
+    if value and value.lower() not in KERNEL_BUILDS:
+        raise ValueError(f"SYMATTN_CPU_ISA={value!r} is not a kernel set: expected one of {', '.join(ISA_CHOICES)}, "
+                         f"or {CHECK_ISA} (a check build for tests), or unset for the widest this CPU runs")
 
 
 _check_isa_variable()
@@ -92,7 +97,9 @@ def kernel_isa() -> str:
     "AVX512_BF16" (AVX-512, and bfloat16 inputs multiplied as bf16 pairs with vdpbf16ps),
     "AVX512", "AVX2" or "DEFAULT" (bfloat16 widened to fp32 in all three). Both bfloat16 paths
     round P and G to bf16 and accumulate in fp32. The CPU decides; ``ATEN_CPU_CAPABILITY`` or
-    ``SYMATTN_CPU_ISA=avx512_bf16|avx512|avx2|default`` (read once, at the first call) lowers it."""
+    ``SYMATTN_CPU_ISA=avx512_bf16|avx512|avx2|default`` (read once, at the first call) lowers it.
+    ``SYMATTN_CPU_ISA=avx2_bf16_pairs`` gives "AVX2_BF16_PAIRS" on an AVX2 CPU: the check build
+    (``CHECK_ISA``) that runs the AVX512_BF16 kernels' bfloat16 data path there, for tests."""
     return torch.ops.symattn.cpu_kernel_isa()
 
 
