@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import symattn_kernels as sk
 from symattn_kernels import backends, extensions, ops
 from symattn_kernels.backends import cpu_lowrank, registry
-from symattn_kernels.backends.cpu import ISA_CHOICES
+from symattn_kernels.backends.cpu import KERNEL_BUILDS
 from symattn_kernels.backends import torch as torch_backend
 from symattn_kernels import reference as R
 from tests.attention_checks import run_on_instruction_set, with_threads
@@ -192,7 +192,7 @@ for case in [Case(3, 70, 259, 12, padded=True, with_u=True), Case(3, 40, 64, 8, 
 print("ok")
 """
 @needs_fused
-@pytest.mark.parametrize("isa", ISA_CHOICES)
+@pytest.mark.parametrize("isa", KERNEL_BUILDS)
 def test_fused_every_instruction_set_build(isa):
     assert run_on_instruction_set(isa, _ISA_SCRIPT).split() == [isa.upper(), "ok"]
 

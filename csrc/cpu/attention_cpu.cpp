@@ -66,7 +66,7 @@ std::string isa_request() {
 }
 
 // SYMATTN_CPU_ISA=default|avx2|avx512|avx512_bf16|avx512_amx caps the choice (tests reach every
-// build this way); avx2_bf16_pairs caps it at AVX2 and asks for the check build (kernels()).
+// build this way); avx2_bf16_pairs caps it at AVX2 and asks for the check build (cpu_pairs_check).
 // Anything else is ignored with a warning.
 int isa_cap() {
   const std::string name = isa_request();
@@ -101,6 +101,9 @@ bool amx_usable() {
 
 }  // namespace
 
+// The check build where it was asked for and the CPU runs AVX2 (isa_cap stops the level there).
+bool cpu_pairs_check() { return cpu_isa_level() == 1 && isa_request() == kPairsCheckName; }
+
 // The widest kernel set this CPU runs: ATen's judgement of AVX2 / AVX-512 (ATEN_CPU_CAPABILITY
 // can lower it), cpuid for AVX512-BF16 and AMX, capped by SYMATTN_CPU_ISA (asked first, so that a
 // cap below AMX never requests the tile state).
@@ -128,8 +131,7 @@ const Kernels& kernels() {
   static const Kernels chosen = [] {
     const int level = cpu_isa_level();
 #ifdef SYMATTN_X86_DISPATCH
-    // The check build where it was asked for and the CPU runs AVX2 (isa_cap stops it there).
-    if (level == 1 && isa_request() == kPairsCheckName) {
+    if (cpu_pairs_check()) {
       return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward,
                      cpu::AVX2_BF16_PAIRS::attention_forward, cpu::AVX2_BF16_PAIRS::attention_backward,
                      cpu::AVX2_BF16_PAIRS::dropout_keep, kPairsCheckName};

@@ -15,6 +15,10 @@ std::string cpu_kernel_isa();
 // 3 AVX512_BF16 (chosen once per process; see attention_cpu.cpp).
 int cpu_isa_level();
 
+// Whether bfloat16 inputs run the check build AVX2_BF16_PAIRS (isa.h): asked for by
+// SYMATTN_CPU_ISA=avx2_bf16_pairs on a CPU whose level is AVX2.
+bool cpu_pairs_check();
+
 // What each worker ran in this process's latest CPU forward (backward = false) or backward call:
 // int64 [workers, 2] of (tasks, query rows). A diagnostic for tests of the work distribution.
 at::Tensor cpu_last_schedule(bool backward);

@@ -34,31 +34,21 @@ void store_elems(float* row, int64_t j, const Vec& x, int64_t count) { x.store(r
 void zero_elems(float* row, int64_t j0, int64_t j1) { std::fill(row + j0, row + std::max(j0, j1), 0.f); }
 
 #if defined(SYMATTN_BF16_PAIRS_ON_AVX2)
-// The check build's pairs (isa.h): eight words per register, and vdpbf16ps as two FMAs of the
-// exact bf16 products (a bf16 is the high half of its fp32). The helpers that vdpbf16ps's build
-// writes with AVX-512 conversions round to nearest even through c10::BFloat16 here.
+// The check build's pairs (isa.h, bf16_pairs_avx2.h). The helpers that vdpbf16ps's build writes
+// with AVX-512 conversions round to nearest even through c10::BFloat16 here.
 struct Bf16Dot {
   using Word = uint32_t;
   using Reg = __m256i;
   static constexpr int64_t kPack = 2;
-  static __m256i load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static __m256i load(const uint32_t* p, int64_t count) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))), lane);
-    return _mm256_maskload_epi32(reinterpret_cast<const int*>(p), mask);
-  }
+  static __m256i load(const uint32_t* p) { return load_pairs(p, 8); }
+  static __m256i load(const uint32_t* p, int64_t count) { return load_pairs(p, count); }
   static __m256i broadcast(const uint32_t* p) {
     uint32_t word;
     std::memcpy(&word, p, sizeof(word));
     return _mm256_set1_epi32(static_cast<int>(word));
   }
   static Vec fma(const __m256i& a, const __m256i& b, const Vec& acc) {
-    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-    const __m256 a_even = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
-    const __m256 b_even = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
-    const __m256 a_odd = _mm256_castsi256_ps(_mm256_and_si256(a, high));
-    const __m256 b_odd = _mm256_castsi256_ps(_mm256_and_si256(b, high));
-    return Vec(_mm256_fmadd_ps(a_odd, b_odd, _mm256_fmadd_ps(a_even, b_even, static_cast<__m256>(acc))));
+    return Vec(dot_pairs(static_cast<__m256>(acc), a, b));
   }
 };
 

@@ -41,7 +41,8 @@
 // bfloat16 rows take bf16 pairs on vdpbf16ps, exact products with fp32 sums.
 //
 // This header is compiled once per instruction set (lama_cpu.cpp for DEFAULT, lama_cpu_avx2.cpp,
-// lama_cpu_avx512.cpp, lama_cpu_avx512_bf16.cpp for bfloat16 only), each time in its own
+// lama_cpu_avx512.cpp, lama_cpu_avx512_bf16.cpp for bfloat16 only, and its check build
+// lama_cpu_avx2_bf16_pairs.cpp), each time in its own
 // CPU_CAPABILITY namespace; everything but the two entry points has internal linkage.
 #pragma once
 
@@ -65,6 +66,9 @@
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(SYMATTN_BF16_DOT)
 #include <immintrin.h>
+#endif
+#if defined(SYMATTN_BF16_PAIRS_ON_AVX2)
+#include "bf16_pairs_avx2.h"
 #endif
 
 #include "in_order.h"
@@ -287,11 +291,24 @@ struct Ops {
 #if defined(SYMATTN_BF16_DOT)
 // out[j * ldo + t] = <x[t], r[j]> for bfloat16 rows of even length E: bf16 pairs on vdpbf16ps.
 struct Bf16Dots {
-  static constexpr int kAcc = 16;
+  static constexpr int kAcc = Ops<float>::kAcc;  // 16 (AVX-512); 8 in the check build on AVX2
 
   template <int NT, int MB>
   static void dot_block(const c10::BFloat16* const* x, const c10::BFloat16* r, int64_t ldr, int64_t E, float* out,
                         int64_t ldo, int64_t nt) {
+#if defined(SYMATTN_BF16_PAIRS_ON_AVX2)
+    // The check build (isa.h): eight pairs per register, the products as two FMAs.
+    __m256 acc[kAcc];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t e = 0; e < E; e += 16) {
+      __m256i xv[NT];
+      for (int t = 0; t < NT; ++t) xv[t] = load_pairs(x[t] + e, (E - e) / 2);
+      for (int j = 0; j < MB; ++j) {
+        const __m256i rv = load_pairs(r + j * ldr + e, (E - e) / 2);
+        for (int t = 0; t < NT; ++t) acc[t * MB + j] = dot_pairs(acc[t * MB + j], xv[t], rv);
+      }
+    }
+#else
     __m512 acc[kAcc];
     for (auto& a : acc) a = _mm512_setzero_ps();
     for (int64_t e = 0; e < E; e += 32) {
@@ -305,6 +322,7 @@ struct Bf16Dots {
         }
       }
     }
+#endif
     at::vec::Vectorized<float> vacc[kAcc];
     for (int i = 0; i < kAcc; ++i) vacc[i] = acc[i];
     float sums[kAcc];
@@ -328,8 +346,10 @@ struct Bf16Dots {
   static void dots(const c10::BFloat16* const* x, int64_t n, const c10::BFloat16* r, int64_t ldr, int64_t K,
                    int64_t E, float* out, int64_t ldo) {
     int64_t k = 0;
-    for (; K - k >= 16; k += 16) dot_heads<16>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
-    if (K - k >= 8) { dot_heads<8>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 8; }
+    if constexpr (kAcc >= 16) {
+      for (; K - k >= 16; k += 16) dot_heads<16>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+    }
+    for (; K - k >= 8; k += 8) dot_heads<8>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
     if (K - k >= 4) { dot_heads<4>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 4; }
     if (K - k >= 2) { dot_heads<2>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 2; }
     if (K - k >= 1) dot_heads<1>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
@@ -967,8 +987,9 @@ void backward(const LamaBackwardParams& p) {
 
 }  // namespace
 
-#if SYMATTN_ISA_LEVEL == 3
-// The AVX512-BF16 build serves bfloat16 only (the other dtypes gain nothing from it).
+#if SYMATTN_ISA_LEVEL == 3 || defined(SYMATTN_BF16_PAIRS_ON_AVX2)
+// The AVX512-BF16 build serves bfloat16 only (the other dtypes gain nothing from it), as does
+// its check build on AVX2.
 void lama_forward(const LamaParams& p) { forward<c10::BFloat16>(p); }
 void lama_backward(const LamaBackwardParams& p) { backward<c10::BFloat16>(p); }
 #else

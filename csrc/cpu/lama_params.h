@@ -67,5 +67,9 @@ namespace AVX512_BF16 {  // bfloat16 only
 void lama_forward(const LamaParams& p);
 void lama_backward(const LamaBackwardParams& p);
 }  // namespace AVX512_BF16
+namespace AVX2_BF16_PAIRS {  // bfloat16 only; a check build (isa.h)
+void lama_forward(const LamaParams& p);
+void lama_backward(const LamaBackwardParams& p);
+}  // namespace AVX2_BF16_PAIRS
 
 }  // namespace symattn::cpu
