@@ -154,13 +154,13 @@ def kernel_dropout_seed(seed_state):
 
 def run_on_instruction_set(isa: str, script: str, timeout: float = 600, args: tuple = ()) -> str:
     """stdout of ``python -c script *args``, run from the repository root with the fused CPU kernels
-    set to ``isa`` (one of ``backends.cpu.ISA_CHOICES``, or its ``CHECK_ISA``, which needs AVX2;
-    a process reads it once, at its first call). Skips where this CPU does not run that set;
-    fails on a non-zero exit."""
+    set to ``isa`` (one of ``backends.cpu.KERNEL_BUILDS``: the check builds need AVX2; a process
+    reads it once, at its first call). Skips where this CPU does not run that set; fails on a
+    non-zero exit."""
     from symattn_kernels.backends import cpu
 
     def level(name):
-        return cpu.ISA_CHOICES.index("avx2" if name == cpu.CHECK_ISA else name)
+        return cpu.ISA_CHOICES.index("avx2" if name in cpu.CHECK_BUILDS else name)
 
     widest = cpu.kernel_isa().lower()
     if level(isa) > level(widest):

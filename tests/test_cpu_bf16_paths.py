@@ -1,6 +1,7 @@
 """Each bfloat16 product path of the ``cpu`` backend, forced in its own process: AMX tiles
-(``AVX512_AMX``) and vdpbf16ps (``AVX512_BF16``), and vdpbf16ps's data path on AVX2 (the check
-build ``AVX2_BF16_PAIRS``, which runs wherever AVX2 does). Each must meet flash-attn's error rule against
+(``AVX512_AMX``) and vdpbf16ps (``AVX512_BF16``), and both on AVX2 in the check builds
+``AVX2_AMX_EMULATED`` (an emulated tile unit) and ``AVX2_BF16_PAIRS``, which run wherever AVX2
+does. Each must meet flash-attn's error rule against
 the fp64 reference on out, lse and every gradient (whole tiles, ragged sizes that take padded
 copies, causal bands, long heads in row blocks, padding, dropout), and give bit-equal results
 with 1, 2 and 3 threads."""
@@ -71,8 +72,9 @@ for name, (shape, opts) in CASES.items():
 print(json.dumps(report))
 """
 
-# avx2_bf16_pairs: the AVX512_BF16 kernels' data path on any AVX2 CPU (backends.cpu.CHECK_ISA).
-_PATHS = ["avx512_amx", "avx512_bf16", "avx2_bf16_pairs"]
+# The check builds (backends.cpu.CHECK_BUILDS) run the AVX512_BF16 and AVX512_AMX kernels' paths on
+# any AVX2 CPU.
+_PATHS = ["avx512_amx", "avx512_bf16", "avx2_bf16_pairs", "avx2_amx_emulated"]
 
 
 @pytest.mark.parametrize("isa", _PATHS)
@@ -113,9 +115,10 @@ print(json.dumps(report))
 """
 
 
-def test_amx_forward_takes_whole_heads_while_the_call_has_enough_tasks():
-    report = json.loads(run_on_instruction_set("avx512_amx", _TASKS_SCRIPT).strip().splitlines()[-1])
-    assert report["isa"] == "AVX512_AMX"
+@pytest.mark.parametrize("isa", ["avx512_amx", "avx2_amx_emulated"])
+def test_amx_forward_takes_whole_heads_while_the_call_has_enough_tasks(isa):
+    report = json.loads(run_on_instruction_set(isa, _TASKS_SCRIPT).strip().splitlines()[-1])
+    assert report["isa"] == isa.upper()
     assert report["tasks"] == {"S512-BH64": 64, "S1100-BH12": 12 * 5}
     assert not report["errors"], report["errors"]
     assert not report["thread_mismatch"], report["thread_mismatch"]

@@ -40,8 +40,8 @@ ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-5}
 ATOL_OUT = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ISA = cpu_backend.kernel_isa()
 # The bfloat16-only builds take bf16; fp32 and fp16 run on the AVX512 build there (on the AVX2
-# build beside the check build).
-BF16_ONLY = ("AVX512_BF16", "AVX512_AMX", "AVX2_BF16_PAIRS")
+# build beside the check builds).
+BF16_ONLY = ("AVX512_BF16", "AVX512_AMX", "AVX2_BF16_PAIRS", "AVX2_AMX_EMULATED")
 DTYPES = [torch.bfloat16] if ISA in BF16_ONLY else [torch.float32, torch.bfloat16, torch.float16]
 
 torch.manual_seed(5)

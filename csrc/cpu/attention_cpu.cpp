@@ -55,8 +55,9 @@ struct Kernels {
 // bfloat16 products on AMX tiles (4).
 constexpr const char* kIsaNames[] = {"DEFAULT", "AVX2", "AVX512", "AVX512_BF16", "AVX512_AMX"};
 constexpr int kWidestIsa = 4;
-// The check build of isa.h: AVX2 kernels, and bfloat16 through the AVX512_BF16 kernels' data path.
-constexpr const char* kPairsCheckName = "AVX2_BF16_PAIRS";
+// The check builds of isa.h, for an AVX2 CPU: bfloat16 through the AVX512_BF16 kernels' data path
+// (1), or through the AVX512_AMX kernels on an emulated tile unit (2); AVX2 kernels otherwise.
+constexpr const char* kCheckBuilds[] = {"AVX2_BF16_PAIRS", "AVX2_AMX_EMULATED"};
 
 std::string isa_request() {
   const char* env = std::getenv("SYMATTN_CPU_ISA");
@@ -66,17 +67,19 @@ std::string isa_request() {
 }
 
 // SYMATTN_CPU_ISA=default|avx2|avx512|avx512_bf16|avx512_amx caps the choice (tests reach every
-// build this way); avx2_bf16_pairs caps it at AVX2 and asks for the check build (cpu_pairs_check).
-// Anything else is ignored with a warning.
+// build this way); avx2_bf16_pairs and avx2_amx_emulated cap it at AVX2 and ask for a check build
+// (cpu_check_build). Anything else is ignored with a warning.
 int isa_cap() {
   const std::string name = isa_request();
   if (name.empty()) return kWidestIsa;
-  if (name == kPairsCheckName) return 1;
+  for (const char* check : kCheckBuilds) {
+    if (name == check) return 1;
+  }
   for (int level = 0; level <= kWidestIsa; ++level) {
     if (name == kIsaNames[level]) return level;
   }
   TORCH_WARN("symattn: ignoring SYMATTN_CPU_ISA=", name,
-             " (expected default, avx2, avx512, avx512_bf16, avx512_amx or avx2_bf16_pairs)");
+             " (expected default, avx2, avx512, avx512_bf16, avx512_amx, avx2_bf16_pairs or avx2_amx_emulated)");
   return kWidestIsa;
 }
 
@@ -101,8 +104,15 @@ bool amx_usable() {
 
 }  // namespace
 
-// The check build where it was asked for and the CPU runs AVX2 (isa_cap stops the level there).
-bool cpu_pairs_check() { return cpu_isa_level() == 1 && isa_request() == kPairsCheckName; }
+// The check build asked for, where the CPU runs AVX2 (isa_cap stops the level there): 0 none.
+int cpu_check_build() {
+  if (cpu_isa_level() != 1) return 0;
+  const std::string name = isa_request();
+  for (int i = 0; i < 2; ++i) {
+    if (name == kCheckBuilds[i]) return i + 1;
+  }
+  return 0;
+}
 
 // The widest kernel set this CPU runs: ATen's judgement of AVX2 / AVX-512 (ATEN_CPU_CAPABILITY
 // can lower it), cpuid for AVX512-BF16 and AMX, capped by SYMATTN_CPU_ISA (asked first, so that a
@@ -131,10 +141,15 @@ const Kernels& kernels() {
   static const Kernels chosen = [] {
     const int level = cpu_isa_level();
 #ifdef SYMATTN_X86_DISPATCH
-    if (cpu_pairs_check()) {
+    if (cpu_check_build() == 1) {
       return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward,
                      cpu::AVX2_BF16_PAIRS::attention_forward, cpu::AVX2_BF16_PAIRS::attention_backward,
-                     cpu::AVX2_BF16_PAIRS::dropout_keep, kPairsCheckName};
+                     cpu::AVX2_BF16_PAIRS::dropout_keep, kCheckBuilds[0]};
+    }
+    if (cpu_check_build() == 2) {
+      return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward,
+                     cpu::AVX2_AMX_EMULATED::attention_forward, cpu::AVX2_AMX_EMULATED::attention_backward,
+                     cpu::AVX2_AMX_EMULATED::dropout_keep, kCheckBuilds[1]};
     }
     if (level == 4) {
       return Kernels{cpu::AVX512::attention_forward, cpu::AVX512::attention_backward,

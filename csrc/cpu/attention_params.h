@@ -99,5 +99,10 @@ void attention_forward(const ForwardParams& p);
 void attention_backward(const BackwardParams& p);
 void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
 }  // namespace AVX2_BF16_PAIRS
+namespace AVX2_AMX_EMULATED {  // bfloat16 only; a check build (isa.h)
+void attention_forward(const ForwardParams& p);
+void attention_backward(const BackwardParams& p);
+void dropout_keep(uint64_t seed, double dropout_p, uint64_t first, int64_t n, float* keep);
+}  // namespace AVX2_AMX_EMULATED
 
 }  // namespace symattn::cpu

@@ -32,6 +32,9 @@
 #if defined(SYMATTN_BF16_PAIRS_ON_AVX2)
 #include "bf16_pairs_avx2.h"
 #endif
+#if defined(SYMATTN_AMX_EMULATED)
+#include "amx_emulated.h"
+#endif
 #if defined(SYMATTN_AMX_DOT)
 #include "amx_gemm.h"
 #endif

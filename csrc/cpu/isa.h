@@ -46,8 +46,18 @@
 #define SYMATTN_ISA_LEVEL 1
 #define SYMATTN_BF16_DOT 1
 #define SYMATTN_BF16_PAIRS_ON_AVX2 1
+#elif defined(SYMATTN_ISA_AVX2_AMX_EMULATED) && defined(SYMATTN_X86_DISPATCH)
+// The second check build: the AVX512_AMX kernels (their task plan and tile products) on AVX2,
+// the tile unit emulated in software (amx_emulated.h), on SYMATTN_CPU_ISA=avx2_amx_emulated.
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#define CPU_CAPABILITY AVX2_AMX_EMULATED
+#define SYMATTN_ISA_LEVEL 1
+#define SYMATTN_BF16_DOT 1
+#define SYMATTN_BF16_PAIRS_ON_AVX2 1
+#define SYMATTN_AMX_DOT 1
+#define SYMATTN_AMX_EMULATED 1
 #elif !defined(SYMATTN_ISA_AVX2) && !defined(SYMATTN_ISA_AVX512) && !defined(SYMATTN_ISA_AVX512_BF16) && \
-    !defined(SYMATTN_ISA_AVX512_AMX) && !defined(SYMATTN_ISA_AVX2_BF16_PAIRS)
+    !defined(SYMATTN_ISA_AVX512_AMX) && !defined(SYMATTN_ISA_AVX2_BF16_PAIRS) && !defined(SYMATTN_ISA_AVX2_AMX_EMULATED)
 #define CPU_CAPABILITY DEFAULT
 #define SYMATTN_ISA_LEVEL 0
 #endif

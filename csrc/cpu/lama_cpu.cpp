@@ -91,10 +91,10 @@ std::vector<at::Tensor> fill_inputs(LamaParams& p, const at::Tensor& h, const at
 
 // The build for this CPU (cpu_isa_level); bfloat16 takes the AVX512-BF16 one where it runs
 // (also on AMX CPUs: LAMA's products are matrix-vector, too narrow for tiles), or its check
-// build where that was asked for (cpu_pairs_check).
+// build where a check build was asked for (cpu_check_build; AMX CPUs run the AVX512-BF16 one).
 void (*forward_kernel(LamaDType dtype))(const LamaParams&) {
 #ifdef SYMATTN_X86_DISPATCH
-  if (cpu_pairs_check() && dtype == LamaDType::kBFloat16) return cpu::AVX2_BF16_PAIRS::lama_forward;
+  if (cpu_check_build() != 0 && dtype == LamaDType::kBFloat16) return cpu::AVX2_BF16_PAIRS::lama_forward;
   switch (cpu_isa_level()) {
     case 4:
     case 3: if (dtype == LamaDType::kBFloat16) return cpu::AVX512_BF16::lama_forward; [[fallthrough]];
@@ -109,7 +109,7 @@ void (*forward_kernel(LamaDType dtype))(const LamaParams&) {
 
 void (*backward_kernel(LamaDType dtype))(const LamaBackwardParams&) {
 #ifdef SYMATTN_X86_DISPATCH
-  if (cpu_pairs_check() && dtype == LamaDType::kBFloat16) return cpu::AVX2_BF16_PAIRS::lama_backward;
+  if (cpu_check_build() != 0 && dtype == LamaDType::kBFloat16) return cpu::AVX2_BF16_PAIRS::lama_backward;
   switch (cpu_isa_level()) {
     case 4:
     case 3: if (dtype == LamaDType::kBFloat16) return cpu::AVX512_BF16::lama_backward; [[fallthrough]];

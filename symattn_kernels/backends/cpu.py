@@ -29,11 +29,12 @@ __all__ = ["attention_forward", "attention_backward", "empty_gradient", "gradien
            "lowrank_forward", "lowrank_backward", "release_gradient_cache"]
 
 ISA_CHOICES = ("default", "avx2", "avx512", "avx512_bf16", "avx512_amx")
-# A check build, not a level: the AVX512_BF16 kernels' bfloat16 data path on any AVX2 CPU, its
-# vdpbf16ps done as two FMAs (csrc/cpu/isa.h). Only for tests; the other dtypes run AVX2 kernels.
-CHECK_ISA = "avx2_bf16_pairs"
-# Every kernel set SYMATTN_CPU_ISA can name (tests run each where this CPU can).
-KERNEL_BUILDS = (*ISA_CHOICES, CHECK_ISA)
+# Check builds, not levels (csrc/cpu/isa.h), for tests on any AVX2 CPU: bfloat16 inputs take the
+# AVX512_BF16 kernels' data path with vdpbf16ps done as two FMAs, or the AVX512_AMX kernels on an
+# emulated tile unit (slow: small shapes only); the other dtypes run the AVX2 kernels.
+CHECK_BUILDS = ("avx2_bf16_pairs", "avx2_amx_emulated")
+# Every kernel set SYMATTN_CPU_ISA can name.
+KERNEL_BUILDS = (*ISA_CHOICES, *CHECK_BUILDS)
 
 
 def _check_isa_variable() -> None:
@@ -42,7 +43,7 @@ def _check_isa_variable() -> None:
     value = os.environ.get("SYMATTN_CPU_ISA", "")
     if value and value.lower() not in KERNEL_BUILDS:
         raise ValueError(f"SYMATTN_CPU_ISA={value!r} is not a kernel set: expected one of {', '.join(ISA_CHOICES)}, "
-                         f"or {CHECK_ISA} (a check build for tests), or unset for the widest this CPU runs")
+                         f"or a check build for tests ({', '.join(CHECK_BUILDS)}), or unset for the widest this CPU runs")
 
 
 _check_isa_variable()
@@ -98,8 +99,9 @@ def kernel_isa() -> str:
     "AVX512", "AVX2" or "DEFAULT" (bfloat16 widened to fp32 in all three). Both bfloat16 paths
     round P and G to bf16 and accumulate in fp32. The CPU decides; ``ATEN_CPU_CAPABILITY`` or
     ``SYMATTN_CPU_ISA=avx512_bf16|avx512|avx2|default`` (read once, at the first call) lowers it.
-    ``SYMATTN_CPU_ISA=avx2_bf16_pairs`` gives "AVX2_BF16_PAIRS" on an AVX2 CPU: the check build
-    (``CHECK_ISA``) that runs the AVX512_BF16 kernels' bfloat16 data path there, for tests."""
+    ``SYMATTN_CPU_ISA=avx2_bf16_pairs`` or ``avx2_amx_emulated`` gives that check build
+    (``CHECK_BUILDS``) on an AVX2 CPU: the AVX512_BF16 or AVX512_AMX kernels' bfloat16 path there,
+    for tests."""
     return torch.ops.symattn.cpu_kernel_isa()
 
 
