@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .interface import lowrank_context_attention
+from .backends.registry import BACKENDS
+from .masks import key_padding_mask
 from .validation import flag, positive_int
 
 __all__ = ["LowRankContextAttention", "LAMAClassifier", "masked_mean"]
@@ -56,6 +58,11 @@ class LowRankContextAttention(nn.Module):
         super().__init__()
         if context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+        # Checked here, not only at the first forward (lowrank_context_attention checks them too).
+        if head_norm not in ("l2", None):
+            raise ValueError(f"head_norm must be 'l2' or None, got {head_norm!r}")
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         self.input_size = positive_int("input_size", input_size)
         self.num_heads = positive_int("num_heads", num_heads)
         self.context_mode, self.head_norm, self.backend = context, head_norm, backend
@@ -107,8 +114,9 @@ class LAMAClassifier(nn.Module):
         context, head_norm, token_softmax, backend: as in ``LowRankContextAttention``.
         pooler (nn.Module, Optional): replaces LAMA (see above). Default: ``None``.
 
-    Forward: ``input_ids`` [B, T] long, ``attention_mask`` [B, T] (nonzero = real token,
-    right-padded) or None. Returns logits [B, num_classes].
+    Forward: ``input_ids`` [B, T] long, ``attention_mask`` [B, T] or None: bool, integer or
+    float 0/1 (nonzero = real token) or additive float (0 = real, -inf = padded), right-padded
+    (anything else raises). Returns logits [B, num_classes].
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, hidden_size: int, num_heads: int, num_classes: int, *,
@@ -139,23 +147,40 @@ class LAMAClassifier(nn.Module):
 
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None):
         """Token states h [B, T, 2H] and the bool key padding mask (None when no mask is given)."""
-        mask = None if attention_mask is None else attention_mask.bool()
         x = self.dropout(self.embedding(input_ids))
-        if mask is None:
+        if attention_mask is None:
             h, _ = self.encoder(x)
             return h, None
+        mask = self._right_padded(input_ids, attention_mask)
         lengths = mask.sum(dim=1).clamp_min(1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         h, _ = self.encoder(packed)
         h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=input_ids.shape[1])
         return h, mask
 
+    @staticmethod
+    def _right_padded(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The bool mask (True = real token) of a [B, T] mask in any of the package's forms
+        (``masks.key_padding_mask``), which must put each row's real tokens first: the BiGRU
+        packs each row's first ``length`` tokens."""
+        if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must be a [B, T] tensor like input_ids {tuple(input_ids.shape)}, "
+                             f"got {got}")
+        mask = key_padding_mask(attention_mask, *input_ids.shape)
+        prefix = torch.arange(mask.shape[1], device=mask.device) < mask.sum(dim=1, keepdim=True)
+        if not torch.equal(mask, prefix):
+            raise ValueError("attention_mask must be right-padded (each row's real tokens first, no gaps): the BiGRU "
+                             "reads each row's first tokens")
+        return mask
+
     def pool(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None):
         """(pooled [B, m, 2H], token weights [B, m, T])."""
         h, mask = self.encode(input_ids, attention_mask)
         if self.token_mlp is None:
             return self.attention(h, mask)
-        return self.attention(h, mask, u=torch.tanh(self.token_mlp(h)))
+        # .to: under autocast the Linear gives bf16 keys for the GRU's fp32 states.
+        return self.attention(h, mask, u=torch.tanh(self.token_mlp(h)).to(h.dtype))
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         pooled, _ = self.pool(input_ids, attention_mask)

@@ -74,6 +74,8 @@ def key_padding_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int) 
     """
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seqlen):
         raise ValueError(f"attention_mask must have shape [B, S] = ({batch}, {seqlen}) or [B or 1, 1 or H, S, S], "
                          f"got {tuple(attention_mask.shape)}")
@@ -88,7 +90,7 @@ def allowed_4d(mask: Tensor, batch: int, seqlen: int, kv_len: Optional[int] = No
     """``[B, S, K]`` bool (True = may attend) from a 4D mask ``[B or 1, 1 or H, S, K]`` whose heads
     agree; ``K = kv_len``, default ``S``."""
     kv_len = seqlen if kv_len is None else kv_len
-    if mask.shape[0] not in (1, batch) or tuple(mask.shape[-2:]) != (seqlen, kv_len):
+    if mask.dim() != 4 or mask.shape[0] not in (1, batch) or tuple(mask.shape[-2:]) != (seqlen, kv_len):
         raise ValueError(f"attention_mask must have shape [B or 1, 1 or H, S, S] with B = {batch}, S = {seqlen}"
                          f"{'' if kv_len == seqlen else f' (keys: {kv_len})'}, got {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
@@ -105,12 +107,15 @@ def allowed_4d(mask: Tensor, batch: int, seqlen: int, kv_len: Optional[int] = No
 def _packed_from_labels(labels: Tensor, attends: Tensor) -> Optional[MaskPlan]:
     """Packed plan from per-token sequence labels ``[B, S]`` (tokens with ``attends`` False are
     left out), or None when a label's tokens are not one contiguous run."""
-    seqlen = labels.shape[1]
-    flat = (labels + torch.arange(labels.shape[0], device=labels.device)[:, None] * (seqlen + 1)).flatten()
     index = attends.flatten().nonzero().flatten()
-    runs, lengths = torch.unique_consecutive(flat[index], return_counts=True)
-    if runs.numel() != torch.unique(runs).numel():
-        return None
+    label, row = labels.flatten()[index], index // labels.shape[1]
+    # A run starts at a new row or a new label; any label values, no row's runs merge with another's.
+    starts = torch.ones_like(label, dtype=torch.bool)
+    starts[1:] = (label[1:] != label[:-1]) | (row[1:] != row[:-1])
+    first = starts.nonzero().flatten()
+    if torch.unique(torch.stack([row[first], label[first]]), dim=1).shape[1] != first.numel():
+        return None  # a label of a row in two runs
+    lengths = torch.diff(first, append=torch.tensor([label.numel()], device=labels.device))
     cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=labels.device)
     cu_seqlens[1:] = lengths.cumsum(0)
     return MaskPlan(index=index, cu_seqlens=cu_seqlens, max_seqlen=max(int(lengths.max()), 1) if lengths.numel() else 1)
@@ -145,7 +150,7 @@ def plan_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int, causal:
     Raises:
         ValueError: a 4D mask that is neither key padding (optionally causal) nor block-diagonal.
     """
-    if attention_mask is None or attention_mask.dim() != 4:
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 4:
         return MaskPlan(key_padding_mask(attention_mask, batch, seqlen), causal)
     allowed = allowed_4d(attention_mask, batch, seqlen)
     tril = torch.ones(seqlen, seqlen, dtype=torch.bool, device=allowed.device).tril()
@@ -169,6 +174,9 @@ def plan_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int, causal:
 def packed_plan(sequence_ids: Tensor) -> MaskPlan:
     """Packed plan from ``[B, S]`` labels where equal neighbours are one sequence (as transformers'
     ``find_packed_sequence_indices`` returns for packed ``position_ids``); every token attends."""
+    if not isinstance(sequence_ids, Tensor) or sequence_ids.dim() != 2:
+        got = tuple(sequence_ids.shape) if isinstance(sequence_ids, Tensor) else type(sequence_ids).__name__
+        raise ValueError(f"sequence_ids must be a [B, S] tensor of labels, got {got}")
     plan = _packed_from_labels(sequence_ids, torch.ones_like(sequence_ids, dtype=torch.bool))
     if plan is None:
         raise ValueError("packed sequence labels must form contiguous runs")

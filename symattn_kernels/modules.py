@@ -209,8 +209,8 @@ class SharedWeightSelfAttention(nn.Module):
 class StandardSelfAttention(nn.Module):
     """Standard multi-head self-attention (separate W_q, W_k, W_v) through PyTorch's SDPA.
 
-    The baseline for comparisons; same interface as ``SymmetricSelfAttention``, except that a
-    query row with no allowed key is whatever SDPA returns for it (NaN), not 0.
+    The baseline for comparisons; same interface as ``SymmetricSelfAttention`` (a query row with
+    no allowed key gives 0, as there).
 
     Args:
         hidden_size (int): d_model.
@@ -246,6 +246,10 @@ class StandardSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and mask is None,
         )
+        if mask is not None:
+            # Rows with no allowed key: SDPA's answer varies (NaN, 0, and the mean of the values in
+            # an ONNX export), so set it to the other modules' 0.
+            out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         return out.transpose(1, 2).reshape(batch, seqlen, self.hidden_size)
 
     def extra_repr(self) -> str:

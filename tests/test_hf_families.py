@@ -155,7 +155,7 @@ def test_changing_is_decoder_after_conversion_is_refused():
     converted = hf.convert_bert(_tie_keys(_bert()), "symmetric")
     ids, mask = _batch(0)
     converted.config.is_decoder = True
-    with pytest.raises(ValueError, match="config.is_decoder is True, but this layer was converted with is_decoder=False"):
+    with pytest.raises(ValueError, match="is_decoder is True, but this layer was converted with is_decoder=False"):
         converted(input_ids=ids, attention_mask=mask)
 
 

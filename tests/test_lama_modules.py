@@ -44,6 +44,10 @@ def test_rejects_bad_options():
         LowRankContextAttention(4, 2, context="max")
     with pytest.raises(ValueError, match="num_heads"):
         LowRankContextAttention(4, 0)
+    with pytest.raises(ValueError, match="head_norm"):
+        LowRankContextAttention(4, 2, head_norm="l1")
+    with pytest.raises(ValueError, match="backend"):
+        LowRankContextAttention(4, 2, backend="nope")
 
 
 def _model(**kw):
@@ -91,3 +95,39 @@ def test_token_weights_helper():
     assert batch.shape == (2, 3, 5)
     torch.testing.assert_close(batch[0], w)
     assert torch.all(batch[1, :, 3:] == 0)
+
+
+def test_classifier_reads_every_mask_form_of_the_package():
+    # bool, integer, float 0/1 and additive 0/-inf masks mean the same (masks.key_padding_mask);
+    # .bool() of the additive one would have swapped real and padded tokens.
+    model = _model().eval()
+    ids = torch.randint(1, 50, (2, 7))
+    real = torch.arange(7) < torch.tensor([[7], [4]])
+    expected = model(ids, real)
+    additive = torch.zeros(2, 7).masked_fill(~real, float("-inf"))
+    for mask in (real.long(), real.float(), additive):
+        torch.testing.assert_close(model(ids, mask), expected, atol=0, rtol=0)
+
+
+def test_classifier_refuses_masks_its_packed_encoder_cannot_read():
+    model = _model().eval()
+    ids = torch.randint(1, 50, (3, 7))
+    left = torch.ones(3, 7, dtype=torch.bool)
+    left[1, :2] = False  # left padding: the BiGRU would read the padding, not the tokens
+    hole = torch.ones(3, 7, dtype=torch.bool)
+    hole[2, 3] = False
+    for mask in (left, hole):
+        with pytest.raises(ValueError, match="right-padded"):
+            model(ids, mask)
+    for mask in (torch.ones(2, 7), torch.ones(3, 8), torch.ones(3, 1, 1, 7)):
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(ids, mask)
+
+
+def test_classifier_under_autocast():
+    model = _model().eval()
+    ids = torch.randint(1, 50, (2, 7))
+    mask = torch.arange(7) < torch.tensor([[7], [4]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids, mask)
+    torch.testing.assert_close(logits.float(), model(ids, mask), atol=5e-2, rtol=5e-2)

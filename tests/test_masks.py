@@ -5,7 +5,7 @@ padded or the varlen kernel; anything else is refused."""
 import pytest
 import torch
 
-from symattn_kernels.masks import plan_mask
+from symattn_kernels.masks import packed_plan, plan_mask
 from symattn_kernels.modules import SharedWeightSelfAttention, SymmetricSelfAttention
 
 from .attention_checks import assert_close
@@ -84,3 +84,25 @@ def test_packed_path_passes_gradients():
         grads.append([p.grad.clone() for p in (layer.qk.weight, layer.value.weight, layer.coef)])
     for name, got, want in zip(("qk.weight", "value.weight", "coef"), *grads):
         assert_close(got, want, atol=1e-9, name=f"gradient of {name} through the varlen route")
+
+
+@pytest.mark.parametrize("labels", [[[5] * 4, [0] * 4], [[0] * 4, [-5] * 4], [[0, 0, 9, 9], [9, 9, 0, 0]]],
+                         ids=["above-S", "negative", "same-labels"])
+def test_packed_labels_never_join_two_rows(labels):
+    # Each row's runs are its own sequences, whatever the label values.
+    plan = packed_plan(torch.tensor(labels))
+    lengths = torch.diff(plan.cu_seqlens).tolist()
+    expected = [4, 4] if labels[0][0] == labels[0][-1] else [2, 2, 2, 2]
+    assert lengths == expected
+    with pytest.raises(ValueError, match="sequence_ids must be a \\[B, S\\] tensor"):
+        packed_plan(torch.tensor(labels[0]))
+
+
+def test_masks_of_the_wrong_kind_are_named():
+    layer = SymmetricSelfAttention(WIDTH, HEADS)
+    hidden = torch.randn(B, S, WIDTH)
+    with pytest.raises(TypeError, match="attention_mask must be a tensor"):
+        layer(hidden, [[1] * S] * B)
+    for mask in (torch.ones(B, S, S, dtype=torch.bool), torch.ones(B, 1, 1, S, S, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="attention_mask must have shape"):
+            layer(hidden, mask)

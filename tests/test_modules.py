@@ -179,3 +179,17 @@ def test_bad_arguments():
         SymmetricSelfAttention(48, 3, pairwise="full", pairwise_init="zeros")
     with pytest.raises(ValueError, match="dropout"):
         SharedWeightSelfAttention(48, 3, dropout=1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_row_with_no_allowed_key_gives_zero(kind):
+    # Every module, the SDPA baseline included (SDPA's own answer there varies: NaN, 0, or in an
+    # ONNX export the values' mean).
+    module = _module(kind).double()
+    x, mask = _padded_batch()
+    mask[1] = False
+    with torch.no_grad():
+        out = module(x, mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1])), kind
+    real = mask[..., None].expand_as(out)
+    assert_close(out[real], _expected(module, x, mask)[real], atol=1e-10, name=kind)

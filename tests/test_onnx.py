@@ -287,3 +287,19 @@ def test_training_mode_dropout_is_refused():
     with pytest.raises(torch.onnx.errors.OnnxExporterError, match=r"dropout_p = 0\.1 .*model\.eval\(\)"):
         torch.onnx.export(model, (ids, mask), dynamo=True, verbose=False,
                           custom_translation_table=sk.onnx_translation_table())
+
+
+def test_standard_module_exports_zero_for_a_row_with_no_allowed_key():
+    # onnxruntime's attention gives such a row the mean of the values; the module sets it to 0,
+    # as its eager forward and the symmetric modules do.
+    from symattn_kernels.modules import StandardSelfAttention
+
+    torch.manual_seed(0)
+    module = StandardSelfAttention(8, 2).eval()
+    x, mask = torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.bool)
+    session = _export(module, (x, mask))
+    mask[1] = False
+    (out,) = _run(session, x, mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    with torch.no_grad():
+        assert_close(out, module(x, mask), atol=ATOL, name="StandardSelfAttention through onnxruntime")

@@ -3,7 +3,8 @@
 ``convert_bert(model, variant)`` swaps the self-attention of every layer of a BERT-family model
 (the classes of ``SUPPORTED_ATTENTION``: BERT, RoBERTa and their plain-softmax relatives; other
 ``*SelfAttention`` modules with ``query`` / ``key`` / ``value`` Linears are refused) for a
-``symattn_kernels.modules`` layer, in place; everything else stays, cross-attention included. ``revert_bert`` swaps the original classes back with weights that compute the same function.
+``symattn_kernels.modules`` layer, in place; everything else stays, cross-attention included.
+``revert_bert`` swaps the original classes back with weights that compute the same function.
 
 Variants (docs/design.md, "Variants"): ``"symmetric"`` (key = query projection), ``"pairwise_diag"`` and
 ``"pairwise_full"`` (plus a coefficient ``[H, D]`` / ``[H, D, D]``), ``"shared"`` (one projection
