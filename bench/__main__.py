@@ -4,7 +4,6 @@ there is one, else CPU), then write a CSV and PNG plots and print a markdown tab
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     started = time.perf_counter()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(environment.usable_cores())
     ops = [REGISTRY[name] for name in args.ops]
     known = {p.name for op in ops for p in op.providers(args.device)}
     if args.providers and (unknown := set(args.providers) - known):

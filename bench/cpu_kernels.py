@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import symattn_kernels as sk
+from bench.environment import usable_cores
 from bench.timing import peak_memory_mib, time_call
 
 HEADS, HEAD_DIM = 12, 64
@@ -157,11 +158,13 @@ def _sgemm_ceiling() -> float:
 
 
 def _interleaved(calls: dict, rounds: int, min_run_time: float) -> dict:
-    """Per call, its median time (ms) in each round; a round times every call once, back to back."""
+    """Per call, its median time (ms) in each round; a round times every call once, back to back,
+    each round starting one call later (so no call always follows the same one)."""
     times = {key: [] for key in calls}
-    for _ in range(rounds):
-        for key, call in calls.items():
-            times[key].append(time_call(call, "cpu", min_run_time).median_ms)
+    keys = list(calls)
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            times[key].append(time_call(calls[key], "cpu", min_run_time).median_ms)
     return times
 
 
@@ -426,7 +429,7 @@ def plot_lama(report: dict, path) -> None:
 def _environment() -> dict:
     from symattn_kernels.backends import cpu as cpu_backend
 
-    return dict(load_average=os.getloadavg(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+    return dict(load_average=os.getloadavg(), cores=usable_cores(), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 kernel_isa=cpu_backend.kernel_isa(), python=platform.python_version(), machine=platform.machine())
 
@@ -519,10 +522,8 @@ def _median_call_ms(fn, threads: int, seconds: float) -> float:
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    fn()
+    fn()  # warm-up, never a sample: a process's first call of a shape fills caches and pools
     one = time.perf_counter() - start
-    if one >= seconds:  # calls of seconds: the first is the sample
-        return one * 1e3
     samples = []
     for _ in range(max(1, min(7, int(seconds / max(one, 1e-6))))):
         start = time.perf_counter()
@@ -738,7 +739,7 @@ def main(argv=None) -> int:
     if sk.info()["backends"]["cpu"]["usable"] is False:
         print(f"cpu backend unavailable: {sk.info()['backends']['cpu']['reason']}", file=sys.stderr)
         return 1
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())
     if args.lama:
         report = run_lama(args.rounds, args.quick)
         print(format_lama(report))

@@ -14,6 +14,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset / cgroup affinity), not all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         name = torch.cuda.get_device_name()

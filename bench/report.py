@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 COLUMNS = ["op", "provider", "device", "dtype", "B", "S", "H", "D", "causal", "mode",
-           "median_ms", "p20_ms", "p80_ms", "speedup", "tflops", "peak_mib", "max_err", "status",
+           "median_ms", "p20_ms", "p80_ms", "speedup", "vs_fastest_peer", "tflops", "peak_mib", "max_err", "status",
            "torch", "cuda", "triton", "flash_attn", "symattn_kernels", "commit", "timestamp"]
 
 
@@ -89,7 +89,7 @@ def markdown_table(rows: list[dict], unavailable: dict[tuple[str, str], str],
                    baselines: dict[str, str]) -> str:
     """Rows of providers that can run here (the others are listed once by unavailable_summary)."""
     header = ["op", "mode", "dtype", "shape", "provider", "median ms", "p20–p80 ms",
-              "speed-up", "TFLOP/s", "peak MiB", "status"]
+              "speed-up", "vs fastest peer", "TFLOP/s", "peak MiB", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if (row["op"], row["provider"]) in unavailable:
@@ -99,6 +99,7 @@ def markdown_table(rows: list[dict], unavailable: dict[tuple[str, str], str],
                  f"{row['median_ms']:.3f}" if measured else "–",
                  f"{row['p20_ms']:.3f}–{row['p80_ms']:.3f}" if measured else "–",
                  f"{row['speedup']:.2f}×" if "speedup" in row else "–",
+                 f"{row['vs_fastest_peer']:.2f}×" if "vs_fastest_peer" in row else "–",
                  f"{row['tflops']:.2f}" if measured else "–",
                  f"{row['peak_mib']:.1f}" if measured else "–",
                  row["status"].replace("|", "/")]
@@ -106,5 +107,6 @@ def markdown_table(rows: list[dict], unavailable: dict[tuple[str, str], str],
     notes = ", ".join(f"{op}: baseline {name}" for op, name in baselines.items())
     lines.append("")
     lines.append(f"speed-up = baseline median / provider median, same run and case ({notes}); "
+                 "vs fastest peer = the fastest other library's median / provider median; "
                  "sdpa-* and flash_attn_* are called with (y, y, y).")
     return "\n".join(lines)

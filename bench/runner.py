@@ -199,8 +199,13 @@ def _check(step, mode, inputs, reference) -> tuple[float, str]:
 
 
 def _add_speedups(case_rows: list[dict], baseline: str) -> None:
-    """speedup = baseline median / provider median, both from this run and this case."""
+    """speedup = baseline median / provider median, and vs_fastest_peer = the fastest other
+    library's median / provider median (SDPA-math is faster than SDPA-flash in some CPU bf16
+    backwards), both from this run and this case."""
     base = next((r for r in case_rows if r["provider"] == baseline and r["status"] == "ok"), None)
+    peers = [r["median_ms"] for r in case_rows if r["status"] == "ok" and not r["provider"].startswith("symattn")]
     for row in case_rows:
         if base is not None and row["status"] == "ok":
             row["speedup"] = base["median_ms"] / row["median_ms"]
+        if peers and row["status"] == "ok":
+            row["vs_fastest_peer"] = min(peers) / row["median_ms"]

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils import benchmark
 
+from bench.environment import usable_cores
+
 MIB = 2.0**20
 # p20/p80 need a handful of samples; slow calls would otherwise give two or three.
 MIN_CPU_SAMPLES = 7
@@ -73,7 +75,7 @@ def _first_call_seconds(fn: Callable[[], object]) -> float:
 
 def _blocked_times(fn: Callable[[], object], min_run_time: float) -> list[float]:
     """Per-call seconds of the blocks of one blocked_autorange, torch threads = cores."""
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=os.cpu_count() or 1)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=usable_cores())
     return list(timer.blocked_autorange(min_run_time=min_run_time).times)
 
 
