@@ -82,7 +82,7 @@ def run(shapes=SHAPES, modes=MODES, seconds: float = 2.0, rounds: int = 2) -> di
             times = {(p, busy): [] for p in PROVIDERS for busy in (False, True)}
             for r in range(rounds):
                 for p in PROVIDERS if r % 2 == 0 else PROVIDERS[::-1]:
-                    for busy in (False, True):
+                    for busy in (False, True) if r % 2 == 0 else (True, False):
                         times[p, busy].append(_timed((B, S, H, p, mode), cpus, seconds, busy))
             for p in PROVIDERS:
                 alone, beside = statistics.median(times[p, False]), statistics.median(times[p, True])

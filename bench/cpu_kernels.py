@@ -259,7 +259,7 @@ def format_dtypes(report: dict) -> str:
     lines = [f"CPU kernels by dtype: torch {env['torch']}, {env['torch_threads']} threads on {env['cores']} cores, "
              f"kernels {env['kernel_isa']}, load average {', '.join(f'{x:.2f}' for x in env['load_average'])}", "",
              f"{'shape':<14} {'mode':<8} {'dtype':<9} {'median ms':>10} {'min ms':>8} {'/ fp32':>7} "
-             f"{'GF/s conv':>9} {'GF/s exec':>9} {'% peak':>6} {'x@ceil':>6}"]
+             f"{'GF/s conv':>9} {'GF/s exec':>9} {'% peak':>6}"]  # no peer here: no x@ceil
     peak = _peak(env, report)
     for r in sorted(report["dtype_rows"], key=lambda r: (r["B"], r["S"], r["mode"])):
         flops = _row_flops(dict(r, provider="cpu"), env)

@@ -183,7 +183,7 @@ class SharedWeightSelfAttention(nn.Module):
         self.head_dim = _head_dim(hidden_size, num_heads)
         self.dropout, self.causal = _dropout(dropout), flag("causal", causal)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=bias)
-        self.role_scales = bool(role_scales)
+        self.role_scales = flag("role_scales", role_scales)
         for name in ("d_q", "d_k", "d_v"):
             self.register_parameter(name, nn.Parameter(torch.ones(hidden_size)) if role_scales else None)
 

@@ -179,6 +179,8 @@ def test_bad_arguments():
         SymmetricSelfAttention(48, 3, pairwise="full", pairwise_init="zeros")
     with pytest.raises(ValueError, match="dropout"):
         SharedWeightSelfAttention(48, 3, dropout=1.0)
+    with pytest.raises(TypeError, match="role_scales must be a bool"):  # "no" is truthy
+        SharedWeightSelfAttention(48, 3, role_scales="no")
 
 
 @pytest.mark.parametrize("kind", KINDS)
