@@ -10,6 +10,8 @@ from torch import Tensor
 from . import backends, ops, validation
 from .ops import unit_last_stride as _unit_last_stride
 
+HEAD_NORMS = ("l2", None)  # lowrank_context_attention's head_norm options
+
 
 def _dropout_seed(dropout_p: float) -> Optional[Tensor]:
     # Drawn from torch's default CPU generator, so torch.manual_seed fixes the mask.
@@ -258,21 +260,21 @@ def lowrank_context_attention(
         validation.shape("u", u, h.shape, "B, T, E")
     per_sequence = isinstance(context, Tensor) and context.dim() == 2
     validation.tensor("context", context, dims=("B", "E") if per_sequence else ("E",))
-    validation.shape("context", context, (dim,) if context.dim() == 1 else (batch, dim), "E] or [B, E")
+    from_h = f"h {tuple(h.shape)}"
+    validation.shape("context", context, (dim,) if context.dim() == 1 else (batch, dim), "E] or [B, E", from_h)
     validation.tensor("p", p, dims=("E", "m"))
     validation.tensor("q", q, dims=("E", "m"))
     heads = p.shape[1]
     if heads == 0:
         raise ValueError("p must have at least one head: shape [E, m] with m >= 1, got m = 0")
-    validation.shape("p", p, (dim, heads), "E, m")
-    validation.shape("q", q, (dim, heads), "E, m")
+    validation.shape("p", p, (dim, heads), "E, m", from_h)
+    validation.shape("q", q, (dim, heads), "E, m", f"{from_h} and p {tuple(p.shape)}")
     for name, x in (("u", u), ("context", context), ("p", p), ("q", q)):
         validation.same_device(name, x, "h", h)
         if x is not None and x.dtype != h.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but h has {h.dtype}; they must match")
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
-    if head_norm not in ("l2", None):
-        raise ValueError(f"head_norm must be 'l2' or None, got {head_norm!r}")
+    validation.choice("head_norm", head_norm, HEAD_NORMS)
     validation.flag("token_softmax", token_softmax)
     case = backends.LowrankCase(dim, heads, _needs_grad(h, context, p, q, u))
     name = backends.resolve(backend, h.device, h.dtype, op="lowrank", case=case)

@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .interface import lowrank_context_attention
-from .backends.registry import BACKENDS
+from .interface import HEAD_NORMS, lowrank_context_attention
+from .backends.registry import check_name
 from .masks import key_padding_mask
-from .validation import flag, positive_int
+from .validation import choice, flag, positive_int
 
 __all__ = ["LowRankContextAttention", "LAMAClassifier", "masked_mean"]
 
@@ -59,10 +59,8 @@ class LowRankContextAttention(nn.Module):
         if context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
         # Checked here, not only at the first forward (lowrank_context_attention checks them too).
-        if head_norm not in ("l2", None):
-            raise ValueError(f"head_norm must be 'l2' or None, got {head_norm!r}")
-        if backend not in ("auto", *BACKENDS):
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        choice("head_norm", head_norm, HEAD_NORMS)
+        check_name(backend)
         self.input_size = positive_int("input_size", input_size)
         self.num_heads = positive_int("num_heads", num_heads)
         self.context_mode, self.head_norm, self.backend = context, head_norm, backend

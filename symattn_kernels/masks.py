@@ -12,11 +12,17 @@ that a model or a user hands to a module is reduced to exactly those, or refused
   (packed sequences, optionally causal and padded); any other pattern raises ``ValueError``.
 
 Rows with no allowed key give 0, as everywhere in the package.
+
+Float and 4D masks, and packed labels, are read by value (which tokens pad, which pattern a 4D mask
+has) to choose the kernels' arguments, which no tracer can follow: under ``torch.compile`` those
+reads run eagerly at a graph break (with ``fullgraph=True``: an error giving the reason), and under
+``torch.export`` / ONNX export they raise ``ValueError``; a bool or integer ``[B, S]`` mask traces.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +49,32 @@ class MaskPlan:
         return self.cu_seqlens is not None
 
 
+def _reads_values(what: str, instead: str = "pass a bool or integer [B, S] attention_mask there"):
+    """Mark a function that reads ``what`` by value (module docstring): eager calls go straight to
+    it; under torch.compile it runs at a graph break, under torch.export it raises."""
+    reason = (f"{what} is read by value to choose the kernels' arguments, which torch.compile(fullgraph=True) "
+              f"and torch.export cannot trace: {instead}")
+
+    def decorate(fn):
+        try:
+            eager = torch.compiler.disable(fn, reason=reason)
+        except TypeError:  # torch < 2.8 takes no reason
+            eager = torch.compiler.disable(fn)
+
+        @functools.wraps(fn)
+        def read(*args, **kwargs):
+            if not torch.compiler.is_compiling():
+                return fn(*args, **kwargs)
+            if torch.compiler.is_exporting():
+                raise ValueError(reason)
+            return eager(*args, **kwargs)
+
+        return read
+
+    return decorate
+
+
+@_reads_values("a float [B, S] attention_mask")
 def _float_2d(mask: Tensor) -> Tensor:
     if bool((mask < 0).any()) or not bool(mask.any()):
         return _additive_allowed(mask, "attention_mask")
@@ -52,6 +84,7 @@ def _float_2d(mask: Tensor) -> Tensor:
     return mask != 0
 
 
+@_reads_values("an additive float attention_mask")
 def _additive_allowed(mask: Tensor, name: str) -> Tensor:
     allowed = mask == 0
     blocked = mask <= torch.finfo(mask.dtype).min / 2
@@ -99,9 +132,15 @@ def allowed_4d(mask: Tensor, batch: int, seqlen: int, kv_len: Optional[int] = No
         allowed = _additive_allowed(mask, "attention_mask")
     else:
         raise TypeError(f"a 4D attention_mask must be bool (True = may attend) or additive float, got {mask.dtype}")
-    if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
-        raise ValueError("a 4D attention_mask that differs between heads is not supported")
+    if allowed.shape[1] > 1:
+        _check_heads_agree(allowed)
     return allowed[:, 0].expand(batch, seqlen, kv_len)
+
+
+@_reads_values("a 4D attention_mask of several heads")
+def _check_heads_agree(allowed: Tensor) -> None:
+    if not bool((allowed == allowed[:, :1]).all()):
+        raise ValueError("a 4D attention_mask that differs between heads is not supported")
 
 
 def _packed_from_labels(labels: Tensor, attends: Tensor) -> Optional[MaskPlan]:
@@ -152,7 +191,12 @@ def plan_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int, causal:
     """
     if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 4:
         return MaskPlan(key_padding_mask(attention_mask, batch, seqlen), causal)
-    allowed = allowed_4d(attention_mask, batch, seqlen)
+    return _plan_4d(allowed_4d(attention_mask, batch, seqlen), causal, tuple(attention_mask.shape))
+
+
+@_reads_values("a 4D attention_mask")
+def _plan_4d(allowed: Tensor, causal: bool, shape: tuple) -> MaskPlan:
+    seqlen = allowed.shape[-1]
     tril = torch.ones(seqlen, seqlen, dtype=torch.bool, device=allowed.device).tril()
     if causal:
         allowed = allowed & tril
@@ -166,11 +210,13 @@ def plan_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int, causal:
         if plan is not None:
             return plan
     raise ValueError(
-        f"attention_mask of shape {tuple(attention_mask.shape)} is neither a key padding mask (optionally causal) "
+        f"attention_mask of shape {shape} is neither a key padding mask (optionally causal) "
         "nor a block-diagonal mask of packed sequences; the kernels support only those patterns"
     )
 
 
+@_reads_values("packed sequence labels (position_ids restarting at 0)",
+               "pad the sequences and pass a [B, S] attention_mask there")
 def packed_plan(sequence_ids: Tensor) -> MaskPlan:
     """Packed plan from ``[B, S]`` labels where equal neighbours are one sequence (as transformers'
     ``find_packed_sequence_indices`` returns for packed ``position_ids``); every token attends."""

@@ -30,9 +30,11 @@ def same_device(name: str, x: Optional[Tensor], ref_name: str, ref: Tensor) -> N
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put both on one device")
 
 
-def shape(name: str, x: Tensor, expected: tuple, labels: str) -> None:
+def shape(name: str, x: Tensor, expected: tuple, labels: str, sizes_from: str = "") -> None:
+    """``sizes_from`` says where ``expected`` came from, since that argument may be the odd one out."""
     if tuple(x.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape [{labels}] = {tuple(expected)}, got {tuple(x.shape)}")
+        origin = f" (sizes from {sizes_from})" if sizes_from else ""
+        raise ValueError(f"{name} must have shape [{labels}] = {tuple(expected)}{origin}, got {tuple(x.shape)}")
 
 
 def head_dim(name: str, dim: int) -> None:
@@ -67,6 +69,13 @@ def coef(x: Optional[Tensor], num_heads: int, dim: int, ref: Tensor) -> None:
 def positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def choice(name: str, value, allowed: tuple):
+    """One of a few named options (``head_norm``...)."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {value!r}")
     return value
 
 

@@ -106,3 +106,50 @@ def test_masks_of_the_wrong_kind_are_named():
     for mask in (torch.ones(B, S, S, dtype=torch.bool), torch.ones(B, 1, 1, S, S, dtype=torch.bool)):
         with pytest.raises(ValueError, match="attention_mask must have shape"):
             layer(hidden, mask)
+
+
+def _mask_forms():
+    real = torch.arange(S)[None, :] < torch.tensor([[S], [S - 3]])
+    pair = real[:, None, None, :] & real[:, None, :, None]
+    return {
+        "float 0/1": real.float(),
+        "additive": torch.zeros(B, S).masked_fill(~real, float("-inf")),
+        "4D bool": real[:, None, None, :].expand(B, 1, S, S),
+        "4D additive": torch.zeros(B, 1, S, S).masked_fill(~real[:, None, None, :], torch.finfo(torch.float32).min),
+        "4D packed": _packed(causal=False, padded=False)[:, None] & pair,
+    }
+
+
+@pytest.mark.parametrize("form", list(_mask_forms()))
+def test_masks_read_by_value_break_the_graph_or_say_why(form):
+    # A float or 4D mask is read by value: torch.compile runs that read eagerly at a graph break and
+    # gives the eager answer; fullgraph=True and torch.export stop with the reason, not with torch's
+    # data-dependent guard errors.
+    torch.manual_seed(0)
+    layer = SymmetricSelfAttention(WIDTH, HEADS).eval()
+    hidden, mask = torch.randn(B, S, WIDTH), _mask_forms()[form]
+    with torch.no_grad():
+        expected = layer(hidden, mask)
+        torch._dynamo.reset()
+        assert_close(torch.compile(layer, backend="eager")(hidden, mask), expected, atol=1e-6, name=f"{form}, compiled")
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="read by value .*pass a bool or integer \\[B, S\\] attention_mask"):
+            torch.compile(layer, backend="eager", fullgraph=True)(hidden, mask)
+        torch._dynamo.reset()
+    with pytest.raises(ValueError, match="read by value"):
+        torch.export.export(layer, (hidden, mask))
+
+
+def test_bool_and_integer_masks_trace_whole():
+    torch.manual_seed(0)
+    layer = SymmetricSelfAttention(WIDTH, HEADS).eval()
+    hidden = torch.randn(B, S, WIDTH)
+    real = _mask_forms()["float 0/1"]
+    for mask in (real.bool(), real.long()):
+        with torch.no_grad():
+            torch._dynamo.reset()
+            assert_close(torch.compile(layer, backend="eager", fullgraph=True)(hidden, mask), layer(hidden, mask),
+                         atol=1e-6, name=f"{mask.dtype} mask, fullgraph")
+            program = torch.export.export(layer, (hidden, mask))
+            assert_close(program.module()(hidden, mask), layer(hidden, mask), atol=1e-6, name=f"{mask.dtype}, exported")
+        torch._dynamo.reset()

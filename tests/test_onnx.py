@@ -303,3 +303,14 @@ def test_standard_module_exports_zero_for_a_row_with_no_allowed_key():
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     with torch.no_grad():
         assert_close(out, module(x, mask), atol=ATOL, name="StandardSelfAttention through onnxruntime")
+
+
+def test_float_mask_export_says_to_pass_a_bool_mask():
+    # A float mask is read by value (0/1 or additive): the export stops with that reason, not with
+    # torch.export's data-dependent guard error.
+    from symattn_kernels.modules import SymmetricSelfAttention
+
+    module = SymmetricSelfAttention(8, 2).eval()
+    with pytest.raises(torch.onnx.errors.OnnxExporterError,
+                       match=r"read by value .*pass a bool or integer \[B, S\] attention_mask"):
+        _export(module, (torch.randn(2, 6, 8), torch.ones(2, 6)))

@@ -104,8 +104,12 @@ LAMA_CASES = [
     ("h-int", dict(h=torch.ones(2, 4, 6, dtype=torch.int64)), TypeError, "h must have dtype"),
     ("context-dim", dict(context=q_(5)), ValueError, r"context must have shape \[E\] or \[B, E\]"),
     ("context-batch", dict(context=q_(3, 6)), ValueError, "context must have shape"),
+    # h the odd one out: the message says the expected width came from h
+    ("h-width", dict(h=q_(2, 4, 5)), ValueError,
+     r"context must have shape \[E\] or \[B, E\] = \(5,\) \(sizes from h \(2, 4, 5\)\), got \(6,\)"),
     ("p-shape", dict(p=q_(5, 3)), ValueError, r"p must have shape \[E, m\] = \(6, 3\)"),
-    ("q-heads", dict(q=q_(6, 2)), ValueError, r"q must have shape \[E, m\] = \(6, 3\)"),
+    ("q-heads", dict(q=q_(6, 2)), ValueError,
+     r"q must have shape \[E, m\] = \(6, 3\) \(sizes from h \(2, 4, 6\) and p \(6, 3\)\)"),
     ("no-heads", dict(p=q_(6, 0), q=q_(6, 0)), ValueError, "p must have at least one head"),
     ("u-shape", dict(u=q_(2, 5, 6)), ValueError, r"u must have shape \[B, T, E\]"),
     ("p-dtype", dict(p=q_(6, 3, dtype=torch.float64)), TypeError, "p has dtype torch.float64 but h has"),

@@ -149,6 +149,13 @@ def _op_status(name: str, op: str) -> BackendStatus:
     return st
 
 
+def check_name(backend: str) -> str:
+    """``backend`` names a backend or ``"auto"`` (whether it can run here is ``resolve``'s question)."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    return backend
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "attention",
             case: AttentionCase | LowrankCase | None = None) -> str:
     """Turn the user's ``backend`` argument into a backend that can run ``op`` on these inputs.
@@ -169,8 +176,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "a
                 if _op_status(name, op).usable and device.type in status(name).devices
                 and not _unsupported(name, op, dtype, device, case)
             )
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    check_name(backend)
     st = _op_status(backend, op)
     if not st.usable:
         raise ValueError(f"backend={backend!r} is not available here: {st.reason}")

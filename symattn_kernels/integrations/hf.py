@@ -542,10 +542,11 @@ def _hf_roots(model: nn.Module) -> list[PreTrainedModel]:
 def _owner_config(root: PreTrainedModel, name: str):
     """The config of the innermost Hugging Face model holding submodule ``name`` of ``root`` (an
     encoder-decoder's decoder layers belong to the decoder's config)."""
-    owner = root
-    for prefix, module in root.named_modules(remove_duplicate=False):
-        if prefix and name.startswith(prefix + ".") and isinstance(module, PreTrainedModel):
-            owner = module  # depth first: the last match is the innermost
+    owner, parts = root, name.split(".")
+    for depth in range(1, len(parts)):  # the ancestors of name, outermost first
+        module = root.get_submodule(".".join(parts[:depth]))
+        if isinstance(module, PreTrainedModel):
+            owner = module
     return owner.config
 
 
