@@ -3,7 +3,8 @@
 so the symmetric variant expresses the model exactly); models whose attention has the same
 query / key / value Linears but adds rotary positions, relative or layout biases or an
 approximation are refused, not converted into a different function. A layer shared by several
-paths stays shared; cross-attention layers stay standard and match the stock decoder; a changed
+paths stays shared; each family's decoder (causal, with cross-attention that stays standard)
+matches its stock decoder; a changed
 ``is_decoder`` and a value bias without a query bias are refused."""
 
 import copy
@@ -29,26 +30,27 @@ def _model(name: str, **kw):
     return model_class(config)
 
 
-# One builder per class of hf.SUPPORTED_ATTENTION.
+# One builder per class of hf.SUPPORTED_ATTENTION (keywords: config options).
 SUPPORTED = {
-    "BertSelfAttention": lambda: _model("Bert"),
-    "RobertaSelfAttention": lambda: _model("Roberta", pad_token_id=1),
-    "XLMRobertaSelfAttention": lambda: _model("XLMRoberta", pad_token_id=1),
-    "CamembertSelfAttention": lambda: _model("Camembert", pad_token_id=1),
-    "ElectraSelfAttention": lambda: _model("Electra", embedding_size=16),
-    "BertGenerationSelfAttention": lambda: _model("BertGeneration"),
-    "ErnieSelfAttention": lambda: _model("Ernie"),
-    "MegatronBertSelfAttention": lambda: _model("MegatronBert"),
-    "RemBertSelfAttention": lambda: _model("RemBert", input_embedding_size=32, output_embedding_size=32),
-    "BigBirdSelfAttention": lambda: _model("BigBird", attention_type="original_full"),
-    "SplinterSelfAttention": lambda: _model("Splinter"),
-    "XmodSelfAttention": lambda: _model("Xmod", pad_token_id=1, languages=["en_XX"], default_language="en_XX"),
-    "Data2VecTextSelfAttention": lambda: _model("Data2VecText", pad_token_id=1),
-    "RobertaPreLayerNormSelfAttention": lambda: _model("RobertaPreLayerNorm", pad_token_id=1),
-    "XLMRobertaXLSelfAttention": lambda: _model("XLMRobertaXL", pad_token_id=1),
-    "RoCBertSelfAttention": lambda: _model("RoCBert", pronunciation_vocab_size=10, shape_vocab_size=10,
+    "BertSelfAttention": lambda **kw: _model("Bert", **kw),
+    "RobertaSelfAttention": lambda **kw: _model("Roberta", **kw, pad_token_id=1),
+    "XLMRobertaSelfAttention": lambda **kw: _model("XLMRoberta", **kw, pad_token_id=1),
+    "CamembertSelfAttention": lambda **kw: _model("Camembert", **kw, pad_token_id=1),
+    "ElectraSelfAttention": lambda **kw: _model("Electra", **kw, embedding_size=16),
+    "BertGenerationSelfAttention": lambda **kw: _model("BertGeneration", **kw),
+    "ErnieSelfAttention": lambda **kw: _model("Ernie", **kw),
+    "MegatronBertSelfAttention": lambda **kw: _model("MegatronBert", **kw),
+    "RemBertSelfAttention": lambda **kw: _model("RemBert", **kw, input_embedding_size=32, output_embedding_size=32),
+    "BigBirdSelfAttention": lambda **kw: _model("BigBird", **kw, attention_type="original_full"),
+    "SplinterSelfAttention": lambda **kw: _model("Splinter", **kw),
+    "XmodSelfAttention": lambda **kw: _model("Xmod", **kw, pad_token_id=1, languages=["en_XX"],
+                                             default_language="en_XX"),
+    "Data2VecTextSelfAttention": lambda **kw: _model("Data2VecText", **kw, pad_token_id=1),
+    "RobertaPreLayerNormSelfAttention": lambda **kw: _model("RobertaPreLayerNorm", **kw, pad_token_id=1),
+    "XLMRobertaXLSelfAttention": lambda **kw: _model("XLMRobertaXL", **kw, pad_token_id=1),
+    "RoCBertSelfAttention": lambda **kw: _model("RoCBert", **kw, pronunciation_vocab_size=10, shape_vocab_size=10,
                                            pronunciation_embed_dim=8, shape_embed_dim=8),
-    "TapasSelfAttention": lambda: _model("Tapas"),
+    "TapasSelfAttention": lambda **kw: _model("Tapas", **kw),
 }
 
 # Same Linears, another function: what a converted layer would silently drop is in the id.
@@ -149,6 +151,45 @@ def test_cross_attention_layers_stay_standard_and_match_the_stock_decoder():
     with torch.no_grad():
         expected, actual = stock(**kw).logits, converted(**kw).logits
     assert_close(actual[mask.bool()], expected[mask.bool()], atol=1e-5, name="decoder with cross-attention")
+
+
+# Every family but Splinter builds decoders. MegatronBert, RemBert, BigBird and Tapas build their
+# cross-attention from the self-attention class, whose layers there have no is_causal.
+DECODERS = sorted(set(SUPPORTED) - {"SplinterSelfAttention"})
+
+
+def _decoder_inputs(stock, encoder: bool):
+    ids, mask = _batch(stock.config.pad_token_id or 0)
+    if not encoder:
+        return dict(input_ids=ids, attention_mask=mask), mask.bool()
+    # The encoder states are as long as the decoder's: MegatronBert's and Tapas's stock
+    # cross-attention (transformers 5.25) views the keys with the decoder's length.
+    encoder_mask = (torch.arange(12)[None, :] < torch.tensor([[12], [5], [9]])).long()
+    return dict(input_ids=ids, attention_mask=mask, encoder_hidden_states=torch.randn(3, 12, SMALL["hidden_size"]),
+                encoder_attention_mask=encoder_mask), mask.bool()
+
+
+@pytest.mark.parametrize("encoder", [False, True], ids=["causal_lm", "cross_attention"])
+@pytest.mark.parametrize("name", DECODERS)
+def test_supported_decoder_equals_its_stock_model(name, encoder):
+    torch.manual_seed(0)
+    stock = _tie_keys(SUPPORTED[name](is_decoder=True, add_cross_attention=encoder)).eval()
+    stock.set_attn_implementation("eager")
+    converted = hf.convert_bert(copy.deepcopy(stock), "symmetric")
+    layers = {n: m for n, m in converted.named_modules() if n.endswith(".self")}
+    assert all(isinstance(m, hf._HFSelfAttention) and m.causal for n, m in layers.items() if ".attention." in n)
+    cross = [m for n, m in layers.items() if ".crossattention." in n]
+    assert bool(cross) == encoder and not any(isinstance(m, hf._HFSelfAttention) for m in cross)
+    kw, real = _decoder_inputs(stock, encoder)
+    if encoder and name == "BigBirdSelfAttention":
+        # BigBird's decoder layer hands the encoder states to its self-attention too, which then
+        # attends to them: a converted layer cannot compute that and says so.
+        with pytest.raises(ValueError, match="cannot attend to encoder_hidden_states"):
+            converted(**kw)
+        return
+    with torch.no_grad():
+        expected, actual = stock(**kw).last_hidden_state, converted(**kw).last_hidden_state
+    assert_close(actual[real], expected[real], atol=1e-5, name=f"{name} decoder vs stock eager")
 
 
 def test_changing_is_decoder_after_conversion_is_refused():

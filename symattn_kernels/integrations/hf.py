@@ -425,9 +425,20 @@ def _check_supported(layers: list[tuple[str, nn.Module]]) -> None:
                              "layers need both with biases or both without")
 
 
+_CROSS_ATTENTION = {"crossattention", "cross_attention"}
+
+
 def _find(model: nn.Module, predicate) -> list[tuple[str, nn.Module]]:
     """Every path to a module that matches: a module shared by several layers once per path."""
     return [(name, module) for name, module in model.named_modules(remove_duplicate=False) if predicate(module)]
+
+
+def _self_attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention layers to convert. MegatronBert, RemBert, BigBird and Tapas build their
+    cross-attention from the self-attention class too; their layers hold it as ``crossattention``,
+    which stays standard."""
+    return [(name, module) for name, module in _find(model, _is_original)
+            if not _CROSS_ATTENTION.intersection(name.split("."))]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -441,7 +452,11 @@ def _new_layer(old: nn.Module, variant: str, pairwise_init: str) -> _HFSelfAtten
         raise ValueError(
             f"self-attention with {old.query.out_features} outputs for hidden size {hidden} is not supported"
         )
-    kw = dict(bias=old.query.bias is not None, dropout=old.dropout.p, causal=bool(getattr(old, "is_causal", False)))
+    # Self-attention classes of MegatronBert, RemBert, BigBird and Tapas have no is_causal: their
+    # models build a causal mask from is_decoder, which these classes keep.
+    causal = getattr(old, "is_causal", None)
+    causal = bool(getattr(old, "is_decoder", False) if causal is None else causal)
+    kw = dict(bias=old.query.bias is not None, dropout=old.dropout.p, causal=causal)
     if variant == "shared":
         new = BertSharedWeightSelfAttention(hidden, old.num_attention_heads, **kw)
     else:
@@ -597,17 +612,17 @@ def convert_bert(model: nn.Module, variant: str, init: str = "pretrained", *, pa
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
     if _find(model, lambda m: isinstance(m, _HFSelfAttention)):
         raise ValueError("model is already converted; call revert_bert first")
-    roots = [r for r in _hf_roots(model) if _find(r, _is_original)]
+    roots = [r for r in _hf_roots(model) if _self_attention_layers(r)]
     if not roots:
         raise ValueError(f"found no BERT-family self-attention (query/key/value Linears) in a Hugging Face model "
                          f"in {type(model).__name__}")
     for root in roots:
-        _check_supported(_find(root, _is_original))
+        _check_supported(_self_attention_layers(root))
     register_attention()
     for root in roots:
         std = getattr(root.config, "initializer_range", 0.02)
         converted = {}  # a layer shared by several paths (ALBERT-style) is converted once and stays shared
-        for name, old in _find(root, _is_original):
+        for name, old in _self_attention_layers(root):
             new = converted.get(id(old))
             if new is None:
                 new = converted[id(old)] = _new_layer(old, variant, pairwise_init)
@@ -745,7 +760,7 @@ def load_converted(model_class, path, *, dtype: Optional[torch.dtype] = None, de
         model, info = model_class.from_pretrained(path, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    standard = {name: layer.state_dict() for name, layer in _find(model, _is_original)}
+    standard = {name: layer.state_dict() for name, layer in _self_attention_layers(model)}
     convert_bert(model, variant, init="random")
     extras = _match_prefix(saved_extras, model)
     for name, layer in _find(model, lambda m: isinstance(m, _HFSelfAttention)):
@@ -828,7 +843,7 @@ def warm_start_report(original: nn.Module, converted: nn.Module, **inputs) -> Wa
     real = inputs.get("attention_mask")
     real = torch.ones(last.shape[:2], dtype=torch.bool, device=last.device) if real is None else real.bool()
     keys = real[:, None, None, :].to(last.dtype)
-    pairs = zip((m for _, m in _find(original, _is_original)),
+    pairs = zip((m for _, m in _self_attention_layers(original)),
                 (m for _, m in _find(converted, lambda m: isinstance(m, _HFSelfAttention))))
     errors = []
     for hidden, (old, layer) in zip(ref.hidden_states, pairs):
