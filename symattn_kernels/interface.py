@@ -33,6 +33,7 @@ def _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, key_padding_ma
     for name, value in (("causal", causal), ("exclude_self", exclude_self), ("return_lse", return_lse),
                         ("deterministic", deterministic)):
         validation.flag(name, value)
+    validation.reverse_mode_only("symmetric_attention / shared_attention", q, v, coef)
     case = backends.AttentionCase(q.shape[-1], (q if v is None else v).shape[-1], _needs_grad(q, v, coef))
     name = backends.resolve(backend, q.device, q.dtype, case=case)
     # max_seqlen is the padded S, a SymInt under torch.export: int() would fix the exported
@@ -276,6 +277,7 @@ def lowrank_context_attention(
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
     validation.choice("head_norm", head_norm, HEAD_NORMS)
     validation.flag("token_softmax", token_softmax)
+    validation.reverse_mode_only("lowrank_context_attention", h, context, p, q, u)
     case = backends.LowrankCase(dim, heads, _needs_grad(h, context, p, q, u))
     name = backends.resolve(backend, h.device, h.dtype, op="lowrank", case=case)
     return ops.lowrank_fwd(

@@ -200,7 +200,8 @@ class SharedWeightSelfAttention(nn.Module):
         plan = plan_mask(attention_mask, batch, seqlen, self.causal)
         out = attend(y, None, coef, plan, dropout_p=self.dropout if self.training else 0.0)
         out = out.reshape(batch, seqlen, self.hidden_size)
-        return out * self.d_v if self.role_scales else out
+        # d_v in the output's dtype: under autocast an fp32 d_v would promote the bf16 / fp16 output.
+        return out * self.d_v.to(out.dtype) if self.role_scales else out
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, dropout={self.dropout}, causal={self.causal}"

@@ -119,6 +119,17 @@ def _second_order(backend: str, op: str, *tensors) -> bool:
     return True
 
 
+def _refuse_batched(op: str, *grads) -> None:
+    """The backward ops fill their gradient buffers in place, which vmap cannot batch: say so
+    rather than torch's "Batching rule not implemented for symattn::..."."""
+    batched = (torch._C._functorch.is_batchedtensor, torch._C._functorch.is_legacy_batchedtensor)
+    if any(g is not None and any(is_batched(g) for is_batched in batched) for g in grads):
+        raise NotImplementedError(
+            f"symattn: batched gradients through {op} (torch.autograd.grad(is_grads_batched=True), "
+            "torch.autograd.functional.jacobian(vectorize=True)) are not supported: take one gradient per call"
+        )
+
+
 def _differentiate(forward, inputs, outputs_grads) -> list:
     """Gradients of ``forward()`` (pure torch ops) w.r.t. ``inputs``, with a graph."""
     wanted = [x for x in inputs if x is not None and x.requires_grad]
@@ -140,6 +151,7 @@ def _attention_backward(ctx, dout, dlse):
 
         grads = _differentiate(forward, (q, v, coef), (dout, dlse))
         return tuple(g if need else None for g, need in zip(grads, needs[:3])) + (None,) * 10
+    _refuse_batched("symmetric_attention", dout, dlse)
     if dout is None:
         dout = torch.zeros_like(out)
     dq = torch.empty_like(q)
@@ -240,6 +252,7 @@ def _lowrank_backward(ctx, dpooled, dattn):
             (h, context, p, q, u), (dpooled, dattn),
         )
         return tuple(g if need else None for g, need in zip(grads, needs[:5])) + (None,) * 5
+    _refuse_batched("lowrank_context_attention", dpooled, dattn)
     if dpooled is None:
         dpooled = h.new_zeros((h.shape[0], p.shape[1], h.shape[2]))
     # A backend may hand out its own gradient buffers (the cpu one reuses freed ones' blocks).

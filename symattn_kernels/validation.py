@@ -7,6 +7,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -118,3 +119,32 @@ def values(v: Optional[Tensor], q: Tensor, leading: tuple, labels: Sequence[str]
         raise TypeError(f"v has dtype {v.dtype} but q has {q.dtype}; they must match")
     same_device("v", v, "q", q)
     head_dim("v", v.shape[-1])
+
+
+def reverse_mode_only(function: str, *tensors: Optional[Tensor]) -> None:
+    """Refuse the differentiation modes the ops do not have. Their derivatives are reverse-mode
+    rules for torch.autograd (``backward()``, ``torch.autograd.grad``, checkpointing, compile):
+    under forward mode (dual tensors of ``torch.autograd.forward_ad``, ``torch.func.jvp`` /
+    ``jacfwd``) a custom op's outputs would silently carry zero tangents, and ``torch.func.grad`` /
+    ``vjp`` / ``jacrev`` cannot run the rule (an internal error). ``torch.func.vmap`` of the
+    forward works and passes."""
+    if torch.compiler.is_compiling():
+        return  # traced calls differentiate through the compiled graph's autograd
+    transforms = {layer.key() for layer in torch._C._functorch.get_interpreter_stack() or ()}
+    if torch._C._functorch.TransformType.Jvp in transforms or _dual(tensors):
+        raise NotImplementedError(
+            f"{function} has no forward-mode derivative (torch.func.jvp / jacfwd, torch.autograd.forward_ad): "
+            "differentiate in reverse mode, with backward() or torch.autograd.grad"
+        )
+    if torch._C._functorch.TransformType.Grad in transforms:
+        raise NotImplementedError(
+            f"{function} differentiates through torch.autograd only, not torch.func.grad / vjp / jacrev: "
+            "use backward() or torch.autograd.grad (torch.func.vmap of the forward works)"
+        )
+
+
+def _dual(tensors) -> bool:
+    """Whether an input carries a tangent of an open torch.autograd.forward_ad level."""
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)

@@ -139,6 +139,18 @@ def test_gradients_match_reference(kind):
         assert_close(actual[name], p.grad, atol=1e-9, rtol=1e-9, name=f"{kind} grad {name}")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_gives_the_autocast_dtype_and_fp32_values(kind):
+    module = _module(kind)
+    x, mask = _padded_batch(torch.float32)
+    with torch.no_grad():
+        expected = module(x, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x, mask)
+    assert out.dtype == torch.bfloat16, f"{kind}: {out.dtype}"
+    assert_close(out, expected, atol=0.05, rtol=0.05, name=f"{kind} under bf16 autocast")
+
+
 def test_dropout_only_in_training():
     module = _module("symmetric", dropout=0.5)
     x, mask = _padded_batch(torch.float32)

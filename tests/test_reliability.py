@@ -124,6 +124,55 @@ def test_kernel_backends_refuse_double_backward(backend):
         torch.autograd.grad(pooled.sum(), h, create_graph=True)
 
 
+# Differentiation modes the ops' reverse-mode autograd rules do not cover: refused, not zero tangents
+# (forward mode) or torch-internal errors (torch.func.grad, batched gradients).
+
+def _attention_and_lama(backend):
+    dtype = _dtype(backend)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 2, 8, dtype=dtype, generator=gen)
+    h, ctx, p = (torch.randn(*s, dtype=dtype, generator=gen) for s in ((2, 5, 4), (4,), (4, 2)))
+    return [
+        ("symmetric_attention / shared_attention", q, lambda t: sk.shared_attention(t, backend=backend)),
+        ("lowrank_context_attention", h, lambda t: sk.lowrank_context_attention(t, ctx, p, p, backend=backend)[0]),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_and_func_grad_are_refused(backend):
+    import torch.autograd.forward_ad as fwAD
+
+    for name, x, f in _attention_and_lama(backend):
+        for call in (lambda: torch.func.jvp(f, (x,), (torch.ones_like(x),)), lambda: torch.func.jacfwd(f)(x)):
+            with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode derivative"):
+                call()
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+                f(fwAD.make_dual(x, torch.ones_like(x)))
+            assert torch.equal(f(x), f(x.clone())), "a plain input inside a dual level runs"
+        for call in (lambda: torch.func.grad(lambda t: f(t).sum())(x), lambda: torch.func.vjp(f, x)):
+            with pytest.raises(NotImplementedError, match="not torch.func.grad / vjp / jacrev"):
+                call()
+        # vmap of the forward is supported: each slice as its own call.
+        batch = torch.stack([x, 2 * x])
+        assert_close(torch.func.vmap(f)(batch), torch.stack([f(x), f(2 * x)]), atol=TOL[x.dtype], name=f"{name} vmap")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_gradients_are_refused_and_the_jacobian_loop_works(backend):
+    for name, x, f in _attention_and_lama(backend):
+        x = x.detach().requires_grad_()
+        out = f(x)
+        op = name.split(" ")[0]
+        with pytest.raises(NotImplementedError, match=f"batched gradients through {op}"):
+            torch.autograd.grad(out, x, torch.randn(3, *out.shape, dtype=out.dtype), is_grads_batched=True)
+        with pytest.raises(NotImplementedError, match="batched gradients"):
+            torch.autograd.functional.jacobian(f, x, vectorize=True)
+        jac = torch.autograd.functional.jacobian(f, x)  # one backward per output element
+        (row,) = torch.autograd.grad(f(x).flatten()[3], x)
+        assert torch.equal(jac.flatten(0, out.dim() - 1)[3], row), f"{name} jacobian row"
+
+
 # Layouts.
 
 LAYOUTS = {
