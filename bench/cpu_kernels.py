@@ -535,7 +535,7 @@ def _median_call_ms(fn, threads: int, seconds: float) -> float:
 def mirrored_schedule(S: int, causal: bool, dtype: str = "float32", kernel_isa: str = "",
                       backward: bool = False) -> bool:
     """Whether the fused kernels run the mirrored half-score work for a head of S tokens without
-    a full coefficient (with or without dropout): the backward of heads over 512 tokens always (each score tile
+    a coefficient (with or without dropout): the backward of heads over 512 tokens always (each score tile
     serves both of its blocks, causal heads too); otherwise non-causal heads, except bf16 on AMX
     tiles."""
     if backward and S > 512:

@@ -176,17 +176,18 @@ def test_mirrored_forward_folds_its_states_as_tasks_finish(S, H, copies):
 
 # Dropout: the tiled forward draws each tile's part of a row's mask, the mirrored one also the
 # masks of the tiles read down their columns; the result equals the reference's under the same seed.
+@pytest.mark.parametrize("coef_mode", [None, "diag"])
 @pytest.mark.parametrize("S,causal,kind", [(513, False, None), (1025, True, "tail"), (1025, False, "heavy")])
-def test_long_forward_dropout_matches_reference(S, causal, kind):
-    q, v, coef = make_inputs(B=2, S=S, H=2, D=16, Dv=8, coef_mode="diag", shared=False)
+def test_long_forward_dropout_matches_reference(S, causal, kind, coef_mode):
+    q, v, coef = make_inputs(B=2, S=S, H=2, D=16, Dv=8, coef_mode=coef_mode, shared=False)
     kw = dict(dropout_p=0.2, causal=causal, key_padding_mask=padding(S, kind))
-    leaves = [t.detach().float().requires_grad_() for t in (q, v, coef)]
+    leaves = [None if t is None else t.detach().float().requires_grad_() for t in (q, v, coef)]
     torch.manual_seed(S)
     got = run(cpu, *leaves, **kw)
     want = run(reference, q, v, coef, dropout_seed=kernel_dropout_seed(S), **kw)
-    # Two heads per sequence: mirrored group pairs where the scores are symmetric (not causal; the
-    # heavily padded second sequence not), else 128-row tasks.
-    mirrored = 0 if causal else (1 if kind == "heavy" else 2)
+    # Two heads per sequence: mirrored group pairs where the scores are symmetric to the bit (not
+    # causal, no coefficient; the heavily padded second sequence not), else 128-row tasks.
+    mirrored = 0 if causal or coef_mode else (1 if kind == "heavy" else 2)
     tasks = 2 * (mirrored * mirrored_tasks(S, 4) + (2 - mirrored) * -(-S // 128))
     assert cpu_backend.last_schedule(False)[:, 0].sum().item() == tasks
     for name, a, b in zip(["out", "lse", "dq", "dv", "dcoef"], got, want):

@@ -280,6 +280,41 @@ def test_huge_scores_keep_their_softmax(backend, S, causal, coef):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S,causal,padded", [(300, False, False), (300, False, True), (300, True, False),
+                                             (513, False, False), (700, False, True), (700, True, False)])
+@pytest.mark.parametrize("coef_mode", ["diag", "full"])
+def test_large_scores_with_a_coefficient_keep_their_gradients(backend, S, causal, padded, coef_mode):
+    """Scores of about 1e5 (scale 1e4), an ulp of which is 0.008: the backward's probabilities
+    exp(s - lse) need its scores equal to the forward's to the bit. With a diagonal M,
+    (y_i c) . y_j and (y_j c) . y_i round differently, and a kernel that read score tiles both
+    ways in one pass and not in the other gave dv off by a percent of a token's weight. Rows
+    whose two largest scores lie within 20 are left out of the loss: their softmax is not
+    one-hot, and any fp32 rounding moves it."""
+    gen = torch.Generator().manual_seed(0)
+    q, v = torch.randn(2, S, 2, 16, generator=gen), torch.randn(2, S, 2, 4, generator=gen)
+    c = torch.rand(2, 16, generator=gen) + 0.5
+    c[:, ::5] *= -1
+    coef = c if coef_mode == "diag" else torch.diag_embed(c) + 0.05 * torch.randn(2, 16, 16, generator=gen)
+    mask = (torch.arange(S)[None, :] < torch.tensor([[S], [S // 4]])) if padded else None
+    y = q.double().transpose(1, 2)
+    scores = 1e4 * ((y * coef.double()[:, None]) if coef.dim() == 2 else y @ coef.double()) @ y.transpose(-1, -2)
+    allowed = R.attention_mask(2, S, causal=causal, key_padding_mask=mask)
+    top2 = scores.masked_fill(~allowed, float("-inf")).topk(2, dim=-1).values
+    decisive = ((top2[..., 0] - top2[..., 1]) > 20).transpose(1, 2)  # [B, S, H]
+    if mask is not None:
+        decisive &= mask[..., None]
+    assert decisive.float().mean() > 0.5
+    results = {}
+    for name, fn, dtype in (("ours", lambda *a, **k: sk.symmetric_attention(*a, **k, backend=backend), torch.float32),
+                            ("ref64", R.symmetric_attention, F64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, v, coef)]
+        out = fn(leaves[0], leaves[1], coef=leaves[2], scale=1e4, causal=causal, key_padding_mask=mask)
+        results[name] = [out.detach()] + list(torch.autograd.grad((out * decisive[..., None]).sum(), leaves[1]))
+    assert_close(results["ours"][0][decisive], results["ref64"][0][decisive], atol=1e-5, name="out of decisive rows")
+    assert_close(results["ours"][1], results["ref64"][1], atol=1e-4, name="dv at scale 1e4")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("S", [6, 600])
 def test_padded_token_of_huge_values_keeps_its_row_finite(backend, S):
     """A padded token of 1e30 (finite) scores about 1e60 against itself, +inf in fp32: that key

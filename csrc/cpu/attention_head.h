@@ -71,7 +71,13 @@ struct Geometry {
       for (int64_t b = 0; b < p.batch; ++b) L = std::max(L, p.length(b));
     }
     ldk = key_stride(L);
-    tiled = L > kWholeHead && (!backward || p.coef_mode != CoefMode::kFull);
+    // The tiled backward reads each score tile both ways, and the mirrored forward reads a row
+    // group's tiles both ways. That is exact only without a coefficient: with a diagonal one,
+    // (y_i c) . y_j and (y_j c) . y_i round differently in fp32, and a row whose backward
+    // scores are off its forward's by a few ulp gets exp(s - lse) off by as much (1 % at
+    // scores of 1e5, overflow at 1e9). Coefficient heads longer than kWholeHead multiply each
+    // row's own scores (y_i M) . y_j in both directions, as a full M needs anyway.
+    tiled = L > kWholeHead && (!backward || p.coef_mode == CoefMode::kNone);
     tile = L >= kPairBlocks * kPairTile ? kPairTile : kPairTileMin;
     block = L <= kWholeHead && kSymmetricSchedule
                 ? std::max<int64_t>(L, 1)
@@ -93,7 +99,7 @@ struct Geometry {
     }
 #endif
     symmetric = kSymmetricSchedule && L <= kWholeHead && !p.causal && p.coef_mode != CoefMode::kFull;
-    mirrored = kSymmetricSchedule && tiled && !backward && !p.causal && p.coef_mode != CoefMode::kFull;
+    mirrored = kSymmetricSchedule && tiled && !backward && !p.causal && p.coef_mode == CoefMode::kNone;
   }
 };
 
