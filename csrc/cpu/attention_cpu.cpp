@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <iterator>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -59,6 +60,14 @@ constexpr int kWidestIsa = 4;
 // (1), or through the AVX512_AMX kernels on an emulated tile unit (2); AVX2 kernels otherwise.
 constexpr const char* kCheckBuilds[] = {"AVX2_BF16_PAIRS", "AVX2_AMX_EMULATED"};
 
+// 1 + the index in kCheckBuilds of the check build called name; 0 for any other name.
+int check_build_named(const std::string& name) {
+  for (std::size_t i = 0; i < std::size(kCheckBuilds); ++i) {
+    if (name == kCheckBuilds[i]) return static_cast<int>(i) + 1;
+  }
+  return 0;
+}
+
 std::string isa_request() {
   const char* env = std::getenv("SYMATTN_CPU_ISA");
   std::string name(env == nullptr ? "" : env);
@@ -72,9 +81,7 @@ std::string isa_request() {
 int isa_cap() {
   const std::string name = isa_request();
   if (name.empty()) return kWidestIsa;
-  for (const char* check : kCheckBuilds) {
-    if (name == check) return 1;
-  }
+  if (check_build_named(name) != 0) return 1;
   for (int level = 0; level <= kWidestIsa; ++level) {
     if (name == kIsaNames[level]) return level;
   }
@@ -106,12 +113,8 @@ bool amx_usable() {
 
 // The check build asked for, where the CPU runs AVX2 (isa_cap stops the level there): 0 none.
 int cpu_check_build() {
-  if (cpu_isa_level() != 1) return 0;
-  const std::string name = isa_request();
-  for (int i = 0; i < 2; ++i) {
-    if (name == kCheckBuilds[i]) return i + 1;
-  }
-  return 0;
+  static const int build = cpu_isa_level() == 1 ? check_build_named(isa_request()) : 0;
+  return build;
 }
 
 // The widest kernel set this CPU runs: ATen's judgement of AVX2 / AVX-512 (ATEN_CPU_CAPABILITY
@@ -141,12 +144,13 @@ const Kernels& kernels() {
   static const Kernels chosen = [] {
     const int level = cpu_isa_level();
 #ifdef SYMATTN_X86_DISPATCH
-    if (cpu_check_build() == 1) {
+    const int check_build = cpu_check_build();
+    if (check_build == 1) {
       return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward,
                      cpu::AVX2_BF16_PAIRS::attention_forward, cpu::AVX2_BF16_PAIRS::attention_backward,
                      cpu::AVX2_BF16_PAIRS::dropout_keep, kCheckBuilds[0]};
     }
-    if (cpu_check_build() == 2) {
+    if (check_build == 2) {
       return Kernels{cpu::AVX2::attention_forward, cpu::AVX2::attention_backward,
                      cpu::AVX2_AMX_EMULATED::attention_forward, cpu::AVX2_AMX_EMULATED::attention_backward,
                      cpu::AVX2_AMX_EMULATED::dropout_keep, kCheckBuilds[1]};
