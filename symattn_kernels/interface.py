@@ -196,7 +196,7 @@ def symmetric_attention_varlen(
     validation.same_device("cu_seqlens", cu_seqlens, "q", q)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 offsets [0, ..., total], got {cu_seqlens.numel()}")
-    if not isinstance(max_seqlen, int) or max_seqlen < 1:
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     if cu_seqlens.device.type == "cpu":  # checking values on CUDA would synchronise
         lengths = cu_seqlens.diff()
@@ -260,6 +260,8 @@ def lowrank_context_attention(
         validation.tensor("u", u, dims=("B", "T", "E"))
         validation.shape("u", u, h.shape, "B, T, E")
     per_sequence = isinstance(context, Tensor) and context.dim() == 2
+    if isinstance(context, Tensor) and context.dim() not in (1, 2):
+        raise ValueError(f"context must have shape [E] or [B, E], got {tuple(context.shape)}")
     validation.tensor("context", context, dims=("B", "E") if per_sequence else ("E",))
     from_h = f"h {tuple(h.shape)}"
     validation.shape("context", context, (dim,) if context.dim() == 1 else (batch, dim), "E] or [B, E", from_h)

@@ -95,13 +95,20 @@ def options(scale: Optional[float], dropout_p: float, head_dim_q: int, dtype: to
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if scale is None:
         return head_dim_q**-0.5
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(_as_float(scale)):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     if abs(scale) * _LOG2E > torch.finfo(compute).max:
         raise ValueError(f"scale = {scale!r} overflows {str(compute).replace('torch.', '')}, the dtype the scores "
                          f"are computed in; it must be at most {torch.finfo(compute).max / _LOG2E:.3g} in magnitude")
     return float(scale)
+
+
+def _as_float(x) -> float:
+    try:
+        return float(x)
+    except OverflowError:  # an int beyond float's range
+        return math.inf
 
 
 _LOG2E = 1.4426950408889634  # log2(e): the kernels compute exp(x) as exp2(x * log2(e))

@@ -40,6 +40,7 @@ ATTENTION_CASES = [
     ("dropout-1", dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
     ("dropout-neg", dict(dropout_p=-0.1), ValueError, "dropout_p"),
     ("scale-nan", dict(scale=float("nan")), ValueError, "scale must be a finite float"),
+    ("scale-huge-int", dict(scale=10**400), ValueError, "scale must be a finite float"),
     ("backend-unknown", dict(backend="cudnn"), ValueError, "backend must be one of 'auto'"),
 ]
 
@@ -81,6 +82,7 @@ VARLEN_CASES = [
     ("cu-decreasing", dict(cu=torch.tensor([0, 4, 3, 5], dtype=torch.int32)), ValueError, "cu_seqlens must rise"),
     ("max-seqlen", dict(max_seqlen=2), ValueError, "max_seqlen = 2 is below the longest sequence"),
     ("max-seqlen-type", dict(max_seqlen=0), ValueError, "max_seqlen must be a positive int"),
+    ("max-seqlen-bool", dict(max_seqlen=True), ValueError, "max_seqlen must be a positive int"),
     ("v-total", dict(v=q_(4, 3, 8)), ValueError, r"v must have shape \[total, H, Dv\]"),
 ]
 
@@ -104,6 +106,7 @@ LAMA_CASES = [
     ("h-int", dict(h=torch.ones(2, 4, 6, dtype=torch.int64)), TypeError, "h must have dtype"),
     ("context-dim", dict(context=q_(5)), ValueError, r"context must have shape \[E\] or \[B, E\]"),
     ("context-batch", dict(context=q_(3, 6)), ValueError, "context must have shape"),
+    ("context-3d", dict(context=q_(2, 1, 6)), ValueError, r"context must have shape \[E\] or \[B, E\], got"),
     # h the odd one out: the message says the expected width came from h
     ("h-width", dict(h=q_(2, 4, 5)), ValueError,
      r"context must have shape \[E\] or \[B, E\] = \(5,\) \(sizes from h \(2, 4, 5\)\), got \(6,\)"),
