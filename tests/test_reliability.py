@@ -315,6 +315,34 @@ def test_large_scores_with_a_coefficient_keep_their_gradients(backend, S, causal
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("S,causal", [(600, False), (1100, False), (600, True)])
+@pytest.mark.parametrize("value_dim", [None, 4, 160])
+def test_saturated_rows_give_no_query_gradient(backend, S, causal, value_dim):
+    """No coefficient, heads over 512 tokens (the tiled backward, which takes delta = O . dO from
+    the saved output rather than from the row's P . dP), scores of about 1e5: a one-hot row's
+    G = P (dP - delta) is 0 only if delta equals its dP entry to the bit; an ulp between them,
+    times the scale of 1e4, gave dq off by 0.15 where the reference's is below 1e-7. Dv = 160
+    sums dP in two blocks of k. Rows whose two largest scores lie within 20 are left out."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, S, 2, 16, generator=gen)
+    v = None if value_dim is None else torch.randn(1, S, 2, value_dim, generator=gen)
+    y = q.double().transpose(1, 2)
+    scores = 1e4 * y @ y.transpose(-1, -2)
+    allowed = R.attention_mask(1, S, causal=causal)
+    top2 = scores.masked_fill(~allowed, float("-inf")).topk(2, dim=-1).values
+    decisive = ((top2[..., 0] - top2[..., 1]) > 20).transpose(1, 2)  # [B, S, H]
+    assert decisive.float().mean() > 0.5
+    grads = {}
+    for name, fn, dtype in (("ours", lambda *a, **k: sk.symmetric_attention(*a, **k, backend=backend), torch.float32),
+                            ("ref64", R.symmetric_attention, F64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, v) if t is not None]
+        out = fn(*leaves, scale=1e4, causal=causal)
+        grads[name] = torch.autograd.grad((out * decisive[..., None]).sum(), leaves)
+    for name, ours, ref in zip(("dq", "dv"), grads["ours"], grads["ref64"]):
+        assert_close(ours, ref, atol=1e-4, name=f"{name} at scale 1e4")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("S", [6, 600])
 def test_padded_token_of_huge_values_keeps_its_row_finite(backend, S):
     """A padded token of 1e30 (finite) scores about 1e60 against itself, +inf in fp32: that key

@@ -133,7 +133,7 @@ class BackwardHead : public Head<scalar_t> {
   // key of I: 5 products each (2.5 L^2 D). A tile's task writes the accumulators of blocks I and
   // J, so the driver (tiled_backward) runs the pairs in rounds in which no block meets two tiles.
   //
-  // delta = rowsum(dO * O) - dlse comes from the saved output.
+  // delta = rowsum(dO * O) - dlse comes from the saved output (product_order_dot).
 
   // Per-head workspace of prepare_tiled, which lives from the first round to the last.
   static int64_t tiled_head_floats(const BackwardParams& p, const Geometry& g) {
@@ -165,7 +165,10 @@ class BackwardHead : public Head<scalar_t> {
     for (int64_t i = 0; i < L_; ++i) {
       const float lse = *this->lse_ptr(i);
       lse_col_[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;  // exp(S - lse) = 0
-      delta_[i] = dot_row(this->row_ptr(bp_.out, i), this->row_ptr(bp_.dout, i), Dv_) - dlse_[i];
+      const scalar_t* out = this->row_ptr(bp_.out, i);
+      const scalar_t* dout = this->row_ptr(bp_.dout, i);
+      // fp32 products (not bf16 pairs) sum dP in product_order_dot's order.
+      delta_[i] = (kPairs ? dot_row(out, dout, Dv_) : product_order_dot(out, dout, Dv_)) - dlse_[i];
     }
     zacc_ = ws_.template take<float>(L_ * D_);
     fill(zacc_, L_ * D_, 0.f);

@@ -314,6 +314,25 @@ void gemm(int64_t m, int64_t n, int64_t k, const typename Dot::Word* a, int64_t 
   }
 }
 
+// a[0, n) . b[0, n) summed as gemm sums one output of an fp32 product over k = n: one FMA chain
+// from 0 per kDepth block of k, each block's sum added to the blocks before it. A softmax
+// backward's delta = O . dO taken this way equals its product's dP = dO . V^T entry bit for bit
+// where the row's O is one value row (a saturated, one-hot row), so G = P (dP - delta) is 0 there
+// as it should be; a vectorised sum's different order leaves an ulp that the score scale
+// magnifies into dq.
+template <typename T>
+float product_order_dot(const T* a, const T* b, int64_t n) {
+  float total = 0.f;
+  for (int64_t k0 = 0; k0 < n; k0 += kDepth) {
+    float chain = 0.f;
+    for (int64_t k = k0; k < std::min(n, k0 + kDepth); ++k) {
+      chain = std::fma(static_cast<float>(a[k]), static_cast<float>(b[k]), chain);
+    }
+    total = k0 == 0 ? chain : chain + total;
+  }
+  return total;
+}
+
 template <typename Dot, bool kTransA>
 void gemm(int64_t m, int64_t n, int64_t k, const Operand<typename Dot::Word>& a,
           const Operand<typename Dot::Word>& b, float* c, int64_t ldc, float alpha, bool accumulate,
