@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, ops, validation
+from . import backends, masks, ops, validation
 from .ops import unit_last_stride as _unit_last_stride
 
 HEAD_NORMS = ("l2", None)  # lowrank_context_attention's head_norm options
@@ -53,6 +53,7 @@ def symmetric_attention(
     scale: Optional[float] = None,
     causal: bool = False,
     key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     exclude_self: bool = False,
     return_lse: bool = False,
@@ -98,6 +99,14 @@ def symmetric_attention(
             Face's ``attention_mask``); float masks are refused (0/1 and additive read differently).
             Padded keys are never attended to; padded query rows are computed and can be ignored.
             Default: ``None``.
+        attn_mask (torch.Tensor, Optional):
+            SDPA's general mask, broadcastable to ``[B, H, S, S]``: bool (``True`` = may attend) or
+            additive float (0 = may attend, ``-inf`` or a large negative value = blocked), combined
+            with the masks above. It is read by value and honoured exactly when it is a key padding
+            mask (optionally causal) or block-diagonal (packed sequences: one varlen call over
+            their tokens, whose dropout masks are drawn by packed position), the same for every
+            head (with ``key_padding_mask``, a packed pattern's padded rows give 0); any other
+            pattern, and score biases, raise ``ValueError``. Default: ``None``.
         dropout_p (float):
             Dropout probability on the attention weights, in ``[0, 1)``. Pass 0 at evaluation.
             Default: ``0.0``.
@@ -135,8 +144,63 @@ def symmetric_attention(
                                                      == torch.bool):
         key_padding_mask = key_padding_mask != 0  # the tokenizer's int64 attention_mask, as the modules take it
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, seqlen), "B, S", q)
+    if attn_mask is not None:
+        plan = _attn_mask_plan(attn_mask, q, key_padding_mask, causal)
+        return attend_planned(q, v, coef, plan, scale=scale, dropout_p=dropout_p, exclude_self=exclude_self,
+                              return_lse=return_lse, deterministic=deterministic, backend=backend)
     return _attention(q, v, None, seqlen, coef, scale, causal, key_padding_mask, dropout_p, exclude_self,
                       return_lse, deterministic, backend)
+
+
+def _attn_mask_plan(attn_mask, q: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> masks.MaskPlan:
+    """attn_mask (with key_padding_mask and causal) as kernel arguments, or ValueError."""
+    batch, seqlen, heads = q.shape[:3]
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    validation.same_device("attn_mask", attn_mask, "q", q)
+    target = (batch, heads, seqlen, seqlen)
+    if not 2 <= attn_mask.dim() <= 4 or any(n not in (1, t) for n, t in zip(reversed(attn_mask.shape),
+                                                                         reversed(target))):
+        raise ValueError(f"attn_mask must be broadcastable to [B, H, S, S] = {target} with 2 to 4 dims, "
+                         f"got {tuple(attn_mask.shape)}")
+    full = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    full = full.expand(full.shape[0], full.shape[1], seqlen, seqlen)
+    allowed = masks.allowed_4d(full, batch, seqlen, name="attn_mask")  # [B, S, S]
+    if key_padding_mask is None:
+        return masks.plan_allowed(allowed, causal, tuple(attn_mask.shape), name="attn_mask")
+    try:  # padded keys blocked; padded query rows computed, as key_padding_mask alone does
+        return masks.plan_allowed(allowed & key_padding_mask[:, None, :], causal, tuple(attn_mask.shape))
+    except ValueError:  # packed sequences have no token that is a query and not a key: padded rows give 0
+        real = key_padding_mask[:, None, :] & key_padding_mask[:, :, None]
+        return masks.plan_allowed(allowed & real, causal, tuple(attn_mask.shape), name="attn_mask")
+
+
+def attend_planned(q: Tensor, v: Optional[Tensor], coef: Optional[Tensor], plan: masks.MaskPlan, *,
+                   scale: Optional[float] = None, dropout_p: float = 0.0, exclude_self: bool = False,
+                   return_lse: bool = False, deterministic: bool = True, backend: str = "auto"):
+    """Attention of ``q`` / ``v`` ``[B, S, H, *]`` under a ``MaskPlan``: one padded call, or one
+    varlen call over the packed tokens whose outputs are scattered back (other tokens get 0 and
+    lse ``-inf``)."""
+    common = dict(coef=coef, scale=scale, causal=plan.causal, dropout_p=dropout_p, exclude_self=exclude_self,
+                  return_lse=return_lse, deterministic=deterministic, backend=backend)
+    if not plan.packed:
+        return symmetric_attention(q, v, key_padding_mask=plan.key_padding_mask, **common)
+    batch, seqlen, heads = q.shape[:3]
+    values = q if v is None else v
+    out = values.new_zeros(batch * seqlen, heads, values.shape[-1])
+    lse = q.new_full((heads, batch * seqlen), float("-inf"), dtype=ops.accumulate_dtype(q.dtype))
+    if plan.index.numel():
+        def tokens(x):
+            return x.reshape(batch * seqlen, heads, x.shape[-1])[plan.index]
+
+        packed = symmetric_attention_varlen(tokens(q), None if v is None else tokens(v), plan.cu_seqlens,
+                                            plan.max_seqlen, **common)
+        packed_out, packed_lse = packed if return_lse else (packed, None)
+        out = out.index_copy(0, plan.index, packed_out)
+        if return_lse:
+            lse = lse.index_copy(1, plan.index, packed_lse)
+    out = out.view(batch, seqlen, heads, values.shape[-1])
+    return (out, lse.view(heads, batch, seqlen).transpose(0, 1).contiguous()) if return_lse else out
 
 
 def shared_attention(
@@ -146,6 +210,7 @@ def shared_attention(
     scale: Optional[float] = None,
     causal: bool = False,
     key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     exclude_self: bool = False,
     return_lse: bool = False,
@@ -155,8 +220,8 @@ def shared_attention(
     """Shared-weight attention: same as ``symmetric_attention(y, None, ...)``, except that there is
     no ``v`` argument; ``y`` ``[B, S, H, D]`` serves as query, key and value."""
     return symmetric_attention(
-        y, None, coef=coef, scale=scale, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-        exclude_self=exclude_self, return_lse=return_lse, deterministic=deterministic, backend=backend,
+        y, None, coef=coef, scale=scale, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+        dropout_p=dropout_p, exclude_self=exclude_self, return_lse=return_lse, deterministic=deterministic, backend=backend,
     )
 
 
@@ -212,8 +277,9 @@ def symmetric_attention_varlen(
                 raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
     # No sequence is longer than all tokens together: grids and buffers sized by the bound never
     # exceed the real work, however loose the bound.
-    return _attention(q, v, cu_seqlens, torch.sym_min(max_seqlen, q.shape[0]), coef, scale, causal, None, dropout_p,
-                      exclude_self, return_lse, deterministic, backend)
+    # Kernels index the offsets as a dense array (a strided view read as dense is garbage).
+    return _attention(q, v, cu_seqlens.contiguous(), torch.sym_min(max_seqlen, q.shape[0]), coef, scale, causal,
+                      None, dropout_p, exclude_self, return_lse, deterministic, backend)
 
 
 def lowrank_context_attention(

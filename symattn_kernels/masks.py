@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MaskPlan", "allowed_4d", "key_padding_mask", "packed_plan", "plan_mask"]
+__all__ = ["MaskPlan", "allowed_4d", "key_padding_mask", "packed_plan", "plan_allowed", "plan_mask"]
 
 
 @dataclass(frozen=True)
@@ -119,19 +119,20 @@ def key_padding_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int) 
     return attention_mask != 0
 
 
-def allowed_4d(mask: Tensor, batch: int, seqlen: int, kv_len: Optional[int] = None) -> Tensor:
+def allowed_4d(mask: Tensor, batch: int, seqlen: int, kv_len: Optional[int] = None,
+               name: str = "attention_mask") -> Tensor:
     """``[B, S, K]`` bool (True = may attend) from a 4D mask ``[B or 1, 1 or H, S, K]`` whose heads
-    agree; ``K = kv_len``, default ``S``."""
+    agree; ``K = kv_len``, default ``S``. Errors name the argument ``name``."""
     kv_len = seqlen if kv_len is None else kv_len
     if mask.dim() != 4 or mask.shape[0] not in (1, batch) or tuple(mask.shape[-2:]) != (seqlen, kv_len):
-        raise ValueError(f"attention_mask must have shape [B or 1, 1 or H, S, S] with B = {batch}, S = {seqlen}"
+        raise ValueError(f"{name} must have shape [B or 1, 1 or H, S, S] with B = {batch}, S = {seqlen}"
                          f"{'' if kv_len == seqlen else f' (keys: {kv_len})'}, got {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
         allowed = mask
     elif mask.is_floating_point():
-        allowed = _additive_allowed(mask, "attention_mask")
+        allowed = _additive_allowed(mask, name)
     else:
-        raise TypeError(f"a 4D attention_mask must be bool (True = may attend) or additive float, got {mask.dtype}")
+        raise TypeError(f"a 4D {name} must be bool (True = may attend) or additive float, got {mask.dtype}")
     if allowed.shape[1] > 1:
         _check_heads_agree(allowed)
     return allowed[:, 0].expand(batch, seqlen, kv_len)
@@ -191,11 +192,13 @@ def plan_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int, causal:
     """
     if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 4:
         return MaskPlan(key_padding_mask(attention_mask, batch, seqlen), causal)
-    return _plan_4d(allowed_4d(attention_mask, batch, seqlen), causal, tuple(attention_mask.shape))
+    return plan_allowed(allowed_4d(attention_mask, batch, seqlen), causal, tuple(attention_mask.shape))
 
 
 @_reads_values("a 4D attention_mask")
-def _plan_4d(allowed: Tensor, causal: bool, shape: tuple) -> MaskPlan:
+def plan_allowed(allowed: Tensor, causal: bool, shape: tuple, name: str = "attention_mask") -> MaskPlan:
+    """``plan_mask`` of an allowed-keys mask ``[B, S, S]`` (bool, True = may attend) that came
+    from the argument ``name`` of shape ``shape``; ValueError for other patterns."""
     seqlen = allowed.shape[-1]
     tril = torch.ones(seqlen, seqlen, dtype=torch.bool, device=allowed.device).tril()
     if causal:
@@ -210,7 +213,7 @@ def _plan_4d(allowed: Tensor, causal: bool, shape: tuple) -> MaskPlan:
         if plan is not None:
             return plan
     raise ValueError(
-        f"attention_mask of shape {shape} is neither a key padding mask (optionally causal) "
+        f"{name} of shape {shape} is neither a key padding mask (optionally causal) "
         "nor a block-diagonal mask of packed sequences; the kernels support only those patterns"
     )
 

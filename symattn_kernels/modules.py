@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .interface import symmetric_attention, symmetric_attention_varlen
-from .masks import MaskPlan, allowed_4d, key_padding_mask, plan_mask
+from .interface import attend_planned as attend  # attention under a MaskPlan: padded or packed
+from .masks import allowed_4d, key_padding_mask, plan_mask
 from .validation import flag, positive_int
 
 __all__ = [
@@ -29,27 +29,6 @@ __all__ = [
 
 PAIRWISE = (None, "diag", "full")
 PAIRWISE_INIT = ("normal", "identity")
-
-
-def attend(y: Tensor, v: Optional[Tensor], coef: Optional[Tensor], plan: MaskPlan, *, scale: Optional[float] = None,
-           dropout_p: float = 0.0) -> Tensor:
-    """Attention of ``y`` / ``v`` ``[B, S, H, D]`` under a ``MaskPlan``: one padded call, or one
-    varlen call over the packed tokens whose outputs are scattered back (other tokens get 0)."""
-    if not plan.packed:
-        return symmetric_attention(y, v, coef=coef, scale=scale, causal=plan.causal,
-                                   key_padding_mask=plan.key_padding_mask, dropout_p=dropout_p)
-    batch, seqlen, heads = y.shape[:3]
-    out_dim = (y if v is None else v).shape[-1]
-    out = (y if v is None else v).new_zeros(batch * seqlen, heads, out_dim)
-    if plan.index.numel():
-        def tokens(x):
-            return x.reshape(batch * seqlen, heads, x.shape[-1])[plan.index]
-
-        packed = symmetric_attention_varlen(tokens(y), None if v is None else tokens(v), plan.cu_seqlens,
-                                            plan.max_seqlen, coef=coef, scale=scale, causal=plan.causal,
-                                            dropout_p=dropout_p)
-        out = out.index_copy(0, plan.index, packed)
-    return out.view(batch, seqlen, heads, out_dim)
 
 
 def _head_dim(hidden_size: int, num_heads: int) -> int:

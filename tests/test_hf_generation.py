@@ -98,3 +98,26 @@ def test_unsupported_cache_raises_under_either_keyword(keyword):
     cache = StaticCache(config=model.config, max_cache_len=16)
     with pytest.raises(NotImplementedError, match="DynamicCache only, got StaticCache"), torch.no_grad():
         model(ids, use_cache=True, **{keyword: cache})
+
+
+@pytest.mark.parametrize("variant", hf.VARIANTS)
+@pytest.mark.parametrize("writer", ["stock", "other variant"])
+def test_cache_filled_by_another_kind_of_layer_is_refused(variant, writer):
+    """A stock layer caches K and V, a converted one its own projections: a cache the stock model
+    (or another variant) filled was read as this variant's (wrong logits, or a size error for the
+    shared variant). It is refused, and this model's own cache still serves generate()."""
+    original = _tied_decoder(variant)
+    converted = hf.convert_bert(copy.deepcopy(original), variant)
+    other = "symmetric" if variant != "symmetric" else "pairwise_diag"
+    filler = original if writer == "stock" else hf.convert_bert(copy.deepcopy(original), other)
+    ids, _ = _prompts(False)
+    cache = DynamicCache(config=original.config)
+    with torch.no_grad():
+        filler(ids[:, :5], past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="past_key_values: layer 0 of the cache was filled by"):
+            converted(ids[:, 5:], past_key_values=cache, use_cache=True)
+        own = DynamicCache(config=original.config)
+        converted(ids[:, :5], past_key_values=own, use_cache=True)
+        stepped = converted(ids[:, 5:], past_key_values=own, use_cache=True).logits
+        whole = converted(ids).logits[:, 5:]
+    assert_close(stepped, whole, atol=1e-5, name=f"{variant} logits through its own cache")

@@ -154,12 +154,27 @@ def test_opcheck_attention_bwd():
     )
 
 
-def test_opcheck_lowrank():
+@pytest.mark.parametrize("masked", [True, False])
+def test_opcheck_lowrank(masked):
+    """Unmasked, attn came out with the transposed features' strides, not the fake's [B, m, T]."""
     h = torch.randn(2, 5, 6, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True, False] * 2 + [True]]) if masked else None
     args = (h, torch.randn(2, 6, requires_grad=True), torch.randn(6, 3, requires_grad=True),
-            torch.randn(6, 3, requires_grad=True), None, torch.tensor([[True] * 5, [True, False] * 2 + [True]]),
-            "l2", True, 1e-12, "torch")
+            torch.randn(6, 3, requires_grad=True), None, mask, "l2", True, 1e-12, "torch")
     torch.library.opcheck(ops.lowrank_fwd, args)
+    assert ops.lowrank_fwd(*args)[1].is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 1, 8), (2, 1, 3, 8), (2, 7, 3, 8)], ids=["H1", "S1", "general"])
+def test_outputs_are_not_views(shape):
+    """out and lse are tensors of their own, as on the other backends: editing one in place
+    is allowed, and the backward then refuses with autograd's version-counter error."""
+    q = torch.randn(shape, requires_grad=True)
+    out, lse = sk.shared_attention(q, return_lse=True, backend="torch")
+    assert out._base is None and lse._base is None
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 @pytest.mark.slow

@@ -112,9 +112,11 @@ def _forward_padded(q, v, coef, key_padding_mask, seed, scale, causal, dropout_p
     unnormalised = torch.exp(scores - row_max)
     row_sum = unnormalised.sum(dim=-1, keepdim=True)
     probs = unnormalised / row_sum.clamp_min(torch.finfo(row_sum.dtype).tiny)
-    lse = (row_max + torch.log(row_sum)).squeeze(-1)  # log(0) = -inf for empty rows
-    out = pb.dropped(probs) @ pb.values
-    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
+    lse = row_max.squeeze(-1) + torch.log(row_sum.squeeze(-1))  # log(0) = -inf for empty rows
+    out = (pb.dropped(probs) @ pb.values).transpose(1, 2).to(q.dtype)
+    # Outputs of their own, as the other backends return: a view (of a transposed [B, 1, S, Dv]
+    # or [B, H, 1, Dv]) refuses in-place edits that theirs accept.
+    return (out.clone() if out.is_contiguous() and out._base is not None else out.contiguous()), lse
 
 
 def _empty_result(q, v, cu_seqlens):
@@ -251,7 +253,9 @@ def _lowrank_parts(h, context, p, q, u, key_padding_mask, head_norm, token_softm
 def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps):
     parts = _lowrank_parts(h, context, p, q, u, key_padding_mask, head_norm, token_softmax, eps)
     attn = parts["attn"]
-    return (attn @ parts["h"]).to(h.dtype), attn.to(h.dtype)
+    # attn comes from transposed features: [B, m, T] contiguous, the strides the fake function
+    # declares (and the other backends return).
+    return (attn @ parts["h"]).to(h.dtype), attn.to(h.dtype).contiguous()
 
 
 def lowrank_backward(

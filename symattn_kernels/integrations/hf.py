@@ -259,13 +259,25 @@ class _HFSelfAttention:
                                       f"{type(layers).__name__}")
         if self.layer_idx is None:
             raise ValueError("a converted layer without layer_idx cannot use a KV cache")
+        # A cache layer holds Y (and V) as this variant writes them; what a standard layer or another
+        # variant wrote there (K and V, or a different split) would be read as that, silently.
+        variant = _variant_of(self)
+        held = layers.layers[self.layer_idx] if self.layer_idx < len(layers.layers) else None
+        if held is not None and held.get_seq_length() > 0 and getattr(held, _CACHE_TAG, None) != variant:
+            writer = getattr(held, _CACHE_TAG, None)
+            raise ValueError(f"past_key_values: layer {self.layer_idx} of the cache was filled by "
+                             f"{f'a converted {writer} layer' if writer else 'a standard (unconverted) layer'}, "
+                             f"but this converted {variant} layer caches its own projections: build the cache "
+                             f"with this model")
         stored_values = query[..., :0] if value is None else value  # shared: the values are Y itself
         keys, values = layers.update(query, stored_values, self.layer_idx)
+        setattr(layers.layers[self.layer_idx], _CACHE_TAG, variant)  # kept through reorders, crops and copies
         if keys.shape[2] == query.shape[2]:  # nothing cached before: a self-attention call
             return query, query if value is None else value
         return keys, keys if value is None else values
 
 
+_CACHE_TAG = "_symattn_variant"  # set on the DynamicCache layers a converted layer writes
 _NO_ATTENTIONS = ("converted symattn layers never materialise attention probabilities: output_attentions=True is "
                   "not supported (revert_bert gives a model that returns them)")
 _PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")

@@ -320,13 +320,13 @@ def lama_config(dim: int, heads: int, seqlen: int, direction: str = "fwd") -> di
 
 def backward_unsupported(dim: int, heads: int, arch: int) -> str:
     """Why the Triton LAMA backward cannot run E = ``dim``, m = ``heads`` on sm_``arch`` ("" when
-    it can): on sm_80 the backward spills from E = 512 or m = 32 on (lama_config), so it is not
-    shipped there. ``backends.resolve`` routes ``backend="auto"`` past it; an explicit
+    it can): on sm_80 the backward spills from tiles of E = 512 or m = 32 on (lama_config), that is
+    E > 256 or m > 16 (tiles are powers of two), so it is not shipped there. ``backends.resolve`` routes ``backend="auto"`` past it; an explicit
     ``backend="triton"`` raises this message."""
     block_e, block_m = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(heads))
     if arch < 90 and (block_e >= 512 or block_m >= 32):
         return (f"h has E = {dim} and p has m = {heads} heads: the Triton LAMA backward has no spill-free sm_80 "
-                "kernel for E >= 512 or m >= 32 (python -m bench.compile_report); use backend='torch' "
+                "kernel for E > 256 or m > 16 (python -m bench.compile_report); use backend='torch' "
                 "(or 'auto', which picks it), or call without gradients")
     return ""
 
