@@ -309,8 +309,8 @@ def lowrank_context_attention(
         q (torch.Tensor): token-key factor ``[E, m]``.
         u (torch.Tensor, Optional): token keys ``[B, T, E]`` (e.g. an MLP of ``h``).
             Default: ``None`` (``h`` itself).
-        key_padding_mask (torch.Tensor, Optional): ``[B, T]`` bool, ``True`` = real token.
-            Default: ``None``.
+        key_padding_mask (torch.Tensor, Optional): ``[B, T]`` bool, ``True`` = real token, or
+            integer, nonzero = real token; float masks are refused. Default: ``None``.
         head_norm (str, Optional): ``"l2"`` normalises f over the heads, ``None`` does not.
             Default: ``"l2"``.
         token_softmax (bool): softmax over tokens per head. Default: ``True``.
@@ -342,6 +342,9 @@ def lowrank_context_attention(
         validation.same_device(name, x, "h", h)
         if x is not None and x.dtype != h.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but h has {h.dtype}; they must match")
+    if isinstance(key_padding_mask, Tensor) and not (key_padding_mask.is_floating_point() or key_padding_mask.dtype
+                                                     == torch.bool):
+        key_padding_mask = key_padding_mask != 0  # the tokenizer's int64 attention_mask, as for attention
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
     validation.choice("head_norm", head_norm, HEAD_NORMS)
     validation.flag("token_softmax", token_softmax)

@@ -131,3 +131,17 @@ def test_classifier_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(ids, mask)
     torch.testing.assert_close(logits.float(), model(ids, mask), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_functional_lama_takes_the_tokenizers_integer_mask(backend):
+    """An int64 attention_mask means what the attention functions read it as: nonzero = real."""
+    import symattn_kernels as sk
+
+    torch.manual_seed(0)
+    h, ctx, p, q = torch.randn(2, 5, 6), torch.randn(6), torch.randn(6, 3), torch.randn(6, 3)
+    real = torch.tensor([[1, 1, 1, 0, 0], [1] * 5])
+    want = sk.lowrank_context_attention(h, ctx, p, q, key_padding_mask=real.bool(), backend=backend)
+    got = sk.lowrank_context_attention(h, ctx, p, q, key_padding_mask=real * 7, backend=backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
