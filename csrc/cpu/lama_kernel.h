@@ -85,6 +85,36 @@ constexpr int64_t kTile = 32;
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// The blocking of a dots product, out[k * ldo + t] = <x[t], r[k]> for t < n tokens and k < K
+// rows of r: head blocks of 16 (where Kernel has 16 accumulators), 8, 4, 2 and 1, each over
+// groups of Kernel::kAcc / block tokens (a short group repeats its last row), one
+// Kernel::dot_block<tokens, heads> per group.
+template <class Kernel>
+struct HeadBlocks {
+  template <int MB, typename X, typename Rr, typename Out>
+  static void heads(const X* const* x, int64_t n, const Rr* r, int64_t ldr, int64_t E, Out* out, int64_t ldo) {
+    constexpr int NT = Kernel::kAcc / MB;
+    for (int64_t t = 0; t < n; t += NT) {
+      const X* rows[NT];
+      for (int i = 0; i < NT; ++i) rows[i] = x[std::min(t + i, n - 1)];
+      Kernel::template dot_block<NT, MB>(rows, r, ldr, E, out + t, ldo, n - t);
+    }
+  }
+
+  template <typename X, typename Rr, typename Out>
+  static void dots(const X* const* x, int64_t n, const Rr* r, int64_t ldr, int64_t K, int64_t E, Out* out,
+                   int64_t ldo) {
+    int64_t k = 0;
+    if constexpr (Kernel::kAcc >= 16) {
+      for (; K - k >= 16; k += 16) heads<16>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+    }
+    for (; K - k >= 8; k += 8) heads<8>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+    if (K - k >= 4) { heads<4>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 4; }
+    if (K - k >= 2) { heads<2>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 2; }
+    if (K - k >= 1) heads<1>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+  }
+};
+
 template <typename acc_t>
 struct Ops {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -166,29 +196,11 @@ struct Ops {
     }
   }
 
-  template <int MB, typename R>
-  static void dot_heads(const R* const* x, int64_t n, const acc_t* r, int64_t ldr, int64_t E, acc_t* out,
-                        int64_t ldo) {
-    constexpr int NT = kAcc / MB;
-    for (int64_t t = 0; t < n; t += NT) {
-      const R* rows[NT];
-      for (int i = 0; i < NT; ++i) rows[i] = x[std::min(t + i, n - 1)];  // a short group repeats its last row
-      dot_block<NT, MB>(rows, r, ldr, E, out + t, ldo, n - t);
-    }
-  }
-
-  // out[k * ldo + t] = <x[t], r[k]> for t < n tokens, k < K rows of r: head blocks of 16, 8, 4, 2, 1.
+  // out[k * ldo + t] = <x[t], r[k]> for t < n tokens, k < K rows of r (HeadBlocks).
   template <typename R>
   static void dots(const R* const* x, int64_t n, const acc_t* r, int64_t ldr, int64_t K, int64_t E, acc_t* out,
                    int64_t ldo) {
-    int64_t k = 0;
-    if constexpr (kAcc >= 16) {
-      for (; K - k >= 16; k += 16) dot_heads<16>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
-    }
-    for (; K - k >= 8; k += 8) dot_heads<8>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
-    if (K - k >= 4) { dot_heads<4>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 4; }
-    if (K - k >= 2) { dot_heads<2>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 2; }
-    if (K - k >= 1) dot_heads<1>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+    HeadBlocks<Ops>::dots(x, n, r, ldr, K, E, out, ldo);
   }
 
   // a[k * lda + e] += sum_t c[k * ldc + t] x[t][e] over e in [e0, e0 + NV kL) (the last vector
@@ -332,27 +344,9 @@ struct Bf16Dots {
     }
   }
 
-  template <int MB>
-  static void dot_heads(const c10::BFloat16* const* x, int64_t n, const c10::BFloat16* r, int64_t ldr, int64_t E,
-                        float* out, int64_t ldo) {
-    constexpr int NT = kAcc / MB;
-    for (int64_t t = 0; t < n; t += NT) {
-      const c10::BFloat16* rows[NT];
-      for (int i = 0; i < NT; ++i) rows[i] = x[std::min(t + i, n - 1)];
-      dot_block<NT, MB>(rows, r, ldr, E, out + t, ldo, n - t);
-    }
-  }
-
   static void dots(const c10::BFloat16* const* x, int64_t n, const c10::BFloat16* r, int64_t ldr, int64_t K,
                    int64_t E, float* out, int64_t ldo) {
-    int64_t k = 0;
-    if constexpr (kAcc >= 16) {
-      for (; K - k >= 16; k += 16) dot_heads<16>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
-    }
-    for (; K - k >= 8; k += 8) dot_heads<8>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
-    if (K - k >= 4) { dot_heads<4>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 4; }
-    if (K - k >= 2) { dot_heads<2>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo); k += 2; }
-    if (K - k >= 1) dot_heads<1>(x, n, r + k * ldr, ldr, E, out + k * ldo, ldo);
+    HeadBlocks<Bf16Dots>::dots(x, n, r, ldr, K, E, out, ldo);
   }
 };
 #endif
