@@ -145,6 +145,7 @@ def symmetric_attention(
         key_padding_mask = key_padding_mask != 0  # the tokenizer's int64 attention_mask, as the modules take it
     validation.bool_mask("key_padding_mask", key_padding_mask, (batch, seqlen), "B, S", q)
     if attn_mask is not None:
+        validation.flag("causal", causal)  # before the plan reads it
         plan = _attn_mask_plan(attn_mask, q, key_padding_mask, causal)
         return attend_planned(q, v, coef, plan, scale=scale, dropout_p=dropout_p, exclude_self=exclude_self,
                               return_lse=return_lse, deterministic=deterministic, backend=backend)
@@ -153,26 +154,19 @@ def symmetric_attention(
 
 
 def _attn_mask_plan(attn_mask, q: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> masks.MaskPlan:
-    """attn_mask (with key_padding_mask and causal) as kernel arguments, or ValueError."""
-    batch, seqlen, heads = q.shape[:3]
+    """attn_mask (with key_padding_mask and causal) as kernel arguments, or an error naming it."""
     if not isinstance(attn_mask, Tensor):
         raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
     validation.same_device("attn_mask", attn_mask, "q", q)
-    target = (batch, heads, seqlen, seqlen)
-    if not 2 <= attn_mask.dim() <= 4 or any(n not in (1, t) for n, t in zip(reversed(attn_mask.shape),
-                                                                         reversed(target))):
-        raise ValueError(f"attn_mask must be broadcastable to [B, H, S, S] = {target} with 2 to 4 dims, "
-                         f"got {tuple(attn_mask.shape)}")
-    full = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    full = full.expand(full.shape[0], full.shape[1], seqlen, seqlen)
-    allowed = masks.allowed_4d(full, batch, seqlen, name="attn_mask")  # [B, S, S]
-    if key_padding_mask is None:
-        return masks.plan_allowed(allowed, causal, tuple(attn_mask.shape), name="attn_mask")
-    try:  # padded keys blocked; padded query rows computed, as key_padding_mask alone does
-        return masks.plan_allowed(allowed & key_padding_mask[:, None, :], causal, tuple(attn_mask.shape))
-    except ValueError:  # packed sequences have no token that is a query and not a key: padded rows give 0
-        real = key_padding_mask[:, None, :] & key_padding_mask[:, :, None]
-        return masks.plan_allowed(allowed & real, causal, tuple(attn_mask.shape), name="attn_mask")
+    if attn_mask.requires_grad and torch.is_grad_enabled():
+        raise ValueError("attn_mask requires grad, but it is read by value (which keys each row may attend) and "
+                         "would get no gradient: learnable score biases are not supported; pass attn_mask.detach() "
+                         "for a constant mask")
+    if torch._C._functorch.is_batchedtensor(attn_mask):
+        raise ValueError("attn_mask is read by value to choose the kernels' arguments and cannot be vmapped: "
+                         "vmap over q / v with one mask, or call once per mask")
+    batch, seqlen, heads = q.shape[:3]
+    return masks.plan_attn_mask(attn_mask, (batch, heads, seqlen, seqlen), key_padding_mask, causal)
 
 
 def attend_planned(q: Tensor, v: Optional[Tensor], coef: Optional[Tensor], plan: masks.MaskPlan, *,

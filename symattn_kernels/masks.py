@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MaskPlan", "allowed_4d", "key_padding_mask", "packed_plan", "plan_allowed", "plan_mask"]
+__all__ = ["MaskPlan", "allowed_4d", "key_padding_mask", "packed_plan", "plan_allowed", "plan_attn_mask",
+           "plan_mask"]
 
 
 @dataclass(frozen=True)
@@ -132,16 +133,18 @@ def allowed_4d(mask: Tensor, batch: int, seqlen: int, kv_len: Optional[int] = No
     elif mask.is_floating_point():
         allowed = _additive_allowed(mask, name)
     else:
-        raise TypeError(f"a 4D {name} must be bool (True = may attend) or additive float, got {mask.dtype}")
+        raise TypeError(f"{'a 4D ' if name == 'attention_mask' else ''}{name} must be bool (True = may attend) "
+                        f"or additive float, got {mask.dtype}")
     if allowed.shape[1] > 1:
-        _check_heads_agree(allowed)
+        _check_heads_agree(allowed, name)
     return allowed[:, 0].expand(batch, seqlen, kv_len)
 
 
 @_reads_values("a 4D attention_mask of several heads")
-def _check_heads_agree(allowed: Tensor) -> None:
+def _check_heads_agree(allowed: Tensor, name: str) -> None:
     if not bool((allowed == allowed[:, :1]).all()):
-        raise ValueError("a 4D attention_mask that differs between heads is not supported")
+        raise ValueError(f"{'a 4D ' if name == 'attention_mask' else ''}{name} that differs between heads is not "
+                         "supported")
 
 
 def _packed_from_labels(labels: Tensor, attends: Tensor) -> Optional[MaskPlan]:
@@ -199,6 +202,8 @@ def plan_mask(attention_mask: Optional[Tensor], batch: int, seqlen: int, causal:
 def plan_allowed(allowed: Tensor, causal: bool, shape: tuple, name: str = "attention_mask") -> MaskPlan:
     """``plan_mask`` of an allowed-keys mask ``[B, S, S]`` (bool, True = may attend) that came
     from the argument ``name`` of shape ``shape``; ValueError for other patterns."""
+    if allowed.shape[-1] == 0:  # no tokens: nothing to reduce
+        return MaskPlan(None, causal)
     seqlen = allowed.shape[-1]
     tril = torch.ones(seqlen, seqlen, dtype=torch.bool, device=allowed.device).tril()
     if causal:
@@ -216,6 +221,27 @@ def plan_allowed(allowed: Tensor, causal: bool, shape: tuple, name: str = "atten
         f"{name} of shape {shape} is neither a key padding mask (optionally causal) "
         "nor a block-diagonal mask of packed sequences; the kernels support only those patterns"
     )
+
+
+@_reads_values("attn_mask", "pass key_padding_mask [B, S] and causal=True instead, which trace")
+def plan_attn_mask(attn_mask: Tensor, shape: tuple, key_padding_mask: Optional[Tensor], causal: bool) -> MaskPlan:
+    """``plan_mask`` of the public functions' ``attn_mask`` (bool or additive, broadcastable to
+    ``shape`` = (B, H, S, S)) combined with their ``key_padding_mask`` [B, S] and ``causal``."""
+    batch, _, seqlen, _ = shape
+    if not 2 <= attn_mask.dim() <= 4 or any(n not in (1, t) for n, t in zip(reversed(attn_mask.shape),
+                                                                         reversed(shape))):
+        raise ValueError(f"attn_mask must be broadcastable to [B, H, S, S] = {tuple(shape)} with 2 to 4 dims, "
+                         f"got {tuple(attn_mask.shape)}")
+    full = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    full = full.expand(full.shape[0], full.shape[1], seqlen, seqlen)
+    allowed = allowed_4d(full, batch, seqlen, name="attn_mask")  # [B, S, S]
+    if key_padding_mask is None:
+        return plan_allowed(allowed, causal, tuple(attn_mask.shape), name="attn_mask")
+    try:  # padded keys blocked; padded query rows computed, as key_padding_mask alone does
+        return plan_allowed(allowed & key_padding_mask[:, None, :], causal, tuple(attn_mask.shape))
+    except ValueError:  # packed sequences have no token that is a query and not a key: padded rows give 0
+        real = key_padding_mask[:, None, :] & key_padding_mask[:, :, None]
+        return plan_allowed(allowed & real, causal, tuple(attn_mask.shape), name="attn_mask")
 
 
 @_reads_values("packed sequence labels (position_ids restarting at 0)",

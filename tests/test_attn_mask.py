@@ -105,13 +105,53 @@ def test_key_padding_attn_mask_draws_the_key_padding_calls_dropout():
 @pytest.mark.parametrize("mask,error,match", [
     (torch.rand(S, S) > 0.5, ValueError, r"attn_mask of shape \(11, 11\) is neither a key padding mask"),
     (torch.stack([torch.ones(S, S, dtype=torch.bool), torch.ones(S, S, dtype=torch.bool).tril()])[None],
-     ValueError, "differs between heads"),
+     ValueError, "^attn_mask that differs between heads"),
     (torch.full((S, S), 0.5), ValueError, "additive float attn_mask may hold only 0"),
     (torch.ones(3, S, S, dtype=torch.bool), ValueError, r"attn_mask must be broadcastable to \[B, H, S, S\]"),
     (torch.ones(S, dtype=torch.bool), ValueError, "attn_mask must be broadcastable"),
-    (torch.ones(S, S, dtype=torch.int64), TypeError, "attn_mask must be bool"),
+    (torch.ones(S, S, dtype=torch.int64), TypeError, "^attn_mask must be bool"),
     ([[True] * S] * S, TypeError, "attn_mask must be a tensor or None"),
 ], ids=["arbitrary pattern", "heads differ", "score bias", "bad batch", "1 dim", "int", "list"])
 def test_attn_mask_the_kernels_cannot_run_is_refused(mask, error, match):
     with pytest.raises(error, match=match):
         sk.shared_attention(torch.randn(B, S, H, D), attn_mask=mask)
+
+
+def test_empty_sequences_with_attn_mask_give_empty_results():
+    out, lse = sk.shared_attention(torch.randn(2, 0, H, D), attn_mask=torch.ones(0, 0, dtype=torch.bool),
+                                   return_lse=True)
+    assert out.shape == (2, 0, H, D) and lse.shape == (2, H, 0)
+
+
+def test_learnable_attn_mask_is_refused_not_left_without_gradient():
+    """The mask is read by value: a bias that requires grad would silently get none."""
+    bias = torch.zeros(H, S, S, requires_grad=True)
+    with pytest.raises(ValueError, match="attn_mask requires grad"):
+        sk.shared_attention(torch.randn(B, S, H, D), attn_mask=bias)
+    sk.shared_attention(torch.randn(B, S, H, D), attn_mask=bias.detach())
+    with torch.no_grad():
+        sk.shared_attention(torch.randn(B, S, H, D), attn_mask=bias)
+
+
+@pytest.mark.parametrize("causal", ["False", None, 1])
+def test_causal_must_be_a_bool_with_attn_mask_too(causal):
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        sk.shared_attention(torch.randn(B, S, H, D), attn_mask=torch.ones(S, S, dtype=torch.bool), causal=causal)
+
+
+def test_vmap_over_attn_mask_is_refused_and_over_q_works():
+    q = torch.randn(3, B, S, H, D)
+    masks = torch.ones(3, S, S, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="attn_mask is read by value .* cannot be vmapped"):
+        torch.vmap(lambda x, m: sk.shared_attention(x, attn_mask=m))(q, masks)
+    got = torch.vmap(lambda x: sk.shared_attention(x, attn_mask=masks[0]))(q)
+    assert_close(got, torch.stack([sk.shared_attention(x, causal=True) for x in q]), atol=1e-6, name="vmap over q")
+
+
+def test_attn_mask_under_export_says_what_traces():
+    class Masked(torch.nn.Module):
+        def forward(self, q, m):
+            return sk.shared_attention(q, attn_mask=m, backend="torch")
+
+    with pytest.raises(Exception, match="attn_mask is read by value.*pass key_padding_mask"):
+        torch.export.export(Masked(), (torch.randn(B, S, H, D), torch.ones(S, S, dtype=torch.bool).tril()))
