@@ -13,6 +13,10 @@
 #include <mutex>
 #include <vector>
 
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
+
 namespace symattn {
 namespace {
 
@@ -94,15 +98,33 @@ class GradientCache final : public c10::Allocator {
 
   static void give_back(void* context);
 
+ public:
+  // pthread_atfork handlers (cache()): a fork while another thread held the lock would leave it
+  // held for good in the child, which then hangs at its first cached buffer; the forking thread
+  // holds it across fork instead, as glibc's malloc does with its arenas.
+  void lock_for_fork() { mutex_.lock(); }
+  void unlock_after_fork() { mutex_.unlock(); }
+
+ private:
   std::mutex mutex_;
   std::deque<Block*> blocks_;  // least recently returned first
   size_t cached_ = 0;
 };
 
+GradientCache* the_cache = nullptr;  // set once, by cache(), before the fork handlers can run
+
 // Never destroyed: a tensor that outlives static destruction still returns its block here.
 GradientCache& cache() {
-  static auto* instance = new GradientCache();
-  return *instance;
+  static const bool created = [] {
+    the_cache = new GradientCache();
+#if !defined(_WIN32)
+    pthread_atfork([] { the_cache->lock_for_fork(); }, [] { the_cache->unlock_after_fork(); },
+                   [] { the_cache->unlock_after_fork(); });
+#endif
+    return true;
+  }();
+  (void)created;
+  return *the_cache;
 }
 
 void GradientCache::give_back(void* context) {
