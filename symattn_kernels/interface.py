@@ -258,7 +258,7 @@ def symmetric_attention_varlen(
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     if cu_seqlens.device.type == "cpu":  # checking values on CUDA would synchronise
-        lengths = cu_seqlens.diff()
+        lengths = cu_seqlens.to(torch.int64).diff()  # int32 differences could wrap past the checks
         if torch.compiler.is_compiling():
             # The values are not known while tracing: the compiled graph checks them when it runs.
             torch._assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == q.shape[0]) & (lengths >= 0).all()

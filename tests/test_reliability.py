@@ -342,6 +342,31 @@ def test_saturated_rows_give_no_query_gradient(backend, S, causal, value_dim):
         assert_close(ours, ref, atol=1e-4, name=f"{name} at scale 1e4")
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is absent here")
+@pytest.mark.parametrize("S", [513, 700])
+def test_bf16_dropout_over_512_tokens_keeps_dq_of_saturated_rows(S):
+    """The token itself takes nearly all of its row (q = k, D = 254). The tiled backward of heads
+    over 512 tokens took delta = O . dO from the bf16 output, which dropout's 1 / (1 - p) moves
+    off the bf16 grid: that rounding went whole into G_ii, and dq came out 2.7-6.6x the bf16
+    composite's error (several times dq itself). It now runs in fp32 from an fp32 forward."""
+    gen = torch.Generator().manual_seed(0)
+    q0, v0 = torch.randn(1, S, 1, 254, generator=gen, dtype=F64), torch.randn(1, S, 1, 24, generator=gen, dtype=F64)
+    dout = torch.randn(1, S, 1, 24, generator=torch.Generator().manual_seed(1), dtype=F64)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # what the kernels draw after manual_seed(5)
+    dq = {}
+    for name, dtype in (("ref64", F64), ("ref_bf16", torch.bfloat16), ("cpu", torch.bfloat16)):
+        q, v = q0.to(dtype).requires_grad_(), v0.to(dtype).requires_grad_()
+        if name == "cpu":
+            torch.manual_seed(5)
+            out = sk.symmetric_attention(q, v, causal=True, dropout_p=0.17, backend="cpu")
+        else:
+            out = R.symmetric_attention(q, v, causal=True, dropout_p=0.17, dropout_seed=seed)
+        dq[name] = torch.autograd.grad((out * dout.to(dtype)).sum(), q)[0].double()
+    ours, composite = ((dq[k] - dq["ref64"]).abs().max().item() for k in ("cpu", "ref_bf16"))
+    assert ours <= 0.5 * composite, (ours, composite)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("S", [6, 600])
 def test_padded_token_of_huge_values_keeps_its_row_finite(backend, S):

@@ -39,6 +39,29 @@ def test_varlen_loose_bound():
     assert_close(out, R.symmetric_attention_varlen(q.double(), None, cu, 7), atol=2e-5, name="out")
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_varlen_diagonal_coefficient_partials_follow_the_real_tokens(deterministic, monkeypatch):
+    """The backward's per-block dcoef partials: one row per real query block (and one spare per
+    sequence), not B x cdiv(max_seqlen, block) rows, whatever the bound; dcoef still sums them all."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [1, 0, 9, 33, 2, 0, 17]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, coef = torch.randn(sum(lengths), 2, 16, generator=gen), torch.rand(2, 16, generator=gen) + 0.5
+    zeros, shapes = torch.zeros, []
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: shapes.append(tuple(a[0])) or zeros(*a, **k))
+    leaves = [t.clone().requires_grad_() for t in (q, coef)]
+    out = sk.symmetric_attention_varlen(leaves[0], None, cu, 10_000, coef=leaves[1], deterministic=deterministic,
+                                        backend="triton")
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    monkeypatch.undo()
+    partials = [s for s in shapes if len(s) == 3 and s[1:] == (2, 16)]
+    assert partials and all(s[0] <= sum(lengths) + len(lengths) for s in partials), shapes
+    refs = [t.double().requires_grad_() for t in (q, coef)]
+    ref_out = R.symmetric_attention_varlen(refs[0], None, cu, 33, coef=refs[1])
+    for name, got, want in zip(("dq", "dcoef"), grads, torch.autograd.grad(ref_out.square().sum(), refs)):
+        assert_close(got, want, atol=1e-4, name=name)
+
+
 def test_lama_nan_normaliser_propagates():
     h = torch.randn(2, 6, 16)
     context = torch.randn(16)
@@ -153,3 +176,12 @@ def test_half_precision_delta_from_unrounded_out():
     bound = 3 * (dq_of(torch.float16, None) - ref64).abs().max().item() + 1e-5
     err = (dq_of(torch.float16, "triton") - ref64).abs().max().item()
     assert err <= 0.2 * bound, f"dq error {err:.3g} > 0.2 x flash-attn's bound {bound:.3g}"
+
+
+def test_more_sequence_heads_than_cuda_grid_rows_are_refused_by_name():
+    """B x H programs sit on CUDA's grid axis y (at most 65535): a clear error, not CUDA's
+    "invalid argument" at launch."""
+    q = torch.randn(4096, 16, 16)
+    cu = torch.arange(4097, dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend='triton' .* 4096 sequences x 16 heads = 65536; split it"):
+        sk.symmetric_attention_varlen(q, None, cu, 1, backend="triton")

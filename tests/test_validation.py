@@ -80,6 +80,9 @@ VARLEN_CASES = [
     ("cu-short", dict(cu=torch.tensor([0], dtype=torch.int32)), ValueError, "cu_seqlens must hold at least 2"),
     ("cu-end", dict(cu=torch.tensor([0, 4], dtype=torch.int32)), ValueError, "cu_seqlens must rise from 0"),
     ("cu-decreasing", dict(cu=torch.tensor([0, 4, 3, 5], dtype=torch.int32)), ValueError, "cu_seqlens must rise"),
+    # int32 differences wrap to [2**31 - 1, 2**31 - 1, 7], all >= 0
+    ("cu-wrapping", dict(cu=torch.tensor([0, 2**31 - 1, -2, 5], dtype=torch.int32), max_seqlen=2**31), ValueError,
+     "cu_seqlens must rise"),
     ("max-seqlen", dict(max_seqlen=2), ValueError, "max_seqlen = 2 is below the longest sequence"),
     ("max-seqlen-type", dict(max_seqlen=0), ValueError, "max_seqlen must be a positive int"),
     ("max-seqlen-bool", dict(max_seqlen=True), ValueError, "max_seqlen must be a positive int"),

@@ -282,7 +282,7 @@ std::vector<at::Tensor> fill_common(ForwardParams& p, const at::Tensor& q, const
     TORCH_CHECK(p.cu_seqlens[0] == 0 && p.cu_seqlens[p.batch] == q.size(0),
                 "symattn CPU kernels: cu_seqlens must run from 0 to total = ", q.size(0));
     for (int64_t b = 0; b < p.batch; ++b) {
-      const int64_t len = p.cu_seqlens[b + 1] - p.cu_seqlens[b];
+      const int64_t len = int64_t{p.cu_seqlens[b + 1]} - p.cu_seqlens[b];  // int32 - int32 could overflow
       TORCH_CHECK(len >= 0 && len <= max_seqlen, "symattn CPU kernels: sequence ", b, " has length ", len,
                   ", outside [0, max_seqlen = ", max_seqlen, "]");
     }

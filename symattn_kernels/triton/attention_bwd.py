@@ -51,12 +51,13 @@ import triton.language as tl
 
 # Device side: constants and the @triton.jit helpers the kernels share.
 from .attention_common import (LOG2E, _dropout_keep, _has_other_key, _kpm_stat, _padding_finite,
-                               _program_sequence, _real_tokens, _in_int64, _row_ctr0, _seq_bounds,
+                               _partial_row, _program_sequence, _real_tokens, _in_int64, _row_ctr0, _seq_bounds,
                                _token0)
 # Host side: the launch pieces and argument bundles the launchers share.
 from .attention_common import (TokenStrides, coef_mode, coef_product, coef_strides, device_arch, dot_precision,
                                dropout_grouped, is_interpret, kpm_operand, lse_strides, mask_strides, padded_head_dim,
-                               padding_finite, prepare_call, tail_args, token_strides, unit_last_stride)
+                               padding_finite, partial_rows, prepare_call, tail_args, token_strides,
+                               unit_last_stride)
 from .attention_fwd import attention_forward
 from .features import TRITON_VERSION
 
@@ -413,7 +414,7 @@ def _symattn_bwd_kernel(
             y_o = tl.load(Y + offs_j64[:, None] * y_strides.token + offs_do[None, :], mask=out_mask, other=0.0)
             if HAS_KPM:
                 y_o = _padding_finite(y_o, real_j)
-            slot = (prog.b * tl.num_programs(0) + start_j) * num_heads + prog.h
+            slot = _partial_row(prog, start_j, IS_VARLEN, BLOCK_M) * num_heads + prog.h
             tl.store(DCoefPartial + slot * head_dim + offs_do, tl.sum(y_o.to(tl.float32) * dq_acc, axis=0) * scale,
                      mask=offs_do < head_dim)
         if COEF_MODE == 2:  # the host applies a full M: dY = DKM M + DQM M^T (+ dV, shared mode)
@@ -610,7 +611,7 @@ def _symattn_bwd_sym_kernel(
         tl.atomic_add(DVAcc + offs_j64[:, None] * dv_acc_strides.token + offs_dv[None, :], dv_acc, mask=v_mask,
                       sem="relaxed")
     if NEED_DCOEF:
-        slot = (prog.b * tl.num_programs(0) + start_j) * num_heads + prog.h
+        slot = _partial_row(prog, start_j, IS_VARLEN, BLOCK_M) * num_heads + prog.h
         tl.store(DCoefPartial + slot * head_dim + offs_d, dc_acc * scale, mask=offs_d < head_dim)
 
 
@@ -754,7 +755,8 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
     dv_acc = None if v is None else torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     dcoef_partial = None
     if need_dcoef:
-        dcoef_partial = torch.zeros((batch, n_blocks, num_heads, head_dim), dtype=torch.float32, device=q.device)
+        dcoef_partial = torch.zeros((partial_rows(layout, block_m), num_heads, head_dim), dtype=torch.float32,
+                                    device=q.device)
     has_dropout = dropout_p > 0.0
     kpm = kpm_operand(key_padding_mask)
     dummy = lse  # never dereferenced: its constexpr flag is off
@@ -777,7 +779,7 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
         dv.copy_(dv_acc)
     if dcoef is not None:
         if need_dcoef:
-            dcoef.copy_(dcoef_partial.sum(dim=(0, 1)).to(dcoef.dtype))
+            dcoef.copy_(dcoef_partial.sum(dim=0).to(dcoef.dtype))
         else:
             dcoef.zero_()
 
@@ -847,7 +849,8 @@ def attention_backward(
     need_dcoef = dcoef is not None and mode == 1
     dcoef_partial = None
     if need_dcoef:
-        dcoef_partial = torch.zeros((batch, n_blocks, num_heads, head_dim), dtype=torch.float32, device=q.device)
+        dcoef_partial = torch.zeros((partial_rows(layout, blocks["BLOCK_M"]), num_heads, head_dim),
+                                    dtype=torch.float32, device=q.device)
     qm = dqm = dkm = work = None
     if mode == 2:  # a full M enters as the folded operand Y M and leaves as G Y, G^T Y
         qm = padding_finite(coef_product(q, coef), key_padding_mask).contiguous()  # as the kernel reads Y
@@ -900,6 +903,6 @@ def attention_backward(
         dv.copy_(dv_k)
     if dcoef is not None and mode != 2:
         if need_dcoef:
-            dcoef.copy_(dcoef_partial.sum(dim=(0, 1)).to(dcoef.dtype))
+            dcoef.copy_(dcoef_partial.sum(dim=0).to(dcoef.dtype))
         else:
             dcoef.zero_()

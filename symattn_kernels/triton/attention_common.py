@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import validation
 from ..reference import dropout_scale, dropout_threshold
 
 # exp(x) == exp2(x * LOG2E): the kernels use exp2 (a native instruction) and fold LOG2E into the
@@ -215,7 +216,9 @@ def prepare_call(q, v, coef, cu_seqlens, max_seqlen, dropout_p: float, seed):
     check_dropout(dropout_p, seed)
     coef = None if coef is None else coef.contiguous()
     q, v = unit_last_stride(q), unit_last_stride(v)
-    return q, v, coef, attention_layout(q, v, cu_seqlens, max_seqlen)
+    layout = attention_layout(q, v, cu_seqlens, max_seqlen)
+    validation.grid_rows(layout.batch, layout.num_heads, "triton")
+    return q, v, coef, layout
 
 
 def tail_args(layout: Layout, scale: float, dropout_p: float, seed) -> list:
@@ -267,6 +270,25 @@ def _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN: tl.constex
     off_h = off_bh % num_heads
     seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
     return ProgramSequence(off_b, off_h, seq_start, seqlen)
+
+
+@triton.jit
+def _partial_row(seq, block, IS_VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    """Row of a per-block partial sum (``partial_rows`` of them) for query block ``block`` of the
+    sequence ``seq``: (b, block) in the padded layout; in varlen start // BLOCK + b + block, distinct
+    for every real block of every sequence and below cdiv(total, BLOCK) + B, so the buffer follows
+    the real tokens, never max_seqlen."""
+    if IS_VARLEN:
+        return seq.start // BLOCK + seq.b + block
+    else:
+        return seq.b * tl.num_programs(0) + block
+
+
+def partial_rows(layout: "Layout", block: int) -> int:
+    """Rows of a per-block partial sum buffer with ``_partial_row``'s layout."""
+    if layout.is_varlen:
+        return triton.cdiv(layout.n_rows, block) + layout.batch
+    return layout.batch * triton.cdiv(layout.seqlen_padded, block)
 
 
 @triton.jit
