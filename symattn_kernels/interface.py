@@ -140,10 +140,7 @@ def symmetric_attention(
     validation.head_dim("q", q.shape[-1])
     validation.values(v, q, tuple(q.shape[:-1]), ("B", "S", "H"))
     batch, seqlen = q.shape[:2]
-    if isinstance(key_padding_mask, Tensor) and not (key_padding_mask.is_floating_point() or key_padding_mask.dtype
-                                                     == torch.bool):
-        key_padding_mask = key_padding_mask != 0  # the tokenizer's int64 attention_mask, as the modules take it
-    validation.bool_mask("key_padding_mask", key_padding_mask, (batch, seqlen), "B, S", q)
+    key_padding_mask = validation.token_mask("key_padding_mask", key_padding_mask, (batch, seqlen), "B, S", q)
     if attn_mask is not None:
         validation.flag("causal", causal)  # before the plan reads it
         plan = _attn_mask_plan(attn_mask, q, key_padding_mask, causal)
@@ -336,10 +333,7 @@ def lowrank_context_attention(
         validation.same_device(name, x, "h", h)
         if x is not None and x.dtype != h.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but h has {h.dtype}; they must match")
-    if isinstance(key_padding_mask, Tensor) and not (key_padding_mask.is_floating_point() or key_padding_mask.dtype
-                                                     == torch.bool):
-        key_padding_mask = key_padding_mask != 0  # the tokenizer's int64 attention_mask, as for attention
-    validation.bool_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
+    key_padding_mask = validation.token_mask("key_padding_mask", key_padding_mask, (batch, tokens), "B, T", h)
     validation.choice("head_norm", head_norm, HEAD_NORMS)
     validation.flag("token_softmax", token_softmax)
     validation.reverse_mode_only("lowrank_context_attention", h, context, p, q, u)

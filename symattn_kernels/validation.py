@@ -43,6 +43,16 @@ def head_dim(name: str, dim: int) -> None:
         raise ValueError(f"{name} has head dim {dim}; supported head dims are 1..{MAX_HEAD_DIM}")
 
 
+def token_mask(name: str, mask: Optional[Tensor], expected: tuple, labels: str, ref: Tensor) -> Optional[Tensor]:
+    """``mask`` checked as a bool ``[labels]`` mask (True = real token) and returned; an integer
+    mask (a tokenizer's int64 ``attention_mask``) is read as ``mask != 0`` first, as the modules
+    and Hugging Face read it."""
+    if isinstance(mask, Tensor) and not (mask.is_floating_point() or mask.is_complex() or mask.dtype == torch.bool):
+        mask = mask != 0
+    bool_mask(name, mask, expected, labels, ref)
+    return mask
+
+
 def bool_mask(name: str, mask: Optional[Tensor], expected: tuple, labels: str, ref: Tensor) -> None:
     if mask is None:
         return

@@ -37,6 +37,8 @@ ATTENTION_CASES = [
     ("mask-shape", dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)), ValueError,
      r"key_padding_mask must have shape \[B, S\] = \(2, 5\)"),
     ("mask-dtype", dict(key_padding_mask=torch.ones(2, 5)), TypeError, "key_padding_mask must be a bool tensor"),
+    ("mask-complex", dict(key_padding_mask=torch.ones(2, 5, dtype=torch.complex64)), TypeError,
+     "key_padding_mask must be a bool tensor"),
     ("dropout-1", dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
     ("dropout-neg", dict(dropout_p=-0.1), ValueError, "dropout_p"),
     ("scale-nan", dict(scale=float("nan")), ValueError, "scale must be a finite float"),
@@ -122,6 +124,8 @@ LAMA_CASES = [
     ("mask-shape", dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError,
      r"key_padding_mask must have shape \[B, T\]"),
     ("mask-dtype", dict(key_padding_mask=torch.ones(2, 4)), TypeError, "key_padding_mask must be a bool tensor"),
+    ("mask-complex", dict(key_padding_mask=torch.ones(2, 4, dtype=torch.complex64)), TypeError,
+     "key_padding_mask must be a bool tensor"),
     ("head-norm", dict(head_norm="l1"), ValueError, "head_norm must be 'l2' or None"),
 ]
 
@@ -131,6 +135,19 @@ def test_lowrank_rejects(case, override, exc, match):
     args = lama_args(**override)
     with pytest.raises(exc, match=match):
         sk.lowrank_context_attention(args.pop("h"), args.pop("context"), args.pop("p"), args.pop("q"), **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_key_padding_masks_read_as_nonzero(dtype):
+    # A tokenizer's attention_mask: 1 = real token; any nonzero value counts as real, as in transformers.
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 2, 1, 1, 0]], dtype=dtype)
+    y = q_(2, 5, 3, 8)
+    expected = sk.shared_attention(y, key_padding_mask=mask != 0, backend="torch")
+    torch.testing.assert_close(sk.shared_attention(y, key_padding_mask=mask, backend="torch"), expected, rtol=0, atol=0)
+    h, ctx, p, q = q_(2, 5, 6), q_(6), q_(6, 3), q_(6, 3)
+    expected = sk.lowrank_context_attention(h, ctx, p, q, key_padding_mask=mask != 0, backend="torch")
+    got = sk.lowrank_context_attention(h, ctx, p, q, key_padding_mask=mask, backend="torch")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_environment_variable_overrides_auto(monkeypatch):

@@ -263,8 +263,8 @@ class _HFSelfAttention:
         # variant wrote there (K and V, or a different split) would be read as that, silently.
         variant = _variant_of(self)
         held = layers.layers[self.layer_idx] if self.layer_idx < len(layers.layers) else None
-        if held is not None and held.get_seq_length() > 0 and getattr(held, _CACHE_TAG, None) != variant:
-            writer = getattr(held, _CACHE_TAG, None)
+        writer = getattr(held, _CACHE_TAG, None)
+        if held is not None and held.get_seq_length() > 0 and writer != variant:
             raise ValueError(f"past_key_values: layer {self.layer_idx} of the cache was filled by "
                              f"{f'a converted {writer} layer' if writer else 'a standard (unconverted) layer'}, "
                              f"but this converted {variant} layer caches its own projections: build the cache "
