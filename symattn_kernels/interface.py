@@ -252,7 +252,11 @@ def symmetric_attention_varlen(
     validation.same_device("cu_seqlens", cu_seqlens, "q", q)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 offsets [0, ..., total], got {cu_seqlens.numel()}")
-    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
+        raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():  # it may come from .item() in the graph: checked when it runs
+        torch._check(max_seqlen >= 1, lambda: "max_seqlen must be a positive int")
+    elif max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     if cu_seqlens.device.type == "cpu":  # checking values on CUDA would synchronise
         lengths = cu_seqlens.to(torch.int64).diff()  # int32 differences could wrap past the checks

@@ -23,6 +23,13 @@ def _seed(seed: Optional[Tensor]) -> Optional[int]:
     return None if seed is None else int(seed.item())
 
 
+def _without_autocast(x: Tensor):
+    """The ops run in their inputs' dtypes. A custom op has no Autocast kernel, so the caller's
+    autocast stays on inside it: the composite backend's fp32 products would run in bf16 / fp16
+    (an fp32 result 1e4x less accurate; fp16 scores overflow to inf, a NaN output)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @torch.library.custom_op("symattn::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor,
@@ -39,10 +46,11 @@ def attention_fwd(
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return backends.load(backend).attention_forward(
-        q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), scale, causal, dropout_p, exclude_self, max_seqlen,
-        deterministic,
-    )
+    with _without_autocast(q):
+        return backends.load(backend).attention_forward(
+            q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), scale, causal, dropout_p, exclude_self, max_seqlen,
+            deterministic,
+        )
 
 
 @attention_fwd.register_fake
@@ -79,10 +87,11 @@ def attention_bwd(
     deterministic: bool,
     backend: str,
 ) -> None:
-    backends.load(backend).attention_backward(
-        dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), out, lse, dq, dv, dcoef,
-        scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
-    )
+    with _without_autocast(q):
+        backends.load(backend).attention_backward(
+            dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), out, lse, dq, dv, dcoef,
+            scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
+        )
 
 
 @attention_bwd.register_fake
@@ -114,7 +123,8 @@ def _second_order(backend: str, op: str, *tensors) -> bool:
         raise RuntimeError(
             f"symattn: second-order gradients (create_graph=True) through {op} are not supported by "
             f"backend={backend!r}, whose backward is a fused kernel; call with backend='torch', which "
-            "differentiates its composite implementation"
+            "differentiates its composite implementation (modules and converted models: set the environment "
+            "variable SYMATTN_BACKEND=torch)"
         )
     return True
 
@@ -133,7 +143,7 @@ def _refuse_batched(op: str, *grads) -> None:
 def _differentiate(forward, inputs, outputs_grads) -> list:
     """Gradients of ``forward()`` (pure torch ops) w.r.t. ``inputs``, with a graph."""
     wanted = [x for x in inputs if x is not None and x.requires_grad]
-    with torch.enable_grad():
+    with torch.enable_grad(), _without_autocast(inputs[0]):
         outputs = forward()
         pairs = [(o, g) for o, g in zip(outputs, outputs_grads) if g is not None]
         grads = iter(torch.autograd.grad(
@@ -182,9 +192,10 @@ def lowrank_fwd(
     eps: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return backends.load(backend).lowrank_forward(
-        h, context, p, q, u, key_padding_mask, _head_norm(head_norm), token_softmax, eps
-    )
+    with _without_autocast(h):
+        return backends.load(backend).lowrank_forward(
+            h, context, p, q, u, key_padding_mask, _head_norm(head_norm), token_softmax, eps
+        )
 
 
 @lowrank_fwd.register_fake
@@ -221,10 +232,11 @@ def lowrank_bwd(
     eps: float,
     backend: str,
 ) -> None:
-    backends.load(backend).lowrank_backward(
-        dpooled, dattn, h, context, p, q, u, key_padding_mask, _head_norm(head_norm), token_softmax, eps,
-        dh, dcontext, dp, dq, du, pooled=pooled, attn=attn,
-    )
+    with _without_autocast(h):
+        backends.load(backend).lowrank_backward(
+            dpooled, dattn, h, context, p, q, u, key_padding_mask, _head_norm(head_norm), token_softmax, eps,
+            dh, dcontext, dp, dq, du, pooled=pooled, attn=attn,
+        )
 
 
 @lowrank_bwd.register_fake

@@ -105,13 +105,18 @@ def options(scale: Optional[float], dropout_p: float, head_dim_q: int, dtype: to
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if scale is None:
         return head_dim_q**-0.5
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(_as_float(scale)):
+    # A SymFloat is what torch.compile makes of a scale that changes between calls: the checks
+    # below are comparisons, which trace (math.isfinite does not).
+    if not isinstance(scale, (int, float, torch.SymFloat)) or isinstance(scale, bool):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    value = _as_float(scale)
+    if not -math.inf < value < math.inf:  # also False for NaN
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    if abs(scale) * _LOG2E > torch.finfo(compute).max:
+    if abs(value) * _LOG2E > torch.finfo(compute).max:
         raise ValueError(f"scale = {scale!r} overflows {str(compute).replace('torch.', '')}, the dtype the scores "
                          f"are computed in; it must be at most {torch.finfo(compute).max / _LOG2E:.3g} in magnitude")
-    return float(scale)
+    return value
 
 
 def _as_float(x) -> float:
@@ -138,6 +143,16 @@ def values(v: Optional[Tensor], q: Tensor, leading: tuple, labels: Sequence[str]
     head_dim("v", v.shape[-1])
 
 
+@torch.compiler.disable
+def _refuse_traced_forward_mode(function: str) -> None:
+    # Run outside the trace: an exception raised in traced code makes dynamo rerun the call
+    # eagerly, where the inputs no longer show their tangents.
+    raise NotImplementedError(
+        f"{function} has no forward-mode derivative (torch.func.jvp / jacfwd, torch.autograd.forward_ad), "
+        "compiled or not: differentiate in reverse mode, with backward() or torch.autograd.grad"
+    )
+
+
 def reverse_mode_only(function: str, *tensors: Optional[Tensor]) -> None:
     """Refuse the differentiation modes the ops do not have. Their derivatives are reverse-mode
     rules for torch.autograd (``backward()``, ``torch.autograd.grad``, checkpointing, compile):
@@ -146,7 +161,12 @@ def reverse_mode_only(function: str, *tensors: Optional[Tensor]) -> None:
     ``vjp`` / ``jacrev`` cannot run the rule (an internal error). ``torch.func.vmap`` of the
     forward works and passes."""
     if torch.compiler.is_compiling():
-        return  # traced calls differentiate through the compiled graph's autograd
+        # Traced calls differentiate in reverse mode through the compiled graph's autograd. Dual
+        # tensors and functorch's stack are not visible while tracing, but the forward-mode level
+        # that forward_ad.dual_level and torch.func.jvp open is.
+        if forward_ad._current_level >= 0:
+            _refuse_traced_forward_mode(function)
+        return
     transforms = {layer.key() for layer in torch._C._functorch.get_interpreter_stack() or ()}
     if torch._C._functorch.TransformType.Jvp in transforms or _dual(tensors):
         raise NotImplementedError(

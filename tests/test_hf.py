@@ -297,3 +297,16 @@ def test_torch_compile_matches_eager():
         eager = model(ids, attention_mask=mask).logits
         compiled = torch.compile(model)(ids, attention_mask=mask).logits
     assert_close(compiled, eager, atol=1e-5, name="compiled logits")
+
+
+def test_converted_layers_keep_the_autocast_dtype():
+    """Under bf16 autocast the stock self-attention returns bf16; the converted shared layer's
+    role scale d_v (an fp32 parameter) promoted its output to fp32."""
+    dtypes = {}
+    for variant in ("stock",) + VARIANTS:
+        model = _model() if variant == "stock" else hf.convert_bert(_model(), variant, init="random")
+        attn = _self_attentions(model)[0]
+        attn.register_forward_hook(lambda module, args, out, variant=variant: dtypes.__setitem__(variant, out[0].dtype))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(_batch()[0])
+    assert dtypes == {variant: torch.bfloat16 for variant in dtypes}, dtypes

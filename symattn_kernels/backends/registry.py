@@ -107,10 +107,21 @@ _STATUS_CACHE: dict = {}
 def status(name: str) -> BackendStatus:
     """Availability of backend ``name``, probed once per interpreter setting. The first probe of
     a compiled backend loads its extension, compiling it just in time where that is the way."""
-    key = (name, triton_interpreting())
+    if torch.compiler.is_compiling():
+        # A constant to the trace: reading the cache would guard on its contents, which the first
+        # call then fills, so every fresh process compiled its second call again.
+        return _traced_status(name, triton_interpreting())
+    return _cached_status(name, triton_interpreting())
+
+
+def _cached_status(name: str, interpreting: bool) -> BackendStatus:
+    key = (name, interpreting)
     if key not in _STATUS_CACHE:
         _STATUS_CACHE[key] = _probe(name)
     return _STATUS_CACHE[key]
+
+
+_traced_status = torch.compiler.assume_constant_result(_cached_status)
 
 
 def peek(name: str) -> BackendStatus:

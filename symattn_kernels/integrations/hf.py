@@ -249,7 +249,7 @@ class _HFSelfAttention:
                                            coef=coef, **kwargs)
         out = out.reshape(batch, seqlen, self.hidden_size)
         if isinstance(self, SharedWeightSelfAttention) and self.role_scales:
-            out = out * self.d_v
+            out = out * self.d_v.to(out.dtype)  # under autocast: the stock layer's dtype, not fp32
         return out, None
 
     def _update_cache(self, cache, query: Tensor, value: Optional[Tensor]) -> tuple[Tensor, Tensor]:

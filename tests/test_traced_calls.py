@@ -1,0 +1,125 @@
+"""Calls under a caller's autocast and torch.compile: the ops keep their inputs' precision,
+compiled calls take what eager calls take (a changing scale, a max_seqlen read from a tensor),
+refuse what eager calls refuse (forward-mode derivatives), and compile once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import symattn_kernels as sk
+from symattn_kernels import reference as R
+from tests.attention_checks import F64, assert_close
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_torch_backend_keeps_fp32_under_autocast(autocast_dtype):
+    """A custom op has no Autocast kernel, so the caller's autocast reached the composite
+    backend inside it: its fp32 products ran in bf16 (error 4e-3, against 1.5e-7), and fp16
+    scores of 40-sized entries overflowed to inf: NaN out and dq."""
+    torch.manual_seed(0)
+    q = (40 * torch.rand(1, 6, 2, 64) - 20).requires_grad_()
+    expected = R.symmetric_attention(q.detach().double(), causal=True)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        out = sk.shared_attention(q, causal=True, backend="torch")
+        (dq,) = torch.autograd.grad(out.sum(), q)
+    assert out.dtype == torch.float32 and torch.isfinite(dq).all()
+    assert_close(out, expected, atol=1e-5, name="out under autocast")
+    leaf = q.detach().double().requires_grad_()
+    (dq_ref,) = torch.autograd.grad(R.symmetric_attention(leaf, causal=True).sum(), leaf)
+    assert_close(dq, dq_ref, atol=1e-4, name="dq under autocast")
+
+
+def test_lama_and_second_order_keep_fp32_under_autocast():
+    torch.manual_seed(1)
+    h, ctx, p, q = torch.randn(2, 7, 6), torch.randn(6), torch.randn(6, 3), torch.randn(6, 3)
+    expected = R.lowrank_context_attention(h.double(), ctx.double(), p.double(), q.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled, attn = sk.lowrank_context_attention(h, ctx, p, q, backend="torch")
+    assert_close(pooled, expected[0], atol=1e-5, name="pooled under autocast")
+    assert_close(attn, expected[1], atol=1e-6, name="attn under autocast")
+    # The gradient-penalty path differentiates the composite forward again, inside the backward.
+    y = torch.randn(1, 5, 2, 16, requires_grad=True)
+    y64 = y.detach().double().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (g,) = torch.autograd.grad(sk.shared_attention(y, backend="torch").square().sum(), y, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), y)  # outside: autocast would round this backward's own products
+    (g64,) = torch.autograd.grad(R.symmetric_attention(y64).square().sum(), y64, create_graph=True)
+    (gg64,) = torch.autograd.grad(g64.square().sum(), y64)
+    assert_close(gg, gg64, atol=1e-4, rtol=1e-4, name="second-order gradient under autocast")
+
+
+@pytest.mark.slow
+def test_a_changing_scale_compiles_with_fullgraph():
+    """A float that changes between calls becomes a SymFloat; math.isfinite on it broke the
+    trace (Unsupported: isfinite)."""
+    q = torch.randn(2, 9, 2, 16)
+    compiled = torch.compile(lambda q, scale: sk.shared_attention(q, scale=scale), fullgraph=True, backend="eager")
+    for scale in (0.1, 0.2, 0.3, 5.0):
+        assert_close(compiled(q, scale), R.symmetric_attention(q.double(), scale=scale), atol=1e-5,
+                     name=f"scale {scale}")
+    with pytest.raises(ValueError, match="scale must be a finite float"):
+        sk.shared_attention(q, scale=float("nan"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("mode", ["jvp", "dual"])
+def test_compiled_calls_refuse_forward_mode(compiler, mode):
+    """A compiled call skipped the refusal: jvp's tangent came back 0 (true max 3.9), a dual
+    input's None, silently."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 5, 2, 16, dtype=F64)
+    compiled = torch.compile(lambda q: sk.shared_attention(q, causal=True, backend="torch"), backend=compiler)
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        if mode == "jvp":
+            torch.func.jvp(compiled, (q,), (torch.randn_like(q),))
+        else:
+            with fwAD.dual_level():
+                compiled(fwAD.make_dual(q, torch.randn_like(q)))
+    leaf = q.clone().requires_grad_()
+    compiled(leaf).sum().backward()  # reverse mode still compiles
+    assert leaf.grad is not None and leaf.grad.abs().max() > 0
+
+
+@pytest.mark.slow
+def test_varlen_max_seqlen_read_in_the_graph():
+    """flash-attn's habit, max_seqlen = int(lengths.max()) inside the compiled function, failed on
+    the package's own `max_seqlen < 1` (a data-dependent guard)."""
+    torch._dynamo.reset()
+    q = torch.randn(9, 2, 8)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+
+    def call(q, cu):
+        return sk.symmetric_attention_varlen(q, None, cu, int(cu.diff().max().item()), causal=True)
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        got = torch.compile(call, fullgraph=True, backend="aot_eager")(q, cu)
+    torch.testing.assert_close(got, call(q, cu), rtol=0, atol=0)
+
+
+_COMPILES_ONCE = r"""
+import torch, symattn_kernels as sk
+from torch._dynamo.utils import counters
+compiled = torch.compile(lambda q: sk.shared_attention(q), fullgraph=True, backend="eager")
+q = torch.randn(2, 5, 2, 16)
+for _ in range(3):
+    compiled(q)
+print(counters["stats"]["unique_graphs"])
+"""
+
+
+@pytest.mark.slow
+def test_a_fresh_process_compiles_a_call_once():
+    """The first trace guarded on the backend status cache, which that call then filled: every
+    process compiled its second call again."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _COMPILES_ONCE], cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split()[-1] == "1", result.stdout[-2000:]
