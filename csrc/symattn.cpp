@@ -20,10 +20,11 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY_FRAGMENT(symattn, m) {
   m.def(
       "attention_fwd_cpu(Tensor q, Tensor? v, Tensor? coef, Tensor? key_padding_mask, Tensor? cu_seqlens, "
-      "int? seed, float scale, bool causal, float dropout_p, bool exclude_self, int max_seqlen) -> (Tensor, Tensor)");
+      "int? seed, float scale, bool causal, float dropout_p, bool exclude_self, int max_seqlen, bool keep_residual) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "attention_bwd_cpu(Tensor dout, Tensor? dlse, Tensor q, Tensor? v, Tensor? coef, Tensor? key_padding_mask, "
-      "Tensor? cu_seqlens, int? seed, Tensor out, Tensor lse, Tensor(a!) dq, Tensor(b!)? dv, Tensor(c!)? dcoef, "
+      "Tensor? cu_seqlens, int? seed, Tensor out, Tensor? out_residual, Tensor lse, Tensor(a!) dq, Tensor(b!)? dv, Tensor(c!)? dcoef, "
       "float scale, bool causal, float dropout_p, bool exclude_self, int max_seqlen) -> ()");
   m.def(
       "lowrank_fwd_cpu(Tensor h, Tensor context, Tensor p, Tensor q, Tensor? u, Tensor? key_padding_mask, "

@@ -38,7 +38,7 @@ def _attention(q, v, cu_seqlens, max_seqlen, coef, scale, causal, key_padding_ma
     name = backends.resolve(backend, q.device, q.dtype, case=case)
     # max_seqlen is the padded S, a SymInt under torch.export: int() would fix the exported
     # sequence axis to the example's length.
-    out, lse = ops.attention_fwd(
+    out, lse, _ = ops.attention_fwd(
         _unit_last_stride(q), _unit_last_stride(v), _unit_last_stride(coef), key_padding_mask, cu_seqlens,
         _dropout_seed(dropout_p), scale, causal, float(dropout_p), exclude_self, max_seqlen, deterministic, name,
     )

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import torch as torch_backend
+from .backends.registry import keeps_output_residual
 from .backends.torch import accumulate_dtype
 
 
@@ -45,12 +46,16 @@ def attention_fwd(
     max_seqlen: int,
     deterministic: bool,
     backend: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, out_residual): the third is what the backward needs beyond out and lse (the CPU
+    kernels' output residual, ``backends.registry.keeps_output_residual``), an empty tensor where
+    the backend needs nothing more."""
     with _without_autocast(q):
-        return backends.load(backend).attention_forward(
+        results = backends.load(backend).attention_forward(
             q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), scale, causal, dropout_p, exclude_self, max_seqlen,
             deterministic,
         )
+    return results if len(results) == 3 else (*results, q.new_empty(0))
 
 
 @attention_fwd.register_fake
@@ -61,7 +66,8 @@ def _attention_fwd_fake(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, c
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # [B, H, S]
     else:
         lse_shape = (q.shape[1], q.shape[0])  # [H, total]
-    return out, q.new_empty(lse_shape, dtype=accumulate_dtype(q.dtype))
+    residual = torch.empty_like(out) if keeps_output_residual(backend, q, coef, dropout_p) else q.new_empty(0)
+    return out, q.new_empty(lse_shape, dtype=accumulate_dtype(q.dtype)), residual
 
 
 @torch.library.custom_op("symattn::attention_bwd", mutates_args=("dq", "dv", "dcoef"))
@@ -75,6 +81,7 @@ def attention_bwd(
     cu_seqlens: Optional[Tensor],
     seed: Optional[Tensor],
     out: Tensor,
+    out_residual: Optional[Tensor],
     lse: Tensor,
     dq: Tensor,
     dv: Optional[Tensor],
@@ -87,10 +94,12 @@ def attention_bwd(
     deterministic: bool,
     backend: str,
 ) -> None:
+    # Only a backend whose forward kept a residual (the CPU kernels) takes one back.
+    kept = {} if out_residual is None else {"out_residual": out_residual}
     with _without_autocast(q):
         backends.load(backend).attention_backward(
             dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), out, lse, dq, dv, dcoef,
-            scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
+            scale, causal, dropout_p, exclude_self, max_seqlen, deterministic, **kept,
         )
 
 
@@ -108,6 +117,7 @@ def unit_last_stride(x: Optional[Tensor]) -> Optional[Tensor]:
 def _attention_setup_context(ctx, inputs, output):
     q, v, coef, key_padding_mask, cu_seqlens, seed, *options = inputs
     ctx.save_for_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, *output)
+    ctx.mark_non_differentiable(output[2])  # the output residual: the backward's, not the caller's
     ctx.options = options
     ctx.set_materialize_grads(False)
 
@@ -152,8 +162,8 @@ def _differentiate(forward, inputs, outputs_grads) -> list:
     return [next(grads) if x is not None and x.requires_grad else None for x in inputs]
 
 
-def _attention_backward(ctx, dout, dlse):
-    q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse = ctx.saved_tensors
+def _attention_backward(ctx, dout, dlse, _dresidual=None):
+    q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if _second_order(ctx.options[-1], "symmetric_attention", q, v, coef, dout, dlse):
         def forward():
@@ -168,8 +178,8 @@ def _attention_backward(ctx, dout, dlse):
     dv = None if v is None else torch.empty_like(v)
     dcoef = torch.empty_like(coef) if coef is not None and needs[2] else None
     attention_bwd(
-        unit_last_stride(dout), dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
-        *ctx.options,
+        unit_last_stride(dout), dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out,
+        residual if residual.numel() else None, lse, dq, dv, dcoef, *ctx.options,
     )
     return (dq if needs[0] else None, dv if needs[1] else None, dcoef) + (None,) * 10
 

@@ -430,14 +430,22 @@ def _kernel_op_args(varlen=False):
     return (q, v, coef, mask, None, 7, 0.5, True, 0.2, True, 5)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
-def test_opcheck_kernel_ops(varlen):
+def test_opcheck_kernel_ops(varlen, residual):
     args = _kernel_op_args(varlen)
+    if residual:  # bf16 with dropout and no coefficient: the forward keeps its output residual
+        args = (args[0].bfloat16(), None if args[1] is None else args[1].bfloat16(), None, *args[3:5], 7, 0.5,
+                args[7], 0.2, *args[9:])
+    args = (*args, residual)
     torch.library.opcheck(torch.ops.symattn.attention_fwd_cpu.default, args)
     q, v, coef = args[:3]
-    out, lse = torch.ops.symattn.attention_fwd_cpu(*args)
-    dq, dv, dcoef = torch.empty_like(q), None if v is None else torch.empty_like(v), torch.empty_like(coef)
-    bwd_args = (torch.randn_like(out), torch.randn_like(lse), *args[:6], out, lse, dq, dv, dcoef, *args[6:])
+    out, lse, kept = torch.ops.symattn.attention_fwd_cpu(*args)
+    assert kept.shape == (out.shape if residual else (0,))
+    dq, dv = torch.empty_like(q), None if v is None else torch.empty_like(v)
+    dcoef = None if coef is None else torch.empty_like(coef)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), *args[:6], out, kept if residual else None, lse, dq, dv,
+                dcoef, *args[6:-1])
     torch.library.opcheck(torch.ops.symattn.attention_bwd_cpu.default, bwd_args)
 
 

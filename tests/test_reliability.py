@@ -343,19 +343,21 @@ def test_saturated_rows_give_no_query_gradient(backend, S, causal, value_dim):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is absent here")
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("S", [513, 700])
-def test_bf16_dropout_over_512_tokens_keeps_dq_of_saturated_rows(S):
+def test_bf16_dropout_over_512_tokens_keeps_dq_of_saturated_rows(S, half):
     """The token itself takes nearly all of its row (q = k, D = 254). The tiled backward of heads
     over 512 tokens took delta = O . dO from the bf16 output, which dropout's 1 / (1 - p) moves
     off the bf16 grid: that rounding went whole into G_ii, and dq came out 2.7-6.6x the bf16
-    composite's error (several times dq itself). It now runs in fp32 from an fp32 forward."""
+    composite's error (several times dq itself). The forward now keeps the output's rounding
+    residual, and delta adds residual . dO."""
     gen = torch.Generator().manual_seed(0)
     q0, v0 = torch.randn(1, S, 1, 254, generator=gen, dtype=F64), torch.randn(1, S, 1, 24, generator=gen, dtype=F64)
     dout = torch.randn(1, S, 1, 24, generator=torch.Generator().manual_seed(1), dtype=F64)
     torch.manual_seed(5)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # what the kernels draw after manual_seed(5)
     dq = {}
-    for name, dtype in (("ref64", F64), ("ref_bf16", torch.bfloat16), ("cpu", torch.bfloat16)):
+    for name, dtype in (("ref64", F64), ("ref_bf16", half), ("cpu", half)):
         q, v = q0.to(dtype).requires_grad_(), v0.to(dtype).requires_grad_()
         if name == "cpu":
             torch.manual_seed(5)

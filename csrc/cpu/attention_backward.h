@@ -167,8 +167,11 @@ class BackwardHead : public Head<scalar_t> {
       lse_col_[i] = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;  // exp(S - lse) = 0
       const scalar_t* out = this->row_ptr(bp_.out, i);
       const scalar_t* dout = this->row_ptr(bp_.dout, i);
-      // fp32 products (not bf16 pairs) sum dP in product_order_dot's order.
+      // fp32 products (not bf16 pairs) sum dP in product_order_dot's order. A bf16 / fp16 output
+      // that dropout scaled off the input grid (a saturated row's O = v_i / (1 - p)) loses its
+      // rounding, which G_ii = P (dP - delta) would take whole: its residual puts it back.
       delta_[i] = (kPairs ? dot_row(out, dout, Dv_) : product_order_dot(out, dout, Dv_)) - dlse_[i];
+      if (bp_.out_residual.data != nullptr) delta_[i] += dot_row(this->row_ptr(bp_.out_residual, i), dout, Dv_);
     }
     zacc_ = ws_.template take<float>(L_ * D_);
     fill(zacc_, L_ * D_, 0.f);

@@ -333,12 +333,11 @@ std::vector<int64_t> lse_shape(const at::Tensor& q, bool varlen) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const std::optional<at::Tensor>& v,
-                                                     const std::optional<at::Tensor>& coef,
-                                                     const std::optional<at::Tensor>& key_padding_mask,
-                                                     const std::optional<at::Tensor>& cu_seqlens,
-                                                     std::optional<int64_t> seed, double scale, bool causal,
-                                                     double dropout_p, bool exclude_self, int64_t max_seqlen) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cpu(
+    const at::Tensor& q, const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& coef,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> seed, double scale, bool causal, double dropout_p, bool exclude_self, int64_t max_seqlen,
+    bool keep_residual) {
   ForwardParams p;
   const auto keep_alive = fill_common(p, q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p,
                                       exclude_self, max_seqlen);
@@ -349,17 +348,22 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   at::Tensor lse = at::empty(lse_shape(q, varlen), q.options().dtype(at::kFloat));
   p.out = rows_of<void>(out, varlen);
   p.lse = lse_of<float>(lse, varlen);
+  TORCH_CHECK(!keep_residual || q.scalar_type() != at::kFloat,
+              "symattn CPU kernels: keep_residual is for bfloat16 / float16 outputs");
+  at::Tensor residual = keep_residual ? at::empty(out_shape, q.options()) : at::empty({0}, q.options());
+  if (keep_residual) p.out_residual = rows_of<void>(residual, varlen);
   cpu::ScheduleStats schedule;
   p.schedule = &schedule;
   kernels().run_forward(p);
   keep_schedule(std::move(schedule), false);
-  return {out, lse};
+  return {out, lse, residual};
 }
 
 void attention_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                        const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& coef,
                        const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens,
-                       std::optional<int64_t> seed, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
+                       std::optional<int64_t> seed, const at::Tensor& out,
+                       const std::optional<at::Tensor>& out_residual, const at::Tensor& lse, const at::Tensor& dq,
                        const std::optional<at::Tensor>& dv, const std::optional<at::Tensor>& dcoef, double scale,
                        bool causal, double dropout_p, bool exclude_self, int64_t max_seqlen) {
   BackwardParams p;
@@ -376,6 +380,10 @@ void attention_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   const at::Tensor lse_c = lse.contiguous();
   keep_alive.push_back(lse_c);
   p.out = rows_of<void>(out, varlen);
+  if (out_residual.has_value()) {
+    check_rows(*out_residual, "out_residual", q, p.value_dim);
+    p.out_residual = rows_of<void>(*out_residual, varlen);
+  }
   p.lse = lse_of<float>(lse_c, varlen);
   p.dout = rows_of<const void>(dout, varlen);
   if (dlse.has_value()) {

@@ -152,7 +152,7 @@ class ForwardHead : public Head<scalar_t> {
       const int64_t kend = this->block_keys(i0, rows);
       if (kend > 0) this->scores(s, i0, rows, kend);
       for (int64_t r = 0; r < rows; ++r) {
-        inv_sum[r] = softmax_row(s + r * g_.ldk, i0 + r, kend, keep, probs + r * ldp);
+        inv_sum[r] = out_scale() * softmax_row(s + r * g_.ldk, i0 + r, kend, keep, probs + r * ldp);
       }
       // out = P V / rowsum, written straight into the output for fp32.
       Band band;
@@ -161,12 +161,21 @@ class ForwardHead : public Head<scalar_t> {
       gemm<Dot, false>(rows, Dv_, kend, Panel{probs, ldp}, vb_, dst, ld, 1.f, false, band);
       for (int64_t r = 0; r < rows; ++r) {
         scale_inplace(dst + r * ld, Dv_, inv_sum[r]);
-        if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ld, Dv_);
+        if constexpr (kHalf) store_output(i0 + r, dst + r * ld);
       }
     }
   }
 
  private:
+  // Output row i from its fp32 values o, and where the call keeps one, its rounding residual.
+  void store_output(int64_t i, const float* o) const {
+    scalar_t* out = this->row_ptr(p_.out, i);
+    store_row(out, o, Dv_);
+    if constexpr (kHalf) {
+      if (p_.out_residual.data != nullptr) store_residual(this->row_ptr(p_.out_residual, i), o, out, Dv_);
+    }
+  }
+
   // Where the P V product of the query rows from i0 goes, and its row stride: the output itself
   // for fp32, else the fp32 block o, whose rows are then stored to the output.
   std::pair<float*, int64_t> product_rows(int64_t i0, float* o) const {
@@ -300,7 +309,7 @@ class ForwardHead : public Head<scalar_t> {
       for (int64_t r = 0; r < rows; ++r) {
         *this->lse_ptr(i0 + r) = empty[r] ? kNegInf : row_lse(shift[r], sum[r]);
         scale_inplace(dst + r * ldo, Dv_, empty[r] ? 0.f : 1.f / sum[r]);
-        if constexpr (kHalf) store_row(this->row_ptr(p_.out, i0 + r), dst + r * ldo, Dv_);
+        if constexpr (kHalf) store_output(i0 + r, dst + r * ldo);
       }
     }
   }
@@ -444,8 +453,8 @@ class ForwardHead : public Head<scalar_t> {
       for (int64_t r = 0; r < q1 - q0; ++r) {
         const bool empty = m[r] == kNegInf;
         *this->lse_ptr(q0 + r) = empty ? kNegInf : row_lse(m[r], l[r]);
-        scale_inplace(o + r * Dv_, Dv_, empty ? 0.f : 1.f / l[r]);
-        store_row(this->row_ptr(p_.out, q0 + r), o + r * Dv_, Dv_);
+        scale_inplace(o + r * Dv_, Dv_, empty ? 0.f : out_scale() / l[r]);
+        store_output(q0 + r, o + r * Dv_);
       }
       ws_.rewind(chunk_panels);
     }
@@ -533,10 +542,10 @@ class ForwardHead : public Head<scalar_t> {
       if (empty) {
         fill(o, Dv_, 0.f);
       } else {
-        scale_inplace(o, Dv_, 1.f / acc.l[r]);
+        scale_inplace(o, Dv_, out_scale() / acc.l[r]);
       }
       *this->lse_ptr(r0 + r) = empty ? kNegInf : row_lse(acc.m[r], acc.l[r]);
-      store_row(this->row_ptr(p_.out, r0 + r), o, Dv_);
+      store_output(r0 + r, o);
     }
   }
 
@@ -622,7 +631,7 @@ class ForwardHead : public Head<scalar_t> {
         const Vec e = exp2_vec(exp2_arg(load(s + r * T + v * kVec, v), m[v]));
         Vec kept = e;
         if (keep_by_key != nullptr) {
-          kept = apply_keep(e, KeepBits{keep_by_key + r * (T / 64), this->keep_rule_.scale}, c0 + v * kVec);
+          kept = apply_keep(e, KeepBits{keep_by_key + r * (T / 64), kept_scale()}, c0 + v * kVec);
         }
         kept.store(prow + v * kVec, count(v));
         acc[v] = acc[v] + e;
@@ -676,9 +685,20 @@ class ForwardHead : public Head<scalar_t> {
   // bits into keep) where keep is set; returns the sum of the exponentials before dropout.
   float exp_row(const float* s, int64_t i, int64_t j0, int64_t n, float m, uint64_t* keep, Word* prow) const {
     if (keep == nullptr) return exp_sum_store(s, n, m, nullptr, prow);
-    const KeepBits bits = this->keep_bits(keep, i, j0, n);
+    const KeepBits bits{this->keep_bits(keep, i, j0, n).bits, kept_scale()};
     return exp_sum_store(s, n, m, &bits, prow);
   }
+
+  // The multiplier of a kept probability in the P V products: bf16 operand pairs take the keep
+  // mask alone, and the output its dropout multiplier after them (out_scale). A probability of 1
+  // then stays exact in bf16, where 1 / (1 - p) would round: the saturated row's output is
+  // exactly v_i / (1 - p) before its own rounding, which out_residual holds, so the backward's
+  // delta from the output agrees with its fp32 dP (see attention_backward.h prepare_tiled).
+  float kept_scale() const { return kPairs ? 1.f : this->keep_rule_.scale; }
+
+  // A finished output row's multiplier beside 1 / its sum: the dropout multiplier that
+  // kept_scale left out of the products.
+  float out_scale() const { return kPairs && this->dropout() ? this->keep_rule_.scale : 1.f; }
 
   Panel group_values_;  // a mirrored task's values of its query rows (pack_mirrored)
 };

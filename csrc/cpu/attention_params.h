@@ -52,6 +52,11 @@ struct ForwardParams {
   uint64_t seed = 0;
 
   Strided<void> out;  // forward: written; backward: the saved output, read
+  // data == null: none. Else, for bf16 / fp16 outputs, the rounding error of out: the fp32 output
+  // minus out, rounded to the output's dtype (the forward writes it, the backward reads it), so
+  // that out + out_residual holds the output to about 16 bits more than out alone (see
+  // keeps_output_residual in backends/cpu.py).
+  Strided<void> out_residual;
   Strided<float> lse; // [B, H, S] or [H, total]: forward writes it, backward reads it
 
   ScheduleStats* schedule = nullptr;  // filled by the kernel when set

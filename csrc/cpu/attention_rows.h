@@ -286,6 +286,13 @@ void store_row(T* dst, const float* src, int64_t n) {
   }
 }
 
+// res[j] = exact - rounded[j], rounded to T: what storing exact as T lost (exact in fp32 for
+// bf16 / fp16, whose rounding error has fewer significant bits than fp32 holds).
+template <typename T>
+void store_residual(T* res, const float* exact, const T* rounded, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) res[j] = static_cast<T>(exact[j] - static_cast<float>(rounded[j]));
+}
+
 template <typename T>
 void load_row(float* dst, const T* src, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {

@@ -24,6 +24,7 @@ import os
 import torch
 
 from .. import extensions
+from .registry import keeps_output_residual
 
 __all__ = ["attention_forward", "attention_backward", "empty_gradient", "gradient_cache_bytes", "kernel_isa",
            "lowrank_forward", "lowrank_backward", "release_gradient_cache"]
@@ -52,13 +53,13 @@ extensions.require("cpu")  # registers the symattn::*_cpu ops before their fake 
 
 @torch.library.register_fake("symattn::attention_fwd_cpu")
 def _attention_fwd_cpu_fake(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self,
-                            max_seqlen):
+                            max_seqlen, keep_residual):
     out = q.new_empty((*q.shape[:-1], (q if v is None else v).shape[-1]))
     if cu_seqlens is None:
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # [B, H, S]
     else:
         lse_shape = (q.shape[1], q.shape[0])  # [H, total]
-    return out, q.new_empty(lse_shape, dtype=torch.float32)
+    return out, q.new_empty(lse_shape, dtype=torch.float32), torch.empty_like(out) if keep_residual else q.new_empty(0)
 
 
 @torch.library.register_fake("symattn::attention_bwd_cpu")
@@ -118,52 +119,27 @@ def last_schedule(backward: bool = False) -> torch.Tensor:
 def attention_forward(
     q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen, deterministic
 ):
+    """(out, lse, out_residual): ``backends.torch.attention_forward``'s results and, where
+    ``registry.keeps_output_residual``, the output's rounding residual (fp32 output - out, in out's dtype),
+    else an empty tensor."""
     del deterministic  # always deterministic
     return torch.ops.symattn.attention_fwd_cpu(
-        q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen
+        q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen,
+        keeps_output_residual("cpu", q, coef, dropout_p),
     )
-
-
-# Heads longer than this take the tiled backward where the coefficient is none
-# (csrc/cpu/attention_tiling.h kWholeHead, attention_head.h Geometry).
-_WHOLE_HEAD = 512
-
-
-def _delta_needs_fp32_output(q, coef, cu_seqlens, dropout_p) -> bool:
-    """Whether the tiled backward's delta = O . dO would read a bf16 / fp16 O that dropout has
-    scaled off the input grid: where the token itself takes nearly all of its row (q = k), O is
-    v_i / (1 - p), its rounding lands whole in G_ii = P (dP - delta), and dq came out several times
-    its true size (S = 513, D = 254: 6.6x). Heads of at most 512 tokens, and coefficient heads,
-    take delta from the fp32 P . dP of the whole row instead."""
-    if dropout_p <= 0.0 or coef is not None or q.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    longest = q.shape[1] if cu_seqlens is None else (int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0)
-    return longest > _WHOLE_HEAD
 
 
 def attention_backward(
     dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
-    scale, causal, dropout_p, exclude_self, max_seqlen, deterministic,
+    scale, causal, dropout_p, exclude_self, max_seqlen, deterministic, out_residual=None,
 ):
+    """Gradients into dq, dv, dcoef; ``out_residual`` as ``attention_forward`` returned it (None
+    or empty: none kept)."""
     del deterministic
-    if _delta_needs_fp32_output(q, coef, cu_seqlens, dropout_p):
-        # The whole backward in fp32 on widened operands, from an fp32 forward with the same
-        # dropout masks (drawn by position, whatever the dtype): its O, lse and delta exact.
-        q32, v32 = q.float(), None if v is None else v.float()
-        out32, lse32 = torch.ops.symattn.attention_fwd_cpu(
-            q32, v32, None, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen
-        )
-        dq32, dv32 = torch.empty_like(q32), None if dv is None else torch.empty_like(v32)
-        torch.ops.symattn.attention_bwd_cpu(
-            dout.float(), dlse, q32, v32, None, key_padding_mask, cu_seqlens, seed, out32, lse32, dq32, dv32, None,
-            scale, causal, dropout_p, exclude_self, max_seqlen,
-        )
-        dq.copy_(dq32)
-        if dv is not None:
-            dv.copy_(dv32)
-        return
+    if out_residual is not None and out_residual.numel() == 0:
+        out_residual = None
     torch.ops.symattn.attention_bwd_cpu(
-        dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
+        dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, out_residual, lse, dq, dv, dcoef,
         scale, causal, dropout_p, exclude_self, max_seqlen,
     )
 

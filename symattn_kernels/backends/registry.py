@@ -11,6 +11,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Optional
 
 import torch
 
@@ -224,6 +225,19 @@ _BACKWARD_LIMITS = {
     ("triton", "attention"): "..triton.attention_bwd",
     ("triton", "lowrank"): "..triton.lowrank",
 }
+
+def keeps_output_residual(backend: str, q: torch.Tensor, coef: Optional[torch.Tensor], dropout_p: float) -> bool:
+    """Whether ``backend``'s attention forward keeps the output's rounding residual for its
+    backward (``ops.attention_fwd``'s third result): the CPU kernels', for bf16 / fp16 with dropout
+    and no coefficient. There the backward of heads over 512 tokens (the tiled one) takes
+    delta = O . dO from the output, and dropout scales O off the input grid: where a token takes
+    nearly all of its own row (q = k), O is v_i / (1 - p), its rounding lands whole in
+    G_ii = P (dP - delta), and dq came out several times its true size (S = 513, D = 254: 6.6x)
+    from the rounded O alone. Shorter heads and coefficient heads take delta from the fp32 P . dP
+    of the whole row and ignore it. A table fact, so that fake tensors need no extension."""
+    return (backend == "cpu" and dropout_p > 0.0 and coef is None
+            and q.dtype in (torch.bfloat16, torch.float16))
+
 
 # Ops each backend runs on float64 inputs.
 _FLOAT64_OPS = {

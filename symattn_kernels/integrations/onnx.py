@@ -138,9 +138,10 @@ def attention_fwd(
     deterministic: bool = True,
     backend: str = "auto",
 ):
-    """``symattn::attention_fwd`` in ONNX: (out [B, S, H, Dv], lse [B, H, S]), or for varlen input
-    (out [total, H, Dv], lse [H, total]). ``seed``, ``max_seqlen``, ``deterministic`` and
-    ``backend`` do not change the inference result."""
+    """``symattn::attention_fwd`` in ONNX: (out [B, S, H, Dv], lse [B, H, S], an empty residual), or
+    for varlen input (out [total, H, Dv], lse [H, total], an empty residual). ``seed``,
+    ``max_seqlen``, ``deterministic`` and ``backend`` do not change the inference result (the
+    residual, which only training with dropout keeps, is always empty here)."""
     if dropout_p > 0.0:
         raise ValueError(
             f"symattn::attention_fwd with dropout_p = {dropout_p} has no ONNX translation (inference "
@@ -165,9 +166,10 @@ def attention_fwd(
     allowed = _allowed_pairs(q, key_padding_mask, cu_seqlens, causal, exclude_self)
     probs, lse = _masked_softmax(scores, allowed, dtype)
     out = op.CastLike(op.Transpose(op.MatMul(probs, values), perm=_MOVE_HEADS), q)
+    residual = op.CastLike(op.Constant(value=ir.tensor([], dtype=dtype)), q)
     if packed:
-        return op.Squeeze(out, [0]), op.Squeeze(lse, [0])
-    return out, lse
+        return op.Squeeze(out, [0]), op.Squeeze(lse, [0]), residual
+    return out, lse, residual
 
 
 def lowrank_fwd(
