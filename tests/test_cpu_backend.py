@@ -453,12 +453,15 @@ def test_opcheck_philox():
     torch.library.opcheck(torch.ops.symattn.philox4x_cpu.default, (torch.arange(10), 3))
 
 
-def test_opcheck_public_op_on_cpu_backend():
-    q, v, coef = make_inputs(B=1, S=5, H=2, D=4, Dv=3, coef_mode="diag", shared=False, dtype=torch.float32)
+@pytest.mark.parametrize("dtype,coef_mode", [(torch.float32, "diag"), (torch.bfloat16, None)],
+                         ids=["fp32-diag", "bf16-residual"])
+def test_opcheck_public_op_on_cpu_backend(dtype, coef_mode):
+    q, v, coef = make_inputs(B=1, S=5, H=2, D=4, Dv=3, coef_mode=coef_mode, shared=False, dtype=dtype)
     seed = torch.tensor(7, dtype=torch.int64)
-    torch.library.opcheck(
-        ops.attention_fwd, (q, v, coef, None, None, seed, 0.5, True, 0.2, True, 5, True, "cpu"),
-    )
+    args = (q, v, coef, None, None, seed, 0.5, True, 0.2, True, 5, True, "cpu")
+    torch.library.opcheck(ops.attention_fwd, args)
+    residual = ops.attention_fwd(*(x.detach() if isinstance(x, torch.Tensor) else x for x in args))[2]
+    assert residual.shape == ((1, 5, 2, 3) if dtype == torch.bfloat16 else (0,))
 
 
 @pytest.mark.slow
