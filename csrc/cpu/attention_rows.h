@@ -286,11 +286,20 @@ void store_row(T* dst, const float* src, int64_t n) {
   }
 }
 
-// res[j] = exact - rounded[j], rounded to T: what storing exact as T lost (exact in fp32 for
-// bf16 / fp16, whose rounding error has fewer significant bits than fp32 holds).
+template <typename T>
+void load_row(float* dst, const T* src, int64_t n);
+
+// res[j] = exact - rounded[j], rounded to T, for j < n <= kMaxHeadDim: what storing exact as T
+// lost (exact in fp32 for bf16 / fp16, whose rounding error has fewer significant bits).
+constexpr int64_t kMaxHeadDim = 256;
 template <typename T>
 void store_residual(T* res, const float* exact, const T* rounded, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) res[j] = static_cast<T>(exact[j] - static_cast<float>(rounded[j]));
+  alignas(64) float lost[kMaxHeadDim];
+  load_row(lost, rounded, n);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) (Vec::loadu(exact + j) - Vec::loadu(lost + j)).store(lost + j);
+  if (j < n) (Vec::loadu(exact + j, n - j) - Vec::loadu(lost + j, n - j)).store(lost + j, n - j);
+  store_row(res, lost, n);
 }
 
 template <typename T>
