@@ -171,9 +171,13 @@ def _compile(spec: _Spec) -> None:
     name = jit_name(spec.kind)
     flags = ["-O3", "-fopenmp"]
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    sys.stderr.write(f"symattn_kernels: compiling the {spec.label} just in time, once per torch version "
-                     f"({name} under {cache}) ...")
-    sys.stderr.flush()
+    # torch's folder for the build; where it holds the library already, load() only checks it is
+    # current, and every later process would otherwise say it is compiling.
+    cached = os.path.exists(os.path.join(cache, name, f"{name}.so"))
+    if not cached:
+        sys.stderr.write(f"symattn_kernels: compiling the {spec.label} just in time, once per torch version "
+                         f"({name} under {cache}) ...")
+        sys.stderr.flush()
     start = time.perf_counter()
     try:
         cpp_extension.load(
@@ -181,7 +185,12 @@ def _compile(spec: _Spec) -> None:
             extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"], is_python_module=False, verbose=False,
         )
     finally:
-        sys.stderr.write(f" {time.perf_counter() - start:.0f} s\n")
+        took = time.perf_counter() - start
+        if not cached:
+            sys.stderr.write(f" {took:.0f} s\n")
+        elif took > 2.0:  # the cached build was stale (other sources): rebuilt
+            sys.stderr.write(f"symattn_kernels: rebuilt the {spec.label} just in time ({name} under {cache}), "
+                             f"{took:.0f} s\n")
 
 
 def load(kind: str) -> ExtensionState:

@@ -33,9 +33,9 @@ def count_parameters(config_kwargs: dict, variant: str = "standard") -> dict:
         ``{"total": int, "qkv": int}``: the whole model, and the self-attention projections
         (plus coef / role vectors) of all layers.
     """
-    from transformers import BertConfig, BertModel
+    from .integrations.hf import convert_bert  # first: without transformers it names the [hf] extra
 
-    from .integrations.hf import convert_bert
+    from transformers import BertConfig, BertModel
 
     with torch.device("meta"):
         model = BertModel(BertConfig(**config_kwargs))

@@ -25,7 +25,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import symattn_kernels as sk
 from symattn_kernels import backends, extensions, ops
 from symattn_kernels.backends import cpu_lowrank, registry
-from symattn_kernels.backends.cpu import KERNEL_BUILDS
 from symattn_kernels.backends import torch as torch_backend
 from symattn_kernels import reference as R
 from tests.attention_checks import run_on_instruction_set, with_threads
@@ -35,6 +34,7 @@ from tests.test_lama_triton import BF16, CASES, F16, F32, F64, Case, check_case,
 FUSED = None if extensions.state("cpu").how == extensions.ABSENT else importlib.import_module(
     "symattn_kernels.backends.cpu")
 needs_fused = pytest.mark.skipif(FUSED is None, reason=f"the cpu extension is absent: {extensions.state('cpu').detail}")
+KERNEL_BUILDS = () if FUSED is None else FUSED.KERNEL_BUILDS
 
 FLAG_CASES = CASES[: len(CASES) - 3]  # every flag combination once, fp32
 CPU_CASES = CASES + [dataclasses.replace(c, dtype=BF16) for c in FLAG_CASES] + [
