@@ -66,7 +66,7 @@ def _attention_fwd_fake(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, c
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # [B, H, S]
     else:
         lse_shape = (q.shape[1], q.shape[0])  # [H, total]
-    residual = torch.empty_like(out) if keeps_output_residual(backend, q, coef, dropout_p) else q.new_empty(0)
+    residual = torch.empty_like(out) if keeps_output_residual(backend, q, coef, dropout_p, max_seqlen) else q.new_empty(0)
     return out, q.new_empty(lse_shape, dtype=accumulate_dtype(q.dtype)), residual
 
 

@@ -20,6 +20,7 @@ if extensions.state("cpu").how == extensions.ABSENT:
 import symattn_kernels as sk
 from symattn_kernels import ops
 from symattn_kernels.backends import cpu as cpu_backend
+from symattn_kernels.backends import registry
 from symattn_kernels import reference as R
 
 from .attention_checks import (
@@ -365,6 +366,7 @@ _ISA_SCRIPT = """
 import torch, symattn_kernels as sk
 from symattn_kernels import reference as R
 from symattn_kernels.backends import cpu as cpu_backend
+from symattn_kernels.backends import registry
 print(cpu_backend.kernel_isa())
 torch.manual_seed(0)
 worst, worst_bf16 = 0.0, 0.0
@@ -453,15 +455,24 @@ def test_opcheck_philox():
     torch.library.opcheck(torch.ops.symattn.philox4x_cpu.default, (torch.arange(10), 3))
 
 
-@pytest.mark.parametrize("dtype,coef_mode", [(torch.float32, "diag"), (torch.bfloat16, None)],
-                         ids=["fp32-diag", "bf16-residual"])
-def test_opcheck_public_op_on_cpu_backend(dtype, coef_mode):
-    q, v, coef = make_inputs(B=1, S=5, H=2, D=4, Dv=3, coef_mode=coef_mode, shared=False, dtype=dtype)
+@pytest.mark.parametrize("dtype,coef_mode,S", [(torch.float32, "diag", 5), (torch.bfloat16, None, 5),
+                                               (torch.bfloat16, None, 600)],
+                         ids=["fp32-diag", "bf16-short", "bf16-residual"])
+def test_opcheck_public_op_on_cpu_backend(dtype, coef_mode, S):
+    q, v, coef = make_inputs(B=1, S=S, H=2, D=4, Dv=3, coef_mode=coef_mode, shared=False, dtype=dtype)
     seed = torch.tensor(7, dtype=torch.int64)
-    args = (q, v, coef, None, None, seed, 0.5, True, 0.2, True, 5, True, "cpu")
+    args = (q, v, coef, None, None, seed, 0.5, True, 0.2, True, S, True, "cpu")
     torch.library.opcheck(ops.attention_fwd, args)
     residual = ops.attention_fwd(*(x.detach() if isinstance(x, torch.Tensor) else x for x in args))[2]
-    assert residual.shape == ((1, 5, 2, 3) if dtype == torch.bfloat16 else (0,))
+    # Only heads over the whole-head length take delta from the output (and its residual).
+    assert residual.shape == ((1, S, 2, 3) if dtype == torch.bfloat16 and S > 512 else (0,))
+
+
+def test_whole_head_length_is_the_kernels():
+    """backends.registry keeps the kernels' whole-head length for the fake functions, which must
+    not load the extension: it must be csrc/cpu/attention_tiling.h's kWholeHead."""
+    header = (extensions.source_root() / "cpu" / "attention_tiling.h").read_text()
+    assert f"constexpr int64_t kWholeHead = {registry.CPU_WHOLE_HEAD_TOKENS};" in header
 
 
 @pytest.mark.slow

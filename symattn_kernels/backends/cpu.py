@@ -125,7 +125,7 @@ def attention_forward(
     del deterministic  # always deterministic
     return torch.ops.symattn.attention_fwd_cpu(
         q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen,
-        keeps_output_residual("cpu", q, coef, dropout_p),
+        keeps_output_residual("cpu", q, coef, dropout_p, max_seqlen),
     )
 
 

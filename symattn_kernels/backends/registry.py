@@ -226,7 +226,13 @@ _BACKWARD_LIMITS = {
     ("triton", "lowrank"): "..triton.lowrank",
 }
 
-def keeps_output_residual(backend: str, q: torch.Tensor, coef: Optional[torch.Tensor], dropout_p: float) -> bool:
+# Heads of up to this many tokens take the CPU kernels' whole-head schedules (csrc/cpu/attention_tiling.h
+# kWholeHead; tests/test_cpu_backend.py reads it there).
+CPU_WHOLE_HEAD_TOKENS = 512
+
+
+def keeps_output_residual(backend: str, q: torch.Tensor, coef: Optional[torch.Tensor], dropout_p: float,
+                          max_seqlen: int) -> bool:
     """Whether ``backend``'s attention forward keeps the output's rounding residual for its
     backward (``ops.attention_fwd``'s third result): the CPU kernels', with no coefficient, for
     fp16, and for bf16 with dropout. There the backward of heads over 512 tokens (the tiled one)
@@ -235,9 +241,11 @@ def keeps_output_residual(backend: str, q: torch.Tensor, coef: Optional[torch.Te
     S = 600) and, where dropout scales a saturated row's O = v_i / (1 - p) off the bf16 grid, bf16
     dq several times its true size (S = 513, D = 254: 6.6x). (bf16 without dropout rounds P
     itself for its products, which the residual would not undo: its error stays within
-    flash-attn's rule.) Shorter heads and coefficient heads take delta from the fp32 P . dP of
-    the whole row and ignore it. A table fact, so that fake tensors need no extension."""
-    if backend != "cpu" or coef is not None:
+    flash-attn's rule.) Heads of up to CPU_WHOLE_HEAD_TOKENS and coefficient heads take delta
+    from the fp32 P . dP of the whole row: calls whose heads all fit (max_seqlen, the padded S or
+    the varlen bound) keep none, which would cost their forward up to 14 % (bf16, (32, 128)).
+    A table fact, so that fake tensors need no extension."""
+    if backend != "cpu" or coef is not None or max_seqlen <= CPU_WHOLE_HEAD_TOKENS:
         return False
     return q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and dropout_p > 0.0)
 
