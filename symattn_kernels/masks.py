@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import compiler_wrappers
+
 __all__ = ["MaskPlan", "allowed_4d", "key_padding_mask", "packed_plan", "plan_allowed", "plan_attn_mask",
            "plan_mask"]
 
@@ -57,10 +59,14 @@ def _reads_values(what: str, instead: str = "pass a bool or integer [B, S] atten
               f"and torch.export cannot trace: {instead}")
 
     def decorate(fn):
-        try:
-            eager = torch.compiler.disable(fn, reason=reason)
-        except TypeError:  # torch < 2.8 takes no reason
-            eager = torch.compiler.disable(fn)
+        def eager():
+            try:
+                return torch.compiler.disable(fn, reason=reason)
+            except TypeError:  # torch < 2.8 takes no reason
+                return torch.compiler.disable(fn)
+
+        wrapper = f"reads_values_{fn.__name__}"
+        compiler_wrappers.defer(wrapper, eager)
 
         @functools.wraps(fn)
         def read(*args, **kwargs):
@@ -68,7 +74,7 @@ def _reads_values(what: str, instead: str = "pass a bool or integer [B, S] atten
                 return fn(*args, **kwargs)
             if torch.compiler.is_exporting():
                 raise ValueError(reason)
-            return eager(*args, **kwargs)
+            return getattr(compiler_wrappers, wrapper)(*args, **kwargs)
 
         return read
 

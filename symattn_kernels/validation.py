@@ -10,6 +10,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
+from . import compiler_wrappers
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
@@ -143,14 +145,16 @@ def values(v: Optional[Tensor], q: Tensor, leading: tuple, labels: Sequence[str]
     head_dim("v", v.shape[-1])
 
 
-@torch.compiler.disable
 def _refuse_traced_forward_mode(function: str) -> None:
-    # Run outside the trace: an exception raised in traced code makes dynamo rerun the call
-    # eagerly, where the inputs no longer show their tangents.
     raise NotImplementedError(
         f"{function} has no forward-mode derivative (torch.func.jvp / jacfwd, torch.autograd.forward_ad), "
         "compiled or not: differentiate in reverse mode, with backward() or torch.autograd.grad"
     )
+
+
+# Runs outside the trace: an exception raised in traced code makes dynamo rerun the call eagerly,
+# where the inputs no longer show their tangents.
+compiler_wrappers.defer("refuse_traced_forward_mode", lambda: torch.compiler.disable(_refuse_traced_forward_mode))
 
 
 def reverse_mode_only(function: str, *tensors: Optional[Tensor]) -> None:
@@ -165,7 +169,7 @@ def reverse_mode_only(function: str, *tensors: Optional[Tensor]) -> None:
         # tensors and functorch's stack are not visible while tracing, but the forward-mode level
         # that forward_ad.dual_level and torch.func.jvp open is.
         if forward_ad._current_level >= 0:
-            _refuse_traced_forward_mode(function)
+            compiler_wrappers.refuse_traced_forward_mode(function)
         return
     transforms = {layer.key() for layer in torch._C._functorch.get_interpreter_stack() or ()}
     if torch._C._functorch.TransformType.Jvp in transforms or _dual(tensors):

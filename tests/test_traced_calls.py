@@ -123,3 +123,38 @@ def test_a_fresh_process_compiles_a_call_once():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split()[-1] == "1", result.stdout[-2000:]
+
+
+_FIRST_TRACES = r"""
+import sys
+import torch
+import symattn_kernels as sk
+from symattn_kernels.modules import SymmetricSelfAttention
+assert "torch._dynamo" not in sys.modules, "import symattn_kernels loaded torch._dynamo"
+layer = SymmetricSelfAttention(16, 2).eval()
+try:
+    torch.compile(layer, backend="eager", fullgraph=True)(torch.randn(2, 5, 16), torch.ones(2, 5))
+except Exception as error:
+    print("mask:", str(error).replace("\n", " "))
+q = torch.randn(1, 5, 2, 16, dtype=torch.float64)
+compiled = torch.compile(lambda q: sk.shared_attention(q, backend="torch"), backend="eager")
+try:
+    torch.func.jvp(compiled, (q,), (torch.randn_like(q),))
+except NotImplementedError as error:
+    print("jvp:", error)
+"""
+
+
+@pytest.mark.slow
+def test_import_leaves_dynamo_out_and_first_traces_keep_the_reasons():
+    """`import symattn_kernels` took 1.1-2 s beyond torch's own, loading torch._dynamo for three
+    compiler wrappers (symattn_kernels/compiler_wrappers.py): they are now built at the first
+    traced call, which must still stop a full-graph compile with the mask's reason and refuse
+    forward mode, also when it is the process's first call."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _FIRST_TRACES], cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "read by value" in result.stdout and "pass a bool or integer [B, S] attention_mask" in result.stdout, \
+        result.stdout[-2000:]
+    assert "jvp: " in result.stdout and "no forward-mode derivative" in result.stdout, result.stdout[-2000:]

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import extensions
+from .. import compiler_wrappers, extensions
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
@@ -91,9 +91,6 @@ def _extension_status(name: str, device: str, build: bool) -> BackendStatus:
     return BackendStatus(name, True, ext.detail, (device,))
 
 
-# A probe imports modules and may compile an extension: under torch.compile it runs at trace time
-# (its result a constant), so that a compiled call may be a process's first call.
-@torch.compiler.assume_constant_result
 def _probe(name: str, build: bool = True) -> BackendStatus:
     if name == "torch":
         return BackendStatus("torch", True, "composite PyTorch, always available", ("cpu", "cuda"))
@@ -110,8 +107,10 @@ def status(name: str) -> BackendStatus:
     a compiled backend loads its extension, compiling it just in time where that is the way."""
     if torch.compiler.is_compiling():
         # A constant to the trace: reading the cache would guard on its contents, which the first
-        # call then fills, so every fresh process compiled its second call again.
-        return _traced_status(name, triton_interpreting())
+        # call then fills, so every fresh process compiled its second call again. The probe
+        # imports modules and may compile an extension: it runs at trace time, so that a compiled
+        # call may be a process's first call.
+        return compiler_wrappers.traced_status(name, triton_interpreting())
     return _cached_status(name, triton_interpreting())
 
 
@@ -122,7 +121,7 @@ def _cached_status(name: str, interpreting: bool) -> BackendStatus:
     return _STATUS_CACHE[key]
 
 
-_traced_status = torch.compiler.assume_constant_result(_cached_status)
+compiler_wrappers.defer("traced_status", lambda: torch.compiler.assume_constant_result(_cached_status))
 
 
 def peek(name: str) -> BackendStatus:
