@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,30 @@ import torch
 
 PREBUILT, JIT, ABSENT = "prebuilt", "just-in-time", "absent"
 
-BUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps symattn_kernels"
+_REBUILD = "pip install --no-build-isolation --force-reinstall --no-deps"
+
+
+def build_command() -> str:
+    """The pip command that rebuilds this install with its kernels: from the source pip installed
+    it from where pip recorded one (PEP 610's direct_url.json: a folder, a source archive, a
+    version-control URL), else by name from the package index."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        recorded = json.loads(distribution("symattn_kernels").read_text("direct_url.json") or "{}")
+    except (PackageNotFoundError, ValueError, OSError):
+        recorded = {}
+    url = recorded.get("url", "") if isinstance(recorded, dict) else ""
+    if url and "vcs_info" in recorded:
+        vcs = recorded["vcs_info"]
+        commit = f"@{vcs['commit_id']}" if vcs.get("commit_id") else ""
+        return f"{_REBUILD} {shlex.quote(vcs.get('vcs', 'git') + '+' + url + commit)}"
+    if url.startswith("file://") and not url.endswith(".whl"):  # a wheel holds no sources to build
+        path = shlex.quote(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+        if recorded.get("dir_info", {}).get("editable"):
+            return f"pip install --no-build-isolation --no-deps -e {path}"
+        return f"{_REBUILD} {path}"
+    return f"{_REBUILD} symattn_kernels"
 
 
 @dataclass(frozen=True)
@@ -141,7 +167,7 @@ def _try_prebuilt(spec: _Spec) -> tuple[bool, str]:
 def _describe_absent(spec: _Spec, why: str, blocker: str) -> str:
     first = "a CUDA build of torch and the CUDA toolkit" if spec.kind == "cuda" else "torch and a C++ compiler"
     return (f"{why}, and no just-in-time build: {blocker}. Runs {spec.fallback}; to build the kernels, with "
-            f"{first} installed: `{BUILD_COMMAND}` (or `pip install --no-build-isolation .` in a source checkout)")
+            f"{first} installed: `{build_command()}` (or `pip install --no-build-isolation .` in a source checkout)")
 
 
 def state(kind: str) -> ExtensionState:
@@ -156,7 +182,7 @@ def state(kind: str) -> ExtensionState:
     blocker = _jit_blocker(spec)
     if "does not load" in why:
         then = "rebuilding it just in time on first use" if not blocker else f"falling back to {spec.fallback}"
-        _warn_once(kind, f"{why}; {then}. Reinstall to rebuild it: `{BUILD_COMMAND}`")
+        _warn_once(kind, f"{why}; {then}. Reinstall to rebuild it: `{build_command()}`")
     if blocker:
         _STATES[kind] = ExtensionState(ABSENT, False, _describe_absent(spec, why, blocker))
     else:
@@ -208,7 +234,7 @@ def load(kind: str) -> ExtensionState:
     except Exception as err:  # a compiler error must cost speed only, never the caller's run
         last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         _warn_once(f"{kind}:build", f"the just-in-time build of the {spec.label} failed ({last}); using {spec.fallback}. "
-                         f"Build them with `{BUILD_COMMAND}`")
+                         f"Build them with `{build_command()}`")
         _STATES[kind] = ExtensionState(ABSENT, False, f"the just-in-time build failed ({last}); runs {spec.fallback}")
     else:
         _STATES[kind] = ExtensionState(JIT, True, f"just-in-time build {jit_name(kind)} (torch extensions folder)")

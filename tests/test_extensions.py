@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import json
 import subprocess
 import sys
 import warnings
@@ -175,6 +176,31 @@ def test_no_compiler_warns_once_naming_the_slower_path_and_the_build_command(fre
     assert "backend='torch'" in message and "pip install --no-build-isolation" in message
     y = torch.randn(1, 5, 1, 8)
     torch.testing.assert_close(sk.shared_attention(y).double(), R.shared_attention(y.double()), atol=1e-5, rtol=0)
+
+
+class _Installed:
+    def __init__(self, direct_url):
+        self.direct_url = direct_url
+
+    def read_text(self, name):
+        return None if self.direct_url is None else json.dumps(self.direct_url)
+
+
+@pytest.mark.parametrize("direct_url,command", [
+    (None, "--no-deps symattn_kernels"),
+    ({"url": "file:///src/sym%20attn", "dir_info": {}}, "--force-reinstall --no-deps '/src/sym attn'"),
+    ({"url": "file:///src/symattn", "dir_info": {"editable": True}}, "--no-build-isolation --no-deps -e /src/symattn"),
+    ({"url": "file:///dl/symattn_kernels-0.1.0.tar.gz", "archive_info": {}}, "--no-deps /dl/symattn_kernels-0.1.0.tar.gz"),
+    ({"url": "file:///dl/symattn_kernels-0.1.0-py3-none-any.whl", "archive_info": {}}, "--no-deps symattn_kernels"),
+    ({"url": "https://example.org/sym.git", "vcs_info": {"vcs": "git", "commit_id": "abc123"}},
+     "--no-deps git+https://example.org/sym.git@abc123"),
+], ids=["index", "folder", "editable", "sdist", "wheel", "git"])
+def test_the_build_command_names_the_source_pip_installed_from(monkeypatch, direct_url, command):
+    """The warnings named `pip install ... symattn_kernels`, a package index's copy, also for an
+    install from a checkout or an archive, where that fails or builds another version."""
+    monkeypatch.setattr("importlib.metadata.distribution", lambda name: _Installed(direct_url))
+    built = extensions.build_command()
+    assert built.startswith("pip install --no-build-isolation") and built.endswith(command), built
 
 
 def test_jit_switch_and_cuda_needs_a_device(fresh, monkeypatch):

@@ -168,8 +168,8 @@ class BackwardHead : public Head<scalar_t> {
       const scalar_t* out = this->row_ptr(bp_.out, i);
       const scalar_t* dout = this->row_ptr(bp_.dout, i);
       // fp32 products (not bf16 pairs) sum dP in product_order_dot's order. A bf16 / fp16 output
-      // that dropout scaled off the input grid (a saturated row's O = v_i / (1 - p)) loses its
-      // rounding, which G_ii = P (dP - delta) would take whole: its residual puts it back.
+      // loses its rounding (fp16 always; bf16 where dropout scales a saturated row's O = v_i / (1 - p)
+      // off the input grid), which G_ii = P (dP - delta) would take whole: its residual puts it back.
       delta_[i] = (kPairs ? dot_row(out, dout, Dv_) : product_order_dot(out, dout, Dv_)) - dlse_[i];
       if (bp_.out_residual.data != nullptr) delta_[i] += dot_row(this->row_ptr(bp_.out_residual, i), dout, Dv_);
     }

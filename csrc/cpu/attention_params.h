@@ -55,7 +55,7 @@ struct ForwardParams {
   // data == null: none. Else, for bf16 / fp16 outputs, the rounding error of out: the fp32 output
   // minus out, rounded to the output's dtype (the forward writes it, the backward reads it), so
   // that out + out_residual holds the output to about 16 bits more than out alone (see
-  // keeps_output_residual in backends/cpu.py).
+  // keeps_output_residual in backends/registry.py).
   Strided<void> out_residual;
   Strided<float> lse; // [B, H, S] or [H, total]: forward writes it, backward reads it
 

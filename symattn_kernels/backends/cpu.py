@@ -133,11 +133,9 @@ def attention_backward(
     dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, dq, dv, dcoef,
     scale, causal, dropout_p, exclude_self, max_seqlen, deterministic, out_residual=None,
 ):
-    """Gradients into dq, dv, dcoef; ``out_residual`` as ``attention_forward`` returned it (None
-    or empty: none kept)."""
+    """Gradients into dq, dv, dcoef; ``out_residual`` as ``attention_forward`` kept it, or None
+    (``ops`` passes None for the empty one the forward returns where it keeps none)."""
     del deterministic
-    if out_residual is not None and out_residual.numel() == 0:
-        out_residual = None
     torch.ops.symattn.attention_bwd_cpu(
         dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out, out_residual, lse, dq, dv, dcoef,
         scale, causal, dropout_p, exclude_self, max_seqlen,

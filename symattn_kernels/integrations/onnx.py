@@ -141,7 +141,7 @@ def attention_fwd(
     """``symattn::attention_fwd`` in ONNX: (out [B, S, H, Dv], lse [B, H, S], an empty residual), or
     for varlen input (out [total, H, Dv], lse [H, total], an empty residual). ``seed``,
     ``max_seqlen``, ``deterministic`` and ``backend`` do not change the inference result (the
-    residual, which only training with dropout keeps, is always empty here)."""
+    residual, which only the CPU kernels keep, for long half-precision heads, is always empty here)."""
     if dropout_p > 0.0:
         raise ValueError(
             f"symattn::attention_fwd with dropout_p = {dropout_p} has no ONNX translation (inference "
