@@ -97,6 +97,13 @@ class SymmetricSelfAttention(nn.Module):
         self.coef = None if shape is None else nn.Parameter(torch.empty(shape))
         self.reset_coef()
 
+    def reset_parameters(self) -> None:
+        """Initialise this module's own parameter, ``coef`` (``reset_coef``), as at construction: what
+        ``nn.Module.to_empty`` after building on the meta device needs, and what FSDP's and
+        torchtitan-style initialisation call on every module. The projections are ``nn.Linear``
+        children, which reset themselves."""
+        self.reset_coef()
+
     def reset_coef(self) -> None:
         """Re-draw ``coef`` according to ``pairwise_init``."""
         if self.coef is None:
@@ -165,6 +172,14 @@ class SharedWeightSelfAttention(nn.Module):
         self.role_scales = flag("role_scales", role_scales)
         for name in ("d_q", "d_k", "d_v"):
             self.register_parameter(name, nn.Parameter(torch.ones(hidden_size)) if role_scales else None)
+
+    def reset_parameters(self) -> None:
+        """Set this module's own parameters, the role vectors, to 1 as at construction (see
+        ``SymmetricSelfAttention.reset_parameters``); ``proj`` resets itself."""
+        if self.role_scales:
+            with torch.no_grad():
+                for scale in (self.d_q, self.d_k, self.d_v):
+                    scale.fill_(1.0)
 
     def project(self, hidden_states: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """The kernel's operands: ``y`` ``[B, S, H, D]``, ``None`` (values are ``y``), coef ``[H, D]``."""

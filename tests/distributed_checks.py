@@ -8,7 +8,8 @@ whole batch. Checks, each on the two CPU backends of the attention ops (``-cpu``
 
 * ``ddp-<variant>-<backend>``, ``fsdp2-<variant>-<backend>``: DistributedDataParallel and FSDP2 ``fully_shard``
   match the reference (gradients of the first step, parameters after a few SGD steps), no
-  padding, no dropout. FSDP2 must also really shard the attention parameters.
+  padding, no dropout. FSDP2 must also really shard the attention parameters, and its
+  ``state_dict()`` must save and load through torch.distributed.checkpoint.
 * ``dropout-<variant>-<backend>``: attention dropout on; each rank's loss is reproduced bit for bit by
   one process seeded like that rank, and the averaged gradients by the mean of those replays;
   another rank's seed gives another mask.
@@ -31,11 +32,13 @@ import faulthandler
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -181,7 +184,31 @@ def check_fsdp2(variant: str, rank: int, mesh) -> str:
     for name, p in sharded.items():
         ok = isinstance(p, DTensor) and p.placements == (Shard(0),) and p.to_local().shape[0] < p.shape[0]
         assert ok, f"{name} is not sharded over dim 0 across the ranks"
-    return f"{detail}; {len(sharded)} attention parameters of layer 0 sharded"
+    return f"{detail}; {len(sharded)} attention parameters of layer 0 sharded; {check_fsdp2_checkpoint(variant, mesh)}"
+
+
+def check_fsdp2_checkpoint(variant: str, mesh) -> str:
+    """A sharded converted model's ``state_dict()`` (it raised: the standard-projection hook asked
+    a DTensor for its storage) holds what the unsharded model's does, and a torch.distributed.checkpoint
+    save / load of it into another sharded model gives back every parameter."""
+    plain = bert(variant)
+    expected = {n: t.detach().clone() for n, t in plain.state_dict().items()}
+    state = fsdp2(plain, mesh).state_dict()
+    assert_matches({n: full(t) for n, t in state.items()}, expected, "sharded state_dict vs unsharded")
+    path = [tempfile.mkdtemp(prefix="symattn-dcp-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path)
+    dcp.save(state, checkpoint_id=path[0])
+    other = bert(variant)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)  # every parameter must come from the checkpoint
+    fsdp2(other, mesh)
+    loaded = other.state_dict()
+    dcp.load(loaded, checkpoint_id=path[0])
+    other.load_state_dict(loaded)
+    original = {n: full(p) for n, p in plain.named_parameters()}
+    assert_matches({n: full(p) for n, p in other.named_parameters()}, original, "parameters after a DCP round trip")
+    return "state_dict and DCP round trip match"
 
 
 def check_dropout(variant: str, rank: int) -> str:

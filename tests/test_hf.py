@@ -216,6 +216,28 @@ def test_random_init_follows_bert_and_pairwise_init():
     assert all(torch.equal(p, torch.ones_like(p)) for p in (shared.d_q, shared.d_k, shared.d_v))
 
 
+@pytest.mark.parametrize("variant", ["pairwise_full", "shared"])
+def test_init_weights_initialises_converted_layers_built_on_meta(variant):
+    """transformers' init_weights() after building on the meta device knows Linears, embeddings
+    and norms only: coef and the role vectors kept to_empty()'s memory, with finite logits."""
+    with torch.device("meta"):
+        model = hf.convert_bert(_model(), variant, init="random", pairwise_init="identity")
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # what to_empty() may leave
+    model.init_weights()
+    attn = model.encoder.layer[0].attention.self
+    own = [attn.coef] if variant != "shared" else [attn.d_q, attn.d_k, attn.d_v]
+    expected = torch.eye(attn.head_dim).expand_as(attn.coef) if variant != "shared" else torch.ones_like(attn.d_q)
+    assert all(torch.equal(p, expected) for p in own)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    projection = attn.proj if variant == "shared" else attn.qk
+    assert abs(projection.weight.std().item() - SMALL["initializer_range"]) < 0.02
+    hf.revert_bert(model)
+    assert "_init_weights" not in vars(model), "revert_bert leaves the class's init_weights"
+
+
 def test_register_attention_routes_stock_bert_to_sdpa_with_padding():
     original = _model()
     model = copy.deepcopy(original)

@@ -172,6 +172,35 @@ def test_pairwise_init():
     assert SymmetricSelfAttention(32, 2, pairwise="full").coef.std() > 0.5  # N(0, 1), as published
 
 
+@pytest.mark.parametrize("make", [
+    lambda: SymmetricSelfAttention(32, 2, pairwise="full"),
+    lambda: SymmetricSelfAttention(32, 2, pairwise="diag", pairwise_init="identity"),
+    lambda: SymmetricSelfAttention(32, 2, pairwise="full", pairwise_init="identity"),
+    lambda: SharedWeightSelfAttention(32, 2),
+], ids=["full-normal", "diag-identity", "full-identity", "shared"])
+def test_reset_parameters_after_building_on_meta(make):
+    """Built on the meta device, moved with to_empty() and reset module by module (FSDP's and
+    torchtitan's way): coef and the role vectors had no reset_parameters and kept to_empty()'s
+    memory (seen: coef up to 6.5e36, NaN role vectors, NaN output), silently."""
+    with torch.device("meta"):
+        module = make()
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(float("nan"))  # what to_empty() may leave
+    for sub in module.modules():
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+    built = make()
+    for name, p in module.named_parameters(recurse=False):
+        expected = getattr(built, name)
+        if name == "coef" and built.pairwise_init == "normal":
+            assert abs(p.mean().item()) < 0.2 and 0.8 < p.std().item() < 1.2, f"{name} is not N(0, 1)"
+        else:
+            assert torch.equal(p, expected), name
+    assert torch.isfinite(module(torch.randn(2, 5, 32))).all()
+
+
 def test_parameter_counts():
     d = HIDDEN
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

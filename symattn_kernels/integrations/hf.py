@@ -51,6 +51,7 @@ layers are not converted), ``output_attentions``, a changed ``config.is_decoder`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -319,13 +320,19 @@ def _standard_projections(layer: nn.Module, own: dict) -> dict:
         state = {"query.weight": query, "query.bias": query_bias, "key.weight": weight, "key.bias": bias,
                  "value.weight": own["value.weight"], "value.bias": own.get("value.bias")}
     # Safetensors refuses two names for one storage: an unscaled query (or value) gets its own copy.
-    seen = {t.untyped_storage().data_ptr() for t in (weight, bias) if t is not None}
+    seen = {_storage(t) for t in (weight, bias) if t is not None}
     for name, tensor in state.items():
         if tensor is not None and not name.startswith("key."):
-            storage = tensor.untyped_storage().data_ptr()
+            storage = _storage(tensor)
             state[name] = tensor.clone() if storage in seen else tensor
             seen.add(storage)
     return {name: tensor for name, tensor in state.items() if tensor is not None}
+
+
+def _storage(tensor: Tensor) -> int:
+    # A DTensor (FSDP2's sharded parameters) has no storage of its own to ask: its local shard has.
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.untyped_storage().data_ptr()
 
 
 @torch.no_grad()
@@ -585,17 +592,32 @@ def _refuse_attention_weights(module: nn.Module, args, kwargs) -> None:
         raise NotImplementedError(_NO_ATTENTIONS)
 
 
+def _init_weights_with_converted(model: PreTrainedModel, module: nn.Module) -> None:
+    # transformers' init_weights() (after building on the meta device and to_empty(), or to start
+    # again) initialises Linears, embeddings and norms by itself; a converted layer's coef or role
+    # vectors would keep whatever memory to_empty() gave them, silently.
+    type(model)._init_weights(model, module)
+    if isinstance(module, _HFSelfAttention):
+        module.reset_parameters()
+
+
 def _hook_models(root: PreTrainedModel) -> None:
-    """Refuse ``output_attentions`` on ``root`` and every Hugging Face model inside it: transformers
-    records weights from its own attention classes only, so it would return an empty tuple."""
-    root._symattn_hooks = [m.register_forward_pre_hook(_refuse_attention_weights, with_kwargs=True)
-                           for m in root.modules() if isinstance(m, PreTrainedModel)]
+    """On ``root`` and every Hugging Face model inside it: refuse ``output_attentions``
+    (transformers records weights from its own attention classes only, so it would return an
+    empty tuple) and let ``init_weights()`` initialise the converted layers' own parameters."""
+    models = [m for m in root.modules() if isinstance(m, PreTrainedModel)]
+    root._symattn_hooks = [m.register_forward_pre_hook(_refuse_attention_weights, with_kwargs=True) for m in models]
+    for model in models:
+        model._init_weights = functools.partial(_init_weights_with_converted, model)
 
 
 def _unhook_models(root: PreTrainedModel) -> None:
     for handle in getattr(root, "_symattn_hooks", []):
         handle.remove()
     root._symattn_hooks = []
+    for model in root.modules():
+        if isinstance(model, PreTrainedModel) and "_init_weights" in vars(model):
+            del model._init_weights
 
 
 def convert_bert(model: nn.Module, variant: str, init: str = "pretrained", *, pairwise_init: str = "normal"):
