@@ -29,11 +29,13 @@ CONTEXTS = ("learned", "mean")
 
 
 def masked_mean(h: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-    """Mean of ``h`` [B, T, E] over the real tokens ([B, T] bool, True = real): [B, E], 0 when none."""
+    """Mean of ``h`` [B, T, E] over the real tokens ([B, T] bool or integer, nonzero = real): [B, E],
+    0 when none. What padded positions hold never reaches it (a NaN there times a 0 weight was NaN)."""
     if key_padding_mask is None:
         return h.mean(dim=1)
-    weights = key_padding_mask.to(h.dtype)
-    return (h * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    real = key_padding_mask != 0
+    total = h.masked_fill(~real[..., None], 0.0).sum(dim=1)
+    return total / real.sum(dim=1, keepdim=True).clamp_min(1).to(h.dtype)
 
 
 class LowRankContextAttention(nn.Module):

@@ -380,6 +380,44 @@ def test_fused_peak_memory_at_most_the_eager_reference_at_the_bench_row(dtype, m
     assert 0 < peaks["symattn-cpu"] <= peaks["eager-reference"] - 64 / 1024, peaks
 
 
+@pytest.mark.parametrize("token_softmax", [False, True], ids=["raw", "softmax"])
+def test_lean_gradients_of_saturated_tokens(token_softmax):
+    """Wide E makes |g k| large, so tanh saturates to 1 in fp32: the lean backward rebuilt
+    a = f * norm, whose rounding gave 1 - a^2 about 1e-7 instead of 0 on every such token, and
+    dcontext came out 68 % off (1.3e-3 against a true 1.9e-3; the composite is 1.6e-6 off)."""
+    gen = torch.Generator().manual_seed(0)
+    h, context, p, q = (torch.randn(*shape, generator=gen) for shape in ((1, 40, 1030), (1030,), (1030, 2), (1030, 2)))
+    dpooled, dattn = torch.randn(1, 2, 1030, generator=gen), torch.randn(1, 2, 40, generator=gen)
+
+    def reference(dtype):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (h, context, p, q)]
+        pooled, attn = R.lowrank_context_attention(*leaves, head_norm="l2", token_softmax=token_softmax)
+        loss = (pooled * dpooled.to(dtype)).sum() + (attn * dattn.to(dtype)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    exact, composite = reference(F64), reference(F32)
+    grads = [torch.empty_like(t) for t in (h, context, p, q)]
+    cpu_lowrank.lowrank_backward(dpooled, dattn, h, context, p, q, None, None, "l2", token_softmax, 1e-12, *grads, None)
+    for name, got, want, fp32 in zip(["dh", "dcontext", "dp", "dq"], grads, exact, composite):
+        bound = 2 * (fp32.double() - want).abs().max().item() + 1e-7 * want.abs().max().item()
+        error = (got.double() - want).abs().max().item()
+        assert error <= bound, f"{name}: lean error {error:.3g} > {bound:.3g} (2x the fp32 composite's)"
+
+
+def test_lean_nan_token_leaves_padded_gradients_zero():
+    """With the token softmax, a NaN in one real token makes its sequence's delta NaN; 0 * NaN
+    then gave NaN du and dh on the sequence's padded tokens, where the reference gives 0."""
+    torch.manual_seed(0)
+    h, u, context, p, q = torch.randn(2, 6, 8), torch.randn(2, 6, 8), torch.randn(8), torch.randn(8, 4), torch.randn(8, 4)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    h[0, 0, 3] = float("nan")
+    grads = [torch.empty_like(t) for t in (h, context, p, q, u)]
+    cpu_lowrank.lowrank_backward(torch.randn(2, 4, 8), torch.randn(2, 4, 6), h, context, p, q, u, mask, "l2", True,
+                                 1e-12, *grads)
+    assert torch.all(grads[4][0, 4:] == 0) and torch.all(grads[0][0, 4:] == 0)
+
+
 def test_backward_token_slices_cover_every_token():
     for seqlen in (1, 2, 3, 4, 5, 7, 40, 41):
         slices = cpu_lowrank._token_slices(seqlen)

@@ -37,6 +37,20 @@ def test_masked_mean():
     mask = torch.tensor([[True, False, True, False]])
     torch.testing.assert_close(masked_mean(h, mask), (h[0, 0] + h[0, 2])[None] / 2)
     assert torch.all(masked_mean(h, torch.zeros(1, 4, dtype=torch.bool)) == 0)
+    torch.testing.assert_close(masked_mean(h, mask.long()), masked_mean(h, mask))
+
+
+@pytest.mark.parametrize("stored", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_mean_context_never_reads_padded_positions(stored):
+    """context="mean" took NaN or inf stored at padded positions into the whole sequence's
+    context (h * 0 is NaN there), where lowrank_context_attention itself never reads them."""
+    torch.manual_seed(0)
+    layer = LowRankContextAttention(8, 3, context="mean")
+    h = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    dirty = h.clone()
+    dirty[0, 3:] = stored
+    assert torch.equal(layer(dirty, mask)[0], layer(h, mask)[0])
 
 
 def test_rejects_bad_options():

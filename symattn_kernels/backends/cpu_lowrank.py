@@ -11,11 +11,11 @@ vector), so the softmax uses the fixed stabiliser 1, as the Triton kernel does: 
 overflows, needs no max pass, and pooled = (sum_t exp(f_t - 1) h_t) / l can be normalised last.
 
 Backward: the score gradient multiplies two [B, m, T] matmul results elementwise (recomputed
-scores f and dA = dpooled H^T), so f gets the one [B, m, T] buffer and dA is computed a token
-slice at a time (``_CHUNKS`` slices, like the Triton kernel's token tiles). The first pass fills
-f and, with the token softmax, sums l = sum_t exp(f_t - 1) and sum_t exp(f_t - 1) dA_t; the
-second turns each slice of f into dz, writes dh and du for its tokens and accumulates
-W = dz U [B, m, E], from which the factor gradients follow without the keys:
+activations a = tanh(g k) and dA = dpooled H^T), so a gets the one [B, m, T] buffer and dA is
+computed a token slice at a time (``_CHUNKS`` slices, like the Triton kernel's token tiles). The
+first pass fills a (and the head norm) and, with the token softmax, sums l = sum_t exp(f_t - 1)
+and sum_t exp(f_t - 1) dA_t; the second turns each slice into dz, writes dh and du for its tokens
+and accumulates W = dz U [B, m, E], from which the factor gradients follow without the keys:
 
     dg[b, j] = sum_e Q[e, j] W[b, j, e]        (= sum_t dz[b, j, t] k[b, j, t])
     dQ[e, j] = sum_b g[b, j] W[b, j, e]        (= sum_{b,t} u[b, t, e] dk[b, j, t])
@@ -39,9 +39,10 @@ from .torch import accumulate_dtype, finite_padding
 
 __all__ = ["lowrank_forward", "lowrank_backward"]
 
-# Token slices of the backward (and of the half-input forward): each pass holds two
-# [B, m, T / _CHUNKS] temporaries besides the [B, m, T] buffer, and four keep them at half of it.
-_CHUNKS = 4
+# Token slices of the backward (and of the half-input forward): a pass holds up to three
+# [B, m, T / _CHUNKS] temporaries besides the [B, m, T] buffer (dA, the weights and, with the
+# head norm, f = a / norm), and six keep them at half of it.
+_CHUNKS = 6
 
 
 def _inverse(total: Tensor) -> Tensor:
@@ -106,14 +107,14 @@ class _Lama:
         # slower than into fresh memory on CPU: compute the slice, then copy it in.
         return out.copy_(torch.bmm(q_t, u.transpose(1, 2)))
 
-    def activate(self, keys: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """f = normalize_over_heads(tanh(g * k)) in place; returns f and the clamped head norm
-        [B, 1, Tc] (None without head_norm)."""
+    def activate(self, keys: Tensor, normalize: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        """f = normalize_over_heads(tanh(g * k)) in place (only a = tanh(g * k) where not
+        ``normalize``); returns it and the clamped head norm [B, 1, Tc] (None without head_norm)."""
         keys.mul_(self.gate[:, :, None]).tanh_()
         if self.head_norm != "l2":
             return keys, None
         norm = _sum_over_heads(keys, keys).sqrt_().clamp_min_(self.eps)
-        return keys.div_(norm), norm
+        return (keys.div_(norm) if normalize else keys), norm
 
     def pad(self, tokens: slice) -> Optional[Tensor]:
         """[B, 1, Tc] True on padded tokens, or None without a mask."""
@@ -172,47 +173,55 @@ def _dscores(dpooled: Tensor, dattn: Optional[Tensor], h_slice: Tensor, tokens: 
 
 
 def _features_and_statistics(lama: _Lama, dpooled, dattn, slices, token_softmax: bool):
-    """Pass 1: f [B, m, T] (the backward's one full-size buffer), the clamped head norm
-    [B, 1, T] (None without head_norm) and, with the token softmax, (1 / l, delta) [B, m, 1]:
+    """Pass 1: a = tanh(g * k) [B, m, T] (the backward's one full-size buffer), the clamped head
+    norm [B, 1, T] (None without head_norm) and, with the token softmax, (1 / l, delta) [B, m, 1]:
     l = sum_t exp(f_t - 1) over the real tokens, delta = sum_t attn_t dA_t (the softmax's row term)."""
     batch, seqlen, _ = lama.h.shape
     options = dict(dtype=lama.compute_dtype, device=lama.h.device)
-    feats = torch.empty(batch, lama.q.shape[1], seqlen, **options)
+    acts = torch.empty(batch, lama.q.shape[1], seqlen, **options)
     norm = torch.empty(batch, 1, seqlen, **options) if lama.head_norm == "l2" else None
     total = torch.zeros(batch, lama.q.shape[1], 1, **options)
     weighted = torch.zeros_like(total)
     for tokens in slices:
         u_slice, h_slice = lama.operands(tokens, with_h=token_softmax)
-        feats_slice, norm_slice = lama.activate(lama.keys(u_slice, out=feats[:, :, tokens]))
+        acts_slice, norm_slice = lama.activate(lama.keys(u_slice, out=acts[:, :, tokens]), normalize=False)
         if norm is not None:
             norm[:, :, tokens] = norm_slice
         if token_softmax:
-            weights = _exp_scores(feats_slice.clone(), lama.pad(tokens))
+            weights = _exp_scores(acts_slice.clone() if norm is None else acts_slice / norm_slice, lama.pad(tokens))
             total = total + weights.sum(dim=-1, keepdim=True)
             weighted = weighted + _dscores(dpooled, dattn, h_slice, tokens).mul_(weights).sum(dim=-1, keepdim=True)
     if not token_softmax:
-        return feats, norm, None
+        return acts, norm, None
     inv = _inverse(total)
-    return feats, norm, (inv, weighted * inv)
+    return acts, norm, (inv, weighted * inv)
 
 
-def _slice_grads(feats, norm, dfeats, pad, softmax_stats, eps: float) -> tuple[Tensor, Tensor]:
-    """(attn, dz) [B, m, Tc] of a token slice from its f, head norm and dA (f and dA are
-    overwritten); dz = dL/d(g * k)."""
+def _slice_grads(acts, norm, dfeats, pad, softmax_stats, eps: float) -> tuple[Tensor, Tensor]:
+    """(attn, dz) [B, m, Tc] of a token slice from its a = tanh(g * k), head norm and dA (a and
+    dA are overwritten); dz = dL/d(g * k). The derivative 1 - a^2 takes a as tanh gave it: rebuilt
+    as f * norm, its rounding made a saturated token's exact 0 about 1e-7 in fp32, which every
+    such token then added to dcontext, dp and dq (68 % of dcontext at E = 1030)."""
+    feats = acts if norm is None else acts / norm  # f, a temporary of the slice
     if softmax_stats is not None:
         inv_total, delta = softmax_stats
         attn = _exp_scores(feats.clone(), pad).mul_(inv_total)
         dfeats.sub_(delta).mul_(attn)
+        if pad is not None:  # 0 * NaN: a NaN real token's delta must not reach the padded ones
+            dfeats.masked_fill_(pad, 0.0)
     else:
-        attn = feats.clone() if pad is None else feats.masked_fill(pad, 0.0)
         if pad is not None:
             dfeats.masked_fill_(pad, 0.0)
+        # f of the slice is a temporary with the head norm (and a padded token's f meets only
+        # its dA = 0 below): it can be the weights themselves.
+        attn = feats if norm is not None else feats.clone()
+        if pad is not None:
+            attn.masked_fill_(pad, 0.0)
     if norm is not None:
         radial = _sum_over_heads(feats, dfeats)
         radial.masked_fill_(norm <= eps, 0.0)  # F.normalize's clamp: the norm is a constant there
         dfeats.addcmul_(feats, radial, value=-1.0).div_(norm)
-        feats.mul_(norm)  # back to a = tanh(g * k)
-    return attn, dfeats.mul_(feats.square_().neg_().add_(1.0))
+    return attn, dfeats.mul_(acts.square_().neg_().add_(1.0))
 
 
 def lowrank_backward(
@@ -225,12 +234,12 @@ def lowrank_backward(
     lama = _Lama.build(h, context, p, q, u, key_padding_mask, head_norm, eps)
     dpooled = dpooled.to(lama.compute_dtype)
     slices = _token_slices(h.shape[1])
-    feats, norm, stats = _features_and_statistics(lama, dpooled, dattn, slices, token_softmax)
+    acts, norm, stats = _features_and_statistics(lama, dpooled, dattn, slices, token_softmax)
     dkeys_to_u = lama.gate[:, :, None] * lama.q.t()  # [B, m, E]: du_t = dz_t^T (g * Q^T)
     dz_u = torch.zeros_like(dpooled)  # W = dz U
     for tokens in slices:
         u_slice, h_slice = lama.operands(tokens)
-        attn, dz = _slice_grads(feats[:, :, tokens], None if norm is None else norm[:, :, tokens],
+        attn, dz = _slice_grads(acts[:, :, tokens], None if norm is None else norm[:, :, tokens],
                                 _dscores(dpooled, dattn, h_slice, tokens), lama.pad(tokens), stats, eps)
         dz_u.baddbmm_(dz, u_slice)
         key_grad = (dz.transpose(1, 2), dkeys_to_u)
