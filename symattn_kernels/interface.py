@@ -259,7 +259,12 @@ def symmetric_attention_varlen(
     elif max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     if cu_seqlens.device.type == "cpu":  # checking values on CUDA would synchronise
-        lengths = cu_seqlens.to(torch.int64).diff()  # int32 differences could wrap past the checks
+        # int64: int32 differences could wrap past the checks. With the first offset prepended the
+        # lengths hold a leading 0 and keep the offsets' size: an exported program's offsets of
+        # dynamic size then serve one sequence too (diff alone gives n - 1 entries, and export
+        # specialises that size against 1, refusing either one sequence or all others).
+        offsets = cu_seqlens.to(torch.int64)
+        lengths = offsets.diff(prepend=offsets[:1])
         if torch.compiler.is_compiling():
             # The values are not known while tracing: the compiled graph checks them when it runs.
             torch._assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == q.shape[0]) & (lengths >= 0).all()

@@ -103,6 +103,25 @@ def test_varlen_max_seqlen_read_in_the_graph():
     torch.testing.assert_close(got, call(q, cu), rtol=0, atol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("example", [[0, 12], [0, 5, 12]], ids=["one-sequence-example", "two-sequence-example"])
+def test_exported_varlen_takes_any_number_of_sequences(example):
+    """With offsets of dynamic size, the exported program refused a batch of one sequence when
+    exported from several (guard cu.size()[0] >= 3), and every other batch when exported from one:
+    the checks' lengths = diff(offsets) have n - 1 entries, which export specialises against 1."""
+
+    class Packed(torch.nn.Module):
+        def forward(self, q, cu):
+            return sk.symmetric_attention_varlen(q, None, cu, 12, causal=True, backend="cpu")
+
+    q = torch.randn(12, 2, 16)
+    dims = ({0: torch.export.Dim("total", min=2, max=1024)}, {0: torch.export.Dim("offsets", min=2, max=64)})
+    program = torch.export.export(Packed(), (q, torch.tensor(example, dtype=torch.int32)), dynamic_shapes=dims)
+    for offsets in ([0, 12], [0, 5, 12], [0, 1, 2, 12]):
+        cu = torch.tensor(offsets, dtype=torch.int32)
+        torch.testing.assert_close(program.module()(q, cu), Packed()(q, cu), rtol=0, atol=0)
+
+
 _COMPILES_ONCE = r"""
 import torch, symattn_kernels as sk
 from torch._dynamo.utils import counters
