@@ -74,6 +74,36 @@ def test_lama_nan_normaliser_propagates():
     assert torch.equal(torch.isnan(pooled), torch.isnan(ref_pooled))
 
 
+@pytest.mark.parametrize("token_softmax", [True, False], ids=["softmax", "raw"])
+@pytest.mark.parametrize("keys_from", ["h", "u"])
+def test_lama_padded_garbage_never_reaches_real_rows(keys_from, token_softmax):
+    """The LAMA kernels pooled padded tokens with zero weights, but 0 * NaN = NaN: NaN or inf
+    stored at a padded token made pooled NaN, and (through the sums over tokens) dh of real
+    tokens and dcontext, dp, dq, the parameters every sequence shares. Sequence 2 is all padding."""
+    torch.manual_seed(0)
+    h, u = torch.randn(3, 9, 16), torch.randn(3, 9, 16)
+    factors = torch.randn(16), torch.randn(16, 4) / 4, torch.randn(16, 4) / 4
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, 6:], mask[2] = False, False
+    given_u = u if keys_from == "u" else None
+    leaves = [t.clone().requires_grad_() for t in (h, *factors)]
+    expected = R.lowrank_context_attention(*leaves, u=given_u, key_padding_mask=mask, token_softmax=token_softmax)
+    expected_grads = torch.autograd.grad(expected[0].square().sum() + expected[1].sum(), leaves)
+    dirty_h, dirty_u = h.clone(), u.clone()
+    dirty_h[0, 6], dirty_h[0, 7], dirty_h[2] = float("nan"), float("inf"), float("nan")
+    dirty_u[0, 8], dirty_u[2] = float("-inf"), float("nan")
+    leaves = [dirty_h.requires_grad_(), *(t.clone().requires_grad_() for t in factors)]
+    pooled, attn = sk.lowrank_context_attention(*leaves, u=dirty_u if keys_from == "u" else None, key_padding_mask=mask,
+                                                token_softmax=token_softmax, backend="triton")
+    grads = torch.autograd.grad(pooled.square().sum() + attn.sum(), leaves)
+    assert_close(pooled, expected[0], atol=1e-5, name="pooled")
+    assert_close(attn, expected[1], atol=1e-6, name="attn")
+    for name, got, want in zip(("dh", "dcontext", "dp", "dq"), grads, expected_grads):
+        if name == "dh":
+            got, want = got[mask], want[mask]
+        assert_close(got, want, atol=1e-4, name=name)
+
+
 def test_empty_sizes():
     out, lse = sk.symmetric_attention(torch.randn(2, 0, 2, 16), return_lse=True, backend="triton")
     assert out.shape == (2, 0, 2, 16) and lse.shape == (2, 2, 0)

@@ -74,11 +74,14 @@ def _lama_tanh(z):
 
 
 @triton.jit
-def _lama_load_tokens(X, stride_xs, offs_t, offs_e, seqlen, dim):
-    """Rows ``offs_t`` of a sequence's [T, E] matrix, zero past T and E: [BLOCK_T, BLOCK_E]."""
+def _lama_load_tokens(X, stride_xs, offs_t, offs_e, rows, dim):
+    """Rows ``offs_t`` of a sequence's [T, E] matrix where ``rows`` (the real tokens), zero elsewhere
+    and past E: [BLOCK_T, BLOCK_E]. A padded token is read as 0, never as stored: its weight is 0,
+    but 0 * NaN = NaN in the products that pool h and sum the gradients over tokens, and nothing
+    else reads it (its attn and gradients are 0 whatever it holds)."""
     return tl.load(
         X + offs_t.to(tl.int64)[:, None] * stride_xs + offs_e[None, :],
-        mask=(offs_t[:, None] < seqlen) & (offs_e[None, :] < dim), other=0.0,
+        mask=rows[:, None] & (offs_e[None, :] < dim), other=0.0,
     )
 
 
@@ -90,7 +93,10 @@ def _lama_tile_scores(
     """Scores of one token tile: returns (u, hv, keys, act, norm, feats, real); hv is the tile of
     h (u itself when the keys come from h)."""
     in_seq = offs_t < seqlen
-    u = _lama_load_tokens(U, stride_us, offs_t, offs_e, seqlen, dim)  # [BLOCK_T, BLOCK_E]
+    real = in_seq
+    if HAS_KPM:
+        real = real & (tl.load(Kpm + offs_t.to(tl.int64) * stride_kpms, mask=in_seq, other=0) != 0)
+    u = _lama_load_tokens(U, stride_us, offs_t, offs_e, real, dim)  # [BLOCK_T, BLOCK_E]
     keys = tl.dot(u, q, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
     act = _lama_tanh(keys * gate[None, :])
     if HEAD_NORM:
@@ -98,14 +104,11 @@ def _lama_tile_scores(
     else:
         norm = tl.full([act.shape[0]], 1.0, tl.float32)
     feats = act / norm[:, None]
-    real = in_seq
-    if HAS_KPM:
-        real = real & (tl.load(Kpm + offs_t.to(tl.int64) * stride_kpms, mask=in_seq, other=0) != 0)
     # h last: loaded before the scores it stays live through them and the forward spills at m = 32.
     if SHARED_U:
         hv = u
     else:
-        hv = _lama_load_tokens(H, stride_hs, offs_t, offs_e, seqlen, dim)
+        hv = _lama_load_tokens(H, stride_hs, offs_t, offs_e, real, dim)
     return u, hv, keys, act, norm, feats, real
 
 
