@@ -86,17 +86,30 @@ def _lama_load_tokens(X, stride_xs, offs_t, offs_e, rows, dim):
 
 
 @triton.jit
-def _lama_tile_scores(
-    U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
-    SHARED_U: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Scores of one token tile: returns (u, hv, keys, act, norm, feats, real); hv is the tile of
-    h (u itself when the keys come from h)."""
-    in_seq = offs_t < seqlen
+def _lama_real_tokens(Kpm, stride_kpms, offs_t, in_seq, HAS_KPM: tl.constexpr):
     real = in_seq
     if HAS_KPM:
         real = real & (tl.load(Kpm + offs_t.to(tl.int64) * stride_kpms, mask=in_seq, other=0) != 0)
-    u = _lama_load_tokens(U, stride_us, offs_t, offs_e, real, dim)  # [BLOCK_T, BLOCK_E]
+    return real
+
+
+@triton.jit
+def _lama_tile_scores(
+    U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
+    SHARED_U: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    REAL_KEYS: tl.constexpr,
+):
+    """Scores of one token tile: returns (u, hv, keys, act, norm, feats, real); hv is the tile of
+    h (u itself when the keys come from h), read for real tokens only; u too where REAL_KEYS (the
+    backward's products read u and the keys; the forward reads them only through weights that are
+    0 on padded tokens, and loads the mask after the scores: loaded before, it stays live through
+    them and the forward spills at m = 32, as h would)."""
+    in_seq = offs_t < seqlen
+    if REAL_KEYS:
+        real = _lama_real_tokens(Kpm, stride_kpms, offs_t, in_seq, HAS_KPM)
+        u = _lama_load_tokens(U, stride_us, offs_t, offs_e, real, dim)  # [BLOCK_T, BLOCK_E]
+    else:
+        u = _lama_load_tokens(U, stride_us, offs_t, offs_e, in_seq, dim)
     keys = tl.dot(u, q, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
     act = _lama_tanh(keys * gate[None, :])
     if HEAD_NORM:
@@ -104,11 +117,16 @@ def _lama_tile_scores(
     else:
         norm = tl.full([act.shape[0]], 1.0, tl.float32)
     feats = act / norm[:, None]
+    if not REAL_KEYS:
+        real = _lama_real_tokens(Kpm, stride_kpms, offs_t, in_seq, HAS_KPM)
     # h last: loaded before the scores it stays live through them and the forward spills at m = 32.
     if SHARED_U:
         hv = u
     else:
-        hv = _lama_load_tokens(H, stride_hs, offs_t, offs_e, real, dim)
+        # Padded tokens moved past the end, so that the load's row mask is the plain bound: with
+        # `real` as the mask the sm_90 forward at E = 256, m = 32 spilled 16 bytes.
+        offs_h = tl.where(real, offs_t, seqlen)
+        hv = _lama_load_tokens(H, stride_hs, offs_h, offs_e, offs_h < seqlen, dim)
     return u, hv, keys, act, norm, feats, real
 
 
@@ -162,7 +180,7 @@ def _lama_fwd_kernel(
         offs_t = start_t + tl.arange(0, BLOCK_T)
         u, hv, keys, act, norm, feats, real = _lama_tile_scores(
             U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
-            SHARED_U, HAS_KPM, HEAD_NORM, DOT_PRECISION,
+            SHARED_U, HAS_KPM, HEAD_NORM, DOT_PRECISION, SHARED_U,
         )
         if TOKEN_SOFTMAX:
             w = tl.where(real[:, None], tl.exp(feats - SCORE_BOUND), 0.0)  # [BLOCK_T, BLOCK_M]
@@ -241,7 +259,7 @@ def _lama_bwd_kernel(
             offs_t = start_t + tl.arange(0, BLOCK_T)
             u, hv, keys, act, norm, feats, real = _lama_tile_scores(
                 U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
-                SHARED_U, HAS_KPM, HEAD_NORM, DOT_PRECISION,
+                SHARED_U, HAS_KPM, HEAD_NORM, DOT_PRECISION, SHARED_U,
             )
             da = _lama_tile_dscores(hv, dpo, DAttn, stride_dam, offs_t, offs_m, mmask, seqlen,
                                     HAS_DATTN, DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
@@ -259,7 +277,7 @@ def _lama_bwd_kernel(
         tmask = (offs_t[:, None] < seqlen) & (offs_e[None, :] < dim)
         u, hv, keys, act, norm, feats, real = _lama_tile_scores(
             U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
-            SHARED_U, HAS_KPM, HEAD_NORM, DOT_PRECISION,
+            SHARED_U, HAS_KPM, HEAD_NORM, DOT_PRECISION, True,
         )
         da = _lama_tile_dscores(hv, dpo, DAttn, stride_dam, offs_t, offs_m, mmask, seqlen,
                                 HAS_DATTN, DOT_PRECISION)  # [BLOCK_T, BLOCK_M]
