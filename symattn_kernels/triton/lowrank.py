@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import device_arch, dot_precision, is_interpret, unit_last_stride
+from .attention_common import _real_tokens, device_arch, dot_precision, is_interpret, unit_last_stride
 
 __all__ = ["lowrank_forward", "lowrank_backward", "lama_config", "NORMALISE_BLOCK_T"]
 
@@ -86,14 +86,6 @@ def _lama_load_tokens(X, stride_xs, offs_t, offs_e, rows, dim):
 
 
 @triton.jit
-def _lama_real_tokens(Kpm, stride_kpms, offs_t, in_seq, HAS_KPM: tl.constexpr):
-    real = in_seq
-    if HAS_KPM:
-        real = real & (tl.load(Kpm + offs_t.to(tl.int64) * stride_kpms, mask=in_seq, other=0) != 0)
-    return real
-
-
-@triton.jit
 def _lama_tile_scores(
     U, H, Kpm, stride_us, stride_hs, stride_kpms, offs_t, offs_e, seqlen, dim, q, gate, eps,
     SHARED_U: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -106,7 +98,9 @@ def _lama_tile_scores(
     them and the forward spills at m = 32, as h would)."""
     in_seq = offs_t < seqlen
     if REAL_KEYS:
-        real = _lama_real_tokens(Kpm, stride_kpms, offs_t, in_seq, HAS_KPM)
+        real = in_seq
+        if HAS_KPM:
+            real = _real_tokens(Kpm, stride_kpms, offs_t, seqlen)
         u = _lama_load_tokens(U, stride_us, offs_t, offs_e, real, dim)  # [BLOCK_T, BLOCK_E]
     else:
         u = _lama_load_tokens(U, stride_us, offs_t, offs_e, in_seq, dim)
@@ -118,7 +112,9 @@ def _lama_tile_scores(
         norm = tl.full([act.shape[0]], 1.0, tl.float32)
     feats = act / norm[:, None]
     if not REAL_KEYS:
-        real = _lama_real_tokens(Kpm, stride_kpms, offs_t, in_seq, HAS_KPM)
+        real = in_seq
+        if HAS_KPM:
+            real = _real_tokens(Kpm, stride_kpms, offs_t, seqlen)
     # h last: loaded before the scores it stays live through them and the forward spills at m = 32.
     if SHARED_U:
         hv = u
