@@ -41,13 +41,14 @@ our GFLOP/s; ``--plot`` draws the ratios.
 Every attention row reports effective GFLOP/s twice, by flash-attn's count (4·B·H·S²·D forward,
 ×3.5 with the backward) and by the products the kernels execute (the mirrored half-score
 schedule runs 1.5 forward and 3.5 backward of the 2 of each), and the executed rate as a share
-of the measured fp32 ceiling (``bench.fma_peak``: one-thread sgemm × threads).
+of the measured fp32 peak (``bench.fma_peak``: one thread's register FMA chains × threads; the
+one-thread sgemm rate is reported beside it).
 
 ``--long`` times heads of 2k-16k tokens at B = 1 (the shapes in ``LONG_SHAPES``, causal too)
 against the fastest CPU peer at 1 and at 2 threads (or all cores) in interleaved rounds: the
 speed-up of the second thread for ours and for SDPA, ours / peer, and effective GFLOP/s by
-flash-attn's count and by the work the kernels execute, beside a measured one-thread fp32
-sgemm ceiling (``bench.fma_peak``); ``--plot`` draws the thread scaling.
+flash-attn's count and by the work the kernels execute, beside the measured fp32 FMA peak
+(``bench.fma_peak``); ``--plot`` draws the thread scaling.
 
 Every timed shape first passes a correctness check (attention: against SDPA in fp32; LAMA: the
 ``python -m bench`` gate against the fp32 reference). The report starts with the load average:
@@ -70,6 +71,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import symattn_kernels as sk
 from bench.environment import usable_cores
+from bench.fma_peak import describe, peak_per_thread
 from bench.timing import peak_memory_mib, time_call
 
 HEADS, HEAD_DIM = 12, 64
@@ -147,14 +149,14 @@ def run(quick: bool) -> dict:
         diff = (sk.symmetric_attention(q, v, coef=coef, backend="cpu") - _sdpa(q * coef, q, v)).abs().max().item()
         rows.append(dict(op="symmetric_attention(coef=diag)", B=batch, S=seqlen, dtype="float32", provider="cpu",
                          fwd_ms=ours.median_ms, baseline_ms=base.median_ms, check_err=diff))
-    return dict(environment=_environment(), sgemm_gflops_1thread=_sgemm_ceiling(), rows=rows)
+    return dict(environment=_environment(), **_ceilings(), rows=rows)
 
 
-def _sgemm_ceiling() -> float:
-    """The measured one-thread fp32 sgemm rate (GFLOP/s) that every table's "% peak" refers to."""
-    from bench.fma_peak import sgemm_gflops
+def _ceilings() -> dict:
+    """The measured one-thread fp32 FMA peak (every table's "% peak") and sgemm rate, GFLOP/s."""
+    from bench.fma_peak import ceilings
 
-    return sgemm_gflops()
+    return ceilings()
 
 
 def _interleaved(calls: dict, rounds: int, min_run_time: float) -> dict:
@@ -187,7 +189,7 @@ def run_dtypes(rounds: int, min_run_time: float = 0.2) -> dict:
             rows.append(dict(B=batch, S=seqlen, dtype=name, mode=mode, median_ms=statistics.median(samples),
                              min_ms=min(samples), ratio_to_fp32=statistics.median(a / b for a, b in zip(samples, base)),
                              rounds=rounds, check_err=err))
-    return dict(environment=_environment(), sgemm_gflops_1thread=_sgemm_ceiling(), dtype_rows=rows)
+    return dict(environment=_environment(), **_ceilings(), dtype_rows=rows)
 
 
 def _check_dropout(y: torch.Tensor) -> float:
@@ -231,9 +233,9 @@ def run_dropout(rounds: int, min_run_time: float = 0.2, shapes=DTYPE_SHAPES) -> 
     return rows
 
 
-def format_dropout(rows: list, env: dict, sgemm_gflops_1thread: float) -> str:
-    report = dict(sgemm_gflops_1thread=sgemm_gflops_1thread)
-    peak = _peak(env, report)
+def format_dropout(rows: list, env: dict, ceilings: dict) -> str:
+    """The dropout table; ceilings as ``_ceilings`` returns them."""
+    peak = _peak(env, ceilings)
     lines = [f"CPU kernels, dropout_p={DROPOUT_P} against none: torch {env['torch']}, {env['torch_threads']} "
              f"threads on {env['cores']} cores, kernels {env['kernel_isa']}, load average "
              f"{', '.join(f'{x:.2f}' for x in env['load_average'])}", "",
@@ -250,7 +252,7 @@ def format_dropout(rows: list, env: dict, sgemm_gflops_1thread: float) -> str:
     rounds = rows[0]["rounds"] if rows else 0
     lines += ["", f"median over {rounds} interleaved rounds; ratio = median of the per-round dropout / no-dropout "
               f"times; target: forward ratio <= {DROPOUT_FWD_TARGET}; GF/s no-drop/dropout, % peak of the "
-              "dropout call; " + _gflops_legend(report)]
+              "dropout call; " + _gflops_legend(ceilings)]
     return "\n".join(lines)
 
 
@@ -291,7 +293,7 @@ def _row_flops(row: dict, env: dict) -> dict:
 
 def _gflops_cells(flops: dict, fwd_ms: float, fwdbwd_ms: float, peak: float, dtype: str) -> str:
     """"conv/exec" GF/s of the forward and of forward+backward, and forward+backward's executed
-    GF/s as a percentage of the all-thread fp32 ceiling."""
+    GF/s as a percentage of the all-thread fp32 FMA peak."""
     cells = []
     for key, ms in (("fwd", fwd_ms), ("fwdbwd", fwdbwd_ms)):
         cells.append(f"{_gflops(flops[f'conv_{key}'], ms):6.1f}/{_gflops(flops[f'exec_{key}'], ms):6.1f}")
@@ -300,21 +302,21 @@ def _gflops_cells(flops: dict, fwd_ms: float, fwdbwd_ms: float, peak: float, dty
 
 def _ratio_at_ceiling(flops: dict, peer: dict, peak: float) -> str:
     """"fwd/fwd+bwd" ratios over the peer that our executed products would reach at the all-thread
-    fp32 ceiling: where one is below a target, no kernel doing this work meets it against this peer."""
+    fp32 FMA peak: where one is below a target, no kernel doing this work meets it against this peer."""
     return "/".join(f"{peer[f'{mode}_ms'] / (flops[f'exec_{key}'] / peak / 1e6):.2f}"
                     for mode, key in (("fwd", "fwd"), ("fwdbwd", "fwdbwd")))
 
 
 def _percent_of_ceiling(dtype: str, gflops: float, ceiling: float) -> str:
-    """GF/s as a percentage of the fp32 sgemm ceiling, for fp32 rows only: bf16 products run on
-    other units (AVX512-BF16 pairs, AMX tiles) whose ceiling this probe does not measure."""
+    """GF/s as a percentage of the fp32 FMA peak, for fp32 rows only: bf16 products run on other
+    units (AVX512-BF16 pairs, AMX tiles) whose ceiling this probe does not measure."""
     return f"{100 * gflops / ceiling:6.1f}" if dtype in ("float32", "fp32") else f"{'-':>6}"
 
 
 def _gflops_legend(report: dict) -> str:
     return ("GF/s conv = 4 B H S^2 D (x3.5 with backward) / time, GF/s exec = the products the kernels run "
             f"(the half-score schedule: 1.5 forward, 3.5 backward per 2 S^2 D) / time; % peak = GF/s exec / "
-            f"(measured one-thread fp32 sgemm {report['sgemm_gflops_1thread']:.1f} GFLOP/s x threads)")
+            f"(FMA peak x threads); {describe(report)}")
 
 
 # LAMA: the fused cpu kernels against the two paths a user has without them.
@@ -363,7 +365,7 @@ def run_lama(rounds: int, quick: bool = False, min_run_time: float = 0.2) -> dic
                                  **{f"{LAMA_PROVIDERS[n]}_mib": peaks[n] for n in peaks},
                                  speedup=statistics.median(p / o for p, o in zip(peer, ours)),
                                  max_err=max(errors.values())))
-    return dict(environment=_environment(), sgemm_gflops_1thread=_sgemm_ceiling(), lama_rows=rows)
+    return dict(environment=_environment(), **_ceilings(), lama_rows=rows)
 
 
 def format_lama(report: dict) -> str:
@@ -383,8 +385,7 @@ def format_lama(report: dict) -> str:
     rounds = report["lama_rows"][0]["rounds"] if report["lama_rows"] else 0
     lines += ["", f"ms: median over {rounds} interleaved rounds; x peer = median per-round ratio of the faster of "
               "eager and composite to ours; MiB: peak of one call; GF/s = the matmul work 4 B T E m forward (x3 "
-              "with backward) / time; % peak of the measured one-thread fp32 sgemm "
-              f"{report['sgemm_gflops_1thread']:.1f} GFLOP/s x threads",
+              f"with backward) / time; % peak of the FMA peak x threads; {describe(report)}",
               f"targets: x peer >= {LAMA_TARGETS['speed-up']}, ours MiB <= eager MiB"]
     return "\n".join(lines)
 
@@ -453,7 +454,7 @@ def format_report(report: dict) -> str:
                      + (f" {_ratio_at_ceiling(_row_flops(r, env), sdpa, peak):>11}"
                         if r["provider"] == "cpu" and r["dtype"] == "float32" else ""))
     lines += ["", "speedup x = SDPA time / provider time; mem x = provider peak / SDPA peak; " + _gflops_legend(report)
-              + "; x@ceil = fwd/fwd+bwd x SDPA-flash if ours ran its executed products at the fp32 ceiling "
+              + "; x@ceil = fwd/fwd+bwd x SDPA-flash if ours ran its executed products at the FMA peak "
               "(an upper bound for any kernel doing this work)", ""]
     for r in report["rows"]:
         if r["op"] != "shared_attention":
@@ -478,7 +479,7 @@ def format_report(report: dict) -> str:
 # Long sequences and thread scaling: heads of 2k-16k tokens at B = 1, ours against the fastest
 # CPU peer, each timed at 1 and at 2 threads in interleaved rounds, so that the speed-up of the
 # second thread and the ratio to the peer are paired per round (both survive a loaded machine
-# better than absolute times), with effective GFLOP/s against a measured fp32 sgemm ceiling.
+# better than absolute times), with effective GFLOP/s against the measured fp32 FMA peak.
 
 # (B, S, H, causal, rounds, one_thread): the largest shapes take seconds per call, so fewer rounds
 # (and the 12-head 16k shape only at all threads); bf16 up to LONG_HALF_MAX_S tokens. About four
@@ -595,8 +596,8 @@ def _gflops(flops: float, ms: float) -> float:
 
 
 def _peak(env: dict, report: dict) -> float:
-    """The all-thread fp32 ceiling of a report: the one-thread sgemm rate times the threads."""
-    return report["sgemm_gflops_1thread"] * env["torch_threads"]
+    """The all-thread fp32 peak of a report: the one-thread FMA peak times the threads."""
+    return peak_per_thread(report) * env["torch_threads"]
 
 
 def _check_long(y: torch.Tensor, causal: bool) -> float:
@@ -618,10 +619,8 @@ def run_long(shapes=LONG_SHAPES, dtypes=(torch.float32, torch.bfloat16), threads
     """Times every shape of `shapes` as described above; rows carry per-round medians."""
     import statistics
 
-    from bench.fma_peak import sgemm_gflops
-
     torch.manual_seed(0)
-    peak = sgemm_gflops()
+    ceilings = _ceilings()
     rows = []
     for B, S, H, causal, rounds, one_thread in shapes:
         y32 = torch.randn(B, S, H, HEAD_DIM)
@@ -660,14 +659,14 @@ def run_long(shapes=LONG_SHAPES, dtypes=(torch.float32, torch.bfloat16), threads
                         row["sdpa_2nd_thread"] = statistics.median(
                             a / b for a, b in zip(times["sdpa-flash", mode, counts[0]], times["sdpa-flash", mode, t]))
                     rows.append(row)
-    return dict(environment=_environment(), sgemm_gflops_1thread=peak, long_rows=rows)
+    return dict(environment=_environment(), **ceilings, long_rows=rows)
 
 
 def format_long(report: dict) -> str:
-    env, peak = report["environment"], report["sgemm_gflops_1thread"]
+    env, peak = report["environment"], peak_per_thread(report)
     lines = [f"CPU long sequences: torch {env['torch']}, kernels {env['kernel_isa']}, {env['cores']} cores, "
              f"load average {', '.join(f'{x:.2f}' for x in env['load_average'])}",
-             f"measured fp32 ceiling: one-thread torch.mm 256^3 = {peak:.1f} GFLOP/s per thread", "",
+             f"{describe(report)}", "",
              f"{'B,S,H':<12} {'causal':<6} {'dtype':<9} {'mode':<8} {'thr':>3} {'ours ms':>9} {'peer':<11} "
              f"{'peer ms':>9} {'x peer':>6} {'2nd thr ours':>12} {'2nd thr sdpa':>12} "
              f"{'GF/s conv':>9} {'GF/s exec':>9} {'% peak':>6} {'x@ceil':>6}"]
@@ -678,7 +677,7 @@ def format_long(report: dict) -> str:
         done = flops[f"exec_{key}"] / r["cpu_ms"] / 1e6
         scaling = (f"{r['cpu_2nd_thread']:12.2f} {r['sdpa_2nd_thread']:12.2f}" if "cpu_2nd_thread" in r
                    else f"{'':>12} {'':>12}")
-        # The ratio ours would reach running its executed products at the fp32 ceiling: where it is
+        # The ratio ours would reach running its executed products at the fp32 FMA peak: where it is
         # below a target, no kernel doing this work can meet that target against this peer.
         at_ceiling = (f"{r['peer_ms'] * peak * r['threads'] * 1e6 / flops[f'exec_{key}']:6.2f}"
                       if r["dtype"] == "float32" else f"{'-':>6}")
@@ -689,8 +688,8 @@ def format_long(report: dict) -> str:
     lines += ["", "x peer = median over rounds of (fastest peer's time / ours), same thread count; 2nd thr = "
               "time at 1 thread / time at 2 threads, paired per round; GF/s conv = 4 B H S^2 D (x3.5 with "
               "backward, halved for causal) / time, GF/s exec = the products the kernels run / time; "
-              "% peak = GF/s exec / (ceiling x threads); x@ceil = x peer if ours ran its executed "
-              "products at the fp32 ceiling (an upper bound for any kernel doing this work)",
+              "% peak = GF/s exec / (FMA peak x threads); x@ceil = x peer if ours ran its executed "
+              "products at the FMA peak and nothing else (an upper bound for any kernel doing this work)",
               f"targets (fp32, 2 threads): {', '.join(f'{k} >= {v}x' for k, v in LONG_TARGETS.items())}"]
     return "\n".join(lines)
 
@@ -754,15 +753,15 @@ def main(argv=None) -> int:
         report = run_dtypes(args.rounds)
         print(format_dtypes(report))
     elif args.dropout:
-        report = dict(environment=_environment(), sgemm_gflops_1thread=_sgemm_ceiling(),
+        report = dict(environment=_environment(), **_ceilings(),
                       dropout_rows=run_dropout(args.rounds))
-        print(format_dropout(report["dropout_rows"], report["environment"], report["sgemm_gflops_1thread"]))
+        print(format_dropout(report["dropout_rows"], report["environment"], report))
     else:
         report = run(args.quick)
         print(format_report(report))
         report["dropout_rows"] = (run_dropout(1, 0.1, DTYPE_SHAPES[:1]) if args.quick else run_dropout(3))
         print()
-        print(format_dropout(report["dropout_rows"], _environment(), report["sgemm_gflops_1thread"]))
+        print(format_dropout(report["dropout_rows"], _environment(), report))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +49,32 @@ def test_cpu_kernels_dropout_rows_pair_both_calls():
     for r in rows:
         assert r["nodrop_ms"] > 0 and r["dropout_ms"] > 0 and r["ratio"] > 0
         assert r["check_err"] <= 1e-3
-    table = cpu_kernels.format_dropout(rows, cpu_kernels._environment(), 100.0)
+    table = cpu_kernels.format_dropout(rows, cpu_kernels._environment(),
+                                       dict(fma_gflops_1thread=150.0, sgemm_gflops_1thread=100.0))
     assert "B=2   S=40    float32   fwd" in table and "target: forward ratio <= 1.3" in table
-    assert "% peak" in table and "GF/s exec" in table
+    assert "% peak" in table and "GF/s exec" in table and "FMA peak 150.0" in table
+
+
+def test_fma_probe_runs_the_chains_it_counts():
+    """bench.fma_peak's register loop computes every chain it is credited with: its sum matches
+    the recurrence acc <- acc * x + y in closed form (in double), so no chain was optimised away."""
+    from bench import fma_peak
+
+    lib = fma_peak._fma_library()
+    if lib is None:
+        pytest.skip("no C compiler here")
+    x, y, n, lanes, chains = 0.999999, 1e-6, 200_000, lib.fma_lanes(), lib.fma_chains()
+    assert lanes in (4, 8, 16) and chains == 12
+    # acc_c = x^n * (c * x) + y (1 - x^n) / (1 - x), summed over chains and lanes (x, y as fp32).
+    x32, y32 = float(np.float32(x)), float(np.float32(y))
+    xn = x32**n
+    expected = lanes * sum(xn * c * x32 + y32 * (1 - xn) / (1 - x32) for c in range(chains))
+    assert abs(lib.fma_run(n) - expected) <= 1e-2 * expected  # fp32 rounding drifts by ~5e-4; chains
+    # left at their start values would read about 17 % high
+    assert fma_peak.fma_gflops(seconds=0.05) > 0
+    text = fma_peak.describe(dict(fma_gflops_1thread=150.0, sgemm_gflops_1thread=120.0))
+    assert "FMA peak 150.0" in text and "80 %" in text
+    assert fma_peak.peak_per_thread(dict(fma_gflops_1thread=None, sgemm_gflops_1thread=120.0)) == 120.0
 
 
 def test_attention_flops_follow_the_conventions():
@@ -118,7 +142,7 @@ def test_cpu_long_section_reports_scaling_and_plots(tmp_path):
     two = [r for r in rows if r["threads"] == 2]
     assert all(r["cpu_2nd_thread"] > 0 and r["sdpa_2nd_thread"] > 0 and r["vs_peer"] > 0 for r in two)
     assert {r["peer"] for r in rows} <= {"sdpa-flash", "sdpa-math"}
-    assert report["sgemm_gflops_1thread"] > 0
+    assert report["sgemm_gflops_1thread"] > 0 and report["fma_gflops_1thread"] > 0
     text = cpu_kernels.format_long(report)
     assert "GF/s exec" in text and "600" in text
     cpu_kernels.plot_long(report, tmp_path / "scaling.png")
