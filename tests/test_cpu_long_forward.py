@@ -91,12 +91,28 @@ def test_long_forward_bf16(case):
 def test_mirrored_forward_with_row_maxima_far_apart(dtype):
     """Every fifth token 8x longer: the running maxima of a score tile's rows and columns lie
     hundreds apart, so a tile read both ways cannot take one side's probabilities from the
-    other's (P_JI = P_IJ exp(m_i - m_j) overflows fp32); every row stays within flash-attn's
-    rule."""
+    other's (P_JI = P_IJ exp(m_i - m_j) overflows fp32) and exponentiates both ways; every row
+    stays within flash-attn's rule."""
     S = 1025
     q, v, coef = make_inputs(B=2, S=S, H=1, D=24, Dv=20, shared=False)
     long_tokens = (1 + 7 * (torch.arange(S) % 5 == 0).to(F64))[None, :, None, None]
     check_forward((q * long_tokens, v, coef), dtype)
+
+
+@pytest.mark.parametrize("stretch", [1.5, 2.0, 2.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mirrored_forward_shares_exponentials_across_spreads(dtype, stretch):
+    """Every fifth token `stretch` times longer: the final row maxima of a pair of 256-token
+    groups span up to about 26, 30-48 and 75. A tile read both ways takes one exponential per
+    score, and the other side's as its product by exp(m_r - m_c), where its rows' and columns'
+    maxima lie within 40 of each other (factors up to e^40), and the two passes elsewhere; at
+    2.0 both kinds of tile meet in one head. Every row stays within flash-attn's rule, also with
+    a padded hole and tail (whose tiles take the two passes)."""
+    S = 1025
+    q, v, coef = make_inputs(B=2, S=S, H=1, D=24, Dv=20)
+    long_tokens = (1 + (stretch - 1) * (torch.arange(S) % 5 == 0).to(F64))[None, :, None, None]
+    check_forward((q * long_tokens, v, coef), dtype)
+    check_forward((q * long_tokens, v, coef), dtype, key_padding_mask=padding(S, "tail"))
 
 
 @pytest.mark.parametrize("S", [300, 1025])

@@ -94,7 +94,7 @@ class ForwardHead : public Head<scalar_t> {
     return mirrored_panel_floats(p, g)
            + 2 * T * T                                // S / P, column P tiles
            + (kPairs ? T * T / 2 + T * T / 2 : 0)     // bf16 P, column P pairs
-           + kStrip                                   // a column strip's maxima
+           + 3 * T                                    // tile maxima / factors, column sums
            + (p.dropout_p > 0.0 ? 2 * (keep_bit_words(T) * (T + 1) + T * T / 64) : 0);  // keep bits: a
                                                       // row, by query, by key
   }
@@ -494,7 +494,8 @@ class ForwardHead : public Head<scalar_t> {
     }
     float* pt = ws_.template take<float>(T * T);
     Word* pt_words = kPairs ? ws_.template take<Word>(T * T / 2) : nullptr;
-    float* cmax = ws_.template take<float>(kStrip);
+    float* tile_scratch = ws_.template take<float>(3 * T);  // column_pass's cmax, or shared_exponentials'
+    float* cmax = tile_scratch;
     uint64_t *keep = nullptr, *keep_by_query = nullptr, *keep_by_key = nullptr;
     if (this->dropout()) {
       keep = ws_.template take<uint64_t>(keep_bit_words(T));
@@ -508,12 +509,17 @@ class ForwardHead : public Head<scalar_t> {
         const int64_t rows = std::min(T, r1 - i0);
         gemm<Dot, false>(rows, cols, D_, Base::a_from(this->qa_, i0), Panel{this->yt_.data + j0, this->yt_.ld}, s,
                          T, scale, false);
+        const RowState a = side_a.from(i0 - r0, Dv_);
+        bool rows_done = false;
         if (i0 != j0) {
-          // Rows J against keys I, before the row pass below masks and exponentiates s in place.
+          // Rows J against keys I: with the rows' own probabilities from one exponential per
+          // score (rows_done), or before the row pass below masks and exponentiates s in place.
           const RowState b = (one_group ? side_a : side_b).from(j0 - (one_group ? r0 : c0), Dv_);
           if (keep != nullptr) column_keep(i0, rows, j0, cols, keep_by_query, keep_by_key);
           const bool first = first_write(one_group ? written_a : written_b, (j0 - c0) / T);
-          if (column_pass(s, i0, rows, cols, b, pt, cmax, keep != nullptr ? keep_by_key : nullptr)) {
+          rows_done = shared_exponentials(s, i0, rows, j0, cols, a, b, probs, ldp, pt, tile_scratch, keep,
+                                          keep != nullptr ? keep_by_key : nullptr);
+          if (rows_done || column_pass(s, i0, rows, cols, b, pt, cmax, keep != nullptr ? keep_by_key : nullptr)) {
             Panel p_cols{reinterpret_cast<const Word*>(pt), T};
             if constexpr (kPairs) {
               pack_bf16_pairs(static_cast<const float*>(pt), T, rows, cols, pt_words, T);
@@ -524,8 +530,7 @@ class ForwardHead : public Head<scalar_t> {
             fill(b.o, cols * Dv_, 0.f);
           }
         }
-        const RowState a = side_a.from(i0 - r0, Dv_);
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = 0; r < rows && !rows_done; ++r) {
           online_row(s + r * T, i0 + r, j0, cols, a.m[r], a.l[r], a.o + r * Dv_, probs + r * ldp, keep);
         }
         gemm<Dot, false>(rows, Dv_, cols, Panel{probs, ldp}, Base::b_from(vb_, j0), a.o, Dv_, 1.f,
@@ -572,6 +577,108 @@ class ForwardHead : public Head<scalar_t> {
     }
   }
 
+  // Both passes of an off-diagonal tile from one exponential per score: exp(s - m_c) of the column
+  // pass is exp(s - m_r) of the row pass times exp(m_r - m_c), a factor per row and one per column.
+  // Taken only where every key of both groups is real (a padded key is masked on one side only)
+  // and the new maxima of the tile's rows and columns lie within kSharedSpread of each other:
+  // then an exponential the row pass flushes (y < -125 in base 2, below e^-86.6) is below
+  // e^-(86.6 - kSharedSpread) of its column's max, far under an fp32 ulp of that column's sum, and
+  // the factors stay normal. NaN or infinite maxima fail the test and take the two passes.
+  // Fills probs (row pass, times the row's dropout multipliers) and pt (column pass, times
+  // keep_by_key's), updates both states; returns false, having changed nothing, where it declines.
+  static constexpr float kSharedSpread = 40.f;
+  bool shared_exponentials(float* s, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const RowState& a,
+                           const RowState& b, Word* probs, int64_t ldp, float* pt, float* scratch, uint64_t* keep,
+                           const uint64_t* keep_by_key) {
+    constexpr int64_t T = kMirrorTile;
+    if (this->row_keys(i0) < j0 + cols) return false;
+    for (int64_t r = 0; r < rows; ++r)
+      if (!this->real_key(i0 + r)) return false;
+    for (int64_t c = 0; c < cols; ++c)
+      if (!this->real_key(j0 + c)) return false;
+    float *row_factor = scratch, *col_factor = scratch + T, *col_sum = scratch + 2 * T;
+    const int64_t full = cols / kVec * kVec;
+    // The tile's maxima by row (into row_factor) and by column (into col_factor).
+    fill(col_factor, cols, kNegInf);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* x = s + r * T;
+      Vec row_acc(kNegInf);
+      int64_t v = 0;
+      for (; v < full; v += kVec) {
+        const Vec xv = Vec::loadu(x + v);
+        row_acc = max_running(row_acc, xv);
+        max_running(Vec::loadu(col_factor + v), xv).store(col_factor + v);
+      }
+      if (v < cols) {
+        const int64_t n = cols - v;
+        const Vec xv = Vec::set(Vec(kNegInf), Vec::loadu(x + v, n), n);
+        row_acc = max_running(row_acc, xv);
+        max_running(Vec::loadu(col_factor + v, n), xv).store(col_factor + v, n);
+      }
+      row_factor[r] = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return max_running(x, y); }, row_acc);
+    }
+    float hi = kNegInf, lo = std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < rows; ++r) {
+      row_factor[r] = max_nan(a.m[r], row_factor[r]);
+      hi = std::max(hi, row_factor[r]);
+      lo = std::min(lo, row_factor[r]);
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      col_factor[c] = max_nan(b.m[c], col_factor[c]);
+      hi = std::max(hi, col_factor[c]);
+      lo = std::min(lo, col_factor[c]);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      if (std::isnan(row_factor[r])) return false;
+    for (int64_t c = 0; c < cols; ++c)
+      if (std::isnan(col_factor[c])) return false;
+    if (!(hi - lo <= kSharedSpread)) return false;  // also where hi or lo is infinite
+    // The running states take the new maxima; the factors are exp(m_r - hi) and 1 / exp(m_c - hi).
+    for (int64_t r = 0; r < rows; ++r) raise_max(a.m[r], a.l[r], a.o + r * Dv_, row_factor[r]);
+    for (int64_t c = 0; c < cols; ++c) raise_max(b.m[c], b.l[c], b.o + c * Dv_, col_factor[c]);
+    const Vec vhi(hi);
+    for (int64_t v = 0; v < rows; v += kVec) {
+      const int64_t n = std::min(kVec, rows - v);
+      exp2_vec(exp2_arg(Vec::loadu(row_factor + v, n), vhi)).store(row_factor + v, n);
+    }
+    for (int64_t v = 0; v < cols; v += kVec) {
+      const int64_t n = std::min(kVec, cols - v);
+      (Vec(1.f) / exp2_vec(exp2_arg(Vec::loadu(col_factor + v, n), vhi))).store(col_factor + v, n);
+    }
+    fill(col_sum, cols, 0.f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const Vec m(a.m[r]), alpha(row_factor[r]);
+      KeepBits row_keep{nullptr, kept_scale()};
+      if (keep != nullptr) row_keep.bits = this->keep_bits(keep, i0 + r, j0, cols).bits;
+      const KeepBits col_keep{keep_by_key != nullptr ? keep_by_key + r * (T / 64) : nullptr, kept_scale()};
+      const float* x = s + r * T;
+      float* pt_row = pt + r * T;
+      Word* prow = probs + r * ldp;
+      Vec row_acc(0.f);
+      // One vector of the row: its exponentials (the row side's), times the factors (the column side's).
+      auto step = [&](auto tail, int64_t v) {
+        constexpr bool kTail = decltype(tail)::value;
+        const int64_t n = kTail ? cols - v : kVec;
+        auto load = [&](const float* p) { return kTail ? Vec::loadu(p, n) : Vec::loadu(p); };
+        auto store = [&](const Vec& y, float* p) { kTail ? y.store(p, n) : y.store(p); };
+        Vec e = exp2_vec(exp2_arg(load(x + v), m));
+        if constexpr (kTail) e = Vec::set(Vec(0.f), e, n);
+        row_acc = row_acc + e;
+        const Vec e_col = e * alpha * load(col_factor + v);
+        store(load(col_sum + v) + e_col, col_sum + v);
+        store(col_keep.bits != nullptr ? apply_keep(e_col, col_keep, v) : e_col, pt_row + v);
+        store_elems(prow, v, row_keep.bits != nullptr ? apply_keep(e, row_keep, v) : e, n);
+      };
+      int64_t v = 0;
+      for (; v < full; v += kVec) step(std::false_type{}, v);
+      if (v < cols) step(std::true_type{}, v);
+      zero_elems(probs + r * ldp, cols, cols);  // an odd tile's last bf16 pair: its other half
+      a.l[r] += at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, row_acc);
+    }
+    for (int64_t c = 0; c < cols; ++c) b.l[c] += col_sum[c];
+    return true;
+  }
+
   // The tile's rows i0 + r as keys of its columns' query rows (state b): their running max and sum
   // updated, outputs rescaled where a max grows, and pt[r][c] = exp(s[r][c] - m[c]) (0 on padded
   // keys), times the dropout multipliers of keep_by_key (column_keep) where it is given; the sums
@@ -607,15 +714,7 @@ class ForwardHead : public Head<scalar_t> {
       for (int v = 0; v < kStripVecs; ++v) acc[v] = max_running(acc[v], load(s + r * T + v * kVec, v));
     }
     for (int v = 0; v < kStripVecs; ++v) acc[v].store(cmax + v * kVec, count(v));
-    for (int64_t c = 0; c < width; ++c) {
-      const float m_new = max_nan(b.m[c], cmax[c]);
-      if (m_new > b.m[c] && b.m[c] != kNegInf) {
-        const float shrink = rescale_factor(b.m[c], m_new);
-        b.l[c] *= shrink;
-        scale_inplace(b.o + c * Dv_, Dv_, shrink);
-      }
-      b.m[c] = m_new;
-    }
+    for (int64_t c = 0; c < width; ++c) raise_max(b.m[c], b.l[c], b.o + c * Dv_, max_nan(b.m[c], cmax[c]));
     Vec m[kStripVecs];
     for (int v = 0; v < kStripVecs; ++v) {
       m[v] = load(b.m + v * kVec, v);
@@ -640,6 +739,17 @@ class ForwardHead : public Head<scalar_t> {
     for (int v = 0; v < kStripVecs; ++v) (load(b.l + v * kVec, v) + acc[v]).store(b.l + v * kVec, count(v));
   }
 
+  // A running state's max m raised to m_new (>= m, or NaN): its sum l and output row o rescaled
+  // where a max it had already met grows (until then o is unwritten, and nothing reads it).
+  void raise_max(float& m, float& l, float* o, float m_new) const {
+    if (m_new > m && m != kNegInf) {
+      const float shrink = rescale_factor(m, m_new);
+      l *= shrink;
+      scale_inplace(o, Dv_, shrink);
+    }
+    m = m_new;
+  }
+
   // Score row i over keys [j0, j0 + cols) into the row's running max m, sum l and output row o;
   // leaves exp(s - m) in prow (times the tile's dropout multipliers, drawn as bits into keep when
   // it is set), zero past the row's last key. The sum l takes the exponentials before dropout.
@@ -650,12 +760,7 @@ class ForwardHead : public Head<scalar_t> {
       this->mask_row(s, i, j0 + n, j0);
       const float m_new = max_nan(m, row_max(s, n));
       if (m_new != kNegInf) {
-        if (m_new > m && m != kNegInf) {
-          const float shrink = rescale_factor(m, m_new);
-          l *= shrink;
-          scale_inplace(o, Dv_, shrink);
-        }
-        m = m_new;
+        raise_max(m, l, o, m_new);
         l += exp_row(s, i, j0, n, m, keep, prow);
         zero_elems(prow, n, cols);
         return;

@@ -108,7 +108,7 @@ inline Vec exp2_poly(const Vec& r) {
 }
 
 // The same code in every build (at::vec), so the one verified here is the one that runs.
-inline Vec exp2_vec(const Vec& y) {
+C10_ALWAYS_INLINE Vec exp2_vec(const Vec& y) {
   using IVec = at::vec::Vectorized<int32_t>;
   // t's low mantissa bits hold n + 127 (plus the shifter's 2^22, which the shift by 23 drops).
   constexpr float kBiasedShifter = kShifter + 127.f;
