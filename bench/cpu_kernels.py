@@ -71,7 +71,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import symattn_kernels as sk
 from bench.environment import usable_cores
-from bench.fma_peak import describe, peak_per_thread
+from bench.fma_peak import ceilings, describe, peak_per_thread
 from bench.timing import peak_memory_mib, time_call
 
 HEADS, HEAD_DIM = 12, 64
@@ -149,14 +149,7 @@ def run(quick: bool) -> dict:
         diff = (sk.symmetric_attention(q, v, coef=coef, backend="cpu") - _sdpa(q * coef, q, v)).abs().max().item()
         rows.append(dict(op="symmetric_attention(coef=diag)", B=batch, S=seqlen, dtype="float32", provider="cpu",
                          fwd_ms=ours.median_ms, baseline_ms=base.median_ms, check_err=diff))
-    return dict(environment=_environment(), **_ceilings(), rows=rows)
-
-
-def _ceilings() -> dict:
-    """The measured one-thread fp32 FMA peak (every table's "% peak") and sgemm rate, GFLOP/s."""
-    from bench.fma_peak import ceilings
-
-    return ceilings()
+    return dict(environment=_environment(), **ceilings(), rows=rows)
 
 
 def _interleaved(calls: dict, rounds: int, min_run_time: float) -> dict:
@@ -189,7 +182,7 @@ def run_dtypes(rounds: int, min_run_time: float = 0.2) -> dict:
             rows.append(dict(B=batch, S=seqlen, dtype=name, mode=mode, median_ms=statistics.median(samples),
                              min_ms=min(samples), ratio_to_fp32=statistics.median(a / b for a, b in zip(samples, base)),
                              rounds=rounds, check_err=err))
-    return dict(environment=_environment(), **_ceilings(), dtype_rows=rows)
+    return dict(environment=_environment(), **ceilings(), dtype_rows=rows)
 
 
 def _check_dropout(y: torch.Tensor) -> float:
@@ -233,9 +226,9 @@ def run_dropout(rounds: int, min_run_time: float = 0.2, shapes=DTYPE_SHAPES) -> 
     return rows
 
 
-def format_dropout(rows: list, env: dict, ceilings: dict) -> str:
-    """The dropout table; ceilings as ``_ceilings`` returns them."""
-    peak = _peak(env, ceilings)
+def format_dropout(rows: list, env: dict, probes: dict) -> str:
+    """The dropout table; probes as ``bench.fma_peak.ceilings`` returns them."""
+    peak = _peak(env, probes)
     lines = [f"CPU kernels, dropout_p={DROPOUT_P} against none: torch {env['torch']}, {env['torch_threads']} "
              f"threads on {env['cores']} cores, kernels {env['kernel_isa']}, load average "
              f"{', '.join(f'{x:.2f}' for x in env['load_average'])}", "",
@@ -252,7 +245,7 @@ def format_dropout(rows: list, env: dict, ceilings: dict) -> str:
     rounds = rows[0]["rounds"] if rows else 0
     lines += ["", f"median over {rounds} interleaved rounds; ratio = median of the per-round dropout / no-dropout "
               f"times; target: forward ratio <= {DROPOUT_FWD_TARGET}; GF/s no-drop/dropout, % peak of the "
-              "dropout call; " + _gflops_legend(ceilings)]
+              "dropout call; " + _gflops_legend(probes)]
     return "\n".join(lines)
 
 
@@ -365,7 +358,7 @@ def run_lama(rounds: int, quick: bool = False, min_run_time: float = 0.2) -> dic
                                  **{f"{LAMA_PROVIDERS[n]}_mib": peaks[n] for n in peaks},
                                  speedup=statistics.median(p / o for p, o in zip(peer, ours)),
                                  max_err=max(errors.values())))
-    return dict(environment=_environment(), **_ceilings(), lama_rows=rows)
+    return dict(environment=_environment(), **ceilings(), lama_rows=rows)
 
 
 def format_lama(report: dict) -> str:
@@ -620,7 +613,7 @@ def run_long(shapes=LONG_SHAPES, dtypes=(torch.float32, torch.bfloat16), threads
     import statistics
 
     torch.manual_seed(0)
-    ceilings = _ceilings()
+    probes = ceilings()
     rows = []
     for B, S, H, causal, rounds, one_thread in shapes:
         y32 = torch.randn(B, S, H, HEAD_DIM)
@@ -659,7 +652,7 @@ def run_long(shapes=LONG_SHAPES, dtypes=(torch.float32, torch.bfloat16), threads
                         row["sdpa_2nd_thread"] = statistics.median(
                             a / b for a, b in zip(times["sdpa-flash", mode, counts[0]], times["sdpa-flash", mode, t]))
                     rows.append(row)
-    return dict(environment=_environment(), **ceilings, long_rows=rows)
+    return dict(environment=_environment(), **probes, long_rows=rows)
 
 
 def format_long(report: dict) -> str:
@@ -753,7 +746,7 @@ def main(argv=None) -> int:
         report = run_dtypes(args.rounds)
         print(format_dtypes(report))
     elif args.dropout:
-        report = dict(environment=_environment(), **_ceilings(),
+        report = dict(environment=_environment(), **ceilings(),
                       dropout_rows=run_dropout(args.rounds))
         print(format_dropout(report["dropout_rows"], report["environment"], report))
     else:
