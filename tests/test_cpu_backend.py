@@ -96,6 +96,26 @@ def test_whole_symmetric_heads_with_padding_fp32(seqlen, coef_mode, shared):
     check_against_reference(inputs, torch.float32, key_padding_mask=mask, exclude_self=True)
 
 
+# A stored tile below the diagonal serves a row of tile row J and a column of tile row I: one
+# exponential per score for both where every key of both is real and their rows' maxima lie
+# within 40 of each other, two elsewhere. Every fifth token `stretch` times longer spreads the
+# maxima of two 64-token tile rows by about 13-26 (1.5), 38-76 (2.5: both kinds of tile in one
+# head) and 100-200 (4); a padded hole and tail, and exclude_self, send their tiles the
+# two-exponential way.
+@pytest.mark.parametrize("stretch", [1.5, 2.5, 4.0])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_whole_symmetric_heads_share_exponentials_across_spreads(stretch, padded):
+    S = 500
+    q, v, coef = make_inputs(B=2, S=S, H=2, D=24, Dv=20, coef_mode="diag")
+    long_tokens = (1 + (stretch - 1) * (torch.arange(S) % 5 == 0).to(F64))[None, :, None, None]
+    mask = None
+    if padded:
+        mask = torch.ones(2, S, dtype=torch.bool)
+        mask[0, 200] = False
+        mask[1, S - S // 6:] = False
+    check_against_reference((q * long_tokens, v, coef), torch.float32, key_padding_mask=mask, exclude_self=padded)
+
+
 def test_whole_symmetric_head_nan_key_beyond_the_diagonal_tile():
     # Row 0's only allowed keys, 70 and 71, are NaN ones in a later tile: the output is NaN as the
     # reference's, not an empty row's zeros.

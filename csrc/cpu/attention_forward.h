@@ -104,7 +104,8 @@ class ForwardHead : public Head<scalar_t> {
     if (g.tiled) return std::max(mirrored, tiled_workspace_floats(p, g));
     return panel_floats(p, g)
            + g.block * g.ldk                      // score block
-           + (g.symmetric && !kPairs ? g.L * kSymTile + 2 * kSymTile : 0)  // run_symmetric's P^T, sums
+           + (g.symmetric && !kPairs ? g.L * kSymTile + 2 * g.L + 2 * sym_tiles(g.L) + kSymTile : 0)  // run_symmetric's
+                                                  // P^T, shifts and sums, tile rows' shift ranges, row factors
            + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
            + g.block                              // 1 / row sums
            + (p.dropout_p > 0.0 ? 2 * keep_bit_words(g.ldk) : 0)  // keep bits of a row
@@ -264,126 +265,169 @@ class ForwardHead : public Head<scalar_t> {
   bool unmirrored_symmetric() const { return this->symmetric_ && !kPairs && !this->dropout(); }
 
   // A whole head on the symmetric schedule without a mirrored copy of the scores: only the lower
-  // tile triangle is multiplied and stored, and each tile row I of queries reads its keys in two
-  // parts. Keys up to the end of its diagonal tile are its own stored rows, exponentiated in
-  // place; later keys J are the columns of the stored tiles (J, I), read down them: their maxima
-  // join the rows' maxima, and their exponentials go into a scratch P^T [keys, queries], which the
-  // P V product takes in its kTransA form. Row I's part of a tile (J, I) is read before tile row J
-  // exponentiates it in place, as tile rows go in order.
+  // tile triangle is multiplied and stored. Every row's max over all its keys comes first, in one
+  // pass over the stored tiles (symmetric_maxima). Then each tile row I, in order, takes its
+  // probabilities: those of its keys up to its diagonal tile in place (the tiles before it were
+  // left so by earlier tile rows), and those of its later keys J, the columns of the stored tiles
+  // (J, I) below it, into a scratch P^T [keys, queries], which the P V product takes in its kTransA
+  // form. The pass over a tile (J, I) leaves both: row J's probabilities in place and row I's in P^T
+  // (tile_exponentials).
   void run_symmetric() {
     constexpr int64_t T = kSymTile;
     const int64_t ld = g_.ldk;
     float* s = ws_.template take<float>(L_ * ld);
     float* pt = ws_.template take<float>(L_ * T);
-    float* shift = ws_.template take<float>(T);
-    float* sum = ws_.template take<float>(T);
+    float* shift = ws_.template take<float>(L_);
+    float* sum = ws_.template take<float>(L_);
+    float* shift_range = ws_.template take<float>(2 * sym_tiles(L_));
+    float* row_factor = ws_.template take<float>(T);
     float* o = kHalf ? ws_.template take<float>(std::min(T, L_) * Dv_) : nullptr;
     const Panel v = vb_;
     this->lower_scores(s);
+    symmetric_maxima(s, shift);
+    tile_shift_ranges(shift, shift_range);
+    fill(sum, L_, 0.f);
     for (int64_t i0 = 0; i0 < L_; i0 += T) {
       const int64_t rows = std::min(T, L_ - i0), iend = i0 + rows;
-      const float* below = s + iend * ld + i0;  // tiles (J, I), J > I: [L - iend, rows]
-      if (rows == T) {
-        column_max<false>(below, ld, iend, rows, shift);
-      } else {
-        column_max<true>(below, ld, iend, rows, shift);
-      }
-      bool empty[T];
       for (int64_t r = 0; r < rows; ++r) {
-        float* row = s + (i0 + r) * ld;
-        this->mask_row(row, i0 + r, iend);
-        const float m = max_nan(row_max(row, iend), shift[r]);
-        // A row with no allowed key holds only -inf scores: a shift of 0 makes each P exactly 0.
-        empty[r] = m == kNegInf;
-        shift[r] = empty[r] ? 0.f : m;
-        sum[r] = exp_sum_store(row, iend, shift[r], nullptr, row);
+        float* x = s + (i0 + r) * ld + i0;  // the diagonal tile, masked by symmetric_maxima
+        sum[i0 + r] += exp_sum_store(x, rows, shift[i0 + r], nullptr, x);
       }
-      if (rows == T) {
-        column_exp<false>(below, ld, iend, rows, shift, pt, sum);
-      } else {
-        column_exp<true>(below, ld, iend, rows, shift, pt, sum);
+      for (int64_t j0 = iend; j0 < L_; j0 += T) {
+        tile_exponentials(s, i0, j0, std::min(T, L_ - j0), shift, shift_range, row_factor, pt + (j0 - iend) * T, sum);
       }
       const auto [dst, ldo] = product_rows(i0, o);
       gemm<Dot, false>(rows, Dv_, iend, Panel{s + i0 * ld, ld}, v, dst, ldo, 1.f, false);
       if (iend < L_) gemm<Dot, true>(rows, Dv_, L_ - iend, Panel{pt, T}, Base::b_from(v, iend), dst, ldo, 1.f, true);
       for (int64_t r = 0; r < rows; ++r) {
-        *this->lse_ptr(i0 + r) = empty[r] ? kNegInf : row_lse(shift[r], sum[r]);
-        scale_inplace(dst + r * ldo, Dv_, empty[r] ? 0.f : 1.f / sum[r]);
+        // Only a row with no allowed key sums to 0 (its max gives an exponential of 1 elsewhere).
+        const float l = sum[i0 + r];
+        *this->lse_ptr(i0 + r) = l == 0.f ? kNegInf : row_lse(shift[i0 + r], l);
+        scale_inplace(dst + r * ldo, Dv_, l == 0.f ? 0.f : 1.f / l);
         if constexpr (kHalf) store_output(i0 + r, dst + r * ldo);
       }
     }
   }
 
-  // Lanes of a run of kSymTile columns, rows of them from its start: whole vectors, or (kTail)
-  // as many as remain of rows in vector v.
+  static int64_t sym_tiles(int64_t L) { return (L + kSymTile - 1) / kSymTile; }
   static constexpr int kTileVecs = static_cast<int>(kSymTile / kVec);
-  template <bool kTail>
-  static int64_t lanes(int64_t rows, int v) {
-    return kTail ? std::clamp<int64_t>(rows - v * kVec, 0, kVec) : kVec;
-  }
 
-  // cmax[c] = the maximum of column c < cols of x ([L - j0, cols] at row stride ld: keys j0.. of
-  // the queries of its columns) over its real keys: -inf for none, NaN where that is -inf but a
-  // real key's score is NaN (row_max's rule).
-  template <bool kTail>
-  void column_max(const float* x, int64_t ld, int64_t j0, int64_t cols, float* cmax) const {
-    Vec acc[kTileVecs];
-    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) acc[v] = Vec(kNegInf);
-    for (int64_t j = j0; j < L_; ++j) {
-      if (!this->real_key(j)) continue;
-      const float* row = x + (j - j0) * ld;
-      SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
-        if (lanes<kTail>(cols, v) > 0) {
-          acc[v] = max_running(acc[v], kTail ? Vec::loadu(row + v * kVec, lanes<kTail>(cols, v))
-                                             : Vec::loadu(row + v * kVec));
+  // shift[i] = the max of score row i over the keys it attends, read across its stored row up to
+  // the end of its diagonal tile and down column i of the stored tiles below: 0 where it attends
+  // none (each of its P is then exactly 0), NaN where that max is -inf but an attended score is NaN
+  // (row_max's rule). One read of each stored score; the diagonal tiles are masked in place (only
+  // their own rows read them), the other tiles, whose scores serve two rows, are not.
+  void symmetric_maxima(float* s, float* shift) const {
+    constexpr int64_t T = kSymTile;
+    const int64_t ld = g_.ldk;
+    const float* kbias = this->kbias_;
+    fill(shift, L_, kNegInf);
+    for (int64_t j0 = 0; j0 < L_; j0 += T) {
+      const int64_t jend = std::min(j0 + T, L_);
+      for (int64_t j = j0; j < jend; ++j) {
+        float* row = s + j * ld;
+        this->mask_row(row + j0, j, jend, j0);
+        // Across keys [0, j0) (whole vectors: j0 is a multiple of kSymTile), and down: row j is key
+        // j of the queries of those columns, where it is real.
+        const bool down = this->real_key(j);
+        Vec acc(kNegInf);
+        for (int64_t k = 0; k < j0; k += kVec) {
+          const Vec x = Vec::loadu(row + k);
+          if (down) max_running(Vec::loadu(shift + k), x).store(shift + k);
+          acc = max_running(acc, kbias == nullptr ? x : Vec::blendv(x, Vec(kNegInf), Vec::loadu(kbias + k) != Vec(0.f)));
         }
+        const float across = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return max_running(a, b); }, acc);
+        shift[j] = max_nan(row_max(row + j0, jend - j0), across);
       }
     }
-    SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
-      if (lanes<kTail>(cols, v) > 0) acc[v].store(cmax + v * kVec, lanes<kTail>(cols, v));
+    for (int64_t j = 0; j < L_; ++j) {
+      if (shift[j] != kNegInf) continue;
+      const int64_t jend = std::min(j / T * T + T, L_);
+      bool nan = false;
+      for (int64_t k = 0; k < jend && !nan; ++k) nan = this->real_key(k) && std::isnan(s[j * ld + k]);
+      for (int64_t k = jend; k < L_ && !nan; ++k) nan = this->real_key(k) && std::isnan(s[k * ld + j]);
+      shift[j] = nan ? std::numeric_limits<float>::quiet_NaN() : 0.f;
     }
-    for (int64_t c = 0; c < cols; ++c) {
-      if (cmax[c] != kNegInf) continue;
-      for (int64_t j = j0; j < L_; ++j) {
-        if (this->real_key(j) && std::isnan(x[(j - j0) * ld + c])) cmax[c] = std::numeric_limits<float>::quiet_NaN();
+  }
+  // range[2t], range[2t + 1]: the least and greatest shift of tile row t's rows, or -inf and inf
+  // where one of its keys is padding or a shift is not finite, so that no tile of t shares.
+  void tile_shift_ranges(const float* shift, float* range) const {
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < sym_tiles(L_); ++t) {
+      float lo = kInf, hi = -kInf;
+      for (int64_t i = t * kSymTile; i < std::min((t + 1) * kSymTile, L_); ++i) {
+        if (!this->real_key(i) || !std::isfinite(shift[i])) {
+          lo = -kInf;
+          hi = kInf;
+          break;
+        }
+        lo = std::min(lo, shift[i]);
+        hi = std::max(hi, shift[i]);
       }
+      range[2 * t] = lo;
+      range[2 * t + 1] = hi;
     }
   }
 
-  // pt[(j - j0) * kSymTile + c] = exp(x[j - j0][c] - shift[c]) (in base 2, as exp_sum_store) for the
-  // keys j >= j0 of the columns c < cols of x (as column_max), 0 on padded keys; sum[c] += their
-  // sum, keys in order.
-  template <bool kTail>
-  void column_exp(const float* x, int64_t ld, int64_t j0, int64_t cols, const float* shift, float* pt,
-                  float* sum) const {
-    Vec m[kTileVecs], acc[kTileVecs];
+  // Both roles of the stored tile (J, I), rows [j0, j0 + rows) by keys [i0, i0 + kSymTile): row
+  // j's probabilities exp(s - shift[j]) in place (padded keys 0), their sums into sum[j], and those
+  // of column i, exp(s - shift[i]), into pt [rows, kSymTile] (0 on padded keys j), their sums into
+  // sum[i]. Where every key of both tile rows is real and their shifts lie within kSharedSpread
+  // of each other, one exponential serves both (as in shared_exponentials): the column's is the
+  // row's times exp(shift[j] - hi) / exp(shift[i] - hi), hi the greatest of those shifts. Column
+  // values under FLT_MIN then stay denormal where the separate exponential would flush them; only
+  // scores over 87 below their column's max reach them.
+  void tile_exponentials(float* s, int64_t i0, int64_t j0, int64_t rows, const float* shift, const float* range,
+                         float* row_factor, float* pt, float* sum) const {
+    constexpr int64_t T = kSymTile;
+    const int64_t ld = g_.ldk, ti = i0 / T, tj = j0 / T;
+    const float lo = std::min(range[2 * ti], range[2 * tj]), hi = std::max(range[2 * ti + 1], range[2 * tj + 1]);
+    const bool shared = hi - lo <= kSharedSpread;  // false where a range is (-inf, inf)
+    Vec col[kTileVecs], col_sum[kTileVecs];  // the columns' shifts, or factors 1 / exp(shift[i] - hi)
     SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
-      m[v] = lanes<kTail>(cols, v) > 0 ? Vec::loadu(shift + v * kVec, lanes<kTail>(cols, v)) : Vec(0.f);
-      acc[v] = Vec(0.f);
+      col[v] = Vec::loadu(shift + i0 + v * kVec);
+      if (shared) col[v] = Vec(1.f) / exp2_vec(exp2_arg(col[v], Vec(hi)));
+      col_sum[v] = Vec(0.f);
     }
-    for (int64_t j = j0; j < L_; ++j) {
-      float* prow = pt + (j - j0) * kSymTile;
-      if (!this->real_key(j)) {
-        fill(prow, cols, 0.f);
+    if (shared) {
+      for (int64_t r = 0; r < rows; r += kVec) {
+        const int64_t n = std::min(kVec, rows - r);
+        exp2_vec(exp2_arg(Vec::loadu(shift + j0 + r, n), Vec(hi))).store(row_factor + r, n);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t j = j0 + r;
+      float* x = s + j * ld + i0;
+      float* prow = pt + r * T;
+      if (shared) {
+        const Vec m(shift[j]), alpha(row_factor[r]);
+        Vec acc(0.f);
+        SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+          const Vec e = exp2_vec(exp2_arg(Vec::loadu(x + v * kVec), m));
+          acc = acc + e;
+          e.store(x + v * kVec);
+          const Vec e_col = e * (alpha * col[v]);
+          col_sum[v] = col_sum[v] + e_col;
+          e_col.store(prow + v * kVec);
+        }
+        sum[j] += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
         continue;
       }
-      const float* row = x + (j - j0) * ld;
-      SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
-        const int64_t n = lanes<kTail>(cols, v);
-        if (n == 0) continue;
-        const Vec e = exp2_vec(exp2_arg(kTail ? Vec::loadu(row + v * kVec, n) : Vec::loadu(row + v * kVec), m[v]));
-        if (kTail) {
-          e.store(prow + v * kVec, n);
-          acc[v] = acc[v] + Vec::set(Vec(0.f), e, n);
-        } else {
+      // Column i's side first: the row's side then masks and overwrites the scores.
+      if (this->real_key(j)) {
+        SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
+          const Vec e = exp2_vec(exp2_arg(Vec::loadu(x + v * kVec), col[v]));
+          col_sum[v] = col_sum[v] + e;
           e.store(prow + v * kVec);
-          acc[v] = acc[v] + e;
         }
+      } else {
+        fill(prow, T, 0.f);
       }
+      this->mask_row(x, j, i0 + T, i0);
+      sum[j] += exp_sum_store(x, T, shift[j], nullptr, x);
     }
     SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
-      const int64_t n = lanes<kTail>(cols, v);
-      if (n > 0) (Vec::loadu(sum + v * kVec, n) + acc[v]).store(sum + v * kVec, n);
+      (Vec::loadu(sum + i0 + v * kVec) + col_sum[v]).store(sum + i0 + v * kVec);
     }
   }
 
