@@ -1,5 +1,6 @@
-"""The backward of heads longer than 512 tokens (coefficient none or diagonal) on the fused CPU
-kernels: score tiles of block pairs, each computed once for both of its roles, in rounds. Every
+"""The backward of heads longer than 512 tokens (coefficient none or diagonal; on AMX tiles, with
+no coefficient, from 256 tokens) on the fused CPU kernels: score tiles of block pairs, each
+computed once for both of its roles, in rounds. Every
 kernel build (``backends.cpu.ISA_CHOICES``, each forced in its own process) against the fp64
 reference under flash-attn's rule, for fp32, bf16 and fp16, odd lengths that leave a ragged last
 block, padding, varlen, causal heads and dropout (the reference drawing the same masks), with
@@ -66,6 +67,10 @@ def seeded(fn, inputs, kw, reference):
 CU = torch.tensor([0, 700, 710, 1223], dtype=torch.int32)
 CASES = {
     "S513-shared": (dict(B=1, S=513, H=2, D=64), {}),
+    # Whole heads: tiled on AMX tiles from kTiledBackwardFrom = 256 tokens, the symmetric or the
+    # query-block schedule elsewhere.
+    "S300-padding-noself": (dict(B=2, S=300, H=2, D=32), dict(padding="partial", exclude_self=True)),
+    "S256-v-causal-dropout": (dict(B=1, S=256, H=2, D=16, Dv=8, shared=False), dict(causal=True, dropout_p=0.2)),
     "S1025-diag-v-padding-noself": (dict(B=2, S=1025, H=1, D=24, Dv=20, coef_mode="diag", shared=False),
                                     dict(padding="partial", exclude_self=True)),
     "S1025-causal-noself": (dict(B=1, S=1025, H=1, D=32), dict(causal=True, exclude_self=True)),

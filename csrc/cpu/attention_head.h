@@ -76,8 +76,9 @@ struct Geometry {
     // (y_i c) . y_j and (y_j c) . y_i round differently in fp32, and a row whose backward
     // scores are off its forward's by a few ulp gets exp(s - lse) off by as much (1 % at
     // scores of 1e5, overflow at 1e9). Coefficient heads longer than kWholeHead multiply each
-    // row's own scores (y_i M) . y_j in both directions, as a full M needs anyway.
-    tiled = L > kWholeHead && (!backward || p.coef_mode == CoefMode::kNone);
+    // row's own scores (y_i M) . y_j in both directions, as a full M needs anyway. On AMX tiles
+    // the backward of shorter heads is tiled too (kTiledBackwardFrom).
+    tiled = (L > kWholeHead || (backward && L >= kTiledBackwardFrom)) && (!backward || p.coef_mode == CoefMode::kNone);
     tile = L >= kPairBlocks * kPairTile ? kPairTile : kPairTileMin;
     block = L <= kWholeHead && kSymmetricSchedule
                 ? std::max<int64_t>(L, 1)

@@ -71,14 +71,20 @@ constexpr int64_t kWholeHead = 512;
 // (see the file comment) is off: the products it halves cost less than the transposes it adds
 // (the mirrored forward of longer heads is off there too, see kMirrorTile); so short heads take
 // query blocks too, and smaller ones, whose score passes stay in L2.
+// There, heads of kTiledBackwardFrom tokens or more also take the tiled backward of longer heads
+// (pair_tile: 3.5 L^2 D products, against 5 for query blocks): paired one-thread runs, bf16, read
+// 1.03-1.20x less time for forward+backward at 256-512 tokens and 0.92x at 128. Where the
+// symmetric schedule is on it stays (fp32 at 512 tokens: equal; vdpbf16ps: 0.91-0.94x).
 #if defined(SYMATTN_AMX_DOT)
 constexpr int64_t kBlockFloats = int64_t{1} << 15;
 constexpr int64_t kBlockRowStep = 32;
 constexpr bool kSymmetricSchedule = false;
+constexpr int64_t kTiledBackwardFrom = 256;
 #else
 constexpr int64_t kBlockFloats = int64_t{1} << 17;
 constexpr int64_t kBlockRowStep = kMR;
 constexpr bool kSymmetricSchedule = true;
+constexpr int64_t kTiledBackwardFrom = kWholeHead + 1;
 #endif
 // A forward task owns at least this many query rows of a longer head (whole query blocks): enough
 // rows that repacking the head's keys per task costs little, few enough that one head of a few
