@@ -539,7 +539,6 @@ class ForwardHead : public Head<scalar_t> {
     float* pt = ws_.template take<float>(T * T);
     Word* pt_words = kPairs ? ws_.template take<Word>(T * T / 2) : nullptr;
     float* tile_scratch = ws_.template take<float>(3 * T);  // column_pass's cmax, or shared_exponentials'
-    float* cmax = tile_scratch;
     uint64_t *keep = nullptr, *keep_by_query = nullptr, *keep_by_key = nullptr;
     if (this->dropout()) {
       keep = ws_.template take<uint64_t>(keep_bit_words(T));
@@ -561,9 +560,8 @@ class ForwardHead : public Head<scalar_t> {
           const RowState b = (one_group ? side_a : side_b).from(j0 - (one_group ? r0 : c0), Dv_);
           if (keep != nullptr) column_keep(i0, rows, j0, cols, keep_by_query, keep_by_key);
           const bool first = first_write(one_group ? written_a : written_b, (j0 - c0) / T);
-          rows_done = shared_exponentials(s, i0, rows, j0, cols, a, b, probs, ldp, pt, tile_scratch, keep,
-                                          keep != nullptr ? keep_by_key : nullptr);
-          if (rows_done || column_pass(s, i0, rows, cols, b, pt, cmax, keep != nullptr ? keep_by_key : nullptr)) {
+          rows_done = shared_exponentials(s, i0, rows, j0, cols, a, b, probs, ldp, pt, tile_scratch, keep, keep_by_key);
+          if (rows_done || column_pass(s, i0, rows, cols, b, pt, tile_scratch, keep_by_key)) {
             Panel p_cols{reinterpret_cast<const Word*>(pt), T};
             if constexpr (kPairs) {
               pack_bf16_pairs(static_cast<const float*>(pt), T, rows, cols, pt_words, T);
@@ -664,18 +662,16 @@ class ForwardHead : public Head<scalar_t> {
     float hi = kNegInf, lo = std::numeric_limits<float>::infinity();
     for (int64_t r = 0; r < rows; ++r) {
       row_factor[r] = max_nan(a.m[r], row_factor[r]);
+      if (std::isnan(row_factor[r])) return false;
       hi = std::max(hi, row_factor[r]);
       lo = std::min(lo, row_factor[r]);
     }
     for (int64_t c = 0; c < cols; ++c) {
       col_factor[c] = max_nan(b.m[c], col_factor[c]);
+      if (std::isnan(col_factor[c])) return false;
       hi = std::max(hi, col_factor[c]);
       lo = std::min(lo, col_factor[c]);
     }
-    for (int64_t r = 0; r < rows; ++r)
-      if (std::isnan(row_factor[r])) return false;
-    for (int64_t c = 0; c < cols; ++c)
-      if (std::isnan(col_factor[c])) return false;
     if (!(hi - lo <= kSharedSpread)) return false;  // also where hi or lo is infinite
     // The running states take the new maxima; the factors are exp(m_r - hi) and 1 / exp(m_c - hi).
     for (int64_t r = 0; r < rows; ++r) raise_max(a.m[r], a.l[r], a.o + r * Dv_, row_factor[r]);
@@ -716,7 +712,7 @@ class ForwardHead : public Head<scalar_t> {
       int64_t v = 0;
       for (; v < full; v += kVec) step(std::false_type{}, v);
       if (v < cols) step(std::true_type{}, v);
-      zero_elems(probs + r * ldp, cols, cols);  // an odd tile's last bf16 pair: its other half
+      zero_elems(prow, cols, cols);  // an odd tile's last bf16 pair: its other half
       a.l[r] += at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, row_acc);
     }
     for (int64_t c = 0; c < cols; ++c) b.l[c] += col_sum[c];
