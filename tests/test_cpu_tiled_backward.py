@@ -79,6 +79,12 @@ CASES = {
     "S700-v-dropout": (dict(B=1, S=700, H=2, D=32, Dv=16, shared=False), dict(dropout_p=0.2)),
     "S600-diag-causal-dropout-padding": (dict(B=2, S=600, H=1, D=16, coef_mode="diag"),
                                          dict(causal=True, dropout_p=0.3, padding="partial")),
+    # Every fifth token of the first 400 stretched x 2.5 and of the next 400 x 1.8: lse from 7 to 79,
+    # so one head holds tile pairs whose lse lie within kSharedSpread (up to 36 apart: one exponential
+    # for both roles) and pairs that take two.
+    "S1100-stretched": (dict(B=1, S=1100, H=1, D=24), dict(stretch=True)),
+    "S1100-diag-v-stretched-dropout-padding": (dict(B=2, S=1100, H=1, D=24, Dv=16, coef_mode="diag", shared=False),
+                                               dict(stretch=True, dropout_p=0.2, padding="partial")),
     "varlen-700-10-513": (dict(B=1, S=int(CU[-1]), H=2, D=24), dict(varlen=True)),
     "varlen-700-10-513-causal-dropout": (dict(B=1, S=int(CU[-1]), H=1, D=24, Dv=8, shared=False),
                                          dict(varlen=True, causal=True, dropout_p=0.25)),
@@ -88,6 +94,12 @@ for name, (shape, opts) in CASES.items():
     inputs = make_inputs(**shape)
     kw = dict(opts)
     kernel, reference = cpu, R.symmetric_attention
+    if kw.pop("stretch", False):
+        k = torch.arange(shape["S"])
+        factor = torch.ones(shape["S"], dtype=torch.float64)
+        factor[(k % 5 == 0) & (k < 400)] = 2.5
+        factor[(k % 5 == 0) & (k >= 400) & (k < 800)] = 1.8
+        inputs = ((inputs[0] * factor[None, :, None, None]).detach().requires_grad_(), *inputs[1:])
     if kw.pop("varlen", False):
         q, v, coef = inputs
         inputs = [q.detach()[0].requires_grad_(), None if v is None else v.detach()[0].requires_grad_(), coef]

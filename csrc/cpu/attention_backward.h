@@ -132,6 +132,8 @@ class BackwardHead : public Head<scalar_t> {
   // its own rows from every tile). Causal heads take only the tiles I > J, where rows J see no
   // key of I: 5 products each (2.5 L^2 D). A tile's task writes the accumulators of blocks I and
   // J, so the driver (tiled_backward) runs the pairs in rounds in which no block meets two tiles.
+  // Where both blocks' tokens are real keys with lse close enough (role_factors), one
+  // exponential per score gives P_IJ and P_JI^T (both_sides); elsewhere each role takes its own.
   //
   // delta = rowsum(dO * O) - dlse comes from the saved output (product_order_dot).
 
@@ -151,7 +153,8 @@ class BackwardHead : public Head<scalar_t> {
   static int64_t tiled_scratch_floats(const BackwardParams& p, const Geometry& g) {
     const int64_t tile = g.tile * g.tile;
     return (4 + (p.dropout_p > 0.0 ? 3 : 0)) * tile  // S / Pd, dP / Gs, dPt / Gt, Pdt; keep tiles
-           + (kPairs ? 4 * words(g.tile) * g.tile : 0);  // bf16 Gs, Gs^T, Pd^T, Pdt
+           + (kPairs ? 4 * words(g.tile) * g.tile : 0)   // bf16 Gs, Gs^T, Pd^T, Pdt
+           + 2 * g.tile;                                 // role_factors
   }
 
   int64_t tiled_blocks() const { return (L_ + g_.tile - 1) / g_.tile; }
@@ -209,18 +212,28 @@ class BackwardHead : public Head<scalar_t> {
         transpose(by_row, T, keep_t, T, cols, rows);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t o = r * T;
-      if (mirror) {
-        column_side(s + o, dpt + o, pdt + o, keep_t != nullptr ? keep_t + o : nullptr, i0 + r, j0, cols,
-                    same && bp_.causal ? r : 0);
+    Word* packs = reinterpret_cast<Word*>(keep != nullptr ? keep_t + 2 * T * T : pdt + T * T);
+    const int64_t pack_words = words(T) * T;
+    float* row_factor = reinterpret_cast<float*>(packs + (kPairs ? 4 * pack_words : 0));
+    float* col_factor = row_factor + T;
+    if (mirror && !same && role_factors(i0, rows, j0, cols, row_factor, col_factor)) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * T;
+        both_sides(s + o, dp + o, dpt + o, pdt + o, keep != nullptr ? keep + o : nullptr,
+                   keep_t != nullptr ? keep_t + o : nullptr, i0 + r, j0, cols, row_factor[r], col_factor);
       }
-      row_side(s + o, dp + o, mirror ? dpt + o : nullptr, keep != nullptr ? keep + o : nullptr, i0 + r, j0, cols);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * T;
+        if (mirror) {
+          column_side(s + o, dpt + o, pdt + o, keep_t != nullptr ? keep_t + o : nullptr, i0 + r, j0, cols,
+                      same && bp_.causal ? r : 0);
+        }
+        row_side(s + o, dp + o, mirror ? dpt + o : nullptr, keep != nullptr ? keep + o : nullptr, i0 + r, j0, cols);
+      }
     }
     // s: Pd_IJ, dp: Gs, pdt: Pd_JI^T.
     const float zalpha = bp_.coef_mode == CoefMode::kDiag ? 1.f : scale;
-    Word* packs = reinterpret_cast<Word*>(keep != nullptr ? keep_t + 2 * T * T : pdt + T * T);
-    const int64_t pack_words = words(T) * T;
     const Panel gs = Base::a_rows(static_cast<const float*>(dp), T, rows, cols, packs);
     gemm<Dot, false>(rows, D_, cols, gs, b_from(yb_, j0), zacc_ + i0 * D_, D_, zalpha, true);
     if (mirror) {
@@ -258,6 +271,54 @@ class BackwardHead : public Head<scalar_t> {
   // Whether dV needs its own accumulator: separate values, or Z scaled by a diagonal M.
   static bool separate_dv(const BackwardParams& p) {
     return p.v.data != nullptr || p.coef_mode == CoefMode::kDiag;
+  }
+
+  // Factors for both_sides on the off-diagonal tile of rows I = [i0, i0 + rows) and keys
+  // J = [j0, j0 + cols) of a non-causal head: exp(lse_i - hi) per row, 1 / exp(lse_j - hi) per
+  // column (spread_factors), so that P_JI^T = P_IJ * row factor * column factor. Declines (false)
+  // unless every token of both blocks is a real key with a finite lse, all within kSharedSpread
+  // of each other (see there); a padded key or an empty row is masked on one side only.
+  bool role_factors(int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* row_factor, float* col_factor) const {
+    if (this->row_keys(i0) < j0 + cols) return false;
+    float hi = kNegInf, lo = std::numeric_limits<float>::infinity();
+    auto take = [&](int64_t first, int64_t count) {
+      for (int64_t k = first; k < first + count; ++k) {
+        const float lse = lse_col_[k];  // +inf for a row without keys
+        if (!this->real_key(k) || !std::isfinite(lse)) return false;
+        hi = std::max(hi, lse);
+        lo = std::min(lo, lse);
+      }
+      return true;
+    };
+    if (!take(i0, rows) || !take(j0, cols) || !(hi - lo <= kSharedSpread)) return false;
+    spread_factors(lse_col_ + i0, rows, hi, false, row_factor);
+    spread_factors(lse_col_ + j0, cols, hi, true, col_factor);
+    return true;
+  }
+
+  // Row i of a tile that role_factors accepted, over keys [j0, j0 + cols), in both roles from one
+  // exponential per score: P_IJ = exp(S - lse_i), and P_JI^T its product with the factors. Leaves
+  // what column_side and row_side leave: Pd_IJ in s, G_IJ + G_JI^T in dp, Pd_JI^T in pdt.
+  void both_sides(float* s, float* dp, const float* dpt, float* pdt, const float* keep, const float* keep_t,
+                  int64_t i, int64_t j0, int64_t cols, float row_factor, const float* col_factor) const {
+    const Vec vdelta(delta_[i]), vlse(lse_col_[i]), alpha(row_factor);
+    for (int64_t c = 0; c < cols; c += kVec) {
+      const int64_t count = std::min(kVec, cols - c);
+      const Vec p = exp_vec(Vec::loadu(s + c, count) - vlse);
+      const Vec pt = p * (alpha * Vec::loadu(col_factor + c, count));
+      Vec dpv = Vec::loadu(dp + c, count), dptv = Vec::loadu(dpt + c, count), pd = p, pdt_v = pt;
+      if (keep != nullptr) {
+        const Vec k = Vec::loadu(keep + c, count), kt = Vec::loadu(keep_t + c, count);
+        dpv = dpv * k;
+        pd = p * k;
+        dptv = dptv * kt;
+        pdt_v = pt * kt;
+      }
+      pdt_v.store(pdt + c, count);
+      pd.store(s + c, count);
+      const Vec gt = pt * (dptv - Vec::loadu(delta_ + j0 + c, count));
+      (p * (dpv - vdelta) + gt).store(dp + c, count);
+    }
   }
 
   // Row i of a tile over keys [j0, j0 + cols), read as rows J on key i: s holds S_IJ (unmasked),
@@ -419,25 +480,32 @@ class BackwardHead : public Head<scalar_t> {
       return;
     }
     this->mask_row(s, i, n);
-    exp_inplace(s, n, lse);
-    // delta = rowsum(Pd * dP) - dlse from the fp32 P and dP of the whole row: it equals
-    // rowsum(dO * O) - dlse, without the rounding of O to the input dtype, which dominates G
-    // where one key (the token itself, as q = k) takes most of the row's weight.
-    if (keep != nullptr) {
-      this->keep_row(keep, i, n);
-      for (int64_t j = 0; j < n; ++j) dp[j] *= keep[j];
-    }
-    const float delta = dot_row(s, dp, n) - dlse_[i];
-    if (keep != nullptr) {
-      for (int64_t j = 0; j < n; ++j) {
-        dp[j] = s[j] * (dp[j] - delta);
-        s[j] *= keep[j];
+    if (keep != nullptr) this->keep_row(keep, i, n);
+    // One pass takes P = exp(S - lse) in place, dP times the dropout multipliers, and
+    // delta = rowsum(Pd * dP) - dlse in dot_row's order, from the fp32 P and dP of the whole row:
+    // it equals rowsum(dO * O) - dlse without the rounding of O to the input dtype, which
+    // dominates G where one key (the token itself, as q = k) takes most of the row's weight.
+    // (The sum's one FMA chain hides under the exponentials here; alone it was latency-bound.)
+    const Vec vlse(lse);
+    Vec acc(0.f);
+    for (int64_t j = 0; j < n; j += kVec) {
+      const int64_t count = std::min(kVec, n - j);
+      Vec p = exp_vec(Vec::loadu(s + j, count) - vlse);
+      if (count < kVec) p = Vec::set(Vec(0.f), p, count);  // past the row: exp(-lse) may be inf
+      p.store(s + j, count);
+      Vec d = Vec::loadu(dp + j, count);
+      if (keep != nullptr) {
+        d = d * Vec::loadu(keep + j, count);
+        d.store(dp + j, count);
       }
-    } else {
-      const Vec vdelta(delta);
-      int64_t j = 0;
-      for (; j + kVec <= n; j += kVec) (Vec::loadu(s + j) * (Vec::loadu(dp + j) - vdelta)).store(dp + j);
-      if (j < n) (Vec::loadu(s + j, n - j) * (Vec::loadu(dp + j, n - j) - vdelta)).store(dp + j, n - j);
+      acc = at::vec::fmadd(p, d, acc);
+    }
+    const Vec vdelta(at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc) - dlse_[i]);
+    for (int64_t j = 0; j < n; j += kVec) {
+      const int64_t count = std::min(kVec, n - j);
+      const Vec p = Vec::loadu(s + j, count);
+      (p * (Vec::loadu(dp + j, count) - vdelta)).store(dp + j, count);
+      if (keep != nullptr) (p * Vec::loadu(keep + j, count)).store(s + j, count);
     }
     fill(s + n, kend - n, 0.f);
     fill(dp + n, kend - n, 0.f);

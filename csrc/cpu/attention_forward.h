@@ -374,9 +374,8 @@ class ForwardHead : public Head<scalar_t> {
   // of column i, exp(s - shift[i]), into pt [rows, kSymTile] (0 on padded keys j), their sums into
   // sum[i]. Where every key of both tile rows is real and their shifts lie within kSharedSpread
   // of each other, one exponential serves both (as in shared_exponentials): the column's is the
-  // row's times exp(shift[j] - hi) / exp(shift[i] - hi), hi the greatest of those shifts. Column
-  // values under FLT_MIN then stay denormal where the separate exponential would flush them; only
-  // scores over 87 below their column's max reach them.
+  // row's times exp(shift[j] - hi) / exp(shift[i] - hi), hi the greatest of those shifts (see
+  // kSharedSpread).
   void tile_exponentials(float* s, int64_t i0, int64_t j0, int64_t rows, const float* shift, const float* range,
                          float* row_factor, float* pt, float* sum) const {
     constexpr int64_t T = kSymTile;
@@ -389,12 +388,7 @@ class ForwardHead : public Head<scalar_t> {
       if (shared) col[v] = Vec(1.f) / exp2_vec(exp2_arg(col[v], Vec(hi)));
       col_sum[v] = Vec(0.f);
     }
-    if (shared) {
-      for (int64_t r = 0; r < rows; r += kVec) {
-        const int64_t n = std::min(kVec, rows - r);
-        exp2_vec(exp2_arg(Vec::loadu(shift + j0 + r, n), Vec(hi))).store(row_factor + r, n);
-      }
-    }
+    if (shared) spread_factors(shift + j0, rows, hi, false, row_factor);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t j = j0 + r;
       float* x = s + j * ld + i0;
@@ -622,13 +616,10 @@ class ForwardHead : public Head<scalar_t> {
   // Both passes of an off-diagonal tile from one exponential per score: exp(s - m_c) of the column
   // pass is exp(s - m_r) of the row pass times exp(m_r - m_c), a factor per row and one per column.
   // Taken only where every key of both groups is real (a padded key is masked on one side only)
-  // and the new maxima of the tile's rows and columns lie within kSharedSpread of each other:
-  // then an exponential the row pass flushes (y < -125 in base 2, below e^-86.6) is below
-  // e^-(86.6 - kSharedSpread) of its column's max, far under an fp32 ulp of that column's sum, and
-  // the factors stay normal. NaN or infinite maxima fail the test and take the two passes.
+  // and the new maxima of the tile's rows and columns lie within kSharedSpread of each other (see
+  // there). NaN or infinite maxima fail the test and take the two passes.
   // Fills probs (row pass, times the row's dropout multipliers) and pt (column pass, times
   // keep_by_key's), updates both states; returns false, having changed nothing, where it declines.
-  static constexpr float kSharedSpread = 40.f;
   bool shared_exponentials(float* s, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const RowState& a,
                            const RowState& b, Word* probs, int64_t ldp, float* pt, float* scratch, uint64_t* keep,
                            const uint64_t* keep_by_key) {
@@ -676,15 +667,8 @@ class ForwardHead : public Head<scalar_t> {
     // The running states take the new maxima; the factors are exp(m_r - hi) and 1 / exp(m_c - hi).
     for (int64_t r = 0; r < rows; ++r) raise_max(a.m[r], a.l[r], a.o + r * Dv_, row_factor[r]);
     for (int64_t c = 0; c < cols; ++c) raise_max(b.m[c], b.l[c], b.o + c * Dv_, col_factor[c]);
-    const Vec vhi(hi);
-    for (int64_t v = 0; v < rows; v += kVec) {
-      const int64_t n = std::min(kVec, rows - v);
-      exp2_vec(exp2_arg(Vec::loadu(row_factor + v, n), vhi)).store(row_factor + v, n);
-    }
-    for (int64_t v = 0; v < cols; v += kVec) {
-      const int64_t n = std::min(kVec, cols - v);
-      (Vec(1.f) / exp2_vec(exp2_arg(Vec::loadu(col_factor + v, n), vhi))).store(col_factor + v, n);
-    }
+    spread_factors(row_factor, rows, hi, false, row_factor);
+    spread_factors(col_factor, cols, hi, true, col_factor);
     fill(col_sum, cols, 0.f);
     for (int64_t r = 0; r < rows; ++r) {
       const Vec m(a.m[r]), alpha(row_factor[r]);

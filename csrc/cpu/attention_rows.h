@@ -118,6 +118,26 @@ C10_ALWAYS_INLINE Vec exp2_vec(const Vec& y) {
   return Vec::blendv(p, Vec(0.f), y < Vec(kExp2Flush));
 }
 
+// One exponential per score for both roles of a symmetric score tile: a score s of row r and
+// column c gives exp(s - m_c) = exp(s - m_r) * exp(m_r - hi) / exp(m_c - hi), a factor per row and
+// one per column, with hi the greatest of the tile's m. Taken only where the m lie within
+// kSharedSpread of each other: an exponential that the row's side flushes (y < -125 in base 2,
+// below e^-86.6) is then below e^-(86.6 - kSharedSpread) on the column's side, far under an fp32
+// ulp of that column's sum (or of its probabilities' sum, 1), and the factors stay normal. Column
+// values under FLT_MIN stay denormal where their own exponential would flush them; only scores
+// over 87 below their column's m reach them.
+constexpr float kSharedSpread = 40.f;
+
+// out[k] = exp(m[k] - hi), or its reciprocal where invert, for k < n (out may be m).
+void spread_factors(const float* m, int64_t n, float hi, bool invert, float* out) {
+  const Vec vhi(hi);
+  for (int64_t k = 0; k < n; k += kVec) {
+    const int64_t count = std::min(kVec, n - k);
+    const Vec e = exp2_vec(exp2_arg(Vec::loadu(m + k, count), vhi));
+    (invert ? Vec(1.f) / e : e).store(out + k, count);
+  }
+}
+
 // Lane-wise max(a, x) for a running maximum a: one instruction where the ISA has one. A NaN in x
 // may be dropped (vmaxps returns its second operand, a, when either is NaN): the exponentials of
 // those scores carry the NaN into the row's sum instead.
@@ -228,14 +248,6 @@ float exp_sum_store(const float* x, int64_t n, float shift, const KeepBits* keep
     store_elems(dst, j, e, n - j);
   }
   return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
-}
-
-// x = exp(x - shift) in place, no sum (the backward knows the normaliser: shift = lse).
-void exp_inplace(float* x, int64_t n, float shift) {
-  const Vec vshift(shift);
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) exp_vec(Vec::loadu(x + j) - vshift).store(x + j);
-  if (j < n) exp_vec(Vec::loadu(x + j, n - j) - vshift).store(x + j, n - j);
 }
 
 void scale_inplace(float* x, int64_t n, float s) {
@@ -360,12 +372,11 @@ bool finite_row(const T* x, int64_t n) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// dst[j * ld_dst + i] = src[i * ld_src + j] for a whole 16 x 16 block, in registers: 32-bit, then
-// 64-bit elements of row pairs interleaved, then 128-bit lanes of row quads, then of row octets.
+// a[j] <- column j of the 16 x 16 block whose rows a holds, in registers: 32-bit, then 64-bit
+// elements of row pairs interleaved, then 128-bit lanes of row quads, then of row octets.
 // (at::vec's transpose keeps the block in a stack array handed to an out-of-line call.)
-inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
-  __m512 a[16], b[16];
-  SYMATTN_UNROLL for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + i * ld_src);
+C10_ALWAYS_INLINE void transpose16_regs(__m512 a[16]) {
+  __m512 b[16];
   SYMATTN_UNROLL for (int i = 0; i < 16; i += 2) {
     b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
     b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
@@ -385,9 +396,31 @@ inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld
     }
   }
   SYMATTN_UNROLL for (int j = 0; j < 8; ++j) {
-    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(b[j], b[j + 8], 0x88));
-    _mm512_storeu_ps(dst + (j + 8) * ld_dst, _mm512_shuffle_f32x4(b[j], b[j + 8], 0xdd));
+    a[j] = _mm512_shuffle_f32x4(b[j], b[j + 8], 0x88);
+    a[j + 8] = _mm512_shuffle_f32x4(b[j], b[j + 8], 0xdd);
   }
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for a whole 16 x 16 block.
+inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 a[16];
+  SYMATTN_UNROLL for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + i * ld_src);
+  transpose16_regs(a);
+  SYMATTN_UNROLL for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ld_dst, a[j]);
+}
+
+// lower <- lower + upper^T and upper <- lower^T (the new lower) for two 16 x 16 blocks of one
+// matrix, in one pass through registers; lower == upper (a diagonal block) is allowed.
+inline void add_transpose16(float* lower, float* upper, int64_t ld) {
+  __m512 a[16];
+  SYMATTN_UNROLL for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(upper + i * ld);
+  transpose16_regs(a);
+  SYMATTN_UNROLL for (int i = 0; i < 16; ++i) {
+    a[i] = _mm512_add_ps(_mm512_loadu_ps(lower + i * ld), a[i]);
+    _mm512_storeu_ps(lower + i * ld, a[i]);
+  }
+  transpose16_regs(a);
+  SYMATTN_UNROLL for (int j = 0; j < 16; ++j) _mm512_storeu_ps(upper + j * ld, a[j]);
 }
 #endif
 
@@ -434,6 +467,14 @@ void mirror_lower_tiles(float* a, int64_t lda, int64_t n) {
 
 // a <- a + a^T over the full [n, n] square, in place; scratch holds kSymTile^2 floats.
 void symmetrize(float* a, int64_t lda, int64_t n, float* scratch) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n % 16 == 0) {  // every 16 x 16 block pair in one pass (a diagonal block with itself)
+    for (int64_t i = 0; i < n; i += 16) {
+      for (int64_t j = 0; j <= i; j += 16) add_transpose16(a + i * lda + j, a + j * lda + i, lda);
+    }
+    return;
+  }
+#endif
   for (int64_t t0 = 0; t0 < n; t0 += kSymTile) {
     const int64_t tr = std::min(kSymTile, n - t0);
     for (int64_t u0 = 0; u0 <= t0; u0 += kSymTile) {
