@@ -70,6 +70,19 @@ def _attention_fwd_fake(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, c
     return out, q.new_empty(lse_shape, dtype=accumulate_dtype(q.dtype)), residual
 
 
+# The backward ops fill gradient buffers in place and name them in mutates_args. torch's tracking
+# of such mutations (torch.autograd.graph.allow_mutation_on_saved_tensors) reads every mutated
+# argument as a tensor and failed on an absent (None) one, so an absent buffer travels as a
+# 0-element 1-D stand-in (no gradient buffer is: q, v, h are 3-D or 4-D, coef 2-D or 3-D, a
+# context's 1-D gradient has E > 0 elements) and turns back into None inside the op.
+def _stand_in(buffer: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if buffer is None else buffer
+
+
+def _present(buffer: Tensor) -> Optional[Tensor]:
+    return None if buffer.dim() == 1 and buffer.numel() == 0 else buffer
+
+
 @torch.library.custom_op("symattn::attention_bwd", mutates_args=("dq", "dv", "dcoef"))
 def attention_bwd(
     dout: Tensor,
@@ -84,8 +97,8 @@ def attention_bwd(
     out_residual: Optional[Tensor],
     lse: Tensor,
     dq: Tensor,
-    dv: Optional[Tensor],
-    dcoef: Optional[Tensor],
+    dv: Tensor,
+    dcoef: Tensor,
     scale: float,
     causal: bool,
     dropout_p: float,
@@ -98,7 +111,7 @@ def attention_bwd(
     kept = {} if out_residual is None else {"out_residual": out_residual}
     with _without_autocast(q):
         backends.load(backend).attention_backward(
-            dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), out, lse, dq, dv, dcoef,
+            dout, dlse, q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), out, lse, dq, _present(dv), _present(dcoef),
             scale, causal, dropout_p, exclude_self, max_seqlen, deterministic, **kept,
         )
 
@@ -179,7 +192,7 @@ def _attention_backward(ctx, dout, dlse, _dresidual=None):
     dcoef = torch.empty_like(coef) if coef is not None and needs[2] else None
     attention_bwd(
         unit_last_stride(dout), dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out,
-        residual if residual.numel() else None, lse, dq, dv, dcoef, *ctx.options,
+        residual if residual.numel() else None, lse, dq, _stand_in(dv, q), _stand_in(dcoef, q), *ctx.options,
     )
     return (dq if needs[0] else None, dv if needs[1] else None, dcoef) + (None,) * 10
 
@@ -230,11 +243,11 @@ def lowrank_bwd(
     q: Tensor,
     u: Optional[Tensor],
     key_padding_mask: Optional[Tensor],
-    dh: Optional[Tensor],
-    dcontext: Optional[Tensor],
-    dp: Optional[Tensor],
-    dq: Optional[Tensor],
-    du: Optional[Tensor],
+    dh: Tensor,
+    dcontext: Tensor,
+    dp: Tensor,
+    dq: Tensor,
+    du: Tensor,
     pooled: Tensor,
     attn: Tensor,
     head_norm: str,
@@ -245,7 +258,7 @@ def lowrank_bwd(
     with _without_autocast(h):
         backends.load(backend).lowrank_backward(
             dpooled, dattn, h, context, p, q, u, key_padding_mask, _head_norm(head_norm), token_softmax, eps,
-            dh, dcontext, dp, dq, du, pooled=pooled, attn=attn,
+            *map(_present, (dh, dcontext, dp, dq, du)), pooled=pooled, attn=attn,
         )
 
 
@@ -283,8 +296,8 @@ def _lowrank_backward(ctx, dpooled, dattn):
         empty_gradient(t) if t is not None and need else None
         for t, need in zip((h, context, p, q, u), needs[:5])
     ]
-    lowrank_bwd(unit_last_stride(dpooled), dattn, h, context, p, q, u, key_padding_mask, *buffers, pooled, attn,
-                *ctx.options)
+    lowrank_bwd(unit_last_stride(dpooled), dattn, h, context, p, q, u, key_padding_mask,
+                *(_stand_in(b, h) for b in buffers), pooled, attn, *ctx.options)
     return (*buffers, None) + (None,) * 4
 
 

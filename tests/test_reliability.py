@@ -173,6 +173,40 @@ def test_batched_gradients_are_refused_and_the_jacobian_loop_works(backend):
         assert torch.equal(jac.flatten(0, out.dim() - 1)[3], row), f"{name} jacobian row"
 
 
+# torch.autograd.graph.allow_mutation_on_saved_tensors: inputs changed in place after the forward
+# (the context keeps the originals it saved) still get the unchanged inputs' gradients, also where
+# a gradient buffer is absent (no v, no coefficient, no u), whose None torch's mutation tracking
+# failed on (it reads every argument the backward op fills in place as a tensor).
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_mutated_under_allow_mutation_on_saved_tensors(backend):
+    dtype = _dtype(backend)
+    gen = torch.Generator().manual_seed(0)
+    q, v = (torch.randn(2, 7, 2, 8, dtype=dtype, generator=gen) for _ in range(2))
+    coef = torch.rand(2, 8, dtype=dtype, generator=gen) + 0.5
+    h, ctx, p = (torch.randn(*s, dtype=dtype, generator=gen) for s in ((2, 5, 4), (4,), (4, 2)))
+    calls = {
+        "shared": ((q,), lambda t, **kw: sk.shared_attention(*t, **kw), R.shared_attention),
+        "v, coef": ((q, v, coef), lambda t, **kw: sk.symmetric_attention(t[0], t[1], coef=t[2], **kw),
+                    lambda t0, t1, t2: R.symmetric_attention(t0, t1, coef=t2)),
+        "lama": ((h, ctx, p), lambda t, **kw: sk.lowrank_context_attention(t[0], t[1], t[2], t[2], **kw)[0],
+                 lambda t0, t1, t2: R.lowrank_context_attention(t0, t1, t2, t2)[0]),
+    }
+    for name, (inputs, f, ref) in calls.items():
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        exact = [x.to(F64).requires_grad_() for x in inputs]
+        out_ref = ref(*exact)
+        grad_out = torch.randn(out_ref.shape, dtype=F64, generator=gen)
+        expected = torch.autograd.grad(out_ref, exact, grad_out)
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            changed = [x * 1 for x in leaves]
+            out = f(changed, backend=backend)
+            for x in changed:
+                x.add_(1.0)
+            got = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+        for k, (a, b) in enumerate(zip(got, expected)):
+            assert_close(a, b, atol=TOL[dtype], name=f"{name} gradient {k}")
+
+
 # Layouts.
 
 LAYOUTS = {
