@@ -1,9 +1,32 @@
 """Test-wide settings. Importing this module never touches CUDA."""
 
+import hashlib
 import os
+import pathlib
+import tempfile
 
 import pytest
 import torch
+
+
+def _compile_cache_per_source():
+    """torch's on-disk compile caches do not key a compiled graph on the Python autograd formula
+    behind a custom op: a graph compiled before a change to the backward's arguments in
+    symattn_kernels/ops.py was replayed after it (the compiled test then failed). So tests compile
+    into a cache of their own per version of the package's Python sources (warm across runs of
+    the same code), unless TORCHINDUCTOR_CACHE_DIR is set."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    package = pathlib.Path(__file__).resolve().parents[1] / "symattn_kernels"
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_symattn_{digest.hexdigest()[:16]}"
+    )
+
+
+_compile_cache_per_source()
 
 
 @pytest.fixture(autouse=True)

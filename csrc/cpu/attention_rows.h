@@ -221,15 +221,10 @@ inline Vec exp2_for_bf16(const Vec& x) {
 // from exp2_for_bf16.
 template <typename Word>
 float exp_sum_store(const float* x, int64_t n, float shift, const KeepBits* keep, Word* dst) {
-#if defined(SYMATTN_BF16_DOT)
-  constexpr bool kBase2 = std::is_same_v<Word, uint32_t>;
-#else
-  constexpr bool kBase2 = false;
-#endif
   const Vec vshift(shift);
   auto exp_shifted = [&](const Vec& v) {
 #if defined(SYMATTN_BF16_DOT)
-    if constexpr (kBase2) return exp2_for_bf16(exp2_arg(v, vshift));
+    if constexpr (std::is_same_v<Word, uint32_t>) return exp2_for_bf16(exp2_arg(v, vshift));
 #endif
     return exp2_vec(exp2_arg(v, vshift));
   };
