@@ -122,12 +122,14 @@ MASK_CASES = [(S, causal, padding, torch.float32) for S in (1, 37, 130) for caus
     (1100, False, "holes", torch.float32)] + [
     (S, causal, padding, torch.bfloat16) for S, causal, padding in [
         (37, False, "none"), (130, True, "holes"), (512, False, "tail"), (512, True, "none"), (1100, False, "heavy"),
-        (1100, True, "holes")]]
+        (1100, True, "holes")]] + [
+    # fp16 rows widened to fp32 on the whole-head symmetric schedule (its output through an fp32 block).
+    (S, False, padding, torch.float16) for S, padding in [(130, "tail"), (200, "none")]]
+DTYPE_IDS = {torch.float32: "", torch.bfloat16: "-bf16", torch.float16: "-fp16"}
 
 
 @pytest.mark.parametrize("S,causal,padding,dtype", MASK_CASES,
-                         ids=[f"S{S}-{'causal' if c else 'full'}-{pad}{'-bf16' if dt == torch.bfloat16 else ''}"
-                              for S, c, pad, dt in MASK_CASES])
+                         ids=[f"S{S}-{'causal' if c else 'full'}-{pad}{DTYPE_IDS[dt]}" for S, c, pad, dt in MASK_CASES])
 def test_kernel_mask_bit_equal_to_reference(S, causal, padding, dtype):
     B, H, p = 2, 2 if S < 512 else 1, 0.3
     key_padding_mask = _padding(B, S, padding)
@@ -176,10 +178,17 @@ def test_varlen_kernel_mask_bit_equal_to_reference():
 
 
 # The backward regenerates the forward's mask: gradients match the reference under one seed.
+# "stretched": the first 64 queries' scores scaled up, so that the whole-head symmetric forward's
+# tiles below them decline the shared exponential (their rows' maxima lie too far apart) with
+# every key real, and take the row and column sides' own exponentials under the transposed bits.
 @pytest.mark.parametrize("S,causal,padding", [(37, False, "none"), (37, True, "holes"), (130, False, "tail"),
-                                              (130, True, "heavy"), (530, False, "none")])
+                                              (130, True, "heavy"), (200, False, "stretched"), (530, False, "none")])
 def test_forward_and_gradients_match_reference_under_dropout(S, causal, padding):
     q, v, coef = make_inputs(B=2, S=S, H=2, D=16, Dv=8, coef_mode="diag", shared=False)
+    if padding == "stretched":
+        with torch.no_grad():
+            q[:, :64] *= 6
+        padding = "none"
     kw = dict(dropout_p=0.2, causal=causal, key_padding_mask=_padding(2, S, padding))
     leaves = [t.detach().float().requires_grad_() for t in (q, v, coef)]
     torch.manual_seed(S)

@@ -106,6 +106,8 @@ class ForwardHead : public Head<scalar_t> {
            + g.block * g.ldk                      // score block
            + (g.symmetric && !kPairs ? g.L * kSymTile + 2 * g.L + 2 * sym_tiles(g.L) + kSymTile : 0)  // run_symmetric's
                                                   // P^T, shifts and sums, tile rows' shift ranges, row factors
+           + (g.symmetric && !kPairs && p.dropout_p > 0.0 ? 2 * (g.L * keep_bit_words(g.ldk) + kSymTile) : 0)  // and
+                                                  // its keep bits of every row and one tile's transposed
            + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
            + g.block                              // 1 / row sums
            + (p.dropout_p > 0.0 ? 2 * keep_bit_words(g.ldk) : 0)  // keep bits of a row
@@ -260,9 +262,9 @@ class ForwardHead : public Head<scalar_t> {
   }
 
   // Whether this head (after setup_keys) takes run_symmetric: the whole-head symmetric schedule
-  // on fp32 operands without dropout. bf16 operands would need P^T repacked as row pairs, and
-  // dropout its keep bits drawn by query and transposed, so those heads mirror the scores.
-  bool unmirrored_symmetric() const { return this->symmetric_ && !kPairs && !this->dropout(); }
+  // on fp32 operands. bf16 operands would need P^T repacked as row pairs, so those heads mirror
+  // the scores.
+  bool unmirrored_symmetric() const { return this->symmetric_ && !kPairs; }
 
   // A whole head on the symmetric schedule without a mirrored copy of the scores: only the lower
   // tile triangle is multiplied and stored. Every row's max over all its keys comes first, in one
@@ -271,7 +273,8 @@ class ForwardHead : public Head<scalar_t> {
   // left so by earlier tile rows), and those of its later keys J, the columns of the stored tiles
   // (J, I) below it, into a scratch P^T [keys, queries], which the P V product takes in its kTransA
   // form. The pass over a tile (J, I) leaves both: row J's probabilities in place and row I's in P^T
-  // (tile_exponentials).
+  // (tile_exponentials). With dropout, every row's keep bits over all keys are drawn first (by
+  // query, as everywhere), and a tile's column side takes its queries' bits transposed.
   void run_symmetric() {
     constexpr int64_t T = kSymTile;
     const int64_t ld = g_.ldk;
@@ -282,6 +285,9 @@ class ForwardHead : public Head<scalar_t> {
     float* shift_range = ws_.template take<float>(2 * sym_tiles(L_));
     float* row_factor = ws_.template take<float>(T);
     float* o = kHalf ? ws_.template take<float>(std::min(T, L_) * Dv_) : nullptr;
+    const int64_t keep_words = keep_bit_words(g_.ldk);
+    uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(L_ * keep_words + T) : nullptr;
+    for (int64_t i = 0; keep != nullptr && i < L_; ++i) this->keep_bits(keep + i * keep_words, i, 0, L_);
     const Panel v = vb_;
     this->lower_scores(s);
     symmetric_maxima(s, shift);
@@ -291,10 +297,17 @@ class ForwardHead : public Head<scalar_t> {
       const int64_t rows = std::min(T, L_ - i0), iend = i0 + rows;
       for (int64_t r = 0; r < rows; ++r) {
         float* x = s + (i0 + r) * ld + i0;  // the diagonal tile, masked by symmetric_maxima
-        sum[i0 + r] += exp_sum_store(x, rows, shift[i0 + r], nullptr, x);
+        const KeepBits row_keep{keep != nullptr ? keep + (i0 + r) * keep_words + i0 / 64 : nullptr, kept_scale()};
+        sum[i0 + r] += exp_sum_store(x, rows, shift[i0 + r], keep != nullptr ? &row_keep : nullptr, x);
       }
       for (int64_t j0 = iend; j0 < L_; j0 += T) {
-        tile_exponentials(s, i0, j0, std::min(T, L_ - j0), shift, shift_range, row_factor, pt + (j0 - iend) * T, sum);
+        const int64_t rows_j = std::min(T, L_ - j0);
+        float* pt_j = pt + (j0 - iend) * T;
+        if (keep != nullptr) {
+          tile_exponentials<true>(s, i0, j0, rows_j, shift, shift_range, row_factor, pt_j, sum, keep, keep_words);
+        } else {
+          tile_exponentials<false>(s, i0, j0, rows_j, shift, shift_range, row_factor, pt_j, sum, nullptr, 0);
+        }
       }
       const auto [dst, ldo] = product_rows(i0, o);
       gemm<Dot, false>(rows, Dv_, iend, Panel{s + i0 * ld, ld}, v, dst, ldo, 1.f, false);
@@ -375,11 +388,22 @@ class ForwardHead : public Head<scalar_t> {
   // sum[i]. Where every key of both tile rows is real and their shifts lie within kSharedSpread
   // of each other, one exponential serves both (as in shared_exponentials): the column's is the
   // row's times exp(shift[j] - hi) / exp(shift[i] - hi), hi the greatest of those shifts (see
-  // kSharedSpread).
+  // kSharedSpread). With dropout, keep holds every row's keep bits (keep_words per row), and the
+  // stored probabilities (not the sums) take their multipliers: row j's from its own bits, column
+  // i's from the tile's bits of queries I transposed into keep's last kSymTile words (kKeep).
+  template <bool kKeep>
   void tile_exponentials(float* s, int64_t i0, int64_t j0, int64_t rows, const float* shift, const float* range,
-                         float* row_factor, float* pt, float* sum) const {
+                         float* row_factor, float* pt, float* sum, uint64_t* keep, int64_t keep_words) const {
     constexpr int64_t T = kSymTile;
+    static_assert(T == 64, "a tile's keep bits are one 64 x 64 bit block");
     const int64_t ld = g_.ldk, ti = i0 / T, tj = j0 / T;
+    uint64_t* keep_t = kKeep ? keep + L_ * keep_words : nullptr;
+    if constexpr (kKeep) {
+      for (int64_t r = 0; r < T; ++r) keep_t[r] = i0 + r < L_ ? keep[(i0 + r) * keep_words + j0 / 64] : 0;
+      transpose_bits64(keep_t);  // keep_t[c]: bit r for query i0 + r on key j0 + c
+    }
+    const float kept = kept_scale();
+    auto kept_lanes = [](const Vec& e, const KeepBits& bits, int v) { return kKeep ? apply_keep(e, bits, v * kVec) : e; };
     const float lo = std::min(range[2 * ti], range[2 * tj]), hi = std::max(range[2 * ti + 1], range[2 * tj + 1]);
     const bool shared = hi - lo <= kSharedSpread;  // false where a range is (-inf, inf)
     Vec col[kTileVecs], col_sum[kTileVecs];  // the columns' shifts, or factors 1 / exp(shift[i] - hi)
@@ -393,16 +417,18 @@ class ForwardHead : public Head<scalar_t> {
       const int64_t j = j0 + r;
       float* x = s + j * ld + i0;
       float* prow = pt + r * T;
+      const KeepBits row_keep{kKeep ? keep + j * keep_words + i0 / 64 : nullptr, kept};
+      const KeepBits col_keep{kKeep ? keep_t + r : nullptr, kept};
       if (shared) {
         const Vec m(shift[j]), alpha(row_factor[r]);
         Vec acc(0.f);
         SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
           const Vec e = exp2_vec(exp2_arg(Vec::loadu(x + v * kVec), m));
           acc = acc + e;
-          e.store(x + v * kVec);
+          kept_lanes(e, row_keep, v).store(x + v * kVec);
           const Vec e_col = e * (alpha * col[v]);
           col_sum[v] = col_sum[v] + e_col;
-          e_col.store(prow + v * kVec);
+          kept_lanes(e_col, col_keep, v).store(prow + v * kVec);
         }
         sum[j] += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
         continue;
@@ -412,13 +438,13 @@ class ForwardHead : public Head<scalar_t> {
         SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
           const Vec e = exp2_vec(exp2_arg(Vec::loadu(x + v * kVec), col[v]));
           col_sum[v] = col_sum[v] + e;
-          e.store(prow + v * kVec);
+          kept_lanes(e, col_keep, v).store(prow + v * kVec);
         }
       } else {
         fill(prow, T, 0.f);
       }
       this->mask_row(x, j, i0 + T, i0);
-      sum[j] += exp_sum_store(x, T, shift[j], nullptr, x);
+      sum[j] += exp_sum_store(x, T, shift[j], kKeep ? &row_keep : nullptr, x);
     }
     SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
       (Vec::loadu(sum + i0 + v * kVec) + col_sum[v]).store(sum + i0 + v * kVec);

@@ -39,9 +39,10 @@
 // triangle is multiplied, and the backward's two Y-gradient products G (Y M) + G^T (Y M) collapse
 // into one (G + G^T) Y M. That is 1.5 instead of 2 L^2 D products forward, 3.5 instead of 5
 // backward; the mirrored forward of longer heads does the same 1.5. The backward, and the forward
-// on bf16 operands or with dropout, mirror the lower triangle into the upper one (transposed
-// copies); the fp32 forward without dropout reads a row's keys beyond its diagonal tile down the
-// stored tiles' columns instead, and feeds those probabilities to P V as P^T (run_symmetric).
+// on bf16 operands, mirror the lower triangle into the upper one (transposed copies); the fp32
+// forward reads a row's keys beyond its diagonal tile down the stored tiles' columns instead, and
+// feeds those probabilities to P V as P^T (run_symmetric), with dropout their keep bits
+// transposed.
 // Other heads take query blocks against keys up to the last real one, with causal blocks (and
 // the diagonal tiles of causal heads) trimmed at micro-tile granularity.
 //
