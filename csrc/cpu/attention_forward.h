@@ -109,7 +109,7 @@ class ForwardHead : public Head<scalar_t> {
            + (g.symmetric && !kPairs && p.dropout_p > 0.0 ? 2 * (g.L * keep_bit_words(g.ldk) + kSymTile) : 0)  // and
                                                   // its keep bits of every row and one tile's transposed
            + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
-           + g.block                              // 1 / row sums
+           + 3 * g.block                          // 1 / row sums, row maxima and sums
            + (p.dropout_p > 0.0 ? 2 * keep_bit_words(g.ldk) : 0)  // keep bits of a row
            + (kHalf ? g.block * p.value_dim : 0);  // output block
   }
@@ -147,6 +147,8 @@ class ForwardHead : public Head<scalar_t> {
       probs = s;
     }
     float* inv_sum = ws_.template take<float>(g_.block);
+    float* row_m = ws_.template take<float>(g_.block);
+    float* row_sum = ws_.template take<float>(g_.block);
     uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(keep_bit_words(g_.ldk)) : nullptr;
     float* o = kHalf ? ws_.template take<float>(g_.block * Dv_) : nullptr;
     const int64_t block = g_.block;  // >= L_ for symmetric heads
@@ -155,8 +157,9 @@ class ForwardHead : public Head<scalar_t> {
       const int64_t kend = this->block_keys(i0, rows);
       if (kend > 0) this->scores(s, i0, rows, kend);
       for (int64_t r = 0; r < rows; ++r) {
-        inv_sum[r] = out_scale() * softmax_row(s + r * g_.ldk, i0 + r, kend, keep, probs + r * ldp);
+        inv_sum[r] = out_scale() * softmax_row(s + r * g_.ldk, i0 + r, kend, keep, probs + r * ldp, row_m[r], row_sum[r]);
       }
+      row_lses(row_m, row_sum, rows, this->lse_ptr(i0), p_.lse.token);
       // out = P V / rowsum, written straight into the output for fp32.
       Band band;
       if (p_.causal) band.k_hi = i0;
@@ -312,10 +315,10 @@ class ForwardHead : public Head<scalar_t> {
       const auto [dst, ldo] = product_rows(i0, o);
       gemm<Dot, false>(rows, Dv_, iend, Panel{s + i0 * ld, ld}, v, dst, ldo, 1.f, false);
       if (iend < L_) gemm<Dot, true>(rows, Dv_, L_ - iend, Panel{pt, T}, Base::b_from(v, iend), dst, ldo, 1.f, true);
+      row_lses(shift + i0, sum + i0, rows, this->lse_ptr(i0), p_.lse.token);
       for (int64_t r = 0; r < rows; ++r) {
         // Only a row with no allowed key sums to 0 (its max gives an exponential of 1 elsewhere).
         const float l = sum[i0 + r];
-        *this->lse_ptr(i0 + r) = l == 0.f ? kNegInf : row_lse(shift[i0 + r], l);
         scale_inplace(dst + r * ldo, Dv_, l == 0.f ? 0.f : 1.f / l);
         if constexpr (kHalf) store_output(i0 + r, dst + r * ldo);
       }
@@ -514,9 +517,9 @@ class ForwardHead : public Head<scalar_t> {
         }
         ws_.rewind(tile_panels);
       }
+      row_lses(m, l, q1 - q0, this->lse_ptr(q0), p_.lse.token);  // an empty row: l = 0
       for (int64_t r = 0; r < q1 - q0; ++r) {
         const bool empty = m[r] == kNegInf;
-        *this->lse_ptr(q0 + r) = empty ? kNegInf : row_lse(m[r], l[r]);
         scale_inplace(o + r * Dv_, Dv_, empty ? 0.f : out_scale() / l[r]);
         store_output(q0 + r, o + r * Dv_);
       }
@@ -603,6 +606,7 @@ class ForwardHead : public Head<scalar_t> {
 
   // Rows [r0, r1) from their group's state once every task has been folded into it: out and lse.
   void write_mirrored(int64_t r0, int64_t r1, const RowState& acc) {
+    row_lses(acc.m, acc.l, r1 - r0, this->lse_ptr(r0), p_.lse.token);  // an empty row: l = 0
     for (int64_t r = 0; r < r1 - r0; ++r) {
       float* o = acc.o + r * Dv_;
       const bool empty = acc.m[r] == kNegInf;
@@ -611,7 +615,6 @@ class ForwardHead : public Head<scalar_t> {
       } else {
         scale_inplace(o, Dv_, out_scale() / acc.l[r]);
       }
-      *this->lse_ptr(r0 + r) = empty ? kNegInf : row_lse(acc.m[r], acc.l[r]);
       store_output(r0 + r, o);
     }
   }
@@ -820,18 +823,18 @@ class ForwardHead : public Head<scalar_t> {
   }
 
   // Score row -> exp(s - rowmax) (times the dropout multipliers) into prow, zero in [n, kend);
-  // writes lse and returns 1 / the row sum (0 for a row with no allowed key: P = 0).
-  float softmax_row(float* s, int64_t i, int64_t kend, uint64_t* keep, Word* prow) {
+  // leaves the row's max and sum in m and sum (for row_lses) and returns 1 / the sum (0 for a row
+  // with no allowed key: P = 0, sum 0).
+  float softmax_row(float* s, int64_t i, int64_t kend, uint64_t* keep, Word* prow, float& m, float& sum) {
     const int64_t n = this->row_keys(i);
     this->mask_row(s, i, n);
-    const float m = n > 0 ? row_max(s, n) : kNegInf;
+    m = n > 0 ? row_max(s, n) : kNegInf;
     if (m == kNegInf) {
       zero_elems(prow, 0, kend);
-      *this->lse_ptr(i) = kNegInf;
+      sum = 0.f;
       return 0.f;
     }
-    const float sum = exp_row(s, i, 0, n, m, keep, prow);
-    *this->lse_ptr(i) = row_lse(m, sum);
+    sum = exp_row(s, i, 0, n, m, keep, prow);
     zero_elems(prow, n, kend);
     return 1.f / sum;
   }
