@@ -104,8 +104,8 @@ class ForwardHead : public Head<scalar_t> {
     if (g.tiled) return std::max(mirrored, tiled_workspace_floats(p, g));
     return panel_floats(p, g)
            + g.block * g.ldk                      // score block
-           + (g.symmetric && !kPairs ? g.L * kSymTile + 2 * g.L + 2 * sym_tiles(g.L) + kSymTile : 0)  // run_symmetric's
-                                                  // P^T, shifts and sums, tile rows' shift ranges, row factors
+           + (g.symmetric && !kPairs ? g.L * kSymTile + 2 * g.L + 2 * sym_tiles(g.L) + 2 * kSymTile : 0)  // run_symmetric's
+                                                  // P^T, shifts and sums, tile rows' shift ranges, a tile's factors
            + (g.symmetric && !kPairs && p.dropout_p > 0.0 ? 2 * (g.L * keep_bit_words(g.ldk) + kSymTile) : 0)  // and
                                                   // its keep bits of every row and one tile's transposed
            + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
@@ -286,7 +286,7 @@ class ForwardHead : public Head<scalar_t> {
     float* shift = ws_.template take<float>(L_);
     float* sum = ws_.template take<float>(L_);
     float* shift_range = ws_.template take<float>(2 * sym_tiles(L_));
-    float* row_factor = ws_.template take<float>(T);
+    float* factors = ws_.template take<float>(2 * T);  // a tile's row and column factors
     float* o = kHalf ? ws_.template take<float>(std::min(T, L_) * Dv_) : nullptr;
     const int64_t keep_words = keep_bit_words(g_.ldk);
     uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(L_ * keep_words + T) : nullptr;
@@ -307,9 +307,9 @@ class ForwardHead : public Head<scalar_t> {
         const int64_t rows_j = std::min(T, L_ - j0);
         float* pt_j = pt + (j0 - iend) * T;
         if (keep != nullptr) {
-          tile_exponentials<true>(s, i0, j0, rows_j, shift, shift_range, row_factor, pt_j, sum, keep, keep_words);
+          tile_exponentials<true>(s, i0, j0, rows_j, shift, shift_range, factors, pt_j, sum, keep, keep_words);
         } else {
-          tile_exponentials<false>(s, i0, j0, rows_j, shift, shift_range, row_factor, pt_j, sum, nullptr, 0);
+          tile_exponentials<false>(s, i0, j0, rows_j, shift, shift_range, factors, pt_j, sum, nullptr, 0);
         }
       }
       const auto [dst, ldo] = product_rows(i0, o);
@@ -396,8 +396,9 @@ class ForwardHead : public Head<scalar_t> {
   // i's from the tile's bits of queries I transposed into keep's last kSymTile words (kKeep).
   template <bool kKeep>
   void tile_exponentials(float* s, int64_t i0, int64_t j0, int64_t rows, const float* shift, const float* range,
-                         float* row_factor, float* pt, float* sum, uint64_t* keep, int64_t keep_words) const {
+                         float* factors, float* pt, float* sum, uint64_t* keep, int64_t keep_words) const {
     constexpr int64_t T = kSymTile;
+    float *row_factor = factors, *col_factor = factors + T;
     static_assert(T == 64, "a tile's keep bits are one 64 x 64 bit block");
     const int64_t ld = g_.ldk, ti = i0 / T, tj = j0 / T;
     uint64_t* keep_t = kKeep ? keep + L_ * keep_words : nullptr;
@@ -409,13 +410,15 @@ class ForwardHead : public Head<scalar_t> {
     auto kept_lanes = [](const Vec& e, const KeepBits& bits, int v) { return kKeep ? apply_keep(e, bits, v * kVec) : e; };
     const float lo = std::min(range[2 * ti], range[2 * tj]), hi = std::max(range[2 * ti + 1], range[2 * tj + 1]);
     const bool shared = hi - lo <= kSharedSpread;  // false where a range is (-inf, inf)
+    if (shared) {
+      spread_factors(shift + j0, rows, hi, false, row_factor);
+      spread_factors(shift + i0, T, hi, true, col_factor);
+    }
     Vec col[kTileVecs], col_sum[kTileVecs];  // the columns' shifts, or factors 1 / exp(shift[i] - hi)
     SYMATTN_UNROLL for (int v = 0; v < kTileVecs; ++v) {
-      col[v] = Vec::loadu(shift + i0 + v * kVec);
-      if (shared) col[v] = Vec(1.f) / exp2_vec(exp2_arg(col[v], Vec(hi)));
+      col[v] = Vec::loadu((shared ? col_factor : shift + i0) + v * kVec);
       col_sum[v] = Vec(0.f);
     }
-    if (shared) spread_factors(shift + j0, rows, hi, false, row_factor);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t j = j0 + r;
       float* x = s + j * ld + i0;
