@@ -146,7 +146,6 @@ class ForwardHead : public Head<scalar_t> {
     } else {
       probs = s;
     }
-    float* inv_sum = ws_.template take<float>(g_.block);
     float* row_m = ws_.template take<float>(g_.block);
     float* row_sum = ws_.template take<float>(g_.block);
     uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(keep_bit_words(g_.ldk)) : nullptr;
@@ -157,7 +156,7 @@ class ForwardHead : public Head<scalar_t> {
       const int64_t kend = this->block_keys(i0, rows);
       if (kend > 0) this->scores(s, i0, rows, kend);
       for (int64_t r = 0; r < rows; ++r) {
-        inv_sum[r] = out_scale() * softmax_row(s + r * g_.ldk, i0 + r, kend, keep, probs + r * ldp, row_m[r], row_sum[r]);
+        softmax_row(s + r * g_.ldk, i0 + r, kend, keep, probs + r * ldp, row_m[r], row_sum[r]);
       }
       row_lses(row_m, row_sum, rows, this->lse_ptr(i0), p_.lse.token);
       // out = P V / rowsum, written straight into the output for fp32.
@@ -166,20 +165,31 @@ class ForwardHead : public Head<scalar_t> {
       const auto [dst, ld] = product_rows(i0, o);
       gemm<Dot, false>(rows, Dv_, kend, Panel{probs, ldp}, vb_, dst, ld, 1.f, false, band);
       for (int64_t r = 0; r < rows; ++r) {
-        scale_inplace(dst + r * ld, Dv_, inv_sum[r]);
-        if constexpr (kHalf) store_output(i0 + r, dst + r * ld);
+        // 0 for a row with no allowed key (P = 0, sum 0).
+        const float factor = row_m[r] == kNegInf ? 0.f : out_scale() * (1.f / row_sum[r]);
+        if constexpr (kHalf) {
+          store_output(i0 + r, dst + r * ld, factor);
+        } else {
+          scale_inplace(dst + r * ld, Dv_, factor);
+        }
       }
     }
   }
 
  private:
-  // Output row i from its fp32 values o, and where the call keeps one, its rounding residual.
-  void store_output(int64_t i, const float* o) const {
+  // Output row i from its fp32 values o times factor, scaled as they are stored; where the call
+  // keeps a rounding residual, o is scaled in place first (the residual needs the fp32 row).
+  void store_output(int64_t i, float* o, float factor) const {
     scalar_t* out = this->row_ptr(p_.out, i);
-    store_row(out, o, Dv_);
     if constexpr (kHalf) {
-      if (p_.out_residual.data != nullptr) store_residual(this->row_ptr(p_.out_residual, i), o, out, Dv_);
+      if (p_.out_residual.data != nullptr) {
+        scale_inplace(o, Dv_, factor);
+        store_row(out, o, Dv_);
+        store_residual(this->row_ptr(p_.out_residual, i), o, out, Dv_);
+        return;
+      }
     }
+    store_row_scaled(out, o, Dv_, factor);
   }
 
   // Where the P V product of the query rows from i0 goes, and its row stride: the output itself
@@ -264,6 +274,14 @@ class ForwardHead : public Head<scalar_t> {
     return {buf - i0 * Dv_, Dv_};
   }
 
+  // Dropout's keep bits on the symmetric schedule: every row's over all keys (words per row),
+  // and room for one tile's bits transposed (tile_exponentials).
+  struct SymmetricKeep {
+    const uint64_t* rows = nullptr;
+    int64_t words = 0;
+    uint64_t* transposed = nullptr;
+  };
+
   // Whether this head (after setup_keys) takes run_symmetric: the whole-head symmetric schedule
   // on fp32 operands. bf16 operands would need P^T repacked as row pairs, so those heads mirror
   // the scores.
@@ -289,7 +307,8 @@ class ForwardHead : public Head<scalar_t> {
     float* factors = ws_.template take<float>(2 * T);  // a tile's row and column factors
     float* o = kHalf ? ws_.template take<float>(std::min(T, L_) * Dv_) : nullptr;
     const int64_t keep_words = keep_bit_words(g_.ldk);
-    uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(L_ * keep_words + T) : nullptr;
+    uint64_t* keep = this->dropout() ? ws_.template take<uint64_t>(L_ * keep_words) : nullptr;
+    uint64_t* keep_t = this->dropout() ? ws_.template take<uint64_t>(T) : nullptr;  // a tile's, transposed
     for (int64_t i = 0; keep != nullptr && i < L_; ++i) this->keep_bits(keep + i * keep_words, i, 0, L_);
     const Panel v = vb_;
     this->lower_scores(s);
@@ -307,9 +326,9 @@ class ForwardHead : public Head<scalar_t> {
         const int64_t rows_j = std::min(T, L_ - j0);
         float* pt_j = pt + (j0 - iend) * T;
         if (keep != nullptr) {
-          tile_exponentials<true>(s, i0, j0, rows_j, shift, shift_range, factors, pt_j, sum, keep, keep_words);
+          tile_exponentials<true>(s, i0, j0, rows_j, shift, shift_range, factors, pt_j, sum, {keep, keep_words, keep_t});
         } else {
-          tile_exponentials<false>(s, i0, j0, rows_j, shift, shift_range, factors, pt_j, sum, nullptr, 0);
+          tile_exponentials<false>(s, i0, j0, rows_j, shift, shift_range, factors, pt_j, sum, {});
         }
       }
       const auto [dst, ldo] = product_rows(i0, o);
@@ -318,9 +337,12 @@ class ForwardHead : public Head<scalar_t> {
       row_lses(shift + i0, sum + i0, rows, this->lse_ptr(i0), p_.lse.token);
       for (int64_t r = 0; r < rows; ++r) {
         // Only a row with no allowed key sums to 0 (its max gives an exponential of 1 elsewhere).
-        const float l = sum[i0 + r];
-        scale_inplace(dst + r * ldo, Dv_, l == 0.f ? 0.f : 1.f / l);
-        if constexpr (kHalf) store_output(i0 + r, dst + r * ldo);
+        const float l = sum[i0 + r], factor = l == 0.f ? 0.f : 1.f / l;
+        if constexpr (kHalf) {
+          store_output(i0 + r, dst + r * ldo, factor);
+        } else {
+          scale_inplace(dst + r * ldo, Dv_, factor);
+        }
       }
     }
   }
@@ -391,17 +413,19 @@ class ForwardHead : public Head<scalar_t> {
   // sum[i]. Where every key of both tile rows is real and their shifts lie within kSharedSpread
   // of each other, one exponential serves both (as in shared_exponentials): the column's is the
   // row's times exp(shift[j] - hi) / exp(shift[i] - hi), hi the greatest of those shifts (see
-  // kSharedSpread). With dropout, keep holds every row's keep bits (keep_words per row), and the
-  // stored probabilities (not the sums) take their multipliers: row j's from its own bits, column
-  // i's from the tile's bits of queries I transposed into keep's last kSymTile words (kKeep).
+  // kSharedSpread). With dropout (kKeep) the stored probabilities (not the sums) take their
+  // multipliers: row j's from its own bits, column i's from the tile's bits of queries I
+  // transposed into tile_keep.transposed.
   template <bool kKeep>
   void tile_exponentials(float* s, int64_t i0, int64_t j0, int64_t rows, const float* shift, const float* range,
-                         float* factors, float* pt, float* sum, uint64_t* keep, int64_t keep_words) const {
+                         float* factors, float* pt, float* sum, const SymmetricKeep& tile_keep) const {
     constexpr int64_t T = kSymTile;
     float *row_factor = factors, *col_factor = factors + T;
     static_assert(T == 64, "a tile's keep bits are one 64 x 64 bit block");
     const int64_t ld = g_.ldk, ti = i0 / T, tj = j0 / T;
-    uint64_t* keep_t = kKeep ? keep + L_ * keep_words : nullptr;
+    const uint64_t* keep = tile_keep.rows;
+    const int64_t keep_words = tile_keep.words;
+    uint64_t* keep_t = tile_keep.transposed;
     if constexpr (kKeep) {
       for (int64_t r = 0; r < T; ++r) keep_t[r] = i0 + r < L_ ? keep[(i0 + r) * keep_words + j0 / 64] : 0;
       transpose_bits64(keep_t);  // keep_t[c]: bit r for query i0 + r on key j0 + c
@@ -523,8 +547,7 @@ class ForwardHead : public Head<scalar_t> {
       row_lses(m, l, q1 - q0, this->lse_ptr(q0), p_.lse.token);  // an empty row: l = 0
       for (int64_t r = 0; r < q1 - q0; ++r) {
         const bool empty = m[r] == kNegInf;
-        scale_inplace(o + r * Dv_, Dv_, empty ? 0.f : out_scale() / l[r]);
-        store_output(q0 + r, o + r * Dv_);
+        store_output(q0 + r, o + r * Dv_, empty ? 0.f : out_scale() / l[r]);
       }
       ws_.rewind(chunk_panels);
     }
@@ -613,12 +636,8 @@ class ForwardHead : public Head<scalar_t> {
     for (int64_t r = 0; r < r1 - r0; ++r) {
       float* o = acc.o + r * Dv_;
       const bool empty = acc.m[r] == kNegInf;
-      if (empty) {
-        fill(o, Dv_, 0.f);
-      } else {
-        scale_inplace(o, Dv_, out_scale() / acc.l[r]);
-      }
-      store_output(r0 + r, o);
+      if (empty) fill(o, Dv_, 0.f);
+      store_output(r0 + r, o, empty ? 1.f : out_scale() / acc.l[r]);
     }
   }
 
@@ -826,20 +845,19 @@ class ForwardHead : public Head<scalar_t> {
   }
 
   // Score row -> exp(s - rowmax) (times the dropout multipliers) into prow, zero in [n, kend);
-  // leaves the row's max and sum in m and sum (for row_lses) and returns 1 / the sum (0 for a row
-  // with no allowed key: P = 0, sum 0).
-  float softmax_row(float* s, int64_t i, int64_t kend, uint64_t* keep, Word* prow, float& m, float& sum) {
+  // leaves the row's max and sum in m and sum (for row_lses; -inf and 0 for a row with no
+  // allowed key, whose P is 0).
+  void softmax_row(float* s, int64_t i, int64_t kend, uint64_t* keep, Word* prow, float& m, float& sum) {
     const int64_t n = this->row_keys(i);
     this->mask_row(s, i, n);
     m = n > 0 ? row_max(s, n) : kNegInf;
     if (m == kNegInf) {
       zero_elems(prow, 0, kend);
       sum = 0.f;
-      return 0.f;
+      return;
     }
     sum = exp_row(s, i, 0, n, m, keep, prow);
     zero_elems(prow, n, kend);
-    return 1.f / sum;
   }
 
   // exp(s - m) of row i's keys [j0, j0 + n) into prow, times their dropout multipliers (drawn as

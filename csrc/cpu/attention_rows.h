@@ -83,7 +83,7 @@ inline Vec exp2_arg(const Vec& x, const Vec& m) {
 
 // lse[r * stride] of n rows whose exponentials of max m[r] sum to sum[r]: m + log(sum) in double,
 // -inf for a row that sums to 0 (no allowed key), a vector of rows per log (one scalar log per row
-// had taken about 3 % of the bf16 forward's samples at 512 tokens).
+// had taken 2.4 % of the bf16 forward's samples at 512 tokens).
 inline void row_lses(const float* m, const float* sum, int64_t n, float* lse, int64_t stride) {
   using DVec = at::vec::Vectorized<double>;
   constexpr int64_t kLanes = DVec::size();
@@ -302,6 +302,24 @@ void store_row(T* dst, const float* src, int64_t n) {
     std::memcpy(dst, src, n * sizeof(float));
   } else {
     at::vec::convert(src, dst, n);
+  }
+}
+
+// dst[j] = src[j] * s as T, for j < n: the same values as scale_inplace then store_row, in one
+// pass.
+template <typename T>
+void store_row_scaled(T* dst, const float* src, int64_t n, float s) {
+  const Vec vs(s);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kVec <= n; j += kVec) (Vec::loadu(src + j) * vs).store(dst + j);
+    if (j < n) (Vec::loadu(src + j, n - j) * vs).store(dst + j, n - j);
+  } else {
+    static_assert(at::vec::Vectorized<T>::size() == 2 * kVec, "a vector of T holds two of float");
+    for (; j + 2 * kVec <= n; j += 2 * kVec) {
+      at::vec::convert_from_float<T>(Vec::loadu(src + j) * vs, Vec::loadu(src + j + kVec) * vs).store(dst + j);
+    }
+    for (; j < n; ++j) dst[j] = static_cast<T>(src[j] * s);
   }
 }
 
