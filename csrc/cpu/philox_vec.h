@@ -84,7 +84,10 @@ constexpr int kLanes64 = 8;
 inline PhiloxReg lanes64_from(uint64_t first) {
   return _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(first)), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
 }
-inline PhiloxReg high_words(const PhiloxReg& x) { return _mm512_srli_epi64(x, 32); }
+// The high word of each lane in its low half, by swapping the halves: vpshufd issues on the
+// shuffle port, where a shift would compete with the multiplies for the other one (the upper half
+// left holds garbage, see the file comment).
+inline PhiloxReg high_words(const PhiloxReg& x) { return _mm512_shuffle_epi32(x, _MM_PERM_CDAB); }
 inline PhiloxReg mul_wide(const PhiloxReg& x, uint32_t m) { return _mm512_mul_epu32(x, _mm512_set1_epi64(m)); }
 inline PhiloxReg xor2(const PhiloxReg& a, uint32_t k) {
   return _mm512_xor_si512(a, _mm512_set1_epi32(static_cast<int>(k)));
