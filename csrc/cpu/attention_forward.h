@@ -109,7 +109,7 @@ class ForwardHead : public Head<scalar_t> {
            + (g.symmetric && !kPairs && p.dropout_p > 0.0 ? 2 * (g.L * keep_bit_words(g.ldk) + kSymTile) : 0)  // and
                                                   // its keep bits of every row and one tile's transposed
            + (kPairs ? g.block * g.ldk / 2 : 0)   // P block as bf16 A rows
-           + 3 * g.block                          // 1 / row sums, row maxima and sums
+           + 2 * g.block                          // row maxima and sums
            + (p.dropout_p > 0.0 ? 2 * keep_bit_words(g.ldk) : 0)  // keep bits of a row
            + (kHalf ? g.block * p.value_dim : 0);  // output block
   }
@@ -166,12 +166,7 @@ class ForwardHead : public Head<scalar_t> {
       gemm<Dot, false>(rows, Dv_, kend, Panel{probs, ldp}, vb_, dst, ld, 1.f, false, band);
       for (int64_t r = 0; r < rows; ++r) {
         // 0 for a row with no allowed key (P = 0, sum 0).
-        const float factor = row_m[r] == kNegInf ? 0.f : out_scale() * (1.f / row_sum[r]);
-        if constexpr (kHalf) {
-          store_output(i0 + r, dst + r * ld, factor);
-        } else {
-          scale_inplace(dst + r * ld, Dv_, factor);
-        }
+        finish_product_row(i0 + r, dst + r * ld, row_m[r] == kNegInf ? 0.f : out_scale() * (1.f / row_sum[r]));
       }
     }
   }
@@ -199,6 +194,16 @@ class ForwardHead : public Head<scalar_t> {
       return {o, Dv_};
     } else {
       return {this->row_ptr(p_.out, i0), p_.out.token};
+    }
+  }
+
+  // Output row i from its row o of a product_rows block, times factor: scaled in place where o is
+  // the fp32 output row itself, else stored (store_output).
+  void finish_product_row(int64_t i, float* o, float factor) const {
+    if constexpr (kHalf) {
+      store_output(i, o, factor);
+    } else {
+      scale_inplace(o, Dv_, factor);
     }
   }
 
@@ -337,12 +342,8 @@ class ForwardHead : public Head<scalar_t> {
       row_lses(shift + i0, sum + i0, rows, this->lse_ptr(i0), p_.lse.token);
       for (int64_t r = 0; r < rows; ++r) {
         // Only a row with no allowed key sums to 0 (its max gives an exponential of 1 elsewhere).
-        const float l = sum[i0 + r], factor = l == 0.f ? 0.f : 1.f / l;
-        if constexpr (kHalf) {
-          store_output(i0 + r, dst + r * ldo, factor);
-        } else {
-          scale_inplace(dst + r * ldo, Dv_, factor);
-        }
+        const float l = sum[i0 + r];
+        finish_product_row(i0 + r, dst + r * ldo, l == 0.f ? 0.f : 1.f / l);
       }
     }
   }
