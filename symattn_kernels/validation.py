@@ -189,15 +189,3 @@ def _dual(tensors) -> bool:
     if forward_ad._current_level < 0:
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
-MAX_GRID_Y = 65535  # CUDA's limit on grid axis y, where the GPU kernels put sequences x heads
-
-
-def grid_rows(batch: int, heads: int, backend: str) -> None:
-    """The GPU kernels run one program row per (sequence, head) on CUDA's grid axis y: a call with
-    more gets this error rather than CUDA's "invalid argument" at launch."""
-    if batch * heads > MAX_GRID_Y:
-        raise ValueError(f"backend='{backend}' runs one program row per (sequence, head) on CUDA's grid axis y, "
-                         f"which holds at most {MAX_GRID_Y}: this call has {batch} sequences x {heads} heads = "
-                         f"{batch * heads}; split it into calls of fewer sequences, or use backend='torch'")

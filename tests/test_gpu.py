@@ -209,6 +209,24 @@ def test_padded_garbage_never_reaches_real_rows(backend, shared):
         assert torch.isfinite(g[mask]).all(), "padding garbage reached the gradients of real tokens"
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_more_sequence_heads_than_grid_axis_y_holds(backend):
+    """4100 sequences of 16 heads: 65 600 (sequence, head) rows, past the 65 535 of CUDA's grid
+    axis y, so every kernel launches in two chunks; with ragged key padding (1-8 real tokens per
+    sequence) the rows of the second chunk (the last sequences' heads) must be as right as the
+    first's. The padded layout keeps the fp64 reference to one batched call."""
+    _usable(backend)
+    lengths = torch.randint(1, 9, (4100,), generator=torch.Generator().manual_seed(0)).cuda()
+    mask = torch.arange(8, device="cuda")[None, :] < lengths[:, None]
+    (q,) = _leaves(torch.bfloat16, (4100, 8, 16, 32))
+    kw = dict(key_padding_mask=mask)
+    got = _run(lambda *a, **k: sk.symmetric_attention(*a, backend=backend, **k), q, None, None, **kw)
+    ref64 = _run(R.symmetric_attention, q.detach().double().requires_grad_(), None, None, **kw)
+    ref_lowp = _run(R.symmetric_attention, q, None, None, **kw)
+    for name, a, r64, rl in zip(["out", "lse", "dq"], got, ref64, ref_lowp):
+        assert_flash_rule(name, a, r64, rl, 1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("head_norm,token_softmax", [("l2", True), (None, False)])
 @pytest.mark.parametrize("batch,seqlen,dim,heads", [(3, 1, 64, 4), (8, 300, 256, 8), (2, 4096, 128, 16)])

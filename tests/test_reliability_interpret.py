@@ -208,10 +208,60 @@ def test_half_precision_delta_from_unrounded_out():
     assert err <= 0.2 * bound, f"dq error {err:.3g} > 0.2 x flash-attn's bound {bound:.3g}"
 
 
-def test_more_sequence_heads_than_cuda_grid_rows_are_refused_by_name():
-    """B x H programs sit on CUDA's grid axis y (at most 65535): a clear error, not CUDA's
-    "invalid argument" at launch."""
-    q = torch.randn(4096, 16, 16)
-    cu = torch.arange(4097, dtype=torch.int32)
-    with pytest.raises(ValueError, match="backend='triton' .* 4096 sequences x 16 heads = 65536; split it"):
-        sk.symmetric_attention_varlen(q, None, cu, 1, backend="triton")
+def test_grid_row_chunks_cover_every_sequence_head_once():
+    """CUDA's grid axis y holds 65535 (sequence, head) rows: more take several launches."""
+    from symattn_kernels.triton.attention_common import MAX_GRID_Y, grid_row_chunks
+
+    assert MAX_GRID_Y == 65535
+    assert grid_row_chunks(0) == []
+    assert grid_row_chunks(65535) == [(0, 65535)]
+    assert grid_row_chunks(4096 * 16) == [(0, 65535), (65535, 1)]
+    assert grid_row_chunks(3 * 65535 + 7) == [(0, 65535), (65535, 65535), (131070, 65535), (196605, 7)]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_more_sequence_heads_than_a_grid_axis_holds_launch_in_chunks(layout, deterministic, monkeypatch):
+    """B x H program rows sit on CUDA's grid axis y (at most 65535): a call with more launches every
+    kernel in chunks of rows, each told its first row. With the chunk size patched down to 4 rows,
+    calls of 9 and 8 rows (so a short last chunk) with padding or varlen, a diagonal coefficient
+    and dropout give the one-launch call's output, lse and gradients bit for bit, forward and
+    both backward kernels (deterministic=False takes the symmetric one)."""
+    from symattn_kernels.triton import attention_common
+
+    gen = torch.Generator().manual_seed(1)
+    if layout == "padded":
+        q = torch.randn(3, 21, 3, 16, generator=gen)
+        kpm = torch.rand(3, 21, generator=gen) > 0.3
+        kw = dict(key_padding_mask=kpm)
+        call = sk.symmetric_attention
+    else:
+        lengths = [5, 0, 19, 1]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        q = torch.randn(sum(lengths), 2, 16, generator=gen)
+        kw = dict(cu_seqlens=cu, max_seqlen=19)
+
+        def call(x, v, **k):
+            return sk.symmetric_attention_varlen(x, v, k.pop("cu_seqlens"), k.pop("max_seqlen"), **k)
+    coef = torch.rand(q.shape[-2], 16, generator=gen) + 0.5
+    dout = torch.randn(q.shape, generator=gen)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, coef)]
+        torch.manual_seed(5)
+        out, lse = call(leaves[0], None, coef=leaves[1], dropout_p=0.2, deterministic=deterministic,
+                        return_lse=True, backend="triton", **kw)
+        return (out, lse, *torch.autograd.grad((out * dout).sum(), leaves))
+
+    whole = run()
+    rows = (q.shape[0] if layout == "padded" else 4) * q.shape[-2]
+    launches = []
+    chunks = attention_common.grid_row_chunks
+    monkeypatch.setattr(attention_common, "MAX_GRID_Y", 4)
+    for module in ("attention_fwd", "attention_bwd"):
+        monkeypatch.setattr(f"symattn_kernels.triton.{module}.grid_row_chunks",
+                            lambda n: launches.append(n) or chunks(n))
+    chunked = run()
+    assert launches and set(launches) == {rows} and rows > 4
+    for name, a, b in zip(("out", "lse", "dq", "dcoef"), whole, chunked):
+        assert torch.equal(a, b), name

@@ -21,11 +21,14 @@ cudaError_t launch_delta(const CudaBackwardParams& p, cudaStream_t stream) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
     // p.delta is set, so the forward writes delta, not out and lse.
-    kernel<<<dim3(cdiv(p.seqlen, C::kBlockM), p.batch * p.heads), C::kWarps * 32, kSmem, stream>>>(p);
+    return launch_row_chunks(p, [&](const CudaBackwardParams& chunk, int rows) {
+      kernel<<<dim3(cdiv(p.seqlen, C::kBlockM), rows), C::kWarps * 32, kSmem, stream>>>(chunk);
+    });
   } else {
-    dev::attention_bwd_delta_kernel<T><<<dim3(cdiv(p.seqlen, 4), p.batch * p.heads), 128, 0, stream>>>(p);
+    return launch_row_chunks(p, [&](const CudaBackwardParams& chunk, int rows) {
+      dev::attention_bwd_delta_kernel<T><<<dim3(cdiv(p.seqlen, 4), rows), 128, 0, stream>>>(chunk);
+    });
   }
-  return cudaGetLastError();
 }
 
 template <typename T, int HD, bool SHARED>
@@ -38,9 +41,9 @@ cudaError_t launch_bwd(const CudaBackwardParams& p, cudaStream_t stream) {
   auto kernel = dev::attention_bwd_kernel<T, HD, SHARED>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(cdiv(p.seqlen, C::kBlock), p.batch * p.heads);
-  kernel<<<grid, C::kWarps * 32, kSmem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_row_chunks(p, [&](const CudaBackwardParams& chunk, int rows) {
+    kernel<<<dim3(cdiv(p.seqlen, C::kBlock), rows), C::kWarps * 32, kSmem, stream>>>(chunk);
+  });
 }
 
 template <typename T, bool SHARED>

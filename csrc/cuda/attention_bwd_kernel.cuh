@@ -45,7 +45,7 @@ struct BwdSmem {
 // delta[b, h, i] = rowsum(dO * O) - dlse, float32 [B, H, seqlen]: one warp per row.
 template <typename T>
 __global__ void attention_bwd_delta_kernel(const CudaBackwardParams p) {
-  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int bh = p.bh_offset + blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const SeqInfo seq = sequence_info(p.cu_seqlens, b, p.seqlen);
   const int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (i >= seq.len) return;
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(BwdConfig<HD>::kWarps * 32, 1)
   float *lseK = sRows + 3 * B, *deltaK = sRows + 4 * B, *realK = sRows + 5 * B;
   int* sScratch = reinterpret_cast<int*>(smem + L::kScratch);
 
-  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int bh = p.bh_offset + blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const SeqInfo seq = sequence_info(p.cu_seqlens, b, p.seqlen);
   const int j0 = blockIdx.x * B;
   if (j0 >= seq.len) return;  // its dcoef partial stays zero (the caller zero-fills)

@@ -12,10 +12,11 @@ cudaError_t launch_fwd(const CudaForwardParams& p, cudaStream_t stream) {
   auto kernel = dev::attention_fwd_kernel<T, HD, SHARED>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(cdiv(p.seqlen, C::kBlockM), p.batch * p.heads);
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  kernel<<<grid, C::kWarps * 32, kSmem, stream>>>(p);
-  return cudaGetLastError();
+  const int blocks = cdiv(p.seqlen, C::kBlockM);
+  if (blocks == 0) return cudaSuccess;
+  return launch_row_chunks(p, [&](const CudaForwardParams& chunk, int rows) {
+    kernel<<<dim3(blocks, rows), C::kWarps * 32, kSmem, stream>>>(chunk);
+  });
 }
 
 template <typename T, bool SHARED>

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(FwdConfig<HD>::kWarps * 32, 1)
   bool* sRealK = reinterpret_cast<bool*>(smem + L::kRealK);
   int* sScratch = reinterpret_cast<int*>(smem + L::kScratch);
 
-  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int bh = p.bh_offset + blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const SeqInfo seq = sequence_info(p.cu_seqlens, b, p.seqlen);
   const int m0 = blockIdx.x * BM;
   if (m0 >= seq.len) return;  // varlen grids are sized by max_seqlen

@@ -21,6 +21,7 @@ struct CudaForwardParams {
   int head_dim = 0;   // D
   int value_dim = 0;  // Dv (= D in shared mode)
   int seqlen = 0;     // S, or max_seqlen (varlen): the grid's rows
+  int bh_offset = 0;  // first (sequence, head) of this launch: blockIdx.y is b * H + h - bh_offset
   int64_t n_rows = 0; // B * S, or total tokens: the dropout row count
   int64_t key_stride = 0;  // S, or total tokens (varlen, never the bound): the dropout key stride
   const int32_t* cu_seqlens = nullptr;  // [B + 1], or null for the padded layout
@@ -64,6 +65,24 @@ struct CudaBackwardParams : CudaForwardParams {
   float* dcoef_partial = nullptr;
   int n_blocks = 0;  // cdiv(seqlen, attention_bwd_block_cuda(head dim))
 };
+
+// CUDA's grid axis y holds at most 65535 blocks, and the kernels put one (sequence, head) there
+// each: a call with more (4096 packed sequences of 16 heads) launches in chunks of that many,
+// each told its first row in bh_offset. Axis x keeps the token blocks, so the blocks that run
+// together share a head's keys in L2. launch(params, rows) launches one chunk of `rows` rows.
+constexpr int kMaxGridRows = 65535;
+
+template <typename Params, typename Launch>
+cudaError_t launch_row_chunks(Params p, Launch launch) {
+  const int rows = p.batch * p.heads;
+  for (int first = 0; first < rows; first += kMaxGridRows) {
+    p.bh_offset = first;
+    launch(p, rows - first < kMaxGridRows ? rows - first : kMaxGridRows);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
 
 // Kernel launchers (attention_fwd.cu / attention_bwd.cu). They return the launch error, if any.
 // Supported: fp16 / bf16, max(D, Dv) <= 256, any sequence length.

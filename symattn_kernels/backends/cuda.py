@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import extensions, validation
+from .. import extensions
 
 extensions.require("cuda")  # registers the symattn::*_cuda ops before their fake functions below
 
@@ -47,7 +47,6 @@ def attention_forward(
 ):
     del deterministic  # always deterministic
     _check_dtype(q)
-    validation.grid_rows(q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1, q.shape[-2], "cuda")
     return torch.ops.symattn.attention_fwd_cuda(
         q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p, exclude_self, max_seqlen
     )

@@ -55,8 +55,8 @@ from .attention_common import (LOG2E, _dropout_keep, _has_other_key, _kpm_stat, 
                                _token0)
 # Host side: the launch pieces and argument bundles the launchers share.
 from .attention_common import (TokenStrides, coef_mode, coef_product, coef_strides, device_arch, dot_precision,
-                               dropout_grouped, is_interpret, kpm_operand, lse_strides, mask_strides, padded_head_dim,
-                               padding_finite, partial_rows, prepare_call, tail_args, token_strides,
+                               dropout_grouped, grid_row_chunks, is_interpret, kpm_operand, lse_strides, mask_strides,
+                               padded_head_dim, padding_finite, partial_rows, prepare_call, tail_args, token_strides,
                                unit_last_stride)
 from .attention_fwd import attention_forward
 from .features import TRITON_VERSION
@@ -115,11 +115,11 @@ class OwnedBlock(NamedTuple):
 @triton.jit
 def _symattn_bwd_preprocess(
     Out, DO, DLse, Delta, CuSeqlens, out_strides, do_strides, lse_strides,
-    num_heads, seqlen_padded, head_dim_v,
+    num_heads, seqlen_padded, head_dim_v, bh_offset,
     HEAD_DIM_V: tl.constexpr, HAS_DLSE: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    off_bh = bh_offset + tl.program_id(1)  # grid_row_chunks
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
@@ -290,14 +290,14 @@ def _symattn_bwd_inner(
 def _symattn_bwd_kernel(
     Y, V, Coef, QM, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DQM, DKM, Work, DCoefPartial,
     y_strides, v_strides, do_strides, dy_strides, dv_strides, m_strides, lse_strides, coef_strides, kpm_strides,
-    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout, bh_offset,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr, IS_CAUSAL: tl.constexpr,
     ROLES: tl.constexpr, SPLIT_D: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (j, b * H + h, g) plays the roles ROLES selects (BWD_ALL_ROLES, or BWD_QUERY_ROLE
+    """Program (j, b * H + h - bh_offset, g) plays the roles ROLES selects (BWD_ALL_ROLES, or BWD_QUERY_ROLE
     then, in a second launch, BWD_KEY_ROLES) of token block J for the output columns of group g
     (SPLIT_D groups). QM is Y M and DQM / DKM receive scale G Y / scale G^T Y for a
     full M (the host applies M); Work carries the query launch's fp32 share of dY to the key
@@ -309,7 +309,7 @@ def _symattn_bwd_kernel(
     KEY: tl.constexpr = ROLES != BWD_QUERY_ROLE
     QUERY: tl.constexpr = ROLES != BWD_KEY_ROLES
     start_j = tl.program_id(0)
-    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, bh_offset, IS_VARLEN)
     seqlen = prog.seqlen
     col0 = tl.program_id(2) * HEAD_DIM_OUT
     colv0 = tl.program_id(2) * HEAD_DIM_V_OUT
@@ -458,7 +458,7 @@ def _symattn_bwd_kernel(
 def _symattn_bwd_sym_kernel(
     Y, V, Coef, Kpm, CuSeqlens, DO, Lse, Delta, DYAcc, DVAcc, DCoefPartial,
     y_strides, v_strides, do_strides, dy_acc_strides, dv_acc_strides, lse_strides, coef_strides, kpm_strides,
-    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout, bh_offset,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr,
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -471,7 +471,7 @@ def _symattn_bwd_sym_kernel(
     dY_J += scale (G_sum Y_I) M + Pd_IJ^T dO_I in registers and dY_I += scale (G_sum^T Y_J) M +
     Pd_JI^T dO_J by fp32 atomics: 7 matmuls per block pair instead of 10 (not deterministic)."""
     start_j = tl.program_id(0)
-    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, bh_offset, IS_VARLEN)
     seqlen = prog.seqlen
     if start_j * BLOCK_M >= seqlen:
         return
@@ -768,12 +768,13 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
         token_strides(dy_acc, is_varlen), TokenStrides(0, 0, 0) if dv_acc is None else token_strides(dv_acc, is_varlen),
         lse_strides(lse, is_varlen), coef_strides(coef), mask_strides(kpm), *tail_args(layout, scale, dropout_p, seed),
     ]
-    _symattn_bwd_sym_kernel[(n_blocks, batch * num_heads)](
-        *args, HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v), SHARED_V=v is None,
-        COEF_MODE=mode, NEED_DCOEF=need_dcoef, HAS_KPM=kpm is not None, IS_VARLEN=is_varlen,
-        HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, **launch,
-    )
+    for bh_offset, rows in grid_row_chunks(batch * num_heads):
+        _symattn_bwd_sym_kernel[(n_blocks, rows)](
+            *args, bh_offset, HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v),
+            SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef, HAS_KPM=kpm is not None, IS_VARLEN=is_varlen,
+            HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, **launch,
+        )
     dq.copy_(dy_acc)
     if dv is not None:
         dv.copy_(dv_acc)
@@ -832,12 +833,13 @@ def attention_backward(
         out = attention_forward(q, v, coef, key_padding_mask, cu_seqlens, seed, scale, causal, dropout_p,
                                 exclude_self, max_seqlen, deterministic, out_dtype=torch.float32)[0]
     delta = torch.empty_like(lse)
-    _symattn_bwd_preprocess[(triton.cdiv(seqlen_padded, PREPROCESS_BLOCK_M), batch * num_heads)](
-        out, dout, lse if dlse is None else dlse, delta, cu_seqlens if is_varlen else lse,
-        token_strides(out, is_varlen), token_strides(dout, is_varlen), lse_strides(lse, is_varlen),
-        num_heads, seqlen_padded, head_dim_v,
-        HEAD_DIM_V=hdv_pad, HAS_DLSE=dlse is not None, IS_VARLEN=is_varlen, BLOCK_M=PREPROCESS_BLOCK_M,
-    )
+    for bh_offset, rows in grid_row_chunks(batch * num_heads):
+        _symattn_bwd_preprocess[(triton.cdiv(seqlen_padded, PREPROCESS_BLOCK_M), rows)](
+            out, dout, lse if dlse is None else dlse, delta, cu_seqlens if is_varlen else lse,
+            token_strides(out, is_varlen), token_strides(dout, is_varlen), lse_strides(lse, is_varlen),
+            num_heads, seqlen_padded, head_dim_v, bh_offset,
+            HEAD_DIM_V=hdv_pad, HAS_DLSE=dlse is not None, IS_VARLEN=is_varlen, BLOCK_M=PREPROCESS_BLOCK_M,
+        )
 
     if symmetric:
         _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dv, dcoef, scale,
@@ -882,8 +884,9 @@ def attention_backward(
         EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype), **blocks,
     )
     for roles, split_d in zip((BWD_ALL_ROLES,) if fuse_roles else (BWD_QUERY_ROLE, BWD_KEY_ROLES), splits):
-        _symattn_bwd_kernel[(n_blocks, batch * num_heads, split_d)](*args, ROLES=roles, SPLIT_D=split_d,
-                                                                     **constexprs, **launch)
+        for bh_offset, rows in grid_row_chunks(batch * num_heads):
+            _symattn_bwd_kernel[(n_blocks, rows, split_d)](*args, bh_offset, ROLES=roles, SPLIT_D=split_d,
+                                                           **constexprs, **launch)
 
     if mode == 2:
         # dY = (scale G^T Y) M + (scale G Y) M^T in one fp32-accumulated matmul, + Pd^T dO (shared);

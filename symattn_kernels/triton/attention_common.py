@@ -3,8 +3,8 @@ program's sequence (``ProgramSequence``, ``_token0``), key-padding statistics, t
 rule and the dropout mask; the named tuples the kernels take as arguments (``TokenStrides``,
 ``MaskStrides``, ``CoefStrides``, ``Dropout``: one argument per tensor's strides, so that a
 launch names what it passes); and the host-side pieces every launcher needs (``prepare_call``,
-``tail_args``, head-dim padding, dot precision, the full-coefficient products; the LAMA launcher
-takes the generic ones).
+``tail_args``, ``grid_row_chunks``, head-dim padding, dot precision, the full-coefficient
+products; the LAMA launcher takes the generic ones).
 
 Triton passes a named tuple of scalars to a kernel as its fields and specializes each field as
 it would a separate argument (a stride of 1 becomes a constant, a multiple of 16 an alignment
@@ -34,7 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import validation
 from ..reference import dropout_scale, dropout_threshold
 
 # exp(x) == exp2(x * LOG2E): the kernels use exp2 (a native instruction) and fold LOG2E into the
@@ -48,6 +47,20 @@ PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
 PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
 PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
 PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+
+
+# CUDA's limit on grid axis y, where the attention kernels put one program row per (sequence,
+# head). A call with more rows launches in chunks (``grid_row_chunks``), each kernel told its
+# first row (``bh_offset``): packed training batches of thousands of short sequences pass it
+# (4096 sequences x 16 heads). Axis 0 (no such limit) keeps the query blocks, so the programs
+# that run together share a head's keys in L2.
+MAX_GRID_Y = 65535
+
+
+def grid_row_chunks(rows: int) -> list[tuple[int, int]]:
+    """(bh_offset, count) of the launches that cover ``rows`` = sequences x heads program rows,
+    at most ``MAX_GRID_Y`` each, in order."""
+    return [(first, min(MAX_GRID_Y, rows - first)) for first in range(0, rows, MAX_GRID_Y)]
 
 
 def is_interpret() -> bool:
@@ -217,7 +230,6 @@ def prepare_call(q, v, coef, cu_seqlens, max_seqlen, dropout_p: float, seed):
     coef = None if coef is None else coef.contiguous()
     q, v = unit_last_stride(q), unit_last_stride(v)
     layout = attention_layout(q, v, cu_seqlens, max_seqlen)
-    validation.grid_rows(layout.batch, layout.num_heads, "triton")
     return q, v, coef, layout
 
 
@@ -263,9 +275,10 @@ class ProgramSequence(NamedTuple):
 
 
 @triton.jit
-def _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN: tl.constexpr):
-    """``ProgramSequence`` of program axis 1 (= b * H + h)."""
-    off_bh = tl.program_id(1)
+def _program_sequence(CuSeqlens, num_heads, seqlen_padded, bh_offset, IS_VARLEN: tl.constexpr):
+    """``ProgramSequence`` of program axis 1 in a launch whose first row is ``bh_offset``
+    (``grid_row_chunks``): b * H + h = bh_offset + program_id(1)."""
+    off_bh = bh_offset + tl.program_id(1)
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)

@@ -37,8 +37,9 @@ from .attention_common import (LN2, LOG2E, _dropout_keep, _has_other_key, _kpm_s
                                _program_sequence, _real_tokens, _in_int64, _row_ctr0, _token0)
 # Host side: the launch pieces and argument bundles the launchers share.
 from .attention_common import (TokenStrides, coef_mode, coef_product, coef_strides, device_arch, dot_precision,
-                               dropout_grouped, is_interpret, kpm_operand, lse_strides, mask_strides, padded_head_dim,
-                               padding_finite, prepare_call, tail_args, token_strides, unit_last_stride)
+                               dropout_grouped, grid_row_chunks, is_interpret, kpm_operand, lse_strides, mask_strides,
+                               padded_head_dim, padding_finite, prepare_call, tail_args, token_strides,
+                               unit_last_stride)
 from .features import warp_specialize_for
 
 __all__ = ["attention_forward"]
@@ -163,7 +164,7 @@ def _symattn_fwd_inner(
 def _symattn_fwd_kernel(
     Q, V, Coef, QM, Kpm, CuSeqlens, Out, Lse,
     q_strides, v_strides, out_strides, qm_strides, lse_strides, coef_strides, kpm_strides,
-    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout, bh_offset,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
@@ -171,14 +172,14 @@ def _symattn_fwd_kernel(
     SPLIT_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (m, b * H + h, g): query block m of one head, value columns of group g of SPLIT_D
+    """Program (m, b * H + h - bh_offset, g): query block m of one head, value columns of group g of SPLIT_D
     (each group recomputes the scores; the first stores lse). Strides come per tensor
     (``TokenStrides``, ``CoefStrides``, ``MaskStrides``), dropout constants as ``Dropout``."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     tl.static_assert(HEAD_DIM_V % SPLIT_D == 0 and (SPLIT_D == 1 or not REUSE_DIAG))
     HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
     start_m = tl.program_id(0)
-    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, bh_offset, IS_VARLEN)
     seqlen = prog.seqlen
     if start_m * BLOCK_M >= seqlen:
         return
@@ -421,16 +422,18 @@ def attention_forward(
         REUSE_DIAG=split_d == 1 and fwd_reuse_diag(v is None, hd_pad, arch, kpm is not None),
     )
 
-    def grid(meta):
-        return (triton.cdiv(seqlen_padded, meta["BLOCK_M"]), batch * num_heads, split_d)
+    for bh_offset, rows in grid_row_chunks(batch * num_heads):
 
-    if is_interpret():
-        _symattn_fwd_kernel[grid](*args, **constexprs, **INTERPRET_FWD_CONFIG)
-    elif fwd_autotune():
-        _fwd_autotuned[grid](*args, **constexprs)
-    else:
-        block_m, block_n, warps, stages = fwd_configs_for(seqlen_padded, hd_pad, hdv_pad, has_dropout, mode,
-                                                          v is None)[0]
-        _symattn_fwd_kernel[grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                                  num_stages=stages)
+        def grid(meta, rows=rows):
+            return (triton.cdiv(seqlen_padded, meta["BLOCK_M"]), rows, split_d)
+
+        if is_interpret():
+            _symattn_fwd_kernel[grid](*args, bh_offset, **constexprs, **INTERPRET_FWD_CONFIG)
+        elif fwd_autotune():
+            _fwd_autotuned[grid](*args, bh_offset, **constexprs)
+        else:
+            block_m, block_n, warps, stages = fwd_configs_for(seqlen_padded, hd_pad, hdv_pad, has_dropout, mode,
+                                                              v is None)[0]
+            _symattn_fwd_kernel[grid](*args, bh_offset, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n,
+                                      num_warps=warps, num_stages=stages)
     return out, lse
