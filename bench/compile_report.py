@@ -191,8 +191,9 @@ def compile_job(job: Job) -> Job:
         return _compile(job, *_lama_kernel(job))
     fn = _symattn_bwd_sym_kernel if job.kernel == "bwd-sym" else (
         _symattn_fwd_kernel if job.kernel == "fwd" else _symattn_bwd_kernel)
+    # BH_OFFSET 0: every launch of a call of at most 65535 sequences x heads (grid_row_chunks).
     constexprs = dict(FLAG_SETS[job.flags], HEAD_DIM=job.head_dim, HEAD_DIM_V=job.head_dim_v, DOT_PRECISION="tf32",
-                      BLOCK_M=job.block_m, BLOCK_N=job.block_n, SPLIT_D=job.split_d)
+                      BLOCK_M=job.block_m, BLOCK_N=job.block_n, SPLIT_D=job.split_d, BH_OFFSET=0)
     if job.kernel == "fwd":  # as attention_forward sets them for this arch
         constexprs["REUSE_DIAG"] = job.split_d == 1 and fwd_reuse_diag(constexprs["SHARED_V"], job.head_dim, job.arch,
                                                                        constexprs["HAS_KPM"])

@@ -115,11 +115,12 @@ class OwnedBlock(NamedTuple):
 @triton.jit
 def _symattn_bwd_preprocess(
     Out, DO, DLse, Delta, CuSeqlens, out_strides, do_strides, lse_strides,
-    num_heads, seqlen_padded, head_dim_v, bh_offset,
-    HEAD_DIM_V: tl.constexpr, HAS_DLSE: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    num_heads, seqlen_padded, head_dim_v,
+    HEAD_DIM_V: tl.constexpr, HAS_DLSE: tl.constexpr, IS_VARLEN: tl.constexpr, BH_OFFSET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    off_bh = bh_offset + tl.program_id(1)  # grid_row_chunks
+    off_bh = BH_OFFSET + tl.program_id(1)  # grid_row_chunks
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)
@@ -290,14 +291,14 @@ def _symattn_bwd_inner(
 def _symattn_bwd_kernel(
     Y, V, Coef, QM, Kpm, CuSeqlens, DO, Lse, Delta, DY, DV, DQM, DKM, Work, DCoefPartial,
     y_strides, v_strides, do_strides, dy_strides, dv_strides, m_strides, lse_strides, coef_strides, kpm_strides,
-    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout, bh_offset,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr, IS_CAUSAL: tl.constexpr,
     ROLES: tl.constexpr, SPLIT_D: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BH_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (j, b * H + h - bh_offset, g) plays the roles ROLES selects (BWD_ALL_ROLES, or BWD_QUERY_ROLE
+    """Program (j, b * H + h - BH_OFFSET, g) plays the roles ROLES selects (BWD_ALL_ROLES, or BWD_QUERY_ROLE
     then, in a second launch, BWD_KEY_ROLES) of token block J for the output columns of group g
     (SPLIT_D groups). QM is Y M and DQM / DKM receive scale G Y / scale G^T Y for a
     full M (the host applies M); Work carries the query launch's fp32 share of dY to the key
@@ -309,7 +310,7 @@ def _symattn_bwd_kernel(
     KEY: tl.constexpr = ROLES != BWD_QUERY_ROLE
     QUERY: tl.constexpr = ROLES != BWD_KEY_ROLES
     start_j = tl.program_id(0)
-    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, bh_offset, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, BH_OFFSET, IS_VARLEN)
     seqlen = prog.seqlen
     col0 = tl.program_id(2) * HEAD_DIM_OUT
     colv0 = tl.program_id(2) * HEAD_DIM_V_OUT
@@ -458,11 +459,11 @@ def _symattn_bwd_kernel(
 def _symattn_bwd_sym_kernel(
     Y, V, Coef, Kpm, CuSeqlens, DO, Lse, Delta, DYAcc, DVAcc, DCoefPartial,
     y_strides, v_strides, do_strides, dy_acc_strides, dv_acc_strides, lse_strides, coef_strides, kpm_strides,
-    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout, bh_offset,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, NEED_DCOEF: tl.constexpr,
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr, BH_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Symmetric backward (non-causal, M = I or diagonal, so S_IJ = S_JI^T): program j owns block
@@ -471,7 +472,7 @@ def _symattn_bwd_sym_kernel(
     dY_J += scale (G_sum Y_I) M + Pd_IJ^T dO_I in registers and dY_I += scale (G_sum^T Y_J) M +
     Pd_JI^T dO_J by fp32 atomics: 7 matmuls per block pair instead of 10 (not deterministic)."""
     start_j = tl.program_id(0)
-    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, bh_offset, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, BH_OFFSET, IS_VARLEN)
     seqlen = prog.seqlen
     if start_j * BLOCK_M >= seqlen:
         return
@@ -770,7 +771,7 @@ def _symmetric_backward(q, v, coef, key_padding_mask, cu_seqlens, seed, dout, ls
     ]
     for bh_offset, rows in grid_row_chunks(batch * num_heads):
         _symattn_bwd_sym_kernel[(n_blocks, rows)](
-            *args, bh_offset, HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v),
+            *args, BH_OFFSET=bh_offset, HEAD_DIM=padded_head_dim(head_dim), HEAD_DIM_V=padded_head_dim(head_dim_v),
             SHARED_V=v is None, COEF_MODE=mode, NEED_DCOEF=need_dcoef, HAS_KPM=kpm is not None, IS_VARLEN=is_varlen,
             HAS_DROPOUT=has_dropout, EXCLUDE_SELF=bool(exclude_self), DOT_PRECISION=dot_precision(q.dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, **launch,
@@ -837,7 +838,7 @@ def attention_backward(
         _symattn_bwd_preprocess[(triton.cdiv(seqlen_padded, PREPROCESS_BLOCK_M), rows)](
             out, dout, lse if dlse is None else dlse, delta, cu_seqlens if is_varlen else lse,
             token_strides(out, is_varlen), token_strides(dout, is_varlen), lse_strides(lse, is_varlen),
-            num_heads, seqlen_padded, head_dim_v, bh_offset,
+            num_heads, seqlen_padded, head_dim_v, BH_OFFSET=bh_offset,
             HEAD_DIM_V=hdv_pad, HAS_DLSE=dlse is not None, IS_VARLEN=is_varlen, BLOCK_M=PREPROCESS_BLOCK_M,
         )
 
@@ -885,7 +886,7 @@ def attention_backward(
     )
     for roles, split_d in zip((BWD_ALL_ROLES,) if fuse_roles else (BWD_QUERY_ROLE, BWD_KEY_ROLES), splits):
         for bh_offset, rows in grid_row_chunks(batch * num_heads):
-            _symattn_bwd_kernel[(n_blocks, rows, split_d)](*args, bh_offset, ROLES=roles, SPLIT_D=split_d,
+            _symattn_bwd_kernel[(n_blocks, rows, split_d)](*args, ROLES=roles, SPLIT_D=split_d, BH_OFFSET=bh_offset,
                                                            **constexprs, **launch)
 
     if mode == 2:

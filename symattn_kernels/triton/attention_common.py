@@ -51,14 +51,17 @@ PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 
 # CUDA's limit on grid axis y, where the attention kernels put one program row per (sequence,
 # head). A call with more rows launches in chunks (``grid_row_chunks``), each kernel told its
-# first row (``bh_offset``): packed training batches of thousands of short sequences pass it
-# (4096 sequences x 16 heads). Axis 0 (no such limit) keeps the query blocks, so the programs
-# that run together share a head's keys in L2.
+# first row (the BH_OFFSET constexpr): packed training batches of thousands of short sequences
+# pass it (4096 sequences x 16 heads). Axis 0 (no such limit) keeps the query blocks, so the
+# programs that run together share a head's keys in L2. A constexpr, not an argument: at 0, every
+# call's offset below the limit, the kernels compile as they did without it (a runtime offset
+# pushed the sm_90 symmetric backward of head dim 64 with dropout and padding to 255 registers and
+# 8 bytes of stack, ``python -m bench.compile_report``), and each later chunk compiles once.
 MAX_GRID_Y = 65535
 
 
 def grid_row_chunks(rows: int) -> list[tuple[int, int]]:
-    """(bh_offset, count) of the launches that cover ``rows`` = sequences x heads program rows,
+    """(first row, count) of the launches that cover ``rows`` = sequences x heads program rows,
     at most ``MAX_GRID_Y`` each, in order."""
     return [(first, min(MAX_GRID_Y, rows - first)) for first in range(0, rows, MAX_GRID_Y)]
 
@@ -275,10 +278,10 @@ class ProgramSequence(NamedTuple):
 
 
 @triton.jit
-def _program_sequence(CuSeqlens, num_heads, seqlen_padded, bh_offset, IS_VARLEN: tl.constexpr):
-    """``ProgramSequence`` of program axis 1 in a launch whose first row is ``bh_offset``
-    (``grid_row_chunks``): b * H + h = bh_offset + program_id(1)."""
-    off_bh = bh_offset + tl.program_id(1)
+def _program_sequence(CuSeqlens, num_heads, seqlen_padded, BH_OFFSET: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """``ProgramSequence`` of program axis 1 in a launch whose first row is ``BH_OFFSET``
+    (``grid_row_chunks``): b * H + h = BH_OFFSET + program_id(1)."""
+    off_bh = BH_OFFSET + tl.program_id(1)
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     seq_start, seqlen = _seq_bounds(CuSeqlens, off_b, seqlen_padded, IS_VARLEN)

@@ -164,22 +164,22 @@ def _symattn_fwd_inner(
 def _symattn_fwd_kernel(
     Q, V, Coef, QM, Kpm, CuSeqlens, Out, Lse,
     q_strides, v_strides, out_strides, qm_strides, lse_strides, coef_strides, kpm_strides,
-    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout, bh_offset,
+    num_heads, seqlen_padded, head_dim, head_dim_v, n_rows, scale, dropout,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     SHARED_V: tl.constexpr, COEF_MODE: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr, DROPOUT_GROUPED: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr, REUSE_DIAG: tl.constexpr,
-    SPLIT_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    SPLIT_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BH_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (m, b * H + h - bh_offset, g): query block m of one head, value columns of group g of SPLIT_D
+    """Program (m, b * H + h - BH_OFFSET, g): query block m of one head, value columns of group g of SPLIT_D
     (each group recomputes the scores; the first stores lse). Strides come per tensor
     (``TokenStrides``, ``CoefStrides``, ``MaskStrides``), dropout constants as ``Dropout``."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     tl.static_assert(HEAD_DIM_V % SPLIT_D == 0 and (SPLIT_D == 1 or not REUSE_DIAG))
     HEAD_DIM_V_OUT: tl.constexpr = HEAD_DIM_V // SPLIT_D
     start_m = tl.program_id(0)
-    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, bh_offset, IS_VARLEN)
+    prog = _program_sequence(CuSeqlens, num_heads, seqlen_padded, BH_OFFSET, IS_VARLEN)
     seqlen = prog.seqlen
     if start_m * BLOCK_M >= seqlen:
         return
@@ -428,12 +428,12 @@ def attention_forward(
             return (triton.cdiv(seqlen_padded, meta["BLOCK_M"]), rows, split_d)
 
         if is_interpret():
-            _symattn_fwd_kernel[grid](*args, bh_offset, **constexprs, **INTERPRET_FWD_CONFIG)
+            _symattn_fwd_kernel[grid](*args, **constexprs, BH_OFFSET=bh_offset, **INTERPRET_FWD_CONFIG)
         elif fwd_autotune():
-            _fwd_autotuned[grid](*args, bh_offset, **constexprs)
+            _fwd_autotuned[grid](*args, **constexprs, BH_OFFSET=bh_offset)
         else:
             block_m, block_n, warps, stages = fwd_configs_for(seqlen_padded, hd_pad, hdv_pad, has_dropout, mode,
                                                               v is None)[0]
-            _symattn_fwd_kernel[grid](*args, bh_offset, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n,
+            _symattn_fwd_kernel[grid](*args, **constexprs, BH_OFFSET=bh_offset, BLOCK_M=block_m, BLOCK_N=block_n,
                                       num_warps=warps, num_stages=stages)
     return out, lse
