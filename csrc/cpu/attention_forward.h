@@ -44,31 +44,36 @@ class ForwardHead : public Head<scalar_t> {
     return Base::panel_floats(p, g, false) + (!kPairs && !kHalf ? g.L * p.value_dim : 0);
   }
 
-  // What the row-range packers take on fp32 operands (pack_query_rows, fp32_rows, pack_key_rows,
-  // contiguous_values): q query rows, k keys, and the values of v rows.
+  // What the row-range packers take (pack_query_rows, fp32_rows, pack_key_rows, contiguous_values
+  // on fp32 operands; pair_query_rows, pair_key_rows, pair_values on bf16 pairs): q query rows,
+  // k keys, and the values of v rows in at most two ranges.
   static int64_t row_panel_floats(const ForwardParams& p, const Geometry& g, int64_t q, int64_t k, int64_t v) {
     const int64_t D = p.head_dim, Dv = p.value_dim;
     const bool shared = p.v.data == nullptr;
-    return (p.key_padding_mask != nullptr ? g.ldk + g.L + 1 : 0)  // key bias, prefix counts
+    const int64_t masks = p.key_padding_mask != nullptr ? g.ldk + g.L + 1 : 0;  // key bias, prefix counts
+    if constexpr (kPairs) {
+      return masks
+             + (p.coef_mode != CoefMode::kNone ? 2 * q * D : 0)  // fp32 rows of the queries, times M
+             + q * Base::words(D)                                 // the queries as A rows
+             + k * Base::words(D) + Base::words(D) * key_stride(k)  // the keys as A rows, transposed
+             + (Base::words(v) + 1) * Dv;                         // values as B rows (a pad row per range)
+    }
+    return masks
            + (kHalf ? (q + k) * D : 0)                             // fp32 rows of queries and keys
            + D * (round_up(k, kVec) + kVec)                        // Yt of the keys
            + (p.coef_mode != CoefMode::kNone ? q * D : 0)          // Y M of the queries
            + (shared && kHalf ? 0 : v * Dv);                       // values, widened or contiguous
   }
 
-  // What pack_mirrored takes: on fp32 operands the panels of a task's two row groups only (of
-  // at most G rows each, the longest group of the call's mirrored heads), else the head's.
+  // What pack_mirrored takes: the panels of a task's two row groups only (of at most G rows
+  // each, the longest group of the call's mirrored heads).
   static int64_t mirrored_panel_floats(const ForwardParams& p, const Geometry& g) {
-    if constexpr (kPairs) {
-      return panel_floats(p, g);
-    } else {
-      int64_t G = 0;
-      for (int64_t b = 0; b < (p.cu_seqlens != nullptr ? p.batch : 1); ++b) {
-        const int64_t L = p.length(b);
-        if (L > 0) G = std::max(G, mirror_group_rows(L, mirror_groups(L, p.batch * p.heads)));
-      }
-      return row_panel_floats(p, g, G, G, 2 * G);
+    int64_t G = 0;
+    for (int64_t b = 0; b < (p.cu_seqlens != nullptr ? p.batch : 1); ++b) {
+      const int64_t L = p.length(b);
+      if (L > 0) G = std::max(G, mirror_group_rows(L, mirror_groups(L, p.batch * p.heads)));
     }
+    return row_panel_floats(p, g, G, G, 2 * G);
   }
 
   // Query rows per chunk of run_tiled: whole query blocks, at most kMaxTaskRows.
@@ -76,11 +81,10 @@ class ForwardHead : public Head<scalar_t> {
     return std::min(round_up(kMaxTaskRows, g.block), round_up(g.L, g.block));
   }
 
-  // What run_tiled takes: a chunk's query panels and states and one key tile's panels on fp32
-  // operands; bf16 operand pairs take the head's panels.
+  // What run_tiled takes: a chunk's query panels and states and one key tile's panels.
   static int64_t tiled_workspace_floats(const ForwardParams& p, const Geometry& g) {
     const int64_t chunk = tiled_chunk_rows(g);
-    return (kPairs ? Base::panel_floats(p, g, false) : row_panel_floats(p, g, chunk, kKeyTile, kKeyTile))
+    return row_panel_floats(p, g, chunk, kKeyTile, kKeyTile)
            + g.block * kKeyTile                      // score tile
            + (kPairs ? g.block * kKeyTile / 2 : 0)   // P tile as bf16 A rows
            + chunk * p.value_dim                     // the chunk's output rows
@@ -216,16 +220,16 @@ class ForwardHead : public Head<scalar_t> {
 
   // A mirrored task's panels: query rows [r0, r1) as Qa (times M), keys [c0, c1) as Yt, and the
   // values of both groups (group_values_ of rows [r0, r1), vb_ of keys [c0, c1)), each addressed
-  // by the rows' own index. On fp32 operands they hold those rows only (a task's two groups are
-  // 2 / groups of the head's rows), with fp32 values copied contiguous (contiguous_values);
-  // bf16 operand pairs take the head's panels.
+  // by the rows' own index and holding those rows only (a task's two groups are 2 / groups of the
+  // head's rows), fp32 values copied contiguous (contiguous_values).
   void pack_mirrored(int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    const bool one_group = r0 == c0;
     if constexpr (kPairs) {
-      this->pack_query_key(shared_, r0, r1, c0, c1);
-      this->pack_values();
-      group_values_ = vb_;
+      pair_query_rows(r0, r1);
+      pair_key_rows(c0, c1);
+      group_values_ = pair_values(r0, r1);
+      vb_ = one_group ? group_values_ : pair_values(c0, c1);
     } else {
-      const bool one_group = r0 == c0;
       const Panel ya = pack_query_rows(r0, r1);  // M is diagonal: the mirror needs a symmetric one
       const Panel yc = one_group ? ya : fp32_rows(this->y_rows_, D_, c0, c1);
       pack_key_rows(yc, c0, c1);
@@ -277,6 +281,41 @@ class ForwardHead : public Head<scalar_t> {
     float* buf = ws_.template take<float>((i1 - i0) * Dv_);
     load_rows(buf, Dv_, v.data + i0 * v.ld, v.ld, i1 - i0, Dv_);
     return {buf - i0 * Dv_, Dv_};
+  }
+
+  // The same packers for bf16 operand pairs, from the input rows (y_rows_, v_rows_).
+
+  // Query rows [r0, r1) as the score products' A rows qa_ (times M, from their fp32 rows).
+  void pair_query_rows(int64_t r0, int64_t r1) {
+    const typename Base::Rows& y = this->y_rows_;
+    const int64_t n = r1 - r0;
+    Word* buf = ws_.template take<Word>(n * Base::words(D_));
+    if (p_.coef_mode == CoefMode::kNone) {
+      this->qa_ = Base::a_from(Base::a_rows(y.data + r0 * y.ld, y.ld, n, D_, buf), -r0);
+      return;
+    }
+    float* yf = ws_.template take<float>(n * D_);
+    load_rows(yf, D_, y.data + r0 * y.ld, y.ld, n, D_);
+    float* qm = ws_.template take<float>(n * D_);
+    this->times_coef(yf - r0 * D_, D_, r0, r1, qm);
+    this->qa_ = Base::a_from(Base::a_rows(static_cast<const float*>(qm), D_, n, D_, buf), -r0);
+  }
+
+  // Keys [c0, c1) as the score products' B panel yt_ (Y^T of its own width).
+  void pair_key_rows(int64_t c0, int64_t c1) {
+    const typename Base::Rows& y = this->y_rows_;
+    const int64_t n = c1 - c0, ldt = key_stride(n);
+    const Panel ya = Base::a_rows(y.data + c0 * y.ld, y.ld, n, D_, ws_.template take<Word>(n * Base::words(D_)));
+    const Panel yt = this->b_transposed(ya, n, D_, ws_.template take<Word>(Base::words(D_) * ldt), ldt);
+    this->yt_ = {yt.data - c0, ldt};
+  }
+
+  // Values of rows [i0, i1), i0 even, as B rows (row pairs interleaved; Y's rows in shared mode).
+  Panel pair_values(int64_t i0, int64_t i1) {
+    const typename Base::Rows& v = shared_ ? this->y_rows_ : this->v_rows_;
+    Word* buf = ws_.template take<Word>(Base::words(i1 - i0) * Dv_);
+    const Panel vb = Base::b_rows(v.data + i0 * v.ld, v.ld, i1 - i0, Dv_, buf, Dv_);
+    return Base::b_from(vb, -i0);
   }
 
   // Dropout's keep bits on the symmetric schedule: every row's over all keys (words per row),
@@ -490,12 +529,6 @@ class ForwardHead : public Head<scalar_t> {
   // never the head's keys. Each row still meets its key tiles in order.
   void run_tiled(int64_t r0, int64_t r1) {
     this->setup_keys();
-    if constexpr (kPairs) {
-      // bf16 operand pairs keep the head's panels (see pack_mirrored): keys up to the last one
-      // any of the rows attends (a causal task's stop at its last row).
-      this->pack_query_key(shared_, r0, r1, 0, this->block_keys(r0, r1 - r0));
-      this->pack_values();
-    }
     const int64_t chunk = tiled_chunk_rows(g_);
     float* s = ws_.template take<float>(g_.block * kKeyTile);
     Word* probs = nullptr;
@@ -514,14 +547,21 @@ class ForwardHead : public Head<scalar_t> {
     for (int64_t q0 = r0; q0 < r1; q0 += chunk) {
       const int64_t q1 = std::min(r1, q0 + chunk), kend = this->block_keys(q0, q1 - q0);
       const size_t chunk_panels = ws_.mark();
-      if constexpr (!kPairs) pack_query_rows(q0, q1);
+      if constexpr (kPairs) {
+        pair_query_rows(q0, q1);
+      } else {
+        pack_query_rows(q0, q1);
+      }
       fill(o, (q1 - q0) * Dv_, 0.f);
       fill(m, q1 - q0, kNegInf);
       fill(l, q1 - q0, 0.f);
       for (int64_t j0 = 0; j0 < kend; j0 += kKeyTile) {
         const int64_t j1 = std::min(kend, j0 + kKeyTile);
         const size_t tile_panels = ws_.mark();
-        if constexpr (!kPairs) {
+        if constexpr (kPairs) {
+          pair_key_rows(j0, j1);
+          vb_ = pair_values(j0, j1);
+        } else {
           const Panel yk = fp32_rows(this->y_rows_, D_, j0, j1);
           pack_key_rows(yk, j0, j1);
           vb_ = contiguous_values(yk, j0, j1);
