@@ -264,10 +264,12 @@ class ForwardHead : public Head<scalar_t> {
     return y;
   }
 
-  // Keys [c0, c1) of the fp32 rows y as the score products' B panel yt_ (Y^T of its own width).
+  // Keys [c0, c1) of the A rows y (fp32 rows, or bf16 pairs) as the score products' B panel yt_
+  // (Y^T of its own width).
   void pack_key_rows(const Panel& y, int64_t c0, int64_t c1) {
     const int64_t ldt = key_stride(c1 - c0);
-    const Panel yt = this->b_transposed(Base::a_from(y, c0), c1 - c0, D_, ws_.template take<Word>(D_ * ldt), ldt);
+    const Panel yt = this->b_transposed(Base::a_from(y, c0), c1 - c0, D_,
+                                        ws_.template take<Word>(Base::words(D_) * ldt), ldt);
     this->yt_ = {yt.data - c0, ldt};
   }
 
@@ -301,13 +303,12 @@ class ForwardHead : public Head<scalar_t> {
     this->qa_ = Base::a_from(Base::a_rows(static_cast<const float*>(qm), D_, n, D_, buf), -r0);
   }
 
-  // Keys [c0, c1) as the score products' B panel yt_ (Y^T of its own width).
+  // Keys [c0, c1) as the score products' B panel yt_: their A rows, then pack_key_rows.
   void pair_key_rows(int64_t c0, int64_t c1) {
     const typename Base::Rows& y = this->y_rows_;
-    const int64_t n = c1 - c0, ldt = key_stride(n);
+    const int64_t n = c1 - c0;
     const Panel ya = Base::a_rows(y.data + c0 * y.ld, y.ld, n, D_, ws_.template take<Word>(n * Base::words(D_)));
-    const Panel yt = this->b_transposed(ya, n, D_, ws_.template take<Word>(Base::words(D_) * ldt), ldt);
-    this->yt_ = {yt.data - c0, ldt};
+    pack_key_rows(Base::a_from(ya, -c0), c0, c1);
   }
 
   // Values of rows [i0, i1), i0 even, as B rows (row pairs interleaved; Y's rows in shared mode).

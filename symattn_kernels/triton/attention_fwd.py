@@ -422,18 +422,19 @@ def attention_forward(
         REUSE_DIAG=split_d == 1 and fwd_reuse_diag(v is None, hd_pad, arch, kpm is not None),
     )
 
+    if is_interpret():
+        kernel, config = _symattn_fwd_kernel, INTERPRET_FWD_CONFIG
+    elif fwd_autotune():
+        kernel, config = _fwd_autotuned, {}
+    else:
+        block_m, block_n, warps, stages = fwd_configs_for(seqlen_padded, hd_pad, hdv_pad, has_dropout, mode,
+                                                          v is None)[0]
+        kernel = _symattn_fwd_kernel
+        config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     for bh_offset, rows in grid_row_chunks(batch * num_heads):
 
         def grid(meta, rows=rows):
             return (triton.cdiv(seqlen_padded, meta["BLOCK_M"]), rows, split_d)
 
-        if is_interpret():
-            _symattn_fwd_kernel[grid](*args, **constexprs, BH_OFFSET=bh_offset, **INTERPRET_FWD_CONFIG)
-        elif fwd_autotune():
-            _fwd_autotuned[grid](*args, **constexprs, BH_OFFSET=bh_offset)
-        else:
-            block_m, block_n, warps, stages = fwd_configs_for(seqlen_padded, hd_pad, hdv_pad, has_dropout, mode,
-                                                              v is None)[0]
-            _symattn_fwd_kernel[grid](*args, **constexprs, BH_OFFSET=bh_offset, BLOCK_M=block_m, BLOCK_N=block_n,
-                                      num_warps=warps, num_stages=stages)
+        kernel[grid](*args, **constexprs, BH_OFFSET=bh_offset, **config)
     return out, lse
