@@ -145,13 +145,16 @@ def test_cpu_long_section_reports_scaling_and_plots(tmp_path):
     assert report["sgemm_gflops_1thread"] > 0 and report["fma_gflops_1thread"] > 0
     text = cpu_kernels.format_long(report)
     assert "GF/s exec" in text and "600" in text and "% need" in text
-    # "% need" is target / x@ceil, in percent, on every fp32 row.
+    # "% need" is target / x@ceil, in percent, on every fp32 row. Both print rounded (x@ceil to
+    # 0.01, % need to 0.1), which a slowed peer can make a large share of either (a loaded host
+    # printed x@ceil 309.xx and % need 0.6 against 0.615 from the rounded x@ceil).
     table = [line for line in text.splitlines() if line.startswith("1,600,1")]
     assert len(table) == len(rows)
     for line in table:
         at_ceiling, need = (float(x) for x in line.split()[-2:])
         mode = line.split()[3]
-        assert need == pytest.approx(100 * cpu_kernels.LONG_TARGETS[mode] / at_ceiling, rel=0.02)
+        expected = 100 * cpu_kernels.LONG_TARGETS[mode] / at_ceiling
+        assert abs(need - expected) <= 0.05 + expected * 0.005 / (at_ceiling - 0.005) + 1e-9, line
     cpu_kernels.plot_long(report, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").stat().st_size > 0
 
