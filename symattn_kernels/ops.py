@@ -175,6 +175,12 @@ def _differentiate(forward, inputs, outputs_grads) -> list:
     return [next(grads) if x is not None and x.requires_grad else None for x in inputs]
 
 
+def _empty_gradient(backend: str):
+    """``torch.empty_like`` for gradient buffers, or the backend's own: the ``cpu`` one hands out
+    the blocks of freed gradients again, their pages mapped (csrc/cpu/gradient_cache.h)."""
+    return getattr(backends.load(backend), "empty_gradient", torch.empty_like)
+
+
 def _attention_backward(ctx, dout, dlse, _dresidual=None):
     q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -187,8 +193,9 @@ def _attention_backward(ctx, dout, dlse, _dresidual=None):
     _refuse_batched("symmetric_attention", dout, dlse)
     if dout is None:
         dout = torch.zeros_like(out)
-    dq = torch.empty_like(q)
-    dv = None if v is None else torch.empty_like(v)
+    empty_gradient = _empty_gradient(ctx.options[-1])
+    dq = empty_gradient(q)
+    dv = None if v is None else empty_gradient(v)
     dcoef = torch.empty_like(coef) if coef is not None and needs[2] else None
     attention_bwd(
         unit_last_stride(dout), dlse, q, v, coef, key_padding_mask, cu_seqlens, seed, out,
@@ -290,8 +297,7 @@ def _lowrank_backward(ctx, dpooled, dattn):
     _refuse_batched("lowrank_context_attention", dpooled, dattn)
     if dpooled is None:
         dpooled = h.new_zeros((h.shape[0], p.shape[1], h.shape[2]))
-    # A backend may hand out its own gradient buffers (the cpu one reuses freed ones' blocks).
-    empty_gradient = getattr(backends.load(ctx.options[-1]), "empty_gradient", torch.empty_like)
+    empty_gradient = _empty_gradient(ctx.options[-1])
     buffers = [
         empty_gradient(t) if t is not None and need else None
         for t, need in zip((h, context, p, q, u), needs[:5])

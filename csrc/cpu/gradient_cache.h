@@ -1,13 +1,15 @@
-// Gradient buffers of the fused CPU LAMA backward, from blocks kept for the next call.
+// Gradient buffers of the fused CPU backward passes (attention's dq and dv, LAMA's dh, dcontext,
+// dp, dq and du), from blocks kept for the next call.
 //
-// The backward's token gradients dh and du are megabytes each, freed by the caller between steps
-// (optimizer.zero_grad() sets them to None) and allocated afresh by the next backward. glibc gives
-// a freed block of that size back to the system whenever its heap's free top grows past the trim
-// threshold (twice the largest block it has mmapped so far), which two such neighbours often do;
-// the next backward's first write to every 4 KiB page of the new block is then a page fault in
-// which the kernel zeroes the page: 2048 faults, about 1.7 ms of one core, per 8 MiB, more than
-// the whole backward at B = 32, T = 128, m = 4, E = 256. Whether a call faults depends on what
-// the process allocated before, so the same call ran at two speeds.
+// Token gradients are megabytes each, freed by the caller between steps (optimizer.zero_grad()
+// sets them to None) or as soon as the layer below has taken them, and allocated afresh by the
+// next backward. glibc gives a freed block of that size back to the system whenever its heap's
+// free top grows past the trim threshold (twice the largest block it has mmapped so far), which
+// two such neighbours often do; the next backward's first write to every 4 KiB page of the new
+// block is then a page fault in which the kernel zeroes the page: 2048 faults, about 1.7 ms of
+// one core, per 8 MiB, more than the whole LAMA backward at B = 32, T = 128, m = 4, E = 256, and
+// 3072 of them for attention's 12 MiB dq at (B, S, H, D) = (32, 128, 12, 64). Whether a call
+// faults depends on what the process allocated before, so the same call ran at two speeds.
 //
 // Blocks handed out here go back to a small cache when their tensor dies, and a later buffer of
 // about the same size takes one from it, its pages already mapped. The cache keeps at most

@@ -8,13 +8,14 @@ registered here. The kernels take float32, bfloat16 and float16 (fp32 accumulati
 products on AMX tiles or AVX512-BF16 where the CPU has them, see ``kernel_isa``) and are
 deterministic whatever the thread count, so ``deterministic`` changes nothing. float64 attention
 stays on the ``torch`` backend (``backends.resolve`` routes it there). NaN or Inf stored in a
-padded token is read as zero inside the kernels, so the inputs reach them uncopied.
+padded token is read as zero inside the kernels, so the inputs reach them uncopied. The
+backward passes, attention's and LAMA's, take their gradient buffers of 1 MiB or more from the
+blocks of freed ones (``empty_gradient``).
 
 LAMA (``lowrank_forward`` / ``lowrank_backward``) runs the fused kernels of ``csrc/cpu/lama_kernel.h``
 (ops ``symattn::lowrank_fwd_cpu`` / ``lowrank_bwd_cpu``): one pass over each sequence's tokens
-in either direction, float64 included, the same instruction sets; the backward's gradient
-buffers of 1 MiB or more reuse the blocks of freed ones (``empty_gradient``). Where ``_C`` is not
-built, ``backends.load`` returns ``cpu_lowrank`` (lean plain PyTorch) instead.
+in either direction, float64 included, the same instruction sets. Where ``_C`` is not built,
+``backends.load`` returns ``cpu_lowrank`` (lean plain PyTorch) instead.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The gradient buffers of the fused CPU LAMA backward (``backends.cpu.empty_gradient``,
-csrc/cpu/gradient_cache.h): blocks of freed gradients are handed out again with their pages
-mapped (no page faults where a fresh block faults on every page), results through reused blocks
-are those of fresh ones, the cache stays within its bound, the profiler sees every buffer, and
-torch.compile traces the backward that takes them.
+"""The gradient buffers of the fused CPU backward passes, attention's and LAMA's
+(``backends.cpu.empty_gradient``, csrc/cpu/gradient_cache.h): blocks of freed gradients are
+handed out again with their pages mapped (no page faults where a fresh block faults on every
+page), results through reused blocks are those of fresh ones (every element written, whatever the
+block held), the cache stays within its bound, the profiler sees every buffer, and torch.compile
+traces the backward that takes them.
 """
 
 from __future__ import annotations
@@ -216,3 +217,93 @@ def test_torch_compile_traces_the_backward_with_cached_buffers():
         got = torch.autograd.grad(compiled(*leaves), leaves)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# Attention calls whose dq (and dv) are 1.25 MiB each: the same byte count in fp32 and bf16,
+# padded, causal, varlen with an empty sequence, without self, a head over 512 tokens (the tiled
+# backward), so that each call takes the blocks the one before gave back.
+ATTENTION_CASES = {
+    "shared-padded": dict(shape=(2, 320, 8, 64), padded=True),
+    "values-causal": dict(shape=(4, 160, 8, 64), values=True, causal=True),
+    "varlen-empty": dict(shape=(1, 640, 8, 64), cu_seqlens=[0, 300, 300, 640]),
+    "bf16-no-self": dict(shape=(2, 640, 8, 64), dtype=BF16, exclude_self=True),
+    "long-head": dict(shape=(1, 640, 8, 64), values=True),
+}
+
+
+def _attention_step(name, threads):
+    """out and the gradients of q (and v) of one public attention call with backend="cpu"."""
+    case = ATTENTION_CASES[name]
+    B, S, H, D = case["shape"]
+    dtype = case.get("dtype", F32)
+    shape = (B * S, H, D) if "cu_seqlens" in case else (B, S, H, D)  # varlen: packed tokens
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(shape, generator=gen).to(dtype).requires_grad_() if case.get("values") else None
+    dout = torch.randn(shape, generator=gen).to(dtype)
+    options = dict(causal=case.get("causal", False), exclude_self=case.get("exclude_self", False), backend="cpu")
+    leaves = [q] if v is None else [q, v]
+
+    def run():
+        if "cu_seqlens" in case:
+            cu = torch.tensor(case["cu_seqlens"], dtype=torch.int32)
+            out = sk.symmetric_attention_varlen(q, v, cu, S, **options)
+        else:
+            mask = None
+            if case.get("padded"):
+                mask = torch.ones(B, S, dtype=torch.bool)
+                mask[0, S // 3:] = False
+                mask[1:] = False  # fully padded sequences: their rows attend nothing
+            out = sk.symmetric_attention(q, v, key_padding_mask=mask, **options)
+        return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+
+    return with_threads(threads, run)
+
+
+def _assert_attention_equal(got, want, label):
+    for name, a, b in zip(("out", "dq", "dv"), got, want):
+        assert torch.equal(a, b), f"{label}: {name} differs from a fresh call"
+
+
+def test_attention_results_through_reused_blocks_equal_fresh_ones(monkeypatch):
+    # Blocks reach the kernels holding what the last user left there (NaN below), not a fill.
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", False)
+    fresh = {}
+    for name in ATTENTION_CASES:
+        FUSED.release_gradient_cache()
+        fresh[name] = _attention_step(name, threads=2)
+        assert all(g.numel() * g.element_size() >= MIB for g in fresh[name][1:])
+    FUSED.release_gradient_cache()
+    served = wanted = 0
+    returned = set()
+    order = ["shared-padded", "values-causal", "varlen-empty", "long-head", "bf16-no-self", "values-causal",
+             "shared-padded", "long-head", "varlen-empty", "bf16-no-self"]
+    for i, name in enumerate(order):
+        got = _attention_step(name, threads=1 + i % 2)
+        if returned:
+            wanted += len(got) - 1
+            served += sum(g.data_ptr() in returned for g in got[1:])  # a block handed out before
+        _assert_attention_equal(got, fresh[name], f"{name}, {1 + i % 2} threads")
+        # The gradients go back holding NaN: the next call must write every element it returns.
+        returned |= {g.data_ptr() for g in got[1:]}
+        _ = [g.fill_(float("nan")) for g in got[1:]]
+        del got, _  # and with them the last references to the blocks
+    # Only the second call, the first to want two buffers, takes a fresh block for one of them.
+    assert served == wanted - 1, f"{served} of {wanted} gradient buffers came from reused blocks"
+
+
+def test_attention_gradient_takes_the_block_of_the_freed_one():
+    q = torch.randn(4, 256, 8, 64, requires_grad=True)  # dq: 2 MiB
+    dout = torch.randn_like(q)
+
+    def grad():
+        return torch.autograd.grad(sk.shared_attention(q, backend="cpu"), q, dout)[0]
+
+    first = grad()
+    address = first.data_ptr()
+    del first
+    _trim_c_heap()
+    assert FUSED.gradient_cache_bytes() == 2 * MIB
+    second = grad()
+    assert second.data_ptr() == address
+    assert FUSED.gradient_cache_bytes() == 0
