@@ -164,8 +164,12 @@ def _reference_grads(case):
     return torch.autograd.grad(pooled, leaves, dpooled)
 
 
-def _assert_equal(got, want, label):
-    for name, a, b in zip(("pooled", "attn", "dh", "dcontext", "dp", "dq", "du"), got, want):
+LAMA_RESULTS = ("pooled", "attn", "dh", "dcontext", "dp", "dq", "du")
+ATTENTION_RESULTS = ("out", "dq", "dv")
+
+
+def _assert_equal(got, want, label, names=LAMA_RESULTS):
+    for name, a, b in zip(names, got, want):
         assert torch.equal(a, b), f"{label}: {name} differs from a fresh call"
 
 
@@ -260,11 +264,6 @@ def _attention_step(name, threads):
     return with_threads(threads, run)
 
 
-def _assert_attention_equal(got, want, label):
-    for name, a, b in zip(("out", "dq", "dv"), got, want):
-        assert torch.equal(a, b), f"{label}: {name} differs from a fresh call"
-
-
 def test_attention_results_through_reused_blocks_equal_fresh_ones(monkeypatch):
     # Blocks reach the kernels holding what the last user left there (NaN below), not a fill.
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", False)
@@ -283,11 +282,12 @@ def test_attention_results_through_reused_blocks_equal_fresh_ones(monkeypatch):
         if returned:
             wanted += len(got) - 1
             served += sum(g.data_ptr() in returned for g in got[1:])  # a block handed out before
-        _assert_attention_equal(got, fresh[name], f"{name}, {1 + i % 2} threads")
+        _assert_equal(got, fresh[name], f"{name}, {1 + i % 2} threads", ATTENTION_RESULTS)
         # The gradients go back holding NaN: the next call must write every element it returns.
         returned |= {g.data_ptr() for g in got[1:]}
-        _ = [g.fill_(float("nan")) for g in got[1:]]
-        del got, _  # and with them the last references to the blocks
+        for g in got[1:]:
+            g.fill_(float("nan"))
+        del got, g  # the last references to the blocks, which go back to the cache
     # Only the second call, the first to want two buffers, takes a fresh block for one of them.
     assert served == wanted - 1, f"{served} of {wanted} gradient buffers came from reused blocks"
 
