@@ -57,20 +57,21 @@ def test_cpu_kernels_dropout_rows_pair_both_calls():
 
 def test_fma_probe_runs_the_chains_it_counts():
     """bench.fma_peak's register loop computes every chain it is credited with: its sum matches
-    the recurrence acc <- acc * x + y in closed form (in double), so no chain was optimised away."""
+    the recurrence acc <- acc * x + y in closed form (in double), so no chain was optimised away.
+    x and y put the recurrence's fixed point (0.5) away from every chain's start (c * x), so a chain
+    left at its start moves the sum by at least 1.1 %; fp32 rounding moves it by about 4e-7."""
     from bench import fma_peak
 
     lib = fma_peak._fma_library()
     if lib is None:
         pytest.skip("no C compiler here")
-    x, y, n, lanes, chains = 0.999999, 1e-6, 200_000, lib.fma_lanes(), lib.fma_chains()
+    x, y, n, lanes, chains = 0.9999, 0.5e-4, 10_000, lib.fma_lanes(), lib.fma_chains()
     assert lanes in (4, 8, 16) and chains == 12
     # acc_c = x^n * (c * x) + y (1 - x^n) / (1 - x), summed over chains and lanes (x, y as fp32).
     x32, y32 = float(np.float32(x)), float(np.float32(y))
     xn = x32**n
     expected = lanes * sum(xn * c * x32 + y32 * (1 - xn) / (1 - x32) for c in range(chains))
-    assert abs(lib.fma_run(n) - expected) <= 1e-2 * expected  # fp32 rounding drifts by ~5e-4; chains
-    # left at their start values would read about 17 % high
+    assert abs(lib.fma_run(n, x, y) - expected) <= 1e-4 * expected
     assert fma_peak.fma_gflops(seconds=0.05) > 0
     text = fma_peak.describe(dict(fma_gflops_1thread=150.0, sgemm_gflops_1thread=120.0))
     assert "FMA peak 150.0" in text and "80 %" in text
