@@ -132,6 +132,15 @@ class ForwardHead : public Head<scalar_t> {
       return;
     }
     this->setup_keys();
+    if constexpr (!kPairs && !kHalf) {
+      // Shared fp32 rows read in place sit H D floats apart: one copy first, which streams them in,
+      // and the key transpose and the value panel then read the copy from cache.
+      if (shared_ && this->y_rows_.ld != D_) {
+        float* buf = ws_.template take<float>(this->L_ * D_);
+        load_rows(buf, D_, this->y_rows_.data, this->y_rows_.ld, this->L_, D_);
+        this->y_rows_ = {buf, D_};
+      }
+    }
     this->pack_query_key(shared_, r0, r1);
     pack_values_contiguous();
     if constexpr (!kPairs) {
