@@ -133,12 +133,11 @@ class ForwardHead : public Head<scalar_t> {
     }
     this->setup_keys();
     if constexpr (!kPairs && !kHalf) {
-      // Shared fp32 rows read in place sit H D floats apart: one copy first, which streams them in,
-      // and the key transpose and the value panel then read the copy from cache.
-      if (shared_ && this->y_rows_.ld != D_) {
-        float* buf = ws_.template take<float>(this->L_ * D_);
-        load_rows(buf, D_, this->y_rows_.data, this->y_rows_.ld, this->L_, D_);
-        this->y_rows_ = {buf, D_};
+      // Shared fp32 rows read in place sit H D floats apart: their contiguous copy (the values
+      // panel) is made first, which streams them in, and the key transpose then reads it from cache.
+      if (shared_) {
+        const Panel y = contiguous_values({this->y_rows_.data, this->y_rows_.ld}, 0, L_);
+        this->y_rows_ = {y.data, y.ld};
       }
     }
     this->pack_query_key(shared_, r0, r1);
