@@ -238,6 +238,26 @@ def test_init_weights_initialises_converted_layers_built_on_meta(variant):
     assert "_init_weights" not in vars(model), "revert_bert leaves the class's init_weights"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_init_weights_keeps_initialised_converted_and_reverted_layers(variant, tmp_path):
+    """transformers' init_weights() leaves a built or loaded model as it is (its modules and tensors
+    are flagged initialised): so it must leave a converted model, a reverted one and a loaded
+    converted one, instead of drawing their attention weights again."""
+    ids, mask = _batch()
+
+    def unchanged_by_init_weights(model, what):
+        with torch.no_grad():
+            before = model(ids, attention_mask=mask).last_hidden_state
+            model.init_weights()
+            assert torch.equal(model(ids, attention_mask=mask).last_hidden_state, before), what
+
+    model = hf.convert_bert(_model(), variant)
+    unchanged_by_init_weights(model, f"{variant}: init_weights() re-initialised the converted layers")
+    model.save_pretrained(tmp_path)
+    unchanged_by_init_weights(hf.load_converted(BertModel, tmp_path), f"{variant}: after load_converted")
+    unchanged_by_init_weights(hf.revert_bert(model), f"{variant}: init_weights() re-initialised the reverted layers")
+
+
 def test_register_attention_routes_stock_bert_to_sdpa_with_padding():
     original = _model()
     model = copy.deepcopy(original)
@@ -310,6 +330,28 @@ def test_convert_rejects_bad_use():
         hf.convert_bert(torch.nn.Linear(2, 2), "shared")
     with pytest.raises(ValueError, match="no converted"):
         hf.revert_bert(_model())
+    model.set_attn_implementation("flex_attention")  # its masks are BlockMasks, which the layers cannot read
+    with pytest.raises(TypeError, match="attention_mask is a BlockMask"):
+        model(*_batch())
+
+
+def test_revert_an_encoder_decoder_model():
+    """The decoder's layers revert with the decoder's config (an EncoderDecoderConfig has no
+    hidden_size) and compute what the converted model did."""
+    torch.manual_seed(0)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        BertConfig(**SMALL), BertConfig(**SMALL, is_decoder=True, add_cross_attention=True))
+    model = transformers.EncoderDecoderModel(config=config).eval()
+    types = [type(m) for m in model.modules()]
+    hf.convert_bert(model, "pairwise_diag", init="random")
+    ids, mask = _batch()
+    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids, decoder_attention_mask=mask)
+    with torch.no_grad():
+        converted = model(**kw).logits
+        hf.revert_bert(model)
+        reverted = model(**kw).logits
+    assert [type(m) for m in model.modules()] == types
+    assert_close(reverted[mask.bool()], converted[mask.bool()], atol=1e-4, name="reverted encoder-decoder")
 
 
 def test_torch_compile_matches_eager():

@@ -103,6 +103,30 @@ def test_unconverted_weights_into_a_converted_model_are_refused(variant):
             converted.load_state_dict(original.state_dict(), strict=strict)
 
 
+@pytest.mark.parametrize("variant", hf.VARIANTS)
+def test_nearly_structured_weights_are_refused_and_refolded_ones_read(variant):
+    """A query that differs from the converted weights' fold by more than rounding is another
+    model's (here 1e-4 of the largest weight on every element, about 2000 ulps): refused; one
+    folded in another order (a last-bit change) reads back."""
+    converted = _small_classifier(variant)
+    queries = [k for k in converted.state_dict() if k.endswith("attention.self.query.weight")]
+    torch.manual_seed(3)
+    for change, readable in (("ulp", True), ("1e-4", False)):
+        state = converted.state_dict()
+        for name in queries:
+            weight = state[name]
+            if change == "ulp":
+                state[name] = torch.nextafter(weight, torch.full_like(weight, float("inf")))
+            else:
+                state[name] = weight + 1e-4 * weight.abs().max() * torch.randn_like(weight).sign()
+        target = hf.convert_bert(BertForSequenceClassification(converted.config), variant, init="random")
+        if readable:
+            target.load_state_dict(state)
+            continue
+        with pytest.raises(RuntimeError, match=f"do not have the structure of a converted {variant} layer"):
+            target.load_state_dict(state)
+
+
 def test_another_variants_checkpoint_is_refused(tmp_path):
     _small_classifier("pairwise_diag").save_pretrained(tmp_path)
     target = hf.convert_bert(BertForSequenceClassification(BertConfig(**SMALL)), "pairwise_full", init="random")

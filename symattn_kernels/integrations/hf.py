@@ -171,6 +171,11 @@ def symattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     Returns:
         ``(out [B, Q, H, Dv], None)``: attention weights are never materialised.
     """
+    if attention_mask is not None and not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask is a {type(attention_mask).__name__}, the mask of another attention "
+                        f"implementation (flex_attention's BlockMask?): the symattn attention function reads "
+                        f"padding masks and 4D tensors only; set the model's attn_implementation to "
+                        f"'{ATTN_IMPLEMENTATION}', 'sdpa' or 'eager'")
     causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -218,6 +223,7 @@ class _HFSelfAttention:
     original_class: type = None
     layer_idx: Optional[int] = None
     hf_config = None  # the converted model's config (convert_bert)
+    is_decoder: Optional[bool] = None  # config.is_decoder when converted (None: as causal)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -232,12 +238,13 @@ class _HFSelfAttention:
             raise ValueError("a converted self-attention layer cannot attend to encoder_hidden_states")
         if kwargs.get("output_attentions"):
             raise NotImplementedError(_NO_ATTENTIONS)
-        decoder = getattr(self.hf_config, "is_decoder", self.causal)
-        if decoder != self.causal:
+        converted_as = self.causal if self.is_decoder is None else self.is_decoder
+        decoder = getattr(self.hf_config, "is_decoder", converted_as)
+        if decoder != converted_as:
             # Stock models build their causal mask from is_decoder at each call (eager; SDPA may not);
             # the converted layer's causality was fixed when it was converted.
             raise ValueError(f"config.is_decoder is {decoder}, but this layer was converted with "
-                             f"is_decoder={self.causal}: convert a model built with the is_decoder it should have")
+                             f"is_decoder={converted_as}: convert a model built with the is_decoder it should have")
         batch, seqlen, _ = hidden_states.shape
         y, v, coef = self.project(hidden_states)
         query = y.transpose(1, 2)
@@ -349,14 +356,16 @@ def _write_standard_projections(layer: nn.Module, state: dict, prefix: str, loca
         state[prefix + name] = tensor
 
 
-def _matches(saved: Tensor, expected: Tensor) -> bool:
-    """``saved`` equals ``expected`` up to the rounding of ``saved``'s dtype (a coefficient folded
-    on another device or in another order changes the last bits, another matrix everything)."""
+def _matches(saved: Tensor, expected: Tensor, magnitude: Tensor, terms: int) -> bool:
+    """``saved`` equals ``expected``, a sum of ``terms`` products whose absolute values sum to
+    ``magnitude``, up to the rounding of that sum in ``saved``'s dtype (the standard bound of a
+    dot product, (terms + 1)·eps·Σ|products|): a coefficient folded on another device or in
+    another order changes the last bits; untied or other weights change more."""
     if saved.shape != expected.shape:
         return False
-    tol = torch.finfo(saved.dtype).eps ** 0.5
-    saved, expected = saved.double(), expected.to(saved.device).double()
-    return bool(((saved - expected).abs() <= tol * expected.abs().max().clamp_min(1e-30)).all())
+    tol = (terms + 1) * torch.finfo(saved.dtype).eps
+    saved, expected, magnitude = (t.to(saved.device).double() for t in (saved, expected, magnitude))
+    return bool(((saved - expected).abs() <= tol * magnitude).all())
 
 
 @torch.no_grad()
@@ -377,7 +386,10 @@ def _read_standard_projections(layer: nn.Module, state: dict, prefix: str, local
     device = own[own_names[0]].device
     own.update({name: state.get(prefix + name, getattr(layer, name)).to(device) for name in extras})
     expected = _standard_projections(layer, own)
-    wrong = [name for name in standard if not _matches(state[prefix + name], expected[name])]
+    magnitude = _standard_projections(layer, {name: tensor.abs() for name, tensor in own.items()})
+    terms = layer.head_dim if getattr(layer, "pairwise", None) == "full" else 2  # d_q·d_k·W: two roundings
+    wrong = [name for name in standard
+             if not _matches(state[prefix + name], expected[name], magnitude[name], terms)]
     if wrong:
         error_msgs.append(f"{prefix}query/key/value do not have the structure of a converted {_variant_of(layer)} "
                           f"layer ({wrong} "
@@ -445,6 +457,7 @@ def _check_supported(layers: list[tuple[str, nn.Module]]) -> None:
 
 
 _CROSS_ATTENTION = {"crossattention", "cross_attention"}
+_NEVER_CAUSAL = {"TapasSelfAttention"}  # its model's mask is bidirectional even with is_decoder=True
 
 
 def _find(model: nn.Module, predicate) -> list[tuple[str, nn.Module]]:
@@ -471,17 +484,19 @@ def _new_layer(old: nn.Module, variant: str, pairwise_init: str) -> _HFSelfAtten
         raise ValueError(
             f"self-attention with {old.query.out_features} outputs for hidden size {hidden} is not supported"
         )
-    # Self-attention classes of MegatronBert, RemBert, BigBird and Tapas have no is_causal: their
-    # models build a causal mask from is_decoder, which these classes keep.
+    # Self-attention classes of MegatronBert, RemBert, BigBird and Tapas have no is_causal: the first
+    # three models build a causal mask from is_decoder, which these classes keep; TapasModel builds a
+    # bidirectional one whatever is_decoder says.
+    decoder = bool(getattr(old, "is_decoder", False))
     causal = getattr(old, "is_causal", None)
-    causal = bool(getattr(old, "is_decoder", False) if causal is None else causal)
+    causal = bool(decoder and type(old).__name__ not in _NEVER_CAUSAL if causal is None else causal)
     kw = dict(bias=old.query.bias is not None, dropout=old.dropout.p, causal=causal)
     if variant == "shared":
         new = BertSharedWeightSelfAttention(hidden, old.num_attention_heads, **kw)
     else:
         new = BertSymmetricSelfAttention(hidden, old.num_attention_heads, pairwise=_PAIRWISE[variant],
                                          pairwise_init=pairwise_init, **kw)
-    new.original_class, new.layer_idx = type(old), getattr(old, "layer_idx", None)
+    new.original_class, new.layer_idx, new.is_decoder = type(old), getattr(old, "layer_idx", None), decoder
     return new.to(device=old.query.weight.device, dtype=old.query.weight.dtype).train(old.training)
 
 
@@ -601,6 +616,22 @@ def _init_weights_with_converted(model: PreTrainedModel, module: nn.Module) -> N
         module.reset_parameters()
 
 
+def _inherit_initialised(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` the standing of the layer it replaces in transformers' ``init_weights()``,
+    which skips what it initialised or loaded (modules and tensors flagged ``_is_hf_initialized``):
+    a layer converted from (or reverted to) an initialised one holds real values, so a later
+    ``init_weights()`` keeps them, as it keeps the stock layer's; one made from a model built on
+    the meta device stays unflagged and is initialised there."""
+    tensors = list(old.parameters())
+    if not (getattr(old, "_is_hf_initialized", False)
+            or (tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors))):
+        return
+    for module in new.modules():
+        module._is_hf_initialized = True
+    for tensor in new.parameters():
+        tensor._is_hf_initialized = True
+
+
 def _hook_models(root: PreTrainedModel) -> None:
     """On ``root`` and every Hugging Face model inside it: refuse ``output_attentions``
     (transformers records weights from its own attention classes only, so it would return an
@@ -667,6 +698,7 @@ def convert_bert(model: nn.Module, variant: str, init: str = "pretrained", *, pa
                     _warm_start_shared(new, old)
                 else:
                     _warm_start_symmetric(new, old)
+                _inherit_initialised(new, old)
             _replace(root, name, new)
         setattr(root.config, CONFIG_KEY, variant)
         root._symattn_previous_attn_implementation = getattr(root.config, "_attn_implementation", None)
@@ -691,6 +723,7 @@ def _revert_layer(layer: _HFSelfAttention, config) -> nn.Module:
         linear.weight.copy_(weights[f"{role}.weight"])
         if linear.bias is not None:
             linear.bias.copy_(weights.get(f"{role}.bias", torch.zeros_like(linear.bias)))
+    _inherit_initialised(old, layer)
     return old.train(layer.training)
 
 
@@ -716,7 +749,7 @@ def revert_bert(model: nn.Module):
         reverted = {}  # a layer shared by several paths stays shared
         for name, layer in _find(root, lambda m: isinstance(m, _HFSelfAttention)):
             if id(layer) not in reverted:
-                reverted[id(layer)] = _revert_layer(layer, root.config)
+                reverted[id(layer)] = _revert_layer(layer, _owner_config(root, name))
             _replace(root, name, reverted[id(layer)])
         if hasattr(root.config, CONFIG_KEY):
             delattr(root.config, CONFIG_KEY)
