@@ -130,6 +130,25 @@ def test_flattening_collator_equals_per_sentence(converted, tokenizer, flash_kwa
         assert_close(packed, alone, atol=1e-4, name=f"sentence {i} packed by the collator")
 
 
+def test_packing_offsets_across_batch_rows_are_refused():
+    """flash-attn's varlen call reads a [B, S] batch's rows as one stream of tokens, so offsets may
+    run a sequence from one row into the next; the kernels take each row as a batch row."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 4, 6, 8)  # [B, H, S, D]
+    layer = torch.nn.Module()
+    kw = dict(attention_mask=None, scaling=8 ** -0.5)
+    across = torch.tensor([0, 4, 9, 12], dtype=torch.int32)  # the second sequence spans both rows
+    with pytest.raises(ValueError, match="runs a sequence across rows"):
+        hf.symattn_attention_forward(layer, y, y, y, cu_seq_lens_q=across, cu_seq_lens_k=across, **kw)
+    aligned = torch.tensor([0, 4, 6, 12], dtype=torch.int32)
+    out, _ = hf.symattn_attention_forward(layer, y, y, y, cu_seq_lens_q=aligned, **kw)
+    for start, end in zip(aligned[:-1].tolist(), aligned[1:].tolist()):
+        row, lo, hi = start // 6, start % 6, start % 6 + end - start
+        part = y[row:row + 1, :, lo:hi]
+        alone = torch.nn.functional.scaled_dot_product_attention(part, part, part).transpose(1, 2)
+        assert_close(out[row:row + 1, lo:hi], alone, atol=1e-5, name=f"packed sequence {start}:{end}")
+
+
 def test_stock_model_under_symattn_honours_packing(original, tokenizer):
     model = copy.deepcopy(original)
     hf.register_attention()

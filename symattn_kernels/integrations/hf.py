@@ -114,6 +114,11 @@ def _packed_sequence_ids(attention_mask: Optional[Tensor], kwargs: dict, batch: 
             raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: packed self-attention needs equal offsets")
         if int(cu_q[-1]) != batch * seqlen:
             raise ValueError(f"cu_seq_lens_q must end at the {batch * seqlen} packed tokens, got {cu_q.tolist()}")
+        row_starts = torch.arange(0, batch * seqlen, seqlen, device=cu_q.device)
+        if not torch.isin(row_starts, cu_q).all():
+            # flash-attn's varlen call reads the rows as one stream; each row here is a batch row.
+            raise ValueError(f"cu_seq_lens_q {cu_q.tolist()} runs a sequence across rows of the [{batch}, {seqlen}] "
+                             f"batch: pack the sequences into one row (B = 1), as DataCollatorWithFlattening does")
         tokens = torch.arange(batch * seqlen, device=cu_q.device)
         return torch.searchsorted(cu_q[1:].to(tokens.dtype), tokens, right=True).view(batch, seqlen)
     position_ids = kwargs.get("position_ids")
