@@ -11,10 +11,11 @@ import torch
 
 import symattn_kernels as sk
 from symattn_kernels import backends
+from symattn_kernels.backends import cpu as cpu_backend
 from symattn_kernels import reference as R
 from symattn_kernels.lama import LowRankContextAttention
 from symattn_kernels.modules import SharedWeightSelfAttention, StandardSelfAttention, SymmetricSelfAttention
-from tests.attention_checks import F64, assert_close
+from tests.attention_checks import F64, assert_close, pytest_on_kernel_build
 
 BACKENDS = [name for name in ("torch", "cpu") if backends.status(name).usable]
 TOL = {torch.float32: 2e-5, F64: 1e-10}
@@ -239,6 +240,27 @@ def test_every_valid_layout(backend, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("coef_mode", ["diag", "full"])
+@pytest.mark.parametrize("shape", [(0, 5, 2, 4), (2, 0, 2, 4), (2, 5, 0, 4)], ids=["B=0", "S=0", "H=0"])
+def test_empty_sizes_give_a_zero_coefficient_gradient(backend, coef_mode, shape):
+    """The CPU backward sized its per-head dcoef partials as coef.numel() / H, a division by zero
+    (SIGFPE, the process killed) at H = 0; padded and varlen calls alike."""
+    heads, dim = shape[2], shape[3]
+    coef = torch.rand(heads, dim) if coef_mode == "diag" else torch.rand(heads, dim, dim)
+    q = torch.randn(shape, requires_grad=True)
+    coef.requires_grad_()
+    out = sk.symmetric_attention(q, None, coef=coef, backend=backend)
+    dq, dcoef = torch.autograd.grad(out.sum(), [q, coef])
+    assert out.shape == shape and dq.shape == shape
+    assert_close(dcoef, torch.zeros_like(coef), atol=0, name="dcoef of no scores")
+    packed = torch.randn(shape[0] * shape[1], heads, dim, requires_grad=True)
+    cu = torch.tensor([shape[1] * b for b in range(shape[0] + 1)] if shape[0] else [0, 0], dtype=torch.int32)
+    out = sk.symmetric_attention_varlen(packed, None, cu, max(shape[1], 1), coef=coef, backend=backend)
+    (dcoef,) = torch.autograd.grad(out.sum(), [coef])
+    assert_close(dcoef, torch.zeros_like(coef), atol=0, name="varlen dcoef of no scores")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_varlen_and_lama(backend):
     cu = torch.tensor([0, 0, 0], dtype=torch.int32)
     q = torch.randn(0, 2, 4, requires_grad=True)
@@ -374,6 +396,44 @@ def test_saturated_rows_give_no_query_gradient(backend, S, causal, value_dim):
         grads[name] = torch.autograd.grad((out * decisive[..., None]).sum(), leaves)
     for name, ours, ref in zip(("dq", "dv"), grads["ours"], grads["ref64"]):
         assert_close(ours, ref, atol=1e-4, name=f"{name} at scale 1e4")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head_dim", [160, 224])
+@pytest.mark.parametrize("coef_mode", [None, "diag", "full"])
+@pytest.mark.parametrize("value_dim", [None, 32])
+def test_saturated_rows_of_deep_heads_over_512_tokens(backend, head_dim, coef_mode, value_dim):
+    """Heads over 512 tokens whose scores sum D > 128 in two blocks of k, every row one-hot (scores
+    of about 1000 on the diagonal, 70 off it): the backward's recomputed scores must equal the
+    forward's to the bit, or exp(s - lse) is not 1 and an ulp of 1000, times the scale, reaches
+    dq (0.12 against 4.9 with an identity coefficient) and dv (1.2e-4 where it is exactly dO).
+    The CPU micro-kernel's accumulate step was contracted to an FMA in some tile shapes and not
+    others, so a score on a ragged tile rounded differently in the two directions."""
+    gen = torch.Generator().manual_seed(5)
+    S, scale = 600, 1000 / head_dim
+    q = torch.randn(1, S, 1, head_dim, generator=gen, dtype=F64)
+    v = None if value_dim is None else torch.randn(1, S, 1, value_dim, generator=gen, dtype=F64)
+    dout = torch.randn(1, S, 1, value_dim or head_dim, generator=gen, dtype=F64)
+    coef = {None: None, "diag": torch.ones(1, head_dim, dtype=F64), "full": torch.eye(head_dim, dtype=F64)[None]}[coef_mode]
+    grads = {}
+    for name, fn, dtype in (("ours", lambda *a, **k: sk.symmetric_attention(*a, **k, backend=backend), torch.float32),
+                            ("ref64", R.symmetric_attention, F64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, v, coef) if t is not None]
+        out = fn(leaves[0], None if v is None else leaves[1], coef=None if coef is None else leaves[-1], scale=scale)
+        grads[name] = torch.autograd.grad((out * dout.to(dtype)).sum(), leaves)
+    for name, ours, ref in zip(("dq", "dv" if v is not None else "dcoef", "dcoef"), grads["ours"], grads["ref64"]):
+        assert_close(ours, ref, atol=1e-5, rtol=1e-5, name=f"{name}, D = {head_dim}, coef {coef_mode}")
+
+
+# The saturated rows of heads over 512 tokens on every kernel build: whether the backward's scores
+# and delta equal the forward's to the bit depends on how a build fuses its multiply-adds (the
+# portable build's at::vec::fmadd is a product and then a sum).
+@pytest.mark.slow
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is absent here")
+@pytest.mark.parametrize("isa", cpu_backend.KERNEL_BUILDS)
+def test_saturated_rows_on_every_instruction_set_build(isa):
+    pytest_on_kernel_build(isa, ["tests/test_reliability.py", "-k",
+                                 "(deep_heads or saturated_rows_give or empty_sizes) and cpu"], timeout=600)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is absent here")

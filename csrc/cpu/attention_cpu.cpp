@@ -407,7 +407,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   at::Tensor partial;
   if (dcoef.has_value()) {
     TORCH_CHECK(dcoef->sizes() == coef->sizes(), "symattn CPU kernels: dcoef must have coef's shape");
-    const int64_t csize = coef->numel() / p.heads;
+    const int64_t csize = coef->dim() == 3 ? coef->size(1) * coef->size(2) : coef->size(1);  // H may be 0
     // Zeroed: a head of an empty varlen sequence contributes nothing and never touches its slot.
     partial = at::zeros({p.batch, p.heads, csize}, q.options().dtype(at::kDouble));
     p.dcoef_partial = partial.data_ptr<double>();

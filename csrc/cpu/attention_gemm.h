@@ -225,8 +225,11 @@ inline void micro_kernel(int64_t k0, int64_t k1, const typename Dot::Word* a, in
     float* crow = c + r * ldc;
     SYMATTN_UNROLL for (int v = 0; v < NV; ++v) {
       const int64_t count = (kTail && v == NV - 1) ? tail : kVec;
-      Vec result = acc[r][v] * valpha;
-      if (accumulate) result = result + Vec::loadu(crow + v * kVec, count);
+      // One explicit FMA where C accumulates: left to the compiler, a * alpha + C is contracted
+      // in some instantiations and not others, so one score would round differently in a ragged
+      // micro-tile than in a whole one, and a backward's recomputed score differ from the forward's.
+      const Vec result = accumulate ? at::vec::fmadd(acc[r][v], valpha, Vec::loadu(crow + v * kVec, count))
+                                    : acc[r][v] * valpha;
       result.store(crow + v * kVec, count);
     }
   }
@@ -319,16 +322,20 @@ void gemm(int64_t m, int64_t n, int64_t k, const typename Dot::Word* a, int64_t 
 // backward's delta = O . dO taken this way equals its product's dP = dO . V^T entry bit for bit
 // where the row's O is one value row (a saturated, one-hot row), so G = P (dP - delta) is 0 there
 // as it should be; a vectorised sum's different order leaves an ulp that the score scale
-// magnifies into dq.
+// magnifies into dq. The chain steps are FloatDot::fma's, every lane alike: fused where the
+// build's vectors are (std::fma there), a product and then a sum in the portable build, whose
+// at::vec::fmadd is a * b + c.
 template <typename T>
 float product_order_dot(const T* a, const T* b, int64_t n) {
   float total = 0.f;
   for (int64_t k0 = 0; k0 < n; k0 += kDepth) {
-    float chain = 0.f;
+    Vec chain(0.f);
     for (int64_t k = k0; k < std::min(n, k0 + kDepth); ++k) {
-      chain = std::fma(static_cast<float>(a[k]), static_cast<float>(b[k]), chain);
+      chain = FloatDot::fma(Vec(static_cast<float>(a[k])), Vec(static_cast<float>(b[k])), chain);
     }
-    total = k0 == 0 ? chain : chain + total;
+    float lanes[kVec];
+    chain.store(lanes);
+    total = k0 == 0 ? lanes[0] : lanes[0] + total;
   }
   return total;
 }
