@@ -88,8 +88,9 @@ def symmetric_attention(
             Values of shape ``[B, S, H, Dv]``, same dtype and device as ``q``. ``None`` uses ``q``.
             Default: ``None``.
         coef (torch.Tensor, Optional):
-            Pairwise coefficient: ``[H, D]`` (diagonal) or ``[H, D, D]`` (full, not symmetrised).
-            Default: ``None`` (identity).
+            Pairwise coefficient: ``[H, D]`` (diagonal) or ``[H, D, D]`` (full, not symmetrised),
+            of any floating dtype: it is applied in the accumulation dtype (fp32 for fp16 / bf16
+            inputs) and its gradient keeps its own dtype. Default: ``None`` (identity).
         scale (float, Optional):
             Score scale. Default: ``D ** -0.5``.
         causal (bool):
@@ -239,6 +240,10 @@ def symmetric_attention_varlen(
         cu_seqlens (torch.Tensor): ``[B + 1]`` int32, non-decreasing, from 0 to ``total``.
         max_seqlen (int): an upper bound on ``cu_seqlens[b+1] - cu_seqlens[b]``; memory, time
             and the dropout mask follow the real lengths, however loose the bound.
+
+    Offsets on the CPU are checked before any kernel runs (``ValueError``); under ``torch.compile``
+    the check is part of the graph and fails when it runs (``RuntimeError``). Offsets on a GPU are
+    not read back (that would synchronise).
 
     Other options as in ``symmetric_attention`` (there is no ``key_padding_mask``).
 
