@@ -28,7 +28,7 @@ from symattn_kernels.backends import cpu_lowrank, registry
 from symattn_kernels.backends import torch as torch_backend
 from symattn_kernels import reference as R
 from tests.attention_checks import run_on_instruction_set, with_threads
-from tests.test_lama_triton import BF16, CASES, F16, F32, F64, Case, check_case, make_inputs
+from tests.test_lama_triton import ATOL, BF16, CASES, F16, F32, F64, Case, check_case, make_inputs, run_kernels
 
 # The fused kernels: prebuilt, or compiled just in time on first use; absent only where neither can happen.
 FUSED = None if extensions.state("cpu").how == extensions.ABSENT else importlib.import_module(
@@ -176,6 +176,33 @@ def test_fused_padding_values_never_reach_results(token_softmax):
                       u.masked_fill(~mask[..., None], float("nan")), mask, "l2", token_softmax)
     for a, b in zip(clean, dirty):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["fused", "lean"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
+@pytest.mark.parametrize("head_norm", ["l2", "none"])
+@pytest.mark.parametrize("seqlen", [1, 9, 300])
+def test_lone_real_token_weighs_exactly_one(path, dtype, head_norm, seqlen):
+    # A sequence with one real token pools that token whatever its scores: its softmax weight is
+    # exactly 1, as in the reference (the kernels divide by the sum of the exponentials; times its
+    # reciprocal, e * (1 / e) came out 1 - 6e-8 in fp32). The gradients of context, p, q and u are
+    # 0 in exact arithmetic; the fused kernels' delta = <dpooled, pooled> leaves rounding noise
+    # there, held to the usual absolute tolerance of the dtype.
+    if path == "fused" and FUSED is None:
+        pytest.skip("the cpu extension is absent")
+    case = Case(4, seqlen, 40, 4, head_norm, with_u=True, per_sequence=True, dtype=dtype)
+    h, context, p, q, u, _ = make_inputs(case, seed=3)
+    lone = torch.tensor([(7 * b) % seqlen for b in range(4)])
+    mask = torch.nn.functional.one_hot(lone, seqlen).bool()
+    gen = torch.Generator().manual_seed(4)
+    dpooled, dattn = torch.randn(4, 4, 40, generator=gen, dtype=F64), torch.randn(4, 4, seqlen, generator=gen, dtype=F64)
+    pooled, attn, dh, *score_grads = run_kernels(FUSED if path == "fused" else cpu_lowrank, case, h, context, p, q, u,
+                                                 mask, dpooled, dattn)
+    assert torch.equal(attn, mask[:, None, :].expand_as(attn).to(dtype))
+    for name, g in zip(("dcontext", "dp", "dq", "du"), score_grads):
+        assert g.abs().max().item() <= ATOL[dtype], f"{name}: max |g| = {g.abs().max().item():.3g}"
+    torch.testing.assert_close(pooled, h[torch.arange(4), lone][:, None].expand_as(pooled), atol=0,
+                               rtol=2 * torch.finfo(dtype).eps)
 
 
 # Each build (SYMATTN_CPU_ISA / ATEN_CPU_CAPABILITY are read once per process, so one process

@@ -652,22 +652,27 @@ void forward(const LamaParams& p) {
   // Each task normalises its own chunk of the weights; a sequence's first chunk also sums and
   // writes its pooled rows. l and pooled are summed over the chunks in chunk order.
   for_each_task(tasks, [&](const auto& next) {
-    auto inv = scratch<acc_t>(m), sum = scratch<acc_t>(E);
+    auto l = scratch<acc_t>(m), sum = scratch<acc_t>(E);
+    // Weights and pooled rows are divided by l, not multiplied by 1 / l: a sequence with one real
+    // token then weighs it exactly 1 (e * (1 / e) can round to 1 - ulp), and its score
+    // gradients are exactly 0. l = 0 (no real token: every weight and pooled row is 0) leaves
+    // them 0; NaN stays NaN.
+    auto normalise = [&](acc_t* x, int64_t n, int64_t j) {
+      if (!p.token_softmax || l[j] == acc_t(0)) return;
+      for (int64_t i = 0; i < n; ++i) x[i] /= l[j];
+    };
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t b = task / tasks.chunks, c = task % tasks.chunks;
       const int64_t first = b * tasks.chunks;
       for (int64_t j = 0; j < m; ++j) {
         acc_t total = part_total[first * m + j];
         for (int64_t i = 1; i < tasks.chunks; ++i) total += part_total[(first + i) * m + j];
-        // 1 / l, and 0 for a sequence without real tokens (l = 0); NaN stays NaN.
-        inv[j] = !p.token_softmax ? acc_t(1) : total == acc_t(0) ? acc_t(0) : acc_t(1) / total;
+        l[j] = total;
       }
       const int64_t t0 = c * tasks.chunk, t1 = std::min(T, t0 + tasks.chunk);
       for (int64_t j = 0; j < m; ++j) {
         acc_t* wj = weights_all + (b * m + j) * T;
-        if (p.token_softmax) {
-          for (int64_t t = t0; t < t1; ++t) wj[t] *= inv[j];
-        }
+        normalise(wj + t0, t1 - t0, j);
         if constexpr (L::kWiden) narrow(wj + t0, static_cast<scalar_t*>(p.attn) + (b * m + j) * T + t0, t1 - t0);
       }
       if (c != 0) continue;
@@ -678,9 +683,7 @@ void forward(const LamaParams& p) {
           part += m * E;
           for (int64_t e = 0; e < E; ++e) sum[e] += part[e];
         }
-        if (p.token_softmax) {
-          for (int64_t e = 0; e < E; ++e) sum[e] *= inv[j];
-        }
+        normalise(sum.data(), E, j);
         narrow(sum.data(), static_cast<scalar_t*>(p.pooled) + (b * m + j) * E, E);
       }
     }

@@ -45,9 +45,11 @@ __all__ = ["lowrank_forward", "lowrank_backward"]
 _CHUNKS = 6
 
 
-def _inverse(total: Tensor) -> Tensor:
-    """1 / l, and 0 where l = 0 (a sequence with no real token pools to 0); NaN stays NaN."""
-    return torch.where(total == 0, 0.0, total.reciprocal())
+def _divisor(total: Tensor) -> Tensor:
+    """l, and 1 where l = 0 (a sequence with no real token: its weights and pooled rows are 0 and
+    stay 0); NaN stays NaN. Weights are divided by l, not multiplied by 1 / l, so that one real
+    token weighs exactly 1 (e * (1 / e) can round to 1 - ulp), as in the reference's softmax."""
+    return total.masked_fill(total == 0, 1.0)
 
 
 def _sum_over_heads(a: Tensor, b: Tensor) -> Tensor:
@@ -155,9 +157,9 @@ def lowrank_forward(h, context, p, q, u, key_padding_mask, head_norm, token_soft
             feats.masked_fill_(pad, 0.0)
         pooled.baddbmm_(feats, h_slice)
     if token_softmax:  # the fixed stabiliser lets the normalisation come last
-        inv = _inverse(total)
-        scores.mul_(inv)
-        pooled.mul_(inv)
+        divisor = _divisor(total)
+        scores.div_(divisor)
+        pooled.div_(divisor)
     return pooled.to(h.dtype), scores.to(h.dtype)
 
 
@@ -174,7 +176,7 @@ def _dscores(dpooled: Tensor, dattn: Optional[Tensor], h_slice: Tensor, tokens: 
 
 def _features_and_statistics(lama: _Lama, dpooled, dattn, slices, token_softmax: bool):
     """Pass 1: a = tanh(g * k) [B, m, T] (the backward's one full-size buffer), the clamped head
-    norm [B, 1, T] (None without head_norm) and, with the token softmax, (1 / l, delta) [B, m, 1]:
+    norm [B, 1, T] (None without head_norm) and, with the token softmax, (l, delta) [B, m, 1]:
     l = sum_t exp(f_t - 1) over the real tokens, delta = sum_t attn_t dA_t (the softmax's row term)."""
     batch, seqlen, _ = lama.h.shape
     options = dict(dtype=lama.compute_dtype, device=lama.h.device)
@@ -193,8 +195,8 @@ def _features_and_statistics(lama: _Lama, dpooled, dattn, slices, token_softmax:
             weighted = weighted + _dscores(dpooled, dattn, h_slice, tokens).mul_(weights).sum(dim=-1, keepdim=True)
     if not token_softmax:
         return acts, norm, None
-    inv = _inverse(total)
-    return acts, norm, (inv, weighted * inv)
+    divisor = _divisor(total)
+    return acts, norm, (divisor, weighted / divisor)
 
 
 def _slice_grads(acts, norm, dfeats, pad, softmax_stats, eps: float) -> tuple[Tensor, Tensor]:
@@ -204,8 +206,8 @@ def _slice_grads(acts, norm, dfeats, pad, softmax_stats, eps: float) -> tuple[Te
     such token then added to dcontext, dp and dq (68 % of dcontext at E = 1030)."""
     feats = acts if norm is None else acts / norm  # f, a temporary of the slice
     if softmax_stats is not None:
-        inv_total, delta = softmax_stats
-        attn = _exp_scores(feats.clone(), pad).mul_(inv_total)
+        divisor, delta = softmax_stats
+        attn = _exp_scores(feats.clone(), pad).div_(divisor)
         dfeats.sub_(delta).mul_(attn)
         if pad is not None:  # 0 * NaN: a NaN real token's delta must not reach the padded ones
             dfeats.masked_fill_(pad, 0.0)
