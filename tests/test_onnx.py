@@ -313,3 +313,25 @@ def test_float_mask_export_says_to_pass_a_bool_mask():
     with pytest.raises(torch.onnx.errors.OnnxExporterError,
                        match=r"read by value .*pass a bool or integer \[B, S\] attention_mask"):
         _export(module, (torch.randn(2, 6, 8), torch.ones(2, 6)))
+
+
+def test_non_finite_padding_never_reaches_real_rows():
+    # Padded tokens holding NaN or inf (fp16 overflow, NaN-filled padding) leave the real rows as
+    # eager leaves them: the graph zeroes padded values and states (P is 0 there, but 0 * NaN is NaN).
+    gen = torch.Generator().manual_seed(7)
+    q, v, mask = _attention_inputs(2, 6, lengths=[6, 4], seed=3)
+    h, context, p = torch.randn(2, 6, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.randn(8, 3, generator=gen)
+    coef = torch.randn(2, 8, 8, generator=gen)
+    session = _export(_OneOfEach().eval(), (q, v[..., :8], coef, h, context, p, mask))
+    padded = ~mask
+    for bad in (float("nan"), float("inf")):
+        dirty = [t.masked_fill(padded[..., None, None] if t.dim() == 4 else padded[..., None], bad)
+                 for t in (q, v[..., :8], h)]
+        actual = _run(session, dirty[0], dirty[1], coef, dirty[2], context, p, mask)
+        clean = _run(session, q, v[..., :8], coef, h, context, p, mask)
+        out_real = mask[:, :, None, None].expand_as(actual[0])
+        assert torch.equal(actual[0][out_real], clean[0][out_real]), f"out, padding = {bad}"
+        lse_real = mask[:, None, :].expand_as(actual[1])
+        assert torch.equal(actual[1][lse_real], clean[1][lse_real]), f"lse, padding = {bad}"
+        for name, a, c in zip(("pooled", "attn"), actual[2:], clean[2:]):
+            assert torch.equal(a, c), f"{name}, padding = {bad}"

@@ -165,6 +165,9 @@ def attention_fwd(
     scores = op.Mul(op.MatMul(query, op.Transpose(y, perm=[0, 1, 3, 2])), _scalar(scale, dtype))
     allowed = _allowed_pairs(q, key_padding_mask, cu_seqlens, causal, exclude_self)
     probs, lse = _masked_softmax(scores, allowed, dtype)
+    if key_padding_mask is not None:
+        # Values stored at padded tokens never reach a row: P is 0 there, but 0 * NaN is NaN.
+        values = op.Where(op.Unsqueeze(key_padding_mask, [1, 3]), values, _scalar(0.0, dtype))
     out = op.CastLike(op.Transpose(op.MatMul(probs, values), perm=_MOVE_HEADS), q)
     residual = op.CastLike(op.Constant(value=ir.tensor([], dtype=dtype)), q)
     if packed:
@@ -203,5 +206,7 @@ def lowrank_fwd(
         attn, _ = _masked_softmax(scores, real, dtype)
     else:
         attn = scores if real is None else op.Where(real, scores, _scalar(0.0, dtype))
+    if key_padding_mask is not None:  # padded states never reach pooled (attn is 0 there; 0 * inf is NaN)
+        states = op.Where(op.Unsqueeze(key_padding_mask, [2]), states, _scalar(0.0, dtype))
     pooled = op.MatMul(attn, states)
     return op.CastLike(pooled, h), op.CastLike(attn, h)
