@@ -13,6 +13,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import symattn_kernels as sk
+from symattn_kernels import extensions
 from symattn_kernels import reference as R
 from tests.attention_checks import F64, assert_close
 
@@ -88,19 +89,59 @@ def test_compiled_calls_refuse_forward_mode(compiler, mode):
 
 
 @pytest.mark.slow
-def test_varlen_max_seqlen_read_in_the_graph():
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+def test_varlen_max_seqlen_read_in_the_graph(backend):
     """flash-attn's habit, max_seqlen = int(lengths.max()) inside the compiled function, failed on
-    the package's own `max_seqlen < 1` (a data-dependent guard)."""
+    the package's own `max_seqlen < 1` (a data-dependent guard), and on the cpu backend as soon as
+    the total was symbolic (the second call) or over 512 tokens: the residual's table read the
+    bound (`Min(total, u0) <= 512`) for fp32 too, which never keeps one."""
     torch._dynamo.reset()
-    q = torch.randn(9, 2, 8)
-    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
 
     def call(q, cu):
-        return sk.symmetric_attention_varlen(q, None, cu, int(cu.diff().max().item()), causal=True)
+        return sk.symmetric_attention_varlen(q, None, cu, int(cu.diff().max().item()), causal=True, backend=backend)
 
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        got = torch.compile(call, fullgraph=True, backend="aot_eager")(q, cu)
-    torch.testing.assert_close(got, call(q, cu), rtol=0, atol=0)
+        for offsets in ([0, 4, 9], [0, 3, 10, 20], [0, 300, 600]):
+            cu = torch.tensor(offsets, dtype=torch.int32)
+            q = torch.randn(offsets[-1], 2, 8)
+            torch.testing.assert_close(compiled(q, cu), call(q, cu), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(extensions.state("cpu").how == extensions.ABSENT, reason="needs the cpu extension")
+def test_varlen_bound_read_in_the_graph_is_refused_where_it_picks_the_kernel():
+    # fp16 on the cpu kernels keeps an output residual only for heads over 512 tokens: a bound
+    # known only when the graph runs cannot pick it, so tracing says what to pass instead.
+    torch._dynamo.reset()
+
+    def call(q, cu):
+        return sk.symmetric_attention_varlen(q, None, cu, int(cu.diff().max().item()), backend="cpu")
+
+    cu = torch.tensor([0, 300, 600], dtype=torch.int32)
+    q = torch.randn(600, 2, 8, dtype=torch.float16)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), pytest.raises(Exception, match="pass a Python int"):
+        torch.compile(call, fullgraph=True, backend="aot_eager")(q, cu)
+    bounded = torch.compile(lambda q, cu: sk.symmetric_attention_varlen(q, None, cu, 300, backend="cpu"),
+                            fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(bounded(q, cu), call(q, cu), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_export_keeps_any_sequence_length_for_fp32():
+    """A dynamic sequence axis exported from an fp32 module had a hidden S <= 512 (the residual's
+    table read the bound for every dtype): Dim(max=4096) was refused and Dim.AUTO narrowed to 512."""
+    from symattn_kernels.modules import SymmetricSelfAttention
+
+    torch.manual_seed(0)
+    module = SymmetricSelfAttention(32, 2).eval()
+    x, mask = torch.randn(2, 40, 32), torch.ones(2, 40, dtype=torch.bool)
+    seq = torch.export.Dim("seq", max=4096)
+    program = torch.export.export(module, (x, mask), dynamic_shapes=({1: seq}, {1: seq}))
+    x, mask = torch.randn(2, 600, 32), torch.ones(2, 600, dtype=torch.bool)
+    mask[1, 450:] = False
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x, mask), module(x, mask), rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 
 from .. import compiler_wrappers, extensions
 
@@ -243,10 +244,27 @@ def keeps_output_residual(backend: str, q: torch.Tensor, coef: Optional[torch.Te
     flash-attn's rule.) Heads of up to CPU_WHOLE_HEAD_TOKENS and coefficient heads take delta
     from the fp32 P . dP of the whole row: calls whose heads all fit (max_seqlen, the padded S or
     the varlen bound) keep none, which would cost their forward up to 14 % (bf16, (32, 128)).
-    A table fact, so that fake tensors need no extension."""
-    if backend != "cpu" or coef is not None or max_seqlen <= CPU_WHOLE_HEAD_TOKENS:
+    A table fact, so that fake tensors need no extension.
+
+    The bound is read last, and only for the dtypes that may keep a residual: under
+    ``torch.compile`` / ``torch.export`` reading it guards on it (a symbolic S then stayed at most
+    512 for every fp32 call), and a bound known only when the graph runs (a varlen max_seqlen
+    read from the offsets) cannot be read at all. Then the op's fake and its kernel could not
+    agree on the residual's shape, so that case raises instead."""
+    if backend != "cpu" or coef is not None:
         return False
-    return q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and dropout_p > 0.0)
+    if not (q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and dropout_p > 0.0)):
+        return False
+    if isinstance(max_seqlen, torch.SymInt) and free_unbacked_symbols(max_seqlen):
+        if statically_known_true(max_seqlen <= CPU_WHOLE_HEAD_TOKENS):
+            return False
+        raise ValueError(
+            f"backend='cpu' runs {q.dtype} attention{' with dropout' if dropout_p > 0.0 else ''} differently "
+            f"for heads over {CPU_WHOLE_HEAD_TOKENS} tokens and must know max_seqlen when the graph is traced: "
+            "pass a Python int (an upper bound is enough) instead of one read from cu_seqlens in the graph, "
+            "or use backend='torch'"
+        )
+    return max_seqlen > CPU_WHOLE_HEAD_TOKENS
 
 
 # Ops each backend runs on float64 inputs.
