@@ -157,6 +157,10 @@ def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("SYMATTN_BACKEND", "torch")
     assert backends.resolve("auto", Q.device, Q.dtype) == "torch"
     assert backends.resolve("torch", Q.device, Q.dtype) == "torch"
+    # A backend the variable forces on inputs it cannot run: the error says where it came from.
+    monkeypatch.setenv("SYMATTN_BACKEND", "cpu")
+    with pytest.raises((TypeError, ValueError), match=r"backend='auto' read backend='cpu' from the environment variable"):
+        sk.shared_attention(Q.double())
 
 
 def test_auto_on_cpu_prefers_compiled_kernels_then_torch():

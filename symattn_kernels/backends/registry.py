@@ -188,17 +188,22 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "a
                 if _op_status(name, op).usable and device.type in status(name).devices
                 and not _unsupported(name, op, dtype, device, case)
             )
+        # The caller asked for auto: an error must say where the backend came from.
+        source = f" (backend='auto' read backend={backend!r} from the environment variable SYMATTN_BACKEND)"
+    else:
+        source = ""
     check_name(backend)
     st = _op_status(backend, op)
     if not st.usable:
-        raise ValueError(f"backend={backend!r} is not available here: {st.reason}")
+        raise ValueError(f"backend={backend!r} is not available here: {st.reason}{source}")
     if device.type not in st.devices:
         raise ValueError(
-            f"backend={backend!r} runs on {' or '.join(st.devices)} tensors, but the inputs are on {device.type}"
+            f"backend={backend!r} runs on {' or '.join(st.devices)} tensors, but the inputs are on "
+            f"{device.type}{source}"
         )
     reason = _unsupported(backend, op, dtype, device, case)
     if reason:
-        raise (TypeError if dtype == torch.float64 else ValueError)(reason)
+        raise (TypeError if dtype == torch.float64 else ValueError)(reason + source)
     return backend
 
 
