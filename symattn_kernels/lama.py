@@ -163,7 +163,7 @@ class LAMAClassifier(nn.Module):
         """The bool mask (True = real token) of a [B, T] mask in any of the package's forms
         (``masks.key_padding_mask``), which must put each row's real tokens first: the BiGRU
         packs each row's first ``length`` tokens."""
-        if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
             got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must be a [B, T] tensor like input_ids {tuple(input_ids.shape)}, "
                              f"got {got}")

@@ -134,7 +134,7 @@ def test_classifier_refuses_masks_its_packed_encoder_cannot_read():
         with pytest.raises(ValueError, match="right-padded"):
             model(ids, mask)
     for mask in (torch.ones(2, 7), torch.ones(3, 8), torch.ones(3, 1, 1, 7)):
-        with pytest.raises(ValueError, match="attention_mask"):
+        with pytest.raises(ValueError, match=r"attention_mask must be a \[B, T\] tensor like input_ids"):
             model(ids, mask)
 
 
