@@ -263,6 +263,9 @@ def symmetric_attention_varlen(
         torch._check(max_seqlen >= 1, lambda: "max_seqlen must be a positive int")
     elif max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    if torch._C._functorch.is_batchedtensor(cu_seqlens):
+        raise ValueError("cu_seqlens is read by value to lay out the sequences and cannot be vmapped: vmap over q / v "
+                         "with one cu_seqlens, or call once per cu_seqlens")
     if cu_seqlens.device.type == "cpu":  # checking values on CUDA would synchronise
         # int64: int32 differences could wrap past the checks. With the first offset prepended the
         # lengths hold a leading 0 and keep the offsets' size: an exported program's offsets of

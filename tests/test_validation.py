@@ -100,6 +100,16 @@ def test_varlen_rejects(case, kwargs, exc, match):
         sk.symmetric_attention_varlen(q, kwargs.get("v"), cu, kwargs.get("max_seqlen", 5))
 
 
+def test_vmap_over_cu_seqlens_is_refused_and_over_q_works():
+    # The offsets' values lay out the call: torch's own .item() error inside vmap named none of this.
+    q, cu = q_(9, 2, 8), torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens is read by value .* cannot be vmapped"):
+        torch.vmap(lambda c: sk.symmetric_attention_varlen(q, None, c, 9))(torch.stack([cu, cu]))
+    qs = torch.randn(3, 9, 2, 8)
+    got = torch.vmap(lambda x: sk.symmetric_attention_varlen(x, None, cu, 9))(qs)
+    torch.testing.assert_close(got, torch.stack([sk.symmetric_attention_varlen(x, None, cu, 9) for x in qs]))
+
+
 def lama_args(**override):
     args = dict(h=q_(2, 4, 6), context=q_(6), p=q_(6, 3), q=q_(6, 3))
     args.update(override)
