@@ -181,9 +181,21 @@ def _empty_gradient(backend: str):
     return getattr(backends.load(backend), "empty_gradient", torch.empty_like)
 
 
+def _needs_input_grad(ctx, count: int) -> tuple:
+    """The first ``count`` entries of ``ctx.needs_input_grad``, a missing one read as True.
+
+    torch's generated backward (``torch._library.autograd``) shortens the node's tuple in place
+    for the call and puts it back after; two backward calls of one graph from two threads
+    (``retain_graph=True``, which autograd allows) overlap on that one ctx and can leave it short
+    for good. What is left is a correct prefix, and a gradient computed for an input that needs
+    none is dropped by autograd."""
+    needs = tuple(ctx.needs_input_grad[:count])
+    return needs + (True,) * (count - len(needs))
+
+
 def _attention_backward(ctx, dout, dlse, _dresidual=None):
     q, v, coef, key_padding_mask, cu_seqlens, seed, out, lse, residual = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    needs = _needs_input_grad(ctx, 3)
     if _second_order(ctx.options[-1], "symmetric_attention", q, v, coef, dout, dlse):
         def forward():
             return torch_backend.attention_forward(q, v, coef, key_padding_mask, cu_seqlens, _seed(seed), *ctx.options[:-1])
@@ -285,7 +297,7 @@ def _lowrank_setup_context(ctx, inputs, output):
 
 def _lowrank_backward(ctx, dpooled, dattn):
     h, context, p, q, u, key_padding_mask, pooled, attn = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    needs = _needs_input_grad(ctx, 5)
     if _second_order(ctx.options[-1], "lowrank_context_attention", h, context, p, q, u, dpooled, dattn):
         head_norm, token_softmax, eps = ctx.options[:-1]
         grads = _differentiate(

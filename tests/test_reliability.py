@@ -178,13 +178,19 @@ def test_batched_gradients_are_refused_and_the_jacobian_loop_works(backend):
 # (the context keeps the originals it saved) still get the unchanged inputs' gradients, also where
 # a gradient buffer is absent (no v, no coefficient, no u), whose None torch's mutation tracking
 # failed on (it reads every argument the backward op fills in place as a tensor).
+def _attention_and_lama_inputs(dtype, seed):
+    """(generator, (q, v, coef), (h, context, p)): small inputs of an attention and a LAMA call."""
+    gen = torch.Generator().manual_seed(seed)
+    q, v = (torch.randn(2, 7, 2, 8, dtype=dtype, generator=gen) for _ in range(2))
+    coef = torch.rand(2, 8, dtype=dtype, generator=gen) + 0.5
+    lama = tuple(torch.randn(*s, dtype=dtype, generator=gen) for s in ((2, 5, 4), (4,), (4, 2)))
+    return gen, (q, v, coef), lama
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inputs_mutated_under_allow_mutation_on_saved_tensors(backend):
     dtype = _dtype(backend)
-    gen = torch.Generator().manual_seed(0)
-    q, v = (torch.randn(2, 7, 2, 8, dtype=dtype, generator=gen) for _ in range(2))
-    coef = torch.rand(2, 8, dtype=dtype, generator=gen) + 0.5
-    h, ctx, p = (torch.randn(*s, dtype=dtype, generator=gen) for s in ((2, 5, 4), (4,), (4, 2)))
+    gen, (q, v, coef), (h, ctx, p) = _attention_and_lama_inputs(dtype, 0)
     calls = {
         "shared": ((q,), lambda t, **kw: sk.shared_attention(*t, **kw), R.shared_attention),
         "v, coef": ((q, v, coef), lambda t, **kw: sk.symmetric_attention(t[0], t[1], coef=t[2], **kw),
@@ -206,6 +212,30 @@ def test_inputs_mutated_under_allow_mutation_on_saved_tensors(backend):
             got = torch.autograd.grad(out, leaves, grad_out.to(dtype))
         for k, (a, b) in enumerate(zip(got, expected)):
             assert_close(a, b, atol=TOL[dtype], name=f"{name} gradient {k}")
+
+
+# Two backward calls of one graph from two threads (retain_graph=True) share the node's ctx,
+# whose needs_input_grad torch's generated backward shortens in place for each call and puts back
+# after: overlapping calls left it short for good, and the next backward raised IndexError
+# (attention) or passed its gradient buffers to the wrong arguments (LAMA). Shortened by hand
+# here, as the race leaves it: gradients are still right, also of inputs needing none.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("left", [0, 1, 2])
+def test_backward_after_a_concurrent_backward_shortened_needs_input_grad(backend, left):
+    gen, attention, lama = _attention_and_lama_inputs(_dtype(backend), 1)
+    calls = {
+        "v, coef": (attention, lambda t: sk.symmetric_attention(t[0], t[1], coef=t[2], backend=backend)),
+        "lama": (lama, lambda t: sk.lowrank_context_attention(t[0], t[1], t[2], t[2], backend=backend)[0]),
+    }
+    for name, (inputs, f) in calls.items():
+        leaves = [x.clone().requires_grad_(k != 1) for k, x in enumerate(inputs)]  # the second needs none
+        grad_out = torch.randn(f(inputs).shape, dtype=inputs[0].dtype, generator=gen)
+        expected = torch.autograd.grad(f(leaves), [x for x in leaves if x.requires_grad], grad_out)
+        out = f(leaves)
+        out.grad_fn.needs_input_grad = out.grad_fn.needs_input_grad[:left + 1]  # + 1: the generated one drops one
+        got = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], grad_out)
+        for k, (a, b) in enumerate(zip(got, expected)):
+            assert torch.equal(a, b), f"{name} gradient {k}"
 
 
 # Layouts.
