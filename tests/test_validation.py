@@ -173,6 +173,20 @@ def test_environment_variable_overrides_auto(monkeypatch):
         sk.shared_attention(Q.double())
 
 
+def test_auto_passes_the_fp16_only_cuda_kernels_by_for_fp32(monkeypatch):
+    # Where the CUDA C++ kernels are built and Triton is not usable, auto sent fp32 CUDA calls to
+    # them, and they raise TypeError on fp32 (they never down-cast), instead of going on to torch.
+    usable = {"triton": False, "cuda": True, "torch": True, "cpu": False}
+    monkeypatch.setattr(registry, "status",
+                        lambda name: registry.BackendStatus(name, usable[name], "as on a GPU machine", ("cuda",)))
+    gpu = torch.device("cuda")
+    assert backends.resolve("auto", gpu, torch.float32) == "torch"
+    for dtype in (torch.float16, torch.bfloat16):
+        assert backends.resolve("auto", gpu, dtype) == "cuda"
+    with pytest.raises(TypeError, match="backend='cuda' takes float16 or bfloat16 inputs, got torch.float32"):
+        backends.resolve("cuda", gpu, torch.float32)
+
+
 def test_auto_on_cpu_prefers_compiled_kernels_then_torch():
     expected = "cpu" if backends.status("cpu").usable else "torch"
     assert backends.resolve("auto", torch.device("cpu"), torch.float32) == expected

@@ -145,6 +145,8 @@ def _unsupported(name: str, op: str, dtype: torch.dtype, device=None, case=None)
     if dtype == torch.float64 and op not in _FLOAT64_OPS.get(name, ()):
         able = [other for other in BACKENDS if op in _FLOAT64_OPS.get(other, ())]
         return f"float64 inputs run on backend={' or '.join(map(repr, able))} only"
+    if (name, op) in _HALF_ONLY and dtype not in (torch.float16, torch.bfloat16):
+        return f"backend={name!r} takes float16 or bfloat16 inputs, got {dtype}; use backend='triton' or 'torch'"
     if op not in _OPS[name]:
         return f"backend={name!r} has no {op} kernel yet; backend='torch' has"
     limits = _BACKWARD_LIMITS.get((name, op))
@@ -203,7 +205,8 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str = "a
         )
     reason = _unsupported(backend, op, dtype, device, case)
     if reason:
-        raise (TypeError if dtype == torch.float64 else ValueError)(reason + source)
+        wrong_dtype = dtype == torch.float64 or (backend, op) in _HALF_ONLY
+        raise (TypeError if wrong_dtype else ValueError)(reason + source)
     return backend
 
 
@@ -271,6 +274,10 @@ def keeps_output_residual(backend: str, q: torch.Tensor, coef: Optional[torch.Te
         )
     return max_seqlen > CPU_WHOLE_HEAD_TOKENS
 
+
+# Ops that take float16 and bfloat16 inputs only (the CUDA C++ kernels: fp32 is not down-cast), so
+# that auto passes them by for fp32 and an explicit choice raises before any work.
+_HALF_ONLY = {("cuda", "attention")}
 
 # Ops each backend runs on float64 inputs.
 _FLOAT64_OPS = {
