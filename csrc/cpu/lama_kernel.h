@@ -654,9 +654,9 @@ void forward(const LamaParams& p) {
   for_each_task(tasks, [&](const auto& next) {
     auto l = scratch<acc_t>(m), sum = scratch<acc_t>(E);
     // Weights and pooled rows are divided by l, not multiplied by 1 / l: a sequence with one real
-    // token then weighs it exactly 1 (e * (1 / e) can round to 1 - ulp), and its score
-    // gradients are exactly 0. l = 0 (no real token: every weight and pooled row is 0) leaves
-    // them 0; NaN stays NaN.
+    // token then weighs it exactly 1 (e * (1 / e) can round to 1 - ulp), as the reference's
+    // softmax does. l = 0 (no real token: every weight and pooled row is 0) leaves them 0; NaN
+    // stays NaN.
     auto normalise = [&](acc_t* x, int64_t n, int64_t j) {
       if (!p.token_softmax || l[j] == acc_t(0)) return;
       for (int64_t i = 0; i < n; ++i) x[i] /= l[j];
