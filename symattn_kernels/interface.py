@@ -160,9 +160,7 @@ def _attn_mask_plan(attn_mask, q: Tensor, key_padding_mask: Optional[Tensor], ca
         raise ValueError("attn_mask requires grad, but it is read by value (which keys each row may attend) and "
                          "would get no gradient: learnable score biases are not supported; pass attn_mask.detach() "
                          "for a constant mask")
-    if torch._C._functorch.is_batchedtensor(attn_mask):
-        raise ValueError("attn_mask is read by value to choose the kernels' arguments and cannot be vmapped: "
-                         "vmap over q / v with one mask, or call once per mask")
+    validation.not_vmapped("attn_mask", attn_mask, "choose the kernels' arguments", "one mask, or call once per mask")
     batch, seqlen, heads = q.shape[:3]
     return masks.plan_attn_mask(attn_mask, (batch, heads, seqlen, seqlen), key_padding_mask, causal)
 
@@ -263,9 +261,8 @@ def symmetric_attention_varlen(
         torch._check(max_seqlen >= 1, lambda: "max_seqlen must be a positive int")
     elif max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
-    if torch._C._functorch.is_batchedtensor(cu_seqlens):
-        raise ValueError("cu_seqlens is read by value to lay out the sequences and cannot be vmapped: vmap over q / v "
-                         "with one cu_seqlens, or call once per cu_seqlens")
+    validation.not_vmapped("cu_seqlens", cu_seqlens, "lay out the sequences",
+                           "one cu_seqlens, or call once per cu_seqlens")
     if cu_seqlens.device.type == "cpu":  # checking values on CUDA would synchronise
         # int64: int32 differences could wrap past the checks. With the first offset prepended the
         # lengths hold a leading 0 and keep the offsets' size: an exported program's offsets of

@@ -85,6 +85,13 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def not_vmapped(name: str, x: Tensor, read_for: str, instead: str) -> None:
+    """Refuse a tensor that torch.func.vmap batches where its values pick the kernels' arguments
+    (read by value: torch's own .item() error inside vmap names none of this)."""
+    if torch._C._functorch.is_batchedtensor(x):
+        raise ValueError(f"{name} is read by value to {read_for} and cannot be vmapped: vmap over q / v with {instead}")
+
+
 def choice(name: str, value, allowed: tuple):
     """One of a few named options (``head_norm``...)."""
     if value not in allowed:
